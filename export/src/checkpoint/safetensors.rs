@@ -1,0 +1,137 @@
+//! safetensors files: an 8-byte little-endian header length, a JSON header, then the data.
+//! The file is memory-mapped; the header is parsed and validated when the file is opened
+//! (offsets contiguous, in bounds, and matching each tensor's shape and dtype), and a tensor's
+//! bytes are touched only when it is read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::ops::Range;
+use std::path::Path;
+
+use ::safetensors::tensor::{Dtype, SafeTensorError, SafeTensors};
+
+use super::{map_file, Checkpoint, Reader};
+use crate::error::{ExportError, Result};
+use crate::tensor::{decode_to_f32, DType, TensorMeta};
+
+const FORMAT: &str = "safetensors";
+
+/// Tensor data of a memory-mapped safetensors file.
+#[derive(Debug)]
+pub(super) struct SafetensorsReader {
+    mmap: memmap2::Mmap,
+    /// Absolute byte range of each tensor in `mmap`.
+    ranges: HashMap<String, Range<usize>>,
+}
+
+/// Open `file` (already identified as safetensors by its first bytes) at `path`.
+pub(super) fn open(path: &Path, file: &File) -> Result<Checkpoint> {
+    let mmap = map_file(path, file)?;
+    let (header_len, metadata) =
+        SafeTensors::read_metadata(&mmap).map_err(|e| header_error(path, mmap.len(), e))?;
+    // read_metadata checked that 8 + header_len is within the file.
+    let data_start = 8 + header_len;
+
+    let mut metas = BTreeMap::new();
+    let mut ranges = HashMap::new();
+    for (key, info) in metadata.tensors() {
+        let dtype = map_dtype(info.dtype).ok_or_else(|| ExportError::UnsupportedDtype {
+            path: path.to_path_buf(),
+            tensor: key.clone(),
+            found: info.dtype.to_string(),
+            expected: "F64, F32, F16, BF16, I64, I32, I16, I8, U8 or BOOL",
+        })?;
+        let (begin, end) = info.data_offsets;
+        let range = data_start
+            .checked_add(begin)
+            .zip(data_start.checked_add(end))
+            .filter(|&(b, e)| b <= e && e <= mmap.len())
+            .map(|(b, e)| b..e)
+            .ok_or_else(|| {
+                ExportError::malformed(
+                    path,
+                    FORMAT,
+                    format!("data of tensor `{key}` lies past the end of the file"),
+                )
+            })?;
+        metas.insert(
+            key.clone(),
+            TensorMeta {
+                dtype,
+                shape: info.shape.clone(),
+            },
+        );
+        ranges.insert(key, range);
+    }
+
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        metas,
+        nested_state_dict: false,
+        reader: Reader::Safetensors(SafetensorsReader { mmap, ranges }),
+    })
+}
+
+impl SafetensorsReader {
+    /// Decode tensor `key` (described by `meta`) into `out`.
+    pub(super) fn read_into(
+        &self,
+        path: &Path,
+        key: &str,
+        meta: &TensorMeta,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let bytes = self
+            .ranges
+            .get(key)
+            .and_then(|range| self.mmap.get(range.clone()));
+        let expected = meta.numel().checked_mul(meta.dtype.size());
+        match bytes {
+            Some(bytes) if Some(bytes.len()) == expected => {
+                decode_to_f32(meta.dtype, bytes, out);
+                Ok(())
+            }
+            _ => Err(ExportError::malformed(
+                path,
+                FORMAT,
+                format!(
+                    "tensor `{key}`: data range does not match its shape {:?} and dtype {}",
+                    meta.shape, meta.dtype
+                ),
+            )),
+        }
+    }
+}
+
+fn map_dtype(dtype: Dtype) -> Option<DType> {
+    Some(match dtype {
+        Dtype::F64 => DType::F64,
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::I64 => DType::I64,
+        Dtype::I32 => DType::I32,
+        Dtype::I16 => DType::I16,
+        Dtype::I8 => DType::I8,
+        Dtype::U8 => DType::U8,
+        Dtype::BOOL => DType::Bool,
+        _ => return None,
+    })
+}
+
+fn header_error(path: &Path, file_len: usize, e: SafeTensorError) -> ExportError {
+    let reason = match e {
+        SafeTensorError::MetadataIncompleteBuffer => format!(
+            "the header's data offsets do not end at the end of the file ({file_len} bytes): \
+             the file is truncated or has trailing bytes"
+        ),
+        SafeTensorError::InvalidHeaderLength => format!(
+            "the header length runs past the end of the file ({file_len} bytes): truncated?"
+        ),
+        SafeTensorError::InvalidOffset(tensor) => {
+            format!("tensor `{tensor}`: its data offsets are not contiguous or run past the data")
+        }
+        other => other.to_string(),
+    };
+    ExportError::malformed(path, FORMAT, reason)
+}

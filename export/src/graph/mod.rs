@@ -1,0 +1,256 @@
+//! A small builder for ONNX graphs made of standard ops (opset 17).
+//!
+//! Parameters are requested by their diffusers tensor name with the shape the architecture
+//! expects ([`GraphBuilder::param`]); the exporter later checks each against the checkpoint and
+//! streams the data into the initializer of that name. Node names follow the module path
+//! (`/down_blocks.0/resnets.1/conv1/Conv_12`) so a diverging tensor can be traced to its layer.
+
+pub mod layers;
+pub mod unet;
+
+use std::collections::HashMap;
+
+use crate::onnx::proto::{AttributeProto, NodeProto, TensorProto, TensorProtoDataType};
+use crate::onnx::{tensor_f16, tensor_f32, tensor_i64};
+
+/// Element type the graph computes in. Inputs and outputs are float32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    Fp16,
+}
+
+impl Precision {
+    pub fn onnx_type(self) -> TensorProtoDataType {
+        match self {
+            Precision::Fp32 => TensorProtoDataType::Float,
+            Precision::Fp16 => TensorProtoDataType::Float16,
+        }
+    }
+
+    pub fn bytes(self) -> usize {
+        match self {
+            Precision::Fp32 => 4,
+            Precision::Fp16 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "fp16" => Ok(Precision::Fp16),
+            other => Err(format!("unknown precision `{other}` (expected fp32 or fp16)")),
+        }
+    }
+}
+
+/// A weight the graph needs: its diffusers name and the shape the architecture expects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Param {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// Accumulates nodes, small constants and parameter requests.
+pub struct GraphBuilder {
+    pub nodes: Vec<NodeProto>,
+    pub consts: Vec<TensorProto>,
+    pub params: Vec<Param>,
+    param_index: HashMap<String, usize>,
+    i64_consts: HashMap<Vec<i64>, String>,
+    counter: usize,
+    scope: Vec<String>,
+    pub precision: Precision,
+}
+
+impl GraphBuilder {
+    pub fn new(precision: Precision) -> Self {
+        Self {
+            nodes: Vec::new(),
+            consts: Vec::new(),
+            params: Vec::new(),
+            param_index: HashMap::new(),
+            i64_consts: HashMap::new(),
+            counter: 0,
+            scope: Vec::new(),
+            precision,
+        }
+    }
+
+    /// Run `f` with `name` appended to the node-name scope.
+    pub fn scoped<T>(&mut self, name: &str, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.scope.push(name.to_string());
+        let out = f(self);
+        self.scope.pop();
+        out
+    }
+
+    fn fresh(&mut self, op: &str) -> String {
+        self.counter += 1;
+        if self.scope.is_empty() {
+            format!("/{op}_{}", self.counter)
+        } else {
+            format!("/{}/{op}_{}", self.scope.join("/"), self.counter)
+        }
+    }
+
+    /// Add a single-output node in the default domain; returns the output's name.
+    pub fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        let name = self.fresh(op);
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![name.clone()],
+            name: name.clone(),
+            op_type: op.to_string(),
+            attribute: attrs,
+            ..Default::default()
+        });
+        name
+    }
+
+    /// Add a node with `n` outputs.
+    pub fn op_n(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, n: usize) -> Vec<String> {
+        let name = self.fresh(op);
+        let outputs: Vec<String> = (0..n).map(|i| format!("{name}:{i}")).collect();
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.clone(),
+            name,
+            op_type: op.to_string(),
+            attribute: attrs,
+            ..Default::default()
+        });
+        outputs
+    }
+
+    /// Request a weight by diffusers name. Requesting the same name twice with the same shape
+    /// returns the same initializer; with another shape it is a bug in the architecture code.
+    pub fn param(&mut self, name: &str, shape: &[usize]) -> String {
+        if let Some(&i) = self.param_index.get(name) {
+            debug_assert_eq!(self.params[i].shape, shape, "param {name} requested twice");
+            return name.to_string();
+        }
+        self.param_index.insert(name.to_string(), self.params.len());
+        self.params.push(Param {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+        });
+        name.to_string()
+    }
+
+    /// A 1-D int64 constant (shapes, axes, indices); identical values share one initializer.
+    pub fn i64s(&mut self, vals: &[i64]) -> String {
+        if let Some(n) = self.i64_consts.get(vals) {
+            return n.clone();
+        }
+        self.counter += 1;
+        let name = format!("/const_i64_{}", self.counter);
+        self.consts.push(tensor_i64(&name, &[vals.len() as i64], vals));
+        self.i64_consts.insert(vals.to_vec(), name.clone());
+        name
+    }
+
+    /// A float constant in the graph's compute precision.
+    pub fn constf(&mut self, dims: &[i64], vals: &[f32]) -> String {
+        self.counter += 1;
+        let name = format!("/const_f_{}", self.counter);
+        self.consts.push(match self.precision {
+            Precision::Fp32 => tensor_f32(&name, dims, vals),
+            Precision::Fp16 => tensor_f16(&name, dims, vals),
+        });
+        name
+    }
+
+    /// A float32 constant whatever the compute precision.
+    pub fn const_f32(&mut self, dims: &[i64], vals: &[f32]) -> String {
+        self.counter += 1;
+        let name = format!("/const_f32_{}", self.counter);
+        self.consts.push(tensor_f32(&name, dims, vals));
+        name
+    }
+
+    // ---- thin op helpers -------------------------------------------------------------------
+
+    pub fn shape(&mut self, x: &str) -> String {
+        self.op("Shape", &[x], vec![])
+    }
+
+    /// `shape[i..i+1]` as a 1-D int64 tensor.
+    pub fn dim(&mut self, shape: &str, i: i64) -> String {
+        let s = self.i64s(&[i]);
+        let e = self.i64s(&[i + 1]);
+        self.op("Slice", &[shape, &s, &e], vec![])
+    }
+
+    pub fn concat(&mut self, parts: &[&str], axis: i64) -> String {
+        self.op("Concat", parts, vec![crate::onnx::attr_int("axis", axis)])
+    }
+
+    pub fn reshape(&mut self, x: &str, shape: &str) -> String {
+        self.op("Reshape", &[x, shape], vec![])
+    }
+
+    pub fn reshape_to(&mut self, x: &str, dims: &[i64]) -> String {
+        let s = self.i64s(dims);
+        self.reshape(x, &s)
+    }
+
+    pub fn transpose(&mut self, x: &str, perm: &[i64]) -> String {
+        self.op("Transpose", &[x], vec![crate::onnx::attr_ints("perm", perm)])
+    }
+
+    pub fn add(&mut self, a: &str, b: &str) -> String {
+        self.op("Add", &[a, b], vec![])
+    }
+
+    pub fn mul(&mut self, a: &str, b: &str) -> String {
+        self.op("Mul", &[a, b], vec![])
+    }
+
+    pub fn matmul(&mut self, a: &str, b: &str) -> String {
+        self.op("MatMul", &[a, b], vec![])
+    }
+
+    pub fn silu(&mut self, x: &str) -> String {
+        let s = self.op("Sigmoid", &[x], vec![]);
+        self.mul(x, &s)
+    }
+
+    pub fn unsqueeze(&mut self, x: &str, axes: &[i64]) -> String {
+        let a = self.i64s(axes);
+        self.op("Unsqueeze", &[x, &a], vec![])
+    }
+
+    pub fn cast(&mut self, x: &str, to: TensorProtoDataType) -> String {
+        self.op("Cast", &[x], vec![crate::onnx::attr_int("to", to as i64)])
+    }
+
+    /// Cast to the compute precision (no node when it is already float32).
+    pub fn to_compute(&mut self, x: &str) -> String {
+        match self.precision {
+            Precision::Fp32 => x.to_string(),
+            Precision::Fp16 => self.cast(x, TensorProtoDataType::Float16),
+        }
+    }
+
+    /// Cast from the compute precision to float32 (no node in fp32 graphs).
+    pub fn to_f32(&mut self, x: &str) -> String {
+        match self.precision {
+            Precision::Fp32 => x.to_string(),
+            Precision::Fp16 => self.cast(x, TensorProtoDataType::Float),
+        }
+    }
+}

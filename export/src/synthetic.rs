@@ -1,0 +1,198 @@
+//! Deterministic random-weight models in the real file layouts, for the `demo` and for tests
+//! that need files to break. The weights come from a seeded SplitMix64 + Box–Muller stream, so the
+//! same seed writes byte-identical files on every machine.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::config::{MotionConfig, MotionVersion, UnetConfig};
+use crate::graph::layers::positional_table;
+use crate::graph::unet::{self, Semantics};
+use crate::graph::Precision;
+use crate::remap::diffusers_to_animatediff;
+use crate::{ExportError, Result};
+
+/// A tiny SD1.x-shaped UNet: two levels (32, 64 channels), two layers per block, the first level
+/// with cross-attention, 8 heads, 32-wide text embeddings.
+pub fn tiny_unet() -> UnetConfig {
+    UnetConfig {
+        block_out_channels: vec![32, 64],
+        down_attention: vec![true, false],
+        cross_attention_dim: 32,
+        time_proj_dim: 32,
+        time_embed_dim: 128,
+        ..UnetConfig::sd15()
+    }
+}
+
+/// Motion modules matching [`tiny_unet`].
+pub fn tiny_motion(version: MotionVersion) -> MotionConfig {
+    MotionConfig {
+        version,
+        block_out_channels: vec![32, 64],
+        layers_per_block: 2,
+        transformer_layers: 1,
+        num_attention_heads: 8,
+        norm_num_groups: 32,
+        max_seq_length: if version == MotionVersion::V1 { 24 } else { 32 },
+        mid_block: version == MotionVersion::V2,
+    }
+}
+
+/// Seeded normal samples.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    pub fn normal(&mut self) -> f32 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    }
+}
+
+/// Values for a parameter by its role: weights N(0, 1/√fan_in), biases N(0, 0.1),
+/// norm scales 1 + N(0, 0.1).
+fn init_param(rng: &mut Rng, name: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let is_norm = name.rsplit('.').nth(1).is_some_and(|m| m.starts_with("norm") || m == "conv_norm_out");
+    if name.ends_with(".bias") {
+        (0..n).map(|_| 0.1 * rng.normal()).collect()
+    } else if is_norm && shape.len() == 1 {
+        (0..n).map(|_| 1.0 + 0.1 * rng.normal()).collect()
+    } else {
+        let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+        let s = 1.0 / (fan_in as f32).sqrt();
+        (0..n).map(|_| s * rng.normal()).collect()
+    }
+}
+
+/// Write float32 tensors as a `.safetensors` file (temporary name, then rename).
+pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape, data) in tensors {
+        let len = data.len() * 4;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| ExportError::model(path, e.to_string()))?;
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let tmp = path.with_extension("safetensors.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        f.write_all(&(h.len() as u64).to_le_bytes())?;
+        f.write_all(&h)?;
+        for (_, _, data) in tensors {
+            for v in data {
+                f.write_all(&v.to_le_bytes())?;
+            }
+        }
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()
+    };
+    write().map_err(|e| ExportError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ExportError::io(path, e))
+}
+
+/// diffusers `config.json` for a UNet config.
+pub fn unet_config_json(cfg: &UnetConfig) -> serde_json::Value {
+    let down: Vec<&str> = cfg
+        .down_attention
+        .iter()
+        .map(|&a| if a { "CrossAttnDownBlock2D" } else { "DownBlock2D" })
+        .collect();
+    let up: Vec<&str> = cfg
+        .down_attention
+        .iter()
+        .rev()
+        .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
+        .collect();
+    serde_json::json!({
+        "_class_name": "UNet2DConditionModel",
+        "act_fn": "silu",
+        "attention_head_dim": cfg.num_attention_heads,
+        "block_out_channels": cfg.block_out_channels,
+        "cross_attention_dim": cfg.cross_attention_dim,
+        "down_block_types": down,
+        "up_block_types": up,
+        "flip_sin_to_cos": cfg.flip_sin_to_cos,
+        "freq_shift": cfg.freq_shift,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "layers_per_block": cfg.layers_per_block,
+        "norm_eps": cfg.norm_eps,
+        "norm_num_groups": cfg.norm_num_groups,
+        "use_linear_projection": cfg.use_linear_projection,
+        "time_embedding_dim": cfg.time_embed_dim,
+        "sample_size": 64
+    })
+}
+
+/// Paths of a written synthetic model.
+#[derive(Debug, Clone)]
+pub struct SyntheticModel {
+    /// A diffusers pipeline-style folder with `unet/config.json` + weights.
+    pub unet_dir: PathBuf,
+    /// An original-layout AnimateDiff motion module (`.safetensors`).
+    pub motion_file: PathBuf,
+}
+
+/// Write a random-weight UNet (diffusers layout) and motion module (original AnimateDiff layout)
+/// under `dir`.
+pub fn write_model(dir: &Path, unet_cfg: &UnetConfig, motion_cfg: &MotionConfig, seed: u64) -> Result<SyntheticModel> {
+    let g = unet::build(unet_cfg, Some(motion_cfg), Semantics::Diffusers, Precision::Fp32);
+    let mut rng = Rng::new(seed);
+    let (mut unet_t, mut mm_t) = (Vec::new(), Vec::new());
+    for p in &g.params {
+        let v = init_param(&mut rng, &p.name, &p.shape);
+        if p.name.contains(".motion_modules.") {
+            let key = diffusers_to_animatediff(&p.name)
+                .ok_or_else(|| ExportError::model(dir, format!("no AnimateDiff name for {}", p.name)))?;
+            mm_t.push((key, p.shape.clone(), v));
+        } else {
+            unet_t.push((p.name.clone(), p.shape.clone(), v));
+        }
+    }
+    // The original files carry a positional table per attention.
+    let mut pe = Vec::new();
+    for (k, shape, _) in &mm_t {
+        if let Some(base) = k.strip_suffix(".attention_blocks.0.to_q.weight") {
+            let c = shape[0];
+            let table = positional_table(motion_cfg.max_seq_length, c);
+            for a in 0..2 {
+                pe.push((format!("{base}.attention_blocks.{a}.pos_encoder.pe"), vec![1, motion_cfg.max_seq_length, c], table.clone()));
+            }
+        }
+    }
+    mm_t.extend(pe);
+    let unet_dir = dir.join("sd");
+    let sub = unet_dir.join("unet");
+    std::fs::create_dir_all(&sub).map_err(|e| ExportError::io(&sub, e))?;
+    let cfg_path = sub.join("config.json");
+    let text = serde_json::to_string_pretty(&unet_config_json(unet_cfg)).map_err(|e| ExportError::model(&cfg_path, e.to_string()))?;
+    std::fs::write(&cfg_path, text).map_err(|e| ExportError::io(&cfg_path, e))?;
+    write_safetensors(&sub.join("diffusion_pytorch_model.safetensors"), &unet_t)?;
+    let motion_file = dir.join(format!("mm_tiny_{}.safetensors", motion_cfg.version));
+    write_safetensors(&motion_file, &mm_t)?;
+    Ok(SyntheticModel { unet_dir, motion_file })
+}

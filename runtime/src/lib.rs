@@ -1,0 +1,33 @@
+//! motionrt-runtime: runs exported graphs. For now: ONNX Runtime sessions through `ort` with the
+//! library loaded at run time (`load-dynamic`), found via `ORT_DYLIB_PATH` or the `onnxruntime`
+//! Python package.
+
+pub mod compare;
+mod ort_backend;
+
+pub use compare::{error_stats, ErrorStats, Tolerance};
+pub use ort_backend::{find_onnxruntime, OrtSession, SessionOptions, Tensor};
+
+use std::path::PathBuf;
+
+/// Runtime errors. Each names the file or graph input involved.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("ONNX Runtime was not found ({tried}). Install it with `python3 -m pip install onnxruntime` (motionrt finds the library inside the Python package), or set ORT_DYLIB_PATH to libonnxruntime.so")]
+    OrtNotFound { tried: String },
+
+    #[error("ONNX Runtime library {path}: {message}")]
+    OrtLoad { path: PathBuf, message: String },
+
+    #[error("{path}: {message}")]
+    Session { path: PathBuf, message: String },
+
+    #[error("{path}: input `{input}`: {message}")]
+    Input {
+        path: PathBuf,
+        input: String,
+        message: String,
+    },
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

@@ -1,0 +1,193 @@
+//! ONNX Runtime backend.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::value::Tensor as OrtTensor;
+
+use crate::{Result, RuntimeError};
+
+/// A dense float32 tensor (row-major) moved in and out of sessions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Self { shape, data }
+    }
+}
+
+/// Locate `libonnxruntime.so`: `ORT_DYLIB_PATH` first, then the `onnxruntime` Python package of
+/// `python3` on the PATH (its `capi/` folder ships the library).
+pub fn find_onnxruntime() -> Result<PathBuf> {
+    let mut tried = Vec::new();
+    if let Ok(p) = std::env::var("ORT_DYLIB_PATH") {
+        if !p.is_empty() {
+            let p = PathBuf::from(p);
+            if p.is_file() {
+                return Ok(p);
+            }
+            tried.push(format!("ORT_DYLIB_PATH={} does not exist", p.display()));
+        }
+    } else {
+        tried.push("ORT_DYLIB_PATH is unset".into());
+    }
+    for py in ["python3", "python"] {
+        let out = Command::new(py)
+            .args(["-c", "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("capi");
+                if let Some(lib) = newest_lib(&dir) {
+                    return Ok(lib);
+                }
+                tried.push(format!("no libonnxruntime.so* in {}", dir.display()));
+            }
+            Ok(_) => tried.push(format!("`{py}` has no onnxruntime package")),
+            Err(_) => tried.push(format!("no `{py}` on the PATH")),
+        }
+    }
+    Err(RuntimeError::OrtNotFound { tried: tried.join("; ") })
+}
+
+fn newest_lib(dir: &Path) -> Option<PathBuf> {
+    let mut libs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+        })
+        .collect();
+    // Prefer the versioned file (`libonnxruntime.so.1.32.0`) over a bare symlink.
+    libs.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    libs.into_iter().next()
+}
+
+static ENV: OnceLock<std::result::Result<(PathBuf, Environment), String>> = OnceLock::new();
+
+/// The process-wide ONNX Runtime environment, loading the library on first use.
+fn environment() -> Result<&'static Environment> {
+    let r = ENV.get_or_init(|| {
+        let path = find_onnxruntime().map_err(|e| e.to_string())?;
+        let builder = ort::init_from(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let env = builder
+            .with_name("motionrt")
+            .build()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok((path, env))
+    });
+    match r {
+        Ok((_, env)) => Ok(env),
+        Err(msg) => Err(RuntimeError::OrtLoad {
+            path: std::env::var("ORT_DYLIB_PATH").unwrap_or_default().into(),
+            message: msg.clone(),
+        }),
+    }
+}
+
+/// Session settings.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// Threads within an operator; 0 lets ONNX Runtime choose.
+    pub intra_threads: usize,
+}
+
+impl SessionOptions {
+    #[must_use]
+    pub fn with_intra_threads(mut self, n: usize) -> Self {
+        self.intra_threads = n;
+        self
+    }
+}
+
+/// An ONNX Runtime session on the CPU.
+pub struct OrtSession {
+    path: PathBuf,
+    session: Session,
+}
+
+impl OrtSession {
+    pub fn load(path: &Path, opts: &SessionOptions) -> Result<Self> {
+        let env = environment()?;
+        let err = |e: String| RuntimeError::Session {
+            path: path.to_path_buf(),
+            message: e,
+        };
+        let mut b = Session::builder(env).map_err(|e| err(e.to_string()))?;
+        if opts.intra_threads > 0 {
+            b = b
+                .with_intra_threads(opts.intra_threads)
+                .map_err(|e| err(e.to_string()))?;
+        }
+        let session = b.commit_from_file(path).map_err(|e| err(e.to_string()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            session,
+        })
+    }
+
+    pub fn input_names(&self) -> Vec<String> {
+        self.session.inputs().iter().map(|o| o.name().to_string()).collect()
+    }
+
+    pub fn output_names(&self) -> Vec<String> {
+        self.session.outputs().iter().map(|o| o.name().to_string()).collect()
+    }
+
+    /// Run with float32 inputs by name; returns every output (float32) by name, in graph order.
+    pub fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Vec<(String, Tensor)>> {
+        let expected = self.input_names();
+        for name in &expected {
+            if !inputs.iter().any(|(n, _)| n == name) {
+                return Err(RuntimeError::Input {
+                    path: self.path.clone(),
+                    input: name.clone(),
+                    message: format!("missing (the graph takes {})", expected.join(", ")),
+                });
+            }
+        }
+        let mut feeds: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> = Vec::new();
+        for (name, t) in inputs {
+            if !expected.iter().any(|e| e == name) {
+                return Err(RuntimeError::Input {
+                    path: self.path.clone(),
+                    input: name.to_string(),
+                    message: format!("not an input of this graph (it takes {})", expected.join(", ")),
+                });
+            }
+            let v = OrtTensor::from_array((t.shape.clone(), t.data.clone())).map_err(|e| RuntimeError::Input {
+                path: self.path.clone(),
+                input: name.to_string(),
+                message: e.to_string(),
+            })?;
+            feeds.push((std::borrow::Cow::Owned(name.to_string()), v.into()));
+        }
+        let out_names = self.output_names();
+        let path = self.path.clone();
+        let outputs = self.session.run(feeds).map_err(|e| RuntimeError::Session {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let mut result = Vec::new();
+        for name in out_names {
+            let v = &outputs[name.as_str()];
+            let (shape, data) = v.try_extract_tensor::<f32>().map_err(|e| RuntimeError::Session {
+                path: path.clone(),
+                message: format!("output `{name}`: {e}"),
+            })?;
+            let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            result.push((name, Tensor::new(shape, data.to_vec())));
+        }
+        Ok(result)
+    }
+}

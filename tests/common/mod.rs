@@ -1,0 +1,87 @@
+//! Shared helpers for the integration tests: fixture paths, exporting, running on ONNX Runtime.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use motionrt_export::export::{export, ExportOptions, ExternalData, ModelManifest};
+use motionrt_export::graph::unet::Semantics;
+use motionrt_export::graph::Precision;
+use motionrt_export::Checkpoint;
+use motionrt_runtime::{OrtSession, SessionOptions, Tensor};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unet")
+}
+
+pub fn fx(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+/// Read a float tensor from a safetensors/ckpt file.
+pub fn read(path: &Path, key: &str) -> Tensor {
+    let c = Checkpoint::open(path).unwrap_or_else(|e| panic!("{e}"));
+    let meta = c.meta(key).unwrap_or_else(|| panic!("{}: no tensor {key}", path.display())).clone();
+    Tensor::new(meta.shape.clone(), c.read_f32(key).unwrap_or_else(|e| panic!("{e}")))
+}
+
+pub struct Exported {
+    pub dir: tempfile::TempDir,
+    pub manifest: ModelManifest,
+}
+
+impl Exported {
+    pub fn onnx(&self) -> PathBuf {
+        self.dir.path().join("out/unet.onnx")
+    }
+}
+
+pub fn export_with(unet: &Path, mm: Option<&Path>, semantics: Semantics, precision: Precision, external: ExternalData) -> Exported {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = ExportOptions {
+        unet: unet.to_path_buf(),
+        motion_module: mm.map(Path::to_path_buf),
+        out: dir.path().join("out"),
+        overwrite: false,
+        precision,
+        semantics,
+        external_data: external,
+    };
+    let manifest = export(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("export failed: {e}"));
+    Exported { dir, manifest }
+}
+
+pub fn export_fx(unet: &str, mm: &str, semantics: Semantics) -> Exported {
+    export_with(&fx(unet), Some(&fx(mm)), semantics, Precision::Fp32, ExternalData::Auto)
+}
+
+/// Run the UNet graph on a fixture case's inputs; returns (ours, reference).
+pub fn run_case(onnx: &Path, case: &str) -> (Tensor, Tensor) {
+    let path = fx(&format!("case_{case}.safetensors"));
+    let sample = read(&path, "sample");
+    let timestep = read(&path, "timestep");
+    let ctx = read(&path, "encoder_hidden_states");
+    let reference = read(&path, "noise_pred");
+    let ours = run_unet(onnx, &sample, &timestep, &ctx);
+    assert_eq!(ours.shape, reference.shape, "output shape");
+    (ours, reference)
+}
+
+pub fn run_unet(onnx: &Path, sample: &Tensor, timestep: &Tensor, ctx: &Tensor) -> Tensor {
+    let mut s = OrtSession::load(onnx, &SessionOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    let mut out = s
+        .run(&[("sample", sample), ("timestep", timestep), ("encoder_hidden_states", ctx)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.len(), 1);
+    let (name, t) = out.remove(0);
+    assert_eq!(name, "noise_pred");
+    t
+}
+
+/// A Python with the `onnx` package (set by scripts/env.sh), or None.
+pub fn python_with_onnx() -> Option<String> {
+    let candidates = [std::env::var("MOTIONRT_PYTHON").ok(), Some("python3".to_string())];
+    candidates.into_iter().flatten().find(|py| {
+        Command::new(py).args(["-c", "import onnx"]).output().is_ok_and(|o| o.status.success())
+    })
+}
