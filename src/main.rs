@@ -117,7 +117,16 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Export { unet, motion_module, out, precision, semantics, external_data, overwrite, json } => {
+        Command::Export {
+            unet,
+            motion_module,
+            out,
+            precision,
+            semantics,
+            external_data,
+            overwrite,
+            json,
+        } => {
             let opts = ExportOptions {
                 unet,
                 motion_module,
@@ -155,11 +164,20 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Demo { dir, frames, height, width, seed } => demo(dir, frames, height, width, seed),
+        Command::Demo {
+            dir,
+            frames,
+            height,
+            width,
+            seed,
+        } => demo(dir, frames, height, width, seed),
     }
 }
 
-fn export_with_progress(opts: &ExportOptions, show: bool) -> Result<motionrt_export::export::ModelManifest> {
+fn export_with_progress(
+    opts: &ExportOptions,
+    show: bool,
+) -> Result<motionrt_export::export::ModelManifest> {
     let bar = indicatif::ProgressBar::hidden();
     if show {
         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
@@ -168,19 +186,33 @@ fn export_with_progress(opts: &ExportOptions, show: bool) -> Result<motionrt_exp
         Progress::Start { total_bytes, .. } => {
             bar.set_length(total_bytes);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("exporting {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {msg}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                indicatif::ProgressStyle::with_template(
+                    "exporting {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
         }
         Progress::Tensor { bytes, .. } => bar.inc(bytes),
         Progress::Finishing => bar.set_message("hashing inputs"),
     });
     bar.finish_and_clear();
-    Ok(m.with_context(|| format!("export to {} failed (nothing was written)", opts.out.display()))?)
+    m.with_context(|| {
+        format!(
+            "export to {} failed (nothing was written)",
+            opts.out.display()
+        )
+    })
 }
 
-fn print_export_summary(m: &motionrt_export::export::ModelManifest, opts: &ExportOptions, secs: f64) {
-    println!("exported {} in {secs:.1} s", opts.out.join("unet.onnx").display());
+fn print_export_summary(
+    m: &motionrt_export::export::ModelManifest,
+    opts: &ExportOptions,
+    secs: f64,
+) {
+    println!(
+        "exported {} in {secs:.1} s",
+        opts.out.join("unet.onnx").display()
+    );
     println!(
         "  unet:    {} ({} layout), {:.1} M parameters",
         m.unet.path.display(),
@@ -200,7 +232,10 @@ fn print_export_summary(m: &motionrt_export::export::ModelManifest, opts: &Expor
     } else {
         println!("  motion:  none (a per-frame image UNet)");
     }
-    println!("  graph:   {} nodes, precision {}, semantics {}, opset {}", m.graphs["unet"].nodes, m.precision, m.semantics, m.opset);
+    println!(
+        "  graph:   {} nodes, precision {}, semantics {}, opset {}",
+        m.graphs["unet"].nodes, m.precision, m.semantics, m.opset
+    );
     if let Some(ext) = &m.graphs["unet"].external_data {
         println!("  weights: {}", opts.out.join(ext).display());
     }
@@ -214,7 +249,10 @@ fn demo(dir: Option<PathBuf>, frames: usize, height: usize, width: usize, seed: 
     }
     let motion_cfg = synthetic::tiny_motion(MotionVersion::V2);
     if frames == 0 || frames > motion_cfg.max_seq_length {
-        bail!("--frames must be between 1 and {} (the motion module's positional table)", motion_cfg.max_seq_length);
+        bail!(
+            "--frames must be between 1 and {} (the motion module's positional table)",
+            motion_cfg.max_seq_length
+        );
     }
     let _tmp_holder;
     let dir = match dir {
@@ -229,7 +267,11 @@ fn demo(dir: Option<PathBuf>, frames: usize, height: usize, width: usize, seed: 
     let t = Instant::now();
     let model = synthetic::write_model(&dir, &synthetic::tiny_unet(), &motion_cfg, seed)?;
     let t_write = t.elapsed();
-    println!("wrote tiny random-weight model: {} (diffusers layout), {} (AnimateDiff layout)", model.unet_dir.display(), model.motion_file.display());
+    println!(
+        "wrote tiny random-weight model: {} (diffusers layout), {} (AnimateDiff layout)",
+        model.unet_dir.display(),
+        model.motion_file.display()
+    );
 
     let out = dir.join("export");
     let opts = ExportOptions {
@@ -252,10 +294,20 @@ fn demo(dir: Option<PathBuf>, frames: usize, height: usize, width: usize, seed: 
     let (h, w) = (height / 8, width / 8);
     let mut rng = synthetic::Rng::new(seed ^ 0x5eed);
     let d = m.unet_config.cross_attention_dim;
-    let sample = Tensor::new(vec![1, 4, frames, h, w], (0..4 * frames * h * w).map(|_| rng.normal()).collect());
+    let sample = Tensor::new(
+        vec![1, 4, frames, h, w],
+        (0..4 * frames * h * w).map(|_| rng.normal()).collect(),
+    );
     let timestep = Tensor::new(vec![1], vec![500.0]);
-    let ctx = Tensor::new(vec![frames, 77, d], (0..frames * 77 * d).map(|_| rng.normal()).collect());
-    let inputs = [("sample", &sample), ("timestep", &timestep), ("encoder_hidden_states", &ctx)];
+    let ctx = Tensor::new(
+        vec![frames, 77, d],
+        (0..frames * 77 * d).map(|_| rng.normal()).collect(),
+    );
+    let inputs = [
+        ("sample", &sample),
+        ("timestep", &timestep),
+        ("encoder_hidden_states", &ctx),
+    ];
     let t = Instant::now();
     session.run(&inputs)?; // warm-up
     let t_first = t.elapsed();
@@ -274,7 +326,10 @@ fn demo(dir: Option<PathBuf>, frames: usize, height: usize, width: usize, seed: 
     if !finite {
         bail!("the UNet produced non-finite values");
     }
-    println!("ran the UNet on ONNX Runtime (CPU): {name} {:?}, max |x| {max:.3}", noise.shape);
+    println!(
+        "ran the UNet on ONNX Runtime (CPU): {name} {:?}, max |x| {max:.3}",
+        noise.shape
+    );
     println!(
         "timings: write model {:.2} s | export {:.2} s | session load {:.2} s | first step {:.3} s | step median {:.3} s ({} frames, {}×{} latent)",
         t_write.as_secs_f64(),

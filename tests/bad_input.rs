@@ -32,7 +32,10 @@ fn export_fails(work: &Path, unet: &Path, mm: &Path) -> String {
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().contains("partial"))
         .collect();
-    assert!(leftovers.is_empty(), "temporary output left behind: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "temporary output left behind: {leftovers:?}"
+    );
     eprintln!("{stderr}");
     stderr
 }
@@ -45,14 +48,33 @@ struct Model {
 
 fn tiny() -> Model {
     let dir = tempfile::tempdir().unwrap();
-    let m = synthetic::write_model(&dir.path().join("model"), &synthetic::tiny_unet(), &synthetic::tiny_motion(MotionVersion::V2), 7).unwrap();
-    Model { unet: m.unet_dir, mm: m.motion_file, dir }
+    let m = synthetic::write_model(
+        &dir.path().join("model"),
+        &synthetic::tiny_unet(),
+        &synthetic::tiny_motion(MotionVersion::V2),
+        7,
+    )
+    .unwrap();
+    Model {
+        unet: m.unet_dir,
+        mm: m.motion_file,
+        dir,
+    }
 }
 
 /// Rewrite a safetensors file through `edit`.
 fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>)) {
     let c = Checkpoint::open(path).unwrap();
-    let mut t: Vec<_> = c.keys().map(|k| (k.to_string(), c.meta(k).unwrap().shape.clone(), c.read_f32(k).unwrap())).collect();
+    let mut t: Vec<_> = c
+        .keys()
+        .map(|k| {
+            (
+                k.to_string(),
+                c.meta(k).unwrap().shape.clone(),
+                c.read_f32(k).unwrap(),
+            )
+        })
+        .collect();
     drop(c);
     edit(&mut t);
     write_safetensors(path, &t).unwrap();
@@ -62,7 +84,15 @@ fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>
 fn the_synthetic_model_itself_exports() {
     // Guards the cases below: they fail because of the one thing each breaks.
     let m = tiny();
-    let o = motionrt().args(["export", "--unet"]).arg(&m.unet).arg("--motion-module").arg(&m.mm).arg("--out").arg(m.dir.path().join("ok")).output().unwrap();
+    let o = motionrt()
+        .args(["export", "--unet"])
+        .arg(&m.unet)
+        .arg("--motion-module")
+        .arg(&m.mm)
+        .arg("--out")
+        .arg(m.dir.path().join("ok"))
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(m.dir.path().join("ok/unet.onnx").is_file());
     assert!(m.dir.path().join("ok/model.json").is_file());
@@ -81,14 +111,20 @@ fn truncated_file() {
 fn tensor_with_wrong_shape() {
     let m = tiny();
     let key = "down_blocks.1.resnets.0.conv1.weight";
-    rewrite(&m.unet.join("unet/diffusion_pytorch_model.safetensors"), |t| {
-        let e = t.iter_mut().find(|(k, _, _)| k == key).unwrap();
-        e.1 = vec![64, 32, 1, 9]; // same element count, wrong shape
-    });
+    rewrite(
+        &m.unet.join("unet/diffusion_pytorch_model.safetensors"),
+        |t| {
+            let e = t.iter_mut().find(|(k, _, _)| k == key).unwrap();
+            e.1 = vec![64, 32, 1, 9]; // same element count, wrong shape
+        },
+    );
     let err = export_fails(m.dir.path(), &m.unet, &m.mm);
     assert!(err.contains(key), "{err}");
     assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
-    assert!(err.contains("[64, 32, 3, 3]"), "expected shape named: {err}");
+    assert!(
+        err.contains("[64, 32, 3, 3]"),
+        "expected shape named: {err}"
+    );
 }
 
 #[test]
@@ -97,7 +133,10 @@ fn missing_key() {
     let key = "down_blocks.0.motion_modules.1.temporal_transformer.transformer_blocks.0.attention_blocks.1.to_v.weight";
     rewrite(&m.mm, |t| t.retain(|(k, _, _)| k != key));
     let err = export_fails(m.dir.path(), &m.unet, &m.mm);
-    assert!(err.contains("down_blocks.0.motion_modules.1.transformer_blocks.0.attn2.to_v.weight"), "{err}");
+    assert!(
+        err.contains("down_blocks.0.motion_modules.1.transformer_blocks.0.attn2.to_v.weight"),
+        "{err}"
+    );
     assert!(err.contains(&m.mm.display().to_string()), "{err}");
 }
 
@@ -112,8 +151,14 @@ fn motion_module_of_another_base_model() {
     mm3.block_out_channels = vec![64, 128, 128];
     let other = synthetic::write_model(&m.dir.path().join("xl"), &unet3, &mm3, 3).unwrap();
     let err = export_fails(m.dir.path(), &m.unet, &other.motion_file);
-    assert!(err.contains(&other.motion_file.display().to_string()), "{err}");
-    assert!(err.contains("down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight"), "{err}");
+    assert!(
+        err.contains(&other.motion_file.display().to_string()),
+        "{err}"
+    );
+    assert!(
+        err.contains("down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight"),
+        "{err}"
+    );
     assert!(err.contains("SDXL"), "{err}");
 }
 
@@ -123,7 +168,10 @@ fn pickle_that_executes_code() {
     let evil = Path::new(env!("CARGO_MANIFEST_DIR")).join("export/tests/data/malicious.pt");
     let err = export_fails(m.dir.path(), &m.unet, &evil);
     assert!(err.contains("malicious.pt"), "{err}");
-    assert!(err.contains("system"), "the refused callable is named: {err}");
+    assert!(
+        err.contains("system"),
+        "the refused callable is named: {err}"
+    );
 }
 
 #[test]
@@ -142,7 +190,15 @@ fn existing_output_is_not_clobbered() {
     let out = m.dir.path().join("existing");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "x").unwrap();
-    let o = motionrt().args(["export", "--unet"]).arg(&m.unet).arg("--motion-module").arg(&m.mm).arg("--out").arg(&out).output().unwrap();
+    let o = motionrt()
+        .args(["export", "--unet"])
+        .arg(&m.unet)
+        .arg("--motion-module")
+        .arg(&m.mm)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"));
     assert!(out.join("keep.txt").is_file());

@@ -119,10 +119,16 @@ impl UnetConfig {
                 )));
             }
         }
-        for k in ["addition_embed_type", "class_embed_type", "encoder_hid_dim_type"] {
+        for k in [
+            "addition_embed_type",
+            "class_embed_type",
+            "encoder_hid_dim_type",
+        ] {
             if let Some(x) = v.get(k) {
                 if !x.is_null() {
-                    return Err(bad(format!("`{k}` = {x} is not supported (SD1.x UNets only)")));
+                    return Err(bad(format!(
+                        "`{k}` = {x} is not supported (SD1.x UNets only)"
+                    )));
                 }
             }
         }
@@ -199,13 +205,16 @@ impl UnetConfig {
         )) {
             let i = block_out_channels.len();
             block_out_channels.push(s[0]);
-            down_attention.push(shapes.contains_key(&format!("down_blocks.{i}.attentions.0.proj_in.weight")));
+            down_attention
+                .push(shapes.contains_key(&format!("down_blocks.{i}.attentions.0.proj_in.weight")));
         }
         if block_out_channels.is_empty() {
             return Err(missing("down_blocks.0.resnets.0.conv1.weight"));
         }
         let mut layers_per_block = 0;
-        while shapes.contains_key(&format!("down_blocks.0.resnets.{layers_per_block}.conv1.weight")) {
+        while shapes.contains_key(&format!(
+            "down_blocks.0.resnets.{layers_per_block}.conv1.weight"
+        )) {
             layers_per_block += 1;
         }
         let first_attn = down_attention.iter().position(|&a| a);
@@ -220,7 +229,11 @@ impl UnetConfig {
                     while shapes.contains_key(&format!("{p}.transformer_blocks.{n}.norm1.weight")) {
                         n += 1;
                     }
-                    (to_k.get(1).copied().unwrap_or(0), proj_in.len() == 2, n.max(1))
+                    (
+                        to_k.get(1).copied().unwrap_or(0),
+                        proj_in.len() == 2,
+                        n.max(1),
+                    )
                 }
                 None => (768, false, 1),
             };
@@ -267,7 +280,10 @@ impl UnetConfig {
             }
         }
         if self.time_proj_dim % 2 != 0 || self.time_proj_dim == 0 {
-            return Err(format!("timestep embedding width {} must be even", self.time_proj_dim));
+            return Err(format!(
+                "timestep embedding width {} must be even",
+                self.time_proj_dim
+            ));
         }
         if self.in_channels == 0 || self.out_channels == 0 || self.cross_attention_dim == 0 {
             return Err("in/out channels and cross_attention_dim must be positive".into());
@@ -331,7 +347,10 @@ impl MotionConfig {
     ) -> Result<Self> {
         let mut block_out_channels = Vec::new();
         loop {
-            let k = format!("down_blocks.{}.motion_modules.0.proj_in.weight", block_out_channels.len());
+            let k = format!(
+                "down_blocks.{}.motion_modules.0.proj_in.weight",
+                block_out_channels.len()
+            );
             match shapes.get(&k) {
                 Some(m) if m.shape.len() == 2 => block_out_channels.push(m.shape[1]),
                 Some(m) => {
@@ -365,7 +384,9 @@ impl MotionConfig {
         )) {
             transformer_layers += 1;
         }
-        let mid_block = shapes.keys().any(|k| k.starts_with("mid_block.motion_modules."));
+        let mid_block = shapes
+            .keys()
+            .any(|k| k.starts_with("mid_block.motion_modules."));
         let max_seq_length = pe_len.unwrap_or(32);
         // DESIGN: mid-block present → v2; positional table of 24 → v1; otherwise v3.
         let version = if mid_block {

@@ -9,13 +9,18 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::{MotionConfig, UnetConfig};
-use crate::graph::unet::{self, Semantics, INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEP, OUTPUT_NOISE, TEXT_TOKENS};
+use crate::graph::unet::{
+    self, Semantics, INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEP, OUTPUT_NOISE, TEXT_TOKENS,
+};
 use crate::graph::{GraphBuilder, Precision};
-use crate::onnx::proto::{GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorProtoDataType};
+use crate::onnx::proto::{
+    GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
+    TensorProtoDataType,
+};
 use crate::onnx::{value_info, write_model, Dim, ExternalDataWriter};
 use crate::remap::Layout;
 use crate::source::{self, Source, TensorRef};
-use crate::{ExportError, Result};
+use crate::{DType, ExportError, Result};
 
 /// ONNX opset of the default domain.
 pub const OPSET: i64 = 17;
@@ -110,9 +115,9 @@ pub struct ModelManifest {
     pub parameters: u64,
     pub graphs: BTreeMap<String, GraphReport>,
     pub scheduler_defaults: serde_json::Value,
+    /// sha256 of every input file; with `tensor_map` and `precision` these determine the written
+    /// weights exactly (the conversion is deterministic).
     pub inputs_sha256: BTreeMap<String, String>,
-    /// sha256 over the initializer bytes as written, in graph order.
-    pub weights_sha256: String,
     /// diffusers name → where it came from.
     pub tensor_map: BTreeMap<String, TensorSource>,
 }
@@ -172,11 +177,18 @@ fn resolve_params<'a>(
             _ => unet,
         };
         let Some(r) = src.tensors.get(&p.name) else {
-            let what = if is_motion { "the motion module" } else { "the UNet" };
+            let what = if is_motion {
+                "the motion module"
+            } else {
+                "the UNet"
+            };
             return Err(ExportError::MissingTensor {
                 path: src.path.clone(),
                 tensor: p.name.clone(),
-                expected_for: format!("{what}, diffusers name, read from the {} layout", src.layout),
+                expected_for: format!(
+                    "{what}, diffusers name, read from the {} layout",
+                    src.layout
+                ),
             });
         };
         if !shapes_compatible(&r.meta.shape, &p.shape) {
@@ -185,7 +197,11 @@ fn resolve_params<'a>(
                 tensor: r.key.clone(),
                 found: r.meta.shape.clone(),
                 expected: p.shape.clone(),
-                hint: if r.key != p.name { format!(" (diffusers name `{}`)", p.name) } else { String::new() },
+                hint: if r.key != p.name {
+                    format!(" (diffusers name `{}`)", p.name)
+                } else {
+                    String::new()
+                },
             });
         }
         if !r.meta.dtype.is_float() {
@@ -208,15 +224,24 @@ fn prepare_out_dir(out: &Path, overwrite: bool) -> Result<TempDir> {
             "output directory already exists (pass --overwrite to replace it)",
         ));
     }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| ExportError::io(parent, e))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "export".into());
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "export".into());
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| ExportError::io(&tmp, e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| ExportError::io(&tmp, e))?;
-    Ok(TempDir { path: tmp, armed: true })
+    Ok(TempDir {
+        path: tmp,
+        armed: true,
+    })
 }
 
 fn commit_dir(mut tmp: TempDir, out: &Path) -> Result<()> {
@@ -239,7 +264,10 @@ fn sym(s: &str) -> serde_json::Value {
 /// Export the UNet (with motion modules) described by `opts`.
 pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Result<ModelManifest> {
     let (unet_src, unet_cfg) = source::open_unet(&opts.unet)?;
-    let has_builtin_motion = unet_src.tensors.keys().any(|k| k.contains(".motion_modules."));
+    let has_builtin_motion = unet_src
+        .tensors
+        .keys()
+        .any(|k| k.contains(".motion_modules."));
     let (motion_src, motion_cfg) = match &opts.motion_module {
         Some(p) => {
             let (s, c) = source::open_motion(p)?;
@@ -255,7 +283,12 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         source::check_compatible(&unet_cfg, m, ms)?;
     }
 
-    let g = unet::build(&unet_cfg, motion_cfg.as_ref(), opts.semantics, opts.precision);
+    let g = unet::build(
+        &unet_cfg,
+        motion_cfg.as_ref(),
+        opts.semantics,
+        opts.precision,
+    );
     let resolved = resolve_params(&g, &unet_src, motion_src.as_ref())?;
     let total_bytes: u64 = g
         .params
@@ -275,7 +308,10 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
     }
 
     let tmp = prepare_out_dir(&opts.out, opts.overwrite)?;
-    progress(Progress::Start { tensors: g.params.len(), total_bytes });
+    progress(Progress::Start {
+        tensors: g.params.len(),
+        total_bytes,
+    });
 
     // Hash the inputs on another thread while the weights stream.
     let mut input_files: Vec<PathBuf> = unet_src.input_files();
@@ -288,30 +324,47 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
     }
     let onnx_name = "unet.onnx";
     let data_name = "unet.onnx.data";
-    let (initializers, weights_sha256, inputs_sha256) = std::thread::scope(|s| -> Result<_> {
+    let (initializers, inputs_sha256) = std::thread::scope(|s| -> Result<_> {
         let hasher = s.spawn(|| -> Result<BTreeMap<String, String>> {
             input_files
                 .iter()
-                .map(|p| Ok((p.display().to_string(), sha256_file(p).map_err(|e| ExportError::io(p, e))?)))
+                .map(|p| {
+                    Ok((
+                        p.display().to_string(),
+                        sha256_file(p).map_err(|e| ExportError::io(p, e))?,
+                    ))
+                })
                 .collect()
         });
         let mut writer = if external {
-            Some(ExternalDataWriter::create(&tmp.path.join(data_name), data_name)?)
+            Some(ExternalDataWriter::create(
+                &tmp.path.join(data_name),
+                data_name,
+            )?)
         } else {
             None
         };
-        let mut wh = Sha256::new();
         let mut buf = Vec::new();
         let mut bytes = Vec::new();
         let mut inits: Vec<TensorProto> = Vec::with_capacity(g.params.len());
         for (p, (src, r)) in g.params.iter().zip(&resolved) {
-            src.files[r.file].read_f32_into(&r.key, &mut buf)?;
-            bytes.clear();
-            match opts.precision {
-                Precision::Fp32 => bytes.extend(buf.iter().flat_map(|v| v.to_le_bytes())),
-                Precision::Fp16 => bytes.extend(buf.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes())),
+            let ckpt = &src.files[r.file];
+            let want = match opts.precision {
+                Precision::Fp32 => DType::F32,
+                Precision::Fp16 => DType::F16,
+            };
+            // Same dtype in and out: copy the stored bytes. Otherwise decode and re-encode.
+            if ckpt.read_raw_into(&r.key, &mut bytes)? != Some(want) {
+                ckpt.read_f32_into(&r.key, &mut buf)?;
+                bytes.clear();
+                match opts.precision {
+                    Precision::Fp32 => bytes.extend(buf.iter().flat_map(|v| v.to_le_bytes())),
+                    Precision::Fp16 => bytes.extend(
+                        buf.iter()
+                            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes()),
+                    ),
+                }
             }
-            wh.update(&bytes);
             let dims: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
             let dt = opts.precision.onnx_type();
             let t = match writer.as_mut() {
@@ -325,14 +378,19 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
                 },
             };
             inits.push(t);
-            progress(Progress::Tensor { name: p.name.clone(), bytes: bytes.len() as u64 });
+            progress(Progress::Tensor {
+                name: p.name.clone(),
+                bytes: bytes.len() as u64,
+            });
         }
         if let Some(w) = writer {
             w.finish()?;
         }
         progress(Progress::Finishing);
-        let hashes = hasher.join().map_err(|_| ExportError::model(&opts.out, "input hashing thread panicked"))??;
-        Ok((inits, hex(&wh.finalize()), hashes))
+        let hashes = hasher
+            .join()
+            .map_err(|_| ExportError::model(&opts.out, "input hashing thread panicked"))??;
+        Ok((inits, hashes))
     })?;
 
     // Assemble the model.
@@ -342,16 +400,36 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
     let cout = unet_cfg.out_channels as i64;
     let s = |x: &str| Dim::Symbolic(x.into());
     let inputs = vec![
-        value_info(INPUT_SAMPLE, f32t, &[s("B"), Dim::Fixed(cin), s("F"), s("h"), s("w")]),
+        value_info(
+            INPUT_SAMPLE,
+            f32t,
+            &[s("B"), Dim::Fixed(cin), s("F"), s("h"), s("w")],
+        ),
         value_info(INPUT_TIMESTEP, f32t, &[s("B")]),
-        value_info(INPUT_CONTEXT, f32t, &[s("BF"), Dim::Fixed(TEXT_TOKENS as i64), Dim::Fixed(d)]),
+        value_info(
+            INPUT_CONTEXT,
+            f32t,
+            &[s("BF"), Dim::Fixed(TEXT_TOKENS as i64), Dim::Fixed(d)],
+        ),
     ];
-    let outputs = vec![value_info(OUTPUT_NOISE, f32t, &[s("B"), Dim::Fixed(cout), s("F"), s("h"), s("w")])];
+    let outputs = vec![value_info(
+        OUTPUT_NOISE,
+        f32t,
+        &[s("B"), Dim::Fixed(cout), s("F"), s("h"), s("w")],
+    )];
     let tensor_map: BTreeMap<String, TensorSource> = g
         .params
         .iter()
         .zip(&resolved)
-        .map(|(p, (src, r))| (p.name.clone(), TensorSource { file: src.file_of(r).to_path_buf(), key: r.key.clone() }))
+        .map(|(p, (src, r))| {
+            (
+                p.name.clone(),
+                TensorSource {
+                    file: src.file_of(r).to_path_buf(),
+                    key: r.key.clone(),
+                },
+            )
+        })
         .collect();
     let node_count = g.nodes.len();
     let init_count = initializers.len() + g.consts.len();
@@ -371,10 +449,16 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         ir_version: IR_VERSION,
         producer_name: "motionrt".into(),
         producer_version: version.into(),
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
         metadata_props: meta
             .into_iter()
-            .map(|(k, v)| StringStringEntryProto { key: k.into(), value: v })
+            .map(|(k, v)| StringStringEntryProto {
+                key: k.into(),
+                value: v,
+            })
             .collect(),
         graph: Some(GraphProto {
             name: "motionrt_unet".into(),
@@ -403,7 +487,15 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         files: src.input_files(),
         parameters: params_of(src),
     };
-    let dims = |v: &[&str]| v.iter().map(|x| x.parse::<i64>().map(serde_json::Value::from).unwrap_or_else(|_| sym(x))).collect::<Vec<_>>();
+    let dims = |v: &[&str]| {
+        v.iter()
+            .map(|x| {
+                x.parse::<i64>()
+                    .map(serde_json::Value::from)
+                    .unwrap_or_else(|_| sym(x))
+            })
+            .collect::<Vec<_>>()
+    };
     let cin_s = cin.to_string();
     let cout_s = cout.to_string();
     let d_s = d.to_string();
@@ -415,11 +507,17 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
             file: onnx_name.into(),
             external_data: external.then(|| data_name.to_string()),
             inputs: BTreeMap::from([
-                (INPUT_SAMPLE.to_string(), dims(&["B", &cin_s, "F", "h", "w"])),
+                (
+                    INPUT_SAMPLE.to_string(),
+                    dims(&["B", &cin_s, "F", "h", "w"]),
+                ),
                 (INPUT_TIMESTEP.to_string(), dims(&["B"])),
                 (INPUT_CONTEXT.to_string(), dims(&["BF", &tokens_s, &d_s])),
             ]),
-            outputs: BTreeMap::from([(OUTPUT_NOISE.to_string(), dims(&["B", &cout_s, "F", "h", "w"]))]),
+            outputs: BTreeMap::from([(
+                OUTPUT_NOISE.to_string(),
+                dims(&["B", &cout_s, "F", "h", "w"]),
+            )]),
             nodes: node_count,
             initializers: init_count,
         },
@@ -442,7 +540,8 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         precision: opts.precision,
         semantics: opts.semantics,
         opset: OPSET,
-        parameters: unet_report.parameters + motion_report.as_ref().map_or(0, |m| m.source.parameters),
+        parameters: unet_report.parameters
+            + motion_report.as_ref().map_or(0, |m| m.source.parameters),
         unet: unet_report,
         unet_config: unet_cfg.clone(),
         max_frames: motion_cfg.as_ref().map(|m| m.max_seq_length),
@@ -459,11 +558,11 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
             "prediction_type": "epsilon",
         }),
         inputs_sha256,
-        weights_sha256,
         tensor_map,
     };
     let json_path = tmp.path.join("model.json");
-    let text = serde_json::to_string_pretty(&manifest).map_err(|e| ExportError::model(&json_path, e.to_string()))?;
+    let text = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| ExportError::model(&json_path, e.to_string()))?;
     std::fs::write(&json_path, text).map_err(|e| ExportError::io(&json_path, e))?;
     commit_dir(tmp, &opts.out)?;
     Ok(manifest)

@@ -40,7 +40,10 @@ pub enum Summary {
 impl std::fmt::Display for CheckpointSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "{}", self.path.display())?;
-        let layout = self.layout.map(|l| l.to_string()).unwrap_or_else(|| "unrecognised".into());
+        let layout = self
+            .layout
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "unrecognised".into());
         writeln!(f, "  kind:        {} ({layout} layout)", self.kind)?;
         for (p, fmt) in &self.files {
             writeln!(f, "  file:        {} [{fmt}]", p.display())?;
@@ -49,8 +52,17 @@ impl std::fmt::Display for CheckpointSummary {
             writeln!(f, "  nested:      tensors under `state_dict`")?;
         }
         writeln!(f, "  tensors:     {}", self.tensors)?;
-        writeln!(f, "  parameters:  {} ({:.1} M)", self.parameters, self.parameters as f64 / 1e6)?;
-        let d: Vec<String> = self.dtypes.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        writeln!(
+            f,
+            "  parameters:  {} ({:.1} M)",
+            self.parameters,
+            self.parameters as f64 / 1e6
+        )?;
+        let d: Vec<String> = self
+            .dtypes
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
         writeln!(f, "  dtypes:      {}", d.join(", "))?;
         if let Some(m) = &self.motion {
             writeln!(
@@ -68,7 +80,10 @@ impl std::fmt::Display for CheckpointSummary {
             writeln!(
                 f,
                 "  unet:        channels {:?}, {} layers/block, cross-attention {}, {} heads",
-                u.block_out_channels, u.layers_per_block, u.cross_attention_dim, u.num_attention_heads
+                u.block_out_channels,
+                u.layers_per_block,
+                u.cross_attention_dim,
+                u.num_attention_heads
             )?;
         }
         if !self.also_contains.is_empty() {
@@ -88,13 +103,17 @@ impl std::fmt::Display for Summary {
 }
 
 fn is_onnx(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
 }
 
 /// Inspect a checkpoint file, a diffusers folder, or an ONNX file.
 pub fn inspect(path: &Path) -> Result<Summary> {
     if !path.exists() {
-        return Err(ExportError::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
+        return Err(ExportError::io(
+            path,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
     }
     if path.is_file() && is_onnx(path) {
         return Ok(Summary::Onnx(summarize(&load_model(path)?)));
@@ -159,7 +178,11 @@ pub fn inspect(path: &Path) -> Result<Summary> {
         path: path.to_path_buf(),
         kind: kind.into(),
         layout: Some(src.layout),
-        files: src.files.iter().map(|c| (c.path().to_path_buf(), c.format().to_string())).collect(),
+        files: src
+            .files
+            .iter()
+            .map(|c| (c.path().to_path_buf(), c.format().to_string()))
+            .collect(),
         nested_state_dict: src.files.iter().any(|c| c.nested_state_dict()),
         tensors,
         parameters,

@@ -125,10 +125,18 @@ pub fn diffusers_to_animatediff(name: &str) -> Option<String> {
         match part {
             "attn1" => out.push("attention_blocks.0".to_string()),
             "attn2" => out.push("attention_blocks.1".to_string()),
-            "norm1" if out.last().is_some_and(|p: &String| p.chars().all(|c| c.is_ascii_digit())) => {
+            "norm1"
+                if out
+                    .last()
+                    .is_some_and(|p: &String| p.chars().all(|c| c.is_ascii_digit())) =>
+            {
                 out.push("norms.0".into())
             }
-            "norm2" if out.last().is_some_and(|p: &String| p.chars().all(|c| c.is_ascii_digit())) => {
+            "norm2"
+                if out
+                    .last()
+                    .is_some_and(|p: &String| p.chars().all(|c| c.is_ascii_digit())) =>
+            {
                 out.push("norms.1".into())
             }
             "norm3" => out.push("ff_norm".into()),
@@ -136,7 +144,10 @@ pub fn diffusers_to_animatediff(name: &str) -> Option<String> {
             p => out.push(p.to_string()),
         }
     }
-    Some(format!("{head}.motion_modules.{idx}.temporal_transformer.{}", out.join(".")))
+    Some(format!(
+        "{head}.motion_modules.{idx}.temporal_transformer.{}",
+        out.join(".")
+    ))
 }
 
 /// Renames inside an LDM ResBlock.
@@ -242,24 +253,66 @@ mod tests {
             ("time_embed.0.weight", "time_embedding.linear_1.weight"),
             ("time_embed.2.bias", "time_embedding.linear_2.bias"),
             ("input_blocks.0.0.weight", "conv_in.weight"),
-            ("input_blocks.1.0.in_layers.0.weight", "down_blocks.0.resnets.0.norm1.weight"),
-            ("input_blocks.2.0.emb_layers.1.bias", "down_blocks.0.resnets.1.time_emb_proj.bias"),
-            ("input_blocks.2.1.proj_in.weight", "down_blocks.0.attentions.1.proj_in.weight"),
-            ("input_blocks.3.0.op.weight", "down_blocks.0.downsamplers.0.conv.weight"),
-            ("input_blocks.4.0.skip_connection.weight", "down_blocks.1.resnets.0.conv_shortcut.weight"),
+            (
+                "input_blocks.1.0.in_layers.0.weight",
+                "down_blocks.0.resnets.0.norm1.weight",
+            ),
+            (
+                "input_blocks.2.0.emb_layers.1.bias",
+                "down_blocks.0.resnets.1.time_emb_proj.bias",
+            ),
+            (
+                "input_blocks.2.1.proj_in.weight",
+                "down_blocks.0.attentions.1.proj_in.weight",
+            ),
+            (
+                "input_blocks.3.0.op.weight",
+                "down_blocks.0.downsamplers.0.conv.weight",
+            ),
+            (
+                "input_blocks.4.0.skip_connection.weight",
+                "down_blocks.1.resnets.0.conv_shortcut.weight",
+            ),
             (
                 "input_blocks.7.1.transformer_blocks.0.attn2.to_k.weight",
                 "down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_k.weight",
             ),
-            ("input_blocks.11.0.out_layers.3.weight", "down_blocks.3.resnets.1.conv2.weight"),
-            ("middle_block.0.in_layers.2.weight", "mid_block.resnets.0.conv1.weight"),
-            ("middle_block.1.norm.bias", "mid_block.attentions.0.norm.bias"),
-            ("middle_block.2.out_layers.0.bias", "mid_block.resnets.1.norm2.bias"),
-            ("output_blocks.0.0.in_layers.0.weight", "up_blocks.0.resnets.0.norm1.weight"),
-            ("output_blocks.2.1.conv.weight", "up_blocks.0.upsamplers.0.conv.weight"),
-            ("output_blocks.3.1.proj_out.bias", "up_blocks.1.attentions.0.proj_out.bias"),
-            ("output_blocks.5.2.conv.bias", "up_blocks.1.upsamplers.0.conv.bias"),
-            ("output_blocks.11.1.norm.weight", "up_blocks.3.attentions.2.norm.weight"),
+            (
+                "input_blocks.11.0.out_layers.3.weight",
+                "down_blocks.3.resnets.1.conv2.weight",
+            ),
+            (
+                "middle_block.0.in_layers.2.weight",
+                "mid_block.resnets.0.conv1.weight",
+            ),
+            (
+                "middle_block.1.norm.bias",
+                "mid_block.attentions.0.norm.bias",
+            ),
+            (
+                "middle_block.2.out_layers.0.bias",
+                "mid_block.resnets.1.norm2.bias",
+            ),
+            (
+                "output_blocks.0.0.in_layers.0.weight",
+                "up_blocks.0.resnets.0.norm1.weight",
+            ),
+            (
+                "output_blocks.2.1.conv.weight",
+                "up_blocks.0.upsamplers.0.conv.weight",
+            ),
+            (
+                "output_blocks.3.1.proj_out.bias",
+                "up_blocks.1.attentions.0.proj_out.bias",
+            ),
+            (
+                "output_blocks.5.2.conv.bias",
+                "up_blocks.1.upsamplers.0.conv.bias",
+            ),
+            (
+                "output_blocks.11.1.norm.weight",
+                "up_blocks.3.attentions.2.norm.weight",
+            ),
             ("out.0.weight", "conv_norm_out.weight"),
             ("out.2.bias", "conv_out.bias"),
         ];
@@ -267,8 +320,14 @@ mod tests {
             let got = to_diffusers(Layout::Ldm, &format!("{LDM_UNET_PREFIX}{ldm}"), 2);
             assert_eq!(got.as_deref(), Some(want), "{ldm}");
         }
-        assert_eq!(to_diffusers(Layout::Ldm, "first_stage_model.encoder.conv_in.weight", 2), None);
-        assert_eq!(to_diffusers(Layout::Ldm, "cond_stage_model.transformer.x", 2), None);
+        assert_eq!(
+            to_diffusers(Layout::Ldm, "first_stage_model.encoder.conv_in.weight", 2),
+            None
+        );
+        assert_eq!(
+            to_diffusers(Layout::Ldm, "cond_stage_model.transformer.x", 2),
+            None
+        );
     }
 
     #[test]
@@ -300,7 +359,11 @@ mod tests {
             ),
         ];
         for (src, want) in cases {
-            assert_eq!(to_diffusers(Layout::AnimateDiff, src, 2).as_deref(), Some(want), "{src}");
+            assert_eq!(
+                to_diffusers(Layout::AnimateDiff, src, 2).as_deref(),
+                Some(want),
+                "{src}"
+            );
         }
     }
 
@@ -318,13 +381,20 @@ mod tests {
         ] {
             let orig = diffusers_to_animatediff(name).unwrap();
             assert!(orig.contains(".temporal_transformer."), "{orig}");
-            assert_eq!(to_diffusers(Layout::AnimateDiff, &orig, 2).as_deref(), Some(name), "{orig}");
+            assert_eq!(
+                to_diffusers(Layout::AnimateDiff, &orig, 2).as_deref(),
+                Some(name),
+                "{orig}"
+            );
         }
     }
 
     #[test]
     fn layout_detection() {
-        assert_eq!(detect_layout(["model.diffusion_model.out.0.weight"]), Some(Layout::Ldm));
+        assert_eq!(
+            detect_layout(["model.diffusion_model.out.0.weight"]),
+            Some(Layout::Ldm)
+        );
         assert_eq!(
             detect_layout(["down_blocks.0.motion_modules.0.temporal_transformer.norm.weight"]),
             Some(Layout::AnimateDiff)

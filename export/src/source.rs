@@ -75,16 +75,23 @@ fn model_folder(path: &Path, component: Option<&str>) -> Option<PathBuf> {
             return Some(sub);
         }
     }
-    path.join("config.json").is_file().then(|| path.to_path_buf())
+    path.join("config.json")
+        .is_file()
+        .then(|| path.to_path_buf())
 }
 
-fn open_folder(path: &Path, component: Option<&str>) -> Result<(Vec<Checkpoint>, (PathBuf, String))> {
+fn open_folder(
+    path: &Path,
+    component: Option<&str>,
+) -> Result<(Vec<Checkpoint>, (PathBuf, String))> {
     let folder = model_folder(path, component).ok_or_else(|| {
         ExportError::model(
             path,
             format!(
                 "not a diffusers model folder: no {}config.json",
-                component.map(|c| format!("{c}/config.json or ")).unwrap_or_default()
+                component
+                    .map(|c| format!("{c}/config.json or "))
+                    .unwrap_or_default()
             ),
         )
     })?;
@@ -103,8 +110,13 @@ fn open_folder(path: &Path, component: Option<&str>) -> Result<(Vec<Checkpoint>,
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| ExportError::malformed(&ip, "index json", "no `weight_map` object"))?;
-            let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+                .ok_or_else(|| {
+                    ExportError::malformed(&ip, "index json", "no `weight_map` object")
+                })?;
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect();
             shards.sort();
             shards.dedup();
             let files = shards
@@ -133,15 +145,23 @@ fn ldm_layers_per_block(files: &[Checkpoint]) -> Option<usize> {
         .iter()
         .flat_map(|c| c.keys())
         .filter_map(|k| {
-            let r = k.strip_prefix(remap::LDM_UNET_PREFIX)?.strip_prefix("input_blocks.")?;
+            let r = k
+                .strip_prefix(remap::LDM_UNET_PREFIX)?
+                .strip_prefix("input_blocks.")?;
             let (n, rest) = r.split_once('.')?;
-            rest.starts_with("0.op.").then(|| n.parse::<usize>().ok()).flatten()
+            rest.starts_with("0.op.")
+                .then(|| n.parse::<usize>().ok())
+                .flatten()
         })
         .min()
         .map(|n| n - 1)
 }
 
-fn build_map(path: &Path, files: &[Checkpoint], layout: Layout) -> Result<BTreeMap<String, TensorRef>> {
+fn build_map(
+    path: &Path,
+    files: &[Checkpoint],
+    layout: Layout,
+) -> Result<BTreeMap<String, TensorRef>> {
     let lpb = if layout == Layout::Ldm {
         ldm_layers_per_block(files).unwrap_or(2)
     } else {
@@ -219,7 +239,10 @@ fn adapter_json_hints(path: &Path, text: &str) -> Result<(Option<usize>, Option<
         Some(serde_json::Value::Array(a)) => a.first().and_then(|x| x.as_u64()).map(|u| u as usize),
         _ => None,
     };
-    Ok((first("motion_max_seq_length"), first("motion_num_attention_heads")))
+    Ok((
+        first("motion_max_seq_length"),
+        first("motion_num_attention_heads"),
+    ))
 }
 
 /// Positional-table length carried by the tensors themselves (`pos_embed.pe` = [1, len, C]).
@@ -261,7 +284,10 @@ pub fn open_motion(path: &Path) -> Result<(Source, MotionConfig)> {
     };
     src.retain(|k| k.contains(".motion_modules."));
     if src.tensors.is_empty() {
-        return Err(ExportError::model(path, "no motion-module tensors (`*.motion_modules.*`) found"));
+        return Err(ExportError::model(
+            path,
+            "no motion-module tensors (`*.motion_modules.*`) found",
+        ));
     }
     let (json_len, json_heads) = match &src.config_json {
         Some((p, t)) => adapter_json_hints(p, t)?,
@@ -273,16 +299,33 @@ pub fn open_motion(path: &Path) -> Result<(Source, MotionConfig)> {
 }
 
 /// Check that a motion module fits a UNet; the error names the motion file and a tensor.
-pub fn check_compatible(unet: &UnetConfig, motion: &MotionConfig, motion_src: &Source) -> Result<()> {
-    if motion.block_out_channels != unet.block_out_channels || motion.layers_per_block != unet.layers_per_block {
-        let levels = motion.block_out_channels.len().min(unet.block_out_channels.len());
+pub fn check_compatible(
+    unet: &UnetConfig,
+    motion: &MotionConfig,
+    motion_src: &Source,
+) -> Result<()> {
+    if motion.block_out_channels != unet.block_out_channels
+        || motion.layers_per_block != unet.layers_per_block
+    {
+        let levels = motion
+            .block_out_channels
+            .len()
+            .min(unet.block_out_channels.len());
         let i = (0..levels)
             .find(|&i| motion.block_out_channels[i] != unet.block_out_channels[i])
             .unwrap_or(levels.saturating_sub(1));
         let name = format!("down_blocks.{i}.motion_modules.0.proj_in.weight");
-        let found = motion_src.tensors.get(&name).map(|r| r.meta.shape.clone()).unwrap_or_default();
+        let found = motion_src
+            .tensors
+            .get(&name)
+            .map(|r| r.meta.shape.clone())
+            .unwrap_or_default();
         let c = unet.block_out_channels.get(i).copied().unwrap_or(0);
-        let key = motion_src.tensors.get(&name).map(|r| r.key.clone()).unwrap_or(name);
+        let key = motion_src
+            .tensors
+            .get(&name)
+            .map(|r| r.key.clone())
+            .unwrap_or(name);
         return Err(ExportError::ShapeMismatch {
             path: motion_src.path.clone(),
             tensor: key,
@@ -294,7 +337,12 @@ pub fn check_compatible(unet: &UnetConfig, motion: &MotionConfig, motion_src: &S
             ),
         });
     }
-    if motion.norm_num_groups == 0 || motion.block_out_channels.iter().any(|c| c % motion.norm_num_groups != 0 || c % motion.num_attention_heads != 0) {
+    if motion.norm_num_groups == 0
+        || motion
+            .block_out_channels
+            .iter()
+            .any(|c| c % motion.norm_num_groups != 0 || c % motion.num_attention_heads != 0)
+    {
         return Err(ExportError::model(
             &motion_src.path,
             format!(

@@ -70,7 +70,10 @@ impl Rng {
 /// norm scales 1 + N(0, 0.1).
 fn init_param(rng: &mut Rng, name: &str, shape: &[usize]) -> Vec<f32> {
     let n: usize = shape.iter().product();
-    let is_norm = name.rsplit('.').nth(1).is_some_and(|m| m.starts_with("norm") || m == "conv_norm_out");
+    let is_norm = name
+        .rsplit('.')
+        .nth(1)
+        .is_some_and(|m| m.starts_with("norm") || m == "conv_norm_out");
     if name.ends_with(".bias") {
         (0..n).map(|_| 0.1 * rng.normal()).collect()
     } else if is_norm && shape.len() == 1 {
@@ -94,7 +97,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]
         );
         offset += len;
     }
-    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| ExportError::model(path, e.to_string()))?;
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(header))
+        .map_err(|e| ExportError::model(path, e.to_string()))?;
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
@@ -119,7 +123,13 @@ pub fn unet_config_json(cfg: &UnetConfig) -> serde_json::Value {
     let down: Vec<&str> = cfg
         .down_attention
         .iter()
-        .map(|&a| if a { "CrossAttnDownBlock2D" } else { "DownBlock2D" })
+        .map(|&a| {
+            if a {
+                "CrossAttnDownBlock2D"
+            } else {
+                "DownBlock2D"
+            }
+        })
         .collect();
     let up: Vec<&str> = cfg
         .down_attention
@@ -159,15 +169,26 @@ pub struct SyntheticModel {
 
 /// Write a random-weight UNet (diffusers layout) and motion module (original AnimateDiff layout)
 /// under `dir`.
-pub fn write_model(dir: &Path, unet_cfg: &UnetConfig, motion_cfg: &MotionConfig, seed: u64) -> Result<SyntheticModel> {
-    let g = unet::build(unet_cfg, Some(motion_cfg), Semantics::Diffusers, Precision::Fp32);
+pub fn write_model(
+    dir: &Path,
+    unet_cfg: &UnetConfig,
+    motion_cfg: &MotionConfig,
+    seed: u64,
+) -> Result<SyntheticModel> {
+    let g = unet::build(
+        unet_cfg,
+        Some(motion_cfg),
+        Semantics::Diffusers,
+        Precision::Fp32,
+    );
     let mut rng = Rng::new(seed);
     let (mut unet_t, mut mm_t) = (Vec::new(), Vec::new());
     for p in &g.params {
         let v = init_param(&mut rng, &p.name, &p.shape);
         if p.name.contains(".motion_modules.") {
-            let key = diffusers_to_animatediff(&p.name)
-                .ok_or_else(|| ExportError::model(dir, format!("no AnimateDiff name for {}", p.name)))?;
+            let key = diffusers_to_animatediff(&p.name).ok_or_else(|| {
+                ExportError::model(dir, format!("no AnimateDiff name for {}", p.name))
+            })?;
             mm_t.push((key, p.shape.clone(), v));
         } else {
             unet_t.push((p.name.clone(), p.shape.clone(), v));
@@ -180,7 +201,11 @@ pub fn write_model(dir: &Path, unet_cfg: &UnetConfig, motion_cfg: &MotionConfig,
             let c = shape[0];
             let table = positional_table(motion_cfg.max_seq_length, c);
             for a in 0..2 {
-                pe.push((format!("{base}.attention_blocks.{a}.pos_encoder.pe"), vec![1, motion_cfg.max_seq_length, c], table.clone()));
+                pe.push((
+                    format!("{base}.attention_blocks.{a}.pos_encoder.pe"),
+                    vec![1, motion_cfg.max_seq_length, c],
+                    table.clone(),
+                ));
             }
         }
     }
@@ -189,10 +214,14 @@ pub fn write_model(dir: &Path, unet_cfg: &UnetConfig, motion_cfg: &MotionConfig,
     let sub = unet_dir.join("unet");
     std::fs::create_dir_all(&sub).map_err(|e| ExportError::io(&sub, e))?;
     let cfg_path = sub.join("config.json");
-    let text = serde_json::to_string_pretty(&unet_config_json(unet_cfg)).map_err(|e| ExportError::model(&cfg_path, e.to_string()))?;
+    let text = serde_json::to_string_pretty(&unet_config_json(unet_cfg))
+        .map_err(|e| ExportError::model(&cfg_path, e.to_string()))?;
     std::fs::write(&cfg_path, text).map_err(|e| ExportError::io(&cfg_path, e))?;
     write_safetensors(&sub.join("diffusion_pytorch_model.safetensors"), &unet_t)?;
-    let motion_file = dir.join(format!("mm_tiny_{}.safetensors", motion_cfg.version));
+    let motion_file = dir.join(format!("mm_{}.safetensors", motion_cfg.version));
     write_safetensors(&motion_file, &mm_t)?;
-    Ok(SyntheticModel { unet_dir, motion_file })
+    Ok(SyntheticModel {
+        unet_dir,
+        motion_file,
+    })
 }

@@ -10,14 +10,24 @@ pub struct Tolerance {
 
 impl Tolerance {
     /// float32 graphs vs a float32 reference (DESIGN.md: ≤ 1e-4 of the reference's max magnitude).
-    pub const FP32: Tolerance = Tolerance { name: "fp32", rel_to_max: 1e-4 };
-    /// fp16 weights and activations vs the float32 reference. fp16 has a unit roundoff of
-    /// 4.9e-4; through the tiny UNet's ~60 layers we measured max errors of 2–3e-3 of max|ref|
-    /// (BENCHMARKS.md / tests), so the bound is set at 1e-2: 3–5× headroom, still far below
-    /// the effect of any wrong op (≥ 1e-1).
-    pub const FP16: Tolerance = Tolerance { name: "fp16", rel_to_max: 1e-2 };
+    pub const FP32: Tolerance = Tolerance {
+        name: "fp32",
+        rel_to_max: 1e-4,
+    };
+    /// fp16 weights and activations (GroupNorm statistics in fp32) vs the float32 reference.
+    /// fp16's unit roundoff is 4.9e-4; through the tiny UNet fixture we measured max errors of
+    /// 1.4e-3 (v2, diffusers semantics) and 2.0e-3 (v1, official) of max|ref| (test
+    /// `fp16_error_is_bounded`), so the bound is 1e-2: 5× headroom, and still an order of
+    /// magnitude below what a wrong op or semantics does on the fixture (1.4e-1 and more).
+    pub const FP16: Tolerance = Tolerance {
+        name: "fp16",
+        rel_to_max: 1e-2,
+    };
     /// Identical weights read from different file layouts: only float reassociation differs.
-    pub const SAME_WEIGHTS: Tolerance = Tolerance { name: "same-weights", rel_to_max: 1e-6 };
+    pub const SAME_WEIGHTS: Tolerance = Tolerance {
+        name: "same-weights",
+        rel_to_max: 1e-6,
+    };
 }
 
 /// Error statistics of `out` against `reference`.
@@ -42,7 +52,11 @@ impl ErrorStats {
 
 /// Compare element-wise; lengths must match (the caller checks shapes).
 pub fn error_stats(out: &[f32], reference: &[f32]) -> ErrorStats {
-    assert_eq!(out.len(), reference.len(), "compared tensors differ in length");
+    assert_eq!(
+        out.len(),
+        reference.len(),
+        "compared tensors differ in length"
+    );
     let (mut max_abs, mut sum_abs, mut ref_max) = (0f64, 0f64, 0f64);
     let (mut dot, mut n_o, mut n_r) = (0f64, 0f64, 0f64);
     let mut nonfinite = 0;
@@ -65,8 +79,16 @@ pub fn error_stats(out: &[f32], reference: &[f32]) -> ErrorStats {
         max_abs,
         mean_abs: if len > 0 { sum_abs / len as f64 } else { 0.0 },
         ref_max,
-        max_rel_to_ref_max: if ref_max > 0.0 { max_abs / ref_max } else { max_abs },
-        cosine: if n_o > 0.0 && n_r > 0.0 { dot / (n_o.sqrt() * n_r.sqrt()) } else { 1.0 },
+        max_rel_to_ref_max: if ref_max > 0.0 {
+            max_abs / ref_max
+        } else {
+            max_abs
+        },
+        cosine: if n_o > 0.0 && n_r > 0.0 {
+            dot / (n_o.sqrt() * n_r.sqrt())
+        } else {
+            1.0
+        },
         nonfinite,
         len,
     }
@@ -94,6 +116,9 @@ mod tests {
     fn nonfinite_never_passes() {
         let s = error_stats(&[f32::NAN, 1.0], &[0.0, 1.0]);
         assert_eq!(s.nonfinite, 1);
-        assert!(!s.passes(Tolerance { name: "any", rel_to_max: f64::INFINITY }));
+        assert!(!s.passes(Tolerance {
+            name: "any",
+            rel_to_max: f64::INFINITY
+        }));
     }
 }

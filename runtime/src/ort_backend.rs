@@ -41,7 +41,10 @@ pub fn find_onnxruntime() -> Result<PathBuf> {
     }
     for py in ["python3", "python"] {
         let out = Command::new(py)
-            .args(["-c", "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))"])
+            .args([
+                "-c",
+                "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))",
+            ])
             .output();
         match out {
             Ok(o) if o.status.success() => {
@@ -55,7 +58,9 @@ pub fn find_onnxruntime() -> Result<PathBuf> {
             Err(_) => tried.push(format!("no `{py}` on the PATH")),
         }
     }
-    Err(RuntimeError::OrtNotFound { tried: tried.join("; ") })
+    Err(RuntimeError::OrtNotFound {
+        tried: tried.join("; "),
+    })
 }
 
 fn newest_lib(dir: &Path) -> Option<PathBuf> {
@@ -137,11 +142,19 @@ impl OrtSession {
     }
 
     pub fn input_names(&self) -> Vec<String> {
-        self.session.inputs().iter().map(|o| o.name().to_string()).collect()
+        self.session
+            .inputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect()
     }
 
     pub fn output_names(&self) -> Vec<String> {
-        self.session.outputs().iter().map(|o| o.name().to_string()).collect()
+        self.session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect()
     }
 
     /// Run with float32 inputs by name; returns every output (float32) by name, in graph order.
@@ -156,19 +169,27 @@ impl OrtSession {
                 });
             }
         }
-        let mut feeds: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> = Vec::new();
+        let mut feeds: Vec<(
+            std::borrow::Cow<'_, str>,
+            ort::session::SessionInputValue<'_>,
+        )> = Vec::new();
         for (name, t) in inputs {
             if !expected.iter().any(|e| e == name) {
                 return Err(RuntimeError::Input {
                     path: self.path.clone(),
                     input: name.to_string(),
-                    message: format!("not an input of this graph (it takes {})", expected.join(", ")),
+                    message: format!(
+                        "not an input of this graph (it takes {})",
+                        expected.join(", ")
+                    ),
                 });
             }
-            let v = OrtTensor::from_array((t.shape.clone(), t.data.clone())).map_err(|e| RuntimeError::Input {
-                path: self.path.clone(),
-                input: name.to_string(),
-                message: e.to_string(),
+            let v = OrtTensor::from_array((t.shape.clone(), t.data.clone())).map_err(|e| {
+                RuntimeError::Input {
+                    path: self.path.clone(),
+                    input: name.to_string(),
+                    message: e.to_string(),
+                }
             })?;
             feeds.push((std::borrow::Cow::Owned(name.to_string()), v.into()));
         }
@@ -181,10 +202,12 @@ impl OrtSession {
         let mut result = Vec::new();
         for name in out_names {
             let v = &outputs[name.as_str()];
-            let (shape, data) = v.try_extract_tensor::<f32>().map_err(|e| RuntimeError::Session {
-                path: path.clone(),
-                message: format!("output `{name}`: {e}"),
-            })?;
+            let (shape, data) =
+                v.try_extract_tensor::<f32>()
+                    .map_err(|e| RuntimeError::Session {
+                        path: path.clone(),
+                        message: format!("output `{name}`: {e}"),
+                    })?;
             let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
             result.push((name, Tensor::new(shape, data.to_vec())));
         }

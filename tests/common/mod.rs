@@ -21,8 +21,14 @@ pub fn fx(name: &str) -> PathBuf {
 /// Read a float tensor from a safetensors/ckpt file.
 pub fn read(path: &Path, key: &str) -> Tensor {
     let c = Checkpoint::open(path).unwrap_or_else(|e| panic!("{e}"));
-    let meta = c.meta(key).unwrap_or_else(|| panic!("{}: no tensor {key}", path.display())).clone();
-    Tensor::new(meta.shape.clone(), c.read_f32(key).unwrap_or_else(|e| panic!("{e}")))
+    let meta = c
+        .meta(key)
+        .unwrap_or_else(|| panic!("{}: no tensor {key}", path.display()))
+        .clone();
+    Tensor::new(
+        meta.shape.clone(),
+        c.read_f32(key).unwrap_or_else(|e| panic!("{e}")),
+    )
 }
 
 pub struct Exported {
@@ -36,7 +42,13 @@ impl Exported {
     }
 }
 
-pub fn export_with(unet: &Path, mm: Option<&Path>, semantics: Semantics, precision: Precision, external: ExternalData) -> Exported {
+pub fn export_with(
+    unet: &Path,
+    mm: Option<&Path>,
+    semantics: Semantics,
+    precision: Precision,
+    external: ExternalData,
+) -> Exported {
     let dir = tempfile::tempdir().expect("tempdir");
     let opts = ExportOptions {
         unet: unet.to_path_buf(),
@@ -52,7 +64,13 @@ pub fn export_with(unet: &Path, mm: Option<&Path>, semantics: Semantics, precisi
 }
 
 pub fn export_fx(unet: &str, mm: &str, semantics: Semantics) -> Exported {
-    export_with(&fx(unet), Some(&fx(mm)), semantics, Precision::Fp32, ExternalData::Auto)
+    export_with(
+        &fx(unet),
+        Some(&fx(mm)),
+        semantics,
+        Precision::Fp32,
+        ExternalData::Auto,
+    )
 }
 
 /// Run the UNet graph on a fixture case's inputs; returns (ours, reference).
@@ -68,9 +86,14 @@ pub fn run_case(onnx: &Path, case: &str) -> (Tensor, Tensor) {
 }
 
 pub fn run_unet(onnx: &Path, sample: &Tensor, timestep: &Tensor, ctx: &Tensor) -> Tensor {
-    let mut s = OrtSession::load(onnx, &SessionOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    let mut s =
+        OrtSession::load(onnx, &SessionOptions::default()).unwrap_or_else(|e| panic!("{e}"));
     let mut out = s
-        .run(&[("sample", sample), ("timestep", timestep), ("encoder_hidden_states", ctx)])
+        .run(&[
+            ("sample", sample),
+            ("timestep", timestep),
+            ("encoder_hidden_states", ctx),
+        ])
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.len(), 1);
     let (name, t) = out.remove(0);
@@ -80,8 +103,14 @@ pub fn run_unet(onnx: &Path, sample: &Tensor, timestep: &Tensor, ctx: &Tensor) -
 
 /// A Python with the `onnx` package (set by scripts/env.sh), or None.
 pub fn python_with_onnx() -> Option<String> {
-    let candidates = [std::env::var("MOTIONRT_PYTHON").ok(), Some("python3".to_string())];
+    let candidates = [
+        std::env::var("MOTIONRT_PYTHON").ok(),
+        Some("python3".to_string()),
+    ];
     candidates.into_iter().flatten().find(|py| {
-        Command::new(py).args(["-c", "import onnx"]).output().is_ok_and(|o| o.status.success())
+        Command::new(py)
+            .args(["-c", "import onnx"])
+            .output()
+            .is_ok_and(|o| o.status.success())
     })
 }

@@ -15,7 +15,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::error::{ExportError, Result};
-use crate::tensor::TensorMeta;
+use crate::tensor::{DType, TensorMeta};
 
 /// The on-disk format of a checkpoint, as recognised from its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +131,26 @@ impl Checkpoint {
         match &self.reader {
             Reader::Safetensors(r) => r.read_into(&self.path, key, meta, out),
             Reader::Torch(r) => r.read_into(&self.path, key, out),
+        }
+    }
+
+    /// The tensor's stored bytes (little-endian, row-major) when the file holds them contiguously
+    /// (safetensors): returns their dtype. `Ok(None)` for formats that need [`Self::read_f32_into`]
+    /// (PyTorch views may be strided). Lets a same-dtype copy skip decoding.
+    pub fn read_raw_into(&self, key: &str, out: &mut Vec<u8>) -> Result<Option<DType>> {
+        let meta = self
+            .metas
+            .get(key)
+            .ok_or_else(|| ExportError::MissingTensor {
+                path: self.path.clone(),
+                tensor: key.to_string(),
+                expected_for: "the requested read".into(),
+            })?;
+        match &self.reader {
+            Reader::Safetensors(r) => r
+                .read_raw_into(&self.path, key, meta, out)
+                .map(|()| Some(meta.dtype)),
+            Reader::Torch(_) => Ok(None),
         }
     }
 

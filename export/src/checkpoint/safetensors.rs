@@ -1,7 +1,9 @@
 //! safetensors files: an 8-byte little-endian header length, a JSON header, then the data.
-//! The file is memory-mapped; the header is parsed and validated when the file is opened
-//! (offsets contiguous, in bounds, and matching each tensor's shape and dtype), and a tensor's
-//! bytes are touched only when it is read.
+//! The header is parsed and validated when the file is opened (offsets contiguous, in bounds,
+//! and matching each tensor's shape and dtype) through a temporary memory map; a tensor's bytes
+//! are read with positioned reads (`pread`) only when it is requested, so reading a multi-GB
+//! checkpoint tensor by tensor keeps neither the file's pages mapped nor more than one tensor in
+//! memory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -16,11 +18,11 @@ use crate::tensor::{decode_to_f32, DType, TensorMeta};
 
 const FORMAT: &str = "safetensors";
 
-/// Tensor data of a memory-mapped safetensors file.
+/// Tensor data of a safetensors file.
 #[derive(Debug)]
 pub(super) struct SafetensorsReader {
-    mmap: memmap2::Mmap,
-    /// Absolute byte range of each tensor in `mmap`.
+    file: File,
+    /// Absolute byte range of each tensor in the file.
     ranges: HashMap<String, Range<usize>>,
 }
 
@@ -68,7 +70,10 @@ pub(super) fn open(path: &Path, file: &File) -> Result<Checkpoint> {
         path: path.to_path_buf(),
         metas,
         nested_state_dict: false,
-        reader: Reader::Safetensors(SafetensorsReader { mmap, ranges }),
+        reader: Reader::Safetensors(SafetensorsReader {
+            file: file.try_clone().map_err(|e| ExportError::io(path, e))?,
+            ranges,
+        }),
     })
 }
 
@@ -81,15 +86,54 @@ impl SafetensorsReader {
         meta: &TensorMeta,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        let bytes = self
-            .ranges
-            .get(key)
-            .and_then(|range| self.mmap.get(range.clone()));
+        use std::os::unix::fs::FileExt;
+        let range = self.ranges.get(key);
         let expected = meta.numel().checked_mul(meta.dtype.size());
-        match bytes {
-            Some(bytes) if Some(bytes.len()) == expected => {
-                decode_to_f32(meta.dtype, bytes, out);
+        match range {
+            Some(range) if Some(range.len()) == expected => BUF.with_borrow_mut(|buf| {
+                buf.clear();
+                buf.resize(range.len(), 0);
+                self.file
+                    .read_exact_at(buf, range.start as u64)
+                    .map_err(|e| ExportError::io(path, e))?;
+                decode_to_f32(meta.dtype, buf, out);
                 Ok(())
+            }),
+            _ => Err(ExportError::malformed(
+                path,
+                FORMAT,
+                format!(
+                    "tensor `{key}`: data range does not match its shape {:?} and dtype {}",
+                    meta.shape, meta.dtype
+                ),
+            )),
+        }
+    }
+}
+
+thread_local! {
+    /// Raw bytes of the tensor being read, reused across reads.
+    static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl SafetensorsReader {
+    /// The stored little-endian bytes of `key` (always contiguous in safetensors).
+    pub(super) fn read_raw_into(
+        &self,
+        path: &Path,
+        key: &str,
+        meta: &TensorMeta,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let expected = meta.numel().checked_mul(meta.dtype.size());
+        match self.ranges.get(key) {
+            Some(range) if Some(range.len()) == expected => {
+                out.clear();
+                out.resize(range.len(), 0);
+                self.file
+                    .read_exact_at(out, range.start as u64)
+                    .map_err(|e| ExportError::io(path, e))
             }
             _ => Err(ExportError::malformed(
                 path,

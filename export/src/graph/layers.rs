@@ -25,7 +25,14 @@ pub enum NormSpan {
 }
 
 /// `y = x·Wᵀ + b` for a `[.., in]` input and a PyTorch `[out, in]` weight.
-pub fn linear(g: &mut GraphBuilder, x: &str, prefix: &str, din: usize, dout: usize, bias: bool) -> String {
+pub fn linear(
+    g: &mut GraphBuilder,
+    x: &str,
+    prefix: &str,
+    din: usize,
+    dout: usize,
+    bias: bool,
+) -> String {
     let w = g.param(&format!("{prefix}.weight"), &[dout, din]);
     let wt = g.transpose(&w, &[1, 0]);
     let y = g.matmul(x, &wt);
@@ -38,6 +45,7 @@ pub fn linear(g: &mut GraphBuilder, x: &str, prefix: &str, din: usize, dout: usi
 }
 
 /// 2-D convolution with bias, square kernel, "same"-style padding `pad`.
+#[allow(clippy::too_many_arguments)]
 pub fn conv2d(
     g: &mut GraphBuilder,
     x: &str,
@@ -64,13 +72,25 @@ pub fn conv2d(
 /// GroupNorm core on `x = [N, C, ...]`: statistics per (n, group) over everything after axis 1.
 /// Computed in float32 whatever the graph precision (variance of large activations overflows
 /// fp16).
-fn group_norm_core(g: &mut GraphBuilder, x: &str, prefix: &str, c: usize, groups: usize, eps: f32, rank: usize) -> String {
+fn group_norm_core(
+    g: &mut GraphBuilder,
+    x: &str,
+    prefix: &str,
+    c: usize,
+    groups: usize,
+    eps: f32,
+    rank: usize,
+) -> String {
     let shape = g.shape(x);
     let grouped = g.reshape_to(x, &[0, groups as i64, -1]);
     let grouped = g.to_f32(&grouped);
     let ones = g.const_f32(&[groups as i64], &vec![1.0; groups]);
     let zeros = g.const_f32(&[groups as i64], &vec![0.0; groups]);
-    let normed = g.op("InstanceNormalization", &[&grouped, &ones, &zeros], vec![attr_float("epsilon", eps)]);
+    let normed = g.op(
+        "InstanceNormalization",
+        &[&grouped, &ones, &zeros],
+        vec![attr_float("epsilon", eps)],
+    );
     let normed = g.to_compute(&normed);
     let normed = g.reshape(&normed, &shape);
     let mut affine_shape = vec![c as i64];
@@ -84,6 +104,7 @@ fn group_norm_core(g: &mut GraphBuilder, x: &str, prefix: &str, c: usize, groups
 }
 
 /// GroupNorm of a `[B·F, C, H, W]` activation, per frame or across frames.
+#[allow(clippy::too_many_arguments)]
 pub fn group_norm(
     g: &mut GraphBuilder,
     x: &str,
@@ -187,7 +208,14 @@ pub enum BlockKind<'a> {
 }
 
 /// diffusers' `BasicTransformerBlock` (pre-LayerNorm, eps 1e-5).
-pub fn transformer_block(g: &mut GraphBuilder, x: &str, prefix: &str, dim: usize, heads: usize, kind: &BlockKind<'_>) -> String {
+pub fn transformer_block(
+    g: &mut GraphBuilder,
+    x: &str,
+    prefix: &str,
+    dim: usize,
+    heads: usize,
+    kind: &BlockKind<'_>,
+) -> String {
     g.scoped(prefix, |g| {
         let eps = 1e-5;
         let mut h = x.to_string();
@@ -196,7 +224,15 @@ pub fn transformer_block(g: &mut GraphBuilder, x: &str, prefix: &str, dim: usize
             let a = match kind {
                 BlockKind::Spatial { context, ctx_dim } => {
                     let ctx = if i == 0 { None } else { Some(*context) };
-                    attention(g, &n, ctx, &format!("{prefix}.{attn}"), dim, *ctx_dim, heads)
+                    attention(
+                        g,
+                        &n,
+                        ctx,
+                        &format!("{prefix}.{attn}"),
+                        dim,
+                        *ctx_dim,
+                        heads,
+                    )
                 }
                 BlockKind::Temporal { pos } => {
                     let n = g.add(&n, pos);
@@ -227,13 +263,38 @@ pub fn resnet(
     frames: &Frames,
 ) -> String {
     g.scoped(prefix, |g| {
-        let h = group_norm(g, x, &format!("{prefix}.norm1"), cin, groups, eps, span, frames);
+        let h = group_norm(
+            g,
+            x,
+            &format!("{prefix}.norm1"),
+            cin,
+            groups,
+            eps,
+            span,
+            frames,
+        );
         let h = g.silu(&h);
         let h = conv2d(g, &h, &format!("{prefix}.conv1"), cin, cout, 3, 1, 1);
-        let t = linear(g, temb_act, &format!("{prefix}.time_emb_proj"), temb_dim, cout, true);
+        let t = linear(
+            g,
+            temb_act,
+            &format!("{prefix}.time_emb_proj"),
+            temb_dim,
+            cout,
+            true,
+        );
         let t = g.unsqueeze(&t, &[2, 3]);
         let h = g.add(&h, &t);
-        let h = group_norm(g, &h, &format!("{prefix}.norm2"), cout, groups, eps, span, frames);
+        let h = group_norm(
+            g,
+            &h,
+            &format!("{prefix}.norm2"),
+            cout,
+            groups,
+            eps,
+            span,
+            frames,
+        );
         let h = g.silu(&h);
         let h = conv2d(g, &h, &format!("{prefix}.conv2"), cout, cout, 3, 1, 1);
         let shortcut = if cin != cout {
@@ -263,7 +324,16 @@ pub fn spatial_transformer(
 ) -> String {
     g.scoped(prefix, |g| {
         let shape = g.shape(x);
-        let h = group_norm(g, x, &format!("{prefix}.norm"), c, groups, 1e-6, NormSpan::PerFrame, frames);
+        let h = group_norm(
+            g,
+            x,
+            &format!("{prefix}.norm"),
+            c,
+            groups,
+            1e-6,
+            NormSpan::PerFrame,
+            frames,
+        );
         let to_tokens = |g: &mut GraphBuilder, v: &str| {
             let t = g.reshape_to(v, &[0, 0, -1]);
             g.transpose(&t, &[0, 2, 1]) // [BF, HW, C]
@@ -277,7 +347,14 @@ pub fn spatial_transformer(
         };
         let kind = BlockKind::Spatial { context, ctx_dim };
         for i in 0..layers {
-            t = transformer_block(g, &t, &format!("{prefix}.transformer_blocks.{i}"), c, heads, &kind);
+            t = transformer_block(
+                g,
+                &t,
+                &format!("{prefix}.transformer_blocks.{i}"),
+                c,
+                heads,
+                &kind,
+            );
         }
         let out = if linear_proj {
             let t = linear(g, &t, &format!("{prefix}.proj_out"), c, c, true);
@@ -329,7 +406,16 @@ pub fn motion_module(
 ) -> String {
     g.scoped(prefix, |g| {
         let shape = g.shape(x);
-        let n = group_norm(g, x, &format!("{prefix}.norm"), c, groups, 1e-6, norm_span, frames);
+        let n = group_norm(
+            g,
+            x,
+            &format!("{prefix}.norm"),
+            c,
+            groups,
+            1e-6,
+            norm_span,
+            frames,
+        );
         let cc = g.i64s(&[c as i64]);
         let rest = g.i64s(&[-1]);
         let s = g.concat(&[&frames.batch, &frames.frames, &cc, &rest], 0);
@@ -344,7 +430,14 @@ pub fn motion_module(
         let pos = g.op("Slice", &[pos_table, &zero, &frames.frames, &axis1], vec![]);
         let kind = BlockKind::Temporal { pos: &pos };
         for i in 0..layers {
-            t = transformer_block(g, &t, &format!("{prefix}.transformer_blocks.{i}"), c, heads, &kind);
+            t = transformer_block(
+                g,
+                &t,
+                &format!("{prefix}.transformer_blocks.{i}"),
+                c,
+                heads,
+                &kind,
+            );
         }
         let t = linear(g, &t, &format!("{prefix}.proj_out"), c, c, true);
         let s = g.concat(&[&frames.batch, &rest, &frames.frames, &cc], 0);

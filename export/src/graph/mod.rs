@@ -52,7 +52,9 @@ impl std::str::FromStr for Precision {
         match s {
             "fp32" => Ok(Precision::Fp32),
             "fp16" => Ok(Precision::Fp16),
-            other => Err(format!("unknown precision `{other}` (expected fp32 or fp16)")),
+            other => Err(format!(
+                "unknown precision `{other}` (expected fp32 or fp16)"
+            )),
         }
     }
 }
@@ -122,7 +124,13 @@ impl GraphBuilder {
     }
 
     /// Add a node with `n` outputs.
-    pub fn op_n(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, n: usize) -> Vec<String> {
+    pub fn op_n(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+        n: usize,
+    ) -> Vec<String> {
         let name = self.fresh(op);
         let outputs: Vec<String> = (0..n).map(|i| format!("{name}:{i}")).collect();
         self.nodes.push(NodeProto {
@@ -158,7 +166,8 @@ impl GraphBuilder {
         }
         self.counter += 1;
         let name = format!("/const_i64_{}", self.counter);
-        self.consts.push(tensor_i64(&name, &[vals.len() as i64], vals));
+        self.consts
+            .push(tensor_i64(&name, &[vals.len() as i64], vals));
         self.i64_consts.insert(vals.to_vec(), name.clone());
         name
     }
@@ -209,7 +218,11 @@ impl GraphBuilder {
     }
 
     pub fn transpose(&mut self, x: &str, perm: &[i64]) -> String {
-        self.op("Transpose", &[x], vec![crate::onnx::attr_ints("perm", perm)])
+        self.op(
+            "Transpose",
+            &[x],
+            vec![crate::onnx::attr_ints("perm", perm)],
+        )
     }
 
     pub fn add(&mut self, a: &str, b: &str) -> String {

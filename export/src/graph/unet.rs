@@ -37,7 +37,9 @@ impl std::str::FromStr for Semantics {
         match s {
             "official" => Ok(Semantics::Official),
             "diffusers" => Ok(Semantics::Diffusers),
-            other => Err(format!("unknown semantics `{other}` (expected official or diffusers)")),
+            other => Err(format!(
+                "unknown semantics `{other}` (expected official or diffusers)"
+            )),
         }
     }
 }
@@ -75,7 +77,12 @@ fn spans(semantics: Semantics, motion: Option<&MotionConfig>) -> Spans {
 }
 
 /// Build the UNet graph. Returns the builder holding nodes, constants and the parameter list.
-pub fn build(cfg: &UnetConfig, motion: Option<&MotionConfig>, semantics: Semantics, precision: Precision) -> GraphBuilder {
+pub fn build(
+    cfg: &UnetConfig,
+    motion: Option<&MotionConfig>,
+    semantics: Semantics,
+    precision: Precision,
+) -> GraphBuilder {
     let mut g = GraphBuilder::new(precision);
     let spans = spans(semantics, motion);
     let groups = cfg.norm_num_groups;
@@ -120,7 +127,14 @@ pub fn build(cfg: &UnetConfig, motion: Option<&MotionConfig>, semantics: Semanti
             g.concat(&[&sin, &cos], 1)
         };
         let e = g.to_compute(&e);
-        let e = layers::linear(g, &e, "time_embedding.linear_1", cfg.time_proj_dim, temb_dim, true);
+        let e = layers::linear(
+            g,
+            &e,
+            "time_embedding.linear_1",
+            cfg.time_proj_dim,
+            temb_dim,
+            true,
+        );
         let e = g.silu(&e);
         let e = layers::linear(g, &e, "time_embedding.linear_2", temb_dim, temb_dim, true);
         // repeat_interleave over frames: [B, E] → [B, F, E] → [B·F, E]
@@ -139,7 +153,10 @@ pub fn build(cfg: &UnetConfig, motion: Option<&MotionConfig>, semantics: Semanti
         if let Some((_, n)) = pos_tables.iter().find(|(cc, _)| *cc == c) {
             return n.clone();
         }
-        let n = g.constf(&[1, len as i64, c as i64], &layers::positional_table(len, c));
+        let n = g.constf(
+            &[1, len as i64, c as i64],
+            &layers::positional_table(len, c),
+        );
         pos_tables.push((c, n.clone()));
         n
     };
@@ -170,10 +187,27 @@ pub fn build(cfg: &UnetConfig, motion: Option<&MotionConfig>, semantics: Semanti
     let mut ch = c0;
     let levels = cfg.levels();
 
-    for (i, (&cout, &attn)) in cfg.block_out_channels.iter().zip(&cfg.down_attention).enumerate() {
+    for (i, (&cout, &attn)) in cfg
+        .block_out_channels
+        .iter()
+        .zip(&cfg.down_attention)
+        .enumerate()
+    {
         let p = format!("down_blocks.{i}");
         for j in 0..cfg.layers_per_block {
-            x = layers::resnet(&mut g, &x, &temb_act, &format!("{p}.resnets.{j}"), ch, cout, temb_dim, groups, eps, spans.resnet, &frames);
+            x = layers::resnet(
+                &mut g,
+                &x,
+                &temb_act,
+                &format!("{p}.resnets.{j}"),
+                ch,
+                cout,
+                temb_dim,
+                groups,
+                eps,
+                spans.resnet,
+                &frames,
+            );
             ch = cout;
             if attn {
                 x = layers::spatial_transformer(
@@ -194,13 +228,34 @@ pub fn build(cfg: &UnetConfig, motion: Option<&MotionConfig>, semantics: Semanti
             skips.push((x.clone(), ch));
         }
         if i + 1 < levels {
-            x = layers::conv2d(&mut g, &x, &format!("{p}.downsamplers.0.conv"), ch, ch, 3, 2, 1);
+            x = layers::conv2d(
+                &mut g,
+                &x,
+                &format!("{p}.downsamplers.0.conv"),
+                ch,
+                ch,
+                3,
+                2,
+                1,
+            );
             skips.push((x.clone(), ch));
         }
     }
 
     // Mid block: resnet → attention → (v2) motion module → resnet.
-    x = layers::resnet(&mut g, &x, &temb_act, "mid_block.resnets.0", ch, ch, temb_dim, groups, eps, spans.resnet, &frames);
+    x = layers::resnet(
+        &mut g,
+        &x,
+        &temb_act,
+        "mid_block.resnets.0",
+        ch,
+        ch,
+        temb_dim,
+        groups,
+        eps,
+        spans.resnet,
+        &frames,
+    );
     x = layers::spatial_transformer(
         &mut g,
         &x,
@@ -217,7 +272,19 @@ pub fn build(cfg: &UnetConfig, motion: Option<&MotionConfig>, semantics: Semanti
     if motion.is_some_and(|m| m.mid_block) {
         x = mm(&mut g, &x, "mid_block.motion_modules.0", ch);
     }
-    x = layers::resnet(&mut g, &x, &temb_act, "mid_block.resnets.1", ch, ch, temb_dim, groups, eps, spans.resnet, &frames);
+    x = layers::resnet(
+        &mut g,
+        &x,
+        &temb_act,
+        "mid_block.resnets.1",
+        ch,
+        ch,
+        temb_dim,
+        groups,
+        eps,
+        spans.resnet,
+        &frames,
+    );
 
     for i in 0..levels {
         let p = format!("up_blocks.{i}");
@@ -225,10 +292,24 @@ pub fn build(cfg: &UnetConfig, motion: Option<&MotionConfig>, semantics: Semanti
         let attn = cfg.down_attention[levels - 1 - i];
         for j in 0..=cfg.layers_per_block {
             let Some((skip, skip_ch)) = skips.pop() else {
-                unreachable!("the down path pushes layers_per_block + 1 skips per level plus conv_in");
+                unreachable!(
+                    "the down path pushes layers_per_block + 1 skips per level plus conv_in"
+                );
             };
             x = g.concat(&[&x, &skip], 1);
-            x = layers::resnet(&mut g, &x, &temb_act, &format!("{p}.resnets.{j}"), ch + skip_ch, cout, temb_dim, groups, eps, spans.resnet, &frames);
+            x = layers::resnet(
+                &mut g,
+                &x,
+                &temb_act,
+                &format!("{p}.resnets.{j}"),
+                ch + skip_ch,
+                cout,
+                temb_dim,
+                groups,
+                eps,
+                spans.resnet,
+                &frames,
+            );
             ch = cout;
             if attn {
                 x = layers::spatial_transformer(
@@ -250,7 +331,9 @@ pub fn build(cfg: &UnetConfig, motion: Option<&MotionConfig>, semantics: Semanti
         if i + 1 < levels {
             // Nearest upsampling to the size of the next skip (diffusers passes that size when
             // the latent is not a multiple of the total stride; otherwise it is exactly 2×).
-            let (next_skip, _) = skips.last().expect("skips remain for every upsampled level");
+            let (next_skip, _) = skips
+                .last()
+                .expect("skips remain for every upsampled level");
             let next_skip = next_skip.clone();
             x = g.scoped(&format!("{p}.upsamplers.0"), |g| {
                 let ss = g.shape(&next_skip);
@@ -280,7 +363,16 @@ pub fn build(cfg: &UnetConfig, motion: Option<&MotionConfig>, semantics: Semanti
         }
     }
 
-    let x = layers::group_norm(&mut g, &x, "conv_norm_out", ch, groups, eps, spans.resnet, &frames);
+    let x = layers::group_norm(
+        &mut g,
+        &x,
+        "conv_norm_out",
+        ch,
+        groups,
+        eps,
+        spans.resnet,
+        &frames,
+    );
     let x = g.silu(&x);
     let x = layers::conv2d(&mut g, &x, "conv_out", ch, cfg.out_channels, 3, 1, 1);
     let x = g.to_f32(&x);

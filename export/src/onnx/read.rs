@@ -6,7 +6,9 @@ use std::path::Path;
 use prost::Message;
 use serde::Serialize;
 
-use super::proto::{DataLocation, DimensionValue, ModelProto, TensorProtoDataType, TypeValue, ValueInfoProto};
+use super::proto::{
+    DataLocation, DimensionValue, ModelProto, TensorProtoDataType, TypeValue, ValueInfoProto,
+};
 use crate::{ExportError, Result};
 
 /// Decode an ONNX file (the protobuf only; external data is not read).
@@ -74,7 +76,11 @@ fn io_info(v: &ValueInfoProto) -> IoInfo {
         ),
         None => ("?".into(), vec![]),
     };
-    IoInfo { name: v.name.clone(), elem_type, dims }
+    IoInfo {
+        name: v.name.clone(),
+        elem_type,
+        dims,
+    }
 }
 
 pub fn summarize(model: &ModelProto) -> OnnxSummary {
@@ -82,7 +88,11 @@ pub fn summarize(model: &ModelProto) -> OnnxSummary {
     let g = model.graph.as_ref().unwrap_or(&empty);
     let mut op_counts = BTreeMap::new();
     for n in &g.node {
-        let key = if n.domain.is_empty() || n.domain == "ai.onnx" { n.op_type.clone() } else { format!("{}::{}", n.domain, n.op_type) };
+        let key = if n.domain.is_empty() || n.domain == "ai.onnx" {
+            n.op_type.clone()
+        } else {
+            format!("{}::{}", n.domain, n.op_type)
+        };
         *op_counts.entry(key).or_insert(0) += 1;
     }
     let mut external = Vec::new();
@@ -99,8 +109,23 @@ pub fn summarize(model: &ModelProto) -> OnnxSummary {
     }
     OnnxSummary {
         ir_version: model.ir_version,
-        producer: format!("{} {}", model.producer_name, model.producer_version).trim().to_string(),
-        opsets: model.opset_import.iter().map(|o| (if o.domain.is_empty() { "ai.onnx".into() } else { o.domain.clone() }, o.version)).collect(),
+        producer: format!("{} {}", model.producer_name, model.producer_version)
+            .trim()
+            .to_string(),
+        opsets: model
+            .opset_import
+            .iter()
+            .map(|o| {
+                (
+                    if o.domain.is_empty() {
+                        "ai.onnx".into()
+                    } else {
+                        o.domain.clone()
+                    },
+                    o.version,
+                )
+            })
+            .collect(),
         inputs: g.input.iter().map(io_info).collect(),
         outputs: g.output.iter().map(io_info).collect(),
         node_count: g.node.len(),
@@ -108,22 +133,45 @@ pub fn summarize(model: &ModelProto) -> OnnxSummary {
         initializer_count: g.initializer.len(),
         parameter_count: params,
         external_data_files: external,
-        metadata: model.metadata_props.iter().map(|e| (e.key.clone(), e.value.clone())).collect(),
+        metadata: model
+            .metadata_props
+            .iter()
+            .map(|e| (e.key.clone(), e.value.clone()))
+            .collect(),
     }
 }
 
 impl std::fmt::Display for OnnxSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "ONNX model (IR {}, producer {})", self.ir_version, self.producer)?;
-        let ops: Vec<String> = self.opsets.iter().map(|(d, v)| format!("{d} {v}")).collect();
+        writeln!(
+            f,
+            "ONNX model (IR {}, producer {})",
+            self.ir_version, self.producer
+        )?;
+        let ops: Vec<String> = self
+            .opsets
+            .iter()
+            .map(|(d, v)| format!("{d} {v}"))
+            .collect();
         writeln!(f, "  opsets:       {}", ops.join(", "))?;
         for (label, list) in [("input", &self.inputs), ("output", &self.outputs)] {
             for io in list {
-                writeln!(f, "  {label:<7}       {} {}[{}]", io.name, io.elem_type, io.dims.join(", "))?;
+                writeln!(
+                    f,
+                    "  {label:<7}       {} {}[{}]",
+                    io.name,
+                    io.elem_type,
+                    io.dims.join(", ")
+                )?;
             }
         }
         writeln!(f, "  nodes:        {}", self.node_count)?;
-        writeln!(f, "  initializers: {} ({:.1} M values)", self.initializer_count, self.parameter_count as f64 / 1e6)?;
+        writeln!(
+            f,
+            "  initializers: {} ({:.1} M values)",
+            self.initializer_count,
+            self.parameter_count as f64 / 1e6
+        )?;
         if !self.external_data_files.is_empty() {
             writeln!(f, "  weights in:   {}", self.external_data_files.join(", "))?;
         }

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
-use super::proto::{DataLocation, ModelProto, StringStringEntryProto, TensorProto, TensorProtoDataType};
+use super::proto::{
+    DataLocation, ModelProto, StringStringEntryProto, TensorProto, TensorProtoDataType,
+};
 use crate::{ExportError, Result};
 
 /// Protobuf messages cannot exceed 2 GiB.
@@ -22,9 +24,14 @@ pub fn write_model(model: &ModelProto, path: &Path) -> Result<()> {
         });
     }
     let mut buf = Vec::with_capacity(len);
-    model.encode(&mut buf).map_err(|e| ExportError::Onnx { path: path.to_path_buf(), reason: e.to_string() })?;
+    model.encode(&mut buf).map_err(|e| ExportError::Onnx {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     let mut f = File::create(path).map_err(|e| ExportError::io(path, e))?;
-    f.write_all(&buf).and_then(|_| f.sync_all()).map_err(|e| ExportError::io(path, e))
+    f.write_all(&buf)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| ExportError::io(path, e))
 }
 
 /// Appends tensor data to an external data file, 64-byte aligned, returning the initializer
@@ -40,10 +47,21 @@ impl ExternalDataWriter {
     /// `location`: the file name as the `.onnx` file refers to it (relative to its folder).
     pub fn create(data_path: &Path, location: &str) -> Result<Self> {
         let f = File::create(data_path).map_err(|e| ExportError::io(data_path, e))?;
-        Ok(Self { path: data_path.to_path_buf(), location: location.into(), out: BufWriter::with_capacity(1 << 22, f), offset: 0 })
+        Ok(Self {
+            path: data_path.to_path_buf(),
+            location: location.into(),
+            out: BufWriter::with_capacity(1 << 22, f),
+            offset: 0,
+        })
     }
 
-    pub fn append(&mut self, name: &str, data_type: TensorProtoDataType, dims: &[i64], bytes: &[u8]) -> Result<TensorProto> {
+    pub fn append(
+        &mut self,
+        name: &str,
+        data_type: TensorProtoDataType,
+        dims: &[i64],
+        bytes: &[u8],
+    ) -> Result<TensorProto> {
         let pad = (64 - self.offset % 64) % 64;
         let write = |out: &mut BufWriter<File>| -> std::io::Result<()> {
             out.write_all(&[0u8; 64][..pad as usize])?;
@@ -52,7 +70,10 @@ impl ExternalDataWriter {
         write(&mut self.out).map_err(|e| ExportError::io(&self.path, e))?;
         let start = self.offset + pad;
         self.offset = start + bytes.len() as u64;
-        let entry = |k: &str, v: String| StringStringEntryProto { key: k.into(), value: v };
+        let entry = |k: &str, v: String| StringStringEntryProto {
+            key: k.into(),
+            value: v,
+        };
         Ok(TensorProto {
             name: name.into(),
             dims: dims.to_vec(),
@@ -69,9 +90,13 @@ impl ExternalDataWriter {
 
     /// Flush and fsync; returns the bytes written.
     pub fn finish(mut self) -> Result<u64> {
-        self.out.flush().map_err(|e| ExportError::io(&self.path, e))?;
+        self.out
+            .flush()
+            .map_err(|e| ExportError::io(&self.path, e))?;
         let f = self.out.get_mut();
-        let end = f.stream_position().map_err(|e| ExportError::io(&self.path, e))?;
+        let end = f
+            .stream_position()
+            .map_err(|e| ExportError::io(&self.path, e))?;
         f.sync_all().map_err(|e| ExportError::io(&self.path, e))?;
         Ok(end)
     }
