@@ -90,7 +90,7 @@ enum Command {
     /// Write a tiny random-weight AnimateDiff model in the real layouts, export it, and run one UNet step on
     /// ONNX Runtime (CPU), printing per-stage timings.
     Demo {
-        /// Working directory (default: a fresh temporary directory).
+        /// Working directory; its model and export are replaced on each run (default: $TMPDIR/motionrt-demo).
         #[arg(long)]
         dir: Option<PathBuf>,
         #[arg(long, default_value_t = 8)]
@@ -254,15 +254,8 @@ fn demo(dir: Option<PathBuf>, frames: usize, height: usize, width: usize, seed: 
             motion_cfg.max_seq_length
         );
     }
-    let _tmp_holder;
-    let dir = match dir {
-        Some(d) => d,
-        None => {
-            let d = std::env::temp_dir().join(format!("motionrt-demo-{}", std::process::id()));
-            _tmp_holder = d.clone();
-            d
-        }
-    };
+    // The files stay after the run so they can be inspected (`motionrt inspect DIR/export/unet.onnx`).
+    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("motionrt-demo"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let t = Instant::now();
     let model = synthetic::write_model(&dir, &synthetic::tiny_unet(), &motion_cfg, seed)?;
