@@ -319,6 +319,31 @@ fn elements_needed(offset: usize, shape: &[usize], stride: &[usize]) -> Option<u
 impl TorchReader {
     /// Decode tensor `key` into `out` as row-major f32, gathering strided views.
     pub(super) fn read_into(&self, path: &Path, key: &str, out: &mut Vec<f32>) -> Result<()> {
+        let result = self.decode_into(path, key, out);
+        // Drop the pages just read from this process's mapping (the page cache keeps them), so
+        // reading a multi-GB checkpoint tensor by tensor does not grow the resident set to the
+        // file's size. Purely a hint: errors are ignored.
+        if let Some(storage) = self
+            .views
+            .get(key)
+            .and_then(|v| self.storages.get(v.storage))
+        {
+            if let Location::Mapped { start } = storage.location {
+                // SAFETY: the mapping is private and read-only; after MADV_DONTNEED the kernel
+                // re-reads any page touched again from the file, so no data we rely on changes.
+                let _ = unsafe {
+                    self.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        storage.len,
+                    )
+                };
+            }
+        }
+        result
+    }
+
+    fn decode_into(&self, path: &Path, key: &str, out: &mut Vec<f32>) -> Result<()> {
         let malformed = |reason: String| ExportError::malformed(path, FORMAT, reason);
         let view = self
             .views
