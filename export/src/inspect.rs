@@ -164,7 +164,10 @@ pub fn inspect(path: &Path) -> Result<Summary> {
             if let Some(m) = ckpt.meta(k) {
                 tensors += 1;
                 *dtypes.entry(m.dtype.to_string()).or_insert(0) += m.numel() as u64;
-                parameters += m.numel() as u64;
+                // Positional tables are fixed sinusoids stored as buffers, not parameters.
+                if !k.ends_with(".pe") {
+                    parameters += m.numel() as u64;
+                }
             }
             if k.starts_with("first_stage_model.") && !also.contains(&"vae") {
                 also.push("vae");
