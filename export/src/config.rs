@@ -331,6 +331,21 @@ pub struct MotionConfig {
 }
 
 impl MotionConfig {
+    /// AnimateDiff v2 for SD1.5 (`mm_sd_v15_v2.ckpt`; diffusers' `MotionAdapter` defaults):
+    /// 21 modules including the mid block, positional table 32.
+    pub fn sd15_v2() -> Self {
+        Self {
+            version: MotionVersion::V2,
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: 2,
+            transformer_layers: 1,
+            num_attention_heads: 8,
+            norm_num_groups: 32,
+            max_seq_length: 32,
+            mid_block: true,
+        }
+    }
+
     /// Number of motion modules (SD1.5: 20 for v1/v3, 21 for v2).
     pub fn module_count(&self) -> usize {
         let n = self.block_out_channels.len();
@@ -437,16 +452,7 @@ mod tests {
 
     #[test]
     fn sd15_motion_counts() {
-        let mut cfg = MotionConfig {
-            version: MotionVersion::V2,
-            block_out_channels: vec![320, 640, 1280, 1280],
-            layers_per_block: 2,
-            transformer_layers: 1,
-            num_attention_heads: 8,
-            norm_num_groups: 32,
-            max_seq_length: 32,
-            mid_block: true,
-        };
+        let mut cfg = MotionConfig::sd15_v2();
         assert_eq!(cfg.module_count(), 21);
         cfg.mid_block = false;
         assert_eq!(cfg.module_count(), 20);

@@ -116,18 +116,21 @@ impl Checkpoint {
         Ok(out)
     }
 
-    /// Like [`Checkpoint::read_f32`], reusing `out` (which is cleared first) to avoid an
-    /// allocation per tensor.
-    pub fn read_f32_into(&self, key: &str, out: &mut Vec<f32>) -> Result<()> {
-        out.clear();
-        let meta = self
-            .metas
+    fn meta_or_missing(&self, key: &str) -> Result<&TensorMeta> {
+        self.metas
             .get(key)
             .ok_or_else(|| ExportError::MissingTensor {
                 path: self.path.clone(),
                 tensor: key.to_string(),
                 expected_for: "the requested read".into(),
-            })?;
+            })
+    }
+
+    /// Like [`Checkpoint::read_f32`], reusing `out` (which is cleared first) to avoid an
+    /// allocation per tensor.
+    pub fn read_f32_into(&self, key: &str, out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
+        let meta = self.meta_or_missing(key)?;
         match &self.reader {
             Reader::Safetensors(r) => r.read_into(&self.path, key, meta, out),
             Reader::Torch(r) => r.read_into(&self.path, key, out),
@@ -138,14 +141,7 @@ impl Checkpoint {
     /// (safetensors): returns their dtype. `Ok(None)` for formats that need [`Self::read_f32_into`]
     /// (PyTorch views may be strided). Lets a same-dtype copy skip decoding.
     pub fn read_raw_into(&self, key: &str, out: &mut Vec<u8>) -> Result<Option<DType>> {
-        let meta = self
-            .metas
-            .get(key)
-            .ok_or_else(|| ExportError::MissingTensor {
-                path: self.path.clone(),
-                tensor: key.to_string(),
-                expected_for: "the requested read".into(),
-            })?;
+        let meta = self.meta_or_missing(key)?;
         match &self.reader {
             Reader::Safetensors(r) => r
                 .read_raw_into(&self.path, key, meta, out)

@@ -77,6 +77,11 @@ pub(super) fn open(path: &Path, file: &File) -> Result<Checkpoint> {
     })
 }
 
+thread_local! {
+    /// Raw bytes of the tensor being read, reused across reads.
+    static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl SafetensorsReader {
     /// Decode tensor `key` (described by `meta`) into `out`.
     pub(super) fn read_into(
@@ -86,37 +91,13 @@ impl SafetensorsReader {
         meta: &TensorMeta,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        use std::os::unix::fs::FileExt;
-        let range = self.ranges.get(key);
-        let expected = meta.numel().checked_mul(meta.dtype.size());
-        match range {
-            Some(range) if Some(range.len()) == expected => BUF.with_borrow_mut(|buf| {
-                buf.clear();
-                buf.resize(range.len(), 0);
-                self.file
-                    .read_exact_at(buf, range.start as u64)
-                    .map_err(|e| ExportError::io(path, e))?;
-                decode_to_f32(meta.dtype, buf, out);
-                Ok(())
-            }),
-            _ => Err(ExportError::malformed(
-                path,
-                FORMAT,
-                format!(
-                    "tensor `{key}`: data range does not match its shape {:?} and dtype {}",
-                    meta.shape, meta.dtype
-                ),
-            )),
-        }
+        BUF.with_borrow_mut(|buf| {
+            self.read_raw_into(path, key, meta, buf)?;
+            decode_to_f32(meta.dtype, buf, out);
+            Ok(())
+        })
     }
-}
 
-thread_local! {
-    /// Raw bytes of the tensor being read, reused across reads.
-    static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-impl SafetensorsReader {
     /// The stored little-endian bytes of `key` (always contiguous in safetensors).
     pub(super) fn read_raw_into(
         &self,

@@ -181,6 +181,37 @@ pub fn build(
         }
     };
 
+    let transformer = |g: &mut GraphBuilder, x: &str, prefix: &str, c: usize| {
+        layers::spatial_transformer(
+            g,
+            x,
+            &context,
+            prefix,
+            c,
+            cfg.cross_attention_dim,
+            cfg.num_attention_heads,
+            cfg.transformer_layers_per_block,
+            groups,
+            cfg.use_linear_projection,
+            &frames,
+        )
+    };
+    let res = |g: &mut GraphBuilder, x: &str, prefix: &str, cin: usize, cout: usize| {
+        layers::resnet(
+            g,
+            x,
+            &temb_act,
+            prefix,
+            cin,
+            cout,
+            temb_dim,
+            groups,
+            eps,
+            spans.resnet,
+            &frames,
+        )
+    };
+
     let c0 = cfg.block_out_channels[0];
     let mut x = layers::conv2d(&mut g, &x, "conv_in", cfg.in_channels, c0, 3, 1, 1);
     let mut skips: Vec<(String, usize)> = vec![(x.clone(), c0)];
@@ -195,34 +226,10 @@ pub fn build(
     {
         let p = format!("down_blocks.{i}");
         for j in 0..cfg.layers_per_block {
-            x = layers::resnet(
-                &mut g,
-                &x,
-                &temb_act,
-                &format!("{p}.resnets.{j}"),
-                ch,
-                cout,
-                temb_dim,
-                groups,
-                eps,
-                spans.resnet,
-                &frames,
-            );
+            x = res(&mut g, &x, &format!("{p}.resnets.{j}"), ch, cout);
             ch = cout;
             if attn {
-                x = layers::spatial_transformer(
-                    &mut g,
-                    &x,
-                    &context,
-                    &format!("{p}.attentions.{j}"),
-                    ch,
-                    cfg.cross_attention_dim,
-                    cfg.num_attention_heads,
-                    cfg.transformer_layers_per_block,
-                    groups,
-                    cfg.use_linear_projection,
-                    &frames,
-                );
+                x = transformer(&mut g, &x, &format!("{p}.attentions.{j}"), ch);
             }
             x = mm(&mut g, &x, &format!("{p}.motion_modules.{j}"), ch);
             skips.push((x.clone(), ch));
@@ -243,48 +250,12 @@ pub fn build(
     }
 
     // Mid block: resnet → attention → (v2) motion module → resnet.
-    x = layers::resnet(
-        &mut g,
-        &x,
-        &temb_act,
-        "mid_block.resnets.0",
-        ch,
-        ch,
-        temb_dim,
-        groups,
-        eps,
-        spans.resnet,
-        &frames,
-    );
-    x = layers::spatial_transformer(
-        &mut g,
-        &x,
-        &context,
-        "mid_block.attentions.0",
-        ch,
-        cfg.cross_attention_dim,
-        cfg.num_attention_heads,
-        cfg.transformer_layers_per_block,
-        groups,
-        cfg.use_linear_projection,
-        &frames,
-    );
+    x = res(&mut g, &x, "mid_block.resnets.0", ch, ch);
+    x = transformer(&mut g, &x, "mid_block.attentions.0", ch);
     if motion.is_some_and(|m| m.mid_block) {
         x = mm(&mut g, &x, "mid_block.motion_modules.0", ch);
     }
-    x = layers::resnet(
-        &mut g,
-        &x,
-        &temb_act,
-        "mid_block.resnets.1",
-        ch,
-        ch,
-        temb_dim,
-        groups,
-        eps,
-        spans.resnet,
-        &frames,
-    );
+    x = res(&mut g, &x, "mid_block.resnets.1", ch, ch);
 
     for i in 0..levels {
         let p = format!("up_blocks.{i}");
@@ -297,34 +268,10 @@ pub fn build(
                 );
             };
             x = g.concat(&[&x, &skip], 1);
-            x = layers::resnet(
-                &mut g,
-                &x,
-                &temb_act,
-                &format!("{p}.resnets.{j}"),
-                ch + skip_ch,
-                cout,
-                temb_dim,
-                groups,
-                eps,
-                spans.resnet,
-                &frames,
-            );
+            x = res(&mut g, &x, &format!("{p}.resnets.{j}"), ch + skip_ch, cout);
             ch = cout;
             if attn {
-                x = layers::spatial_transformer(
-                    &mut g,
-                    &x,
-                    &context,
-                    &format!("{p}.attentions.{j}"),
-                    ch,
-                    cfg.cross_attention_dim,
-                    cfg.num_attention_heads,
-                    cfg.transformer_layers_per_block,
-                    groups,
-                    cfg.use_linear_projection,
-                    &frames,
-                );
+                x = transformer(&mut g, &x, &format!("{p}.attentions.{j}"), ch);
             }
             x = mm(&mut g, &x, &format!("{p}.motion_modules.{j}"), ch);
         }
