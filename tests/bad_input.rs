@@ -12,18 +12,21 @@ fn motionrt() -> Command {
     Command::new(env!("CARGO_BIN_EXE_motionrt"))
 }
 
-/// Run an export expected to fail; returns stderr.
-fn export_fails(work: &Path, unet: &Path, mm: &Path) -> String {
-    let out = work.join("out");
-    let o = motionrt()
-        .args(["export", "--unet"])
+fn export_cmd(unet: &Path, mm: &Path, out: &Path) -> Command {
+    let mut c = motionrt();
+    c.args(["export", "--unet"])
         .arg(unet)
         .arg("--motion-module")
         .arg(mm)
         .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("motionrt runs");
+        .arg(out);
+    c
+}
+
+/// Run an export expected to fail; returns stderr.
+fn export_fails(work: &Path, unet: &Path, mm: &Path) -> String {
+    let out = work.join("out");
+    let o = export_cmd(unet, mm, &out).output().expect("motionrt runs");
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(!o.status.success(), "export should fail; stderr: {stderr}");
     assert!(!out.exists(), "a failed export left {}", out.display());
@@ -84,13 +87,7 @@ fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>
 fn the_synthetic_model_itself_exports() {
     // Guards the cases below: they fail because of the one thing each breaks.
     let m = tiny();
-    let o = motionrt()
-        .args(["export", "--unet"])
-        .arg(&m.unet)
-        .arg("--motion-module")
-        .arg(&m.mm)
-        .arg("--out")
-        .arg(m.dir.path().join("ok"))
+    let o = export_cmd(&m.unet, &m.mm, &m.dir.path().join("ok"))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -190,15 +187,7 @@ fn existing_output_is_not_clobbered() {
     let out = m.dir.path().join("existing");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "x").unwrap();
-    let o = motionrt()
-        .args(["export", "--unet"])
-        .arg(&m.unet)
-        .arg("--motion-module")
-        .arg(&m.mm)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = export_cmd(&m.unet, &m.mm, &out).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"));
     assert!(out.join("keep.txt").is_file());

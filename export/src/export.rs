@@ -20,6 +20,7 @@ use crate::onnx::proto::{
 use crate::onnx::{value_info, write_model, Dim, ExternalDataWriter};
 use crate::remap::Layout;
 use crate::source::{self, Source, TensorRef};
+use crate::tensor::decode_to_f32;
 use crate::{DType, ExportError, Result};
 
 /// ONNX opset of the default domain.
@@ -353,16 +354,23 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
                 Precision::Fp32 => DType::F32,
                 Precision::Fp16 => DType::F16,
             };
-            // Same dtype in and out: copy the stored bytes. Otherwise decode and re-encode.
-            if ckpt.read_raw_into(&r.key, &mut bytes)? != Some(want) {
-                ckpt.read_f32_into(&r.key, &mut buf)?;
-                bytes.clear();
-                match opts.precision {
-                    Precision::Fp32 => bytes.extend(buf.iter().flat_map(|v| v.to_le_bytes())),
-                    Precision::Fp16 => bytes.extend(
-                        buf.iter()
-                            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes()),
-                    ),
+            // Same dtype in and out: the stored bytes are the output. Otherwise decode (from the
+            // bytes already read when the format gave them, else through the reader) and encode.
+            match ckpt.read_raw_into(&r.key, &mut bytes)? {
+                Some(dt) if dt == want => {}
+                found => {
+                    match found {
+                        Some(dt) => decode_to_f32(dt, &bytes, &mut buf),
+                        None => ckpt.read_f32_into(&r.key, &mut buf)?,
+                    }
+                    bytes.clear();
+                    match opts.precision {
+                        Precision::Fp32 => bytes.extend(buf.iter().flat_map(|v| v.to_le_bytes())),
+                        Precision::Fp16 => bytes.extend(
+                            buf.iter()
+                                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes()),
+                        ),
+                    }
                 }
             }
             let dims: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
