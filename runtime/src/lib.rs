@@ -4,6 +4,8 @@
 
 pub mod compare;
 mod ort_backend;
+pub mod scheduler;
+pub mod tokenizer;
 
 pub use compare::{error_stats, ErrorStats, Tolerance};
 pub use ort_backend::{find_onnxruntime, OrtSession, SessionOptions, Tensor};
