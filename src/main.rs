@@ -75,6 +75,27 @@ enum Command {
         /// Replace DIR if it exists.
         #[arg(long)]
         overwrite: bool,
+        /// The VAE (exported as vae_decoder.onnx + vae_encoder.onnx): a diffusers pipeline or `vae` folder, or an
+        /// original single file (`first_stage_model.*`). Default: the one inside --unet, if any.
+        #[arg(long)]
+        vae: Option<PathBuf>,
+        /// The CLIP text encoder (exported as text_encoder.onnx): a diffusers pipeline or `text_encoder` folder,
+        /// or an original single file (`cond_stage_model.transformer.*`). Default: the one inside --unet, if any.
+        #[arg(long = "text-encoder")]
+        text_encoder: Option<PathBuf>,
+        /// config.json for a single-file --vae (default: inferred from the shapes, 32 GroupNorm groups).
+        #[arg(long = "vae-config")]
+        vae_config: Option<PathBuf>,
+        /// config.json for a single-file --text-encoder (default: inferred from the shapes, 64-wide heads).
+        #[arg(long = "text-encoder-config")]
+        text_encoder_config: Option<PathBuf>,
+        /// The tokenizer, copied to DIR/tokenizer: a folder with vocab.json + merges.txt (or a pipeline folder
+        /// with tokenizer/), or the original bpe_simple_vocab_16e6.txt.gz. Default: --unet's tokenizer/, if any.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Export the UNet only, even when --unet holds a VAE and text encoder.
+        #[arg(long = "unet-only")]
+        unet_only: bool,
         /// Print model.json to stdout instead of a summary.
         #[arg(long)]
         json: bool,
@@ -125,6 +146,12 @@ fn run(cli: Cli) -> Result<()> {
             semantics,
             external_data,
             overwrite,
+            vae,
+            text_encoder,
+            vae_config,
+            text_encoder_config,
+            tokenizer,
+            unet_only,
             json,
         } => {
             let opts = ExportOptions {
@@ -132,6 +159,12 @@ fn run(cli: Cli) -> Result<()> {
                 motion_module,
                 out,
                 overwrite,
+                vae,
+                text_encoder,
+                vae_config,
+                text_encoder_config,
+                tokenizer,
+                unet_only,
                 precision: match precision {
                     PrecisionArg::Fp32 => Precision::Fp32,
                     PrecisionArg::Fp16 => Precision::Fp16,
@@ -275,6 +308,12 @@ fn demo(dir: Option<PathBuf>, frames: usize, height: usize, width: usize, seed: 
         precision: Precision::Fp32,
         semantics: Semantics::Official,
         external_data: ExternalData::Auto,
+        vae: None,
+        text_encoder: None,
+        vae_config: None,
+        text_encoder_config: None,
+        tokenizer: None,
+        unet_only: false,
     };
     let t = Instant::now();
     let m = export_with_progress(&opts, true)?;

@@ -8,14 +8,15 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::components::{self, Component, ComponentConfig, TextEncoderConfig, VaeConfig};
 use crate::config::{MotionConfig, UnetConfig};
 use crate::graph::unet::{
     self, Semantics, INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEP, OUTPUT_NOISE, TEXT_TOKENS,
 };
-use crate::graph::{GraphBuilder, Precision};
+use crate::graph::{clip, vae, GraphBuilder, Param, Precision};
 use crate::onnx::proto::{
     GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
-    TensorProtoDataType,
+    TensorProtoDataType, ValueInfoProto,
 };
 use crate::onnx::{value_info, write_model, Dim, ExternalDataWriter};
 use crate::remap::Layout;
@@ -50,6 +51,19 @@ pub struct ExportOptions {
     /// Replace `out` if it exists.
     pub overwrite: bool,
     pub external_data: ExternalData,
+    /// VAE: a diffusers pipeline/`vae` folder or an original single file. `None`: taken from
+    /// `unet` when it holds one.
+    pub vae: Option<PathBuf>,
+    /// Text encoder, as `vae`.
+    pub text_encoder: Option<PathBuf>,
+    /// A `config.json` for a single-file VAE / text encoder instead of inferring it from shapes.
+    pub vae_config: Option<PathBuf>,
+    pub text_encoder_config: Option<PathBuf>,
+    /// Tokenizer: a folder with `vocab.json` + `merges.txt` (or a pipeline folder with
+    /// `tokenizer/`), or `bpe_simple_vocab_16e6.txt.gz`. `None`: `unet`'s `tokenizer/` if any.
+    pub tokenizer: Option<PathBuf>,
+    /// Export the UNet only.
+    pub unet_only: bool,
 }
 
 /// Progress events for a UI.
@@ -109,6 +123,14 @@ pub struct ModelManifest {
     pub unet: SourceReport,
     pub unet_config: UnetConfig,
     pub motion_module: Option<MotionReport>,
+    pub vae: Option<SourceReport>,
+    pub vae_config: Option<VaeConfig>,
+    /// Latents are multiplied by this after encoding and divided by it before decoding.
+    pub scaling_factor: f32,
+    pub text_encoder: Option<SourceReport>,
+    pub text_encoder_config: Option<TextEncoderConfig>,
+    /// The tokenizer files copied into `tokenizer/` (relative paths), if any.
+    pub tokenizer: Option<TokenizerReport>,
     /// The most frames one UNet call may take (the positional table's length).
     pub max_frames: Option<usize>,
     pub text_tokens: usize,
@@ -121,6 +143,14 @@ pub struct ModelManifest {
     pub inputs_sha256: BTreeMap<String, String>,
     /// diffusers name → where it came from.
     pub tensor_map: BTreeMap<String, TensorSource>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenizerReport {
+    /// Where it was copied from.
+    pub source: PathBuf,
+    /// Files inside the output's `tokenizer/` folder.
+    pub files: Vec<String>,
 }
 
 /// Removes a directory on drop unless disarmed: a failed export leaves nothing behind.
@@ -164,7 +194,33 @@ fn shapes_compatible(found: &[usize], expected: &[usize]) -> bool {
     }
 }
 
-/// Resolve every graph parameter to a source tensor, checking presence, shape and dtype.
+/// Check a source tensor against the shape the graph expects.
+fn check_ref(src: &Source, r: &TensorRef, p: &Param) -> Result<()> {
+    if !shapes_compatible(&r.meta.shape, &p.shape) {
+        return Err(ExportError::ShapeMismatch {
+            path: src.file_of(r).to_path_buf(),
+            tensor: r.key.clone(),
+            found: r.meta.shape.clone(),
+            expected: p.shape.clone(),
+            hint: if r.key != p.name {
+                format!(" (diffusers name `{}`)", p.name)
+            } else {
+                String::new()
+            },
+        });
+    }
+    if !r.meta.dtype.is_float() {
+        return Err(ExportError::UnsupportedDtype {
+            path: src.file_of(r).to_path_buf(),
+            tensor: r.key.clone(),
+            found: r.meta.dtype.to_string(),
+            expected: "f32, f16, bf16 or f64",
+        });
+    }
+    Ok(())
+}
+
+/// Resolve every UNet graph parameter to a source tensor, checking presence, shape and dtype.
 fn resolve_params<'a>(
     g: &GraphBuilder,
     unet: &'a Source,
@@ -192,30 +248,36 @@ fn resolve_params<'a>(
                 ),
             });
         };
-        if !shapes_compatible(&r.meta.shape, &p.shape) {
-            return Err(ExportError::ShapeMismatch {
-                path: src.file_of(r).to_path_buf(),
-                tensor: r.key.clone(),
-                found: r.meta.shape.clone(),
-                expected: p.shape.clone(),
-                hint: if r.key != p.name {
-                    format!(" (diffusers name `{}`)", p.name)
-                } else {
-                    String::new()
-                },
-            });
-        }
-        if !r.meta.dtype.is_float() {
-            return Err(ExportError::UnsupportedDtype {
-                path: src.file_of(r).to_path_buf(),
-                tensor: r.key.clone(),
-                found: r.meta.dtype.to_string(),
-                expected: "f32, f16, bf16 or f64",
-            });
-        }
+        check_ref(src, r, p)?;
         out.push((src, r));
     }
     Ok(out)
+}
+
+/// Resolve every parameter of a VAE or text-encoder graph in one source.
+fn resolve_single<'a>(
+    g: &GraphBuilder,
+    src: &'a Source,
+    what: &str,
+) -> Result<Vec<(&'a Source, &'a TensorRef)>> {
+    g.params
+        .iter()
+        .map(|p| {
+            let r = src
+                .tensors
+                .get(&p.name)
+                .ok_or_else(|| ExportError::MissingTensor {
+                    path: src.path.clone(),
+                    tensor: p.name.clone(),
+                    expected_for: format!(
+                        "the {what}, diffusers name, read from the {} layout",
+                        src.layout
+                    ),
+                })?;
+            check_ref(src, r, p)?;
+            Ok((src, r))
+        })
+        .collect()
 }
 
 fn prepare_out_dir(out: &Path, overwrite: bool) -> Result<TempDir> {
@@ -262,7 +324,248 @@ fn sym(s: &str) -> serde_json::Value {
     serde_json::Value::String(s.into())
 }
 
-/// Export the UNet (with motion modules) described by `opts`.
+/// One ONNX graph to write: its builder, the weights it requests and its I/O contract.
+struct GraphJob<'a> {
+    name: &'static str,
+    g: GraphBuilder,
+    resolved: Vec<(&'a Source, &'a TensorRef)>,
+    /// (name, element type, dims as strings: numbers are fixed, anything else symbolic)
+    inputs: Vec<(&'static str, TensorProtoDataType, Vec<String>)>,
+    outputs: Vec<(&'static str, TensorProtoDataType, Vec<String>)>,
+    meta: Vec<(&'static str, String)>,
+}
+
+impl GraphJob<'_> {
+    fn weight_bytes(&self, precision: Precision) -> u64 {
+        self.g
+            .params
+            .iter()
+            .map(|p| (p.shape.iter().product::<usize>() * precision.bytes()) as u64)
+            .sum()
+    }
+}
+
+fn dims_json(v: &[String]) -> Vec<serde_json::Value> {
+    v.iter()
+        .map(|x| {
+            x.parse::<i64>()
+                .map(serde_json::Value::from)
+                .unwrap_or_else(|_| sym(x))
+        })
+        .collect()
+}
+
+fn value_infos(v: &[(&'static str, TensorProtoDataType, Vec<String>)]) -> Vec<ValueInfoProto> {
+    v.iter()
+        .map(|(name, t, dims)| {
+            let dims: Vec<Dim> = dims
+                .iter()
+                .map(|d| match d.parse::<i64>() {
+                    Ok(n) => Dim::Fixed(n),
+                    Err(_) => Dim::Symbolic(d.clone()),
+                })
+                .collect();
+            value_info(name, *t, &dims)
+        })
+        .collect()
+}
+
+/// Stream a job's weights (converted to the target precision) and write `{name}.onnx`.
+fn write_graph(
+    job: GraphJob<'_>,
+    dir: &Path,
+    opts: &ExportOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<GraphReport> {
+    let total_bytes = job.weight_bytes(opts.precision);
+    let external = match opts.external_data {
+        ExternalData::Always => true,
+        ExternalData::Never => false,
+        ExternalData::Auto => total_bytes > INLINE_LIMIT,
+    };
+    let onnx_name = format!("{}.onnx", job.name);
+    let data_name = format!("{onnx_name}.data");
+    if !external && total_bytes >= (2u64 << 30) - (64 << 20) {
+        return Err(ExportError::model(
+            &opts.out,
+            format!("{onnx_name}: {total_bytes} bytes of weights cannot be stored inside one protobuf; use external data"),
+        ));
+    }
+    let mut writer = if external {
+        Some(ExternalDataWriter::create(
+            &dir.join(&data_name),
+            &data_name,
+        )?)
+    } else {
+        None
+    };
+    let want = match opts.precision {
+        Precision::Fp32 => DType::F32,
+        Precision::Fp16 => DType::F16,
+    };
+    let mut buf = Vec::new();
+    let mut bytes = Vec::new();
+    let mut inits: Vec<TensorProto> = Vec::with_capacity(job.g.params.len());
+    for (p, (src, r)) in job.g.params.iter().zip(&job.resolved) {
+        let ckpt = &src.files[r.file];
+        // Same dtype in and out: the stored bytes are the output. Otherwise decode (from the
+        // bytes already read when the format gave them, else through the reader) and encode.
+        match ckpt.read_raw_into(&r.key, &mut bytes)? {
+            Some(dt) if dt == want => {}
+            found => {
+                match found {
+                    Some(dt) => decode_to_f32(dt, &bytes, &mut buf),
+                    None => ckpt.read_f32_into(&r.key, &mut buf)?,
+                }
+                bytes.clear();
+                match opts.precision {
+                    Precision::Fp32 => bytes.extend(buf.iter().flat_map(|v| v.to_le_bytes())),
+                    Precision::Fp16 => bytes.extend(
+                        buf.iter()
+                            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes()),
+                    ),
+                }
+            }
+        }
+        let dims: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
+        let dt = opts.precision.onnx_type();
+        let t = match writer.as_mut() {
+            Some(w) => w.append(&p.name, dt, &dims, &bytes)?,
+            None => TensorProto {
+                name: p.name.clone(),
+                dims,
+                data_type: dt as i32,
+                raw_data: bytes.clone(),
+                ..Default::default()
+            },
+        };
+        inits.push(t);
+        progress(Progress::Tensor {
+            name: p.name.clone(),
+            bytes: bytes.len() as u64,
+        });
+    }
+    if let Some(w) = writer {
+        w.finish()?;
+    }
+
+    let report = GraphReport {
+        file: onnx_name.clone(),
+        external_data: external.then(|| data_name.clone()),
+        inputs: job
+            .inputs
+            .iter()
+            .map(|(n, _, d)| (n.to_string(), dims_json(d)))
+            .collect(),
+        outputs: job
+            .outputs
+            .iter()
+            .map(|(n, _, d)| (n.to_string(), dims_json(d)))
+            .collect(),
+        nodes: job.g.nodes.len(),
+        initializers: inits.len() + job.g.consts.len(),
+    };
+    let inputs = value_infos(&job.inputs);
+    let outputs = value_infos(&job.outputs);
+    let GraphBuilder { nodes, consts, .. } = job.g;
+    inits.extend(consts);
+    let mut meta = vec![("motionrt.precision", opts.precision.to_string())];
+    meta.extend(job.meta);
+    let model = ModelProto {
+        ir_version: IR_VERSION,
+        producer_name: "motionrt".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
+        metadata_props: meta
+            .into_iter()
+            .map(|(k, v)| StringStringEntryProto {
+                key: k.into(),
+                value: v,
+            })
+            .collect(),
+        graph: Some(GraphProto {
+            name: format!("motionrt_{}", job.name),
+            node: nodes,
+            initializer: inits,
+            input: inputs,
+            output: outputs,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    write_model(&model, &dir.join(&onnx_name))?;
+    Ok(report)
+}
+
+/// Tokenizer files recognised in a folder.
+const TOKENIZER_FILES: &[&str] = &[
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+];
+/// The original CLIP BPE vocabulary.
+pub const BPE_GZ: &str = "bpe_simple_vocab_16e6.txt.gz";
+
+/// Where the tokenizer is: a `tokenizer/` folder (or one with vocab.json + merges.txt), or the
+/// original gz vocabulary.
+fn find_tokenizer(path: &Path) -> Option<PathBuf> {
+    if path.is_file() {
+        return Some(path.to_path_buf());
+    }
+    [path.join("tokenizer"), path.to_path_buf()]
+        .into_iter()
+        .find(|d| {
+            (d.join("vocab.json").is_file() && d.join("merges.txt").is_file())
+                || d.join(BPE_GZ).is_file()
+        })
+}
+
+/// Copy the tokenizer's files into `dir/tokenizer/`.
+fn copy_tokenizer(src: &Path, dir: &Path) -> Result<TokenizerReport> {
+    let found = find_tokenizer(src).ok_or_else(|| {
+        ExportError::model(
+            src,
+            format!("no tokenizer: expected vocab.json + merges.txt (in the folder or its tokenizer/), or {BPE_GZ}"),
+        )
+    })?;
+    let out = dir.join("tokenizer");
+    std::fs::create_dir_all(&out).map_err(|e| ExportError::io(&out, e))?;
+    let mut files = Vec::new();
+    let mut copy = |from: &Path, name: &str| -> Result<()> {
+        std::fs::copy(from, out.join(name)).map_err(|e| ExportError::io(from, e))?;
+        files.push(name.to_string());
+        Ok(())
+    };
+    if found.is_file() {
+        if !found.to_string_lossy().ends_with(".gz") {
+            return Err(ExportError::model(
+                &found,
+                format!("a tokenizer file must be the original {BPE_GZ} (or pass a folder with vocab.json + merges.txt)"),
+            ));
+        }
+        copy(&found, BPE_GZ)?;
+    } else if found.join("vocab.json").is_file() {
+        for name in TOKENIZER_FILES {
+            let p = found.join(name);
+            if p.is_file() {
+                copy(&p, name)?;
+            }
+        }
+    } else {
+        copy(&found.join(BPE_GZ), BPE_GZ)?;
+    }
+    Ok(TokenizerReport {
+        source: found,
+        files,
+    })
+}
+
+/// Export the UNet (with motion modules) described by `opts`, and the VAE, text encoder and
+/// tokenizer when they are given or found beside the UNet.
 pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Result<ModelManifest> {
     let (unet_src, unet_cfg) = source::open_unet(&opts.unet)?;
     let has_builtin_motion = unet_src
@@ -284,6 +587,85 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         source::check_compatible(&unet_cfg, m, ms)?;
     }
 
+    // The other components: given explicitly, or found beside the UNet.
+    let component_path = |given: &Option<PathBuf>, c: Component| -> Option<PathBuf> {
+        if opts.unet_only {
+            return None;
+        }
+        given
+            .clone()
+            .or_else(|| components::has_component(&opts.unet, c).then(|| opts.unet.clone()))
+    };
+    let vae = component_path(&opts.vae, Component::Vae)
+        .map(|p| components::open(&p, Component::Vae, opts.vae_config.as_deref()))
+        .transpose()?;
+    let text = component_path(&opts.text_encoder, Component::TextEncoder)
+        .map(|p| {
+            components::open(
+                &p,
+                Component::TextEncoder,
+                opts.text_encoder_config.as_deref(),
+            )
+        })
+        .transpose()?;
+    let tokenizer_src = if opts.unet_only {
+        None
+    } else {
+        match &opts.tokenizer {
+            Some(p) => Some(p.clone()),
+            None => find_tokenizer(&opts.unet).filter(|p| p.is_dir()),
+        }
+    };
+    let vae_cfg = vae.as_ref().and_then(|(_, c)| match c {
+        ComponentConfig::Vae(v) => Some(v.clone()),
+        ComponentConfig::TextEncoder(_) => None,
+    });
+    let text_cfg = text.as_ref().and_then(|(_, c)| match c {
+        ComponentConfig::TextEncoder(t) => Some(t.clone()),
+        ComponentConfig::Vae(_) => None,
+    });
+    if let Some(t) = &text_cfg {
+        if t.hidden_size != unet_cfg.cross_attention_dim {
+            return Err(ExportError::model(
+                text.as_ref().map_or(opts.unet.clone(), |(s, _)| s.path.clone()),
+                format!(
+                    "the text encoder's width {} does not match the UNet's cross-attention width {}",
+                    t.hidden_size, unet_cfg.cross_attention_dim
+                ),
+            ));
+        }
+        if t.max_position_embeddings != TEXT_TOKENS {
+            return Err(ExportError::model(
+                text.as_ref().map_or(opts.unet.clone(), |(s, _)| s.path.clone()),
+                format!(
+                    "the text encoder has {} positions; motionrt's contract is {TEXT_TOKENS} tokens",
+                    t.max_position_embeddings
+                ),
+            ));
+        }
+    }
+    if let Some(v) = &vae_cfg {
+        if v.latent_channels != unet_cfg.in_channels {
+            return Err(ExportError::model(
+                vae.as_ref()
+                    .map_or(opts.unet.clone(), |(s, _)| s.path.clone()),
+                format!(
+                    "the VAE has {} latent channels but the UNet takes {}",
+                    v.latent_channels, unet_cfg.in_channels
+                ),
+            ));
+        }
+    }
+
+    let f32t = TensorProtoDataType::Float;
+    let d = unet_cfg.cross_attention_dim.to_string();
+    let cin = unet_cfg.in_channels.to_string();
+    let cout = unet_cfg.out_channels.to_string();
+    let tokens = TEXT_TOKENS.to_string();
+    let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    // Build every graph and resolve (and check) every weight before writing anything.
+    let mut jobs: Vec<GraphJob<'_>> = Vec::new();
     let g = unet::build(
         &unet_cfg,
         motion_cfg.as_ref(),
@@ -291,144 +673,68 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         opts.precision,
     );
     let resolved = resolve_params(&g, &unet_src, motion_src.as_ref())?;
-    let total_bytes: u64 = g
-        .params
-        .iter()
-        .map(|p| (p.shape.iter().product::<usize>() * opts.precision.bytes()) as u64)
-        .sum();
-    let external = match opts.external_data {
-        ExternalData::Always => true,
-        ExternalData::Never => false,
-        ExternalData::Auto => total_bytes > INLINE_LIMIT,
-    };
-    if !external && total_bytes >= (2u64 << 30) - (64 << 20) {
-        return Err(ExportError::model(
-            &opts.out,
-            format!("{total_bytes} bytes of weights cannot be stored inside one protobuf; use external data"),
-        ));
+    let mut unet_meta = vec![("motionrt.semantics", opts.semantics.to_string())];
+    if let Some(m) = &motion_cfg {
+        unet_meta.push(("motionrt.motion_version", m.version.to_string()));
+        unet_meta.push(("motionrt.max_frames", m.max_seq_length.to_string()));
     }
-
-    let tmp = prepare_out_dir(&opts.out, opts.overwrite)?;
-    progress(Progress::Start {
-        tensors: g.params.len(),
-        total_bytes,
+    jobs.push(GraphJob {
+        name: "unet",
+        g,
+        resolved,
+        inputs: vec![
+            (INPUT_SAMPLE, f32t, v(&["B", &cin, "F", "h", "w"])),
+            (INPUT_TIMESTEP, f32t, v(&["B"])),
+            (INPUT_CONTEXT, f32t, v(&["BF", &tokens, &d])),
+        ],
+        outputs: vec![(OUTPUT_NOISE, f32t, v(&["B", &cout, "F", "h", "w"]))],
+        meta: unet_meta,
     });
-
-    // Hash the inputs on another thread while the weights stream.
-    let mut input_files: Vec<PathBuf> = unet_src.input_files();
-    if let Some(m) = &motion_src {
-        for f in m.input_files() {
-            if !input_files.contains(&f) {
-                input_files.push(f);
-            }
-        }
-    }
-    let onnx_name = "unet.onnx";
-    let data_name = "unet.onnx.data";
-    let (initializers, inputs_sha256) = std::thread::scope(|s| -> Result<_> {
-        let hasher = s.spawn(|| -> Result<BTreeMap<String, String>> {
-            input_files
-                .iter()
-                .map(|p| {
-                    Ok((
-                        p.display().to_string(),
-                        sha256_file(p).map_err(|e| ExportError::io(p, e))?,
-                    ))
-                })
-                .collect()
+    if let (Some((src, _)), Some(cfg)) = (&vae, &vae_cfg) {
+        let lat = cfg.latent_channels.to_string();
+        let (ci, co) = (cfg.in_channels.to_string(), cfg.out_channels.to_string());
+        let g = vae::build_decoder(cfg, opts.precision);
+        let resolved = resolve_single(&g, src, "VAE")?;
+        jobs.push(GraphJob {
+            name: "vae_decoder",
+            g,
+            resolved,
+            inputs: vec![(vae::DECODER_INPUT, f32t, v(&["N", &lat, "h", "w"]))],
+            outputs: vec![(vae::DECODER_OUTPUT, f32t, v(&["N", &co, "H", "W"]))],
+            meta: vec![("motionrt.scaling_factor", cfg.scaling_factor.to_string())],
         });
-        let mut writer = if external {
-            Some(ExternalDataWriter::create(
-                &tmp.path.join(data_name),
-                data_name,
-            )?)
-        } else {
-            None
-        };
-        let mut buf = Vec::new();
-        let mut bytes = Vec::new();
-        let mut inits: Vec<TensorProto> = Vec::with_capacity(g.params.len());
-        for (p, (src, r)) in g.params.iter().zip(&resolved) {
-            let ckpt = &src.files[r.file];
-            let want = match opts.precision {
-                Precision::Fp32 => DType::F32,
-                Precision::Fp16 => DType::F16,
-            };
-            // Same dtype in and out: the stored bytes are the output. Otherwise decode (from the
-            // bytes already read when the format gave them, else through the reader) and encode.
-            match ckpt.read_raw_into(&r.key, &mut bytes)? {
-                Some(dt) if dt == want => {}
-                found => {
-                    match found {
-                        Some(dt) => decode_to_f32(dt, &bytes, &mut buf),
-                        None => ckpt.read_f32_into(&r.key, &mut buf)?,
-                    }
-                    bytes.clear();
-                    match opts.precision {
-                        Precision::Fp32 => bytes.extend(buf.iter().flat_map(|v| v.to_le_bytes())),
-                        Precision::Fp16 => bytes.extend(
-                            buf.iter()
-                                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes()),
-                        ),
-                    }
-                }
-            }
-            let dims: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
-            let dt = opts.precision.onnx_type();
-            let t = match writer.as_mut() {
-                Some(w) => w.append(&p.name, dt, &dims, &bytes)?,
-                None => TensorProto {
-                    name: p.name.clone(),
-                    dims,
-                    data_type: dt as i32,
-                    raw_data: bytes.clone(),
-                    ..Default::default()
-                },
-            };
-            inits.push(t);
-            progress(Progress::Tensor {
-                name: p.name.clone(),
-                bytes: bytes.len() as u64,
-            });
-        }
-        if let Some(w) = writer {
-            w.finish()?;
-        }
-        progress(Progress::Finishing);
-        let hashes = hasher
-            .join()
-            .map_err(|_| ExportError::model(&opts.out, "input hashing thread panicked"))??;
-        Ok((inits, hashes))
-    })?;
+        let g = vae::build_encoder(cfg, opts.precision);
+        let resolved = resolve_single(&g, src, "VAE")?;
+        jobs.push(GraphJob {
+            name: "vae_encoder",
+            g,
+            resolved,
+            inputs: vec![(vae::ENCODER_INPUT, f32t, v(&["N", &ci, "H", "W"]))],
+            outputs: vec![(vae::ENCODER_OUTPUT, f32t, v(&["N", &lat, "h", "w"]))],
+            meta: vec![("motionrt.scaling_factor", cfg.scaling_factor.to_string())],
+        });
+    }
+    if let (Some((src, _)), Some(cfg)) = (&text, &text_cfg) {
+        let g = clip::build(cfg, opts.precision);
+        let resolved = resolve_single(&g, src, "text encoder")?;
+        let width = cfg.hidden_size.to_string();
+        jobs.push(GraphJob {
+            name: "text_encoder",
+            g,
+            resolved,
+            inputs: vec![(
+                clip::INPUT_IDS,
+                TensorProtoDataType::Int64,
+                v(&["N", &tokens]),
+            )],
+            outputs: vec![(clip::OUTPUT_HIDDEN, f32t, v(&["N", &tokens, &width]))],
+            meta: vec![],
+        });
+    }
 
-    // Assemble the model.
-    let f32t = TensorProtoDataType::Float;
-    let d = unet_cfg.cross_attention_dim as i64;
-    let cin = unet_cfg.in_channels as i64;
-    let cout = unet_cfg.out_channels as i64;
-    let s = |x: &str| Dim::Symbolic(x.into());
-    let inputs = vec![
-        value_info(
-            INPUT_SAMPLE,
-            f32t,
-            &[s("B"), Dim::Fixed(cin), s("F"), s("h"), s("w")],
-        ),
-        value_info(INPUT_TIMESTEP, f32t, &[s("B")]),
-        value_info(
-            INPUT_CONTEXT,
-            f32t,
-            &[s("BF"), Dim::Fixed(TEXT_TOKENS as i64), Dim::Fixed(d)],
-        ),
-    ];
-    let outputs = vec![value_info(
-        OUTPUT_NOISE,
-        f32t,
-        &[s("B"), Dim::Fixed(cout), s("F"), s("h"), s("w")],
-    )];
-    let tensor_map: BTreeMap<String, TensorSource> = g
-        .params
+    let tensor_map: BTreeMap<String, TensorSource> = jobs
         .iter()
-        .zip(&resolved)
+        .flat_map(|j| j.g.params.iter().zip(&j.resolved))
         .map(|(p, (src, r))| {
             (
                 p.name.clone(),
@@ -439,53 +745,11 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
             )
         })
         .collect();
-    let node_count = g.nodes.len();
-    let init_count = initializers.len() + g.consts.len();
-    let GraphBuilder { nodes, consts, .. } = g;
-    let mut all_inits = initializers;
-    all_inits.extend(consts);
-    let version = env!("CARGO_PKG_VERSION");
-    let mut meta = vec![
-        ("motionrt.semantics", opts.semantics.to_string()),
-        ("motionrt.precision", opts.precision.to_string()),
-    ];
-    if let Some(m) = &motion_cfg {
-        meta.push(("motionrt.motion_version", m.version.to_string()));
-        meta.push(("motionrt.max_frames", m.max_seq_length.to_string()));
-    }
-    let model = ModelProto {
-        ir_version: IR_VERSION,
-        producer_name: "motionrt".into(),
-        producer_version: version.into(),
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: OPSET,
-        }],
-        metadata_props: meta
-            .into_iter()
-            .map(|(k, v)| StringStringEntryProto {
-                key: k.into(),
-                value: v,
-            })
-            .collect(),
-        graph: Some(GraphProto {
-            name: "motionrt_unet".into(),
-            node: nodes,
-            initializer: all_inits,
-            input: inputs,
-            output: outputs,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    write_model(&model, &tmp.path.join(onnx_name))?;
-    drop(model);
-
-    // model.json
     let params_of = |src: &Source| -> u64 {
-        resolved
-            .iter()
-            .filter(|(s, _)| std::ptr::eq(*s, src))
+        let mut seen = std::collections::HashSet::new();
+        jobs.iter()
+            .flat_map(|j| j.resolved.iter())
+            .filter(|(s, r)| std::ptr::eq(*s, src) && seen.insert(&r.key))
             .map(|(_, r)| r.meta.numel() as u64)
             .sum()
     };
@@ -495,41 +759,6 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         files: src.input_files(),
         parameters: params_of(src),
     };
-    let dims = |v: &[&str]| {
-        v.iter()
-            .map(|x| {
-                x.parse::<i64>()
-                    .map(serde_json::Value::from)
-                    .unwrap_or_else(|_| sym(x))
-            })
-            .collect::<Vec<_>>()
-    };
-    let cin_s = cin.to_string();
-    let cout_s = cout.to_string();
-    let d_s = d.to_string();
-    let tokens_s = TEXT_TOKENS.to_string();
-    let mut graphs = BTreeMap::new();
-    graphs.insert(
-        "unet".to_string(),
-        GraphReport {
-            file: onnx_name.into(),
-            external_data: external.then(|| data_name.to_string()),
-            inputs: BTreeMap::from([
-                (
-                    INPUT_SAMPLE.to_string(),
-                    dims(&["B", &cin_s, "F", "h", "w"]),
-                ),
-                (INPUT_TIMESTEP.to_string(), dims(&["B"])),
-                (INPUT_CONTEXT.to_string(), dims(&["BF", &tokens_s, &d_s])),
-            ]),
-            outputs: BTreeMap::from([(
-                OUTPUT_NOISE.to_string(),
-                dims(&["B", &cout_s, "F", "h", "w"]),
-            )]),
-            nodes: node_count,
-            initializers: init_count,
-        },
-    );
     let unet_report = report(&unet_src);
     let motion_report = match (&motion_src, &motion_cfg) {
         (Some(s), Some(c)) => Some(MotionReport {
@@ -541,6 +770,60 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         }),
         _ => None,
     };
+    let vae_report = vae.as_ref().map(|(s, _)| report(s));
+    let text_report = text.as_ref().map(|(s, _)| report(s));
+
+    let tmp = prepare_out_dir(&opts.out, opts.overwrite)?;
+    progress(Progress::Start {
+        tensors: jobs.iter().map(|j| j.g.params.len()).sum(),
+        total_bytes: jobs.iter().map(|j| j.weight_bytes(opts.precision)).sum(),
+    });
+
+    // Hash the inputs on another thread while the weights stream.
+    let mut input_files: Vec<PathBuf> = Vec::new();
+    for src in [Some(&unet_src), motion_src.as_ref()]
+        .into_iter()
+        .flatten()
+        .chain(vae.iter().map(|(s, _)| s))
+        .chain(text.iter().map(|(s, _)| s))
+    {
+        for f in src.input_files() {
+            if !input_files.contains(&f) {
+                input_files.push(f);
+            }
+        }
+    }
+    let (graphs, inputs_sha256) = std::thread::scope(|s| -> Result<_> {
+        let hasher = s.spawn(|| -> Result<BTreeMap<String, String>> {
+            input_files
+                .iter()
+                .map(|p| {
+                    Ok((
+                        p.display().to_string(),
+                        sha256_file(p).map_err(|e| ExportError::io(p, e))?,
+                    ))
+                })
+                .collect()
+        });
+        let mut graphs = BTreeMap::new();
+        for job in jobs {
+            let name = job.name;
+            graphs.insert(
+                name.to_string(),
+                write_graph(job, &tmp.path, opts, progress)?,
+            );
+        }
+        progress(Progress::Finishing);
+        let hashes = hasher
+            .join()
+            .map_err(|_| ExportError::model(&opts.out, "input hashing thread panicked"))??;
+        Ok((graphs, hashes))
+    })?;
+    let tokenizer = tokenizer_src
+        .map(|p| copy_tokenizer(&p, &tmp.path))
+        .transpose()?;
+
+    let version = env!("CARGO_PKG_VERSION");
     let manifest = ModelManifest {
         format: "motionrt-model",
         format_version: 1,
@@ -549,11 +832,21 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         semantics: opts.semantics,
         opset: OPSET,
         parameters: unet_report.parameters
-            + motion_report.as_ref().map_or(0, |m| m.source.parameters),
+            + motion_report.as_ref().map_or(0, |m| m.source.parameters)
+            + vae_report.as_ref().map_or(0, |r| r.parameters)
+            + text_report.as_ref().map_or(0, |r| r.parameters),
         unet: unet_report,
         unet_config: unet_cfg.clone(),
         max_frames: motion_cfg.as_ref().map(|m| m.max_seq_length),
         motion_module: motion_report,
+        scaling_factor: vae_cfg
+            .as_ref()
+            .map_or(components::SD15_SCALING_FACTOR, |c| c.scaling_factor),
+        vae: vae_report,
+        vae_config: vae_cfg,
+        text_encoder: text_report,
+        text_encoder_config: text_cfg,
+        tokenizer,
         text_tokens: TEXT_TOKENS,
         latent_scale: 8,
         graphs,
@@ -563,6 +856,7 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
             "beta_start": 0.00085,
             "beta_end": 0.012,
             "clip_sample": false,
+            "steps_offset": 1,
             "prediction_type": "epsilon",
         }),
         inputs_sha256,

@@ -6,6 +6,7 @@
 //! the output.
 
 pub mod checkpoint;
+pub mod components;
 pub mod config;
 pub mod error;
 pub mod export;

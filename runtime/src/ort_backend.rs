@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use ort::environment::Environment;
 use ort::session::Session;
-use ort::value::Tensor as OrtTensor;
+use ort::value::TensorRef;
 
 use crate::{Result, RuntimeError};
 
@@ -22,6 +22,25 @@ impl Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         Self { shape, data }
     }
+}
+
+/// A borrowed graph input: shape and row-major data.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    F32(&'a [usize], &'a [f32]),
+    I64(&'a [usize], &'a [i64]),
+}
+
+fn check_len(path: &Path, name: &str, shape: &[usize], len: usize) -> Result<()> {
+    let n: usize = shape.iter().product();
+    if n != len {
+        return Err(RuntimeError::Input {
+            path: path.to_path_buf(),
+            input: name.to_string(),
+            message: format!("shape {shape:?} needs {n} values, got {len}"),
+        });
+    }
+    Ok(())
 }
 
 /// Locate `libonnxruntime.so`: `ORT_DYLIB_PATH` first, then the `onnxruntime` Python package of
@@ -159,6 +178,16 @@ impl OrtSession {
 
     /// Run with float32 inputs by name; returns every output (float32) by name, in graph order.
     pub fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Vec<(String, Tensor)>> {
+        let feeds: Vec<(&str, Input<'_>)> = inputs
+            .iter()
+            .map(|(n, t)| (*n, Input::F32(&t.shape, &t.data)))
+            .collect();
+        self.run_with(&feeds)
+    }
+
+    /// Run with borrowed inputs (no copy into ONNX Runtime); returns every output (float32) by
+    /// name, in graph order.
+    pub fn run_with(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<Vec<(String, Tensor)>> {
         let expected = self.input_names();
         for name in &expected {
             if !inputs.iter().any(|(n, _)| n == name) {
@@ -184,14 +213,26 @@ impl OrtSession {
                     ),
                 });
             }
-            let v = OrtTensor::from_array((t.shape.clone(), t.data.clone())).map_err(|e| {
-                RuntimeError::Input {
-                    path: self.path.clone(),
-                    input: name.to_string(),
-                    message: e.to_string(),
+            let bad = |e: ort::Error| RuntimeError::Input {
+                path: self.path.clone(),
+                input: name.to_string(),
+                message: e.to_string(),
+            };
+            let v: ort::session::SessionInputValue<'_> = match *t {
+                Input::F32(shape, data) => {
+                    check_len(&self.path, name, shape, data.len())?;
+                    TensorRef::from_array_view((shape, data))
+                        .map_err(bad)?
+                        .into()
                 }
-            })?;
-            feeds.push((std::borrow::Cow::Owned(name.to_string()), v.into()));
+                Input::I64(shape, data) => {
+                    check_len(&self.path, name, shape, data.len())?;
+                    TensorRef::from_array_view((shape, data))
+                        .map_err(bad)?
+                        .into()
+                }
+            };
+            feeds.push((std::borrow::Cow::Owned(name.to_string()), v));
         }
         let out_names = self.output_names();
         let path = self.path.clone();

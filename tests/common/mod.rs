@@ -58,6 +58,12 @@ pub fn export_with(
         precision,
         semantics,
         external_data: external,
+        vae: None,
+        text_encoder: None,
+        vae_config: None,
+        text_encoder_config: None,
+        tokenizer: None,
+        unet_only: false,
     };
     let manifest = export(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("export failed: {e}"));
     Exported { dir, manifest }
@@ -113,4 +119,54 @@ pub fn python_with_onnx() -> Option<String> {
             .output()
             .is_ok_and(|o| o.status.success())
     })
+}
+
+pub fn pipeline_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline")
+}
+
+/// Read an int64 tensor from a safetensors file.
+pub fn read_i64(path: &Path, key: &str) -> (Vec<usize>, Vec<i64>) {
+    let c = Checkpoint::open(path).unwrap_or_else(|e| panic!("{e}"));
+    let shape = c
+        .meta(key)
+        .unwrap_or_else(|| panic!("{}: no tensor {key}", path.display()))
+        .shape
+        .clone();
+    let mut raw = Vec::new();
+    c.read_raw_into(key, &mut raw)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let data = raw
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect();
+    (shape, data)
+}
+
+/// Export the tiny pipeline fixture (sd_tiny + adapter_v2 + tiny VAE / text encoder / tokenizer).
+pub fn export_pipeline(
+    vae_and_te: &Path,
+    configs: bool,
+    semantics: Semantics,
+    precision: Precision,
+) -> Exported {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = ExportOptions {
+        unet: fx("sd_tiny"),
+        motion_module: Some(fx("adapter_v2")),
+        out: dir.path().join("out"),
+        overwrite: false,
+        precision,
+        semantics,
+        external_data: ExternalData::Auto,
+        vae: Some(vae_and_te.to_path_buf()),
+        text_encoder: Some(vae_and_te.to_path_buf()),
+        vae_config: configs.then(|| pipeline_fixtures().join("tiny/vae/config.json")),
+        text_encoder_config: configs
+            .then(|| pipeline_fixtures().join("tiny/text_encoder/config.json")),
+        tokenizer: Some(pipeline_fixtures().join("tiny")),
+        unet_only: false,
+    };
+    let manifest = export(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("export failed: {e}"));
+    Exported { dir, manifest }
 }

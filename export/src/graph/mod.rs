@@ -5,8 +5,10 @@
 //! streams the data into the initializer of that name. Node names follow the module path
 //! (`/down_blocks.0/resnets.1/conv1/Conv_12`) so a diverging tensor can be traced to its layer.
 
+pub mod clip;
 pub mod layers;
 pub mod unet;
+pub mod vae;
 
 use std::collections::HashMap;
 
@@ -264,6 +266,25 @@ impl GraphBuilder {
         match self.precision {
             Precision::Fp32 => x.to_string(),
             Precision::Fp16 => self.cast(x, TensorProtoDataType::Float),
+        }
+    }
+
+    /// Give the value `out` the graph-output name `name`: rename the last node's output when it
+    /// produced `out`, else add an Identity node.
+    pub fn name_output(&mut self, out: &str, name: &str) {
+        match self.nodes.last_mut() {
+            Some(last) if last.output.len() == 1 && last.output[0] == out => {
+                last.output = vec![name.to_string()];
+            }
+            _ => {
+                self.nodes.push(NodeProto {
+                    input: vec![out.to_string()],
+                    output: vec![name.to_string()],
+                    name: format!("/output_{name}"),
+                    op_type: "Identity".into(),
+                    ..Default::default()
+                });
+            }
         }
     }
 }
