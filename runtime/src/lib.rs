@@ -8,7 +8,7 @@ pub mod scheduler;
 pub mod tokenizer;
 
 pub use compare::{error_stats, ErrorStats, Tolerance};
-pub use ort_backend::{find_onnxruntime, OrtSession, SessionOptions, Tensor};
+pub use ort_backend::{find_onnxruntime, Input, OrtSession, SessionOptions, Tensor};
 
 use std::path::PathBuf;
 
