@@ -4,6 +4,8 @@
 
 pub mod compare;
 mod ort_backend;
+pub mod pipeline;
+pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;
 

@@ -1,0 +1,539 @@
+//! The text-to-video pipeline on ONNX Runtime, as diffusers' `AnimateDiffPipeline` computes it:
+//! tokenize → text encoder → denoising loop (scheduler, batched classifier-free guidance, UNet)
+//! → VAE decode in chunks of frames → RGB frames in [0, 1].
+//!
+//! A model directory is what `motionrt export` writes: `model.json`, `unet.onnx`,
+//! `text_encoder.onnx`, `vae_decoder.onnx` and `tokenizer/`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::ort_backend::{Input, OrtSession, SessionOptions};
+use crate::rng::NormalRng;
+use crate::scheduler::{self, SchedulerConfig, SchedulerError, SchedulerKind};
+use crate::tokenizer::{ClipTokenizer, TokenizerError};
+use crate::RuntimeError;
+
+/// Pipeline errors; each says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{path}: {message}")]
+    Model { path: PathBuf, message: String },
+    #[error("{0}")]
+    Options(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    #[error("{what} contains {count} NaN/Inf values {when}: the model overflowed (with an fp16 export, try --precision fp32)")]
+    NonFinite {
+        what: &'static str,
+        when: String,
+        count: usize,
+    },
+}
+
+pub type Result<T, E = PipelineError> = std::result::Result<T, E>;
+
+/// What the pipeline reads from `model.json`.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub dir: PathBuf,
+    pub latent_channels: usize,
+    pub cross_attention_dim: usize,
+    /// Image pixels per latent pixel (8 for SD).
+    pub latent_scale: usize,
+    pub scaling_factor: f32,
+    /// The motion module's positional-table length (frames per UNet call), if any.
+    pub max_frames: Option<usize>,
+    pub scheduler_defaults: serde_json::Value,
+    pub precision: String,
+}
+
+fn model_err(path: &Path, message: impl Into<String>) -> PipelineError {
+    PipelineError::Model {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+impl ModelInfo {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("model.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            model_err(
+                &path,
+                format!("{e} (a model directory is what `motionrt export` writes)"),
+            )
+        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| model_err(&path, format!("not JSON: {e}")))?;
+        let num = |ptr: &str| -> Result<f64> {
+            v.pointer(ptr)
+                .and_then(|x| x.as_f64())
+                .ok_or_else(|| model_err(&path, format!("`{ptr}` is missing or not a number")))
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            latent_channels: num("/unet_config/in_channels")? as usize,
+            cross_attention_dim: num("/unet_config/cross_attention_dim")? as usize,
+            latent_scale: num("/latent_scale")? as usize,
+            scaling_factor: v
+                .get("scaling_factor")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(0.18215) as f32,
+            max_frames: v
+                .get("max_frames")
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize),
+            scheduler_defaults: v
+                .get("scheduler_defaults")
+                .cloned()
+                .unwrap_or(serde_json::Value::Null),
+            precision: v
+                .get("precision")
+                .and_then(|x| x.as_str())
+                .unwrap_or("fp32")
+                .to_string(),
+        })
+    }
+
+    fn graph(&self, name: &str) -> Result<PathBuf> {
+        let p = self.dir.join(format!("{name}.onnx"));
+        if p.is_file() {
+            Ok(p)
+        } else {
+            let hint = match name {
+                "vae_decoder" => "export with --vae (or from a pipeline folder / single file that contains the VAE)",
+                "text_encoder" => "export with --text-encoder (or from a pipeline folder / single file that contains it)",
+                _ => "re-export the model",
+            };
+            Err(model_err(&p, format!("missing: {hint}")))
+        }
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub prompt: String,
+    pub negative_prompt: String,
+    /// Keyframe prompts `(frame, prompt)`: each frame's text embedding is interpolated linearly
+    /// between the surrounding keyframes (frames before the first / after the last use it as is).
+    /// Empty: `prompt` for every frame. Without a keyframe at frame 0, `prompt` is used there.
+    pub frame_prompts: Vec<(usize, String)>,
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+    pub steps: usize,
+    /// Classifier-free guidance scale; ≤ 1 disables guidance (one UNet batch instead of two).
+    pub guidance: f32,
+    pub scheduler: SchedulerKind,
+    /// `None`: the model's `scheduler_defaults` (AnimateDiff's betas).
+    pub scheduler_config: Option<SchedulerConfig>,
+    pub seed: u64,
+    /// Frames per VAE decoder call (bounds memory).
+    pub decode_chunk: usize,
+    /// Initial noise `[1, C, F, h, w]` instead of seeded noise (before `init_noise_sigma`).
+    pub init_latents: Option<Vec<f32>>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            frame_prompts: Vec::new(),
+            frames: 16,
+            height: 512,
+            width: 512,
+            steps: 25,
+            guidance: 7.5,
+            scheduler: SchedulerKind::Ddim,
+            scheduler_config: None,
+            seed: 0,
+            decode_chunk: 16,
+            init_latents: None,
+        }
+    }
+}
+
+/// Progress events.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Stage(&'static str),
+    /// Denoising step `index` (0-based) of `total` finished.
+    Step {
+        index: usize,
+        total: usize,
+    },
+    /// Frames `done` of `total` decoded.
+    Decoded {
+        done: usize,
+        total: usize,
+    },
+    Warning(String),
+}
+
+/// Wall time per stage, seconds.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    pub text_encoder: f64,
+    pub denoise: f64,
+    pub steps: Vec<f64>,
+    pub vae_decode: f64,
+}
+
+/// A generated video.
+#[derive(Debug, Clone)]
+pub struct Video {
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+    /// `[frames, height, width, 3]` RGB in [0, 1].
+    pub rgb: Vec<f32>,
+    /// Final latents `[1, C, F, h, w]` (before the 1/scaling_factor).
+    pub latents: Vec<f32>,
+    pub timings: Timings,
+    pub warnings: Vec<String>,
+}
+
+/// Loaded sessions and tokenizer.
+pub struct Pipeline {
+    pub info: ModelInfo,
+    unet: OrtSession,
+    text: OrtSession,
+    vae: OrtSession,
+    tokenizer: ClipTokenizer,
+    /// Seconds spent loading sessions.
+    pub load_seconds: f64,
+}
+
+fn count_nonfinite(v: &[f32]) -> usize {
+    v.iter().filter(|x| !x.is_finite()).count()
+}
+
+impl Pipeline {
+    pub fn load(dir: &Path, opts: &SessionOptions) -> Result<Self> {
+        let t = Instant::now();
+        let info = ModelInfo::load(dir)?;
+        let tok_dir = dir.join("tokenizer");
+        let tokenizer = if tok_dir.join("vocab.json").is_file() {
+            ClipTokenizer::from_dir(&tok_dir)?
+        } else if tok_dir.join("bpe_simple_vocab_16e6.txt.gz").is_file() {
+            ClipTokenizer::from_bpe_gz(&tok_dir.join("bpe_simple_vocab_16e6.txt.gz"))?
+        } else {
+            return Err(model_err(
+                &tok_dir,
+                "no tokenizer (vocab.json + merges.txt or bpe_simple_vocab_16e6.txt.gz): export with --tokenizer",
+            ));
+        };
+        let unet = OrtSession::load(&info.graph("unet")?, opts)?;
+        let text = OrtSession::load(&info.graph("text_encoder")?, opts)?;
+        let vae = OrtSession::load(&info.graph("vae_decoder")?, opts)?;
+        Ok(Self {
+            info,
+            unet,
+            text,
+            vae,
+            tokenizer,
+            load_seconds: t.elapsed().as_secs_f64(),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    /// `last_hidden_state` of each prompt, `[n, 77, D]` flattened; warns about truncation.
+    pub fn encode_prompts(
+        &mut self,
+        prompts: &[&str],
+        warn: &mut dyn FnMut(String),
+    ) -> Result<Vec<f32>> {
+        let mut ids = Vec::with_capacity(prompts.len() * 77);
+        for p in prompts {
+            let e = self.tokenizer.encode(p);
+            if e.truncated {
+                warn(format!(
+                    "prompt is {} tokens; CLIP takes 77, so it was truncated to the first 75 (\"{}…\")",
+                    e.n_tokens,
+                    p.chars().take(40).collect::<String>()
+                ));
+            }
+            ids.extend(e.ids);
+        }
+        let shape = [prompts.len(), crate::tokenizer::MAX_LENGTH];
+        let mut out = self
+            .text
+            .run_with(&[("input_ids", Input::I64(&shape, &ids))])?;
+        Ok(out.remove(0).1.data)
+    }
+
+    /// Check options against the model before any work.
+    pub fn validate(&self, o: &GenerateOptions) -> Result<()> {
+        let s = self.info.latent_scale;
+        if o.height == 0 || o.width == 0 || o.height % s != 0 || o.width % s != 0 {
+            return Err(PipelineError::Options(format!(
+                "--height and --width must be positive multiples of {s} (got {}×{})",
+                o.height, o.width
+            )));
+        }
+        if o.frames == 0 {
+            return Err(PipelineError::Options("--frames must be at least 1".into()));
+        }
+        if let Some(max) = self.info.max_frames {
+            if o.frames > max {
+                return Err(PipelineError::Options(format!(
+                    "{} frames exceed the motion module's positional table ({max} frames per UNet call); context windows are not implemented yet: use --frames {max} or fewer",
+                    o.frames
+                )));
+            }
+        }
+        if o.steps == 0 {
+            return Err(PipelineError::Options("--steps must be at least 1".into()));
+        }
+        if o.decode_chunk == 0 {
+            return Err(PipelineError::Options(
+                "--decode-chunk must be at least 1".into(),
+            ));
+        }
+        if let Some((f, _)) = o.frame_prompts.iter().find(|(f, _)| *f >= o.frames) {
+            return Err(PipelineError::Options(format!(
+                "frame prompt at frame {f} is beyond the last frame ({})",
+                o.frames - 1
+            )));
+        }
+        let (h, w) = (o.height / s, o.width / s);
+        let n = self.info.latent_channels * o.frames * h * w;
+        if let Some(l) = &o.init_latents {
+            if l.len() != n {
+                return Err(PipelineError::Options(format!(
+                    "initial latents have {} values; [1, {}, {}, {h}, {w}] needs {n}",
+                    l.len(),
+                    self.info.latent_channels,
+                    o.frames
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-frame text embeddings `[F, 77, D]` of the positive prompt(s), and the negative one
+    /// `[77, D]`.
+    fn text_embeddings(
+        &mut self,
+        o: &GenerateOptions,
+        warn: &mut dyn FnMut(String),
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut keys: Vec<(usize, &str)> = o
+            .frame_prompts
+            .iter()
+            .map(|(f, p)| (*f, p.as_str()))
+            .collect();
+        keys.sort_by_key(|k| k.0);
+        keys.dedup_by_key(|k| k.0);
+        if keys.first().is_none_or(|k| k.0 != 0) {
+            keys.insert(0, (0, o.prompt.as_str()));
+        }
+        let mut prompts: Vec<&str> = vec![o.negative_prompt.as_str()];
+        prompts.extend(keys.iter().map(|k| k.1));
+        let emb = self.encode_prompts(&prompts, warn)?;
+        let row = 77 * self.info.cross_attention_dim;
+        let negative = emb[..row].to_vec();
+        let key_emb = |i: usize| &emb[(i + 1) * row..(i + 2) * row];
+        let mut per_frame = Vec::with_capacity(o.frames * row);
+        for f in 0..o.frames {
+            let i = keys.iter().rposition(|k| k.0 <= f).unwrap_or(0);
+            match keys.get(i + 1) {
+                Some(next) if keys[i].0 != f => {
+                    let w = (f - keys[i].0) as f32 / (next.0 - keys[i].0) as f32;
+                    let (a, b) = (key_emb(i), key_emb(i + 1));
+                    per_frame.extend(a.iter().zip(b).map(|(x, y)| x + w * (y - x)));
+                }
+                _ => per_frame.extend_from_slice(key_emb(i)),
+            }
+        }
+        Ok((per_frame, negative))
+    }
+
+    /// Generate a video.
+    pub fn generate(
+        &mut self,
+        o: &GenerateOptions,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<Video> {
+        self.validate(o)?;
+        let mut warnings = Vec::new();
+        let mut timings = Timings::default();
+        let (c, f) = (self.info.latent_channels, o.frames);
+        let (h, w) = (
+            o.height / self.info.latent_scale,
+            o.width / self.info.latent_scale,
+        );
+        let d = self.info.cross_attention_dim;
+        let cfg = o.guidance > 1.0;
+
+        events(Event::Stage("text encoder"));
+        let t = Instant::now();
+        let (positive, negative) = self.text_embeddings(o, &mut |m| {
+            events(Event::Warning(m.clone()));
+            warnings.push(m);
+        })?;
+        // encoder_hidden_states [B·F, 77, D]: negative rows for the first video, then positive.
+        let mut ctx = Vec::with_capacity(if cfg { 2 } else { 1 } * f * 77 * d);
+        if cfg {
+            for _ in 0..f {
+                ctx.extend_from_slice(&negative);
+            }
+        }
+        ctx.extend_from_slice(&positive);
+        timings.text_encoder = t.elapsed().as_secs_f64();
+
+        let sched_cfg = match &o.scheduler_config {
+            Some(c) => c.clone(),
+            None if self.info.scheduler_defaults.is_object() => {
+                SchedulerConfig::from_diffusers_json(&self.info.scheduler_defaults)?
+            }
+            None => SchedulerConfig::animatediff(),
+        };
+        let mut sched = scheduler::create(o.scheduler, &sched_cfg, o.steps)?;
+        let n = c * f * h * w;
+        let mut rng = NormalRng::new(o.seed);
+        let mut latents = match &o.init_latents {
+            Some(l) => l.clone(),
+            None => {
+                let mut v = vec![0f32; n];
+                rng.fill(&mut v);
+                v
+            }
+        };
+        let sigma = sched.init_noise_sigma();
+        latents.iter_mut().for_each(|x| *x *= sigma);
+
+        events(Event::Stage("denoising"));
+        let t0 = Instant::now();
+        let batch = if cfg { 2 } else { 1 };
+        let mut unet_in = vec![0f32; batch * n];
+        let sample_shape = [batch, c, f, h, w];
+        let ctx_shape = [batch * f, 77, d];
+        let total = sched.timesteps().len();
+        for i in 0..total {
+            let ts = Instant::now();
+            sched.scale_model_input(&latents, i, &mut unet_in[..n]);
+            if cfg {
+                let (a, b) = unet_in.split_at_mut(n);
+                b.copy_from_slice(a);
+            }
+            let t = vec![sched.timesteps()[i]; batch];
+            let out = self.unet.run_with(&[
+                ("sample", Input::F32(&sample_shape, &unet_in)),
+                ("timestep", Input::F32(&[batch], &t)),
+                ("encoder_hidden_states", Input::F32(&ctx_shape, &ctx)),
+            ])?;
+            let mut noise = out.into_iter().next().map(|o| o.1.data).unwrap_or_default();
+            if cfg {
+                let (u, c2) = noise.split_at(n);
+                let guided: Vec<f32> = u
+                    .iter()
+                    .zip(c2)
+                    .map(|(u, c2)| u + o.guidance * (c2 - u))
+                    .collect();
+                noise = guided;
+            }
+            sched.step(&noise, i, &mut latents, &mut |buf| rng.fill(buf));
+            let bad = count_nonfinite(&latents);
+            if bad > 0 {
+                return Err(PipelineError::NonFinite {
+                    what: "the latents",
+                    when: format!("after denoising step {} of {total}", i + 1),
+                    count: bad,
+                });
+            }
+            timings.steps.push(ts.elapsed().as_secs_f64());
+            events(Event::Step { index: i, total });
+        }
+        timings.denoise = t0.elapsed().as_secs_f64();
+
+        events(Event::Stage("VAE decode"));
+        let t = Instant::now();
+        let rgb = self.decode(&latents, f, h, w, o.decode_chunk, events)?;
+        timings.vae_decode = t.elapsed().as_secs_f64();
+        Ok(Video {
+            frames: f,
+            height: o.height,
+            width: o.width,
+            rgb,
+            latents,
+            timings,
+            warnings,
+        })
+    }
+
+    /// Decode `[1, C, F, h, w]` latents into `[F, H, W, 3]` RGB in [0, 1], `chunk` frames per
+    /// VAE call.
+    pub fn decode(
+        &mut self,
+        latents: &[f32],
+        f: usize,
+        h: usize,
+        w: usize,
+        chunk: usize,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<Vec<f32>> {
+        let c = self.info.latent_channels;
+        let hw = h * w;
+        let inv = 1.0 / self.info.scaling_factor;
+        let mut rgb: Vec<f32> = Vec::new();
+        let mut start = 0;
+        while start < f {
+            let m = chunk.min(f - start);
+            // [C, F, h, w] → [m, C, h, w] for frames start..start+m
+            let mut z = vec![0f32; m * c * hw];
+            for j in 0..m {
+                for ch in 0..c {
+                    let src = (ch * f + start + j) * hw;
+                    let dst = (j * c + ch) * hw;
+                    for (o, s) in z[dst..dst + hw].iter_mut().zip(&latents[src..src + hw]) {
+                        *o = s * inv;
+                    }
+                }
+            }
+            let out = self
+                .vae
+                .run_with(&[("latent", Input::F32(&[m, c, h, w], &z))])?;
+            let img =
+                out.into_iter().next().map(|o| o.1).ok_or_else(|| {
+                    model_err(&self.info.dir, "vae_decoder.onnx returned no output")
+                })?;
+            let bad = count_nonfinite(&img.data);
+            if bad > 0 {
+                return Err(PipelineError::NonFinite {
+                    what: "the decoded frames",
+                    when: format!("(frames {start}..{})", start + m),
+                    count: bad,
+                });
+            }
+            let (ih, iw) = (img.shape[2], img.shape[3]);
+            rgb.reserve(m * ih * iw * 3);
+            for j in 0..m {
+                for y in 0..ih {
+                    for x in 0..iw {
+                        for ch in 0..3 {
+                            let v = img.data[((j * 3 + ch) * ih + y) * iw + x];
+                            rgb.push((v / 2.0 + 0.5).clamp(0.0, 1.0));
+                        }
+                    }
+                }
+            }
+            start += m;
+            events(Event::Decoded {
+                done: start,
+                total: f,
+            });
+        }
+        Ok(rgb)
+    }
+}

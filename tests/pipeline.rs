@@ -1,0 +1,84 @@
+//! End to end against diffusers' `AnimateDiffPipeline` (tests/fixtures/pipeline): the same tiny
+//! model, prompt, negative prompt, initial noise, scheduler and steps, with classifier-free
+//! guidance; our final latents and decoded frames must match.
+
+mod common;
+
+use common::*;
+use motionrt_export::graph::unet::Semantics;
+use motionrt_export::graph::Precision;
+use motionrt_runtime::pipeline::{GenerateOptions, Pipeline};
+use motionrt_runtime::scheduler::{SchedulerConfig, SchedulerKind};
+use motionrt_runtime::{error_stats, SessionOptions, Tolerance};
+
+/// Frames are compared in absolute terms on the [0, 1] scale: 1e-3 is a quarter of one 8-bit
+/// level.
+const FRAME_ABS_TOL: f64 = 1e-3;
+
+fn manifest() -> serde_json::Value {
+    let p = pipeline_fixtures().join("manifest.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).expect("manifest")).expect("json")
+}
+
+#[test]
+fn matches_animatediff_pipeline() {
+    let e = export_pipeline(
+        &pipeline_fixtures().join("tiny"),
+        false,
+        Semantics::Diffusers,
+        Precision::Fp32,
+    );
+    let out = e.dir.path().join("out");
+    let mut pipe =
+        Pipeline::load(&out, &SessionOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    let m = manifest();
+    for (case, kind) in [
+        ("ddim", SchedulerKind::Ddim),
+        ("euler", SchedulerKind::Euler),
+        ("dpmpp", SchedulerKind::DpmPp2mKarras),
+    ] {
+        let file = pipeline_fixtures().join(format!("pipe_{case}.safetensors"));
+        let cfg = SchedulerConfig::from_diffusers_json(&m["cases"][case]["scheduler_config"])
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let opts = GenerateOptions {
+            prompt: m["prompt"].as_str().unwrap().into(),
+            negative_prompt: m["negative_prompt"].as_str().unwrap().into(),
+            frames: m["frames"].as_u64().unwrap() as usize,
+            height: m["height"].as_u64().unwrap() as usize,
+            width: m["width"].as_u64().unwrap() as usize,
+            steps: m["steps"].as_u64().unwrap() as usize,
+            guidance: m["guidance"].as_f64().unwrap() as f32,
+            scheduler: kind,
+            scheduler_config: Some(cfg),
+            decode_chunk: 3,
+            init_latents: Some(read(&file, "init_latents").data),
+            ..Default::default()
+        };
+        let video = pipe
+            .generate(&opts, &mut |_| {})
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let ref_latents = read(&file, "latents");
+        let ref_frames = read(&file, "frames");
+        let sl = error_stats(&video.latents, &ref_latents.data);
+        let sf = error_stats(&video.rgb, &ref_frames.data);
+        println!(
+            "{case}: latents max err {:.2e} ({:.2e} of max |ref| {:.2}); frames max abs err {:.2e}, mean {:.2e}",
+            sl.max_abs, sl.max_rel_to_ref_max, sl.ref_max, sf.max_abs, sf.mean_abs
+        );
+        assert_eq!(
+            video.rgb.len(),
+            ref_frames.data.len(),
+            "{case}: frame data size"
+        );
+        assert!(
+            sl.max_rel_to_ref_max <= Tolerance::FP32.rel_to_max,
+            "{case}: latents {:.2e} of max",
+            sl.max_rel_to_ref_max
+        );
+        assert!(
+            sf.max_abs <= FRAME_ABS_TOL,
+            "{case}: frames {:.2e}",
+            sf.max_abs
+        );
+    }
+}
