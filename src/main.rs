@@ -1,6 +1,6 @@
 //! The `motionrt` command line: parse, call the libraries, print.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -10,6 +10,11 @@ use motionrt_export::config::MotionVersion;
 use motionrt_export::export::{export, ExportOptions, ExternalData, Progress};
 use motionrt_export::graph::unet::Semantics;
 use motionrt_export::graph::Precision;
+use motionrt_runtime::pipeline::{Event, GenerateOptions, Pipeline};
+use motionrt_runtime::scheduler::{SchedulerConfig, SchedulerKind};
+use motionrt_runtime::tokenizer::ClipTokenizer;
+use motionrt_runtime::video::{self as frames, Frames, OutputFormat};
+use motionrt_runtime::SessionOptions;
 
 #[derive(Parser)]
 #[command(
@@ -50,7 +55,8 @@ enum ExternalArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Export the AnimateDiff UNet (SD1.5 UNet + motion modules) to DIR/unet.onnx and DIR/model.json.
+    /// Export the AnimateDiff UNet (SD1.5 UNet + motion modules) to DIR/unet.onnx, and the VAE, CLIP text encoder and
+    /// tokenizer when given or found beside the UNet, with DIR/model.json.
     Export {
         /// The UNet: a diffusers model folder (`unet/config.json` + weights, or the pipeline folder) or an original
         /// single-file SD1.5 checkpoint (.safetensors/.ckpt with `model.diffusion_model.*` keys).
@@ -108,10 +114,62 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write a tiny random-weight AnimateDiff model in the real layouts, export it, and run one UNet step on
-    /// ONNX Runtime (CPU), printing per-stage timings.
+    /// Generate a video from a prompt with an exported model directory (text encoder → denoising loop → VAE →
+    /// frames) on ONNX Runtime, CPU.
+    Run {
+        /// A directory written by `motionrt export` (model.json, unet.onnx, text_encoder.onnx, vae_decoder.onnx,
+        /// tokenizer/).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long = "negative-prompt", default_value = "")]
+        negative_prompt: String,
+        /// A prompt from a given frame on, as FRAME:TEXT (repeatable); text embeddings are interpolated between
+        /// keyframes. --prompt is used at frame 0 unless a keyframe is given there.
+        #[arg(long = "frame-prompt", value_name = "FRAME:TEXT")]
+        frame_prompts: Vec<String>,
+        /// Output: .gif (looping), .mp4 (needs ffmpeg on the PATH), .png (a numbered sequence NAME_000.png ...)
+        /// or a directory (frame_000.png ...).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        frames: usize,
+        #[arg(long, default_value_t = 512)]
+        height: usize,
+        #[arg(long, default_value_t = 512)]
+        width: usize,
+        #[arg(long, default_value_t = 25)]
+        steps: usize,
+        /// Classifier-free guidance scale (≤ 1 turns guidance off: half the UNet work).
+        #[arg(long, default_value_t = 7.5)]
+        guidance: f32,
+        /// ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras or lcm.
+        #[arg(long, default_value = "ddim")]
+        scheduler: String,
+        /// A diffusers scheduler_config.json to use instead of the model's AnimateDiff defaults.
+        #[arg(long = "scheduler-config")]
+        scheduler_config: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Frames per VAE decoder call: lower bounds memory.
+        #[arg(long = "decode-chunk", default_value_t = 16)]
+        decode_chunk: usize,
+        /// Frames per second of the GIF / MP4.
+        #[arg(long, default_value_t = 8.0)]
+        fps: f32,
+        /// ONNX Runtime threads per operator (0: ONNX Runtime's default, all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Print a JSON summary (files, timings) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a tiny random-weight AnimateDiff model set in the real layouts (diffusers UNet, VAE, CLIP text encoder
+    /// and tokenizer folders, original-layout motion module), export it, generate a video on ONNX Runtime (CPU) and
+    /// write it as a GIF, printing per-stage timings. Random weights: expect coloured noise, not a picture.
     Demo {
-        /// Working directory; its model and export are replaced on each run (default: $TMPDIR/motionrt-demo).
+        /// Working directory; its model, export and video are replaced on each run (default: $TMPDIR/motionrt-demo).
         #[arg(long)]
         dir: Option<PathBuf>,
         #[arg(long, default_value_t = 8)]
@@ -120,8 +178,18 @@ enum Command {
         height: usize,
         #[arg(long, default_value_t = 64)]
         width: usize,
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        #[arg(
+            long,
+            default_value = "a red fox running through fresh snow, cinematic"
+        )]
+        prompt: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Where to write the video (default: DIR/demo.gif).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -197,13 +265,73 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Run {
+            model,
+            prompt,
+            negative_prompt,
+            frame_prompts,
+            out,
+            frames,
+            height,
+            width,
+            steps,
+            guidance,
+            scheduler,
+            scheduler_config,
+            seed,
+            decode_chunk,
+            fps,
+            threads,
+            json,
+        } => {
+            let scheduler_config = scheduler_config
+                .map(|p| -> Result<SchedulerConfig> {
+                    let text = std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    let v: serde_json::Value = serde_json::from_str(&text)
+                        .with_context(|| format!("{}: not JSON", p.display()))?;
+                    SchedulerConfig::from_diffusers_json(&v)
+                        .with_context(|| format!("{}", p.display()))
+                })
+                .transpose()?;
+            let opts = GenerateOptions {
+                prompt,
+                negative_prompt,
+                frame_prompts: parse_frame_prompts(&frame_prompts)?,
+                frames,
+                height,
+                width,
+                steps,
+                guidance,
+                scheduler: scheduler
+                    .parse::<SchedulerKind>()
+                    .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?,
+                scheduler_config,
+                seed,
+                decode_chunk,
+                init_latents: None,
+            };
+            generate(&model, &opts, &out, fps, threads, json)
+        }
         Command::Demo {
             dir,
             frames,
             height,
             width,
+            steps,
+            prompt,
             seed,
-        } => demo(dir, frames, height, width, seed),
+            out,
+        } => demo(DemoArgs {
+            dir,
+            frames,
+            height,
+            width,
+            steps,
+            prompt,
+            seed,
+            out,
+        }),
     }
 }
 
@@ -269,32 +397,203 @@ fn print_export_summary(
         "  graph:   {} nodes, precision {}, semantics {}, opset {}",
         m.graphs["unet"].nodes, m.precision, m.semantics, m.opset
     );
+    if let Some(v) = &m.vae {
+        println!(
+            "  vae:     {} ({} layout), {:.1} M parameters, scaling factor {} -> vae_decoder.onnx, vae_encoder.onnx",
+            v.path.display(),
+            v.layout,
+            v.parameters as f64 / 1e6,
+            m.scaling_factor
+        );
+    } else {
+        println!("  vae:     none (pass --vae to export it; `run` needs it)");
+    }
+    if let Some(t) = &m.text_encoder {
+        println!(
+            "  text:    {} ({} layout), {:.1} M parameters -> text_encoder.onnx",
+            t.path.display(),
+            t.layout,
+            t.parameters as f64 / 1e6
+        );
+    } else {
+        println!("  text:    none (pass --text-encoder to export it; `run` needs it)");
+    }
+    match &m.tokenizer {
+        Some(t) => println!("  tokenizer: {} -> tokenizer/", t.source.display()),
+        None => println!("  tokenizer: none (pass --tokenizer; `run` needs it)"),
+    }
     if let Some(ext) = &m.graphs["unet"].external_data {
         println!("  weights: {}", opts.out.join(ext).display());
     }
 }
 
-fn demo(dir: Option<PathBuf>, frames: usize, height: usize, width: usize, seed: u64) -> Result<()> {
+fn parse_frame_prompts(args: &[String]) -> Result<Vec<(usize, String)>> {
+    args.iter()
+        .map(|a| {
+            let (f, text) = a.split_once(':').with_context(|| {
+                format!("--frame-prompt {a:?}: expected FRAME:TEXT, e.g. 8:a dog")
+            })?;
+            let f = f
+                .trim()
+                .parse::<usize>()
+                .with_context(|| format!("--frame-prompt {a:?}: {f:?} is not a frame number"))?;
+            Ok((f, text.to_string()))
+        })
+        .collect()
+}
+
+/// Run the pipeline with a progress bar and write the video; prints a summary line with
+/// per-stage times.
+fn generate(
+    model: &Path,
+    opts: &GenerateOptions,
+    out: &Path,
+    fps: f32,
+    threads: usize,
+    json: bool,
+) -> Result<()> {
+    // Fail on the output before minutes of work.
+    let format = OutputFormat::from_path(out).with_context(|| {
+        format!(
+            "{}: unknown output format (use .gif, .mp4, .png or a directory)",
+            out.display()
+        )
+    })?;
+    if format == OutputFormat::Mp4 && !frames::ffmpeg_available() {
+        bail!(
+            "{}: writing MP4 needs ffmpeg on the PATH, and there is none; install ffmpeg or write .gif / .png instead",
+            out.display()
+        );
+    }
+    let mut pipe = Pipeline::load(
+        model,
+        &SessionOptions::default().with_intra_threads(threads),
+    )
+    .with_context(|| format!("loading {}", model.display()))?;
+    pipe.validate(opts)?;
+    let bar = indicatif::ProgressBar::new(opts.steps as u64);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>12} {bar:40} {pos}/{len} [{elapsed} < {eta}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let video = pipe.generate(opts, &mut |e| match e {
+        Event::Stage(s) => bar.set_message(s),
+        Event::Step { index, total } => {
+            bar.set_length(total as u64);
+            bar.set_position(index as u64 + 1);
+        }
+        Event::Decoded { .. } => {}
+        Event::Warning(w) => bar.suspend(|| eprintln!("warning: {w}")),
+    });
+    bar.finish_and_clear();
+    let video = video?;
+    let t = Instant::now();
+    let frames = Frames::new(video.frames, video.height, video.width, video.rgb.clone());
+    let files = frames::write(out, &frames, fps)?;
+    let write_s = t.elapsed().as_secs_f64();
+    let tm = &video.timings;
+    let mut steps = tm.steps.clone();
+    steps.sort_by(f64::total_cmp);
+    let step_median = steps.get(steps.len() / 2).copied().unwrap_or(0.0);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "files": files,
+                "frames": video.frames,
+                "height": video.height,
+                "width": video.width,
+                "timings_s": {
+                    "load": pipe.load_seconds,
+                    "text_encoder": tm.text_encoder,
+                    "denoise": tm.denoise,
+                    "step_median": step_median,
+                    "vae_decode": tm.vae_decode,
+                    "write": write_s,
+                },
+                "warnings": video.warnings,
+            }))?
+        );
+    } else {
+        let shown = match files.as_slice() {
+            [one] => one.display().to_string(),
+            [first, .., last] => format!(
+                "{} … {} ({} files)",
+                first.display(),
+                last.display(),
+                files.len()
+            ),
+            [] => String::from("nothing"),
+        };
+        println!(
+            "wrote {shown}: {} frames {}×{}",
+            video.frames, video.width, video.height
+        );
+        println!(
+            "timings: load {:.2} s | text encoder {:.3} s | denoise {:.2} s ({} steps, median {:.3} s/step) | VAE decode {:.2} s | write {:.2} s",
+            pipe.load_seconds,
+            tm.text_encoder,
+            tm.denoise,
+            tm.steps.len(),
+            step_median,
+            tm.vae_decode,
+            write_s
+        );
+    }
+    Ok(())
+}
+
+struct DemoArgs {
+    dir: Option<PathBuf>,
+    frames: usize,
+    height: usize,
+    width: usize,
+    steps: usize,
+    prompt: String,
+    seed: u64,
+    out: Option<PathBuf>,
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
     use motionrt_export::synthetic;
-    use motionrt_runtime::{OrtSession, SessionOptions, Tensor};
-    if height % 8 != 0 || width % 8 != 0 || height == 0 || width == 0 {
-        bail!("--height and --width must be positive multiples of 8 (got {height}×{width})");
+    if a.height % 8 != 0 || a.width % 8 != 0 || a.height == 0 || a.width == 0 {
+        bail!(
+            "--height and --width must be positive multiples of 8 (got {}×{})",
+            a.height,
+            a.width
+        );
     }
     let motion_cfg = synthetic::tiny_motion(MotionVersion::V2);
-    if frames == 0 || frames > motion_cfg.max_seq_length {
+    if a.frames == 0 || a.frames > motion_cfg.max_seq_length {
         bail!(
             "--frames must be between 1 and {} (the motion module's positional table)",
             motion_cfg.max_seq_length
         );
     }
     // The files stay after the run so they can be inspected (`motionrt inspect DIR/export/unet.onnx`).
-    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("motionrt-demo"));
+    let dir = a
+        .dir
+        .unwrap_or_else(|| std::env::temp_dir().join("motionrt-demo"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let t = Instant::now();
-    let model = synthetic::write_model(&dir, &synthetic::tiny_unet(), &motion_cfg, seed)?;
+    let model = synthetic::write_model(&dir, &synthetic::tiny_unet(), &motion_cfg, a.seed)?;
+    let tokenizer = ClipTokenizer::byte_level();
+    let tok_dir = model.unet_dir.join("tokenizer");
+    tokenizer
+        .write_files(&tok_dir)
+        .with_context(|| format!("writing {}", tok_dir.display()))?;
+    synthetic::write_vae_and_text_encoder(
+        &model.unet_dir,
+        &synthetic::tiny_vae(),
+        &synthetic::tiny_text_encoder(tokenizer.vocab_size()),
+        a.seed ^ 0x7e,
+    )?;
     let t_write = t.elapsed();
     println!(
-        "wrote tiny random-weight model: {} (diffusers layout), {} (AnimateDiff layout)",
+        "wrote a tiny random-weight model set: {} (diffusers UNet, VAE, text encoder, tokenizer), {} (AnimateDiff layout)",
         model.unet_dir.display(),
         model.motion_file.display()
     );
@@ -319,59 +618,22 @@ fn demo(dir: Option<PathBuf>, frames: usize, height: usize, width: usize, seed: 
     let m = export_with_progress(&opts, true)?;
     let t_export = t.elapsed();
     print_export_summary(&m, &opts, t_export.as_secs_f64());
-
-    let t = Instant::now();
-    let mut session = OrtSession::load(&out.join("unet.onnx"), &SessionOptions::default())?;
-    let t_load = t.elapsed();
-    let (h, w) = (height / 8, width / 8);
-    let mut rng = synthetic::Rng::new(seed ^ 0x5eed);
-    let d = m.unet_config.cross_attention_dim;
-    let sample = Tensor::new(
-        vec![1, 4, frames, h, w],
-        (0..4 * frames * h * w).map(|_| rng.normal()).collect(),
-    );
-    let timestep = Tensor::new(vec![1], vec![500.0]);
-    let ctx = Tensor::new(
-        vec![frames, 77, d],
-        (0..frames * 77 * d).map(|_| rng.normal()).collect(),
-    );
-    let inputs = [
-        ("sample", &sample),
-        ("timestep", &timestep),
-        ("encoder_hidden_states", &ctx),
-    ];
-    let t = Instant::now();
-    session.run(&inputs)?; // warm-up
-    let t_first = t.elapsed();
-    let mut times = Vec::new();
-    let mut last = None;
-    for _ in 0..3 {
-        let t = Instant::now();
-        last = Some(session.run(&inputs)?);
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    let outputs = last.context("no run")?;
-    let (name, noise) = &outputs[0];
-    let finite = noise.data.iter().all(|v| v.is_finite());
-    let max = noise.data.iter().fold(0f32, |a, v| a.max(v.abs()));
-    if !finite {
-        bail!("the UNet produced non-finite values");
-    }
     println!(
-        "ran the UNet on ONNX Runtime (CPU): {name} {:?}, max |x| {max:.3}",
-        noise.shape
-    );
-    println!(
-        "timings: write model {:.2} s | export {:.2} s | session load {:.2} s | first step {:.3} s | step median {:.3} s ({} frames, {}×{} latent)",
+        "model set written in {:.2} s, exported in {:.2} s",
         t_write.as_secs_f64(),
-        t_export.as_secs_f64(),
-        t_load.as_secs_f64(),
-        t_first.as_secs_f64(),
-        times[times.len() / 2],
-        frames,
-        h,
-        w
+        t_export.as_secs_f64()
     );
-    Ok(())
+
+    let video = a.out.unwrap_or_else(|| dir.join("demo.gif"));
+    let gen = GenerateOptions {
+        prompt: a.prompt,
+        negative_prompt: "blurry, low quality".into(),
+        frames: a.frames,
+        height: a.height,
+        width: a.width,
+        steps: a.steps,
+        seed: a.seed,
+        ..Default::default()
+    };
+    generate(&out, &gen, &video, 8.0, 0, false)
 }

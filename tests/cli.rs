@@ -101,21 +101,233 @@ fn export_then_inspect_onnx() {
 }
 
 #[test]
-fn demo_runs_end_to_end() {
+fn demo_writes_a_looping_gif() {
     let dir = tempfile::tempdir().unwrap();
     let text = ok(motionrt()
         .args([
-            "demo", "--frames", "3", "--height", "32", "--width", "24", "--dir",
+            "demo", "--frames", "5", "--height", "32", "--width", "48", "--steps", "3", "--dir",
         ])
         .arg(dir.path()));
-    assert!(text.contains("noise_pred [1, 4, 3, 4, 3]"), "{text}");
-    assert!(text.contains("step median"), "{text}");
+    assert!(text.contains("5 frames 48×32"), "{text}");
+    for stage in ["text encoder", "denoise", "VAE decode", "s/step"] {
+        assert!(text.contains(stage), "{text}");
+    }
+    let gif_path = dir.path().join("demo.gif");
+    let mut opts = gif::DecodeOptions::new();
+    opts.set_color_output(gif::ColorOutput::RGBA);
+    let mut dec = opts
+        .read_info(std::fs::File::open(&gif_path).expect("demo.gif exists"))
+        .expect("a GIF");
+    assert_eq!((dec.width(), dec.height()), (48, 32));
+    let mut n = 0;
+    let mut distinct = std::collections::HashSet::new();
+    while let Some(f) = dec.read_next_frame().expect("frame decodes") {
+        assert_eq!((f.width, f.height), (48, 32));
+        distinct.extend(f.buffer.chunks(4).map(|p| p.to_vec()));
+        n += 1;
+    }
+    assert_eq!(n, 5, "frame count");
+    assert_eq!(dec.repeat(), gif::Repeat::Infinite, "the GIF loops");
+    assert!(
+        distinct.len() > 16,
+        "frames are not flat: {} colours",
+        distinct.len()
+    );
+}
+
+/// A model directory exported once for the `run` tests.
+fn demo_model() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    ok(motionrt()
+        .args([
+            "demo", "--frames", "2", "--height", "16", "--width", "16", "--steps", "1", "--dir",
+        ])
+        .arg(dir.path()));
+    dir
+}
+
+fn fails(cmd: &mut Command) -> String {
+    let o = cmd.output().expect("motionrt runs");
+    assert!(
+        !o.status.success(),
+        "expected failure, got success: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8(o.stderr).unwrap()
+}
+
+#[test]
+fn run_writes_png_sequence_and_warns_on_long_prompts() {
+    let d = demo_model();
+    let model = d.path().join("export");
+    let long = "a very long prompt with many many words ".repeat(12);
+    let out = d.path().join("seq/clip.png");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let o = motionrt()
+        .args([
+            "run", "--frames", "3", "--height", "16", "--width", "24", "--steps", "2", "--prompt",
+            &long,
+        ])
+        .args([
+            "--frame-prompt",
+            "2:a dog",
+            "--scheduler",
+            "euler-a",
+            "--model",
+        ])
+        .arg(&model)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("truncated"), "{stderr}");
+    for i in 0..3 {
+        let p = d.path().join(format!("seq/clip_{i:03}.png"));
+        let dec = png::Decoder::new(std::io::BufReader::new(
+            std::fs::File::open(&p).expect("png written"),
+        ));
+        let r = dec.read_info().expect("png decodes");
+        assert_eq!((r.info().width, r.info().height), (24, 16));
+    }
+}
+
+#[test]
+fn run_rejects_bad_input_clearly() {
+    let d = demo_model();
+    let model = d.path().join("export");
+    let gif = d.path().join("x.gif");
+    let run = |extra: &[&str]| {
+        let mut c = motionrt();
+        c.args(["run", "--prompt", "a cat", "--steps", "1"])
+            .args(extra);
+        c
+    };
+    // frames beyond the positional table
+    let e = fails(
+        run(&["--frames", "40", "--height", "16", "--width", "16"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&gif),
+    );
+    assert!(e.contains("positional table") && e.contains("32"), "{e}");
+    // size not divisible by 8
+    let e = fails(
+        run(&["--frames", "2", "--height", "20", "--width", "16"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&gif),
+    );
+    assert!(e.contains("multiples of 8"), "{e}");
+    // missing model files
+    let e = fails(
+        run(&["--frames", "2"])
+            .arg("--model")
+            .arg(d.path().join("nope"))
+            .arg("--out")
+            .arg(&gif),
+    );
+    assert!(e.contains("model.json"), "{e}");
+    std::fs::remove_file(model.join("vae_decoder.onnx")).unwrap();
+    let e = fails(
+        run(&["--frames", "2", "--height", "16", "--width", "16"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&gif),
+    );
+    assert!(e.contains("vae_decoder.onnx") && e.contains("--vae"), "{e}");
+    // unknown output format
+    let e = fails(
+        run(&["--frames", "2"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(d.path().join("x.avi")),
+    );
+    assert!(e.contains("unknown output format"), "{e}");
+    // bad scheduler name
+    let e = fails(
+        run(&["--scheduler", "heun"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&gif),
+    );
+    assert!(e.contains("--scheduler"), "{e}");
+    assert!(!gif.exists(), "nothing written");
+}
+
+#[test]
+fn run_without_onnx_runtime_says_how_to_install_it() {
+    let d = tempfile::tempdir().unwrap();
+    let e = fails(
+        motionrt()
+            .args(["run", "--prompt", "x", "--model"])
+            .arg(d.path())
+            .arg("--out")
+            .arg(d.path().join("x.gif"))
+            .env("ORT_DYLIB_PATH", d.path().join("missing/libonnxruntime.so"))
+            .env("PATH", d.path()),
+    );
+    // model.json is checked first; give it one so the library lookup is reached.
+    assert!(e.contains("model.json"), "{e}");
+    let m = demo_model();
+    let e = fails(
+        motionrt()
+            .args([
+                "run", "--prompt", "x", "--frames", "2", "--height", "16", "--width", "16",
+                "--model",
+            ])
+            .arg(m.path().join("export"))
+            .arg("--out")
+            .arg(d.path().join("x.gif"))
+            .env("ORT_DYLIB_PATH", d.path().join("missing/libonnxruntime.so"))
+            .env("PATH", d.path()),
+    );
+    assert!(
+        e.contains("ONNX Runtime was not found") && e.contains("pip install onnxruntime"),
+        "{e}"
+    );
+}
+
+#[test]
+fn mp4_needs_ffmpeg_or_says_so() {
+    let m = demo_model();
+    let out = m.path().join("v.mp4");
+    let o = motionrt()
+        .args([
+            "run", "--prompt", "x", "--frames", "2", "--height", "16", "--width", "16", "--steps",
+            "1", "--model",
+        ])
+        .arg(m.path().join("export"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let ffmpeg = std::process::Command::new("ffmpeg")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ffmpeg {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let bytes = std::fs::read(&out).unwrap();
+        assert_eq!(&bytes[4..8], b"ftyp");
+    } else {
+        println!("no ffmpeg on the PATH: checking the message");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("ffmpeg"), "{e}");
+        assert!(!out.exists());
+    }
 }
 
 #[test]
 fn help_explains_the_commands() {
     let text = ok(motionrt().arg("--help"));
-    for cmd in ["export", "inspect", "demo"] {
+    for cmd in ["export", "inspect", "run", "demo"] {
         assert!(text.contains(cmd), "{text}");
     }
     let text = ok(motionrt().args(["export", "--help"]));

@@ -70,10 +70,7 @@ impl Rng {
 /// norm scales 1 + N(0, 0.1).
 fn init_param(rng: &mut Rng, name: &str, shape: &[usize]) -> Vec<f32> {
     let n: usize = shape.iter().product();
-    let is_norm = name
-        .rsplit('.')
-        .nth(1)
-        .is_some_and(|m| m.starts_with("norm") || m == "conv_norm_out");
+    let is_norm = name.rsplit('.').nth(1).is_some_and(|m| m.contains("norm"));
     if name.ends_with(".bias") {
         (0..n).map(|_| 0.1 * rng.normal()).collect()
     } else if is_norm && shape.len() == 1 {
@@ -224,4 +221,104 @@ pub fn write_model(
         unet_dir,
         motion_file,
     })
+}
+
+/// A tiny VAE with SD's structure (4 levels, so latents are 1/8 of the image): 8, 16, 16, 16
+/// channels, one ResNet per level, 8 GroupNorm groups.
+pub fn tiny_vae() -> crate::components::VaeConfig {
+    crate::components::VaeConfig {
+        block_out_channels: vec![8, 16, 16, 16],
+        layers_per_block: 1,
+        norm_num_groups: 8,
+        ..crate::components::VaeConfig::sd15()
+    }
+}
+
+/// A tiny CLIP text encoder for [`tiny_unet`] (width 32) over a `vocab_size` vocabulary.
+pub fn tiny_text_encoder(vocab_size: usize) -> crate::components::TextEncoderConfig {
+    crate::components::TextEncoderConfig {
+        vocab_size,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        ..crate::components::TextEncoderConfig::clip_vit_l14()
+    }
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let text =
+        serde_json::to_string_pretty(v).map_err(|e| ExportError::model(path, e.to_string()))?;
+    std::fs::write(path, text).map_err(|e| ExportError::io(path, e))
+}
+
+/// Write a random-weight VAE (`pipeline/vae/`) and CLIP text encoder (`pipeline/text_encoder/`)
+/// in the diffusers / transformers folder layouts.
+pub fn write_vae_and_text_encoder(
+    pipeline: &Path,
+    vae: &crate::components::VaeConfig,
+    text: &crate::components::TextEncoderConfig,
+    seed: u64,
+) -> Result<()> {
+    use crate::graph::{clip, vae as vae_graph};
+    let mut rng = Rng::new(seed);
+    let random = |rng: &mut Rng, params: &[crate::graph::Param]| {
+        params
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.shape.clone(),
+                    init_param(rng, &p.name, &p.shape),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut vae_t = random(
+        &mut rng,
+        &vae_graph::build_encoder(vae, Precision::Fp32).params,
+    );
+    vae_t.extend(random(
+        &mut rng,
+        &vae_graph::build_decoder(vae, Precision::Fp32).params,
+    ));
+    let d = pipeline.join("vae");
+    std::fs::create_dir_all(&d).map_err(|e| ExportError::io(&d, e))?;
+    write_json(
+        &d.join("config.json"),
+        &serde_json::json!({
+            "_class_name": "AutoencoderKL",
+            "in_channels": vae.in_channels,
+            "out_channels": vae.out_channels,
+            "latent_channels": vae.latent_channels,
+            "block_out_channels": vae.block_out_channels,
+            "down_block_types": vec!["DownEncoderBlock2D"; vae.block_out_channels.len()],
+            "up_block_types": vec!["UpDecoderBlock2D"; vae.block_out_channels.len()],
+            "layers_per_block": vae.layers_per_block,
+            "norm_num_groups": vae.norm_num_groups,
+            "act_fn": "silu",
+            "scaling_factor": vae.scaling_factor,
+        }),
+    )?;
+    write_safetensors(&d.join("diffusion_pytorch_model.safetensors"), &vae_t)?;
+
+    let te_t = random(&mut rng, &clip::build(text, Precision::Fp32).params);
+    let d = pipeline.join("text_encoder");
+    std::fs::create_dir_all(&d).map_err(|e| ExportError::io(&d, e))?;
+    write_json(
+        &d.join("config.json"),
+        &serde_json::json!({
+            "architectures": ["CLIPTextModel"],
+            "model_type": "clip_text_model",
+            "vocab_size": text.vocab_size,
+            "hidden_size": text.hidden_size,
+            "intermediate_size": text.intermediate_size,
+            "num_hidden_layers": text.num_hidden_layers,
+            "num_attention_heads": text.num_attention_heads,
+            "max_position_embeddings": text.max_position_embeddings,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": text.layer_norm_eps,
+        }),
+    )?;
+    write_safetensors(&d.join("model.safetensors"), &te_t)
 }

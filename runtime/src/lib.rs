@@ -8,6 +8,7 @@ pub mod pipeline;
 pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod video;
 
 pub use compare::{error_stats, ErrorStats, Tolerance};
 pub use ort_backend::{find_onnxruntime, Input, OrtSession, SessionOptions, Tensor};

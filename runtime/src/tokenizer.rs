@@ -372,6 +372,28 @@ impl ClipTokenizer {
     /// Builds a tokenizer from an in-memory vocab (`token -> id`) and ranked merges
     /// (rank = index). Both parts of each merge and their concatenation must be in
     /// the vocab, as must `<|startoftext|>`, `<|endoftext|>` and `pad_token`.
+    /// A byte-level vocabulary without merges (every byte is a token; the 256 byte symbols,
+    /// each also with `</w>`, then the two specials) — a valid CLIP vocabulary for synthetic
+    /// models.
+    pub fn byte_level() -> Self {
+        let (table, order) = bytes_to_unicode();
+        let mut vocab = HashMap::new();
+        for &b in &order {
+            let n = vocab.len() as u32;
+            vocab.insert(table[b as usize].to_string(), n);
+        }
+        for &b in &order {
+            let n = vocab.len() as u32;
+            vocab.insert(format!("{}{END_OF_WORD}", table[b as usize]), n);
+        }
+        for s in [BOS_TOKEN, EOS_TOKEN] {
+            let n = vocab.len() as u32;
+            vocab.insert(s.to_string(), n);
+        }
+        Self::from_vocab_merges(vocab, Vec::new(), EOS_TOKEN)
+            .expect("the byte-level vocabulary is complete")
+    }
+
     pub fn from_vocab_merges(
         vocab: HashMap<String, u32>,
         merges: Vec<(String, String)>,
