@@ -10,10 +10,10 @@ use motionrt_export::config::MotionVersion;
 use motionrt_export::export::{export, ExportOptions, ExternalData, Progress};
 use motionrt_export::graph::unet::Semantics;
 use motionrt_export::graph::Precision;
+use motionrt_runtime::frames::{self, Frames, OutputFormat};
 use motionrt_runtime::pipeline::{Event, GenerateOptions, Pipeline};
 use motionrt_runtime::scheduler::{SchedulerConfig, SchedulerKind};
 use motionrt_runtime::tokenizer::ClipTokenizer;
-use motionrt_runtime::video::{self as frames, Frames, OutputFormat};
 use motionrt_runtime::SessionOptions;
 
 #[derive(Parser)]
@@ -491,7 +491,7 @@ fn generate(
     bar.finish_and_clear();
     let video = video?;
     let t = Instant::now();
-    let frames = Frames::new(video.frames, video.height, video.width, video.rgb.clone());
+    let frames = Frames::new(video.frames, video.height, video.width, video.rgb.clone())?;
     let files = frames::write(out, &frames, fps)?;
     let write_s = t.elapsed().as_secs_f64();
     let tm = &video.timings;

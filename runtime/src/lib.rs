@@ -3,12 +3,12 @@
 //! Python package.
 
 pub mod compare;
+pub mod frames;
 mod ort_backend;
 pub mod pipeline;
 pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;
-pub mod video;
 
 pub use compare::{error_stats, ErrorStats, Tolerance};
 pub use ort_backend::{find_onnxruntime, Input, OrtSession, SessionOptions, Tensor};

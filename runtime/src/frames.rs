@@ -1,0 +1,579 @@
+//! Video frame writers: animated GIF, PNG sequence and MP4 (through an external `ffmpeg`).
+//!
+//! Every writer is atomic: output is first written under a temporary sibling name
+//! (`.NAME.partial-PID`) and renamed into place only once it is complete. On any error the
+//! temporary files are removed, so a failed write never leaves half-written output behind.
+//! Data is checked for NaN/Inf before anything is written.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+
+/// Decoded video: `data` is `[frames, height, width, 3]` RGB in `[0, 1]` (row-major, f32).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frames {
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+    pub data: Vec<f32>,
+}
+
+impl Frames {
+    /// Wraps `data` laid out as `[frames, height, width, 3]`.
+    ///
+    /// Fails with [`FramesError::Shape`] when any dimension is zero or when `data.len()` is not
+    /// `frames * height * width * 3`.
+    pub fn new(
+        frames: usize,
+        height: usize,
+        width: usize,
+        data: Vec<f32>,
+    ) -> Result<Self, FramesError> {
+        let expected = frames
+            .checked_mul(height)
+            .and_then(|n| n.checked_mul(width))
+            .and_then(|n| n.checked_mul(3));
+        if frames == 0 || height == 0 || width == 0 || expected != Some(data.len()) {
+            return Err(FramesError::Shape {
+                frames,
+                height,
+                width,
+                len: data.len(),
+            });
+        }
+        Ok(Self {
+            frames,
+            height,
+            width,
+            data,
+        })
+    }
+
+    /// Number of f32 values in one frame (`height * width * 3`).
+    pub fn frame_len(&self) -> usize {
+        self.height * self.width * 3
+    }
+
+    /// The raw f32 values of frame `i` (`[height, width, 3]`). Panics if `i >= self.frames`.
+    pub fn frame(&self, i: usize) -> &[f32] {
+        assert!(
+            i < self.frames,
+            "frame index {i} out of range ({} frames)",
+            self.frames
+        );
+        let n = self.frame_len();
+        &self.data[i * n..(i + 1) * n]
+    }
+
+    /// Frame `i` as packed RGB8 (`[height, width, 3]`), each value `round(clamp(x, 0, 1) * 255)`.
+    /// NaN maps to 0. Panics if `i >= self.frames`.
+    pub fn frame_rgb8(&self, i: usize) -> Vec<u8> {
+        self.frame(i).iter().map(|&x| to_u8(x)).collect()
+    }
+
+    /// `Err(NonFinite { index })` naming the first frame that holds a NaN or infinite value.
+    pub fn check_finite(&self) -> Result<(), FramesError> {
+        let n = self.frame_len().max(1);
+        match self.data.iter().position(|x| !x.is_finite()) {
+            Some(pos) => Err(FramesError::NonFinite { index: pos / n }),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks the shape invariants (fields are public, so they may have been changed after
+    /// [`Frames::new`]).
+    fn check_shape(&self) -> Result<(), FramesError> {
+        let expected = self
+            .frames
+            .checked_mul(self.height)
+            .and_then(|n| n.checked_mul(self.width))
+            .and_then(|n| n.checked_mul(3));
+        if self.frames == 0
+            || self.height == 0
+            || self.width == 0
+            || expected != Some(self.data.len())
+        {
+            return Err(FramesError::Shape {
+                frames: self.frames,
+                height: self.height,
+                width: self.width,
+                len: self.data.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), FramesError> {
+        self.check_shape()?;
+        self.check_finite()
+    }
+}
+
+fn to_u8(x: f32) -> u8 {
+    if x.is_nan() {
+        0
+    } else {
+        (x.clamp(0.0, 1.0) * 255.0).round() as u8
+    }
+}
+
+/// Output container chosen from the output path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Animated GIF, looping forever.
+    Gif,
+    /// PNG sequence: `out.png` -> `out_000.png`, `out_001.png`, ...; a directory ->
+    /// `DIR/frame_000.png`, ...
+    Png,
+    /// H.264 MP4 through an external `ffmpeg`.
+    Mp4,
+}
+
+impl OutputFormat {
+    /// The format for `path`: `.gif`, `.mp4`, `.png` (case-insensitive), or a PNG sequence
+    /// when the path ends in `/` or names an existing directory. `None` otherwise.
+    pub fn from_path(path: &Path) -> Option<Self> {
+        if is_dir_target(path) {
+            return Some(Self::Png);
+        }
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "gif" => Some(Self::Gif),
+            "png" => Some(Self::Png),
+            "mp4" => Some(Self::Mp4),
+            _ => None,
+        }
+    }
+
+    /// Lower-case file extension of the format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Gif => "gif",
+            Self::Png => "png",
+            Self::Mp4 => "mp4",
+        }
+    }
+}
+
+/// Errors from the frame writers. Each names the output path (or frame) involved.
+#[derive(Debug, thiserror::Error)]
+pub enum FramesError {
+    #[error("{path}: {source}", path = path.display())]
+    Io { path: PathBuf, source: io::Error },
+
+    #[error("{path}: encoding failed: {message}", path = path.display())]
+    Encode { path: PathBuf, message: String },
+
+    #[error("cannot write {path}: ffmpeg was not found on the PATH; install ffmpeg (e.g. `apt install ffmpeg`) or write a .gif or .png output instead", path = path.display())]
+    FfmpegMissing { path: PathBuf },
+
+    #[error("{path}: ffmpeg failed ({status}): {stderr_tail}", path = path.display())]
+    Ffmpeg {
+        path: PathBuf,
+        status: ExitStatus,
+        stderr_tail: String,
+    },
+
+    #[error("{path}: unknown output format; use a .gif, .mp4 or .png path, or a directory (ending in `/`) for a PNG sequence", path = path.display())]
+    UnknownFormat { path: PathBuf },
+
+    #[error("frame {index} holds a non-finite value (NaN or Inf); nothing was written")]
+    NonFinite { index: usize },
+
+    #[error("bad frame shape: {frames} frames of {height}x{width}x3 need {} values, got {len}", frames.saturating_mul(*height).saturating_mul(*width).saturating_mul(3))]
+    Shape {
+        frames: usize,
+        height: usize,
+        width: usize,
+        len: usize,
+    },
+
+    #[error("{path}: invalid frame rate {fps} (must be finite and > 0)", path = path.display())]
+    InvalidFps { path: PathBuf, fps: f32 },
+
+    #[error("{path}: {width}x{height} is too large for {format} (at most {max} per side)", path = path.display())]
+    TooLarge {
+        path: PathBuf,
+        format: &'static str,
+        width: usize,
+        height: usize,
+        max: usize,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FramesError + '_ {
+    move |source| FramesError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `frames` to `path`, choosing the format with [`OutputFormat::from_path`]. Returns the
+/// files written (one for GIF/MP4, one per frame for a PNG sequence). `fps` is ignored for PNG.
+pub fn write(path: &Path, frames: &Frames, fps: f32) -> Result<Vec<PathBuf>, FramesError> {
+    match OutputFormat::from_path(path) {
+        Some(OutputFormat::Gif) => write_gif(path, frames, fps).map(|p| vec![p]),
+        Some(OutputFormat::Mp4) => write_mp4(path, frames, fps).map(|p| vec![p]),
+        Some(OutputFormat::Png) => write_png_sequence(path, frames),
+        None => Err(FramesError::UnknownFormat {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+fn check_fps(path: &Path, fps: f32) -> Result<(), FramesError> {
+    if fps.is_finite() && fps > 0.0 {
+        Ok(())
+    } else {
+        Err(FramesError::InvalidFps {
+            path: path.to_path_buf(),
+            fps,
+        })
+    }
+}
+
+/// GIF frame delay in centiseconds for `fps`: `round(100 / fps)`, at least 2 (browsers replace
+/// smaller delays with 10).
+pub fn gif_delay_cs(fps: f32) -> u16 {
+    let cs = (100.0 / f64::from(fps)).round();
+    if cs.is_nan() {
+        2
+    } else {
+        cs.clamp(2.0, f64::from(u16::MAX)) as u16
+    }
+}
+
+/// Writes an animated GIF that loops forever (NETSCAPE2.0 extension), one local palette per
+/// frame, delay from `fps` (see [`gif_delay_cs`]). Atomic: temp sibling, then rename. Returns
+/// the path written.
+pub fn write_gif(path: &Path, frames: &Frames, fps: f32) -> Result<PathBuf, FramesError> {
+    frames.validate()?;
+    check_fps(path, fps)?;
+    let max = usize::from(u16::MAX);
+    if frames.width > max || frames.height > max {
+        return Err(FramesError::TooLarge {
+            path: path.to_path_buf(),
+            format: "GIF",
+            width: frames.width,
+            height: frames.height,
+            max,
+        });
+    }
+    let (w, h) = (frames.width as u16, frames.height as u16);
+    let delay = gif_delay_cs(fps);
+    let encode_err = |e: gif::EncodingError| match e {
+        gif::EncodingError::Io(source) => FramesError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => FramesError::Encode {
+            path: path.to_path_buf(),
+            message: other.to_string(),
+        },
+    };
+
+    let tmp = TempFile::new(path);
+    let file = File::create(tmp.path()).map_err(io_err(path))?;
+    let mut encoder = gif::Encoder::new(BufWriter::new(file), w, h, &[]).map_err(encode_err)?;
+    encoder
+        .set_repeat(gif::Repeat::Infinite)
+        .map_err(encode_err)?;
+    for i in 0..frames.frames {
+        let rgb = frames.frame_rgb8(i);
+        let mut frame = gif::Frame::from_rgb_speed(w, h, &rgb, 10);
+        frame.delay = delay;
+        encoder.write_frame(&frame).map_err(encode_err)?;
+    }
+    let writer = encoder.into_inner().map_err(io_err(path))?;
+    let file = writer
+        .into_inner()
+        .map_err(|e| io_err(path)(e.into_error()))?;
+    file.sync_all().map_err(io_err(path))?;
+    drop(file);
+    tmp.commit(path)?;
+    Ok(path.to_path_buf())
+}
+
+/// The file names of a PNG sequence for `path` with `count` frames (see [`OutputFormat::Png`]).
+/// Indices are zero-padded to at least 3 digits.
+pub fn png_sequence_paths(path: &Path, count: usize) -> Vec<PathBuf> {
+    let digits = count.saturating_sub(1).to_string().len().max(3);
+    if is_dir_target(path) {
+        (0..count)
+            .map(|i| path.join(format!("frame_{i:0digits$}.png")))
+            .collect()
+    } else {
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "frame".to_string());
+        (0..count)
+            .map(|i| path.with_file_name(format!("{stem}_{i:0digits$}.png")))
+            .collect()
+    }
+}
+
+/// Writes one RGB8 PNG per frame and returns the paths (see [`png_sequence_paths`]). All frames
+/// are first written under temporary names, then all renamed into place. A directory target
+/// (trailing `/`) that does not exist is created (its parent must exist), and removed again if
+/// the write fails.
+pub fn write_png_sequence(path: &Path, frames: &Frames) -> Result<Vec<PathBuf>, FramesError> {
+    frames.validate()?;
+    let max = u32::MAX as usize;
+    if frames.width > max || frames.height > max {
+        return Err(FramesError::TooLarge {
+            path: path.to_path_buf(),
+            format: "PNG",
+            width: frames.width,
+            height: frames.height,
+            max,
+        });
+    }
+    let mut created_dir = None;
+    if is_dir_target(path) && !path.is_dir() {
+        fs::create_dir(path).map_err(io_err(path))?;
+        created_dir = Some(path.to_path_buf());
+    }
+    let result = write_png_files(path, frames);
+    if result.is_err() {
+        if let Some(dir) = created_dir {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+    result
+}
+
+fn write_png_files(path: &Path, frames: &Frames) -> Result<Vec<PathBuf>, FramesError> {
+    let finals = png_sequence_paths(path, frames.frames);
+    let mut temps = Vec::with_capacity(finals.len());
+    for (i, out) in finals.iter().enumerate() {
+        let tmp = TempFile::new(out);
+        write_png_file(tmp.path(), out, frames, i)?;
+        temps.push(tmp);
+    }
+    // All frames are complete; move them into place. If a rename fails, undo the ones done so
+    // far (the remaining temps are removed when dropped).
+    let mut done: Vec<&PathBuf> = Vec::with_capacity(finals.len());
+    for (tmp, out) in temps.into_iter().zip(&finals) {
+        if let Err(e) = tmp.commit(out) {
+            for p in done {
+                let _ = fs::remove_file(p);
+            }
+            return Err(e);
+        }
+        done.push(out);
+    }
+    Ok(finals)
+}
+
+fn write_png_file(tmp: &Path, out: &Path, frames: &Frames, i: usize) -> Result<(), FramesError> {
+    let png_err = |e: png::EncodingError| match e {
+        png::EncodingError::IoError(source) => FramesError::Io {
+            path: out.to_path_buf(),
+            source,
+        },
+        other => FramesError::Encode {
+            path: out.to_path_buf(),
+            message: other.to_string(),
+        },
+    };
+    let file = File::create(tmp).map_err(io_err(out))?;
+    let mut encoder = png::Encoder::new(
+        BufWriter::new(file),
+        frames.width as u32,
+        frames.height as u32,
+    );
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(png_err)?;
+    writer
+        .write_image_data(&frames.frame_rgb8(i))
+        .map_err(png_err)?;
+    writer.finish().map_err(png_err)?;
+    Ok(())
+}
+
+/// Whether an `ffmpeg` executable can be run from the PATH.
+pub fn ffmpeg_available() -> bool {
+    Command::new(ffmpeg_program())
+        .arg("-version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn ffmpeg_program() -> OsString {
+    OsString::from("ffmpeg")
+}
+
+/// Writes an H.264 MP4 (yuv420p, `+faststart`) by piping raw rgb24 frames into `ffmpeg`.
+/// Odd sizes are padded to even. Atomic: ffmpeg writes a temp sibling, which is renamed on
+/// success; returns the path written. [`FramesError::FfmpegMissing`] when ffmpeg is not on the
+/// PATH.
+pub fn write_mp4(path: &Path, frames: &Frames, fps: f32) -> Result<PathBuf, FramesError> {
+    frames.validate()?;
+    check_fps(path, fps)?;
+    let tmp = TempFile::new(path);
+    let mut cmd = Command::new(ffmpeg_program());
+    cmd.args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
+        .args(["-f", "rawvideo", "-pix_fmt", "rgb24"])
+        .arg("-s")
+        .arg(format!("{}x{}", frames.width, frames.height))
+        .arg("-r")
+        .arg(format!("{fps}"))
+        .args(["-i", "-"]);
+    if frames.width % 2 == 1 || frames.height % 2 == 1 {
+        cmd.args(["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]);
+    }
+    cmd.args([
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-movflags",
+        "+faststart",
+    ])
+    .args(["-f", "mp4"])
+    .arg(tmp.path())
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(FramesError::FfmpegMissing {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    // Drain stderr on a thread so a chatty ffmpeg cannot block while we feed stdin.
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let stderr_thread = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let mut feed_err = None;
+    for i in 0..frames.frames {
+        if let Err(e) = stdin.write_all(&frames.frame_rgb8(i)) {
+            feed_err = Some(e);
+            break;
+        }
+    }
+    if feed_err.is_none() {
+        if let Err(e) = stdin.flush() {
+            feed_err = Some(e);
+        }
+    }
+    drop(stdin); // EOF: ffmpeg finishes the file.
+    let status = child.wait().map_err(io_err(path))?;
+    let stderr_bytes = stderr_thread.join().unwrap_or_default();
+    if !status.success() {
+        return Err(FramesError::Ffmpeg {
+            path: path.to_path_buf(),
+            status,
+            stderr_tail: tail(&String::from_utf8_lossy(&stderr_bytes), 2000),
+        });
+    }
+    if let Some(e) = feed_err {
+        return Err(io_err(path)(e));
+    }
+    if !tmp.path().is_file() {
+        return Err(FramesError::Encode {
+            path: path.to_path_buf(),
+            message: "ffmpeg exited successfully but wrote no file".to_string(),
+        });
+    }
+    tmp.commit(path)?;
+    Ok(path.to_path_buf())
+}
+
+/// The last `max` bytes of `s` (on a char boundary), trimmed.
+fn tail(s: &str, max: usize) -> String {
+    let s = s.trim();
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("...{}", &s[start..])
+}
+
+/// A path ending in a separator, or naming an existing directory.
+fn is_dir_target(path: &Path) -> bool {
+    let s = path.as_os_str().to_string_lossy();
+    s.ends_with('/') || s.ends_with(std::path::MAIN_SEPARATOR) || path.is_dir()
+}
+
+/// A temporary sibling `.NAME.partial-PID` of a final path; removed on drop unless committed.
+struct TempFile {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl TempFile {
+    fn new(final_path: &Path) -> Self {
+        let name = final_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "output".to_string());
+        let path = final_path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+        Self { path, armed: true }
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the temp file onto `final_path`.
+    fn commit(mut self, final_path: &Path) -> Result<(), FramesError> {
+        fs::rename(&self.path, final_path).map_err(io_err(final_path))?;
+        self.armed = false;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_from_fps() {
+        assert_eq!(gif_delay_cs(8.0), 13);
+        assert_eq!(gif_delay_cs(10.0), 10);
+        assert_eq!(gif_delay_cs(60.0), 2);
+        assert_eq!(gif_delay_cs(1000.0), 2);
+    }
+
+    #[test]
+    fn temp_name_is_hidden_sibling() {
+        let t = TempFile::new(Path::new("/a/b/out.gif"));
+        assert_eq!(
+            t.path(),
+            Path::new(&format!("/a/b/.out.gif.partial-{}", std::process::id()))
+        );
+    }
+
+    #[test]
+    fn tail_keeps_end() {
+        assert_eq!(tail("abc", 10), "abc");
+        assert_eq!(tail("abcdef", 3), "...def");
+    }
+}

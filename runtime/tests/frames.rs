@@ -1,0 +1,328 @@
+//! Frame writers: GIF / PNG-sequence round trips, MP4 via ffmpeg (when available), error cases.
+
+use motionrt_runtime::frames::{
+    ffmpeg_available, gif_delay_cs, write, write_gif, write_mp4, write_png_sequence, Frames,
+    FramesError, OutputFormat,
+};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+/// A fresh, empty directory for one test.
+fn test_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("frames_test_{name}"));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn dir_entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A deterministic gradient video with varying content per frame.
+fn gradient(frames: usize, height: usize, width: usize) -> Frames {
+    let mut data = Vec::with_capacity(frames * height * width * 3);
+    for f in 0..frames {
+        for y in 0..height {
+            for x in 0..width {
+                data.push(x as f32 / (width.max(2) - 1) as f32);
+                data.push(y as f32 / (height.max(2) - 1) as f32);
+                data.push(((f * 37 + x * 3 + y * 5) % 256) as f32 / 255.0);
+            }
+        }
+    }
+    Frames::new(frames, height, width, data).unwrap()
+}
+
+fn flat(frames: usize, height: usize, width: usize, rgb: [f32; 3]) -> Frames {
+    let data = (0..frames * height * width).flat_map(|_| rgb).collect();
+    Frames::new(frames, height, width, data).unwrap()
+}
+
+#[test]
+fn new_rejects_bad_shape() {
+    assert!(matches!(
+        Frames::new(2, 3, 4, vec![0.0; 2 * 3 * 4 * 3 - 1]),
+        Err(FramesError::Shape { .. })
+    ));
+    assert!(matches!(
+        Frames::new(0, 3, 4, vec![]),
+        Err(FramesError::Shape { .. })
+    ));
+}
+
+#[test]
+fn frame_rgb8_rounds_and_clamps() {
+    let f = Frames::new(1, 1, 2, vec![-0.5, 0.0, 0.5, 1.0, 2.0, 0.1]).unwrap();
+    // 0.5 * 255 = 127.5 -> 128; 0.1 * 255 = 25.5 -> 26
+    assert_eq!(f.frame_rgb8(0), vec![0, 0, 128, 255, 255, 26]);
+}
+
+#[test]
+fn format_from_path() {
+    let dir = test_dir("format");
+    assert_eq!(
+        OutputFormat::from_path(Path::new("a/out.gif")),
+        Some(OutputFormat::Gif)
+    );
+    assert_eq!(
+        OutputFormat::from_path(Path::new("out.GIF")),
+        Some(OutputFormat::Gif)
+    );
+    assert_eq!(
+        OutputFormat::from_path(Path::new("out.mp4")),
+        Some(OutputFormat::Mp4)
+    );
+    assert_eq!(
+        OutputFormat::from_path(Path::new("out.png")),
+        Some(OutputFormat::Png)
+    );
+    assert_eq!(
+        OutputFormat::from_path(Path::new("some/new/dir/")),
+        Some(OutputFormat::Png)
+    );
+    assert_eq!(OutputFormat::from_path(&dir), Some(OutputFormat::Png));
+    assert_eq!(OutputFormat::from_path(Path::new("out.avi")), None);
+    assert_eq!(OutputFormat::from_path(Path::new("out")), None);
+}
+
+#[test]
+fn gif_round_trip() {
+    let dir = test_dir("gif");
+    let path = dir.join("out.gif");
+    let (n, h, w) = (5, 24, 40);
+    let frames = gradient(n, h, w);
+    let written = write(&path, &frames, 8.0).unwrap();
+    assert_eq!(written, vec![path.clone()]);
+    assert_eq!(dir_entries(&dir), vec!["out.gif"], "no temp files left");
+
+    let bytes = fs::read(&path).unwrap();
+    assert!(bytes.starts_with(b"GIF89a"));
+    assert!(
+        bytes.windows(11).any(|w| w == b"NETSCAPE2.0"),
+        "NETSCAPE loop extension present"
+    );
+
+    let mut opts = gif::DecodeOptions::new();
+    opts.set_color_output(gif::ColorOutput::RGBA);
+    let mut decoder = opts.read_info(File::open(&path).unwrap()).unwrap();
+    assert_eq!(usize::from(decoder.width()), w);
+    assert_eq!(usize::from(decoder.height()), h);
+    let mut count = 0;
+    while let Some(frame) = decoder.read_next_frame().unwrap() {
+        assert_eq!(usize::from(frame.width), w);
+        assert_eq!(usize::from(frame.height), h);
+        assert_eq!(frame.delay, 13, "round(100 / 8) centiseconds");
+        assert_eq!(frame.delay, gif_delay_cs(8.0));
+        count += 1;
+    }
+    assert_eq!(count, n);
+    assert_eq!(decoder.repeat(), gif::Repeat::Infinite);
+}
+
+#[test]
+fn gif_flat_colour_preserved_and_min_delay() {
+    let dir = test_dir("gif_flat");
+    let path = dir.join("flat.gif");
+    let rgb = [0.2f32, 0.6, 0.9];
+    let frames = flat(2, 16, 16, rgb);
+    write_gif(&path, &frames, 100.0).unwrap();
+
+    let mut opts = gif::DecodeOptions::new();
+    opts.set_color_output(gif::ColorOutput::RGBA);
+    let mut decoder = opts.read_info(File::open(&path).unwrap()).unwrap();
+    let want: Vec<i32> = rgb.iter().map(|c| (c * 255.0).round() as i32).collect();
+    let mut count = 0;
+    while let Some(frame) = decoder.read_next_frame().unwrap() {
+        assert_eq!(frame.delay, 2, "delay is at least 2 centiseconds");
+        for px in frame.buffer.chunks_exact(4) {
+            for c in 0..3 {
+                let d = (i32::from(px[c]) - want[c]).abs();
+                assert!(d <= 4, "channel {c}: got {} want {}", px[c], want[c]);
+            }
+            assert_eq!(px[3], 255, "opaque");
+        }
+        count += 1;
+    }
+    assert_eq!(count, 2);
+    assert_eq!(decoder.repeat(), gif::Repeat::Infinite);
+}
+
+fn decode_png(path: &Path) -> (u32, u32, Vec<u8>) {
+    let decoder = png::Decoder::new(File::open(path).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    assert_eq!(info.bit_depth, png::BitDepth::Eight);
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+#[test]
+fn png_sequence_round_trip() {
+    let dir = test_dir("png");
+    let path = dir.join("out.png");
+    let (n, h, w) = (3, 9, 13);
+    let frames = gradient(n, h, w);
+    let written = write(&path, &frames, 8.0).unwrap();
+    let expect: Vec<PathBuf> = (0..n)
+        .map(|i| dir.join(format!("out_{i:03}.png")))
+        .collect();
+    assert_eq!(written, expect);
+    assert_eq!(
+        dir_entries(&dir),
+        vec!["out_000.png", "out_001.png", "out_002.png"],
+        "no temp files left"
+    );
+    for (i, p) in written.iter().enumerate() {
+        let (pw, ph, data) = decode_png(p);
+        assert_eq!((pw as usize, ph as usize), (w, h));
+        assert_eq!(data, frames.frame_rgb8(i), "exact RGB8 round trip");
+    }
+}
+
+#[test]
+fn png_sequence_into_directory() {
+    let base = test_dir("png_dir");
+    // Existing directory.
+    let frames = gradient(2, 4, 6);
+    let written = write(&base, &frames, 8.0).unwrap();
+    assert_eq!(
+        written,
+        vec![base.join("frame_000.png"), base.join("frame_001.png")]
+    );
+    // New directory named with a trailing slash is created.
+    let new_dir = base.join("seq");
+    let target = PathBuf::from(format!("{}/", new_dir.display()));
+    let written = write_png_sequence(&target, &frames).unwrap();
+    assert_eq!(written.len(), 2);
+    assert_eq!(
+        dir_entries(&new_dir),
+        vec!["frame_000.png", "frame_001.png"]
+    );
+    let (_, _, data) = decode_png(&written[1]);
+    assert_eq!(data, frames.frame_rgb8(1));
+}
+
+#[test]
+fn mp4_via_ffmpeg() {
+    if !ffmpeg_available() {
+        println!("skipped: no ffmpeg");
+        return;
+    }
+    let dir = test_dir("mp4");
+    for (name, h, w) in [("even.mp4", 32, 48), ("odd.mp4", 31, 45)] {
+        let path = dir.join(name);
+        let frames = gradient(6, h, w);
+        let written = write(&path, &frames, 8.0).unwrap();
+        assert_eq!(written, vec![path.clone()]);
+        let bytes = fs::read(&path).unwrap();
+        assert!(bytes.len() > 8);
+        assert_eq!(&bytes[4..8], b"ftyp", "{name} starts with an ftyp box");
+    }
+    assert_eq!(
+        dir_entries(&dir),
+        vec!["even.mp4", "odd.mp4"],
+        "no temp files"
+    );
+}
+
+#[test]
+fn mp4_missing_ffmpeg_message() {
+    // The message must be actionable whether or not ffmpeg is installed here.
+    let e = FramesError::FfmpegMissing {
+        path: PathBuf::from("out/video.mp4"),
+    };
+    let msg = e.to_string();
+    assert!(msg.contains("out/video.mp4"), "{msg}");
+    assert!(msg.contains("install ffmpeg"), "{msg}");
+    assert!(msg.contains(".gif") && msg.contains(".png"), "{msg}");
+    if !ffmpeg_available() {
+        let dir = test_dir("mp4_missing");
+        let path = dir.join("v.mp4");
+        let err = write_mp4(&path, &gradient(2, 4, 4), 8.0).unwrap_err();
+        assert!(matches!(err, FramesError::FfmpegMissing { .. }), "{err}");
+        assert!(dir_entries(&dir).is_empty());
+    }
+}
+
+#[test]
+fn nan_frame_rejected_and_nothing_written() {
+    let dir = test_dir("nan");
+    let mut frames = gradient(4, 5, 6);
+    let per = 5 * 6 * 3;
+    frames.data[2 * per + 7] = f32::NAN;
+    frames.data[3 * per] = f32::INFINITY;
+    for name in ["a.gif", "b.png", "c.mp4"] {
+        let err = write(&dir.join(name), &frames, 8.0).unwrap_err();
+        assert!(
+            matches!(err, FramesError::NonFinite { index: 2 }),
+            "{name}: {err}"
+        );
+    }
+    let err = write(&dir.join("seq/"), &frames, 8.0).unwrap_err();
+    assert!(matches!(err, FramesError::NonFinite { index: 2 }), "{err}");
+    assert!(dir_entries(&dir).is_empty(), "{:?}", dir_entries(&dir));
+
+    frames.data[2 * per + 7] = 0.0;
+    let err = write(&dir.join("a.gif"), &frames, 8.0).unwrap_err();
+    assert!(matches!(err, FramesError::NonFinite { index: 3 }), "{err}");
+    assert!(dir_entries(&dir).is_empty());
+}
+
+#[test]
+fn unknown_extension() {
+    let dir = test_dir("unknown");
+    let path = dir.join("out.avi");
+    let err = write(&path, &gradient(1, 2, 2), 8.0).unwrap_err();
+    assert!(matches!(err, FramesError::UnknownFormat { .. }), "{err}");
+    assert!(err.to_string().contains("out.avi"), "{err}");
+    assert!(dir_entries(&dir).is_empty());
+}
+
+#[test]
+fn invalid_fps() {
+    let dir = test_dir("fps");
+    for fps in [0.0, -1.0, f32::NAN] {
+        let err = write(&dir.join("x.gif"), &gradient(1, 2, 2), fps).unwrap_err();
+        assert!(matches!(err, FramesError::InvalidFps { .. }), "{err}");
+    }
+    assert!(dir_entries(&dir).is_empty());
+}
+
+#[test]
+fn nonexistent_directory_is_io_error() {
+    let dir = test_dir("nodir");
+    let missing = dir.join("does_not_exist");
+    let frames = gradient(2, 4, 4);
+    let mut names = vec!["out.gif", "out.png", "sub/"];
+    if ffmpeg_available() {
+        names.push("out.mp4");
+    }
+    for name in names {
+        let path = missing.join(name);
+        let err = write(&path, &frames, 8.0).unwrap_err();
+        match &err {
+            FramesError::Io { path: p, .. } => {
+                assert!(p.starts_with(&missing), "{name}: {}", p.display());
+            }
+            FramesError::Ffmpeg { path: p, .. } => {
+                // ffmpeg itself reports the failure to open its output.
+                assert_eq!(p, &path);
+            }
+            other => panic!("{name}: unexpected error {other}"),
+        }
+        assert!(
+            err.to_string().contains("does_not_exist"),
+            "{name}: message names the path: {err}"
+        );
+        assert!(!missing.exists(), "{name}: nothing created");
+    }
+    assert!(dir_entries(&dir).is_empty());
+}
