@@ -50,6 +50,8 @@ pub struct ModelInfo {
     pub max_frames: Option<usize>,
     pub scheduler_defaults: serde_json::Value,
     pub precision: String,
+    /// The text encoder's vocabulary size, when it was exported.
+    pub text_vocab_size: Option<usize>,
 }
 
 fn model_err(path: &Path, message: impl Into<String>) -> PipelineError {
@@ -97,10 +99,15 @@ impl ModelInfo {
                 .and_then(|x| x.as_str())
                 .unwrap_or("fp32")
                 .to_string(),
+            text_vocab_size: v
+                .pointer("/text_encoder_config/vocab_size")
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize),
         })
     }
 
-    fn graph(&self, name: &str) -> Result<PathBuf> {
+    /// `DIR/NAME.onnx`, or an error saying how to export it.
+    pub fn graph(&self, name: &str) -> Result<PathBuf> {
         let p = self.dir.join(format!("{name}.onnx"));
         if p.is_file() {
             Ok(p)
@@ -182,7 +189,10 @@ pub enum Event {
 pub struct Timings {
     pub text_encoder: f64,
     pub denoise: f64,
+    /// Each denoising step: scheduler, guidance and UNet.
     pub steps: Vec<f64>,
+    /// The UNet call within each step.
+    pub unet_steps: Vec<f64>,
     pub vae_decode: f64,
 }
 
@@ -209,6 +219,8 @@ pub struct Pipeline {
     tokenizer: ClipTokenizer,
     /// Seconds spent loading sessions.
     pub load_seconds: f64,
+    /// Seconds per graph: `unet`, `text_encoder`, `vae_decoder`.
+    pub load_times: Vec<(&'static str, f64)>,
 }
 
 fn count_nonfinite(v: &[f32]) -> usize {
@@ -230,9 +242,22 @@ impl Pipeline {
                 "no tokenizer (vocab.json + merges.txt or bpe_simple_vocab_16e6.txt.gz): export with --tokenizer",
             ));
         };
-        let unet = OrtSession::load(&info.graph("unet")?, opts)?;
-        let text = OrtSession::load(&info.graph("text_encoder")?, opts)?;
-        let vae = OrtSession::load(&info.graph("vae_decoder")?, opts)?;
+        // Check every file before the slow loads.
+        let paths = [
+            info.graph("unet")?,
+            info.graph("text_encoder")?,
+            info.graph("vae_decoder")?,
+        ];
+        let mut load_times = Vec::new();
+        let mut load = |name: &'static str, p: &Path| -> Result<OrtSession> {
+            let t = Instant::now();
+            let s = OrtSession::load(p, opts)?;
+            load_times.push((name, t.elapsed().as_secs_f64()));
+            Ok(s)
+        };
+        let unet = load("unet", &paths[0])?;
+        let text = load("text_encoder", &paths[1])?;
+        let vae = load("vae_decoder", &paths[2])?;
         Ok(Self {
             info,
             unet,
@@ -240,6 +265,7 @@ impl Pipeline {
             vae,
             tokenizer,
             load_seconds: t.elapsed().as_secs_f64(),
+            load_times,
         })
     }
 
@@ -368,21 +394,55 @@ impl Pipeline {
         self.validate(o)?;
         let mut warnings = Vec::new();
         let mut timings = Timings::default();
-        let (c, f) = (self.info.latent_channels, o.frames);
-        let (h, w) = (
-            o.height / self.info.latent_scale,
-            o.width / self.info.latent_scale,
-        );
-        let d = self.info.cross_attention_dim;
-        let cfg = o.guidance > 1.0;
+        let (f, h, w) = self.latent_dims(o);
 
         events(Event::Stage("text encoder"));
         let t = Instant::now();
-        let (positive, negative) = self.text_embeddings(o, &mut |m| {
+        let ctx = self.text_context(o, &mut |m| {
             events(Event::Warning(m.clone()));
             warnings.push(m);
         })?;
-        // encoder_hidden_states [B·F, 77, D]: negative rows for the first video, then positive.
+        timings.text_encoder = t.elapsed().as_secs_f64();
+
+        events(Event::Stage("denoising"));
+        let t0 = Instant::now();
+        let latents = self.denoise(o, &ctx, &mut timings, events)?;
+        timings.denoise = t0.elapsed().as_secs_f64();
+
+        events(Event::Stage("VAE decode"));
+        let t = Instant::now();
+        let rgb = self.decode(&latents, f, h, w, o.decode_chunk, events)?;
+        timings.vae_decode = t.elapsed().as_secs_f64();
+        Ok(Video {
+            frames: f,
+            height: o.height,
+            width: o.width,
+            rgb,
+            latents,
+            timings,
+            warnings,
+        })
+    }
+
+    /// `(frames, latent height, latent width)` for these options.
+    pub fn latent_dims(&self, o: &GenerateOptions) -> (usize, usize, usize) {
+        (
+            o.frames,
+            o.height / self.info.latent_scale,
+            o.width / self.info.latent_scale,
+        )
+    }
+
+    /// The UNet's `encoder_hidden_states` `[B·F, 77, D]`: with guidance, the negative prompt's
+    /// rows for every frame, then the positive (per-frame) rows.
+    pub fn text_context(
+        &mut self,
+        o: &GenerateOptions,
+        warn: &mut dyn FnMut(String),
+    ) -> Result<Vec<f32>> {
+        let (f, d) = (o.frames, self.info.cross_attention_dim);
+        let cfg = o.guidance > 1.0;
+        let (positive, negative) = self.text_embeddings(o, warn)?;
         let mut ctx = Vec::with_capacity(if cfg { 2 } else { 1 } * f * 77 * d);
         if cfg {
             for _ in 0..f {
@@ -390,8 +450,31 @@ impl Pipeline {
             }
         }
         ctx.extend_from_slice(&positive);
-        timings.text_encoder = t.elapsed().as_secs_f64();
+        Ok(ctx)
+    }
 
+    /// The denoising loop from seeded (or given) noise to the final latents `[1, C, F, h, w]`;
+    /// records the time of every step and of every UNet call in `timings`.
+    pub fn denoise(
+        &mut self,
+        o: &GenerateOptions,
+        ctx: &[f32],
+        timings: &mut Timings,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<Vec<f32>> {
+        let c = self.info.latent_channels;
+        let (f, h, w) = self.latent_dims(o);
+        let d = self.info.cross_attention_dim;
+        let cfg = o.guidance > 1.0;
+        let batch = if cfg { 2 } else { 1 };
+        if ctx.len() != batch * f * 77 * d {
+            return Err(PipelineError::Options(format!(
+                "text context has {} values; [{}, 77, {d}] needs {}",
+                ctx.len(),
+                batch * f,
+                batch * f * 77 * d
+            )));
+        }
         let sched_cfg = match &o.scheduler_config {
             Some(c) => c.clone(),
             None if self.info.scheduler_defaults.is_object() => {
@@ -413,9 +496,6 @@ impl Pipeline {
         let sigma = sched.init_noise_sigma();
         latents.iter_mut().for_each(|x| *x *= sigma);
 
-        events(Event::Stage("denoising"));
-        let t0 = Instant::now();
-        let batch = if cfg { 2 } else { 1 };
         let mut unet_in = vec![0f32; batch * n];
         let sample_shape = [batch, c, f, h, w];
         let ctx_shape = [batch * f, 77, d];
@@ -428,11 +508,13 @@ impl Pipeline {
                 b.copy_from_slice(a);
             }
             let t = vec![sched.timesteps()[i]; batch];
+            let tu = Instant::now();
             let out = self.unet.run_with(&[
                 ("sample", Input::F32(&sample_shape, &unet_in)),
                 ("timestep", Input::F32(&[batch], &t)),
-                ("encoder_hidden_states", Input::F32(&ctx_shape, &ctx)),
+                ("encoder_hidden_states", Input::F32(&ctx_shape, ctx)),
             ])?;
+            timings.unet_steps.push(tu.elapsed().as_secs_f64());
             let mut noise = out.into_iter().next().map(|o| o.1.data).unwrap_or_default();
             if cfg {
                 let (u, c2) = noise.split_at(n);
@@ -455,21 +537,7 @@ impl Pipeline {
             timings.steps.push(ts.elapsed().as_secs_f64());
             events(Event::Step { index: i, total });
         }
-        timings.denoise = t0.elapsed().as_secs_f64();
-
-        events(Event::Stage("VAE decode"));
-        let t = Instant::now();
-        let rgb = self.decode(&latents, f, h, w, o.decode_chunk, events)?;
-        timings.vae_decode = t.elapsed().as_secs_f64();
-        Ok(Video {
-            frames: f,
-            height: o.height,
-            width: o.width,
-            rgb,
-            latents,
-            timings,
-            warnings,
-        })
+        Ok(latents)
     }
 
     /// Decode `[1, C, F, h, w]` latents into `[F, H, W, 3]` RGB in [0, 1], `chunk` frames per

@@ -42,6 +42,11 @@ impl NormalRng {
         (r * th.cos()) as f32
     }
 
+    /// Uniform integer in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+
     pub fn fill(&mut self, out: &mut [f32]) {
         for v in out {
             *v = self.normal();
@@ -64,5 +69,9 @@ mod tests {
         let mut b = NormalRng::new(7);
         assert!(v.iter().take(10).all(|&x| x == b.normal()));
         assert_ne!(NormalRng::new(8).normal(), v[0]);
+        let mut c = NormalRng::new(1);
+        let ints: Vec<u64> = (0..10_000).map(|_| c.below(10)).collect();
+        assert!(ints.iter().all(|&x| x < 10));
+        assert!((0..10).all(|k| ints.iter().filter(|&&x| x == k).count() > 900));
     }
 }

@@ -517,6 +517,19 @@ impl ClipTokenizer {
         let map_path = dir.join("special_tokens_map.json");
         let text = serde_json::to_string_pretty(&map).expect("json serializes");
         std::fs::write(&map_path, text).map_err(io_err(&map_path))?;
+        // As on the hub: without model_max_length, transformers' CLIPTokenizer cannot pad to 77.
+        let config = serde_json::json!({
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": MAX_LENGTH,
+            "do_lower_case": true,
+            "bos_token": BOS_TOKEN,
+            "eos_token": EOS_TOKEN,
+            "pad_token": self.pad_token,
+            "unk_token": EOS_TOKEN,
+        });
+        let config_path = dir.join("tokenizer_config.json");
+        let text = serde_json::to_string_pretty(&config).expect("json serializes");
+        std::fs::write(&config_path, text).map_err(io_err(&config_path))?;
         Ok(())
     }
 
