@@ -1,5 +1,7 @@
 //! The `motionrt` command line: parse, call the libraries, print.
 
+mod bench_cmd;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -165,6 +167,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure latency: the whole pipeline (text encoder, UNet per step and total, VAE decode, time to first frame,
+    /// end to end) or one graph (--graph), after warm-up, with min/median/p90/p99/max, throughput, load time and
+    /// peak memory; --json saves the report, --compare A B compares two saved reports per stage.
+    Bench(bench_cmd::BenchArgs),
     /// Write a tiny random-weight AnimateDiff model set in the real layouts (diffusers UNet, VAE, CLIP text encoder
     /// and tokenizer folders, original-layout motion module), export it, generate a video on ONNX Runtime (CPU) and
     /// write it as a GIF, printing per-stage timings. Random weights: expect coloured noise, not a picture.
@@ -313,6 +319,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             generate(&model, &opts, &out, fps, threads, json)
         }
+        Command::Bench(args) => bench_cmd::bench(args),
         Command::Demo {
             dir,
             frames,

@@ -327,7 +327,7 @@ fn mp4_needs_ffmpeg_or_says_so() {
 #[test]
 fn help_explains_the_commands() {
     let text = ok(motionrt().arg("--help"));
-    for cmd in ["export", "inspect", "run", "demo"] {
+    for cmd in ["export", "inspect", "run", "bench", "demo"] {
         assert!(text.contains(cmd), "{text}");
     }
     let text = ok(motionrt().args(["export", "--help"]));

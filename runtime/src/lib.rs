@@ -2,8 +2,10 @@
 //! library loaded at run time (`load-dynamic`), found via `ORT_DYLIB_PATH` or the `onnxruntime`
 //! Python package.
 
+pub mod bench;
 pub mod compare;
 pub mod frames;
+pub mod npy;
 mod ort_backend;
 pub mod pipeline;
 pub mod rng;
@@ -11,7 +13,9 @@ pub mod scheduler;
 pub mod tokenizer;
 
 pub use compare::{error_stats, ErrorStats, Tolerance};
-pub use ort_backend::{find_onnxruntime, Input, OrtSession, SessionOptions, Tensor};
+pub use ort_backend::{
+    backend_version, find_onnxruntime, Input, OrtSession, SessionOptions, Tensor,
+};
 
 use std::path::PathBuf;
 

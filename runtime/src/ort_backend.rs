@@ -119,6 +119,28 @@ fn environment() -> Result<&'static Environment> {
     }
 }
 
+/// The loaded ONNX Runtime: `(version, build info)`, `None` before the first session loads.
+/// The version comes from the library's file name (`libonnxruntime.so.1.32.0`) or else the
+/// build info (`git-branch=rel-1.32.0`).
+pub fn backend_version() -> Option<(String, String)> {
+    let (path, _) = ENV.get()?.as_ref().ok()?;
+    let info = ort::info().to_string();
+    let from_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("libonnxruntime.so."))
+        .filter(|v| !v.is_empty())
+        .map(str::to_string);
+    let from_info = info
+        .split("rel-")
+        .nth(1)
+        .map(|v| v.split([',', ' ']).next().unwrap_or(v).to_string());
+    Some((
+        from_name.or(from_info).unwrap_or_else(|| "unknown".into()),
+        info,
+    ))
+}
+
 /// Session settings.
 #[derive(Debug, Clone, Default)]
 pub struct SessionOptions {
