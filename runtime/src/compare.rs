@@ -94,6 +94,23 @@ pub fn error_stats(out: &[f32], reference: &[f32]) -> ErrorStats {
     }
 }
 
+/// numpy `allclose`-style check: the number of elements with `|out − ref| > atol + rtol·|ref|`,
+/// counting a non-finite value on either side as a violation unless both sides hold the same
+/// non-finite value (NaN with NaN, +Inf with +Inf ...).
+pub fn allclose_violations(out: &[f32], reference: &[f32], atol: f64, rtol: f64) -> usize {
+    out.iter()
+        .zip(reference)
+        .filter(|(&o, &r)| {
+            if !o.is_finite() || !r.is_finite() {
+                !(o.is_nan() && r.is_nan() || o == r)
+            } else {
+                let (o, r) = (o as f64, r as f64);
+                (o - r).abs() > atol + rtol * r.abs()
+            }
+        })
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +127,19 @@ mod tests {
         assert_eq!(same.max_abs, 0.0);
         assert!((same.cosine - 1.0).abs() < 1e-12);
         assert!(same.passes(Tolerance::SAME_WEIGHTS));
+    }
+
+    #[test]
+    fn allclose_counts_violations() {
+        let r = [1.0, 100.0, 0.0, f32::NAN, f32::INFINITY];
+        assert_eq!(allclose_violations(&r, &r, 0.0, 0.0), 0);
+        // 1.001f32 is 1.00100005: just outside atol alone, inside with rtol·|ref| added;
+        // 100.001f32 is 100.00099945: inside atol
+        let o = [1.001, 100.001, 0.0, f32::NAN, f32::INFINITY];
+        assert_eq!(allclose_violations(&o, &r, 1e-3 + 1e-9, 0.0), 1);
+        assert_eq!(allclose_violations(&o, &r, 1e-3 + 1e-9, 1e-5), 0);
+        let o = [1.0, 100.0, f32::NAN, 0.0, f32::NEG_INFINITY];
+        assert_eq!(allclose_violations(&o, &r, 1.0, 1.0), 3);
     }
 
     #[test]

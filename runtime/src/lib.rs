@@ -14,7 +14,8 @@ pub mod tokenizer;
 
 pub use compare::{error_stats, ErrorStats, Tolerance};
 pub use ort_backend::{
-    backend_version, find_onnxruntime, Input, OrtSession, SessionOptions, Tensor,
+    backend_version, find_onnxruntime, Input, OrtSession, Output, OutputData, SessionOptions,
+    Tensor,
 };
 
 use std::path::PathBuf;

@@ -1,7 +1,8 @@
 //! NumPy `.npy` files (format versions 1–3): read float32/float64/float16/int64/int32 arrays in C
-//! order, write float32 and int64. Enough to exchange inputs and outputs with numpy and PyTorch.
+//! order, write float32 and int64; and `.npz` archives of them (`np.savez`, stored, and
+//! `np.savez_compressed`, deflated). Enough to exchange inputs and outputs with numpy and PyTorch.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// npy errors; each names the file.
@@ -261,6 +262,88 @@ pub fn write(path: &Path, a: &NpyArray) -> Result<(), NpyError> {
     Ok(())
 }
 
+/// Read every array of an `.npz` archive, in archive order; names without the `.npy` suffix.
+pub fn read_npz(path: &Path) -> Result<Vec<(String, NpyArray)>, NpyError> {
+    let file = std::fs::File::open(path).map_err(|e| err(path, e.to_string()))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| err(path, format!("not an .npz (zip) archive: {e}")))?;
+    let mut out = Vec::with_capacity(zip.len());
+    for i in 0..zip.len() {
+        let mut f = zip
+            .by_index(i)
+            .map_err(|e| err(path, format!("entry {i}: {e}")))?;
+        if f.is_dir() {
+            continue;
+        }
+        let entry = f
+            .name()
+            .map_err(|e| err(path, format!("entry {i}: {e}")))?
+            .to_string();
+        let name = entry.strip_suffix(".npy").unwrap_or(&entry).to_string();
+        let mut bytes = Vec::with_capacity(f.size() as usize);
+        f.read_to_end(&mut bytes)
+            .map_err(|e| err(path, format!("{entry}: {e}")))?;
+        let arr = parse(&path.join(&entry), &bytes)?;
+        out.push((name, arr));
+    }
+    Ok(out)
+}
+
+/// Write arrays as an `.npz` archive (stored, like `np.savez`), atomically.
+pub fn write_npz(path: &Path, arrays: &[(String, NpyArray)]) -> Result<(), NpyError> {
+    let tmp = path.with_extension("npz.partial");
+    let res = (|| -> Result<(), String> {
+        let file = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
+        let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .large_file(true);
+        for (name, a) in arrays {
+            zip.start_file(format!("{name}.npy"), opts)
+                .map_err(|e| format!("{name}: {e}"))?;
+            zip.write_all(&to_bytes(a))
+                .map_err(|e| format!("{name}: {e}"))?;
+        }
+        let w = zip.finish().map_err(|e| e.to_string())?;
+        let f = w.into_inner().map_err(|e| e.to_string())?;
+        f.sync_all().map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(path, e));
+    }
+    Ok(())
+}
+
+/// Arrays from an `.npz` file or a directory of `.npy` files (names from the file stems, sorted).
+pub fn read_arrays(path: &Path) -> Result<Vec<(String, NpyArray)>, NpyError> {
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| err(path, e.to_string()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "npy"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(err(path, "no .npy files in this directory"));
+        }
+        files
+            .iter()
+            .map(|p| {
+                let name = p
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                read(p).map(|a| (name, a))
+            })
+            .collect()
+    } else {
+        read_npz(path)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,6 +388,49 @@ mod tests {
         let a = parse(Path::new("h.npy"), &b).unwrap();
         assert_eq!(a.shape, vec![4]);
         assert_eq!(a.data, NpyData::F32(vec![1.0, -2.0, 0.5, 65504.0]));
+    }
+
+    #[test]
+    fn npz_round_trip_and_directories() {
+        let d = tempfile_dir();
+        let arrays = vec![
+            (
+                "sample".to_string(),
+                NpyArray::f32(vec![2, 2], vec![0.5, -1.0, 2.0, 3.0]),
+            ),
+            (
+                "input_ids".to_string(),
+                NpyArray::i64(vec![1, 3], vec![49406, 7, 49407]),
+            ),
+        ];
+        let p = d.join("a.npz");
+        write_npz(&p, &arrays).unwrap();
+        assert_eq!(read_npz(&p).unwrap(), arrays);
+        assert!(!d.join("a.npz.partial").exists());
+        let dir = d.join("npys");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (n, a) in &arrays {
+            write(&dir.join(format!("{n}.npy")), a).unwrap();
+        }
+        let back = read_arrays(&dir).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0].0, "input_ids");
+        assert_eq!(back[1], arrays[0]);
+        let e = read_npz(&dir.join("input_ids.npy"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not an .npz"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "motionrt-npy-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
     }
 
     #[test]

@@ -24,6 +24,24 @@ impl Tensor {
     }
 }
 
+/// Output data of any element type motionrt handles (float16 arrives widened to float32);
+/// others are named, not converted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+    /// Another element type (bool, int32, float16 ...), by its name; not extracted.
+    Unsupported(String),
+}
+
+/// One graph output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: OutputData,
+}
+
 /// A borrowed graph input: shape and row-major data.
 #[derive(Debug, Clone, Copy)]
 pub enum Input<'a> {
@@ -210,6 +228,26 @@ impl OrtSession {
     /// Run with borrowed inputs (no copy into ONNX Runtime); returns every output (float32) by
     /// name, in graph order.
     pub fn run_with(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<Vec<(String, Tensor)>> {
+        let path = self.path.clone();
+        self.run_outputs(inputs)?
+            .into_iter()
+            .map(|o| match o.data {
+                OutputData::F32(data) => Ok((o.name, Tensor::new(o.shape, data))),
+                OutputData::I64(_) => Err(RuntimeError::Session {
+                    path: path.clone(),
+                    message: format!("output `{}`: int64, expected float32", o.name),
+                }),
+                OutputData::Unsupported(t) => Err(RuntimeError::Session {
+                    path: path.clone(),
+                    message: format!("output `{}`: {t}, expected float32", o.name),
+                }),
+            })
+            .collect()
+    }
+
+    /// Run with borrowed inputs; returns every output by name, in graph order, float32 and
+    /// int64 extracted, other element types named.
+    pub fn run_outputs(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<Vec<Output>> {
         let expected = self.input_names();
         for name in &expected {
             if !inputs.iter().any(|(n, _)| n == name) {
@@ -265,14 +303,26 @@ impl OrtSession {
         let mut result = Vec::new();
         for name in out_names {
             let v = &outputs[name.as_str()];
-            let (shape, data) =
-                v.try_extract_tensor::<f32>()
-                    .map_err(|e| RuntimeError::Session {
-                        path: path.clone(),
-                        message: format!("output `{name}`: {e}"),
-                    })?;
-            let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-            result.push((name, Tensor::new(shape, data.to_vec())));
+            let (shape, data) = if let Ok((shape, data)) = v.try_extract_tensor::<f32>() {
+                (shape.to_vec(), OutputData::F32(data.to_vec()))
+            } else if let Ok((shape, data)) = v.try_extract_tensor::<i64>() {
+                (shape.to_vec(), OutputData::I64(data.to_vec()))
+            } else if let Ok((shape, data)) = v.try_extract_tensor::<half::f16>() {
+                // fp16 graphs' tensors, widened (exactly) for comparison
+                (
+                    shape.to_vec(),
+                    OutputData::F32(data.iter().map(|x| x.to_f32()).collect()),
+                )
+            } else {
+                let shape = v
+                    .dtype()
+                    .tensor_shape()
+                    .map(|s| s.to_vec())
+                    .unwrap_or_default();
+                (shape, OutputData::Unsupported(format!("{:?}", v.dtype())))
+            };
+            let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+            result.push(Output { name, shape, data });
         }
         Ok(result)
     }

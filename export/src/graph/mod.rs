@@ -76,6 +76,10 @@ pub struct GraphBuilder {
     param_index: HashMap<String, usize>,
     i64_consts: HashMap<Vec<i64>, String>,
     counter: usize,
+    /// Nodes per (scope, op type): node names count within their scope, so graphs that differ
+    /// only in some ops (an fp16 export's Casts, a fused attention) keep the other names equal
+    /// and `motionrt compare --mark-all` can match their tensors.
+    op_counts: HashMap<(String, String), usize>,
     scope: Vec<String>,
     pub precision: Precision,
 }
@@ -89,6 +93,7 @@ impl GraphBuilder {
             param_index: HashMap::new(),
             i64_consts: HashMap::new(),
             counter: 0,
+            op_counts: HashMap::new(),
             scope: Vec::new(),
             precision,
         }
@@ -103,12 +108,18 @@ impl GraphBuilder {
     }
 
     fn fresh(&mut self, op: &str) -> String {
-        self.counter += 1;
-        if self.scope.is_empty() {
-            format!("/{op}_{}", self.counter)
+        let scope = self.scope.join("/");
+        let k = self
+            .op_counts
+            .entry((scope.clone(), op.to_string()))
+            .or_insert(0);
+        let name = if scope.is_empty() {
+            format!("/{op}_{k}")
         } else {
-            format!("/{}/{op}_{}", self.scope.join("/"), self.counter)
-        }
+            format!("/{scope}/{op}_{k}")
+        };
+        *k += 1;
+        name
     }
 
     /// Add a single-output node in the default domain; returns the output's name.
