@@ -1,6 +1,7 @@
 //! The `motionrt` command line: parse, call the libraries, print.
 
 mod bench_cmd;
+mod graph_tools;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -171,6 +172,14 @@ enum Command {
     /// end to end) or one graph (--graph), after warm-up, with min/median/p90/p99/max, throughput, load time and
     /// peak memory; --json saves the report, --compare A B compares two saved reports per stage.
     Bench(bench_cmd::BenchArgs),
+    /// Run one graph (an .onnx file, or --model DIR --graph-name NAME) on inputs from an .npz / a directory of .npy
+    /// files, or on seeded random inputs drawn from its declared shapes (--random, saved for reuse), and write every
+    /// output to an .npz that numpy.load reads.
+    Infer(graph_tools::InferArgs),
+    /// Run the same inputs through two configurations (ONNX graphs, or outputs saved by `infer`) and report per
+    /// output: max abs error, max error relative to the reference's magnitude, mean error, cosine similarity,
+    /// non-finite counts and pass/fail against --atol/--rtol; --mark-all finds the first diverging intermediate tensor.
+    Compare(graph_tools::CompareArgs),
     /// Write a tiny random-weight AnimateDiff model set in the real layouts (diffusers UNet, VAE, CLIP text encoder
     /// and tokenizer folders, original-layout motion module), export it, generate a video on ONNX Runtime (CPU) and
     /// write it as a GIF, printing per-stage timings. Random weights: expect coloured noise, not a picture.
@@ -320,6 +329,8 @@ fn run(cli: Cli) -> Result<()> {
             generate(&model, &opts, &out, fps, threads, json)
         }
         Command::Bench(args) => bench_cmd::bench(args),
+        Command::Infer(args) => graph_tools::infer(args),
+        Command::Compare(args) => graph_tools::compare(args),
         Command::Demo {
             dir,
             frames,
