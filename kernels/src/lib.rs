@@ -1,0 +1,10 @@
+//! motionrt-kernels: the custom operators of the `com.motionrt` ONNX domain (schemas in
+//! `docs/operators.md`), with CPU implementations and their float64 references. No model
+//! knowledge lives here.
+
+pub mod attention;
+
+pub use attention::{Attention, KernelError, SparseCausal};
+
+/// The ONNX domain of motionrt's operators.
+pub const DOMAIN: &str = "com.motionrt";
