@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod compare;
+mod custom_ops;
 pub mod frames;
 pub mod npy;
 mod ort_backend;

@@ -188,6 +188,10 @@ impl OrtSession {
             message: e,
         };
         let mut b = Session::builder(env).map_err(|e| err(e.to_string()))?;
+        // motionrt's own operators, for graphs exported with --fused-attention
+        let ops = crate::custom_ops::domain()
+            .map_err(|e| err(format!("registering com.motionrt operators: {e}")))?;
+        b = b.with_operators(ops).map_err(|e| err(e.to_string()))?;
         if opts.intra_threads > 0 {
             b = b
                 .with_intra_threads(opts.intra_threads)

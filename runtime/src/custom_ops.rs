@@ -1,0 +1,270 @@
+//! The `com.motionrt` operators (`docs/operators.md`) registered with ONNX Runtime, so graphs
+//! exported with `--fused-attention` run on the CPU: the CPU implementations of
+//! `motionrt-kernels`, for float32 and float16 tensors (float16 computed in float32).
+
+use motionrt_kernels::{Attention, SparseCausal, DOMAIN};
+use ort::operator::{
+    ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput,
+};
+use ort::value::TensorElementType;
+
+/// The element type one registration handles.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Elem {
+    F32,
+    F16,
+}
+
+impl Elem {
+    fn ty(self) -> TensorElementType {
+        match self {
+            Elem::F32 => TensorElementType::Float32,
+            Elem::F16 => TensorElementType::Float16,
+        }
+    }
+}
+
+fn err(op: &str, msg: impl std::fmt::Display) -> ort::Error {
+    ort::Error::new(format!("{DOMAIN}.{op}: {msg}"))
+}
+
+/// Input `i` as float32 values with its shape (float16 widened).
+fn input_f32(
+    ctx: &ComputeContext,
+    op: &str,
+    i: usize,
+    elem: Elem,
+) -> ort::Result<Option<(Vec<usize>, Vec<f32>)>> {
+    let Some(v) = ctx.input(i)? else {
+        return Ok(None);
+    };
+    let (shape, data) = match elem {
+        Elem::F32 => {
+            let (s, d) = v.try_extract_tensor::<f32>().map_err(|e| err(op, e))?;
+            (s.to_vec(), d.to_vec())
+        }
+        Elem::F16 => {
+            let (s, d) = v
+                .try_extract_tensor::<half::f16>()
+                .map_err(|e| err(op, e))?;
+            (s.to_vec(), d.iter().map(|x| x.to_f32()).collect())
+        }
+    };
+    Ok(Some((
+        shape.iter().map(|&x| x.max(0) as usize).collect(),
+        data,
+    )))
+}
+
+fn write_output(
+    ctx: &ComputeContext,
+    op: &str,
+    shape: &[usize],
+    data: &[f32],
+    elem: Elem,
+) -> ort::Result<()> {
+    let dims: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+    let mut out = ctx.output(0, dims)?.ok_or_else(|| err(op, "no output 0"))?;
+    match elem {
+        Elem::F32 => {
+            let (_, o) = out
+                .try_extract_tensor_mut::<f32>()
+                .map_err(|e| err(op, e))?;
+            o.copy_from_slice(data);
+        }
+        Elem::F16 => {
+            let (_, o) = out
+                .try_extract_tensor_mut::<half::f16>()
+                .map_err(|e| err(op, e))?;
+            for (o, &x) in o.iter_mut().zip(data) {
+                *o = half::f16::from_f32(x);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn attr_heads(kctx: &KernelContext<'_>, op: &str) -> ort::Result<usize> {
+    match kctx.get::<i64>("num_heads") {
+        Some(h) if h > 0 => Ok(h as usize),
+        Some(h) => Err(err(op, format!("num_heads must be positive, got {h}"))),
+        None => Err(err(op, "attribute num_heads is required")),
+    }
+}
+
+struct TemporalAttentionOp(Elem);
+
+struct TemporalKernel {
+    heads: usize,
+    scale: Option<f32>,
+    elem: Elem,
+}
+
+const TEMPORAL: &str = "TemporalAttention";
+const SPARSE: &str = "SparseCausalAttention";
+
+impl Kernel for TemporalKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let need = |i, name| -> ort::Result<(Vec<usize>, Vec<f32>)> {
+            input_f32(ctx, TEMPORAL, i, self.elem)?
+                .ok_or_else(|| err(TEMPORAL, format!("input {name} is required")))
+        };
+        let (qs, q) = need(0, "Q")?;
+        let (ks, k) = need(1, "K")?;
+        let (_, v) = need(2, "V")?;
+        let bias = input_f32(ctx, TEMPORAL, 3, self.elem)?;
+        if qs.len() != 3 || ks.len() != 3 {
+            return Err(err(
+                TEMPORAL,
+                format!("Q and K must be [N, L, C], got {qs:?} and {ks:?}"),
+            ));
+        }
+        let c = qs[2];
+        if c % self.heads != 0 {
+            return Err(err(
+                TEMPORAL,
+                format!("channels {c} are not divisible by num_heads {}", self.heads),
+            ));
+        }
+        let mut a = Attention::new(qs[0], qs[1], ks[1], self.heads, c / self.heads);
+        if let Some(s) = self.scale {
+            a.scale = s;
+        }
+        let mut out = vec![0f32; q.len()];
+        a.run(&q, &k, &v, bias.as_ref().map(|b| b.1.as_slice()), &mut out)
+            .map_err(|e| ort::Error::new(e.to_string()))?;
+        write_output(ctx, TEMPORAL, &qs, &out, self.elem)
+    }
+}
+
+impl Operator for TemporalAttentionOp {
+    type Kernel<'a> = TemporalKernel;
+
+    fn name(&self) -> &str {
+        TEMPORAL
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        let t = self.0.ty();
+        [
+            OperatorInput::required(t),
+            OperatorInput::required(t),
+            OperatorInput::required(t),
+            OperatorInput::optional(t),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(self.0.ty())]
+    }
+
+    fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<Self::Kernel<'a>> {
+        Ok(TemporalKernel {
+            heads: attr_heads(kctx, TEMPORAL)?,
+            scale: kctx.get::<f32>("scale"),
+            elem: self.0,
+        })
+    }
+}
+
+struct SparseCausalOp(Elem);
+
+struct SparseKernel {
+    heads: usize,
+    frames: usize,
+    scale: Option<f32>,
+    elem: Elem,
+}
+
+impl Kernel for SparseKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let need = |i, name| -> ort::Result<(Vec<usize>, Vec<f32>)> {
+            input_f32(ctx, SPARSE, i, self.elem)?
+                .ok_or_else(|| err(SPARSE, format!("input {name} is required")))
+        };
+        let (qs, q) = need(0, "Q")?;
+        let (_, k) = need(1, "K")?;
+        let (_, v) = need(2, "V")?;
+        if qs.len() != 3 {
+            return Err(err(SPARSE, format!("Q must be [B·F, S, C], got {qs:?}")));
+        }
+        if qs[0] % self.frames != 0 {
+            return Err(err(
+                SPARSE,
+                format!(
+                    "the batch {} is not a multiple of frames = {}",
+                    qs[0], self.frames
+                ),
+            ));
+        }
+        let c = qs[2];
+        if c % self.heads != 0 {
+            return Err(err(
+                SPARSE,
+                format!("channels {c} are not divisible by num_heads {}", self.heads),
+            ));
+        }
+        let mut op = SparseCausal::new(
+            qs[0] / self.frames,
+            self.frames,
+            qs[1],
+            self.heads,
+            c / self.heads,
+        );
+        if let Some(s) = self.scale {
+            op.scale = s;
+        }
+        let mut out = vec![0f32; q.len()];
+        op.run(&q, &k, &v, &mut out)
+            .map_err(|e| ort::Error::new(e.to_string()))?;
+        write_output(ctx, SPARSE, &qs, &out, self.elem)
+    }
+}
+
+impl Operator for SparseCausalOp {
+    type Kernel<'a> = SparseKernel;
+
+    fn name(&self) -> &str {
+        SPARSE
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        let t = self.0.ty();
+        [
+            OperatorInput::required(t),
+            OperatorInput::required(t),
+            OperatorInput::required(t),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(self.0.ty())]
+    }
+
+    fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<Self::Kernel<'a>> {
+        let frames = match kctx.get::<i64>("frames") {
+            Some(f) if f > 0 => f as usize,
+            Some(f) => return Err(err(SPARSE, format!("frames must be positive, got {f}"))),
+            None => return Err(err(SPARSE, "attribute frames is required")),
+        };
+        Ok(SparseKernel {
+            heads: attr_heads(kctx, SPARSE)?,
+            frames,
+            scale: kctx.get::<f32>("scale"),
+            elem: self.0,
+        })
+    }
+}
+
+/// The `com.motionrt` domain with every operator (one per session: ONNX Runtime's domain
+/// handles are not shareable across threads).
+pub(crate) fn domain() -> Result<OperatorDomain, String> {
+    let build = || -> ort::Result<OperatorDomain> {
+        OperatorDomain::new(DOMAIN)?
+            .add(TemporalAttentionOp(Elem::F32))?
+            .add(TemporalAttentionOp(Elem::F16))?
+            .add(SparseCausalOp(Elem::F32))?
+            .add(SparseCausalOp(Elem::F16))
+    };
+    build().map_err(|e| e.to_string())
+}
