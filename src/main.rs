@@ -105,6 +105,11 @@ enum Command {
         /// Export the UNet only, even when --unet holds a VAE and text encoder.
         #[arg(long = "unet-only")]
         unet_only: bool,
+        /// Emit the motion modules' attention as com.motionrt.TemporalAttention nodes (docs/operators.md): one
+        /// fused operator per attention instead of ~12 standard ops. motionrt runs such graphs (its ONNX Runtime
+        /// sessions register the operators); other runtimes need the default standard-op graph.
+        #[arg(long = "fused-attention")]
+        fused_attention: bool,
         /// Print model.json to stdout instead of a summary.
         #[arg(long)]
         json: bool,
@@ -235,6 +240,7 @@ fn run(cli: Cli) -> Result<()> {
             text_encoder_config,
             tokenizer,
             unet_only,
+            fused_attention,
             json,
         } => {
             let opts = ExportOptions {
@@ -248,6 +254,7 @@ fn run(cli: Cli) -> Result<()> {
                 text_encoder_config,
                 tokenizer,
                 unet_only,
+                fused_attention,
                 precision: match precision {
                     PrecisionArg::Fp32 => Precision::Fp32,
                     PrecisionArg::Fp16 => Precision::Fp16,
@@ -631,6 +638,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         text_encoder_config: None,
         tokenizer: None,
         unet_only: false,
+        fused_attention: false,
     };
     let t = Instant::now();
     let m = export_with_progress(&opts, true)?;

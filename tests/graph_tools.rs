@@ -378,6 +378,34 @@ fn compare_identical_fp16_and_corrupted() {
     assert!(v["intermediates_compared"].as_u64().unwrap() > 100, "{v}");
     assert_eq!(v["intermediates_not_comparable"], 0);
 
+    // standard vs fused attention (com.motionrt.TemporalAttention): fp32 rounding only
+    let fused_dir = m.export.parent().unwrap().join("fused");
+    let (ok, _, err) = run(motionrt()
+        .args(["export", "--unet-only", "--fused-attention", "--unet"])
+        .arg(m.export.parent().unwrap().join("sd"))
+        .arg("--motion-module")
+        .arg(m.export.parent().unwrap().join("mm_v2.safetensors"))
+        .arg("--out")
+        .arg(&fused_dir));
+    assert!(ok, "{err}");
+    let fused = fused_dir.join("unet.onnx");
+    let (ok, v) = compare_json(&[
+        fp32.as_os_str(),
+        fused.as_os_str(),
+        inp[0],
+        inp[1],
+        "--mark-all".as_ref(),
+    ]);
+    assert!(ok, "{v}");
+    let o = &v["outputs"][0];
+    assert!(o["max_rel_to_ref_max"].as_f64().unwrap() < 1e-5, "{o}");
+    assert!(
+        o["max_abs"].as_f64().unwrap() > 0.0,
+        "different kernels, not a copy"
+    );
+    assert_eq!(v["intermediates_failed"], 0);
+    assert!(v["intermediates_compared"].as_u64().unwrap() > 100);
+
     // a corrupted weight: an up-block ResNet's second convolution (added to the residual, so no
     // normalisation hides it) with a pattern added to its values
     let mut model = load_model(&fp32).unwrap();

@@ -35,6 +35,59 @@ fn v2_diffusers_semantics_match_diffusers() {
     );
 }
 
+/// `--fused-attention`: the motion modules' attention as com.motionrt.TemporalAttention, run by
+/// motionrt's CPU kernel inside ONNX Runtime; same parity with diffusers, and the same numbers
+/// as the standard-op graph within fp32 rounding.
+#[test]
+fn fused_attention_matches_diffusers_and_the_standard_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = motionrt_export::export::ExportOptions {
+        unet: fx("sd_tiny"),
+        motion_module: Some(fx("adapter_v2")),
+        out: dir.path().join("fused"),
+        overwrite: false,
+        precision: Precision::Fp32,
+        semantics: Semantics::Diffusers,
+        external_data: ExternalData::Auto,
+        vae: None,
+        text_encoder: None,
+        vae_config: None,
+        text_encoder_config: None,
+        tokenizer: None,
+        unet_only: true,
+        fused_attention: true,
+    };
+    let m = motionrt_export::export::export(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    assert!(m.fused_attention);
+    let fused = dir.path().join("fused/unet.onnx");
+    let summary =
+        motionrt_export::onnx::summarize(&motionrt_export::onnx::load_model(&fused).unwrap());
+    // 2 attentions × (layers per block) motion transformer blocks; every one fused
+    let n = summary
+        .op_counts
+        .get("com.motionrt::TemporalAttention")
+        .copied()
+        .unwrap_or(0);
+    let modules = m.motion_module.as_ref().unwrap().modules;
+    assert_eq!(n, 2 * modules, "{:?}", summary.op_counts);
+    assert!(summary.opsets.contains(&("com.motionrt".to_string(), 1)));
+    let (ours, reference) = run_case(&fused, "v2_diffusers");
+    assert_close(
+        "v2_diffusers fused",
+        &ours.data,
+        &reference.data,
+        Tolerance::FP32,
+    );
+    let standard = export_fx("sd_tiny", "adapter_v2", Semantics::Diffusers);
+    let (std_out, _) = run_case(&standard.onnx(), "v2_diffusers");
+    assert_close(
+        "fused vs standard",
+        &ours.data,
+        &std_out.data,
+        Tolerance::FP32_REORDERED,
+    );
+}
+
 #[test]
 fn v2_official_semantics_match_per_frame_reference() {
     parity(

@@ -64,6 +64,9 @@ pub struct ExportOptions {
     pub tokenizer: Option<PathBuf>,
     /// Export the UNet only.
     pub unet_only: bool,
+    /// Motion-module attention as `com.motionrt.TemporalAttention` nodes (runs where motionrt's
+    /// operators are registered: motionrt's ONNX Runtime sessions).
+    pub fused_attention: bool,
 }
 
 /// Progress events for a UI.
@@ -120,6 +123,8 @@ pub struct ModelManifest {
     pub precision: Precision,
     pub semantics: Semantics,
     pub opset: i64,
+    /// Motion-module attention as `com.motionrt.TemporalAttention` (needs motionrt's operators).
+    pub fused_attention: bool,
     pub unet: SourceReport,
     pub unet_config: UnetConfig,
     pub motion_module: Option<MotionReport>,
@@ -467,6 +472,16 @@ fn write_graph(
     };
     let inputs = value_infos(&job.inputs);
     let outputs = value_infos(&job.outputs);
+    let mut opset_import = vec![OperatorSetIdProto {
+        domain: String::new(),
+        version: OPSET,
+    }];
+    if job.g.uses_domain(motionrt_kernels::DOMAIN) {
+        opset_import.push(OperatorSetIdProto {
+            domain: motionrt_kernels::DOMAIN.into(),
+            version: 1,
+        });
+    }
     let GraphBuilder { nodes, consts, .. } = job.g;
     inits.extend(consts);
     let mut meta = vec![("motionrt.precision", opts.precision.to_string())];
@@ -475,10 +490,7 @@ fn write_graph(
         ir_version: IR_VERSION,
         producer_name: "motionrt".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: OPSET,
-        }],
+        opset_import,
         metadata_props: meta
             .into_iter()
             .map(|(k, v)| StringStringEntryProto {
@@ -671,9 +683,13 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         motion_cfg.as_ref(),
         opts.semantics,
         opts.precision,
+        opts.fused_attention,
     );
     let resolved = resolve_params(&g, &unet_src, motion_src.as_ref())?;
     let mut unet_meta = vec![("motionrt.semantics", opts.semantics.to_string())];
+    if opts.fused_attention {
+        unet_meta.push(("motionrt.fused_attention", "true".into()));
+    }
     if let Some(m) = &motion_cfg {
         unet_meta.push(("motionrt.motion_version", m.version.to_string()));
         unet_meta.push(("motionrt.max_frames", m.max_seq_length.to_string()));
@@ -830,6 +846,7 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         motionrt_version: version,
         precision: opts.precision,
         semantics: opts.semantics,
+        fused_attention: opts.fused_attention,
         opset: OPSET,
         parameters: unet_report.parameters
             + motion_report.as_ref().map_or(0, |m| m.source.parameters)

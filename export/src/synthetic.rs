@@ -177,6 +177,7 @@ pub fn write_model(
         Some(motion_cfg),
         Semantics::Diffusers,
         Precision::Fp32,
+        false,
     );
     let mut rng = Rng::new(seed);
     let (mut unet_t, mut mm_t) = (Vec::new(), Vec::new());

@@ -64,6 +64,7 @@ pub fn export_with(
         text_encoder_config: None,
         tokenizer: None,
         unet_only: false,
+        fused_attention: false,
     };
     let manifest = export(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("export failed: {e}"));
     Exported { dir, manifest }
@@ -166,6 +167,7 @@ pub fn export_pipeline(
             .then(|| pipeline_fixtures().join("tiny/text_encoder/config.json")),
         tokenizer: Some(pipeline_fixtures().join("tiny")),
         unet_only: false,
+        fused_attention: false,
     };
     let manifest = export(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("export failed: {e}"));
     Exported { dir, manifest }

@@ -142,7 +142,9 @@ pub fn layer_norm(g: &mut GraphBuilder, x: &str, prefix: &str, c: usize, eps: f3
 }
 
 /// Multi-head attention of diffusers' `Attention` (no q/k/v bias, `to_out.0` with bias).
-/// `x`: `[N, L, dim]`; `context`: `[N, S, ctx_dim]` (None: self-attention).
+/// `x`: `[N, L, dim]`; `context`: `[N, S, ctx_dim]` (None: self-attention). `fused`: the core
+/// as one `com.motionrt.TemporalAttention` node instead of standard ops.
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     g: &mut GraphBuilder,
     x: &str,
@@ -151,30 +153,135 @@ pub fn attention(
     dim: usize,
     ctx_dim: usize,
     heads: usize,
+    fused: bool,
 ) -> String {
     g.scoped(prefix, |g| {
-        let d = dim / heads;
         let kv = context.unwrap_or(x);
         let kv_dim = if context.is_some() { ctx_dim } else { dim };
         let q = linear(g, x, &format!("{prefix}.to_q"), dim, dim, false);
         let k = linear(g, kv, &format!("{prefix}.to_k"), kv_dim, dim, false);
         let v = linear(g, kv, &format!("{prefix}.to_v"), kv_dim, dim, false);
-        let split = [0, 0, heads as i64, d as i64];
-        let q = g.reshape_to(&q, &split);
-        let q = g.transpose(&q, &[0, 2, 1, 3]); // [N, h, L, d]
-        let k = g.reshape_to(&k, &split);
-        let k = g.transpose(&k, &[0, 2, 3, 1]); // [N, h, d, S]
-        let v = g.reshape_to(&v, &split);
-        let v = g.transpose(&v, &[0, 2, 1, 3]); // [N, h, S, d]
-        let scale = g.constf(&[], &[1.0 / (d as f32).sqrt()]);
-        let q = g.mul(&q, &scale);
-        let s = g.matmul(&q, &k);
-        let p = g.op("Softmax", &[&s], vec![attr_int("axis", -1)]);
-        let o = g.matmul(&p, &v);
-        let o = g.transpose(&o, &[0, 2, 1, 3]);
-        let o = g.reshape_to(&o, &[0, 0, dim as i64]);
+        let o = if fused {
+            temporal_attention_fused(g, &q, &k, &v, heads)
+        } else {
+            attention_core(g, &q, &k, &v, dim, heads)
+        };
         linear(g, &o, &format!("{prefix}.to_out.0"), dim, dim, true)
     })
+}
+
+/// `softmax(Q·Kᵀ/√d)·V` per head in standard ops: `q` `[N, L, dim]`, `k`/`v` `[N, S, dim]`.
+/// This is also the portable decomposition of `com.motionrt.TemporalAttention`.
+pub fn attention_core(
+    g: &mut GraphBuilder,
+    q: &str,
+    k: &str,
+    v: &str,
+    dim: usize,
+    heads: usize,
+) -> String {
+    attention_core_bias(g, q, k, v, dim, heads, None)
+}
+
+/// [`attention_core`] with an additive `[1 or h, L, S]` bias on the logits.
+pub fn attention_core_bias(
+    g: &mut GraphBuilder,
+    q: &str,
+    k: &str,
+    v: &str,
+    dim: usize,
+    heads: usize,
+    bias: Option<&str>,
+) -> String {
+    let d = dim / heads;
+    let split = [0, 0, heads as i64, d as i64];
+    let q = g.reshape_to(q, &split);
+    let q = g.transpose(&q, &[0, 2, 1, 3]); // [N, h, L, d]
+    let k = g.reshape_to(k, &split);
+    let k = g.transpose(&k, &[0, 2, 3, 1]); // [N, h, d, S]
+    let v = g.reshape_to(v, &split);
+    let v = g.transpose(&v, &[0, 2, 1, 3]); // [N, h, S, d]
+    let scale = g.constf(&[], &[1.0 / (d as f32).sqrt()]);
+    let q = g.mul(&q, &scale);
+    let mut s = g.matmul(&q, &k);
+    if let Some(b) = bias {
+        s = g.add(&s, b);
+    }
+    let p = g.op("Softmax", &[&s], vec![attr_int("axis", -1)]);
+    let o = g.matmul(&p, &v);
+    let o = g.transpose(&o, &[0, 2, 1, 3]);
+    g.reshape_to(&o, &[0, 0, dim as i64])
+}
+
+/// `com.motionrt.TemporalAttention(Q, K, V)` (docs/operators.md).
+pub fn temporal_attention_fused(
+    g: &mut GraphBuilder,
+    q: &str,
+    k: &str,
+    v: &str,
+    heads: usize,
+) -> String {
+    g.op_domain(
+        motionrt_kernels::DOMAIN,
+        "TemporalAttention",
+        &[q, k, v],
+        vec![attr_int("num_heads", heads as i64)],
+    )
+}
+
+/// Tune-A-Video's sparse-causal attention core over `[B·F, S, dim]` projections: frame `i`'s
+/// queries attend to the keys/values of frame 0 and frame `max(i − 1, 0)`. `fused`: one
+/// `com.motionrt.SparseCausalAttention` node (needs the frame count `frames_static`); else the
+/// portable decomposition (Gather of the two frames, Concat, standard attention), which takes
+/// the frame count from the graph at run time.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_causal_core(
+    g: &mut GraphBuilder,
+    q: &str,
+    k: &str,
+    v: &str,
+    dim: usize,
+    heads: usize,
+    frames: &Frames,
+    frames_static: Option<usize>,
+    fused: bool,
+) -> String {
+    if let (true, Some(f)) = (fused, frames_static) {
+        return g.op_domain(
+            motionrt_kernels::DOMAIN,
+            "SparseCausalAttention",
+            &[q, k, v],
+            vec![
+                attr_int("num_heads", heads as i64),
+                attr_int("frames", f as i64),
+            ],
+        );
+    }
+    // former = max(arange(F) − 1, 0); first = arange(F) · 0
+    let zero = g.i64s(&[0]);
+    let f_scalar = g.reshape_to(&frames.frames, &[]);
+    let z = g.reshape_to(&zero, &[]);
+    let one = g.i64s(&[1]);
+    let one_s = g.reshape_to(&one, &[]);
+    let range = g.op("Range", &[&z, &f_scalar, &one_s], vec![]);
+    let prev = g.op("Sub", &[&range, &one], vec![]);
+    let former = g.op("Max", &[&prev, &zero], vec![]);
+    let first = g.op("Mul", &[&range, &zero], vec![]);
+    let cc = g.i64s(&[dim as i64]);
+    let rest = g.i64s(&[-1]);
+    let unfold = g.concat(&[&frames.batch, &frames.frames, &rest, &cc], 0);
+    let bf = g.op("Mul", &[&frames.batch, &frames.frames], vec![]);
+    let fold = g.concat(&[&bf, &rest, &cc], 0);
+    let mut gathered = Vec::new();
+    for x in [k, v] {
+        let x4 = g.reshape(x, &unfold); // [B, F, S, C]
+        let a = g.op("Gather", &[&x4, &first], vec![attr_int("axis", 1)]);
+        let b = g.op("Gather", &[&x4, &former], vec![attr_int("axis", 1)]);
+        let cat = g.concat(&[&a, &b], 2); // [B, F, 2S, C]
+        let fold = g.op("Reshape", &[&cat, &fold], vec![]); // [B·F, 2S, C]
+        gathered.push(fold);
+    }
+    attention_core(g, q, &gathered[0], &gathered[1], dim, heads)
 }
 
 /// GEGLU feed-forward: `net.2(a · gelu(gate))`, `[a, gate] = net.0.proj(x)`; exact (erf) GELU.
@@ -232,11 +339,22 @@ pub fn transformer_block(
                         dim,
                         *ctx_dim,
                         heads,
+                        false,
                     )
                 }
                 BlockKind::Temporal { pos } => {
                     let n = g.add(&n, pos);
-                    attention(g, &n, None, &format!("{prefix}.{attn}"), dim, dim, heads)
+                    let fused = g.fused_attention;
+                    attention(
+                        g,
+                        &n,
+                        None,
+                        &format!("{prefix}.{attn}"),
+                        dim,
+                        dim,
+                        heads,
+                        fused,
+                    )
                 }
             };
             h = g.add(&a, &h);

@@ -7,6 +7,7 @@
 
 pub mod clip;
 pub mod layers;
+pub mod ops;
 pub mod unet;
 pub mod vae;
 
@@ -82,6 +83,8 @@ pub struct GraphBuilder {
     op_counts: HashMap<(String, String), usize>,
     scope: Vec<String>,
     pub precision: Precision,
+    /// Emit motion-module attention as `com.motionrt.TemporalAttention` (`--fused-attention`).
+    pub fused_attention: bool,
 }
 
 impl GraphBuilder {
@@ -96,6 +99,7 @@ impl GraphBuilder {
             op_counts: HashMap::new(),
             scope: Vec::new(),
             precision,
+            fused_attention: false,
         }
     }
 
@@ -134,6 +138,32 @@ impl GraphBuilder {
             ..Default::default()
         });
         name
+    }
+
+    /// Add a single-output node of another domain (`com.motionrt`); returns the output's name.
+    pub fn op_domain(
+        &mut self,
+        domain: &str,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+    ) -> String {
+        let name = self.fresh(op);
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![name.clone()],
+            name: name.clone(),
+            op_type: op.to_string(),
+            domain: domain.to_string(),
+            attribute: attrs,
+            ..Default::default()
+        });
+        name
+    }
+
+    /// Whether any node belongs to `domain`.
+    pub fn uses_domain(&self, domain: &str) -> bool {
+        self.nodes.iter().any(|n| n.domain == domain)
     }
 
     /// Add a node with `n` outputs.

@@ -77,13 +77,16 @@ fn spans(semantics: Semantics, motion: Option<&MotionConfig>) -> Spans {
 }
 
 /// Build the UNet graph. Returns the builder holding nodes, constants and the parameter list.
+/// `fused_attention`: the motion modules' attention as `com.motionrt.TemporalAttention` nodes.
 pub fn build(
     cfg: &UnetConfig,
     motion: Option<&MotionConfig>,
     semantics: Semantics,
     precision: Precision,
+    fused_attention: bool,
 ) -> GraphBuilder {
     let mut g = GraphBuilder::new(precision);
+    g.fused_attention = fused_attention;
     let spans = spans(semantics, motion);
     let groups = cfg.norm_num_groups;
     let eps = cfg.norm_eps;
