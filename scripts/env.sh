@@ -7,7 +7,7 @@ venv="$root/.venv"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c "import onnxruntime, onnx, numpy" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import onnxruntime, onnx, numpy, nvidia" 2>/dev/null; then
   "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$root/scripts/requirements.txt"
 fi
 lib="$(ls "$venv"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null | head -n 1)"
@@ -17,3 +17,7 @@ if [ -z "$lib" ]; then
 fi
 export ORT_DYLIB_PATH="$lib"
 export MOTIONRT_PYTHON="$venv/bin/python"
+nvrtc="$(ls "$venv"/lib/python3*/site-packages/nvidia/cu13/lib/libnvrtc.so.* 2>/dev/null | head -n 1)"
+if [ -n "$nvrtc" ]; then
+  export MOTIONRT_NVRTC="$nvrtc"
+fi

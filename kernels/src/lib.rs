@@ -3,6 +3,8 @@
 //! knowledge lives here.
 
 pub mod attention;
+pub mod cuda;
+pub mod gpu;
 
 pub use attention::{Attention, KernelError, SparseCausal};
 
