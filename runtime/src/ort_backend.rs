@@ -197,7 +197,13 @@ impl OrtSession {
                 .with_intra_threads(opts.intra_threads)
                 .map_err(|e| err(e.to_string()))?;
         }
-        let session = b.commit_from_file(path).map_err(|e| err(e.to_string()))?;
+        // ONNX Runtime adds custom-op domains to a process-wide table without a lock (two
+        // sessions created at once fail with "domain already exist"): create one at a time.
+        static CREATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let session = {
+            let _guard = CREATE.lock().unwrap_or_else(|p| p.into_inner());
+            b.commit_from_file(path).map_err(|e| err(e.to_string()))?
+        };
         Ok(Self {
             path: path.to_path_buf(),
             session,
