@@ -99,18 +99,22 @@ impl UnetConfig {
         let mut down_attention = Vec::new();
         for t in &down_types {
             match t.as_str() {
-                Some("CrossAttnDownBlock2D" | "CrossAttnDownBlockMotion") => {
-                    down_attention.push(true)
+                Some(
+                    "CrossAttnDownBlock2D" | "CrossAttnDownBlockMotion" | "CrossAttnDownBlock3D",
+                ) => down_attention.push(true),
+                Some("DownBlock2D" | "DownBlockMotion" | "DownBlock3D") => {
+                    down_attention.push(false)
                 }
-                Some("DownBlock2D" | "DownBlockMotion") => down_attention.push(false),
                 other => return Err(bad(format!("unsupported down block type {other:?}"))),
             }
         }
         for (i, t) in up_types.iter().enumerate() {
             let want = down_attention[down_attention.len() - 1 - i];
             let attn = match t.as_str() {
-                Some("CrossAttnUpBlock2D" | "CrossAttnUpBlockMotion") => true,
-                Some("UpBlock2D" | "UpBlockMotion") => false,
+                Some("CrossAttnUpBlock2D" | "CrossAttnUpBlockMotion" | "CrossAttnUpBlock3D") => {
+                    true
+                }
+                Some("UpBlock2D" | "UpBlockMotion" | "UpBlock3D") => false,
                 other => return Err(bad(format!("unsupported up block type {other:?}"))),
             };
             if attn != want {

@@ -125,6 +125,8 @@ pub struct ModelManifest {
     pub opset: i64,
     /// Motion-module attention as `com.motionrt.TemporalAttention` (needs motionrt's operators).
     pub fused_attention: bool,
+    /// `animatediff` (SD UNet + motion module), `tune-a-video`, or `image` (no temporal layers).
+    pub architecture: &'static str,
     pub unet: SourceReport,
     pub unet_config: UnetConfig,
     pub motion_module: Option<MotionReport>,
@@ -584,6 +586,14 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         .tensors
         .keys()
         .any(|k| k.contains(".motion_modules."));
+    // Tune-A-Video's UNet carries temporal attention (`attn_temp`) in its transformer blocks.
+    let tune_a_video = unet_src.tensors.keys().any(|k| k.contains(".attn_temp."));
+    if tune_a_video && (opts.motion_module.is_some() || has_builtin_motion) {
+        return Err(ExportError::model(
+            &opts.unet,
+            "a Tune-A-Video UNet (attn_temp tensors) has its own temporal layers; it takes no motion module",
+        ));
+    }
     let (motion_src, motion_cfg) = match &opts.motion_module {
         Some(p) => {
             let (s, c) = source::open_motion(p)?;
@@ -678,15 +688,19 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
 
     // Build every graph and resolve (and check) every weight before writing anything.
     let mut jobs: Vec<GraphJob<'_>> = Vec::new();
-    let g = unet::build(
+    let g = unet::build_with(
         &unet_cfg,
         motion_cfg.as_ref(),
         opts.semantics,
         opts.precision,
         opts.fused_attention,
+        tune_a_video,
     );
     let resolved = resolve_params(&g, &unet_src, motion_src.as_ref())?;
     let mut unet_meta = vec![("motionrt.semantics", opts.semantics.to_string())];
+    if tune_a_video {
+        unet_meta.push(("motionrt.architecture", "tune-a-video".into()));
+    }
     if opts.fused_attention {
         unet_meta.push(("motionrt.fused_attention", "true".into()));
     }
@@ -847,6 +861,13 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         precision: opts.precision,
         semantics: opts.semantics,
         fused_attention: opts.fused_attention,
+        architecture: if tune_a_video {
+            "tune-a-video"
+        } else if motion_cfg.is_some() {
+            "animatediff"
+        } else {
+            "image"
+        },
         opset: OPSET,
         parameters: unet_report.parameters
             + motion_report.as_ref().map_or(0, |m| m.source.parameters)

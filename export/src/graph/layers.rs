@@ -309,6 +309,14 @@ pub fn geglu_ff(g: &mut GraphBuilder, x: &str, prefix: &str, dim: usize) -> Stri
 pub enum BlockKind<'a> {
     /// Spatial: attn1 self over pixels, attn2 cross to the text embeddings.
     Spatial { context: &'a str, ctx_dim: usize },
+    /// Tune-A-Video: attn1 sparse-causal over pixels (frame 0 and the previous frame), attn2
+    /// cross to the text embeddings, the feed-forward, then `attn_temp` self-attention over
+    /// frames (tokens `(B·h·w, F, C)`, pre-LayerNorm `norm_temp`, no positional table).
+    TuneAVideo {
+        context: &'a str,
+        ctx_dim: usize,
+        frames: &'a Frames,
+    },
     /// Temporal: attn1 and attn2 both self over frames, with the positional table added to the
     /// normed tokens before each.
     Temporal { pos: &'a str },
@@ -342,6 +350,34 @@ pub fn transformer_block(
                         false,
                     )
                 }
+                BlockKind::TuneAVideo {
+                    context,
+                    ctx_dim,
+                    frames,
+                } => {
+                    if i == 0 {
+                        let p = format!("{prefix}.attn1");
+                        g.scoped(&p, |g| {
+                            let q = linear(g, &n, &format!("{p}.to_q"), dim, dim, false);
+                            let k = linear(g, &n, &format!("{p}.to_k"), dim, dim, false);
+                            let v = linear(g, &n, &format!("{p}.to_v"), dim, dim, false);
+                            let o =
+                                sparse_causal_core(g, &q, &k, &v, dim, heads, frames, None, false);
+                            linear(g, &o, &format!("{p}.to_out.0"), dim, dim, true)
+                        })
+                    } else {
+                        attention(
+                            g,
+                            &n,
+                            Some(*context),
+                            &format!("{prefix}.{attn}"),
+                            dim,
+                            *ctx_dim,
+                            heads,
+                            false,
+                        )
+                    }
+                }
                 BlockKind::Temporal { pos } => {
                     let n = g.add(&n, pos);
                     let fused = g.fused_attention;
@@ -361,8 +397,51 @@ pub fn transformer_block(
         }
         let n = layer_norm(g, &h, &format!("{prefix}.norm3"), dim, eps);
         let f = geglu_ff(g, &n, &format!("{prefix}.ff"), dim);
-        g.add(&f, &h)
+        let h = g.add(&f, &h);
+        match kind {
+            BlockKind::TuneAVideo { frames, .. } => {
+                temporal_self_attention(g, &h, prefix, dim, heads, frames)
+            }
+            _ => h,
+        }
     })
+}
+
+/// Tune-A-Video's `attn_temp` with `norm_temp`: `(B·F, D, C)` tokens regrouped to `(B·D, F, C)`,
+/// `x + attn_temp(norm_temp(x))`, and back.
+fn temporal_self_attention(
+    g: &mut GraphBuilder,
+    h: &str,
+    prefix: &str,
+    dim: usize,
+    heads: usize,
+    frames: &Frames,
+) -> String {
+    let shape = g.shape(h); // [B·F, D, C]
+    let cc = g.i64s(&[dim as i64]);
+    let rest = g.i64s(&[-1]);
+    let s = g.concat(&[&frames.batch, &frames.frames, &rest, &cc], 0);
+    let t = g.reshape(h, &s); // [B, F, D, C]
+    let t = g.transpose(&t, &[0, 2, 1, 3]); // [B, D, F, C]
+    let s = g.concat(&[&rest, &frames.frames, &cc], 0);
+    let t = g.reshape(&t, &s); // [B·D, F, C]
+    let n = layer_norm(g, &t, &format!("{prefix}.norm_temp"), dim, 1e-5);
+    let fused = g.fused_attention;
+    let a = attention(
+        g,
+        &n,
+        None,
+        &format!("{prefix}.attn_temp"),
+        dim,
+        dim,
+        heads,
+        fused,
+    );
+    let t = g.add(&a, &t);
+    let s = g.concat(&[&frames.batch, &rest, &frames.frames, &cc], 0);
+    let t = g.reshape(&t, &s); // [B, D, F, C]
+    let t = g.transpose(&t, &[0, 2, 1, 3]); // [B, F, D, C]
+    g.reshape(&t, &shape)
 }
 
 /// diffusers' `ResnetBlock2D` (SD1.x: no time scale-shift, output scale 1).
@@ -439,6 +518,7 @@ pub fn spatial_transformer(
     groups: usize,
     linear_proj: bool,
     frames: &Frames,
+    tune_a_video: bool,
 ) -> String {
     g.scoped(prefix, |g| {
         let shape = g.shape(x);
@@ -463,7 +543,15 @@ pub fn spatial_transformer(
             let p = conv2d(g, &h, &format!("{prefix}.proj_in"), c, c, 1, 1, 0);
             to_tokens(g, &p)
         };
-        let kind = BlockKind::Spatial { context, ctx_dim };
+        let kind = if tune_a_video {
+            BlockKind::TuneAVideo {
+                context,
+                ctx_dim,
+                frames,
+            }
+        } else {
+            BlockKind::Spatial { context, ctx_dim }
+        };
         for i in 0..layers {
             t = transformer_block(
                 g,

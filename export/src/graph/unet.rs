@@ -85,9 +85,26 @@ pub fn build(
     precision: Precision,
     fused_attention: bool,
 ) -> GraphBuilder {
+    build_with(cfg, motion, semantics, precision, fused_attention, false)
+}
+
+/// [`build`], or with `tune_a_video` Tune-A-Video's UNet (`UNet3DConditionModel`): no motion
+/// modules; spatial transformer blocks with sparse-causal `attn1` and `attn_temp`/`norm_temp`;
+/// GroupNorm across frames in the ResNets and `conv_norm_out` (it normalises 5-D tensors).
+pub fn build_with(
+    cfg: &UnetConfig,
+    motion: Option<&MotionConfig>,
+    semantics: Semantics,
+    precision: Precision,
+    fused_attention: bool,
+    tune_a_video: bool,
+) -> GraphBuilder {
     let mut g = GraphBuilder::new(precision);
     g.fused_attention = fused_attention;
-    let spans = spans(semantics, motion);
+    let mut spans = spans(semantics, motion);
+    if tune_a_video {
+        spans.resnet = NormSpan::CrossFrame;
+    }
     let groups = cfg.norm_num_groups;
     let eps = cfg.norm_eps;
     let temb_dim = cfg.time_embed_dim;
@@ -197,6 +214,7 @@ pub fn build(
             groups,
             cfg.use_linear_projection,
             &frames,
+            tune_a_video,
         )
     };
     let res = |g: &mut GraphBuilder, x: &str, prefix: &str, cin: usize, cout: usize| {
