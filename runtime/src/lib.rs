@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod compare;
 mod custom_ops;
+pub mod edit;
 pub mod frames;
 pub mod npy;
 mod ort_backend;
@@ -12,6 +13,7 @@ pub mod pipeline;
 pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod video_in;
 
 pub use compare::{error_stats, ErrorStats, Tolerance};
 pub use ort_backend::{

@@ -216,6 +216,9 @@ pub struct Pipeline {
     unet: OrtSession,
     text: OrtSession,
     vae: OrtSession,
+    /// `vae_encoder.onnx`, loaded on first use (editing).
+    vae_encoder: Option<OrtSession>,
+    session_options: SessionOptions,
     tokenizer: ClipTokenizer,
     /// Seconds spent loading sessions.
     pub load_seconds: f64,
@@ -263,6 +266,8 @@ impl Pipeline {
             unet,
             text,
             vae,
+            vae_encoder: None,
+            session_options: opts.clone(),
             tokenizer,
             load_seconds: t.elapsed().as_secs_f64(),
             load_times,
@@ -538,6 +543,88 @@ impl Pipeline {
             events(Event::Step { index: i, total });
         }
         Ok(latents)
+    }
+
+    /// Encode RGB frames (`[F, H, W, 3]` in [0, 1], `H`, `W` multiples of the latent scale) into
+    /// latents `[1, C, F, h, w]` (the VAE encoder's mean, times the scaling factor), `chunk`
+    /// frames per call.
+    pub fn encode(&mut self, video: &crate::frames::Frames, chunk: usize) -> Result<Vec<f32>> {
+        let s = self.info.latent_scale;
+        if video.height % s != 0 || video.width % s != 0 {
+            return Err(PipelineError::Options(format!(
+                "the video is {}×{}; the VAE needs multiples of {s}",
+                video.width, video.height
+            )));
+        }
+        if self.vae_encoder.is_none() {
+            let p = self.info.graph("vae_encoder")?;
+            self.vae_encoder = Some(OrtSession::load(&p, &self.session_options)?);
+        }
+        let enc = self.vae_encoder.as_mut().expect("loaded above");
+        let (f, hh, ww) = (video.frames, video.height, video.width);
+        let (h, w, c) = (hh / s, ww / s, self.info.latent_channels);
+        let mut lat = vec![0f32; c * f * h * w];
+        let mut start = 0;
+        while start < f {
+            let m = chunk.max(1).min(f - start);
+            // [m, 3, H, W] in [-1, 1]
+            let mut img = vec![0f32; m * 3 * hh * ww];
+            for j in 0..m {
+                let fr = video.frame(start + j);
+                for y in 0..hh {
+                    for x in 0..ww {
+                        for ch in 0..3 {
+                            img[((j * 3 + ch) * hh + y) * ww + x] =
+                                fr[(y * ww + x) * 3 + ch] * 2.0 - 1.0;
+                        }
+                    }
+                }
+            }
+            let out = enc.run_with(&[("image", Input::F32(&[m, 3, hh, ww], &img))])?;
+            let z =
+                out.into_iter().next().map(|o| o.1).ok_or_else(|| {
+                    model_err(&self.info.dir, "vae_encoder.onnx returned no output")
+                })?;
+            if z.shape != [m, c, h, w] {
+                return Err(model_err(
+                    &self.info.dir,
+                    format!(
+                        "vae_encoder.onnx returned {:?}, expected [{m}, {c}, {h}, {w}]",
+                        z.shape
+                    ),
+                ));
+            }
+            for j in 0..m {
+                for ch in 0..c {
+                    let src = &z.data[(j * c + ch) * h * w..][..h * w];
+                    let dst = &mut lat[(ch * f + start + j) * h * w..][..h * w];
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = v * self.info.scaling_factor;
+                    }
+                }
+            }
+            start += m;
+        }
+        Ok(lat)
+    }
+
+    /// One UNet call: `sample` `[B, C, F, h, w]`, one timestep for the batch, `ctx` `[B·F, 77, D]`.
+    pub fn unet(
+        &mut self,
+        sample: &[f32],
+        shape: [usize; 5],
+        t: f32,
+        ctx: &[f32],
+    ) -> Result<Vec<f32>> {
+        let b = shape[0];
+        let ts = vec![t; b];
+        let ctx_shape = [b * shape[2], 77, self.info.cross_attention_dim];
+        let out = self.unet.run_with(&[
+            ("sample", Input::F32(&shape, sample)),
+            ("timestep", Input::F32(&[b], &ts)),
+            ("encoder_hidden_states", Input::F32(&ctx_shape, ctx)),
+        ])?;
+        Ok(out.into_iter().next().map(|o| o.1.data).unwrap_or_default())
     }
 
     /// Decode `[1, C, F, h, w]` latents into `[F, H, W, 3]` RGB in [0, 1], `chunk` frames per

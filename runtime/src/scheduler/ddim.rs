@@ -52,6 +52,28 @@ impl Ddim {
         }
     }
 
+    /// The integer timesteps, descending.
+    pub fn timesteps_i(&self) -> &[i64] {
+        &self.timesteps_i
+    }
+
+    /// One step of DDIM inversion, as Tune-A-Video's `next_step`: the latent at
+    /// `t − num_train_timesteps/steps` (capped at 999) moves to timestep `t`, using the model
+    /// output evaluated at `t`: `x_t = √ᾱ_t · x̂0 + √(1−ᾱ_t) · ε` with
+    /// `x̂0 = (x − √(1−ᾱ_prev) · ε) / √ᾱ_prev`.
+    pub fn invert_step(&self, model_output: &[f32], t: i64, sample: &mut [f32]) {
+        check_lens(sample.len(), model_output.len(), "model_output");
+        let cur = (t - self.step_back).min(999);
+        let a = self.alpha_at(cur);
+        let a_next = self.alpha_at(t);
+        let (sqrt_a, sqrt_b) = (a.sqrt(), (1.0 - a).sqrt());
+        let (sqrt_an, sqrt_bn) = (a_next.sqrt(), (1.0 - a_next).sqrt());
+        for (x, &m) in sample.iter_mut().zip(model_output) {
+            let (x0, eps) = x0_eps(self.cfg.prediction_type, sqrt_a, sqrt_b, *x, m);
+            *x = sqrt_an * x0 + sqrt_bn * eps;
+        }
+    }
+
     fn alpha_at(&self, t: i64) -> f32 {
         if t >= 0 {
             self.alphas_cumprod[t as usize]
