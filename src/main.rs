@@ -173,6 +173,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Edit a video (Tune-A-Video): encode it with the VAE, DDIM-invert it under --source-prompt to the noise that
+    /// regenerates it, then generate from that noise with the edited --prompt and classifier-free guidance.
+    Edit {
+        /// A directory written by `motionrt export` from a Tune-A-Video model (with VAE, text encoder, tokenizer).
+        #[arg(long)]
+        model: PathBuf,
+        /// The input video: a .gif, a directory of .png frames, a .png, or anything ffmpeg decodes (.mp4 ...).
+        #[arg(long)]
+        video: PathBuf,
+        /// The edited prompt, e.g. "a cat is surfing, cartoon style".
+        #[arg(long)]
+        prompt: String,
+        /// Describes the input; conditions the inversion (Tune-A-Video inverts with "").
+        #[arg(long = "source-prompt", default_value = "")]
+        source_prompt: String,
+        #[arg(long = "negative-prompt", default_value = "")]
+        negative_prompt: String,
+        /// Output: .gif, .mp4 (ffmpeg), .png sequence or a directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Size the video is resized to (default: its own size rounded down to a multiple of 8; needed for
+        /// ffmpeg-decoded inputs).
+        #[arg(long)]
+        width: Option<usize>,
+        #[arg(long)]
+        height: Option<usize>,
+        /// Use the first N frames (default: all).
+        #[arg(long)]
+        frames: Option<usize>,
+        /// DDIM steps for the inversion and for the generation.
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// Classifier-free guidance of the generation (Tune-A-Video's default).
+        #[arg(long, default_value_t = 12.5)]
+        guidance: f32,
+        #[arg(long = "decode-chunk", default_value_t = 16)]
+        decode_chunk: usize,
+        #[arg(long, default_value_t = 8.0)]
+        fps: f32,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Also save the inverted noise [1, 4, F, h, w] as .npy (reusable with other prompts).
+        #[arg(long = "save-inverted")]
+        save_inverted: Option<PathBuf>,
+    },
     /// Measure latency: the whole pipeline (text encoder, UNet per step and total, VAE decode, time to first frame,
     /// end to end) or one graph (--graph), after warm-up, with min/median/p90/p99/max, throughput, load time and
     /// peak memory; --json saves the report, --compare A B compares two saved reports per stage.
@@ -336,6 +381,39 @@ fn run(cli: Cli) -> Result<()> {
             generate(&model, &opts, &out, fps, threads, json)
         }
         Command::Bench(args) => bench_cmd::bench(args),
+        Command::Edit {
+            model,
+            video,
+            prompt,
+            source_prompt,
+            negative_prompt,
+            out,
+            width,
+            height,
+            frames,
+            steps,
+            guidance,
+            decode_chunk,
+            fps,
+            threads,
+            save_inverted,
+        } => edit_video(EditArgs {
+            model,
+            video,
+            prompt,
+            source_prompt,
+            negative_prompt,
+            out,
+            width,
+            height,
+            frames,
+            steps,
+            guidance,
+            decode_chunk,
+            fps,
+            threads,
+            save_inverted,
+        }),
         Command::Infer(args) => graph_tools::infer(args),
         Command::Compare(args) => graph_tools::compare(args),
         Command::Demo {
@@ -662,4 +740,136 @@ fn demo(a: DemoArgs) -> Result<()> {
         ..Default::default()
     };
     generate(&out, &gen, &video, 8.0, 0, false)
+}
+
+struct EditArgs {
+    model: PathBuf,
+    video: PathBuf,
+    prompt: String,
+    source_prompt: String,
+    negative_prompt: String,
+    out: PathBuf,
+    width: Option<usize>,
+    height: Option<usize>,
+    frames: Option<usize>,
+    steps: usize,
+    guidance: f32,
+    decode_chunk: usize,
+    fps: f32,
+    threads: usize,
+    save_inverted: Option<PathBuf>,
+}
+
+fn edit_video(a: EditArgs) -> Result<()> {
+    use motionrt_runtime::edit::{edit, EditOptions};
+    use motionrt_runtime::video_in;
+    let format = OutputFormat::from_path(&a.out).with_context(|| {
+        format!(
+            "{}: unknown output format (use .gif, .mp4, .png or a directory)",
+            a.out.display()
+        )
+    })?;
+    if format == OutputFormat::Mp4 && !frames::ffmpeg_available() {
+        bail!(
+            "{}: writing MP4 needs ffmpeg on the PATH, and there is none; install ffmpeg or write .gif / .png instead",
+            a.out.display()
+        );
+    }
+    if a.frames == Some(0) {
+        bail!("--frames must be at least 1");
+    }
+    let size = a.width.zip(a.height);
+    let input = video_in::read(&a.video, a.frames, size)?;
+    let (w, h) = (
+        a.width.unwrap_or(input.width / 8 * 8),
+        a.height.unwrap_or(input.height / 8 * 8),
+    );
+    if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 {
+        bail!("--width and --height must be positive multiples of 8 (got {w}×{h})");
+    }
+    let input = video_in::resize(&input, w, h);
+    let mut pipe = Pipeline::load(
+        &a.model,
+        &SessionOptions::default().with_intra_threads(a.threads),
+    )
+    .with_context(|| format!("loading {}", a.model.display()))?;
+    eprintln!(
+        "{}: {} frames, {}×{} -> inverting under {:?}, then generating {:?}",
+        a.video.display(),
+        input.frames,
+        w,
+        h,
+        a.source_prompt,
+        a.prompt
+    );
+    let bar = indicatif::ProgressBar::new(a.steps as u64);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>12} {bar:40} {pos}/{len} [{elapsed} < {eta}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let opts = EditOptions {
+        source_prompt: a.source_prompt,
+        prompt: a.prompt,
+        negative_prompt: a.negative_prompt,
+        steps: a.steps,
+        guidance: a.guidance,
+        decode_chunk: a.decode_chunk,
+        scheduler_config: None,
+    };
+    let result = edit(&mut pipe, &input, &opts, &mut |e| match e {
+        Event::Stage(s) => {
+            bar.set_message(s);
+            bar.set_position(0);
+        }
+        Event::Step { index, total } => {
+            bar.set_length(total as u64);
+            bar.set_position(index as u64 + 1);
+        }
+        Event::Decoded { .. } => {}
+        Event::Warning(w) => bar.suspend(|| eprintln!("warning: {w}")),
+    });
+    bar.finish_and_clear();
+    let r = result?;
+    if let Some(p) = &a.save_inverted {
+        let (f, lh, lw) = (input.frames, h / 8, w / 8);
+        let c = r.inverted.len() / (f * lh * lw);
+        motionrt_runtime::npy::write(
+            p,
+            &motionrt_runtime::npy::NpyArray::f32(vec![1, c, f, lh, lw], r.inverted.clone()),
+        )?;
+    }
+    let t = Instant::now();
+    let out_frames = Frames::new(
+        r.video.frames,
+        r.video.height,
+        r.video.width,
+        r.video.rgb.clone(),
+    )?;
+    let files = frames::write(&a.out, &out_frames, a.fps)?;
+    let tm = &r.video.timings;
+    println!(
+        "wrote {}: {} frames {}×{}",
+        files
+            .first()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        r.video.frames,
+        r.video.width,
+        r.video.height
+    );
+    println!(
+        "timings: load {:.2} s | VAE encode {:.2} s | inversion {:.2} s ({} steps) | text encoder {:.3} s | denoise {:.2} s | VAE decode {:.2} s | write {:.2} s",
+        pipe.load_seconds,
+        r.encode_seconds,
+        r.invert_seconds,
+        a.steps,
+        tm.text_encoder,
+        tm.denoise,
+        tm.vae_decode,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
