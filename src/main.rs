@@ -108,8 +108,12 @@ enum Command {
         /// Emit the motion modules' attention as com.motionrt.TemporalAttention nodes (docs/operators.md): one
         /// fused operator per attention instead of ~12 standard ops. motionrt runs such graphs (its ONNX Runtime
         /// sessions register the operators); other runtimes need the default standard-op graph.
-        #[arg(long = "fused-attention")]
+        #[arg(long = "fused-attention", conflicts_with = "portable")]
         fused_attention: bool,
+        /// Standard ONNX ops only (the default; spelled out for scripts): every attention, including Tune-A-Video's
+        /// sparse-causal one, as MatMul/Softmax/Gather/Concat, runnable by any ONNX runtime or TensorRT.
+        #[arg(long)]
+        portable: bool,
         /// Print model.json to stdout instead of a summary.
         #[arg(long)]
         json: bool,
@@ -286,6 +290,7 @@ fn run(cli: Cli) -> Result<()> {
             tokenizer,
             unet_only,
             fused_attention,
+            portable: _,
             json,
         } => {
             let opts = ExportOptions {
