@@ -171,7 +171,7 @@ struct SparseCausalOp(Elem);
 
 struct SparseKernel {
     heads: usize,
-    frames: usize,
+    frames: Option<usize>,
     scale: Option<f32>,
     elem: Elem,
 }
@@ -188,13 +188,31 @@ impl Kernel for SparseKernel {
         if qs.len() != 3 {
             return Err(err(SPARSE, format!("Q must be [B·F, S, C], got {qs:?}")));
         }
-        if qs[0] % self.frames != 0 {
+        let frames = match (self.frames, ctx.input(3)?) {
+            (Some(f), _) => f,
+            (None, Some(v)) => {
+                let (_, d) = v.try_extract_tensor::<i64>().map_err(|e| err(SPARSE, e))?;
+                match d.first() {
+                    Some(&f) if f > 0 => f as usize,
+                    _ => {
+                        return Err(err(
+                            SPARSE,
+                            format!("input frames must hold one positive count, got {d:?}"),
+                        ))
+                    }
+                }
+            }
+            (None, None) => {
+                return Err(err(
+                    SPARSE,
+                    "give the frame count: attribute frames or input 3",
+                ))
+            }
+        };
+        if qs[0] % frames != 0 {
             return Err(err(
                 SPARSE,
-                format!(
-                    "the batch {} is not a multiple of frames = {}",
-                    qs[0], self.frames
-                ),
+                format!("the batch {} is not a multiple of frames = {frames}", qs[0]),
             ));
         }
         let c = qs[2];
@@ -204,13 +222,7 @@ impl Kernel for SparseKernel {
                 format!("channels {c} are not divisible by num_heads {}", self.heads),
             ));
         }
-        let mut op = SparseCausal::new(
-            qs[0] / self.frames,
-            self.frames,
-            qs[1],
-            self.heads,
-            c / self.heads,
-        );
+        let mut op = SparseCausal::new(qs[0] / frames, frames, qs[1], self.heads, c / self.heads);
         if let Some(s) = self.scale {
             op.scale = s;
         }
@@ -234,6 +246,7 @@ impl Operator for SparseCausalOp {
             OperatorInput::required(t),
             OperatorInput::required(t),
             OperatorInput::required(t),
+            OperatorInput::optional(TensorElementType::Int64),
         ]
     }
 
@@ -242,10 +255,11 @@ impl Operator for SparseCausalOp {
     }
 
     fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<Self::Kernel<'a>> {
+        // the frame count: the attribute, or else input 3 at run time
         let frames = match kctx.get::<i64>("frames") {
-            Some(f) if f > 0 => f as usize,
+            Some(f) if f > 0 => Some(f as usize),
             Some(f) => return Err(err(SPARSE, format!("frames must be positive, got {f}"))),
-            None => return Err(err(SPARSE, "attribute frames is required")),
+            None => None,
         };
         Ok(SparseKernel {
             heads: attr_heads(kctx, SPARSE)?,

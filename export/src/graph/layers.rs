@@ -232,8 +232,9 @@ pub fn temporal_attention_fused(
 /// Tune-A-Video's sparse-causal attention core over `[B·F, S, dim]` projections: frame `i`'s
 /// queries attend to the keys/values of frame 0 and frame `max(i − 1, 0)`. `fused`: one
 /// `com.motionrt.SparseCausalAttention` node (needs the frame count `frames_static`); else the
-/// portable decomposition (Gather of the two frames, Concat, standard attention), which takes
-/// the frame count from the graph at run time.
+/// portable decomposition (Gather of the two frames, Concat, standard attention). The frame
+/// count comes from `frames_static` (the node's attribute) or else from the graph at run time
+/// (the fused node's optional input 3).
 #[allow(clippy::too_many_arguments)]
 pub fn sparse_causal_core(
     g: &mut GraphBuilder,
@@ -246,16 +247,25 @@ pub fn sparse_causal_core(
     frames_static: Option<usize>,
     fused: bool,
 ) -> String {
-    if let (true, Some(f)) = (fused, frames_static) {
-        return g.op_domain(
-            motionrt_kernels::DOMAIN,
-            "SparseCausalAttention",
-            &[q, k, v],
-            vec![
-                attr_int("num_heads", heads as i64),
-                attr_int("frames", f as i64),
-            ],
-        );
+    if fused {
+        return match frames_static {
+            Some(f) => g.op_domain(
+                motionrt_kernels::DOMAIN,
+                "SparseCausalAttention",
+                &[q, k, v],
+                vec![
+                    attr_int("num_heads", heads as i64),
+                    attr_int("frames", f as i64),
+                ],
+            ),
+            // the frame count of this call, as input 3
+            None => g.op_domain(
+                motionrt_kernels::DOMAIN,
+                "SparseCausalAttention",
+                &[q, k, v, &frames.frames],
+                vec![attr_int("num_heads", heads as i64)],
+            ),
+        };
     }
     // former = max(arange(F) − 1, 0); first = arange(F) · 0
     let zero = g.i64s(&[0]);
@@ -361,8 +371,9 @@ pub fn transformer_block(
                             let q = linear(g, &n, &format!("{p}.to_q"), dim, dim, false);
                             let k = linear(g, &n, &format!("{p}.to_k"), dim, dim, false);
                             let v = linear(g, &n, &format!("{p}.to_v"), dim, dim, false);
+                            let fused = g.fused_attention;
                             let o =
-                                sparse_causal_core(g, &q, &k, &v, dim, heads, frames, None, false);
+                                sparse_causal_core(g, &q, &k, &v, dim, heads, frames, None, fused);
                             linear(g, &o, &format!("{p}.to_out.0"), dim, dim, true)
                         })
                     } else {
