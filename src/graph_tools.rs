@@ -598,8 +598,9 @@ impl Side {
     }
 }
 
-/// A copy of `graph` in `dir` with every node output also a graph output (external data files
-/// linked beside it); returns its path and the node outputs in node order with their op.
+/// A copy of `graph` with every node output also a graph output, in `dir` (or, for a graph with
+/// external data, beside the original); returns its path and the node outputs in node order
+/// with their op.
 fn mark_all(graph: &Path, dir: &Path) -> Result<(PathBuf, Vec<(String, String)>)> {
     let mut model = load_model(graph)?;
     let g = model
@@ -629,24 +630,40 @@ fn mark_all(graph: &Path, dir: &Path) -> Result<(PathBuf, Vec<(String, String)>)
             });
         }
     }
-    let src_dir = graph.parent().unwrap_or(Path::new("."));
-    let mut linked = std::collections::HashSet::new();
-    for t in &g.initializer {
-        if t.data_location == DataLocation::External as i32 {
-            if let Some(loc) = t.external_data.iter().find(|e| e.key == "location") {
-                if linked.insert(loc.value.clone()) {
-                    let target = src_dir.join(&loc.value).canonicalize().with_context(|| {
-                        format!("{}: external data {}", graph.display(), loc.value)
-                    })?;
-                    std::os::unix::fs::symlink(&target, dir.join(&loc.value))
-                        .with_context(|| format!("linking {}", target.display()))?;
-                }
-            }
-        }
-    }
-    let out = dir.join(graph.file_name().unwrap_or_default());
+    let uses_external = g
+        .initializer
+        .iter()
+        .any(|t| t.data_location == DataLocation::External as i32);
+    // ONNX Runtime reads external data only from inside the model's directory (symlinks that
+    // lead out are refused), so a graph with external data is marked beside the original under
+    // a hidden temporary name, removed when the comparison ends.
+    let out = if uses_external {
+        let src_dir = graph.parent().unwrap_or(Path::new("."));
+        let stem = graph
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("graph");
+        src_dir.join(format!(
+            ".{stem}.marked-{}-{}.onnx",
+            std::process::id(),
+            dir.file_name().and_then(|s| s.to_str()).unwrap_or("x")
+        ))
+    } else {
+        dir.join(graph.file_name().unwrap_or_default())
+    };
     motionrt_export::onnx::write_model(&model, &out)?;
     Ok((out, order))
+}
+
+/// Removes the marked copies written beside their originals.
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 pub fn compare(a: CompareArgs) -> Result<()> {
@@ -685,6 +702,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     };
 
     let tmp = tempfile::tempdir()?;
+    let mut cleanup = RemoveOnDrop(Vec::new());
     let mut order: Vec<(String, String)> = Vec::new();
     let mut outputs = Vec::new();
     let mut declared: Vec<Vec<String>> = Vec::new();
@@ -696,6 +714,9 @@ pub fn compare(a: CompareArgs) -> Result<()> {
                 let dir = tmp.path().join(format!("side{k}"));
                 std::fs::create_dir_all(&dir)?;
                 let (p, o) = mark_all(&s.path, &dir)?;
+                if !p.starts_with(tmp.path()) {
+                    cleanup.0.push(p.clone());
+                }
                 if k == 0 {
                     order = o;
                 }

@@ -406,6 +406,45 @@ fn compare_identical_fp16_and_corrupted() {
     assert_eq!(v["intermediates_failed"], 0);
     assert!(v["intermediates_compared"].as_u64().unwrap() > 100);
 
+    // a graph with its weights in an external data file: --mark-all marks a copy beside it
+    // (ONNX Runtime reads external data only from the model's directory) and removes it after
+    let ext_dir = m.export.parent().unwrap().join("external");
+    let (ok, _, err) = run(motionrt()
+        .args([
+            "export",
+            "--unet-only",
+            "--external-data",
+            "always",
+            "--unet",
+        ])
+        .arg(m.export.parent().unwrap().join("sd"))
+        .arg("--motion-module")
+        .arg(m.export.parent().unwrap().join("mm_v2.safetensors"))
+        .arg("--out")
+        .arg(&ext_dir));
+    assert!(ok, "{err}");
+    let ext = ext_dir.join("unet.onnx");
+    let (ok, v) = compare_json(&[
+        ext.as_os_str(),
+        fp32.as_os_str(),
+        inp[0],
+        inp[1],
+        "--mark-all".as_ref(),
+    ]);
+    assert!(ok, "{v}");
+    assert_eq!(v["outputs"][0]["max_abs"], 0.0);
+    assert!(v["intermediates_compared"].as_u64().unwrap() > 100);
+    let mut left: Vec<String> = std::fs::read_dir(&ext_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["model.json", "unet.onnx", "unet.onnx.data"],
+        "temporary copies removed"
+    );
+
     // a corrupted weight: an up-block ResNet's second convolution (added to the residual, so no
     // normalisation hides it) with a pattern added to its values
     let mut model = load_model(&fp32).unwrap();
