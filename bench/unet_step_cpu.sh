@@ -5,13 +5,15 @@
 # (max |motionrt - diffusers| / max |diffusers| <= 1e-3). Prints a Markdown block for BENCHMARKS.md.
 #
 #   bench/unet_step_cpu.sh [--tiny] [--batch B] [--frames F] [--height H] [--width W]
-#                          [--threads N] [--warmup K] [--repeats R] [--seed S] [--no-build] WORKDIR
+#                          [--threads N] [--warmup K] [--repeats R] [--seed S] [--no-build]
+#                          [--winograd] [--fused-attention] WORKDIR
 #
 # Full size (default): a random-weight SD1.5 UNet + AnimateDiff v2 motion module (written into
 # WORKDIR/sd15 by `cargo run --release --example synth_sd15`, ~5 GB, once), B=2 (classifier-free
 # guidance), F=8, latent 16x16 (128x128 px), threads = nproc, warmup 1, repeats 3.
 # --tiny: the test fixtures tests/fixtures/unet/sd_tiny + adapter_v2 (seconds; checks the harness).
 # --no-build: use the binaries already in target/release instead of running cargo build.
+# --winograd, --fused-attention: passed to `motionrt export` (the export goes to its own folder).
 # Environment: PYTHON (default /opt/fxenv/bin/python, else python3), ORT_DYLIB_PATH (default: the
 # library inside $PYTHON's onnxruntime package).
 set -euo pipefail
@@ -20,12 +22,13 @@ die() { echo "unet_step_cpu.sh: error: $*" >&2; exit 1; }
 usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 cmdline="bench/unet_step_cpu.sh $*"
-tiny=0; build=1; batch=2; frames=8; height=16; width=16; threads=""; warmup=1; repeats=3; seed=0; work=""
+export_flags=(); tiny=0; build=1; batch=2; frames=8; height=16; width=16; threads=""; warmup=1; repeats=3; seed=0; work=""
 need() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 int() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 expects a non-negative integer, got '$2'"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --tiny) tiny=1; shift ;;
+    --winograd|--fused-attention) export_flags+=("$1"); shift ;;
     --no-build) build=0; shift ;;
     --batch|--frames|--height|--width|--threads|--warmup|--repeats|--seed)
       need "$@"; int "$1" "$2"
@@ -74,10 +77,12 @@ if (( build )); then
 fi
 for b in "$bin" "$step"; do [[ -x "$b" ]] || die "$b missing (build it: cargo build --release --bin motionrt --example unet_step)"; done
 
+suffix=""
+for f in ${export_flags[@]+"${export_flags[@]}"}; do suffix+="_${f#--}"; done
 if (( tiny )); then
   label="tiny fixtures (tests/fixtures/unet/sd_tiny + adapter_v2)"
   unet="$root/tests/fixtures/unet/sd_tiny"; mm="$root/tests/fixtures/unet/adapter_v2"
-  out="$work/tiny_onnx"
+  out="$work/tiny_onnx$suffix"
 else
   label="SD1.5 UNet + AnimateDiff v2 motion module, random fp32 weights (examples/synth_sd15.rs)"
   paths="$work/sd15.paths"
@@ -90,16 +95,16 @@ else
   fi
   unet=$(sed -n 1p "$paths"); mm=$(sed -n 2p "$paths")
   [[ -d "$unet" && -e "$mm" ]] || die "$paths names missing files ($unet, $mm); delete it to regenerate"
-  out="$work/sd15_onnx"
+  out="$work/sd15_onnx$suffix"
 fi
 
 if [[ -s "$out/model.json" && -s "$out/unet.onnx" ]] \
-   && "$PYTHON" -c 'import json,sys; m=json.load(open(sys.argv[1])); sys.exit(m.get("semantics")!="diffusers")' "$out/model.json"; then
+   && "$PYTHON" -c 'import json,sys; m=json.load(open(sys.argv[1])); sys.exit(m.get("semantics")!="diffusers" or bool(m.get("winograd"))!=("--winograd" in sys.argv[2:]) or bool(m.get("fused_attention"))!=("--fused-attention" in sys.argv[2:]))' "$out/model.json" ${export_flags[@]+"${export_flags[@]}"}; then
   echo "== using the existing export in $out" >&2
 else
   echo "== exporting to $out" >&2
   rm -rf "$out"
-  "$bin" export --unet "$unet" --motion-module "$mm" --out "$out" --semantics diffusers --unet-only >&2 \
+  "$bin" export --unet "$unet" --motion-module "$mm" --out "$out" --semantics diffusers --unet-only ${export_flags[@]+"${export_flags[@]}"} >&2 \
     || die "motionrt export failed"
 fi
 
@@ -142,7 +147,7 @@ cmp_rc=0
 
 cpu=$(lscpu 2>/dev/null | awk -F': *' '/^Model name/ {print $2; exit}')
 mem=$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo 2>/dev/null || echo "?")
-"$PYTHON" - "$work" "$cmdline" "$label" "${cpu:-unknown}" "$(nproc)" "$mem" "$(date -u '+%Y-%m-%d %H:%M UTC')" \
+EXPORT_FLAGS="${export_flags[*]+${export_flags[*]}}" "$PYTHON" - "$work" "$cmdline" "$label" "${cpu:-unknown}" "$(nproc)" "$mem" "$(date -u '+%Y-%m-%d %H:%M UTC')" \
   "$(ort=${ORT_DYLIB_PATH##*/}; echo "${ort#libonnxruntime.so.}")" <<'EOF'
 import json, os, sys
 work, cmd, label, cpu, ncpu, mem, date, ortv = sys.argv[1:]
@@ -159,6 +164,7 @@ b, c, f, h, w = rt["shape"]
 print("```text")
 print("UNet step on the CPU: motionrt (ONNX Runtime %s) vs diffusers %s (PyTorch %s)" % (ortv, df["diffusers"], df["torch"]))
 print("model:    %s" % label)
+print("export:   %s" % (os.environ.get("EXPORT_FLAGS") or "standard ops"))
 print("inputs:   sample [%d,%d,%d,%d,%d] (B=%d, %d frames, latent %dx%d = %dx%d px), timestep %g, context [%d,77,%d]"
       % (b, c, f, h, w, b, f, h, w, 8 * h, 8 * w, rt["timestep"], b * f, rt["cross_attention_dim"]))
 print("threads:  %d intra-op each (torch interop 1), warmup %d, repeats %d, one process per side, run one after another"

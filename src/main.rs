@@ -110,6 +110,12 @@ enum Command {
         /// sessions register the operators); other runtimes need the default standard-op graph.
         #[arg(long = "fused-attention", conflicts_with = "portable")]
         fused_attention: bool,
+        /// Emit the 3x3 stride-1 convolutions of the UNet and VAE as Winograd F(2x2, 3x3): com.motionrt.WinogradInput
+        /// -> MatMul -> com.motionrt.WinogradOutput (docs/operators.md). 2.25x fewer multiplies; the fastest graphs
+        /// for motionrt on the CPU (see BENCHMARKS.md). Float32 only; the weights stay as in the checkpoint (the
+        /// kernel transform is constant-folded when the session loads).
+        #[arg(long, conflicts_with = "portable")]
+        winograd: bool,
         /// Standard ONNX ops only (the default; spelled out for scripts): every attention, including Tune-A-Video's
         /// sparse-causal one, as MatMul/Softmax/Gather/Concat, runnable by any ONNX runtime or TensorRT.
         #[arg(long)]
@@ -290,6 +296,7 @@ fn run(cli: Cli) -> Result<()> {
             tokenizer,
             unet_only,
             fused_attention,
+            winograd,
             portable: _,
             json,
         } => {
@@ -305,6 +312,7 @@ fn run(cli: Cli) -> Result<()> {
                 tokenizer,
                 unet_only,
                 fused_attention,
+                winograd,
                 precision: match precision {
                     PrecisionArg::Fp32 => Precision::Fp32,
                     PrecisionArg::Fp16 => Precision::Fp16,
@@ -722,6 +730,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         tokenizer: None,
         unet_only: false,
         fused_attention: false,
+        winograd: false,
     };
     let t = Instant::now();
     let m = export_with_progress(&opts, true)?;

@@ -34,6 +34,7 @@ fn opts(out: &Path, fused: bool, mm: Option<PathBuf>) -> ExportOptions {
         tokenizer: None,
         unet_only: true,
         fused_attention: fused,
+        winograd: false,
     }
 }
 

@@ -35,16 +35,17 @@ fn v2_diffusers_semantics_match_diffusers() {
     );
 }
 
-/// `--fused-attention`: the motion modules' attention as com.motionrt.TemporalAttention, run by
-/// motionrt's CPU kernel inside ONNX Runtime; same parity with diffusers, and the same numbers
-/// as the standard-op graph within fp32 rounding.
-#[test]
-fn fused_attention_matches_diffusers_and_the_standard_graph() {
-    let dir = tempfile::tempdir().unwrap();
+/// Export sd_tiny + adapter_v2 (diffusers semantics, fp32, UNet only) into `out` with the given
+/// operator lowering.
+fn export_lowered(
+    out: &std::path::Path,
+    fused_attention: bool,
+    winograd: bool,
+) -> motionrt_export::export::ModelManifest {
     let opts = motionrt_export::export::ExportOptions {
         unet: fx("sd_tiny"),
         motion_module: Some(fx("adapter_v2")),
-        out: dir.path().join("fused"),
+        out: out.to_path_buf(),
         overwrite: false,
         precision: Precision::Fp32,
         semantics: Semantics::Diffusers,
@@ -55,9 +56,19 @@ fn fused_attention_matches_diffusers_and_the_standard_graph() {
         text_encoder_config: None,
         tokenizer: None,
         unet_only: true,
-        fused_attention: true,
+        fused_attention,
+        winograd,
     };
-    let m = motionrt_export::export::export(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    motionrt_export::export::export(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `--fused-attention`: the motion modules' attention as com.motionrt.TemporalAttention, run by
+/// motionrt's CPU kernel inside ONNX Runtime; same parity with diffusers, and the same numbers
+/// as the standard-op graph within fp32 rounding.
+#[test]
+fn fused_attention_matches_diffusers_and_the_standard_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = export_lowered(&dir.path().join("fused"), true, false);
     assert!(m.fused_attention);
     let fused = dir.path().join("fused/unet.onnx");
     let summary =
@@ -86,6 +97,119 @@ fn fused_attention_matches_diffusers_and_the_standard_graph() {
         &std_out.data,
         Tolerance::FP32_REORDERED,
     );
+}
+
+/// `--winograd`: every 3×3 stride-1 convolution with ≥ 32 channels on both sides as
+/// WinogradInput → MatMul → WinogradOutput; same parity with diffusers, and the standard graph's
+/// numbers within fp32 rounding. The other convolutions (conv_in: 4 channels, conv_out: 4,
+/// stride-2 downsamplers, 1×1 shortcuts and projections) stay `Conv`.
+#[test]
+fn winograd_convolutions_match_diffusers_and_the_standard_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = export_lowered(&dir.path().join("wino"), false, true);
+    assert!(m.winograd);
+    let wino = dir.path().join("wino/unet.onnx");
+    let model = motionrt_export::onnx::load_model(&wino).unwrap();
+    let graph = model.graph.as_ref().unwrap();
+    let conv3 = |n: &motionrt_export::onnx::proto::NodeProto| {
+        n.op_type == "Conv"
+            && n.attribute
+                .iter()
+                .any(|a| a.name == "kernel_shape" && a.ints == [3, 3])
+    };
+    let strided = |n: &motionrt_export::onnx::proto::NodeProto| {
+        n.attribute
+            .iter()
+            .any(|a| a.name == "strides" && a.ints == [2, 2])
+    };
+    let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
+    let inputs = count("WinogradInput");
+    assert!(inputs > 0, "no Winograd convolutions");
+    assert_eq!(inputs, count("WinogradOutput"));
+    // what stays direct: conv_in, conv_out and the stride-2 downsamplers
+    let mut direct: Vec<&str> = graph
+        .node
+        .iter()
+        .filter(|n| conv3(n) && !strided(n))
+        .map(|n| n.input[1].as_str())
+        .collect();
+    direct.sort();
+    assert_eq!(
+        direct,
+        ["conv_in.weight", "conv_out.weight"],
+        "3x3 stride-1 convolutions left direct (by weight)"
+    );
+    let standard = export_fx("sd_tiny", "adapter_v2", Semantics::Diffusers);
+    let std_model = motionrt_export::onnx::load_model(&standard.onnx()).unwrap();
+    let std_direct = std_model
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .filter(|n| conv3(n) && !strided(n))
+        .count();
+    assert_eq!(
+        inputs + 2,
+        std_direct,
+        "every other 3x3 stride-1 conv is Winograd"
+    );
+    let (ours, reference) = run_case(&wino, "v2_diffusers");
+    assert_close(
+        "v2_diffusers winograd",
+        &ours.data,
+        &reference.data,
+        Tolerance::FP32,
+    );
+    let (std_out, _) = run_case(&standard.onnx(), "v2_diffusers");
+    assert_close(
+        "winograd vs standard",
+        &ours.data,
+        &std_out.data,
+        Tolerance::FP32_REORDERED,
+    );
+    // the kernels are stored transformed, [16, O, C], beside the checkpoint's name; model.json
+    // maps them back to the checkpoint tensor
+    let name = "down_blocks.0.resnets.0.conv1.weight";
+    let init = format!("{name}@winograd");
+    assert!(graph
+        .initializer
+        .iter()
+        .any(|t| t.name == init && t.dims == [16, 32, 32]));
+    assert!(!graph.initializer.iter().any(|t| t.name == name));
+    let src = &m.tensor_map[&init];
+    assert_eq!(src.key, name);
+    assert_eq!(
+        src.transform,
+        Some(motionrt_export::graph::Transform::Winograd)
+    );
+}
+
+/// `--winograd` with `--precision fp16` is refused before anything is written.
+#[test]
+fn winograd_needs_fp32() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w16");
+    let opts = motionrt_export::export::ExportOptions {
+        unet: fx("sd_tiny"),
+        motion_module: Some(fx("adapter_v2")),
+        out: out.clone(),
+        overwrite: false,
+        precision: Precision::Fp16,
+        semantics: Semantics::Diffusers,
+        external_data: ExternalData::Auto,
+        vae: None,
+        text_encoder: None,
+        vae_config: None,
+        text_encoder_config: None,
+        tokenizer: None,
+        unet_only: true,
+        fused_attention: false,
+        winograd: true,
+    };
+    let e = motionrt_export::export::export(&opts, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("--winograd"), "{e}");
+    assert!(!out.exists());
 }
 
 #[test]

@@ -277,11 +277,11 @@ pub fn write_vae_and_text_encoder(
     };
     let mut vae_t = random(
         &mut rng,
-        &vae_graph::build_encoder(vae, Precision::Fp32).params,
+        &vae_graph::build_encoder(vae, Precision::Fp32, Default::default()).params,
     );
     vae_t.extend(random(
         &mut rng,
-        &vae_graph::build_decoder(vae, Precision::Fp32).params,
+        &vae_graph::build_decoder(vae, Precision::Fp32, Default::default()).params,
     ));
     let d = pipeline.join("vae");
     std::fs::create_dir_all(&d).map_err(|e| ExportError::io(&d, e))?;

@@ -2,7 +2,7 @@
 //! exported with `--fused-attention` run on the CPU: the CPU implementations of
 //! `motionrt-kernels`, for float32 and float16 tensors (float16 computed in float32).
 
-use motionrt_kernels::{Attention, SparseCausal, DOMAIN};
+use motionrt_kernels::{winograd, Attention, SparseCausal, DOMAIN};
 use ort::operator::{
     ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput,
 };
@@ -270,6 +270,129 @@ impl Operator for SparseCausalOp {
     }
 }
 
+const WINO_IN: &str = "WinogradInput";
+const WINO_OUT: &str = "WinogradOutput";
+
+/// `com.motionrt.WinogradInput`: `X [N, C, H, W]` → the transformed tiles `V [16, C, T]`.
+struct WinogradInputOp;
+
+struct WinogradInputKernel;
+
+impl Kernel for WinogradInputKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let x = ctx
+            .input(0)?
+            .ok_or_else(|| err(WINO_IN, "input X is required"))?;
+        let (xs, xd) = x.try_extract_tensor::<f32>().map_err(|e| err(WINO_IN, e))?;
+        let &[n, c, h, w] = &xs[..] else {
+            return Err(err(WINO_IN, format!("X must be [N, C, H, W], got {xs:?}")));
+        };
+        let (n, c, h, w) = (n as usize, c as usize, h as usize, w as usize);
+        let (th, tw) = winograd::tiles(h, w);
+        let t = n * th * tw;
+        let mut out = ctx
+            .output(0, vec![16, c as i64, t as i64])?
+            .ok_or_else(|| err(WINO_IN, "no output 0"))?;
+        let (_, v) = out
+            .try_extract_tensor_mut::<f32>()
+            .map_err(|e| err(WINO_IN, e))?;
+        winograd::input_transform(xd, n, c, h, w, v).map_err(|e| err(WINO_IN, e))
+    }
+}
+
+impl Operator for WinogradInputOp {
+    type Kernel<'a> = WinogradInputKernel;
+
+    fn name(&self) -> &str {
+        WINO_IN
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [OperatorInput::required(TensorElementType::Float32)]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn create_kernel<'a>(&self, _: &KernelContext<'a>) -> ort::Result<Self::Kernel<'a>> {
+        Ok(WinogradInputKernel)
+    }
+}
+
+/// `com.motionrt.WinogradOutput`: the GEMM result `M [16, O, T]`, the input's shape
+/// (`Shape(X)`, int64 `[4]`) and an optional bias `[O]` → `Y [N, O, H, W]`.
+struct WinogradOutputOp;
+
+struct WinogradOutputKernel;
+
+impl Kernel for WinogradOutputKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let m = ctx
+            .input(0)?
+            .ok_or_else(|| err(WINO_OUT, "input M is required"))?;
+        let (ms, md) = m
+            .try_extract_tensor::<f32>()
+            .map_err(|e| err(WINO_OUT, e))?;
+        let shape = ctx
+            .input(1)?
+            .ok_or_else(|| err(WINO_OUT, "input shape is required"))?;
+        let (_, sd) = shape
+            .try_extract_tensor::<i64>()
+            .map_err(|e| err(WINO_OUT, e))?;
+        let &[n, _, h, w] = sd else {
+            return Err(err(
+                WINO_OUT,
+                format!("shape must hold the 4 dims of X, got {sd:?}"),
+            ));
+        };
+        let &[16, o, _] = &ms[..] else {
+            return Err(err(WINO_OUT, format!("M must be [16, O, T], got {ms:?}")));
+        };
+        let bias = ctx.input(2)?;
+        let bias = match &bias {
+            Some(b) => Some(
+                b.try_extract_tensor::<f32>()
+                    .map_err(|e| err(WINO_OUT, e))?
+                    .1,
+            ),
+            None => None,
+        };
+        let mut out = ctx
+            .output(0, vec![n, o, h, w])?
+            .ok_or_else(|| err(WINO_OUT, "no output 0"))?;
+        let (_, y) = out
+            .try_extract_tensor_mut::<f32>()
+            .map_err(|e| err(WINO_OUT, e))?;
+        winograd::output_transform(md, n as usize, o as usize, h as usize, w as usize, bias, y)
+            .map_err(|e| err(WINO_OUT, e))
+    }
+}
+
+impl Operator for WinogradOutputOp {
+    type Kernel<'a> = WinogradOutputKernel;
+
+    fn name(&self) -> &str {
+        WINO_OUT
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::required(TensorElementType::Int64),
+            OperatorInput::optional(TensorElementType::Float32),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn create_kernel<'a>(&self, _: &KernelContext<'a>) -> ort::Result<Self::Kernel<'a>> {
+        Ok(WinogradOutputKernel)
+    }
+}
+
 /// The `com.motionrt` domain with every operator (one per session: ONNX Runtime's domain
 /// handles are not shareable across threads).
 pub(crate) fn domain() -> Result<OperatorDomain, String> {
@@ -278,7 +401,9 @@ pub(crate) fn domain() -> Result<OperatorDomain, String> {
             .add(TemporalAttentionOp(Elem::F32))?
             .add(TemporalAttentionOp(Elem::F16))?
             .add(SparseCausalOp(Elem::F32))?
-            .add(SparseCausalOp(Elem::F16))
+            .add(SparseCausalOp(Elem::F16))?
+            .add(WinogradInputOp)?
+            .add(WinogradOutputOp)
     };
     build().map_err(|e| e.to_string())
 }

@@ -65,6 +65,7 @@ pub fn export_with(
         tokenizer: None,
         unet_only: false,
         fused_attention: false,
+        winograd: false,
     };
     let manifest = export(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("export failed: {e}"));
     Exported { dir, manifest }
@@ -168,6 +169,7 @@ pub fn export_pipeline(
         tokenizer: Some(pipeline_fixtures().join("tiny")),
         unet_only: false,
         fused_attention: false,
+        winograd: false,
     };
     let manifest = export(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("export failed: {e}"));
     Exported { dir, manifest }

@@ -5,7 +5,7 @@
 //! Activations of the 2-D parts are `[B·F, C, H, W]` (frames folded into the batch, as diffusers
 //! does); `Frames` carries the 1-D int64 tensors `B` and `F` needed to unfold them.
 
-use super::GraphBuilder;
+use super::{GraphBuilder, Transform};
 use crate::onnx::{attr_float, attr_int, attr_ints};
 
 /// The runtime batch and frame counts, as 1-element int64 tensors.
@@ -56,6 +56,21 @@ pub fn conv2d(
     stride: i64,
     pad: i64,
 ) -> String {
+    if g.winograd
+        && k == 3
+        && stride == 1
+        && pad == 1
+        && cin >= WINOGRAD_MIN_CHANNELS
+        && cout >= WINOGRAD_MIN_CHANNELS
+    {
+        let u = g.param_transformed(
+            &format!("{prefix}.weight"),
+            &[cout, cin, 3, 3],
+            Transform::Winograd,
+        );
+        let b = g.param(&format!("{prefix}.bias"), &[cout]);
+        return g.scoped(prefix, |g| winograd_conv3x3(g, x, &u, &b));
+    }
     let w = g.param(&format!("{prefix}.weight"), &[cout, cin, k, k]);
     let b = g.param(&format!("{prefix}.bias"), &[cout]);
     g.op(
@@ -66,6 +81,26 @@ pub fn conv2d(
             attr_ints("strides", &[stride, stride]),
             attr_ints("pads", &[pad, pad, pad, pad]),
         ],
+    )
+}
+
+/// Convolutions with fewer input or output channels stay direct under `--winograd` (`conv_in`,
+/// `conv_out`): their GEMMs would be too thin to gain.
+pub const WINOGRAD_MIN_CHANNELS: usize = 32;
+
+/// A 3×3, stride-1, padding-1 convolution as Winograd F(2×2, 3×3) (`--winograd`):
+/// `com.motionrt.WinogradInput` → one batched MatMul with the transformed kernels `u`
+/// (`U = G·W·Gᵀ`, `[16, O, C]`, written by the exporter as `{weight}@winograd`) →
+/// `com.motionrt.WinogradOutput` (+ bias).
+fn winograd_conv3x3(g: &mut GraphBuilder, x: &str, u: &str, b: &str) -> String {
+    let v = g.op_domain(motionrt_kernels::DOMAIN, "WinogradInput", &[x], vec![]);
+    let m = g.matmul(u, &v); // [16, O, T]
+    let shape = g.shape(x);
+    g.op_domain(
+        motionrt_kernels::DOMAIN,
+        "WinogradOutput",
+        &[&m, &shape, b],
+        vec![],
     )
 }
 

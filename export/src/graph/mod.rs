@@ -62,11 +62,77 @@ impl std::str::FromStr for Precision {
     }
 }
 
-/// A weight the graph needs: its diffusers name and the shape the architecture expects.
+/// Which `com.motionrt` operators replace standard-op subgraphs (both off: standard ops only,
+/// `--portable`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Lowering {
+    /// Motion-module / Tune-A-Video attention as `TemporalAttention` / `SparseCausalAttention`.
+    pub fused_attention: bool,
+    /// 3×3 stride-1 convolutions as Winograd F(2×2, 3×3) (`WinogradInput` → MatMul →
+    /// `WinogradOutput`): a CPU optimisation, float32 only.
+    pub winograd: bool,
+}
+
+/// How a checkpoint tensor is rewritten before it is stored as an initializer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transform {
+    /// A `[O, C, 3, 3]` convolution weight stored as its Winograd F(2×2, 3×3) kernels
+    /// `U = G·W·Gᵀ`, laid out `[16, O, C]` (`motionrt_kernels::winograd::weight_transform`).
+    Winograd,
+}
+
+impl Transform {
+    /// The suffix of the initializer's name.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Transform::Winograd => "winograd",
+        }
+    }
+
+    /// The stored shape for a checkpoint tensor of `shape`.
+    pub fn stored_shape(self, shape: &[usize]) -> Vec<usize> {
+        match self {
+            Transform::Winograd => vec![16, shape[0], shape[1]],
+        }
+    }
+
+    /// Rewrite the values (float32) of a checkpoint tensor of `shape`.
+    pub fn apply(self, shape: &[usize], values: &[f32]) -> Vec<f32> {
+        match self {
+            Transform::Winograd => {
+                motionrt_kernels::winograd::weight_transform(values, shape[0], shape[1])
+                    .expect("shape checked against the checkpoint before writing")
+            }
+        }
+    }
+}
+
+/// A weight the graph needs: its diffusers name and the shape the architecture expects (both
+/// as in the checkpoint), and how it is rewritten for the graph, if it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Param {
     pub name: String,
     pub shape: Vec<usize>,
+    pub transform: Option<Transform>,
+}
+
+impl Param {
+    /// The initializer's name: the diffusers name, with `@{transform}` when rewritten.
+    pub fn initializer(&self) -> String {
+        match self.transform {
+            None => self.name.clone(),
+            Some(t) => format!("{}@{}", self.name, t.suffix()),
+        }
+    }
+
+    /// The initializer's shape.
+    pub fn stored_shape(&self) -> Vec<usize> {
+        match self.transform {
+            None => self.shape.clone(),
+            Some(t) => t.stored_shape(&self.shape),
+        }
+    }
 }
 
 /// Accumulates nodes, small constants and parameter requests.
@@ -85,6 +151,8 @@ pub struct GraphBuilder {
     pub precision: Precision,
     /// Emit motion-module attention as `com.motionrt.TemporalAttention` (`--fused-attention`).
     pub fused_attention: bool,
+    /// Emit 3×3 stride-1 convolutions as Winograd F(2×2, 3×3) (`--winograd`).
+    pub winograd: bool,
 }
 
 impl GraphBuilder {
@@ -100,7 +168,16 @@ impl GraphBuilder {
             scope: Vec::new(),
             precision,
             fused_attention: false,
+            winograd: false,
         }
+    }
+
+    /// A builder that lowers as `lowering` says.
+    pub fn with_lowering(precision: Precision, lowering: Lowering) -> Self {
+        let mut g = Self::new(precision);
+        g.fused_attention = lowering.fused_attention;
+        g.winograd = lowering.winograd;
+        g
     }
 
     /// Run `f` with `name` appended to the node-name scope.
@@ -198,8 +275,31 @@ impl GraphBuilder {
         self.params.push(Param {
             name: name.to_string(),
             shape: shape.to_vec(),
+            transform: None,
         });
         name.to_string()
+    }
+
+    /// Request a weight by diffusers name (checked against the checkpoint with `shape`) to be
+    /// stored rewritten by `transform`; returns the initializer's name.
+    pub fn param_transformed(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        transform: Transform,
+    ) -> String {
+        let p = Param {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            transform: Some(transform),
+        };
+        let init = p.initializer();
+        if self.param_index.contains_key(&init) {
+            return init;
+        }
+        self.param_index.insert(init.clone(), self.params.len());
+        self.params.push(p);
+        init
     }
 
     /// A 1-D int64 constant (shapes, axes, indices); identical values share one initializer.

@@ -5,7 +5,7 @@
 //! float[B,C,F,h,w]; B, F, h, w dynamic.
 
 use super::layers::{self, Frames, NormSpan};
-use super::{GraphBuilder, Precision};
+use super::{GraphBuilder, Lowering, Precision};
 use crate::config::{MotionConfig, MotionVersion, UnetConfig};
 use crate::onnx::attr_string;
 
@@ -85,7 +85,11 @@ pub fn build(
     precision: Precision,
     fused_attention: bool,
 ) -> GraphBuilder {
-    build_with(cfg, motion, semantics, precision, fused_attention, false)
+    let lowering = Lowering {
+        fused_attention,
+        winograd: false,
+    };
+    build_with(cfg, motion, semantics, precision, lowering, false)
 }
 
 /// [`build`], or with `tune_a_video` Tune-A-Video's UNet (`UNet3DConditionModel`): no motion
@@ -96,11 +100,10 @@ pub fn build_with(
     motion: Option<&MotionConfig>,
     semantics: Semantics,
     precision: Precision,
-    fused_attention: bool,
+    lowering: Lowering,
     tune_a_video: bool,
 ) -> GraphBuilder {
-    let mut g = GraphBuilder::new(precision);
-    g.fused_attention = fused_attention;
+    let mut g = GraphBuilder::with_lowering(precision, lowering);
     let mut spans = spans(semantics, motion);
     if tune_a_video {
         spans.resnet = NormSpan::CrossFrame;

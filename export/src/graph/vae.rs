@@ -6,7 +6,7 @@
 //! mean, not yet multiplied by the scaling factor). N, h, w dynamic.
 
 use super::layers::{self, Frames, NormSpan};
-use super::{GraphBuilder, Precision};
+use super::{GraphBuilder, Lowering, Precision};
 use crate::components::VaeConfig;
 use crate::onnx::{attr_int, attr_ints, attr_string};
 
@@ -84,8 +84,8 @@ fn mid_block(g: &mut GraphBuilder, x: &str, prefix: &str, c: usize, groups: usiz
 
 /// Build `vae_encoder.onnx`'s graph; the input is named [`ENCODER_INPUT`] and the output is the
 /// node output returned.
-pub fn build_encoder(cfg: &VaeConfig, precision: Precision) -> GraphBuilder {
-    let mut g = GraphBuilder::new(precision);
+pub fn build_encoder(cfg: &VaeConfig, precision: Precision, lowering: Lowering) -> GraphBuilder {
+    let mut g = GraphBuilder::with_lowering(precision, lowering);
     let groups = cfg.norm_num_groups;
     let x = g.to_compute(ENCODER_INPUT);
     let ch = &cfg.block_out_channels;
@@ -147,8 +147,8 @@ pub fn build_encoder(cfg: &VaeConfig, precision: Precision) -> GraphBuilder {
 }
 
 /// Build `vae_decoder.onnx`'s graph; the input is named [`DECODER_INPUT`].
-pub fn build_decoder(cfg: &VaeConfig, precision: Precision) -> GraphBuilder {
-    let mut g = GraphBuilder::new(precision);
+pub fn build_decoder(cfg: &VaeConfig, precision: Precision, lowering: Lowering) -> GraphBuilder {
+    let mut g = GraphBuilder::with_lowering(precision, lowering);
     let groups = cfg.norm_num_groups;
     let l = cfg.latent_channels;
     let z = g.to_compute(DECODER_INPUT);
