@@ -112,8 +112,8 @@ enum Command {
         fused_attention: bool,
         /// Emit the 3x3 stride-1 convolutions of the UNet and VAE as Winograd F(2x2, 3x3): com.motionrt.WinogradInput
         /// -> MatMul -> com.motionrt.WinogradOutput (docs/operators.md). 2.25x fewer multiplies; the fastest graphs
-        /// for motionrt on the CPU (see BENCHMARKS.md). Float32 only; the weights stay as in the checkpoint (the
-        /// kernel transform is constant-folded when the session loads).
+        /// for motionrt on the CPU (see BENCHMARKS.md). Float32 only. The kernels are transformed once at export and
+        /// stored as `{weight}@winograd`, [16, out, in]: 16/9 the size of the 3x3 weights they replace.
         #[arg(long, conflicts_with = "portable")]
         winograd: bool,
         /// Standard ONNX ops only (the default; spelled out for scripts): every attention, including Tune-A-Video's
@@ -240,6 +240,14 @@ enum Command {
     /// output: max abs error, max error relative to the reference's magnitude, mean error, cosine similarity,
     /// non-finite counts and pass/fail against --atol/--rtol; --mark-all finds the first diverging intermediate tensor.
     Compare(graph_tools::CompareArgs),
+    /// Report what this machine can run: the ONNX Runtime library, the CUDA driver and GPUs, and the CUDA
+    /// libraries motionrt's GPU paths load (NVRTC, CUDA runtime, cuBLAS, cuBLASLt, cuDNN), each found or missing
+    /// with how to install it. Nothing is called in a library that is missing.
+    Probe {
+        /// Machine-readable output on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a tiny random-weight AnimateDiff model set in the real layouts (diffusers UNet, VAE, CLIP text encoder
     /// and tokenizer folders, original-layout motion module), export it, generate a video on ONNX Runtime (CPU) and
     /// write it as a GIF, printing per-stage timings. Random weights: expect coloured noise, not a picture.
@@ -429,6 +437,7 @@ fn run(cli: Cli) -> Result<()> {
         }),
         Command::Infer(args) => graph_tools::infer(args),
         Command::Compare(args) => graph_tools::compare(args),
+        Command::Probe { json } => probe(json),
         Command::Demo {
             dir,
             frames,
@@ -884,6 +893,70 @@ fn edit_video(a: EditArgs) -> Result<()> {
         tm.denoise,
         tm.vae_decode,
         t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `motionrt probe`: ONNX Runtime, CUDA driver, GPUs and CUDA libraries, found or missing.
+fn probe(json: bool) -> Result<()> {
+    let ort = motionrt_runtime::find_onnxruntime();
+    let libs = motionrt_kernels::probe::probe();
+    let gpus = motionrt_kernels::probe::gpus();
+    if json {
+        let v = serde_json::json!({
+            "onnxruntime": match &ort {
+                Ok(p) => serde_json::json!({"found": p}),
+                Err(e) => serde_json::json!({"found": null, "error": e.to_string()}),
+            },
+            "cuda_libraries": libs.iter().map(|l| serde_json::json!({
+                "name": l.name, "role": l.role, "found": l.found,
+                "hint": if l.found.is_none() { Some(l.hint) } else { None },
+            })).collect::<Vec<_>>(),
+            "gpus": match &gpus {
+                Ok(g) => serde_json::json!(g.iter().map(|g| serde_json::json!({
+                    "ordinal": g.ordinal, "name": g.name,
+                    "compute_capability": format!("{}.{}", g.compute_capability.0, g.compute_capability.1),
+                    "memory_bytes": g.memory_bytes,
+                })).collect::<Vec<_>>()),
+                Err(_) => serde_json::json!([]),
+            },
+            "gpu_error": gpus.as_ref().err(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    match &ort {
+        Ok(p) => println!("{:<12} found      {}", "onnxruntime", p.display()),
+        Err(e) => println!("{:<12} MISSING    {e}", "onnxruntime"),
+    }
+    for l in &libs {
+        match &l.found {
+            Some(p) => println!("{:<12} found      {p}  ({})", l.name, l.role),
+            None => println!(
+                "{:<12} MISSING    {}  ({}; GPU paths only)",
+                l.name, l.role, l.hint
+            ),
+        }
+    }
+    match &gpus {
+        Ok(g) if g.is_empty() => println!("{:<12} none       the driver reports no device", "gpus"),
+        Ok(g) => {
+            for g in g {
+                println!(
+                    "{:<12} {}          {} (sm_{}{}, {:.1} GiB)",
+                    "gpu",
+                    g.ordinal,
+                    g.name,
+                    g.compute_capability.0,
+                    g.compute_capability.1,
+                    g.memory_bytes as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        Err(e) => println!("{:<12} none       {e}", "gpus"),
+    }
+    println!(
+        "the CPU paths (export, run, bench, infer, compare on ONNX Runtime) need only onnxruntime"
     );
     Ok(())
 }

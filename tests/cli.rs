@@ -336,3 +336,39 @@ fn help_explains_the_commands() {
         "{text}"
     );
 }
+
+#[test]
+fn probe_lists_every_cuda_library_found_or_missing_without_panicking() {
+    // Runs on machines with and without CUDA: each library is either found (a path or soname)
+    // or missing with an install hint; a machine without a driver reports no GPU and an error.
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(motionrt().args(["probe", "--json"]))).unwrap();
+    let libs = v["cuda_libraries"].as_array().unwrap();
+    let names: Vec<&str> = libs.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["driver", "nvrtc", "cudart", "cublas", "cublasLt", "cudnn"]
+    );
+    for l in libs {
+        match l["found"].as_str() {
+            Some(p) => assert!(!p.is_empty() && l["hint"].is_null(), "{l}"),
+            None => assert!(
+                l["hint"].as_str().is_some_and(|h| h.contains("install")),
+                "{l}"
+            ),
+        }
+    }
+    let driver_missing = libs[0]["found"].is_null();
+    if driver_missing {
+        assert_eq!(v["gpus"], serde_json::json!([]));
+        assert!(v["gpu_error"].as_str().unwrap().contains("libcuda"), "{v}");
+    }
+    let text = ok(motionrt().arg("probe"));
+    assert!(text.contains("onnxruntime"), "{text}");
+    assert_eq!(
+        text.matches("MISSING").count(),
+        libs.iter().filter(|l| l["found"].is_null()).count()
+            + usize::from(v["onnxruntime"]["found"].is_null()),
+        "{text}"
+    );
+}

@@ -157,7 +157,8 @@ pub struct ModelManifest {
     /// sha256 of every input file; with `tensor_map` and `precision` these determine the written
     /// weights exactly (the conversion is deterministic).
     pub inputs_sha256: BTreeMap<String, String>,
-    /// diffusers name → where it came from.
+    /// Initializer name (the diffusers name, or `{name}@winograd` for a kernel stored
+    /// Winograd-transformed) → where it came from.
     pub tensor_map: BTreeMap<String, TensorSource>,
 }
 

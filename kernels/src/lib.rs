@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod cuda;
 pub mod gpu;
+pub mod probe;
 pub mod winograd;
 
 pub use attention::{Attention, KernelError, SparseCausal};

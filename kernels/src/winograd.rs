@@ -14,7 +14,7 @@
 //! direct convolution, and the GEMMs are large and regular. The transforms here are the two
 //! memory-bound passes around the GEMMs ([`input_transform`], [`output_transform`]); the GEMM
 //! itself is left to the runtime (ONNX Runtime's batched MatMul), and [`weight_transform`] is
-//! what the exported graph computes once (constant-folded at session creation).
+//! what the exporter applies once, storing the result as `{weight}@winograd` `[16, O, C]`.
 //!
 //! Tiles are numbered `t = (n·Th + ty)·Tw + tx` with `Th = ⌈H/2⌉`, `Tw = ⌈W/2⌉`; odd sizes are
 //! padded with zeros on the bottom/right and the extra output row/column is dropped.
@@ -24,11 +24,8 @@
 
 use crate::KernelError;
 
-fn shape(what: String) -> KernelError {
-    KernelError::Shape {
-        op: "WinogradConv",
-        what,
-    }
+fn shape(op: &'static str, what: String) -> KernelError {
+    KernelError::Shape { op, what }
 }
 
 /// `G` of F(2×2, 3×3): the kernel transform.
@@ -47,11 +44,14 @@ pub fn tiles(h: usize, w: usize) -> (usize, usize) {
 /// `U = G g Gᵀ` for a PyTorch `[O, C, 3, 3]` weight, laid out `[16, O, C]`.
 pub fn weight_transform(w: &[f32], o: usize, c: usize) -> Result<Vec<f32>, KernelError> {
     if w.len() != o * c * 9 {
-        return Err(shape(format!(
-            "weight has {} values, [{o}, {c}, 3, 3] needs {}",
-            w.len(),
-            o * c * 9
-        )));
+        return Err(shape(
+            "WinogradWeight",
+            format!(
+                "weight has {} values, [{o}, {c}, 3, 3] needs {}",
+                w.len(),
+                o * c * 9
+            ),
+        ));
     }
     let mut u = vec![0f32; 16 * o * c];
     for oc in 0..o * c {
@@ -120,18 +120,24 @@ pub fn input_transform(
     let (th, tw) = tiles(h, w);
     let t_all = n * th * tw;
     if x.len() != n * c * h * w {
-        return Err(shape(format!(
-            "input has {} values, [{n}, {c}, {h}, {w}] needs {}",
-            x.len(),
-            n * c * h * w
-        )));
+        return Err(shape(
+            "WinogradInput",
+            format!(
+                "input has {} values, [{n}, {c}, {h}, {w}] needs {}",
+                x.len(),
+                n * c * h * w
+            ),
+        ));
     }
     if v.len() != 16 * c * t_all {
-        return Err(shape(format!(
-            "tile buffer has {} values, [16, {c}, {t_all}] needs {}",
-            v.len(),
-            16 * c * t_all
-        )));
+        return Err(shape(
+            "WinogradInput",
+            format!(
+                "tile buffer has {} values, [16, {c}, {t_all}] needs {}",
+                v.len(),
+                16 * c * t_all
+            ),
+        ));
     }
     if t_all == 0 || c == 0 {
         return Ok(());
@@ -229,22 +235,31 @@ pub fn output_transform(
     let (th, tw) = tiles(h, w);
     let t_all = n * th * tw;
     if m.len() != 16 * o * t_all {
-        return Err(shape(format!(
-            "GEMM output has {} values, [16, {o}, {t_all}] needs {}",
-            m.len(),
-            16 * o * t_all
-        )));
+        return Err(shape(
+            "WinogradOutput",
+            format!(
+                "GEMM output has {} values, [16, {o}, {t_all}] needs {}",
+                m.len(),
+                16 * o * t_all
+            ),
+        ));
     }
     if y.len() != n * o * h * w {
-        return Err(shape(format!(
-            "output has {} values, [{n}, {o}, {h}, {w}] needs {}",
-            y.len(),
-            n * o * h * w
-        )));
+        return Err(shape(
+            "WinogradOutput",
+            format!(
+                "output has {} values, [{n}, {o}, {h}, {w}] needs {}",
+                y.len(),
+                n * o * h * w
+            ),
+        ));
     }
     if let Some(b) = bias {
         if b.len() != o {
-            return Err(shape(format!("bias has {} values, expected {o}", b.len())));
+            return Err(shape(
+                "WinogradOutput",
+                format!("bias has {} values, expected {o}", b.len()),
+            ));
         }
     }
     if t_all == 0 || o == 0 {
