@@ -1,6 +1,7 @@
 //! The `motionrt` command line: parse, call the libraries, print.
 
 mod bench_cmd;
+mod build_cmd;
 mod graph_tools;
 
 use std::path::{Path, PathBuf};
@@ -240,6 +241,10 @@ enum Command {
     /// output: max abs error, max error relative to the reference's magnitude, mean error, cosine similarity,
     /// non-finite counts and pass/fail against --atol/--rtol; --mark-all finds the first diverging intermediate tensor.
     Compare(graph_tools::CompareArgs),
+    /// Build an engine for this machine's GPU from an exported model. Today only --plan-only works: it applies the
+    /// engine's fusions and writes the fused graphs (runnable by `motionrt run`); the native CUDA engine is not
+    /// implemented yet.
+    Build(build_cmd::BuildArgs),
     /// Report what this machine can run: the ONNX Runtime library, the CUDA driver and GPUs, and the CUDA
     /// libraries motionrt's GPU paths load (NVRTC, CUDA runtime, cuBLAS, cuBLASLt, cuDNN), each found or missing
     /// with how to install it. Nothing is called in a library that is missing.
@@ -437,6 +442,7 @@ fn run(cli: Cli) -> Result<()> {
         }),
         Command::Infer(args) => graph_tools::infer(args),
         Command::Compare(args) => graph_tools::compare(args),
+        Command::Build(args) => build_cmd::build(args),
         Command::Probe { json } => probe(json),
         Command::Demo {
             dir,

@@ -66,6 +66,15 @@ pub enum ExportError {
 
 pub type Result<T, E = ExportError> = std::result::Result<T, E>;
 
+impl From<motionrt_onnx::OnnxError> for ExportError {
+    fn from(e: motionrt_onnx::OnnxError) -> Self {
+        match e {
+            motionrt_onnx::OnnxError::Io { path, source } => Self::Io { path, source },
+            motionrt_onnx::OnnxError::Invalid { path, reason } => Self::Onnx { path, reason },
+        }
+    }
+}
+
 impl ExportError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {

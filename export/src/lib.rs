@@ -12,7 +12,7 @@ pub mod error;
 pub mod export;
 pub mod graph;
 pub mod inspect;
-pub mod onnx;
+pub use motionrt_onnx as onnx;
 pub mod remap;
 pub mod source;
 pub mod synthetic;

@@ -2,11 +2,12 @@
 //! exported with `--fused-attention` run on the CPU: the CPU implementations of
 //! `motionrt-kernels`, for float32 and float16 tensors (float16 computed in float32).
 
-use motionrt_kernels::{winograd, Attention, SparseCausal, DOMAIN};
+use motionrt_kernels::{fused, winograd, Attention, SparseCausal, DOMAIN};
 use ort::operator::{
     ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput,
+    ShapeInferenceContext,
 };
-use ort::value::TensorElementType;
+use ort::value::{Shape, SymbolicDimensions, TensorElementType, ValueType};
 
 /// The element type one registration handles.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -92,6 +93,61 @@ fn attr_heads(kctx: &KernelContext<'_>, op: &str) -> ort::Result<usize> {
     }
 }
 
+/// Shape inference: output 0 is input 0 with its last axis set by `last` (from the last axis of
+/// input 0 and the first axis of input 1, -1 where unknown). Without it ONNX Runtime knows
+/// nothing of the output and later shape arithmetic (`Shape → Slice → Resize`) fails to load.
+fn infer_last_axis(
+    ctx: &mut ShapeInferenceContext,
+    last: impl Fn(i64, Option<i64>) -> i64,
+) -> ort::Result<()> {
+    let inputs = ctx.inputs();
+    let Some(ValueType::Tensor {
+        ty,
+        shape,
+        dimension_symbols,
+    }) = inputs.first()
+    else {
+        return Ok(());
+    };
+    if shape.is_empty() {
+        return Ok(());
+    }
+    let second = match inputs.get(1) {
+        Some(ValueType::Tensor { shape, .. }) => shape.first().copied().filter(|&d| d >= 0),
+        _ => None,
+    };
+    let mut dims: Vec<i64> = shape.to_vec();
+    let mut symbols: Vec<String> = dimension_symbols.to_vec();
+    let n = dims.len();
+    let new = last(dims[n - 1], second);
+    if new != dims[n - 1] {
+        dims[n - 1] = new;
+        if let Some(s) = symbols.get_mut(n - 1) {
+            s.clear();
+        }
+    }
+    // ONNX Runtime reads a -1 without a symbol as the value -1; an unknown dimension needs a
+    // name of its own (unique, so no two unknowns are taken to be equal).
+    static UNKNOWN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    symbols.resize(n, String::new());
+    for (d, s) in dims.iter().zip(symbols.iter_mut()) {
+        if *d < 0 && s.is_empty() {
+            let k = UNKNOWN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            *s = format!("motionrt_unk_{k}");
+        }
+    }
+    let out = ValueType::Tensor {
+        ty: *ty,
+        shape: Shape::new(dims),
+        dimension_symbols: SymbolicDimensions::new(symbols),
+    };
+    ctx.set_output(0, &out)
+}
+
+fn infer_same(ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+    infer_last_axis(ctx, |d, _| d)
+}
+
 struct TemporalAttentionOp(Elem);
 
 struct TemporalKernel {
@@ -156,6 +212,10 @@ impl Operator for TemporalAttentionOp {
 
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
         [OperatorOutput::required(self.0.ty())]
+    }
+
+    fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+        infer_same(ctx)
     }
 
     fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<Self::Kernel<'a>> {
@@ -393,6 +453,211 @@ impl Operator for WinogradOutputOp {
     }
 }
 
+/// Input `i` of a float32-only operator, with its shape.
+fn f32_input(
+    ctx: &ComputeContext,
+    op: &str,
+    i: usize,
+) -> ort::Result<Option<(Vec<usize>, Vec<f32>)>> {
+    input_f32(ctx, op, i, Elem::F32)
+}
+
+const GROUP_NORM: &str = "GroupNorm";
+const LINEAR: &str = "Linear";
+const GEGLU: &str = "Geglu";
+
+/// `com.motionrt.GroupNorm(X, scale, bias)`: attributes `num_groups`, `epsilon`, `activation`
+/// (`"none"` or `"silu"`).
+struct GroupNormOp;
+
+struct GroupNormKernel {
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+impl Kernel for GroupNormKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let need = |i, name| -> ort::Result<(Vec<usize>, Vec<f32>)> {
+            f32_input(ctx, GROUP_NORM, i)?
+                .ok_or_else(|| err(GROUP_NORM, format!("input {name} is required")))
+        };
+        let (xs, x) = need(0, "X")?;
+        let (_, gamma) = need(1, "scale")?;
+        let (_, beta) = need(2, "bias")?;
+        let y = fused::group_norm(&x, &xs, &gamma, &beta, self.groups, self.eps, self.silu)
+            .map_err(|e| err(GROUP_NORM, e))?;
+        write_output(ctx, GROUP_NORM, &xs, &y, Elem::F32)
+    }
+}
+
+impl Operator for GroupNormOp {
+    type Kernel<'a> = GroupNormKernel;
+
+    fn name(&self) -> &str {
+        GROUP_NORM
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        (0..3).map(|_| OperatorInput::required(TensorElementType::Float32))
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+        infer_same(ctx)
+    }
+
+    fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<Self::Kernel<'a>> {
+        let groups = match kctx.get::<i64>("num_groups") {
+            Some(g) if g > 0 => g as usize,
+            other => {
+                return Err(err(
+                    GROUP_NORM,
+                    format!("attribute num_groups must be a positive int, got {other:?}"),
+                ))
+            }
+        };
+        let silu = match kctx.get::<String>("activation").as_deref() {
+            None | Some("none") => false,
+            Some("silu") => true,
+            Some(a) => {
+                return Err(err(
+                    GROUP_NORM,
+                    format!("activation must be \"none\" or \"silu\", got {a:?}"),
+                ))
+            }
+        };
+        Ok(GroupNormKernel {
+            groups,
+            eps: kctx.get::<f32>("epsilon").unwrap_or(1e-5),
+            silu,
+        })
+    }
+}
+
+/// `com.motionrt.Linear(X [.., in], W [out, in], bias [out]?, residual [.., out]?)`.
+struct LinearOp;
+
+struct LinearKernel;
+
+impl Kernel for LinearKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let (xs, x) =
+            f32_input(ctx, LINEAR, 0)?.ok_or_else(|| err(LINEAR, "input X is required"))?;
+        let (ws, w) =
+            f32_input(ctx, LINEAR, 1)?.ok_or_else(|| err(LINEAR, "input W is required"))?;
+        let bias = f32_input(ctx, LINEAR, 2)?;
+        let residual = f32_input(ctx, LINEAR, 3)?;
+        let (&[out, k], Some(&xk)) = (&ws[..], xs.last()) else {
+            return Err(err(
+                LINEAR,
+                format!("W must be [out, in] and X [.., in], got {ws:?} and {xs:?}"),
+            ));
+        };
+        if xk != k {
+            return Err(err(
+                LINEAR,
+                format!("X {xs:?} has {xk} features, W {ws:?} expects {k}"),
+            ));
+        }
+        let mut ys = xs.clone();
+        *ys.last_mut().unwrap() = out;
+        if let Some((rs, _)) = &residual {
+            if *rs != ys {
+                return Err(err(
+                    LINEAR,
+                    format!("residual {rs:?} must have the output's shape {ys:?}"),
+                ));
+            }
+        }
+        let rows = x.len() / k.max(1);
+        let y = fused::linear(
+            &x,
+            rows,
+            k,
+            &w,
+            out,
+            bias.as_ref().map(|b| b.1.as_slice()),
+            residual.as_ref().map(|r| r.1.as_slice()),
+        )
+        .map_err(|e| err(LINEAR, e))?;
+        write_output(ctx, LINEAR, &ys, &y, Elem::F32)
+    }
+}
+
+impl Operator for LinearOp {
+    type Kernel<'a> = LinearKernel;
+
+    fn name(&self) -> &str {
+        LINEAR
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        let t = TensorElementType::Float32;
+        [
+            OperatorInput::required(t),
+            OperatorInput::required(t),
+            OperatorInput::optional(t),
+            OperatorInput::optional(t),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+        infer_last_axis(ctx, |_, out| out.unwrap_or(-1))
+    }
+
+    fn create_kernel<'a>(&self, _: &KernelContext<'a>) -> ort::Result<Self::Kernel<'a>> {
+        Ok(LinearKernel)
+    }
+}
+
+/// `com.motionrt.Geglu(X [.., 2d]) → [.., d]`.
+struct GegluOp;
+
+struct GegluKernel;
+
+impl Kernel for GegluKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let (xs, x) = f32_input(ctx, GEGLU, 0)?.ok_or_else(|| err(GEGLU, "input X is required"))?;
+        let last = *xs.last().ok_or_else(|| err(GEGLU, "X must have an axis"))?;
+        let y = fused::geglu(&x, last).map_err(|e| err(GEGLU, e))?;
+        let mut ys = xs.clone();
+        *ys.last_mut().unwrap() = last / 2;
+        write_output(ctx, GEGLU, &ys, &y, Elem::F32)
+    }
+}
+
+impl Operator for GegluOp {
+    type Kernel<'a> = GegluKernel;
+
+    fn name(&self) -> &str {
+        GEGLU
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [OperatorInput::required(TensorElementType::Float32)]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+        infer_last_axis(ctx, |d, _| if d >= 0 { d / 2 } else { -1 })
+    }
+
+    fn create_kernel<'a>(&self, _: &KernelContext<'a>) -> ort::Result<Self::Kernel<'a>> {
+        Ok(GegluKernel)
+    }
+}
+
 /// The `com.motionrt` domain with every operator (one per session: ONNX Runtime's domain
 /// handles are not shareable across threads).
 pub(crate) fn domain() -> Result<OperatorDomain, String> {
@@ -403,7 +668,10 @@ pub(crate) fn domain() -> Result<OperatorDomain, String> {
             .add(SparseCausalOp(Elem::F32))?
             .add(SparseCausalOp(Elem::F16))?
             .add(WinogradInputOp)?
-            .add(WinogradOutputOp)
+            .add(WinogradOutputOp)?
+            .add(GroupNormOp)?
+            .add(LinearOp)?
+            .add(GegluOp)
     };
     build().map_err(|e| e.to_string())
 }

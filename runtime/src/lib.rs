@@ -6,6 +6,7 @@ pub mod bench;
 pub mod compare;
 mod custom_ops;
 pub mod edit;
+pub mod engine;
 pub mod frames;
 pub mod npy;
 mod ort_backend;

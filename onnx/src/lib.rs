@@ -1,8 +1,11 @@
-//! ONNX protobuf messages, constructors, the model writer (with external data) and the reader.
+//! motionrt-onnx: ONNX protobuf messages, constructors, the model writer (with external data) and the reader.
 
+pub mod error;
 pub mod proto;
 mod read;
 mod write;
+
+pub use error::{OnnxError, Result};
 
 pub use read::{load_model, summarize, IoInfo, OnnxSummary};
 pub use write::{write_model, ExternalDataWriter};

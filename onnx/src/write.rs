@@ -9,7 +9,7 @@ use prost::Message;
 use super::proto::{
     DataLocation, ModelProto, StringStringEntryProto, TensorProto, TensorProtoDataType,
 };
-use crate::{ExportError, Result};
+use crate::{OnnxError, Result};
 
 /// Protobuf messages cannot exceed 2 GiB.
 const PROTOBUF_LIMIT: usize = (1 << 31) - 1;
@@ -18,20 +18,20 @@ const PROTOBUF_LIMIT: usize = (1 << 31) - 1;
 pub fn write_model(model: &ModelProto, path: &Path) -> Result<()> {
     let len = model.encoded_len();
     if len > PROTOBUF_LIMIT {
-        return Err(ExportError::Onnx {
+        return Err(OnnxError::Invalid {
             path: path.to_path_buf(),
             reason: format!("the model encodes to {len} bytes, over protobuf's 2 GiB limit: store the weights as external data"),
         });
     }
     let mut buf = Vec::with_capacity(len);
-    model.encode(&mut buf).map_err(|e| ExportError::Onnx {
+    model.encode(&mut buf).map_err(|e| OnnxError::Invalid {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let mut f = File::create(path).map_err(|e| ExportError::io(path, e))?;
+    let mut f = File::create(path).map_err(|e| OnnxError::io(path, e))?;
     f.write_all(&buf)
         .and_then(|_| f.sync_all())
-        .map_err(|e| ExportError::io(path, e))
+        .map_err(|e| OnnxError::io(path, e))
 }
 
 /// Appends tensor data to an external data file, 64-byte aligned, returning the initializer
@@ -46,7 +46,7 @@ pub struct ExternalDataWriter {
 impl ExternalDataWriter {
     /// `location`: the file name as the `.onnx` file refers to it (relative to its folder).
     pub fn create(data_path: &Path, location: &str) -> Result<Self> {
-        let f = File::create(data_path).map_err(|e| ExportError::io(data_path, e))?;
+        let f = File::create(data_path).map_err(|e| OnnxError::io(data_path, e))?;
         Ok(Self {
             path: data_path.to_path_buf(),
             location: location.into(),
@@ -67,7 +67,7 @@ impl ExternalDataWriter {
             out.write_all(&[0u8; 64][..pad as usize])?;
             out.write_all(bytes)
         };
-        write(&mut self.out).map_err(|e| ExportError::io(&self.path, e))?;
+        write(&mut self.out).map_err(|e| OnnxError::io(&self.path, e))?;
         let start = self.offset + pad;
         self.offset = start + bytes.len() as u64;
         let entry = |k: &str, v: String| StringStringEntryProto {
@@ -90,14 +90,12 @@ impl ExternalDataWriter {
 
     /// Flush and fsync; returns the bytes written.
     pub fn finish(mut self) -> Result<u64> {
-        self.out
-            .flush()
-            .map_err(|e| ExportError::io(&self.path, e))?;
+        self.out.flush().map_err(|e| OnnxError::io(&self.path, e))?;
         let f = self.out.get_mut();
         let end = f
             .stream_position()
-            .map_err(|e| ExportError::io(&self.path, e))?;
-        f.sync_all().map_err(|e| ExportError::io(&self.path, e))?;
+            .map_err(|e| OnnxError::io(&self.path, e))?;
+        f.sync_all().map_err(|e| OnnxError::io(&self.path, e))?;
         Ok(end)
     }
 }

@@ -9,12 +9,12 @@ use serde::Serialize;
 use super::proto::{
     DataLocation, DimensionValue, ModelProto, TensorProtoDataType, TypeValue, ValueInfoProto,
 };
-use crate::{ExportError, Result};
+use crate::{OnnxError, Result};
 
 /// Decode an ONNX file (the protobuf only; external data is not read).
 pub fn load_model(path: &Path) -> Result<ModelProto> {
-    let bytes = std::fs::read(path).map_err(|e| ExportError::io(path, e))?;
-    ModelProto::decode(bytes.as_slice()).map_err(|e| ExportError::Onnx {
+    let bytes = std::fs::read(path).map_err(|e| OnnxError::io(path, e))?;
+    ModelProto::decode(bytes.as_slice()).map_err(|e| OnnxError::Invalid {
         path: path.to_path_buf(),
         reason: format!("not an ONNX model: protobuf decode failed: {e}"),
     })

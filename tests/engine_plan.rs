@@ -1,0 +1,315 @@
+//! The engine builder's fusions (`motionrt build --plan-only`): every pattern the exporter emits
+//! is found (counted against the exported graph's own structure), and each fused graph computes
+//! what the exported graph computes, on ONNX Runtime with the fused operators' CPU kernels.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use motionrt_export::graph::unet::Semantics;
+use motionrt_export::graph::Precision;
+use motionrt_export::onnx::load_model;
+use motionrt_export::onnx::proto::ModelProto;
+use motionrt_runtime::engine::plan_graph;
+use motionrt_runtime::rng::NormalRng;
+use motionrt_runtime::{error_stats, Input, OrtSession, OutputData, SessionOptions, Tolerance};
+
+fn ops(m: &ModelProto) -> BTreeMap<String, usize> {
+    let mut h = BTreeMap::new();
+    for n in &m.graph.as_ref().unwrap().node {
+        *h.entry(n.op_type.clone()).or_default() += 1;
+    }
+    h
+}
+
+fn count(h: &BTreeMap<String, usize>, op: &str) -> usize {
+    h.get(op).copied().unwrap_or(0)
+}
+
+/// Rank-2 `.weight` initializers other than embedding tables: the Linear weights (`[out, in]`).
+fn linear_weights(m: &ModelProto) -> usize {
+    m.graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .filter(|t| {
+            t.dims.len() == 2
+                && t.name.ends_with(".weight")
+                && !t.name.ends_with("embedding.weight")
+        })
+        .count()
+}
+
+/// Run `onnx` on seeded inputs of the given shapes (int64 inputs get token ids < 100).
+fn run(onnx: &Path, inputs: &[(&str, Vec<usize>)]) -> Vec<(String, Vec<f32>)> {
+    let mut s = OrtSession::load(onnx, &SessionOptions::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", onnx.display()));
+    let mut rng = NormalRng::new(7);
+    let floats: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|(_, shape)| {
+            let mut v = vec![0f32; shape.iter().product()];
+            rng.fill(&mut v);
+            v
+        })
+        .collect();
+    let ids: Vec<Vec<i64>> = inputs
+        .iter()
+        .map(|(_, shape)| {
+            (0..shape.iter().product::<usize>())
+                .map(|_| rng.below(100) as i64)
+                .collect()
+        })
+        .collect();
+    let args: Vec<(&str, Input<'_>)> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let input = if *name == "input_ids" {
+                Input::I64(shape, &ids[i])
+            } else if *name == "timestep" {
+                Input::F32(shape, &floats[i][..0])
+            } else {
+                Input::F32(shape, &floats[i])
+            };
+            (*name, input)
+        })
+        .collect();
+    // Timesteps: real values, not noise.
+    let t = [981.0f32, 21.0];
+    let args: Vec<(&str, Input<'_>)> = args
+        .into_iter()
+        .map(|(n, i)| match (n, i) {
+            ("timestep", Input::F32(shape, _)) => (n, Input::F32(shape, &t[..shape[0]])),
+            other => other,
+        })
+        .collect();
+    s.run_outputs(&args)
+        .unwrap_or_else(|e| panic!("{}: {e}", onnx.display()))
+        .into_iter()
+        .map(|o| match o.data {
+            OutputData::F32(d) => (o.name, d),
+            other => panic!("{}: {other:?}", o.name),
+        })
+        .collect()
+}
+
+#[test]
+fn fused_graphs_find_every_pattern_and_match_the_exported_graphs() {
+    let e = export_pipeline(
+        &pipeline_fixtures().join("tiny"),
+        false,
+        Semantics::Diffusers,
+        Precision::Fp32,
+    );
+    let src = e.dir.path().join("out");
+    let dst = tempfile::tempdir().unwrap();
+    let (b, f) = (2usize, 3usize);
+    // The text width, from the exported graph's `encoder_hidden_states` [B·F, 77, D].
+    let d = {
+        let s = motionrt_export::onnx::summarize(&load_model(&src.join("unet.onnx")).unwrap());
+        let info = s
+            .inputs
+            .iter()
+            .find(|i| i.name == "encoder_hidden_states")
+            .unwrap();
+        info.dims.last().unwrap().parse::<usize>().unwrap()
+    };
+    type Inputs = Vec<(&'static str, Vec<usize>)>;
+    let cases: [(&str, Inputs); 4] = [
+        (
+            "unet",
+            vec![
+                ("sample", vec![b, 4, f, 8, 8]),
+                ("timestep", vec![b]),
+                ("encoder_hidden_states", vec![b * f, 77, d]),
+            ],
+        ),
+        ("text_encoder", vec![("input_ids", vec![2, 77])]),
+        ("vae_decoder", vec![("latent", vec![2, 4, 8, 8])]),
+        ("vae_encoder", vec![("image", vec![1, 3, 64, 64])]),
+    ];
+    for (graph, inputs) in cases {
+        let a = src.join(format!("{graph}.onnx"));
+        let z = dst.path().join(format!("{graph}.onnx"));
+        let report = plan_graph(&a, &z).unwrap_or_else(|err| panic!("{graph}: {err}"));
+        let (before, after) = (load_model(&a).unwrap(), load_model(&z).unwrap());
+        let (hb, ha) = (ops(&before), ops(&after));
+        let fused = |k: &str| report.fused.get(k).copied().unwrap_or(0);
+        let linears: usize = report
+            .fused
+            .iter()
+            .filter(|(k, _)| k.starts_with("Linear"))
+            .map(|(_, v)| v)
+            .sum();
+        eprintln!(
+            "{graph}: {} → {} nodes, {:?}",
+            report.nodes_before, report.nodes_after, report.fused
+        );
+        // Every Linear of the exported graph became one fused GEMM.
+        assert_eq!(
+            linears,
+            linear_weights(&before),
+            "{graph}: {:?}",
+            report.fused
+        );
+        assert_eq!(count(&ha, "Linear"), linears, "{graph}");
+        // Every GroupNorm (InstanceNormalization on the grouped view) was fused.
+        assert_eq!(
+            fused("GroupNorm") + fused("GroupNorm+SiLU"),
+            count(&hb, "InstanceNormalization"),
+            "{graph}"
+        );
+        assert_eq!(count(&ha, "InstanceNormalization"), 0, "{graph}");
+        if graph == "unet" {
+            // Every attention (spatial self/cross and both temporal ones) and every GEGLU.
+            assert_eq!(fused("Attention"), count(&hb, "Softmax"));
+            assert_eq!(fused("Geglu"), count(&hb, "Erf"));
+            assert_eq!(count(&ha, "Softmax") + count(&ha, "Erf"), 0);
+            // Resnets: norm1 and norm2 are followed by SiLU; to_out and ff.net.2 take the
+            // residual in their epilogue.
+            assert!(fused("GroupNorm+SiLU") > 0 && fused("Linear+bias+residual") > 0);
+            assert_eq!(
+                fused("Linear+bias+residual"),
+                fused("Attention") + fused("Geglu")
+            );
+        }
+        // CLIP's causal (masked) attention is not fused yet: only its Linears are.
+        let bound = if graph == "text_encoder" {
+            report.nodes_before * 3 / 4
+        } else {
+            report.nodes_before / 2
+        };
+        assert!(report.nodes_after < bound, "{graph}: {report:?}");
+        let want = run(&a, &inputs);
+        let got = run(&z, &inputs);
+        for ((name, r), (_, o)) in want.iter().zip(&got) {
+            let s = error_stats(o, r);
+            eprintln!("{graph}.{name}: {s:?}");
+            assert!(s.passes(Tolerance::FP32), "{graph}.{name}: {s:?}");
+        }
+    }
+}
+
+fn motionrt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_motionrt"))
+}
+
+#[test]
+fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
+    let e = export_pipeline(
+        &pipeline_fixtures().join("tiny"),
+        false,
+        Semantics::Diffusers,
+        Precision::Fp32,
+    );
+    let src = e.dir.path().join("out");
+    let work = tempfile::tempdir().unwrap();
+    let plan = work.path().join("plan");
+    let o = motionrt()
+        .args(["build", "--plan-only", "--model"])
+        .arg(&src)
+        .arg("--out")
+        .arg(&plan)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(plan.join("plan.json")).unwrap()).unwrap();
+    assert_eq!(p["format"], "motionrt.plan/1");
+    assert_eq!(p["graphs"].as_array().unwrap().len(), 4);
+    assert!(plan.join("model.json").is_file() && plan.join("tokenizer").is_dir());
+
+    // The whole pipeline on the fused graphs gives the frames of the exported graphs.
+    let frames = |model: &Path, out: &Path| {
+        let o = motionrt()
+            .args([
+                "run", "--prompt", "a cat", "--frames", "3", "--height", "64",
+            ])
+            .args(["--width", "64", "--steps", "2", "--seed", "5", "--model"])
+            .arg(model)
+            .arg("--out")
+            .arg(format!("{}/", out.display()))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let mut px = Vec::new();
+        for i in 0..3 {
+            let f = std::fs::File::open(out.join(format!("frame_{i:03}.png")))
+                .unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+            let mut r = png::Decoder::new(std::io::BufReader::new(f))
+                .read_info()
+                .unwrap();
+            let mut buf = vec![0; r.output_buffer_size()];
+            let info = r.next_frame(&mut buf).unwrap();
+            px.extend_from_slice(&buf[..info.buffer_size()]);
+        }
+        px
+    };
+    let a = frames(&src, &work.path().join("a"));
+    let b = frames(&plan, &work.path().join("b"));
+    assert_eq!(a.len(), b.len());
+    let off = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| x.abs_diff(**y) > 1)
+        .count();
+    assert_eq!(
+        off, 0,
+        "pixels differing by more than one level (8-bit rounding)"
+    );
+
+    // Without --plan-only: a clear refusal, nothing written.
+    let engine = work.path().join("x.engine");
+    let o = motionrt()
+        .args(["build", "--model"])
+        .arg(&src)
+        .arg("--out")
+        .arg(&engine)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--plan-only"), "{err}");
+    assert!(!engine.exists());
+    // An existing output is not replaced without --overwrite.
+    let o = motionrt()
+        .args(["build", "--plan-only", "--model"])
+        .arg(&src)
+        .arg("--out")
+        .arg(&plan)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"));
+}
+
+#[test]
+fn build_refuses_a_float16_export_naming_the_file() {
+    let e = export_pipeline(
+        &pipeline_fixtures().join("tiny"),
+        false,
+        Semantics::Diffusers,
+        Precision::Fp16,
+    );
+    let work = tempfile::tempdir().unwrap();
+    let o = motionrt()
+        .args(["build", "--plan-only", "--model"])
+        .arg(e.dir.path().join("out"))
+        .arg("--out")
+        .arg(work.path().join("plan"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains(".onnx") && err.contains("float32 export"),
+        "{err}"
+    );
+    assert!(!work.path().join("plan").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
