@@ -27,7 +27,8 @@ pub struct BuildArgs {
     /// The engine backend.
     #[arg(long, value_enum, default_value_t = Backend::Cuda)]
     pub backend: Backend,
-    /// Engine precision (weights converted once at build time).
+    /// Engine precision (weights converted once at build time). With --plan-only it is only recorded in
+    /// plan.json: the fused graphs stay float32.
     #[arg(long, value_enum, default_value_t = EnginePrecision::Fp16)]
     pub precision: EnginePrecision,
     /// Where to write: the engine file, or with --plan-only a model directory.

@@ -11,18 +11,23 @@ use std::process::Command;
 use common::*;
 use motionrt_export::graph::unet::Semantics;
 use motionrt_export::graph::Precision;
-use motionrt_export::onnx::load_model;
 use motionrt_export::onnx::proto::ModelProto;
+use motionrt_export::onnx::{load_model, summarize};
 use motionrt_runtime::engine::plan_graph;
 use motionrt_runtime::rng::NormalRng;
 use motionrt_runtime::{error_stats, Input, OrtSession, OutputData, SessionOptions, Tolerance};
 
+fn tiny(precision: Precision) -> Exported {
+    export_pipeline(
+        &pipeline_fixtures().join("tiny"),
+        false,
+        Semantics::Diffusers,
+        precision,
+    )
+}
+
 fn ops(m: &ModelProto) -> BTreeMap<String, usize> {
-    let mut h = BTreeMap::new();
-    for n in &m.graph.as_ref().unwrap().node {
-        *h.entry(n.op_type.clone()).or_default() += 1;
-    }
-    h
+    summarize(m).op_counts
 }
 
 fn count(h: &BTreeMap<String, usize>, op: &str) -> usize {
@@ -44,48 +49,40 @@ fn linear_weights(m: &ModelProto) -> usize {
         .count()
 }
 
-/// Run `onnx` on seeded inputs of the given shapes (int64 inputs get token ids < 100).
+/// Run `onnx` on seeded inputs of the given shapes: token ids < 100 for `input_ids`, the
+/// timesteps 981, 21 for `timestep`, standard normal values otherwise.
 fn run(onnx: &Path, inputs: &[(&str, Vec<usize>)]) -> Vec<(String, Vec<f32>)> {
     let mut s = OrtSession::load(onnx, &SessionOptions::default())
         .unwrap_or_else(|e| panic!("{}: {e}", onnx.display()));
     let mut rng = NormalRng::new(7);
-    let floats: Vec<Vec<f32>> = inputs
+    let data: Vec<(Vec<f32>, Vec<i64>)> = inputs
         .iter()
-        .map(|(_, shape)| {
-            let mut v = vec![0f32; shape.iter().product()];
-            rng.fill(&mut v);
-            v
-        })
-        .collect();
-    let ids: Vec<Vec<i64>> = inputs
-        .iter()
-        .map(|(_, shape)| {
-            (0..shape.iter().product::<usize>())
-                .map(|_| rng.below(100) as i64)
-                .collect()
+        .map(|(name, shape)| {
+            let n = shape.iter().product::<usize>();
+            match *name {
+                "input_ids" => (Vec::new(), (0..n).map(|_| rng.below(100) as i64).collect()),
+                "timestep" => (
+                    [981.0, 21.0].into_iter().cycle().take(n).collect(),
+                    Vec::new(),
+                ),
+                _ => {
+                    let mut v = vec![0f32; n];
+                    rng.fill(&mut v);
+                    (v, Vec::new())
+                }
+            }
         })
         .collect();
     let args: Vec<(&str, Input<'_>)> = inputs
         .iter()
-        .enumerate()
-        .map(|(i, (name, shape))| {
+        .zip(&data)
+        .map(|((name, shape), (f, i))| {
             let input = if *name == "input_ids" {
-                Input::I64(shape, &ids[i])
-            } else if *name == "timestep" {
-                Input::F32(shape, &floats[i][..0])
+                Input::I64(shape, i)
             } else {
-                Input::F32(shape, &floats[i])
+                Input::F32(shape, f)
             };
             (*name, input)
-        })
-        .collect();
-    // Timesteps: real values, not noise.
-    let t = [981.0f32, 21.0];
-    let args: Vec<(&str, Input<'_>)> = args
-        .into_iter()
-        .map(|(n, i)| match (n, i) {
-            ("timestep", Input::F32(shape, _)) => (n, Input::F32(shape, &t[..shape[0]])),
-            other => other,
         })
         .collect();
     s.run_outputs(&args)
@@ -100,18 +97,13 @@ fn run(onnx: &Path, inputs: &[(&str, Vec<usize>)]) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn fused_graphs_find_every_pattern_and_match_the_exported_graphs() {
-    let e = export_pipeline(
-        &pipeline_fixtures().join("tiny"),
-        false,
-        Semantics::Diffusers,
-        Precision::Fp32,
-    );
+    let e = tiny(Precision::Fp32);
     let src = e.dir.path().join("out");
     let dst = tempfile::tempdir().unwrap();
     let (b, f) = (2usize, 3usize);
     // The text width, from the exported graph's `encoder_hidden_states` [B·F, 77, D].
     let d = {
-        let s = motionrt_export::onnx::summarize(&load_model(&src.join("unet.onnx")).unwrap());
+        let s = summarize(&load_model(&src.join("unet.onnx")).unwrap());
         let info = s
             .inputs
             .iter()
@@ -157,7 +149,7 @@ fn fused_graphs_find_every_pattern_and_match_the_exported_graphs() {
             "{graph}: {:?}",
             report.fused
         );
-        assert_eq!(count(&ha, "Linear"), linears, "{graph}");
+        assert_eq!(count(&ha, "com.motionrt::Linear"), linears, "{graph}");
         // Every GroupNorm (InstanceNormalization on the grouped view) was fused.
         assert_eq!(
             fused("GroupNorm") + fused("GroupNorm+SiLU"),
@@ -201,12 +193,7 @@ fn motionrt() -> Command {
 
 #[test]
 fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
-    let e = export_pipeline(
-        &pipeline_fixtures().join("tiny"),
-        false,
-        Semantics::Diffusers,
-        Precision::Fp32,
-    );
+    let e = tiny(Precision::Fp32);
     let src = e.dir.path().join("out");
     let work = tempfile::tempdir().unwrap();
     let plan = work.path().join("plan");
@@ -289,12 +276,7 @@ fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
 
 #[test]
 fn build_refuses_a_float16_export_naming_the_file() {
-    let e = export_pipeline(
-        &pipeline_fixtures().join("tiny"),
-        false,
-        Semantics::Diffusers,
-        Precision::Fp16,
-    );
+    let e = tiny(Precision::Fp16);
     let work = tempfile::tempdir().unwrap();
     let o = motionrt()
         .args(["build", "--plan-only", "--model"])

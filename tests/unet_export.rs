@@ -35,19 +35,20 @@ fn v2_diffusers_semantics_match_diffusers() {
     );
 }
 
-/// Export sd_tiny + adapter_v2 (diffusers semantics, fp32, UNet only) into `out` with the given
-/// operator lowering.
-fn export_lowered(
+/// Export options for sd_tiny + adapter_v2 (diffusers semantics, UNet only) into `out` with the
+/// given precision and operator lowering.
+fn lowered_options(
     out: &std::path::Path,
+    precision: Precision,
     fused_attention: bool,
     winograd: bool,
-) -> motionrt_export::export::ModelManifest {
-    let opts = motionrt_export::export::ExportOptions {
+) -> motionrt_export::export::ExportOptions {
+    motionrt_export::export::ExportOptions {
         unet: fx("sd_tiny"),
         motion_module: Some(fx("adapter_v2")),
         out: out.to_path_buf(),
         overwrite: false,
-        precision: Precision::Fp32,
+        precision,
         semantics: Semantics::Diffusers,
         external_data: ExternalData::Auto,
         vae: None,
@@ -58,7 +59,16 @@ fn export_lowered(
         unet_only: true,
         fused_attention,
         winograd,
-    };
+    }
+}
+
+/// [`lowered_options`] in fp32, exported.
+fn export_lowered(
+    out: &std::path::Path,
+    fused_attention: bool,
+    winograd: bool,
+) -> motionrt_export::export::ModelManifest {
+    let opts = lowered_options(out, Precision::Fp32, fused_attention, winograd);
     motionrt_export::export::export(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -190,23 +200,7 @@ fn winograd_convolutions_match_diffusers_and_the_standard_graph() {
 fn winograd_needs_fp32() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("w16");
-    let opts = motionrt_export::export::ExportOptions {
-        unet: fx("sd_tiny"),
-        motion_module: Some(fx("adapter_v2")),
-        out: out.clone(),
-        overwrite: false,
-        precision: Precision::Fp16,
-        semantics: Semantics::Diffusers,
-        external_data: ExternalData::Auto,
-        vae: None,
-        text_encoder: None,
-        vae_config: None,
-        text_encoder_config: None,
-        tokenizer: None,
-        unet_only: true,
-        fused_attention: false,
-        winograd: true,
-    };
+    let opts = lowered_options(&out, Precision::Fp16, false, true);
     let e = motionrt_export::export::export(&opts, &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("--winograd"), "{e}");
     assert!(!out.exists());

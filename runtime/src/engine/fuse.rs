@@ -29,7 +29,7 @@ pub struct FusionReport {
     pub nodes_after: usize,
     /// Fused operator → how many (`GroupNorm+SiLU`, `Linear+bias+residual`, ...).
     pub fused: BTreeMap<String, usize>,
-    /// Operator histogram of the fused graph.
+    /// Operator histogram of the fused graph (as `motionrt inspect` counts them).
     pub ops_after: BTreeMap<String, usize>,
 }
 
@@ -540,14 +540,7 @@ pub fn fuse(model: &mut ModelProto) -> Result<FusionReport, EngineError> {
     }
     let graph = model.graph.as_ref().expect("checked above");
     report.nodes_after = graph.node.len();
-    for n in &graph.node {
-        let name = if n.domain.is_empty() {
-            n.op_type.clone()
-        } else {
-            format!("{}.{}", n.domain, n.op_type)
-        };
-        *report.ops_after.entry(name).or_default() += 1;
-    }
+    report.ops_after = motionrt_onnx::summarize(model).op_counts;
     if !model
         .opset_import
         .iter()
