@@ -14,7 +14,8 @@ use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 
-/// The kernel sources: `(name, CUDA C++)`. Each holds `NAME_f32` and `NAME_f16` entry points.
+/// The kernel sources: `(name, CUDA C++)`. The attention sources hold `NAME_f32` and `NAME_f16`
+/// entry points; `engine_ops` holds the native engine's kernels (`KERNEL_f32`, `KERNEL_f16`).
 pub const SOURCES: &[(&str, &str)] = &[
     (
         "temporal_attention",
@@ -24,6 +25,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         "sparse_causal_attention",
         include_str!("../cuda/sparse_causal_attention.cu"),
     ),
+    ("engine_ops", include_str!("../cuda/engine_ops.cu")),
 ];
 
 #[derive(Debug, Clone, thiserror::Error)]

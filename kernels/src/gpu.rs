@@ -82,6 +82,10 @@ impl Gpu {
         let name = ctx.name().map_err(drv)?;
         let mut functions = Vec::new();
         for (src, _) in cuda::SOURCES {
+            // the native engine's kernels are loaded by motionrt-runtime's executor
+            if *src == "engine_ops" {
+                continue;
+            }
             let c = cuda::compile(src, arch)?;
             let module = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_src(c.ptx))

@@ -27,7 +27,39 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     for (name, _) in cuda::SOURCES {
         for arch in ["sm_80", "sm_90"] {
             let c = cuda::compile_uncached(name, arch).unwrap_or_else(|e| panic!("{e}"));
-            for entry in [format!("{name}_f32"), format!("{name}_f16")] {
+            let mut entries = vec![format!("{name}_f32"), format!("{name}_f16")];
+            if *name == "engine_ops" {
+                // the native engine's kernels, each for both element types, and the tensor-core
+                // attention for every padded head size
+                entries.clear();
+                for k in [
+                    "copy_strided",
+                    "binary",
+                    "binary_same",
+                    "unary",
+                    "bias_residual",
+                    "channel_bias",
+                    "group_norm",
+                    "layer_norm",
+                    "softmax",
+                    "geglu",
+                    "gather_rows",
+                    "cast_from_f32",
+                    "cast_to_f32",
+                    "fill",
+                ] {
+                    entries.push(format!("{k}_f32"));
+                    entries.push(format!("{k}_f16"));
+                }
+                for dp in [16, 32, 48, 64, 80, 96, 128, 160] {
+                    entries.push(format!("flash_attention_f16_d{dp}"));
+                }
+                assert!(
+                    c.ptx.contains("mma.sync.aligned.m16n8k16"),
+                    "{arch}: no mma"
+                );
+            }
+            for entry in entries {
                 assert!(
                     c.ptx.contains(&format!(".entry {entry}(")),
                     "{name} for {arch}: no entry {entry}"
