@@ -1,5 +1,7 @@
-//! `motionrt build`: the engine builder. Today it plans (fuses) the graphs on any machine; the
-//! native CUDA engine itself (tactic timing, the engine file, the executor) is not built yet.
+//! `motionrt build`: the engine builder. On a machine with an NVIDIA GPU it writes the native CUDA
+//! engine (fused graphs, weights converted once, convolution algorithms timed on this GPU, memory
+//! plans at the optimization profiles, keyed by GPU and versions); `--plan-only` fuses the graphs
+//! on any machine.
 
 use std::path::{Path, PathBuf};
 
@@ -43,18 +45,98 @@ pub struct BuildArgs {
     /// Replace --out if it exists.
     #[arg(long)]
     pub overwrite: bool,
+    /// Smallest shape the engine must run, BATCHxFRAMESxHEIGHTxWIDTH in pixels (batch before CFG).
+    #[arg(long = "min-shape", default_value = "1x8x256x256")]
+    pub min_shape: String,
+    /// The shape the convolution algorithms are timed at.
+    #[arg(long = "opt-shape", default_value = "1x16x512x512")]
+    pub opt_shape: String,
+    /// Largest shape the engine must run.
+    #[arg(long = "max-shape", default_value = "1x32x768x768")]
+    pub max_shape: String,
+    /// Frames per VAE decoder call the engine is planned for (`run --decode-chunk`).
+    #[arg(long = "vae-chunk", default_value_t = 16)]
+    pub vae_chunk: usize,
+    /// Timing cache (JSON): read when it exists, written after the build. Building again with the
+    /// same cache makes the same choices, so the same engine.
+    #[arg(long = "timing-cache")]
+    pub timing_cache: Option<PathBuf>,
+}
+
+fn build_engine(a: &BuildArgs) -> Result<()> {
+    use motionrt_runtime::engine::exec::{CudaDevice, Precision, TacticCache};
+    use motionrt_runtime::engine::file::{self, Profile, Profiles};
+    let parse = |s: &str| Profile::parse(s).map_err(anyhow::Error::msg);
+    let profiles = Profiles {
+        min: parse(&a.min_shape)?,
+        opt: parse(&a.opt_shape)?,
+        max: parse(&a.max_shape)?,
+    };
+    if !Profile::contains(&profiles.min, &profiles.max, &profiles.opt) {
+        bail!("--opt-shape must lie between --min-shape and --max-shape");
+    }
+    let precision = match a.precision {
+        EnginePrecision::Fp16 => Precision::Fp16,
+        EnginePrecision::Fp32 => Precision::Fp32,
+    };
+    let mut tactics = match &a.timing_cache {
+        Some(p) if p.exists() => serde_json::from_str::<TacticCache>(
+            &std::fs::read_to_string(p).with_context(|| p.display().to_string())?,
+        )
+        .with_context(|| format!("{}: not a motionrt timing cache", p.display()))?,
+        _ => TacticCache::default(),
+    };
+    let dev =
+        CudaDevice::open(0).context("the native CUDA engine is built on the GPU it will run on")?;
+    eprintln!(
+        "building for {} (cc {}), {}, cuBLAS {}, cuDNN {}",
+        dev.key.gpu_name, dev.key.compute_capability, dev.key.driver, dev.key.cublas, dev.key.cudnn
+    );
+    if a.out.exists() {
+        std::fs::remove_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
+    }
+    let t = std::time::Instant::now();
+    let m = file::build(
+        &dev,
+        &a.model,
+        &a.out,
+        precision,
+        &profiles,
+        a.vae_chunk,
+        &mut tactics,
+        &mut |g, msg| eprintln!("{g:>13}: {msg}"),
+    )
+    .with_context(|| format!("building {}", a.out.display()))?;
+    if let Some(p) = &a.timing_cache {
+        let tmp = p.with_extension("partial");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&tactics)? + "\n")
+            .and_then(|_| std::fs::rename(&tmp, p))
+            .with_context(|| p.display().to_string())?;
+    }
+    for g in &m.graphs {
+        eprintln!(
+            "{:>13}: {} steps, {:.0} MiB weights, arena {} MiB at opt (min {}, max {}; {} MiB without reuse)",
+            g.name,
+            g.steps,
+            g.weight_bytes as f64 / 1048576.0,
+            g.arena_bytes["opt"] >> 20,
+            g.arena_bytes["min"] >> 20,
+            g.arena_bytes["max"] >> 20,
+            g.arena_unshared_bytes >> 20
+        );
+    }
+    eprintln!(
+        "wrote {} in {:.1} s ({} convolution algorithms chosen)",
+        a.out.display(),
+        t.elapsed().as_secs_f64(),
+        m.tactics.conv.len()
+    );
+    Ok(())
 }
 
 const GRAPHS: [&str; 4] = ["text_encoder", "unet", "vae_decoder", "vae_encoder"];
 
 pub fn build(a: BuildArgs) -> Result<()> {
-    if !a.plan_only {
-        bail!(
-            "the native {:?} engine (tactic timing on the GPU, the fp16 engine file, the CUDA executor) is not implemented yet; \
-             `motionrt build --plan-only` writes the fused graphs and the build plan, and `motionrt probe` lists the CUDA libraries this machine has",
-            a.backend
-        );
-    }
     if !a.model.join("model.json").is_file() {
         bail!(
             "{}: no model.json; --model takes a directory written by `motionrt export`",
@@ -66,6 +148,9 @@ pub fn build(a: BuildArgs) -> Result<()> {
             "{}: exists (pass --overwrite to replace it)",
             a.out.display()
         );
+    }
+    if !a.plan_only {
+        return build_engine(&a);
     }
     let parent = a
         .out

@@ -133,13 +133,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Generate a video from a prompt with an exported model directory (text encoder → denoising loop → VAE →
-    /// frames) on ONNX Runtime, CPU.
+    /// Generate a video from a prompt (text encoder → denoising loop → VAE → frames): with an exported model
+    /// directory on ONNX Runtime (CPU), or with --engine on the native CUDA engine.
     Run {
         /// A directory written by `motionrt export` (model.json, unet.onnx, text_encoder.onnx, vae_decoder.onnx,
         /// tokenizer/).
+        #[arg(long, required_unless_present = "engine", conflicts_with = "engine")]
+        model: Option<PathBuf>,
+        /// An engine written by `motionrt build` for this GPU: runs the pipeline on the GPU (fp16, CUDA-graph
+        /// replay of each denoising step, frames copied to pinned host memory).
         #[arg(long)]
-        model: PathBuf,
+        engine: Option<PathBuf>,
         #[arg(long)]
         prompt: String,
         #[arg(long = "negative-prompt", default_value = "")]
@@ -360,6 +364,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Run {
             model,
+            engine,
             prompt,
             negative_prompt,
             frame_prompts,
@@ -404,7 +409,22 @@ fn run(cli: Cli) -> Result<()> {
                 decode_chunk,
                 init_latents: None,
             };
-            generate(&model, &opts, &out, fps, threads, json)
+            let dir = match (model, engine) {
+                (_, Some(e)) => {
+                    if !e.join("engine.json").is_file() {
+                        bail!("{}: no engine.json; --engine takes a folder written by `motionrt build`", e.display());
+                    }
+                    e
+                }
+                (Some(m), None) => {
+                    if m.join("engine.json").is_file() {
+                        bail!("{}: this is an engine; run it with --engine", m.display());
+                    }
+                    m
+                }
+                (None, None) => unreachable!("clap requires one"),
+            };
+            generate(&dir, &opts, &out, fps, threads, json)
         }
         Command::Bench(args) => bench_cmd::bench(args),
         Command::Edit {

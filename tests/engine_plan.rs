@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::process::Command;
 
@@ -13,7 +13,9 @@ use motionrt_export::graph::unet::Semantics;
 use motionrt_export::graph::Precision;
 use motionrt_export::onnx::proto::ModelProto;
 use motionrt_export::onnx::{load_model, summarize};
-use motionrt_runtime::engine::plan_graph;
+use motionrt_runtime::engine::program::{self, InitializerSource, Program};
+use motionrt_runtime::engine::source::FileInitializers;
+use motionrt_runtime::engine::{cpu_exec, plan_graph};
 use motionrt_runtime::rng::NormalRng;
 use motionrt_runtime::{error_stats, Input, OrtSession, OutputData, SessionOptions, Tolerance};
 
@@ -49,13 +51,11 @@ fn linear_weights(m: &ModelProto) -> usize {
         .count()
 }
 
-/// Run `onnx` on seeded inputs of the given shapes: token ids < 100 for `input_ids`, the
-/// timesteps 981, 21 for `timestep`, standard normal values otherwise.
-fn run(onnx: &Path, inputs: &[(&str, Vec<usize>)]) -> Vec<(String, Vec<f32>)> {
-    let mut s = OrtSession::load(onnx, &SessionOptions::default())
-        .unwrap_or_else(|e| panic!("{}: {e}", onnx.display()));
+/// Seeded inputs of the given shapes: token ids < 100 for `input_ids`, the timesteps 981, 21
+/// for `timestep`, standard normal values otherwise. `(float data, int64 data)` per input.
+fn seeded(inputs: &[(&str, Vec<usize>)]) -> Vec<(Vec<f32>, Vec<i64>)> {
     let mut rng = NormalRng::new(7);
-    let data: Vec<(Vec<f32>, Vec<i64>)> = inputs
+    inputs
         .iter()
         .map(|(name, shape)| {
             let n = shape.iter().product::<usize>();
@@ -72,7 +72,14 @@ fn run(onnx: &Path, inputs: &[(&str, Vec<usize>)]) -> Vec<(String, Vec<f32>)> {
                 }
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Run `onnx` on ONNX Runtime with [`seeded`] inputs.
+fn run(onnx: &Path, inputs: &[(&str, Vec<usize>)]) -> Vec<(String, Vec<f32>)> {
+    let mut s = OrtSession::load(onnx, &SessionOptions::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", onnx.display()));
+    let data = seeded(inputs);
     let args: Vec<(&str, Input<'_>)> = inputs
         .iter()
         .zip(&data)
@@ -93,6 +100,36 @@ fn run(onnx: &Path, inputs: &[(&str, Vec<usize>)]) -> Vec<(String, Vec<f32>)> {
             other => panic!("{}: {other:?}", o.name),
         })
         .collect()
+}
+
+/// Run the engine's compiled program of `onnx` on the CPU interpreter with [`seeded`] inputs.
+fn run_program(onnx: &Path, inputs: &[(&str, Vec<usize>)]) -> (Program, Vec<(String, Vec<f32>)>) {
+    let model = load_model(onnx).unwrap();
+    let src = FileInitializers::new(onnx);
+    let prog = program::compile(&model, inputs, &src)
+        .unwrap_or_else(|e| panic!("{}: {e}", onnx.display()));
+    let data = seeded(inputs);
+    let mut f = HashMap::new();
+    let mut i = HashMap::new();
+    for ((name, _), (fv, iv)) in inputs.iter().zip(data) {
+        if *name == "input_ids" {
+            i.insert(name.to_string(), iv);
+        } else {
+            f.insert(name.to_string(), fv);
+        }
+    }
+    let inits: HashMap<&str, _> = model
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let weight = |n: &str| src.f32s(inits[n]);
+    let out =
+        cpu_exec::run(&prog, &f, &i, &weight).unwrap_or_else(|e| panic!("{}: {e}", onnx.display()));
+    (prog, out.into_iter().map(|(n, _, v)| (n, v)).collect())
 }
 
 #[test]
@@ -184,6 +221,22 @@ fn fused_graphs_find_every_pattern_and_match_the_exported_graphs() {
             eprintln!("{graph}.{name}: {s:?}");
             assert!(s.passes(Tolerance::FP32), "{graph}.{name}: {s:?}");
         }
+        // The native engine's compiled program (host-evaluated shapes, aliases, strided copies,
+        // convolution residual epilogues) on the CPU interpreter computes the same.
+        let (prog, got) = run_program(&z, &inputs);
+        let mem = program::plan_memory(&prog, |_| 4);
+        eprintln!(
+            "{graph}: program of {} steps, arena {} KiB (unshared {} KiB)",
+            prog.steps.len(),
+            mem.arena_bytes / 1024,
+            mem.unshared_bytes / 1024
+        );
+        assert!(mem.arena_bytes < mem.unshared_bytes, "{graph}: no reuse");
+        for ((name, r), (_, o)) in want.iter().zip(&got) {
+            let s = error_stats(o, r);
+            eprintln!("{graph}.{name} (engine program, CPU): {s:?}");
+            assert!(s.passes(Tolerance::FP32), "{graph}.{name}: {s:?}");
+        }
     }
 }
 
@@ -250,7 +303,8 @@ fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
         "pixels differing by more than one level (8-bit rounding)"
     );
 
-    // Without --plan-only: a clear refusal, nothing written.
+    // Without --plan-only: the native engine, built on the GPU. Without one (CI), a clear refusal
+    // naming what is missing, and nothing written.
     let engine = work.path().join("x.engine");
     let o = motionrt()
         .args(["build", "--model"])
@@ -260,8 +314,28 @@ fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("--plan-only"), "{err}");
-    assert!(!engine.exists());
+    let missing = motionrt_runtime::engine::exec::missing_libraries();
+    if missing.is_empty() {
+        assert!(o.status.success(), "{err}");
+        assert!(
+            engine.join("engine.json").is_file() && engine.join("weights.safetensors").is_file()
+        );
+    } else {
+        assert!(!o.status.success(), "{err}");
+        assert!(
+            err.contains(missing[0]) && err.contains("motionrt probe"),
+            "{err}"
+        );
+        assert!(!engine.exists());
+        assert_eq!(
+            std::fs::read_dir(work.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+                .count(),
+            0
+        );
+    }
     // An existing output is not replaced without --overwrite.
     let o = motionrt()
         .args(["build", "--plan-only", "--model"])

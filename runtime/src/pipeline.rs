@@ -8,7 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::ort_backend::{Input, OrtSession, SessionOptions};
+use crate::engine::file as engine_file;
+use crate::ort_backend::{Input, OrtSession, SessionOptions, Tensor};
 use crate::rng::NormalRng;
 use crate::scheduler::{self, SchedulerConfig, SchedulerError, SchedulerKind};
 use crate::tokenizer::{ClipTokenizer, TokenizerError};
@@ -211,13 +212,81 @@ pub struct Video {
 }
 
 /// Loaded sessions and tokenizer.
+/// One graph: on ONNX Runtime (an export folder) or on the native CUDA engine (an engine
+/// folder written by `motionrt build`).
+pub enum GraphSession {
+    Ort(OrtSession),
+    Cuda(Box<engine_file::CudaSession>),
+}
+
+impl GraphSession {
+    pub fn run_with(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<Vec<(String, Tensor)>> {
+        match self {
+            GraphSession::Ort(s) => Ok(s.run_with(inputs)?),
+            GraphSession::Cuda(s) => {
+                let f: Vec<(&str, &[usize], &[f32])> = inputs
+                    .iter()
+                    .filter_map(|(n, i)| match i {
+                        Input::F32(sh, d) => Some((*n, *sh, *d)),
+                        Input::I64(..) => None,
+                    })
+                    .collect();
+                let ids: Vec<(&str, &[usize], &[i64])> = inputs
+                    .iter()
+                    .filter_map(|(n, i)| match i {
+                        Input::I64(sh, d) => Some((*n, *sh, *d)),
+                        Input::F32(..) => None,
+                    })
+                    .collect();
+                let out = s.run(&f, &ids).map_err(|e| RuntimeError::Session {
+                    path: PathBuf::from(format!("engine graph {}", s.name)),
+                    message: e.to_string(),
+                })?;
+                Ok(out
+                    .into_iter()
+                    .map(|(n, shape, data)| (n, Tensor { shape, data }))
+                    .collect())
+            }
+        }
+    }
+}
+
+/// What a native engine's sessions share.
+struct EngineCtx {
+    dir: PathBuf,
+    dev: std::rc::Rc<crate::engine::exec::CudaDevice>,
+    weights: std::rc::Rc<engine_file::EngineWeights>,
+    manifest: engine_file::EngineManifest,
+}
+
+impl EngineCtx {
+    fn session(&self, name: &str) -> Result<GraphSession> {
+        let entry = self
+            .manifest
+            .graphs
+            .iter()
+            .find(|g| g.name == name)
+            .ok_or_else(|| model_err(&self.dir, format!("the engine has no {name} graph")))?;
+        let s = engine_file::CudaSession::load(
+            self.dev.clone(),
+            &self.dir,
+            entry,
+            self.weights.clone(),
+            &self.manifest,
+        )
+        .map_err(|e| model_err(&self.dir, e.to_string()))?;
+        Ok(GraphSession::Cuda(Box::new(s)))
+    }
+}
+
 pub struct Pipeline {
     pub info: ModelInfo,
-    unet: OrtSession,
-    text: OrtSession,
-    vae: OrtSession,
+    unet: GraphSession,
+    text: GraphSession,
+    vae: GraphSession,
     /// `vae_encoder.onnx`, loaded on first use (editing).
-    vae_encoder: Option<OrtSession>,
+    vae_encoder: Option<GraphSession>,
+    engine: Option<EngineCtx>,
     session_options: SessionOptions,
     tokenizer: ClipTokenizer,
     /// Seconds spent loading sessions.
@@ -252,9 +321,32 @@ impl Pipeline {
             info.graph("vae_decoder")?,
         ];
         let mut load_times = Vec::new();
-        let mut load = |name: &'static str, p: &Path| -> Result<OrtSession> {
+        let engine = if dir.join("engine.json").is_file() {
+            let manifest =
+                engine_file::read_manifest(dir).map_err(|e| model_err(dir, e.to_string()))?;
+            let dev = crate::engine::exec::CudaDevice::open(0)
+                .map_err(|e| model_err(dir, e.to_string()))?;
+            engine_file::check_key(&dir.join("engine.json"), &manifest.key, &dev.key)
+                .map_err(|e| model_err(dir, e.to_string()))?;
             let t = Instant::now();
-            let s = OrtSession::load(p, opts)?;
+            let weights =
+                engine_file::EngineWeights::open(dir).map_err(|e| model_err(dir, e.to_string()))?;
+            load_times.push(("weights", t.elapsed().as_secs_f64()));
+            Some(EngineCtx {
+                dir: dir.to_path_buf(),
+                dev: std::rc::Rc::new(dev),
+                weights: std::rc::Rc::new(weights),
+                manifest,
+            })
+        } else {
+            None
+        };
+        let mut load = |name: &'static str, p: &Path| -> Result<GraphSession> {
+            let t = Instant::now();
+            let s = match &engine {
+                Some(e) => e.session(name)?,
+                None => GraphSession::Ort(OrtSession::load(p, opts)?),
+            };
             load_times.push((name, t.elapsed().as_secs_f64()));
             Ok(s)
         };
@@ -267,6 +359,7 @@ impl Pipeline {
             text,
             vae,
             vae_encoder: None,
+            engine,
             session_options: opts.clone(),
             tokenizer,
             load_seconds: t.elapsed().as_secs_f64(),
@@ -306,6 +399,29 @@ impl Pipeline {
     /// Check options against the model before any work.
     pub fn validate(&self, o: &GenerateOptions) -> Result<()> {
         let s = self.info.latent_scale;
+        if let Some(e) = &self.engine {
+            let p = &e.manifest.profiles;
+            let want = engine_file::Profile {
+                batch: 1,
+                frames: o.frames,
+                height: o.height / s.max(1),
+                width: o.width / s.max(1),
+            };
+            if !engine_file::Profile::contains(&p.min, &p.max, &want) {
+                return Err(PipelineError::Options(format!(
+                    "{} frames at {}×{} is outside the engine's profiles (frames {}..={}, {}×{} to {}×{}): rebuild it with --min-shape/--max-shape",
+                    o.frames,
+                    o.width,
+                    o.height,
+                    p.min.frames,
+                    p.max.frames,
+                    p.min.width * s,
+                    p.min.height * s,
+                    p.max.width * s,
+                    p.max.height * s
+                )));
+            }
+        }
         if o.height == 0 || o.width == 0 || o.height % s != 0 || o.width % s != 0 {
             return Err(PipelineError::Options(format!(
                 "--height and --width must be positive multiples of {s} (got {}×{})",
@@ -558,7 +674,10 @@ impl Pipeline {
         }
         if self.vae_encoder.is_none() {
             let p = self.info.graph("vae_encoder")?;
-            self.vae_encoder = Some(OrtSession::load(&p, &self.session_options)?);
+            self.vae_encoder = Some(match &self.engine {
+                Some(e) => e.session("vae_encoder")?,
+                None => GraphSession::Ort(OrtSession::load(&p, &self.session_options)?),
+            });
         }
         let enc = self.vae_encoder.as_mut().expect("loaded above");
         let (f, hh, ww) = (video.frames, video.height, video.width);

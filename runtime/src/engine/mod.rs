@@ -5,11 +5,17 @@
 //! `motionrt-kernels`), which is how the fusions are verified without a GPU: the fused graph
 //! must compute what the exported graph computes.
 //!
-//! Not here yet (they need the GPU): tactic timing, fp16 weight conversion into the engine file,
-//! the memory plan at the optimization profiles, the engine file keyed by GPU and versions, and
-//! the CUDA executor.
+//! The native engine itself: [`program`] compiles a fused graph for concrete shapes into device
+//! steps and plans their memory; [`cpu_exec`] interprets a program on the CPU (how the compiler is
+//! checked without a GPU); [`exec`] runs it on the GPU (cuBLAS, cuDNN, NVRTC kernels, CUDA
+//! graphs); [`file`] builds, keys, writes and loads engine folders.
 
+pub mod cpu_exec;
+pub mod exec;
+pub mod file;
 pub mod fuse;
+pub mod program;
+pub mod source;
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};

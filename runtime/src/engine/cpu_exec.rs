@@ -1,0 +1,336 @@
+//! A float32 CPU interpreter of compiled [`Program`]s: the reference the CUDA executor is
+//! checked against, and how the host-side compiler (shape evaluation, aliases, strided copies,
+//! epilogue fusion) is verified in CI without a GPU. Slow by design: direct convolution.
+
+use std::collections::HashMap;
+
+use motionrt_kernels::fused;
+use motionrt_kernels::Attention;
+
+use super::program::{BinaryOp, BufferKind, Program, Step, UnaryOp, WeightSource};
+use super::EngineError;
+
+fn kerr(e: motionrt_kernels::KernelError) -> EngineError {
+    EngineError::Graph(e.to_string())
+}
+
+/// Run `p` on float32 inputs (int64 inputs as `i64` through `ids`). `weight(name)` gives an
+/// initializer's values.
+pub fn run(
+    p: &Program,
+    inputs: &HashMap<String, Vec<f32>>,
+    ids: &HashMap<String, Vec<i64>>,
+    weight: &dyn Fn(&str) -> Result<Vec<f32>, EngineError>,
+) -> Result<super::program::Outputs, EngineError> {
+    let mut f: Vec<Vec<f32>> = p.buffers.iter().map(|_| Vec::new()).collect();
+    let mut i: Vec<Vec<i64>> = p.buffers.iter().map(|_| Vec::new()).collect();
+    for (k, b) in p.buffers.iter().enumerate() {
+        match &b.kind {
+            BufferKind::Input(name) => {
+                if let Some(v) = inputs.get(name) {
+                    f[k] = v.clone();
+                } else if let Some(v) = ids.get(name) {
+                    i[k] = v.clone();
+                } else {
+                    return Err(EngineError::Graph(format!("input {name} not given")));
+                }
+            }
+            BufferKind::Weight(WeightSource::Initializer(n)) => f[k] = weight(n)?,
+            BufferKind::Weight(WeightSource::Computed(v)) => f[k] = (**v).clone(),
+            BufferKind::Weight(WeightSource::ComputedI64(v)) => i[k] = (**v).clone(),
+            BufferKind::Activation => f[k] = vec![f32::NAN; b.numel],
+        }
+    }
+    let trace = std::env::var_os("MOTIONRT_TRACE").is_some();
+    for (si, s) in p.steps.iter().enumerate() {
+        if trace {
+            let (reads, w) = s.io();
+            let bad: Vec<usize> = reads
+                .iter()
+                .copied()
+                .filter(|&r| r != w && f[r].iter().any(|v| v.is_nan()))
+                .collect();
+            if !bad.is_empty() {
+                eprintln!(
+                    "step {si} {} -> {w}: NaN in inputs {bad:?}: {s:?}",
+                    s.name()
+                );
+                break;
+            }
+        }
+        match s {
+            Step::Copy {
+                out,
+                inp,
+                s,
+                in_off,
+                out_off,
+            } => {
+                let src = f[*inp].clone();
+                let dst = &mut f[*out];
+                for e in 0..s.numel() as i64 {
+                    let (a, _, c) = s.offsets(e);
+                    dst[(out_off + c) as usize] = src[(in_off + a) as usize];
+                }
+            }
+            Step::Binary {
+                out,
+                a,
+                b,
+                op,
+                s,
+                n,
+            } => {
+                let (x, y) = (f[*a].clone(), f[*b].clone());
+                let g = |u: f32, v: f32| match op {
+                    BinaryOp::Add => u + v,
+                    BinaryOp::Sub => u - v,
+                    BinaryOp::Mul => u * v,
+                    BinaryOp::Div => u / v,
+                };
+                f[*out] = (0..*n)
+                    .map(|e| match s {
+                        None => g(x[e], y[e]),
+                        Some(s) => {
+                            let (p, q, _) = s.offsets(e as i64);
+                            g(x[p as usize], y[q as usize])
+                        }
+                    })
+                    .collect();
+            }
+            Step::Unary { out, inp, op, n } => {
+                let x = &f[*inp];
+                let sig = |v: f32| 1.0 / (1.0 + (-v).exp());
+                let y: Vec<f32> = x[..*n]
+                    .iter()
+                    .map(|&v| match op {
+                        UnaryOp::Sigmoid => sig(v),
+                        UnaryOp::Sin => v.sin(),
+                        UnaryOp::Cos => v.cos(),
+                        UnaryOp::Silu => v * sig(v),
+                        UnaryOp::Neg => -v,
+                    })
+                    .collect();
+                f[*out] = y;
+            }
+            Step::Fill { out, n, value } => {
+                f[*out][..*n].fill(*value);
+            }
+            Step::Linear {
+                out,
+                x,
+                w,
+                bias,
+                residual,
+                m,
+                n,
+                k,
+            } => {
+                let y = fused::linear(
+                    &f[*x][..m * k],
+                    *m,
+                    *k,
+                    &f[*w],
+                    *n,
+                    bias.map(|b| f[b].as_slice()),
+                    residual.map(|r| &f[r][..m * n]),
+                )
+                .map_err(kerr)?;
+                f[*out] = y;
+            }
+            Step::MatMul {
+                out,
+                a,
+                b,
+                batch,
+                m,
+                n,
+                k,
+                b_stride,
+            } => {
+                let (x, y) = (&f[*a], &f[*b]);
+                let mut o = vec![0f32; batch * m * n];
+                for bi in 0..*batch {
+                    for r in 0..*m {
+                        for c in 0..*n {
+                            let mut acc = 0f64;
+                            for e in 0..*k {
+                                acc += x[(bi * m + r) * k + e] as f64
+                                    * y[bi * b_stride + e * n + c] as f64;
+                            }
+                            o[(bi * m + r) * n + c] = acc as f32;
+                        }
+                    }
+                }
+                f[*out] = o;
+            }
+            Step::Conv(c) => {
+                let (x, w) = (&f[c.x], &f[c.w]);
+                let [nb, ci, h, wd] = c.x_shape;
+                let [o, cg, kh, kw] = c.w_shape;
+                let [_, _, oh, ow] = c.y_shape;
+                let og = o / c.group;
+                let mut y = vec![0f32; nb * o * oh * ow];
+                for b in 0..nb {
+                    for oc in 0..o {
+                        let g = oc / og;
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                let mut acc = c.bias.map_or(0.0, |bb| f[bb][oc] as f64);
+                                for icg in 0..cg {
+                                    let ic = g * cg + icg;
+                                    for ky in 0..kh {
+                                        let iy = (oy * c.strides[0] + ky * c.dilations[0]) as isize
+                                            - c.pads[0] as isize;
+                                        if iy < 0 || iy >= h as isize {
+                                            continue;
+                                        }
+                                        for kx in 0..kw {
+                                            let ix = (ox * c.strides[1] + kx * c.dilations[1])
+                                                as isize
+                                                - c.pads[1] as isize;
+                                            if ix < 0 || ix >= wd as isize {
+                                                continue;
+                                            }
+                                            acc += x[((b * ci + ic) * h + iy as usize) * wd
+                                                + ix as usize]
+                                                as f64
+                                                * w[((oc * cg + icg) * kh + ky) * kw + kx] as f64;
+                                        }
+                                    }
+                                }
+                                let at = ((b * o + oc) * oh + oy) * ow + ox;
+                                y[at] = acc as f32 + c.residual.map_or(0.0, |r| f[r][at]);
+                            }
+                        }
+                    }
+                }
+                f[c.out] = y;
+            }
+            Step::GroupNorm {
+                out,
+                x,
+                gamma,
+                beta,
+                n,
+                c,
+                spatial,
+                groups,
+                eps,
+                silu,
+            } => {
+                let y = fused::group_norm(
+                    &f[*x][..n * c * spatial],
+                    &[*n, *c, *spatial],
+                    &f[*gamma],
+                    &f[*beta],
+                    *groups,
+                    *eps,
+                    *silu,
+                )
+                .map_err(kerr)?;
+                f[*out] = y;
+            }
+            Step::LayerNorm {
+                out,
+                x,
+                gamma,
+                beta,
+                rows,
+                cols,
+                eps,
+            } => {
+                let xv = &f[*x];
+                let mut y = vec![0f32; rows * cols];
+                for r in 0..*rows {
+                    let row = &xv[r * cols..(r + 1) * cols];
+                    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / *cols as f64;
+                    let var =
+                        row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / *cols as f64;
+                    let rstd = 1.0 / (var + *eps as f64).sqrt();
+                    for j in 0..*cols {
+                        let mut v = (row[j] as f64 - mean) * rstd * f[*gamma][j] as f64;
+                        if let Some(b) = beta {
+                            v += f[*b][j] as f64;
+                        }
+                        y[r * cols + j] = v as f32;
+                    }
+                }
+                f[*out] = y;
+            }
+            Step::Softmax { out, x, rows, cols } => {
+                let xv = &f[*x];
+                let mut y = vec![0f32; rows * cols];
+                for r in 0..*rows {
+                    let row = &xv[r * cols..(r + 1) * cols];
+                    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let s: f64 = row.iter().map(|&v| ((v - m) as f64).exp()).sum();
+                    for j in 0..*cols {
+                        y[r * cols + j] = (((row[j] - m) as f64).exp() / s) as f32;
+                    }
+                }
+                f[*out] = y;
+            }
+            Step::Geglu { out, x, rows, d } => {
+                f[*out] = fused::geglu(&f[*x][..rows * 2 * d], 2 * d).map_err(kerr)?;
+            }
+            Step::Gather {
+                out,
+                table,
+                ids,
+                n_ids,
+                row,
+                n_rows,
+            } => {
+                let mut y = vec![0f32; n_ids * row];
+                for r in 0..*n_ids {
+                    let id = i[*ids][r];
+                    if id < 0 || id as usize >= *n_rows {
+                        return Err(EngineError::Graph(format!(
+                            "Gather: index {id} out of range 0..{n_rows}"
+                        )));
+                    }
+                    y[r * row..(r + 1) * row]
+                        .copy_from_slice(&f[*table][id as usize * row..(id as usize + 1) * row]);
+                }
+                f[*out] = y;
+            }
+            Step::Attention {
+                out,
+                q,
+                k,
+                v,
+                bias,
+                n,
+                l,
+                s,
+                heads,
+                d,
+                scale,
+            } => {
+                let mut a = Attention::new(*n, *l, *s, *heads, *d);
+                a.scale = *scale;
+                let mut y = vec![0f32; n * l * heads * d];
+                a.run(
+                    &f[*q],
+                    &f[*k],
+                    &f[*v],
+                    bias.map(|b| f[b.0].as_slice()),
+                    &mut y,
+                )
+                .map_err(kerr)?;
+                f[*out] = y;
+            }
+        }
+    }
+    Ok(p.outputs
+        .iter()
+        .map(|(name, t)| {
+            (
+                name.clone(),
+                t.shape.clone(),
+                f[t.buf][..t.numel()].to_vec(),
+            )
+        })
+        .collect())
+}

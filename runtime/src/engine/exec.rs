@@ -1,0 +1,1254 @@
+//! The native CUDA executor: runs a compiled [`Program`] on the GPU in float16 (or float32)
+//! with NVRTC kernels (`kernels/cuda/engine_ops.cu`, the attention kernels), cuBLAS for the
+//! GEMMs (float32 accumulation) and cuDNN for the convolutions (algorithms chosen by timing them
+//! on this GPU, through a [`TacticCache`]). Activations live in one arena placed by lifetime
+//! ([`plan_memory`]); weights are uploaded once. The step sequence is fixed, so it is captured in
+//! a CUDA graph and replayed. Everything is loaded dynamically and probed first: on a machine
+//! without a GPU, [`CudaDevice::open`] returns an error, never a panic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::sys as cublas;
+use cudarc::cudnn::sys as cudnn;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
+use serde::{Deserialize, Serialize};
+
+use super::program::{
+    plan_memory, BufferKind, ConvStep, DType, MemoryPlan, Program, Step, Strided, WeightSource,
+};
+use super::EngineError;
+
+// SAFETY: `Strided` is `#[repr(C)]` plain data matching `struct Strided` in engine_ops.cu.
+unsafe impl DeviceRepr for Strided {}
+
+fn gpu_err(what: &str, e: impl std::fmt::Debug) -> EngineError {
+    EngineError::Graph(format!("CUDA: {what}: {e:?}"))
+}
+
+/// Float type of the activations and weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    Fp16,
+}
+
+impl Precision {
+    pub fn elem_bytes(self) -> usize {
+        match self {
+            Precision::Fp32 => 4,
+            Precision::Fp16 => 2,
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "f32",
+            Precision::Fp16 => "f16",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "fp32" | "float32" => Some(Self::Fp32),
+            "fp16" | "float16" => Some(Self::Fp16),
+            _ => None,
+        }
+    }
+}
+
+/// What an engine is keyed by: loading it elsewhere is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceKey {
+    pub gpu_name: String,
+    pub gpu_uuid: String,
+    pub compute_capability: String,
+    pub driver: String,
+    pub cuda: String,
+    pub cublas: String,
+    pub cudnn: String,
+    pub motionrt: String,
+}
+
+/// Chosen cuDNN algorithms by problem (`ConvStep::problem` + precision). Building with the same
+/// cache gives the same choices, so the same engine.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TacticCache {
+    pub conv: BTreeMap<String, ConvTactic>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ConvTactic {
+    pub algo: i32,
+    pub workspace: usize,
+    /// Median time measured by cuDNN when it was chosen (ms).
+    pub ms: f32,
+}
+
+/// An open GPU with the engine's kernels and library handles.
+pub struct CudaDevice {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub key: DeviceKey,
+    functions: HashMap<String, CudaFunction>,
+    blas: cublas::cublasHandle_t,
+    dnn: cudnn::cudnnHandle_t,
+    _blas_ws: CudaSlice<u8>,
+}
+
+fn check_blas(what: &str, s: cublas::cublasStatus_t) -> Result<(), EngineError> {
+    if s == cublas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(gpu_err(what, s))
+    }
+}
+fn check_dnn(what: &str, s: cudnn::cudnnStatus_t) -> Result<(), EngineError> {
+    if s == cudnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(gpu_err(what, s))
+    }
+}
+
+fn arch_name(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (8, 0) => "sm_80",
+        (8, 6) => "sm_86",
+        (8, 9) => "sm_89",
+        (9, _) => "sm_90",
+        (10, _) => "sm_100",
+        (12, _) => "sm_120",
+        (m, _) if m > 12 => "sm_120",
+        _ => "sm_80",
+    }
+}
+
+/// Missing libraries, by name (the probe's view), before anything is called.
+pub fn missing_libraries() -> Vec<&'static str> {
+    let mut m = Vec::new();
+    // SAFETY: only dlopen attempts on each library's names.
+    unsafe {
+        if !cudarc::driver::sys::is_culib_present() {
+            m.push("libcuda (the NVIDIA driver)");
+        }
+        if !cublas::is_culib_present() {
+            m.push("libcublas");
+        }
+        if !cudnn::is_culib_present() {
+            m.push("libcudnn");
+        }
+    }
+    if motionrt_kernels::cuda::ensure_nvrtc().is_err() {
+        m.push("libnvrtc");
+    }
+    m
+}
+
+impl CudaDevice {
+    /// Open GPU `ordinal`, compile (or load from the kernel cache) the engine's kernels, create
+    /// the cuBLAS and cuDNN handles.
+    pub fn open(ordinal: usize) -> Result<Self, EngineError> {
+        let missing = missing_libraries();
+        if !missing.is_empty() {
+            return Err(EngineError::Graph(format!(
+                "the native CUDA engine needs {}; run `motionrt probe` for install hints",
+                missing.join(", ")
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| gpu_err("open device", e))?;
+        // The executor orders its work itself (one stream, raw pointers): no per-slice events,
+        // which would also break CUDA-graph capture.
+        // SAFETY: called before any allocation of this context.
+        unsafe { ctx.disable_event_tracking() };
+        // a stream of its own: the legacy default stream cannot be captured
+        let stream = ctx.new_stream().map_err(|e| gpu_err("stream", e))?;
+        let (major, minor) = ctx.compute_capability().map_err(|e| gpu_err("cc", e))?;
+        let arch = arch_name(major, minor);
+        let mut functions = HashMap::new();
+        for (name, _) in motionrt_kernels::cuda::SOURCES {
+            if !["engine_ops", "temporal_attention"].contains(name) {
+                continue;
+            }
+            let c = motionrt_kernels::cuda::compile(name, arch)
+                .map_err(|e| EngineError::Graph(e.to_string()))?;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(c.ptx.clone()))
+                .map_err(|e| gpu_err("load module", e))?;
+            for line in c.ptx.lines() {
+                let l = line.trim();
+                if let Some(rest) = l.strip_prefix(".visible .entry ") {
+                    let f = rest.split('(').next().unwrap_or("").trim().to_string();
+                    let func = module
+                        .load_function(&f)
+                        .map_err(|e| gpu_err("load function", e))?;
+                    functions.insert(f, func);
+                }
+            }
+        }
+        let mut blas: cublas::cublasHandle_t = std::ptr::null_mut();
+        let mut dnn: cudnn::cudnnHandle_t = std::ptr::null_mut();
+        let blas_ws = stream
+            .alloc_zeros::<u8>(64 << 20)
+            .map_err(|e| gpu_err("alloc", e))?;
+        let (ws_ptr, _g) = blas_ws.device_ptr(&stream);
+        // SAFETY: handles are created and bound to this context's stream; the workspace lives as
+        // long as the device.
+        let (blas_ver, dnn_ver) = unsafe {
+            check_blas("cublasCreate", cublas::cublasCreate_v2(&mut blas))?;
+            check_blas(
+                "cublasSetStream",
+                cublas::cublasSetStream_v2(blas, stream.cu_stream() as _),
+            )?;
+            check_blas(
+                "cublasSetWorkspace",
+                cublas::cublasSetWorkspace_v2(blas, ws_ptr as *mut c_void, 64 << 20),
+            )?;
+            check_dnn("cudnnCreate", cudnn::cudnnCreate(&mut dnn))?;
+            check_dnn(
+                "cudnnSetStream",
+                cudnn::cudnnSetStream(dnn, stream.cu_stream() as _),
+            )?;
+            let mut v = 0;
+            check_blas(
+                "cublasGetVersion",
+                cublas::cublasGetVersion_v2(blas, &mut v),
+            )?;
+            (v, cudnn::cudnnGetVersion())
+        };
+        drop(_g);
+        let mut drv = 0;
+        // SAFETY: plain query.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut drv) };
+        let uuid = ctx.uuid().map_err(|e| gpu_err("uuid", e))?;
+        let uuid: String = uuid
+            .bytes
+            .iter()
+            .map(|b| format!("{:02x}", *b as u8))
+            .collect();
+        let nvrtc = motionrt_kernels::cuda::nvrtc_version().unwrap_or((0, 0));
+        let key = DeviceKey {
+            gpu_name: ctx.name().map_err(|e| gpu_err("name", e))?,
+            gpu_uuid: uuid,
+            compute_capability: format!("{major}.{minor}"),
+            driver: format!("CUDA driver API {}.{}", drv / 1000, (drv % 1000) / 10),
+            cuda: format!("NVRTC {}.{}", nvrtc.0, nvrtc.1),
+            cublas: blas_ver.to_string(),
+            cudnn: dnn_ver.to_string(),
+            motionrt: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        Ok(Self {
+            ctx,
+            stream,
+            key,
+            functions,
+            blas,
+            dnn,
+            _blas_ws: blas_ws,
+        })
+    }
+
+    fn func(&self, name: &str) -> Result<&CudaFunction, EngineError> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| EngineError::Graph(format!("kernel {name} is not loaded")))
+    }
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        // SAFETY: handles created in `open`, destroyed once.
+        unsafe {
+            cublas::cublasDestroy_v2(self.blas);
+            cudnn::cudnnDestroy(self.dnn);
+        }
+    }
+}
+
+/// Weight values for upload.
+pub enum WeightData {
+    F32(Vec<f32>),
+    /// IEEE float16 bits (already converted, as stored in an engine file).
+    F16(Vec<u16>),
+    I64(Vec<i64>),
+}
+
+struct ConvPrep {
+    x: cudnn::cudnnTensorDescriptor_t,
+    y: cudnn::cudnnTensorDescriptor_t,
+    w: cudnn::cudnnFilterDescriptor_t,
+    conv: cudnn::cudnnConvolutionDescriptor_t,
+    algo: cudnn::cudnnConvolutionFwdAlgo_t,
+}
+
+/// A program resident on the GPU.
+pub struct GpuProgram {
+    pub program: Program,
+    pub memory: MemoryPlan,
+    pub precision: Precision,
+    arena: CudaSlice<u8>,
+    weights: Vec<CudaSlice<u8>>,
+    ptrs: Vec<u64>,
+    convs: HashMap<usize, ConvPrep>,
+    conv_ws: Option<CudaSlice<u8>>,
+    conv_ws_ptr: (u64, usize),
+    /// float32 staging per input and output.
+    staging_in: Vec<CudaSlice<f32>>,
+    staging_out: Vec<CudaSlice<f32>>,
+    pinned_out: Vec<PinnedHostSlice<f32>>,
+    graph: Option<CudaGraph>,
+    /// Bytes of weights on the device.
+    pub weight_bytes: usize,
+}
+
+fn launch_cfg(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 132 * 32) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn f16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter()
+        .map(|&x| half::f16::from_f32(x).to_bits())
+        .collect()
+}
+
+impl GpuProgram {
+    /// Upload `program`'s weights, place its arena, choose convolution algorithms (timed on the
+    /// GPU unless `tactics` already has them; new choices are added to it).
+    pub fn load(
+        dev: &CudaDevice,
+        program: Program,
+        precision: Precision,
+        weight: &dyn Fn(&WeightSource) -> Result<WeightData, EngineError>,
+        tactics: &mut TacticCache,
+    ) -> Result<Self, EngineError> {
+        let s = &dev.stream;
+        let eb = precision.elem_bytes();
+        let memory = plan_memory(&program, |d| match d {
+            DType::Float => eb,
+            DType::I64 => 8,
+        });
+        let arena = s
+            .alloc_zeros::<u8>(memory.arena_bytes.max(256))
+            .map_err(|e| gpu_err("arena", e))?;
+        let (base, g) = arena.device_ptr(s);
+        drop(g);
+        let mut ptrs = vec![0u64; program.buffers.len()];
+        let mut weights = Vec::new();
+        let mut weight_bytes = 0;
+        let mut by_name: HashMap<String, u64> = HashMap::new();
+        for (i, b) in program.buffers.iter().enumerate() {
+            if let Some(off) = memory.offsets[i] {
+                ptrs[i] = base + off as u64;
+                continue;
+            }
+            let BufferKind::Weight(src) = &b.kind else {
+                continue;
+            };
+            if let WeightSource::Initializer(n) = src {
+                if let Some(&p) = by_name.get(n) {
+                    ptrs[i] = p;
+                    continue;
+                }
+            }
+            let bytes: Vec<u8> = match (weight(src)?, b.dtype, precision) {
+                (WeightData::I64(v), DType::I64, _) => {
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+                }
+                (WeightData::F32(v), DType::Float, Precision::Fp32) => {
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+                }
+                (WeightData::F32(v), DType::Float, Precision::Fp16) => {
+                    f16_bits(&v).iter().flat_map(|x| x.to_le_bytes()).collect()
+                }
+                (WeightData::F16(v), DType::Float, Precision::Fp16) => {
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+                }
+                (WeightData::F16(v), DType::Float, Precision::Fp32) => v
+                    .iter()
+                    .flat_map(|&x| half::f16::from_bits(x).to_f32().to_le_bytes())
+                    .collect(),
+                _ => {
+                    return Err(EngineError::Graph(format!(
+                        "weight {src:?}: wrong element type"
+                    )))
+                }
+            };
+            let want = b.numel * if b.dtype == DType::I64 { 8 } else { eb };
+            if bytes.len() != want {
+                return Err(EngineError::Graph(format!(
+                    "weight {}: {} bytes, the program needs {want}",
+                    match src {
+                        WeightSource::Initializer(n) => n.as_str(),
+                        _ => "(computed)",
+                    },
+                    bytes.len()
+                )));
+            }
+            weight_bytes += bytes.len();
+            let d = s.clone_htod(&bytes).map_err(|e| gpu_err("upload", e))?;
+            let (p, g) = d.device_ptr(s);
+            drop(g);
+            ptrs[i] = p;
+            if let WeightSource::Initializer(n) = src {
+                by_name.insert(n.clone(), p);
+            }
+            weights.push(d);
+        }
+        let mut staging_in = Vec::new();
+        for (_, t) in &program.inputs {
+            staging_in.push(
+                s.alloc_zeros::<f32>(t.numel().max(1))
+                    .map_err(|e| gpu_err("alloc", e))?,
+            );
+        }
+        let mut staging_out = Vec::new();
+        let mut pinned_out = Vec::new();
+        for (_, t) in &program.outputs {
+            staging_out.push(
+                s.alloc_zeros::<f32>(t.numel().max(1))
+                    .map_err(|e| gpu_err("alloc", e))?,
+            );
+            // SAFETY: written by a device copy before it is read.
+            pinned_out.push(
+                unsafe { dev.ctx.alloc_pinned::<f32>(t.numel().max(1)) }
+                    .map_err(|e| gpu_err("pinned", e))?,
+            );
+        }
+        let mut me = Self {
+            program,
+            memory,
+            precision,
+            arena,
+            weights,
+            ptrs,
+            convs: HashMap::new(),
+            conv_ws: None,
+            conv_ws_ptr: (0, 0),
+            staging_in,
+            staging_out,
+            pinned_out,
+            graph: None,
+            weight_bytes,
+        };
+        me.prepare_convs(dev, tactics)?;
+        Ok(me)
+    }
+
+    fn prepare_convs(
+        &mut self,
+        dev: &CudaDevice,
+        tactics: &mut TacticCache,
+    ) -> Result<(), EngineError> {
+        let dt = match self.precision {
+            Precision::Fp32 => cudnn::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            Precision::Fp16 => cudnn::cudnnDataType_t::CUDNN_DATA_HALF,
+        };
+        let math = match self.precision {
+            Precision::Fp32 => cudnn::cudnnMathType_t::CUDNN_FMA_MATH,
+            Precision::Fp16 => cudnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+        };
+        let nchw = cudnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let mut max_ws = 0usize;
+        let mut found_ws: Option<CudaSlice<u8>> = None;
+        let steps: Vec<(usize, ConvStep)> = self
+            .program
+            .steps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Step::Conv(c) => Some((i, c.clone())),
+                _ => None,
+            })
+            .collect();
+        for (i, c) in steps {
+            let mut p = ConvPrep {
+                x: std::ptr::null_mut(),
+                y: std::ptr::null_mut(),
+                w: std::ptr::null_mut(),
+                conv: std::ptr::null_mut(),
+                algo: cudnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            };
+            let i32s = |v: usize| v as i32;
+            // SAFETY: descriptors are created here and destroyed in Drop.
+            unsafe {
+                check_dnn("desc", cudnn::cudnnCreateTensorDescriptor(&mut p.x))?;
+                check_dnn("desc", cudnn::cudnnCreateTensorDescriptor(&mut p.y))?;
+                check_dnn("desc", cudnn::cudnnCreateFilterDescriptor(&mut p.w))?;
+                check_dnn("desc", cudnn::cudnnCreateConvolutionDescriptor(&mut p.conv))?;
+                let [n, ch, h, w] = c.x_shape;
+                check_dnn(
+                    "x desc",
+                    cudnn::cudnnSetTensor4dDescriptor(
+                        p.x,
+                        nchw,
+                        dt,
+                        i32s(n),
+                        i32s(ch),
+                        i32s(h),
+                        i32s(w),
+                    ),
+                )?;
+                let [n, ch, h, w] = c.y_shape;
+                check_dnn(
+                    "y desc",
+                    cudnn::cudnnSetTensor4dDescriptor(
+                        p.y,
+                        nchw,
+                        dt,
+                        i32s(n),
+                        i32s(ch),
+                        i32s(h),
+                        i32s(w),
+                    ),
+                )?;
+                let [o, ci, kh, kw] = c.w_shape;
+                check_dnn(
+                    "w desc",
+                    cudnn::cudnnSetFilter4dDescriptor(
+                        p.w,
+                        dt,
+                        nchw,
+                        i32s(o),
+                        i32s(ci),
+                        i32s(kh),
+                        i32s(kw),
+                    ),
+                )?;
+                if c.pads[0] != c.pads[2] || c.pads[1] != c.pads[3] {
+                    return Err(EngineError::Graph(format!(
+                        "Conv with asymmetric padding {:?} is not supported by the CUDA engine yet",
+                        c.pads
+                    )));
+                }
+                check_dnn(
+                    "conv desc",
+                    cudnn::cudnnSetConvolution2dDescriptor(
+                        p.conv,
+                        i32s(c.pads[0]),
+                        i32s(c.pads[1]),
+                        i32s(c.strides[0]),
+                        i32s(c.strides[1]),
+                        i32s(c.dilations[0]),
+                        i32s(c.dilations[1]),
+                        cudnn::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                        cudnn::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                    ),
+                )?;
+                check_dnn("math", cudnn::cudnnSetConvolutionMathType(p.conv, math))?;
+                check_dnn(
+                    "group",
+                    cudnn::cudnnSetConvolutionGroupCount(p.conv, c.group as i32),
+                )?;
+            }
+            let key = format!("{} {}", c.problem(), self.precision.suffix());
+            let tactic = match tactics.conv.get(&key) {
+                Some(t) => *t,
+                None => {
+                    // time every algorithm on this GPU (cuDNN runs each and sorts by time)
+                    let limit = 256usize << 20;
+                    if found_ws.is_none() {
+                        found_ws = Some(
+                            dev.stream
+                                .alloc_zeros::<u8>(limit)
+                                .map_err(|e| gpu_err("alloc", e))?,
+                        );
+                    }
+                    let (wp, g) = found_ws.as_ref().unwrap().device_ptr(&dev.stream);
+                    drop(g);
+                    let mut perf: [cudnn::cudnnConvolutionFwdAlgoPerf_t; 8] =
+                        unsafe { std::mem::zeroed() };
+                    let mut got = 0;
+                    // SAFETY: buffers are the program's own (sizes from the plan); workspace as given.
+                    unsafe {
+                        check_dnn(
+                            "cudnnFindConvolutionForwardAlgorithmEx",
+                            cudnn::cudnnFindConvolutionForwardAlgorithmEx(
+                                dev.dnn,
+                                p.x,
+                                self.ptrs[c.x] as *const c_void,
+                                p.w,
+                                self.ptrs[c.w] as *const c_void,
+                                p.conv,
+                                p.y,
+                                self.ptrs[c.out] as *mut c_void,
+                                8,
+                                &mut got,
+                                perf.as_mut_ptr(),
+                                wp as *mut c_void,
+                                limit,
+                            ),
+                        )?;
+                    }
+                    let best = perf[..got as usize]
+                        .iter()
+                        .find(|r| r.status == cudnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+                        .ok_or_else(|| {
+                            EngineError::Graph(format!("cuDNN found no algorithm for {key}"))
+                        })?;
+                    let t = ConvTactic {
+                        algo: best.algo as i32,
+                        workspace: best.memory,
+                        ms: best.time,
+                    };
+                    tactics.conv.insert(key.clone(), t);
+                    t
+                }
+            };
+            // SAFETY: the enum is a C int; values come from cuDNN itself.
+            p.algo = unsafe {
+                std::mem::transmute::<i32, cudnn::cudnnConvolutionFwdAlgo_t>(tactic.algo)
+            };
+            max_ws = max_ws.max(tactic.workspace);
+            self.convs.insert(i, p);
+        }
+        drop(found_ws);
+        if max_ws > 0 {
+            let ws = dev
+                .stream
+                .alloc_zeros::<u8>(max_ws)
+                .map_err(|e| gpu_err("alloc", e))?;
+            let (ptr, g) = ws.device_ptr(&dev.stream);
+            drop(g);
+            self.conv_ws_ptr = (ptr, max_ws);
+            self.conv_ws = Some(ws);
+        }
+        Ok(())
+    }
+
+    fn launch(
+        &self,
+        dev: &CudaDevice,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &[&dyn Arg],
+    ) -> Result<(), EngineError> {
+        let f = dev.func(&format!("{name}_{}", self.precision.suffix()))?;
+        launch_raw(dev, f, cfg, args)
+    }
+
+    /// Enqueue every step on the stream (no synchronization).
+    fn enqueue(&self, dev: &CudaDevice) -> Result<(), EngineError> {
+        for si in 0..self.program.steps.len() {
+            self.enqueue_step(dev, si)?;
+        }
+        Ok(())
+    }
+
+    /// Time every step eagerly with CUDA events: `(label, ms)` per step, labels like
+    /// `conv 3x3`, `attention flash L=4096 S=4096 d=40`, `linear 32768x320x1280`.
+    pub fn profile(&self, dev: &CudaDevice) -> Result<Vec<(String, f64)>, EngineError> {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut evs = Vec::new();
+        for si in 0..self.program.steps.len() {
+            let e0 = dev
+                .stream
+                .record_event(flags)
+                .map_err(|e| gpu_err("event", e))?;
+            self.enqueue_step(dev, si)?;
+            let e1 = dev
+                .stream
+                .record_event(flags)
+                .map_err(|e| gpu_err("event", e))?;
+            evs.push((e0, e1));
+        }
+        dev.stream.synchronize().map_err(|e| gpu_err("sync", e))?;
+        let mut out = Vec::new();
+        for (si, (e0, e1)) in evs.iter().enumerate() {
+            let ms = e0.elapsed_ms(e1).map_err(|e| gpu_err("elapsed", e))? as f64;
+            let label = match &self.program.steps[si] {
+                Step::Conv(c) => {
+                    format!("conv {}x{} s{}", c.w_shape[2], c.w_shape[3], c.strides[0])
+                }
+                Step::Attention { l, s, d, .. } => format!("attention L={l} S={s} d={d}"),
+                Step::Linear { residual, bias, .. } => format!(
+                    "linear{}{}",
+                    if bias.is_some() { "+bias" } else { "" },
+                    if residual.is_some() { "+res" } else { "" }
+                ),
+                other => other.name().to_string(),
+            };
+            out.push((label, ms));
+        }
+        Ok(out)
+    }
+
+    fn enqueue_step(&self, dev: &CudaDevice, si: usize) -> Result<(), EngineError> {
+        let p = &self.ptrs;
+        let null = 0u64;
+        let opt = |b: &Option<usize>| b.map_or(0u64, |b| p[b]);
+        {
+            let step = &self.program.steps[si];
+            match step {
+                Step::Copy {
+                    out,
+                    inp,
+                    s,
+                    in_off,
+                    out_off,
+                } => {
+                    let n = s.numel() as i64;
+                    self.launch(
+                        dev,
+                        "copy_strided",
+                        launch_cfg(n as usize),
+                        &[&p[*out], &p[*inp], &n, s, in_off, out_off],
+                    )?;
+                }
+                Step::Binary {
+                    out,
+                    a,
+                    b,
+                    op,
+                    s,
+                    n,
+                } => {
+                    let nn = *n as i64;
+                    let o = *op as i32;
+                    match s {
+                        None => self.launch(
+                            dev,
+                            "binary_same",
+                            launch_cfg(*n),
+                            &[&p[*out], &p[*a], &p[*b], &nn, &o],
+                        )?,
+                        Some(s) => self.launch(
+                            dev,
+                            "binary",
+                            launch_cfg(*n),
+                            &[&p[*out], &p[*a], &p[*b], &nn, &o, s],
+                        )?,
+                    }
+                }
+                Step::Unary { out, inp, op, n } => {
+                    let nn = *n as i64;
+                    let o = *op as i32;
+                    self.launch(dev, "unary", launch_cfg(*n), &[&p[*out], &p[*inp], &nn, &o])?;
+                }
+                Step::Fill { out, n, value } => {
+                    let nn = *n as i64;
+                    self.launch(dev, "fill", launch_cfg(*n), &[&p[*out], &nn, value])?;
+                }
+                Step::Linear {
+                    out,
+                    x,
+                    w,
+                    bias,
+                    residual,
+                    m,
+                    n,
+                    k,
+                } => {
+                    self.gemm(
+                        dev,
+                        p[*w],
+                        p[*x],
+                        p[*out],
+                        (*n, *m, *k),
+                        (true, false),
+                        (*k, *k, *n),
+                        (0, 0, 0),
+                        1,
+                    )?;
+                    if bias.is_some() || residual.is_some() {
+                        let (rows, cols) = (*m as i64, *n as i64);
+                        self.launch(
+                            dev,
+                            "bias_residual",
+                            launch_cfg(m * n),
+                            &[&p[*out], &opt(bias), &opt(residual), &rows, &cols],
+                        )?;
+                    }
+                }
+                Step::MatMul {
+                    out,
+                    a,
+                    b,
+                    batch,
+                    m,
+                    n,
+                    k,
+                    b_stride,
+                } => {
+                    self.gemm(
+                        dev,
+                        p[*b],
+                        p[*a],
+                        p[*out],
+                        (*n, *m, *k),
+                        (false, false),
+                        (*n, *k, *n),
+                        (*b_stride, m * k, m * n),
+                        *batch,
+                    )?;
+                }
+                Step::Conv(c) => {
+                    let prep = &self.convs[&si];
+                    let (one, zero) = (1f32, 0f32);
+                    let (ws, ws_len) = self.conv_ws_ptr;
+                    // SAFETY: descriptors match the buffers' shapes (from the program).
+                    unsafe {
+                        check_dnn(
+                            "cudnnConvolutionForward",
+                            cudnn::cudnnConvolutionForward(
+                                dev.dnn,
+                                &one as *const f32 as *const c_void,
+                                prep.x,
+                                p[c.x] as *const c_void,
+                                prep.w,
+                                p[c.w] as *const c_void,
+                                prep.conv,
+                                prep.algo,
+                                ws as *mut c_void,
+                                ws_len,
+                                &zero as *const f32 as *const c_void,
+                                prep.y,
+                                p[c.out] as *mut c_void,
+                            ),
+                        )?;
+                    }
+                    if c.bias.is_some() || c.residual.is_some() {
+                        let total = c.y_shape.iter().product::<usize>() as i64;
+                        let (ch, sp) = (c.y_shape[1] as i64, (c.y_shape[2] * c.y_shape[3]) as i64);
+                        self.launch(
+                            dev,
+                            "channel_bias",
+                            launch_cfg(total as usize),
+                            &[
+                                &p[c.out],
+                                &opt(&c.bias),
+                                &opt(&c.residual),
+                                &total,
+                                &ch,
+                                &sp,
+                            ],
+                        )?;
+                    }
+                }
+                Step::GroupNorm {
+                    out,
+                    x,
+                    gamma,
+                    beta,
+                    n,
+                    c,
+                    spatial,
+                    groups,
+                    eps,
+                    silu,
+                } => {
+                    let cfg = LaunchConfig {
+                        grid_dim: ((n * groups) as u32, 1, 1),
+                        block_dim: (512, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let (ci, sp, g, si_) =
+                        (*c as i32, *spatial as i64, *groups as i32, *silu as i32);
+                    self.launch(
+                        dev,
+                        "group_norm",
+                        cfg,
+                        &[
+                            &p[*out], &p[*x], &p[*gamma], &p[*beta], &ci, &sp, &g, eps, &si_,
+                        ],
+                    )?;
+                }
+                Step::LayerNorm {
+                    out,
+                    x,
+                    gamma,
+                    beta,
+                    rows,
+                    cols,
+                    eps,
+                } => {
+                    let cfg = LaunchConfig {
+                        grid_dim: (*rows as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let c = *cols as i32;
+                    self.launch(
+                        dev,
+                        "layer_norm",
+                        cfg,
+                        &[&p[*out], &p[*x], &p[*gamma], &opt(beta), &c, eps],
+                    )?;
+                }
+                Step::Softmax { out, x, rows, cols } => {
+                    let cfg = LaunchConfig {
+                        grid_dim: (*rows as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let c = *cols as i32;
+                    self.launch(dev, "softmax", cfg, &[&p[*out], &p[*x], &c])?;
+                }
+                Step::Geglu { out, x, rows, d } => {
+                    let (r, dd) = (*rows as i64, *d as i64);
+                    self.launch(
+                        dev,
+                        "geglu",
+                        launch_cfg(rows * d),
+                        &[&p[*out], &p[*x], &r, &dd],
+                    )?;
+                }
+                Step::Gather {
+                    out,
+                    table,
+                    ids,
+                    n_ids,
+                    row,
+                    n_rows,
+                } => {
+                    let (a, b, c) = (*n_ids as i64, *row as i64, *n_rows as i64);
+                    self.launch(
+                        dev,
+                        "gather_rows",
+                        launch_cfg(n_ids * row),
+                        &[&p[*out], &p[*table], &p[*ids], &a, &b, &c],
+                    )?;
+                }
+                Step::Attention {
+                    out,
+                    q,
+                    k,
+                    v,
+                    bias,
+                    n,
+                    l,
+                    s,
+                    heads,
+                    d,
+                    scale,
+                } => {
+                    // float16 without a bias: the tensor-core kernel for every length (short temporal
+                    // sequences too: they are memory-bound, and it streams them with wide loads)
+                    let flash = self.precision == Precision::Fp16
+                        && bias.is_none()
+                        && d % 2 == 0
+                        && *d <= 160;
+                    let (li, si_, hi, di) = (*l as i32, *s as i32, *heads as i32, *d as i32);
+                    if flash {
+                        let dp = [16, 32, 48, 64, 80, 96, 128, 160]
+                            .into_iter()
+                            .find(|&x| x >= *d)
+                            .unwrap();
+                        let f = dev.func(&format!("flash_attention_f16_d{dp}"))?;
+                        let cfg = LaunchConfig {
+                            grid_dim: (l.div_ceil(64) as u32, *heads as u32, *n as u32),
+                            block_dim: (128, 1, 1),
+                            shared_mem_bytes: (2 * 64 * dp * 2) as u32,
+                        };
+                        launch_raw(
+                            dev,
+                            f,
+                            cfg,
+                            &[&p[*q], &p[*k], &p[*v], &p[*out], &li, &si_, &hi, &di, scale],
+                        )?;
+                    } else {
+                        let shared = 2 * s * d * 4;
+                        if shared > 200 * 1024 || *d > 256 {
+                            return Err(EngineError::Graph(format!(
+                                "attention over {s} keys of size {d} in {:?} is not supported by the CUDA engine (use fp16)",
+                                self.precision
+                            )));
+                        }
+                        let cfg = LaunchConfig {
+                            grid_dim: (*n as u32, *heads as u32, 1),
+                            block_dim: (32 * (*l).clamp(1, 8) as u32, 1, 1),
+                            shared_mem_bytes: shared as u32,
+                        };
+                        let (bp, bh) = match bias {
+                            Some((b, h)) => (p[*b], *h as i32),
+                            None => (null, 1),
+                        };
+                        let f =
+                            dev.func(&format!("temporal_attention_{}", self.precision.suffix()))?;
+                        if shared > 48 * 1024 {
+                            f.set_attribute(
+                                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                shared as i32,
+                            )
+                            .map_err(|e| gpu_err("shared memory", e))?;
+                        }
+                        launch_raw(
+                            dev,
+                            f,
+                            cfg,
+                            &[
+                                &p[*q], &p[*k], &p[*v], &bp, &p[*out], &li, &si_, &hi, &di, &bh,
+                                scale,
+                            ],
+                        )?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Column-major cuBLAS GEMM `C[m×n] = op(A)·op(B)` (row-major callers swap operands).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        dev: &CudaDevice,
+        a: u64,
+        b: u64,
+        c: u64,
+        (m, n, k): (usize, usize, usize),
+        (ta, tb): (bool, bool),
+        (lda, ldb, ldc): (usize, usize, usize),
+        (sa, sb, sc): (usize, usize, usize),
+        batch: usize,
+    ) -> Result<(), EngineError> {
+        let dt = match self.precision {
+            Precision::Fp32 => cublas::cudaDataType_t::CUDA_R_32F,
+            Precision::Fp16 => cublas::cudaDataType_t::CUDA_R_16F,
+        };
+        let op = |t: bool| {
+            if t {
+                cublas::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublas::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (one, zero) = (1f32, 0f32);
+        // SAFETY: pointers are the program's buffers, sized by the compiler for these shapes.
+        unsafe {
+            check_blas(
+                "cublasGemmStridedBatchedEx",
+                cublas::cublasGemmStridedBatchedEx(
+                    dev.blas,
+                    op(ta),
+                    op(tb),
+                    m as i32,
+                    n as i32,
+                    k as i32,
+                    &one as *const f32 as *const c_void,
+                    a as *const c_void,
+                    dt,
+                    lda as i32,
+                    sa as i64,
+                    b as *const c_void,
+                    dt,
+                    ldb as i32,
+                    sb as i64,
+                    &zero as *const f32 as *const c_void,
+                    c as *mut c_void,
+                    dt,
+                    ldc as i32,
+                    sc as i64,
+                    batch as i32,
+                    cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                ),
+            )
+        }
+    }
+
+    /// Copy float32 host inputs (int64 through `ids`) into the program's input buffers.
+    pub fn set_inputs(
+        &mut self,
+        dev: &CudaDevice,
+        inputs: &[(&str, &[f32])],
+        ids: &[(&str, &[i64])],
+    ) -> Result<(), EngineError> {
+        for (k, (name, t)) in self.program.inputs.clone().iter().enumerate() {
+            let dst = self.ptrs[t.buf];
+            if self.program.buffers[t.buf].dtype == DType::I64 {
+                let v = ids
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .ok_or_else(|| EngineError::Graph(format!("input {name} (int64) not given")))?
+                    .1;
+                if v.len() != t.numel() {
+                    return Err(EngineError::Graph(format!(
+                        "input {name}: {} values, expected {:?}",
+                        v.len(),
+                        t.shape
+                    )));
+                }
+                let tmp = dev.stream.clone_htod(v).map_err(|e| gpu_err("upload", e))?;
+                let (src, g) = tmp.device_ptr(&dev.stream);
+                drop(g);
+                // SAFETY: both device ranges hold numel int64 values.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        dst,
+                        src,
+                        v.len() * 8,
+                        dev.stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| gpu_err("copy", e))?;
+                dev.stream.synchronize().map_err(|e| gpu_err("sync", e))?;
+                continue;
+            }
+            let v = inputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| EngineError::Graph(format!("input {name} not given")))?
+                .1;
+            if v.len() != t.numel() {
+                return Err(EngineError::Graph(format!(
+                    "input {name}: {} values, expected {:?}",
+                    v.len(),
+                    t.shape
+                )));
+            }
+            dev.stream
+                .memcpy_htod(v, &mut self.staging_in[k])
+                .map_err(|e| gpu_err("upload", e))?;
+            let (src, g) = self.staging_in[k].device_ptr(&dev.stream);
+            drop(g);
+            let n = v.len() as i64;
+            launch_raw(
+                dev,
+                dev.func(&format!("cast_from_f32_{}", self.precision.suffix()))?,
+                launch_cfg(v.len()),
+                &[&dst, &src, &n],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Run the steps: through the captured CUDA graph when there is one.
+    pub fn execute(&mut self, dev: &CudaDevice) -> Result<(), EngineError> {
+        match &self.graph {
+            Some(g) => g.launch().map_err(|e| gpu_err("graph launch", e)),
+            None => self.enqueue(dev),
+        }
+    }
+
+    /// Capture the step sequence in a CUDA graph (after one eager run has loaded every kernel).
+    pub fn capture(&mut self, dev: &CudaDevice) -> Result<(), EngineError> {
+        self.enqueue(dev)?;
+        dev.stream.synchronize().map_err(|e| gpu_err("sync", e))?;
+        dev.stream
+            .begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .map_err(|e| gpu_err("begin capture", e))?;
+        let r = self.enqueue(dev);
+        let g = dev
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            .map_err(|e| gpu_err("end capture", e))?;
+        r?;
+        if let Some(g) = &g {
+            g.upload().map_err(|e| gpu_err("graph upload", e))?;
+        }
+        self.graph = g;
+        Ok(())
+    }
+
+    pub fn captured(&self) -> bool {
+        self.graph.is_some()
+    }
+
+    /// Copy the outputs to pinned host buffers (asynchronously), then wait and return them.
+    pub fn outputs(&mut self, dev: &CudaDevice) -> Result<super::program::Outputs, EngineError> {
+        for (k, (_, t)) in self.program.outputs.clone().iter().enumerate() {
+            let src = self.ptrs[t.buf];
+            let (dst, g) = self.staging_out[k].device_ptr(&dev.stream);
+            drop(g);
+            let n = t.numel() as i64;
+            launch_raw(
+                dev,
+                dev.func(&format!("cast_to_f32_{}", self.precision.suffix()))?,
+                launch_cfg(t.numel()),
+                &[&dst, &src, &n],
+            )?;
+            dev.stream
+                .memcpy_dtoh(&self.staging_out[k], &mut self.pinned_out[k])
+                .map_err(|e| gpu_err("download", e))?;
+        }
+        dev.stream.synchronize().map_err(|e| gpu_err("sync", e))?;
+        let mut out = Vec::new();
+        for (k, (name, t)) in self.program.outputs.iter().enumerate() {
+            let v = self.pinned_out[k]
+                .as_slice()
+                .map_err(|e| gpu_err("pinned", e))?;
+            out.push((name.clone(), t.shape.clone(), v[..t.numel()].to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Fill every activation with NaN (so an unwritten output shows).
+    pub fn poison(&self, dev: &CudaDevice) -> Result<(), EngineError> {
+        let (base, g) = self.arena.device_ptr(&dev.stream);
+        drop(g);
+        let n = (self.memory.arena_bytes / self.precision.elem_bytes()) as i64;
+        let nan = f32::NAN;
+        launch_raw(
+            dev,
+            dev.func(&format!("fill_{}", self.precision.suffix()))?,
+            launch_cfg(n as usize),
+            &[&base, &n, &nan],
+        )
+    }
+
+    /// Run once: inputs in, outputs out.
+    pub fn run(
+        &mut self,
+        dev: &CudaDevice,
+        inputs: &[(&str, &[f32])],
+        ids: &[(&str, &[i64])],
+    ) -> Result<super::program::Outputs, EngineError> {
+        self.set_inputs(dev, inputs, ids)?;
+        self.execute(dev)?;
+        self.outputs(dev)
+    }
+
+    pub fn weights_resident(&self) -> usize {
+        self.weights.len()
+    }
+}
+
+impl Drop for GpuProgram {
+    fn drop(&mut self) {
+        for p in self.convs.values() {
+            // SAFETY: created in prepare_convs, destroyed once.
+            unsafe {
+                cudnn::cudnnDestroyTensorDescriptor(p.x);
+                cudnn::cudnnDestroyTensorDescriptor(p.y);
+                cudnn::cudnnDestroyFilterDescriptor(p.w);
+                cudnn::cudnnDestroyConvolutionDescriptor(p.conv);
+            }
+        }
+    }
+}
+
+/// A kernel argument.
+pub trait Arg {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+}
+impl<T: DeviceRepr> Arg for T {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+        b.arg(self);
+    }
+}
+
+fn launch_raw(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    args: &[&dyn Arg],
+) -> Result<(), EngineError> {
+    let mut b = dev.stream.launch_builder(f);
+    for a in args {
+        a.push(&mut b);
+    }
+    // SAFETY: argument lists match the kernels' signatures in engine_ops.cu and
+    // temporal_attention.cu (checked by tests/engine_gpu.rs against the CPU interpreter).
+    unsafe { b.launch(cfg) }.map_err(|e| gpu_err("launch", e))?;
+    Ok(())
+}

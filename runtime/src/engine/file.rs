@@ -1,0 +1,613 @@
+//! The engine file (`motionrt build` output) and the sessions that run it.
+//!
+//! An engine is a folder: `engine.json` (format `motionrt.engine/1`: the [`DeviceKey`] it was built
+//! for, the precision, the optimization profiles with the memory plan of each graph at each, the
+//! chosen convolution algorithms), `weights.safetensors` (every large float weight, converted
+//! once to the engine's precision), the fused graphs with those weights stripped, `model.json`
+//! and the tokenizer. Loading it on another GPU, driver, library or motionrt version is refused
+//! with a message that says to rebuild.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use motionrt_onnx::proto::{DataLocation, ModelProto, TensorProtoDataType};
+use serde::{Deserialize, Serialize};
+
+use super::exec::{CudaDevice, DeviceKey, GpuProgram, Precision, TacticCache, WeightData};
+use super::program::{self, plan_memory, DType, InitializerSource, WeightSource};
+use super::source::FileInitializers;
+use super::EngineError;
+
+pub const FORMAT: &str = "motionrt.engine/1";
+/// Float initializers larger than this go to `weights.safetensors`; smaller ones stay in the
+/// graph (the compiler evaluates shape-sized constants on the host).
+pub const INLINE_MAX: usize = 4096;
+
+/// Batch, frames and latent size of one optimization profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    pub batch: usize,
+    pub frames: usize,
+    /// Latent height and width (pixels / 8).
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Profile {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        // BxFxHxW in pixels, e.g. 1x16x512x512
+        let v: Vec<usize> = s
+            .split('x')
+            .map(|p| p.parse::<usize>().map_err(|e| format!("{s:?}: {e}")))
+            .collect::<Result<_, _>>()?;
+        if v.len() != 4 || v[2] % 8 != 0 || v[3] % 8 != 0 || v.contains(&0) {
+            return Err(format!(
+                "{s:?}: expected BATCHxFRAMESxHEIGHTxWIDTH with the size in pixels, multiples of 8 (e.g. 1x16x512x512)"
+            ));
+        }
+        Ok(Self {
+            batch: v[0],
+            frames: v[1],
+            height: v[2] / 8,
+            width: v[3] / 8,
+        })
+    }
+
+    /// Input shapes of `graph` at this profile (CFG doubles the UNet batch; the VAE decodes
+    /// `vae_chunk` frames per call).
+    pub fn shapes(
+        &self,
+        graph: &str,
+        text_width: usize,
+        vae_chunk: usize,
+    ) -> Vec<(&'static str, Vec<usize>)> {
+        let (b, f, h, w) = (2 * self.batch, self.frames, self.height, self.width);
+        match graph {
+            "unet" => vec![
+                ("sample", vec![b, 4, f, h, w]),
+                ("timestep", vec![b]),
+                ("encoder_hidden_states", vec![b * f, 77, text_width]),
+            ],
+            "text_encoder" => vec![("input_ids", vec![2 * self.batch, 77])],
+            "vae_decoder" => vec![("latent", vec![vae_chunk.min(f), 4, h, w])],
+            _ => vec![("image", vec![vae_chunk.min(f), 3, 8 * h, 8 * w])],
+        }
+    }
+
+    pub fn contains(lo: &Self, hi: &Self, x: &Self) -> bool {
+        (lo.batch..=hi.batch).contains(&x.batch)
+            && (lo.frames..=hi.frames).contains(&x.frames)
+            && (lo.height..=hi.height).contains(&x.height)
+            && (lo.width..=hi.width).contains(&x.width)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Profiles {
+    pub min: Profile,
+    pub opt: Profile,
+    pub max: Profile,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GraphEntry {
+    pub name: String,
+    pub file: String,
+    pub steps: usize,
+    /// Arena bytes (activations reused by lifetime) at the min, opt and max profiles.
+    pub arena_bytes: BTreeMap<String, usize>,
+    /// Without reuse, at the opt profile.
+    pub arena_unshared_bytes: usize,
+    pub weight_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineManifest {
+    pub format: String,
+    pub key: DeviceKey,
+    pub precision: Precision,
+    pub profiles: Profiles,
+    pub vae_chunk: usize,
+    pub text_width: usize,
+    pub graphs: Vec<GraphEntry>,
+    pub tactics: TacticCache,
+}
+
+/// Refuse an engine built for another GPU or versions; the error lists every difference.
+pub fn check_key(path: &Path, built: &DeviceKey, here: &DeviceKey) -> Result<(), EngineError> {
+    let b = serde_json::to_value(built).expect("plain struct");
+    let h = serde_json::to_value(here).expect("plain struct");
+    let mut diffs = Vec::new();
+    if let (Some(b), Some(h)) = (b.as_object(), h.as_object()) {
+        for (k, v) in b {
+            if h.get(k) != Some(v) {
+                diffs.push(format!(
+                    "{k}: built for {}, this machine has {}",
+                    v,
+                    h.get(k).cloned().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    Err(EngineError::File {
+        path: path.to_path_buf(),
+        message: format!(
+            "this engine was built for another GPU or software versions ({}); rebuild it here with `motionrt build --model EXPORT_DIR --out ENGINE`",
+            diffs.join("; ")
+        ),
+    })
+}
+
+pub fn read_manifest(dir: &Path) -> Result<EngineManifest, EngineError> {
+    let p = dir.join("engine.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| EngineError::File {
+        path: p.clone(),
+        message: format!("{e} (an engine folder written by `motionrt build` holds engine.json)"),
+    })?;
+    let m: EngineManifest = serde_json::from_str(&text).map_err(|e| EngineError::File {
+        path: p.clone(),
+        message: format!("not a motionrt engine manifest: {e}"),
+    })?;
+    if m.format != FORMAT {
+        return Err(EngineError::File {
+            path: p,
+            message: format!(
+                "format {:?}, this motionrt reads {FORMAT:?}: rebuild the engine",
+                m.format
+            ),
+        });
+    }
+    Ok(m)
+}
+
+/// The engine's weights (`weights.safetensors`), held in memory.
+pub struct EngineWeights {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl EngineWeights {
+    pub fn open(dir: &Path) -> Result<Self, EngineError> {
+        let path = dir.join("weights.safetensors");
+        let bytes = std::fs::read(&path).map_err(|e| EngineError::File {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| EngineError::File {
+            path: path.clone(),
+            message: format!("not a safetensors file: {e}"),
+        })?;
+        Ok(Self { path, bytes })
+    }
+
+    pub fn get(&self, name: &str) -> Result<WeightData, EngineError> {
+        let st = safetensors::SafeTensors::deserialize(&self.bytes).expect("checked in open");
+        let t = st.tensor(name).map_err(|e| EngineError::File {
+            path: self.path.clone(),
+            message: format!("tensor {name}: {e}"),
+        })?;
+        let d = t.data();
+        Ok(match t.dtype() {
+            safetensors::Dtype::F16 => WeightData::F16(
+                d.chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+            safetensors::Dtype::F32 => WeightData::F32(
+                d.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            other => {
+                return Err(EngineError::File {
+                    path: self.path.clone(),
+                    message: format!("tensor {name}: dtype {other:?}, expected F16 or F32"),
+                })
+            }
+        })
+    }
+}
+
+/// Move every float initializer larger than [`INLINE_MAX`] out of `model` (read through
+/// `src`): returns `(name, dims, values)`; the graph keeps the initializer's name, type and dims
+/// with no data.
+pub fn strip_weights(
+    model: &mut ModelProto,
+    src: &FileInitializers,
+) -> Result<super::program::Outputs, EngineError> {
+    let g = model
+        .graph
+        .as_mut()
+        .ok_or_else(|| EngineError::Graph("no graph".into()))?;
+    let mut out = Vec::new();
+    for t in g.initializer.iter_mut() {
+        let n: usize = t.dims.iter().map(|&d| d as usize).product();
+        if t.data_type != TensorProtoDataType::Float as i32 || n <= INLINE_MAX {
+            if t.data_location == DataLocation::External as i32 {
+                // small external initializers come inline
+                let b = src.bytes(t)?;
+                t.raw_data = b;
+                t.external_data.clear();
+                t.data_location = DataLocation::Default as i32;
+            }
+            continue;
+        }
+        let v = src.f32s(t)?;
+        out.push((
+            t.name.clone(),
+            t.dims.iter().map(|&d| d as usize).collect(),
+            v,
+        ));
+        t.raw_data.clear();
+        t.float_data.clear();
+        t.external_data.clear();
+        t.data_location = DataLocation::Default as i32;
+    }
+    Ok(out)
+}
+
+/// Reads initializers of a stripped engine graph: inline ones from the graph, the others are
+/// device weights (never needed on the host).
+pub struct InlineInitializers;
+
+impl InitializerSource for InlineInitializers {
+    fn f32s(&self, t: &motionrt_onnx::proto::TensorProto) -> Result<Vec<f32>, EngineError> {
+        if !t.float_data.is_empty() {
+            return Ok(t.float_data.clone());
+        }
+        if t.raw_data.is_empty() {
+            return Err(EngineError::Graph(format!(
+                "initializer {} lives in weights.safetensors but the engine needs it on the host",
+                t.name
+            )));
+        }
+        Ok(t.raw_data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+    fn i64s(&self, t: &motionrt_onnx::proto::TensorProto) -> Result<Vec<i64>, EngineError> {
+        if !t.int64_data.is_empty() {
+            return Ok(t.int64_data.clone());
+        }
+        Ok(t.raw_data
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
+            .collect())
+    }
+}
+
+/// One graph of an engine on the GPU: compiled per input shapes on first use, the second call
+/// with the same shapes captures a CUDA graph that later calls replay.
+pub struct CudaSession {
+    pub name: String,
+    dev: Rc<CudaDevice>,
+    model: ModelProto,
+    weights: Rc<EngineWeights>,
+    precision: Precision,
+    tactics: TacticCache,
+    programs: HashMap<Vec<Vec<usize>>, (GpuProgram, usize)>,
+}
+
+impl CudaSession {
+    pub fn load(
+        dev: Rc<CudaDevice>,
+        dir: &Path,
+        entry: &GraphEntry,
+        weights: Rc<EngineWeights>,
+        m: &EngineManifest,
+    ) -> Result<Self, EngineError> {
+        let model = motionrt_onnx::load_model(&dir.join(&entry.file))?;
+        Ok(Self {
+            name: entry.name.clone(),
+            dev,
+            model,
+            weights,
+            precision: m.precision,
+            tactics: m.tactics.clone(),
+            programs: HashMap::new(),
+        })
+    }
+
+    /// Run with float32 inputs (int64 through `ids`): `(name, shape, values)` per output.
+    pub fn run(
+        &mut self,
+        inputs: &[(&str, &[usize], &[f32])],
+        ids: &[(&str, &[usize], &[i64])],
+    ) -> Result<super::program::Outputs, EngineError> {
+        let mut key: Vec<Vec<usize>> = inputs.iter().map(|i| i.1.to_vec()).collect();
+        key.extend(ids.iter().map(|i| i.1.to_vec()));
+        if !self.programs.contains_key(&key) {
+            let shapes: Vec<(&str, Vec<usize>)> = inputs
+                .iter()
+                .map(|i| (i.0, i.1.to_vec()))
+                .chain(ids.iter().map(|i| (i.0, i.1.to_vec())))
+                .collect();
+            let prog = program::compile(&self.model, &shapes, &InlineInitializers)?;
+            let w = self.weights.clone();
+            let g = self.name.clone();
+            let weight = move |s: &WeightSource| match s {
+                WeightSource::Initializer(n) => w.get(&format!("{g}/{n}")),
+                WeightSource::Computed(v) => Ok(WeightData::F32((**v).clone())),
+                WeightSource::ComputedI64(v) => Ok(WeightData::I64((**v).clone())),
+            };
+            let gp = GpuProgram::load(&self.dev, prog, self.precision, &weight, &mut self.tactics)?;
+            self.programs.insert(key.clone(), (gp, 0));
+        }
+        let (gp, calls) = self.programs.get_mut(&key).expect("inserted");
+        if *calls == 1 && !gp.captured() {
+            gp.capture(&self.dev)?;
+        }
+        *calls += 1;
+        let f: Vec<(&str, &[f32])> = inputs.iter().map(|i| (i.0, i.2)).collect();
+        let i: Vec<(&str, &[i64])> = ids.iter().map(|i| (i.0, i.2)).collect();
+        gp.run(&self.dev, &f, &i)
+    }
+}
+
+/// Build an engine for the GPU `dev` from the exported float32 graphs in `model_dir`.
+/// `progress(graph, message)` reports each stage. Writes `out` through a temporary folder.
+#[allow(clippy::too_many_arguments)]
+pub fn build(
+    dev: &CudaDevice,
+    model_dir: &Path,
+    out: &Path,
+    precision: Precision,
+    profiles: &Profiles,
+    vae_chunk: usize,
+    tactics: &mut TacticCache,
+    progress: &mut dyn FnMut(&str, &str),
+) -> Result<EngineManifest, EngineError> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("engine");
+    let tmp = parent.join(format!(".{name}.partial"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| EngineError::File {
+        path: tmp.clone(),
+        message: e.to_string(),
+    })?;
+    let r = build_into(
+        dev, model_dir, &tmp, precision, profiles, vae_chunk, tactics, progress,
+    );
+    match r {
+        Ok(m) => {
+            std::fs::rename(&tmp, out).map_err(|e| EngineError::File {
+                path: out.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            Ok(m)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_into(
+    dev: &CudaDevice,
+    model_dir: &Path,
+    tmp: &Path,
+    precision: Precision,
+    profiles: &Profiles,
+    vae_chunk: usize,
+    tactics: &mut TacticCache,
+    progress: &mut dyn FnMut(&str, &str),
+) -> Result<EngineManifest, EngineError> {
+    let ioerr = |p: &Path, e: std::io::Error| EngineError::File {
+        path: p.to_path_buf(),
+        message: e.to_string(),
+    };
+    let text_width = {
+        let s = motionrt_onnx::summarize(&motionrt_onnx::load_model(&model_dir.join("unet.onnx"))?);
+        s.inputs
+            .iter()
+            .find(|i| i.name == "encoder_hidden_states")
+            .and_then(|i| i.dims.last().and_then(|d| d.parse().ok()))
+            .ok_or_else(|| {
+                EngineError::Graph("unet.onnx: no encoder_hidden_states [.., .., D] input".into())
+            })?
+    };
+    let mut all: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut graphs = Vec::new();
+    for g in ["unet", "text_encoder", "vae_decoder", "vae_encoder"] {
+        let src = model_dir.join(format!("{g}.onnx"));
+        if !src.exists() {
+            continue;
+        }
+        progress(g, "fusing");
+        let fused = tmp.join(format!(".{g}.fused.onnx"));
+        super::plan_graph(&src, &fused)?;
+        let mut model = motionrt_onnx::load_model(&fused)?;
+        let init = FileInitializers::new(&fused);
+        progress(g, "compiling at the min/opt/max profiles");
+        let mut arena = BTreeMap::new();
+        let mut unshared = 0;
+        let mut steps = 0;
+        let eb = precision.elem_bytes();
+        let mut opt_prog = None;
+        for (label, p) in [
+            ("min", profiles.min),
+            ("opt", profiles.opt),
+            ("max", profiles.max),
+        ] {
+            let prog = program::compile(&model, &p.shapes(g, text_width, vae_chunk), &init)?;
+            let plan = plan_memory(&prog, |d| if d == DType::I64 { 8 } else { eb });
+            arena.insert(label.to_string(), plan.arena_bytes);
+            if label == "opt" {
+                unshared = plan.unshared_bytes;
+                steps = prog.steps.len();
+                opt_prog = Some(prog);
+            }
+        }
+        progress(g, "timing convolution algorithms on this GPU");
+        let weight = |s: &WeightSource| -> Result<WeightData, EngineError> {
+            match s {
+                WeightSource::Initializer(n) => {
+                    let t = model
+                        .graph
+                        .as_ref()
+                        .unwrap()
+                        .initializer
+                        .iter()
+                        .find(|t| &t.name == n)
+                        .unwrap();
+                    Ok(WeightData::F32(init.f32s(t)?))
+                }
+                WeightSource::Computed(v) => Ok(WeightData::F32((**v).clone())),
+                WeightSource::ComputedI64(v) => Ok(WeightData::I64((**v).clone())),
+            }
+        };
+        let gp = GpuProgram::load(dev, opt_prog.expect("opt"), precision, &weight, tactics)?;
+        let weight_bytes = gp.weight_bytes;
+        drop(gp);
+        let stripped = strip_weights(&mut model, &init)?;
+        let file = format!("{g}.onnx");
+        motionrt_onnx::write_model(&model, &tmp.join(&file))?;
+        let _ = std::fs::remove_file(&fused);
+        let _ = std::fs::remove_file(tmp.join(format!(".{g}.fused.onnx.data")));
+        for (n, dims, v) in stripped {
+            all.push((format!("{g}/{n}"), dims, v));
+        }
+        graphs.push(GraphEntry {
+            name: g.into(),
+            file,
+            steps,
+            arena_bytes: arena,
+            arena_unshared_bytes: unshared,
+            weight_bytes,
+        });
+    }
+    progress("weights", "converting and writing weights.safetensors");
+    // graph-qualified names in the file; the sessions look weights up by initializer name
+    let data: Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)> = all
+        .into_iter()
+        .map(|(n, dims, v)| match precision {
+            Precision::Fp16 => (
+                n,
+                dims,
+                v.iter()
+                    .flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes())
+                    .collect(),
+                safetensors::Dtype::F16,
+            ),
+            Precision::Fp32 => (
+                n,
+                dims,
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                safetensors::Dtype::F32,
+            ),
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(n, dims, b, dt)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, dims.clone(), b).expect("sizes match"),
+            )
+        })
+        .collect();
+    let wpath = tmp.join("weights.safetensors");
+    safetensors::serialize_to_file(views, None, &wpath).map_err(|e| EngineError::File {
+        path: wpath.clone(),
+        message: e.to_string(),
+    })?;
+    let mj = model_dir.join("model.json");
+    std::fs::copy(&mj, tmp.join("model.json")).map_err(|e| ioerr(&mj, e))?;
+    let tok = model_dir.join("tokenizer");
+    if tok.is_dir() {
+        std::fs::create_dir_all(tmp.join("tokenizer"))
+            .map_err(|e| ioerr(&tmp.join("tokenizer"), e))?;
+        for e in std::fs::read_dir(&tok)
+            .map_err(|e| ioerr(&tok, e))?
+            .flatten()
+        {
+            std::fs::copy(e.path(), tmp.join("tokenizer").join(e.file_name()))
+                .map_err(|er| ioerr(&e.path(), er))?;
+        }
+    }
+    let m = EngineManifest {
+        format: FORMAT.into(),
+        key: dev.key.clone(),
+        precision,
+        profiles: profiles.clone(),
+        vae_chunk,
+        text_width,
+        graphs,
+        tactics: tactics.clone(),
+    };
+    let mpath = tmp.join("engine.json");
+    std::fs::write(
+        &mpath,
+        serde_json::to_string_pretty(&m).expect("plain data") + "\n",
+    )
+    .map_err(|e| ioerr(&mpath, e))?;
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> DeviceKey {
+        DeviceKey {
+            gpu_name: "NVIDIA H100 80GB HBM3".into(),
+            gpu_uuid: "00ff".into(),
+            compute_capability: "9.0".into(),
+            driver: "CUDA driver API 13.0".into(),
+            cuda: "NVRTC 13.0".into(),
+            cublas: "130100".into(),
+            cudnn: "91400".into(),
+            motionrt: "0.1.0".into(),
+        }
+    }
+
+    #[test]
+    fn an_engine_loads_only_where_it_was_built() {
+        let p = Path::new("eng/engine.json");
+        assert!(check_key(p, &key(), &key()).is_ok());
+        let mut other = key();
+        other.gpu_uuid = "1234".into();
+        other.cudnn = "91500".into();
+        let e = check_key(p, &key(), &other).unwrap_err().to_string();
+        assert!(e.contains("eng/engine.json"), "{e}");
+        assert!(
+            e.contains("gpu_uuid") && e.contains("cudnn") && e.contains("rebuild"),
+            "{e}"
+        );
+        assert!(!e.contains("gpu_name"), "{e}");
+    }
+
+    #[test]
+    fn profiles_parse_pixels_into_latents_and_bound_requests() {
+        let lo = Profile::parse("1x8x256x256").unwrap();
+        let hi = Profile::parse("2x32x768x768").unwrap();
+        assert_eq!(
+            lo,
+            Profile {
+                batch: 1,
+                frames: 8,
+                height: 32,
+                width: 32
+            }
+        );
+        let x = Profile::parse("1x16x512x512").unwrap();
+        assert!(Profile::contains(&lo, &hi, &x));
+        assert!(!Profile::contains(
+            &lo,
+            &hi,
+            &Profile::parse("1x64x512x512").unwrap()
+        ));
+        assert!(Profile::parse("1x16x500x512").is_err());
+        assert_eq!(x.shapes("unet", 768, 8)[0].1, vec![2, 4, 16, 64, 64]);
+    }
+}

@@ -1,0 +1,1746 @@
+//! The native engine's host-side compiler: a fused float32 graph plus concrete input shapes
+//! become a flat list of device [`Step`]s over numbered buffers. Shape arithmetic (`Shape`,
+//! `Gather`, `Concat` of shape vectors, slices of constant tables) is evaluated here once, so the
+//! device program is a fixed sequence of launches that a CUDA graph can capture. Reshapes are
+//! aliases; a convolution whose output only feeds an `Add` takes the other operand as a residual
+//! in its epilogue. Buffers get arena offsets by lifetime ([`plan_memory`]).
+//!
+//! Nothing here touches a GPU: every function is tested on the CPU.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use motionrt_onnx::proto::{
+    AttributeProto, ModelProto, NodeProto, TensorProto, TensorProtoDataType,
+};
+
+use super::EngineError;
+
+pub const MAX_RANK: usize = 6;
+
+/// Graph outputs as `(name, shape, float32 values)`.
+pub type Outputs = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+fn err(m: impl Into<String>) -> EngineError {
+    EngineError::Graph(m.into())
+}
+
+/// Element type of a device buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    /// The engine's float type (float32 or float16, chosen at execution).
+    Float,
+    I64,
+}
+
+/// A strided iteration shared by the copy and broadcast kernels (`Strided` in engine_ops.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct Strided {
+    pub rank: i32,
+    pub pad_: i32,
+    pub dims: [i64; MAX_RANK],
+    pub a: [i64; MAX_RANK],
+    pub b: [i64; MAX_RANK],
+    pub c: [i64; MAX_RANK],
+}
+
+impl Strided {
+    pub fn numel(&self) -> usize {
+        self.dims[..self.rank as usize].iter().product::<i64>() as usize
+    }
+
+    /// The `(a, b, c)` offsets of flat element `i` (what the kernel computes).
+    pub fn offsets(&self, mut i: i64) -> (i64, i64, i64) {
+        let (mut a, mut b, mut c) = (0, 0, 0);
+        for k in (0..self.rank as usize).rev() {
+            let d = self.dims[k];
+            let ik = i % d;
+            i /= d;
+            a += ik * self.a[k];
+            b += ik * self.b[k];
+            c += ik * self.c[k];
+        }
+        (a, b, c)
+    }
+
+    fn new(dims: &[usize], a: &[i64], b: &[i64], c: &[i64]) -> Result<Self, EngineError> {
+        // merge axes that are contiguous in all three stride sets, drop size-1 axes
+        let mut m: Vec<(i64, i64, i64, i64)> = Vec::new();
+        for k in 0..dims.len() {
+            if dims[k] == 1 {
+                continue;
+            }
+            let e = (dims[k] as i64, a[k], b[k], c[k]);
+            if let Some(last) = m.last_mut() {
+                if last.1 == e.1 * e.0 && last.2 == e.2 * e.0 && last.3 == e.3 * e.0 {
+                    *last = (last.0 * e.0, e.1, e.2, e.3);
+                    continue;
+                }
+            }
+            m.push(e);
+        }
+        if m.is_empty() {
+            m.push((1, 0, 0, 0));
+        }
+        if m.len() > MAX_RANK {
+            return Err(err(format!(
+                "a strided copy over {dims:?} needs {} axes; the kernels take {MAX_RANK}",
+                m.len()
+            )));
+        }
+        let mut s = Strided {
+            rank: m.len() as i32,
+            ..Default::default()
+        };
+        for (k, e) in m.iter().enumerate() {
+            s.dims[k] = e.0;
+            s.a[k] = e.1;
+            s.b[k] = e.2;
+            s.c[k] = e.3;
+        }
+        Ok(s)
+    }
+}
+
+pub fn contiguous_strides(shape: &[usize]) -> Vec<i64> {
+    let mut s = vec![0i64; shape.len()];
+    let mut acc = 1i64;
+    for k in (0..shape.len()).rev() {
+        s[k] = acc;
+        acc *= shape[k] as i64;
+    }
+    s
+}
+
+/// Strides of `shape` (contiguous) read as `out` by numpy broadcasting (0 on broadcast axes).
+fn broadcast_strides(shape: &[usize], out: &[usize]) -> Result<Vec<i64>, EngineError> {
+    let own = contiguous_strides(shape);
+    let off = out.len() - shape.len();
+    let mut s = vec![0; out.len()];
+    for k in 0..shape.len() {
+        if shape[k] == out[off + k] {
+            s[off + k] = if shape[k] == 1 { 0 } else { own[k] };
+        } else if shape[k] != 1 {
+            return Err(err(format!("cannot broadcast {shape:?} to {out:?}")));
+        }
+    }
+    Ok(s)
+}
+
+fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>, EngineError> {
+    let r = a.len().max(b.len());
+    let mut out = vec![0; r];
+    for k in 0..r {
+        let x = if k + a.len() >= r {
+            a[k + a.len() - r]
+        } else {
+            1
+        };
+        let y = if k + b.len() >= r {
+            b[k + b.len() - r]
+        } else {
+            1
+        };
+        out[k] = if x == y || y == 1 {
+            x
+        } else if x == 1 {
+            y
+        } else {
+            return Err(err(format!("shapes {a:?} and {b:?} do not broadcast")));
+        };
+    }
+    Ok(out)
+}
+
+/// A constant evaluated on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: HostData,
+}
+
+impl HostTensor {
+    fn i64s(&self) -> Result<&[i64], EngineError> {
+        match &self.data {
+            HostData::I64(v) => Ok(v),
+            HostData::F32(_) => Err(err("expected an int64 constant, found float")),
+        }
+    }
+    /// Gather elements by a strided map (c-offsets are the output's contiguous order).
+    fn map(&self, shape: Vec<usize>, s: &Strided, off: i64) -> HostTensor {
+        let n = s.numel();
+        let idx = |i: usize| (off + s.offsets(i as i64).0) as usize;
+        let data = match &self.data {
+            HostData::F32(v) => HostData::F32((0..n).map(|i| v[idx(i)]).collect()),
+            HostData::I64(v) => HostData::I64((0..n).map(|i| v[idx(i)]).collect()),
+        };
+        HostTensor { shape, data }
+    }
+}
+
+/// A device tensor: a buffer and the (contiguous) shape it is read as.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DevTensor {
+    pub buf: usize,
+    pub shape: Vec<usize>,
+}
+
+impl DevTensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Value {
+    Host(Arc<HostTensor>),
+    Dev(DevTensor),
+}
+
+/// What a buffer holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BufferKind {
+    /// Written and read by steps; placed in the arena by lifetime.
+    Activation,
+    /// A graph input, written before the first step.
+    Input(String),
+    /// A weight: an initializer by name, or a constant computed on the host.
+    Weight(WeightSource),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum WeightSource {
+    Initializer(String),
+    Computed(Arc<Vec<f32>>),
+    ComputedI64(Arc<Vec<i64>>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Buffer {
+    pub numel: usize,
+    pub dtype: DType,
+    pub kind: BufferKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add = 0,
+    Sub = 1,
+    Mul = 2,
+    Div = 3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnaryOp {
+    Sigmoid = 0,
+    Sin = 1,
+    Cos = 2,
+    Silu = 3,
+    Neg = 4,
+}
+
+/// One device operation. Buffers are indices into [`Program::buffers`]; element offsets are in
+/// elements of the buffer's type.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    Copy {
+        out: usize,
+        inp: usize,
+        s: Strided,
+        in_off: i64,
+        out_off: i64,
+    },
+    Binary {
+        out: usize,
+        a: usize,
+        b: usize,
+        op: BinaryOp,
+        /// `None` when both operands have the output's shape.
+        s: Option<Strided>,
+        n: usize,
+    },
+    Unary {
+        out: usize,
+        inp: usize,
+        op: UnaryOp,
+        n: usize,
+    },
+    /// `out[..n] = value` (the border of a padded copy).
+    Fill {
+        out: usize,
+        n: usize,
+        value: f32,
+    },
+    /// `out[m, n] = x[m, k] · w[n, k]ᵀ + bias[n] + residual[m, n]`.
+    Linear {
+        out: usize,
+        x: usize,
+        w: usize,
+        bias: Option<usize>,
+        residual: Option<usize>,
+        m: usize,
+        n: usize,
+        k: usize,
+    },
+    /// `out[i] = a[i] · b[i]` for `batch` row-major `[m, k]·[k, n]` products; `b_stride` 0
+    /// broadcasts `b`.
+    MatMul {
+        out: usize,
+        a: usize,
+        b: usize,
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        b_stride: usize,
+    },
+    Conv(ConvStep),
+    GroupNorm {
+        out: usize,
+        x: usize,
+        gamma: usize,
+        beta: usize,
+        n: usize,
+        c: usize,
+        spatial: usize,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    },
+    LayerNorm {
+        out: usize,
+        x: usize,
+        gamma: usize,
+        beta: Option<usize>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    },
+    Softmax {
+        out: usize,
+        x: usize,
+        rows: usize,
+        cols: usize,
+    },
+    Geglu {
+        out: usize,
+        x: usize,
+        rows: usize,
+        d: usize,
+    },
+    Gather {
+        out: usize,
+        table: usize,
+        ids: usize,
+        n_ids: usize,
+        row: usize,
+        n_rows: usize,
+    },
+    Attention {
+        out: usize,
+        q: usize,
+        k: usize,
+        v: usize,
+        bias: Option<(usize, usize)>,
+        n: usize,
+        l: usize,
+        s: usize,
+        heads: usize,
+        d: usize,
+        scale: f32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvStep {
+    pub out: usize,
+    pub x: usize,
+    pub w: usize,
+    pub bias: Option<usize>,
+    pub residual: Option<usize>,
+    /// `[N, C, H, W]`
+    pub x_shape: [usize; 4],
+    /// `[O, C/group, kh, kw]`
+    pub w_shape: [usize; 4],
+    pub y_shape: [usize; 4],
+    pub pads: [usize; 4],
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    pub group: usize,
+}
+
+impl ConvStep {
+    /// A key naming the problem (for the tactic cache).
+    pub fn problem(&self) -> String {
+        format!(
+            "conv x{:?} w{:?} pad{:?} s{:?} d{:?} g{}",
+            self.x_shape, self.w_shape, self.pads, self.strides, self.dilations, self.group
+        )
+    }
+}
+
+impl Step {
+    /// `(buffers read, buffer written)`.
+    pub fn io(&self) -> (Vec<usize>, usize) {
+        match self {
+            Step::Copy { out, inp, .. } => (vec![*inp, *out], *out),
+            Step::Binary { out, a, b, .. } => (vec![*a, *b], *out),
+            Step::Unary { out, inp, .. } => (vec![*inp], *out),
+            Step::Fill { out, .. } => (vec![], *out),
+            Step::Linear {
+                out,
+                x,
+                w,
+                bias,
+                residual,
+                ..
+            } => {
+                let mut r = vec![*x, *w];
+                r.extend(bias.iter().chain(residual.iter()));
+                (r, *out)
+            }
+            Step::MatMul { out, a, b, .. } => (vec![*a, *b], *out),
+            Step::Conv(c) => {
+                let mut r = vec![c.x, c.w];
+                r.extend(c.bias.iter().chain(c.residual.iter()));
+                (r, c.out)
+            }
+            Step::GroupNorm {
+                out,
+                x,
+                gamma,
+                beta,
+                ..
+            } => (vec![*x, *gamma, *beta], *out),
+            Step::LayerNorm {
+                out,
+                x,
+                gamma,
+                beta,
+                ..
+            } => {
+                let mut r = vec![*x, *gamma];
+                r.extend(beta.iter());
+                (r, *out)
+            }
+            Step::Softmax { out, x, .. } | Step::Geglu { out, x, .. } => (vec![*x], *out),
+            Step::Gather {
+                out, table, ids, ..
+            } => (vec![*table, *ids], *out),
+            Step::Attention {
+                out, q, k, v, bias, ..
+            } => {
+                let mut r = vec![*q, *k, *v];
+                r.extend(bias.iter().map(|b| b.0));
+                (r, *out)
+            }
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::Copy { .. } => "copy",
+            Step::Binary { .. } => "binary",
+            Step::Unary { .. } => "unary",
+            Step::Fill { .. } => "fill",
+            Step::Linear { .. } => "linear",
+            Step::MatMul { .. } => "matmul",
+            Step::Conv(_) => "conv",
+            Step::GroupNorm { .. } => "group_norm",
+            Step::LayerNorm { .. } => "layer_norm",
+            Step::Softmax { .. } => "softmax",
+            Step::Geglu { .. } => "geglu",
+            Step::Gather { .. } => "gather",
+            Step::Attention { .. } => "attention",
+        }
+    }
+}
+
+/// A graph compiled for concrete input shapes.
+#[derive(Debug, Clone)]
+pub struct Program {
+    pub buffers: Vec<Buffer>,
+    pub steps: Vec<Step>,
+    /// Graph inputs: name and buffer (in graph order).
+    pub inputs: Vec<(String, DevTensor)>,
+    /// Graph outputs: name and tensor.
+    pub outputs: Vec<(String, DevTensor)>,
+    /// Nodes of the source graph, for reports.
+    pub nodes: usize,
+}
+
+/// Reads initializers' values (the planner needs int64 shape constants and the float tables it
+/// slices on the host).
+pub trait InitializerSource {
+    fn f32s(&self, t: &TensorProto) -> Result<Vec<f32>, EngineError>;
+    fn i64s(&self, t: &TensorProto) -> Result<Vec<i64>, EngineError>;
+}
+
+fn attr<'n>(n: &'n NodeProto, name: &str) -> Option<&'n AttributeProto> {
+    n.attribute.iter().find(|a| a.name == name)
+}
+fn attr_i(n: &NodeProto, name: &str, default: i64) -> i64 {
+    attr(n, name).map_or(default, |a| a.i)
+}
+fn attr_f(n: &NodeProto, name: &str, default: f32) -> f32 {
+    attr(n, name).map_or(default, |a| a.f)
+}
+fn attr_ints(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
+    attr(n, name).map(|a| a.ints.clone())
+}
+fn attr_s(n: &NodeProto, name: &str) -> Option<String> {
+    attr(n, name).map(|a| String::from_utf8_lossy(&a.s).into_owned())
+}
+
+fn norm_axis(axis: i64, rank: usize) -> Result<usize, EngineError> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    if a < 0 || a as usize >= rank.max(1) {
+        return Err(err(format!("axis {axis} out of range for rank {rank}")));
+    }
+    Ok(a as usize)
+}
+
+struct Planner<'a> {
+    values: HashMap<String, Value>,
+    buffers: Vec<Buffer>,
+    steps: Vec<Step>,
+    /// Which step wrote a buffer (for epilogue fusion).
+    writer: HashMap<usize, usize>,
+    /// How many nodes read each value name.
+    readers: HashMap<String, usize>,
+    /// Convolution outputs by value name (for the residual epilogue).
+    conv_out: HashMap<usize, String>,
+    /// Weights already uploaded, by initializer name.
+    weight_bufs: HashMap<String, usize>,
+    inits: HashMap<&'a str, &'a TensorProto>,
+    src: &'a dyn InitializerSource,
+}
+
+impl Planner<'_> {
+    fn new_buf(&mut self, numel: usize, dtype: DType, kind: BufferKind) -> usize {
+        self.buffers.push(Buffer { numel, dtype, kind });
+        self.buffers.len() - 1
+    }
+
+    fn activation(&mut self, shape: Vec<usize>) -> DevTensor {
+        let n = shape.iter().product();
+        DevTensor {
+            buf: self.new_buf(n, DType::Float, BufferKind::Activation),
+            shape,
+        }
+    }
+
+    fn push(&mut self, s: Step) {
+        let out = s.io().1;
+        self.writer.insert(out, self.steps.len());
+        self.steps.push(s);
+    }
+
+    fn value(&mut self, name: &str) -> Result<Option<Value>, EngineError> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        if let Some(v) = self.values.get(name) {
+            return Ok(Some(v.clone()));
+        }
+        if let Some(t) = self.inits.get(name).copied() {
+            let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+            let dt = TensorProtoDataType::try_from(t.data_type).ok();
+            let data = match dt {
+                Some(TensorProtoDataType::Int64) => HostData::I64(self.src.i64s(t)?),
+                Some(TensorProtoDataType::Float) => {
+                    // large float weights stay by name; the executor reads them at upload
+                    if shape.iter().product::<usize>() > 4096 {
+                        let buf = self.weight(name, shape.iter().product());
+                        let v = Value::Dev(DevTensor { buf, shape });
+                        self.values.insert(name.into(), v.clone());
+                        return Ok(Some(v));
+                    }
+                    HostData::F32(self.src.f32s(t)?)
+                }
+                _ => {
+                    return Err(err(format!(
+                        "initializer {name}: data type {} is not supported by the engine",
+                        t.data_type
+                    )))
+                }
+            };
+            let v = Value::Host(Arc::new(HostTensor { shape, data }));
+            self.values.insert(name.into(), v.clone());
+            return Ok(Some(v));
+        }
+        Err(err(format!("value {name:?} is used before it is defined")))
+    }
+
+    fn weight(&mut self, name: &str, numel: usize) -> usize {
+        if let Some(&b) = self.weight_bufs.get(name) {
+            return b;
+        }
+        let b = self.new_buf(
+            numel,
+            DType::Float,
+            BufferKind::Weight(WeightSource::Initializer(name.into())),
+        );
+        self.weight_bufs.insert(name.into(), b);
+        b
+    }
+
+    /// A device view of a value: host float constants become computed weights.
+    fn dev(&mut self, v: Value, what: &str) -> Result<DevTensor, EngineError> {
+        match v {
+            Value::Dev(d) => Ok(d),
+            Value::Host(h) => match &h.data {
+                HostData::F32(data) => {
+                    let buf = self.new_buf(
+                        data.len(),
+                        DType::Float,
+                        BufferKind::Weight(WeightSource::Computed(Arc::new(data.clone()))),
+                    );
+                    Ok(DevTensor {
+                        buf,
+                        shape: h.shape.clone(),
+                    })
+                }
+                HostData::I64(data) => {
+                    // int64 index constants (Gather ids) go up as computed int64 data
+                    let buf = self.new_buf(
+                        data.len(),
+                        DType::I64,
+                        BufferKind::Weight(WeightSource::ComputedI64(Arc::new(data.clone()))),
+                    );
+                    let _ = what;
+                    Ok(DevTensor {
+                        buf,
+                        shape: h.shape.clone(),
+                    })
+                }
+            },
+        }
+    }
+
+    fn shape_of(v: &Value) -> Vec<usize> {
+        match v {
+            Value::Host(h) => h.shape.clone(),
+            Value::Dev(d) => d.shape.clone(),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn copy(
+        &mut self,
+        out: &DevTensor,
+        inp: &DevTensor,
+        dims: &[usize],
+        ins: &[i64],
+        outs: &[i64],
+        in_off: i64,
+        out_off: i64,
+    ) -> Result<(), EngineError> {
+        let zeros = vec![0; dims.len()];
+        let s = Strided::new(dims, ins, &zeros, outs)?;
+        self.push(Step::Copy {
+            out: out.buf,
+            inp: inp.buf,
+            s,
+            in_off,
+            out_off,
+        });
+        Ok(())
+    }
+
+    fn node(&mut self, n: &NodeProto) -> Result<(), EngineError> {
+        let mut ins = Vec::new();
+        for i in &n.input {
+            ins.push(self.value(i)?);
+        }
+        let all_host = ins.iter().all(|v| !matches!(v, Some(Value::Dev(_))));
+        let op = if n.domain.is_empty() || n.domain == "ai.onnx" {
+            n.op_type.clone()
+        } else {
+            format!("{}::{}", n.domain, n.op_type)
+        };
+        let get = |k: usize| -> Result<Value, EngineError> {
+            ins.get(k)
+                .cloned()
+                .flatten()
+                .ok_or_else(|| err(format!("{op} {}: input {k} is missing", n.name)))
+        };
+        let host = |k: usize| -> Result<Arc<HostTensor>, EngineError> {
+            match get(k)? {
+                Value::Host(h) => Ok(h),
+                Value::Dev(_) => Err(err(format!(
+                    "{op} {}: input {k} must be a constant (computed from shapes), but depends on the graph's inputs",
+                    n.name
+                ))),
+            }
+        };
+        let out_name = n.output.first().cloned().unwrap_or_default();
+        let set = |p: &mut Self, v: Value| {
+            p.values.insert(out_name.clone(), v);
+        };
+        match op.as_str() {
+            "Shape" => {
+                let s = Self::shape_of(&get(0)?);
+                let v = HostTensor {
+                    shape: vec![s.len()],
+                    data: HostData::I64(s.iter().map(|&d| d as i64).collect()),
+                };
+                set(self, Value::Host(Arc::new(v)));
+            }
+            "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" | "Identity" | "Cast" => {
+                let x = get(0)?;
+                let shape = Self::shape_of(&x);
+                let new_shape = match op.as_str() {
+                    "Reshape" => {
+                        let spec = host(1)?;
+                        let spec = spec.i64s()?;
+                        let total: usize = shape.iter().product();
+                        let mut out: Vec<usize> = Vec::new();
+                        let mut infer = None;
+                        for (k, &d) in spec.iter().enumerate() {
+                            match d {
+                                0 => out.push(
+                                    *shape
+                                        .get(k)
+                                        .ok_or_else(|| err("Reshape: 0 past the input's rank"))?,
+                                ),
+                                -1 => {
+                                    infer = Some(k);
+                                    out.push(1);
+                                }
+                                d if d > 0 => out.push(d as usize),
+                                d => {
+                                    return Err(err(format!(
+                                        "Reshape {}: bad dimension {d}",
+                                        n.name
+                                    )))
+                                }
+                            }
+                        }
+                        if let Some(k) = infer {
+                            let known: usize = out.iter().product();
+                            out[k] = total / known.max(1);
+                        }
+                        if out.iter().product::<usize>() != total {
+                            return Err(err(format!(
+                                "Reshape {}: {shape:?} cannot become {spec:?}",
+                                n.name
+                            )));
+                        }
+                        out
+                    }
+                    "Unsqueeze" => {
+                        let axes = match ins.get(1).cloned().flatten() {
+                            Some(_) => host(1)?.i64s()?.to_vec(),
+                            None => attr_ints(n, "axes").unwrap_or_default(),
+                        };
+                        let r = shape.len() + axes.len();
+                        let mut axes: Vec<usize> = axes
+                            .iter()
+                            .map(|&a| norm_axis(a, r))
+                            .collect::<Result<_, _>>()?;
+                        axes.sort();
+                        let mut out = shape.clone();
+                        for a in axes {
+                            out.insert(a, 1);
+                        }
+                        out
+                    }
+                    "Squeeze" => {
+                        let axes = match ins.get(1).cloned().flatten() {
+                            Some(_) => host(1)?.i64s()?.to_vec(),
+                            None => attr_ints(n, "axes").unwrap_or_default(),
+                        };
+                        let axes: Vec<usize> = axes
+                            .iter()
+                            .map(|&a| norm_axis(a, shape.len()))
+                            .collect::<Result<_, _>>()?;
+                        shape
+                            .iter()
+                            .enumerate()
+                            .filter(|(k, &d)| !(d == 1 && (axes.is_empty() || axes.contains(k))))
+                            .map(|(_, &d)| d)
+                            .collect()
+                    }
+                    "Flatten" => {
+                        let a = norm_axis(attr_i(n, "axis", 1), shape.len() + 1)?;
+                        vec![shape[..a].iter().product(), shape[a..].iter().product()]
+                    }
+                    _ => shape.clone(),
+                };
+                let v = match x {
+                    Value::Dev(d) => Value::Dev(DevTensor {
+                        buf: d.buf,
+                        shape: new_shape,
+                    }),
+                    Value::Host(h) => {
+                        let mut h = (*h).clone();
+                        if op == "Cast" {
+                            let to = attr_i(n, "to", 1);
+                            h.data = match (h.data, to) {
+                                (HostData::I64(v), 1) => {
+                                    HostData::F32(v.iter().map(|&x| x as f32).collect())
+                                }
+                                (HostData::F32(v), 7) => {
+                                    HostData::I64(v.iter().map(|&x| x as i64).collect())
+                                }
+                                (d, _) => d,
+                            };
+                        }
+                        h.shape = new_shape;
+                        Value::Host(Arc::new(h))
+                    }
+                };
+                set(self, v);
+            }
+            "Gather" if all_host => {
+                let data = host(0)?;
+                let idx = host(1)?;
+                let axis = norm_axis(attr_i(n, "axis", 0), data.shape.len())?;
+                let ids = idx.i64s()?;
+                let dim = data.shape[axis] as i64;
+                let outer: usize = data.shape[..axis].iter().product();
+                let inner: usize = data.shape[axis + 1..].iter().product();
+                let mut shape = data.shape[..axis].to_vec();
+                shape.extend(&idx.shape);
+                shape.extend(&data.shape[axis + 1..]);
+                let pick = |o: usize, id: i64, j: usize| {
+                    let id = if id < 0 { id + dim } else { id } as usize;
+                    (o * data.shape[axis] + id) * inner + j
+                };
+                let mut order = Vec::new();
+                for o in 0..outer {
+                    for &id in ids {
+                        for j in 0..inner {
+                            order.push(pick(o, id, j));
+                        }
+                    }
+                }
+                let d = match &data.data {
+                    HostData::F32(v) => HostData::F32(order.iter().map(|&i| v[i]).collect()),
+                    HostData::I64(v) => HostData::I64(order.iter().map(|&i| v[i]).collect()),
+                };
+                set(self, Value::Host(Arc::new(HostTensor { shape, data: d })));
+            }
+            "Gather" => {
+                let axis = attr_i(n, "axis", 0);
+                let table = self.dev(get(0)?, "table")?;
+                let ids = self.dev(get(1)?, "ids")?;
+                if axis != 0 || table.shape.len() != 2 {
+                    return Err(err(format!(
+                        "Gather {}: the engine gathers rows of a 2-D table (axis 0)",
+                        n.name
+                    )));
+                }
+                let mut shape = ids.shape.clone();
+                shape.push(table.shape[1]);
+                let out = self.activation(shape);
+                self.push(Step::Gather {
+                    out: out.buf,
+                    table: table.buf,
+                    ids: ids.buf,
+                    n_ids: ids.numel(),
+                    row: table.shape[1],
+                    n_rows: table.shape[0],
+                });
+                set(self, Value::Dev(out));
+            }
+            "Concat" => {
+                let parts: Vec<Value> = (0..ins.len()).map(get).collect::<Result<_, _>>()?;
+                let rank = Self::shape_of(&parts[0]).len();
+                let axis = norm_axis(attr_i(n, "axis", 0), rank)?;
+                let mut shape = Self::shape_of(&parts[0]);
+                shape[axis] = parts.iter().map(|p| Self::shape_of(p)[axis]).sum();
+                if all_host {
+                    let outer: usize = shape[..axis].iter().product();
+                    let mut f = Vec::new();
+                    let mut i = Vec::new();
+                    for o in 0..outer {
+                        for p in &parts {
+                            let Value::Host(h) = p else { unreachable!() };
+                            let inner: usize = h.shape[axis..].iter().product();
+                            match &h.data {
+                                HostData::F32(v) => {
+                                    f.extend_from_slice(&v[o * inner..(o + 1) * inner])
+                                }
+                                HostData::I64(v) => {
+                                    i.extend_from_slice(&v[o * inner..(o + 1) * inner])
+                                }
+                            }
+                        }
+                    }
+                    let data = if f.is_empty() {
+                        HostData::I64(i)
+                    } else {
+                        HostData::F32(f)
+                    };
+                    set(self, Value::Host(Arc::new(HostTensor { shape, data })));
+                } else {
+                    let out = self.activation(shape.clone());
+                    let out_strides = contiguous_strides(&shape);
+                    let mut at = 0usize;
+                    for p in parts {
+                        let d = self.dev(p, "part")?;
+                        let ins = contiguous_strides(&d.shape);
+                        self.copy(
+                            &out,
+                            &d,
+                            &d.shape.clone(),
+                            &ins,
+                            &out_strides,
+                            0,
+                            at as i64 * out_strides[axis],
+                        )?;
+                        at += d.shape[axis];
+                    }
+                    set(self, Value::Dev(out));
+                }
+            }
+            "Slice" => {
+                let x = get(0)?;
+                let shape = Self::shape_of(&x);
+                let starts = host(1)?.i64s()?.to_vec();
+                let ends = host(2)?.i64s()?.to_vec();
+                let axes = match ins.get(3).cloned().flatten() {
+                    Some(_) => host(3)?.i64s()?.to_vec(),
+                    None => (0..starts.len() as i64).collect(),
+                };
+                let steps = match ins.get(4).cloned().flatten() {
+                    Some(_) => host(4)?.i64s()?.to_vec(),
+                    None => vec![1; starts.len()],
+                };
+                let mut out_shape = shape.clone();
+                let own = contiguous_strides(&shape);
+                let mut strides = own.clone();
+                let mut off = 0i64;
+                for k in 0..starts.len() {
+                    let a = norm_axis(axes[k], shape.len())?;
+                    let dim = shape[a] as i64;
+                    let st = steps[k];
+                    if st <= 0 {
+                        return Err(err(format!(
+                            "Slice {}: the engine takes positive steps",
+                            n.name
+                        )));
+                    }
+                    let clamp = |v: i64| {
+                        let v = if v < 0 { v + dim } else { v };
+                        v.clamp(0, dim)
+                    };
+                    let (s, e) = (clamp(starts[k]), clamp(ends[k]));
+                    out_shape[a] = if e > s {
+                        ((e - s + st - 1) / st) as usize
+                    } else {
+                        0
+                    };
+                    off += s * own[a];
+                    strides[a] = own[a] * st;
+                }
+                let zeros = vec![0; out_shape.len()];
+                let cs = contiguous_strides(&out_shape);
+                match x {
+                    Value::Host(h) => {
+                        let s = Strided::new(&out_shape, &strides, &zeros, &cs)?;
+                        set(self, Value::Host(Arc::new(h.map(out_shape, &s, off))));
+                    }
+                    Value::Dev(d) => {
+                        let out = self.activation(out_shape.clone());
+                        self.copy(&out, &d, &out_shape, &strides, &cs, off, 0)?;
+                        set(self, Value::Dev(out));
+                    }
+                }
+            }
+            "Transpose" => {
+                let x = get(0)?;
+                let shape = Self::shape_of(&x);
+                let perm: Vec<usize> = attr_ints(n, "perm")
+                    .map(|p| p.iter().map(|&a| a as usize).collect())
+                    .unwrap_or_else(|| (0..shape.len()).rev().collect());
+                let own = contiguous_strides(&shape);
+                let out_shape: Vec<usize> = perm.iter().map(|&a| shape[a]).collect();
+                let strides: Vec<i64> = perm.iter().map(|&a| own[a]).collect();
+                let cs = contiguous_strides(&out_shape);
+                match x {
+                    Value::Host(h) => {
+                        let zeros = vec![0; out_shape.len()];
+                        let s = Strided::new(&out_shape, &strides, &zeros, &cs)?;
+                        set(self, Value::Host(Arc::new(h.map(out_shape, &s, 0))));
+                    }
+                    Value::Dev(d) => {
+                        let out = self.activation(out_shape.clone());
+                        self.copy(&out, &d, &out_shape, &strides, &cs, 0, 0)?;
+                        set(self, Value::Dev(out));
+                    }
+                }
+            }
+            "Expand" => {
+                let x = get(0)?;
+                let shape = Self::shape_of(&x);
+                let target: Vec<usize> = host(1)?.i64s()?.iter().map(|&d| d as usize).collect();
+                let out_shape = broadcast_shape(&shape, &target)?;
+                let strides = broadcast_strides(&shape, &out_shape)?;
+                let cs = contiguous_strides(&out_shape);
+                match x {
+                    Value::Host(h) => {
+                        let zeros = vec![0; out_shape.len()];
+                        let s = Strided::new(&out_shape, &strides, &zeros, &cs)?;
+                        set(self, Value::Host(Arc::new(h.map(out_shape, &s, 0))));
+                    }
+                    Value::Dev(d) => {
+                        let out = self.activation(out_shape.clone());
+                        self.copy(&out, &d, &out_shape, &strides, &cs, 0, 0)?;
+                        set(self, Value::Dev(out));
+                    }
+                }
+            }
+            "Resize" => {
+                let x = self.dev(get(0)?, "X")?;
+                let mode = attr_s(n, "mode").unwrap_or_else(|| "nearest".into());
+                let ctm = attr_s(n, "coordinate_transformation_mode")
+                    .unwrap_or_else(|| "half_pixel".into());
+                if mode != "nearest" || x.shape.len() != 4 {
+                    return Err(err(format!("Resize {}: the engine takes nearest-neighbour resizing of 4-D tensors, not {mode}", n.name)));
+                }
+                let out_shape: Vec<usize> = if let Some(Some(_)) = ins.get(3) {
+                    host(3)?.i64s()?.iter().map(|&d| d as usize).collect()
+                } else {
+                    let sc = host(2)?;
+                    let HostData::F32(s) = &sc.data else {
+                        return Err(err("Resize: float scales expected"));
+                    };
+                    x.shape
+                        .iter()
+                        .zip(s)
+                        .map(|(&d, &f)| (d as f32 * f).floor() as usize)
+                        .collect()
+                };
+                let (h, w) = (x.shape[2], x.shape[3]);
+                let (oh, ow) = (out_shape[2], out_shape[3]);
+                if out_shape[..2] != x.shape[..2]
+                    || oh % h != 0
+                    || ow % w != 0
+                    || (ctm != "asymmetric" && (oh != h || ow != w))
+                {
+                    return Err(err(format!(
+                        "Resize {}: the engine takes integer nearest upsampling with asymmetric coordinates ({:?} -> {out_shape:?}, {ctm})",
+                        n.name, x.shape
+                    )));
+                }
+                let (sh, sw) = (oh / h, ow / w);
+                let nc = x.shape[0] * x.shape[1];
+                let dims = [nc, h, sh, w, sw];
+                let ins_ = [(h * w) as i64, w as i64, 0, 1, 0];
+                let cs = contiguous_strides(&dims);
+                let out = self.activation(out_shape);
+                self.copy(&out, &x, &dims, &ins_, &cs, 0, 0)?;
+                set(self, Value::Dev(out));
+            }
+            "Add" | "Sub" | "Mul" | "Div" => {
+                let bop = match op.as_str() {
+                    "Add" => BinaryOp::Add,
+                    "Sub" => BinaryOp::Sub,
+                    "Mul" => BinaryOp::Mul,
+                    _ => BinaryOp::Div,
+                };
+                let (a, b) = (get(0)?, get(1)?);
+                let (sa, sb) = (Self::shape_of(&a), Self::shape_of(&b));
+                let out_shape = broadcast_shape(&sa, &sb)?;
+                if all_host {
+                    let (Value::Host(ha), Value::Host(hb)) = (&a, &b) else {
+                        unreachable!()
+                    };
+                    let zeros = vec![0; out_shape.len()];
+                    let s = Strided::new(
+                        &out_shape,
+                        &broadcast_strides(&sa, &out_shape)?,
+                        &broadcast_strides(&sb, &out_shape)?,
+                        &zeros,
+                    )?;
+                    let nn = s.numel();
+                    let data = match (&ha.data, &hb.data) {
+                        (HostData::I64(x), HostData::I64(y)) => HostData::I64(
+                            (0..nn)
+                                .map(|i| {
+                                    let (p, q, _) = s.offsets(i as i64);
+                                    let (u, v) = (x[p as usize], y[q as usize]);
+                                    match bop {
+                                        BinaryOp::Add => u + v,
+                                        BinaryOp::Sub => u - v,
+                                        BinaryOp::Mul => u * v,
+                                        BinaryOp::Div => u / v,
+                                    }
+                                })
+                                .collect(),
+                        ),
+                        (HostData::F32(x), HostData::F32(y)) => HostData::F32(
+                            (0..nn)
+                                .map(|i| {
+                                    let (p, q, _) = s.offsets(i as i64);
+                                    let (u, v) = (x[p as usize], y[q as usize]);
+                                    match bop {
+                                        BinaryOp::Add => u + v,
+                                        BinaryOp::Sub => u - v,
+                                        BinaryOp::Mul => u * v,
+                                        BinaryOp::Div => u / v,
+                                    }
+                                })
+                                .collect(),
+                        ),
+                        _ => {
+                            return Err(err(format!(
+                                "{op} {}: mixed int64 and float constants",
+                                n.name
+                            )))
+                        }
+                    };
+                    set(
+                        self,
+                        Value::Host(Arc::new(HostTensor {
+                            shape: out_shape,
+                            data,
+                        })),
+                    );
+                    return Ok(());
+                }
+                let da = self.dev(a, "A")?;
+                let db = self.dev(b, "B")?;
+                // a convolution whose output only feeds this Add takes the other operand as its residual
+                if bop == BinaryOp::Add && sa == sb {
+                    for (conv_side, other) in [(&da, &db), (&db, &da)] {
+                        // only the convolution's own output, read by this Add alone
+                        let single = self.conv_out.get(&conv_side.buf).is_some_and(|name| {
+                            n.input.contains(name) && self.readers.get(name).copied() == Some(1)
+                        });
+                        if !single {
+                            continue;
+                        }
+                        if let Some(&si) = self.writer.get(&conv_side.buf) {
+                            // the residual must exist when the convolution runs
+                            if self.writer.get(&other.buf).is_some_and(|&w| w > si) {
+                                continue;
+                            }
+                            if let Step::Conv(c) = &mut self.steps[si] {
+                                if c.residual.is_none()
+                                    && c.out == conv_side.buf
+                                    && c.x != other.buf
+                                {
+                                    c.residual = Some(other.buf);
+                                    set(self, Value::Dev(conv_side.clone()));
+                                    return Ok(());
+                                }
+                            }
+                        }
+                    }
+                }
+                let out = self.activation(out_shape.clone());
+                let s = if sa == out_shape && sb == out_shape {
+                    None
+                } else {
+                    let cs = contiguous_strides(&out_shape);
+                    Some(Strided::new(
+                        &out_shape,
+                        &broadcast_strides(&sa, &out_shape)?,
+                        &broadcast_strides(&sb, &out_shape)?,
+                        &cs,
+                    )?)
+                };
+                self.push(Step::Binary {
+                    out: out.buf,
+                    a: da.buf,
+                    b: db.buf,
+                    op: bop,
+                    s,
+                    n: out.numel(),
+                });
+                set(self, Value::Dev(out));
+            }
+            "Sigmoid" | "Sin" | "Cos" | "Neg" => {
+                let x = get(0)?;
+                if let Value::Host(h) = &x {
+                    let HostData::F32(v) = &h.data else {
+                        return Err(err(format!("{op}: float expected")));
+                    };
+                    let f: fn(f32) -> f32 = match op.as_str() {
+                        "Sigmoid" => |x| 1.0 / (1.0 + (-x).exp()),
+                        "Sin" => f32::sin,
+                        "Cos" => f32::cos,
+                        _ => |x| -x,
+                    };
+                    set(
+                        self,
+                        Value::Host(Arc::new(HostTensor {
+                            shape: h.shape.clone(),
+                            data: HostData::F32(v.iter().map(|&x| f(x)).collect()),
+                        })),
+                    );
+                    return Ok(());
+                }
+                let x = self.dev(x, "X")?;
+                let uop = match op.as_str() {
+                    "Sigmoid" => UnaryOp::Sigmoid,
+                    "Sin" => UnaryOp::Sin,
+                    "Cos" => UnaryOp::Cos,
+                    _ => UnaryOp::Neg,
+                };
+                let out = self.activation(x.shape.clone());
+                self.push(Step::Unary {
+                    out: out.buf,
+                    inp: x.buf,
+                    op: uop,
+                    n: x.numel(),
+                });
+                set(self, Value::Dev(out));
+            }
+            "LayerNormalization" => {
+                let x = self.dev(get(0)?, "X")?;
+                let gamma = self.dev(get(1)?, "scale")?;
+                let beta = match ins.get(2).cloned().flatten() {
+                    Some(b) => Some(self.dev(b, "bias")?.buf),
+                    None => None,
+                };
+                let axis = norm_axis(attr_i(n, "axis", -1), x.shape.len())?;
+                if axis != x.shape.len() - 1 {
+                    return Err(err(format!(
+                        "LayerNormalization {}: the engine normalizes the last axis only",
+                        n.name
+                    )));
+                }
+                let cols = x.shape[axis];
+                let out = self.activation(x.shape.clone());
+                self.push(Step::LayerNorm {
+                    out: out.buf,
+                    x: x.buf,
+                    gamma: gamma.buf,
+                    beta,
+                    rows: x.numel() / cols,
+                    cols,
+                    eps: attr_f(n, "epsilon", 1e-5),
+                });
+                set(self, Value::Dev(out));
+            }
+            "Softmax" => {
+                let x = self.dev(get(0)?, "X")?;
+                let axis = norm_axis(attr_i(n, "axis", -1), x.shape.len())?;
+                if axis != x.shape.len() - 1 {
+                    return Err(err(format!(
+                        "Softmax {}: the engine takes the last axis only",
+                        n.name
+                    )));
+                }
+                let cols = x.shape[axis];
+                let out = self.activation(x.shape.clone());
+                self.push(Step::Softmax {
+                    out: out.buf,
+                    x: x.buf,
+                    rows: x.numel() / cols,
+                    cols,
+                });
+                set(self, Value::Dev(out));
+            }
+            "MatMul" => {
+                let a = self.dev(get(0)?, "A")?;
+                let b = self.dev(get(1)?, "B")?;
+                if a.shape.len() < 2 || b.shape.len() < 2 {
+                    return Err(err(format!(
+                        "MatMul {}: rank-1 operands are not supported",
+                        n.name
+                    )));
+                }
+                let (m, k) = (a.shape[a.shape.len() - 2], a.shape[a.shape.len() - 1]);
+                let (k2, nn) = (b.shape[b.shape.len() - 2], b.shape[b.shape.len() - 1]);
+                let ba: usize = a.shape[..a.shape.len() - 2].iter().product();
+                let bb: usize = b.shape[..b.shape.len() - 2].iter().product();
+                if k != k2 || !(bb == ba || bb == 1) {
+                    return Err(err(format!("MatMul {}: {:?} x {:?} is not supported (batch dims must match, or B is 2-D)", n.name, a.shape, b.shape)));
+                }
+                let mut shape = a.shape[..a.shape.len() - 1].to_vec();
+                shape.push(nn);
+                let out = self.activation(shape);
+                self.push(Step::MatMul {
+                    out: out.buf,
+                    a: a.buf,
+                    b: b.buf,
+                    batch: ba,
+                    m,
+                    n: nn,
+                    k,
+                    b_stride: if bb == 1 { 0 } else { k * nn },
+                });
+                set(self, Value::Dev(out));
+            }
+            "Conv" => {
+                let x = self.dev(get(0)?, "X")?;
+                let w = self.dev(get(1)?, "W")?;
+                let bias = match ins.get(2).cloned().flatten() {
+                    Some(b) => Some(self.dev(b, "B")?.buf),
+                    None => None,
+                };
+                if x.shape.len() != 4 || w.shape.len() != 4 {
+                    return Err(err(format!(
+                        "Conv {}: the engine takes 2-D convolutions",
+                        n.name
+                    )));
+                }
+                let pads = attr_ints(n, "pads").unwrap_or_else(|| vec![0; 4]);
+                let strides = attr_ints(n, "strides").unwrap_or_else(|| vec![1, 1]);
+                let dil = attr_ints(n, "dilations").unwrap_or_else(|| vec![1, 1]);
+                let group = attr_i(n, "group", 1) as usize;
+                if attr_s(n, "auto_pad").is_some_and(|s| s != "NOTSET") {
+                    return Err(err(format!("Conv {}: auto_pad is not supported", n.name)));
+                }
+                let mut x = x;
+                let mut p = [
+                    pads[0] as usize,
+                    pads[1] as usize,
+                    pads[2] as usize,
+                    pads[3] as usize,
+                ];
+                if p[0] != p[2] || p[1] != p[3] {
+                    // cuDNN pads symmetrically: copy into a zero-bordered buffer first
+                    let (h, w_) = (x.shape[2], x.shape[3]);
+                    let ps = vec![x.shape[0], x.shape[1], h + p[0] + p[2], w_ + p[1] + p[3]];
+                    let padded = self.activation(ps.clone());
+                    self.push(Step::Fill {
+                        out: padded.buf,
+                        n: padded.numel(),
+                        value: 0.0,
+                    });
+                    let own = contiguous_strides(&x.shape);
+                    let os = contiguous_strides(&ps);
+                    let off = p[0] as i64 * os[2] + p[1] as i64 * os[3];
+                    self.copy(&padded, &x, &x.shape.clone(), &own, &os, 0, off)?;
+                    x = padded;
+                    p = [0; 4];
+                }
+                let xs = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+                let ws = [w.shape[0], w.shape[1], w.shape[2], w.shape[3]];
+                let (st, dl) = (
+                    [strides[0] as usize, strides[1] as usize],
+                    [dil[0] as usize, dil[1] as usize],
+                );
+                let oh = (xs[2] + p[0] + p[2] - dl[0] * (ws[2] - 1) - 1) / st[0] + 1;
+                let ow = (xs[3] + p[1] + p[3] - dl[1] * (ws[3] - 1) - 1) / st[1] + 1;
+                let ys = [xs[0], ws[0], oh, ow];
+                let out = self.activation(ys.to_vec());
+                self.conv_out.insert(out.buf, out_name.clone());
+                self.push(Step::Conv(ConvStep {
+                    out: out.buf,
+                    x: x.buf,
+                    w: w.buf,
+                    bias,
+                    residual: None,
+                    x_shape: xs,
+                    w_shape: ws,
+                    y_shape: ys,
+                    pads: p,
+                    strides: st,
+                    dilations: dl,
+                    group,
+                }));
+                set(self, Value::Dev(out));
+            }
+            "com.motionrt::GroupNorm" => {
+                let x = self.dev(get(0)?, "X")?;
+                let gamma = self.dev(get(1)?, "scale")?;
+                let beta = self.dev(get(2)?, "bias")?;
+                let groups = attr_i(n, "num_groups", 32) as usize;
+                let c = x.shape[1];
+                if c % groups != 0 {
+                    return Err(err(format!(
+                        "GroupNorm {}: {c} channels in {groups} groups",
+                        n.name
+                    )));
+                }
+                let out = self.activation(x.shape.clone());
+                let act = attr_s(n, "activation").unwrap_or_else(|| "none".into());
+                self.push(Step::GroupNorm {
+                    out: out.buf,
+                    x: x.buf,
+                    gamma: gamma.buf,
+                    beta: beta.buf,
+                    n: x.shape[0],
+                    c,
+                    spatial: x.shape[2..].iter().product(),
+                    groups,
+                    eps: attr_f(n, "epsilon", 1e-5),
+                    silu: act == "silu",
+                });
+                set(self, Value::Dev(out));
+            }
+            "com.motionrt::Linear" => {
+                let x = self.dev(get(0)?, "X")?;
+                let w = self.dev(get(1)?, "W")?;
+                let bias = match ins.get(2).cloned().flatten() {
+                    Some(b) => Some(self.dev(b, "bias")?.buf),
+                    None => None,
+                };
+                let (nn, k) = (w.shape[0], w.shape[1]);
+                if x.shape.last() != Some(&k) {
+                    return Err(err(format!(
+                        "Linear {}: X {:?} and W {:?}",
+                        n.name, x.shape, w.shape
+                    )));
+                }
+                let mut shape = x.shape.clone();
+                *shape.last_mut().unwrap() = nn;
+                let residual = match ins.get(3).cloned().flatten() {
+                    Some(r) => {
+                        let r = self.dev(r, "residual")?;
+                        if r.shape.iter().product::<usize>() != shape.iter().product::<usize>() {
+                            return Err(err(format!(
+                                "Linear {}: residual {:?} for output {shape:?}",
+                                n.name, r.shape
+                            )));
+                        }
+                        Some(r.buf)
+                    }
+                    None => None,
+                };
+                let out = self.activation(shape);
+                self.push(Step::Linear {
+                    out: out.buf,
+                    x: x.buf,
+                    w: w.buf,
+                    bias,
+                    residual,
+                    m: x.numel() / k,
+                    n: nn,
+                    k,
+                });
+                set(self, Value::Dev(out));
+            }
+            "com.motionrt::Geglu" => {
+                let x = self.dev(get(0)?, "X")?;
+                let last = *x.shape.last().unwrap();
+                let mut shape = x.shape.clone();
+                *shape.last_mut().unwrap() = last / 2;
+                let out = self.activation(shape);
+                self.push(Step::Geglu {
+                    out: out.buf,
+                    x: x.buf,
+                    rows: x.numel() / last,
+                    d: last / 2,
+                });
+                set(self, Value::Dev(out));
+            }
+            "com.motionrt::TemporalAttention" => {
+                let q = self.dev(get(0)?, "Q")?;
+                let k = self.dev(get(1)?, "K")?;
+                let v = self.dev(get(2)?, "V")?;
+                let heads = attr_i(n, "num_heads", 1) as usize;
+                let (nq, l, c) = (q.shape[0], q.shape[1], q.shape[2]);
+                let s = k.shape[1];
+                let d = c / heads.max(1);
+                let bias = match ins.get(3).cloned().flatten() {
+                    Some(b) => {
+                        let b = self.dev(b, "bias")?;
+                        Some((b.buf, b.shape[0]))
+                    }
+                    None => None,
+                };
+                let scale = attr_f(n, "scale", 1.0 / (d as f32).sqrt());
+                let out = self.activation(q.shape.clone());
+                self.push(Step::Attention {
+                    out: out.buf,
+                    q: q.buf,
+                    k: k.buf,
+                    v: v.buf,
+                    bias,
+                    n: nq,
+                    l,
+                    s,
+                    heads,
+                    d,
+                    scale,
+                });
+                set(self, Value::Dev(out));
+            }
+            other => {
+                return Err(err(format!(
+                    "node {} ({other}): operator not supported by the native engine",
+                    n.name
+                )))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Compile `model` for the given input shapes.
+pub fn compile(
+    model: &ModelProto,
+    input_shapes: &[(&str, Vec<usize>)],
+    src: &dyn InitializerSource,
+) -> Result<Program, EngineError> {
+    let g = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| err("the model has no graph"))?;
+    let mut p = Planner {
+        values: HashMap::new(),
+        buffers: Vec::new(),
+        steps: Vec::new(),
+        writer: HashMap::new(),
+        readers: HashMap::new(),
+        weight_bufs: HashMap::new(),
+        conv_out: HashMap::new(),
+        inits: g.initializer.iter().map(|t| (t.name.as_str(), t)).collect(),
+        src,
+    };
+    for node in &g.node {
+        for i in &node.input {
+            *p.readers.entry(i.clone()).or_default() += 1;
+        }
+    }
+    for o in &g.output {
+        *p.readers.entry(o.name.clone()).or_default() += 1;
+    }
+    let mut inputs = Vec::new();
+    for i in &g.input {
+        if p.inits.contains_key(i.name.as_str()) {
+            continue;
+        }
+        let shape = input_shapes
+            .iter()
+            .find(|(n, _)| *n == i.name)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| err(format!("no shape given for input {}", i.name)))?;
+        let elem = match &i.r#type {
+            Some(t) => match &t.value {
+                Some(motionrt_onnx::proto::TypeValue::TensorType(tt)) => tt.elem_type,
+                _ => 1,
+            },
+            None => 1,
+        };
+        let dtype = if elem == TensorProtoDataType::Int64 as i32 {
+            DType::I64
+        } else {
+            DType::Float
+        };
+        let buf = p.new_buf(
+            shape.iter().product(),
+            dtype,
+            BufferKind::Input(i.name.clone()),
+        );
+        let t = DevTensor { buf, shape };
+        p.values.insert(i.name.clone(), Value::Dev(t.clone()));
+        inputs.push((i.name.clone(), t));
+    }
+    for node in &g.node {
+        p.node(node)?;
+    }
+    let mut outputs = Vec::new();
+    for o in &g.output {
+        match p.values.get(&o.name) {
+            Some(Value::Dev(d)) => outputs.push((o.name.clone(), d.clone())),
+            _ => {
+                return Err(err(format!(
+                    "output {} is not computed on the device",
+                    o.name
+                )))
+            }
+        }
+    }
+    // dead-step elimination is unnecessary: the fused graphs are already pruned
+    Ok(Program {
+        buffers: p.buffers,
+        steps: p.steps,
+        inputs,
+        outputs,
+        nodes: g.node.len(),
+    })
+}
+
+/// Arena placement of a program's activation and input buffers by lifetime.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryPlan {
+    /// Byte offset in the arena per buffer (`None` for weights).
+    pub offsets: Vec<Option<usize>>,
+    pub arena_bytes: usize,
+    /// What the arena would be without reuse.
+    pub unshared_bytes: usize,
+}
+
+pub const ALIGN: usize = 256;
+
+/// Lifetimes `[first, last]` (step indices) of every non-weight buffer: inputs start at 0,
+/// outputs live to the end.
+pub fn lifetimes(p: &Program) -> Vec<Option<(usize, usize)>> {
+    let mut life: Vec<Option<(usize, usize)>> = vec![None; p.buffers.len()];
+    let end = p.steps.len();
+    for (i, b) in p.buffers.iter().enumerate() {
+        if let BufferKind::Input(_) = b.kind {
+            life[i] = Some((0, 0));
+        }
+    }
+    for (si, s) in p.steps.iter().enumerate() {
+        let (reads, w) = s.io();
+        for b in reads.into_iter().chain(std::iter::once(w)) {
+            if matches!(p.buffers[b].kind, BufferKind::Weight(_)) {
+                continue;
+            }
+            life[b] = Some(match life[b] {
+                Some((f, _)) => (f, si),
+                None => (si, si),
+            });
+        }
+    }
+    for (_, o) in &p.outputs {
+        if let Some(l) = life[o.buf].as_mut() {
+            l.1 = end;
+        } else {
+            life[o.buf] = Some((0, end));
+        }
+    }
+    life
+}
+
+/// Greedy placement by decreasing size: each buffer takes the lowest offset that overlaps no
+/// already-placed buffer alive at the same time. `elem_bytes(dtype)` sizes the elements.
+pub fn plan_memory(p: &Program, elem_bytes: impl Fn(DType) -> usize) -> MemoryPlan {
+    let life = lifetimes(p);
+    let size =
+        |i: usize| (p.buffers[i].numel * elem_bytes(p.buffers[i].dtype)).div_ceil(ALIGN) * ALIGN;
+    let mut order: Vec<usize> = (0..p.buffers.len())
+        .filter(|&i| life[i].is_some())
+        .collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(size(i)), i));
+    let mut placed: Vec<(usize, usize, usize, usize)> = Vec::new(); // (offset, end, first, last)
+    let mut offsets = vec![None; p.buffers.len()];
+    let mut arena = 0;
+    let mut unshared = 0;
+    for i in order {
+        let (f, l) = life[i].unwrap();
+        let sz = size(i);
+        unshared += sz;
+        let mut busy: Vec<(usize, usize)> = placed
+            .iter()
+            .filter(|q| q.2 <= l && f <= q.3)
+            .map(|q| (q.0, q.1))
+            .collect();
+        busy.sort();
+        let mut at = 0;
+        for (s, e) in busy {
+            if at + sz <= s {
+                break;
+            }
+            at = at.max(e);
+        }
+        placed.push((at, at + sz, f, l));
+        offsets[i] = Some(at);
+        arena = arena.max(at + sz);
+    }
+    MemoryPlan {
+        offsets,
+        arena_bytes: arena,
+        unshared_bytes: unshared,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_merges_contiguous_axes_and_maps_a_transpose() {
+        // [2, 3] transposed to [3, 2]
+        let s = Strided::new(&[3, 2], &[1, 3], &[0, 0], &[2, 1]).unwrap();
+        let got: Vec<i64> = (0..6).map(|i| s.offsets(i).0).collect();
+        assert_eq!(got, vec![0, 3, 1, 4, 2, 5]);
+        // a contiguous copy collapses to one axis
+        let s = Strided::new(&[2, 3, 4], &[12, 4, 1], &[12, 4, 1], &[12, 4, 1]).unwrap();
+        assert_eq!(s.rank, 1);
+        assert_eq!(s.dims[0], 24);
+        // broadcasting [3, 1] against [3, 4]
+        let b = broadcast_strides(&[3, 1], &[3, 4]).unwrap();
+        assert_eq!(b, vec![1, 0]);
+        assert!(broadcast_strides(&[3, 2], &[3, 4]).is_err());
+        assert_eq!(broadcast_shape(&[2, 1, 4], &[3, 1]).unwrap(), vec![2, 3, 4]);
+    }
+
+    fn prog(buffers: usize, steps: Vec<Step>, outputs: &[usize]) -> Program {
+        Program {
+            buffers: (0..buffers)
+                .map(|i| Buffer {
+                    numel: 64 * (i + 1),
+                    dtype: DType::Float,
+                    kind: if i == 0 {
+                        BufferKind::Input("x".into())
+                    } else {
+                        BufferKind::Activation
+                    },
+                })
+                .collect(),
+            steps,
+            inputs: vec![],
+            outputs: outputs
+                .iter()
+                .map(|&b| {
+                    (
+                        format!("o{b}"),
+                        DevTensor {
+                            buf: b,
+                            shape: vec![1],
+                        },
+                    )
+                })
+                .collect(),
+            nodes: 0,
+        }
+    }
+
+    fn un(out: usize, inp: usize) -> Step {
+        Step::Unary {
+            out,
+            inp,
+            op: UnaryOp::Neg,
+            n: 1,
+        }
+    }
+
+    #[test]
+    fn memory_plan_reuses_dead_buffers_and_never_overlaps_live_ones() {
+        // a chain 0 -> 1 -> 2 -> 3 -> 4: only neighbours are alive together
+        let p = prog(5, vec![un(1, 0), un(2, 1), un(3, 2), un(4, 3)], &[4]);
+        let plan = plan_memory(&p, |_| 4);
+        let life = lifetimes(&p);
+        for i in 0..5 {
+            for j in 0..5 {
+                if i == j {
+                    continue;
+                }
+                let (fi, li) = life[i].unwrap();
+                let (fj, lj) = life[j].unwrap();
+                if fi <= lj && fj <= li {
+                    let (oi, oj) = (plan.offsets[i].unwrap(), plan.offsets[j].unwrap());
+                    let si = p.buffers[i].numel * 4;
+                    let sj = p.buffers[j].numel * 4;
+                    assert!(oi + si <= oj || oj + sj <= oi, "{i} and {j} overlap");
+                }
+            }
+        }
+        assert!(plan.arena_bytes < plan.unshared_bytes, "{plan:?}");
+        // the two largest neighbours bound the arena: 4 and 5 units of 256 bytes
+        assert_eq!(plan.arena_bytes, (4 + 5) * 256);
+    }
+
+    #[test]
+    fn outputs_stay_alive_to_the_end() {
+        // 1 is an output computed first; 2 and 3 come later and must not take its place
+        let p = prog(4, vec![un(1, 0), un(2, 0), un(3, 2)], &[1, 3]);
+        let plan = plan_memory(&p, |_| 4);
+        let o1 = plan.offsets[1].unwrap();
+        for b in [2, 3] {
+            let o = plan.offsets[b].unwrap();
+            let (s1, sb) = (p.buffers[1].numel * 4, p.buffers[b].numel * 4);
+            assert!(o1 + s1 <= o || o + sb <= o1);
+        }
+    }
+}
