@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""One UNet call (a CFG step) of diffusers' UNetMotionModel on the GPU in float16: eager with
+PyTorch's SDPA attention, then torch.compile. The PyTorch side of bench/gpu/engine.sh.
+
+    unet_step_torch.py --model EXPORT_DIR --batch 2 --frames 16 --height 64 --width 64 \
+        [--warmup 3 --repeats 10] [--no-compile]
+
+The UNet and motion module are the ones model.json names (as bench/diffusers_unet_step.py).
+Times with CUDA events, medians after warm-up. Prints one JSON line.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def timed(fn, warmup, repeats, torch):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        e0 = torch.cuda.Event(enable_timing=True)
+        e1 = torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1))
+    s = sorted(times)
+    n = len(s)
+    return (s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2), times
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--no-compile", action="store_true")
+    a = p.parse_args()
+    import torch
+    from diffusers import UNet2DConditionModel, UNetMotionModel
+    from diffusers_unet_step import load_motion_adapter
+
+    with open(os.path.join(a.model, "model.json")) as f:
+        manifest = json.load(f)
+    unet_dir = manifest["unet"]["path"]
+    mm_path = manifest["motion_module"]["path"]
+    t0 = time.perf_counter()
+    sub = "unet" if os.path.isfile(os.path.join(unet_dir, "unet", "config.json")) else None
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, subfolder=sub, torch_dtype=torch.float32)
+    adapter = load_motion_adapter(mm_path, manifest)
+    model = UNetMotionModel.from_unet2d(unet, adapter).eval().to("cuda", torch.float16)
+    del unet, adapter
+    load_s = time.perf_counter() - t0
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, f = a.batch, a.frames
+    sample = torch.randn(b, 4, f, a.height, a.width, device="cuda", dtype=torch.float16, generator=g)
+    t = torch.tensor([981.0] * b, device="cuda")
+    d = model.config.cross_attention_dim
+    ctx = torch.randn(b * f, 77, d, device="cuda", dtype=torch.float16, generator=g)
+    torch.cuda.reset_peak_memory_stats()
+    out = {"impl": "diffusers-torch-fp16", "device": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
+           "shape": [b, 4, f, a.height, a.width], "load_s": load_s}
+    with torch.inference_mode():
+        step = lambda: model(sample, t, encoder_hidden_states=ctx).sample
+        out["eager_median_ms"], out["eager_ms"] = timed(step, a.warmup, a.repeats, torch)
+        out["eager_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        print(json.dumps(out), flush=True)
+        if not a.no_compile:
+            cm = torch.compile(model)
+            step = lambda: cm(sample, t, encoder_hidden_states=ctx).sample
+            t1 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            out["compile_s"] = time.perf_counter() - t1
+            out["compiled_median_ms"], out["compiled_ms"] = timed(step, a.warmup, a.repeats, torch)
+            print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

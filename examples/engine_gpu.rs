@@ -1,0 +1,403 @@
+//! The native CUDA engine's GPU checks and benchmark (needs an NVIDIA GPU, cuBLAS, cuDNN, NVRTC;
+//! driven by `bench/gpu/engine.sh`).
+//!
+//! ```text
+//! engine_gpu check --model EXPORT [--graphs unet,text_encoder,vae_decoder,vae_encoder]
+//!                  [--batch 2 --frames 3 --height 8 --width 8]
+//! engine_gpu bench --model EXPORT [--batch 2 --frames 16 --height 64 --width 64]
+//!                  [--warmup 3 --repeats 10] [--json OUT]
+//! ```
+//!
+//! `check` fuses each graph of a `motionrt export` folder, compiles it for the given shapes, runs
+//! it on ONNX Runtime (CPU, float32: the reference) and on the engine in float32 and float16,
+//! eagerly and replayed from a captured CUDA graph, with the activations poisoned (NaN) before
+//! each run, and compares. Tolerances: float32 max |Δ| ≤ 1e-4 · max |ref|; float16 max |Δ| ≤
+//! 3e-2 · max |ref| and cosine ≥ 0.999. Exits non-zero on a miss.
+//!
+//! `bench` times one UNet call (a CFG step: batch 2) in float16 with CUDA-graph replay and
+//! eagerly, medians of CUDA-event times after warm-up, and reports build and load time, the
+//! arena, the weights and the device memory in use.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use motionrt_runtime::engine::exec::{CudaDevice, GpuProgram, Precision, TacticCache, WeightData};
+use motionrt_runtime::engine::plan_graph;
+use motionrt_runtime::engine::program::{self, InitializerSource, WeightSource};
+use motionrt_runtime::engine::source::FileInitializers;
+use motionrt_runtime::rng::NormalRng;
+use motionrt_runtime::{error_stats, Input, OrtSession, OutputData, SessionOptions};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+struct Args {
+    mode: String,
+    model: PathBuf,
+    graphs: Vec<String>,
+    batch: usize,
+    frames: usize,
+    height: usize,
+    width: usize,
+    warmup: usize,
+    repeats: usize,
+    json: Option<PathBuf>,
+}
+
+fn parse() -> Res<Args> {
+    let mut it = std::env::args().skip(1);
+    let mode = it
+        .next()
+        .ok_or("usage: engine_gpu check|bench --model DIR ...")?;
+    let mut a = Args {
+        mode,
+        model: PathBuf::new(),
+        graphs: vec![
+            "unet".into(),
+            "text_encoder".into(),
+            "vae_decoder".into(),
+            "vae_encoder".into(),
+        ],
+        batch: 2,
+        frames: 3,
+        height: 8,
+        width: 8,
+        warmup: 3,
+        repeats: 10,
+        json: None,
+    };
+    if a.mode == "bench" {
+        a.frames = 16;
+        a.height = 64;
+        a.width = 64;
+    }
+    while let Some(k) = it.next() {
+        let v = it.next().ok_or(format!("{k} needs a value"))?;
+        match k.as_str() {
+            "--model" => a.model = v.into(),
+            "--graphs" => a.graphs = v.split(',').map(String::from).collect(),
+            "--batch" => a.batch = v.parse()?,
+            "--frames" => a.frames = v.parse()?,
+            "--height" => a.height = v.parse()?,
+            "--width" => a.width = v.parse()?,
+            "--warmup" => a.warmup = v.parse()?,
+            "--repeats" => a.repeats = v.parse()?,
+            "--json" => a.json = Some(v.into()),
+            _ => return Err(format!("unknown argument {k}").into()),
+        }
+    }
+    Ok(a)
+}
+
+fn text_width(model: &Path) -> Res<usize> {
+    let s = motionrt_onnx::summarize(&motionrt_onnx::load_model(&model.join("unet.onnx"))?);
+    let i = s
+        .inputs
+        .iter()
+        .find(|i| i.name == "encoder_hidden_states")
+        .ok_or("no encoder_hidden_states")?;
+    Ok(i.dims.last().ok_or("no dims")?.parse()?)
+}
+
+fn shapes(graph: &str, a: &Args, d: usize) -> Vec<(&'static str, Vec<usize>)> {
+    let (b, f, h, w) = (a.batch, a.frames, a.height, a.width);
+    match graph {
+        "unet" => vec![
+            ("sample", vec![b, 4, f, h, w]),
+            ("timestep", vec![b]),
+            ("encoder_hidden_states", vec![b * f, 77, d]),
+        ],
+        "text_encoder" => vec![("input_ids", vec![b, 77])],
+        "vae_decoder" => vec![("latent", vec![b, 4, h, w])],
+        _ => vec![("image", vec![1, 3, 8 * h, 8 * w])],
+    }
+}
+
+fn seeded(inputs: &[(&str, Vec<usize>)]) -> Vec<(Vec<f32>, Vec<i64>)> {
+    let mut rng = NormalRng::new(11);
+    inputs
+        .iter()
+        .map(|(name, shape)| {
+            let n = shape.iter().product::<usize>();
+            match *name {
+                "input_ids" => (Vec::new(), (0..n).map(|_| rng.below(100) as i64).collect()),
+                "timestep" => (
+                    [981.0, 21.0].into_iter().cycle().take(n).collect(),
+                    Vec::new(),
+                ),
+                _ => {
+                    let mut v = vec![0f32; n];
+                    rng.fill(&mut v);
+                    (v, Vec::new())
+                }
+            }
+        })
+        .collect()
+}
+
+fn weights_from<'a>(
+    src: &'a FileInitializers,
+    model: &motionrt_onnx::proto::ModelProto,
+) -> impl Fn(&WeightSource) -> Result<WeightData, motionrt_runtime::engine::EngineError> + 'a {
+    let inits: HashMap<String, motionrt_onnx::proto::TensorProto> = model
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .map(|t| (t.name.clone(), t.clone()))
+        .collect();
+    move |w: &WeightSource| match w {
+        WeightSource::Initializer(n) => Ok(WeightData::F32(src.f32s(&inits[n])?)),
+        WeightSource::Computed(v) => Ok(WeightData::F32((**v).clone())),
+        WeightSource::ComputedI64(v) => Ok(WeightData::I64((**v).clone())),
+    }
+}
+
+fn check(a: &Args) -> Res<bool> {
+    let dev = CudaDevice::open(0)?;
+    println!(
+        "device: {} (cc {}), {}, cuBLAS {}, cuDNN {}",
+        dev.key.gpu_name, dev.key.compute_capability, dev.key.driver, dev.key.cublas, dev.key.cudnn
+    );
+    let d = text_width(&a.model)?;
+    let tmp = tempfile::tempdir()?;
+    let mut ok = true;
+    let mut tactics = TacticCache::default();
+    println!("| graph | precision | mode | max|Δ|/max|ref| | cosine | nonfinite | pass |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for g in &a.graphs {
+        let src_path = a.model.join(format!("{g}.onnx"));
+        if !src_path.exists() {
+            continue;
+        }
+        let fused = tmp.path().join(format!("{g}.onnx"));
+        plan_graph(&src_path, &fused)?;
+        let inputs = shapes(g, a, d);
+        let data = seeded(&inputs);
+        // reference: ONNX Runtime on the CPU, float32, the fused graph
+        let mut s = OrtSession::load(&fused, &SessionOptions::default())?;
+        let args: Vec<(&str, Input<'_>)> = inputs
+            .iter()
+            .zip(&data)
+            .map(|((n, sh), (f, i))| {
+                (
+                    *n,
+                    if *n == "input_ids" {
+                        Input::I64(sh, i)
+                    } else {
+                        Input::F32(sh, f)
+                    },
+                )
+            })
+            .collect();
+        let want: Vec<Vec<f32>> = s
+            .run_outputs(&args)?
+            .into_iter()
+            .map(|o| match o.data {
+                OutputData::F32(v) => v,
+                _ => Vec::new(),
+            })
+            .collect();
+        drop(s);
+        let model = motionrt_onnx::load_model(&fused)?;
+        let init = FileInitializers::new(&fused);
+        let prog = program::compile(&model, &inputs, &init)?;
+        let f_in: Vec<(&str, &[f32])> = inputs
+            .iter()
+            .zip(&data)
+            .filter(|(i, _)| i.0 != "input_ids")
+            .map(|(i, d)| (i.0, d.0.as_slice()))
+            .collect();
+        let i_in: Vec<(&str, &[i64])> = inputs
+            .iter()
+            .zip(&data)
+            .filter(|(i, _)| i.0 == "input_ids")
+            .map(|(i, d)| (i.0, d.1.as_slice()))
+            .collect();
+        for precision in [Precision::Fp32, Precision::Fp16] {
+            let weight = weights_from(&init, &model);
+            let mut gp =
+                match GpuProgram::load(&dev, prog.clone(), precision, &weight, &mut tactics) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        println!("| {g} | {precision:?} | load | {e} | | | FAIL |");
+                        ok = false;
+                        continue;
+                    }
+                };
+            for mode in ["eager", "graph"] {
+                if mode == "graph" {
+                    gp.capture(&dev)?;
+                }
+                gp.poison(&dev)?;
+                let got = gp.run(&dev, &f_in, &i_in)?;
+                for ((name, _, o), r) in got.iter().zip(&want) {
+                    let st = error_stats(o, r);
+                    let pass = match precision {
+                        Precision::Fp32 => st.nonfinite == 0 && st.max_rel_to_ref_max <= 1e-4,
+                        Precision::Fp16 => {
+                            st.nonfinite == 0 && st.max_rel_to_ref_max <= 3e-2 && st.cosine >= 0.999
+                        }
+                    };
+                    ok &= pass;
+                    println!(
+                        "| {g}.{name} | {precision:?} | {mode} | {:.2e} | {:.6} | {} | {} |",
+                        st.max_rel_to_ref_max,
+                        st.cosine,
+                        st.nonfinite,
+                        if pass { "ok" } else { "FAIL" }
+                    );
+                }
+            }
+        }
+    }
+    Ok(ok)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn bench(a: &Args) -> Res<()> {
+    let t0 = Instant::now();
+    let dev = CudaDevice::open(0)?;
+    let open_s = t0.elapsed().as_secs_f64();
+    let d = text_width(&a.model)?;
+    let tmp = tempfile::tempdir_in(a.model.parent().unwrap_or(Path::new(".")))?;
+    let fused = tmp.path().join("unet.onnx");
+    let t = Instant::now();
+    plan_graph(&a.model.join("unet.onnx"), &fused)?;
+    let fuse_s = t.elapsed().as_secs_f64();
+    let inputs = shapes("unet", a, d);
+    let data = seeded(&inputs);
+    let t = Instant::now();
+    let model = motionrt_onnx::load_model(&fused)?;
+    let init = FileInitializers::new(&fused);
+    let prog = program::compile(&model, &inputs, &init)?;
+    let compile_s = t.elapsed().as_secs_f64();
+    let mut tactics = TacticCache::default();
+    let weight = weights_from(&init, &model);
+    let t = Instant::now();
+    let gp = GpuProgram::load(&dev, prog.clone(), Precision::Fp16, &weight, &mut tactics)?;
+    dev.stream.synchronize()?;
+    let build_load_s = t.elapsed().as_secs_f64();
+    // a second load with the tactics now cached: no timing, the same choices
+    let t = Instant::now();
+    let before = tactics.clone();
+    drop(gp);
+    let mut gp = GpuProgram::load(&dev, prog, Precision::Fp16, &weight, &mut tactics)?;
+    dev.stream.synchronize()?;
+    let load_cached_s = t.elapsed().as_secs_f64();
+    let deterministic = before == tactics;
+    let f_in: Vec<(&str, &[f32])> = inputs
+        .iter()
+        .zip(&data)
+        .map(|(i, d)| (i.0, d.0.as_slice()))
+        .collect();
+    gp.set_inputs(&dev, &f_in, &[])?;
+    let time_it = |gp: &mut GpuProgram, n: usize| -> Res<Vec<f64>> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            let e0 = dev
+                .stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            gp.execute(&dev)?;
+            let e1 = dev
+                .stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            e1.synchronize()?;
+            v.push(e0.elapsed_ms(&e1)? as f64);
+        }
+        Ok(v)
+    };
+    time_it(&mut gp, a.warmup)?;
+    let mut eager = time_it(&mut gp, a.repeats)?;
+    let t = Instant::now();
+    gp.capture(&dev)?;
+    let capture_s = t.elapsed().as_secs_f64();
+    time_it(&mut gp, a.warmup)?;
+    let mut graph = time_it(&mut gp, a.repeats)?;
+    let out = gp.outputs(&dev)?;
+    // where the time goes: every step timed eagerly, summed by label
+    let prof = gp.profile(&dev)?;
+    let total: f64 = prof.iter().map(|p| p.1).sum();
+    let mut sums: HashMap<String, (f64, usize)> = HashMap::new();
+    for (l, ms) in &prof {
+        let e = sums.entry(l.clone()).or_default();
+        e.0 += ms;
+        e.1 += 1;
+    }
+    let mut sums: Vec<_> = sums.into_iter().collect();
+    sums.sort_by(|a, b| b.1 .0.partial_cmp(&a.1 .0).unwrap());
+    eprintln!(
+        "profile (eager, per step): {total:.1} ms in {} steps",
+        prof.len()
+    );
+    for (l, (ms, n)) in &sums {
+        eprintln!("  {ms:8.2} ms  {:5.1}%  {n:4}x  {l}", 100.0 * ms / total);
+    }
+    let nonfinite = out[0].2.iter().filter(|x| !x.is_finite()).count();
+    let (free, total) = dev.ctx.mem_get_info()?;
+    let steps = gp.program.steps.len();
+    let mut by_kind: HashMap<&str, usize> = HashMap::new();
+    for s in &gp.program.steps {
+        *by_kind.entry(s.name()).or_default() += 1;
+    }
+    let r = serde_json::json!({
+        "impl": "motionrt-engine-fp16",
+        "device": dev.key.gpu_name,
+        "shape": [a.batch, 4, a.frames, a.height, a.width],
+        "graph_median_ms": median(&mut graph),
+        "graph_ms": graph,
+        "eager_median_ms": median(&mut eager),
+        "steps": steps,
+        "steps_by_kind": by_kind,
+        "arena_mib": gp.memory.arena_bytes as f64 / 1048576.0,
+        "arena_unshared_mib": gp.memory.unshared_bytes as f64 / 1048576.0,
+        "weights_mib": gp.weight_bytes as f64 / 1048576.0,
+        "device_used_mib": (total - free) as f64 / 1048576.0,
+        "open_s": open_s,
+        "fuse_s": fuse_s,
+        "compile_s": compile_s,
+        "build_load_s (with tactic timing)": build_load_s,
+        "load_cached_s": load_cached_s,
+        "capture_s": capture_s,
+        "tactics_deterministic": deterministic,
+        "conv_tactics": tactics.conv.len(),
+        "output_nonfinite": nonfinite,
+    });
+    println!("{}", serde_json::to_string(&r)?);
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&r)?)?;
+    }
+    Ok(())
+}
+
+fn main() {
+    let a = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let r = match a.mode.as_str() {
+        "check" => check(&a).map(|ok| if ok { 0 } else { 1 }),
+        "bench" => bench(&a).map(|_| 0),
+        m => Err(format!("unknown mode {m}").into()),
+    };
+    match r {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
