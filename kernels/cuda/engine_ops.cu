@@ -1,26 +1,13 @@
 // The native CUDA engine's kernels (runtime/src/engine/exec.rs): everything a fused motionrt graph
 // needs besides the GEMMs (cuBLAS) and convolutions (cuDNN). Each kernel exists for float32
-// (`_f32`) and float16 (`_f16`, raw 16-bit values converted with PTX cvt); arithmetic and every
+// (`_f32`) and float16 (`_f16`, raw 16-bit values converted by the prelude); arithmetic and every
 // reduction are float32. The fused attention for long sequences (`flash_attention_f16_dDP`) uses
 // the tensor cores through `mma.sync.m16n8k16` with float32 accumulation.
 //
-// Self-contained for NVRTC: no headers. Compiled by motionrt at run time (kernels/src/cuda.rs).
+// No headers: conversions, warp reductions and the tensor-core instruction come from the prelude
+// (prelude.cuh, which kernels/src/cuda.rs prepends before NVRTC compiles this at run time).
 
-typedef unsigned short half_bits;
 typedef long long i64;
-
-__device__ __forceinline__ float ld(const float* p, i64 i) { return p[i]; }
-__device__ __forceinline__ float ld(const half_bits* p, i64 i) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
-    return f;
-}
-__device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(half_bits* p, i64 i, float v) {
-    half_bits h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    p[i] = h;
-}
 
 #define MAX_RANK 6
 // A strided iteration over `dims` (row-major, innermost last); element (i0..ir) reads
@@ -78,13 +65,13 @@ __device__ void binary(T* out, const T* x, const T* y, i64 n, int op, Strided s)
     GRID_LOOP(i, n) {
         i64 a, b, c;
         offsets(s, i, &a, &b, &c);
-        st(out, i, binop(op, ld(x, a), ld(y, b)));
+        mrt_store(out, i, binop(op, mrt_load(x, a), mrt_load(y, b)));
     }
 }
 
 template <typename T>
 __device__ void binary_same(T* out, const T* x, const T* y, i64 n, int op) {
-    GRID_LOOP(i, n) st(out, i, binop(op, ld(x, i), ld(y, i)));
+    GRID_LOOP(i, n) mrt_store(out, i, binop(op, mrt_load(x, i), mrt_load(y, i)));
 }
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
@@ -92,7 +79,7 @@ __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(
 template <typename T>
 __device__ void unary(T* out, const T* x, i64 n, int op) {
     GRID_LOOP(i, n) {
-        const float v = ld(x, i);
+        const float v = mrt_load(x, i);
         float r;
         switch (op) {
             case 0: r = sigmoidf(v); break;
@@ -101,7 +88,7 @@ __device__ void unary(T* out, const T* x, i64 n, int op) {
             case 3: r = v * sigmoidf(v); break;
             default: r = -v; break;
         }
-        st(out, i, r);
+        mrt_store(out, i, r);
     }
 }
 
@@ -109,10 +96,10 @@ __device__ void unary(T* out, const T* x, i64 n, int op) {
 template <typename T>
 __device__ void bias_residual(T* y, const T* bias, const T* res, i64 rows, i64 cols) {
     GRID_LOOP(i, rows * cols) {
-        float v = ld(y, i);
-        if (bias) v += ld(bias, i % cols);
-        if (res) v += ld(res, i);
-        st(y, i, v);
+        float v = mrt_load(y, i);
+        if (bias) v += mrt_load(bias, i % cols);
+        if (res) v += mrt_load(res, i);
+        mrt_store(y, i, v);
     }
 }
 
@@ -121,40 +108,31 @@ template <typename T>
 __device__ void channel_bias(T* y, const T* bias, const T* res, i64 total, i64 channels,
                              i64 spatial) {
     GRID_LOOP(i, total) {
-        float v = ld(y, i);
-        if (bias) v += ld(bias, (i / spatial) % channels);
-        if (res) v += ld(res, i);
-        st(y, i, v);
+        float v = mrt_load(y, i);
+        if (bias) v += mrt_load(bias, (i / spatial) % channels);
+        if (res) v += mrt_load(res, i);
+        mrt_store(y, i, v);
     }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
 }
 
 // Block-wide sum (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ float block_sum(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = mrt_warp_sum(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     float t = lane < nw ? scratch[lane] : 0.f;
-    return warp_sum(t);
+    return mrt_warp_sum(t);
 }
 __device__ float block_max(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max(v);
+    v = mrt_warp_max(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     float t = lane < nw ? scratch[lane] : __int_as_float(0xff800000);
-    return warp_max(t);
+    return mrt_warp_max(t);
 }
 
 // GroupNorm over [N, C, spatial]: one block per (n, group); two passes for the statistics
@@ -168,19 +146,19 @@ __device__ void group_norm(T* y, const T* x, const T* gamma, const T* beta, int 
     const i64 count = (i64)cg * spatial;
     const i64 base = ((i64)n * C + (i64)g * cg) * spatial;
     float s = 0.f;
-    for (i64 i = threadIdx.x; i < count; i += blockDim.x) s += ld(x, base + i);
+    for (i64 i = threadIdx.x; i < count; i += blockDim.x) s += mrt_load(x, base + i);
     const float mean = block_sum(s, scratch) / (float)count;
     float q = 0.f;
     for (i64 i = threadIdx.x; i < count; i += blockDim.x) {
-        const float d = ld(x, base + i) - mean;
+        const float d = mrt_load(x, base + i) - mean;
         q += d * d;
     }
     const float rstd = rsqrtf(block_sum(q, scratch) / (float)count + eps);
     for (i64 i = threadIdx.x; i < count; i += blockDim.x) {
         const int c = g * cg + (int)(i / spatial);
-        float v = (ld(x, base + i) - mean) * rstd * ld(gamma, c) + ld(beta, c);
+        float v = (mrt_load(x, base + i) - mean) * rstd * mrt_load(gamma, c) + mrt_load(beta, c);
         if (silu) v = v * sigmoidf(v);
-        st(y, base + i, v);
+        mrt_store(y, base + i, v);
     }
 }
 
@@ -191,18 +169,18 @@ __device__ void layer_norm(T* y, const T* x, const T* gamma, const T* beta, int 
     __shared__ float scratch[32];
     const i64 base = (i64)blockIdx.x * cols;
     float s = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) s += ld(x, base + i);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) s += mrt_load(x, base + i);
     const float mean = block_sum(s, scratch) / (float)cols;
     float q = 0.f;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        const float d = ld(x, base + i) - mean;
+        const float d = mrt_load(x, base + i) - mean;
         q += d * d;
     }
     const float rstd = rsqrtf(block_sum(q, scratch) / (float)cols + eps);
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        float v = (ld(x, base + i) - mean) * rstd * ld(gamma, i);
-        if (beta) v += ld(beta, i);
-        st(y, base + i, v);
+        float v = (mrt_load(x, base + i) - mean) * rstd * mrt_load(gamma, i);
+        if (beta) v += mrt_load(beta, i);
+        mrt_store(y, base + i, v);
     }
 }
 
@@ -212,12 +190,13 @@ __device__ void softmax(T* y, const T* x, int cols) {
     __shared__ float scratch[32];
     const i64 base = (i64)blockIdx.x * cols;
     float m = __int_as_float(0xff800000);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, ld(x, base + i));
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, mrt_load(x, base + i));
     m = block_max(m, scratch);
     float s = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) s += __expf(ld(x, base + i) - m);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) s += __expf(mrt_load(x, base + i) - m);
     const float inv = 1.f / block_sum(s, scratch);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) st(y, base + i, __expf(ld(x, base + i) - m) * inv);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x)
+        mrt_store(y, base + i, __expf(mrt_load(x, base + i) - m) * inv);
 }
 
 // y[r, j] = x[r, j] * gelu(x[r, d + j]) (exact erf GELU)
@@ -225,9 +204,9 @@ template <typename T>
 __device__ void geglu(T* y, const T* x, i64 rows, i64 d) {
     GRID_LOOP(i, rows * d) {
         const i64 r = i / d, j = i % d;
-        const float a = ld(x, r * 2 * d + j);
-        const float g = ld(x, r * 2 * d + d + j);
-        st(y, i, a * 0.5f * g * (1.f + erff(g * 0.70710678118654752f)));
+        const float a = mrt_load(x, r * 2 * d + j);
+        const float g = mrt_load(x, r * 2 * d + d + j);
+        mrt_store(y, i, a * 0.5f * g * (1.f + erff(g * 0.70710678118654752f)));
     }
 }
 
@@ -238,21 +217,22 @@ __device__ void gather_rows(T* out, const T* table, const i64* ids, i64 n_ids, i
     GRID_LOOP(i, n_ids * row) {
         const i64 r = i / row, j = i % row;
         const i64 id = ids[r];
-        st(out, i, (id >= 0 && id < n_rows) ? ld(table, id * row + j) : __int_as_float(0x7fc00000));
+        const bool ok = id >= 0 && id < n_rows;
+        mrt_store(out, i, ok ? mrt_load(table, id * row + j) : __int_as_float(0x7fc00000));
     }
 }
 
 template <typename T>
 __device__ void cast_from_f32(T* out, const float* in, i64 n) {
-    GRID_LOOP(i, n) st(out, i, in[i]);
+    GRID_LOOP(i, n) mrt_store(out, i, in[i]);
 }
 template <typename T>
 __device__ void cast_to_f32(float* out, const T* in, i64 n) {
-    GRID_LOOP(i, n) out[i] = ld(in, i);
+    GRID_LOOP(i, n) out[i] = mrt_load(in, i);
 }
 template <typename T>
 __device__ void fill(T* out, i64 n, float v) {
-    GRID_LOOP(i, n) st(out, i, v);
+    GRID_LOOP(i, n) mrt_store(out, i, v);
 }
 
 #define ENTRY(NAME, T, SUF, PARAMS, ARGS) \
@@ -299,20 +279,6 @@ BOTH(fill, P_FI(float), P_FI(half_bits), (out, n, v))
 // memory in tiles of 64 keys with an online softmax. DP is d rounded up to a multiple of 16;
 // d must be even (pairs are loaded as 32-bit words). Dynamic shared memory: 2 * 64 * DP * 2 bytes.
 
-__device__ __forceinline__ unsigned pack_h2(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 #define FA_ROWS 64
 #define FA_KEYS 64
 
@@ -320,7 +286,7 @@ template <int DP>
 __device__ void flash_attention(const half_bits* __restrict__ q, const half_bits* __restrict__ k,
                                 const half_bits* __restrict__ v, half_bits* __restrict__ y,
                                 int L, int S, int heads, int d, float scale) {
-    extern __shared__ unsigned smem_u[];  // K tile [64][DP/2] words, V tile [64][DP/2] words
+    MRT_DYN_SMEM(unsigned, smem_u);  // K tile [64][DP/2] words, V tile [64][DP/2] words
     unsigned* ks = smem_u;
     unsigned* vs = smem_u + FA_KEYS * (DP / 2);
     const half_bits* vs_h = (const half_bits*)vs;
@@ -377,7 +343,7 @@ __device__ void flash_attention(const half_bits* __restrict__ q, const half_bits
 #pragma unroll
             for (int kc = 0; kc < DP / 16; ++kc) {
                 const unsigned* kr = ks + (j * 8 + grp) * (DP / 2) + kc * 8 + tq;
-                mma16816(sc[j], qa[kc], kr[0], kr[4]);
+                mrt_mma_m16n8k16(sc[j], qa[kc], kr[0], kr[4]);
             }
         }
         // online softmax (rows grp and grp + 8; this thread holds 2 columns per n-tile)
@@ -422,10 +388,10 @@ __device__ void flash_attention(const half_bits* __restrict__ q, const half_bits
 #pragma unroll
         for (int kc = 0; kc < FA_KEYS / 16; ++kc) {
             unsigned pa[4];
-            pa[0] = pack_h2(sc[2 * kc][0], sc[2 * kc][1]);
-            pa[1] = pack_h2(sc[2 * kc][2], sc[2 * kc][3]);
-            pa[2] = pack_h2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]);
-            pa[3] = pack_h2(sc[2 * kc + 1][2], sc[2 * kc + 1][3]);
+            pa[0] = mrt_pack_h2(sc[2 * kc][0], sc[2 * kc][1]);
+            pa[1] = mrt_pack_h2(sc[2 * kc][2], sc[2 * kc][3]);
+            pa[2] = mrt_pack_h2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]);
+            pa[3] = mrt_pack_h2(sc[2 * kc + 1][2], sc[2 * kc + 1][3]);
 #pragma unroll
             for (int j = 0; j < DP / 8; ++j) {
                 const int col = j * 8 + grp;
@@ -434,7 +400,7 @@ __device__ void flash_attention(const half_bits* __restrict__ q, const half_bits
                                     ((unsigned)vs_h[(key + 1) * DP + col] << 16);
                 const unsigned b1 = (unsigned)vs_h[(key + 8) * DP + col] |
                                     ((unsigned)vs_h[(key + 9) * DP + col] << 16);
-                mma16816(o[j], pa, b0, b1);
+                mrt_mma_m16n8k16(o[j], pa, b0, b1);
             }
         }
     }
@@ -450,8 +416,12 @@ __device__ void flash_attention(const half_bits* __restrict__ q, const half_bits
         const int col = j * 8 + tq * 2;
         if (col < d) {
             const int ra = row0 + grp, rb = row0 + grp + 8;
-            if (ra < L) yw[(((i64)n * L + ra) * C + (i64)h * d + col) / 2] = pack_h2(o[j][0] * i0, o[j][1] * i0);
-            if (rb < L) yw[(((i64)n * L + rb) * C + (i64)h * d + col) / 2] = pack_h2(o[j][2] * i1, o[j][3] * i1);
+            if (ra < L)
+                yw[(((i64)n * L + ra) * C + (i64)h * d + col) / 2] =
+                    mrt_pack_h2(o[j][0] * i0, o[j][1] * i0);
+            if (rb < L)
+                yw[(((i64)n * L + rb) * C + (i64)h * d + col) / 2] =
+                    mrt_pack_h2(o[j][2] * i1, o[j][3] * i1);
         }
     }
 }

@@ -9,27 +9,8 @@
 // scores are warp-wide dot products, the softmax is online (running max and sum per row), so
 // nothing of size S x 2S is ever materialised. float32 accumulation for float32 and float16.
 //
-// Self-contained for NVRTC (no headers). Compiled by motionrt at run time (kernels/src/cuda.rs).
-
-typedef unsigned short half_bits;
-
-__device__ __forceinline__ float load_f(const float* p, long i) { return p[i]; }
-__device__ __forceinline__ float load_f(const half_bits* p, long i) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
-    return f;
-}
-__device__ __forceinline__ void store_f(float* p, long i, float v) { p[i] = v; }
-__device__ __forceinline__ void store_f(half_bits* p, long i, float v) {
-    half_bits h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    p[i] = h;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
+// No headers: the conversions and reductions come from the prelude (prelude.cuh, which
+// kernels/src/cuda.rs prepends before NVRTC compiles this at run time).
 
 #define MAX_PER_LANE 8  // d <= 256
 #define Q_TILE 32       // query rows per block
@@ -40,7 +21,7 @@ template <typename T>
 __device__ void sparse_causal_attention(const T* __restrict__ q, const T* __restrict__ k,
                                         const T* __restrict__ v, T* __restrict__ y, int frames,
                                         int S, int heads, int d, float scale) {
-    extern __shared__ float smem[];  // [K_TILE][d] keys then [K_TILE][d] values
+    MRT_DYN_SMEM(float, smem);  // [K_TILE][d] keys then [K_TILE][d] values
     float* ks = smem;
     float* vs = smem + K_TILE * d;
     const int bf = blockIdx.x;
@@ -62,7 +43,7 @@ __device__ void sparse_causal_attention(const T* __restrict__ q, const T* __rest
 #pragma unroll
         for (int j = 0; j < MAX_PER_LANE; ++j) {
             const int e = lane + 32 * j;
-            qr[r][j] = (t < S && e < d) ? load_f(q, qo + e) * scale : 0.f;
+            qr[r][j] = (t < S && e < d) ? mrt_load(q, qo + e) * scale : 0.f;
             acc[r][j] = 0.f;
         }
         m[r] = __int_as_float(0xff800000);  // -inf
@@ -78,8 +59,8 @@ __device__ void sparse_causal_attention(const T* __restrict__ q, const T* __rest
             const int f = u < S ? first : prev;
             const int s = u < S ? u : u - S;
             const long g = ((long)f * S + s) * C + (long)h * d + e;
-            ks[x] = load_f(k, g);
-            vs[x] = load_f(v, g);
+            ks[x] = mrt_load(k, g);
+            vs[x] = mrt_load(v, g);
         }
         __syncthreads();
         for (int u = 0; u < kn; ++u) {
@@ -91,7 +72,7 @@ __device__ void sparse_causal_attention(const T* __restrict__ q, const T* __rest
                     const int e = lane + 32 * j;
                     if (e < d) part += qr[r][j] * ks[u * d + e];
                 }
-                const float sc = warp_sum(part);
+                const float sc = mrt_warp_sum(part);
                 if (sc > m[r]) {
                     const float c = __expf(m[r] - sc);
                     sum[r] *= c;
@@ -119,7 +100,7 @@ __device__ void sparse_causal_attention(const T* __restrict__ q, const T* __rest
 #pragma unroll
         for (int j = 0; j < MAX_PER_LANE; ++j) {
             const int e = lane + 32 * j;
-            if (e < d) store_f(y, qo + e, acc[r][j] * inv);
+            if (e < d) mrt_store(y, qo + e, acc[r][j] * inv);
         }
     }
 }

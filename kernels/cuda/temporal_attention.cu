@@ -9,28 +9,8 @@
 // product (shuffle reduction), and the softmax is online (running maximum and sum), so the
 // row is visited once. Accumulation in float32 for both the float32 and float16 entry points.
 //
-// Self-contained for NVRTC: no headers; float16 is handled as raw 16-bit values converted
-// with PTX cvt instructions. Compiled by motionrt at run time (kernels/src/cuda.rs).
-
-typedef unsigned short half_bits;
-
-__device__ __forceinline__ float load_f(const float* p, long i) { return p[i]; }
-__device__ __forceinline__ float load_f(const half_bits* p, long i) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
-    return f;
-}
-__device__ __forceinline__ void store_f(float* p, long i, float v) { p[i] = v; }
-__device__ __forceinline__ void store_f(half_bits* p, long i, float v) {
-    half_bits h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    p[i] = h;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
+// No headers: float16 is handled as raw 16-bit values converted by the prelude
+// (prelude.cuh, which kernels/src/cuda.rs prepends before NVRTC compiles this at run time).
 
 // Elements per lane: d <= 32 * MAX_PER_LANE (d up to 256).
 #define MAX_PER_LANE 8
@@ -40,7 +20,7 @@ __device__ void temporal_attention(const T* __restrict__ q, const T* __restrict_
                                    const T* __restrict__ v, const T* __restrict__ bias,
                                    T* __restrict__ y, int L, int S, int heads, int d,
                                    int bias_heads, float scale) {
-    extern __shared__ float smem[];  // [S][d] keys then [S][d] values
+    MRT_DYN_SMEM(float, smem);  // [S][d] keys then [S][d] values
     float* ks = smem;
     float* vs = smem + (long)S * d;
     const int n = blockIdx.x;
@@ -53,8 +33,8 @@ __device__ void temporal_attention(const T* __restrict__ q, const T* __restrict_
     for (int i = threadIdx.x; i < S * d; i += blockDim.x) {
         const int s = i / d, e = i % d;
         const long g = ((long)n * S + s) * C + (long)h * d + e;
-        ks[i] = load_f(k, g);
-        vs[i] = load_f(v, g);
+        ks[i] = mrt_load(k, g);
+        vs[i] = mrt_load(v, g);
     }
     __syncthreads();
 
@@ -64,7 +44,7 @@ __device__ void temporal_attention(const T* __restrict__ q, const T* __restrict_
 #pragma unroll
         for (int j = 0; j < MAX_PER_LANE; ++j) {
             const int e = lane + 32 * j;
-            qr[j] = e < d ? load_f(q, qo + e) * scale : 0.f;
+            qr[j] = e < d ? mrt_load(q, qo + e) * scale : 0.f;
             acc[j] = 0.f;
         }
         float m = __int_as_float(0xff800000), sum = 0.f;  // -inf
@@ -77,8 +57,8 @@ __device__ void temporal_attention(const T* __restrict__ q, const T* __restrict_
                 const int e = lane + 32 * j;
                 if (e < d) part += qr[j] * ks[s * d + e];
             }
-            float sc = warp_sum(part);
-            if (brow) sc += load_f(brow, s);
+            float sc = mrt_warp_sum(part);
+            if (brow) sc += mrt_load(brow, s);
             if (sc > m) {
                 const float r = __expf(m - sc);
                 sum *= r;
@@ -98,7 +78,7 @@ __device__ void temporal_attention(const T* __restrict__ q, const T* __restrict_
 #pragma unroll
         for (int j = 0; j < MAX_PER_LANE; ++j) {
             const int e = lane + 32 * j;
-            if (e < d) store_f(y, qo + e, acc[j] * inv);
+            if (e < d) mrt_store(y, qo + e, acc[j] * inv);
         }
     }
 }

@@ -14,8 +14,14 @@ use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 
-/// The kernel sources: `(name, CUDA C++)`. The attention sources hold `NAME_f32` and `NAME_f16`
-/// entry points; `engine_ops` holds the native engine's kernels (`KERNEL_f32`, `KERNEL_f16`).
+/// The prelude of every kernel source (`kernels/cuda/prelude.cuh`): all inline PTX and the CUDA
+/// intrinsic wrappers, with a CPU emulation behind `MOTIONRT_EMU` ([`crate::emu`]). It is prepended
+/// to each source before NVRTC compiles it ([`full_source`]).
+pub const PRELUDE: &str = include_str!("../cuda/prelude.cuh");
+
+/// The kernel sources: `(name, CUDA C++)`, each without the [`PRELUDE`]. The attention sources
+/// hold `NAME_f32` and `NAME_f16` entry points; `engine_ops` holds the native engine's kernels
+/// (`KERNEL_f32`, `KERNEL_f16`).
 pub const SOURCES: &[(&str, &str)] = &[
     (
         "temporal_attention",
@@ -218,23 +224,40 @@ fn options(arch: &'static str) -> cudarc::nvrtc::CompileOptions {
     }
 }
 
+/// What NVRTC compiles for the source `name`: the [`PRELUDE`], then the source with its own line
+/// numbers (so NVRTC's messages point into `name.cu`).
+pub fn full_source(name: &str, src: &str) -> String {
+    format!("{PRELUDE}\n#line 1 \"{name}.cu\"\n{src}")
+}
+
 /// Compile `kernels/cuda/{name}.cu` for `arch` (`sm_80`, `sm_90`, ...), without the cache.
 pub fn compile_uncached(name: &str, arch: &'static str) -> Result<Compiled, CudaError> {
+    compile_source_uncached(name, source(name)?, arch)
+}
+
+/// Compile the CUDA source `src` (which relies on the [`PRELUDE`], prepended here) for `arch`,
+/// without the cache; `name` labels it in errors. Tests use it for kernels outside [`SOURCES`].
+pub fn compile_source_uncached(
+    name: &str,
+    src: &str,
+    arch: &'static str,
+) -> Result<Compiled, CudaError> {
     ensure_nvrtc()?;
-    let src = source(name)?;
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, options(arch)).map_err(|e| {
-        let log = match &e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                log.to_string_lossy().into_owned()
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(full_source(name, src), options(arch)).map_err(
+        |e| {
+            let log = match &e {
+                cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                    log.to_string_lossy().into_owned()
+                }
+                other => format!("{other:?}"),
+            };
+            CudaError::Compile {
+                name: name.into(),
+                arch: arch.into(),
+                log,
             }
-            other => format!("{other:?}"),
-        };
-        CudaError::Compile {
-            name: name.into(),
-            arch: arch.into(),
-            log,
-        }
-    })?;
+        },
+    )?;
     Ok(Compiled {
         name: name.into(),
         arch: arch.into(),
@@ -255,10 +278,10 @@ pub fn cache_dir() -> PathBuf {
     base.join("kernels")
 }
 
-/// The cache key of a module: source, options, architecture and NVRTC version.
+/// The cache key of a module: prelude and source, options, architecture and NVRTC version.
 pub fn cache_key(name: &str, arch: &str, nvrtc: (i32, i32)) -> Result<String, CudaError> {
     let mut h = Sha256::new();
-    h.update(source(name)?.as_bytes());
+    h.update(full_source(name, source(name)?).as_bytes());
     h.update(format!("{:?}", options("sm_00").options).as_bytes());
     let hex: String = h
         .finalize()

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod cuda;
+pub mod emu;
 pub mod fused;
 pub mod gpu;
 pub mod probe;

@@ -1,0 +1,765 @@
+// The CPU emulator of the CUDA execution model (see emu.h for the model). Fibers: each thread of
+// a block gets a stack of its own and starts through makecontext/setcontext; after that,
+// switches between a fiber and the block's scheduler use _setjmp/_longjmp, which (unlike
+// swapcontext) do not save the signal mask with a system call on every switch. The library is
+// built without _FORTIFY_SOURCE, whose longjmp check refuses jumps between stacks.
+
+#undef _FORTIFY_SOURCE
+#include "emu.h"
+
+#include <setjmp.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <deque>
+#include <exception>
+#include <new>
+#include <string>
+#include <vector>
+
+#define MRT_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace mrt_emu {
+
+thread_local const Ids* tls_ids = nullptr;
+
+namespace {
+
+// ---- registry -----------------------------------------------------------------------------------
+
+struct Kernel {
+    std::string name;
+    void (*fn)();
+    Thunk thunk;
+    const Param* params;
+    int n_params;
+};
+
+std::vector<Kernel>& registry() {
+    static std::vector<Kernel> r;
+    return r;
+}
+
+const Kernel* find_kernel(const char* name) {
+    for (const Kernel& k : registry())
+        if (k.name == name) return &k;
+    return nullptr;
+}
+
+// ---- float16 ------------------------------------------------------------------------------------
+
+unsigned f32_bits(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+float bits_f32(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// ---- state --------------------------------------------------------------------------------------
+
+constexpr std::size_t kStack = 256 * 1024;  // per fiber; a guard page below each
+constexpr std::size_t kCanary = 4096;       // poisoned bytes after the dynamic shared memory
+
+enum class St { Ready, Blocked, Done };
+enum class Wait { None, Barrier, Warp };
+
+struct Copy {
+    void* dst;
+    const void* src;
+    unsigned bytes;
+};
+
+struct Fiber {
+    Ids ids;
+    unsigned linear;
+    St st;
+    Wait wait;
+    const char* file;
+    int line;
+    bool started;
+    ucontext_t uc;
+    jmp_buf jb;
+    char* stack;
+    std::vector<Copy> open;                 // issued since the last commit
+    std::deque<std::vector<Copy>> groups;  // committed, oldest first
+};
+
+// One lane's operands and results in a warp collective.
+struct Lane {
+    unsigned long long v, rv;
+    int arg, width;
+    unsigned a[4], b[2], r[4];
+    float c[4];
+    const void* addr;
+};
+
+struct Warp {
+    int op;
+    int arrived;
+    int exited;
+    const char* file;
+    int line;
+    Lane lane[32];
+};
+
+struct Block {
+    const Kernel* kernel;
+    void** params;
+    uint3 block_idx, block_dim, grid_dim;
+    std::vector<Fiber>* fibers;
+    std::vector<Warp> warps;
+    unsigned n;       // threads
+    unsigned live;    // not exited
+    unsigned at_bar;  // waiting at a barrier
+    Fiber* cur;
+    unsigned char* dyn;
+    jmp_buf sched;
+    std::string error;
+};
+
+thread_local Block* tls_block = nullptr;
+
+// Fiber stacks, reused by every launch on this OS thread.
+struct StackPool {
+    std::vector<char*> stacks;
+    std::size_t guard = (std::size_t)sysconf(_SC_PAGESIZE);
+    ~StackPool() {
+        for (char* s : stacks) munmap(s - guard, kStack + guard);
+    }
+    bool ensure(std::size_t n) {
+        while (stacks.size() < n) {
+            void* m = mmap(nullptr, kStack + guard, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (m == MAP_FAILED) return false;
+            mprotect(m, guard, PROT_NONE);
+            stacks.push_back((char*)m + guard);
+        }
+        return true;
+    }
+};
+
+thread_local StackPool tls_stacks;
+thread_local std::vector<Fiber> tls_fibers;
+thread_local std::vector<unsigned char> tls_dyn;
+
+std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
+std::string fmt(const char* f, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, f);
+    vsnprintf(buf, sizeof buf, f, ap);
+    va_end(ap);
+    return buf;
+}
+
+const char* base_name(const char* path) {
+    if (!path) return "?";
+    const char* s = std::strrchr(path, '/');
+    return s ? s + 1 : path;
+}
+
+std::string site(const char* file, int line) { return fmt("%s:%d", base_name(file), line); }
+
+std::string tid(const Fiber& f) {
+    return fmt("(%u,%u,%u)", f.ids.thread_idx.x, f.ids.thread_idx.y, f.ids.thread_idx.z);
+}
+
+const char* op_name(int op) {
+    switch (op) {
+        case SHFL_XOR: return "__shfl_xor_sync";
+        case SHFL_IDX: return "__shfl_sync";
+        case SHFL_UP: return "__shfl_up_sync";
+        case SHFL_DOWN: return "__shfl_down_sync";
+        case SYNCWARP: return "__syncwarp";
+        case BALLOT: return "__ballot_sync";
+        case MMA_M16N8K16: return "mma.sync.m16n8k16";
+        case LDMATRIX + 8: return "ldmatrix.x1";
+        case LDMATRIX + 9: return "ldmatrix.x1.trans";
+        case LDMATRIX + 16: return "ldmatrix.x2";
+        case LDMATRIX + 17: return "ldmatrix.x2.trans";
+        case LDMATRIX + 32: return "ldmatrix.x4";
+        case LDMATRIX + 33: return "ldmatrix.x4.trans";
+        default: return "a warp collective";
+    }
+}
+
+Block& block() {
+    if (!tls_block) {
+        std::fprintf(stderr, "motionrt emulator: a device function ran outside a launch\n");
+        std::abort();
+    }
+    return *tls_block;
+}
+
+// ---- switching ----------------------------------------------------------------------------------
+
+// Back to the scheduler; returns when the scheduler resumes this fiber.
+void yield() {
+    Block& b = block();
+    if (_setjmp(b.cur->jb) == 0) _longjmp(b.sched, 1);
+}
+
+// End the launch with `msg` (about the running thread); never returns.
+[[noreturn]] void fail(const std::string& msg) {
+    Block& b = block();
+    if (b.error.empty()) b.error = "thread " + tid(*b.cur) + ": " + msg;
+    b.cur->st = St::Done;  // never resumed
+    _longjmp(b.sched, 1);
+}
+
+void perform(std::vector<Copy>& copies) {
+    for (const Copy& c : copies) std::memcpy(c.dst, c.src, c.bytes);
+    copies.clear();
+}
+
+// Release the barrier if every live thread waits at it, all at the same call site.
+void check_barrier(Block& b) {
+    if (b.at_bar == 0 || b.at_bar < b.live) return;
+    std::vector<Fiber>& fs = *b.fibers;
+    const Fiber* first = nullptr;
+    for (unsigned i = 0; i < b.n; ++i) {
+        const Fiber& f = fs[i];
+        if (f.st != St::Blocked || f.wait != Wait::Barrier) continue;
+        if (!first) {
+            first = &f;
+        } else if (f.line != first->line || std::strcmp(f.file, first->file) != 0) {
+            // a barrier that can never complete: reported by the scheduler as a deadlock
+            return;
+        }
+    }
+    for (unsigned i = 0; i < b.n; ++i) {
+        Fiber& f = fs[i];
+        if (f.st == St::Blocked && f.wait == Wait::Barrier) {
+            f.st = St::Ready;
+            f.wait = Wait::None;
+        }
+    }
+    b.at_bar = 0;
+}
+
+void fiber_exit(Block& b, Fiber& f) {
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+    for (auto& g : f.groups) perform(g);  // the copies land eventually
+    f.groups.clear();
+    f.st = St::Done;
+    --b.live;
+    Warp& w = b.warps[f.linear / 32];
+    ++w.exited;
+    if (w.arrived > 0 && b.error.empty()) {
+        b.error = fmt("thread %s exited while %d lane(s) of its warp %u wait in %s (%s): a "
+                      "full-mask warp collective can never complete",
+                      tid(f).c_str(), w.arrived, f.linear / 32, op_name(w.op),
+                      site(w.file, w.line).c_str());
+    }
+    check_barrier(b);
+}
+
+void fiber_main() {
+    Block& b = block();
+    b.kernel->thunk(b.kernel->fn, b.params);
+    Block& b2 = block();  // the same block; re-read after the kernel's switches
+    fiber_exit(b2, *b2.cur);
+    _longjmp(b2.sched, 1);
+}
+
+std::string describe_deadlock(Block& b) {
+    std::vector<Fiber>& fs = *b.fibers;
+    std::vector<std::string> parts;
+    // group the waiting threads by where they wait
+    std::vector<bool> seen(b.n, false);
+    for (unsigned i = 0; i < b.n; ++i) {
+        const Fiber& f = fs[i];
+        if (seen[i] || f.st != St::Blocked) continue;
+        unsigned count = 0;
+        for (unsigned j = i; j < b.n; ++j) {
+            const Fiber& g = fs[j];
+            if (g.st == St::Blocked && g.wait == f.wait && g.line == f.line &&
+                std::strcmp(g.file, f.file) == 0 &&
+                (f.wait == Wait::Barrier || g.linear / 32 == f.linear / 32)) {
+                seen[j] = true;
+                ++count;
+            }
+        }
+        if (f.wait == Wait::Barrier) {
+            parts.push_back(fmt("%u thread(s) from %s wait at __syncthreads (%s)", count,
+                                tid(f).c_str(), site(f.file, f.line).c_str()));
+        } else {
+            const Warp& w = b.warps[f.linear / 32];
+            parts.push_back(fmt("%u lane(s) of warp %u from thread %s wait in %s (%s), %d of 32 "
+                                "arrived",
+                                count, f.linear / 32, tid(f).c_str(), op_name(w.op),
+                                site(f.file, f.line).c_str(), w.arrived));
+        }
+    }
+    const unsigned done = b.n - b.live;
+    if (done) parts.push_back(fmt("%u thread(s) have exited", done));
+    std::string msg = "deadlock: no thread can proceed";
+    for (std::size_t i = 0; i < parts.size(); ++i) msg += (i ? "; " : ": ") + parts[i];
+    return msg;
+}
+
+void run_block(Block& b) {
+    std::vector<Fiber>& fs = *b.fibers;
+    for (unsigned i = 0; i < b.n; ++i) {
+        Fiber& f = fs[i];
+        f.linear = i;
+        f.ids.thread_idx = {i % b.block_dim.x, (i / b.block_dim.x) % b.block_dim.y,
+                            i / (b.block_dim.x * b.block_dim.y)};
+        f.ids.block_idx = b.block_idx;
+        f.ids.block_dim = b.block_dim;
+        f.ids.grid_dim = b.grid_dim;
+        f.st = St::Ready;
+        f.wait = Wait::None;
+        f.file = "";
+        f.line = 0;
+        f.started = false;
+        f.open.clear();
+        f.groups.clear();
+    }
+    for (Warp& w : b.warps) {
+        w.op = 0;
+        w.arrived = 0;
+        w.exited = 0;
+        w.file = "";
+        w.line = 0;
+    }
+    b.live = b.n;
+    b.at_bar = 0;
+    unsigned next = 0;
+    while (b.error.empty()) {
+        Fiber* f = nullptr;
+        for (unsigned k = 0; k < b.n; ++k) {
+            Fiber& c = fs[(next + k) % b.n];
+            if (c.st == St::Ready) {
+                f = &c;
+                break;
+            }
+        }
+        if (!f) {
+            if (b.live > 0) b.error = describe_deadlock(b);
+            break;
+        }
+        next = (f->linear + 1) % b.n;
+        b.cur = f;
+        tls_ids = &f->ids;
+        if (_setjmp(b.sched) == 0) {
+            if (!f->started) {
+                f->started = true;
+                getcontext(&f->uc);
+                f->uc.uc_stack.ss_sp = f->stack;
+                f->uc.uc_stack.ss_size = kStack;
+                f->uc.uc_link = nullptr;
+                makecontext(&f->uc, fiber_main, 0);
+                setcontext(&f->uc);
+            } else {
+                _longjmp(f->jb, 1);
+            }
+        }
+        tls_ids = nullptr;
+    }
+}
+
+// ---- warp collectives ---------------------------------------------------------------------------
+
+// Deposit point of the running lane in its warp's collective `op`.
+Lane& arrive(int op, unsigned mask, const char* file, int line) {
+    Block& b = block();
+    Fiber& f = *b.cur;
+    Warp& w = b.warps[f.linear / 32];
+    if (mask != 0xffffffffu)
+        fail(fmt("%s (%s) with mask 0x%08x: the emulator supports full-warp masks only",
+                 op_name(op), site(file, line).c_str(), mask));
+    if (w.exited)
+        fail(fmt("%s (%s) in warp %u, %d lane(s) of which have exited: a full-mask collective can "
+                 "never complete",
+                 op_name(op), site(file, line).c_str(), f.linear / 32, w.exited));
+    if (w.arrived == 0) {
+        w.op = op;
+        w.file = file;
+        w.line = line;
+    } else if (w.op != op) {
+        fail(fmt("reached %s (%s) while other lanes of warp %u wait in %s (%s)", op_name(op),
+                 site(file, line).c_str(), f.linear / 32, op_name(w.op),
+                 site(w.file, w.line).c_str()));
+    }
+    return w.lane[f.linear % 32];
+}
+
+std::uint16_t load_b16(const void* row, int col) {
+    std::uint16_t v;
+    std::memcpy(&v, (const char*)row + 2 * col, 2);
+    return v;
+}
+
+void complete(Block& b, Warp& w, unsigned warp) {
+    Lane* L = w.lane;
+    const int op = w.op;
+    if (op >= SHFL_XOR && op <= SHFL_DOWN) {
+        for (int l = 0; l < 32; ++l) {
+            const int width = L[l].width;
+            const int seg = l & ~(width - 1);  // first lane of this lane's segment
+            int src = l;
+            switch (op) {
+                case SHFL_XOR: {
+                    const int s = l ^ L[l].arg;
+                    src = s < seg + width ? s : l;  // later segments: own value
+                    break;
+                }
+                case SHFL_IDX: src = seg + (L[l].arg & (width - 1)); break;
+                case SHFL_UP: src = l - L[l].arg >= seg ? l - L[l].arg : l; break;
+                case SHFL_DOWN: src = l + L[l].arg < seg + width ? l + L[l].arg : l; break;
+            }
+            L[l].rv = L[src & 31].v;
+        }
+    } else if (op == BALLOT) {
+        unsigned bits = 0;
+        for (int l = 0; l < 32; ++l)
+            if (L[l].v) bits |= 1u << l;
+        for (int l = 0; l < 32; ++l) L[l].rv = bits;
+    } else if (op == MMA_M16N8K16) {
+        // Fragment layouts of mma.m16n8k16 with .f16 multiplicands and .f32 accumulators (PTX
+        // ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"): groupID = lane >> 2,
+        // threadID_in_group = lane % 4; A elements a0..a7 (two per register, lower index in the
+        // low half): row = groupID for a0, a1, a4, a5 and groupID + 8 otherwise, col = 2 *
+        // threadID_in_group + (i & 1), + 8 for i >= 4; B b0..b3: row = 2 * threadID_in_group +
+        // (i & 1), + 8 for i >= 2, col = groupID; C/D c0..c3: row = groupID for c0, c1 and
+        // groupID + 8 for c2, c3, col = 2 * threadID_in_group + (i & 1).
+        float A[16][16], B[16][8], C[16][8];
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            for (int r = 0; r < 4; ++r) {
+                const int row = g + ((r & 1) ? 8 : 0), col = 2 * t + ((r & 2) ? 8 : 0);
+                A[row][col] = h2f((std::uint16_t)(L[l].a[r] & 0xffff));
+                A[row][col + 1] = h2f((std::uint16_t)(L[l].a[r] >> 16));
+            }
+            for (int r = 0; r < 2; ++r) {
+                const int row = 2 * t + 8 * r;
+                B[row][g] = h2f((std::uint16_t)(L[l].b[r] & 0xffff));
+                B[row + 1][g] = h2f((std::uint16_t)(L[l].b[r] >> 16));
+            }
+            C[g][2 * t] = L[l].c[0];
+            C[g][2 * t + 1] = L[l].c[1];
+            C[g + 8][2 * t] = L[l].c[2];
+            C[g + 8][2 * t + 1] = L[l].c[3];
+        }
+        float D[16][8];
+        for (int i = 0; i < 16; ++i)
+            for (int j = 0; j < 8; ++j) {
+                // products of f16 values are exact in f32; the sum is accumulated in f32
+                float s = 0.f;
+                for (int k = 0; k < 16; ++k) s += A[i][k] * B[k][j];
+                D[i][j] = C[i][j] + s;
+            }
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            L[l].c[0] = D[g][2 * t];
+            L[l].c[1] = D[g][2 * t + 1];
+            L[l].c[2] = D[g + 8][2 * t];
+            L[l].c[3] = D[g + 8][2 * t + 1];
+        }
+    } else if (op >= LDMATRIX + 8) {
+        // ldmatrix .m8n8 .b16 (PTX ISA, "Warp-level matrix load instruction: ldmatrix"): the
+        // row addresses of matrix i come from lanes 8i .. 8i+7 (16 contiguous bytes each);
+        // each lane receives fragments of a row, four consecutive lanes one whole row: lane l's
+        // register i holds row l >> 2, columns 2 (l % 4) and 2 (l % 4) + 1 of matrix i (lower
+        // column in the low half). .trans loads the matrix in column-major order, i.e. lane l
+        // gets elements (row 2 (l % 4), col l >> 2) and (row 2 (l % 4) + 1, col l >> 2).
+        const int num = (op - LDMATRIX) / 8;
+        const bool trans = (op - LDMATRIX) & 1;
+        for (int l = 0; l < 8 * num; ++l) {
+            if ((std::uintptr_t)L[l].addr % 16 != 0) {
+                b.error = fmt("%s (%s) in warp %u: lane %d's row address %p is not 16-byte "
+                              "aligned",
+                              op_name(op), site(w.file, w.line).c_str(), warp, l, L[l].addr);
+                return;
+            }
+        }
+        for (int l = 0; l < 32; ++l) {
+            for (int i = 0; i < num; ++i) {
+                std::uint16_t lo, hi;
+                if (!trans) {
+                    const void* row = L[8 * i + (l >> 2)].addr;
+                    lo = load_b16(row, 2 * (l & 3));
+                    hi = load_b16(row, 2 * (l & 3) + 1);
+                } else {
+                    lo = load_b16(L[8 * i + 2 * (l & 3)].addr, l >> 2);
+                    hi = load_b16(L[8 * i + 2 * (l & 3) + 1].addr, l >> 2);
+                }
+                L[l].r[i] = (unsigned)lo | ((unsigned)hi << 16);
+            }
+        }
+    }
+    // SYNCWARP: nothing to compute
+}
+
+// The running lane has deposited its operands: complete the collective or wait for the others.
+// One rendezvous suffices: a lane writes only its own slot, results go to its own slot too, and
+// the next completion needs every lane to have arrived again, i.e. to have read its result.
+void rendezvous(const char* file, int line) {
+    Block& b = block();
+    Fiber& f = *b.cur;
+    const unsigned warp = f.linear / 32;
+    Warp& w = b.warps[warp];
+    if (++w.arrived < 32) {
+        f.st = St::Blocked;
+        f.wait = Wait::Warp;
+        f.file = file;
+        f.line = line;
+        yield();
+        return;
+    }
+    complete(b, w, warp);
+    if (!b.error.empty()) fail(b.error);
+    w.arrived = 0;
+    std::vector<Fiber>& fs = *b.fibers;
+    for (unsigned l = 0; l < 32; ++l) {
+        Fiber& g = fs[warp * 32 + l];
+        if (g.st == St::Blocked && g.wait == Wait::Warp) {
+            g.st = St::Ready;
+            g.wait = Wait::None;
+        }
+    }
+}
+
+}  // namespace
+
+// ---- the device API (emu.h) ---------------------------------------------------------------------
+
+void syncthreads(const char* file, int line) {
+    Block& b = block();
+    Fiber& f = *b.cur;
+    f.st = St::Blocked;
+    f.wait = Wait::Barrier;
+    f.file = file;
+    f.line = line;
+    ++b.at_bar;
+    check_barrier(b);
+    yield();
+}
+
+unsigned long long shuffle(int op, unsigned mask, unsigned long long bits, int arg, int width,
+                           const char* file, int line) {
+    if (width < 1 || width > 32 || (width & (width - 1)) != 0)
+        fail(fmt("%s (%s): width %d is not a power of two in 1..32", op_name(op),
+                 site(file, line).c_str(), width));
+    Lane& l = arrive(op, mask, file, line);
+    l.v = bits;
+    l.arg = arg;
+    l.width = width;
+    rendezvous(file, line);
+    return l.rv;
+}
+
+void syncwarp(unsigned mask, const char* file, int line) {
+    arrive(SYNCWARP, mask, file, line);
+    rendezvous(file, line);
+}
+
+unsigned ballot(unsigned mask, int predicate, const char* file, int line) {
+    Lane& l = arrive(BALLOT, mask, file, line);
+    l.v = predicate != 0;
+    rendezvous(file, line);
+    return (unsigned)l.rv;
+}
+
+void mma_m16n8k16(float* c, const unsigned* a, unsigned b0, unsigned b1, const char* file,
+                  int line) {
+    Lane& l = arrive(MMA_M16N8K16, 0xffffffffu, file, line);
+    for (int i = 0; i < 4; ++i) {
+        l.a[i] = a[i];
+        l.c[i] = c[i];
+    }
+    l.b[0] = b0;
+    l.b[1] = b1;
+    rendezvous(file, line);
+    for (int i = 0; i < 4; ++i) c[i] = l.c[i];
+}
+
+void ldmatrix(int num, bool trans, unsigned* r, const void* row, const char* file, int line) {
+    Lane& l = arrive(LDMATRIX + 8 * num + (trans ? 1 : 0), 0xffffffffu, file, line);
+    l.addr = row;
+    rendezvous(file, line);
+    for (int i = 0; i < num; ++i) r[i] = l.r[i];
+}
+
+void cp_async(void* smem, const void* gmem, unsigned bytes, const char* file, int line) {
+    if ((std::uintptr_t)smem % bytes != 0 || (std::uintptr_t)gmem % bytes != 0)
+        fail(fmt("cp.async (%s) of %u bytes from %p to %p: both addresses must be %u-byte "
+                 "aligned",
+                 site(file, line).c_str(), bytes, gmem, smem, bytes));
+    block().cur->open.push_back({smem, gmem, bytes});
+}
+
+void cp_async_commit() {
+    Fiber& f = *block().cur;
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+}
+
+void cp_async_wait(int pending) {
+    Fiber& f = *block().cur;
+    while (f.groups.size() > (std::size_t)(pending < 0 ? 0 : pending)) {
+        perform(f.groups.front());
+        f.groups.pop_front();
+    }
+}
+
+void cp_async_wait_all() {
+    cp_async_commit();
+    cp_async_wait(0);
+}
+
+void* dynamic_shared() { return block().dyn; }
+
+float h2f(unsigned short h) {
+    const unsigned sign = (unsigned)(h & 0x8000) << 16;
+    const unsigned e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    if (e == 0x1f) return bits_f32(sign | 0x7f800000u | (m << 13));  // inf, NaN (payload kept)
+    if (e != 0) return bits_f32(sign | ((e + 112) << 23) | (m << 13));
+    if (m == 0) return bits_f32(sign);
+    // subnormal: m * 2^-24, exact in f32
+    const float v = (float)m * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+}
+
+unsigned short f2h(float f) {
+    const unsigned x = f32_bits(f);
+    const unsigned short sign = (unsigned short)((x >> 16) & 0x8000);
+    const unsigned ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return 0x7fff;                    // NaN: the canonical f16 NaN
+    if (ax >= 0x477ff000u) return (unsigned short)(sign | 0x7c00);  // >= 65520 rounds to inf
+    const unsigned e = ax >> 23, mant = ax & 0x7fffff;
+    if (e < 113) {
+        // below 2^-14: an f16 subnormal, in units of 2^-24 = m32 * 2^(e - 150 + 24)
+        if (e < 101) return sign;  // below 2^-25 (half the smallest subnormal): zero
+        const unsigned m32 = mant | 0x800000;
+        const unsigned shift = 126 - e;  // 14 ..25
+        unsigned q = m32 >> shift;
+        const unsigned rem = m32 & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (q & 1))) ++q;
+        return (unsigned short)(sign | q);
+    }
+    unsigned q = ((e - 112) << 10) | (mant >> 13);
+    const unsigned rem = mant & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (q & 1))) ++q;  // a carry moves into the exponent
+    return (unsigned short)(sign | q);
+}
+
+void register_kernel(const char* name, void (*fn)(), Thunk thunk, const Param* params, int n) {
+    registry().push_back({name, fn, thunk, params, n});
+}
+
+}  // namespace mrt_emu
+
+// ---- C ABI (kernels/src/emu.rs) -----------------------------------------------------------------
+
+using namespace mrt_emu;
+
+MRT_EXPORT int mrt_emu_kernel_count(void) { return (int)registry().size(); }
+
+MRT_EXPORT const char* mrt_emu_kernel_name(int i) {
+    return i >= 0 && (std::size_t)i < registry().size() ? registry()[i].name.c_str() : nullptr;
+}
+
+// The kernel's parameter count (or -1 if unknown); the first `max` kinds and sizes are written.
+MRT_EXPORT int mrt_emu_kernel_params(const char* kernel, char* kinds, std::size_t* sizes, int max) {
+    const Kernel* k = find_kernel(kernel);
+    if (!k) return -1;
+    for (int i = 0; i < k->n_params && i < max; ++i) {
+        kinds[i] = k->params[i].kind;
+        sizes[i] = k->params[i].size;
+    }
+    return k->n_params;
+}
+
+// Run `kernel` over the grid like cuLaunchKernel: params[i] points at the i-th argument's value
+// (pointer arguments are host addresses). Returns 0, or non-zero with a message in err.
+MRT_EXPORT int mrt_emu_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz,
+                              unsigned bx, unsigned by, unsigned bz, std::size_t dyn_smem_bytes,
+                              void** params, char* err, std::size_t err_len) {
+    std::string error;
+    auto report = [&](const std::string& m) {
+        if (err && err_len) {
+            std::snprintf(err, err_len, "%s", m.c_str());
+        }
+        return 1;
+    };
+    const Kernel* k = find_kernel(kernel ? kernel : "");
+    if (!k)
+        return report(fmt("unknown kernel \"%s\" (%zu kernels are registered)", kernel,
+                          registry().size()));
+    const std::string who = fmt("kernel %s", kernel);
+    const unsigned long long threads = (unsigned long long)bx * by * bz;
+    if (threads == 0 || threads > 1024 || threads % 32 != 0 || bz > 64)
+        return report(fmt("%s: block (%u,%u,%u) has %llu threads; the emulator needs a positive "
+                          "multiple of 32, at most 1024 (and blockDim.z <= 64)",
+                          who.c_str(), bx, by, bz, threads));
+    if (gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535)
+        return report(fmt("%s: grid (%u,%u,%u) is empty or beyond CUDA's limits", who.c_str(), gx,
+                          gy, gz));
+    if (dyn_smem_bytes > 227 * 1024)
+        return report(fmt("%s: %zu bytes of dynamic shared memory; no GPU offers more than 227 KiB "
+                          "per block",
+                          who.c_str(), dyn_smem_bytes));
+    if (tls_block)
+        return report(who + ": launched from a kernel (dynamic parallelism is not emulated)");
+    try {
+        if (!tls_stacks.ensure(threads)) return report(who + ": cannot map fiber stacks");
+        if (tls_fibers.size() < threads) tls_fibers.resize(threads);
+        for (unsigned i = 0; i < threads; ++i) tls_fibers[i].stack = tls_stacks.stacks[i];
+        const std::size_t dyn_alloc = dyn_smem_bytes + kCanary + 128;
+        if (tls_dyn.size() < dyn_alloc) tls_dyn.resize(dyn_alloc);
+        unsigned char* dyn = tls_dyn.data();
+        dyn += (128 - (std::uintptr_t)dyn % 128) % 128;
+
+        Block b;
+        b.kernel = k;
+        b.params = params;
+        b.block_dim = {bx, by, bz};
+        b.grid_dim = {gx, gy, gz};
+        b.fibers = &tls_fibers;
+        b.warps.resize(threads / 32);
+        b.n = (unsigned)threads;
+        b.cur = nullptr;
+        b.dyn = dyn;
+        tls_block = &b;
+        for (unsigned z = 0; z < gz && b.error.empty(); ++z)
+            for (unsigned y = 0; y < gy && b.error.empty(); ++y)
+                for (unsigned x = 0; x < gx && b.error.empty(); ++x) {
+                    b.block_idx = {x, y, z};
+                    std::memset(dyn, 0xff, dyn_smem_bytes + kCanary);
+                    run_block(b);
+                    if (!b.error.empty()) {
+                        b.error = fmt("%s, block (%u,%u,%u): ", who.c_str(), x, y, z) + b.error;
+                        break;
+                    }
+                    for (std::size_t i = 0; i < kCanary; ++i) {
+                        if (dyn[dyn_smem_bytes + i] != 0xff) {
+                            b.error = fmt("%s, block (%u,%u,%u): wrote past the end of its %zu "
+                                          "bytes of dynamic shared memory (byte %zu)",
+                                          who.c_str(), x, y, z, dyn_smem_bytes,
+                                          dyn_smem_bytes + i);
+                            break;
+                        }
+                    }
+                }
+        tls_block = nullptr;
+        tls_ids = nullptr;
+        if (!b.error.empty()) return report(b.error);
+    } catch (const std::exception& e) {
+        tls_block = nullptr;
+        tls_ids = nullptr;
+        return report(who + ": " + e.what());
+    }
+    return 0;
+}

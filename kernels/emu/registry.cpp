@@ -1,0 +1,64 @@
+// The project's kernels (kernels/cuda/*.cu) compiled for the CPU emulator, and the list of their
+// entry points. kernels/src/emu.rs compiles this file once per source, with MRT_EMU_UNIT set to
+// the source's index, so that each source is its own translation unit as it is its own NVRTC
+// program; each is included inside a namespace of its own, so helpers of the same name in two
+// sources cannot collide (the extern "C" entry points keep their plain names).
+//
+// Adding a kernel: list its entry point below, under its source (every `.entry` NVRTC emits must
+// be listed; kernels/tests/emu.rs checks the list against the PTX). A new source in
+// kernels/src/cuda.rs's SOURCES needs a unit here with the next index (units follow the order of
+// SOURCES; emu.rs compiles one per source).
+
+#include "../cuda/prelude.cuh"
+
+#if MRT_EMU_UNIT == 0
+
+namespace mrt_src_temporal_attention {
+#include "../cuda/temporal_attention.cu"
+}
+#define K(NAME) MRT_EMU_REGISTER(mrt_src_temporal_attention, NAME)
+K(temporal_attention_f32)
+K(temporal_attention_f16)
+
+#elif MRT_EMU_UNIT == 1
+
+namespace mrt_src_sparse_causal_attention {
+#include "../cuda/sparse_causal_attention.cu"
+}
+#define K(NAME) MRT_EMU_REGISTER(mrt_src_sparse_causal_attention, NAME)
+K(sparse_causal_attention_f32)
+K(sparse_causal_attention_f16)
+
+#elif MRT_EMU_UNIT == 2
+
+namespace mrt_src_engine_ops {
+#include "../cuda/engine_ops.cu"
+}
+#define K(NAME) MRT_EMU_REGISTER(mrt_src_engine_ops, NAME)
+#define K2(NAME) K(NAME##_f32) K(NAME##_f16)
+K2(copy_strided)
+K2(binary)
+K2(binary_same)
+K2(unary)
+K2(bias_residual)
+K2(channel_bias)
+K2(group_norm)
+K2(layer_norm)
+K2(softmax)
+K2(geglu)
+K2(gather_rows)
+K2(cast_from_f32)
+K2(cast_to_f32)
+K2(fill)
+K(flash_attention_f16_d16)
+K(flash_attention_f16_d32)
+K(flash_attention_f16_d48)
+K(flash_attention_f16_d64)
+K(flash_attention_f16_d80)
+K(flash_attention_f16_d96)
+K(flash_attention_f16_d128)
+K(flash_attention_f16_d160)
+
+#else
+#error "MRT_EMU_UNIT must name one of the sources above"
+#endif

@@ -1,0 +1,1655 @@
+//! The CUDA kernels (`kernels/cuda/*.cu`) run in the CPU emulator (`motionrt_kernels::emu`) and are
+//! compared with the CPU references. The attention kernels and the engine kernels passed the same
+//! comparisons on NVIDIA H100/H200 GPUs, so these tests check the emulator as much as the kernels:
+//! a failure of one of them here means the emulator is wrong. The emulator's own semantics
+//! (poisoned shared memory, barriers, deadlock reports, shuffles, ldmatrix/mma layouts, cp.async)
+//! are checked by small kernels of this file (`SELF_TEST`).
+//!
+//! Needs a C++ compiler (`CXX`, `g++` or `c++`); without one the tests print SKIP and pass, unless
+//! `MOTIONRT_REQUIRE_EMU=1`.
+
+use std::collections::BTreeSet;
+use std::sync::OnceLock;
+
+use motionrt_kernels::emu::{Arg, Builder, DeviceBuffer, Elem, Emu, EmuError};
+use motionrt_kernels::{cuda, fused, Attention, SparseCausal};
+
+// ---- the emulator, built once per test binary --------------------------------------------------
+
+/// Kernels that exercise the emulator itself (valid CUDA too: NVRTC compiles them when present).
+const SELF_TEST: &str = r#"
+// (a) shared memory starts poisoned; a neighbour's value needs a barrier
+extern "C" __global__ void emu_neighbour(float* out, int sync) {
+    MRT_DYN_SMEM(float, s);
+    const int t = threadIdx.x, n = blockDim.x;
+    s[t] = (float)t;
+    if (sync) __syncthreads();
+    out[(blockIdx.x * n + t) * 2] = s[(t + 1) % n];
+    out[(blockIdx.x * n + t) * 2 + 1] = s[n + t];  // never written
+}
+
+// (b) a barrier that only warp 0 reaches: the other threads wait at another one
+extern "C" __global__ void emu_divergent_barrier(float* out) {
+    if (threadIdx.x < 32) __syncthreads();
+    out[threadIdx.x] = 1.f;
+    __syncthreads();
+}
+
+// half a warp at a barrier, the other half in a shuffle
+extern "C" __global__ void emu_barrier_vs_shuffle(float* out) {
+    float v = 1.f;
+    if (threadIdx.x < 16) __syncthreads();
+    else v = __shfl_xor_sync(0xffffffffu, v, 1);
+    out[threadIdx.x] = v;
+}
+
+// exited threads do not count at a barrier
+extern "C" __global__ void emu_early_exit(float* out) {
+    MRT_DYN_SMEM(float, s);
+    if (threadIdx.x >= 32) return;
+    s[threadIdx.x] = (float)threadIdx.x;
+    __syncthreads();
+    out[threadIdx.x] = s[31 - threadIdx.x];
+}
+
+extern "C" __global__ void emu_shuffle_after_exit(float* out) {
+    if (threadIdx.x & 1) return;
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 2);
+}
+
+extern "C" __global__ void emu_partial_mask(float* out) {
+    out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, 1.f, 1);
+}
+
+extern "C" __global__ void emu_smem_overrun(float* out, int n) {
+    MRT_DYN_SMEM(float, s);
+    s[threadIdx.x + n] = 1.f;
+    out[threadIdx.x] = 0.f;
+}
+
+extern "C" __global__ void emu_shuffles(int* out) {
+    const int l = threadIdx.x & 31, v = (int)threadIdx.x * 10;
+    int* o = out + threadIdx.x * 8;
+    o[0] = __shfl_xor_sync(0xffffffffu, v, 5);
+    o[1] = __shfl_xor_sync(0xffffffffu, v, 5, 8);
+    o[2] = __shfl_sync(0xffffffffu, v, (l * 7) % 32);
+    o[3] = __shfl_sync(0xffffffffu, v, l + 3, 8);
+    o[4] = __shfl_up_sync(0xffffffffu, v, 3);
+    o[5] = __shfl_down_sync(0xffffffffu, v, 3, 16);
+    o[6] = (int)__ballot_sync(0xffffffffu, l % 3 == 0);
+    o[7] = (int)mrt_warp_sum((float)l) + (int)mrt_warp_max((float)(l ^ 9));
+}
+
+// (c) ldmatrix: every form, rows gathered from a permuted table; ignored lanes give misaligned
+// addresses (which would be an error if they were read)
+extern "C" __global__ void emu_ldmatrix(unsigned* out) {
+    __shared__ __align__(16) unsigned short m[32 * 8];
+    const int l = threadIdx.x;
+    for (int i = l; i < 32 * 8; i += 32) m[i] = (unsigned short)(i + 1);
+    __syncwarp();
+    const unsigned short* row = m + ((l * 5 + 3) % 32) * 8;
+    const char* odd = (const char*)m + 2;
+    unsigned r[4];
+    unsigned* o = out + l * 14;
+    mrt_ldmatrix_x1(r, l < 8 ? (const void*)row : odd);
+    o[0] = r[0];
+    mrt_ldmatrix_x2(r, l < 16 ? (const void*)row : odd);
+    o[1] = r[0]; o[2] = r[1];
+    mrt_ldmatrix_x4(r, row);
+    o[3] = r[0]; o[4] = r[1]; o[5] = r[2]; o[6] = r[3];
+    mrt_ldmatrix_x1_trans(r, l < 8 ? (const void*)row : odd);
+    o[7] = r[0];
+    mrt_ldmatrix_x2_trans(r, l < 16 ? (const void*)row : odd);
+    o[8] = r[0]; o[9] = r[1];
+    mrt_ldmatrix_x4_trans(r, row);
+    o[10] = r[0]; o[11] = r[1]; o[12] = r[2]; o[13] = r[3];
+}
+
+// D = A B + C for A 16x16 (row-major), B 16x8 (K x N, row-major), C and D 16x8 (row-major):
+// fragments loaded with ldmatrix (A: x4, B: x2.trans), as tensor-core kernels load them
+extern "C" __global__ void emu_mma_ldmatrix(const half_bits* a, const half_bits* b, const float* c,
+                                            float* d) {
+    __shared__ __align__(16) half_bits as[16 * 16];
+    __shared__ __align__(16) half_bits bs[16 * 8];
+    const int l = threadIdx.x, g = l >> 2, t = l & 3;
+    for (int i = l; i < 256; i += 32) as[i] = a[i];
+    for (int i = l; i < 128; i += 32) bs[i] = b[i];
+    __syncwarp();
+    unsigned af[4], bf[2];
+    mrt_ldmatrix_x4(af, as + (l % 16) * 16 + (l / 16) * 8);
+    mrt_ldmatrix_x2_trans(bf, bs + (l % 16) * 8);
+    float acc[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t],
+                    c[(g + 8) * 8 + 2 * t + 1]};
+    mrt_mma_m16n8k16(acc, af, bf[0], bf[1]);
+    d[g * 8 + 2 * t] = acc[0];
+    d[g * 8 + 2 * t + 1] = acc[1];
+    d[(g + 8) * 8 + 2 * t] = acc[2];
+    d[(g + 8) * 8 + 2 * t + 1] = acc[3];
+}
+
+// the same product with the fragments gathered by hand from global memory
+extern "C" __global__ void emu_mma_direct(const half_bits* a, const half_bits* b, const float* c,
+                                          float* d) {
+    const int l = threadIdx.x, g = l >> 2, t = l & 3;
+    unsigned af[4], bf[2];
+    for (int r = 0; r < 4; ++r) {
+        const int row = g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
+        af[r] = (unsigned)a[row * 16 + col] | ((unsigned)a[row * 16 + col + 1] << 16);
+    }
+    for (int r = 0; r < 2; ++r) {
+        const int k = 2 * t + 8 * r;
+        bf[r] = (unsigned)b[k * 8 + g] | ((unsigned)b[(k + 1) * 8 + g] << 16);
+    }
+    float acc[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t],
+                    c[(g + 8) * 8 + 2 * t + 1]};
+    mrt_mma_m16n8k16(acc, af, bf[0], bf[1]);
+    d[g * 8 + 2 * t] = acc[0];
+    d[g * 8 + 2 * t + 1] = acc[1];
+    d[(g + 8) * 8 + 2 * t] = acc[2];
+    d[(g + 8) * 8 + 2 * t + 1] = acc[3];
+}
+
+// (d) cp.async: data lands when the issuing thread waits for its group
+extern "C" __global__ void emu_cp_async(const float* g, float* out) {
+    MRT_DYN_SMEM(float, s);  // three regions of 4 floats per thread
+    const int t = threadIdx.x, n = blockDim.x;
+    float* o = out + t * 8;
+    mrt_cp_async_16(s + 4 * t, g + 4 * t);
+    mrt_cp_async_commit();
+    mrt_cp_async_16(s + 4 * (n + t), g + 4 * (n + t));
+    mrt_cp_async_commit();
+    mrt_cp_async_16(s + 4 * (2 * n + t), g + 4 * (2 * n + t));  // not committed
+    o[0] = s[4 * t];               // nothing waited for yet
+    mrt_cp_async_wait<1>();
+    o[1] = s[4 * t];               // the older group landed
+    o[2] = s[4 * (n + t)];         // the newer one may still be pending
+    mrt_cp_async_wait<0>();
+    o[3] = s[4 * (n + t)];
+    o[4] = s[4 * (2 * n + t)];     // uncommitted copies are not waited for
+    mrt_cp_async_wait_all();
+    o[5] = s[4 * (2 * n + t)];
+    o[6] = s[4 * ((t + 1) % n)];   // the next thread's copy, before a barrier
+    __syncthreads();
+    o[7] = s[4 * ((t + 1) % n)];
+}
+
+// atomics from every thread of every block
+extern "C" __global__ void emu_atomics(int* counter, float* sum, unsigned* hi) {
+    atomicAdd(counter, 1);
+    atomicAdd(sum, 0.5f);
+    atomicMax(hi, blockIdx.x * blockDim.x + threadIdx.x);
+}
+
+extern "C" __global__ void emu_cp_async_misaligned(const float* g, float* out) {
+    MRT_DYN_SMEM(float, s);
+    mrt_cp_async_16(s + 1, g);
+    mrt_cp_async_wait_all();
+    out[threadIdx.x] = s[1];
+}
+"#;
+
+const SELF_TEST_ENTRIES: &[&str] = &[
+    "emu_neighbour",
+    "emu_divergent_barrier",
+    "emu_barrier_vs_shuffle",
+    "emu_early_exit",
+    "emu_shuffle_after_exit",
+    "emu_partial_mask",
+    "emu_smem_overrun",
+    "emu_shuffles",
+    "emu_ldmatrix",
+    "emu_mma_ldmatrix",
+    "emu_mma_direct",
+    "emu_cp_async",
+    "emu_cp_async_misaligned",
+    "emu_atomics",
+];
+
+fn emu() -> Option<&'static Emu> {
+    static EMU: OnceLock<Result<Emu, EmuError>> = OnceLock::new();
+    let r = EMU.get_or_init(|| {
+        let t = std::time::Instant::now();
+        let e = Builder::new()
+            .source("emu_self_test.cu", SELF_TEST, SELF_TEST_ENTRIES)
+            .build();
+        eprintln!("emulator ready in {:.1} s", t.elapsed().as_secs_f64());
+        e
+    });
+    match r {
+        Ok(e) => Some(e),
+        Err(e @ EmuError::NoCompiler { .. }) => {
+            if std::env::var("MOTIONRT_REQUIRE_EMU").as_deref() == Ok("1") {
+                panic!("MOTIONRT_REQUIRE_EMU=1 but: {e}");
+            }
+            eprintln!("SKIP: {e}");
+            None
+        }
+        Err(e) => panic!("building the CUDA emulator: {e}"),
+    }
+}
+
+/// Run a kernel; panics with the emulator's message on failure.
+fn launch(
+    emu: &Emu,
+    kernel: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    smem: usize,
+    args: &[Arg<'_>],
+) {
+    // SAFETY: every test sizes its buffers for the shapes it passes.
+    unsafe { emu.launch(kernel, grid, block, smem, args) }.unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn launch_err(
+    emu: &Emu,
+    kernel: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    smem: usize,
+    args: &[Arg<'_>],
+) -> String {
+    // SAFETY: as in `launch`.
+    match unsafe { emu.launch(kernel, grid, block, smem, args) } {
+        Ok(()) => panic!("{kernel}: the launch was expected to fail"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The engine's launch shape for `n` elements (runtime/src/engine/exec.rs `launch_cfg`).
+fn elementwise(n: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
+    let blocks = n.div_ceil(256).clamp(1, 132 * 32) as u32;
+    ((blocks, 1, 1), (256, 1, 1))
+}
+
+// ---- data ---------------------------------------------------------------------------------------
+
+/// splitmix64 and Box–Muller: seeded standard normal values.
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut next = move || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let u = next().max(1e-300);
+            let v = next();
+            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+        })
+        .collect()
+}
+
+/// IEEE float16 bits to f32 (exact).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let e = ((h >> 10) & 0x1f) as i32;
+    let m = (h & 0x3ff) as f64;
+    let v = match e {
+        0 => m * 2f64.powi(-24),
+        31 if m == 0.0 => f64::INFINITY,
+        31 => f64::NAN,
+        _ => (1.0 + m / 1024.0) * 2f64.powi(e - 15),
+    };
+    (sign * v) as f32
+}
+
+/// f32 to the nearest float16 (ties to even), by search over the f16 values: independent of the
+/// emulator's bit manipulation.
+fn f32_to_f16(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7e00;
+    }
+    let sign = if x.is_sign_negative() { 0x8000 } else { 0 };
+    let a = x.abs() as f64;
+    // 0x7c00 (inf) stands for 65536 here: the value that |x| >= 65520 rounds to
+    let val = |h: u16| {
+        if h == 0x7c00 {
+            65536.0
+        } else {
+            f16_to_f32(h) as f64
+        }
+    };
+    if a >= 65536.0 {
+        return sign | 0x7c00;
+    }
+    let (mut lo, mut hi) = (0u16, 0x7c00u16); // val(lo) <= a < val(hi)
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if val(mid) <= a {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let (dl, dh) = (a - val(lo), val(hi) - a);
+    sign | if dl < dh || (dl == dh && lo % 2 == 0) {
+        lo
+    } else {
+        hi
+    }
+}
+
+/// An element type of the kernels: f32, or u16 holding float16 bits.
+trait Host: Elem + PartialEq + std::fmt::Debug {
+    const SUFFIX: &'static str;
+    /// Relative tolerance against the max magnitude of the reference.
+    const TOL: f64;
+    fn encode(v: &[f32]) -> Vec<Self>;
+    fn decode(v: &[Self]) -> Vec<f32>;
+    /// `v` as the kernel sees it (rounded to f16 for f16).
+    fn round(v: &[f32]) -> Vec<f32> {
+        Self::decode(&Self::encode(v))
+    }
+}
+
+impl Host for f32 {
+    const SUFFIX: &'static str = "f32";
+    const TOL: f64 = 1e-5;
+    fn encode(v: &[f32]) -> Vec<Self> {
+        v.to_vec()
+    }
+    fn decode(v: &[Self]) -> Vec<f32> {
+        v.to_vec()
+    }
+}
+
+impl Host for u16 {
+    const SUFFIX: &'static str = "f16";
+    const TOL: f64 = 2e-3;
+    fn encode(v: &[f32]) -> Vec<Self> {
+        v.iter().map(|&x| f32_to_f16(x)).collect()
+    }
+    fn decode(v: &[Self]) -> Vec<f32> {
+        v.iter().map(|&x| f16_to_f32(x)).collect()
+    }
+}
+
+fn buf<T: Host>(v: &[f32]) -> DeviceBuffer {
+    DeviceBuffer::from_slice(&T::encode(v))
+}
+
+/// An output buffer of `n` elements, NaN-poisoned.
+fn out_buf<T: Host>(n: usize) -> DeviceBuffer {
+    DeviceBuffer::filled(n * std::mem::size_of::<T>(), 0xff)
+}
+
+fn read<T: Host>(b: &DeviceBuffer) -> Vec<f32> {
+    T::decode(&b.to_vec::<T>())
+}
+
+/// max |got − want| / max |want| (infinite if `got` has a non-finite value where `want` has not).
+fn rel(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let m = want.iter().fold(0f64, |m, &x| m.max(x.abs() as f64));
+    let e = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            if g.is_finite() {
+                (g as f64 - w as f64).abs()
+            } else {
+                f64::INFINITY
+            }
+        })
+        .fold(0f64, f64::max);
+    e / m.max(1e-30)
+}
+
+fn check<T: Host>(what: &str, got: &[f32], want: &[f32]) {
+    let r = rel(got, want);
+    assert!(
+        r <= T::TOL,
+        "{what} ({}): max error {r:.3e} of the reference's magnitude > {:.0e}",
+        T::SUFFIX,
+        T::TOL
+    );
+}
+
+// ---- the emulator's contract with the sources ----------------------------------------------------
+
+#[test]
+fn kernel_sources_leave_inline_ptx_to_the_prelude() {
+    for (name, src) in cuda::SOURCES {
+        let bytes = src.as_bytes();
+        for (i, _) in src.match_indices("asm") {
+            let before = i.checked_sub(1).map(|j| bytes[j]);
+            let after = bytes.get(i + 3).copied();
+            let ident = |c: Option<u8>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == b'_');
+            assert!(
+                ident(before) || ident(after),
+                "kernels/cuda/{name}.cu holds inline asm at byte {i}: PTX belongs in prelude.cuh"
+            );
+        }
+    }
+    assert!(cuda::PRELUDE.contains("#ifdef MOTIONRT_EMU"));
+}
+
+fn nvrtc_available() -> bool {
+    match cuda::ensure_nvrtc() {
+        Ok(()) => true,
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("NVRTC is required in CI (scripts/env.sh installs nvidia-cuda-nvrtc): {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIP (NVRTC): {e}");
+            false
+        }
+    }
+}
+
+fn ptx_entries(ptx: &str) -> BTreeSet<String> {
+    ptx.lines()
+        .filter_map(|l| {
+            let rest = l.trim_start().strip_prefix(".visible .entry ")?;
+            Some(rest.split('(').next()?.trim().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn every_nvrtc_entry_point_is_registered() {
+    let Some(emu) = emu() else { return };
+    if !nvrtc_available() {
+        return;
+    }
+    let registered: BTreeSet<String> = emu
+        .kernels()
+        .into_iter()
+        .filter(|k| !SELF_TEST_ENTRIES.contains(&k.as_str()))
+        .collect();
+    let mut entries = BTreeSet::new();
+    for (name, _) in cuda::SOURCES {
+        let c = cuda::compile_uncached(name, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+        let found = ptx_entries(&c.ptx);
+        assert!(!found.is_empty(), "{name}: no .entry in the PTX");
+        entries.extend(found);
+    }
+    let missing: Vec<_> = entries.difference(&registered).collect();
+    assert!(
+        missing.is_empty(),
+        "not in kernels/emu/registry.cpp: {missing:?}"
+    );
+    let extra: Vec<_> = registered.difference(&entries).collect();
+    assert!(extra.is_empty(), "registered but not in the PTX: {extra:?}");
+    eprintln!("{} entry points registered", entries.len());
+}
+
+#[test]
+fn self_test_kernels_compile_with_nvrtc() {
+    if !nvrtc_available() {
+        return;
+    }
+    // NVRTC assembles PTX for a real architecture (sm_XX), so this also checks the inline PTX of
+    // the prelude's wrappers that the project's kernels do not use yet
+    for arch in ["sm_80", "sm_90"] {
+        let c = cuda::compile_source_uncached("emu_self_test", SELF_TEST, arch)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let entries = ptx_entries(&c.ptx);
+        for e in SELF_TEST_ENTRIES {
+            assert!(entries.contains(*e), "{arch}: no entry {e}");
+        }
+        for instr in [
+            "ldmatrix.sync.aligned.m8n8.x1.shared.b16",
+            "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16",
+            "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+            "cp.async.cg.shared.global",
+            "cp.async.commit_group",
+            "cp.async.wait_group 1",
+            "cp.async.wait_all",
+        ] {
+            assert!(c.ptx.contains(instr), "{arch}: the PTX has no {instr}");
+        }
+    }
+}
+
+// ---- emulator semantics ------------------------------------------------------------------------
+
+#[test]
+fn shared_memory_is_poisoned_and_barriers_order_it() {
+    let Some(emu) = emu() else { return };
+    let n = 64;
+    for sync in [0, 1] {
+        let out = out_buf::<f32>(2 * 2 * n);
+        launch(
+            emu,
+            "emu_neighbour",
+            (2, 1, 1),
+            (n as u32, 1, 1),
+            2 * n * 4,
+            &[Arg::Buf(&out), Arg::I32(sync)],
+        );
+        let v = out.to_vec::<u32>();
+        for blk in 0..2 {
+            for t in 0..n {
+                let (nb, unwritten) = (v[(blk * n + t) * 2], v[(blk * n + t) * 2 + 1]);
+                assert_eq!(
+                    unwritten, 0xffff_ffff,
+                    "block {blk} thread {t}: unwritten smem"
+                );
+                let want = ((t + 1) % n) as f32;
+                if sync == 1 || t == n - 1 {
+                    // the last thread runs after thread 0 wrote
+                    assert_eq!(
+                        f32::from_bits(nb),
+                        want,
+                        "sync {sync} block {blk} thread {t}"
+                    );
+                } else {
+                    assert_eq!(
+                        nb, 0xffff_ffff,
+                        "block {blk} thread {t} read without a barrier"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn barriers_count_live_threads_and_deadlocks_are_reported() {
+    let Some(emu) = emu() else { return };
+    let out = out_buf::<f32>(64);
+    launch(
+        emu,
+        "emu_early_exit",
+        (1, 1, 1),
+        (64, 1, 1),
+        32 * 4,
+        &[Arg::Buf(&out)],
+    );
+    let v = out.to_vec::<f32>();
+    for (t, &x) in v[..32].iter().enumerate() {
+        assert_eq!(x, (31 - t) as f32);
+    }
+    assert!(v[32..].iter().all(|x| x.is_nan()));
+
+    let e = launch_err(
+        emu,
+        "emu_divergent_barrier",
+        (2, 1, 1),
+        (64, 1, 1),
+        0,
+        &[Arg::Buf(&out)],
+    );
+    for part in [
+        "kernel emu_divergent_barrier",
+        "block (0,0,0)",
+        "deadlock",
+        "32 thread(s) from (0,0,0) wait at __syncthreads (emu_self_test.cu:",
+        "32 thread(s) from (32,0,0) wait at __syncthreads (emu_self_test.cu:",
+    ] {
+        assert!(e.contains(part), "{part:?} not in: {e}");
+    }
+
+    let e = launch_err(
+        emu,
+        "emu_barrier_vs_shuffle",
+        (1, 1, 1),
+        (32, 1, 1),
+        0,
+        &[Arg::Buf(&out)],
+    );
+    for part in [
+        "deadlock: no thread can proceed: 16 thread(s) from (0,0,0) wait at __syncthreads",
+        "16 lane(s) of warp 0 from thread (16,0,0) wait in __shfl_xor_sync (emu_self_test.cu:",
+        "16 of 32 arrived",
+    ] {
+        assert!(e.contains(part), "{part:?} not in: {e}");
+    }
+
+    let e = launch_err(
+        emu,
+        "emu_shuffle_after_exit",
+        (1, 1, 1),
+        (32, 1, 1),
+        0,
+        &[Arg::Buf(&out)],
+    );
+    assert!(
+        e.contains("thread (1,0,0) exited") && e.contains("__shfl_xor_sync"),
+        "{e}"
+    );
+    let e = launch_err(
+        emu,
+        "emu_partial_mask",
+        (1, 1, 1),
+        (32, 1, 1),
+        0,
+        &[Arg::Buf(&out)],
+    );
+    assert!(e.contains("mask 0x0000ffff"), "{e}");
+    let e = launch_err(
+        emu,
+        "emu_smem_overrun",
+        (1, 1, 1),
+        (32, 1, 1),
+        64,
+        &[Arg::Buf(&out), Arg::I32(16)],
+    );
+    assert!(e.contains("past the end of its 64 bytes"), "{e}");
+}
+
+#[test]
+fn launch_errors_name_what_is_wrong() {
+    let Some(emu) = emu() else { return };
+    let out = out_buf::<f32>(64);
+    let e = launch_err(
+        emu,
+        "emu_neighbour",
+        (1, 1, 1),
+        (48, 1, 1),
+        2 * 48 * 4,
+        &[Arg::Buf(&out), Arg::I32(1)],
+    );
+    assert!(
+        e.contains("48 threads") && e.contains("multiple of 32"),
+        "{e}"
+    );
+    // SAFETY: the launch is refused before it runs.
+    let e = unsafe { emu.launch("no_such_kernel", (1, 1, 1), (32, 1, 1), 0, &[]) }.unwrap_err();
+    assert!(matches!(e, EmuError::UnknownKernel { .. }), "{e}");
+    // an i32 where the kernel takes an int is fine; an i64 is not
+    let e = launch_err(
+        emu,
+        "emu_neighbour",
+        (1, 1, 1),
+        (32, 1, 1),
+        256,
+        &[Arg::Buf(&out), Arg::I64(1)],
+    );
+    assert!(
+        e.contains("argument 1 is a 8-byte signed integer") && e.contains("4-byte signed integer"),
+        "{e}"
+    );
+    let e = launch_err(
+        emu,
+        "emu_neighbour",
+        (1, 1, 1),
+        (32, 1, 1),
+        256,
+        &[Arg::Buf(&out)],
+    );
+    assert!(e.contains("takes 2 arguments"), "{e}");
+}
+
+#[test]
+fn compile_errors_carry_the_compiler_log() {
+    if emu().is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("motionrt-emu-bad-{}", std::process::id()));
+    let e = Builder::new()
+        .cache_dir(&dir)
+        .source(
+            "broken.cu",
+            "extern \"C\" __global__ void broken(float* o) { o[0] = undeclared; }",
+            &["broken"],
+        )
+        .build()
+        .unwrap_err();
+    let _ = std::fs::remove_dir_all(&dir);
+    let msg = e.to_string();
+    assert!(matches!(e, EmuError::Compile { .. }), "{msg}");
+    assert!(
+        msg.contains("broken.cu:1") && msg.contains("undeclared"),
+        "{msg}"
+    );
+    let e = Builder::new()
+        .source("x.cu", "", &["not an identifier"])
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("is not a C identifier"), "{e}");
+}
+
+#[test]
+fn shuffles_follow_the_cuda_semantics() {
+    let Some(emu) = emu() else { return };
+    let n = 64;
+    let out = DeviceBuffer::zeroed(n * 8 * 4);
+    launch(
+        emu,
+        "emu_shuffles",
+        (1, 1, 1),
+        (n as u32, 1, 1),
+        0,
+        &[Arg::Buf(&out)],
+    );
+    let v = out.to_vec::<i32>();
+    for t in 0..n {
+        let (w, l) = (t / 32 * 32, t % 32);
+        let val = |lane: usize| ((w + lane) * 10) as i32;
+        // width w: segments of w lanes; xor may reach earlier segments, later ones give var
+        let xor = |m: usize, width: usize| {
+            let s = l ^ m;
+            if s < (l / width + 1) * width {
+                val(s)
+            } else {
+                val(l)
+            }
+        };
+        let idx = |src: usize, width: usize| val(l / width * width + src % width);
+        let up = |d: usize| if l % 32 >= d { val(l - d) } else { val(l) };
+        let down = |d: usize, width: usize| {
+            if l % width + d < width {
+                val(l + d)
+            } else {
+                val(l)
+            }
+        };
+        let ballot = (0..32).filter(|x| x % 3 == 0).fold(0u32, |b, x| b | 1 << x) as i32;
+        let want = [
+            xor(5, 32),
+            xor(5, 8),
+            idx(l * 7 % 32, 32),
+            idx(l + 3, 8),
+            up(3),
+            down(3, 16),
+            ballot,
+            496 + 31,
+        ];
+        assert_eq!(&v[t * 8..t * 8 + 8], &want, "thread {t}");
+    }
+}
+
+#[test]
+fn ldmatrix_follows_the_ptx_fragment_layout() {
+    let Some(emu) = emu() else { return };
+    let out = DeviceBuffer::zeroed(32 * 14 * 4);
+    launch(
+        emu,
+        "emu_ldmatrix",
+        (1, 1, 1),
+        (32, 1, 1),
+        0,
+        &[Arg::Buf(&out)],
+    );
+    let v = out.to_vec::<u32>();
+    // shared m[r][c] = 8 r + c + 1; lane a supplies row (5 a + 3) % 32
+    let row_of = |lane: usize| (lane * 5 + 3) % 32;
+    let elem = |lane: usize, col: usize| (row_of(lane) * 8 + col + 1) as u32;
+    let pair = |lo: u32, hi: u32| lo | hi << 16;
+    for l in 0..32 {
+        let o = &v[l * 14..l * 14 + 14];
+        // matrix i: rows from lanes 8i..8i+7; lane l holds row l/4, cols 2(l%4), 2(l%4)+1
+        let plain = |i: usize| {
+            let a = 8 * i + l / 4;
+            pair(elem(a, 2 * (l % 4)), elem(a, 2 * (l % 4) + 1))
+        };
+        // .trans: lane l holds (row 2(l%4), col l/4) and (row 2(l%4)+1, col l/4)
+        let trans = |i: usize| {
+            let a = 8 * i + 2 * (l % 4);
+            pair(elem(a, l / 4), elem(a + 1, l / 4))
+        };
+        let want = [
+            plain(0),
+            plain(0),
+            plain(1),
+            plain(0),
+            plain(1),
+            plain(2),
+            plain(3),
+            trans(0),
+            trans(0),
+            trans(1),
+            trans(0),
+            trans(1),
+            trans(2),
+            trans(3),
+        ];
+        assert_eq!(o, &want, "lane {l}");
+    }
+}
+
+#[test]
+fn mma_computes_the_matrix_product() {
+    let Some(emu) = emu() else { return };
+    let a = <u16 as Host>::encode(&random(16 * 16, 1));
+    let b = <u16 as Host>::encode(&random(16 * 8, 2));
+    let c = random(16 * 8, 3);
+    let (af, bf) = (<u16 as Host>::decode(&a), <u16 as Host>::decode(&b));
+    let want: Vec<f32> = (0..16 * 8)
+        .map(|x| {
+            let (i, j) = (x / 8, x % 8);
+            let s: f64 = (0..16)
+                .map(|k| af[i * 16 + k] as f64 * bf[k * 8 + j] as f64)
+                .sum();
+            (s + c[x] as f64) as f32
+        })
+        .collect();
+    let (ab, bb, cb) = (
+        DeviceBuffer::from_slice(&a),
+        DeviceBuffer::from_slice(&b),
+        DeviceBuffer::from_slice(&c),
+    );
+    for kernel in ["emu_mma_ldmatrix", "emu_mma_direct"] {
+        let d = out_buf::<f32>(16 * 8);
+        launch(
+            emu,
+            kernel,
+            (1, 1, 1),
+            (32, 1, 1),
+            0,
+            &[Arg::Buf(&ab), Arg::Buf(&bb), Arg::Buf(&cb), Arg::Buf(&d)],
+        );
+        let got = d.to_vec::<f32>();
+        let r = rel(&got, &want);
+        assert!(r < 1e-6, "{kernel}: max error {r:.2e}");
+    }
+}
+
+#[test]
+fn cp_async_data_lands_at_the_wait() {
+    let Some(emu) = emu() else { return };
+    let n = 64;
+    let g: Vec<f32> = (0..3 * 4 * n).map(|i| i as f32).collect();
+    let gb = DeviceBuffer::from_slice(&g);
+    let out = out_buf::<f32>(8 * n);
+    launch(
+        emu,
+        "emu_cp_async",
+        (1, 1, 1),
+        (n as u32, 1, 1),
+        3 * 4 * n * 4,
+        &[Arg::Buf(&gb), Arg::Buf(&out)],
+    );
+    let v = out.to_vec::<u32>();
+    let stale = 0xffff_ffffu32;
+    for t in 0..n {
+        let o = &v[t * 8..t * 8 + 8];
+        let at = |i: usize| (g[i]).to_bits();
+        let next = (t + 1) % n;
+        let want = [
+            stale,
+            at(4 * t),
+            stale,
+            at(4 * (n + t)),
+            stale,
+            at(4 * (2 * n + t)),
+            if t == n - 1 { at(0) } else { stale },
+            at(4 * next),
+        ];
+        assert_eq!(o, &want, "thread {t}");
+    }
+    let e = launch_err(
+        emu,
+        "emu_cp_async_misaligned",
+        (1, 1, 1),
+        (32, 1, 1),
+        256,
+        &[Arg::Buf(&gb), Arg::Buf(&out)],
+    );
+    assert!(e.contains("16-byte aligned"), "{e}");
+}
+
+#[test]
+fn atomics_see_every_thread() {
+    let Some(emu) = emu() else { return };
+    let (counter, sum, hi) = (
+        DeviceBuffer::zeroed(4),
+        DeviceBuffer::zeroed(4),
+        DeviceBuffer::zeroed(4),
+    );
+    launch(
+        emu,
+        "emu_atomics",
+        (3, 1, 1),
+        (96, 1, 1),
+        0,
+        &[Arg::Buf(&counter), Arg::Buf(&sum), Arg::Buf(&hi)],
+    );
+    assert_eq!(counter.to_vec::<i32>(), [288]);
+    assert_eq!(sum.to_vec::<f32>(), [144.0]);
+    assert_eq!(hi.to_vec::<u32>(), [287]);
+}
+
+#[test]
+fn float16_conversions_round_to_nearest_even() {
+    let Some(emu) = emu() else { return };
+    // every float16 to f32
+    let all: Vec<u16> = (0..=u16::MAX).collect();
+    let hb = DeviceBuffer::from_slice(&all);
+    let out = out_buf::<f32>(all.len());
+    let (g, b) = elementwise(all.len());
+    launch(
+        emu,
+        "cast_to_f32_f16",
+        g,
+        b,
+        0,
+        &[Arg::Buf(&out), Arg::Buf(&hb), Arg::I64(all.len() as i64)],
+    );
+    for (h, got) in all.iter().zip(out.to_vec::<f32>()) {
+        let want = f16_to_f32(*h);
+        assert!(
+            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+            "{h:#06x}: {got} != {want}"
+        );
+    }
+    // f32 to float16: every midpoint between neighbouring float16 values and its neighbours,
+    // subnormals, overflow, infinities, NaN, random values
+    let mut xs: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        65504.0,
+        65519.99,
+        65520.0,
+        -65520.0,
+        1e6,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MIN_POSITIVE,
+        1e-45,
+        2.9802322e-8, // 2^-25: half the smallest subnormal (ties to zero)
+        2.9802326e-8, // just above
+        5.9604645e-8,
+    ];
+    for h in 0..0x7bffu16 {
+        let (lo, hi) = (f16_to_f32(h) as f64, f16_to_f32(h + 1) as f64);
+        let mid = ((lo + hi) / 2.0) as f32; // exact in f32
+        for x in [
+            mid,
+            f32::from_bits(mid.to_bits() - 1),
+            f32::from_bits(mid.to_bits() + 1),
+        ] {
+            xs.push(x);
+            xs.push(-x);
+        }
+    }
+    xs.extend(random(20000, 7).iter().map(|x| x * 1000.0));
+    xs.extend(random(20000, 8).iter().map(|x| x * 1e-5));
+    let xb = DeviceBuffer::from_slice(&xs);
+    let out = out_buf::<u16>(xs.len());
+    let (g, b) = elementwise(xs.len());
+    launch(
+        emu,
+        "cast_from_f32_f16",
+        g,
+        b,
+        0,
+        &[Arg::Buf(&out), Arg::Buf(&xb), Arg::I64(xs.len() as i64)],
+    );
+    for (x, got) in xs.iter().zip(out.to_vec::<u16>()) {
+        if x.is_nan() {
+            assert!(f16_to_f32(got).is_nan(), "NaN became {got:#06x}");
+        } else {
+            assert_eq!(got, f32_to_f16(*x), "{x:e} ({:#010x})", x.to_bits());
+        }
+    }
+}
+
+// ---- attention kernels (verified on H100/H200) ---------------------------------------------------
+
+fn temporal<T: Host>(emu: &Emu, n: usize, l: usize, s: usize, heads: usize, d: usize, bias: usize) {
+    let a = Attention::new(n, l, s, heads, d);
+    let c = heads * d;
+    let seed = (n * 1000 + l * 100 + s * 10 + bias) as u64;
+    let q = T::round(&random(n * l * c, seed));
+    let k = T::round(&random(n * s * c, seed + 1));
+    let v = T::round(&random(n * s * c, seed + 2));
+    let b = (bias > 0).then(|| T::round(&random(bias * l * s, seed + 3)));
+    let mut want = vec![0f32; n * l * c];
+    a.run(&q, &k, &v, b.as_deref(), &mut want).unwrap();
+    let (qb, kb, vb) = (buf::<T>(&q), buf::<T>(&k), buf::<T>(&v));
+    let bb = b.as_ref().map(|b| buf::<T>(b));
+    let y = out_buf::<T>(n * l * c);
+    launch(
+        emu,
+        &format!("temporal_attention_{}", T::SUFFIX),
+        (n as u32, heads as u32, 1),
+        (32 * l.clamp(1, 8) as u32, 1, 1),
+        2 * s * d * 4,
+        &[
+            Arg::Buf(&qb),
+            Arg::Buf(&kb),
+            Arg::Buf(&vb),
+            bb.as_ref().map_or(Arg::Null, Arg::Buf),
+            Arg::Buf(&y),
+            Arg::I32(l as i32),
+            Arg::I32(s as i32),
+            Arg::I32(heads as i32),
+            Arg::I32(d as i32),
+            Arg::I32(bias.max(1) as i32),
+            Arg::F32(a.scale),
+        ],
+    );
+    check::<T>(
+        &format!("temporal attention N {n} L {l} S {s} {heads}x{d} bias heads {bias}"),
+        &read::<T>(&y),
+        &want,
+    );
+}
+
+#[test]
+fn temporal_attention_matches_the_cpu() {
+    let Some(emu) = emu() else { return };
+    for (n, l, s, heads, d, bias) in [
+        (3, 16, 16, 8, 40, 0),
+        (3, 16, 16, 8, 40, 8),
+        (2, 5, 7, 2, 24, 0),
+        (2, 5, 7, 2, 24, 1),
+    ] {
+        temporal::<f32>(emu, n, l, s, heads, d, bias);
+        temporal::<u16>(emu, n, l, s, heads, d, bias);
+    }
+}
+
+fn sparse<T: Host>(emu: &Emu, videos: usize, frames: usize, tokens: usize, heads: usize, d: usize) {
+    let a = SparseCausal::new(videos, frames, tokens, heads, d);
+    let len = videos * frames * tokens * heads * d;
+    let seed = (videos * 100 + frames * 10 + tokens) as u64;
+    let q = T::round(&random(len, seed));
+    let k = T::round(&random(len, seed + 1));
+    let v = T::round(&random(len, seed + 2));
+    let mut want = vec![0f32; len];
+    a.run(&q, &k, &v, &mut want).unwrap();
+    let (qb, kb, vb) = (buf::<T>(&q), buf::<T>(&k), buf::<T>(&v));
+    let y = out_buf::<T>(len);
+    launch(
+        emu,
+        &format!("sparse_causal_attention_{}", T::SUFFIX),
+        (
+            (videos * frames) as u32,
+            heads as u32,
+            tokens.div_ceil(32) as u32,
+        ),
+        (256, 1, 1),
+        2 * 32 * d * 4,
+        &[
+            Arg::Buf(&qb),
+            Arg::Buf(&kb),
+            Arg::Buf(&vb),
+            Arg::Buf(&y),
+            Arg::I32(frames as i32),
+            Arg::I32(tokens as i32),
+            Arg::I32(heads as i32),
+            Arg::I32(d as i32),
+            Arg::F32(a.scale),
+        ],
+    );
+    check::<T>(
+        &format!("sparse-causal attention {videos}x{frames} frames, {tokens} tokens, {heads}x{d}"),
+        &read::<T>(&y),
+        &want,
+    );
+}
+
+#[test]
+fn sparse_causal_attention_matches_the_cpu() {
+    let Some(emu) = emu() else { return };
+    // 40 tokens: two query tiles and 80 keys in three key tiles
+    for (videos, frames, tokens, heads, d) in
+        [(1, 3, 40, 2, 24), (2, 3, 16, 8, 40), (2, 2, 6, 1, 40)]
+    {
+        sparse::<f32>(emu, videos, frames, tokens, heads, d);
+        sparse::<u16>(emu, videos, frames, tokens, heads, d);
+    }
+}
+
+fn flash(emu: &Emu, n: usize, l: usize, s: usize, heads: usize, d: usize) {
+    let a = Attention::new(n, l, s, heads, d);
+    let c = heads * d;
+    let dp = [16, 32, 48, 64, 80, 96, 128, 160]
+        .into_iter()
+        .find(|&x| x >= d)
+        .unwrap();
+    let seed = (n * 1000 + l * 10 + s + d) as u64;
+    let q = <u16 as Host>::round(&random(n * l * c, seed));
+    let k = <u16 as Host>::round(&random(n * s * c, seed + 1));
+    let v = <u16 as Host>::round(&random(n * s * c, seed + 2));
+    let mut want = vec![0f32; n * l * c];
+    a.run(&q, &k, &v, None, &mut want).unwrap();
+    let (qb, kb, vb) = (buf::<u16>(&q), buf::<u16>(&k), buf::<u16>(&v));
+    let y = out_buf::<u16>(n * l * c);
+    launch(
+        emu,
+        &format!("flash_attention_f16_d{dp}"),
+        (l.div_ceil(64) as u32, heads as u32, n as u32),
+        (128, 1, 1),
+        2 * 64 * dp * 2,
+        &[
+            Arg::Buf(&qb),
+            Arg::Buf(&kb),
+            Arg::Buf(&vb),
+            Arg::Buf(&y),
+            Arg::I32(l as i32),
+            Arg::I32(s as i32),
+            Arg::I32(heads as i32),
+            Arg::I32(d as i32),
+            Arg::F32(a.scale),
+        ],
+    );
+    check::<u16>(
+        &format!("flash attention d{dp}: N {n} L {l} S {s} {heads}x{d}"),
+        &read::<u16>(&y),
+        &want,
+    );
+}
+
+#[test]
+fn flash_attention_matches_the_cpu() {
+    let Some(emu) = emu() else { return };
+    for (n, l, s, heads, d) in [
+        (2, 100, 77, 2, 40),
+        (1, 64, 64, 1, 16),
+        (1, 130, 200, 2, 80),
+        // every other padded head size once
+        (1, 20, 70, 1, 32),
+        (1, 20, 70, 1, 64),
+        (1, 20, 70, 1, 96),
+        (1, 20, 70, 1, 120),
+        (1, 20, 70, 1, 160),
+    ] {
+        flash(emu, n, l, s, heads, d);
+    }
+}
+
+// ---- engine element kernels (verified on H100/H200 through the engine) ----------------------------
+
+/// `#[repr(C)] struct Strided` of engine_ops.cu (and motionrt_runtime::engine::program::Strided).
+fn strided(dims: &[i64], a: &[i64], b: &[i64], c: &[i64]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(200);
+    v.extend((dims.len() as i32).to_ne_bytes());
+    v.extend(0i32.to_ne_bytes()); // pad_
+    for arr in [dims, a, b, c] {
+        for k in 0..6 {
+            v.extend(arr.get(k).copied().unwrap_or(0).to_ne_bytes());
+        }
+    }
+    v
+}
+
+fn copy_and_binary<T: Host>(emu: &Emu) {
+    // transpose [2, 3, 4] -> [4, 2, 3] (out[k][i][j] = in[i][j][k]) into an offset window
+    let x = random(24, 11);
+    let xb = buf::<T>(&x);
+    let off = 5;
+    let out = out_buf::<T>(24 + off);
+    let s = strided(&[4, 2, 3], &[1, 12, 4], &[0, 0, 0], &[6, 3, 1]);
+    let (g, b) = elementwise(24);
+    launch(
+        emu,
+        &format!("copy_strided_{}", T::SUFFIX),
+        g,
+        b,
+        0,
+        &[
+            Arg::Buf(&out),
+            Arg::Buf(&xb),
+            Arg::I64(24),
+            Arg::Pod(&s),
+            Arg::I64(0),
+            Arg::I64(off as i64),
+        ],
+    );
+    let got = read::<T>(&out);
+    assert!(
+        got[..off].iter().all(|v| v.is_nan()),
+        "wrote before out_off"
+    );
+    let xr = T::round(&x);
+    let want: Vec<f32> = (0..24)
+        .map(|o| {
+            let (k, i, j) = (o / 6, o / 3 % 2, o % 3);
+            xr[i * 12 + j * 4 + k]
+        })
+        .collect();
+    assert_eq!(&got[off..], &want[..], "copy_strided_{}", T::SUFFIX);
+
+    // x [2, 3, 4] op y [3, 1], broadcast
+    let y: Vec<f32> = random(3, 12).iter().map(|v| 0.5 + v.abs()).collect();
+    let (xr, yr) = (T::round(&x), T::round(&y));
+    let yb = buf::<T>(&y);
+    let s = strided(&[2, 3, 4], &[12, 4, 1], &[0, 1, 0], &[0, 0, 0]);
+    for op in 0..4 {
+        let out = out_buf::<T>(24);
+        launch(
+            emu,
+            &format!("binary_{}", T::SUFFIX),
+            g,
+            b,
+            0,
+            &[
+                Arg::Buf(&out),
+                Arg::Buf(&xb),
+                Arg::Buf(&yb),
+                Arg::I64(24),
+                Arg::I32(op),
+                Arg::Pod(&s),
+            ],
+        );
+        let want: Vec<f32> = (0..24)
+            .map(|i| {
+                let (a, c) = (xr[i], yr[i / 4 % 3]);
+                match op {
+                    0 => a + c,
+                    1 => a - c,
+                    2 => a * c,
+                    _ => a / c,
+                }
+            })
+            .collect();
+        check::<T>(&format!("binary op {op}"), &read::<T>(&out), &want);
+    }
+    // the same shapes, no broadcasting
+    let z = random(24, 13);
+    let (zr, zb) = (T::round(&z), buf::<T>(&z));
+    for op in 0..4 {
+        let out = out_buf::<T>(24);
+        launch(
+            emu,
+            &format!("binary_same_{}", T::SUFFIX),
+            g,
+            b,
+            0,
+            &[
+                Arg::Buf(&out),
+                Arg::Buf(&xb),
+                Arg::Buf(&zb),
+                Arg::I64(24),
+                Arg::I32(op),
+            ],
+        );
+        let want: Vec<f32> = (0..24)
+            .map(|i| match op {
+                0 => xr[i] + zr[i],
+                1 => xr[i] - zr[i],
+                2 => xr[i] * zr[i],
+                _ => xr[i] / zr[i],
+            })
+            .collect();
+        check::<T>(&format!("binary_same op {op}"), &read::<T>(&out), &want);
+    }
+}
+
+#[test]
+fn copy_strided_and_binary_match() {
+    let Some(emu) = emu() else { return };
+    copy_and_binary::<f32>(emu);
+    copy_and_binary::<u16>(emu);
+}
+
+fn unary_and_fill<T: Host>(emu: &Emu) {
+    let n = 300;
+    let x = random(n, 21);
+    let (xr, xb) = (T::round(&x), buf::<T>(&x));
+    let (g, b) = elementwise(n);
+    for op in 0..5 {
+        let out = out_buf::<T>(n);
+        launch(
+            emu,
+            &format!("unary_{}", T::SUFFIX),
+            g,
+            b,
+            0,
+            &[
+                Arg::Buf(&out),
+                Arg::Buf(&xb),
+                Arg::I64(n as i64),
+                Arg::I32(op),
+            ],
+        );
+        let want: Vec<f32> = xr
+            .iter()
+            .map(|&v| {
+                let v = v as f64;
+                let sig = 1.0 / (1.0 + (-v).exp());
+                (match op {
+                    0 => sig,
+                    1 => v.sin(),
+                    2 => v.cos(),
+                    3 => v * sig,
+                    _ => -v,
+                }) as f32
+            })
+            .collect();
+        check::<T>(&format!("unary op {op}"), &read::<T>(&out), &want);
+    }
+    let out = out_buf::<T>(n);
+    launch(
+        emu,
+        &format!("fill_{}", T::SUFFIX),
+        g,
+        b,
+        0,
+        &[Arg::Buf(&out), Arg::I64(n as i64), Arg::F32(1.5)],
+    );
+    assert!(read::<T>(&out).iter().all(|&v| v == 1.5));
+}
+
+#[test]
+fn unary_and_fill_match() {
+    let Some(emu) = emu() else { return };
+    unary_and_fill::<f32>(emu);
+    unary_and_fill::<u16>(emu);
+}
+
+fn group_norm<T: Host>(emu: &Emu, n: usize, c: usize, groups: usize, spatial: usize, silu: bool) {
+    let seed = (n * 1000 + c * 10 + spatial) as u64;
+    let x: Vec<f32> = random(n * c * spatial, seed)
+        .iter()
+        .map(|v| 2.0 * v + 0.5)
+        .collect();
+    let gamma = random(c, seed + 1);
+    let beta = random(c, seed + 2);
+    let (xr, gr, br) = (T::round(&x), T::round(&gamma), T::round(&beta));
+    let eps = 1e-6f32;
+    let want = fused::group_norm(&xr, &[n, c, spatial], &gr, &br, groups, eps, silu).unwrap();
+    let (xb, gb, bb) = (buf::<T>(&x), buf::<T>(&gamma), buf::<T>(&beta));
+    let y = out_buf::<T>(x.len());
+    launch(
+        emu,
+        &format!("group_norm_{}", T::SUFFIX),
+        ((n * groups) as u32, 1, 1),
+        (512, 1, 1),
+        0,
+        &[
+            Arg::Buf(&y),
+            Arg::Buf(&xb),
+            Arg::Buf(&gb),
+            Arg::Buf(&bb),
+            Arg::I32(c as i32),
+            Arg::I64(spatial as i64),
+            Arg::I32(groups as i32),
+            Arg::F32(eps),
+            Arg::I32(silu as i32),
+        ],
+    );
+    check::<T>(
+        &format!("group_norm [{n}, {c}, {spatial}] {groups} groups silu {silu}"),
+        &read::<T>(&y),
+        &want,
+    );
+}
+
+#[test]
+fn group_norm_matches_the_fused_reference() {
+    let Some(emu) = emu() else { return };
+    for silu in [false, true] {
+        group_norm::<f32>(emu, 2, 6, 3, 37, silu);
+        group_norm::<u16>(emu, 2, 6, 3, 37, silu);
+        group_norm::<f32>(emu, 1, 64, 32, 300, silu);
+        group_norm::<u16>(emu, 1, 64, 32, 300, silu);
+    }
+}
+
+fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
+    let seed = (rows * 1000 + cols) as u64;
+    let x: Vec<f32> = random(rows * cols, seed)
+        .iter()
+        .map(|v| 3.0 * v - 1.0)
+        .collect();
+    let gamma = random(cols, seed + 1);
+    let beta = random(cols, seed + 2);
+    let (xr, gr, br) = (T::round(&x), T::round(&gamma), T::round(&beta));
+    let (xb, gb, bb) = (buf::<T>(&x), buf::<T>(&gamma), buf::<T>(&beta));
+    let eps = 1e-5f32;
+    for with_beta in [true, false] {
+        let mut want = Vec::with_capacity(x.len());
+        for r in xr.chunks(cols) {
+            let mean = r.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
+            let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
+            let inv = 1.0 / (var + eps as f64).sqrt();
+            for (i, &v) in r.iter().enumerate() {
+                let b = if with_beta { br[i] as f64 } else { 0.0 };
+                want.push(((v as f64 - mean) * inv * gr[i] as f64 + b) as f32);
+            }
+        }
+        let y = out_buf::<T>(x.len());
+        launch(
+            emu,
+            &format!("layer_norm_{}", T::SUFFIX),
+            (rows as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::Buf(&y),
+                Arg::Buf(&xb),
+                Arg::Buf(&gb),
+                if with_beta { Arg::Buf(&bb) } else { Arg::Null },
+                Arg::I32(cols as i32),
+                Arg::F32(eps),
+            ],
+        );
+        check::<T>(
+            &format!("layer_norm [{rows}, {cols}] beta {with_beta}"),
+            &read::<T>(&y),
+            &want,
+        );
+    }
+    let mut want = Vec::with_capacity(x.len());
+    for r in xr.chunks(cols) {
+        let m = r.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let s: f64 = r.iter().map(|&v| (v as f64 - m).exp()).sum();
+        want.extend(r.iter().map(|&v| ((v as f64 - m).exp() / s) as f32));
+    }
+    let y = out_buf::<T>(x.len());
+    launch(
+        emu,
+        &format!("softmax_{}", T::SUFFIX),
+        (rows as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &[Arg::Buf(&y), Arg::Buf(&xb), Arg::I32(cols as i32)],
+    );
+    check::<T>(&format!("softmax [{rows}, {cols}]"), &read::<T>(&y), &want);
+}
+
+#[test]
+fn layer_norm_and_softmax_match() {
+    let Some(emu) = emu() else { return };
+    for (rows, cols) in [(5, 77), (3, 320)] {
+        layer_norm_and_softmax::<f32>(emu, rows, cols);
+        layer_norm_and_softmax::<u16>(emu, rows, cols);
+    }
+}
+
+fn geglu_and_epilogues<T: Host>(emu: &Emu) {
+    // GEGLU over [7, 2 * 40]
+    let (rows, d) = (7, 40);
+    let x = random(rows * 2 * d, 31);
+    let want = fused::geglu(&T::round(&x), 2 * d).unwrap();
+    let xb = buf::<T>(&x);
+    let y = out_buf::<T>(rows * d);
+    let (g, b) = elementwise(rows * d);
+    launch(
+        emu,
+        &format!("geglu_{}", T::SUFFIX),
+        g,
+        b,
+        0,
+        &[
+            Arg::Buf(&y),
+            Arg::Buf(&xb),
+            Arg::I64(rows as i64),
+            Arg::I64(d as i64),
+        ],
+    );
+    check::<T>("geglu", &read::<T>(&y), &want);
+
+    // y[n, c, s] += bias[c] + res[n, c, s] after a convolution, in place
+    let (n, c, sp) = (2, 5, 9);
+    let total = n * c * sp;
+    let y0 = random(total, 32);
+    let bias = random(c, 33);
+    let res = random(total, 34);
+    let (y0r, biasr, resr) = (T::round(&y0), T::round(&bias), T::round(&res));
+    let (biasb, resb) = (buf::<T>(&bias), buf::<T>(&res));
+    let (g, b) = elementwise(total);
+    for (with_bias, with_res) in [(true, true), (true, false), (false, true)] {
+        let y = buf::<T>(&y0);
+        launch(
+            emu,
+            &format!("channel_bias_{}", T::SUFFIX),
+            g,
+            b,
+            0,
+            &[
+                Arg::Buf(&y),
+                if with_bias {
+                    Arg::Buf(&biasb)
+                } else {
+                    Arg::Null
+                },
+                if with_res { Arg::Buf(&resb) } else { Arg::Null },
+                Arg::I64(total as i64),
+                Arg::I64(c as i64),
+                Arg::I64(sp as i64),
+            ],
+        );
+        let want: Vec<f32> = (0..total)
+            .map(|i| {
+                let mut v = y0r[i];
+                if with_bias {
+                    v += biasr[i / sp % c];
+                }
+                if with_res {
+                    v += resr[i];
+                }
+                v
+            })
+            .collect();
+        check::<T>(
+            &format!("channel_bias bias {with_bias} res {with_res}"),
+            &read::<T>(&y),
+            &want,
+        );
+    }
+
+    // y[r, c] += bias[c] + res[r, c] after a GEMM, in place
+    let (rows, cols) = (6, 10);
+    let y0 = random(rows * cols, 35);
+    let bias = random(cols, 36);
+    let res = random(rows * cols, 37);
+    let (y0r, biasr, resr) = (T::round(&y0), T::round(&bias), T::round(&res));
+    let (biasb, resb) = (buf::<T>(&bias), buf::<T>(&res));
+    let (g, b) = elementwise(rows * cols);
+    for (with_bias, with_res) in [(true, true), (true, false), (false, true)] {
+        let y = buf::<T>(&y0);
+        launch(
+            emu,
+            &format!("bias_residual_{}", T::SUFFIX),
+            g,
+            b,
+            0,
+            &[
+                Arg::Buf(&y),
+                if with_bias {
+                    Arg::Buf(&biasb)
+                } else {
+                    Arg::Null
+                },
+                if with_res { Arg::Buf(&resb) } else { Arg::Null },
+                Arg::I64(rows as i64),
+                Arg::I64(cols as i64),
+            ],
+        );
+        let want: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let mut v = y0r[i];
+                if with_bias {
+                    v += biasr[i % cols];
+                }
+                if with_res {
+                    v += resr[i];
+                }
+                v
+            })
+            .collect();
+        check::<T>(
+            &format!("bias_residual bias {with_bias} res {with_res}"),
+            &read::<T>(&y),
+            &want,
+        );
+    }
+}
+
+#[test]
+fn geglu_and_bias_epilogues_match() {
+    let Some(emu) = emu() else { return };
+    geglu_and_epilogues::<f32>(emu);
+    geglu_and_epilogues::<u16>(emu);
+}
+
+fn gather_and_casts<T: Host>(emu: &Emu) {
+    // rows of a [7, 12] table; ids out of range give NaN rows
+    let (n_rows, row) = (7usize, 12usize);
+    let table = random(n_rows * row, 41);
+    let tr = T::round(&table);
+    let ids: Vec<i64> = vec![3, 0, 6, 7, -1, 3];
+    let (tb, ib) = (buf::<T>(&table), DeviceBuffer::from_slice(&ids));
+    let out = out_buf::<T>(ids.len() * row);
+    let (g, b) = elementwise(ids.len() * row);
+    launch(
+        emu,
+        &format!("gather_rows_{}", T::SUFFIX),
+        g,
+        b,
+        0,
+        &[
+            Arg::Buf(&out),
+            Arg::Buf(&tb),
+            Arg::Buf(&ib),
+            Arg::I64(ids.len() as i64),
+            Arg::I64(row as i64),
+            Arg::I64(n_rows as i64),
+        ],
+    );
+    let got = read::<T>(&out);
+    for (r, &id) in ids.iter().enumerate() {
+        let g = &got[r * row..(r + 1) * row];
+        if (0..n_rows as i64).contains(&id) {
+            assert_eq!(g, &tr[id as usize * row..][..row], "gather row {r}");
+        } else {
+            assert!(g.iter().all(|v| v.is_nan()), "id {id}: not NaN");
+        }
+    }
+
+    // f32 -> T -> f32
+    let n = 1000;
+    let x: Vec<f32> = random(n, 42).iter().map(|v| v * 100.0).collect();
+    let xb = DeviceBuffer::from_slice(&x);
+    let mid = out_buf::<T>(n);
+    let back = out_buf::<f32>(n);
+    let (g, b) = elementwise(n);
+    launch(
+        emu,
+        &format!("cast_from_f32_{}", T::SUFFIX),
+        g,
+        b,
+        0,
+        &[Arg::Buf(&mid), Arg::Buf(&xb), Arg::I64(n as i64)],
+    );
+    assert_eq!(
+        mid.to_vec::<T>(),
+        T::encode(&x),
+        "cast_from_f32_{}",
+        T::SUFFIX
+    );
+    launch(
+        emu,
+        &format!("cast_to_f32_{}", T::SUFFIX),
+        g,
+        b,
+        0,
+        &[Arg::Buf(&back), Arg::Buf(&mid), Arg::I64(n as i64)],
+    );
+    assert_eq!(
+        back.to_vec::<f32>(),
+        T::round(&x),
+        "cast_to_f32_{}",
+        T::SUFFIX
+    );
+}
+
+#[test]
+fn gather_rows_and_casts_match() {
+    let Some(emu) = emu() else { return };
+    gather_and_casts::<f32>(emu);
+    gather_and_casts::<u16>(emu);
+}
