@@ -14,6 +14,7 @@ use motionrt_export::config::MotionVersion;
 use motionrt_export::export::{export, ExportOptions, ExternalData, Progress};
 use motionrt_export::graph::unet::Semantics;
 use motionrt_export::graph::Precision;
+use motionrt_runtime::frame_stream::FrameStream;
 use motionrt_runtime::frames::{self, Frames, OutputFormat};
 use motionrt_runtime::pipeline::{Event, GenerateOptions, Pipeline};
 use motionrt_runtime::scheduler::{SchedulerConfig, SchedulerKind};
@@ -630,20 +631,28 @@ fn generate(
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let video = pipe.generate(opts, &mut |e| match e {
-        Event::Stage(s) => bar.set_message(s),
-        Event::Step { index, total } => {
-            bar.set_length(total as u64);
-            bar.set_position(index as u64 + 1);
-        }
-        Event::Decoded { .. } => {}
-        Event::Warning(w) => bar.suspend(|| eprintln!("warning: {w}")),
-    });
+    // Frames are encoded on CPU threads as the VAE decodes them (at most one chunk queued);
+    // the output appears under its name only once every frame is written.
+    let writer = frames::FrameWriter::create(out, opts.width, opts.height, opts.frames, fps)?;
+    let mut stream = FrameStream::spawn(writer, FrameStream::default_threads(), 1);
+    let video = pipe.generate_streaming(
+        opts,
+        &mut |e| match e {
+            Event::Stage(s) => bar.set_message(s),
+            Event::Step { index, total } => {
+                bar.set_length(total as u64);
+                bar.set_position(index as u64 + 1);
+            }
+            Event::Decoded { .. } => {}
+            Event::Warning(w) => bar.suspend(|| eprintln!("warning: {w}")),
+        },
+        &mut |chunk| Ok(stream.push(chunk)?),
+    );
     bar.finish_and_clear();
     let video = video?;
     let t = Instant::now();
-    let frames = Frames::new(video.frames, video.height, video.width, video.rgb.clone())?;
-    let files = frames::write(out, &frames, fps)?;
+    let files = stream.finish()?;
+    // Encoding overlaps decoding: this is only what was left after the last chunk.
     let write_s = t.elapsed().as_secs_f64();
     let tm = &video.timings;
     let mut steps = tm.steps.clone();

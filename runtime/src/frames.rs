@@ -9,7 +9,7 @@ use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 
 /// Decoded video: `data` is `[frames, height, width, 3]` RGB in `[0, 1]` (row-major, f32).
 #[derive(Debug, Clone, PartialEq)]
@@ -250,50 +250,8 @@ pub fn gif_delay_cs(fps: f32) -> u16 {
 /// the path written.
 pub fn write_gif(path: &Path, frames: &Frames, fps: f32) -> Result<PathBuf, FramesError> {
     frames.validate()?;
-    check_fps(path, fps)?;
-    let max = usize::from(u16::MAX);
-    if frames.width > max || frames.height > max {
-        return Err(FramesError::TooLarge {
-            path: path.to_path_buf(),
-            format: "GIF",
-            width: frames.width,
-            height: frames.height,
-            max,
-        });
-    }
-    let (w, h) = (frames.width as u16, frames.height as u16);
-    let delay = gif_delay_cs(fps);
-    let encode_err = |e: gif::EncodingError| match e {
-        gif::EncodingError::Io(source) => FramesError::Io {
-            path: path.to_path_buf(),
-            source,
-        },
-        other => FramesError::Encode {
-            path: path.to_path_buf(),
-            message: other.to_string(),
-        },
-    };
-
-    let tmp = TempFile::new(path);
-    let file = File::create(tmp.path()).map_err(io_err(path))?;
-    let mut encoder = gif::Encoder::new(BufWriter::new(file), w, h, &[]).map_err(encode_err)?;
-    encoder
-        .set_repeat(gif::Repeat::Infinite)
-        .map_err(encode_err)?;
-    for i in 0..frames.frames {
-        let rgb = frames.frame_rgb8(i);
-        let mut frame = gif::Frame::from_rgb_speed(w, h, &rgb, 10);
-        frame.delay = delay;
-        encoder.write_frame(&frame).map_err(encode_err)?;
-    }
-    let writer = encoder.into_inner().map_err(io_err(path))?;
-    let file = writer
-        .into_inner()
-        .map_err(|e| io_err(path)(e.into_error()))?;
-    file.sync_all().map_err(io_err(path))?;
-    drop(file);
-    tmp.commit(path)?;
-    Ok(path.to_path_buf())
+    let w = FrameWriter::create_as(OutputFormat::Gif, path, frames, fps)?;
+    write_all(w, frames).map(|_| path.to_path_buf())
 }
 
 /// The file names of a PNG sequence for `path` with `count` frames (see [`OutputFormat::Png`]).
@@ -321,78 +279,26 @@ pub fn png_sequence_paths(path: &Path, count: usize) -> Vec<PathBuf> {
 /// the write fails.
 pub fn write_png_sequence(path: &Path, frames: &Frames) -> Result<Vec<PathBuf>, FramesError> {
     frames.validate()?;
-    let max = u32::MAX as usize;
-    if frames.width > max || frames.height > max {
-        return Err(FramesError::TooLarge {
-            path: path.to_path_buf(),
-            format: "PNG",
-            width: frames.width,
-            height: frames.height,
-            max,
-        });
-    }
-    let mut created_dir = None;
-    if is_dir_target(path) && !path.is_dir() {
-        fs::create_dir(path).map_err(io_err(path))?;
-        created_dir = Some(path.to_path_buf());
-    }
-    let result = write_png_files(path, frames);
-    if result.is_err() {
-        if let Some(dir) = created_dir {
-            let _ = fs::remove_dir(dir);
-        }
-    }
-    result
+    let w = FrameWriter::create_as(OutputFormat::Png, path, frames, 1.0)?;
+    write_all(w, frames)
 }
 
-fn write_png_files(path: &Path, frames: &Frames) -> Result<Vec<PathBuf>, FramesError> {
-    let finals = png_sequence_paths(path, frames.frames);
-    let mut temps = Vec::with_capacity(finals.len());
-    for (i, out) in finals.iter().enumerate() {
-        let tmp = TempFile::new(out);
-        write_png_file(tmp.path(), out, frames, i)?;
-        temps.push(tmp);
-    }
-    // All frames are complete; move them into place. If a rename fails, undo the ones done so
-    // far (the remaining temps are removed when dropped).
-    let mut done: Vec<&PathBuf> = Vec::with_capacity(finals.len());
-    for (tmp, out) in temps.into_iter().zip(&finals) {
-        if let Err(e) = tmp.commit(out) {
-            for p in done {
-                let _ = fs::remove_file(p);
-            }
-            return Err(e);
-        }
-        done.push(out);
-    }
-    Ok(finals)
+/// Writes an H.264 MP4 (yuv420p, `+faststart`) by piping raw rgb24 frames into `ffmpeg`.
+/// Odd sizes are padded to even. Atomic: ffmpeg writes a temp sibling, which is renamed on
+/// success; returns the path written. [`FramesError::FfmpegMissing`] when ffmpeg is not on the
+/// PATH.
+pub fn write_mp4(path: &Path, frames: &Frames, fps: f32) -> Result<PathBuf, FramesError> {
+    frames.validate()?;
+    let w = FrameWriter::create_as(OutputFormat::Mp4, path, frames, fps)?;
+    write_all(w, frames).map(|_| path.to_path_buf())
 }
 
-fn write_png_file(tmp: &Path, out: &Path, frames: &Frames, i: usize) -> Result<(), FramesError> {
-    let png_err = |e: png::EncodingError| match e {
-        png::EncodingError::IoError(source) => FramesError::Io {
-            path: out.to_path_buf(),
-            source,
-        },
-        other => FramesError::Encode {
-            path: out.to_path_buf(),
-            message: other.to_string(),
-        },
-    };
-    let file = File::create(tmp).map_err(io_err(out))?;
-    let mut encoder = png::Encoder::new(
-        BufWriter::new(file),
-        frames.width as u32,
-        frames.height as u32,
-    );
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder.write_header().map_err(png_err)?;
-    writer
-        .write_image_data(&frames.frame_rgb8(i))
-        .map_err(png_err)?;
-    writer.finish().map_err(png_err)?;
-    Ok(())
+fn write_all(mut w: FrameWriter, frames: &Frames) -> Result<Vec<PathBuf>, FramesError> {
+    let enc = w.encoder();
+    for i in 0..frames.frames {
+        w.write(enc.encode(w.written(), frames.frame_rgb8(i))?)?;
+    }
+    w.finish()
 }
 
 /// Whether an `ffmpeg` executable can be run from the PATH.
@@ -411,88 +317,462 @@ fn ffmpeg_program() -> OsString {
     OsString::from("ffmpeg")
 }
 
-/// Writes an H.264 MP4 (yuv420p, `+faststart`) by piping raw rgb24 frames into `ffmpeg`.
-/// Odd sizes are padded to even. Atomic: ffmpeg writes a temp sibling, which is renamed on
-/// success; returns the path written. [`FramesError::FfmpegMissing`] when ffmpeg is not on the
-/// PATH.
-pub fn write_mp4(path: &Path, frames: &Frames, fps: f32) -> Result<PathBuf, FramesError> {
-    frames.validate()?;
-    check_fps(path, fps)?;
-    let tmp = TempFile::new(path);
-    let mut cmd = Command::new(ffmpeg_program());
-    cmd.args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
-        .args(["-f", "rawvideo", "-pix_fmt", "rgb24"])
-        .arg("-s")
-        .arg(format!("{}x{}", frames.width, frames.height))
-        .arg("-r")
-        .arg(format!("{fps}"))
-        .args(["-i", "-"]);
-    if frames.width % 2 == 1 || frames.height % 2 == 1 {
-        cmd.args(["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]);
-    }
-    cmd.args([
-        "-c:v",
-        "libx264",
-        "-pix_fmt",
-        "yuv420p",
-        "-movflags",
-        "+faststart",
-    ])
-    .args(["-f", "mp4"])
-    .arg(tmp.path())
-    .stdin(Stdio::piped())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(FramesError::FfmpegMissing {
-                path: path.to_path_buf(),
-            })
+/// One frame made ready for its container by [`FrameEncoder::encode`].
+pub enum EncodedFrame {
+    /// Palette-quantized GIF frame (NeuQuant), delay not yet set.
+    Gif(gif::Frame<'static>),
+    /// A complete PNG file.
+    Png(Vec<u8>),
+    /// Packed rgb24 for ffmpeg.
+    Raw(Vec<u8>),
+}
+
+/// The per-frame, order-independent part of writing a video (palette quantization, PNG
+/// compression): `Copy` and `Send`, so any number of threads can encode frames of one output
+/// while [`FrameWriter::write`] appends them in order.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameEncoder {
+    format: OutputFormat,
+    width: usize,
+    height: usize,
+}
+
+impl FrameEncoder {
+    /// Encode frame `index` given as packed RGB8 `[height, width, 3]`.
+    pub fn encode(&self, index: usize, rgb8: Vec<u8>) -> Result<EncodedFrame, FramesError> {
+        if rgb8.len() != self.width * self.height * 3 {
+            return Err(FramesError::Shape {
+                frames: 1,
+                height: self.height,
+                width: self.width,
+                len: rgb8.len() / 3,
+            });
         }
-        Err(e) => return Err(io_err(path)(e)),
-    };
-    // Drain stderr on a thread so a chatty ffmpeg cannot block while we feed stdin.
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let stderr_thread = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
-    let mut stdin = child.stdin.take().expect("stdin is piped");
-    let mut feed_err = None;
-    for i in 0..frames.frames {
-        if let Err(e) = stdin.write_all(&frames.frame_rgb8(i)) {
-            feed_err = Some(e);
-            break;
-        }
+        let _ = index;
+        Ok(match self.format {
+            OutputFormat::Gif => EncodedFrame::Gif(gif::Frame::from_rgb_speed(
+                self.width as u16,
+                self.height as u16,
+                &rgb8,
+                10,
+            )),
+            OutputFormat::Mp4 => EncodedFrame::Raw(rgb8),
+            OutputFormat::Png => {
+                let mut bytes = Vec::new();
+                let mut e = png::Encoder::new(&mut bytes, self.width as u32, self.height as u32);
+                e.set_color(png::ColorType::Rgb);
+                e.set_depth(png::BitDepth::Eight);
+                let r = e
+                    .write_header()
+                    .and_then(|mut w| w.write_image_data(&rgb8).and_then(|_| w.finish()));
+                r.map_err(|e| FramesError::Encode {
+                    path: PathBuf::from(format!("frame {index}")),
+                    message: e.to_string(),
+                })?;
+                EncodedFrame::Png(bytes)
+            }
+        })
     }
-    if feed_err.is_none() {
-        if let Err(e) = stdin.flush() {
-            feed_err = Some(e);
-        }
-    }
-    drop(stdin); // EOF: ffmpeg finishes the file.
-    let status = child.wait().map_err(io_err(path))?;
-    let stderr_bytes = stderr_thread.join().unwrap_or_default();
-    if !status.success() {
-        return Err(FramesError::Ffmpeg {
+}
+
+enum Sink {
+    Gif {
+        encoder: Option<gif::Encoder<BufWriter<File>>>,
+        tmp: TempFile,
+        delay: u16,
+    },
+    Png {
+        finals: Vec<PathBuf>,
+        temps: Vec<TempFile>,
+        created_dir: Option<PathBuf>,
+    },
+    Mp4 {
+        child: Child,
+        stdin: Option<ChildStdin>,
+        stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+        tmp: TempFile,
+        feed_err: Option<io::Error>,
+    },
+}
+
+/// An output video written one frame at a time, atomically: frames go to temporary siblings
+/// (`.NAME.partial-PID`), which [`FrameWriter::finish`] renames into place once all `frames`
+/// declared at creation have been written. Dropping an unfinished writer removes everything it
+/// wrote (and stops ffmpeg).
+pub struct FrameWriter {
+    path: PathBuf,
+    format: OutputFormat,
+    width: usize,
+    height: usize,
+    frames: usize,
+    written: usize,
+    sink: Sink,
+    finished: bool,
+}
+
+impl FrameWriter {
+    /// Open `path` (format from [`OutputFormat::from_path`]) for `frames` frames of
+    /// `width`×`height`; `fps` is ignored for PNG sequences.
+    pub fn create(
+        path: &Path,
+        width: usize,
+        height: usize,
+        frames: usize,
+        fps: f32,
+    ) -> Result<Self, FramesError> {
+        let format = OutputFormat::from_path(path).ok_or_else(|| FramesError::UnknownFormat {
             path: path.to_path_buf(),
-            status,
-            stderr_tail: tail(&String::from_utf8_lossy(&stderr_bytes), 2000),
-        });
+        })?;
+        if frames == 0 || width == 0 || height == 0 {
+            return Err(FramesError::Shape {
+                frames,
+                height,
+                width,
+                len: 0,
+            });
+        }
+        Self::open(format, path, width, height, frames, fps)
     }
-    if let Some(e) = feed_err {
-        return Err(io_err(path)(e));
+
+    fn create_as(
+        format: OutputFormat,
+        path: &Path,
+        f: &Frames,
+        fps: f32,
+    ) -> Result<Self, FramesError> {
+        Self::open(format, path, f.width, f.height, f.frames, fps)
     }
-    if !tmp.path().is_file() {
-        return Err(FramesError::Encode {
+
+    fn open(
+        format: OutputFormat,
+        path: &Path,
+        width: usize,
+        height: usize,
+        frames: usize,
+        fps: f32,
+    ) -> Result<Self, FramesError> {
+        let too_large = |name: &'static str, max: usize| {
+            if width > max || height > max {
+                Err(FramesError::TooLarge {
+                    path: path.to_path_buf(),
+                    format: name,
+                    width,
+                    height,
+                    max,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        let sink = match format {
+            OutputFormat::Gif => {
+                check_fps(path, fps)?;
+                too_large("GIF", usize::from(u16::MAX))?;
+                let tmp = TempFile::new(path);
+                let file = File::create(tmp.path()).map_err(io_err(path))?;
+                let mut encoder =
+                    gif::Encoder::new(BufWriter::new(file), width as u16, height as u16, &[])
+                        .map_err(gif_err(path))?;
+                encoder
+                    .set_repeat(gif::Repeat::Infinite)
+                    .map_err(gif_err(path))?;
+                Sink::Gif {
+                    encoder: Some(encoder),
+                    tmp,
+                    delay: gif_delay_cs(fps),
+                }
+            }
+            OutputFormat::Png => {
+                too_large("PNG", u32::MAX as usize)?;
+                let mut created_dir = None;
+                if is_dir_target(path) && !path.is_dir() {
+                    fs::create_dir(path).map_err(io_err(path))?;
+                    created_dir = Some(path.to_path_buf());
+                }
+                Sink::Png {
+                    finals: png_sequence_paths(path, frames),
+                    temps: Vec::with_capacity(frames),
+                    created_dir,
+                }
+            }
+            OutputFormat::Mp4 => {
+                check_fps(path, fps)?;
+                Self::spawn_ffmpeg(path, width, height, fps)?
+            }
+        };
+        Ok(Self {
             path: path.to_path_buf(),
-            message: "ffmpeg exited successfully but wrote no file".to_string(),
-        });
+            format,
+            width,
+            height,
+            frames,
+            written: 0,
+            sink,
+            finished: false,
+        })
     }
-    tmp.commit(path)?;
-    Ok(path.to_path_buf())
+
+    fn spawn_ffmpeg(
+        path: &Path,
+        width: usize,
+        height: usize,
+        fps: f32,
+    ) -> Result<Sink, FramesError> {
+        let tmp = TempFile::new(path);
+        let mut cmd = Command::new(ffmpeg_program());
+        cmd.args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
+            .args(["-f", "rawvideo", "-pix_fmt", "rgb24"])
+            .arg("-s")
+            .arg(format!("{width}x{height}"))
+            .arg("-r")
+            .arg(format!("{fps}"))
+            .args(["-i", "-"]);
+        if width % 2 == 1 || height % 2 == 1 {
+            cmd.args(["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]);
+        }
+        cmd.args([
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-movflags",
+            "+faststart",
+        ])
+        .args(["-f", "mp4"])
+        .arg(tmp.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(FramesError::FfmpegMissing {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        // Drain stderr on a thread so a chatty ffmpeg cannot block while we feed stdin.
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let stderr = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = stderr.read_to_end(&mut buf);
+            buf
+        });
+        let stdin = child.stdin.take();
+        Ok(Sink::Mp4 {
+            child,
+            stdin,
+            stderr: Some(stderr),
+            tmp,
+            feed_err: None,
+        })
+    }
+
+    /// The format being written.
+    pub fn format(&self) -> OutputFormat {
+        self.format
+    }
+
+    /// `(width, height)` of every frame.
+    pub fn size(&self) -> (usize, usize) {
+        (self.width, self.height)
+    }
+
+    /// Frames declared at creation.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    /// Frames written so far.
+    pub fn written(&self) -> usize {
+        self.written
+    }
+
+    /// The encoder for this output's frames (may be used on other threads).
+    pub fn encoder(&self) -> FrameEncoder {
+        FrameEncoder {
+            format: self.format,
+            width: self.width,
+            height: self.height,
+        }
+    }
+
+    /// Append the next frame.
+    pub fn write(&mut self, frame: EncodedFrame) -> Result<(), FramesError> {
+        if self.written >= self.frames {
+            return Err(FramesError::Encode {
+                path: self.path.clone(),
+                message: format!("more than the {} frames declared", self.frames),
+            });
+        }
+        let i = self.written;
+        match (&mut self.sink, frame) {
+            (Sink::Gif { encoder, delay, .. }, EncodedFrame::Gif(mut f)) => {
+                f.delay = *delay;
+                let e = encoder.as_mut().expect("open until finish");
+                e.write_frame(&f).map_err(gif_err(&self.path))?;
+            }
+            (Sink::Png { finals, temps, .. }, EncodedFrame::Png(bytes)) => {
+                let out = &finals[i];
+                let tmp = TempFile::new(out);
+                // Keep the temp before writing, so a failed write is cleaned up too.
+                temps.push(tmp);
+                let tmp = temps.last().expect("pushed");
+                let mut file = File::create(tmp.path()).map_err(io_err(out))?;
+                file.write_all(&bytes).map_err(io_err(out))?;
+            }
+            (
+                Sink::Mp4 {
+                    stdin, feed_err, ..
+                },
+                EncodedFrame::Raw(bytes),
+            ) => {
+                if feed_err.is_none() {
+                    if let Some(s) = stdin.as_mut() {
+                        if let Err(e) = s.write_all(&bytes) {
+                            *feed_err = Some(e);
+                        }
+                    }
+                }
+            }
+            _ => {
+                return Err(FramesError::Encode {
+                    path: self.path.clone(),
+                    message: "frame encoded for another format".into(),
+                })
+            }
+        }
+        self.written += 1;
+        Ok(())
+    }
+
+    /// Complete the output: check that every declared frame was written, flush, and rename
+    /// the temporary files into place. Returns the files written.
+    pub fn finish(mut self) -> Result<Vec<PathBuf>, FramesError> {
+        if self.written != self.frames {
+            return Err(FramesError::Encode {
+                path: self.path.clone(),
+                message: format!(
+                    "only {} of the {} declared frames were written",
+                    self.written, self.frames
+                ),
+            });
+        }
+        let path = self.path.clone();
+        let r = match &mut self.sink {
+            Sink::Gif { encoder, tmp, .. } => (|| {
+                let e = encoder.take().expect("open until finish");
+                let writer = e.into_inner().map_err(io_err(&path))?;
+                let file = writer
+                    .into_inner()
+                    .map_err(|e| io_err(&path)(e.into_error()))?;
+                file.sync_all().map_err(io_err(&path))?;
+                drop(file);
+                tmp.commit_ref(&path)?;
+                Ok(vec![path.clone()])
+            })(),
+            Sink::Png { finals, temps, .. } => {
+                // All frames are complete; move them into place. If a rename fails, undo the
+                // ones done so far (the remaining temps are removed when dropped).
+                let mut done: Vec<&PathBuf> = Vec::with_capacity(finals.len());
+                let mut r = Ok(finals.clone());
+                for (tmp, out) in temps.iter_mut().zip(finals.iter()) {
+                    if let Err(e) = tmp.commit_ref(out) {
+                        for p in &done {
+                            let _ = fs::remove_file(p);
+                        }
+                        r = Err(e);
+                        break;
+                    }
+                    done.push(out);
+                }
+                r
+            }
+            Sink::Mp4 {
+                child,
+                stdin,
+                stderr,
+                tmp,
+                feed_err,
+            } => (|| {
+                if let Some(mut s) = stdin.take() {
+                    if feed_err.is_none() {
+                        if let Err(e) = s.flush() {
+                            *feed_err = Some(e);
+                        }
+                    }
+                } // EOF: ffmpeg finishes the file.
+                let status = child.wait().map_err(io_err(&path))?;
+                let stderr_bytes = stderr
+                    .take()
+                    .and_then(|t| t.join().ok())
+                    .unwrap_or_default();
+                if !status.success() {
+                    return Err(FramesError::Ffmpeg {
+                        path: path.clone(),
+                        status,
+                        stderr_tail: tail(&String::from_utf8_lossy(&stderr_bytes), 2000),
+                    });
+                }
+                if let Some(e) = feed_err.take() {
+                    return Err(io_err(&path)(e));
+                }
+                if !tmp.path().is_file() {
+                    return Err(FramesError::Encode {
+                        path: path.clone(),
+                        message: "ffmpeg exited successfully but wrote no file".to_string(),
+                    });
+                }
+                tmp.commit_ref(&path)?;
+                Ok(vec![path.clone()])
+            })(),
+        };
+        self.finished = r.is_ok();
+        r
+    }
+}
+
+impl Drop for FrameWriter {
+    fn drop(&mut self) {
+        match &mut self.sink {
+            Sink::Mp4 {
+                child,
+                stdin,
+                stderr,
+                ..
+            } if !self.finished => {
+                drop(stdin.take());
+                let _ = child.kill();
+                let _ = child.wait();
+                if let Some(t) = stderr.take() {
+                    let _ = t.join();
+                }
+            }
+            Sink::Png {
+                temps, created_dir, ..
+            } if !self.finished => {
+                temps.clear(); // removes the temporary frames
+                if let Some(dir) = created_dir.take() {
+                    let _ = fs::remove_dir(dir);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn gif_err(path: &Path) -> impl Fn(gif::EncodingError) -> FramesError + '_ {
+    move |e| match e {
+        gif::EncodingError::Io(source) => FramesError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => FramesError::Encode {
+            path: path.to_path_buf(),
+            message: other.to_string(),
+        },
+    }
 }
 
 /// The last `max` bytes of `s` (on a char boundary), trimmed.
@@ -534,8 +814,8 @@ impl TempFile {
         &self.path
     }
 
-    /// Renames the temp file onto `final_path`.
-    fn commit(mut self, final_path: &Path) -> Result<(), FramesError> {
+    /// Renames the temp file onto `final_path`; afterwards dropping it removes nothing.
+    fn commit_ref(&mut self, final_path: &Path) -> Result<(), FramesError> {
         fs::rename(&self.path, final_path).map_err(io_err(final_path))?;
         self.armed = false;
         Ok(())

@@ -7,6 +7,7 @@ pub mod compare;
 mod custom_ops;
 pub mod edit;
 pub mod engine;
+pub mod frame_stream;
 pub mod frames;
 pub mod npy;
 mod ort_backend;

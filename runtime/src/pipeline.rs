@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::engine::file as engine_file;
+use crate::frame_stream::{ChunkLayout, FrameChunk};
 use crate::ort_backend::{Input, OrtSession, SessionOptions, Tensor};
 use crate::rng::NormalRng;
 use crate::scheduler::{self, SchedulerConfig, SchedulerError, SchedulerKind};
@@ -28,6 +29,8 @@ pub enum PipelineError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
+    #[error(transparent)]
+    Frames(#[from] crate::frames::FramesError),
     #[error("{what} contains {count} NaN/Inf values {when}: the model overflowed (with an fp16 export, try --precision fp32)")]
     NonFinite {
         what: &'static str,
@@ -203,7 +206,8 @@ pub struct Video {
     pub frames: usize,
     pub height: usize,
     pub width: usize,
-    /// `[frames, height, width, 3]` RGB in [0, 1].
+    /// `[frames, height, width, 3]` RGB in [0, 1] (empty from [`Pipeline::generate_streaming`],
+    /// which hands the frames to its sink instead).
     pub rgb: Vec<f32>,
     /// Final latents `[1, C, F, h, w]` (before the 1/scaling_factor).
     pub latents: Vec<f32>,
@@ -219,10 +223,27 @@ pub enum GraphSession {
     Cuda(Box<engine_file::CudaSession>),
 }
 
+/// A graph run that has been started by [`GraphSession::submit`]; [`GraphSession::collect`]
+/// gives its outputs.
+pub enum PendingRun {
+    /// Already complete (ONNX Runtime runs synchronously).
+    Done(Vec<(String, Tensor)>),
+    /// Queued on the GPU; outputs are on their way to pinned host buffers.
+    Cuda(engine_file::Ticket),
+}
+
 impl GraphSession {
     pub fn run_with(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<Vec<(String, Tensor)>> {
+        let p = self.submit(inputs)?;
+        self.collect(p)
+    }
+
+    /// Start a run. On the native engine it only queues the work: the host may prepare the
+    /// next inputs (and [`GraphSession::submit`] one more run) while the GPU computes and
+    /// copies the outputs to pinned memory on a separate stream.
+    pub fn submit(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<PendingRun> {
         match self {
-            GraphSession::Ort(s) => Ok(s.run_with(inputs)?),
+            GraphSession::Ort(s) => Ok(PendingRun::Done(s.run_with(inputs)?)),
             GraphSession::Cuda(s) => {
                 let f: Vec<(&str, &[usize], &[f32])> = inputs
                     .iter()
@@ -238,7 +259,21 @@ impl GraphSession {
                         Input::F32(..) => None,
                     })
                     .collect();
-                let out = s.run(&f, &ids).map_err(|e| RuntimeError::Session {
+                let t = s.submit(&f, &ids).map_err(|e| RuntimeError::Session {
+                    path: PathBuf::from(format!("engine graph {}", s.name)),
+                    message: e.to_string(),
+                })?;
+                Ok(PendingRun::Cuda(t))
+            }
+        }
+    }
+
+    /// Wait for a submitted run and return its outputs.
+    pub fn collect(&mut self, p: PendingRun) -> Result<Vec<(String, Tensor)>> {
+        match (self, p) {
+            (_, PendingRun::Done(out)) => Ok(out),
+            (GraphSession::Cuda(s), PendingRun::Cuda(t)) => {
+                let out = s.collect(t).map_err(|e| RuntimeError::Session {
                     path: PathBuf::from(format!("engine graph {}", s.name)),
                     message: e.to_string(),
                 })?;
@@ -247,6 +282,11 @@ impl GraphSession {
                     .map(|(n, shape, data)| (n, Tensor { shape, data }))
                     .collect())
             }
+            (GraphSession::Ort(_), PendingRun::Cuda(_)) => Err(RuntimeError::Session {
+                path: PathBuf::from("(graph session)"),
+                message: "a GPU run was collected from an ONNX Runtime session".into(),
+            }
+            .into()),
         }
     }
 }
@@ -512,6 +552,23 @@ impl Pipeline {
         o: &GenerateOptions,
         events: &mut dyn FnMut(Event),
     ) -> Result<Video> {
+        let mut rgb = Vec::new();
+        let mut v = self.generate_streaming(o, events, &mut |c| {
+            rgb.extend(c.rgb());
+            Ok(())
+        })?;
+        v.rgb = rgb;
+        Ok(v)
+    }
+
+    /// Generate a video, handing the decoded frames to `sink` chunk by chunk as they come off
+    /// the VAE (see [`Pipeline::decode_to`]); the returned [`Video`]'s `rgb` is empty.
+    pub fn generate_streaming(
+        &mut self,
+        o: &GenerateOptions,
+        events: &mut dyn FnMut(Event),
+        sink: &mut dyn FnMut(FrameChunk) -> Result<()>,
+    ) -> Result<Video> {
         self.validate(o)?;
         let mut warnings = Vec::new();
         let mut timings = Timings::default();
@@ -532,13 +589,13 @@ impl Pipeline {
 
         events(Event::Stage("VAE decode"));
         let t = Instant::now();
-        let rgb = self.decode(&latents, f, h, w, o.decode_chunk, events)?;
+        self.decode_to(&latents, f, h, w, o.decode_chunk, events, sink)?;
         timings.vae_decode = t.elapsed().as_secs_f64();
         Ok(Video {
             frames: f,
             height: o.height,
             width: o.width,
-            rgb,
+            rgb: Vec::new(),
             latents,
             timings,
             warnings,
@@ -757,14 +814,35 @@ impl Pipeline {
         chunk: usize,
         events: &mut dyn FnMut(Event),
     ) -> Result<Vec<f32>> {
+        let mut rgb: Vec<f32> = Vec::new();
+        self.decode_to(latents, f, h, w, chunk, events, &mut |c| {
+            rgb.extend(c.rgb());
+            Ok(())
+        })?;
+        Ok(rgb)
+    }
+
+    /// Decode `[1, C, F, h, w]` latents `chunk` frames per VAE call, handing each decoded chunk
+    /// (the VAE's `[m, 3, H, W]` output in `[-1, 1]`) to `sink` in frame order. One VAE call runs
+    /// ahead: on the native engine the GPU decodes chunk `i + 1` while chunk `i` travels to
+    /// pinned host memory and `sink` takes it, so host memory holds at most two chunks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_to(
+        &mut self,
+        latents: &[f32],
+        f: usize,
+        h: usize,
+        w: usize,
+        chunk: usize,
+        events: &mut dyn FnMut(Event),
+        sink: &mut dyn FnMut(FrameChunk) -> Result<()>,
+    ) -> Result<()> {
         let c = self.info.latent_channels;
         let hw = h * w;
         let inv = 1.0 / self.info.scaling_factor;
-        let mut rgb: Vec<f32> = Vec::new();
-        let mut start = 0;
-        while start < f {
-            let m = chunk.min(f - start);
-            // [C, F, h, w] → [m, C, h, w] for frames start..start+m
+        let chunk = chunk.max(1);
+        // [C, F, h, w] → [m, C, h, w] for frames start..start+m
+        let slice = |start: usize, m: usize| {
             let mut z = vec![0f32; m * c * hw];
             for j in 0..m {
                 for ch in 0..c {
@@ -775,39 +853,73 @@ impl Pipeline {
                     }
                 }
             }
-            let out = self
+            z
+        };
+        let starts: Vec<usize> = (0..f).step_by(chunk).collect();
+        let mut pending = std::collections::VecDeque::new();
+        for &start in &starts {
+            let m = chunk.min(f - start);
+            let z = slice(start, m);
+            let p = self
                 .vae
-                .run_with(&[("latent", Input::F32(&[m, c, h, w], &z))])?;
-            let img =
-                out.into_iter().next().map(|o| o.1).ok_or_else(|| {
-                    model_err(&self.info.dir, "vae_decoder.onnx returned no output")
-                })?;
-            let bad = count_nonfinite(&img.data);
-            if bad > 0 {
-                return Err(PipelineError::NonFinite {
-                    what: "the decoded frames",
-                    when: format!("(frames {start}..{})", start + m),
-                    count: bad,
-                });
+                .submit(&[("latent", Input::F32(&[m, c, h, w], &z))])?;
+            pending.push_back((start, m, p));
+            // Keep one run in flight ahead of the one being collected.
+            if pending.len() == 2 {
+                let (start, m, p) = pending.pop_front().expect("two pending");
+                self.take_decoded(start, m, f, p, events, sink)?;
             }
-            let (ih, iw) = (img.shape[2], img.shape[3]);
-            rgb.reserve(m * ih * iw * 3);
-            for j in 0..m {
-                for y in 0..ih {
-                    for x in 0..iw {
-                        for ch in 0..3 {
-                            let v = img.data[((j * 3 + ch) * ih + y) * iw + x];
-                            rgb.push((v / 2.0 + 0.5).clamp(0.0, 1.0));
-                        }
-                    }
-                }
-            }
-            start += m;
-            events(Event::Decoded {
-                done: start,
-                total: f,
+        }
+        while let Some((start, m, p)) = pending.pop_front() {
+            self.take_decoded(start, m, f, p, events, sink)?;
+        }
+        Ok(())
+    }
+
+    fn take_decoded(
+        &mut self,
+        start: usize,
+        m: usize,
+        f: usize,
+        p: PendingRun,
+        events: &mut dyn FnMut(Event),
+        sink: &mut dyn FnMut(FrameChunk) -> Result<()>,
+    ) -> Result<()> {
+        let out = self.vae.collect(p)?;
+        let img = out
+            .into_iter()
+            .next()
+            .map(|o| o.1)
+            .ok_or_else(|| model_err(&self.info.dir, "vae_decoder.onnx returned no output"))?;
+        let bad = count_nonfinite(&img.data);
+        if bad > 0 {
+            return Err(PipelineError::NonFinite {
+                what: "the decoded frames",
+                when: format!("(frames {start}..{})", start + m),
+                count: bad,
             });
         }
-        Ok(rgb)
+        if img.shape.len() != 4 || img.shape[0] != m || img.shape[1] != 3 {
+            return Err(model_err(
+                &self.info.dir,
+                format!(
+                    "vae_decoder.onnx returned `image` of shape {:?}; expected [{m}, 3, H, W]",
+                    img.shape
+                ),
+            ));
+        }
+        sink(FrameChunk {
+            start,
+            frames: m,
+            height: img.shape[2],
+            width: img.shape[3],
+            layout: ChunkLayout::PlanarSigned,
+            data: img.data,
+        })?;
+        events(Event::Decoded {
+            done: start + m,
+            total: f,
+        });
+        Ok(())
     }
 }

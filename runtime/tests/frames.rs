@@ -326,3 +326,174 @@ fn nonexistent_directory_is_io_error() {
     }
     assert!(dir_entries(&dir).is_empty());
 }
+
+// ---- streaming: FrameWriter + FrameStream ----
+
+use motionrt_runtime::frame_stream::{ChunkLayout, FrameChunk, FrameStream};
+use motionrt_runtime::frames::FrameWriter;
+
+/// Chunks of `frames` (RGB layout) of `chunk` frames each.
+fn chunks_of(frames: &Frames, chunk: usize) -> Vec<FrameChunk> {
+    let n = frames.frame_len();
+    (0..frames.frames)
+        .step_by(chunk)
+        .map(|start| {
+            let m = chunk.min(frames.frames - start);
+            FrameChunk {
+                start,
+                frames: m,
+                height: frames.height,
+                width: frames.width,
+                layout: ChunkLayout::Rgb,
+                data: frames.data[start * n..(start + m) * n].to_vec(),
+            }
+        })
+        .collect()
+}
+
+fn stream_write(
+    path: &Path,
+    frames: &Frames,
+    chunk: usize,
+    threads: usize,
+) -> Result<Vec<PathBuf>, FramesError> {
+    let w = FrameWriter::create(path, frames.width, frames.height, frames.frames, 8.0)?;
+    let mut s = FrameStream::spawn(w, threads, 1);
+    for c in chunks_of(frames, chunk) {
+        s.push(c)?;
+    }
+    s.finish()
+}
+
+#[test]
+fn streamed_output_is_byte_identical_to_the_batch_writer() {
+    let dir = test_dir("stream_same");
+    let frames = gradient(7, 12, 20);
+    write(&dir.join("batch.gif"), &frames, 8.0).unwrap();
+    write(&dir.join("batch.png"), &frames, 8.0).unwrap();
+    for (chunk, threads) in [(1, 1), (3, 2), (7, 4), (16, 3)] {
+        let sub = dir.join(format!("c{chunk}_t{threads}"));
+        fs::create_dir_all(&sub).unwrap();
+        let files = stream_write(&sub.join("s.gif"), &frames, chunk, threads).unwrap();
+        assert_eq!(files, vec![sub.join("s.gif")]);
+        assert_eq!(
+            fs::read(sub.join("s.gif")).unwrap(),
+            fs::read(dir.join("batch.gif")).unwrap(),
+            "GIF, chunk {chunk}, {threads} threads"
+        );
+        let files = stream_write(&sub.join("s.png"), &frames, chunk, threads).unwrap();
+        assert_eq!(files.len(), 7);
+        for (i, f) in files.iter().enumerate() {
+            assert_eq!(
+                fs::read(f).unwrap(),
+                fs::read(dir.join(format!("batch_{i:03}.png"))).unwrap(),
+                "PNG frame {i}, chunk {chunk}, {threads} threads"
+            );
+        }
+        let mut names = dir_entries(&sub);
+        names.retain(|n| n.starts_with('.'));
+        assert!(names.is_empty(), "temporary files left: {names:?}");
+    }
+}
+
+#[test]
+fn planar_signed_chunks_convert_like_the_vae_postprocess() {
+    // [m, 3, H, W] in [-1, 1] -> [m, H, W, 3] in [0, 1], clamped.
+    let (m, h, w) = (2, 3, 4);
+    let data: Vec<f32> = (0..m * 3 * h * w)
+        .map(|i| (i as f32 * 0.37).sin() * 1.3)
+        .collect();
+    let c = FrameChunk {
+        start: 5,
+        frames: m,
+        height: h,
+        width: w,
+        layout: ChunkLayout::PlanarSigned,
+        data: data.clone(),
+    };
+    let rgb = c.rgb();
+    for j in 0..m {
+        for y in 0..h {
+            for x in 0..w {
+                for ch in 0..3 {
+                    let v = data[((j * 3 + ch) * h + y) * w + x];
+                    let want = (v / 2.0 + 0.5).clamp(0.0, 1.0);
+                    assert_eq!(rgb[((j * h + y) * w + x) * 3 + ch], want);
+                }
+            }
+        }
+    }
+    let frames = Frames::new(m, h, w, rgb).unwrap();
+    assert_eq!(c.frame_rgb8(1), frames.frame_rgb8(1));
+}
+
+#[test]
+fn stream_errors_leave_nothing_behind() {
+    let dir = test_dir("stream_err");
+    let mut frames = gradient(6, 5, 6);
+    // A NaN in frame 4 (the second chunk of 3): named, nothing written.
+    let n = frames.frame_len();
+    frames.data[4 * n + 2] = f32::NAN;
+    for name in ["a.gif", "b.png", "seq/"] {
+        let err = stream_write(&dir.join(name), &frames, 3, 2).unwrap_err();
+        assert!(
+            matches!(err, FramesError::NonFinite { index: 4 }),
+            "{name}: {err}"
+        );
+    }
+    assert!(dir_entries(&dir).is_empty(), "{:?}", dir_entries(&dir));
+
+    // Fewer frames than declared: an error at finish, nothing written.
+    let frames = gradient(6, 5, 6);
+    let w = FrameWriter::create(&dir.join("short.gif"), 6, 5, 6, 8.0).unwrap();
+    let mut s = FrameStream::spawn(w, 2, 1);
+    s.push(chunks_of(&frames, 4).remove(0)).unwrap();
+    let err = s.finish().unwrap_err();
+    assert!(err.to_string().contains("4 of the 6"), "{err}");
+    assert!(dir_entries(&dir).is_empty(), "{:?}", dir_entries(&dir));
+
+    // Dropped before finishing (the producer failed): nothing written.
+    for name in ["drop.gif", "drop.png"] {
+        let w = FrameWriter::create(&dir.join(name), 6, 5, 6, 8.0).unwrap();
+        let mut s = FrameStream::spawn(w, 2, 1);
+        s.push(chunks_of(&frames, 4).remove(0)).unwrap();
+        drop(s);
+    }
+    assert!(dir_entries(&dir).is_empty(), "{:?}", dir_entries(&dir));
+
+    // Out of order, or the wrong size: an error that says what was expected.
+    let w = FrameWriter::create(&dir.join("order.gif"), 6, 5, 6, 8.0).unwrap();
+    let mut s = FrameStream::spawn(w, 2, 1);
+    let mut c = chunks_of(&frames, 2);
+    s.push(c.remove(1)).unwrap();
+    // The encoder fails on the first chunk; a later push or finish reports it.
+    let err = s
+        .push(c.remove(0))
+        .and_then(|_| s.finish().map(|_| ()))
+        .unwrap_err();
+    assert!(err.to_string().contains("expected frame 0"), "{err}");
+    assert!(dir_entries(&dir).is_empty(), "{:?}", dir_entries(&dir));
+}
+
+#[test]
+fn writer_rejects_bad_requests_up_front() {
+    let dir = test_dir("writer_bad");
+    assert!(matches!(
+        FrameWriter::create(&dir.join("x.avi"), 4, 4, 2, 8.0),
+        Err(FramesError::UnknownFormat { .. })
+    ));
+    assert!(matches!(
+        FrameWriter::create(&dir.join("x.gif"), 4, 4, 2, 0.0),
+        Err(FramesError::InvalidFps { .. })
+    ));
+    assert!(matches!(
+        FrameWriter::create(&dir.join("x.gif"), 4, 4, 0, 8.0),
+        Err(FramesError::Shape { .. })
+    ));
+    let err = FrameWriter::create(&dir.join("missing/x.gif"), 4, 4, 2, 8.0)
+        .err()
+        .expect("missing directory");
+    assert!(matches!(err, FramesError::Io { .. }), "{err}");
+    assert!(err.to_string().contains("missing/x.gif"), "{err}");
+    assert!(dir_entries(&dir).is_empty());
+}

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use cudarc::cublas::sys as cublas;
 use cudarc::cudnn::sys as cudnn;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
     LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use serde::{Deserialize, Serialize};
@@ -92,6 +92,8 @@ pub struct ConvTactic {
 pub struct CudaDevice {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+    /// Device → host copies of outputs, so they overlap the next run's compute.
+    pub copy: Arc<CudaStream>,
     pub key: DeviceKey,
     functions: HashMap<String, CudaFunction>,
     blas: cublas::cublasHandle_t,
@@ -166,6 +168,7 @@ impl CudaDevice {
         unsafe { ctx.disable_event_tracking() };
         // a stream of its own: the legacy default stream cannot be captured
         let stream = ctx.new_stream().map_err(|e| gpu_err("stream", e))?;
+        let copy = ctx.new_stream().map_err(|e| gpu_err("stream", e))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| gpu_err("cc", e))?;
         let arch = arch_name(major, minor);
         let mut functions = HashMap::new();
@@ -243,6 +246,7 @@ impl CudaDevice {
         Ok(Self {
             ctx,
             stream,
+            copy,
             key,
             functions,
             blas,
@@ -284,6 +288,17 @@ struct ConvPrep {
     algo: cudnn::cudnnConvolutionFwdAlgo_t,
 }
 
+/// Where one run's outputs go: float32 device staging, pinned host buffers, and the events
+/// that order them (`computed`: staging written, on the compute stream; `copied`: host copy
+/// done, on the copy stream).
+struct OutSlot {
+    staging: Vec<CudaSlice<f32>>,
+    pinned: Vec<PinnedHostSlice<f32>>,
+    computed: CudaEvent,
+    copied: CudaEvent,
+    pending: bool,
+}
+
 /// A program resident on the GPU.
 pub struct GpuProgram {
     pub program: Program,
@@ -297,8 +312,9 @@ pub struct GpuProgram {
     conv_ws_ptr: (u64, usize),
     /// float32 staging per input and output.
     staging_in: Vec<CudaSlice<f32>>,
-    staging_out: Vec<CudaSlice<f32>>,
-    pinned_out: Vec<PinnedHostSlice<f32>>,
+    /// Output slots (allocated on first use): two let one run's outputs travel to the host
+    /// while the next run computes.
+    slots: Vec<OutSlot>,
     graph: Option<CudaGraph>,
     /// Bytes of weights on the device.
     pub weight_bytes: usize,
@@ -409,19 +425,6 @@ impl GpuProgram {
                     .map_err(|e| gpu_err("alloc", e))?,
             );
         }
-        let mut staging_out = Vec::new();
-        let mut pinned_out = Vec::new();
-        for (_, t) in &program.outputs {
-            staging_out.push(
-                s.alloc_zeros::<f32>(t.numel().max(1))
-                    .map_err(|e| gpu_err("alloc", e))?,
-            );
-            // SAFETY: written by a device copy before it is read.
-            pinned_out.push(
-                unsafe { dev.ctx.alloc_pinned::<f32>(t.numel().max(1)) }
-                    .map_err(|e| gpu_err("pinned", e))?,
-            );
-        }
         let mut me = Self {
             program,
             memory,
@@ -433,8 +436,7 @@ impl GpuProgram {
             conv_ws: None,
             conv_ws_ptr: (0, 0),
             staging_in,
-            staging_out,
-            pinned_out,
+            slots: Vec::new(),
             graph: None,
             weight_bytes,
         };
@@ -1154,11 +1156,54 @@ impl GpuProgram {
         self.graph.is_some()
     }
 
-    /// Copy the outputs to pinned host buffers (asynchronously), then wait and return them.
-    pub fn outputs(&mut self, dev: &CudaDevice) -> Result<super::program::Outputs, EngineError> {
-        for (k, (_, t)) in self.program.outputs.clone().iter().enumerate() {
+    /// A free output slot (allocating one when both are in use is not allowed).
+    fn free_slot(&mut self, dev: &CudaDevice) -> Result<usize, EngineError> {
+        if let Some(k) = self.slots.iter().position(|s| !s.pending) {
+            return Ok(k);
+        }
+        if self.slots.len() >= 2 {
+            return Err(EngineError::Graph(
+                "two runs are already waiting to be collected".into(),
+            ));
+        }
+        let mut staging = Vec::new();
+        let mut pinned = Vec::new();
+        for (_, t) in &self.program.outputs {
+            staging.push(
+                dev.stream
+                    .alloc_zeros::<f32>(t.numel().max(1))
+                    .map_err(|e| gpu_err("alloc", e))?,
+            );
+            // SAFETY: written by a device copy before it is read.
+            pinned.push(
+                unsafe { dev.ctx.alloc_pinned::<f32>(t.numel().max(1)) }
+                    .map_err(|e| gpu_err("pinned", e))?,
+            );
+        }
+        let ev = || dev.ctx.new_event(None).map_err(|e| gpu_err("event", e));
+        self.slots.push(OutSlot {
+            staging,
+            pinned,
+            computed: ev()?,
+            copied: ev()?,
+            pending: false,
+        });
+        Ok(self.slots.len() - 1)
+    }
+
+    /// Queue the outputs' trip to pinned host memory: cast to float32 into the slot's device
+    /// staging on the compute stream, then copy on the copy stream, so the compute stream is
+    /// free for the next run at once. The slot's previous copy must have finished before its
+    /// staging is overwritten (the compute stream waits for it).
+    fn enqueue_outputs(&mut self, dev: &CudaDevice) -> Result<usize, EngineError> {
+        let k = self.free_slot(dev)?;
+        let slot = &self.slots[k];
+        dev.stream
+            .wait(&slot.copied)
+            .map_err(|e| gpu_err("wait", e))?;
+        for (o, (_, t)) in self.program.outputs.iter().enumerate() {
             let src = self.ptrs[t.buf];
-            let (dst, g) = self.staging_out[k].device_ptr(&dev.stream);
+            let (dst, g) = slot.staging[o].device_ptr(&dev.stream);
             drop(g);
             let n = t.numel() as i64;
             launch_raw(
@@ -1167,19 +1212,49 @@ impl GpuProgram {
                 launch_cfg(t.numel()),
                 &[&dst, &src, &n],
             )?;
-            dev.stream
-                .memcpy_dtoh(&self.staging_out[k], &mut self.pinned_out[k])
+        }
+        slot.computed
+            .record(&dev.stream)
+            .map_err(|e| gpu_err("record", e))?;
+        dev.copy
+            .wait(&slot.computed)
+            .map_err(|e| gpu_err("wait", e))?;
+        let slot = &mut self.slots[k];
+        for o in 0..slot.staging.len() {
+            dev.copy
+                .memcpy_dtoh(&slot.staging[o], &mut slot.pinned[o])
                 .map_err(|e| gpu_err("download", e))?;
         }
-        dev.stream.synchronize().map_err(|e| gpu_err("sync", e))?;
+        slot.copied
+            .record(&dev.copy)
+            .map_err(|e| gpu_err("record", e))?;
+        slot.pending = true;
+        Ok(k)
+    }
+
+    /// Wait for the outputs queued in `slot` and return them.
+    pub fn collect(&mut self, slot: usize) -> Result<super::program::Outputs, EngineError> {
+        let s = self
+            .slots
+            .get_mut(slot)
+            .filter(|s| s.pending)
+            .ok_or_else(|| {
+                EngineError::Graph(format!("no run is waiting in output slot {slot}"))
+            })?;
+        s.copied.synchronize().map_err(|e| gpu_err("sync", e))?;
+        s.pending = false;
         let mut out = Vec::new();
-        for (k, (name, t)) in self.program.outputs.iter().enumerate() {
-            let v = self.pinned_out[k]
-                .as_slice()
-                .map_err(|e| gpu_err("pinned", e))?;
+        for (o, (name, t)) in self.program.outputs.iter().enumerate() {
+            let v = s.pinned[o].as_slice().map_err(|e| gpu_err("pinned", e))?;
             out.push((name.clone(), t.shape.clone(), v[..t.numel()].to_vec()));
         }
         Ok(out)
+    }
+
+    /// Copy the outputs to pinned host buffers (asynchronously), then wait and return them.
+    pub fn outputs(&mut self, dev: &CudaDevice) -> Result<super::program::Outputs, EngineError> {
+        let k = self.enqueue_outputs(dev)?;
+        self.collect(k)
     }
 
     /// Fill every activation with NaN (so an unwritten output shows).
@@ -1203,9 +1278,27 @@ impl GpuProgram {
         inputs: &[(&str, &[f32])],
         ids: &[(&str, &[i64])],
     ) -> Result<super::program::Outputs, EngineError> {
+        let k = self.submit(dev, inputs, ids)?;
+        self.collect(k)
+    }
+
+    /// Queue one run: inputs are uploaded, the steps (or their CUDA graph) and the outputs'
+    /// copy to pinned host memory are enqueued, and the output slot to
+    /// [`GpuProgram::collect`] is returned without waiting. At most two runs may be waiting.
+    pub fn submit(
+        &mut self,
+        dev: &CudaDevice,
+        inputs: &[(&str, &[f32])],
+        ids: &[(&str, &[i64])],
+    ) -> Result<usize, EngineError> {
+        if self.slots.len() >= 2 && self.slots.iter().all(|s| s.pending) {
+            return Err(EngineError::Graph(
+                "two runs are already waiting to be collected".into(),
+            ));
+        }
         self.set_inputs(dev, inputs, ids)?;
         self.execute(dev)?;
-        self.outputs(dev)
+        self.enqueue_outputs(dev)
     }
 
     pub fn weights_resident(&self) -> usize {

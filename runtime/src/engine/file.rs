@@ -319,6 +319,17 @@ impl CudaSession {
         inputs: &[(&str, &[usize], &[f32])],
         ids: &[(&str, &[usize], &[i64])],
     ) -> Result<super::program::Outputs, EngineError> {
+        let t = self.submit(inputs, ids)?;
+        self.collect(t)
+    }
+
+    /// Queue a run (see [`GpuProgram::submit`]); [`CudaSession::collect`] waits for it. At most
+    /// two runs of one input shape may be outstanding.
+    pub fn submit(
+        &mut self,
+        inputs: &[(&str, &[usize], &[f32])],
+        ids: &[(&str, &[usize], &[i64])],
+    ) -> Result<Ticket, EngineError> {
         let mut key: Vec<Vec<usize>> = inputs.iter().map(|i| i.1.to_vec()).collect();
         key.extend(ids.iter().map(|i| i.1.to_vec()));
         if !self.programs.contains_key(&key) {
@@ -345,8 +356,25 @@ impl CudaSession {
         *calls += 1;
         let f: Vec<(&str, &[f32])> = inputs.iter().map(|i| (i.0, i.2)).collect();
         let i: Vec<(&str, &[i64])> = ids.iter().map(|i| (i.0, i.2)).collect();
-        gp.run(&self.dev, &f, &i)
+        let slot = gp.submit(&self.dev, &f, &i)?;
+        Ok(Ticket { key, slot })
     }
+
+    /// Wait for a submitted run's outputs (in pinned host memory) and return them.
+    pub fn collect(&mut self, t: Ticket) -> Result<super::program::Outputs, EngineError> {
+        let (gp, _) = self
+            .programs
+            .get_mut(&t.key)
+            .ok_or_else(|| EngineError::Graph("collect: no program for these shapes".into()))?;
+        gp.collect(t.slot)
+    }
+}
+
+/// A run queued by [`CudaSession::submit`].
+#[derive(Debug)]
+pub struct Ticket {
+    key: Vec<Vec<usize>>,
+    slot: usize,
 }
 
 /// Build an engine for the GPU `dev` from the exported float32 graphs in `model_dir`.
