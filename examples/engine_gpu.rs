@@ -250,6 +250,33 @@ fn check(a: &Args) -> Res<bool> {
                     );
                 }
             }
+            // Two runs in flight (what VAE decode does): the second is queued before the first
+            // is collected; each must come back with its own outputs.
+            let half: Vec<Vec<f32>> = f_in
+                .iter()
+                .map(|(_, v)| v.iter().map(|x| x * 0.5).collect())
+                .collect();
+            let f_half: Vec<(&str, &[f32])> = f_in
+                .iter()
+                .zip(&half)
+                .map(|((n, _), v)| (*n, v.as_slice()))
+                .collect();
+            let first = gp.run(&dev, &f_in, &i_in)?;
+            let second = gp.run(&dev, &f_half, &i_in)?;
+            let a = gp.submit(&dev, &f_in, &i_in)?;
+            let b = gp.submit(&dev, &f_half, &i_in)?;
+            let third = gp.submit(&dev, &f_in, &i_in).is_err();
+            let (ga, gb) = (gp.collect(a)?, gp.collect(b)?);
+            let mut worst = 0f64;
+            for (x, y) in ga.iter().zip(&first).chain(gb.iter().zip(&second)) {
+                worst = worst.max(error_stats(&x.2, &y.2).max_rel_to_ref_max);
+            }
+            let pass = worst <= 1e-5 && third && a != b;
+            ok &= pass;
+            println!(
+                "| {g} (2 in flight) | {precision:?} | graph | {worst:.2e} | | | {} |",
+                if pass { "ok" } else { "FAIL" }
+            );
         }
     }
     Ok(ok)

@@ -51,6 +51,12 @@ run="--prompt a_cat_walking --frames 4 --height 64 --width 64 --steps 6 --decode
 "$BIN/motionrt" run --model "$tiny" $run --out "$WORK/f_cpu" --json > "$OUTDIR/run_cpu.json" || rc=1
 "$BIN/motionrt" run --engine "$WORK/tiny.engine" $run --out "$WORK/f_gpu" --json > "$OUTDIR/run_gpu.json" || rc=1
 $PY bench/gpu/psnr.py "$WORK/f_cpu" "$WORK/f_gpu" --min 35 | tee "$OUTDIR/psnr_tiny.json" || rc=1
+echo "== 1c. streamed decode: 8 frames, 2 per VAE call (two output slots, copy stream overlapping the next chunk)"
+rm -rf "$WORK/s_cpu" "$WORK/s_gpu"; mkdir -p "$WORK/s_cpu" "$WORK/s_gpu"
+run="--prompt a_cat_walking --frames 8 --height 64 --width 64 --steps 4 --decode-chunk 2 --seed 5"
+"$BIN/motionrt" run --model "$tiny" $run --out "$WORK/s_cpu" --json > "$OUTDIR/run_cpu_stream.json" || rc=1
+"$BIN/motionrt" run --engine "$WORK/tiny.engine" $run --out "$WORK/s_gpu" --json > "$OUTDIR/run_gpu_stream.json" || rc=1
+$PY bench/gpu/psnr.py "$WORK/s_cpu" "$WORK/s_gpu" --min 35 | tee "$OUTDIR/psnr_tiny_stream.json" || rc=1
 [ "$full" = 1 ] || exit $rc
 echo "== 2. full SD1.5 + v2 UNet (2 frames, 16x16) vs ONNX Runtime CPU fp32"
 if [ ! -f "$WORK/exp/unet.onnx" ]; then
