@@ -38,15 +38,7 @@ impl FrameChunk {
     }
 
     fn check(&self) -> Result<(), FramesError> {
-        if self.data.len() != self.frames * self.frame_len() {
-            return Err(FramesError::Shape {
-                frames: self.frames,
-                height: self.height,
-                width: self.width,
-                len: self.data.len(),
-            });
-        }
-        Ok(())
+        crate::frames::check_len(self.frames, self.height, self.width, self.data.len())
     }
 
     /// Frame `j` of the chunk as `[height, width, 3]` RGB in `[0, 1]` (clamped).
@@ -78,7 +70,7 @@ impl FrameChunk {
     pub fn frame_rgb8(&self, j: usize) -> Vec<u8> {
         self.frame_rgb(j)
             .into_iter()
-            .map(|x| (x * 255.0).round() as u8)
+            .map(crate::frames::to_u8)
             .collect()
     }
 

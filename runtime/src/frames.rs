@@ -31,18 +31,7 @@ impl Frames {
         width: usize,
         data: Vec<f32>,
     ) -> Result<Self, FramesError> {
-        let expected = frames
-            .checked_mul(height)
-            .and_then(|n| n.checked_mul(width))
-            .and_then(|n| n.checked_mul(3));
-        if frames == 0 || height == 0 || width == 0 || expected != Some(data.len()) {
-            return Err(FramesError::Shape {
-                frames,
-                height,
-                width,
-                len: data.len(),
-            });
-        }
+        check_len(frames, height, width, data.len())?;
         Ok(Self {
             frames,
             height,
@@ -85,24 +74,7 @@ impl Frames {
     /// Checks the shape invariants (fields are public, so they may have been changed after
     /// [`Frames::new`]).
     fn check_shape(&self) -> Result<(), FramesError> {
-        let expected = self
-            .frames
-            .checked_mul(self.height)
-            .and_then(|n| n.checked_mul(self.width))
-            .and_then(|n| n.checked_mul(3));
-        if self.frames == 0
-            || self.height == 0
-            || self.width == 0
-            || expected != Some(self.data.len())
-        {
-            return Err(FramesError::Shape {
-                frames: self.frames,
-                height: self.height,
-                width: self.width,
-                len: self.data.len(),
-            });
-        }
-        Ok(())
+        check_len(self.frames, self.height, self.width, self.data.len())
     }
 
     fn validate(&self) -> Result<(), FramesError> {
@@ -111,7 +83,29 @@ impl Frames {
     }
 }
 
-fn to_u8(x: f32) -> u8 {
+/// `Err(Shape)` unless `len` values are `frames` (> 0) RGB frames of `height`×`width` (> 0).
+pub(crate) fn check_len(
+    frames: usize,
+    height: usize,
+    width: usize,
+    len: usize,
+) -> Result<(), FramesError> {
+    let expected = frames
+        .checked_mul(height)
+        .and_then(|n| n.checked_mul(width))
+        .and_then(|n| n.checked_mul(3));
+    if frames == 0 || height == 0 || width == 0 || expected != Some(len) {
+        return Err(FramesError::Shape {
+            frames,
+            height,
+            width,
+            len,
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn to_u8(x: f32) -> u8 {
     if x.is_nan() {
         0
     } else {
@@ -250,7 +244,14 @@ pub fn gif_delay_cs(fps: f32) -> u16 {
 /// the path written.
 pub fn write_gif(path: &Path, frames: &Frames, fps: f32) -> Result<PathBuf, FramesError> {
     frames.validate()?;
-    let w = FrameWriter::create_as(OutputFormat::Gif, path, frames, fps)?;
+    let w = FrameWriter::open(
+        OutputFormat::Gif,
+        path,
+        frames.width,
+        frames.height,
+        frames.frames,
+        fps,
+    )?;
     write_all(w, frames).map(|_| path.to_path_buf())
 }
 
@@ -279,7 +280,14 @@ pub fn png_sequence_paths(path: &Path, count: usize) -> Vec<PathBuf> {
 /// the write fails.
 pub fn write_png_sequence(path: &Path, frames: &Frames) -> Result<Vec<PathBuf>, FramesError> {
     frames.validate()?;
-    let w = FrameWriter::create_as(OutputFormat::Png, path, frames, 1.0)?;
+    let w = FrameWriter::open(
+        OutputFormat::Png,
+        path,
+        frames.width,
+        frames.height,
+        frames.frames,
+        1.0,
+    )?;
     write_all(w, frames)
 }
 
@@ -289,7 +297,14 @@ pub fn write_png_sequence(path: &Path, frames: &Frames) -> Result<Vec<PathBuf>, 
 /// PATH.
 pub fn write_mp4(path: &Path, frames: &Frames, fps: f32) -> Result<PathBuf, FramesError> {
     frames.validate()?;
-    let w = FrameWriter::create_as(OutputFormat::Mp4, path, frames, fps)?;
+    let w = FrameWriter::open(
+        OutputFormat::Mp4,
+        path,
+        frames.width,
+        frames.height,
+        frames.frames,
+        fps,
+    )?;
     write_all(w, frames).map(|_| path.to_path_buf())
 }
 
@@ -340,15 +355,7 @@ pub struct FrameEncoder {
 impl FrameEncoder {
     /// Encode frame `index` given as packed RGB8 `[height, width, 3]`.
     pub fn encode(&self, index: usize, rgb8: Vec<u8>) -> Result<EncodedFrame, FramesError> {
-        if rgb8.len() != self.width * self.height * 3 {
-            return Err(FramesError::Shape {
-                frames: 1,
-                height: self.height,
-                width: self.width,
-                len: rgb8.len() / 3,
-            });
-        }
-        let _ = index;
+        check_len(1, self.height, self.width, rgb8.len())?;
         Ok(match self.format {
             OutputFormat::Gif => EncodedFrame::Gif(gif::Frame::from_rgb_speed(
                 self.width as u16,
@@ -432,15 +439,6 @@ impl FrameWriter {
             });
         }
         Self::open(format, path, width, height, frames, fps)
-    }
-
-    fn create_as(
-        format: OutputFormat,
-        path: &Path,
-        f: &Frames,
-        fps: f32,
-    ) -> Result<Self, FramesError> {
-        Self::open(format, path, f.width, f.height, f.frames, fps)
     }
 
     fn open(

@@ -1156,7 +1156,8 @@ impl GpuProgram {
         self.graph.is_some()
     }
 
-    /// A free output slot (allocating one when both are in use is not allowed).
+    /// A free output slot, allocated on first need; an error when both slots are waiting to be
+    /// collected.
     fn free_slot(&mut self, dev: &CudaDevice) -> Result<usize, EngineError> {
         if let Some(k) = self.slots.iter().position(|s| !s.pending) {
             return Ok(k);
@@ -1195,8 +1196,7 @@ impl GpuProgram {
     /// staging on the compute stream, then copy on the copy stream, so the compute stream is
     /// free for the next run at once. The slot's previous copy must have finished before its
     /// staging is overwritten (the compute stream waits for it).
-    fn enqueue_outputs(&mut self, dev: &CudaDevice) -> Result<usize, EngineError> {
-        let k = self.free_slot(dev)?;
+    fn enqueue_outputs(&mut self, dev: &CudaDevice, k: usize) -> Result<(), EngineError> {
         let slot = &self.slots[k];
         dev.stream
             .wait(&slot.copied)
@@ -1229,7 +1229,7 @@ impl GpuProgram {
             .record(&dev.copy)
             .map_err(|e| gpu_err("record", e))?;
         slot.pending = true;
-        Ok(k)
+        Ok(())
     }
 
     /// Wait for the outputs queued in `slot` and return them.
@@ -1253,7 +1253,8 @@ impl GpuProgram {
 
     /// Copy the outputs to pinned host buffers (asynchronously), then wait and return them.
     pub fn outputs(&mut self, dev: &CudaDevice) -> Result<super::program::Outputs, EngineError> {
-        let k = self.enqueue_outputs(dev)?;
+        let k = self.free_slot(dev)?;
+        self.enqueue_outputs(dev, k)?;
         self.collect(k)
     }
 
@@ -1291,14 +1292,12 @@ impl GpuProgram {
         inputs: &[(&str, &[f32])],
         ids: &[(&str, &[i64])],
     ) -> Result<usize, EngineError> {
-        if self.slots.len() >= 2 && self.slots.iter().all(|s| s.pending) {
-            return Err(EngineError::Graph(
-                "two runs are already waiting to be collected".into(),
-            ));
-        }
+        // Refuse before touching the inputs when both slots are waiting.
+        let k = self.free_slot(dev)?;
         self.set_inputs(dev, inputs, ids)?;
         self.execute(dev)?;
-        self.enqueue_outputs(dev)
+        self.enqueue_outputs(dev, k)?;
+        Ok(k)
     }
 
     pub fn weights_resident(&self) -> usize {
