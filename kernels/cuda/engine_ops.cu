@@ -272,171 +272,294 @@ BOTH(cast_to_f32, P_CT(float), P_CT(half_bits), (out, in, n))
 BOTH(fill, P_FI(float), P_FI(half_bits), (out, n, v))
 
 // ---------------------------------------------------------------------------------------------
-// Fused attention for float16 (TemporalAttention with long key sequences: the UNet's spatial
-// self- and cross-attention). Q [N, L, H*d], K/V [N, S, H*d]; grid (ceil(L/64), H, N), 4 warps;
-// each warp owns 16 query rows, keeps Q, the scores and the output accumulator in registers
-// (mma.sync m16n8k16 fragment layouts, as in FlashAttention-2) and streams K/V through shared
-// memory in tiles of 64 keys with an online softmax. DP is d rounded up to a multiple of 16;
-// d must be even (pairs are loaded as 32-bit words). Dynamic shared memory: 2 * 64 * DP * 2 bytes.
+// Fused attention for float16 on the tensor cores (TemporalAttention: the UNet's spatial self- and
+// cross-attention, the motion modules' attention over frames, the text encoder's and the VAE's
+// attention). Q [N, L, H*d], K/V [N, S, H*d], Y [N, L, H*d]; every product is
+// `mma.sync.m16n8k16` with float32 accumulation and an online softmax, as in FlashAttention-2.
+//
+// Two kernels share the per-warp work (16 query rows against a tile of keys):
+// - `attention_tiled_f16_dDP` (long queries): a block of 8 warps owns 128 query rows of one
+//   (sequence, head); 64-key tiles of K and V stream through shared memory, double-buffered
+//   with cp.async so the next tile loads while this one is multiplied.
+// - `attention_short{1,2}_f16_dDP` (L <= 16 or 32: attention over frames): one warp per
+//   (sequence, head), 16 or 32 query rows, key tiles of the same size; no block barriers.
+//
+// d must be a multiple of 8 (16-byte rows) and at most 160; DP is d rounded up to 16, the
+// columns d..DP are zero in shared memory. Shared rows are DP + 8 halves long, an odd number of
+// 16-byte chunks, so the 8 row addresses of an ldmatrix hit distinct banks.
 
-#define FA_ROWS 64
-#define FA_KEYS 64
+#define ATT_KEYS 64   // keys per tile (tiled kernel)
+#define ATT_WARPS 8   // warps per block (tiled kernel): 128 query rows
+#define ATT_SHORT_WARPS 4
 
-template <int DP>
-__device__ void flash_attention(const half_bits* __restrict__ q, const half_bits* __restrict__ k,
-                                const half_bits* __restrict__ v, half_bits* __restrict__ y,
-                                int L, int S, int heads, int d, float scale) {
-    MRT_DYN_SMEM(unsigned, smem_u);  // K tile [64][DP/2] words, V tile [64][DP/2] words
-    unsigned* ks = smem_u;
-    unsigned* vs = smem_u + FA_KEYS * (DP / 2);
-    const half_bits* vs_h = (const half_bits*)vs;
-    const int n = blockIdx.z, h = blockIdx.y;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int grp = lane >> 2, tq = lane & 3;
-    const i64 C = (i64)heads * d;
-    const int hw = d / 2;  // 32-bit words per head row
-    const int row0 = blockIdx.x * FA_ROWS + warp * 16;
-    const float sl2 = scale * 1.4426950408889634f;
-
-    // Q fragments (A operand, row-major 16 x DP) straight from global memory.
-    unsigned qa[DP / 16][4];
-    {
-        const unsigned* qw = (const unsigned*)q;
-#pragma unroll
-        for (int kc = 0; kc < DP / 16; ++kc) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int row = row0 + grp + ((r & 1) ? 8 : 0);
-                const int col = kc * 16 + tq * 2 + ((r & 2) ? 8 : 0);
-                unsigned val = 0;
-                if (row < L && col < d) val = qw[(((i64)n * L + row) * C + (i64)h * d + col) / 2];
-                qa[kc][r] = val;
-            }
+// `rows` rows of `d` halves (row r at g + r * gstride) into shared rows of pitch P with 16-byte
+// cp.async; rows from `valid` on are zero-filled (plain stores).
+template <int P>
+__device__ __forceinline__ void att_load_rows(half_bits* s, const half_bits* g, i64 gstride,
+                                              int rows, int valid, int d, int tid, int nthreads) {
+    const int chunks = d >> 3;
+    for (int i = tid; i < rows * chunks; i += nthreads) {
+        const int r = i / chunks, c = i - r * chunks;
+        half_bits* dst = s + r * P + c * 8;
+        if (r < valid) {
+            mrt_cp_async_16(dst, g + r * gstride + c * 8);
+        } else {
+            unsigned* w = (unsigned*)dst;
+            w[0] = w[1] = w[2] = w[3] = 0u;
         }
     }
-    float o[DP / 8][4];
-#pragma unroll
-    for (int j = 0; j < DP / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-    float m0 = -1e30f, m1 = -1e30f, l0 = 0.f, l1 = 0.f;  // rows grp, grp + 8
+}
 
-    const unsigned* kw = (const unsigned*)k;
-    const unsigned* vw = (const unsigned*)v;
-    for (int s0 = 0; s0 < S; s0 += FA_KEYS) {
-        __syncthreads();
-        for (int i = threadIdx.x; i < FA_KEYS * (DP / 2); i += blockDim.x) {
-            const int r = i / (DP / 2), w = i % (DP / 2);
-            unsigned kv = 0, vv = 0;
-            if (s0 + r < S && w < hw) {
-                const i64 g = (((i64)n * S + s0 + r) * C + (i64)h * d) / 2 + w;
-                kv = kw[g];
-                vv = vw[g];
-            }
-            ks[i] = kv;
-            vs[i] = vv;
-        }
-        __syncthreads();
-        // S = Q K^T for 64 keys: 8 n-tiles of 8 keys.
-        float sc[FA_KEYS / 8][4];
+// Zero the padding columns [d, DP) of `rows` shared rows.
+template <int DP>
+__device__ __forceinline__ void att_zero_cols(half_bits* s, int rows, int d, int tid,
+                                              int nthreads) {
+    const int w = DP - d;
+    for (int i = tid; i < rows * w; i += nthreads) s[(i / w) * (DP + 8) + d + i % w] = 0;
+}
+
+// One warp's 16 query rows: Q as A fragments, the output accumulator, and the running max and
+// sum of rows grp and grp + 8 (grp = lane / 4).
+template <int DP>
+struct AttRows {
+    unsigned qa[DP / 16][4];
+    float o[DP / 8][4];
+    float m0, m1, l0, l1;
+};
+
+// Load the A fragments of 16 rows at `s` (pitch DP + 8) and reset the accumulators.
+template <int DP>
+__device__ __forceinline__ void att_begin(AttRows<DP>& r, const half_bits* s, int lane) {
+    const int mi = lane >> 3;
+    const half_bits* row = s + ((mi & 1) * 8 + (lane & 7)) * (DP + 8) + (mi >> 1) * 8;
 #pragma unroll
-        for (int j = 0; j < FA_KEYS / 8; ++j) {
-            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+    for (int kc = 0; kc < DP / 16; ++kc) mrt_ldmatrix_x4(r.qa[kc], row + kc * 16);
+#pragma unroll
+    for (int j = 0; j < DP / 8; ++j) r.o[j][0] = r.o[j][1] = r.o[j][2] = r.o[j][3] = 0.f;
+    r.m0 = r.m1 = -1e30f;
+    r.l0 = r.l1 = 0.f;
+}
+
+// The 16 rows against NT * 8 keys (K rows at ks, V rows at vs, pitch DP + 8; key0 is the first
+// key's index, keys from S on are masked). sl2 = scale * log2(e).
+template <int DP, int NT>
+__device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
+                                         const half_bits* vs, int key0, int S, float sl2,
+                                         int lane) {
+    constexpr int P = DP + 8;
+    const int mi = lane >> 3, grp = lane >> 2, tq = lane & 3;
+    // S = Q K^T. ldmatrix x4 over two 8-key n-tiles: (j, dims lo), (j, dims hi), (j+1, lo),
+    // (j+1, hi); K rows are the B operand's columns, so no transpose.
+    float sc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+    {
+        const half_bits* kr = ks + ((mi >> 1) * 8 + (lane & 7)) * P + (mi & 1) * 8;
+#pragma unroll
+        for (int j = 0; j < NT; j += 2) {
 #pragma unroll
             for (int kc = 0; kc < DP / 16; ++kc) {
-                const unsigned* kr = ks + (j * 8 + grp) * (DP / 2) + kc * 8 + tq;
-                mrt_mma_m16n8k16(sc[j], qa[kc], kr[0], kr[4]);
-            }
-        }
-        // online softmax (rows grp and grp + 8; this thread holds 2 columns per n-tile)
-        float mx0 = m0, mx1 = m1;
-#pragma unroll
-        for (int j = 0; j < FA_KEYS / 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = s0 + j * 8 + tq * 2 + (e & 1);
-                sc[j][e] = key < S ? sc[j][e] * sl2 : -1e30f;
-            }
-            mx0 = fmaxf(mx0, fmaxf(sc[j][0], sc[j][1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[j][2], sc[j][3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float r0 = exp2f(m0 - mx0), r1 = exp2f(m1 - mx1);
-        m0 = mx0;
-        m1 = mx1;
-        float ps0 = 0.f, ps1 = 0.f;
-#pragma unroll
-        for (int j = 0; j < FA_KEYS / 8; ++j) {
-            sc[j][0] = exp2f(sc[j][0] - m0);
-            sc[j][1] = exp2f(sc[j][1] - m0);
-            sc[j][2] = exp2f(sc[j][2] - m1);
-            sc[j][3] = exp2f(sc[j][3] - m1);
-            ps0 += sc[j][0] + sc[j][1];
-            ps1 += sc[j][2] + sc[j][3];
-        }
-        l0 = l0 * r0 + ps0;
-        l1 = l1 * r1 + ps1;
-#pragma unroll
-        for (int j = 0; j < DP / 8; ++j) {
-            o[j][0] *= r0;
-            o[j][1] *= r0;
-            o[j][2] *= r1;
-            o[j][3] *= r1;
-        }
-        // O += P V: P (16 x 64) as A fragments from the score registers, V (64 x DP) as B.
-#pragma unroll
-        for (int kc = 0; kc < FA_KEYS / 16; ++kc) {
-            unsigned pa[4];
-            pa[0] = mrt_pack_h2(sc[2 * kc][0], sc[2 * kc][1]);
-            pa[1] = mrt_pack_h2(sc[2 * kc][2], sc[2 * kc][3]);
-            pa[2] = mrt_pack_h2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]);
-            pa[3] = mrt_pack_h2(sc[2 * kc + 1][2], sc[2 * kc + 1][3]);
-#pragma unroll
-            for (int j = 0; j < DP / 8; ++j) {
-                const int col = j * 8 + grp;
-                const int key = kc * 16 + tq * 2;
-                const unsigned b0 = (unsigned)vs_h[key * DP + col] |
-                                    ((unsigned)vs_h[(key + 1) * DP + col] << 16);
-                const unsigned b1 = (unsigned)vs_h[(key + 8) * DP + col] |
-                                    ((unsigned)vs_h[(key + 9) * DP + col] << 16);
-                mrt_mma_m16n8k16(o[j], pa, b0, b1);
+                unsigned b[4];
+                mrt_ldmatrix_x4(b, kr + j * 8 * P + kc * 16);
+                mrt_mma_m16n8k16(sc[j], r.qa[kc], b[0], b[1]);
+                mrt_mma_m16n8k16(sc[j + 1], r.qa[kc], b[2], b[3]);
             }
         }
     }
-    // the row sums are spread over the 4 threads of a row group
+    // online softmax; this thread holds columns 2tq, 2tq + 1 of each n-tile
+    float mx0 = r.m0, mx1 = r.m1;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int key = key0 + j * 8 + tq * 2 + (e & 1);
+            sc[j][e] = key < S ? sc[j][e] * sl2 : -1e30f;
+        }
+        mx0 = fmaxf(mx0, fmaxf(sc[j][0], sc[j][1]));
+        mx1 = fmaxf(mx1, fmaxf(sc[j][2], sc[j][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float c0 = exp2f(r.m0 - mx0), c1 = exp2f(r.m1 - mx1);
+    r.m0 = mx0;
+    r.m1 = mx1;
+    float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        sc[j][0] = exp2f(sc[j][0] - mx0);
+        sc[j][1] = exp2f(sc[j][1] - mx0);
+        sc[j][2] = exp2f(sc[j][2] - mx1);
+        sc[j][3] = exp2f(sc[j][3] - mx1);
+        ps0 += sc[j][0] + sc[j][1];
+        ps1 += sc[j][2] + sc[j][3];
+    }
+    r.l0 = r.l0 * c0 + ps0;
+    r.l1 = r.l1 * c1 + ps1;
+#pragma unroll
+    for (int j = 0; j < DP / 8; ++j) {
+        r.o[j][0] *= c0;
+        r.o[j][1] *= c0;
+        r.o[j][2] *= c1;
+        r.o[j][3] *= c1;
+    }
+    // O += P V: P (16 x 16 keys per step) from the score registers as A fragments; V rows are the
+    // B operand's k axis, so ldmatrix.trans: (keys lo, dims j), (keys hi, j), (lo, j+1), (hi, j+1).
+    const half_bits* vr = vs + ((mi & 1) * 8 + (lane & 7)) * P + (mi >> 1) * 8;
+#pragma unroll
+    for (int kc = 0; kc < NT / 2; ++kc) {
+        unsigned pa[4];
+        pa[0] = mrt_pack_h2(sc[2 * kc][0], sc[2 * kc][1]);
+        pa[1] = mrt_pack_h2(sc[2 * kc][2], sc[2 * kc][3]);
+        pa[2] = mrt_pack_h2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]);
+        pa[3] = mrt_pack_h2(sc[2 * kc + 1][2], sc[2 * kc + 1][3]);
+#pragma unroll
+        for (int j = 0; j < DP / 8; j += 2) {
+            unsigned b[4];
+            mrt_ldmatrix_x4_trans(b, vr + kc * 16 * P + j * 8);
+            mrt_mma_m16n8k16(r.o[j], pa, b[0], b[1]);
+            mrt_mma_m16n8k16(r.o[j + 1], pa, b[2], b[3]);
+        }
+    }
+}
+
+// Normalise and store rows row0.. (those below L) at y (row stride C, the head's first column).
+template <int DP>
+__device__ __forceinline__ void att_store(AttRows<DP>& r, half_bits* y, i64 C, int row0, int L,
+                                          int d, int lane) {
+    const int grp = lane >> 2, tq = lane & 3;
+    float l0 = r.l0, l1 = r.l1;
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    unsigned* yw = (unsigned*)y;
+    const int ra = row0 + grp, rb = ra + 8;
+    unsigned* ya = (unsigned*)(y + (i64)ra * C);
+    unsigned* yb = (unsigned*)(y + (i64)rb * C);
 #pragma unroll
     for (int j = 0; j < DP / 8; ++j) {
         const int col = j * 8 + tq * 2;
         if (col < d) {
-            const int ra = row0 + grp, rb = row0 + grp + 8;
-            if (ra < L)
-                yw[(((i64)n * L + ra) * C + (i64)h * d + col) / 2] =
-                    mrt_pack_h2(o[j][0] * i0, o[j][1] * i0);
-            if (rb < L)
-                yw[(((i64)n * L + rb) * C + (i64)h * d + col) / 2] =
-                    mrt_pack_h2(o[j][2] * i1, o[j][3] * i1);
+            if (ra < L) ya[col / 2] = mrt_pack_h2(r.o[j][0] * i0, r.o[j][1] * i0);
+            if (rb < L) yb[col / 2] = mrt_pack_h2(r.o[j][2] * i1, r.o[j][3] * i1);
         }
     }
 }
 
-#define FLASH(DP)                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) flash_attention_f16_d##DP(                \
-        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int L, int S, \
-        int heads, int d, float scale) {                                                       \
-        flash_attention<DP>(q, k, v, y, L, S, heads, d, scale);                                \
+// grid (ceil(L / 128), H, N), 256 threads; dynamic shared memory 4 * 64 * (DP + 8) * 2 bytes:
+// two stages of [K tile; V tile], the second first holding the block's Q rows.
+template <int DP>
+__device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits* __restrict__ k,
+                                const half_bits* __restrict__ v, half_bits* __restrict__ y,
+                                int L, int S, int heads, int d, float scale) {
+    constexpr int P = DP + 8;
+    MRT_DYN_SMEM(half_bits, sm);
+    half_bits* st0 = sm;
+    half_bits* st1 = sm + 2 * ATT_KEYS * P;
+    const int n = blockIdx.z, h = blockIdx.y;
+    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+    const i64 C = (i64)heads * d;
+    const int row0 = blockIdx.x * (ATT_WARPS * 16);
+    const half_bits* kg = k + (i64)n * S * C + (i64)h * d;
+    const half_bits* vg = v + (i64)n * S * C + (i64)h * d;
+    att_zero_cols<DP>(sm, 4 * ATT_KEYS, d, tid, nt);
+    att_load_rows<P>(st1, q + ((i64)n * L + row0) * C + (i64)h * d, C, ATT_WARPS * 16,
+                     min(L - row0, ATT_WARPS * 16), d, tid, nt);
+    const int first = min(S, ATT_KEYS);
+    att_load_rows<P>(st0, kg, C, ATT_KEYS, first, d, tid, nt);
+    att_load_rows<P>(st0 + ATT_KEYS * P, vg, C, ATT_KEYS, first, d, tid, nt);
+    mrt_cp_async_commit();
+    mrt_cp_async_wait<0>();
+    __syncthreads();
+    AttRows<DP> r;
+    att_begin<DP>(r, st1 + warp * 16 * P, lane);
+    __syncthreads();  // Q is in registers: stage 1 may take K/V
+    const float sl2 = scale * 1.4426950408889634f;
+    const int tiles = (S + ATT_KEYS - 1) / ATT_KEYS;
+    for (int t = 0; t < tiles; ++t) {
+        half_bits* cur = (t & 1) ? st1 : st0;
+        if (t + 1 < tiles) {
+            half_bits* nxt = (t & 1) ? st0 : st1;
+            const int s1 = (t + 1) * ATT_KEYS, valid = min(S - s1, ATT_KEYS);
+            att_load_rows<P>(nxt, kg + (i64)s1 * C, C, ATT_KEYS, valid, d, tid, nt);
+            att_load_rows<P>(nxt + ATT_KEYS * P, vg + (i64)s1 * C, C, ATT_KEYS, valid, d, tid, nt);
+            mrt_cp_async_commit();
+            mrt_cp_async_wait<1>();
+        } else {
+            mrt_cp_async_wait<0>();
+        }
+        __syncthreads();
+        att_step<DP, ATT_KEYS / 8>(r, cur, cur + ATT_KEYS * P, t * ATT_KEYS, S, sl2, lane);
+        __syncthreads();  // this stage is reloaded next iteration
     }
-FLASH(16)
-FLASH(32)
-FLASH(48)
-FLASH(64)
-FLASH(80)
-FLASH(96)
-FLASH(128)
-FLASH(160)
+    att_store<DP>(r, y + (i64)n * L * C + (i64)h * d, C, row0 + warp * 16, L, d, lane);
+}
+
+// grid (ceil(N * H / 4)), 128 threads; each warp one (sequence, head) with L <= 16 * MT query
+// rows, keys in tiles of 16 * MT. Dynamic shared memory 4 * 3 * 16 * MT * (DP + 8) * 2 bytes:
+// per warp [Q; K tile; V tile].
+template <int DP, int MT>
+__device__ void attention_short(const half_bits* __restrict__ q, const half_bits* __restrict__ k,
+                                const half_bits* __restrict__ v, half_bits* __restrict__ y,
+                                int N, int L, int S, int heads, int d, float scale) {
+    constexpr int P = DP + 8, R = 16 * MT;
+    MRT_DYN_SMEM(half_bits, sm);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int task = blockIdx.x * ATT_SHORT_WARPS + warp;
+    if (task >= N * heads) return;
+    const int n = task / heads, h = task % heads;
+    half_bits* qs = sm + warp * 3 * R * P;
+    half_bits* ks = qs + R * P;
+    half_bits* vs = ks + R * P;
+    const i64 C = (i64)heads * d;
+    const half_bits* kg = k + (i64)n * S * C + (i64)h * d;
+    const half_bits* vg = v + (i64)n * S * C + (i64)h * d;
+    att_zero_cols<DP>(qs, 3 * R, d, lane, 32);
+    att_load_rows<P>(qs, q + (i64)n * L * C + (i64)h * d, C, R, min(L, R), d, lane, 32);
+    const float sl2 = scale * 1.4426950408889634f;
+    AttRows<DP> r[MT];
+    for (int s0 = 0; s0 < S; s0 += R) {
+        att_load_rows<P>(ks, kg + (i64)s0 * C, C, R, min(S - s0, R), d, lane, 32);
+        att_load_rows<P>(vs, vg + (i64)s0 * C, C, R, min(S - s0, R), d, lane, 32);
+        mrt_cp_async_commit();
+        mrt_cp_async_wait<0>();
+        __syncwarp();
+        if (s0 == 0) {
+#pragma unroll
+            for (int m = 0; m < MT; ++m) att_begin<DP>(r[m], qs + m * 16 * P, lane);
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) att_step<DP, 2 * MT>(r[m], ks, vs, s0, S, sl2, lane);
+        __syncwarp();  // the tiles are reloaded next iteration
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+        att_store<DP>(r[m], y + (i64)n * L * C + (i64)h * d, C, m * 16, L, d, lane);
+}
+
+#define ATT_ENTRIES(DP)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) attention_tiled_f16_d##DP(                 \
+        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int L, int S,   \
+        int heads, int d, float scale) {                                                         \
+        attention_tiled<DP>(q, k, v, y, L, S, heads, d, scale);                                  \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) attention_short1_f16_d##DP(                \
+        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int N, int L,   \
+        int S, int heads, int d, float scale) {                                                  \
+        attention_short<DP, 1>(q, k, v, y, N, L, S, heads, d, scale);                            \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) attention_short2_f16_d##DP(                \
+        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int N, int L,   \
+        int S, int heads, int d, float scale) {                                                  \
+        attention_short<DP, 2>(q, k, v, y, N, L, S, heads, d, scale);                            \
+    }
+ATT_ENTRIES(16)
+ATT_ENTRIES(32)
+ATT_ENTRIES(48)
+ATT_ENTRIES(64)
+ATT_ENTRIES(80)
+ATT_ENTRIES(96)
+ATT_ENTRIES(128)
+ATT_ENTRIES(160)

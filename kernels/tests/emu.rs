@@ -1091,61 +1091,106 @@ fn sparse_causal_attention_matches_the_cpu() {
     }
 }
 
-fn flash(emu: &Emu, n: usize, l: usize, s: usize, heads: usize, d: usize) {
+/// The engine's float16 attention kernels (engine_ops.cu) with its launch shapes
+/// (runtime/src/engine/exec.rs): `attention_tiled` for long queries, `attention_short{1,2}` for
+/// at most 16 / 32 query rows, against the CPU implementation on float16-rounded inputs.
+fn attention_f16(emu: &Emu, kernel: &str, n: usize, l: usize, s: usize, heads: usize, d: usize) {
     let a = Attention::new(n, l, s, heads, d);
     let c = heads * d;
-    let dp = [16, 32, 48, 64, 80, 96, 128, 160]
-        .into_iter()
-        .find(|&x| x >= d)
-        .unwrap();
+    let dp = d.div_ceil(16) * 16;
+    let pitch = dp + 8;
     let seed = (n * 1000 + l * 10 + s + d) as u64;
-    let q = <u16 as Host>::round(&random(n * l * c, seed));
+    // larger logits than unit noise, so the softmax is far from uniform
+    let q: Vec<f32> = random(n * l * c, seed).iter().map(|x| 3.0 * x).collect();
+    let q = <u16 as Host>::round(&q);
     let k = <u16 as Host>::round(&random(n * s * c, seed + 1));
     let v = <u16 as Host>::round(&random(n * s * c, seed + 2));
     let mut want = vec![0f32; n * l * c];
     a.run(&q, &k, &v, None, &mut want).unwrap();
     let (qb, kb, vb) = (buf::<u16>(&q), buf::<u16>(&k), buf::<u16>(&v));
     let y = out_buf::<u16>(n * l * c);
-    launch(
-        emu,
-        &format!("flash_attention_f16_d{dp}"),
-        (l.div_ceil(64) as u32, heads as u32, n as u32),
-        (128, 1, 1),
-        2 * 64 * dp * 2,
-        &[
-            Arg::Buf(&qb),
-            Arg::Buf(&kb),
-            Arg::Buf(&vb),
-            Arg::Buf(&y),
-            Arg::I32(l as i32),
-            Arg::I32(s as i32),
-            Arg::I32(heads as i32),
-            Arg::I32(d as i32),
-            Arg::F32(a.scale),
-        ],
-    );
+    let name = format!("attention_{kernel}_f16_d{dp}");
+    let common = [Arg::Buf(&qb), Arg::Buf(&kb), Arg::Buf(&vb), Arg::Buf(&y)];
+    let tail = [
+        Arg::I32(l as i32),
+        Arg::I32(s as i32),
+        Arg::I32(heads as i32),
+        Arg::I32(d as i32),
+        Arg::F32(a.scale),
+    ];
+    if kernel == "tiled" {
+        let args: Vec<Arg<'_>> = common.into_iter().chain(tail).collect();
+        launch(
+            emu,
+            &name,
+            (l.div_ceil(128) as u32, heads as u32, n as u32),
+            (256, 1, 1),
+            4 * 64 * pitch * 2,
+            &args,
+        );
+    } else {
+        let mt = if kernel == "short1" { 1 } else { 2 };
+        let args: Vec<Arg<'_>> = common
+            .into_iter()
+            .chain([Arg::I32(n as i32)])
+            .chain(tail)
+            .collect();
+        launch(
+            emu,
+            &name,
+            ((n * heads).div_ceil(4) as u32, 1, 1),
+            (128, 1, 1),
+            4 * 3 * 16 * mt * pitch * 2,
+            &args,
+        );
+    }
     check::<u16>(
-        &format!("flash attention d{dp}: N {n} L {l} S {s} {heads}x{d}"),
+        &format!("{name}: N {n} L {l} S {s} {heads}x{d}"),
         &read::<u16>(&y),
         &want,
     );
 }
 
 #[test]
-fn flash_attention_matches_the_cpu() {
+fn tiled_attention_matches_the_cpu() {
     let Some(emu) = emu() else { return };
     for (n, l, s, heads, d) in [
+        // cross-attention (77 keys: a full and a partial tile), rows past L in the block
         (2, 100, 77, 2, 40),
-        (1, 64, 64, 1, 16),
+        // one exact tile, the smallest head
+        (1, 128, 64, 1, 16),
+        // two row blocks, four key tiles (both stages twice), the last partial
         (1, 130, 200, 2, 80),
-        // every other padded head size once
+        // every other padded head size once (120 pads to 128)
         (1, 20, 70, 1, 32),
+        (1, 20, 70, 1, 48),
         (1, 20, 70, 1, 64),
         (1, 20, 70, 1, 96),
         (1, 20, 70, 1, 120),
         (1, 20, 70, 1, 160),
+        // a single key
+        (1, 40, 1, 2, 40),
     ] {
-        flash(emu, n, l, s, heads, d);
+        attention_f16(emu, "tiled", n, l, s, heads, d);
+    }
+}
+
+#[test]
+fn short_attention_matches_the_cpu() {
+    let Some(emu) = emu() else { return };
+    for (kernel, n, l, s, heads, d) in [
+        // motion-module attention over 16 frames; 6 warps' tasks: one block partly idle
+        ("short1", 3, 16, 16, 2, 40),
+        ("short1", 2, 16, 16, 8, 80),
+        // fewer rows than a tile, keys over several tiles (the last partial)
+        ("short1", 1, 9, 37, 3, 160),
+        ("short1", 5, 1, 1, 1, 16),
+        // 24 and 32 frames (v1 / v2 positional tables)
+        ("short2", 2, 24, 24, 2, 40),
+        ("short2", 1, 32, 32, 8, 160),
+        ("short2", 1, 17, 70, 1, 120),
+    ] {
+        attention_f16(emu, kernel, n, l, s, heads, d);
     }
 }
 

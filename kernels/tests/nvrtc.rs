@@ -52,7 +52,9 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                     entries.push(format!("{k}_f16"));
                 }
                 for dp in [16, 32, 48, 64, 80, 96, 128, 160] {
-                    entries.push(format!("flash_attention_f16_d{dp}"));
+                    for k in ["tiled", "short1", "short2"] {
+                        entries.push(format!("attention_{k}_f16_d{dp}"));
+                    }
                 }
                 assert!(
                     c.ptx.contains("mma.sync.aligned.m16n8k16"),

@@ -147,18 +147,21 @@ pub fn run(
                 n,
                 k,
                 b_stride,
+                trans_b,
+                alpha,
             } => {
                 let (x, y) = (&f[*a], &f[*b]);
                 let mut o = vec![0f32; batch * m * n];
+                let b_at = |e: usize, c: usize| if *trans_b { c * k + e } else { e * n + c };
                 for bi in 0..*batch {
                     for r in 0..*m {
                         for c in 0..*n {
                             let mut acc = 0f64;
                             for e in 0..*k {
                                 acc += x[(bi * m + r) * k + e] as f64
-                                    * y[bi * b_stride + e * n + c] as f64;
+                                    * y[bi * b_stride + b_at(e, c)] as f64;
                             }
-                            o[(bi * m + r) * n + c] = acc as f32;
+                            o[(bi * m + r) * n + c] = (*alpha as f64 * acc) as f32;
                         }
                     }
                 }

@@ -758,6 +758,7 @@ impl GpuProgram {
                         (*k, *k, *n),
                         (0, 0, 0),
                         1,
+                        1.0,
                     )?;
                     if bias.is_some() || residual.is_some() {
                         let (rows, cols) = (*m as i64, *n as i64);
@@ -778,17 +779,22 @@ impl GpuProgram {
                     n,
                     k,
                     b_stride,
+                    trans_b,
+                    alpha,
                 } => {
+                    // row-major out = a·op(b) is column-major outᵀ = op(b)ᵀ·aᵀ
+                    let ldb = if *trans_b { *k } else { *n };
                     self.gemm(
                         dev,
                         p[*b],
                         p[*a],
                         p[*out],
                         (*n, *m, *k),
-                        (false, false),
-                        (*n, *k, *n),
+                        (*trans_b, false),
+                        (ldb, *k, *n),
                         (*b_stride, m * k, m * n),
                         *batch,
+                        *alpha,
                     )?;
                 }
                 Step::Conv(c) => {
@@ -931,30 +937,63 @@ impl GpuProgram {
                     d,
                     scale,
                 } => {
-                    // float16 without a bias: the tensor-core kernel for every length (short temporal
-                    // sequences too: they are memory-bound, and it streams them with wide loads)
-                    let flash = self.precision == Precision::Fp16
+                    // float16 without a bias: the tensor-core kernels (the compiler leaves
+                    // only heads they take, `fused_attention_head`); one warp per (sequence,
+                    // head) for the short attention over frames, 128-row blocks otherwise
+                    let fused = self.precision == Precision::Fp16
                         && bias.is_none()
-                        && d % 2 == 0
-                        && *d <= 160;
+                        && super::program::fused_attention_head(*d);
                     let (li, si_, hi, di) = (*l as i32, *s as i32, *heads as i32, *d as i32);
-                    if flash {
-                        let dp = [16, 32, 48, 64, 80, 96, 128, 160]
-                            .into_iter()
-                            .find(|&x| x >= *d)
-                            .unwrap();
-                        let f = dev.func(&format!("flash_attention_f16_d{dp}"))?;
-                        let cfg = LaunchConfig {
-                            grid_dim: (l.div_ceil(64) as u32, *heads as u32, *n as u32),
-                            block_dim: (128, 1, 1),
-                            shared_mem_bytes: (2 * 64 * dp * 2) as u32,
+                    if fused {
+                        let dp = d.div_ceil(16) * 16;
+                        let pitch_bytes = (dp + 8) * 2;
+                        let (name, cfg) = if *l <= 32 {
+                            let mt = if *l <= 16 { 1 } else { 2 };
+                            (
+                                format!("attention_short{mt}_f16_d{dp}"),
+                                LaunchConfig {
+                                    grid_dim: ((n * heads).div_ceil(4) as u32, 1, 1),
+                                    block_dim: (128, 1, 1),
+                                    shared_mem_bytes: (4 * 3 * 16 * mt * pitch_bytes) as u32,
+                                },
+                            )
+                        } else {
+                            (
+                                format!("attention_tiled_f16_d{dp}"),
+                                LaunchConfig {
+                                    grid_dim: (l.div_ceil(128) as u32, *heads as u32, *n as u32),
+                                    block_dim: (256, 1, 1),
+                                    shared_mem_bytes: (4 * 64 * pitch_bytes) as u32,
+                                },
+                            )
                         };
-                        launch_raw(
-                            dev,
-                            f,
-                            cfg,
-                            &[&p[*q], &p[*k], &p[*v], &p[*out], &li, &si_, &hi, &di, scale],
-                        )?;
+                        let f = dev.func(&name)?;
+                        if cfg.shared_mem_bytes > 48 * 1024 {
+                            f.set_attribute(
+                                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                cfg.shared_mem_bytes as i32,
+                            )
+                            .map_err(|e| gpu_err("shared memory", e))?;
+                        }
+                        let ni = *n as i32;
+                        if *l <= 32 {
+                            launch_raw(
+                                dev,
+                                f,
+                                cfg,
+                                &[
+                                    &p[*q], &p[*k], &p[*v], &p[*out], &ni, &li, &si_, &hi, &di,
+                                    scale,
+                                ],
+                            )?;
+                        } else {
+                            launch_raw(
+                                dev,
+                                f,
+                                cfg,
+                                &[&p[*q], &p[*k], &p[*v], &p[*out], &li, &si_, &hi, &di, scale],
+                            )?;
+                        }
                     } else {
                         let shared = 2 * s * d * 4;
                         if shared > 200 * 1024 || *d > 256 {
@@ -997,7 +1036,7 @@ impl GpuProgram {
         Ok(())
     }
 
-    /// Column-major cuBLAS GEMM `C[m×n] = op(A)·op(B)` (row-major callers swap operands).
+    /// Column-major cuBLAS GEMM `C[m×n] = alpha·op(A)·op(B)` (row-major callers swap operands).
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -1010,6 +1049,7 @@ impl GpuProgram {
         (lda, ldb, ldc): (usize, usize, usize),
         (sa, sb, sc): (usize, usize, usize),
         batch: usize,
+        alpha: f32,
     ) -> Result<(), EngineError> {
         let dt = match self.precision {
             Precision::Fp32 => cublas::cudaDataType_t::CUDA_R_32F,
@@ -1022,7 +1062,7 @@ impl GpuProgram {
                 cublas::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let (one, zero) = (1f32, 0f32);
+        let zero = 0f32;
         // SAFETY: pointers are the program's buffers, sized by the compiler for these shapes.
         unsafe {
             check_blas(
@@ -1034,7 +1074,7 @@ impl GpuProgram {
                     m as i32,
                     n as i32,
                     k as i32,
-                    &one as *const f32 as *const c_void,
+                    &alpha as *const f32 as *const c_void,
                     a as *const c_void,
                     dt,
                     lda as i32,

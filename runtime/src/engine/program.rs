@@ -289,8 +289,8 @@ pub enum Step {
         n: usize,
         k: usize,
     },
-    /// `out[i] = a[i] · b[i]` for `batch` row-major `[m, k]·[k, n]` products; `b_stride` 0
-    /// broadcasts `b`.
+    /// `out[i] = alpha · a[i] · b[i]` for `batch` row-major `[m, k]·[k, n]` products (`b[i]`
+    /// stored as `[n, k]` and read transposed when `trans_b`); `b_stride` 0 broadcasts `b`.
     MatMul {
         out: usize,
         a: usize,
@@ -300,6 +300,8 @@ pub enum Step {
         n: usize,
         k: usize,
         b_stride: usize,
+        trans_b: bool,
+        alpha: f32,
     },
     Conv(ConvStep),
     GroupNorm {
@@ -461,6 +463,12 @@ impl Step {
             Step::Attention { .. } => "attention",
         }
     }
+}
+
+/// Whether the CUDA executor's fused attention kernels take heads of size `d` (16-byte rows, at
+/// most 160 wide); other attention is compiled to GEMMs and a softmax.
+pub fn fused_attention_head(d: usize) -> bool {
+    d % 8 == 0 && d <= 160
 }
 
 /// A graph compiled for concrete input shapes.
@@ -653,6 +661,96 @@ impl Planner<'_> {
             out_off,
         });
         Ok(())
+    }
+
+    /// Attention as GEMMs, for head sizes the fused kernels do not take (the VAE's single
+    /// 512-wide head): heads moved to the front (a copy, unless there is one head), scores
+    /// `scale · Q Kᵀ` `[N·H, L, S]`, softmax in place, `P V`, heads moved back.
+    fn attention_gemms(
+        &mut self,
+        q: &DevTensor,
+        k: &DevTensor,
+        v: &DevTensor,
+        heads: usize,
+        d: usize,
+        scale: f32,
+    ) -> Result<DevTensor, EngineError> {
+        let (nq, l, c) = (q.shape[0], q.shape[1], q.shape[2]);
+        let s = k.shape[1];
+        let tokens_major = |rows: usize| vec![(rows * c) as i64, d as i64, c as i64, 1];
+        let heads_first = |p: &mut Self, t: &DevTensor, rows: usize| {
+            if heads == 1 {
+                return Ok(t.clone());
+            }
+            let dims = [nq, heads, rows, d];
+            let out = p.activation(dims.to_vec());
+            p.copy(
+                &out,
+                t,
+                &dims,
+                &tokens_major(rows),
+                &contiguous_strides(&dims),
+                0,
+                0,
+            )?;
+            Ok::<_, EngineError>(out)
+        };
+        let (qh, kh, vh) = (
+            heads_first(self, q, l)?,
+            heads_first(self, k, s)?,
+            heads_first(self, v, s)?,
+        );
+        let batch = nq * heads;
+        let scores = self.activation(vec![batch, l, s]);
+        self.push(Step::MatMul {
+            out: scores.buf,
+            a: qh.buf,
+            b: kh.buf,
+            batch,
+            m: l,
+            n: s,
+            k: d,
+            b_stride: s * d,
+            trans_b: true,
+            alpha: scale,
+        });
+        self.push(Step::Softmax {
+            out: scores.buf,
+            x: scores.buf,
+            rows: batch * l,
+            cols: s,
+        });
+        let oh = self.activation(vec![batch, l, d]);
+        self.push(Step::MatMul {
+            out: oh.buf,
+            a: scores.buf,
+            b: vh.buf,
+            batch,
+            m: l,
+            n: d,
+            k: s,
+            b_stride: s * d,
+            trans_b: false,
+            alpha: 1.0,
+        });
+        if heads == 1 {
+            return Ok(DevTensor {
+                buf: oh.buf,
+                shape: q.shape.clone(),
+            });
+        }
+        let out = self.activation(q.shape.clone());
+        let dims = [nq, heads, l, d];
+        self.copy(
+            &out,
+            &oh,
+            &dims,
+            &contiguous_strides(&dims),
+            &tokens_major(l),
+            0,
+            0,
+        )?;
+        Ok(out)
     }
 
     fn node(&mut self, n: &NodeProto) -> Result<(), EngineError> {
@@ -1272,6 +1370,8 @@ impl Planner<'_> {
                     n: nn,
                     k,
                     b_stride: if bb == 1 { 0 } else { k * nn },
+                    trans_b: false,
+                    alpha: 1.0,
                 });
                 set(self, Value::Dev(out));
             }
@@ -1446,6 +1546,11 @@ impl Planner<'_> {
                     None => None,
                 };
                 let scale = attr_f(n, "scale", 1.0 / (d as f32).sqrt());
+                if bias.is_none() && !fused_attention_head(d) {
+                    let out = self.attention_gemms(&q, &k, &v, heads, d, scale)?;
+                    set(self, Value::Dev(out));
+                    return Ok(());
+                }
                 let out = self.activation(q.shape.clone());
                 self.push(Step::Attention {
                     out: out.buf,
@@ -1741,6 +1846,103 @@ mod tests {
             let o = plan.offsets[b].unwrap();
             let (s1, sb) = (p.buffers[1].numel * 4, p.buffers[b].numel * 4);
             assert!(o1 + s1 <= o || o + sb <= o1);
+        }
+    }
+
+    struct NoInitializers;
+    impl InitializerSource for NoInitializers {
+        fn f32s(&self, t: &TensorProto) -> Result<Vec<f32>, EngineError> {
+            Err(err(format!("no initializer {}", t.name)))
+        }
+        fn i64s(&self, t: &TensorProto) -> Result<Vec<i64>, EngineError> {
+            Err(err(format!("no initializer {}", t.name)))
+        }
+    }
+
+    /// A graph of one `com.motionrt.TemporalAttention` over graph inputs q, k, v.
+    fn attention_model(heads: usize) -> ModelProto {
+        use motionrt_onnx::proto::GraphProto;
+        use motionrt_onnx::{attr_int, value_info, Dim};
+        let io = |n: &str| {
+            let d: Vec<Dim> = ["n", "l", "c"]
+                .iter()
+                .map(|s| Dim::Symbolic(format!("{n}{s}")))
+                .collect();
+            value_info(n, TensorProtoDataType::Float, &d)
+        };
+        ModelProto {
+            graph: Some(GraphProto {
+                node: vec![NodeProto {
+                    name: "attn".into(),
+                    op_type: "TemporalAttention".into(),
+                    domain: motionrt_kernels::DOMAIN.into(),
+                    input: vec!["q".into(), "k".into(), "v".into()],
+                    output: vec!["y".into()],
+                    attribute: vec![attr_int("num_heads", heads as i64)],
+                    ..Default::default()
+                }],
+                input: vec![io("q"), io("k"), io("v")],
+                output: vec![io("y")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn attention_the_kernels_do_not_take_becomes_gemms_and_a_softmax() {
+        for (n, l, s, heads, d) in [(2, 5, 7, 3, 12), (1, 9, 9, 1, 200), (2, 6, 4, 2, 40)] {
+            let c = heads * d;
+            let m = attention_model(heads);
+            let shapes = [
+                ("q", vec![n, l, c]),
+                ("k", vec![n, s, c]),
+                ("v", vec![n, s, c]),
+            ];
+            let p = compile(&m, &shapes, &NoInitializers).unwrap();
+            let names: Vec<&str> = p.steps.iter().map(|s| s.name()).collect();
+            if fused_attention_head(d) {
+                assert_eq!(names, ["attention"]);
+                continue;
+            }
+            // heads to the front and back (copies) only when there are several
+            let copies = if heads == 1 { 0 } else { 4 };
+            assert_eq!(
+                names.iter().filter(|&&x| x == "copy").count(),
+                copies,
+                "{names:?}"
+            );
+            assert_eq!(
+                names.iter().filter(|&&x| x == "matmul").count(),
+                2,
+                "{names:?}"
+            );
+            assert!(!names.contains(&"attention"), "{names:?}");
+            let mut rng = crate::rng::NormalRng::new(n as u64 * 31 + d as u64);
+            let mut data = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal()).collect() };
+            let (q, k, v) = (data(n * l * c), data(n * s * c), data(n * s * c));
+            let inputs: HashMap<String, Vec<f32>> = [("q", &q), ("k", &k), ("v", &v)]
+                .into_iter()
+                .map(|(a, b)| (a.to_string(), b.clone()))
+                .collect();
+            let out = super::super::cpu_exec::run(&p, &inputs, &HashMap::new(), &|n: &str| {
+                Err(err(format!("no weight {n}")))
+            })
+            .unwrap();
+            let a = motionrt_kernels::Attention::new(n, l, s, heads, d);
+            let mut want = vec![0f32; n * l * c];
+            a.run(&q, &k, &v, None, &mut want).unwrap();
+            let got = &out[0].2;
+            assert_eq!(out[0].1, vec![n, l, c]);
+            let max = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let e = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                e <= 1e-5 * max,
+                "N {n} L {l} S {s} {heads}x{d}: error {e} of {max}"
+            );
         }
     }
 }
