@@ -36,17 +36,88 @@ __device__ __forceinline__ void offsets(const Strided& s, i64 i, i64* oa, i64* o
     *oc = c;
 }
 
+// The same in 32-bit arithmetic (64-bit division costs several times more), for iterations whose
+// count and offsets all stay below 2^31 (`narrow`).
+__device__ __forceinline__ void offsets32(const Strided& s, unsigned i, unsigned* oa, unsigned* ob,
+                                          unsigned* oc) {
+    unsigned a = 0, b = 0, c = 0;
+    for (int k = s.rank - 1; k >= 0; --k) {
+        const unsigned d = (unsigned)s.dims[k];
+        const unsigned ik = i % d;
+        i /= d;
+        a += ik * (unsigned)s.a[k];
+        b += ik * (unsigned)s.b[k];
+        c += ik * (unsigned)s.c[k];
+    }
+    *oa = a;
+    *ob = b;
+    *oc = c;
+}
+
+__device__ __forceinline__ bool narrow(const Strided& s, i64 n) {
+    i64 a = 0, b = 0, c = 0;
+    for (int k = 0; k < s.rank; ++k) {
+        a += (s.dims[k] - 1) * s.a[k];
+        b += (s.dims[k] - 1) * s.b[k];
+        c += (s.dims[k] - 1) * s.c[k];
+    }
+    const i64 lim = 0x7fffffffll;
+    return n < lim && a < lim && b < lim && c < lim;
+}
+
 #define GRID_LOOP(i, n) \
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x)
+#define GRID_LOOP32(i, n) \
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)(n); i += blockDim.x * gridDim.x)
 
 // out[c-offset] = in[a-offset]: Transpose, Slice, Expand, Concat (one launch per input), nearest
 // Resize by integer factors (split dims with stride 0).
 template <typename T>
 __device__ void copy_strided(T* out, const T* in, i64 n, Strided s, i64 in_off, i64 out_off) {
+    if (narrow(s, n)) {
+        const T* src = in + in_off;
+        T* dst = out + out_off;
+        GRID_LOOP32(i, n) {
+            unsigned a, b, c;
+            offsets32(s, i, &a, &b, &c);
+            dst[c] = src[a];
+        }
+        return;
+    }
     GRID_LOOP(i, n) {
         i64 a, b, c;
         offsets(s, i, &a, &b, &c);
         out[out_off + c] = in[in_off + a];
+    }
+}
+
+// A copy that transposes: axis `ai` is contiguous in the input (a-stride 1), axis `ao` in the
+// output (c-stride 1), as between NCHW and token layouts. 32 x 32 tiles pass through shared memory
+// so that reads and writes are both coalesced. grid (ceil(dims[ai] / 32), ceil(dims[ao] / 32),
+// product of the other dims), block (32, 8).
+template <typename T>
+__device__ void copy_transpose(T* out, const T* in, Strided s, int ai, int ao, i64 in_off,
+                               i64 out_off) {
+    __shared__ T tile[32][33];
+    i64 b = blockIdx.z, ia = in_off, oc = out_off;
+    for (int k = s.rank - 1; k >= 0; --k) {
+        if (k == ai || k == ao) continue;
+        const i64 ik = b % s.dims[k];
+        b /= s.dims[k];
+        ia += ik * s.a[k];
+        oc += ik * s.c[k];
+    }
+    const i64 ni = s.dims[ai], no = s.dims[ao], ya = s.a[ao], xc = s.c[ai];
+    const i64 x0 = (i64)blockIdx.x * 32, y0 = (i64)blockIdx.y * 32;
+    const int tx = threadIdx.x;
+    for (int j = threadIdx.y; j < 32; j += 8) {
+        const i64 x = x0 + tx, y = y0 + j;  // x along ai, y along ao
+        if (x < ni && y < no) tile[j][tx] = in[ia + x + y * ya];
+    }
+    __syncthreads();
+    for (int j = threadIdx.y; j < 32; j += 8) {
+        const i64 y = y0 + tx, x = x0 + j;
+        if (x < ni && y < no) out[oc + y + x * xc] = tile[tx][j];
     }
 }
 
@@ -62,6 +133,14 @@ __device__ __forceinline__ float binop(int op, float x, float y) {
 // out (contiguous, dims of s) = a op b with broadcasting strides s.a, s.b.
 template <typename T>
 __device__ void binary(T* out, const T* x, const T* y, i64 n, int op, Strided s) {
+    if (narrow(s, n)) {
+        GRID_LOOP32(i, n) {
+            unsigned a, b, c;
+            offsets32(s, i, &a, &b, &c);
+            mrt_store(out, i, binop(op, mrt_load(x, a), mrt_load(y, b)));
+        }
+        return;
+    }
     GRID_LOOP(i, n) {
         i64 a, b, c;
         offsets(s, i, &a, &b, &c);
@@ -162,6 +241,64 @@ __device__ void group_norm(T* y, const T* x, const T* gamma, const T* beta, int 
     }
 }
 
+// GroupNorm split over several blocks per group, for groups too large for one block (the motion
+// modules' GroupNorm across frames has only batch x 32 groups of up to ~10^6 values). A group's
+// values are contiguous in [N, C, spatial]; block (g, j) of grid (N * groups, splits) takes the
+// chunk [j * chunk, (j + 1) * chunk) of group g.
+// 1. group_norm_stats: each chunk's mean and centred sum of squares (two passes, the second from
+//    cache) into stats[(g * splits + j) * 2 + {0, 1}] (float32).
+// 2. group_norm_apply: each block merges its group's partial statistics (Chan et al.'s pairwise
+//    update, in chunk order, the same in every block) and normalises its chunk.
+template <typename T>
+__device__ void group_norm_stats(float* stats, const T* x, int C, i64 spatial, int groups,
+                                 i64 chunk) {
+    __shared__ float scratch[32];
+    const int ng = blockIdx.x, g = ng % groups, n = ng / groups;
+    const i64 count = (i64)(C / groups) * spatial;
+    const i64 base = ((i64)n * C + (i64)g * (C / groups)) * spatial;
+    const i64 lo = (i64)blockIdx.y * chunk, hi = min(lo + chunk, count);
+    float s = 0.f;
+    for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) s += mrt_load(x, base + i);
+    const float mean = block_sum(s, scratch) / (float)(hi - lo);
+    float q = 0.f;
+    for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        const float d = mrt_load(x, base + i) - mean;
+        q += d * d;
+    }
+    q = block_sum(q, scratch);
+    if (threadIdx.x == 0) {
+        float* o = stats + ((i64)ng * gridDim.y + blockIdx.y) * 2;
+        o[0] = mean;
+        o[1] = q;
+    }
+}
+
+template <typename T>
+__device__ void group_norm_apply(T* y, const T* x, const float* stats, const T* gamma,
+                                 const T* beta, int C, i64 spatial, int groups, i64 chunk,
+                                 float eps, int silu) {
+    const int ng = blockIdx.x, g = ng % groups, n = ng / groups, cg = C / groups;
+    const i64 count = (i64)cg * spatial;
+    const i64 base = ((i64)n * C + (i64)g * cg) * spatial;
+    const float* st = stats + (i64)ng * gridDim.y * 2;
+    float cnt = 0.f, mean = 0.f, m2 = 0.f;
+    for (unsigned j = 0; j < gridDim.y; ++j) {
+        const float nb = (float)(min((i64)(j + 1) * chunk, count) - (i64)j * chunk);
+        const float delta = st[2 * j] - mean, tot = cnt + nb;
+        mean += delta * (nb / tot);
+        m2 += st[2 * j + 1] + delta * delta * (cnt * nb / tot);
+        cnt = tot;
+    }
+    const float rstd = rsqrtf(m2 / cnt + eps);
+    const i64 lo = (i64)blockIdx.y * chunk, hi = min(lo + chunk, count);
+    for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        const int c = g * cg + (int)(i / spatial);
+        float v = (mrt_load(x, base + i) - mean) * rstd * mrt_load(gamma, c) + mrt_load(beta, c);
+        if (silu) v = v * sigmoidf(v);
+        mrt_store(y, base + i, v);
+    }
+}
+
 // LayerNormalization over the last axis (cols): one block per row.
 template <typename T>
 __device__ void layer_norm(T* y, const T* x, const T* gamma, const T* beta, int cols,
@@ -243,6 +380,8 @@ __device__ void fill(T* out, i64 n, float v) {
 
 #define P_COPY(T) (T* out, const T* in, i64 n, Strided s, i64 in_off, i64 out_off)
 BOTH(copy_strided, P_COPY(float), P_COPY(half_bits), (out, in, n, s, in_off, out_off))
+#define P_TR(T) (T* out, const T* in, Strided s, int ai, int ao, i64 in_off, i64 out_off)
+BOTH(copy_transpose, P_TR(float), P_TR(half_bits), (out, in, s, ai, ao, in_off, out_off))
 #define P_BIN(T) (T* out, const T* x, const T* y, i64 n, int op, Strided s)
 BOTH(binary, P_BIN(float), P_BIN(half_bits), (out, x, y, n, op, s))
 #define P_BINS(T) (T* out, const T* x, const T* y, i64 n, int op)
@@ -256,6 +395,13 @@ BOTH(channel_bias, P_CB(float), P_CB(half_bits), (y, bias, res, total, channels,
 #define P_GN(T) \
     (T* y, const T* x, const T* gamma, const T* beta, int C, i64 spatial, int groups, float eps, int silu)
 BOTH(group_norm, P_GN(float), P_GN(half_bits), (y, x, gamma, beta, C, spatial, groups, eps, silu))
+#define P_GS(T) (float* stats, const T* x, int C, i64 spatial, int groups, i64 chunk)
+BOTH(group_norm_stats, P_GS(float), P_GS(half_bits), (stats, x, C, spatial, groups, chunk))
+#define P_GA2(T)                                                                               \
+    (T* y, const T* x, const float* stats, const T* gamma, const T* beta, int C, i64 spatial, \
+     int groups, i64 chunk, float eps, int silu)
+BOTH(group_norm_apply, P_GA2(float), P_GA2(half_bits),
+     (y, x, stats, gamma, beta, C, spatial, groups, chunk, eps, silu))
 #define P_LN(T) (T* y, const T* x, const T* gamma, const T* beta, int cols, float eps)
 BOTH(layer_norm, P_LN(float), P_LN(half_bits), (y, x, gamma, beta, cols, eps))
 #define P_SM(T) (T* y, const T* x, int cols)

@@ -1312,6 +1312,77 @@ fn copy_and_binary<T: Host>(emu: &Emu) {
     }
 }
 
+/// `copy_transpose` on the engine's launch shape against the strided copy's definition
+/// (out[out_off + c-offset] = in[in_off + a-offset]).
+fn copy_transpose<T: Host>(emu: &Emu, dims: &[i64], a: &[i64], c: &[i64], ai: usize, ao: usize) {
+    let (in_off, out_off) = (3usize, 7usize);
+    let n: i64 = dims.iter().product();
+    let span = |st: &[i64]| dims.iter().zip(st).map(|(d, s)| (d - 1) * s).sum::<i64>() as usize + 1;
+    let x = random(in_off + span(a), 21);
+    let xb = buf::<T>(&x);
+    let out = out_buf::<T>(out_off + span(c));
+    let s = strided(dims, a, &vec![0; dims.len()], c);
+    let batch = n / (dims[ai] * dims[ao]);
+    launch(
+        emu,
+        &format!("copy_transpose_{}", T::SUFFIX),
+        (
+            dims[ai].div_euclid(32) as u32 + (dims[ai] % 32 != 0) as u32,
+            dims[ao].div_euclid(32) as u32 + (dims[ao] % 32 != 0) as u32,
+            batch as u32,
+        ),
+        (32, 8, 1),
+        0,
+        &[
+            Arg::Buf(&out),
+            Arg::Buf(&xb),
+            Arg::Pod(&s),
+            Arg::I32(ai as i32),
+            Arg::I32(ao as i32),
+            Arg::I64(in_off as i64),
+            Arg::I64(out_off as i64),
+        ],
+    );
+    let xr = T::round(&x);
+    let mut want = vec![f32::NAN; out_off + span(c)];
+    for i in 0..n {
+        let (mut r, mut ia, mut oc) = (i, 0, 0);
+        for k in (0..dims.len()).rev() {
+            let ik = r % dims[k];
+            r /= dims[k];
+            ia += ik * a[k];
+            oc += ik * c[k];
+        }
+        want[out_off + oc as usize] = xr[in_off + ia as usize];
+    }
+    let got = read::<T>(&out);
+    let same = got
+        .iter()
+        .zip(&want)
+        .all(|(g, w)| g == w || (g.is_nan() && w.is_nan()));
+    assert!(same, "copy_transpose_{} over {dims:?}", T::SUFFIX);
+}
+
+#[test]
+fn copy_transpose_matches_the_strided_copy() {
+    let Some(emu) = emu() else { return };
+    for run in [copy_transpose::<f32>, copy_transpose::<u16>] {
+        // NCHW [2, 40, 50] -> tokens [2, 50, 40]: partial tiles on both axes
+        run(emu, &[2, 40, 50], &[2000, 50, 1], &[2000, 1, 40], 2, 1);
+        // motion-module layout: (b, f, c, hw) -> (b, hw, f, c)
+        run(
+            emu,
+            &[2, 3, 24, 36],
+            &[3 * 24 * 36, 24 * 36, 36, 1],
+            &[36 * 3 * 24, 24, 1, 3 * 24],
+            3,
+            2,
+        );
+        // tokens back to NCHW into a wider buffer (a concatenation's slice)
+        run(emu, &[33, 17], &[1, 33], &[17 * 2, 1], 0, 1);
+    }
+}
+
 #[test]
 fn copy_strided_and_binary_match() {
     let Some(emu) = emu() else { return };
@@ -1410,6 +1481,55 @@ fn group_norm<T: Host>(emu: &Emu, n: usize, c: usize, groups: usize, spatial: us
         &read::<T>(&y),
         &want,
     );
+    // split over blocks: statistics per chunk, merged by every block of the group
+    for chunk in [64usize, 100, 1000] {
+        let count = c / groups * spatial;
+        let splits = count.div_ceil(chunk);
+        let stats = out_buf::<f32>(n * groups * splits * 2);
+        launch(
+            emu,
+            &format!("group_norm_stats_{}", T::SUFFIX),
+            ((n * groups) as u32, splits as u32, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::Buf(&stats),
+                Arg::Buf(&xb),
+                Arg::I32(c as i32),
+                Arg::I64(spatial as i64),
+                Arg::I32(groups as i32),
+                Arg::I64(chunk as i64),
+            ],
+        );
+        let y = out_buf::<T>(x.len());
+        launch(
+            emu,
+            &format!("group_norm_apply_{}", T::SUFFIX),
+            ((n * groups) as u32, splits as u32, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::Buf(&y),
+                Arg::Buf(&xb),
+                Arg::Buf(&stats),
+                Arg::Buf(&gb),
+                Arg::Buf(&bb),
+                Arg::I32(c as i32),
+                Arg::I64(spatial as i64),
+                Arg::I32(groups as i32),
+                Arg::I64(chunk as i64),
+                Arg::F32(eps),
+                Arg::I32(silu as i32),
+            ],
+        );
+        check::<T>(
+            &format!(
+                "group_norm split by {chunk} [{n}, {c}, {spatial}] {groups} groups silu {silu}"
+            ),
+            &read::<T>(&y),
+            &want,
+        );
+    }
 }
 
 #[test]

@@ -34,12 +34,15 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                 entries.clear();
                 for k in [
                     "copy_strided",
+                    "copy_transpose",
                     "binary",
                     "binary_same",
                     "unary",
                     "bias_residual",
                     "channel_bias",
                     "group_norm",
+                    "group_norm_stats",
+                    "group_norm_apply",
                     "layer_norm",
                     "softmax",
                     "geglu",

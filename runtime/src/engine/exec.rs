@@ -310,6 +310,8 @@ pub struct GpuProgram {
     convs: HashMap<usize, ConvPrep>,
     conv_ws: Option<CudaSlice<u8>>,
     conv_ws_ptr: (u64, usize),
+    /// float32 partial statistics of the GroupNorms split over several blocks per group.
+    norm_stats: Option<CudaSlice<f32>>,
     /// float32 staging per input and output.
     staging_in: Vec<CudaSlice<f32>>,
     /// Output slots (allocated on first use): two let one run's outputs travel to the host
@@ -318,6 +320,15 @@ pub struct GpuProgram {
     graph: Option<CudaGraph>,
     /// Bytes of weights on the device.
     pub weight_bytes: usize,
+}
+
+/// Values per block of a GroupNorm group (`group_norm_stats`/`group_norm_apply`); groups that
+/// fit in one chunk take the single-kernel `group_norm`.
+const GROUP_NORM_CHUNK: usize = 16384;
+
+/// Blocks per GroupNorm group of `count` values.
+fn group_norm_splits(count: usize) -> usize {
+    count.div_ceil(GROUP_NORM_CHUNK)
 }
 
 fn launch_cfg(n: usize) -> LaunchConfig {
@@ -425,6 +436,25 @@ impl GpuProgram {
                     .map_err(|e| gpu_err("alloc", e))?,
             );
         }
+        let stats_len = program
+            .steps
+            .iter()
+            .filter_map(|st| match st {
+                Step::GroupNorm {
+                    n,
+                    c,
+                    spatial,
+                    groups,
+                    ..
+                } => Some(n * groups * 2 * group_norm_splits(c / groups * spatial)),
+                _ => None,
+            })
+            .filter(|&len| len > 0)
+            .max();
+        let norm_stats = match stats_len {
+            Some(len) => Some(s.alloc_zeros::<f32>(len).map_err(|e| gpu_err("alloc", e))?),
+            None => None,
+        };
         let mut me = Self {
             program,
             memory,
@@ -435,6 +465,7 @@ impl GpuProgram {
             convs: HashMap::new(),
             conv_ws: None,
             conv_ws_ptr: (0, 0),
+            norm_stats,
             staging_in,
             slots: Vec::new(),
             graph: None,
@@ -696,13 +727,33 @@ impl GpuProgram {
                     in_off,
                     out_off,
                 } => {
-                    let n = s.numel() as i64;
-                    self.launch(
-                        dev,
-                        "copy_strided",
-                        launch_cfg(n as usize),
-                        &[&p[*out], &p[*inp], &n, s, in_off, out_off],
-                    )?;
+                    if let Some((ai, ao)) = s.transpose_axes() {
+                        let batch = s.numel() as i64 / (s.dims[ai] * s.dims[ao]);
+                        let cfg = LaunchConfig {
+                            grid_dim: (
+                                (s.dims[ai] + 31) as u32 / 32,
+                                (s.dims[ao] + 31) as u32 / 32,
+                                batch as u32,
+                            ),
+                            block_dim: (32, 8, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        let (ai, ao) = (ai as i32, ao as i32);
+                        self.launch(
+                            dev,
+                            "copy_transpose",
+                            cfg,
+                            &[&p[*out], &p[*inp], s, &ai, &ao, in_off, out_off],
+                        )?;
+                    } else {
+                        let n = s.numel() as i64;
+                        self.launch(
+                            dev,
+                            "copy_strided",
+                            launch_cfg(n as usize),
+                            &[&p[*out], &p[*inp], &n, s, in_off, out_off],
+                        )?;
+                    }
                 }
                 Step::Binary {
                     out,
@@ -852,21 +903,51 @@ impl GpuProgram {
                     eps,
                     silu,
                 } => {
-                    let cfg = LaunchConfig {
-                        grid_dim: ((n * groups) as u32, 1, 1),
-                        block_dim: (512, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
                     let (ci, sp, g, si_) =
                         (*c as i32, *spatial as i64, *groups as i32, *silu as i32);
-                    self.launch(
-                        dev,
-                        "group_norm",
-                        cfg,
-                        &[
-                            &p[*out], &p[*x], &p[*gamma], &p[*beta], &ci, &sp, &g, eps, &si_,
-                        ],
-                    )?;
+                    let splits = group_norm_splits(c / groups * spatial);
+                    if splits == 1 {
+                        let cfg = LaunchConfig {
+                            grid_dim: ((n * groups) as u32, 1, 1),
+                            block_dim: (512, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        self.launch(
+                            dev,
+                            "group_norm",
+                            cfg,
+                            &[
+                                &p[*out], &p[*x], &p[*gamma], &p[*beta], &ci, &sp, &g, eps, &si_,
+                            ],
+                        )?;
+                    } else {
+                        // too large for one block per group: statistics per chunk, then every
+                        // chunk normalised by its own block
+                        let cfg = LaunchConfig {
+                            grid_dim: ((n * groups) as u32, splits as u32, 1),
+                            block_dim: (256, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        let stats = self.norm_stats.as_ref().expect("sized at load");
+                        let (st, guard) = stats.device_ptr(&dev.stream);
+                        drop(guard);
+                        let chunk = GROUP_NORM_CHUNK as i64;
+                        self.launch(
+                            dev,
+                            "group_norm_stats",
+                            cfg,
+                            &[&st, &p[*x], &ci, &sp, &g, &chunk],
+                        )?;
+                        self.launch(
+                            dev,
+                            "group_norm_apply",
+                            cfg,
+                            &[
+                                &p[*out], &p[*x], &st, &p[*gamma], &p[*beta], &ci, &sp, &g, &chunk,
+                                eps, &si_,
+                            ],
+                        )?;
+                    }
                 }
                 Step::LayerNorm {
                     out,

@@ -64,6 +64,25 @@ impl Strided {
         (a, b, c)
     }
 
+    /// For a copy that transposes (axis `ai` contiguous in the input, another axis `ao` in the
+    /// output, both at least 16 long), `(ai, ao)`: the executor moves it in 32 × 32 tiles through
+    /// shared memory (`copy_transpose`), the other axes as the grid's batch (at most 65535).
+    pub fn transpose_axes(&self) -> Option<(usize, usize)> {
+        let r = self.rank as usize;
+        let ai = (0..r).find(|&k| self.a[k] == 1)?;
+        let ao = (0..r).find(|&k| self.c[k] == 1)?;
+        let batch: i64 = (0..r)
+            .filter(|&k| k != ai && k != ao)
+            .map(|k| self.dims[k])
+            .product();
+        (ai != ao
+            && self.dims[ai] >= 16
+            && self.dims[ao] >= 16
+            && self.dims[ao] <= 32 * 65535
+            && batch <= 65535)
+            .then_some((ai, ao))
+    }
+
     fn new(dims: &[usize], a: &[i64], b: &[i64], c: &[i64]) -> Result<Self, EngineError> {
         // merge axes that are contiguous in all three stride sets, drop size-1 axes
         let mut m: Vec<(i64, i64, i64, i64)> = Vec::new();
@@ -1768,6 +1787,26 @@ mod tests {
         assert_eq!(b, vec![1, 0]);
         assert!(broadcast_strides(&[3, 2], &[3, 4]).is_err());
         assert_eq!(broadcast_shape(&[2, 1, 4], &[3, 1]).unwrap(), vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn transposing_copies_are_recognised() {
+        let z = [0; 4];
+        // [N, C, HW] -> [N, HW, C] (tokens from NCHW): axis 2 read contiguously, axis 1 written
+        let s = Strided::new(
+            &[2, 320, 4096],
+            &[320 * 4096, 4096, 1],
+            &z,
+            &[320 * 4096, 1, 320],
+        );
+        assert_eq!(s.unwrap().transpose_axes(), Some((2, 1)));
+        // a contiguous copy (one merged axis), a concatenation slice, a tiny transpose: no
+        let s = Strided::new(&[2, 3, 4], &[12, 4, 1], &z, &[12, 4, 1]).unwrap();
+        assert_eq!(s.transpose_axes(), None);
+        let s = Strided::new(&[2, 64, 64], &[4096, 64, 1], &z, &[8192, 64, 1]).unwrap();
+        assert_eq!(s.transpose_axes(), None);
+        let s = Strided::new(&[3, 4], &[1, 3], &z, &[4, 1]).unwrap();
+        assert_eq!(s.transpose_axes(), None);
     }
 
     fn prog(buffers: usize, steps: Vec<Step>, outputs: &[usize]) -> Program {
