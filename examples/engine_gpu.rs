@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use motionrt_runtime::engine::exec::{CudaDevice, GpuProgram, Precision, TacticCache, WeightData};
 use motionrt_runtime::engine::plan_graph;
-use motionrt_runtime::engine::program::{self, InitializerSource, WeightSource};
+use motionrt_runtime::engine::program::{self, InitializerSource, Layout};
 use motionrt_runtime::engine::source::FileInitializers;
 use motionrt_runtime::rng::NormalRng;
 use motionrt_runtime::{error_stats, Input, OrtSession, OutputData, SessionOptions};
@@ -42,6 +42,8 @@ struct Args {
     warmup: usize,
     repeats: usize,
     json: Option<PathBuf>,
+    /// Layouts to compile with (`check` runs each; `bench` the first).
+    layouts: Vec<Layout>,
 }
 
 fn parse() -> Res<Args> {
@@ -65,6 +67,7 @@ fn parse() -> Res<Args> {
         warmup: 3,
         repeats: 10,
         json: None,
+        layouts: vec![Layout::Nhwc, Layout::Nchw],
     };
     if a.mode == "bench" {
         a.frames = 16;
@@ -83,6 +86,12 @@ fn parse() -> Res<Args> {
             "--warmup" => a.warmup = v.parse()?,
             "--repeats" => a.repeats = v.parse()?,
             "--json" => a.json = Some(v.into()),
+            "--layout" => {
+                a.layouts = v
+                    .split(',')
+                    .map(|l| Layout::parse(l).ok_or(format!("--layout {l}: nhwc or nchw")))
+                    .collect::<Result<_, _>>()?
+            }
             _ => return Err(format!("unknown argument {k}").into()),
         }
     }
@@ -138,7 +147,7 @@ fn seeded(inputs: &[(&str, Vec<usize>)]) -> Vec<(Vec<f32>, Vec<i64>)> {
 fn weights_from<'a>(
     src: &'a FileInitializers,
     model: &motionrt_onnx::proto::ModelProto,
-) -> impl Fn(&WeightSource) -> Result<WeightData, motionrt_runtime::engine::EngineError> + 'a {
+) -> impl Fn(&str) -> Result<WeightData, motionrt_runtime::engine::EngineError> + 'a {
     let inits: HashMap<String, motionrt_onnx::proto::TensorProto> = model
         .graph
         .as_ref()
@@ -147,11 +156,7 @@ fn weights_from<'a>(
         .iter()
         .map(|t| (t.name.clone(), t.clone()))
         .collect();
-    move |w: &WeightSource| match w {
-        WeightSource::Initializer(n) => Ok(WeightData::F32(src.f32s(&inits[n])?)),
-        WeightSource::Computed(v) => Ok(WeightData::F32((**v).clone())),
-        WeightSource::ComputedI64(v) => Ok(WeightData::I64((**v).clone())),
-    }
+    move |n: &str| Ok(WeightData::F32(src.f32s(&inits[n])?))
 }
 
 fn check(a: &Args) -> Res<bool> {
@@ -202,7 +207,6 @@ fn check(a: &Args) -> Res<bool> {
         drop(s);
         let model = motionrt_onnx::load_model(&fused)?;
         let init = FileInitializers::new(&fused);
-        let prog = program::compile(&model, &inputs, &init)?;
         let f_in: Vec<(&str, &[f32])> = inputs
             .iter()
             .zip(&data)
@@ -215,68 +219,73 @@ fn check(a: &Args) -> Res<bool> {
             .filter(|(i, _)| i.0 == "input_ids")
             .map(|(i, d)| (i.0, d.1.as_slice()))
             .collect();
-        for precision in [Precision::Fp32, Precision::Fp16] {
-            let weight = weights_from(&init, &model);
-            let mut gp =
-                match GpuProgram::load(&dev, prog.clone(), precision, &weight, &mut tactics) {
-                    Ok(g) => g,
-                    Err(e) => {
-                        println!("| {g} | {precision:?} | load | {e} | | | FAIL |");
-                        ok = false;
-                        continue;
-                    }
-                };
-            for mode in ["eager", "graph"] {
-                if mode == "graph" {
-                    gp.capture(&dev)?;
-                }
-                gp.poison(&dev)?;
-                let got = gp.run(&dev, &f_in, &i_in)?;
-                for ((name, _, o), r) in got.iter().zip(&want) {
-                    let st = error_stats(o, r);
-                    let pass = match precision {
-                        Precision::Fp32 => st.nonfinite == 0 && st.max_rel_to_ref_max <= 1e-4,
-                        Precision::Fp16 => {
-                            st.nonfinite == 0 && st.max_rel_to_ref_max <= 3e-2 && st.cosine >= 0.999
+        for &layout in &a.layouts {
+            let prog = program::compile(&model, &inputs, &init, layout)?;
+            for precision in [Precision::Fp32, Precision::Fp16] {
+                let weight = weights_from(&init, &model);
+                let mut gp =
+                    match GpuProgram::load(&dev, prog.clone(), precision, &weight, &mut tactics) {
+                        Ok(g) => g,
+                        Err(e) => {
+                            println!("| {g} | {precision:?} {layout:?} | load | {e} | | | FAIL |");
+                            ok = false;
+                            continue;
                         }
                     };
-                    ok &= pass;
-                    println!(
-                        "| {g}.{name} | {precision:?} | {mode} | {:.2e} | {:.6} | {} | {} |",
-                        st.max_rel_to_ref_max,
-                        st.cosine,
-                        st.nonfinite,
-                        if pass { "ok" } else { "FAIL" }
-                    );
+                for mode in ["eager", "graph"] {
+                    if mode == "graph" {
+                        gp.capture(&dev)?;
+                    }
+                    gp.poison(&dev)?;
+                    let got = gp.run(&dev, &f_in, &i_in)?;
+                    for ((name, _, o), r) in got.iter().zip(&want) {
+                        let st = error_stats(o, r);
+                        let pass = match precision {
+                            Precision::Fp32 => st.nonfinite == 0 && st.max_rel_to_ref_max <= 1e-4,
+                            Precision::Fp16 => {
+                                st.nonfinite == 0
+                                    && st.max_rel_to_ref_max <= 3e-2
+                                    && st.cosine >= 0.999
+                            }
+                        };
+                        ok &= pass;
+                        println!(
+                            "| {g}.{name} | {precision:?} {layout:?} | {mode} | {:.2e} | {:.6} | {} | {} |",
+                            st.max_rel_to_ref_max,
+                            st.cosine,
+                            st.nonfinite,
+                            if pass { "ok" } else { "FAIL" }
+                        );
+                    }
                 }
+                // Two runs in flight (what VAE decode does): the second is queued before the first
+                // is collected; each must come back with its own outputs.
+                let half: Vec<Vec<f32>> = f_in
+                    .iter()
+                    .map(|(_, v)| v.iter().map(|x| x * 0.5).collect())
+                    .collect();
+                let f_half: Vec<(&str, &[f32])> = f_in
+                    .iter()
+                    .zip(&half)
+                    .map(|((n, _), v)| (*n, v.as_slice()))
+                    .collect();
+                let first = gp.run(&dev, &f_in, &i_in)?;
+                let second = gp.run(&dev, &f_half, &i_in)?;
+                let a = gp.submit(&dev, &f_in, &i_in)?;
+                let b = gp.submit(&dev, &f_half, &i_in)?;
+                let third = gp.submit(&dev, &f_in, &i_in).is_err();
+                let (ga, gb) = (gp.collect(a)?, gp.collect(b)?);
+                let mut worst = 0f64;
+                for (x, y) in ga.iter().zip(&first).chain(gb.iter().zip(&second)) {
+                    worst = worst.max(error_stats(&x.2, &y.2).max_rel_to_ref_max);
+                }
+                let pass = worst <= 1e-5 && third && a != b;
+                ok &= pass;
+                println!(
+                    "| {g} (2 in flight) | {precision:?} {layout:?} | graph | {worst:.2e} | | | {} |",
+                    if pass { "ok" } else { "FAIL" }
+                );
             }
-            // Two runs in flight (what VAE decode does): the second is queued before the first
-            // is collected; each must come back with its own outputs.
-            let half: Vec<Vec<f32>> = f_in
-                .iter()
-                .map(|(_, v)| v.iter().map(|x| x * 0.5).collect())
-                .collect();
-            let f_half: Vec<(&str, &[f32])> = f_in
-                .iter()
-                .zip(&half)
-                .map(|((n, _), v)| (*n, v.as_slice()))
-                .collect();
-            let first = gp.run(&dev, &f_in, &i_in)?;
-            let second = gp.run(&dev, &f_half, &i_in)?;
-            let a = gp.submit(&dev, &f_in, &i_in)?;
-            let b = gp.submit(&dev, &f_half, &i_in)?;
-            let third = gp.submit(&dev, &f_in, &i_in).is_err();
-            let (ga, gb) = (gp.collect(a)?, gp.collect(b)?);
-            let mut worst = 0f64;
-            for (x, y) in ga.iter().zip(&first).chain(gb.iter().zip(&second)) {
-                worst = worst.max(error_stats(&x.2, &y.2).max_rel_to_ref_max);
-            }
-            let pass = worst <= 1e-5 && third && a != b;
-            ok &= pass;
-            println!(
-                "| {g} (2 in flight) | {precision:?} | graph | {worst:.2e} | | | {} |",
-                if pass { "ok" } else { "FAIL" }
-            );
         }
     }
     Ok(ok)
@@ -307,7 +316,9 @@ fn bench(a: &Args) -> Res<()> {
     let t = Instant::now();
     let model = motionrt_onnx::load_model(&fused)?;
     let init = FileInitializers::new(&fused);
-    let prog = program::compile(&model, &inputs, &init)?;
+    let layout = a.layouts[0];
+    println!("layout: {layout:?}");
+    let prog = program::compile(&model, &inputs, &init, layout)?;
     let compile_s = t.elapsed().as_secs_f64();
     let mut tactics = TacticCache::default();
     let weight = weights_from(&init, &model);

@@ -21,6 +21,15 @@ pub enum EnginePrecision {
     Fp32,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineLayout {
+    /// Channels-last around convolutions: cuDNN's NHWC tensor-core kernels, 1×1 convolutions as
+    /// GEMMs, no transposes into and out of the transformers' token layout.
+    Nhwc,
+    /// NCHW everywhere (for comparison).
+    Nchw,
+}
+
 #[derive(Debug, Args)]
 pub struct BuildArgs {
     /// A model directory written by `motionrt export` (float32: the builder converts weights itself).
@@ -33,6 +42,9 @@ pub struct BuildArgs {
     /// plan.json: the fused graphs stay float32.
     #[arg(long, value_enum, default_value_t = EnginePrecision::Fp16)]
     pub precision: EnginePrecision,
+    /// Activation layout around convolutions.
+    #[arg(long, value_enum, default_value_t = EngineLayout::Nhwc)]
+    pub layout: EngineLayout,
     /// Where to write: the engine file, or with --plan-only a model directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -66,6 +78,7 @@ pub struct BuildArgs {
 fn build_engine(a: &BuildArgs) -> Result<()> {
     use motionrt_runtime::engine::exec::{CudaDevice, Precision, TacticCache};
     use motionrt_runtime::engine::file::{self, Profile, Profiles};
+    use motionrt_runtime::engine::program::Layout;
     let parse = |s: &str| Profile::parse(s).map_err(anyhow::Error::msg);
     let profiles = Profiles {
         min: parse(&a.min_shape)?,
@@ -101,6 +114,10 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
         &a.model,
         &a.out,
         precision,
+        match a.layout {
+            EngineLayout::Nhwc => Layout::Nhwc,
+            EngineLayout::Nchw => Layout::Nchw,
+        },
         &profiles,
         a.vae_chunk,
         &mut tactics,

@@ -13,7 +13,7 @@ use motionrt_export::graph::unet::Semantics;
 use motionrt_export::graph::Precision;
 use motionrt_export::onnx::proto::ModelProto;
 use motionrt_export::onnx::{load_model, summarize};
-use motionrt_runtime::engine::program::{self, InitializerSource, Program};
+use motionrt_runtime::engine::program::{self, InitializerSource, Layout, Program, Step};
 use motionrt_runtime::engine::source::FileInitializers;
 use motionrt_runtime::engine::{cpu_exec, plan_graph};
 use motionrt_runtime::rng::NormalRng;
@@ -103,10 +103,14 @@ fn run(onnx: &Path, inputs: &[(&str, Vec<usize>)]) -> Vec<(String, Vec<f32>)> {
 }
 
 /// Run the engine's compiled program of `onnx` on the CPU interpreter with [`seeded`] inputs.
-fn run_program(onnx: &Path, inputs: &[(&str, Vec<usize>)]) -> (Program, Vec<(String, Vec<f32>)>) {
+fn run_program(
+    onnx: &Path,
+    inputs: &[(&str, Vec<usize>)],
+    layout: Layout,
+) -> (Program, Vec<(String, Vec<f32>)>) {
     let model = load_model(onnx).unwrap();
     let src = FileInitializers::new(onnx);
-    let prog = program::compile(&model, inputs, &src)
+    let prog = program::compile(&model, inputs, &src, layout)
         .unwrap_or_else(|e| panic!("{}: {e}", onnx.display()));
     let data = seeded(inputs);
     let mut f = HashMap::new();
@@ -223,19 +227,66 @@ fn fused_graphs_find_every_pattern_and_match_the_exported_graphs() {
         }
         // The native engine's compiled program (host-evaluated shapes, aliases, strided copies,
         // convolution residual epilogues) on the CPU interpreter computes the same.
-        let (prog, got) = run_program(&z, &inputs);
-        let mem = program::plan_memory(&prog, |_| 4);
-        eprintln!(
-            "{graph}: program of {} steps, arena {} KiB (unshared {} KiB)",
-            prog.steps.len(),
-            mem.arena_bytes / 1024,
-            mem.unshared_bytes / 1024
-        );
-        assert!(mem.arena_bytes < mem.unshared_bytes, "{graph}: no reuse");
-        for ((name, r), (_, o)) in want.iter().zip(&got) {
-            let s = error_stats(o, r);
-            eprintln!("{graph}.{name} (engine program, CPU): {s:?}");
-            assert!(s.passes(Tolerance::FP32), "{graph}.{name}: {s:?}");
+        // In both layouts: NCHW, and channels-last (convolutions NHWC, 1×1 convolutions as
+        // GEMMs, GroupNorm in place of layout, transposes to tokens as views).
+        let mut copies = Vec::new();
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            let (prog, got) = run_program(&z, &inputs, layout);
+            let mem = program::plan_memory(&prog, |_| 4);
+            let n_copies = prog
+                .steps
+                .iter()
+                .filter(|s| matches!(s, Step::Copy { .. }))
+                .count();
+            eprintln!(
+                "{graph} {layout:?}: program of {} steps ({n_copies} copies), arena {} KiB (unshared {} KiB)",
+                prog.steps.len(),
+                mem.arena_bytes / 1024,
+                mem.unshared_bytes / 1024
+            );
+            assert!(mem.arena_bytes < mem.unshared_bytes, "{graph}: no reuse");
+            for ((name, r), (_, o)) in want.iter().zip(&got) {
+                let s = error_stats(o, r);
+                eprintln!("{graph}.{name} (engine program, CPU, {layout:?}): {s:?}");
+                assert!(
+                    s.passes(Tolerance::FP32),
+                    "{graph}.{name} {layout:?}: {s:?}"
+                );
+            }
+            let nhwc_convs = prog
+                .steps
+                .iter()
+                .filter(|s| matches!(s, Step::Conv(c) if c.nhwc))
+                .count();
+            let cl_norms = prog
+                .steps
+                .iter()
+                .filter(|s| {
+                    matches!(
+                        s,
+                        Step::GroupNorm {
+                            channels_last: true,
+                            ..
+                        }
+                    )
+                })
+                .count();
+            if layout == Layout::Nchw {
+                assert_eq!(nhwc_convs + cl_norms, 0, "{graph}");
+            } else if graph != "text_encoder" {
+                assert!(
+                    nhwc_convs > 0 && cl_norms > 0,
+                    "{graph}: {nhwc_convs} {cl_norms}"
+                );
+            }
+            copies.push(n_copies);
+        }
+        if graph == "unet" || graph == "vae_decoder" {
+            // the transposes between NCHW and tokens are views in channels-last
+            assert!(
+                copies[1] < copies[0],
+                "{graph}: copies NCHW/NHWC {copies:?}"
+            );
         }
     }
 }

@@ -299,6 +299,120 @@ __device__ void group_norm_apply(T* y, const T* x, const float* stats, const T* 
     }
 }
 
+// GroupNorm of a channels-last activation: logical [N, C, spatial...] stored as [N, S, C] (the
+// layout of channels-last convolutions). A group is a strided set here (cg channels of every
+// position), so the work is split by positions instead:
+// 1. group_norm_nhwc_stats, grid (N, splits), blockDim a multiple of 32, dynamic shared memory
+//    C floats: the chunk of `chunk` positions [j * chunk, ...) of sample n, read row by row
+//    (coalesced); per group its mean and centred sum of squares (two passes, the second from
+//    cache) into stats[((n * splits + j) * groups + g) * 2 + {0, 1}]. C <= 8 * blockDim.
+// 2. group_norm_nhwc_finalize, one thread per (n, g): merges the splits' statistics (as
+//    group_norm_apply does) into mr[(n * groups + g) * 2 + {0, 1}] = mean, 1 / sqrt(var + eps).
+// 3. group_norm_nhwc_apply, elementwise: normalise, affine, optional SiLU.
+template <typename T>
+__device__ void group_norm_nhwc_stats(float* stats, const T* x, int C, i64 S, int groups,
+                                      i64 chunk) {
+    MRT_DYN_SMEM(float, part);  // [C]
+    const int n = blockIdx.x, j = blockIdx.y, cg = C / groups;
+    const i64 p0 = (i64)j * chunk, p1 = min(p0 + chunk, S);
+    const T* xs = x + ((i64)n * S + p0) * C;
+    const i64 rows = p1 - p0;
+    float acc[8];
+    // pass 1: per-channel sums -> group means
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+    for (i64 r = 0; r < rows; ++r) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int c = threadIdx.x + k * blockDim.x;
+            if (c < C) acc[k] += mrt_load(xs, r * C + c);
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const int c = threadIdx.x + k * blockDim.x;
+        if (c < C) part[c] = acc[k];
+    }
+    __syncthreads();
+    const float cnt = (float)(rows * cg);
+    float mean[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const int c = threadIdx.x + k * blockDim.x;
+        float m = 0.f;
+        if (c < C) {
+            const int g0 = (c / cg) * cg;
+            for (int i = 0; i < cg; ++i) m += part[g0 + i];
+        }
+        mean[k] = m / cnt;
+        acc[k] = 0.f;
+    }
+    __syncthreads();
+    // pass 2: centred sums of squares
+    for (i64 r = 0; r < rows; ++r) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int c = threadIdx.x + k * blockDim.x;
+            if (c < C) {
+                const float d = mrt_load(xs, r * C + c) - mean[k];
+                acc[k] += d * d;
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const int c = threadIdx.x + k * blockDim.x;
+        if (c < C) part[c] = acc[k];
+    }
+    __syncthreads();
+    // per group: the centred sum of squares, and the mean (every channel's thread holds its
+    // group's; the group's first channel writes it)
+    float* st = stats + ((i64)n * gridDim.y + j) * groups * 2;
+    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+        float q = 0.f;
+        for (int i = 0; i < cg; ++i) q += part[g * cg + i];
+        st[2 * g + 1] = q;
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const int c = threadIdx.x + k * blockDim.x;
+        if (c < C && c % cg == 0) st[2 * (c / cg)] = mean[k];
+    }
+}
+
+__device__ void gn_nhwc_finalize(float* mr, const float* stats, int N, int C, i64 S, int groups,
+                                 i64 chunk, int splits, float eps) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N * groups) return;
+    const int n = t / groups, g = t % groups, cg = C / groups;
+    float cnt = 0.f, mean = 0.f, m2 = 0.f;
+    for (int j = 0; j < splits; ++j) {
+        const float* st = stats + (((i64)n * splits + j) * groups + g) * 2;
+        const float nb = (float)((min((i64)(j + 1) * chunk, S) - (i64)j * chunk) * cg);
+        const float delta = st[0] - mean, tot = cnt + nb;
+        mean += delta * (nb / tot);
+        m2 += st[1] + delta * delta * (cnt * nb / tot);
+        cnt = tot;
+    }
+    mr[2 * t] = mean;
+    mr[2 * t + 1] = rsqrtf(m2 / cnt + eps);
+}
+
+template <typename T>
+__device__ void group_norm_nhwc_apply(T* y, const T* x, const float* mr, const T* gamma,
+                                      const T* beta, int C, i64 S, int groups, i64 total,
+                                      int silu) {
+    const int cg = C / groups;
+    GRID_LOOP(i, total) {
+        const int c = (int)(i % C);
+        const i64 n = i / (S * C);
+        const float* st = mr + (n * groups + c / cg) * 2;
+        float v = (mrt_load(x, i) - st[0]) * st[1] * mrt_load(gamma, c) + mrt_load(beta, c);
+        if (silu) v = v * sigmoidf(v);
+        mrt_store(y, i, v);
+    }
+}
+
 // LayerNormalization over the last axis (cols): one block per row.
 template <typename T>
 __device__ void layer_norm(T* y, const T* x, const T* gamma, const T* beta, int cols,
@@ -402,6 +516,18 @@ BOTH(group_norm_stats, P_GS(float), P_GS(half_bits), (stats, x, C, spatial, grou
      int groups, i64 chunk, float eps, int silu)
 BOTH(group_norm_apply, P_GA2(float), P_GA2(half_bits),
      (y, x, stats, gamma, beta, C, spatial, groups, chunk, eps, silu))
+#define P_GNS(T) (float* stats, const T* x, int C, i64 S, int groups, i64 chunk)
+BOTH(group_norm_nhwc_stats, P_GNS(float), P_GNS(half_bits), (stats, x, C, S, groups, chunk))
+extern "C" __global__ void group_norm_nhwc_finalize(float* mr, const float* stats, int N,
+                                                        int C, i64 S, int groups, i64 chunk,
+                                                        int splits, float eps) {
+    gn_nhwc_finalize(mr, stats, N, C, S, groups, chunk, splits, eps);
+}
+#define P_GNA(T)                                                                             \
+    (T* y, const T* x, const float* mr, const T* gamma, const T* beta, int C, i64 S, int groups, \
+     i64 total, int silu)
+BOTH(group_norm_nhwc_apply, P_GNA(float), P_GNA(half_bits),
+     (y, x, mr, gamma, beta, C, S, groups, total, silu))
 #define P_LN(T) (T* y, const T* x, const T* gamma, const T* beta, int cols, float eps)
 BOTH(layer_norm, P_LN(float), P_LN(half_bits), (y, x, gamma, beta, cols, eps))
 #define P_SM(T) (T* y, const T* x, int cols)

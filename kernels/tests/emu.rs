@@ -1532,6 +1532,119 @@ fn group_norm<T: Host>(emu: &Emu, n: usize, c: usize, groups: usize, spatial: us
     }
 }
 
+/// The channels-last GroupNorm (stats per chunk of positions, finalize, apply) on the engine's
+/// launch shapes, against the fused reference on the NCHW view of the same values.
+fn group_norm_nhwc<T: Host>(
+    emu: &Emu,
+    n: usize,
+    c: usize,
+    groups: usize,
+    spatial: usize,
+    chunk: usize,
+    silu: bool,
+) {
+    let seed = (n * 7000 + c * 10 + spatial) as u64;
+    let x: Vec<f32> = random(n * c * spatial, seed)
+        .iter()
+        .map(|v| 2.0 * v + 0.5)
+        .collect();
+    let gamma = random(c, seed + 1);
+    let beta = random(c, seed + 2);
+    let (xr, gr, br) = (T::round(&x), T::round(&gamma), T::round(&beta));
+    let eps = 1e-6f32;
+    let want = fused::group_norm(&xr, &[n, c, spatial], &gr, &br, groups, eps, silu).unwrap();
+    // [N, C, S] -> [N, S, C]
+    let to_nhwc = |v: &[f32]| -> Vec<f32> {
+        let mut o = vec![0f32; v.len()];
+        for b in 0..n {
+            for ch in 0..c {
+                for p in 0..spatial {
+                    o[(b * spatial + p) * c + ch] = v[(b * c + ch) * spatial + p];
+                }
+            }
+        }
+        o
+    };
+    let (xb, gb, bb) = (buf::<T>(&to_nhwc(&x)), buf::<T>(&gamma), buf::<T>(&beta));
+    let splits = spatial.div_ceil(chunk);
+    let stats = out_buf::<f32>(n * splits * groups * 2);
+    let mr = out_buf::<f32>(n * groups * 2);
+    let y = out_buf::<T>(x.len());
+    let (ci, si, gi) = (c as i32, spatial as i64, groups as i32);
+    launch(
+        emu,
+        &format!("group_norm_nhwc_stats_{}", T::SUFFIX),
+        (n as u32, splits as u32, 1),
+        (64, 1, 1),
+        c * 4,
+        &[
+            Arg::Buf(&stats),
+            Arg::Buf(&xb),
+            Arg::I32(ci),
+            Arg::I64(si),
+            Arg::I32(gi),
+            Arg::I64(chunk as i64),
+        ],
+    );
+    launch(
+        emu,
+        "group_norm_nhwc_finalize",
+        ((n * groups).div_ceil(32) as u32, 1, 1),
+        (32, 1, 1),
+        0,
+        &[
+            Arg::Buf(&mr),
+            Arg::Buf(&stats),
+            Arg::I32(n as i32),
+            Arg::I32(ci),
+            Arg::I64(si),
+            Arg::I32(gi),
+            Arg::I64(chunk as i64),
+            Arg::I32(splits as i32),
+            Arg::F32(eps),
+        ],
+    );
+    let (g, b) = elementwise(x.len());
+    launch(
+        emu,
+        &format!("group_norm_nhwc_apply_{}", T::SUFFIX),
+        g,
+        b,
+        0,
+        &[
+            Arg::Buf(&y),
+            Arg::Buf(&xb),
+            Arg::Buf(&mr),
+            Arg::Buf(&gb),
+            Arg::Buf(&bb),
+            Arg::I32(ci),
+            Arg::I64(si),
+            Arg::I32(gi),
+            Arg::I64(x.len() as i64),
+            Arg::I32(silu as i32),
+        ],
+    );
+    check::<T>(
+        &format!(
+            "group_norm_nhwc [{n}, {c}, {spatial}] {groups} groups, chunk {chunk}, silu {silu}"
+        ),
+        &read::<T>(&y),
+        &to_nhwc(&want),
+    );
+}
+
+#[test]
+fn channels_last_group_norm_matches_the_fused_reference() {
+    let Some(emu) = emu() else { return };
+    for silu in [false, true] {
+        // one chunk; several (the last partial); more channels than threads (3 per thread)
+        group_norm_nhwc::<f32>(emu, 2, 6, 3, 37, 64, silu);
+        group_norm_nhwc::<u16>(emu, 2, 6, 3, 37, 10, silu);
+        group_norm_nhwc::<f32>(emu, 1, 160, 32, 50, 7, silu);
+        group_norm_nhwc::<u16>(emu, 3, 64, 32, 20, 3, silu);
+    }
+}
+
 #[test]
 fn group_norm_matches_the_fused_reference() {
     let Some(emu) = emu() else { return };

@@ -43,6 +43,8 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                     "group_norm",
                     "group_norm_stats",
                     "group_norm_apply",
+                    "group_norm_nhwc_stats",
+                    "group_norm_nhwc_apply",
                     "layer_norm",
                     "softmax",
                     "geglu",
@@ -54,6 +56,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                     entries.push(format!("{k}_f32"));
                     entries.push(format!("{k}_f16"));
                 }
+                entries.push("group_norm_nhwc_finalize".into());
                 for dp in [16, 32, 48, 64, 80, 96, 128, 160] {
                     for k in ["tiled", "short1", "short2"] {
                         entries.push(format!("attention_{k}_f16_d{dp}"));

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use motionrt_kernels::fused;
 use motionrt_kernels::Attention;
 
-use super::program::{BinaryOp, BufferKind, Program, Step, UnaryOp, WeightSource};
+use super::program::{permute, BinaryOp, BufferKind, Program, Step, UnaryOp, WeightSource};
 use super::EngineError;
 
 fn kerr(e: motionrt_kernels::KernelError) -> EngineError {
@@ -36,6 +36,9 @@ pub fn run(
                 }
             }
             BufferKind::Weight(WeightSource::Initializer(n)) => f[k] = weight(n)?,
+            BufferKind::Weight(WeightSource::Permuted { name, dims, perm }) => {
+                f[k] = permute(&weight(name)?, dims, perm)
+            }
             BufferKind::Weight(WeightSource::Computed(v)) => f[k] = (**v).clone(),
             BufferKind::Weight(WeightSource::ComputedI64(v)) => i[k] = (**v).clone(),
             BufferKind::Activation => f[k] = vec![f32::NAN; b.numel],
@@ -173,6 +176,28 @@ pub fn run(
                 let [o, cg, kh, kw] = c.w_shape;
                 let [_, _, oh, ow] = c.y_shape;
                 let og = o / c.group;
+                // element offsets: NCHW, or NHWC with the kernel as [O, kh, kw, C/group]
+                let xi = |b: usize, ch: usize, yy: usize, xx: usize| {
+                    if c.nhwc {
+                        ((b * h + yy) * wd + xx) * ci + ch
+                    } else {
+                        ((b * ci + ch) * h + yy) * wd + xx
+                    }
+                };
+                let wi = |oc: usize, icg: usize, ky: usize, kx: usize| {
+                    if c.nhwc {
+                        ((oc * kh + ky) * kw + kx) * cg + icg
+                    } else {
+                        ((oc * cg + icg) * kh + ky) * kw + kx
+                    }
+                };
+                let yi = |b: usize, oc: usize, yy: usize, xx: usize| {
+                    if c.nhwc {
+                        ((b * oh + yy) * ow + xx) * o + oc
+                    } else {
+                        ((b * o + oc) * oh + yy) * ow + xx
+                    }
+                };
                 let mut y = vec![0f32; nb * o * oh * ow];
                 for b in 0..nb {
                     for oc in 0..o {
@@ -195,14 +220,12 @@ pub fn run(
                                             if ix < 0 || ix >= wd as isize {
                                                 continue;
                                             }
-                                            acc += x[((b * ci + ic) * h + iy as usize) * wd
-                                                + ix as usize]
-                                                as f64
-                                                * w[((oc * cg + icg) * kh + ky) * kw + kx] as f64;
+                                            acc += x[xi(b, ic, iy as usize, ix as usize)] as f64
+                                                * w[wi(oc, icg, ky, kx)] as f64;
                                         }
                                     }
                                 }
-                                let at = ((b * o + oc) * oh + oy) * ow + ox;
+                                let at = yi(b, oc, oy, ox);
                                 y[at] = acc as f32 + c.residual.map_or(0.0, |r| f[r][at]);
                             }
                         }
@@ -221,9 +244,18 @@ pub fn run(
                 groups,
                 eps,
                 silu,
+                channels_last,
             } => {
+                // channels-last [n, spatial, c] through the NCHW reference and back
+                let dims = [*n, *spatial, *c];
+                let x = &f[*x][..n * c * spatial];
+                let xs = if *channels_last {
+                    permute(x, &dims, &[0, 2, 1])
+                } else {
+                    x.to_vec()
+                };
                 let y = fused::group_norm(
-                    &f[*x][..n * c * spatial],
+                    &xs,
                     &[*n, *c, *spatial],
                     &f[*gamma],
                     &f[*beta],
@@ -232,7 +264,11 @@ pub fn run(
                     *silu,
                 )
                 .map_err(kerr)?;
-                f[*out] = y;
+                f[*out] = if *channels_last {
+                    permute(&y, &[*n, *c, *spatial], &[0, 2, 1])
+                } else {
+                    y
+                };
             }
             Step::LayerNorm {
                 out,

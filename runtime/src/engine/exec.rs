@@ -19,7 +19,8 @@ use cudarc::driver::{
 use serde::{Deserialize, Serialize};
 
 use super::program::{
-    plan_memory, BufferKind, ConvStep, DType, MemoryPlan, Program, Step, Strided, WeightSource,
+    permute, plan_memory, BufferKind, ConvStep, DType, MemoryPlan, Program, Step, Strided,
+    WeightSource,
 };
 use super::EngineError;
 
@@ -331,6 +332,24 @@ fn group_norm_splits(count: usize) -> usize {
     count.div_ceil(GROUP_NORM_CHUNK)
 }
 
+/// Positions per block of a channels-last GroupNorm (about [`GROUP_NORM_CHUNK`] values).
+fn nhwc_chunk(c: usize) -> usize {
+    GROUP_NORM_CHUNK.div_ceil(c.max(1))
+}
+
+/// float32 scratch of a GroupNorm step: partial statistics, and for channels-last the merged
+/// mean and inverse deviation per (sample, group) after them.
+fn group_norm_scratch(n: usize, c: usize, spatial: usize, groups: usize, cl: bool) -> usize {
+    if cl {
+        n * spatial.div_ceil(nhwc_chunk(c)) * groups * 2 + n * groups * 2
+    } else {
+        match group_norm_splits(c / groups * spatial) {
+            1 => 0,
+            splits => n * groups * splits * 2,
+        }
+    }
+}
+
 fn launch_cfg(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 132 * 32) as u32;
     LaunchConfig {
@@ -353,7 +372,7 @@ impl GpuProgram {
         dev: &CudaDevice,
         program: Program,
         precision: Precision,
-        weight: &dyn Fn(&WeightSource) -> Result<WeightData, EngineError>,
+        weight: &dyn Fn(&str) -> Result<WeightData, EngineError>,
         tactics: &mut TacticCache,
     ) -> Result<Self, EngineError> {
         let s = &dev.stream;
@@ -371,6 +390,16 @@ impl GpuProgram {
         let mut weights = Vec::new();
         let mut weight_bytes = 0;
         let mut by_name: HashMap<String, u64> = HashMap::new();
+        // weights no step reads (an initializer replaced by its permuted copy) stay on the host
+        let mut read = vec![false; program.buffers.len()];
+        for st in &program.steps {
+            for r in st.io().0 {
+                read[r] = true;
+            }
+        }
+        for (_, t) in &program.outputs {
+            read[t.buf] = true;
+        }
         for (i, b) in program.buffers.iter().enumerate() {
             if let Some(off) = memory.offsets[i] {
                 ptrs[i] = base + off as u64;
@@ -379,13 +408,26 @@ impl GpuProgram {
             let BufferKind::Weight(src) = &b.kind else {
                 continue;
             };
+            if !read[i] {
+                continue;
+            }
             if let WeightSource::Initializer(n) = src {
                 if let Some(&p) = by_name.get(n) {
                     ptrs[i] = p;
                     continue;
                 }
             }
-            let bytes: Vec<u8> = match (weight(src)?, b.dtype, precision) {
+            let data = match src {
+                WeightSource::Initializer(n) => weight(n)?,
+                WeightSource::Permuted { name, dims, perm } => match weight(name)? {
+                    WeightData::F32(v) => WeightData::F32(permute(&v, dims, perm)),
+                    WeightData::F16(v) => WeightData::F16(permute(&v, dims, perm)),
+                    WeightData::I64(v) => WeightData::I64(permute(&v, dims, perm)),
+                },
+                WeightSource::Computed(v) => WeightData::F32((**v).clone()),
+                WeightSource::ComputedI64(v) => WeightData::I64((**v).clone()),
+            };
+            let bytes: Vec<u8> = match (data, b.dtype, precision) {
                 (WeightData::I64(v), DType::I64, _) => {
                     v.iter().flat_map(|x| x.to_le_bytes()).collect()
                 }
@@ -413,7 +455,8 @@ impl GpuProgram {
                 return Err(EngineError::Graph(format!(
                     "weight {}: {} bytes, the program needs {want}",
                     match src {
-                        WeightSource::Initializer(n) => n.as_str(),
+                        WeightSource::Initializer(name) | WeightSource::Permuted { name, .. } =>
+                            name.as_str(),
                         _ => "(computed)",
                     },
                     bytes.len()
@@ -445,8 +488,15 @@ impl GpuProgram {
                     c,
                     spatial,
                     groups,
+                    channels_last,
                     ..
-                } => Some(n * groups * 2 * group_norm_splits(c / groups * spatial)),
+                } => Some(group_norm_scratch(
+                    *n,
+                    *c,
+                    *spatial,
+                    *groups,
+                    *channels_last,
+                )),
                 _ => None,
             })
             .filter(|&len| len > 0)
@@ -489,6 +539,7 @@ impl GpuProgram {
             Precision::Fp16 => cudnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
         };
         let nchw = cudnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let nhwc = cudnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
         let mut max_ws = 0usize;
         let mut found_ws: Option<CudaSlice<u8>> = None;
         let steps: Vec<(usize, ConvStep)> = self
@@ -510,6 +561,8 @@ impl GpuProgram {
                 algo: cudnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
             };
             let i32s = |v: usize| v as i32;
+            // dimensions stay in NCHW order; the format says how they are stored
+            let fmt = if c.nhwc { nhwc } else { nchw };
             // SAFETY: descriptors are created here and destroyed in Drop.
             unsafe {
                 check_dnn("desc", cudnn::cudnnCreateTensorDescriptor(&mut p.x))?;
@@ -521,7 +574,7 @@ impl GpuProgram {
                     "x desc",
                     cudnn::cudnnSetTensor4dDescriptor(
                         p.x,
-                        nchw,
+                        fmt,
                         dt,
                         i32s(n),
                         i32s(ch),
@@ -534,7 +587,7 @@ impl GpuProgram {
                     "y desc",
                     cudnn::cudnnSetTensor4dDescriptor(
                         p.y,
-                        nchw,
+                        fmt,
                         dt,
                         i32s(n),
                         i32s(ch),
@@ -548,7 +601,7 @@ impl GpuProgram {
                     cudnn::cudnnSetFilter4dDescriptor(
                         p.w,
                         dt,
-                        nchw,
+                        fmt,
                         i32s(o),
                         i32s(ci),
                         i32s(kh),
@@ -873,7 +926,17 @@ impl GpuProgram {
                             ),
                         )?;
                     }
-                    if c.bias.is_some() || c.residual.is_some() {
+                    if c.nhwc && (c.bias.is_some() || c.residual.is_some()) {
+                        // channels innermost: the GEMM epilogue's row-wise bias
+                        let cols = c.y_shape[1] as i64;
+                        let rows = (c.y_shape[0] * c.y_shape[2] * c.y_shape[3]) as i64;
+                        self.launch(
+                            dev,
+                            "bias_residual",
+                            launch_cfg((rows * cols) as usize),
+                            &[&p[c.out], &opt(&c.bias), &opt(&c.residual), &rows, &cols],
+                        )?;
+                    } else if c.bias.is_some() || c.residual.is_some() {
                         let total = c.y_shape.iter().product::<usize>() as i64;
                         let (ch, sp) = (c.y_shape[1] as i64, (c.y_shape[2] * c.y_shape[3]) as i64);
                         self.launch(
@@ -902,11 +965,52 @@ impl GpuProgram {
                     groups,
                     eps,
                     silu,
+                    channels_last,
                 } => {
                     let (ci, sp, g, si_) =
                         (*c as i32, *spatial as i64, *groups as i32, *silu as i32);
                     let splits = group_norm_splits(c / groups * spatial);
-                    if splits == 1 {
+                    if *channels_last {
+                        // statistics per chunk of positions, merged per (sample, group), applied
+                        let chunk = nhwc_chunk(*c);
+                        let parts = spatial.div_ceil(chunk);
+                        let stats = self.norm_stats.as_ref().expect("sized at load");
+                        let (st, guard) = stats.device_ptr(&dev.stream);
+                        drop(guard);
+                        let mr = st + (n * parts * groups * 2 * 4) as u64;
+                        let ch = chunk as i64;
+                        self.launch(
+                            dev,
+                            "group_norm_nhwc_stats",
+                            LaunchConfig {
+                                grid_dim: (*n as u32, parts as u32, 1),
+                                block_dim: (256, 1, 1),
+                                shared_mem_bytes: (c * 4) as u32,
+                            },
+                            &[&st, &p[*x], &ci, &sp, &g, &ch],
+                        )?;
+                        let (ni, pi) = (*n as i32, parts as i32);
+                        launch_raw(
+                            dev,
+                            dev.func("group_norm_nhwc_finalize")?,
+                            LaunchConfig {
+                                grid_dim: ((n * groups).div_ceil(256) as u32, 1, 1),
+                                block_dim: (256, 1, 1),
+                                shared_mem_bytes: 0,
+                            },
+                            &[&mr, &st, &ni, &ci, &sp, &g, &ch, &pi, eps],
+                        )?;
+                        let total = (n * c * spatial) as i64;
+                        self.launch(
+                            dev,
+                            "group_norm_nhwc_apply",
+                            launch_cfg(total as usize),
+                            &[
+                                &p[*out], &p[*x], &mr, &p[*gamma], &p[*beta], &ci, &sp, &g, &total,
+                                &si_,
+                            ],
+                        )?;
+                    } else if splits == 1 {
                         let cfg = LaunchConfig {
                             grid_dim: ((n * groups) as u32, 1, 1),
                             block_dim: (512, 1, 1),

@@ -15,7 +15,7 @@ use motionrt_onnx::proto::{DataLocation, ModelProto, TensorProtoDataType};
 use serde::{Deserialize, Serialize};
 
 use super::exec::{CudaDevice, DeviceKey, GpuProgram, Precision, TacticCache, WeightData};
-use super::program::{self, plan_memory, DType, InitializerSource, WeightSource};
+use super::program::{self, plan_memory, DType, InitializerSource, Layout};
 use super::source::FileInitializers;
 use super::EngineError;
 
@@ -107,11 +107,18 @@ pub struct EngineManifest {
     pub format: String,
     pub key: DeviceKey,
     pub precision: Precision,
+    /// Activation layout around convolutions (engines written before it existed: NCHW).
+    #[serde(default = "nchw")]
+    pub layout: Layout,
     pub profiles: Profiles,
     pub vae_chunk: usize,
     pub text_width: usize,
     pub graphs: Vec<GraphEntry>,
     pub tactics: TacticCache,
+}
+
+fn nchw() -> Layout {
+    Layout::Nchw
 }
 
 /// Refuse an engine built for another GPU or versions; the error lists every difference.
@@ -289,6 +296,7 @@ pub struct CudaSession {
     model: ModelProto,
     weights: Rc<EngineWeights>,
     precision: Precision,
+    layout: Layout,
     tactics: TacticCache,
     programs: HashMap<Vec<Vec<usize>>, (GpuProgram, usize)>,
 }
@@ -308,6 +316,7 @@ impl CudaSession {
             model,
             weights,
             precision: m.precision,
+            layout: m.layout,
             tactics: m.tactics.clone(),
             programs: HashMap::new(),
         })
@@ -338,14 +347,10 @@ impl CudaSession {
                 .map(|i| (i.0, i.1.to_vec()))
                 .chain(ids.iter().map(|i| (i.0, i.1.to_vec())))
                 .collect();
-            let prog = program::compile(&self.model, &shapes, &InlineInitializers)?;
+            let prog = program::compile(&self.model, &shapes, &InlineInitializers, self.layout)?;
             let w = self.weights.clone();
             let g = self.name.clone();
-            let weight = move |s: &WeightSource| match s {
-                WeightSource::Initializer(n) => w.get(&format!("{g}/{n}")),
-                WeightSource::Computed(v) => Ok(WeightData::F32((**v).clone())),
-                WeightSource::ComputedI64(v) => Ok(WeightData::I64((**v).clone())),
-            };
+            let weight = move |n: &str| w.get(&format!("{g}/{n}"));
             let gp = GpuProgram::load(&self.dev, prog, self.precision, &weight, &mut self.tactics)?;
             self.programs.insert(key.clone(), (gp, 0));
         }
@@ -385,6 +390,7 @@ pub fn build(
     model_dir: &Path,
     out: &Path,
     precision: Precision,
+    layout: Layout,
     profiles: &Profiles,
     vae_chunk: usize,
     tactics: &mut TacticCache,
@@ -402,7 +408,7 @@ pub fn build(
         message: e.to_string(),
     })?;
     let r = build_into(
-        dev, model_dir, &tmp, precision, profiles, vae_chunk, tactics, progress,
+        dev, model_dir, &tmp, precision, layout, profiles, vae_chunk, tactics, progress,
     );
     match r {
         Ok(m) => {
@@ -425,6 +431,7 @@ fn build_into(
     model_dir: &Path,
     tmp: &Path,
     precision: Precision,
+    layout: Layout,
     profiles: &Profiles,
     vae_chunk: usize,
     tactics: &mut TacticCache,
@@ -467,7 +474,8 @@ fn build_into(
             ("opt", profiles.opt),
             ("max", profiles.max),
         ] {
-            let prog = program::compile(&model, &p.shapes(g, text_width, vae_chunk), &init)?;
+            let prog =
+                program::compile(&model, &p.shapes(g, text_width, vae_chunk), &init, layout)?;
             let plan = plan_memory(&prog, |d| if d == DType::I64 { 8 } else { eb });
             arena.insert(label.to_string(), plan.arena_bytes);
             if label == "opt" {
@@ -477,22 +485,16 @@ fn build_into(
             }
         }
         progress(g, "timing convolution algorithms on this GPU");
-        let weight = |s: &WeightSource| -> Result<WeightData, EngineError> {
-            match s {
-                WeightSource::Initializer(n) => {
-                    let t = model
-                        .graph
-                        .as_ref()
-                        .unwrap()
-                        .initializer
-                        .iter()
-                        .find(|t| &t.name == n)
-                        .unwrap();
-                    Ok(WeightData::F32(init.f32s(t)?))
-                }
-                WeightSource::Computed(v) => Ok(WeightData::F32((**v).clone())),
-                WeightSource::ComputedI64(v) => Ok(WeightData::I64((**v).clone())),
-            }
+        let weight = |n: &str| -> Result<WeightData, EngineError> {
+            let t = model
+                .graph
+                .as_ref()
+                .unwrap()
+                .initializer
+                .iter()
+                .find(|t| t.name == n)
+                .ok_or_else(|| EngineError::Graph(format!("no initializer {n}")))?;
+            Ok(WeightData::F32(init.f32s(t)?))
         };
         let gp = GpuProgram::load(dev, opt_prog.expect("opt"), precision, &weight, tactics)?;
         let weight_bytes = gp.weight_bytes;
@@ -567,6 +569,7 @@ fn build_into(
         format: FORMAT.into(),
         key: dev.key.clone(),
         precision,
+        layout,
         profiles: profiles.clone(),
         vae_chunk,
         text_width,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use motionrt_onnx::proto::{
     AttributeProto, ModelProto, NodeProto, TensorProto, TensorProtoDataType,
 };
+use serde::{Deserialize, Serialize};
 
 use super::EngineError;
 
@@ -134,7 +135,11 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<i64> {
 
 /// Strides of `shape` (contiguous) read as `out` by numpy broadcasting (0 on broadcast axes).
 fn broadcast_strides(shape: &[usize], out: &[usize]) -> Result<Vec<i64>, EngineError> {
-    let own = contiguous_strides(shape);
+    broadcast_view(shape, &contiguous_strides(shape), out)
+}
+
+/// Strides that read a `(shape, own)` view as `out` by numpy broadcasting.
+fn broadcast_view(shape: &[usize], own: &[i64], out: &[usize]) -> Result<Vec<i64>, EngineError> {
     let off = out.len() - shape.len();
     let mut s = vec![0; out.len()];
     for k in 0..shape.len() {
@@ -204,17 +209,190 @@ impl HostTensor {
     }
 }
 
-/// A device tensor: a buffer and the (contiguous) shape it is read as.
+/// A device tensor: a buffer read as `shape` through `strides` (in elements). Transposes and
+/// reshapes make strided views of their input's buffer; steps that need a particular layout get
+/// one through [`Planner::contiguous`] / [`Planner::in_order`], which copy only when the view
+/// is not laid out that way already.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DevTensor {
     pub buf: usize,
     pub shape: Vec<usize>,
+    pub strides: Vec<i64>,
 }
 
 impl DevTensor {
+    /// A contiguous (row-major) tensor.
+    pub fn new(buf: usize, shape: Vec<usize>) -> Self {
+        let strides = contiguous_strides(&shape);
+        Self {
+            buf,
+            shape,
+            strides,
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+
+    pub fn is_contiguous(&self) -> bool {
+        self.is_dense_in(&(0..self.shape.len()).collect::<Vec<_>>())
+    }
+
+    /// Whether the view is dense with its axes in `order` (outermost first), as
+    /// [`dense_strides`] lays them out (size-1 axes may have any stride).
+    pub fn is_dense_in(&self, order: &[usize]) -> bool {
+        let want = dense_strides(&self.shape, order);
+        (0..self.shape.len()).all(|k| self.shape[k] == 1 || self.strides[k] == want[k])
+    }
+
+    /// The axis order (outermost first) in which the view is dense, if it is a permutation of
+    /// a contiguous layout.
+    pub fn dense_order(&self) -> Option<Vec<usize>> {
+        let mut order: Vec<usize> = (0..self.shape.len()).collect();
+        order.sort_by_key(|&k| (std::cmp::Reverse(self.strides[k]), k));
+        self.is_dense_in(&order).then_some(order)
+    }
+
+    /// `[N, C, spatial...]` stored channels-last (`[N, spatial..., C]` in memory): `(N, C, S)`.
+    pub fn channels_last(&self) -> Option<(usize, usize, usize)> {
+        let r = self.shape.len();
+        if r < 3 || !self.is_dense_in(&channels_last_order(r)) {
+            return None;
+        }
+        Some((
+            self.shape[0],
+            self.shape[1],
+            self.shape[2..].iter().product(),
+        ))
+    }
+}
+
+/// `[0, 2, 3, .., 1]`: the axis order of a channels-last `[N, C, spatial...]` tensor.
+pub fn channels_last_order(rank: usize) -> Vec<usize> {
+    let mut o: Vec<usize> = (0..rank).collect();
+    if rank >= 3 {
+        o.remove(1);
+        o.push(1);
+    }
+    o
+}
+
+/// Strides of `shape` laid out densely with its axes in `order` (outermost first).
+pub fn dense_strides(shape: &[usize], order: &[usize]) -> Vec<i64> {
+    let mut s = vec![0i64; shape.len()];
+    let mut acc = 1i64;
+    for &k in order.iter().rev() {
+        s[k] = acc;
+        acc *= shape[k] as i64;
+    }
+    s
+}
+
+/// The strides that read a `(shape, strides)` view as `new` without moving data, if there are
+/// such (numpy's no-copy reshape): each run of old axes that merges or splits into new axes must
+/// be contiguous within itself.
+pub fn reshape_strides(shape: &[usize], strides: &[i64], new: &[usize]) -> Option<Vec<i64>> {
+    let old: Vec<(usize, i64)> = shape
+        .iter()
+        .zip(strides)
+        .filter(|(&d, _)| d != 1)
+        .map(|(&d, &s)| (d, s))
+        .collect();
+    let mut out = vec![0i64; new.len()];
+    let (mut i, mut j) = (0usize, 0usize);
+    while j < new.len() {
+        if new[j] == 1 {
+            j += 1;
+            continue;
+        }
+        let (i0, j0) = (i, j);
+        let (mut po, mut pn) = (old.get(i)?.0, new[j]);
+        i += 1;
+        j += 1;
+        while po != pn {
+            if po < pn {
+                po *= old.get(i)?.0;
+                i += 1;
+            } else {
+                pn *= *new.get(j)?;
+                j += 1;
+            }
+        }
+        for k in i0..i - 1 {
+            if old[k].1 != old[k + 1].1 * old[k + 1].0 as i64 {
+                return None;
+            }
+        }
+        let mut st = old[i - 1].1;
+        for jj in (j0..j).rev() {
+            out[jj] = st;
+            st *= new[jj] as i64;
+        }
+    }
+    (i == old.len()).then_some(out)
+}
+
+/// For a reshape that is not a view of `t`: an order of `t`'s axes in which it is (each run of
+/// axes that merges or splits kept together and in order), with the run holding `t`'s innermost
+/// axis last and the others in logical order, so a channels-last tensor stays channels-last.
+fn reshape_order(t: &DevTensor, new: &[usize]) -> Option<Vec<usize>> {
+    let axes: Vec<usize> = (0..t.shape.len()).filter(|&k| t.shape[k] != 1).collect();
+    let new: Vec<usize> = new.iter().copied().filter(|&d| d != 1).collect();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let (mut i, mut j) = (0usize, 0usize);
+    while j < new.len() {
+        let mut g = vec![*axes.get(i)?];
+        let (mut po, mut pn) = (t.shape[axes[i]], new[j]);
+        i += 1;
+        j += 1;
+        while po != pn {
+            if po < pn {
+                g.push(*axes.get(i)?);
+                po *= t.shape[axes[i]];
+                i += 1;
+            } else {
+                pn *= *new.get(j)?;
+                j += 1;
+            }
+        }
+        groups.push(g);
+    }
+    if i != axes.len() {
+        return None;
+    }
+    let inner = axes.iter().copied().min_by_key(|&k| t.strides[k].abs());
+    if let Some(p) = groups
+        .iter()
+        .position(|g| inner.is_some_and(|a| g.contains(&a)))
+    {
+        let g = groups.remove(p);
+        groups.push(g);
+    }
+    let mut order: Vec<usize> = (0..t.shape.len()).filter(|&k| t.shape[k] == 1).collect();
+    order.extend(groups.into_iter().flatten());
+    Some(order)
+}
+
+/// `v` (row-major `dims`) with its axes permuted as ONNX `Transpose(perm)` does.
+pub fn permute<T: Copy>(v: &[T], dims: &[usize], perm: &[usize]) -> Vec<T> {
+    let own = contiguous_strides(dims);
+    let out_dims: Vec<usize> = perm.iter().map(|&a| dims[a]).collect();
+    let n: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(n);
+    let mut idx = vec![0usize; dims.len()];
+    for _ in 0..n {
+        let src: i64 = idx.iter().zip(perm).map(|(&i, &a)| i as i64 * own[a]).sum();
+        out.push(v[src as usize]);
+        for k in (0..idx.len()).rev() {
+            idx[k] += 1;
+            if idx[k] < out_dims[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone)]
@@ -237,8 +415,39 @@ pub enum BufferKind {
 #[derive(Debug, Clone, PartialEq)]
 pub enum WeightSource {
     Initializer(String),
+    /// An initializer (row-major `dims`) with its axes permuted as `Transpose(perm)`: the
+    /// `[O, kh, kw, I]` kernels of channels-last convolutions. Permuted on the host at upload.
+    Permuted {
+        name: String,
+        dims: Vec<usize>,
+        perm: Vec<usize>,
+    },
     Computed(Arc<Vec<f32>>),
     ComputedI64(Arc<Vec<i64>>),
+}
+
+/// How the compiler lays out 4-D activations around convolutions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// Row-major `[N, C, H, W]` everywhere (cuDNN's NCHW convolutions; transposes to and from
+    /// token layouts are copies).
+    Nchw,
+    /// Channels-last: convolutions read and write `[N, H, W, C]` (cuDNN's NHWC tensor-core
+    /// kernels; 1×1 convolutions become GEMMs), GroupNorm and elementwise steps keep that
+    /// layout, and the transposes between it and `[N, H·W, C]` tokens are free views.
+    #[default]
+    Nhwc,
+}
+
+impl Layout {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "nchw" => Some(Self::Nchw),
+            "nhwc" => Some(Self::Nhwc),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -334,6 +543,8 @@ pub enum Step {
         groups: usize,
         eps: f32,
         silu: bool,
+        /// `x` and `out` are stored `[n, spatial, c]` (channels-last) instead of `[n, c, spatial]`.
+        channels_last: bool,
     },
     LayerNorm {
         out: usize,
@@ -395,14 +606,23 @@ pub struct ConvStep {
     pub strides: [usize; 2],
     pub dilations: [usize; 2],
     pub group: usize,
+    /// `x`, `out` and `residual` are stored `[N, H, W, C]` and `w` as `[O, kh, kw, C/group]`
+    /// (shapes above stay in NCHW order).
+    pub nhwc: bool,
 }
 
 impl ConvStep {
     /// A key naming the problem (for the tactic cache).
     pub fn problem(&self) -> String {
         format!(
-            "conv x{:?} w{:?} pad{:?} s{:?} d{:?} g{}",
-            self.x_shape, self.w_shape, self.pads, self.strides, self.dilations, self.group
+            "conv x{:?} w{:?} pad{:?} s{:?} d{:?} g{}{}",
+            self.x_shape,
+            self.w_shape,
+            self.pads,
+            self.strides,
+            self.dilations,
+            self.group,
+            if self.nhwc { " nhwc" } else { "" }
         )
     }
 }
@@ -548,6 +768,7 @@ struct Planner<'a> {
     weight_bufs: HashMap<String, usize>,
     inits: HashMap<&'a str, &'a TensorProto>,
     src: &'a dyn InitializerSource,
+    layout: Layout,
 }
 
 impl Planner<'_> {
@@ -558,10 +779,61 @@ impl Planner<'_> {
 
     fn activation(&mut self, shape: Vec<usize>) -> DevTensor {
         let n = shape.iter().product();
+        DevTensor::new(self.new_buf(n, DType::Float, BufferKind::Activation), shape)
+    }
+
+    /// A new activation laid out densely with its axes in `order` (outermost first).
+    fn activation_in(&mut self, shape: Vec<usize>, order: &[usize]) -> DevTensor {
+        let n = shape.iter().product();
+        let buf = self.new_buf(n, DType::Float, BufferKind::Activation);
+        let strides = dense_strides(&shape, order);
         DevTensor {
-            buf: self.new_buf(n, DType::Float, BufferKind::Activation),
+            buf,
             shape,
+            strides,
         }
+    }
+
+    /// `t` laid out densely in `order`: `t` itself when it is, else a copy.
+    fn in_order(&mut self, t: DevTensor, order: &[usize]) -> Result<DevTensor, EngineError> {
+        if t.is_dense_in(order) {
+            return Ok(t);
+        }
+        let out = self.activation_in(t.shape.clone(), order);
+        self.copy(&out, &t, &t.shape, &t.strides, &out.strides, 0, 0)?;
+        Ok(out)
+    }
+
+    /// `t` in row-major order (a copy only for a strided view).
+    fn contiguous(&mut self, t: DevTensor) -> Result<DevTensor, EngineError> {
+        let order: Vec<usize> = (0..t.shape.len()).collect();
+        self.in_order(t, &order)
+    }
+
+    /// `t` read as `shape`: a view when the strides allow it, else a copy into the layout that
+    /// keeps the innermost axis innermost and makes the reshape a view.
+    fn reshape(&mut self, t: DevTensor, shape: Vec<usize>) -> Result<DevTensor, EngineError> {
+        if let Some(strides) = reshape_strides(&t.shape, &t.strides, &shape) {
+            return Ok(DevTensor {
+                buf: t.buf,
+                shape,
+                strides,
+            });
+        }
+        let order = reshape_order(&t, &shape)
+            .ok_or_else(|| err(format!("cannot reshape {:?} to {shape:?}", t.shape)))?;
+        let m = self.in_order(t, &order)?;
+        let strides = reshape_strides(&m.shape, &m.strides, &shape).ok_or_else(|| {
+            err(format!(
+                "internal: reshape {:?} to {shape:?} after a copy",
+                m.shape
+            ))
+        })?;
+        Ok(DevTensor {
+            buf: m.buf,
+            shape,
+            strides,
+        })
     }
 
     fn push(&mut self, s: Step) {
@@ -586,7 +858,7 @@ impl Planner<'_> {
                     // large float weights stay by name; the executor reads them at upload
                     if shape.iter().product::<usize>() > 4096 {
                         let buf = self.weight(name, shape.iter().product());
-                        let v = Value::Dev(DevTensor { buf, shape });
+                        let v = Value::Dev(DevTensor::new(buf, shape));
                         self.values.insert(name.into(), v.clone());
                         return Ok(Some(v));
                     }
@@ -620,7 +892,62 @@ impl Planner<'_> {
     }
 
     /// A device view of a value: host float constants become computed weights.
+    /// A weight with its axes permuted (`Transpose(perm)`), contiguous: an initializer is
+    /// permuted on the host at upload, a host constant here, anything else by a device copy.
+    fn permuted_weight(&mut self, v: Value, perm: &[usize]) -> Result<DevTensor, EngineError> {
+        let shape = Self::shape_of(&v);
+        let out_shape: Vec<usize> = perm.iter().map(|&a| shape[a]).collect();
+        match v {
+            Value::Host(h) => {
+                let HostData::F32(data) = &h.data else {
+                    return Err(err("a float weight was expected"));
+                };
+                let buf = self.new_buf(
+                    data.len(),
+                    DType::Float,
+                    BufferKind::Weight(WeightSource::Computed(Arc::new(permute(
+                        data, &shape, perm,
+                    )))),
+                );
+                Ok(DevTensor::new(buf, out_shape))
+            }
+            Value::Dev(d) => {
+                if let BufferKind::Weight(WeightSource::Initializer(name)) =
+                    &self.buffers[d.buf].kind
+                {
+                    if d.is_contiguous() {
+                        let key = format!("{name} permuted {perm:?}");
+                        if let Some(&b) = self.weight_bufs.get(&key) {
+                            return Ok(DevTensor::new(b, out_shape));
+                        }
+                        let src = WeightSource::Permuted {
+                            name: name.clone(),
+                            dims: shape.clone(),
+                            perm: perm.to_vec(),
+                        };
+                        let b = self.new_buf(d.numel(), DType::Float, BufferKind::Weight(src));
+                        self.weight_bufs.insert(key, b);
+                        return Ok(DevTensor::new(b, out_shape));
+                    }
+                }
+                let view = DevTensor {
+                    buf: d.buf,
+                    shape: out_shape,
+                    strides: perm.iter().map(|&a| d.strides[a]).collect(),
+                };
+                self.contiguous(view)
+            }
+        }
+    }
+
+    /// A value on the device, contiguous.
     fn dev(&mut self, v: Value, what: &str) -> Result<DevTensor, EngineError> {
+        let t = self.view(v, what)?;
+        self.contiguous(t)
+    }
+
+    /// A value on the device as it is laid out (host constants are uploaded contiguous).
+    fn view(&mut self, v: Value, what: &str) -> Result<DevTensor, EngineError> {
         match v {
             Value::Dev(d) => Ok(d),
             Value::Host(h) => match &h.data {
@@ -630,10 +957,7 @@ impl Planner<'_> {
                         DType::Float,
                         BufferKind::Weight(WeightSource::Computed(Arc::new(data.clone()))),
                     );
-                    Ok(DevTensor {
-                        buf,
-                        shape: h.shape.clone(),
-                    })
+                    Ok(DevTensor::new(buf, h.shape.clone()))
                 }
                 HostData::I64(data) => {
                     // int64 index constants (Gather ids) go up as computed int64 data
@@ -643,10 +967,7 @@ impl Planner<'_> {
                         BufferKind::Weight(WeightSource::ComputedI64(Arc::new(data.clone()))),
                     );
                     let _ = what;
-                    Ok(DevTensor {
-                        buf,
-                        shape: h.shape.clone(),
-                    })
+                    Ok(DevTensor::new(buf, h.shape.clone()))
                 }
             },
         }
@@ -753,10 +1074,7 @@ impl Planner<'_> {
             alpha: 1.0,
         });
         if heads == 1 {
-            return Ok(DevTensor {
-                buf: oh.buf,
-                shape: q.shape.clone(),
-            });
+            return Ok(DevTensor::new(oh.buf, q.shape.clone()));
         }
         let out = self.activation(q.shape.clone());
         let dims = [nq, heads, l, d];
@@ -893,10 +1211,7 @@ impl Planner<'_> {
                     _ => shape.clone(),
                 };
                 let v = match x {
-                    Value::Dev(d) => Value::Dev(DevTensor {
-                        buf: d.buf,
-                        shape: new_shape,
-                    }),
+                    Value::Dev(d) => Value::Dev(self.reshape(d, new_shape)?),
                     Value::Host(h) => {
                         let mut h = (*h).clone();
                         if op == "Cast" {
@@ -1000,20 +1315,25 @@ impl Planner<'_> {
                     };
                     set(self, Value::Host(Arc::new(HostTensor { shape, data })));
                 } else {
-                    let out = self.activation(shape.clone());
-                    let out_strides = contiguous_strides(&shape);
+                    let parts: Vec<DevTensor> = parts
+                        .into_iter()
+                        .map(|p| self.view(p, "part"))
+                        .collect::<Result<_, _>>()?;
+                    // the first part's layout (channels-last skip connections stay so)
+                    let order = parts[0]
+                        .dense_order()
+                        .unwrap_or_else(|| (0..rank).collect());
+                    let out = self.activation_in(shape.clone(), &order);
                     let mut at = 0usize;
-                    for p in parts {
-                        let d = self.dev(p, "part")?;
-                        let ins = contiguous_strides(&d.shape);
+                    for d in parts {
                         self.copy(
                             &out,
                             &d,
-                            &d.shape.clone(),
-                            &ins,
-                            &out_strides,
+                            &d.shape,
+                            &d.strides,
+                            &out.strides,
                             0,
-                            at as i64 * out_strides[axis],
+                            at as i64 * out.strides[axis],
                         )?;
                         at += d.shape[axis];
                     }
@@ -1034,7 +1354,10 @@ impl Planner<'_> {
                     None => vec![1; starts.len()],
                 };
                 let mut out_shape = shape.clone();
-                let own = contiguous_strides(&shape);
+                let own = match &x {
+                    Value::Dev(d) => d.strides.clone(),
+                    Value::Host(_) => contiguous_strides(&shape),
+                };
                 let mut strides = own.clone();
                 let mut off = 0i64;
                 for k in 0..starts.len() {
@@ -1080,20 +1403,27 @@ impl Planner<'_> {
                 let perm: Vec<usize> = attr_ints(n, "perm")
                     .map(|p| p.iter().map(|&a| a as usize).collect())
                     .unwrap_or_else(|| (0..shape.len()).rev().collect());
-                let own = contiguous_strides(&shape);
                 let out_shape: Vec<usize> = perm.iter().map(|&a| shape[a]).collect();
-                let strides: Vec<i64> = perm.iter().map(|&a| own[a]).collect();
-                let cs = contiguous_strides(&out_shape);
                 match x {
                     Value::Host(h) => {
+                        let own = contiguous_strides(&shape);
+                        let strides: Vec<i64> = perm.iter().map(|&a| own[a]).collect();
+                        let cs = contiguous_strides(&out_shape);
                         let zeros = vec![0; out_shape.len()];
                         let s = Strided::new(&out_shape, &strides, &zeros, &cs)?;
                         set(self, Value::Host(Arc::new(h.map(out_shape, &s, 0))));
                     }
+                    // a view: whoever needs another layout copies
                     Value::Dev(d) => {
-                        let out = self.activation(out_shape.clone());
-                        self.copy(&out, &d, &out_shape, &strides, &cs, 0, 0)?;
-                        set(self, Value::Dev(out));
+                        let strides = perm.iter().map(|&a| d.strides[a]).collect();
+                        set(
+                            self,
+                            Value::Dev(DevTensor {
+                                buf: d.buf,
+                                shape: out_shape,
+                                strides,
+                            }),
+                        );
                     }
                 }
             }
@@ -1102,7 +1432,10 @@ impl Planner<'_> {
                 let shape = Self::shape_of(&x);
                 let target: Vec<usize> = host(1)?.i64s()?.iter().map(|&d| d as usize).collect();
                 let out_shape = broadcast_shape(&shape, &target)?;
-                let strides = broadcast_strides(&shape, &out_shape)?;
+                let strides = match &x {
+                    Value::Dev(d) => broadcast_view(&shape, &d.strides, &out_shape)?,
+                    Value::Host(_) => broadcast_strides(&shape, &out_shape)?,
+                };
                 let cs = contiguous_strides(&out_shape);
                 match x {
                     Value::Host(h) => {
@@ -1118,7 +1451,7 @@ impl Planner<'_> {
                 }
             }
             "Resize" => {
-                let x = self.dev(get(0)?, "X")?;
+                let x = self.view(get(0)?, "X")?;
                 let mode = attr_s(n, "mode").unwrap_or_else(|| "nearest".into());
                 let ctm = attr_s(n, "coordinate_transformation_mode")
                     .unwrap_or_else(|| "half_pixel".into());
@@ -1151,12 +1484,22 @@ impl Planner<'_> {
                     )));
                 }
                 let (sh, sw) = (oh / h, ow / w);
-                let nc = x.shape[0] * x.shape[1];
-                let dims = [nc, h, sh, w, sw];
-                let ins_ = [(h * w) as i64, w as i64, 0, 1, 0];
-                let cs = contiguous_strides(&dims);
-                let out = self.activation(out_shape);
-                self.copy(&out, &x, &dims, &ins_, &cs, 0, 0)?;
+                let order = x.dense_order().unwrap_or_else(|| vec![0, 1, 2, 3]);
+                let out = self.activation_in(out_shape, &order);
+                // output row i·sh + j reads input row i (stride 0 along the repeat axes)
+                let dims = [x.shape[0], x.shape[1], h, sh, w, sw];
+                let xs = &x.strides;
+                let ins_ = [xs[0], xs[1], xs[2], 0, xs[3], 0];
+                let os = &out.strides;
+                let outs = [
+                    os[0],
+                    os[1],
+                    os[2] * sh as i64,
+                    os[2],
+                    os[3] * sw as i64,
+                    os[3],
+                ];
+                self.copy(&out, &x, &dims, &ins_, &outs, 0, 0)?;
                 set(self, Value::Dev(out));
             }
             "Add" | "Sub" | "Mul" | "Div" => {
@@ -1226,11 +1569,18 @@ impl Planner<'_> {
                     );
                     return Ok(());
                 }
-                let da = self.dev(a, "A")?;
-                let db = self.dev(b, "B")?;
-                // a convolution whose output only feeds this Add takes the other operand as its residual
+                let da = self.view(a, "A")?;
+                let db = self.view(b, "B")?;
+                // a convolution whose output only feeds this Add takes the other operand as its
+                // residual (read element by element, so in the same layout)
                 if bop == BinaryOp::Add && sa == sb {
                     for (conv_side, other) in [(&da, &db), (&db, &da)] {
+                        let same_layout = conv_side
+                            .dense_order()
+                            .is_some_and(|o| other.is_dense_in(&o));
+                        if !same_layout {
+                            continue;
+                        }
                         // only the convolution's own output, read by this Add alone
                         let single = self.conv_out.get(&conv_side.buf).is_some_and(|name| {
                             n.input.contains(name) && self.readers.get(name).copied() == Some(1)
@@ -1243,29 +1593,57 @@ impl Planner<'_> {
                             if self.writer.get(&other.buf).is_some_and(|&w| w > si) {
                                 continue;
                             }
-                            if let Step::Conv(c) = &mut self.steps[si] {
-                                if c.residual.is_none()
-                                    && c.out == conv_side.buf
-                                    && c.x != other.buf
+                            let fused = match &mut self.steps[si] {
+                                Step::Conv(c)
+                                    if c.residual.is_none()
+                                        && c.out == conv_side.buf
+                                        && c.x != other.buf =>
                                 {
                                     c.residual = Some(other.buf);
-                                    set(self, Value::Dev(conv_side.clone()));
-                                    return Ok(());
+                                    true
                                 }
+                                // a 1×1 convolution compiled to a GEMM
+                                Step::Linear {
+                                    out, x, residual, ..
+                                } if residual.is_none()
+                                    && *out == conv_side.buf
+                                    && *x != other.buf =>
+                                {
+                                    *residual = Some(other.buf);
+                                    true
+                                }
+                                _ => false,
+                            };
+                            if fused {
+                                set(self, Value::Dev(conv_side.clone()));
+                                return Ok(());
                             }
                         }
                     }
                 }
-                let out = self.activation(out_shape.clone());
-                let s = if sa == out_shape && sb == out_shape {
+                // the output takes the layout of a full-size operand; iterate in its memory order
+                let order = [&da, &db]
+                    .iter()
+                    .filter(|t| t.shape == out_shape)
+                    .find_map(|t| t.dense_order())
+                    .unwrap_or_else(|| (0..out_shape.len()).collect());
+                let out = self.activation_in(out_shape.clone(), &order);
+                let s = if sa == out_shape
+                    && sb == out_shape
+                    && da.is_dense_in(&order)
+                    && db.is_dense_in(&order)
+                {
                     None
                 } else {
-                    let cs = contiguous_strides(&out_shape);
+                    let ba = broadcast_view(&sa, &da.strides, &out_shape)?;
+                    let bb = broadcast_view(&sb, &db.strides, &out_shape)?;
+                    let pick = |v: &[i64]| order.iter().map(|&k| v[k]).collect::<Vec<i64>>();
+                    let dims: Vec<usize> = order.iter().map(|&k| out_shape[k]).collect();
                     Some(Strided::new(
-                        &out_shape,
-                        &broadcast_strides(&sa, &out_shape)?,
-                        &broadcast_strides(&sb, &out_shape)?,
-                        &cs,
+                        &dims,
+                        &pick(&ba),
+                        &pick(&bb),
+                        &pick(&out.strides),
                     )?)
                 };
                 self.push(Step::Binary {
@@ -1299,14 +1677,20 @@ impl Planner<'_> {
                     );
                     return Ok(());
                 }
-                let x = self.dev(x, "X")?;
+                // elementwise over the buffer: any dense layout is kept
+                let x = self.view(x, "X")?;
+                let x = match x.dense_order() {
+                    Some(_) => x,
+                    None => self.contiguous(x)?,
+                };
                 let uop = match op.as_str() {
                     "Sigmoid" => UnaryOp::Sigmoid,
                     "Sin" => UnaryOp::Sin,
                     "Cos" => UnaryOp::Cos,
                     _ => UnaryOp::Neg,
                 };
-                let out = self.activation(x.shape.clone());
+                let order = x.dense_order().expect("dense");
+                let out = self.activation_in(x.shape.clone(), &order);
                 self.push(Step::Unary {
                     out: out.buf,
                     inp: x.buf,
@@ -1395,13 +1779,14 @@ impl Planner<'_> {
                 set(self, Value::Dev(out));
             }
             "Conv" => {
-                let x = self.dev(get(0)?, "X")?;
-                let w = self.dev(get(1)?, "W")?;
+                let xv = self.view(get(0)?, "X")?;
+                let wv = get(1)?;
+                let w_shape = Self::shape_of(&wv);
                 let bias = match ins.get(2).cloned().flatten() {
                     Some(b) => Some(self.dev(b, "B")?.buf),
                     None => None,
                 };
-                if x.shape.len() != 4 || w.shape.len() != 4 {
+                if xv.shape.len() != 4 || w_shape.len() != 4 {
                     return Err(err(format!(
                         "Conv {}: the engine takes 2-D convolutions",
                         n.name
@@ -1414,7 +1799,13 @@ impl Planner<'_> {
                 if attr_s(n, "auto_pad").is_some_and(|s| s != "NOTSET") {
                     return Err(err(format!("Conv {}: auto_pad is not supported", n.name)));
                 }
-                let mut x = x;
+                let nhwc = self.layout == Layout::Nhwc;
+                let order = if nhwc {
+                    channels_last_order(4)
+                } else {
+                    vec![0, 1, 2, 3]
+                };
+                let mut x = self.in_order(xv, &order)?;
                 let mut p = [
                     pads[0] as usize,
                     pads[1] as usize,
@@ -1425,21 +1816,19 @@ impl Planner<'_> {
                     // cuDNN pads symmetrically: copy into a zero-bordered buffer first
                     let (h, w_) = (x.shape[2], x.shape[3]);
                     let ps = vec![x.shape[0], x.shape[1], h + p[0] + p[2], w_ + p[1] + p[3]];
-                    let padded = self.activation(ps.clone());
+                    let padded = self.activation_in(ps, &order);
                     self.push(Step::Fill {
                         out: padded.buf,
                         n: padded.numel(),
                         value: 0.0,
                     });
-                    let own = contiguous_strides(&x.shape);
-                    let os = contiguous_strides(&ps);
-                    let off = p[0] as i64 * os[2] + p[1] as i64 * os[3];
-                    self.copy(&padded, &x, &x.shape.clone(), &own, &os, 0, off)?;
+                    let off = p[0] as i64 * padded.strides[2] + p[1] as i64 * padded.strides[3];
+                    self.copy(&padded, &x, &x.shape, &x.strides, &padded.strides, 0, off)?;
                     x = padded;
                     p = [0; 4];
                 }
                 let xs = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
-                let ws = [w.shape[0], w.shape[1], w.shape[2], w.shape[3]];
+                let ws = [w_shape[0], w_shape[1], w_shape[2], w_shape[3]];
                 let (st, dl) = (
                     [strides[0] as usize, strides[1] as usize],
                     [dil[0] as usize, dil[1] as usize],
@@ -1447,26 +1836,58 @@ impl Planner<'_> {
                 let oh = (xs[2] + p[0] + p[2] - dl[0] * (ws[2] - 1) - 1) / st[0] + 1;
                 let ow = (xs[3] + p[1] + p[3] - dl[1] * (ws[3] - 1) - 1) / st[1] + 1;
                 let ys = [xs[0], ws[0], oh, ow];
-                let out = self.activation(ys.to_vec());
+                let out = self.activation_in(ys.to_vec(), &order);
                 self.conv_out.insert(out.buf, out_name.clone());
-                self.push(Step::Conv(ConvStep {
-                    out: out.buf,
-                    x: x.buf,
-                    w: w.buf,
-                    bias,
-                    residual: None,
-                    x_shape: xs,
-                    w_shape: ws,
-                    y_shape: ys,
-                    pads: p,
-                    strides: st,
-                    dilations: dl,
-                    group,
-                }));
+                let pointwise =
+                    ws[2] == 1 && ws[3] == 1 && st == [1, 1] && p == [0; 4] && group == 1;
+                if nhwc && pointwise {
+                    // channels-last 1×1: a GEMM over the pixels, [N·H·W, C] · Wᵀ
+                    let w = self.dev(wv, "W")?;
+                    self.push(Step::Linear {
+                        out: out.buf,
+                        x: x.buf,
+                        w: w.buf,
+                        bias,
+                        residual: None,
+                        m: xs[0] * xs[2] * xs[3],
+                        n: ws[0],
+                        k: ws[1],
+                    });
+                } else {
+                    let w = if nhwc {
+                        self.permuted_weight(wv, &[0, 2, 3, 1])?
+                    } else {
+                        self.dev(wv, "W")?
+                    };
+                    self.push(Step::Conv(ConvStep {
+                        out: out.buf,
+                        x: x.buf,
+                        w: w.buf,
+                        bias,
+                        residual: None,
+                        x_shape: xs,
+                        w_shape: ws,
+                        y_shape: ys,
+                        pads: p,
+                        strides: st,
+                        dilations: dl,
+                        group,
+                        nhwc,
+                    }));
+                }
                 set(self, Value::Dev(out));
             }
             "com.motionrt::GroupNorm" => {
-                let x = self.dev(get(0)?, "X")?;
+                let xv = self.view(get(0)?, "X")?;
+                // channels-last input (after a channels-last convolution): normalised in place of
+                // layout; the channels-last kernels take up to 2048 channels
+                let channels_last = self.layout == Layout::Nhwc
+                    && xv.channels_last().is_some_and(|(_, c, _)| c <= 2048);
+                let x = if channels_last {
+                    xv
+                } else {
+                    self.contiguous(xv)?
+                };
                 let gamma = self.dev(get(1)?, "scale")?;
                 let beta = self.dev(get(2)?, "bias")?;
                 let groups = attr_i(n, "num_groups", 32) as usize;
@@ -1477,7 +1898,11 @@ impl Planner<'_> {
                         n.name
                     )));
                 }
-                let out = self.activation(x.shape.clone());
+                let out = if channels_last {
+                    self.activation_in(x.shape.clone(), &channels_last_order(x.shape.len()))
+                } else {
+                    self.activation(x.shape.clone())
+                };
                 let act = attr_s(n, "activation").unwrap_or_else(|| "none".into());
                 self.push(Step::GroupNorm {
                     out: out.buf,
@@ -1490,6 +1915,7 @@ impl Planner<'_> {
                     groups,
                     eps: attr_f(n, "epsilon", 1e-5),
                     silu: act == "silu",
+                    channels_last,
                 });
                 set(self, Value::Dev(out));
             }
@@ -1602,6 +2028,7 @@ pub fn compile(
     model: &ModelProto,
     input_shapes: &[(&str, Vec<usize>)],
     src: &dyn InitializerSource,
+    layout: Layout,
 ) -> Result<Program, EngineError> {
     let g = model
         .graph
@@ -1617,6 +2044,7 @@ pub fn compile(
         conv_out: HashMap::new(),
         inits: g.initializer.iter().map(|t| (t.name.as_str(), t)).collect(),
         src,
+        layout,
     };
     for node in &g.node {
         for i in &node.input {
@@ -1653,7 +2081,7 @@ pub fn compile(
             dtype,
             BufferKind::Input(i.name.clone()),
         );
-        let t = DevTensor { buf, shape };
+        let t = DevTensor::new(buf, shape);
         p.values.insert(i.name.clone(), Value::Dev(t.clone()));
         inputs.push((i.name.clone(), t));
     }
@@ -1662,8 +2090,11 @@ pub fn compile(
     }
     let mut outputs = Vec::new();
     for o in &g.output {
-        match p.values.get(&o.name) {
-            Some(Value::Dev(d)) => outputs.push((o.name.clone(), d.clone())),
+        match p.values.get(&o.name).cloned() {
+            Some(Value::Dev(d)) => {
+                let d = p.contiguous(d)?;
+                outputs.push((o.name.clone(), d))
+            }
             _ => {
                 return Err(err(format!(
                     "output {} is not computed on the device",
@@ -1826,15 +2257,7 @@ mod tests {
             inputs: vec![],
             outputs: outputs
                 .iter()
-                .map(|&b| {
-                    (
-                        format!("o{b}"),
-                        DevTensor {
-                            buf: b,
-                            shape: vec![1],
-                        },
-                    )
-                })
+                .map(|&b| (format!("o{b}"), DevTensor::new(b, vec![1])))
                 .collect(),
             nodes: 0,
         }
@@ -1938,7 +2361,7 @@ mod tests {
                 ("k", vec![n, s, c]),
                 ("v", vec![n, s, c]),
             ];
-            let p = compile(&m, &shapes, &NoInitializers).unwrap();
+            let p = compile(&m, &shapes, &NoInitializers, Layout::Nhwc).unwrap();
             let names: Vec<&str> = p.steps.iter().map(|s| s.name()).collect();
             if fused_attention_head(d) {
                 assert_eq!(names, ["attention"]);
