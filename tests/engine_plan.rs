@@ -279,6 +279,18 @@ fn fused_graphs_find_every_pattern_and_match_the_exported_graphs() {
                     "{graph}: {nhwc_convs} {cl_norms}"
                 );
             }
+            if graph == "unet" {
+                // GEGLU adds its projection's bias (no pass after the GEMM)
+                let geglu: Vec<bool> = prog
+                    .steps
+                    .iter()
+                    .filter_map(|s| match s {
+                        Step::Geglu { bias, .. } => Some(bias.is_some()),
+                        _ => None,
+                    })
+                    .collect();
+                assert!(!geglu.is_empty() && geglu.iter().all(|&b| b), "{geglu:?}");
+            }
             copies.push(n_copies);
         }
         if graph == "unet" || graph == "vae_decoder" {

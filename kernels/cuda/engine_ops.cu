@@ -174,6 +174,16 @@ __device__ void unary(T* out, const T* x, i64 n, int op) {
 // y[r, c] += bias[c] + res[r, c]   (bias, res may be null)
 template <typename T>
 __device__ void bias_residual(T* y, const T* bias, const T* res, i64 rows, i64 cols) {
+    if (rows * cols < 0x7fffffffll) {
+        const unsigned uc = (unsigned)cols;
+        GRID_LOOP32(i, rows * cols) {
+            float v = mrt_load(y, i);
+            if (bias) v += mrt_load(bias, i % uc);
+            if (res) v += mrt_load(res, i);
+            mrt_store(y, i, v);
+        }
+        return;
+    }
     GRID_LOOP(i, rows * cols) {
         float v = mrt_load(y, i);
         if (bias) v += mrt_load(bias, i % cols);
@@ -435,6 +445,44 @@ __device__ void layer_norm(T* y, const T* x, const T* gamma, const T* beta, int 
     }
 }
 
+// LayerNormalization of rows up to 1024 wide: one warp per row, the row held in registers (one
+// read, one write; no block barriers). blockDim.x a multiple of 32.
+template <typename T>
+__device__ void layer_norm_warp(T* y, const T* x, const T* gamma, const T* beta, i64 rows,
+                                int cols, float eps) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* xr = x + row * cols;
+    float v[32];
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < 32; ++k) {
+        const int c = lane + 32 * k;
+        v[k] = c < cols ? mrt_load(xr, c) : 0.f;
+        s += v[k];
+    }
+    const float mean = mrt_warp_sum(s) / (float)cols;
+    float q = 0.f;
+#pragma unroll
+    for (int k = 0; k < 32; ++k) {
+        const int c = lane + 32 * k;
+        const float d = c < cols ? v[k] - mean : 0.f;
+        q += d * d;
+    }
+    const float rstd = rsqrtf(mrt_warp_sum(q) / (float)cols + eps);
+    T* yr = y + row * cols;
+#pragma unroll
+    for (int k = 0; k < 32; ++k) {
+        const int c = lane + 32 * k;
+        if (c < cols) {
+            float o = (v[k] - mean) * rstd * mrt_load(gamma, c);
+            if (beta) o += mrt_load(beta, c);
+            mrt_store(yr, c, o);
+        }
+    }
+}
+
 // Softmax over the last axis: one block per row.
 template <typename T>
 __device__ void softmax(T* y, const T* x, int cols) {
@@ -450,14 +498,34 @@ __device__ void softmax(T* y, const T* x, int cols) {
         mrt_store(y, base + i, __expf(mrt_load(x, base + i) - m) * inv);
 }
 
-// y[r, j] = x[r, j] * gelu(x[r, d + j]) (exact erf GELU)
+// y[r, j] = a * gelu(g) with a = x[r, j] + bias[j], g = x[r, d + j] + bias[d + j] (exact erf
+// GELU; bias may be null: the projection's bias, moved here from its GEMM)
+__device__ __forceinline__ float geglu1(float a, float g) {
+    return a * 0.5f * g * (1.f + erff(g * 0.70710678118654752f));
+}
 template <typename T>
-__device__ void geglu(T* y, const T* x, i64 rows, i64 d) {
+__device__ void geglu(T* y, const T* x, const T* bias, i64 rows, i64 d) {
+    if (rows * 2 * d < 0x7fffffffll) {
+        const unsigned ud = (unsigned)d;
+        GRID_LOOP32(i, rows * d) {
+            const unsigned r = i / ud, j = i - r * ud;
+            float a = mrt_load(x, r * 2 * ud + j), g = mrt_load(x, r * 2 * ud + ud + j);
+            if (bias) {
+                a += mrt_load(bias, j);
+                g += mrt_load(bias, ud + j);
+            }
+            mrt_store(y, i, geglu1(a, g));
+        }
+        return;
+    }
     GRID_LOOP(i, rows * d) {
         const i64 r = i / d, j = i % d;
-        const float a = mrt_load(x, r * 2 * d + j);
-        const float g = mrt_load(x, r * 2 * d + d + j);
-        mrt_store(y, i, a * 0.5f * g * (1.f + erff(g * 0.70710678118654752f)));
+        float a = mrt_load(x, r * 2 * d + j), g = mrt_load(x, r * 2 * d + d + j);
+        if (bias) {
+            a += mrt_load(bias, j);
+            g += mrt_load(bias, d + j);
+        }
+        mrt_store(y, i, geglu1(a, g));
     }
 }
 
@@ -532,8 +600,10 @@ BOTH(group_norm_nhwc_apply, P_GNA(float), P_GNA(half_bits),
 BOTH(layer_norm, P_LN(float), P_LN(half_bits), (y, x, gamma, beta, cols, eps))
 #define P_SM(T) (T* y, const T* x, int cols)
 BOTH(softmax, P_SM(float), P_SM(half_bits), (y, x, cols))
-#define P_GG(T) (T* y, const T* x, i64 rows, i64 d)
-BOTH(geglu, P_GG(float), P_GG(half_bits), (y, x, rows, d))
+#define P_GG(T) (T* y, const T* x, const T* bias, i64 rows, i64 d)
+BOTH(geglu, P_GG(float), P_GG(half_bits), (y, x, bias, rows, d))
+#define P_LW(T) (T* y, const T* x, const T* gamma, const T* beta, i64 rows, int cols, float eps)
+BOTH(layer_norm_warp, P_LW(float), P_LW(half_bits), (y, x, gamma, beta, rows, cols, eps))
 #define P_GA(T) (T* out, const T* table, const i64* ids, i64 n_ids, i64 row, i64 n_rows)
 BOTH(gather_rows, P_GA(float), P_GA(half_bits), (out, table, ids, n_ids, row, n_rows))
 #define P_CF(T) (T* out, const float* in, i64 n)

@@ -1699,6 +1699,31 @@ fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
             &read::<T>(&y),
             &want,
         );
+        // one warp per row (rows up to 1024 wide), 4 rows per block as the engine launches it
+        if cols <= 1024 {
+            let y = out_buf::<T>(x.len());
+            launch(
+                emu,
+                &format!("layer_norm_warp_{}", T::SUFFIX),
+                (rows.div_ceil(4) as u32, 1, 1),
+                (128, 1, 1),
+                0,
+                &[
+                    Arg::Buf(&y),
+                    Arg::Buf(&xb),
+                    Arg::Buf(&gb),
+                    if with_beta { Arg::Buf(&bb) } else { Arg::Null },
+                    Arg::I64(rows as i64),
+                    Arg::I32(cols as i32),
+                    Arg::F32(eps),
+                ],
+            );
+            check::<T>(
+                &format!("layer_norm_warp [{rows}, {cols}] beta {with_beta}"),
+                &read::<T>(&y),
+                &want,
+            );
+        }
     }
     let mut want = Vec::with_capacity(x.len());
     for r in xr.chunks(cols) {
@@ -1721,34 +1746,44 @@ fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
 #[test]
 fn layer_norm_and_softmax_match() {
     let Some(emu) = emu() else { return };
-    for (rows, cols) in [(5, 77), (3, 320)] {
+    for (rows, cols) in [(5, 77), (3, 320), (6, 1024), (2, 1280)] {
         layer_norm_and_softmax::<f32>(emu, rows, cols);
         layer_norm_and_softmax::<u16>(emu, rows, cols);
     }
 }
 
 fn geglu_and_epilogues<T: Host>(emu: &Emu) {
-    // GEGLU over [7, 2 * 40]
+    // GEGLU over [7, 2 * 40], without and with the projection's bias
     let (rows, d) = (7, 40);
     let x = random(rows * 2 * d, 31);
-    let want = fused::geglu(&T::round(&x), 2 * d).unwrap();
-    let xb = buf::<T>(&x);
-    let y = out_buf::<T>(rows * d);
-    let (g, b) = elementwise(rows * d);
-    launch(
-        emu,
-        &format!("geglu_{}", T::SUFFIX),
-        g,
-        b,
-        0,
-        &[
-            Arg::Buf(&y),
-            Arg::Buf(&xb),
-            Arg::I64(rows as i64),
-            Arg::I64(d as i64),
-        ],
-    );
-    check::<T>("geglu", &read::<T>(&y), &want);
+    let pb = random(2 * d, 35);
+    let (xr, pbr) = (T::round(&x), T::round(&pb));
+    let (xb, pbb) = (buf::<T>(&x), buf::<T>(&pb));
+    for with_bias in [false, true] {
+        let biased: Vec<f32> = xr
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| if with_bias { v + pbr[i % (2 * d)] } else { v })
+            .collect();
+        let want = fused::geglu(&biased, 2 * d).unwrap();
+        let y = out_buf::<T>(rows * d);
+        let (g, b) = elementwise(rows * d);
+        launch(
+            emu,
+            &format!("geglu_{}", T::SUFFIX),
+            g,
+            b,
+            0,
+            &[
+                Arg::Buf(&y),
+                Arg::Buf(&xb),
+                if with_bias { Arg::Buf(&pbb) } else { Arg::Null },
+                Arg::I64(rows as i64),
+                Arg::I64(d as i64),
+            ],
+        );
+        check::<T>(&format!("geglu bias {with_bias}"), &read::<T>(&y), &want);
+    }
 
     // y[n, c, s] += bias[c] + res[n, c, s] after a convolution, in place
     let (n, c, sp) = (2, 5, 9);

@@ -46,6 +46,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                     "group_norm_nhwc_stats",
                     "group_norm_nhwc_apply",
                     "layer_norm",
+                    "layer_norm_warp",
                     "softmax",
                     "geglu",
                     "gather_rows",

@@ -310,8 +310,20 @@ pub fn run(
                 }
                 f[*out] = y;
             }
-            Step::Geglu { out, x, rows, d } => {
-                f[*out] = fused::geglu(&f[*x][..rows * 2 * d], 2 * d).map_err(kerr)?;
+            Step::Geglu {
+                out,
+                x,
+                bias,
+                rows,
+                d,
+            } => {
+                let mut xv = f[*x][..rows * 2 * d].to_vec();
+                if let Some(b) = bias {
+                    for (i, v) in xv.iter_mut().enumerate() {
+                        *v += f[*b][i % (2 * d)];
+                    }
+                }
+                f[*out] = fused::geglu(&xv, 2 * d).map_err(kerr)?;
             }
             Step::Gather {
                 out,

@@ -1062,18 +1062,34 @@ impl GpuProgram {
                     cols,
                     eps,
                 } => {
-                    let cfg = LaunchConfig {
-                        grid_dim: (*rows as u32, 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
                     let c = *cols as i32;
-                    self.launch(
-                        dev,
-                        "layer_norm",
-                        cfg,
-                        &[&p[*out], &p[*x], &p[*gamma], &opt(beta), &c, eps],
-                    )?;
+                    if *cols <= 1024 {
+                        // one warp per row, 8 rows per block
+                        let cfg = LaunchConfig {
+                            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+                            block_dim: (256, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        let r = *rows as i64;
+                        self.launch(
+                            dev,
+                            "layer_norm_warp",
+                            cfg,
+                            &[&p[*out], &p[*x], &p[*gamma], &opt(beta), &r, &c, eps],
+                        )?;
+                    } else {
+                        let cfg = LaunchConfig {
+                            grid_dim: (*rows as u32, 1, 1),
+                            block_dim: (256, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        self.launch(
+                            dev,
+                            "layer_norm",
+                            cfg,
+                            &[&p[*out], &p[*x], &p[*gamma], &opt(beta), &c, eps],
+                        )?;
+                    }
                 }
                 Step::Softmax { out, x, rows, cols } => {
                     let cfg = LaunchConfig {
@@ -1084,13 +1100,19 @@ impl GpuProgram {
                     let c = *cols as i32;
                     self.launch(dev, "softmax", cfg, &[&p[*out], &p[*x], &c])?;
                 }
-                Step::Geglu { out, x, rows, d } => {
+                Step::Geglu {
+                    out,
+                    x,
+                    bias,
+                    rows,
+                    d,
+                } => {
                     let (r, dd) = (*rows as i64, *d as i64);
                     self.launch(
                         dev,
                         "geglu",
                         launch_cfg(rows * d),
-                        &[&p[*out], &p[*x], &r, &dd],
+                        &[&p[*out], &p[*x], &opt(bias), &r, &dd],
                     )?;
                 }
                 Step::Gather {

@@ -561,9 +561,11 @@ pub enum Step {
         rows: usize,
         cols: usize,
     },
+    /// `out[r, j] = (x[r, j] + bias[j]) · gelu(x[r, d + j] + bias[d + j])`.
     Geglu {
         out: usize,
         x: usize,
+        bias: Option<usize>,
         rows: usize,
         d: usize,
     },
@@ -671,7 +673,12 @@ impl Step {
                 r.extend(beta.iter());
                 (r, *out)
             }
-            Step::Softmax { out, x, .. } | Step::Geglu { out, x, .. } => (vec![*x], *out),
+            Step::Softmax { out, x, .. } => (vec![*x], *out),
+            Step::Geglu { out, x, bias, .. } => {
+                let mut r = vec![*x];
+                r.extend(bias.iter());
+                (r, *out)
+            }
             Step::Gather {
                 out, table, ids, ..
             } => (vec![*table, *ids], *out),
@@ -762,8 +769,9 @@ struct Planner<'a> {
     writer: HashMap<usize, usize>,
     /// How many nodes read each value name.
     readers: HashMap<String, usize>,
-    /// Convolution outputs by value name (for the residual epilogue).
-    conv_out: HashMap<usize, String>,
+    /// Outputs of convolutions and GEMMs by buffer, with their value name (for epilogue fusion:
+    /// a residual Add, a projection's bias moved into GEGLU).
+    gemm_out: HashMap<usize, String>,
     /// Weights already uploaded, by initializer name.
     weight_bufs: HashMap<String, usize>,
     inits: HashMap<&'a str, &'a TensorProto>,
@@ -1582,7 +1590,7 @@ impl Planner<'_> {
                             continue;
                         }
                         // only the convolution's own output, read by this Add alone
-                        let single = self.conv_out.get(&conv_side.buf).is_some_and(|name| {
+                        let single = self.gemm_out.get(&conv_side.buf).is_some_and(|name| {
                             n.input.contains(name) && self.readers.get(name).copied() == Some(1)
                         });
                         if !single {
@@ -1837,7 +1845,7 @@ impl Planner<'_> {
                 let ow = (xs[3] + p[1] + p[3] - dl[1] * (ws[3] - 1) - 1) / st[1] + 1;
                 let ys = [xs[0], ws[0], oh, ow];
                 let out = self.activation_in(ys.to_vec(), &order);
-                self.conv_out.insert(out.buf, out_name.clone());
+                self.gemm_out.insert(out.buf, out_name.clone());
                 let pointwise =
                     ws[2] == 1 && ws[3] == 1 && st == [1, 1] && p == [0; 4] && group == 1;
                 if nhwc && pointwise {
@@ -1949,6 +1957,7 @@ impl Planner<'_> {
                     None => None,
                 };
                 let out = self.activation(shape);
+                self.gemm_out.insert(out.buf, out_name.clone());
                 self.push(Step::Linear {
                     out: out.buf,
                     x: x.buf,
@@ -1966,10 +1975,30 @@ impl Planner<'_> {
                 let last = *x.shape.last().unwrap();
                 let mut shape = x.shape.clone();
                 *shape.last_mut().unwrap() = last / 2;
+                // the projection's bias is added here instead of in a pass after its GEMM, when
+                // this node is the projection's only reader
+                let sole = self.gemm_out.get(&x.buf).is_some_and(|name| {
+                    n.input[0] == *name && self.readers.get(name).copied() == Some(1)
+                });
+                let mut bias = None;
+                if let Some(&si) = self.writer.get(&x.buf).filter(|_| sole) {
+                    if let Step::Linear {
+                        out,
+                        bias: b @ Some(_),
+                        residual: None,
+                        ..
+                    } = &mut self.steps[si]
+                    {
+                        if *out == x.buf {
+                            bias = b.take();
+                        }
+                    }
+                }
                 let out = self.activation(shape);
                 self.push(Step::Geglu {
                     out: out.buf,
                     x: x.buf,
+                    bias,
                     rows: x.numel() / last,
                     d: last / 2,
                 });
@@ -2041,7 +2070,7 @@ pub fn compile(
         writer: HashMap::new(),
         readers: HashMap::new(),
         weight_bufs: HashMap::new(),
-        conv_out: HashMap::new(),
+        gemm_out: HashMap::new(),
         inits: g.initializer.iter().map(|t| (t.name.as_str(), t)).collect(),
         src,
         layout,
