@@ -11,6 +11,7 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::cublas::sys as cublas;
+use cudarc::cublaslt::sys as lt;
 use cudarc::cudnn::sys as cudnn;
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
@@ -98,9 +99,15 @@ pub struct CudaDevice {
     pub key: DeviceKey,
     functions: HashMap<String, CudaFunction>,
     blas: cublas::cublasHandle_t,
+    lt: lt::cublasLtHandle_t,
     dnn: cudnn::cudnnHandle_t,
+    /// GEMM workspace, shared by cuBLAS and cuBLASLt (one stream orders them).
     _blas_ws: CudaSlice<u8>,
+    blas_ws_ptr: u64,
 }
+
+/// Bytes of the GEMM workspace.
+const BLAS_WS: usize = 64 << 20;
 
 fn check_blas(what: &str, s: cublas::cublasStatus_t) -> Result<(), EngineError> {
     if s == cublas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
@@ -140,6 +147,9 @@ pub fn missing_libraries() -> Vec<&'static str> {
         }
         if !cublas::is_culib_present() {
             m.push("libcublas");
+        }
+        if !lt::is_culib_present() {
+            m.push("libcublasLt");
         }
         if !cudnn::is_culib_present() {
             m.push("libcudnn");
@@ -196,8 +206,14 @@ impl CudaDevice {
         let mut blas: cublas::cublasHandle_t = std::ptr::null_mut();
         let mut dnn: cudnn::cudnnHandle_t = std::ptr::null_mut();
         let blas_ws = stream
-            .alloc_zeros::<u8>(64 << 20)
+            .alloc_zeros::<u8>(BLAS_WS)
             .map_err(|e| gpu_err("alloc", e))?;
+        let mut lt_handle: lt::cublasLtHandle_t = std::ptr::null_mut();
+        // SAFETY: creates a handle, destroyed in Drop.
+        let st = unsafe { lt::cublasLtCreate(&mut lt_handle) };
+        if st != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(gpu_err("cublasLtCreate", st));
+        }
         let (ws_ptr, _g) = blas_ws.device_ptr(&stream);
         // SAFETY: handles are created and bound to this context's stream; the workspace lives as
         // long as the device.
@@ -209,7 +225,7 @@ impl CudaDevice {
             )?;
             check_blas(
                 "cublasSetWorkspace",
-                cublas::cublasSetWorkspace_v2(blas, ws_ptr as *mut c_void, 64 << 20),
+                cublas::cublasSetWorkspace_v2(blas, ws_ptr as *mut c_void, BLAS_WS),
             )?;
             check_dnn("cudnnCreate", cudnn::cudnnCreate(&mut dnn))?;
             check_dnn(
@@ -251,8 +267,10 @@ impl CudaDevice {
             key,
             functions,
             blas,
+            lt: lt_handle,
             dnn,
             _blas_ws: blas_ws,
+            blas_ws_ptr: ws_ptr,
         })
     }
 
@@ -268,6 +286,7 @@ impl Drop for CudaDevice {
         // SAFETY: handles created in `open`, destroyed once.
         unsafe {
             cublas::cublasDestroy_v2(self.blas);
+            lt::cublasLtDestroy(self.lt);
             cudnn::cudnnDestroy(self.dnn);
         }
     }
@@ -287,6 +306,182 @@ struct ConvPrep {
     w: cudnn::cudnnFilterDescriptor_t,
     conv: cudnn::cudnnConvolutionDescriptor_t,
     algo: cudnn::cudnnConvolutionFwdAlgo_t,
+}
+
+/// A Linear step as one cuBLASLt matmul: bias in the epilogue, the residual as `C` (β = 1).
+struct LtPlan {
+    desc: lt::cublasLtMatmulDesc_t,
+    a: lt::cublasLtMatrixLayout_t,
+    b: lt::cublasLtMatrixLayout_t,
+    c: lt::cublasLtMatrixLayout_t,
+    algo: lt::cublasLtMatmulAlgo_t,
+    beta: f32,
+}
+
+impl LtPlan {
+    /// Row-major `out[m, n] = x[m, k]·w[n, k]ᵀ (+ bias[n]) (+ res[m, n])`, seen column-major as
+    /// `Dᵀ[n × m] = op_T(W)·X` with the bias along D's rows. `None` (with the reason) when
+    /// cuBLASLt has no algorithm for it: the step then runs as a GEMM and a bias/residual pass.
+    fn new(
+        dev: &CudaDevice,
+        precision: Precision,
+        (m, n, k): (usize, usize, usize),
+        bias: Option<u64>,
+        residual: bool,
+    ) -> Result<Self, String> {
+        let check = |what: &str, st: lt::cublasStatus_t| {
+            if st == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                Ok(())
+            } else {
+                Err(format!("{what}: {st:?}"))
+            }
+        };
+        let dt = match precision {
+            Precision::Fp32 => lt::cudaDataType_t::CUDA_R_32F,
+            Precision::Fp16 => lt::cudaDataType_t::CUDA_R_16F,
+        };
+        let mut p = LtPlan {
+            desc: std::ptr::null_mut(),
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            c: std::ptr::null_mut(),
+            // SAFETY: plain data, filled by the heuristic below.
+            algo: unsafe { std::mem::zeroed() },
+            beta: if residual { 1.0 } else { 0.0 },
+        };
+        // SAFETY: descriptors created here are destroyed by Drop (also on the error paths, as
+        // `p` is dropped); attribute buffers are locals of the stated sizes.
+        unsafe {
+            check(
+                "cublasLtMatmulDescCreate",
+                lt::cublasLtMatmulDescCreate(
+                    &mut p.desc,
+                    lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    lt::cudaDataType_t::CUDA_R_32F,
+                ),
+            )?;
+            let set = |attr: lt::cublasLtMatmulDescAttributes_t, v: *const c_void, len: usize| {
+                check(
+                    "cublasLtMatmulDescSetAttribute",
+                    lt::cublasLtMatmulDescSetAttribute(p.desc, attr, v, len),
+                )
+            };
+            let (op_t, op_n) = (1i32, 0i32); // CUBLAS_OP_T, CUBLAS_OP_N
+            set(
+                lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                &op_t as *const i32 as *const c_void,
+                4,
+            )?;
+            set(
+                lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                &op_n as *const i32 as *const c_void,
+                4,
+            )?;
+            if let Some(ptr) = bias {
+                let epi = lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+                set(
+                    lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    &epi as *const lt::cublasLtEpilogue_t as *const c_void,
+                    std::mem::size_of::<lt::cublasLtEpilogue_t>(),
+                )?;
+                set(
+                    lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    &ptr as *const u64 as *const c_void,
+                    8,
+                )?;
+            }
+            let layout = |l: &mut lt::cublasLtMatrixLayout_t, rows: usize, cols: usize| {
+                check(
+                    "cublasLtMatrixLayoutCreate",
+                    lt::cublasLtMatrixLayoutCreate(l, dt, rows as u64, cols as u64, rows as i64),
+                )
+            };
+            layout(&mut p.a, k, n)?; // W stored [n, k] row-major = k × n column-major
+            layout(&mut p.b, k, m)?; // X stored [m, k] row-major = k × m column-major
+            layout(&mut p.c, n, m)?; // out and residual [m, n] row-major = n × m column-major
+            let mut pref: lt::cublasLtMatmulPreference_t = std::ptr::null_mut();
+            check(
+                "cublasLtMatmulPreferenceCreate",
+                lt::cublasLtMatmulPreferenceCreate(&mut pref),
+            )?;
+            let ws = BLAS_WS as u64;
+            let r = check(
+                "cublasLtMatmulPreferenceSetAttribute",
+                lt::cublasLtMatmulPreferenceSetAttribute(
+                    pref,
+                    lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &ws as *const u64 as *const c_void,
+                    8,
+                ),
+            )
+            .and_then(|_| {
+                let mut res: lt::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
+                let mut got = 0;
+                check(
+                    "cublasLtMatmulAlgoGetHeuristic",
+                    lt::cublasLtMatmulAlgoGetHeuristic(
+                        dev.lt, p.desc, p.a, p.b, p.c, p.c, pref, 1, &mut res, &mut got,
+                    ),
+                )?;
+                if got == 0 || res.state != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                    return Err("cublasLtMatmulAlgoGetHeuristic: no algorithm".into());
+                }
+                p.algo = res.algo;
+                Ok(())
+            });
+            lt::cublasLtMatmulPreferenceDestroy(pref);
+            r?;
+        }
+        Ok(p)
+    }
+
+    /// Enqueue on the device's stream.
+    fn run(&self, dev: &CudaDevice, w: u64, x: u64, res: u64, out: u64) -> Result<(), EngineError> {
+        let alpha = 1f32;
+        let c = if self.beta != 0.0 { res } else { out };
+        // SAFETY: pointers are the program's buffers with the shapes the layouts describe.
+        let st = unsafe {
+            lt::cublasLtMatmul(
+                dev.lt,
+                self.desc,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                self.a,
+                x as *const c_void,
+                self.b,
+                &self.beta as *const f32 as *const c_void,
+                c as *const c_void,
+                self.c,
+                out as *mut c_void,
+                self.c,
+                &self.algo,
+                dev.blas_ws_ptr as *mut c_void,
+                BLAS_WS,
+                dev.stream.cu_stream() as _,
+            )
+        };
+        if st == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            Ok(())
+        } else {
+            Err(gpu_err("cublasLtMatmul", st))
+        }
+    }
+}
+
+impl Drop for LtPlan {
+    fn drop(&mut self) {
+        // SAFETY: created in `new` (null when not), destroyed once.
+        unsafe {
+            for l in [self.a, self.b, self.c] {
+                if !l.is_null() {
+                    lt::cublasLtMatrixLayoutDestroy(l);
+                }
+            }
+            if !self.desc.is_null() {
+                lt::cublasLtMatmulDescDestroy(self.desc);
+            }
+        }
+    }
 }
 
 /// Where one run's outputs go: float32 device staging, pinned host buffers, and the events
@@ -309,6 +504,8 @@ pub struct GpuProgram {
     weights: Vec<CudaSlice<u8>>,
     ptrs: Vec<u64>,
     convs: HashMap<usize, ConvPrep>,
+    /// Linear steps with a bias or residual, as single cuBLASLt matmuls.
+    lt_plans: HashMap<usize, LtPlan>,
     conv_ws: Option<CudaSlice<u8>>,
     conv_ws_ptr: (u64, usize),
     /// float32 partial statistics of the GroupNorms split over several blocks per group.
@@ -513,6 +710,7 @@ impl GpuProgram {
             weights,
             ptrs,
             convs: HashMap::new(),
+            lt_plans: HashMap::new(),
             conv_ws: None,
             conv_ws_ptr: (0, 0),
             norm_stats,
@@ -522,7 +720,40 @@ impl GpuProgram {
             weight_bytes,
         };
         me.prepare_convs(dev, tactics)?;
+        me.prepare_epilogues(dev);
         Ok(me)
+    }
+
+    /// cuBLASLt plans for the Linear steps with a bias or a residual. A step cuBLASLt has no
+    /// algorithm for keeps the GEMM + pass (said once on stderr).
+    fn prepare_epilogues(&mut self, dev: &CudaDevice) {
+        let mut refused = None;
+        for (i, st) in self.program.steps.iter().enumerate() {
+            let Step::Linear {
+                bias,
+                residual,
+                m,
+                n,
+                k,
+                ..
+            } = st
+            else {
+                continue;
+            };
+            if bias.is_none() && residual.is_none() {
+                continue;
+            }
+            let b = bias.map(|b| self.ptrs[b]);
+            match LtPlan::new(dev, self.precision, (*m, *n, *k), b, residual.is_some()) {
+                Ok(p) => {
+                    self.lt_plans.insert(i, p);
+                }
+                Err(e) => refused = Some((e, *m, *n, *k)),
+            }
+        }
+        if let Some((e, m, n, k)) = refused {
+            eprintln!("note: cuBLASLt epilogue unavailable for {m}x{n}x{k} ({e}); a separate bias pass runs instead");
+        }
     }
 
     fn prepare_convs(
@@ -852,6 +1083,11 @@ impl GpuProgram {
                     n,
                     k,
                 } => {
+                    if let Some(plan) = self.lt_plans.get(&si) {
+                        let res = residual.map_or(0, |r| p[r]);
+                        plan.run(dev, p[*w], p[*x], res, p[*out])?;
+                        return Ok(());
+                    }
                     self.gemm(
                         dev,
                         p[*w],
