@@ -313,40 +313,68 @@ fn bench(a: &Args) -> Res<()> {
     let fuse_s = t.elapsed().as_secs_f64();
     let inputs = shapes("unet", a, d);
     let data = seeded(&inputs);
-    let t = Instant::now();
     let model = motionrt_onnx::load_model(&fused)?;
     let init = FileInitializers::new(&fused);
-    let layout = a.layouts[0];
-    println!("layout: {layout:?}");
-    let prog = program::compile(&model, &inputs, &init, layout)?;
+    let mut results = Vec::new();
+    // each layout in turn, in this one process: the ratio between them is side by side
+    for &layout in &a.layouts {
+        let mut r = bench_layout(a, &dev, layout, &model, &init, &inputs, &data)?;
+        r["open_s"] = open_s.into();
+        r["fuse_s"] = fuse_s.into();
+        println!("{}", serde_json::to_string(&r)?);
+        results.push(r);
+    }
+    if let Some(p) = &a.json {
+        let v = if results.len() == 1 {
+            results.remove(0)
+        } else {
+            serde_json::Value::Array(results)
+        };
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+fn bench_layout(
+    a: &Args,
+    dev: &CudaDevice,
+    layout: Layout,
+    model: &motionrt_onnx::proto::ModelProto,
+    init: &FileInitializers,
+    inputs: &[(&str, Vec<usize>)],
+    data: &[(Vec<f32>, Vec<i64>)],
+) -> Res<serde_json::Value> {
+    eprintln!("== layout {layout:?}");
+    let t = Instant::now();
+    let prog = program::compile(model, inputs, init, layout)?;
     let compile_s = t.elapsed().as_secs_f64();
     let mut tactics = TacticCache::default();
-    let weight = weights_from(&init, &model);
+    let weight = weights_from(init, model);
     let t = Instant::now();
-    let gp = GpuProgram::load(&dev, prog.clone(), Precision::Fp16, &weight, &mut tactics)?;
+    let gp = GpuProgram::load(dev, prog.clone(), Precision::Fp16, &weight, &mut tactics)?;
     dev.stream.synchronize()?;
     let build_load_s = t.elapsed().as_secs_f64();
     // a second load with the tactics now cached: no timing, the same choices
     let t = Instant::now();
     let before = tactics.clone();
     drop(gp);
-    let mut gp = GpuProgram::load(&dev, prog, Precision::Fp16, &weight, &mut tactics)?;
+    let mut gp = GpuProgram::load(dev, prog, Precision::Fp16, &weight, &mut tactics)?;
     dev.stream.synchronize()?;
     let load_cached_s = t.elapsed().as_secs_f64();
     let deterministic = before == tactics;
     let f_in: Vec<(&str, &[f32])> = inputs
         .iter()
-        .zip(&data)
+        .zip(data)
         .map(|(i, d)| (i.0, d.0.as_slice()))
         .collect();
-    gp.set_inputs(&dev, &f_in, &[])?;
+    gp.set_inputs(dev, &f_in, &[])?;
     let time_it = |gp: &mut GpuProgram, n: usize| -> Res<Vec<f64>> {
         let mut v = Vec::new();
         for _ in 0..n {
             let e0 = dev
                 .stream
                 .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-            gp.execute(&dev)?;
+            gp.execute(dev)?;
             let e1 = dev
                 .stream
                 .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
@@ -358,13 +386,13 @@ fn bench(a: &Args) -> Res<()> {
     time_it(&mut gp, a.warmup)?;
     let mut eager = time_it(&mut gp, a.repeats)?;
     let t = Instant::now();
-    gp.capture(&dev)?;
+    gp.capture(dev)?;
     let capture_s = t.elapsed().as_secs_f64();
     time_it(&mut gp, a.warmup)?;
     let mut graph = time_it(&mut gp, a.repeats)?;
-    let out = gp.outputs(&dev)?;
+    let out = gp.outputs(dev)?;
     // where the time goes: every step timed eagerly, summed by label
-    let prof = gp.profile(&dev)?;
+    let prof = gp.profile(dev)?;
     let total: f64 = prof.iter().map(|p| p.1).sum();
     let mut sums: HashMap<String, (f64, usize)> = HashMap::new();
     for (l, ms) in &prof {
@@ -382,14 +410,15 @@ fn bench(a: &Args) -> Res<()> {
         eprintln!("  {ms:8.2} ms  {:5.1}%  {n:4}x  {l}", 100.0 * ms / total);
     }
     let nonfinite = out[0].2.iter().filter(|x| !x.is_finite()).count();
-    let (free, total) = dev.ctx.mem_get_info()?;
+    let (free, total_mem) = dev.ctx.mem_get_info()?;
     let steps = gp.program.steps.len();
     let mut by_kind: HashMap<&str, usize> = HashMap::new();
     for s in &gp.program.steps {
         *by_kind.entry(s.name()).or_default() += 1;
     }
-    let r = serde_json::json!({
+    Ok(serde_json::json!({
         "impl": "motionrt-engine-fp16",
+        "layout": format!("{layout:?}").to_lowercase(),
         "device": dev.key.gpu_name,
         "shape": [a.batch, 4, a.frames, a.height, a.width],
         "graph_median_ms": median(&mut graph),
@@ -397,12 +426,11 @@ fn bench(a: &Args) -> Res<()> {
         "eager_median_ms": median(&mut eager),
         "steps": steps,
         "steps_by_kind": by_kind,
+        "profile_ms_by_label": sums.iter().take(40).map(|(l, (ms, n))| serde_json::json!([l, ms, n])).collect::<Vec<_>>(),
         "arena_mib": gp.memory.arena_bytes as f64 / 1048576.0,
         "arena_unshared_mib": gp.memory.unshared_bytes as f64 / 1048576.0,
         "weights_mib": gp.weight_bytes as f64 / 1048576.0,
-        "device_used_mib": (total - free) as f64 / 1048576.0,
-        "open_s": open_s,
-        "fuse_s": fuse_s,
+        "device_used_mib": (total_mem - free) as f64 / 1048576.0,
         "compile_s": compile_s,
         "build_load_s (with tactic timing)": build_load_s,
         "load_cached_s": load_cached_s,
@@ -410,12 +438,7 @@ fn bench(a: &Args) -> Res<()> {
         "tactics_deterministic": deterministic,
         "conv_tactics": tactics.conv.len(),
         "output_nonfinite": nonfinite,
-    });
-    println!("{}", serde_json::to_string(&r)?);
-    if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&r)?)?;
-    }
-    Ok(())
+    }))
 }
 
 fn main() {

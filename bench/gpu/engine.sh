@@ -8,20 +8,25 @@
 # then:  BIN=target/release bench/gpu/engine.sh [--no-full] [--no-compile]
 #
 # 1. tiny AnimateDiff pipeline (tests' fixtures, exported here): every graph, fp32 and fp16,
-#    eager and CUDA-graph replay, vs ONNX Runtime CPU fp32 (engine_gpu check; non-zero on a miss)
-# 2. full SD1.5 + AnimateDiff v2 (random weights, synth_sd15), exported: the UNet at 2 frames
-#    16x16 vs ONNX Runtime CPU fp32, fp32 and fp16
+#    channels-last and NCHW layouts, eager and CUDA-graph replay, vs ONNX Runtime CPU fp32
+#    (engine_gpu check; non-zero on a miss)
+# 2. full SD1.5 + AnimateDiff v2 with the SD1.5 VAE and CLIP text encoder (random weights,
+#    synth_sd15 --components), exported: the UNet at 2 frames 16x16, and the VAE decoder at
+#    512x512 (64x64 latent: its 4096-token attention with one 512-wide head), vs ONNX Runtime
+#    CPU fp32, fp32 and fp16, both layouts
 # 3. the same UNet at 16 frames, 512x512 (64x64 latents), batch 2 (CFG): engine fp16 per-step
-#    latency (CUDA graph and eager), build/load time, memory; then diffusers fp16 (SDPA) eager
-#    and torch.compile on the same GPU (bench/gpu/unet_step_torch.py; needs diffusers)
+#    latency in both layouts (CUDA graph and eager, per-step profile), build/load time, memory;
+#    then diffusers fp16 (SDPA) eager (with its kernel-family profile) and torch.compile on the
+#    same GPU (bench/gpu/unet_step_torch.py; needs diffusers)
+# Stages: --no-full stops after 1; --no-compile skips torch.compile; --only-bench runs 3 alone.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-target/release}
 WORK=${WORK:-/tmp/motionrt-engine}
 OUTDIR=${OUT:-$WORK/out}
-full=1; compile=1
+full=1; compile=1; only_bench=0
 for a in "$@"; do
-  case $a in --no-full) full=0 ;; --no-compile) compile=0 ;; *) echo "unknown $a"; exit 2 ;; esac
+  case $a in --no-full) full=0 ;; --no-compile) compile=0 ;; --only-bench) only_bench=1 ;; *) echo "unknown $a"; exit 2 ;; esac
 done
 mkdir -p "$WORK" "$OUTDIR"
 PY=${MOTIONRT_PYTHON:-python3}
@@ -37,6 +42,7 @@ if [ ! -d "$tiny" ]; then
     --vae tests/fixtures/pipeline/tiny --text-encoder tests/fixtures/pipeline/tiny \
     --tokenizer tests/fixtures/pipeline/tiny --semantics diffusers --out "$tiny" >/dev/null || exit 1
 fi
+if [ "$only_bench" = 0 ]; then
 echo "== 1. tiny pipeline: engine vs ONNX Runtime CPU fp32"
 "$BIN/examples/engine_gpu" check --model "$tiny" 2>&1 | tee "$OUTDIR/check_tiny.md" || rc=1
 echo "== 1b. motionrt build + run --engine vs run on ONNX Runtime (CPU): PSNR of the frames"
@@ -58,15 +64,19 @@ run="--prompt a_cat_walking --frames 8 --height 64 --width 64 --steps 4 --decode
 "$BIN/motionrt" run --engine "$WORK/tiny.engine" $run --out "$WORK/s_gpu" --json > "$OUTDIR/run_gpu_stream.json" || rc=1
 $PY bench/gpu/psnr.py "$WORK/s_cpu" "$WORK/s_gpu" --min 35 | tee "$OUTDIR/psnr_tiny_stream.json" || rc=1
 [ "$full" = 1 ] || exit $rc
-echo "== 2. full SD1.5 + v2 UNet (2 frames, 16x16) vs ONNX Runtime CPU fp32"
-if [ ! -f "$WORK/exp/unet.onnx" ]; then
+fi
+if [ ! -f "$WORK/exp/vae_decoder.onnx" ]; then
   t0=$(date +%s)
-  paths=$("$BIN/examples/synth_sd15" "$WORK/sd") || exit 1
+  paths=$("$BIN/examples/synth_sd15" "$WORK/sd" --components) || exit 1
   unet=$(echo "$paths" | sed -n 1p); mm=$(echo "$paths" | sed -n 2p)
-  "$BIN/motionrt" export --unet "$unet" --motion-module "$mm" --semantics diffusers --unet-only --out "$WORK/exp" >/dev/null || exit 1
+  "$BIN/motionrt" export --unet "$unet" --motion-module "$mm" --semantics diffusers --out "$WORK/exp" >/dev/null || exit 1
   echo "synth + export: $(( $(date +%s) - t0 )) s"
 fi
+if [ "$only_bench" = 0 ]; then
+echo "== 2. full SD1.5 + v2 UNet (2 frames, 16x16) vs ONNX Runtime CPU fp32"
 "$BIN/examples/engine_gpu" check --model "$WORK/exp" --graphs unet --batch 1 --frames 2 --height 16 --width 16 2>&1 | tee "$OUTDIR/check_full.md" || rc=1
+echo "== 2a. full SD1.5 VAE decoder at 512x512 (64x64 latent) vs ONNX Runtime CPU fp32"
+"$BIN/examples/engine_gpu" check --model "$WORK/exp" --graphs vae_decoder --batch 1 --height 64 --width 64 2>&1 | tee "$OUTDIR/check_vae.md" || rc=1
 echo "== 2b. motionrt build of the full UNet (twice, with the timing cache)"
 rm -rf "$WORK/full.engine" "$WORK/full2.engine" "$WORK/tcf.json"
 /usr/bin/time -f "build: %e s" "$BIN/motionrt" build --model "$WORK/exp" --out "$WORK/full.engine" --timing-cache "$WORK/tcf.json" 2>&1 | tail -4 || rc=1
@@ -74,8 +84,13 @@ rm -rf "$WORK/full.engine" "$WORK/full2.engine" "$WORK/tcf.json"
 if cmp -s "$WORK/full.engine/engine.json" "$WORK/full2.engine/engine.json" && cmp -s "$WORK/full.engine/weights.safetensors" "$WORK/full2.engine/weights.safetensors" && cmp -s "$WORK/full.engine/unet.onnx" "$WORK/full2.engine/unet.onnx"; then echo "full rebuild: identical engine"; else echo "full rebuild: engines DIFFER"; rc=1; fi
 du -sh "$WORK/full.engine"
 rm -rf "$WORK/full2.engine"
-echo "== 3. UNet step, 16 frames 512x512, batch 2"
-"$BIN/examples/engine_gpu" bench --model "$WORK/exp" --json "$OUTDIR/engine_bench.json" 2>&1 | tee "$OUTDIR/engine_bench.log" || rc=1
+echo "== 2c. the whole pipeline on the full engine: 16 frames 512x512, 8 DDIM steps, CFG, streamed decode"
+"$BIN/motionrt" run --engine "$WORK/full.engine" --prompt "a_red_fox_running" --frames 16 --height 512 --width 512 \
+  --steps 8 --seed 1 --out "$WORK/full.gif" --json > "$OUTDIR/run_full_engine.json" || rc=1
+cat "$OUTDIR/run_full_engine.json"
+fi
+echo "== 3. UNet step, 16 frames 512x512, batch 2: channels-last and NCHW engines, then PyTorch"
+"$BIN/examples/engine_gpu" bench --model "$WORK/exp" --layout nhwc,nchw --json "$OUTDIR/engine_bench.json" 2>&1 | tee "$OUTDIR/engine_bench.log" || rc=1
 if [ "$compile" = 1 ]; then c=; else c=--no-compile; fi
-$PY bench/gpu/unet_step_torch.py --model "$WORK/exp" $c 2>&1 | grep -v Warning | tee "$OUTDIR/torch_bench.log" || rc=1
+$PY bench/gpu/unet_step_torch.py --model "$WORK/exp" --profile $c 2>&1 | grep -v Warning | tee "$OUTDIR/torch_bench.log" || rc=1
 exit $rc

@@ -35,6 +35,42 @@ def timed(fn, warmup, repeats, torch):
     return (s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2), times
 
 
+# kernel name fragments -> family, first match wins (the same families as the engine's profile)
+FAMILIES = [
+    ("attention", ("flash", "fmha", "attention", "sdpa", "mha")),
+    ("conv", ("conv", "implicit", "winograd", "xmma_fprop", "sm90_xmma", "dgrad", "cudnn")),
+    ("gemm", ("gemm", "cutlass", "sm90_", "ampere_", "cublas")),
+    ("group_norm", ("group_norm", "groupnorm")),
+    ("layer_norm", ("layer_norm", "layernorm")),
+    ("softmax", ("softmax",)),
+    ("copy", ("copy", "transpose", "cat", "permute")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce")),
+]
+
+
+def kernel_families(step, torch):
+    """CUDA time of one eager call by kernel family (ms), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    fam = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None)
+        if us is None:
+            us = getattr(ev, "cuda_time_total", 0)
+        if not us:
+            continue
+        name = ev.key.lower()
+        kind = next((k for k, keys in FAMILIES if any(x in name for x in keys)), "other")
+        fam.setdefault(kind, [0.0, 0])
+        fam[kind][0] += us / 1000.0
+        fam[kind][1] += ev.count
+    return {k: [round(v[0], 3), v[1]] for k, v in sorted(fam.items(), key=lambda kv: -kv[1][0])}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -45,6 +81,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also break one eager call's CUDA time down by kernel family (torch.profiler)")
     a = p.parse_args()
     import torch
     from diffusers import UNet2DConditionModel, UNetMotionModel
@@ -76,6 +114,8 @@ def main():
         out["eager_median_ms"], out["eager_ms"] = timed(step, a.warmup, a.repeats, torch)
         out["eager_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         print(json.dumps(out), flush=True)
+        if a.profile:
+            print(json.dumps({"eager_kernels_ms": kernel_families(step, torch)}), flush=True)
         if not a.no_compile:
             cm = torch.compile(model)
             step = lambda: cm(sample, t, encoder_hidden_states=ctx).sample

@@ -137,6 +137,20 @@ fn arch_name(major: i32, minor: i32) -> &'static str {
     }
 }
 
+/// Dynamic shared memory of the tensor-core attention kernels (engine_ops.cu), by entry name:
+/// `attention_tiled_f16_dDP` two stages of 64-key K and V tiles, `attention_short{M}_f16_dDP`
+/// per warp (4) its Q, K and V tiles of 16·M rows; rows of DP + 8 halves.
+fn attention_smem(name: &str) -> Option<usize> {
+    let (kind, dp) = name.strip_prefix("attention_")?.split_once("_f16_d")?;
+    let pitch = (dp.parse::<usize>().ok()? + 8) * 2;
+    match kind {
+        "tiled" => Some(4 * 64 * pitch),
+        "short1" => Some(4 * 3 * 16 * pitch),
+        "short2" => Some(4 * 3 * 32 * pitch),
+        _ => None,
+    }
+}
+
 /// Missing libraries, by name (the probe's view), before anything is called.
 pub fn missing_libraries() -> Vec<&'static str> {
     let mut m = Vec::new();
@@ -199,6 +213,15 @@ impl CudaDevice {
                     let func = module
                         .load_function(&f)
                         .map_err(|e| gpu_err("load function", e))?;
+                    // the attention kernels' shared memory can pass the 48 KiB default: allow
+                    // it once here (not while a CUDA graph is being captured)
+                    if let Some(bytes) = attention_smem(&f).filter(|&b| b > 48 * 1024) {
+                        func.set_attribute(
+                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            bytes as i32,
+                        )
+                        .map_err(|e| gpu_err("shared memory", e))?;
+                    }
                     functions.insert(f, func);
                 }
             }
@@ -1389,35 +1412,27 @@ impl GpuProgram {
                     let (li, si_, hi, di) = (*l as i32, *s as i32, *heads as i32, *d as i32);
                     if fused {
                         let dp = d.div_ceil(16) * 16;
-                        let pitch_bytes = (dp + 8) * 2;
-                        let (name, cfg) = if *l <= 32 {
+                        let (name, grid, block) = if *l <= 32 {
                             let mt = if *l <= 16 { 1 } else { 2 };
                             (
                                 format!("attention_short{mt}_f16_d{dp}"),
-                                LaunchConfig {
-                                    grid_dim: ((n * heads).div_ceil(4) as u32, 1, 1),
-                                    block_dim: (128, 1, 1),
-                                    shared_mem_bytes: (4 * 3 * 16 * mt * pitch_bytes) as u32,
-                                },
+                                ((n * heads).div_ceil(4) as u32, 1, 1),
+                                128,
                             )
                         } else {
                             (
                                 format!("attention_tiled_f16_d{dp}"),
-                                LaunchConfig {
-                                    grid_dim: (l.div_ceil(128) as u32, *heads as u32, *n as u32),
-                                    block_dim: (256, 1, 1),
-                                    shared_mem_bytes: (4 * 64 * pitch_bytes) as u32,
-                                },
+                                (l.div_ceil(128) as u32, *heads as u32, *n as u32),
+                                256,
                             )
                         };
+                        let cfg = LaunchConfig {
+                            grid_dim: grid,
+                            block_dim: (block, 1, 1),
+                            shared_mem_bytes: attention_smem(&name).expect("an attention kernel")
+                                as u32,
+                        };
                         let f = dev.func(&name)?;
-                        if cfg.shared_mem_bytes > 48 * 1024 {
-                            f.set_attribute(
-                                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                cfg.shared_mem_bytes as i32,
-                            )
-                            .map_err(|e| gpu_err("shared memory", e))?;
-                        }
                         let ni = *n as i32;
                         if *l <= 32 {
                             launch_raw(
@@ -1826,4 +1841,19 @@ fn launch_raw(
     // temporal_attention.cu (checked by tests/engine_gpu.rs against the CPU interpreter).
     unsafe { b.launch(cfg) }.map_err(|e| gpu_err("launch", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_shared_memory_follows_the_kernels_layout() {
+        // rows of DP + 8 halves: 64-key K and V tiles in two stages; per warp Q, K, V tiles
+        assert_eq!(attention_smem("attention_tiled_f16_d48"), Some(4 * 64 * 56 * 2));
+        assert_eq!(attention_smem("attention_short1_f16_d160"), Some(4 * 3 * 16 * 168 * 2));
+        assert_eq!(attention_smem("attention_short2_f16_d16"), Some(4 * 3 * 32 * 24 * 2));
+        assert_eq!(attention_smem("layer_norm_f16"), None);
+        assert_eq!(attention_smem("attention_tiled_f16_dxx"), None);
+    }
 }
