@@ -1850,9 +1850,18 @@ mod tests {
     #[test]
     fn attention_shared_memory_follows_the_kernels_layout() {
         // rows of DP + 8 halves: 64-key K and V tiles in two stages; per warp Q, K, V tiles
-        assert_eq!(attention_smem("attention_tiled_f16_d48"), Some(4 * 64 * 56 * 2));
-        assert_eq!(attention_smem("attention_short1_f16_d160"), Some(4 * 3 * 16 * 168 * 2));
-        assert_eq!(attention_smem("attention_short2_f16_d16"), Some(4 * 3 * 32 * 24 * 2));
+        assert_eq!(
+            attention_smem("attention_tiled_f16_d48"),
+            Some(4 * 64 * 56 * 2)
+        );
+        assert_eq!(
+            attention_smem("attention_short1_f16_d160"),
+            Some(4 * 3 * 16 * 168 * 2)
+        );
+        assert_eq!(
+            attention_smem("attention_short2_f16_d16"),
+            Some(4 * 3 * 32 * 24 * 2)
+        );
         assert_eq!(attention_smem("layer_norm_f16"), None);
         assert_eq!(attention_smem("attention_tiled_f16_dxx"), None);
     }

@@ -2250,6 +2250,77 @@ mod tests {
     }
 
     #[test]
+    fn reshapes_of_views_are_views_when_the_strides_allow() {
+        // contiguous: any reshape
+        let c = contiguous_strides(&[2, 3, 4]);
+        assert_eq!(reshape_strides(&[2, 3, 4], &c, &[6, 4]), Some(vec![4, 1]));
+        // (a size-1 axis may take any stride: 0 here)
+        assert_eq!(
+            reshape_strides(&[2, 3, 4], &c, &[2, 1, 12]),
+            Some(vec![12, 0, 1])
+        );
+        // channels-last [N, C, H, W] (strides [HWC, 1, WC, C]) to [N, C, HW]: H and W merge
+        let nhwc = dense_strides(&[2, 8, 3, 5], &channels_last_order(4));
+        assert_eq!(nhwc, vec![120, 1, 40, 8]);
+        assert_eq!(
+            reshape_strides(&[2, 8, 3, 5], &nhwc, &[2, 8, 15]),
+            Some(vec![120, 1, 8])
+        );
+        // ... and back, splitting HW
+        assert_eq!(
+            reshape_strides(&[2, 8, 15], &[120, 1, 8], &[2, 8, 3, 5]),
+            Some(nhwc.clone())
+        );
+        // merging N with C is not a view of channels-last
+        assert_eq!(reshape_strides(&[2, 8, 3, 5], &nhwc, &[16, 15]), None);
+    }
+
+    #[test]
+    fn a_reshape_that_needs_a_copy_keeps_the_innermost_axis_innermost() {
+        // motion-module exit: [B, F, C, HW] read from [B, HW, F, C] memory, to [B·F, C, H, W]
+        let (b, f, c, hw) = (2, 3, 8, 6);
+        let t = DevTensor {
+            buf: 0,
+            shape: vec![b, f, c, hw],
+            strides: vec![(hw * f * c) as i64, c as i64, 1, (f * c) as i64],
+        };
+        assert_eq!(
+            reshape_strides(&t.shape, &t.strides, &[b * f, c, 2, 3]),
+            None
+        );
+        // copy as [B, F, HW, C]: the result is channels-last [B·F, C, 2, 3]
+        let order = reshape_order(&t, &[b * f, c, 2, 3]).unwrap();
+        assert_eq!(order, vec![0, 1, 3, 2]);
+        let dense = dense_strides(&t.shape, &order);
+        let st = reshape_strides(&t.shape, &dense, &[b * f, c, 2, 3]).unwrap();
+        let v = DevTensor {
+            buf: 0,
+            shape: vec![b * f, c, 2, 3],
+            strides: st,
+        };
+        assert_eq!(v.channels_last(), Some((b * f, c, 6)));
+    }
+
+    #[test]
+    fn permute_matches_transpose() {
+        // [2, 3] -> [3, 2]
+        assert_eq!(
+            permute(&[1, 2, 3, 4, 5, 6], &[2, 3], &[1, 0]),
+            vec![1, 4, 2, 5, 3, 6]
+        );
+        // [O, C, kh, kw] -> [O, kh, kw, C]
+        let w: Vec<i32> = (0..2 * 3 * 2 * 2).collect();
+        let p = permute(&w, &[2, 3, 2, 2], &[0, 2, 3, 1]);
+        // element [o, c, y, x] lands at [o, y, x, c]
+        for (o, c, y, x) in [(1, 2, 0, 1), (0, 1, 1, 0)] {
+            assert_eq!(
+                p[((o * 2 + y) * 2 + x) * 3 + c],
+                w[((o * 3 + c) * 2 + y) * 2 + x]
+            );
+        }
+    }
+
+    #[test]
     fn transposing_copies_are_recognised() {
         let z = [0; 4];
         // [N, C, HW] -> [N, HW, C] (tokens from NCHW): axis 2 read contiguously, axis 1 written
