@@ -301,8 +301,10 @@ __device__ void group_norm_apply(T* y, const T* x, const float* stats, const T* 
     }
     const float rstd = rsqrtf(m2 / cnt + eps);
     const i64 lo = (i64)blockIdx.y * chunk, hi = min(lo + chunk, count);
+    const bool narrow_group = count < 0x7fffffffll;  // 32-bit division when it can
+    const unsigned usp = (unsigned)spatial;
     for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-        const int c = g * cg + (int)(i / spatial);
+        const int c = g * cg + (narrow_group ? (int)((unsigned)i / usp) : (int)(i / spatial));
         float v = (mrt_load(x, base + i) - mean) * rstd * mrt_load(gamma, c) + mrt_load(beta, c);
         if (silu) v = v * sigmoidf(v);
         mrt_store(y, base + i, v);
@@ -413,6 +415,17 @@ __device__ void group_norm_nhwc_apply(T* y, const T* x, const float* mr, const T
                                       const T* beta, int C, i64 S, int groups, i64 total,
                                       int silu) {
     const int cg = C / groups;
+    if (total < 0x7fffffffll) {
+        const unsigned uc = (unsigned)C, usc = (unsigned)(S * C);
+        GRID_LOOP32(i, total) {
+            const unsigned c = i % uc, n = i / usc;
+            const float* st = mr + (n * groups + c / cg) * 2;
+            float v = (mrt_load(x, i) - st[0]) * st[1] * mrt_load(gamma, c) + mrt_load(beta, c);
+            if (silu) v = v * sigmoidf(v);
+            mrt_store(y, i, v);
+        }
+        return;
+    }
     GRID_LOOP(i, total) {
         const int c = (int)(i % C);
         const i64 n = i / (S * C);
@@ -689,7 +702,7 @@ __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
                                          const half_bits* vs, int key0, int S, float sl2,
                                          int lane) {
     constexpr int P = DP + 8;
-    const int mi = lane >> 3, grp = lane >> 2, tq = lane & 3;
+    const int mi = lane >> 3, tq = lane & 3;
     // S = Q K^T. ldmatrix x4 over two 8-key n-tiles: (j, dims lo), (j, dims hi), (j+1, lo),
     // (j+1, hi); K rows are the B operand's columns, so no transpose.
     float sc[NT][4];
@@ -861,24 +874,25 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
     att_zero_cols<DP>(qs, 3 * R, d, lane, 32);
     att_load_rows<P>(qs, q + (i64)n * L * C + (i64)h * d, C, R, min(L, R), d, lane, 32);
     const float sl2 = scale * 1.4426950408889634f;
-    AttRows<DP> r[MT];
-    for (int s0 = 0; s0 < S; s0 += R) {
-        att_load_rows<P>(ks, kg + (i64)s0 * C, C, R, min(S - s0, R), d, lane, 32);
-        att_load_rows<P>(vs, vg + (i64)s0 * C, C, R, min(S - s0, R), d, lane, 32);
-        mrt_cp_async_commit();
-        mrt_cp_async_wait<0>();
-        __syncwarp();
-        if (s0 == 0) {
-#pragma unroll
-            for (int m = 0; m < MT; ++m) att_begin<DP>(r[m], qs + m * 16 * P, lane);
+    // one 16-row tile at a time (two tiles' registers at once would spill at DP >= 128); with a
+    // single key tile (S <= R, attention over frames) K and V are loaded once for both
+    const bool one_tile = S <= R;
+    for (int m = 0; m < MT; ++m) {
+        AttRows<DP> r;
+        for (int s0 = 0; s0 < S; s0 += R) {
+            if (m == 0 || !one_tile) {
+                att_load_rows<P>(ks, kg + (i64)s0 * C, C, R, min(S - s0, R), d, lane, 32);
+                att_load_rows<P>(vs, vg + (i64)s0 * C, C, R, min(S - s0, R), d, lane, 32);
+                mrt_cp_async_commit();
+                mrt_cp_async_wait<0>();
+                __syncwarp();
+            }
+            if (s0 == 0) att_begin<DP>(r, qs + m * 16 * P, lane);
+            att_step<DP, 2 * MT>(r, ks, vs, s0, S, sl2, lane);
+            __syncwarp();  // the tiles may be reloaded next
         }
-#pragma unroll
-        for (int m = 0; m < MT; ++m) att_step<DP, 2 * MT>(r[m], ks, vs, s0, S, sl2, lane);
-        __syncwarp();  // the tiles are reloaded next iteration
+        att_store<DP>(r, y + (i64)n * L * C + (i64)h * d, C, m * 16, L, d, lane);
     }
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-        att_store<DP>(r[m], y + (i64)n * L * C + (i64)h * d, C, m * 16, L, d, lane);
 }
 
 #define ATT_ENTRIES(DP)                                                                          \

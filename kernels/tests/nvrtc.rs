@@ -125,3 +125,47 @@ fn gpu_probe_errors_instead_of_panicking() {
         }
     }
 }
+
+/// The engine's kernels compiled to sm_90 machine code (ptxas, through NVRTC) spill no registers:
+/// the attention kernels keep Q fragments and the output accumulator in registers, LayerNorm a
+/// row, and a spill there would run far from what they were written for.
+#[test]
+fn engine_kernels_do_not_spill_registers_on_sm90() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    use cudarc::nvrtc::result as nvrtc;
+    let (_, src) = cuda::SOURCES
+        .iter()
+        .find(|(n, _)| *n == "engine_ops")
+        .unwrap();
+    let full = std::ffi::CString::new(cuda::full_source("engine_ops", src)).unwrap();
+    let prog = nvrtc::create_program(&full, None).unwrap();
+    // SAFETY: a program just created, compiled and read once, destroyed at the end.
+    let log = unsafe {
+        let opts = ["--std=c++17", "-arch=sm_90", "--ptxas-options=-v"];
+        let r = nvrtc::compile_program(prog, &opts);
+        let log = nvrtc::get_program_log(prog).unwrap();
+        nvrtc::destroy_program(prog).unwrap();
+        let log: Vec<u8> = log.iter().map(|&c| c as u8).collect();
+        let log = String::from_utf8_lossy(&log).into_owned();
+        r.unwrap_or_else(|e| panic!("{e:?}: {log}"));
+        log
+    };
+    let mut entry = String::new();
+    let mut checked = 0;
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            entry = rest.split('\'').next().unwrap_or("").to_string();
+        }
+        if line.contains("spill stores") {
+            checked += 1;
+            assert!(
+                line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
+                "{entry} spills registers on sm_90: {line}"
+            );
+        }
+    }
+    assert!(checked >= 24, "ptxas reported {checked} kernels:\n{log}");
+    eprintln!("{checked} kernels, no spills");
+}

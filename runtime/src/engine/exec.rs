@@ -85,9 +85,17 @@ pub struct TacticCache {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ConvTactic {
     pub algo: i32,
+    /// The math type cuDNN timed the algorithm with (tensor-op or not); caches written before it
+    /// was recorded read as tensor-op math.
+    #[serde(default = "tensor_op_math")]
+    pub math: i32,
     pub workspace: usize,
     /// Median time measured by cuDNN when it was chosen (ms).
     pub ms: f32,
+}
+
+fn tensor_op_math() -> i32 {
+    cudnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH as i32
 }
 
 /// An open GPU with the engine's kernels and library handles.
@@ -98,6 +106,8 @@ pub struct CudaDevice {
     pub copy: Arc<CudaStream>,
     pub key: DeviceKey,
     functions: HashMap<String, CudaFunction>,
+    /// Most dynamic shared memory a block may opt in to on this GPU.
+    smem_optin: usize,
     blas: cublas::cublasHandle_t,
     lt: lt::cublasLtHandle_t,
     dnn: cudnn::cudnnHandle_t,
@@ -196,6 +206,11 @@ impl CudaDevice {
         let copy = ctx.new_stream().map_err(|e| gpu_err("stream", e))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| gpu_err("cc", e))?;
         let arch = arch_name(major, minor);
+        let smem_optin = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| gpu_err("device attribute", e))? as usize;
         let mut functions = HashMap::new();
         for (name, _) in motionrt_kernels::cuda::SOURCES {
             if !["engine_ops", "temporal_attention"].contains(name) {
@@ -214,8 +229,11 @@ impl CudaDevice {
                         .load_function(&f)
                         .map_err(|e| gpu_err("load function", e))?;
                     // the attention kernels' shared memory can pass the 48 KiB default: allow
-                    // it once here (not while a CUDA graph is being captured)
-                    if let Some(bytes) = attention_smem(&f).filter(|&b| b > 48 * 1024) {
+                    // it once here (not while a CUDA graph is being captured), where this GPU
+                    // can (the dispatch avoids a kernel it cannot)
+                    if let Some(bytes) =
+                        attention_smem(&f).filter(|&b| b > 48 * 1024 && b <= smem_optin)
+                    {
                         func.set_attribute(
                             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                             bytes as i32,
@@ -289,6 +307,7 @@ impl CudaDevice {
             copy,
             key,
             functions,
+            smem_optin,
             blas,
             lt: lt_handle,
             dnn,
@@ -329,6 +348,26 @@ struct ConvPrep {
     w: cudnn::cudnnFilterDescriptor_t,
     conv: cudnn::cudnnConvolutionDescriptor_t,
     algo: cudnn::cudnnConvolutionFwdAlgo_t,
+}
+
+impl Drop for ConvPrep {
+    fn drop(&mut self) {
+        // SAFETY: created in prepare_convs (null until then), destroyed once.
+        unsafe {
+            if !self.x.is_null() {
+                cudnn::cudnnDestroyTensorDescriptor(self.x);
+            }
+            if !self.y.is_null() {
+                cudnn::cudnnDestroyTensorDescriptor(self.y);
+            }
+            if !self.w.is_null() {
+                cudnn::cudnnDestroyFilterDescriptor(self.w);
+            }
+            if !self.conv.is_null() {
+                cudnn::cudnnDestroyConvolutionDescriptor(self.conv);
+            }
+        }
+    }
 }
 
 /// A Linear step as one cuBLASLt matmul: bias in the epilogue, the residual as `C` (β = 1).
@@ -639,11 +678,24 @@ impl GpuProgram {
             }
             let data = match src {
                 WeightSource::Initializer(n) => weight(n)?,
-                WeightSource::Permuted { name, dims, perm } => match weight(name)? {
-                    WeightData::F32(v) => WeightData::F32(permute(&v, dims, perm)),
-                    WeightData::F16(v) => WeightData::F16(permute(&v, dims, perm)),
-                    WeightData::I64(v) => WeightData::I64(permute(&v, dims, perm)),
-                },
+                WeightSource::Permuted { name, dims, perm } => {
+                    let data = weight(name)?;
+                    let len = match &data {
+                        WeightData::F32(v) => v.len(),
+                        WeightData::F16(v) => v.len(),
+                        WeightData::I64(v) => v.len(),
+                    };
+                    if len != dims.iter().product::<usize>() {
+                        return Err(EngineError::Graph(format!(
+                            "weight {name}: {len} values, expected {dims:?}"
+                        )));
+                    }
+                    match data {
+                        WeightData::F32(v) => WeightData::F32(permute(&v, dims, perm)),
+                        WeightData::F16(v) => WeightData::F16(permute(&v, dims, perm)),
+                        WeightData::I64(v) => WeightData::I64(permute(&v, dims, perm)),
+                    }
+                }
                 WeightSource::Computed(v) => WeightData::F32((**v).clone()),
                 WeightSource::ComputedI64(v) => WeightData::I64((**v).clone()),
             };
@@ -935,6 +987,7 @@ impl GpuProgram {
                         })?;
                     let t = ConvTactic {
                         algo: best.algo as i32,
+                        math: best.mathType as i32,
                         workspace: best.memory,
                         ms: best.time,
                     };
@@ -942,11 +995,54 @@ impl GpuProgram {
                     t
                 }
             };
-            // SAFETY: the enum is a C int; values come from cuDNN itself.
-            p.algo = unsafe {
-                std::mem::transmute::<i32, cudnn::cudnnConvolutionFwdAlgo_t>(tactic.algo)
-            };
-            max_ws = max_ws.max(tactic.workspace);
+            use cudnn::cudnnConvolutionFwdAlgo_t as A;
+            p.algo = [
+                A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+            ]
+            .into_iter()
+            .find(|a| *a as i32 == tactic.algo)
+            .ok_or_else(|| {
+                EngineError::Graph(format!(
+                    "timing cache: {key}: algorithm {} is not a cuDNN forward algorithm",
+                    tactic.algo
+                ))
+            })?;
+            use cudnn::cudnnMathType_t as M;
+            let math = [
+                M::CUDNN_DEFAULT_MATH,
+                M::CUDNN_TENSOR_OP_MATH,
+                M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+                M::CUDNN_FMA_MATH,
+            ]
+            .into_iter()
+            .find(|m| *m as i32 == tactic.math)
+            .ok_or_else(|| {
+                EngineError::Graph(format!(
+                    "timing cache: {key}: math type {} is not cuDNN's",
+                    tactic.math
+                ))
+            })?;
+            // run what was timed: the algorithm with its math type, and the workspace that pair
+            // needs on this cuDNN
+            let mut ws = 0usize;
+            // SAFETY: descriptors created above.
+            unsafe {
+                check_dnn("math", cudnn::cudnnSetConvolutionMathType(p.conv, math))?;
+                check_dnn(
+                    "cudnnGetConvolutionForwardWorkspaceSize",
+                    cudnn::cudnnGetConvolutionForwardWorkspaceSize(
+                        dev.dnn, p.x, p.w, p.conv, p.y, p.algo, &mut ws,
+                    ),
+                )?;
+            }
+            max_ws = max_ws.max(ws);
             self.convs.insert(i, p);
         }
         drop(found_ws);
@@ -1412,13 +1508,11 @@ impl GpuProgram {
                     let (li, si_, hi, di) = (*l as i32, *s as i32, *heads as i32, *d as i32);
                     if fused {
                         let dp = d.div_ceil(16) * 16;
-                        let (name, grid, block) = if *l <= 32 {
-                            let mt = if *l <= 16 { 1 } else { 2 };
-                            (
-                                format!("attention_short{mt}_f16_d{dp}"),
-                                ((n * heads).div_ceil(4) as u32, 1, 1),
-                                128,
-                            )
+                        let short = format!("attention_short{}_f16_d{dp}", 1 + (*l > 16) as usize);
+                        // one warp per sequence where this GPU's shared memory allows it
+                        let fits = |k: &str| attention_smem(k).is_some_and(|b| b <= dev.smem_optin);
+                        let (name, grid, block) = if *l <= 32 && fits(&short) {
+                            (short, ((n * heads).div_ceil(4) as u32, 1, 1), 128)
                         } else {
                             (
                                 format!("attention_tiled_f16_d{dp}"),
@@ -1426,6 +1520,13 @@ impl GpuProgram {
                                 256,
                             )
                         };
+                        if !fits(&name) {
+                            return Err(EngineError::Graph(format!(
+                                "{name} needs {} bytes of shared memory per block; this GPU allows {}",
+                                attention_smem(&name).unwrap_or(0),
+                                dev.smem_optin
+                            )));
+                        }
                         let cfg = LaunchConfig {
                             grid_dim: grid,
                             block_dim: (block, 1, 1),
@@ -1434,7 +1535,7 @@ impl GpuProgram {
                         };
                         let f = dev.func(&name)?;
                         let ni = *n as i32;
-                        if *l <= 32 {
+                        if name.starts_with("attention_short") {
                             launch_raw(
                                 dev,
                                 f,
@@ -1800,20 +1901,6 @@ impl GpuProgram {
 
     pub fn weights_resident(&self) -> usize {
         self.weights.len()
-    }
-}
-
-impl Drop for GpuProgram {
-    fn drop(&mut self) {
-        for p in self.convs.values() {
-            // SAFETY: created in prepare_convs, destroyed once.
-            unsafe {
-                cudnn::cudnnDestroyTensorDescriptor(p.x);
-                cudnn::cudnnDestroyTensorDescriptor(p.y);
-                cudnn::cudnnDestroyFilterDescriptor(p.w);
-                cudnn::cudnnDestroyConvolutionDescriptor(p.conv);
-            }
-        }
     }
 }
 

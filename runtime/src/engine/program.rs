@@ -711,10 +711,14 @@ impl Step {
     }
 }
 
-/// Whether the CUDA executor's fused attention kernels take heads of size `d` (16-byte rows, at
-/// most 160 wide); other attention is compiled to GEMMs and a softmax.
+/// Head sizes the fused attention kernels are built for, rounded up to a multiple of 16
+/// (`ATT_ENTRIES` in kernels/cuda/engine_ops.cu).
+pub const ATTENTION_PADDED_HEADS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
+
+/// Whether the CUDA executor's fused attention kernels take heads of size `d` (16-byte rows, a
+/// padded size they are built for); other attention is compiled to GEMMs and a softmax.
 pub fn fused_attention_head(d: usize) -> bool {
-    d % 8 == 0 && d <= 160
+    d % 8 == 0 && ATTENTION_PADDED_HEADS.contains(&d.div_ceil(16).max(1).saturating_mul(16))
 }
 
 /// A graph compiled for concrete input shapes.
@@ -2453,6 +2457,9 @@ mod tests {
 
     #[test]
     fn attention_the_kernels_do_not_take_becomes_gemms_and_a_softmax() {
+        // d 12 (not 16-byte rows), 200 (too wide), 112 (no kernel built for it), 40 (fused)
+        assert!(!fused_attention_head(112) && !fused_attention_head(144));
+        assert!(fused_attention_head(120) && fused_attention_head(8) && fused_attention_head(160));
         for (n, l, s, heads, d) in [(2, 5, 7, 3, 12), (1, 9, 9, 1, 200), (2, 6, 4, 2, 40)] {
             let c = heads * d;
             let m = attention_model(heads);
