@@ -1,0 +1,157 @@
+//! The native engine's program for a graph at given shapes, step by step kind: how many steps,
+//! their arithmetic (FLOP) and the bytes they move at float16, and the time those would take at a
+//! GPU's peak rates (a floor, not a measurement). No GPU needed: the program is compiled here.
+//!
+//! `cargo run --release --example engine_floor -- FUSED.onnx [--frames 16 --height 64 --width 64
+//!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35]`
+//!
+//! FUSED.onnx is a graph written by `motionrt build --plan-only` (the UNet; its inputs at
+//! `[batch, 4, frames, height, width]` latents with a 77-token context per frame).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use motionrt_runtime::engine::program::{self, Layout, Step};
+use motionrt_runtime::engine::source::FileInitializers;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> Res<()> {
+    let mut it = std::env::args().skip(1);
+    let path: PathBuf = it
+        .next()
+        .ok_or("usage: engine_floor FUSED.onnx [options]")?
+        .into();
+    let (mut b, mut f, mut h, mut w) = (2usize, 16usize, 64usize, 64usize);
+    let (mut tflops, mut tbps) = (989.0f64, 3.35f64);
+    let mut layout = Layout::Nhwc;
+    while let Some(k) = it.next() {
+        let v = it.next().ok_or(format!("{k} needs a value"))?;
+        match k.as_str() {
+            "--batch" => b = v.parse()?,
+            "--frames" => f = v.parse()?,
+            "--height" => h = v.parse()?,
+            "--width" => w = v.parse()?,
+            "--tflops" => tflops = v.parse()?,
+            "--tbps" => tbps = v.parse()?,
+            "--layout" => layout = Layout::parse(&v).ok_or("--layout nhwc|nchw")?,
+            _ => return Err(format!("unknown argument {k}").into()),
+        }
+    }
+    let model = motionrt_onnx::load_model(&path)?;
+    let d = motionrt_onnx::summarize(&model)
+        .inputs
+        .iter()
+        .find(|i| i.name == "encoder_hidden_states")
+        .and_then(|i| i.dims.last()?.parse::<usize>().ok())
+        .ok_or("no encoder_hidden_states [.., .., D] input")?;
+    let inputs = vec![
+        ("sample", vec![b, 4, f, h, w]),
+        ("timestep", vec![b]),
+        ("encoder_hidden_states", vec![b * f, 77, d]),
+    ];
+    let prog = program::compile(&model, &inputs, &FileInitializers::new(&path), layout)?;
+    let el = 2.0; // float16
+    let numel = |buf: usize| prog.buffers[buf].numel as f64;
+    // kind -> (steps, flop, bytes)
+    let mut by: BTreeMap<String, (usize, f64, f64)> = BTreeMap::new();
+    for s in &prog.steps {
+        let (kind, flop, bytes) = match s {
+            Step::Copy { s: st, .. } => ("copy".into(), 0.0, 2.0 * st.numel() as f64 * el),
+            Step::Binary { a, b, n, .. } => (
+                "binary".into(),
+                *n as f64,
+                (numel(*a).min(*n as f64) + numel(*b).min(*n as f64) + *n as f64) * el,
+            ),
+            Step::Unary { n, .. } => ("unary".into(), *n as f64, 2.0 * *n as f64 * el),
+            Step::Fill { n, .. } => ("fill".into(), 0.0, *n as f64 * el),
+            Step::Linear {
+                m, n, k, residual, ..
+            } => (
+                format!(
+                    "linear{}",
+                    if residual.is_some() { "+residual" } else { "" }
+                ),
+                2.0 * (*m * *n * *k) as f64,
+                ((m * k + n * k + m * n) as f64 + residual.map_or(0.0, |_| (m * n) as f64)) * el,
+            ),
+            Step::MatMul { batch, m, n, k, .. } => (
+                "matmul".into(),
+                2.0 * (batch * m * n * k) as f64,
+                (batch * (m * k + k * n + m * n)) as f64 * el,
+            ),
+            Step::Conv(c) => {
+                let [_, o, oh, ow] = c.y_shape;
+                let [_, cg, kh, kw] = c.w_shape;
+                let out = (c.y_shape[0] * o * oh * ow) as f64;
+                (
+                    format!("conv {kh}x{kw}"),
+                    2.0 * out * (cg * kh * kw) as f64,
+                    (c.x_shape.iter().product::<usize>() as f64
+                        + out * (1.0 + c.residual.is_some() as u8 as f64)
+                        + c.w_shape.iter().product::<usize>() as f64)
+                        * el,
+                )
+            }
+            Step::GroupNorm { n, c, spatial, .. } => (
+                "group_norm".into(),
+                0.0,
+                3.0 * (n * c * spatial) as f64 * el,
+            ),
+            Step::LayerNorm { rows, cols, .. } => {
+                ("layer_norm".into(), 0.0, 2.0 * (rows * cols) as f64 * el)
+            }
+            Step::Softmax { rows, cols, .. } => {
+                ("softmax".into(), 0.0, 2.0 * (rows * cols) as f64 * el)
+            }
+            Step::Geglu { rows, d, .. } => ("geglu".into(), 0.0, 3.0 * (rows * d) as f64 * el),
+            Step::Gather { n_ids, row, .. } => {
+                ("gather".into(), 0.0, 2.0 * (n_ids * row) as f64 * el)
+            }
+            Step::Attention {
+                n, l, s, heads, d, ..
+            } => (
+                format!("attention L={l} S={s} d={d}"),
+                4.0 * (n * heads * l * s * d) as f64,
+                (2 * n * l * heads * d + 2 * n * s * heads * d) as f64 * el,
+            ),
+        };
+        let e = by.entry(kind).or_default();
+        e.0 += 1;
+        e.1 += flop;
+        e.2 += bytes;
+    }
+    println!(
+        "{} at [{b}, 4, {f}, {h}, {w}], layout {layout:?}: {} steps; floors at {tflops} TFLOP/s and {tbps} TB/s (float16)",
+        path.display(),
+        prog.steps.len()
+    );
+    println!("| steps | kind | GFLOP | GB moved | floor ms |");
+    println!("| --- | --- | --- | --- | --- |");
+    let mut rows: Vec<_> = by.into_iter().collect();
+    let floor = |fl: f64, by: f64| (fl / (tflops * 1e12)).max(by / (tbps * 1e12)) * 1e3;
+    rows.sort_by(|x, y| {
+        floor(y.1 .1, y.1 .2)
+            .partial_cmp(&floor(x.1 .1, x.1 .2))
+            .unwrap()
+    });
+    let (mut tf, mut tb, mut tt) = (0.0, 0.0, 0.0);
+    for (k, (n, fl, byt)) in &rows {
+        let t = floor(*fl, *byt);
+        tf += fl;
+        tb += byt;
+        tt += t;
+        println!(
+            "| {n} | {k} | {:.0} | {:.2} | {t:.2} |",
+            fl / 1e9,
+            byt / 1e9
+        );
+    }
+    println!(
+        "| {} | total | {:.0} | {:.2} | {tt:.2} |",
+        prog.steps.len(),
+        tf / 1e9,
+        tb / 1e9
+    );
+    Ok(())
+}
