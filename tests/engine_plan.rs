@@ -432,3 +432,37 @@ fn build_refuses_a_float16_export_naming_the_file() {
     let leftovers: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// The full SD1.5 + AnimateDiff v2 UNet's engine program on the CPU interpreter, in both layouts,
+/// against ONNX Runtime on the same fused graph: the real architecture's channel counts, head
+/// sizes (40/80/160), mid block and motion modules at a small latent. Minutes; run by hand with
+/// `MOTIONRT_FULL_PLAN=DIR` (a `motionrt build --plan-only` folder of a `synth_sd15` export):
+/// `MOTIONRT_FULL_PLAN=/tmp/full/plan ./scripts/test --test engine_plan -- --ignored`.
+#[test]
+#[ignore]
+fn full_unet_program_matches_onnx_runtime_in_both_layouts() {
+    let Some(dir) = std::env::var_os("MOTIONRT_FULL_PLAN") else {
+        eprintln!("SKIP: MOTIONRT_FULL_PLAN is not set");
+        return;
+    };
+    let z = Path::new(&dir).join("unet.onnx");
+    let inputs = vec![
+        ("sample", vec![1usize, 4, 2, 16, 16]),
+        ("timestep", vec![1]),
+        ("encoder_hidden_states", vec![2, 77, 768]),
+    ];
+    let want = run(&z, &inputs);
+    for layout in [Layout::Nhwc, Layout::Nchw] {
+        let t = std::time::Instant::now();
+        let (prog, got) = run_program(&z, &inputs, layout);
+        for ((name, r), (_, o)) in want.iter().zip(&got) {
+            let s = error_stats(o, r);
+            eprintln!(
+                "full unet.{name} ({layout:?}, {} steps, {:.0} s): {s:?}",
+                prog.steps.len(),
+                t.elapsed().as_secs_f64()
+            );
+            assert!(s.passes(Tolerance::FP32), "{name} {layout:?}: {s:?}");
+        }
+    }
+}

@@ -1281,34 +1281,79 @@ fn copy_and_binary<T: Host>(emu: &Emu) {
             .collect();
         check::<T>(&format!("binary op {op}"), &read::<T>(&out), &want);
     }
-    // the same shapes, no broadcasting
+    // the same shapes, no broadcasting: 16 bytes per thread (24 values), one value (21)
     let z = random(24, 13);
     let (zr, zb) = (T::round(&z), buf::<T>(&z));
-    for op in 0..4 {
-        let out = out_buf::<T>(24);
-        launch(
-            emu,
-            &format!("binary_same_{}", T::SUFFIX),
-            g,
-            b,
-            0,
-            &[
-                Arg::Buf(&out),
-                Arg::Buf(&xb),
-                Arg::Buf(&zb),
-                Arg::I64(24),
-                Arg::I32(op),
-            ],
-        );
-        let want: Vec<f32> = (0..24)
-            .map(|i| match op {
-                0 => xr[i] + zr[i],
-                1 => xr[i] - zr[i],
-                2 => xr[i] * zr[i],
-                _ => xr[i] / zr[i],
-            })
-            .collect();
-        check::<T>(&format!("binary_same op {op}"), &read::<T>(&out), &want);
+    for n in [24usize, 21] {
+        for op in 0..4 {
+            let out = out_buf::<T>(24);
+            launch(
+                emu,
+                &format!("binary_same_{}", T::SUFFIX),
+                g,
+                b,
+                0,
+                &[
+                    Arg::Buf(&out),
+                    Arg::Buf(&xb),
+                    Arg::Buf(&zb),
+                    Arg::I64(n as i64),
+                    Arg::I32(op),
+                ],
+            );
+            let want: Vec<f32> = (0..n)
+                .map(|i| match op {
+                    0 => xr[i] + zr[i],
+                    1 => xr[i] - zr[i],
+                    2 => xr[i] * zr[i],
+                    _ => xr[i] / zr[i],
+                })
+                .collect();
+            let got = read::<T>(&out);
+            check::<T>(&format!("binary_same n {n} op {op}"), &got[..n], &want);
+            assert!(got[n..].iter().all(|v| v.is_nan()), "wrote past n {n}");
+        }
+    }
+}
+
+/// `copy_strided_b16`: a concatenation's rows in 16-byte units (what the engine launches when the
+/// innermost axis is contiguous on both sides), against the element-wise definition.
+fn copy_units<T: Host>(emu: &Emu) {
+    let v = 16 / std::mem::size_of::<T>() as i64; // elements per unit
+    let (rows, cols, wide, at) = (5i64, 2 * v, 4 * v, v); // [5, cols] into [5, wide] at column `at`
+    let x = random((rows * cols) as usize, 41);
+    let xb = buf::<T>(&x);
+    let out = out_buf::<T>((rows * wide) as usize);
+    // in units: dims [rows, cols / v], strides divided by v
+    let s = strided(&[rows, cols / v], &[cols / v, 1], &[0, 0], &[wide / v, 1]);
+    let n = rows * cols / v;
+    let (g, b) = elementwise(n as usize);
+    launch(
+        emu,
+        "copy_strided_b16",
+        g,
+        b,
+        0,
+        &[
+            Arg::Buf(&out),
+            Arg::Buf(&xb),
+            Arg::I64(n),
+            Arg::Pod(&s),
+            Arg::I64(0),
+            Arg::I64(at / v),
+        ],
+    );
+    let xr = T::round(&x);
+    let got = read::<T>(&out);
+    for r in 0..rows as usize {
+        for c in 0..wide as usize {
+            let g = got[r * wide as usize + c];
+            if c >= at as usize && c < (at + cols) as usize {
+                assert_eq!(g, xr[r * cols as usize + c - at as usize], "({r}, {c})");
+            } else {
+                assert!(g.is_nan(), "wrote outside the slice at ({r}, {c})");
+            }
+        }
     }
 }
 
@@ -1388,6 +1433,8 @@ fn copy_strided_and_binary_match() {
     let Some(emu) = emu() else { return };
     copy_and_binary::<f32>(emu);
     copy_and_binary::<u16>(emu);
+    copy_units::<f32>(emu);
+    copy_units::<u16>(emu);
 }
 
 fn unary_and_fill<T: Host>(emu: &Emu) {
@@ -1753,36 +1800,43 @@ fn layer_norm_and_softmax_match() {
 }
 
 fn geglu_and_epilogues<T: Host>(emu: &Emu) {
-    // GEGLU over [7, 2 * 40], without and with the projection's bias
-    let (rows, d) = (7, 40);
-    let x = random(rows * 2 * d, 31);
-    let pb = random(2 * d, 35);
-    let (xr, pbr) = (T::round(&x), T::round(&pb));
-    let (xb, pbb) = (buf::<T>(&x), buf::<T>(&pb));
-    for with_bias in [false, true] {
-        let biased: Vec<f32> = xr
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| if with_bias { v + pbr[i % (2 * d)] } else { v })
-            .collect();
-        let want = fused::geglu(&biased, 2 * d).unwrap();
-        let y = out_buf::<T>(rows * d);
-        let (g, b) = elementwise(rows * d);
-        launch(
-            emu,
-            &format!("geglu_{}", T::SUFFIX),
-            g,
-            b,
-            0,
-            &[
-                Arg::Buf(&y),
-                Arg::Buf(&xb),
-                if with_bias { Arg::Buf(&pbb) } else { Arg::Null },
-                Arg::I64(rows as i64),
-                Arg::I64(d as i64),
-            ],
-        );
-        check::<T>(&format!("geglu bias {with_bias}"), &read::<T>(&y), &want);
+    // GEGLU over [7, 2 * d], without and with the projection's bias; 16 bytes per thread (d 40)
+    // and one value per thread (d 13)
+    for (with_bias, d) in [(false, 40), (true, 40), (false, 13), (true, 13)] {
+        let rows = 7;
+        let x = random(rows * 2 * d, 31);
+        let pb = random(2 * d, 35);
+        let (xr, pbr) = (T::round(&x), T::round(&pb));
+        let (xb, pbb) = (buf::<T>(&x), buf::<T>(&pb));
+        {
+            let biased: Vec<f32> = xr
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| if with_bias { v + pbr[i % (2 * d)] } else { v })
+                .collect();
+            let want = fused::geglu(&biased, 2 * d).unwrap();
+            let y = out_buf::<T>(rows * d);
+            let (g, b) = elementwise(rows * d);
+            launch(
+                emu,
+                &format!("geglu_{}", T::SUFFIX),
+                g,
+                b,
+                0,
+                &[
+                    Arg::Buf(&y),
+                    Arg::Buf(&xb),
+                    if with_bias { Arg::Buf(&pbb) } else { Arg::Null },
+                    Arg::I64(rows as i64),
+                    Arg::I64(d as i64),
+                ],
+            );
+            check::<T>(
+                &format!("geglu d {d} bias {with_bias}"),
+                &read::<T>(&y),
+                &want,
+            );
+        }
     }
 
     // y[n, c, s] += bias[c] + res[n, c, s] after a convolution, in place

@@ -1148,6 +1148,17 @@ impl GpuProgram {
                             cfg,
                             &[&p[*out], &p[*inp], s, &ai, &ao, in_off, out_off],
                         )?;
+                    } else if let Some((u, io, oo)) =
+                        s.in_units(16 / self.precision.elem_bytes() as i64, *in_off, *out_off)
+                    {
+                        // rows contiguous on both sides: 16 bytes per thread
+                        let n = u.numel() as i64;
+                        launch_raw(
+                            dev,
+                            dev.func("copy_strided_b16")?,
+                            launch_cfg(n as usize),
+                            &[&p[*out], &p[*inp], &n, &u, &io, &oo],
+                        )?;
                     } else {
                         let n = s.numel() as i64;
                         self.launch(

@@ -84,6 +84,30 @@ impl Strided {
             .then_some((ai, ao))
     }
 
+    /// The same copy over units of `v` elements (16 bytes), when the innermost axis is contiguous
+    /// on both sides and every extent, stride and offset divides: the iteration and offsets for
+    /// `copy_strided_b16`, with the offsets divided too.
+    pub fn in_units(&self, v: i64, in_off: i64, out_off: i64) -> Option<(Strided, i64, i64)> {
+        let r = self.rank as usize;
+        let last = r.checked_sub(1)?;
+        if self.a[last] != 1 || self.c[last] != 1 || self.dims[last] % v != 0 {
+            return None;
+        }
+        if in_off % v != 0 || out_off % v != 0 {
+            return None;
+        }
+        let mut s = *self;
+        s.dims[last] /= v;
+        for k in 0..last {
+            if self.a[k] % v != 0 || self.c[k] % v != 0 {
+                return None;
+            }
+            s.a[k] /= v;
+            s.c[k] /= v;
+        }
+        Some((s, in_off / v, out_off / v))
+    }
+
     fn new(dims: &[usize], a: &[i64], b: &[i64], c: &[i64]) -> Result<Self, EngineError> {
         // merge axes that are contiguous in all three stride sets, drop size-1 axes
         let mut m: Vec<(i64, i64, i64, i64)> = Vec::new();
@@ -2322,6 +2346,28 @@ mod tests {
                 w[((o * 3 + c) * 2 + y) * 2 + x]
             );
         }
+    }
+
+    #[test]
+    fn copies_with_a_contiguous_inner_axis_move_in_16_byte_units() {
+        let z = [0; 3];
+        // a concatenation slice: rows of 64 into rows of 128, at column 64
+        let s = Strided::new(&[6, 4096, 64], &[262144, 64, 1], &z, &[524288, 128, 1]).unwrap();
+        let (u, i, o) = s.in_units(8, 0, 64).unwrap();
+        assert_eq!((u.dims[u.rank as usize - 1], i, o), (8, 0, 8));
+        assert_eq!(u.numel() * 8, s.numel());
+        // every unit's offsets are the element offsets / 8
+        for e in [0, 1, 7, 8, 100, u.numel() as i64 - 1] {
+            let (a, _, c) = u.offsets(e);
+            let (ea, _, ec) = s.offsets(e * 8);
+            assert_eq!((a * 8, c * 8 + 64), (ea, ec + 64));
+        }
+        // inner axis not contiguous on one side, or not divisible: no
+        let t = Strided::new(&[40, 50], &[50, 1], &[0, 0], &[1, 40]).unwrap();
+        assert!(t.in_units(8, 0, 0).is_none());
+        let t = Strided::new(&[3, 12], &[12, 1], &[0, 0], &[24, 1]).unwrap();
+        assert!(t.in_units(8, 0, 0).is_none());
+        assert!(s.in_units(8, 0, 4).is_none());
     }
 
     #[test]
