@@ -290,6 +290,24 @@ fn fused_graphs_find_every_pattern_and_match_the_exported_graphs() {
                     })
                     .collect();
                 assert!(!geglu.is_empty() && geglu.iter().all(|&b| b), "{geglu:?}");
+                // the motion modules' positional table is added by the LayerNorm before it, and
+                // (channels-last) each ResNet's time embedding by its first convolution
+                let pe = prog
+                    .steps
+                    .iter()
+                    .filter(|s| matches!(s, Step::LayerNorm { add: Some(_), .. }))
+                    .count();
+                assert!(pe > 0, "no positional table folded into a LayerNorm");
+                let temb = prog
+                    .steps
+                    .iter()
+                    .filter(|s| matches!(s, Step::Conv(c) if c.sample_bias.is_some()))
+                    .count();
+                assert_eq!(
+                    temb > 0,
+                    layout == Layout::Nhwc,
+                    "{temb} time embeddings folded"
+                );
             }
             copies.push(n_copies);
         }

@@ -221,14 +221,19 @@ __device__ void unary(T* out, const T* x, i64 n, int op) {
     }
 }
 
-// y[r, c] += bias[c] + res[r, c]   (bias, res may be null)
+// y[r, c] += bias[c] + sbias[r / rps, c] + res[r, c]   (bias, sbias, res may be null; sbias is
+// a per-sample bias over `rps` rows per sample: a ResNet's time embedding on a channels-last
+// convolution)
 template <typename T>
-__device__ void bias_residual(T* y, const T* bias, const T* res, i64 rows, i64 cols) {
+__device__ void bias_residual(T* y, const T* bias, const T* sbias, const T* res, i64 rows,
+                              i64 cols, i64 rps) {
     if (rows * cols < 0x7fffffffll) {
-        const unsigned uc = (unsigned)cols;
+        const unsigned uc = (unsigned)cols, urps = (unsigned)rps;
         GRID_LOOP32(i, rows * cols) {
             float v = mrt_load(y, i);
-            if (bias) v += mrt_load(bias, i % uc);
+            const unsigned c = i % uc;
+            if (bias) v += mrt_load(bias, c);
+            if (sbias) v += mrt_load(sbias, (i / uc) / urps * uc + c);
             if (res) v += mrt_load(res, i);
             mrt_store(y, i, v);
         }
@@ -236,7 +241,9 @@ __device__ void bias_residual(T* y, const T* bias, const T* res, i64 rows, i64 c
     }
     GRID_LOOP(i, rows * cols) {
         float v = mrt_load(y, i);
-        if (bias) v += mrt_load(bias, i % cols);
+        const i64 c = i % cols;
+        if (bias) v += mrt_load(bias, c);
+        if (sbias) v += mrt_load(sbias, (i / cols) / rps * cols + c);
         if (res) v += mrt_load(res, i);
         mrt_store(y, i, v);
     }
@@ -507,8 +514,8 @@ __device__ void group_norm_nhwc_apply(T* y, const T* x, const float* mr, const T
 
 // LayerNormalization over the last axis (cols): one block per row.
 template <typename T>
-__device__ void layer_norm(T* y, const T* x, const T* gamma, const T* beta, int cols,
-                           float eps) {
+__device__ void layer_norm(T* y, const T* x, const T* gamma, const T* beta, const T* add,
+                           int period, int cols, float eps) {
     __shared__ float scratch[32];
     const i64 base = (i64)blockIdx.x * cols;
     float s = 0.f;
@@ -520,9 +527,11 @@ __device__ void layer_norm(T* y, const T* x, const T* gamma, const T* beta, int 
         q += d * d;
     }
     const float rstd = rsqrtf(block_sum(q, scratch) / (float)cols + eps);
+    const i64 arow = add ? (i64)(blockIdx.x % (unsigned)period) * cols : 0;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
         float v = (mrt_load(x, base + i) - mean) * rstd * mrt_load(gamma, i);
         if (beta) v += mrt_load(beta, i);
+        if (add) v += mrt_load(add, arow + i);
         mrt_store(y, base + i, v);
     }
 }
@@ -530,8 +539,8 @@ __device__ void layer_norm(T* y, const T* x, const T* gamma, const T* beta, int 
 // LayerNormalization of rows up to 1024 wide: one warp per row, the row held in registers (one
 // read, one write; no block barriers). blockDim.x a multiple of 32.
 template <typename T>
-__device__ void layer_norm_warp(T* y, const T* x, const T* gamma, const T* beta, i64 rows,
-                                int cols, float eps) {
+__device__ void layer_norm_warp(T* y, const T* x, const T* gamma, const T* beta, const T* add,
+                                int period, i64 rows, int cols, float eps) {
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
@@ -554,12 +563,14 @@ __device__ void layer_norm_warp(T* y, const T* x, const T* gamma, const T* beta,
     }
     const float rstd = rsqrtf(mrt_warp_sum(q) / (float)cols + eps);
     T* yr = y + row * cols;
+    const T* ar = add ? add + (row % period) * cols : add;
 #pragma unroll
     for (int k = 0; k < 32; ++k) {
         const int c = lane + 32 * k;
         if (c < cols) {
             float o = (v[k] - mean) * rstd * mrt_load(gamma, c);
             if (beta) o += mrt_load(beta, c);
+            if (ar) o += mrt_load(ar, c);
             mrt_store(yr, c, o);
         }
     }
@@ -679,8 +690,8 @@ BOTH(binary, P_BIN(float), P_BIN(half_bits), (out, x, y, n, op, s))
 BOTH(binary_same, P_BINS(float), P_BINS(half_bits), (out, x, y, n, op))
 #define P_UN(T) (T* out, const T* x, i64 n, int op)
 BOTH(unary, P_UN(float), P_UN(half_bits), (out, x, n, op))
-#define P_BR(T) (T* y, const T* bias, const T* res, i64 rows, i64 cols)
-BOTH(bias_residual, P_BR(float), P_BR(half_bits), (y, bias, res, rows, cols))
+#define P_BR(T) (T* y, const T* bias, const T* sbias, const T* res, i64 rows, i64 cols, i64 rps)
+BOTH(bias_residual, P_BR(float), P_BR(half_bits), (y, bias, sbias, res, rows, cols, rps))
 #define P_CB(T) (T* y, const T* bias, const T* res, i64 total, i64 channels, i64 spatial)
 BOTH(channel_bias, P_CB(float), P_CB(half_bits), (y, bias, res, total, channels, spatial))
 #define P_GN(T) \
@@ -705,14 +716,18 @@ extern "C" __global__ void group_norm_nhwc_finalize(float* mr, const float* stat
      i64 total, int silu)
 BOTH(group_norm_nhwc_apply, P_GNA(float), P_GNA(half_bits),
      (y, x, mr, gamma, beta, C, S, groups, total, silu))
-#define P_LN(T) (T* y, const T* x, const T* gamma, const T* beta, int cols, float eps)
-BOTH(layer_norm, P_LN(float), P_LN(half_bits), (y, x, gamma, beta, cols, eps))
+#define P_LN(T) \
+    (T* y, const T* x, const T* gamma, const T* beta, const T* add, int period, int cols, float eps)
+BOTH(layer_norm, P_LN(float), P_LN(half_bits), (y, x, gamma, beta, add, period, cols, eps))
 #define P_SM(T) (T* y, const T* x, int cols)
 BOTH(softmax, P_SM(float), P_SM(half_bits), (y, x, cols))
 #define P_GG(T) (T* y, const T* x, const T* bias, i64 rows, i64 d)
 BOTH(geglu, P_GG(float), P_GG(half_bits), (y, x, bias, rows, d))
-#define P_LW(T) (T* y, const T* x, const T* gamma, const T* beta, i64 rows, int cols, float eps)
-BOTH(layer_norm_warp, P_LW(float), P_LW(half_bits), (y, x, gamma, beta, rows, cols, eps))
+#define P_LW(T)                                                                        \
+    (T* y, const T* x, const T* gamma, const T* beta, const T* add, int period, i64 rows, \
+     int cols, float eps)
+BOTH(layer_norm_warp, P_LW(float), P_LW(half_bits),
+     (y, x, gamma, beta, add, period, rows, cols, eps))
 #define P_GA(T) (T* out, const T* table, const i64* ids, i64 n_ids, i64 row, i64 n_rows)
 BOTH(gather_rows, P_GA(float), P_GA(half_bits), (out, table, ids, n_ids, row, n_rows))
 #define P_CF(T) (T* out, const float* in, i64 n)

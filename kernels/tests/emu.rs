@@ -1714,17 +1714,27 @@ fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
     let (xr, gr, br) = (T::round(&x), T::round(&gamma), T::round(&beta));
     let (xb, gb, bb) = (buf::<T>(&x), buf::<T>(&gamma), buf::<T>(&beta));
     let eps = 1e-5f32;
-    for with_beta in [true, false] {
+    // a [period, cols] table added to row r % period (the motion modules' positional encoding)
+    let period = 3;
+    let table = random(period * cols, seed + 3);
+    let (tr, tb) = (T::round(&table), buf::<T>(&table));
+    for (with_beta, with_add) in [(true, false), (false, false), (true, true)] {
         let mut want = Vec::with_capacity(x.len());
-        for r in xr.chunks(cols) {
+        for (ri, r) in xr.chunks(cols).enumerate() {
             let mean = r.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
             let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
             let inv = 1.0 / (var + eps as f64).sqrt();
             for (i, &v) in r.iter().enumerate() {
                 let b = if with_beta { br[i] as f64 } else { 0.0 };
-                want.push(((v as f64 - mean) * inv * gr[i] as f64 + b) as f32);
+                let t = if with_add {
+                    tr[(ri % period) * cols + i] as f64
+                } else {
+                    0.0
+                };
+                want.push(((v as f64 - mean) * inv * gr[i] as f64 + b + t) as f32);
             }
         }
+        let add = if with_add { Arg::Buf(&tb) } else { Arg::Null };
         let y = out_buf::<T>(x.len());
         launch(
             emu,
@@ -1737,12 +1747,14 @@ fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
                 Arg::Buf(&xb),
                 Arg::Buf(&gb),
                 if with_beta { Arg::Buf(&bb) } else { Arg::Null },
+                add,
+                Arg::I32(period as i32),
                 Arg::I32(cols as i32),
                 Arg::F32(eps),
             ],
         );
         check::<T>(
-            &format!("layer_norm [{rows}, {cols}] beta {with_beta}"),
+            &format!("layer_norm [{rows}, {cols}] beta {with_beta} add {with_add}"),
             &read::<T>(&y),
             &want,
         );
@@ -1760,13 +1772,15 @@ fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
                     Arg::Buf(&xb),
                     Arg::Buf(&gb),
                     if with_beta { Arg::Buf(&bb) } else { Arg::Null },
+                    add,
+                    Arg::I32(period as i32),
                     Arg::I64(rows as i64),
                     Arg::I32(cols as i32),
                     Arg::F32(eps),
                 ],
             );
             check::<T>(
-                &format!("layer_norm_warp [{rows}, {cols}] beta {with_beta}"),
+                &format!("layer_norm_warp [{rows}, {cols}] beta {with_beta} add {with_add}"),
                 &read::<T>(&y),
                 &want,
             );
@@ -1888,15 +1902,28 @@ fn geglu_and_epilogues<T: Host>(emu: &Emu) {
         );
     }
 
-    // y[r, c] += bias[c] + res[r, c] after a GEMM, in place
-    let (rows, cols) = (6, 10);
+    // y[r, c] += bias[c] + sbias[r / rps, c] + res[r, c] after a GEMM or a channels-last
+    // convolution (rps rows per sample), in place
+    let (rows, cols, rps) = (6, 10, 2);
     let y0 = random(rows * cols, 35);
     let bias = random(cols, 36);
     let res = random(rows * cols, 37);
-    let (y0r, biasr, resr) = (T::round(&y0), T::round(&bias), T::round(&res));
-    let (biasb, resb) = (buf::<T>(&bias), buf::<T>(&res));
+    let sb = random(rows / rps * cols, 38);
+    let (y0r, biasr, resr, sbr) = (
+        T::round(&y0),
+        T::round(&bias),
+        T::round(&res),
+        T::round(&sb),
+    );
+    let (biasb, resb, sbb) = (buf::<T>(&bias), buf::<T>(&res), buf::<T>(&sb));
     let (g, b) = elementwise(rows * cols);
-    for (with_bias, with_res) in [(true, true), (true, false), (false, true)] {
+    for (with_bias, with_res, with_sb) in [
+        (true, true, false),
+        (true, false, false),
+        (false, true, false),
+        (true, true, true),
+        (false, false, true),
+    ] {
         let y = buf::<T>(&y0);
         launch(
             emu,
@@ -1911,9 +1938,11 @@ fn geglu_and_epilogues<T: Host>(emu: &Emu) {
                 } else {
                     Arg::Null
                 },
+                if with_sb { Arg::Buf(&sbb) } else { Arg::Null },
                 if with_res { Arg::Buf(&resb) } else { Arg::Null },
                 Arg::I64(rows as i64),
                 Arg::I64(cols as i64),
+                Arg::I64(rps as i64),
             ],
         );
         let want: Vec<f32> = (0..rows * cols)
@@ -1922,6 +1951,9 @@ fn geglu_and_epilogues<T: Host>(emu: &Emu) {
                 if with_bias {
                     v += biasr[i % cols];
                 }
+                if with_sb {
+                    v += sbr[i / cols / rps * cols + i % cols];
+                }
                 if with_res {
                     v += resr[i];
                 }
@@ -1929,7 +1961,7 @@ fn geglu_and_epilogues<T: Host>(emu: &Emu) {
             })
             .collect();
         check::<T>(
-            &format!("bias_residual bias {with_bias} res {with_res}"),
+            &format!("bias_residual bias {with_bias} res {with_res} sample bias {with_sb}"),
             &read::<T>(&y),
             &want,
         );

@@ -226,7 +226,9 @@ pub fn run(
                                     }
                                 }
                                 let at = yi(b, oc, oy, ox);
-                                y[at] = acc as f32 + c.residual.map_or(0.0, |r| f[r][at]);
+                                y[at] = acc as f32
+                                    + c.residual.map_or(0.0, |r| f[r][at])
+                                    + c.sample_bias.map_or(0.0, |sb| f[sb][b * o + oc]);
                             }
                         }
                     }
@@ -275,6 +277,7 @@ pub fn run(
                 x,
                 gamma,
                 beta,
+                add,
                 rows,
                 cols,
                 eps,
@@ -292,7 +295,11 @@ pub fn run(
                         if let Some(b) = beta {
                             v += f[*b][j] as f64;
                         }
-                        y[r * cols + j] = v as f32;
+                        let mut v = v as f32;
+                        if let Some((t, period)) = add {
+                            v += f[*t][(r % period) * cols + j];
+                        }
+                        y[r * cols + j] = v;
                     }
                 }
                 f[*out] = y;

@@ -1236,7 +1236,15 @@ impl GpuProgram {
                             dev,
                             "bias_residual",
                             launch_cfg(m * n),
-                            &[&p[*out], &opt(bias), &opt(residual), &rows, &cols],
+                            &[
+                                &p[*out],
+                                &opt(bias),
+                                &0u64,
+                                &opt(residual),
+                                &rows,
+                                &cols,
+                                &rows,
+                            ],
                         )?;
                     }
                 }
@@ -1292,15 +1300,27 @@ impl GpuProgram {
                             ),
                         )?;
                     }
-                    if c.nhwc && (c.bias.is_some() || c.residual.is_some()) {
-                        // channels innermost: the GEMM epilogue's row-wise bias
+                    if c.nhwc
+                        && (c.bias.is_some() || c.residual.is_some() || c.sample_bias.is_some())
+                    {
+                        // channels innermost: the GEMM epilogue's row-wise bias, plus the
+                        // per-sample bias over each sample's H·W rows
                         let cols = c.y_shape[1] as i64;
-                        let rows = (c.y_shape[0] * c.y_shape[2] * c.y_shape[3]) as i64;
+                        let rps = (c.y_shape[2] * c.y_shape[3]) as i64;
+                        let rows = c.y_shape[0] as i64 * rps;
                         self.launch(
                             dev,
                             "bias_residual",
                             launch_cfg((rows * cols) as usize),
-                            &[&p[c.out], &opt(&c.bias), &opt(&c.residual), &rows, &cols],
+                            &[
+                                &p[c.out],
+                                &opt(&c.bias),
+                                &opt(&c.sample_bias),
+                                &opt(&c.residual),
+                                &rows,
+                                &cols,
+                                &rps,
+                            ],
                         )?;
                     } else if c.bias.is_some() || c.residual.is_some() {
                         let total = c.y_shape.iter().product::<usize>() as i64;
@@ -1424,11 +1444,13 @@ impl GpuProgram {
                     x,
                     gamma,
                     beta,
+                    add,
                     rows,
                     cols,
                     eps,
                 } => {
                     let c = *cols as i32;
+                    let (ap, period) = add.map_or((0u64, 1i32), |(t, per)| (p[t], per as i32));
                     if *cols <= 1024 {
                         // one warp per row, 8 rows per block
                         let cfg = LaunchConfig {
@@ -1441,7 +1463,17 @@ impl GpuProgram {
                             dev,
                             "layer_norm_warp",
                             cfg,
-                            &[&p[*out], &p[*x], &p[*gamma], &opt(beta), &r, &c, eps],
+                            &[
+                                &p[*out],
+                                &p[*x],
+                                &p[*gamma],
+                                &opt(beta),
+                                &ap,
+                                &period,
+                                &r,
+                                &c,
+                                eps,
+                            ],
                         )?;
                     } else {
                         let cfg = LaunchConfig {
@@ -1453,7 +1485,16 @@ impl GpuProgram {
                             dev,
                             "layer_norm",
                             cfg,
-                            &[&p[*out], &p[*x], &p[*gamma], &opt(beta), &c, eps],
+                            &[
+                                &p[*out],
+                                &p[*x],
+                                &p[*gamma],
+                                &opt(beta),
+                                &ap,
+                                &period,
+                                &c,
+                                eps,
+                            ],
                         )?;
                     }
                 }

@@ -570,11 +570,14 @@ pub enum Step {
         /// `x` and `out` are stored `[n, spatial, c]` (channels-last) instead of `[n, c, spatial]`.
         channels_last: bool,
     },
+    /// Row-wise LayerNorm; `add: Some((t, period))` then adds row `r % period` of `t`
+    /// (`[period, cols]`: the motion modules' positional table, folded from the `Add` after it).
     LayerNorm {
         out: usize,
         x: usize,
         gamma: usize,
         beta: Option<usize>,
+        add: Option<(usize, usize)>,
         rows: usize,
         cols: usize,
         eps: f32,
@@ -632,6 +635,9 @@ pub struct ConvStep {
     pub strides: [usize; 2],
     pub dilations: [usize; 2],
     pub group: usize,
+    /// `[N, O]` added per sample and channel (a ResNet's time embedding, folded from the `Add`
+    /// after the convolution; channels-last only).
+    pub sample_bias: Option<usize>,
     /// `x`, `out` and `residual` are stored `[N, H, W, C]` and `w` as `[O, kh, kw, C/group]`
     /// (shapes above stay in NCHW order).
     pub nhwc: bool,
@@ -677,6 +683,7 @@ impl Step {
             Step::Conv(c) => {
                 let mut r = vec![c.x, c.w];
                 r.extend(c.bias.iter().chain(c.residual.iter()));
+                r.extend(c.sample_bias.iter());
                 (r, c.out)
             }
             Step::GroupNorm {
@@ -691,10 +698,12 @@ impl Step {
                 x,
                 gamma,
                 beta,
+                add,
                 ..
             } => {
                 let mut r = vec![*x, *gamma];
                 r.extend(beta.iter());
+                r.extend(add.iter().map(|a| a.0));
                 (r, *out)
             }
             Step::Softmax { out, x, .. } => (vec![*x], *out),
@@ -928,6 +937,85 @@ impl Planner<'_> {
     }
 
     /// A device view of a value: host float constants become computed weights.
+    /// Fold `main + other` into the step that wrote `main` when this node is `main`'s only reader
+    /// and `other` is a broadcast that step's epilogue adds: a `[period, C]` table onto a
+    /// LayerNorm's rows (`r % period`), or a `[N, C, 1, 1]` per-sample bias onto a channels-last
+    /// convolution. Returns `main`, now holding the sum.
+    fn fold_broadcast_add(
+        &mut self,
+        n: &NodeProto,
+        da: &DevTensor,
+        db: &DevTensor,
+        out_shape: &[usize],
+    ) -> Option<DevTensor> {
+        for (main, other) in [(da, db), (db, da)] {
+            if main.shape != out_shape || !other.is_contiguous() {
+                continue;
+            }
+            let sole = self.gemm_out.get(&main.buf).is_some_and(|name| {
+                n.input.contains(name) && self.readers.get(name).copied() == Some(1)
+            });
+            let Some(&si) = self.writer.get(&main.buf).filter(|_| sole) else {
+                continue;
+            };
+            let folds = match &self.steps[si] {
+                Step::LayerNorm { out, add, .. } => *out == main.buf && add.is_none(),
+                Step::Conv(c) => c.nhwc && c.out == main.buf && c.sample_bias.is_none(),
+                _ => false,
+            };
+            if !folds {
+                continue;
+            }
+            // `other` must exist when that step runs: computed after it (a ResNet's time
+            // embedding is projected after its first convolution), the step moves to the end —
+            // its inputs are still there (buffers are written once) and only this node reads it
+            let si = if self.writer.get(&other.buf).is_some_and(|&w| w > si) {
+                let st = self.steps.remove(si);
+                for w in self.writer.values_mut() {
+                    if *w > si {
+                        *w -= 1;
+                    }
+                }
+                self.writer.insert(main.buf, self.steps.len());
+                self.steps.push(st);
+                self.steps.len() - 1
+            } else {
+                si
+            };
+            let os: Vec<usize> = other
+                .shape
+                .iter()
+                .copied()
+                .skip_while(|&d| d == 1)
+                .collect();
+            let r = out_shape.len();
+            match &mut self.steps[si] {
+                Step::LayerNorm { out, add, cols, .. }
+                    if *out == main.buf
+                        && add.is_none()
+                        && os.len() == 2
+                        && os[1] == *cols
+                        && r >= 2
+                        && out_shape[r - 2] == os[0] =>
+                {
+                    *add = Some((other.buf, os[0]));
+                    return Some(main.clone());
+                }
+                Step::Conv(c)
+                    if c.nhwc
+                        && c.out == main.buf
+                        && c.sample_bias.is_none()
+                        && other.shape == [c.y_shape[0], c.y_shape[1], 1, 1] =>
+                {
+                    c.sample_bias = Some(other.buf);
+                    return Some(main.clone());
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
     /// A weight with its axes permuted (`Transpose(perm)`), contiguous: an initializer is
     /// permuted on the host at upload, a host constant here, anything else by a device copy.
     fn permuted_weight(&mut self, v: Value, perm: &[usize]) -> Result<DevTensor, EngineError> {
@@ -1607,6 +1695,12 @@ impl Planner<'_> {
                 }
                 let da = self.view(a, "A")?;
                 let db = self.view(b, "B")?;
+                if bop == BinaryOp::Add {
+                    if let Some(folded) = self.fold_broadcast_add(n, &da, &db, &out_shape) {
+                        set(self, Value::Dev(folded));
+                        return Ok(());
+                    }
+                }
                 // a convolution whose output only feeds this Add takes the other operand as its
                 // residual (read element by element, so in the same layout)
                 if bop == BinaryOp::Add && sa == sb {
@@ -1751,11 +1845,13 @@ impl Planner<'_> {
                 }
                 let cols = x.shape[axis];
                 let out = self.activation(x.shape.clone());
+                self.gemm_out.insert(out.buf, out_name.clone());
                 self.push(Step::LayerNorm {
                     out: out.buf,
                     x: x.buf,
                     gamma: gamma.buf,
                     beta,
+                    add: None,
                     rows: x.numel() / cols,
                     cols,
                     eps: attr_f(n, "epsilon", 1e-5),
@@ -1909,6 +2005,7 @@ impl Planner<'_> {
                         dilations: dl,
                         group,
                         nhwc,
+                        sample_bias: None,
                     }));
                 }
                 set(self, Value::Dev(out));
