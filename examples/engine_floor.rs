@@ -84,11 +84,14 @@ fn main() -> Res<()> {
                 let [_, o, oh, ow] = c.y_shape;
                 let [_, cg, kh, kw] = c.w_shape;
                 let out = (c.y_shape[0] * o * oh * ow) as f64;
+                // cuDNN writes the output; the bias/residual epilogue reads and writes it again
+                let epilogue = c.bias.is_some() || c.residual.is_some() || c.sample_bias.is_some();
+                let passes = 1.0 + 2.0 * epilogue as u8 as f64 + c.residual.is_some() as u8 as f64;
                 (
                     format!("conv {kh}x{kw}"),
                     2.0 * out * (cg * kh * kw) as f64,
                     (c.x_shape.iter().product::<usize>() as f64
-                        + out * (1.0 + c.residual.is_some() as u8 as f64)
+                        + out * passes
                         + c.w_shape.iter().product::<usize>() as f64)
                         * el,
                 )
