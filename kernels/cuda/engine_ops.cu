@@ -308,6 +308,16 @@ __device__ void group_norm(T* y, const T* x, const T* gamma, const T* beta, int 
     }
 }
 
+// Merge a part's statistics (nb values, mean mb, centred sum of squares qb) into the running
+// (cnt, mean, m2): Chan et al.'s pairwise update.
+__device__ __forceinline__ void chan_merge(float& cnt, float& mean, float& m2, float nb,
+                                           float mb, float qb) {
+    const float delta = mb - mean, tot = cnt + nb;
+    mean += delta * (nb / tot);
+    m2 += qb + delta * delta * (cnt * nb / tot);
+    cnt = tot;
+}
+
 // GroupNorm split over several blocks per group, for groups too large for one block (the motion
 // modules' GroupNorm across frames has only batch x 32 groups of up to ~10^6 values). A group's
 // values are contiguous in [N, C, spatial]; block (g, j) of grid (N * groups, splits) takes the
@@ -351,10 +361,7 @@ __device__ void group_norm_apply(T* y, const T* x, const float* stats, const T* 
     float cnt = 0.f, mean = 0.f, m2 = 0.f;
     for (unsigned j = 0; j < gridDim.y; ++j) {
         const float nb = (float)(min((i64)(j + 1) * chunk, count) - (i64)j * chunk);
-        const float delta = st[2 * j] - mean, tot = cnt + nb;
-        mean += delta * (nb / tot);
-        m2 += st[2 * j + 1] + delta * delta * (cnt * nb / tot);
-        cnt = tot;
+        chan_merge(cnt, mean, m2, nb, st[2 * j], st[2 * j + 1]);
     }
     const float rstd = rsqrtf(m2 / cnt + eps);
     const i64 lo = (i64)blockIdx.y * chunk, hi = min(lo + chunk, count);
@@ -458,10 +465,7 @@ __device__ void gn_nhwc_finalize(float* mr, const float* stats, int N, int C, i6
     for (int j = 0; j < splits; ++j) {
         const float* st = stats + (((i64)n * splits + j) * groups + g) * 2;
         const float nb = (float)((min((i64)(j + 1) * chunk, S) - (i64)j * chunk) * cg);
-        const float delta = st[0] - mean, tot = cnt + nb;
-        mean += delta * (nb / tot);
-        m2 += st[1] + delta * delta * (cnt * nb / tot);
-        cnt = tot;
+        chan_merge(cnt, mean, m2, nb, st[0], st[1]);
     }
     mr[2 * t] = mean;
     mr[2 * t + 1] = rsqrtf(m2 / cnt + eps);

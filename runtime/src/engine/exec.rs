@@ -161,6 +161,19 @@ fn attention_smem(name: &str) -> Option<usize> {
     }
 }
 
+/// The value of `all` whose C number is `v` (read from a timing cache), or an error naming it.
+fn cached_enum<T: Copy>(
+    all: &[T],
+    number: impl Fn(T) -> i32,
+    v: i32,
+    what: &str,
+) -> Result<T, EngineError> {
+    all.iter()
+        .copied()
+        .find(|&x| number(x) == v)
+        .ok_or_else(|| EngineError::Graph(format!("{what} {v} is not one cuDNN has")))
+}
+
 /// Missing libraries, by name (the probe's view), before anything is called.
 pub fn missing_libraries() -> Vec<&'static str> {
     let mut m = Vec::new();
@@ -996,39 +1009,33 @@ impl GpuProgram {
                 }
             };
             use cudnn::cudnnConvolutionFwdAlgo_t as A;
-            p.algo = [
-                A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
-                A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
-                A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
-                A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
-                A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
-                A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
-                A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
-                A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
-            ]
-            .into_iter()
-            .find(|a| *a as i32 == tactic.algo)
-            .ok_or_else(|| {
-                EngineError::Graph(format!(
-                    "timing cache: {key}: algorithm {} is not a cuDNN forward algorithm",
-                    tactic.algo
-                ))
-            })?;
             use cudnn::cudnnMathType_t as M;
-            let math = [
-                M::CUDNN_DEFAULT_MATH,
-                M::CUDNN_TENSOR_OP_MATH,
-                M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
-                M::CUDNN_FMA_MATH,
-            ]
-            .into_iter()
-            .find(|m| *m as i32 == tactic.math)
-            .ok_or_else(|| {
-                EngineError::Graph(format!(
-                    "timing cache: {key}: math type {} is not cuDNN's",
-                    tactic.math
-                ))
-            })?;
+            p.algo = cached_enum(
+                &[
+                    A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                    A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                    A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+                    A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+                    A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+                    A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+                    A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+                    A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+                ],
+                |a| a as i32,
+                tactic.algo,
+                &format!("timing cache: {key}: algorithm"),
+            )?;
+            let math = cached_enum(
+                &[
+                    M::CUDNN_DEFAULT_MATH,
+                    M::CUDNN_TENSOR_OP_MATH,
+                    M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+                    M::CUDNN_FMA_MATH,
+                ],
+                |m| m as i32,
+                tactic.math,
+                &format!("timing cache: {key}: math type"),
+            )?;
             // run what was timed: the algorithm with its math type, and the workspace that pair
             // needs on this cuDNN
             let mut ws = 0usize;
