@@ -1112,9 +1112,45 @@ impl GpuProgram {
                 }
                 Step::Attention { l, s, d, .. } => format!("attention L={l} S={s} d={d}"),
                 Step::Linear { residual, bias, .. } => format!(
-                    "linear{}{}",
+                    "linear{}{}{}",
                     if bias.is_some() { "+bias" } else { "" },
-                    if residual.is_some() { "+res" } else { "" }
+                    if residual.is_some() { "+res" } else { "" },
+                    if self.lt_plans.contains_key(&si) {
+                        " (cublasLt)"
+                    } else {
+                        ""
+                    }
+                ),
+                Step::Copy {
+                    s, in_off, out_off, ..
+                } => {
+                    let kind = if s.transpose_axes().is_some() {
+                        "tiled transpose"
+                    } else if s
+                        .in_units(16 / self.precision.elem_bytes() as i64, *in_off, *out_off)
+                        .is_some()
+                    {
+                        "16-byte units"
+                    } else {
+                        "strided"
+                    };
+                    format!("copy ({kind})")
+                }
+                Step::GroupNorm {
+                    c,
+                    spatial,
+                    groups,
+                    channels_last,
+                    ..
+                } => format!(
+                    "group_norm{}",
+                    if *channels_last {
+                        " channels-last"
+                    } else if group_norm_splits(c / groups * spatial) > 1 {
+                        " split"
+                    } else {
+                        ""
+                    }
                 ),
                 other => other.name().to_string(),
             };
