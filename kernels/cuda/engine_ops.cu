@@ -686,6 +686,8 @@ BOTH(copy_strided, P_COPY(float), P_COPY(half_bits), (out, in, n, s, in_off, out
 // copy_strided over 16-byte units (the launcher divides the innermost extent and every stride
 // and offset by the elements per unit)
 ENTRY(copy_strided, B16, b16, P_COPY(B16), (out, in, n, s, in_off, out_off))
+// int64 tensors (token ids) whatever the engine's float type
+ENTRY(copy_strided, i64, i64, P_COPY(i64), (out, in, n, s, in_off, out_off))
 #define P_TR(T) (T* out, const T* in, Strided s, int ai, int ao, i64 in_off, i64 out_off)
 BOTH(copy_transpose, P_TR(float), P_TR(half_bits), (out, in, s, ai, ao, in_off, out_off))
 #define P_BIN(T) (T* out, const T* x, const T* y, i64 n, int op, Strided s)

@@ -38,6 +38,7 @@ namespace mrt_src_engine_ops {
 #define K2(NAME) K(NAME##_f32) K(NAME##_f16)
 K2(copy_strided)
 K(copy_strided_b16)
+K(copy_strided_i64)
 K2(copy_transpose)
 K2(binary)
 K2(binary_same)

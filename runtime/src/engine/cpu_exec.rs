@@ -69,11 +69,27 @@ pub fn run(
                 in_off,
                 out_off,
             } => {
-                let src = f[*inp].clone();
-                let dst = &mut f[*out];
-                for e in 0..s.numel() as i64 {
-                    let (a, _, c) = s.offsets(e);
-                    dst[(out_off + c) as usize] = src[(in_off + a) as usize];
+                fn copy<T: Copy>(
+                    dst: &mut [T],
+                    src: &[T],
+                    s: &super::program::Strided,
+                    io: i64,
+                    oo: i64,
+                ) {
+                    for e in 0..s.numel() as i64 {
+                        let (a, _, c) = s.offsets(e);
+                        dst[(oo + c) as usize] = src[(io + a) as usize];
+                    }
+                }
+                if p.buffers[*out].dtype == super::program::DType::I64 {
+                    if i[*out].is_empty() {
+                        i[*out] = vec![0; p.buffers[*out].numel];
+                    }
+                    let src = i[*inp].clone();
+                    copy(&mut i[*out], &src, s, *in_off, *out_off);
+                } else {
+                    let src = f[*inp].clone();
+                    copy(&mut f[*out], &src, s, *in_off, *out_off);
                 }
             }
             Step::Binary {

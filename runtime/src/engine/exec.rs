@@ -1173,7 +1173,15 @@ impl GpuProgram {
                     in_off,
                     out_off,
                 } => {
-                    if let Some((ai, ao)) = s.transpose_axes() {
+                    if self.program.buffers[*out].dtype == DType::I64 {
+                        let n = s.numel() as i64;
+                        launch_raw(
+                            dev,
+                            dev.func("copy_strided_i64")?,
+                            launch_cfg(n as usize),
+                            &[&p[*out], &p[*inp], &n, s, in_off, out_off],
+                        )?;
+                    } else if let Some((ai, ao)) = s.transpose_axes() {
                         let batch = s.numel() as i64 / (s.dims[ai] * s.dims[ao]);
                         let cfg = LaunchConfig {
                             grid_dim: (

@@ -273,8 +273,10 @@ impl DevTensor {
     /// The axis order (outermost first) in which the view is dense, if it is a permutation of
     /// a contiguous layout.
     pub fn dense_order(&self) -> Option<Vec<usize>> {
+        // size-1 axes (any stride) outermost, so a layout built from this order keeps the
+        // others' relative strides
         let mut order: Vec<usize> = (0..self.shape.len()).collect();
-        order.sort_by_key(|&k| (std::cmp::Reverse(self.strides[k]), k));
+        order.sort_by_key(|&k| (self.shape[k] != 1, std::cmp::Reverse(self.strides[k]), k));
         self.is_dense_in(&order).then_some(order)
     }
 
@@ -317,6 +319,10 @@ pub fn dense_strides(shape: &[usize], order: &[usize]) -> Vec<i64> {
 /// such (numpy's no-copy reshape): each run of old axes that merges or splits into new axes must
 /// be contiguous within itself.
 pub fn reshape_strides(shape: &[usize], strides: &[i64], new: &[usize]) -> Option<Vec<i64>> {
+    if shape.contains(&0) || new.contains(&0) {
+        // no elements: any layout reads them
+        return Some(contiguous_strides(new));
+    }
     let old: Vec<(usize, i64)> = shape
         .iter()
         .zip(strides)
@@ -845,6 +851,8 @@ impl Planner<'_> {
             return Ok(t);
         }
         let out = self.activation_in(t.shape.clone(), order);
+        // int64 tensors (token ids) stay int64
+        self.buffers[out.buf].dtype = self.buffers[t.buf].dtype;
         self.copy(&out, &t, &t.shape, &t.strides, &out.strides, 0, 0)?;
         Ok(out)
     }
@@ -958,9 +966,28 @@ impl Planner<'_> {
             let Some(&si) = self.writer.get(&main.buf).filter(|_| sole) else {
                 continue;
             };
+            let os: Vec<usize> = other
+                .shape
+                .iter()
+                .copied()
+                .skip_while(|&d| d == 1)
+                .collect();
+            let r = out_shape.len();
             let folds = match &self.steps[si] {
-                Step::LayerNorm { out, add, .. } => *out == main.buf && add.is_none(),
-                Step::Conv(c) => c.nhwc && c.out == main.buf && c.sample_bias.is_none(),
+                Step::LayerNorm { out, add, cols, .. } => {
+                    *out == main.buf
+                        && add.is_none()
+                        && os.len() == 2
+                        && os[1] == *cols
+                        && r >= 2
+                        && out_shape[r - 2] == os[0]
+                }
+                Step::Conv(c) => {
+                    c.nhwc
+                        && c.out == main.buf
+                        && c.sample_bias.is_none()
+                        && other.shape == [c.y_shape[0], c.y_shape[1], 1, 1]
+                }
                 _ => false,
             };
             if !folds {
@@ -982,36 +1009,12 @@ impl Planner<'_> {
             } else {
                 si
             };
-            let os: Vec<usize> = other
-                .shape
-                .iter()
-                .copied()
-                .skip_while(|&d| d == 1)
-                .collect();
-            let r = out_shape.len();
             match &mut self.steps[si] {
-                Step::LayerNorm { out, add, cols, .. }
-                    if *out == main.buf
-                        && add.is_none()
-                        && os.len() == 2
-                        && os[1] == *cols
-                        && r >= 2
-                        && out_shape[r - 2] == os[0] =>
-                {
-                    *add = Some((other.buf, os[0]));
-                    return Some(main.clone());
-                }
-                Step::Conv(c)
-                    if c.nhwc
-                        && c.out == main.buf
-                        && c.sample_bias.is_none()
-                        && other.shape == [c.y_shape[0], c.y_shape[1], 1, 1] =>
-                {
-                    c.sample_bias = Some(other.buf);
-                    return Some(main.clone());
-                }
-                _ => {}
+                Step::LayerNorm { add, .. } => *add = Some((other.buf, os[0])),
+                Step::Conv(c) => c.sample_bias = Some(other.buf),
+                _ => unreachable!("checked above"),
             }
+            return Some(main.clone());
         }
         None
     }
@@ -1040,7 +1043,7 @@ impl Planner<'_> {
                     &self.buffers[d.buf].kind
                 {
                     if d.is_contiguous() {
-                        let key = format!("{name} permuted {perm:?}");
+                        let key = format!("{name} as {shape:?} permuted {perm:?}");
                         if let Some(&b) = self.weight_bufs.get(&key) {
                             return Ok(DevTensor::new(b, out_shape));
                         }
@@ -1329,13 +1332,31 @@ impl Planner<'_> {
                             .collect()
                     }
                     "Flatten" => {
-                        let a = norm_axis(attr_i(n, "axis", 1), shape.len() + 1)?;
+                        // axis in [-rank, rank]: a negative one counts from the end of `shape`
+                        let ax = attr_i(n, "axis", 1);
+                        let ax = if ax < 0 { ax + shape.len() as i64 } else { ax };
+                        let a = norm_axis(ax, shape.len() + 1)?;
                         vec![shape[..a].iter().product(), shape[a..].iter().product()]
                     }
                     _ => shape.clone(),
                 };
                 let v = match x {
-                    Value::Dev(d) => Value::Dev(self.reshape(d, new_shape)?),
+                    Value::Dev(d) => {
+                        if op == "Cast" {
+                            // an alias: only casts within the buffer's kind (float types or
+                            // integer types) keep the values
+                            let to = attr_i(n, "to", 1);
+                            let int = matches!(to, 2..=7 | 12 | 13);
+                            let is_int = self.buffers[d.buf].dtype == DType::I64;
+                            if int != is_int {
+                                return Err(err(format!(
+                                    "Cast {}: the engine does not convert device tensors between integer and float types",
+                                    n.name
+                                )));
+                            }
+                        }
+                        Value::Dev(self.reshape(d, new_shape)?)
+                    }
                     Value::Host(h) => {
                         let mut h = (*h).clone();
                         if op == "Cast" {
@@ -2596,6 +2617,140 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// A graph over named inputs (float unless listed in `ints`) and initializers.
+    fn graph(
+        nodes: Vec<NodeProto>,
+        inputs: &[&str],
+        ints: &[&str],
+        inits: Vec<TensorProto>,
+        output: &str,
+    ) -> ModelProto {
+        use motionrt_onnx::proto::GraphProto;
+        use motionrt_onnx::{value_info, Dim};
+        let io = |n: &str| {
+            let t = if ints.contains(&n) {
+                TensorProtoDataType::Int64
+            } else {
+                TensorProtoDataType::Float
+            };
+            value_info(n, t, &[Dim::Symbolic(format!("{n}0"))])
+        };
+        ModelProto {
+            graph: Some(GraphProto {
+                node: nodes,
+                input: inputs.iter().map(|n| io(n)).collect(),
+                output: vec![io(output)],
+                initializer: inits,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn node(op: &str, ins: &[&str], out: &str, attribute: Vec<AttributeProto>) -> NodeProto {
+        NodeProto {
+            name: out.into(),
+            op_type: op.into(),
+            input: ins.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.into()],
+            attribute,
+            ..Default::default()
+        }
+    }
+
+    use super::super::file::InlineInitializers as Inline;
+
+    #[test]
+    fn flatten_takes_a_negative_axis_from_the_end() {
+        use motionrt_onnx::attr_int;
+        let m = graph(
+            vec![
+                node("Flatten", &["x"], "f", vec![attr_int("axis", -1)]),
+                node("Softmax", &["f"], "y", vec![]),
+            ],
+            &["x"],
+            &[],
+            vec![],
+            "y",
+        );
+        let p = compile(&m, &[("x", vec![2, 3, 4])], &Inline, Layout::Nhwc).unwrap();
+        assert_eq!(p.outputs[0].1.shape, vec![6, 4]);
+        let x: Vec<f32> = (0..24).map(|v| v as f32 / 7.0).collect();
+        let inputs: HashMap<String, Vec<f32>> = [("x".to_string(), x.clone())].into();
+        let out = super::super::cpu_exec::run(&p, &inputs, &HashMap::new(), &|n: &str| {
+            Err(err(format!("no weight {n}")))
+        })
+        .unwrap();
+        for r in 0..6 {
+            let row = &x[r * 4..r * 4 + 4];
+            let z: f32 = row.iter().map(|v| v.exp()).sum();
+            for (c, v) in row.iter().enumerate() {
+                assert!((out[0].2[r * 4 + c] - v.exp() / z).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn int64_views_are_copied_as_int64() {
+        use motionrt_onnx::{attr_ints, tensor_f32};
+        // ids [2, 3] transposed to [3, 2], then rows of a table gathered by them
+        let table: Vec<f32> = (0..40).map(|v| v as f32).collect();
+        let m = graph(
+            vec![
+                node("Transpose", &["ids"], "t", vec![attr_ints("perm", &[1, 0])]),
+                node("Gather", &["table", "t"], "y", vec![]),
+            ],
+            &["ids"],
+            &["ids"],
+            vec![tensor_f32("table", &[10, 4], &table)],
+            "y",
+        );
+        let p = compile(&m, &[("ids", vec![2, 3])], &Inline, Layout::Nhwc).unwrap();
+        let ids = vec![1i64, 2, 3, 7, 8, 9];
+        let out = super::super::cpu_exec::run(
+            &p,
+            &HashMap::new(),
+            &[("ids".to_string(), ids.clone())].into(),
+            &|n: &str| Err(err(format!("no weight {n}"))),
+        )
+        .unwrap();
+        let t = [1, 7, 2, 8, 3, 9]; // ids transposed
+        let want: Vec<f32> = t
+            .iter()
+            .flat_map(|&r| table[r * 4..r * 4 + 4].to_vec())
+            .collect();
+        assert_eq!(out[0].2, want);
+        // a cast of a device tensor between integer and float is refused, not aliased
+        let m = graph(
+            vec![node(
+                "Cast",
+                &["ids"],
+                "y",
+                vec![motionrt_onnx::attr_int("to", 1)],
+            )],
+            &["ids"],
+            &["ids"],
+            vec![],
+            "y",
+        );
+        let e = compile(&m, &[("ids", vec![2, 3])], &Inline, Layout::Nhwc).unwrap_err();
+        assert!(e.to_string().contains("integer and float"), "{e}");
+    }
+
+    #[test]
+    fn size_one_axes_and_empty_tensors_keep_views_simple() {
+        // an unsqueezed [3, 4] (new axis of stride 0) is dense with the new axis outermost
+        let t = DevTensor {
+            buf: 0,
+            shape: vec![1, 3, 4],
+            strides: vec![0, 4, 1],
+        };
+        assert_eq!(t.dense_order(), Some(vec![0, 1, 2]));
+        // empty tensors reshape freely
+        assert_eq!(reshape_strides(&[0, 4], &[4, 1], &[4, 0]), Some(vec![0, 1]));
+        assert_eq!(reshape_strides(&[2, 0], &[0, 1], &[0]), Some(vec![1]));
     }
 
     #[test]
