@@ -5,8 +5,10 @@
 //! `cargo run --release --example engine_floor -- FUSED.onnx [--frames 16 --height 64 --width 64
 //!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35]`
 //!
-//! FUSED.onnx is a graph written by `motionrt build --plan-only` (the UNet; its inputs at
-//! `[batch, 4, frames, height, width]` latents with a 77-token context per frame).
+//! FUSED.onnx is a graph written by `motionrt build --plan-only`: the UNet (inputs at
+//! `[batch, 4, frames, height, width]` latents with a 77-token context per frame), or the VAE
+//! decoder (`[frames, 4, height, width]` latents: one decode call of `frames` frames), chosen by
+//! its file name.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -39,17 +41,24 @@ fn main() -> Res<()> {
         }
     }
     let model = motionrt_onnx::load_model(&path)?;
-    let d = motionrt_onnx::summarize(&model)
-        .inputs
-        .iter()
-        .find(|i| i.name == "encoder_hidden_states")
-        .and_then(|i| i.dims.last()?.parse::<usize>().ok())
-        .ok_or("no encoder_hidden_states [.., .., D] input")?;
-    let inputs = vec![
-        ("sample", vec![b, 4, f, h, w]),
-        ("timestep", vec![b]),
-        ("encoder_hidden_states", vec![b * f, 77, d]),
-    ];
+    let vae = path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("vae_decoder"));
+    let inputs = if vae {
+        vec![("latent", vec![f, 4, h, w])]
+    } else {
+        let d = motionrt_onnx::summarize(&model)
+            .inputs
+            .iter()
+            .find(|i| i.name == "encoder_hidden_states")
+            .and_then(|i| i.dims.last()?.parse::<usize>().ok())
+            .ok_or("no encoder_hidden_states [.., .., D] input")?;
+        vec![
+            ("sample", vec![b, 4, f, h, w]),
+            ("timestep", vec![b]),
+            ("encoder_hidden_states", vec![b * f, 77, d]),
+        ]
+    };
     let prog = program::compile(&model, &inputs, &FileInitializers::new(&path), layout)?;
     let el = 2.0; // float16
     let numel = |buf: usize| prog.buffers[buf].numel as f64;
@@ -125,8 +134,9 @@ fn main() -> Res<()> {
         e.2 += bytes;
     }
     println!(
-        "{} at [{b}, 4, {f}, {h}, {w}], layout {layout:?}: {} steps; floors at {tflops} TFLOP/s and {tbps} TB/s (float16)",
+        "{} at {:?}, layout {layout:?}: {} steps; floors at {tflops} TFLOP/s and {tbps} TB/s (float16)",
         path.display(),
+        inputs[0].1,
         prog.steps.len()
     );
     println!("| steps | kind | GFLOP | GB moved | floor ms |");

@@ -451,9 +451,10 @@ fn build_refuses_a_float16_export_naming_the_file() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
-/// The full SD1.5 + AnimateDiff v2 UNet's engine program on the CPU interpreter, in both layouts,
-/// against ONNX Runtime on the same fused graph: the real architecture's channel counts, head
-/// sizes (40/80/160), mid block and motion modules at a small latent. Minutes; run by hand with
+/// The full SD1.5 + AnimateDiff v2 UNet's engine program (and the SD VAE decoder's and CLIP text
+/// encoder's, when exported) on the CPU interpreter, in both layouts, against ONNX Runtime on the
+/// same fused graph: the real architecture's channel counts, head sizes (40/80/160, the VAE's
+/// 512), mid block and motion modules at a small latent. Minutes; run by hand with
 /// `MOTIONRT_FULL_PLAN=DIR` (a `motionrt build --plan-only` folder of a `synth_sd15` export):
 /// `MOTIONRT_FULL_PLAN=/tmp/full/plan ./scripts/test --test engine_plan -- --ignored`.
 #[test]
@@ -463,24 +464,42 @@ fn full_unet_program_matches_onnx_runtime_in_both_layouts() {
         eprintln!("SKIP: MOTIONRT_FULL_PLAN is not set");
         return;
     };
-    let z = Path::new(&dir).join("unet.onnx");
-    let inputs = vec![
-        ("sample", vec![1usize, 4, 2, 16, 16]),
-        ("timestep", vec![1]),
-        ("encoder_hidden_states", vec![2, 77, 768]),
+    type Inputs = Vec<(&'static str, Vec<usize>)>;
+    let cases: [(&str, Inputs); 3] = [
+        (
+            "unet",
+            vec![
+                ("sample", vec![1, 4, 2, 16, 16]),
+                ("timestep", vec![1]),
+                ("encoder_hidden_states", vec![2, 77, 768]),
+            ],
+        ),
+        // the SD VAE's mid-block attention: 64 tokens, one 512-wide head (as GEMMs)
+        ("vae_decoder", vec![("latent", vec![1, 4, 8, 8])]),
+        ("text_encoder", vec![("input_ids", vec![1, 77])]),
     ];
-    let want = run(&z, &inputs);
-    for layout in [Layout::Nhwc, Layout::Nchw] {
-        let t = std::time::Instant::now();
-        let (prog, got) = run_program(&z, &inputs, layout);
-        for ((name, r), (_, o)) in want.iter().zip(&got) {
-            let s = error_stats(o, r);
-            eprintln!(
-                "full unet.{name} ({layout:?}, {} steps, {:.0} s): {s:?}",
-                prog.steps.len(),
-                t.elapsed().as_secs_f64()
-            );
-            assert!(s.passes(Tolerance::FP32), "{name} {layout:?}: {s:?}");
+    for (graph, inputs) in cases {
+        let z = Path::new(&dir).join(format!("{graph}.onnx"));
+        if !z.exists() {
+            eprintln!("SKIP: {}: not exported", z.display());
+            continue;
+        }
+        let want = run(&z, &inputs);
+        for layout in [Layout::Nhwc, Layout::Nchw] {
+            let t = std::time::Instant::now();
+            let (prog, got) = run_program(&z, &inputs, layout);
+            for ((name, r), (_, o)) in want.iter().zip(&got) {
+                let s = error_stats(o, r);
+                eprintln!(
+                    "full {graph}.{name} ({layout:?}, {} steps, {:.0} s): {s:?}",
+                    prog.steps.len(),
+                    t.elapsed().as_secs_f64()
+                );
+                assert!(
+                    s.passes(Tolerance::FP32),
+                    "{graph}.{name} {layout:?}: {s:?}"
+                );
+            }
         }
     }
 }
