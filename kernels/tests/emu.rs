@@ -1758,14 +1758,14 @@ fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
             &read::<T>(&y),
             &want,
         );
-        // one warp per row (rows up to 1024 wide), 4 rows per block as the engine launches it
+        // one warp per row (rows up to 1024 wide), 8 rows per block as the engine launches it
         if cols <= 1024 {
             let y = out_buf::<T>(x.len());
             launch(
                 emu,
                 &format!("layer_norm_warp_{}", T::SUFFIX),
-                (rows.div_ceil(4) as u32, 1, 1),
-                (128, 1, 1),
+                (rows.div_ceil(8) as u32, 1, 1),
+                (256, 1, 1),
                 0,
                 &[
                     Arg::Buf(&y),
