@@ -85,17 +85,13 @@ pub struct TacticCache {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ConvTactic {
     pub algo: i32,
-    /// The math type cuDNN timed the algorithm with (tensor-op or not); caches written before it
-    /// was recorded read as tensor-op math.
-    #[serde(default = "tensor_op_math")]
-    pub math: i32,
+    /// The math type cuDNN timed the algorithm with (tensor-op or not); absent in caches written
+    /// before it was recorded, which then run the precision's math type (as they were timed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub math: Option<i32>,
     pub workspace: usize,
     /// Median time measured by cuDNN when it was chosen (ms).
     pub ms: f32,
-}
-
-fn tensor_op_math() -> i32 {
-    cudnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH as i32
 }
 
 /// An open GPU with the engine's kernels and library handles.
@@ -1000,7 +996,7 @@ impl GpuProgram {
                         })?;
                     let t = ConvTactic {
                         algo: best.algo as i32,
-                        math: best.mathType as i32,
+                        math: Some(best.mathType as i32),
                         workspace: best.memory,
                         ms: best.time,
                     };
@@ -1033,7 +1029,7 @@ impl GpuProgram {
                     M::CUDNN_FMA_MATH,
                 ],
                 |m| m as i32,
-                tactic.math,
+                tactic.math.unwrap_or(math as i32),
                 &format!("timing cache: {key}: math type"),
             )?;
             // run what was timed: the algorithm with its math type, and the workspace that pair
