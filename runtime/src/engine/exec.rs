@@ -89,6 +89,8 @@ pub struct ConvTactic {
     /// before it was recorded, which then run the precision's math type (as they were timed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub math: Option<i32>,
+    /// Workspace bytes cuDNN reported when timing (a record: at load the executor asks cuDNN for
+    /// the pair's workspace again).
     pub workspace: usize,
     /// Median time measured by cuDNN when it was chosen (ms).
     pub ms: f32,
@@ -349,6 +351,20 @@ pub enum WeightData {
     /// IEEE float16 bits (already converted, as stored in an engine file).
     F16(Vec<u16>),
     I64(Vec<i64>),
+}
+
+impl WeightData {
+    pub fn len(&self) -> usize {
+        match self {
+            WeightData::F32(v) => v.len(),
+            WeightData::F16(v) => v.len(),
+            WeightData::I64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 struct ConvPrep {
@@ -689,11 +705,7 @@ impl GpuProgram {
                 WeightSource::Initializer(n) => weight(n)?,
                 WeightSource::Permuted { name, dims, perm } => {
                     let data = weight(name)?;
-                    let len = match &data {
-                        WeightData::F32(v) => v.len(),
-                        WeightData::F16(v) => v.len(),
-                        WeightData::I64(v) => v.len(),
-                    };
+                    let len = data.len();
                     if len != dims.iter().product::<usize>() {
                         return Err(EngineError::Graph(format!(
                             "weight {name}: {len} values, expected {dims:?}"
