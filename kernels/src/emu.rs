@@ -608,6 +608,9 @@ pub enum Arg<'a> {
     Buf(&'a DeviceBuffer),
     /// A null pointer.
     Null,
+    /// A device address held as a number: host memory the caller owns (an arena carved into
+    /// buffers), as an executor passes `CUdeviceptr`s.
+    Addr(u64),
     /// A `#[repr(C)]` plain-data struct passed by value, as its bytes in memory (native byte
     /// order; padding written explicitly).
     Pod(&'a [u8]),
@@ -620,7 +623,7 @@ impl Arg<'_> {
             Arg::U32(_) => ('u', 4),
             Arg::I64(_) => ('i', 8),
             Arg::F32(_) => ('f', 4),
-            Arg::Buf(_) | Arg::Null => ('p', std::mem::size_of::<*const u8>()),
+            Arg::Buf(_) | Arg::Null | Arg::Addr(_) => ('p', std::mem::size_of::<*const u8>()),
             Arg::Pod(b) => ('s', b.len()),
         };
         Param { kind, size }
@@ -635,6 +638,7 @@ impl Arg<'_> {
             Arg::F32(v) => v.to_ne_bytes().to_vec(),
             Arg::Buf(b) => (b.as_ptr() as usize).to_ne_bytes().to_vec(),
             Arg::Null => 0usize.to_ne_bytes().to_vec(),
+            Arg::Addr(a) => (*a as usize).to_ne_bytes().to_vec(),
             Arg::Pod(b) => b.to_vec(),
         }
     }

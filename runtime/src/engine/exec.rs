@@ -19,10 +19,13 @@ use cudarc::driver::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::program::{
-    permute, plan_memory, BufferKind, ConvStep, DType, MemoryPlan, Program, Step, Strided,
-    WeightSource,
+use super::launch::place_buffers;
+pub use super::launch::WeightData;
+use super::launch::{
+    attention_smem, cast_launch, elementwise_launch, group_norm_scratch, group_norm_splits,
+    step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, LtDesc, LtLayout, Op,
 };
+use super::program::{plan_memory, ConvStep, DType, MemoryPlan, Program, Step, Strided};
 use super::EngineError;
 
 // SAFETY: `Strided` is `#[repr(C)]` plain data matching `struct Strided` in engine_ops.cu.
@@ -142,20 +145,6 @@ fn arch_name(major: i32, minor: i32) -> &'static str {
         (12, _) => "sm_120",
         (m, _) if m > 12 => "sm_120",
         _ => "sm_80",
-    }
-}
-
-/// Dynamic shared memory of the tensor-core attention kernels (engine_ops.cu), by entry name:
-/// `attention_tiled_f16_dDP` two stages of 64-key K and V tiles, `attention_short{M}_f16_dDP`
-/// per warp (4) its Q, K and V tiles of 16·M rows; rows of DP + 8 halves.
-fn attention_smem(name: &str) -> Option<usize> {
-    let (kind, dp) = name.strip_prefix("attention_")?.split_once("_f16_d")?;
-    let pitch = (dp.parse::<usize>().ok()? + 8) * 2;
-    match kind {
-        "tiled" => Some(4 * 64 * pitch),
-        "short1" => Some(4 * 3 * 16 * pitch),
-        "short2" => Some(4 * 3 * 32 * pitch),
-        _ => None,
     }
 }
 
@@ -345,28 +334,6 @@ impl Drop for CudaDevice {
     }
 }
 
-/// Weight values for upload.
-pub enum WeightData {
-    F32(Vec<f32>),
-    /// IEEE float16 bits (already converted, as stored in an engine file).
-    F16(Vec<u16>),
-    I64(Vec<i64>),
-}
-
-impl WeightData {
-    pub fn len(&self) -> usize {
-        match self {
-            WeightData::F32(v) => v.len(),
-            WeightData::F16(v) => v.len(),
-            WeightData::I64(v) => v.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 struct ConvPrep {
     x: cudnn::cudnnTensorDescriptor_t,
     y: cudnn::cudnnTensorDescriptor_t,
@@ -406,16 +373,10 @@ struct LtPlan {
 }
 
 impl LtPlan {
-    /// Row-major `out[m, n] = x[m, k]·w[n, k]ᵀ (+ bias[n]) (+ res[m, n])`, seen column-major as
-    /// `Dᵀ[n × m] = op_T(W)·X` with the bias along D's rows. `None` (with the reason) when
-    /// cuBLASLt has no algorithm for it: the step then runs as a GEMM and a bias/residual pass.
-    fn new(
-        dev: &CudaDevice,
-        precision: Precision,
-        (m, n, k): (usize, usize, usize),
-        bias: Option<u64>,
-        residual: bool,
-    ) -> Result<Self, String> {
+    /// The matmul `d` describes ([`LtDesc::linear`] for a Linear step). An error (with the
+    /// reason) when cuBLASLt has no algorithm for it: the step then runs as a GEMM and a
+    /// bias/residual pass.
+    fn new(dev: &CudaDevice, precision: Precision, d: &LtDesc) -> Result<Self, String> {
         let check = |what: &str, st: lt::cublasStatus_t| {
             if st == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
                 Ok(())
@@ -434,7 +395,7 @@ impl LtPlan {
             c: std::ptr::null_mut(),
             // SAFETY: plain data, filled by the heuristic below.
             algo: unsafe { std::mem::zeroed() },
-            beta: if residual { 1.0 } else { 0.0 },
+            beta: d.beta,
         };
         // SAFETY: descriptors created here are destroyed by Drop (also on the error paths, as
         // `p` is dropped); attribute buffers are locals of the stated sizes.
@@ -453,18 +414,19 @@ impl LtPlan {
                     lt::cublasLtMatmulDescSetAttribute(p.desc, attr, v, len),
                 )
             };
-            let (op_t, op_n) = (1i32, 0i32); // CUBLAS_OP_T, CUBLAS_OP_N
+            // CUBLAS_OP_T = 1, CUBLAS_OP_N = 0
+            let (op_a, op_b) = (d.trans_a as i32, d.trans_b as i32);
             set(
                 lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-                &op_t as *const i32 as *const c_void,
+                &op_a as *const i32 as *const c_void,
                 4,
             )?;
             set(
                 lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
-                &op_n as *const i32 as *const c_void,
+                &op_b as *const i32 as *const c_void,
                 4,
             )?;
-            if let Some(ptr) = bias {
+            if let Some(ptr) = d.bias {
                 let epi = lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
                 set(
                     lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
@@ -477,15 +439,15 @@ impl LtPlan {
                     8,
                 )?;
             }
-            let layout = |l: &mut lt::cublasLtMatrixLayout_t, rows: usize, cols: usize| {
+            let layout = |l: &mut lt::cublasLtMatrixLayout_t, d: &LtLayout| {
                 check(
                     "cublasLtMatrixLayoutCreate",
-                    lt::cublasLtMatrixLayoutCreate(l, dt, rows as u64, cols as u64, rows as i64),
+                    lt::cublasLtMatrixLayoutCreate(l, dt, d.rows, d.cols, d.ld),
                 )
             };
-            layout(&mut p.a, k, n)?; // W stored [n, k] row-major = k × n column-major
-            layout(&mut p.b, k, m)?; // X stored [m, k] row-major = k × m column-major
-            layout(&mut p.c, n, m)?; // out and residual [m, n] row-major = n × m column-major
+            layout(&mut p.a, &d.a)?;
+            layout(&mut p.b, &d.b)?;
+            layout(&mut p.c, &d.c)?;
             let mut pref: lt::cublasLtMatmulPreference_t = std::ptr::null_mut();
             check(
                 "cublasLtMatmulPreferenceCreate",
@@ -523,9 +485,10 @@ impl LtPlan {
     }
 
     /// Enqueue on the device's stream.
-    fn run(&self, dev: &CudaDevice, w: u64, x: u64, res: u64, out: u64) -> Result<(), EngineError> {
+    fn run(&self, dev: &CudaDevice, call: &LtCall) -> Result<(), EngineError> {
         let alpha = 1f32;
-        let c = if self.beta != 0.0 { res } else { out };
+        let (w, x, out) = (call.a, call.b, call.out);
+        let c = if self.beta != 0.0 { call.res } else { out };
         // SAFETY: pointers are the program's buffers with the shapes the layouts describe.
         let st = unsafe {
             lt::cublasLtMatmul(
@@ -607,48 +570,6 @@ pub struct GpuProgram {
     pub weight_bytes: usize,
 }
 
-/// Values per block of a GroupNorm group (`group_norm_stats`/`group_norm_apply`); groups that
-/// fit in one chunk take the single-kernel `group_norm`.
-const GROUP_NORM_CHUNK: usize = 16384;
-
-/// Blocks per GroupNorm group of `count` values.
-fn group_norm_splits(count: usize) -> usize {
-    count.div_ceil(GROUP_NORM_CHUNK)
-}
-
-/// Positions per block of a channels-last GroupNorm (about [`GROUP_NORM_CHUNK`] values).
-fn nhwc_chunk(c: usize) -> usize {
-    GROUP_NORM_CHUNK.div_ceil(c.max(1))
-}
-
-/// float32 scratch of a GroupNorm step: partial statistics, and for channels-last the merged
-/// mean and inverse deviation per (sample, group) after them.
-fn group_norm_scratch(n: usize, c: usize, spatial: usize, groups: usize, cl: bool) -> usize {
-    if cl {
-        n * spatial.div_ceil(nhwc_chunk(c)) * groups * 2 + n * groups * 2
-    } else {
-        match group_norm_splits(c / groups * spatial) {
-            1 => 0,
-            splits => n * groups * splits * 2,
-        }
-    }
-}
-
-fn launch_cfg(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(256).clamp(1, 132 * 32) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-fn f16_bits(v: &[f32]) -> Vec<u16> {
-    v.iter()
-        .map(|&x| half::f16::from_f32(x).to_bits())
-        .collect()
-}
-
 impl GpuProgram {
     /// Upload `program`'s weights, place its arena, choose convolution algorithms (timed on the
     /// GPU unless `tactics` already has them; new choices are added to it).
@@ -670,101 +591,21 @@ impl GpuProgram {
             .map_err(|e| gpu_err("arena", e))?;
         let (base, g) = arena.device_ptr(s);
         drop(g);
-        let mut ptrs = vec![0u64; program.buffers.len()];
         let mut weights = Vec::new();
-        let mut weight_bytes = 0;
-        let mut by_name: HashMap<String, u64> = HashMap::new();
-        // weights no step reads (an initializer replaced by its permuted copy) stay on the host
-        let mut read = vec![false; program.buffers.len()];
-        for st in &program.steps {
-            for r in st.io().0 {
-                read[r] = true;
-            }
-        }
-        for (_, t) in &program.outputs {
-            read[t.buf] = true;
-        }
-        for (i, b) in program.buffers.iter().enumerate() {
-            if let Some(off) = memory.offsets[i] {
-                ptrs[i] = base + off as u64;
-                continue;
-            }
-            let BufferKind::Weight(src) = &b.kind else {
-                continue;
-            };
-            if !read[i] {
-                continue;
-            }
-            if let WeightSource::Initializer(n) = src {
-                if let Some(&p) = by_name.get(n) {
-                    ptrs[i] = p;
-                    continue;
-                }
-            }
-            let data = match src {
-                WeightSource::Initializer(n) => weight(n)?,
-                WeightSource::Permuted { name, dims, perm } => {
-                    let data = weight(name)?;
-                    let len = data.len();
-                    if len != dims.iter().product::<usize>() {
-                        return Err(EngineError::Graph(format!(
-                            "weight {name}: {len} values, expected {dims:?}"
-                        )));
-                    }
-                    match data {
-                        WeightData::F32(v) => WeightData::F32(permute(&v, dims, perm)),
-                        WeightData::F16(v) => WeightData::F16(permute(&v, dims, perm)),
-                        WeightData::I64(v) => WeightData::I64(permute(&v, dims, perm)),
-                    }
-                }
-                WeightSource::Computed(v) => WeightData::F32((**v).clone()),
-                WeightSource::ComputedI64(v) => WeightData::I64((**v).clone()),
-            };
-            let bytes: Vec<u8> = match (data, b.dtype, precision) {
-                (WeightData::I64(v), DType::I64, _) => {
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-                }
-                (WeightData::F32(v), DType::Float, Precision::Fp32) => {
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-                }
-                (WeightData::F32(v), DType::Float, Precision::Fp16) => {
-                    f16_bits(&v).iter().flat_map(|x| x.to_le_bytes()).collect()
-                }
-                (WeightData::F16(v), DType::Float, Precision::Fp16) => {
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-                }
-                (WeightData::F16(v), DType::Float, Precision::Fp32) => v
-                    .iter()
-                    .flat_map(|&x| half::f16::from_bits(x).to_f32().to_le_bytes())
-                    .collect(),
-                _ => {
-                    return Err(EngineError::Graph(format!(
-                        "weight {src:?}: wrong element type"
-                    )))
-                }
-            };
-            let want = b.numel * if b.dtype == DType::I64 { 8 } else { eb };
-            if bytes.len() != want {
-                return Err(EngineError::Graph(format!(
-                    "weight {}: {} bytes, the program needs {want}",
-                    match src {
-                        WeightSource::Initializer(name) | WeightSource::Permuted { name, .. } =>
-                            name.as_str(),
-                        _ => "(computed)",
-                    },
-                    bytes.len()
-                )));
-            }
-            weight_bytes += bytes.len();
-            let d = s.clone_htod(&bytes).map_err(|e| gpu_err("upload", e))?;
-            let (p, g) = d.device_ptr(s);
-            drop(g);
-            ptrs[i] = p;
-            if let WeightSource::Initializer(n) = src {
-                by_name.insert(n.clone(), p);
-            }
-            weights.push(d);
-        }
+        let (ptrs, weight_bytes) = place_buffers(
+            &program,
+            &memory,
+            base,
+            precision,
+            weight,
+            &mut |bytes: &[u8]| {
+                let d = s.clone_htod(bytes).map_err(|e| gpu_err("upload", e))?;
+                let (p, g) = d.device_ptr(s);
+                drop(g);
+                weights.push(d);
+                Ok(p)
+            },
+        )?;
         let mut staging_in = Vec::new();
         for (_, t) in &program.inputs {
             staging_in.push(
@@ -772,28 +613,7 @@ impl GpuProgram {
                     .map_err(|e| gpu_err("alloc", e))?,
             );
         }
-        let stats_len = program
-            .steps
-            .iter()
-            .filter_map(|st| match st {
-                Step::GroupNorm {
-                    n,
-                    c,
-                    spatial,
-                    groups,
-                    channels_last,
-                    ..
-                } => Some(group_norm_scratch(
-                    *n,
-                    *c,
-                    *spatial,
-                    *groups,
-                    *channels_last,
-                )),
-                _ => None,
-            })
-            .filter(|&len| len > 0)
-            .max();
+        let stats_len = Some(group_norm_scratch(&program)).filter(|&n| n > 0);
         let norm_stats = match stats_len {
             Some(len) => Some(s.alloc_zeros::<f32>(len).map_err(|e| gpu_err("alloc", e))?),
             None => None,
@@ -839,8 +659,8 @@ impl GpuProgram {
             if bias.is_none() && residual.is_none() {
                 continue;
             }
-            let b = bias.map(|b| self.ptrs[b]);
-            match LtPlan::new(dev, self.precision, (*m, *n, *k), b, residual.is_some()) {
+            let d = LtDesc::linear((*m, *n, *k), bias.map(|b| self.ptrs[b]), residual.is_some());
+            match LtPlan::new(dev, self.precision, &d) {
                 Ok(p) => {
                     self.lt_plans.insert(i, p);
                 }
@@ -888,15 +708,16 @@ impl GpuProgram {
                 algo: cudnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
             };
             let i32s = |v: usize| v as i32;
+            let d = ConvDesc::of(&c)?;
             // dimensions stay in NCHW order; the format says how they are stored
-            let fmt = if c.nhwc { nhwc } else { nchw };
+            let fmt = if d.nhwc { nhwc } else { nchw };
             // SAFETY: descriptors are created here and destroyed in Drop.
             unsafe {
                 check_dnn("desc", cudnn::cudnnCreateTensorDescriptor(&mut p.x))?;
                 check_dnn("desc", cudnn::cudnnCreateTensorDescriptor(&mut p.y))?;
                 check_dnn("desc", cudnn::cudnnCreateFilterDescriptor(&mut p.w))?;
                 check_dnn("desc", cudnn::cudnnCreateConvolutionDescriptor(&mut p.conv))?;
-                let [n, ch, h, w] = c.x_shape;
+                let [n, ch, h, w] = d.x;
                 check_dnn(
                     "x desc",
                     cudnn::cudnnSetTensor4dDescriptor(
@@ -909,7 +730,7 @@ impl GpuProgram {
                         i32s(w),
                     ),
                 )?;
-                let [n, ch, h, w] = c.y_shape;
+                let [n, ch, h, w] = d.y;
                 check_dnn(
                     "y desc",
                     cudnn::cudnnSetTensor4dDescriptor(
@@ -922,7 +743,7 @@ impl GpuProgram {
                         i32s(w),
                     ),
                 )?;
-                let [o, ci, kh, kw] = c.w_shape;
+                let [o, ci, kh, kw] = d.w;
                 check_dnn(
                     "w desc",
                     cudnn::cudnnSetFilter4dDescriptor(
@@ -935,22 +756,16 @@ impl GpuProgram {
                         i32s(kw),
                     ),
                 )?;
-                if c.pads[0] != c.pads[2] || c.pads[1] != c.pads[3] {
-                    return Err(EngineError::Graph(format!(
-                        "Conv with asymmetric padding {:?} is not supported by the CUDA engine yet",
-                        c.pads
-                    )));
-                }
                 check_dnn(
                     "conv desc",
                     cudnn::cudnnSetConvolution2dDescriptor(
                         p.conv,
-                        i32s(c.pads[0]),
-                        i32s(c.pads[1]),
-                        i32s(c.strides[0]),
-                        i32s(c.strides[1]),
-                        i32s(c.dilations[0]),
-                        i32s(c.dilations[1]),
+                        i32s(d.pads[0]),
+                        i32s(d.pads[1]),
+                        i32s(d.strides[0]),
+                        i32s(d.strides[1]),
+                        i32s(d.dilations[0]),
+                        i32s(d.dilations[1]),
                         cudnn::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
                         cudnn::cudnnDataType_t::CUDNN_DATA_FLOAT,
                     ),
@@ -958,7 +773,7 @@ impl GpuProgram {
                 check_dnn("math", cudnn::cudnnSetConvolutionMathType(p.conv, math))?;
                 check_dnn(
                     "group",
-                    cudnn::cudnnSetConvolutionGroupCount(p.conv, c.group as i32),
+                    cudnn::cudnnSetConvolutionGroupCount(p.conv, d.group as i32),
                 )?;
             }
             let key = format!("{} {}", c.problem(), self.precision.suffix());
@@ -1074,17 +889,6 @@ impl GpuProgram {
         Ok(())
     }
 
-    fn launch(
-        &self,
-        dev: &CudaDevice,
-        name: &str,
-        cfg: LaunchConfig,
-        args: &[&dyn Arg],
-    ) -> Result<(), EngineError> {
-        let f = dev.func(&format!("{name}_{}", self.precision.suffix()))?;
-        launch_raw(dev, f, cfg, args)
-    }
-
     /// Enqueue every step on the stream (no synchronization).
     fn enqueue(&self, dev: &CudaDevice) -> Result<(), EngineError> {
         for si in 0..self.program.steps.len() {
@@ -1167,175 +971,40 @@ impl GpuProgram {
         Ok(out)
     }
 
+    /// What step `si` enqueues (kernel choice, launch shapes, arguments, library calls).
+    fn step_ops(&self, dev: &CudaDevice, si: usize) -> Result<Vec<Op>, EngineError> {
+        let norm_stats = match &self.norm_stats {
+            Some(s) => {
+                let (p, g) = s.device_ptr(&dev.stream);
+                drop(g);
+                p
+            }
+            None => 0,
+        };
+        let lt = |i: usize| self.lt_plans.contains_key(&i);
+        let ctx = Ctx {
+            precision: self.precision,
+            ptrs: &self.ptrs,
+            norm_stats,
+            smem_optin: dev.smem_optin,
+            lt: &lt,
+        };
+        step_ops(&self.program, si, &ctx)
+    }
+
     fn enqueue_step(&self, dev: &CudaDevice, si: usize) -> Result<(), EngineError> {
-        let p = &self.ptrs;
-        let null = 0u64;
-        let opt = |b: &Option<usize>| b.map_or(0u64, |b| p[b]);
-        {
-            let step = &self.program.steps[si];
-            match step {
-                Step::Copy {
-                    out,
-                    inp,
-                    s,
-                    in_off,
-                    out_off,
-                } => {
-                    if self.program.buffers[*out].dtype == DType::I64 {
-                        let n = s.numel() as i64;
-                        launch_raw(
-                            dev,
-                            dev.func("copy_strided_i64")?,
-                            launch_cfg(n as usize),
-                            &[&p[*out], &p[*inp], &n, s, in_off, out_off],
-                        )?;
-                    } else if let Some((ai, ao)) = s.transpose_axes() {
-                        let batch = s.numel() as i64 / (s.dims[ai] * s.dims[ao]);
-                        let cfg = LaunchConfig {
-                            grid_dim: (
-                                (s.dims[ai] + 31) as u32 / 32,
-                                (s.dims[ao] + 31) as u32 / 32,
-                                batch as u32,
-                            ),
-                            block_dim: (32, 8, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        let (ai, ao) = (ai as i32, ao as i32);
-                        self.launch(
-                            dev,
-                            "copy_transpose",
-                            cfg,
-                            &[&p[*out], &p[*inp], s, &ai, &ao, in_off, out_off],
-                        )?;
-                    } else if let Some((u, io, oo)) =
-                        s.in_units(16 / self.precision.elem_bytes() as i64, *in_off, *out_off)
-                    {
-                        // rows contiguous on both sides: 16 bytes per thread
-                        let n = u.numel() as i64;
-                        launch_raw(
-                            dev,
-                            dev.func("copy_strided_b16")?,
-                            launch_cfg(n as usize),
-                            &[&p[*out], &p[*inp], &n, &u, &io, &oo],
-                        )?;
-                    } else {
-                        let n = s.numel() as i64;
-                        self.launch(
-                            dev,
-                            "copy_strided",
-                            launch_cfg(n as usize),
-                            &[&p[*out], &p[*inp], &n, s, in_off, out_off],
-                        )?;
-                    }
+        for op in self.step_ops(dev, si)? {
+            match op {
+                Op::Kernel(l) => launch_op(dev, &l)?,
+                Op::Gemm(g) => self.gemm(dev, &g)?,
+                Op::Lt(c) => {
+                    let plan = self.lt_plans.get(&si).ok_or_else(|| {
+                        EngineError::Graph(format!("step {si}: no cuBLASLt plan"))
+                    })?;
+                    plan.run(dev, &c)?;
                 }
-                Step::Binary {
-                    out,
-                    a,
-                    b,
-                    op,
-                    s,
-                    n,
-                } => {
-                    let nn = *n as i64;
-                    let o = *op as i32;
-                    match s {
-                        None => self.launch(
-                            dev,
-                            "binary_same",
-                            launch_cfg(*n),
-                            &[&p[*out], &p[*a], &p[*b], &nn, &o],
-                        )?,
-                        Some(s) => self.launch(
-                            dev,
-                            "binary",
-                            launch_cfg(*n),
-                            &[&p[*out], &p[*a], &p[*b], &nn, &o, s],
-                        )?,
-                    }
-                }
-                Step::Unary { out, inp, op, n } => {
-                    let nn = *n as i64;
-                    let o = *op as i32;
-                    self.launch(dev, "unary", launch_cfg(*n), &[&p[*out], &p[*inp], &nn, &o])?;
-                }
-                Step::Fill { out, n, value } => {
-                    let nn = *n as i64;
-                    self.launch(dev, "fill", launch_cfg(*n), &[&p[*out], &nn, value])?;
-                }
-                Step::Linear {
-                    out,
-                    x,
-                    w,
-                    bias,
-                    residual,
-                    m,
-                    n,
-                    k,
-                } => {
-                    if let Some(plan) = self.lt_plans.get(&si) {
-                        let res = residual.map_or(0, |r| p[r]);
-                        plan.run(dev, p[*w], p[*x], res, p[*out])?;
-                        return Ok(());
-                    }
-                    self.gemm(
-                        dev,
-                        p[*w],
-                        p[*x],
-                        p[*out],
-                        (*n, *m, *k),
-                        (true, false),
-                        (*k, *k, *n),
-                        (0, 0, 0),
-                        1,
-                        1.0,
-                    )?;
-                    if bias.is_some() || residual.is_some() {
-                        let (rows, cols) = (*m as i64, *n as i64);
-                        self.launch(
-                            dev,
-                            "bias_residual",
-                            launch_cfg(m * n),
-                            &[
-                                &p[*out],
-                                &opt(bias),
-                                &0u64,
-                                &opt(residual),
-                                &rows,
-                                &cols,
-                                &rows,
-                            ],
-                        )?;
-                    }
-                }
-                Step::MatMul {
-                    out,
-                    a,
-                    b,
-                    batch,
-                    m,
-                    n,
-                    k,
-                    b_stride,
-                    trans_b,
-                    alpha,
-                } => {
-                    // row-major out = a·op(b) is column-major outᵀ = op(b)ᵀ·aᵀ
-                    let ldb = if *trans_b { *k } else { *n };
-                    self.gemm(
-                        dev,
-                        p[*b],
-                        p[*a],
-                        p[*out],
-                        (*n, *m, *k),
-                        (*trans_b, false),
-                        (ldb, *k, *n),
-                        (*b_stride, m * k, m * n),
-                        *batch,
-                        *alpha,
-                    )?;
-                }
-                Step::Conv(c) => {
-                    let prep = &self.convs[&si];
+                Op::Conv(c) => {
+                    let prep = &self.convs[&c.step];
                     let (one, zero) = (1f32, 0f32);
                     let (ws, ws_len) = self.conv_ws_ptr;
                     // SAFETY: descriptors match the buffers' shapes (from the program).
@@ -1346,358 +1015,17 @@ impl GpuProgram {
                                 dev.dnn,
                                 &one as *const f32 as *const c_void,
                                 prep.x,
-                                p[c.x] as *const c_void,
+                                c.x as *const c_void,
                                 prep.w,
-                                p[c.w] as *const c_void,
+                                c.w as *const c_void,
                                 prep.conv,
                                 prep.algo,
                                 ws as *mut c_void,
                                 ws_len,
                                 &zero as *const f32 as *const c_void,
                                 prep.y,
-                                p[c.out] as *mut c_void,
+                                c.y as *mut c_void,
                             ),
-                        )?;
-                    }
-                    if c.nhwc
-                        && (c.bias.is_some() || c.residual.is_some() || c.sample_bias.is_some())
-                    {
-                        // channels innermost: the GEMM epilogue's row-wise bias, plus the
-                        // per-sample bias over each sample's H·W rows
-                        let cols = c.y_shape[1] as i64;
-                        let rps = (c.y_shape[2] * c.y_shape[3]) as i64;
-                        let rows = c.y_shape[0] as i64 * rps;
-                        self.launch(
-                            dev,
-                            "bias_residual",
-                            launch_cfg((rows * cols) as usize),
-                            &[
-                                &p[c.out],
-                                &opt(&c.bias),
-                                &opt(&c.sample_bias),
-                                &opt(&c.residual),
-                                &rows,
-                                &cols,
-                                &rps,
-                            ],
-                        )?;
-                    } else if c.bias.is_some() || c.residual.is_some() {
-                        let total = c.y_shape.iter().product::<usize>() as i64;
-                        let (ch, sp) = (c.y_shape[1] as i64, (c.y_shape[2] * c.y_shape[3]) as i64);
-                        self.launch(
-                            dev,
-                            "channel_bias",
-                            launch_cfg(total as usize),
-                            &[
-                                &p[c.out],
-                                &opt(&c.bias),
-                                &opt(&c.residual),
-                                &total,
-                                &ch,
-                                &sp,
-                            ],
-                        )?;
-                    }
-                }
-                Step::GroupNorm {
-                    out,
-                    x,
-                    gamma,
-                    beta,
-                    n,
-                    c,
-                    spatial,
-                    groups,
-                    eps,
-                    silu,
-                    channels_last,
-                } => {
-                    let (ci, sp, g, si_) =
-                        (*c as i32, *spatial as i64, *groups as i32, *silu as i32);
-                    let splits = group_norm_splits(c / groups * spatial);
-                    if *channels_last {
-                        // statistics per chunk of positions, merged per (sample, group), applied
-                        let chunk = nhwc_chunk(*c);
-                        let parts = spatial.div_ceil(chunk);
-                        let stats = self.norm_stats.as_ref().expect("sized at load");
-                        let (st, guard) = stats.device_ptr(&dev.stream);
-                        drop(guard);
-                        let mr = st + (n * parts * groups * 2 * 4) as u64;
-                        let ch = chunk as i64;
-                        self.launch(
-                            dev,
-                            "group_norm_nhwc_stats",
-                            LaunchConfig {
-                                grid_dim: (*n as u32, parts as u32, 1),
-                                block_dim: (256, 1, 1),
-                                shared_mem_bytes: (c * 4) as u32,
-                            },
-                            &[&st, &p[*x], &ci, &sp, &g, &ch],
-                        )?;
-                        let (ni, pi) = (*n as i32, parts as i32);
-                        launch_raw(
-                            dev,
-                            dev.func("group_norm_nhwc_finalize")?,
-                            LaunchConfig {
-                                grid_dim: ((n * groups).div_ceil(256) as u32, 1, 1),
-                                block_dim: (256, 1, 1),
-                                shared_mem_bytes: 0,
-                            },
-                            &[&mr, &st, &ni, &ci, &sp, &g, &ch, &pi, eps],
-                        )?;
-                        let total = (n * c * spatial) as i64;
-                        self.launch(
-                            dev,
-                            "group_norm_nhwc_apply",
-                            launch_cfg(total as usize),
-                            &[
-                                &p[*out], &p[*x], &mr, &p[*gamma], &p[*beta], &ci, &sp, &g, &total,
-                                &si_,
-                            ],
-                        )?;
-                    } else if splits == 1 {
-                        let cfg = LaunchConfig {
-                            grid_dim: ((n * groups) as u32, 1, 1),
-                            block_dim: (512, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        self.launch(
-                            dev,
-                            "group_norm",
-                            cfg,
-                            &[
-                                &p[*out], &p[*x], &p[*gamma], &p[*beta], &ci, &sp, &g, eps, &si_,
-                            ],
-                        )?;
-                    } else {
-                        // too large for one block per group: statistics per chunk, then every
-                        // chunk normalised by its own block
-                        let cfg = LaunchConfig {
-                            grid_dim: ((n * groups) as u32, splits as u32, 1),
-                            block_dim: (256, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        let stats = self.norm_stats.as_ref().expect("sized at load");
-                        let (st, guard) = stats.device_ptr(&dev.stream);
-                        drop(guard);
-                        let chunk = GROUP_NORM_CHUNK as i64;
-                        self.launch(
-                            dev,
-                            "group_norm_stats",
-                            cfg,
-                            &[&st, &p[*x], &ci, &sp, &g, &chunk],
-                        )?;
-                        self.launch(
-                            dev,
-                            "group_norm_apply",
-                            cfg,
-                            &[
-                                &p[*out], &p[*x], &st, &p[*gamma], &p[*beta], &ci, &sp, &g, &chunk,
-                                eps, &si_,
-                            ],
-                        )?;
-                    }
-                }
-                Step::LayerNorm {
-                    out,
-                    x,
-                    gamma,
-                    beta,
-                    add,
-                    rows,
-                    cols,
-                    eps,
-                } => {
-                    let c = *cols as i32;
-                    let (ap, period) = add.map_or((0u64, 1i32), |(t, per)| (p[t], per as i32));
-                    if *cols <= 1024 {
-                        // one warp per row, 8 rows per block
-                        let cfg = LaunchConfig {
-                            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
-                            block_dim: (256, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        let r = *rows as i64;
-                        self.launch(
-                            dev,
-                            "layer_norm_warp",
-                            cfg,
-                            &[
-                                &p[*out],
-                                &p[*x],
-                                &p[*gamma],
-                                &opt(beta),
-                                &ap,
-                                &period,
-                                &r,
-                                &c,
-                                eps,
-                            ],
-                        )?;
-                    } else {
-                        let cfg = LaunchConfig {
-                            grid_dim: (*rows as u32, 1, 1),
-                            block_dim: (256, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        self.launch(
-                            dev,
-                            "layer_norm",
-                            cfg,
-                            &[
-                                &p[*out],
-                                &p[*x],
-                                &p[*gamma],
-                                &opt(beta),
-                                &ap,
-                                &period,
-                                &c,
-                                eps,
-                            ],
-                        )?;
-                    }
-                }
-                Step::Softmax { out, x, rows, cols } => {
-                    let cfg = LaunchConfig {
-                        grid_dim: (*rows as u32, 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
-                    let c = *cols as i32;
-                    self.launch(dev, "softmax", cfg, &[&p[*out], &p[*x], &c])?;
-                }
-                Step::Geglu {
-                    out,
-                    x,
-                    bias,
-                    rows,
-                    d,
-                } => {
-                    let (r, dd) = (*rows as i64, *d as i64);
-                    self.launch(
-                        dev,
-                        "geglu",
-                        launch_cfg(rows * d),
-                        &[&p[*out], &p[*x], &opt(bias), &r, &dd],
-                    )?;
-                }
-                Step::Gather {
-                    out,
-                    table,
-                    ids,
-                    n_ids,
-                    row,
-                    n_rows,
-                } => {
-                    let (a, b, c) = (*n_ids as i64, *row as i64, *n_rows as i64);
-                    self.launch(
-                        dev,
-                        "gather_rows",
-                        launch_cfg(n_ids * row),
-                        &[&p[*out], &p[*table], &p[*ids], &a, &b, &c],
-                    )?;
-                }
-                Step::Attention {
-                    out,
-                    q,
-                    k,
-                    v,
-                    bias,
-                    n,
-                    l,
-                    s,
-                    heads,
-                    d,
-                    scale,
-                } => {
-                    // float16 without a bias: the tensor-core kernels (the compiler leaves
-                    // only heads they take, `fused_attention_head`); one warp per (sequence,
-                    // head) for the short attention over frames, 128-row blocks otherwise
-                    let fused = self.precision == Precision::Fp16
-                        && bias.is_none()
-                        && super::program::fused_attention_head(*d);
-                    let (li, si_, hi, di) = (*l as i32, *s as i32, *heads as i32, *d as i32);
-                    if fused {
-                        let dp = d.div_ceil(16) * 16;
-                        let short = format!("attention_short{}_f16_d{dp}", 1 + (*l > 16) as usize);
-                        // one warp per sequence where this GPU's shared memory allows it
-                        let fits = |k: &str| attention_smem(k).is_some_and(|b| b <= dev.smem_optin);
-                        let (name, grid, block) = if *l <= 32 && fits(&short) {
-                            (short, ((n * heads).div_ceil(4) as u32, 1, 1), 128)
-                        } else {
-                            (
-                                format!("attention_tiled_f16_d{dp}"),
-                                (l.div_ceil(128) as u32, *heads as u32, *n as u32),
-                                256,
-                            )
-                        };
-                        if !fits(&name) {
-                            return Err(EngineError::Graph(format!(
-                                "{name} needs {} bytes of shared memory per block; this GPU allows {}",
-                                attention_smem(&name).unwrap_or(0),
-                                dev.smem_optin
-                            )));
-                        }
-                        let cfg = LaunchConfig {
-                            grid_dim: grid,
-                            block_dim: (block, 1, 1),
-                            shared_mem_bytes: attention_smem(&name).expect("an attention kernel")
-                                as u32,
-                        };
-                        let f = dev.func(&name)?;
-                        let ni = *n as i32;
-                        if name.starts_with("attention_short") {
-                            launch_raw(
-                                dev,
-                                f,
-                                cfg,
-                                &[
-                                    &p[*q], &p[*k], &p[*v], &p[*out], &ni, &li, &si_, &hi, &di,
-                                    scale,
-                                ],
-                            )?;
-                        } else {
-                            launch_raw(
-                                dev,
-                                f,
-                                cfg,
-                                &[&p[*q], &p[*k], &p[*v], &p[*out], &li, &si_, &hi, &di, scale],
-                            )?;
-                        }
-                    } else {
-                        let shared = 2 * s * d * 4;
-                        if shared > 200 * 1024 || *d > 256 {
-                            return Err(EngineError::Graph(format!(
-                                "attention over {s} keys of size {d} in {:?} is not supported by the CUDA engine (use fp16)",
-                                self.precision
-                            )));
-                        }
-                        let cfg = LaunchConfig {
-                            grid_dim: (*n as u32, *heads as u32, 1),
-                            block_dim: (32 * (*l).clamp(1, 8) as u32, 1, 1),
-                            shared_mem_bytes: shared as u32,
-                        };
-                        let (bp, bh) = match bias {
-                            Some((b, h)) => (p[*b], *h as i32),
-                            None => (null, 1),
-                        };
-                        let f =
-                            dev.func(&format!("temporal_attention_{}", self.precision.suffix()))?;
-                        if shared > 48 * 1024 {
-                            f.set_attribute(
-                                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                shared as i32,
-                            )
-                            .map_err(|e| gpu_err("shared memory", e))?;
-                        }
-                        launch_raw(
-                            dev,
-                            f,
-                            cfg,
-                            &[
-                                &p[*q], &p[*k], &p[*v], &bp, &p[*out], &li, &si_, &hi, &di, &bh,
-                                scale,
-                            ],
                         )?;
                     }
                 }
@@ -1706,21 +1034,8 @@ impl GpuProgram {
         Ok(())
     }
 
-    /// Column-major cuBLAS GEMM `C[m×n] = alpha·op(A)·op(B)` (row-major callers swap operands).
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        dev: &CudaDevice,
-        a: u64,
-        b: u64,
-        c: u64,
-        (m, n, k): (usize, usize, usize),
-        (ta, tb): (bool, bool),
-        (lda, ldb, ldc): (usize, usize, usize),
-        (sa, sb, sc): (usize, usize, usize),
-        batch: usize,
-        alpha: f32,
-    ) -> Result<(), EngineError> {
+    /// One [`GemmCall`] through `cublasGemmStridedBatchedEx`.
+    fn gemm(&self, dev: &CudaDevice, g: &GemmCall) -> Result<(), EngineError> {
         let dt = match self.precision {
             Precision::Fp32 => cublas::cudaDataType_t::CUDA_R_32F,
             Precision::Fp16 => cublas::cudaDataType_t::CUDA_R_16F,
@@ -1739,26 +1054,26 @@ impl GpuProgram {
                 "cublasGemmStridedBatchedEx",
                 cublas::cublasGemmStridedBatchedEx(
                     dev.blas,
-                    op(ta),
-                    op(tb),
-                    m as i32,
-                    n as i32,
-                    k as i32,
-                    &alpha as *const f32 as *const c_void,
-                    a as *const c_void,
+                    op(g.trans_a),
+                    op(g.trans_b),
+                    g.m as i32,
+                    g.n as i32,
+                    g.k as i32,
+                    &g.alpha as *const f32 as *const c_void,
+                    g.a as *const c_void,
                     dt,
-                    lda as i32,
-                    sa as i64,
-                    b as *const c_void,
+                    g.lda as i32,
+                    g.stride_a as i64,
+                    g.b as *const c_void,
                     dt,
-                    ldb as i32,
-                    sb as i64,
+                    g.ldb as i32,
+                    g.stride_b as i64,
                     &zero as *const f32 as *const c_void,
-                    c as *mut c_void,
+                    g.c as *mut c_void,
                     dt,
-                    ldc as i32,
-                    sc as i64,
-                    batch as i32,
+                    g.ldc as i32,
+                    g.stride_c as i64,
+                    g.batch as i32,
                     cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                     cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 ),
@@ -1821,12 +1136,9 @@ impl GpuProgram {
                 .map_err(|e| gpu_err("upload", e))?;
             let (src, g) = self.staging_in[k].device_ptr(&dev.stream);
             drop(g);
-            let n = v.len() as i64;
-            launch_raw(
+            launch_op(
                 dev,
-                dev.func(&format!("cast_from_f32_{}", self.precision.suffix()))?,
-                launch_cfg(v.len()),
-                &[&dst, &src, &n],
+                &cast_launch("cast_from_f32", self.precision, dst, src, v.len()),
             )?;
         }
         Ok(())
@@ -1915,12 +1227,9 @@ impl GpuProgram {
             let src = self.ptrs[t.buf];
             let (dst, g) = slot.staging[o].device_ptr(&dev.stream);
             drop(g);
-            let n = t.numel() as i64;
-            launch_raw(
+            launch_op(
                 dev,
-                dev.func(&format!("cast_to_f32_{}", self.precision.suffix()))?,
-                launch_cfg(t.numel()),
-                &[&dst, &src, &n],
+                &cast_launch("cast_to_f32", self.precision, dst, src, t.numel()),
             )?;
         }
         slot.computed
@@ -1972,13 +1281,14 @@ impl GpuProgram {
     pub fn poison(&self, dev: &CudaDevice) -> Result<(), EngineError> {
         let (base, g) = self.arena.device_ptr(&dev.stream);
         drop(g);
-        let n = (self.memory.arena_bytes / self.precision.elem_bytes()) as i64;
-        let nan = f32::NAN;
-        launch_raw(
+        let n = self.memory.arena_bytes / self.precision.elem_bytes();
+        launch_op(
             dev,
-            dev.func(&format!("fill_{}", self.precision.suffix()))?,
-            launch_cfg(n as usize),
-            &[&base, &n, &nan],
+            &elementwise_launch(
+                format!("fill_{}", self.precision.suffix()),
+                n,
+                vec![KArg::Ptr(base), KArg::I64(n as i64), KArg::F32(f32::NAN)],
+            ),
         )
     }
 
@@ -2015,52 +1325,33 @@ impl GpuProgram {
     }
 }
 
-/// A kernel argument.
-pub trait Arg {
-    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
-}
-impl<T: DeviceRepr> Arg for T {
-    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
-        b.arg(self);
+/// Enqueue one [`Launch`] on the device's stream.
+fn launch_op(dev: &CudaDevice, l: &Launch) -> Result<(), EngineError> {
+    let f = dev.func(&l.kernel)?;
+    if l.opt_in {
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            l.smem as i32,
+        )
+        .map_err(|e| gpu_err("shared memory", e))?;
     }
-}
-
-fn launch_raw(
-    dev: &CudaDevice,
-    f: &CudaFunction,
-    cfg: LaunchConfig,
-    args: &[&dyn Arg],
-) -> Result<(), EngineError> {
+    let cfg = LaunchConfig {
+        grid_dim: l.grid,
+        block_dim: l.block,
+        shared_mem_bytes: l.smem,
+    };
     let mut b = dev.stream.launch_builder(f);
-    for a in args {
-        a.push(&mut b);
+    for a in &l.args {
+        match a {
+            KArg::Ptr(v) => b.arg(v),
+            KArg::I32(v) => b.arg(v),
+            KArg::I64(v) => b.arg(v),
+            KArg::F32(v) => b.arg(v),
+            KArg::Strided(v) => b.arg(v),
+        };
     }
     // SAFETY: argument lists match the kernels' signatures in engine_ops.cu and
-    // temporal_attention.cu (checked by tests/engine_gpu.rs against the CPU interpreter).
+    // temporal_attention.cu (the same lists run in the CUDA emulator: tests/engine_emu.rs).
     unsafe { b.launch(cfg) }.map_err(|e| gpu_err("launch", e))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn attention_shared_memory_follows_the_kernels_layout() {
-        // rows of DP + 8 halves: 64-key K and V tiles in two stages; per warp Q, K, V tiles
-        assert_eq!(
-            attention_smem("attention_tiled_f16_d48"),
-            Some(4 * 64 * 56 * 2)
-        );
-        assert_eq!(
-            attention_smem("attention_short1_f16_d160"),
-            Some(4 * 3 * 16 * 168 * 2)
-        );
-        assert_eq!(
-            attention_smem("attention_short2_f16_d16"),
-            Some(4 * 3 * 32 * 24 * 2)
-        );
-        assert_eq!(attention_smem("layer_norm_f16"), None);
-        assert_eq!(attention_smem("attention_tiled_f16_dxx"), None);
-    }
 }

@@ -11,9 +11,11 @@
 //! graphs); [`file`] builds, keys, writes and loads engine folders.
 
 pub mod cpu_exec;
+pub mod emulated;
 pub mod exec;
 pub mod file;
 pub mod fuse;
+pub mod launch;
 pub mod program;
 pub mod source;
 

@@ -1,0 +1,537 @@
+//! The CUDA executor's host side, run on the CPU: a compiled [`Program`] executed step by step
+//! from the very [`Op`] lists [`exec`](super::exec) enqueues on a GPU ([`step_ops`]), with the
+//! very buffer placement ([`place_buffers`], [`plan_memory`]). Kernel launches run the real
+//! kernel sources in the CUDA emulator (`motionrt_kernels::emu`: argument kinds checked against
+//! each kernel's signature, barriers, warp collectives, `mma.sync`, `ldmatrix`, `cp.async`);
+//! the library calls run on the CPU by their documented semantics, from the values their
+//! descriptors are given: `cublasGemmStridedBatchedEx` (column-major, `op`, leading dimensions,
+//! batch strides), the cuBLASLt matmul (layouts, bias epilogue along D's rows, β·C) and cuDNN's
+//! forward convolution (NCHW/NHWC tensors, `[k, c, r, s]`/`[k, r, s, c]` filters). Launch limits
+//! a GPU enforces (grid extents, threads per block, dynamic shared memory above 48 KiB without
+//! opting in) are errors here too, and every library operand must lie inside one allocation.
+//!
+//! Test infrastructure, like the emulator: slow (every thread is a fiber), for tiny shapes.
+
+use motionrt_kernels::emu::{Arg, DeviceBuffer, Emu};
+
+use super::exec::Precision;
+use super::launch::{
+    attention_smem, cast_launch, group_norm_scratch, place_buffers, step_ops, ConvDesc, Ctx,
+    GemmCall, KArg, Launch, LtCall, Op, WeightData,
+};
+use super::program::{plan_memory, DType, MemoryPlan, Outputs, Program, Step, Strided};
+use super::EngineError;
+
+fn err(msg: String) -> EngineError {
+    EngineError::Graph(msg)
+}
+
+/// Dynamic shared memory a block may use without opting in.
+const SMEM_DEFAULT: usize = 48 * 1024;
+
+/// A program loaded into emulated device memory.
+pub struct EmuProgram<'e> {
+    emu: &'e Emu,
+    pub program: Program,
+    pub memory: MemoryPlan,
+    pub precision: Precision,
+    arena: DeviceBuffer,
+    weights: Vec<DeviceBuffer>,
+    ptrs: Vec<u64>,
+    norm_stats: Option<DeviceBuffer>,
+    /// Linear steps with a bias or residual run as cuBLASLt matmuls (else GEMM + pass).
+    lt: bool,
+    smem_optin: usize,
+    /// Launches per kernel entry point, and library calls (`cublas`, `cublasLt`, `cudnn`).
+    pub calls: std::collections::BTreeMap<String, usize>,
+    /// Seconds spent emulating each of them.
+    pub seconds: std::collections::BTreeMap<String, f64>,
+}
+
+impl<'e> EmuProgram<'e> {
+    /// Place `program` as [`GpuProgram::load`](super::exec::GpuProgram::load) does: the arena
+    /// filled with `0xFF` bytes (NaN in both precisions), so a value read before it is written
+    /// shows. `smem_optin`: the emulated GPU's opt-in shared memory per block (an H100's is
+    /// 232448 bytes); `lt`: whether cuBLASLt takes the Linear epilogues.
+    pub fn load(
+        emu: &'e Emu,
+        program: Program,
+        precision: Precision,
+        weight: &dyn Fn(&str) -> Result<WeightData, EngineError>,
+        smem_optin: usize,
+        lt: bool,
+    ) -> Result<Self, EngineError> {
+        let eb = precision.elem_bytes();
+        let memory = plan_memory(&program, |d| match d {
+            DType::Float => eb,
+            DType::I64 => 8,
+        });
+        let arena = DeviceBuffer::filled(memory.arena_bytes.max(256), 0xFF);
+        let mut weights = Vec::new();
+        let (ptrs, _) = place_buffers(
+            &program,
+            &memory,
+            arena.as_ptr() as u64,
+            precision,
+            weight,
+            &mut |bytes: &[u8]| {
+                let b = DeviceBuffer::from_slice(bytes);
+                let p = b.as_ptr() as u64;
+                weights.push(b);
+                Ok(p)
+            },
+        )?;
+        let stats = group_norm_scratch(&program);
+        let norm_stats = (stats > 0).then(|| DeviceBuffer::filled(stats * 4, 0xFF));
+        Ok(Self {
+            emu,
+            program,
+            memory,
+            precision,
+            arena,
+            weights,
+            ptrs,
+            norm_stats,
+            lt,
+            smem_optin,
+            calls: Default::default(),
+            seconds: Default::default(),
+        })
+    }
+
+    /// Run once: float32 inputs (int64 through `ids`) in, float32 outputs out, through the
+    /// executor's casts.
+    pub fn run(
+        &mut self,
+        inputs: &[(&str, &[f32])],
+        ids: &[(&str, &[i64])],
+    ) -> Result<Outputs, EngineError> {
+        let mut staging = Vec::new();
+        for (name, t) in self.program.inputs.clone() {
+            let dst = self.ptrs[t.buf];
+            if self.program.buffers[t.buf].dtype == DType::I64 {
+                let v = ids
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .ok_or_else(|| err(format!("input {name} (int64) not given")))?
+                    .1;
+                if v.len() != t.numel() {
+                    return Err(err(format!("input {name}: {} values", v.len())));
+                }
+                self.check_range(dst, v.len() * 8, &name)?;
+                // SAFETY: the range lies in the arena (checked above).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), dst as *mut i64, v.len());
+                }
+                continue;
+            }
+            let v = inputs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .ok_or_else(|| err(format!("input {name} not given")))?
+                .1;
+            if v.len() != t.numel() {
+                return Err(err(format!("input {name}: {} values", v.len())));
+            }
+            let src = DeviceBuffer::from_slice(v);
+            let l = cast_launch(
+                "cast_from_f32",
+                self.precision,
+                dst,
+                src.as_ptr() as u64,
+                v.len(),
+            );
+            staging.push(src);
+            self.kernel(&l)?;
+        }
+        for si in 0..self.program.steps.len() {
+            let norm_stats = self.norm_stats.as_ref().map_or(0, |b| b.as_ptr() as u64);
+            let lt_on = self.lt;
+            let is_lt = move |_: usize| lt_on;
+            let ctx = Ctx {
+                precision: self.precision,
+                ptrs: &self.ptrs,
+                norm_stats,
+                smem_optin: self.smem_optin,
+                lt: &is_lt,
+            };
+            let ops = step_ops(&self.program, si, &ctx)?;
+            for op in ops {
+                let what = format!("step {si} ({})", self.program.steps[si].name());
+                let t = std::time::Instant::now();
+                let label = match &op {
+                    Op::Kernel(l) => l.kernel.clone(),
+                    Op::Gemm(_) => "cublas gemm".into(),
+                    Op::Lt(_) => "cublasLt matmul".into(),
+                    Op::Conv(_) => "cudnn convolution".into(),
+                };
+                match op {
+                    Op::Kernel(l) => self.kernel(&l),
+                    Op::Gemm(g) => self.gemm(&g),
+                    Op::Lt(c) => self.lt_matmul(&c),
+                    Op::Conv(c) => self.conv(c.step, c.x, c.w, c.y),
+                }
+                .map_err(|e| err(format!("{what}: {e}")))?;
+                *self.seconds.entry(label).or_default() += t.elapsed().as_secs_f64();
+            }
+        }
+        let mut out = Vec::new();
+        for (name, t) in self.program.outputs.clone() {
+            let dst = DeviceBuffer::filled(t.numel().max(1) * 4, 0xFF);
+            let l = cast_launch(
+                "cast_to_f32",
+                self.precision,
+                dst.as_ptr() as u64,
+                self.ptrs[t.buf],
+                t.numel(),
+            );
+            self.kernel(&l)?;
+            let mut v = dst.to_vec::<f32>();
+            v.truncate(t.numel());
+            out.push((name, t.shape.clone(), v));
+        }
+        Ok(out)
+    }
+
+    /// The allocation holding `[ptr, ptr + bytes)`, or an error naming the operand.
+    fn check_range(&self, ptr: u64, bytes: usize, what: &str) -> Result<(), EngineError> {
+        let inside = |b: &DeviceBuffer| {
+            let base = b.as_ptr() as u64;
+            ptr >= base && ptr + bytes as u64 <= base + b.len_bytes() as u64
+        };
+        let ok = inside(&self.arena)
+            || self.weights.iter().any(inside)
+            || self.norm_stats.as_ref().is_some_and(inside);
+        if ok || bytes == 0 {
+            Ok(())
+        } else {
+            Err(err(format!(
+                "{what}: {bytes} bytes at {ptr:#x} lie outside every allocation"
+            )))
+        }
+    }
+
+    fn count(&mut self, what: &str) {
+        *self.calls.entry(what.to_string()).or_default() += 1;
+    }
+
+    fn kernel(&mut self, l: &Launch) -> Result<(), EngineError> {
+        let (g, b) = (l.grid, l.block);
+        if g.0 == 0 || g.1 == 0 || g.2 == 0 || g.1 > 65535 || g.2 > 65535 || g.0 > i32::MAX as u32 {
+            return Err(err(format!("{}: grid {g:?} is not launchable", l.kernel)));
+        }
+        let threads = b.0 * b.1 * b.2;
+        if threads == 0 || threads > 1024 || b.2 > 64 {
+            return Err(err(format!("{}: block {b:?} is not launchable", l.kernel)));
+        }
+        let smem = l.smem as usize;
+        // the device opens the attention kernels up to their size where the GPU allows it
+        let opted = if l.opt_in {
+            smem
+        } else {
+            attention_smem(&l.kernel)
+                .filter(|&s| s <= self.smem_optin)
+                .unwrap_or(0)
+        };
+        if smem > SMEM_DEFAULT.max(opted) || smem > self.smem_optin {
+            return Err(err(format!(
+                "{}: {smem} bytes of dynamic shared memory (limit {} without opting in, {} with)",
+                l.kernel, SMEM_DEFAULT, self.smem_optin
+            )));
+        }
+        let strided: Vec<Vec<u8>> = l
+            .args
+            .iter()
+            .filter_map(|a| match a {
+                KArg::Strided(s) => Some(strided_bytes(s)),
+                _ => None,
+            })
+            .collect();
+        let mut pods = strided.iter();
+        let args: Vec<Arg<'_>> = l
+            .args
+            .iter()
+            .map(|a| match a {
+                KArg::Ptr(0) => Arg::Null,
+                KArg::Ptr(p) => Arg::Addr(*p),
+                KArg::I32(v) => Arg::I32(*v),
+                KArg::I64(v) => Arg::I64(*v),
+                KArg::F32(v) => Arg::F32(*v),
+                KArg::Strided(_) => Arg::Pod(pods.next().expect("one per Strided")),
+            })
+            .collect();
+        // SAFETY: the addresses are this program's buffers, sized by the compiler and the plan
+        // for the shapes the launch's other arguments give — what this check is for: a wrong
+        // size shows as a wrong result or a crash of the test, not of a GPU.
+        unsafe { self.emu.launch(&l.kernel, g, b, smem, &args) }
+            .map_err(|e| err(format!("{}: {e}", l.kernel)))?;
+        self.count(&l.kernel);
+        Ok(())
+    }
+
+    fn eb(&self) -> usize {
+        self.precision.elem_bytes()
+    }
+
+    /// `n` elements of the precision's type at `ptr`, as f32 (bounds-checked).
+    fn read(&self, ptr: u64, n: usize, what: &str) -> Result<Vec<f32>, EngineError> {
+        self.check_range(ptr, n * self.eb(), what)?;
+        // SAFETY: the range lies inside one allocation (checked above); any bit pattern is a
+        // valid f32/u16.
+        Ok(unsafe {
+            match self.precision {
+                Precision::Fp32 => std::slice::from_raw_parts(ptr as *const f32, n).to_vec(),
+                Precision::Fp16 => std::slice::from_raw_parts(ptr as *const u16, n)
+                    .iter()
+                    .map(|&h| half::f16::from_bits(h).to_f32())
+                    .collect(),
+            }
+        })
+    }
+
+    /// Store f32 values at `ptr` in the precision's type (float16 rounded to nearest).
+    fn write(&self, ptr: u64, v: &[f32], what: &str) -> Result<(), EngineError> {
+        self.check_range(ptr, v.len() * self.eb(), what)?;
+        // SAFETY: as in `read`; nothing else runs while a library call is emulated.
+        unsafe {
+            match self.precision {
+                Precision::Fp32 => {
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), ptr as *mut f32, v.len())
+                }
+                Precision::Fp16 => {
+                    let h: Vec<u16> = v
+                        .iter()
+                        .map(|&x| half::f16::from_f32(x).to_bits())
+                        .collect();
+                    std::ptr::copy_nonoverlapping(h.as_ptr(), ptr as *mut u16, h.len())
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `cublasGemmStridedBatchedEx`, column-major, β = 0, float32 accumulation.
+    fn gemm(&mut self, g: &GemmCall) -> Result<(), EngineError> {
+        let (m, n, k) = (g.m, g.n, g.k);
+        // cuBLAS's own argument checks (CUBLAS_STATUS_INVALID_VALUE)
+        let (ra, rb) = (if g.trans_a { k } else { m }, if g.trans_b { n } else { k });
+        if g.lda < ra.max(1) || g.ldb < rb.max(1) || g.ldc < m.max(1) {
+            return Err(err(format!(
+                "cublasGemmStridedBatchedEx: leading dimensions {}/{}/{} below {ra}/{rb}/{m}",
+                g.lda, g.ldb, g.ldc
+            )));
+        }
+        // extent of one matrix stored column-major with `rows` rows, `cols` columns
+        let span = |rows: usize, cols: usize, ld: usize| {
+            if rows == 0 || cols == 0 {
+                0
+            } else {
+                (cols - 1) * ld + rows
+            }
+        };
+        let (ca, cb) = (if g.trans_a { m } else { k }, if g.trans_b { k } else { n });
+        let eb = self.eb() as u64;
+        for bi in 0..g.batch {
+            let pa = g.a + (bi * g.stride_a) as u64 * eb;
+            let pb = g.b + (bi * g.stride_b) as u64 * eb;
+            let pc = g.c + (bi * g.stride_c) as u64 * eb;
+            let a = self.read(pa, span(ra, ca, g.lda), "GEMM A")?;
+            let b = self.read(pb, span(rb, cb, g.ldb), "GEMM B")?;
+            let mut c = self.read(pc, span(m, n, g.ldc), "GEMM C")?;
+            for j in 0..n {
+                for i in 0..m {
+                    let mut acc = 0f32;
+                    for p in 0..k {
+                        let av = if g.trans_a {
+                            a[p + i * g.lda]
+                        } else {
+                            a[i + p * g.lda]
+                        };
+                        let bv = if g.trans_b {
+                            b[j + p * g.ldb]
+                        } else {
+                            b[p + j * g.ldb]
+                        };
+                        acc += av * bv;
+                    }
+                    c[i + j * g.ldc] = g.alpha * acc;
+                }
+            }
+            self.write(pc, &c, "GEMM C")?;
+        }
+        self.count("cublas gemm");
+        Ok(())
+    }
+
+    /// A cuBLASLt matmul: `D = op(A)·op(B) (+ bias[row]) + β·C`, C and D in one layout.
+    fn lt_matmul(&mut self, c: &LtCall) -> Result<(), EngineError> {
+        let d = &c.desc;
+        for (name, l) in [("A", d.a), ("B", d.b), ("C", d.c)] {
+            if l.ld < l.rows as i64 {
+                return Err(err(format!(
+                    "cublasLt layout {name}: ld {} < rows {}",
+                    l.ld, l.rows
+                )));
+            }
+        }
+        let dims = |l: super::launch::LtLayout, t: bool| {
+            if t {
+                (l.cols as usize, l.rows as usize)
+            } else {
+                (l.rows as usize, l.cols as usize)
+            }
+        };
+        let ((m, ka), (kb, n)) = (dims(d.a, d.trans_a), dims(d.b, d.trans_b));
+        if ka != kb || (m, n) != (d.c.rows as usize, d.c.cols as usize) {
+            return Err(err(format!(
+                "cublasLt: op(A) {m}×{ka}, op(B) {kb}×{n}, D {}×{}",
+                d.c.rows, d.c.cols
+            )));
+        }
+        let len =
+            |l: super::launch::LtLayout| (l.cols as usize - 1) * l.ld as usize + l.rows as usize;
+        let a = self.read(c.a, len(d.a), "cublasLt A")?;
+        let b = self.read(c.b, len(d.b), "cublasLt B")?;
+        let cm = if d.beta != 0.0 {
+            Some(self.read(c.res, len(d.c), "cublasLt C")?)
+        } else {
+            None
+        };
+        let bias = match d.bias {
+            Some(p) => Some(self.read(p, m, "cublasLt bias")?),
+            None => None,
+        };
+        let mut out = self.read(c.out, len(d.c), "cublasLt D")?;
+        let (lda, ldb, ldc) = (d.a.ld as usize, d.b.ld as usize, d.c.ld as usize);
+        for j in 0..n {
+            for i in 0..m {
+                let mut acc = 0f32;
+                for p in 0..ka {
+                    let av = if d.trans_a {
+                        a[p + i * lda]
+                    } else {
+                        a[i + p * lda]
+                    };
+                    let bv = if d.trans_b {
+                        b[j + p * ldb]
+                    } else {
+                        b[p + j * ldb]
+                    };
+                    acc += av * bv;
+                }
+                if let Some(bias) = &bias {
+                    acc += bias[i];
+                }
+                if let Some(cm) = &cm {
+                    acc += d.beta * cm[i + j * ldc];
+                }
+                out[i + j * ldc] = acc;
+            }
+        }
+        self.write(c.out, &out, "cublasLt D")?;
+        self.count("cublasLt matmul");
+        Ok(())
+    }
+
+    /// cuDNN's forward convolution (cross-correlation, α = 1, β = 0) of Conv step `si`.
+    fn conv(&mut self, si: usize, x: u64, w: u64, y: u64) -> Result<(), EngineError> {
+        let Step::Conv(c) = &self.program.steps[si] else {
+            return Err(err(format!("step {si} is not a convolution")));
+        };
+        let d = ConvDesc::of(c)?;
+        let [n, ci, h, wd] = d.x;
+        let [ko, cg, r, s] = d.w;
+        let [yn, yc, yh, yw] = d.y;
+        let g = d.group;
+        // cudnnGetConvolution2dForwardOutputDim
+        let out = |i: usize, p: usize, k: usize, st: usize, dl: usize| {
+            (i + 2 * p)
+                .checked_sub(dl * (k - 1) + 1)
+                .map(|v| v / st + 1)
+        };
+        let want = (
+            n,
+            ko,
+            out(h, d.pads[0], r, d.strides[0], d.dilations[0]),
+            out(wd, d.pads[1], s, d.strides[1], d.dilations[1]),
+        );
+        if g == 0 || ci != cg * g || ko % g != 0 || want != (yn, yc, Some(yh), Some(yw)) {
+            return Err(err(format!(
+                "cuDNN: x {:?}, w {:?}, group {g} give y {want:?}, the descriptor says {:?}",
+                d.x, d.w, d.y
+            )));
+        }
+        // element offsets of (n, c, h, w) and of a filter's (k, c, r, s) in the stated format
+        let xi = |b: usize, cc: usize, hh: usize, ww: usize| {
+            if d.nhwc {
+                ((b * h + hh) * wd + ww) * ci + cc
+            } else {
+                ((b * ci + cc) * h + hh) * wd + ww
+            }
+        };
+        let yi = |b: usize, cc: usize, hh: usize, ww: usize| {
+            if d.nhwc {
+                ((b * yh + hh) * yw + ww) * yc + cc
+            } else {
+                ((b * yc + cc) * yh + hh) * yw + ww
+            }
+        };
+        let wi = |k: usize, cc: usize, rr: usize, ss: usize| {
+            if d.nhwc {
+                ((k * r + rr) * s + ss) * cg + cc
+            } else {
+                ((k * cg + cc) * r + rr) * s + ss
+            }
+        };
+        let xv = self.read(x, n * ci * h * wd, "cuDNN x")?;
+        let wv = self.read(w, ko * cg * r * s, "cuDNN w")?;
+        let mut yv = vec![0f32; yn * yc * yh * yw];
+        let kpg = ko / g;
+        for b in 0..n {
+            for k in 0..ko {
+                let c0 = (k / kpg) * cg;
+                for oh in 0..yh {
+                    for ow in 0..yw {
+                        let mut acc = 0f32;
+                        for cc in 0..cg {
+                            for rr in 0..r {
+                                let ih = (oh * d.strides[0] + rr * d.dilations[0]) as isize
+                                    - d.pads[0] as isize;
+                                if ih < 0 || ih >= h as isize {
+                                    continue;
+                                }
+                                for ss in 0..s {
+                                    let iw = (ow * d.strides[1] + ss * d.dilations[1]) as isize
+                                        - d.pads[1] as isize;
+                                    if iw < 0 || iw >= wd as isize {
+                                        continue;
+                                    }
+                                    acc += xv[xi(b, c0 + cc, ih as usize, iw as usize)]
+                                        * wv[wi(k, cc, rr, ss)];
+                                }
+                            }
+                        }
+                        yv[yi(b, k, oh, ow)] = acc;
+                    }
+                }
+            }
+        }
+        self.write(y, &yv, "cuDNN y")?;
+        self.count("cudnn convolution");
+        Ok(())
+    }
+}
+
+/// `struct Strided` as the kernel parameter's bytes.
+fn strided_bytes(s: &Strided) -> Vec<u8> {
+    let mut v = Vec::with_capacity(std::mem::size_of::<Strided>());
+    v.extend(s.rank.to_ne_bytes());
+    v.extend(s.pad_.to_ne_bytes());
+    for a in [&s.dims, &s.a, &s.b, &s.c] {
+        for x in a.iter() {
+            v.extend(x.to_ne_bytes());
+        }
+    }
+    debug_assert_eq!(v.len(), std::mem::size_of::<Strided>());
+    v
+}

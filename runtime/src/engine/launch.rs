@@ -1,0 +1,1018 @@
+//! What the CUDA executor enqueues for each step of a [`Program`], as plain data: kernel
+//! launches (entry name, grid, block, shared memory, arguments), cuBLAS GEMMs, cuBLASLt matmuls
+//! and cuDNN convolutions with the values their descriptors are given. [`exec`](super::exec)
+//! turns these into driver and library calls; [`emulated`](super::emulated) runs the very same
+//! list on the CPU (the kernels in the CUDA emulator, the library calls by their documented
+//! semantics), which is how the executor's host side — kernel choice, launch shapes, argument
+//! lists, scratch placement, descriptor values — is checked on a machine without a GPU.
+
+use std::collections::HashMap;
+
+use super::exec::Precision;
+use super::program::{
+    permute, BufferKind, DType, MemoryPlan, Program, Step, Strided, WeightSource,
+};
+use super::EngineError;
+
+/// Weight values for upload.
+pub enum WeightData {
+    F32(Vec<f32>),
+    /// IEEE float16 bits (already converted, as stored in an engine file).
+    F16(Vec<u16>),
+    I64(Vec<i64>),
+}
+
+impl WeightData {
+    pub fn len(&self) -> usize {
+        match self {
+            WeightData::F32(v) => v.len(),
+            WeightData::F16(v) => v.len(),
+            WeightData::I64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn f16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter()
+        .map(|&x| half::f16::from_f32(x).to_bits())
+        .collect()
+}
+
+/// Every buffer's device address: activations at their arena offsets from `base`, weights as
+/// `upload` places them — converted to the precision's element type (float16 rounded to
+/// nearest), permuted copies made, an initializer read by several buffers uploaded once, and
+/// weights no step reads (an initializer replaced by its permuted copy) left on the host.
+/// Returns the addresses and the bytes uploaded.
+pub fn place_buffers(
+    program: &Program,
+    memory: &MemoryPlan,
+    base: u64,
+    precision: Precision,
+    weight: &dyn Fn(&str) -> Result<WeightData, EngineError>,
+    upload: &mut dyn FnMut(&[u8]) -> Result<u64, EngineError>,
+) -> Result<(Vec<u64>, usize), EngineError> {
+    let eb = precision.elem_bytes();
+    let mut ptrs = vec![0u64; program.buffers.len()];
+    let mut weight_bytes = 0;
+    let mut by_name: HashMap<String, u64> = HashMap::new();
+    // weights no step reads (an initializer replaced by its permuted copy) stay on the host
+    let mut read = vec![false; program.buffers.len()];
+    for st in &program.steps {
+        for r in st.io().0 {
+            read[r] = true;
+        }
+    }
+    for (_, t) in &program.outputs {
+        read[t.buf] = true;
+    }
+    for (i, b) in program.buffers.iter().enumerate() {
+        if let Some(off) = memory.offsets[i] {
+            ptrs[i] = base + off as u64;
+            continue;
+        }
+        let BufferKind::Weight(src) = &b.kind else {
+            continue;
+        };
+        if !read[i] {
+            continue;
+        }
+        if let WeightSource::Initializer(n) = src {
+            if let Some(&p) = by_name.get(n) {
+                ptrs[i] = p;
+                continue;
+            }
+        }
+        let data = match src {
+            WeightSource::Initializer(n) => weight(n)?,
+            WeightSource::Permuted { name, dims, perm } => {
+                let data = weight(name)?;
+                let len = data.len();
+                if len != dims.iter().product::<usize>() {
+                    return Err(EngineError::Graph(format!(
+                        "weight {name}: {len} values, expected {dims:?}"
+                    )));
+                }
+                match data {
+                    WeightData::F32(v) => WeightData::F32(permute(&v, dims, perm)),
+                    WeightData::F16(v) => WeightData::F16(permute(&v, dims, perm)),
+                    WeightData::I64(v) => WeightData::I64(permute(&v, dims, perm)),
+                }
+            }
+            WeightSource::Computed(v) => WeightData::F32((**v).clone()),
+            WeightSource::ComputedI64(v) => WeightData::I64((**v).clone()),
+        };
+        let bytes: Vec<u8> = match (data, b.dtype, precision) {
+            (WeightData::I64(v), DType::I64, _) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            (WeightData::F32(v), DType::Float, Precision::Fp32) => {
+                v.iter().flat_map(|x| x.to_le_bytes()).collect()
+            }
+            (WeightData::F32(v), DType::Float, Precision::Fp16) => {
+                f16_bits(&v).iter().flat_map(|x| x.to_le_bytes()).collect()
+            }
+            (WeightData::F16(v), DType::Float, Precision::Fp16) => {
+                v.iter().flat_map(|x| x.to_le_bytes()).collect()
+            }
+            (WeightData::F16(v), DType::Float, Precision::Fp32) => v
+                .iter()
+                .flat_map(|&x| half::f16::from_bits(x).to_f32().to_le_bytes())
+                .collect(),
+            _ => {
+                return Err(EngineError::Graph(format!(
+                    "weight {src:?}: wrong element type"
+                )))
+            }
+        };
+        let want = b.numel * if b.dtype == DType::I64 { 8 } else { eb };
+        if bytes.len() != want {
+            return Err(EngineError::Graph(format!(
+                "weight {}: {} bytes, the program needs {want}",
+                match src {
+                    WeightSource::Initializer(name) | WeightSource::Permuted { name, .. } =>
+                        name.as_str(),
+                    _ => "(computed)",
+                },
+                bytes.len()
+            )));
+        }
+        weight_bytes += bytes.len();
+        let p = upload(&bytes)?;
+        ptrs[i] = p;
+        if let WeightSource::Initializer(n) = src {
+            by_name.insert(n.clone(), p);
+        }
+    }
+    Ok((ptrs, weight_bytes))
+}
+
+/// A kernel argument, by value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KArg {
+    /// A device address.
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+    /// `struct Strided` of engine_ops.cu, by value.
+    Strided(Strided),
+}
+
+/// One kernel launch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    /// The entry point's full name (`layer_norm_warp_f16`, `attention_tiled_f16_d48`, ...).
+    pub kernel: String,
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory bytes.
+    pub smem: u32,
+    /// Set the kernel's dynamic shared memory limit to `smem` before launching (above 48 KiB,
+    /// for a kernel not already opted in when the device opened).
+    pub opt_in: bool,
+    pub args: Vec<KArg>,
+}
+
+/// `cublasGemmStridedBatchedEx` in column-major terms: `C[m×n] = alpha·op(A)·op(B)` (β = 0),
+/// float32 accumulation, the precision's element type for A, B and C.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GemmCall {
+    pub a: u64,
+    pub b: u64,
+    pub c: u64,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+    pub batch: usize,
+    pub alpha: f32,
+}
+
+/// A column-major cuBLASLt matrix layout: rows, columns, leading dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LtLayout {
+    pub rows: u64,
+    pub cols: u64,
+    pub ld: i64,
+}
+
+/// The values of a cuBLASLt matmul's descriptors: `D = op(A)·op(B) (+ bias along D's rows)
+/// + beta·C`, with C and D sharing `c`'s layout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LtDesc {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub a: LtLayout,
+    pub b: LtLayout,
+    pub c: LtLayout,
+    /// `CUBLASLT_EPILOGUE_BIAS` with this bias vector (D's element type).
+    pub bias: Option<u64>,
+    pub beta: f32,
+}
+
+impl LtDesc {
+    /// Row-major `out[m, n] = x[m, k]·w[n, k]ᵀ (+ bias[n]) (+ res[m, n])`, seen column-major as
+    /// `Dᵀ[n × m] = op_T(W)·X` with the bias along D's rows.
+    pub fn linear((m, n, k): (usize, usize, usize), bias: Option<u64>, residual: bool) -> Self {
+        let l = |rows: usize, cols: usize| LtLayout {
+            rows: rows as u64,
+            cols: cols as u64,
+            ld: rows as i64,
+        };
+        LtDesc {
+            trans_a: true,
+            trans_b: false,
+            a: l(k, n), // W stored [n, k] row-major = k × n column-major
+            b: l(k, m), // X stored [m, k] row-major = k × m column-major
+            c: l(n, m), // out and residual [m, n] row-major = n × m column-major
+            bias,
+            beta: if residual { 1.0 } else { 0.0 },
+        }
+    }
+}
+
+/// One cuBLASLt matmul: `C` is `res` when `beta` ≠ 0, else `out`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LtCall {
+    pub desc: LtDesc,
+    pub a: u64,
+    pub b: u64,
+    pub res: u64,
+    pub out: u64,
+}
+
+/// The values of a cuDNN forward convolution's descriptors (cross-correlation, y = conv(x, w),
+/// β = 0). Tensor dimensions are always given in NCHW order (filters `[k, c, r, s]`); `nhwc`
+/// says how both tensors and the filter are stored (`CUDNN_TENSOR_NHWC`: filters `[k, r, s, c]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvDesc {
+    pub nhwc: bool,
+    pub x: [usize; 4],
+    pub w: [usize; 4],
+    pub y: [usize; 4],
+    /// Symmetric padding (height, width).
+    pub pads: [usize; 2],
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    pub group: usize,
+}
+
+impl ConvDesc {
+    pub fn of(c: &super::program::ConvStep) -> Result<Self, EngineError> {
+        if c.pads[0] != c.pads[2] || c.pads[1] != c.pads[3] {
+            return Err(EngineError::Graph(format!(
+                "Conv with asymmetric padding {:?} is not supported by the CUDA engine yet",
+                c.pads
+            )));
+        }
+        Ok(ConvDesc {
+            nhwc: c.nhwc,
+            x: c.x_shape,
+            w: c.w_shape,
+            y: c.y_shape,
+            pads: [c.pads[0], c.pads[1]],
+            strides: c.strides,
+            dilations: c.dilations,
+            group: c.group,
+        })
+    }
+}
+
+/// One cuDNN convolution (`step`: the Conv step whose prepared descriptors run it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConvCall {
+    pub step: usize,
+    pub x: u64,
+    pub w: u64,
+    pub y: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Kernel(Launch),
+    Gemm(GemmCall),
+    Lt(LtCall),
+    Conv(ConvCall),
+}
+
+/// What the step planner needs from the executor.
+pub struct Ctx<'a> {
+    pub precision: Precision,
+    /// Device address of every buffer of the program.
+    pub ptrs: &'a [u64],
+    /// The GroupNorm scratch ([`group_norm_scratch`] floats; 0 when no step needs one).
+    pub norm_stats: u64,
+    /// Most dynamic shared memory a block may opt in to on this GPU.
+    pub smem_optin: usize,
+    /// Whether Linear step `si` (one with a bias or residual) runs as one cuBLASLt matmul.
+    pub lt: &'a dyn Fn(usize) -> bool,
+}
+
+/// Values per block of a GroupNorm group (`group_norm_stats`/`group_norm_apply`); groups that
+/// fit in one chunk take the single-kernel `group_norm`.
+pub const GROUP_NORM_CHUNK: usize = 16384;
+
+/// Blocks per GroupNorm group of `count` values.
+pub fn group_norm_splits(count: usize) -> usize {
+    count.div_ceil(GROUP_NORM_CHUNK)
+}
+
+/// Positions per block of a channels-last GroupNorm (about [`GROUP_NORM_CHUNK`] values).
+fn nhwc_chunk(c: usize) -> usize {
+    GROUP_NORM_CHUNK.div_ceil(c.max(1))
+}
+
+/// float32 scratch of a GroupNorm step: partial statistics, and for channels-last the merged
+/// mean and inverse deviation per (sample, group) after them.
+fn group_norm_step_scratch(n: usize, c: usize, spatial: usize, groups: usize, cl: bool) -> usize {
+    if cl {
+        n * spatial.div_ceil(nhwc_chunk(c)) * groups * 2 + n * groups * 2
+    } else {
+        match group_norm_splits(c / groups * spatial) {
+            1 => 0,
+            splits => n * groups * splits * 2,
+        }
+    }
+}
+
+/// float32 values of GroupNorm scratch the program needs (the largest step's; 0 for none).
+pub fn group_norm_scratch(p: &Program) -> usize {
+    p.steps
+        .iter()
+        .filter_map(|st| match st {
+            Step::GroupNorm {
+                n,
+                c,
+                spatial,
+                groups,
+                channels_last,
+                ..
+            } => Some(group_norm_step_scratch(
+                *n,
+                *c,
+                *spatial,
+                *groups,
+                *channels_last,
+            )),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The elementwise launch shape: 256 threads per block, grid-stride beyond 132 × 32 blocks.
+pub fn elementwise(n: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
+    let blocks = n.div_ceil(256).clamp(1, 132 * 32) as u32;
+    ((blocks, 1, 1), (256, 1, 1))
+}
+
+/// Dynamic shared memory of the tensor-core attention kernels (engine_ops.cu), by entry name:
+/// `attention_tiled_f16_dDP` two stages of 64-key K and V tiles, `attention_short{M}_f16_dDP`
+/// per warp (4) its Q, K and V tiles of 16·M rows; rows of DP + 8 halves.
+pub fn attention_smem(name: &str) -> Option<usize> {
+    let (kind, dp) = name.strip_prefix("attention_")?.split_once("_f16_d")?;
+    let pitch = (dp.parse::<usize>().ok()? + 8) * 2;
+    match kind {
+        "tiled" => Some(4 * 64 * pitch),
+        "short1" => Some(4 * 3 * 16 * pitch),
+        "short2" => Some(4 * 3 * 32 * pitch),
+        _ => None,
+    }
+}
+
+/// An elementwise launch of `kernel` over `n` elements.
+pub fn elementwise_launch(kernel: String, n: usize, args: Vec<KArg>) -> Launch {
+    let (grid, block) = elementwise(n);
+    Launch {
+        kernel,
+        grid,
+        block,
+        smem: 0,
+        opt_in: false,
+        args,
+    }
+}
+
+/// `cast_from_f32` (float32 staging → the precision) or `cast_to_f32` over `n` values.
+pub fn cast_launch(kernel: &str, precision: Precision, dst: u64, src: u64, n: usize) -> Launch {
+    let sfx = match precision {
+        Precision::Fp32 => "f32",
+        Precision::Fp16 => "f16",
+    };
+    elementwise_launch(
+        format!("{kernel}_{sfx}"),
+        n,
+        vec![KArg::Ptr(dst), KArg::Ptr(src), KArg::I64(n as i64)],
+    )
+}
+
+/// What step `si` of `p` enqueues, in order.
+pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, EngineError> {
+    use KArg::{Ptr, F32, I32, I64};
+    let ptr = |b: usize| Ptr(ctx.ptrs[b]);
+    let opt = |b: &Option<usize>| Ptr(b.map_or(0, |b| ctx.ptrs[b]));
+    let sfx = match ctx.precision {
+        Precision::Fp32 => "f32",
+        Precision::Fp16 => "f16",
+    };
+    let typed = |name: &str| format!("{name}_{sfx}");
+    let launch = |kernel: String, grid: (u32, u32, u32), block: u32, smem: usize, args| {
+        Op::Kernel(Launch {
+            kernel,
+            grid,
+            block: (block, 1, 1),
+            smem: smem as u32,
+            opt_in: false,
+            args,
+        })
+    };
+    let ew = |kernel: String, n: usize, args| Op::Kernel(elementwise_launch(kernel, n, args));
+    let mut ops = Vec::new();
+    match &p.steps[si] {
+        Step::Copy {
+            out,
+            inp,
+            s,
+            in_off,
+            out_off,
+        } => {
+            let (io, oo) = (I64(*in_off), I64(*out_off));
+            if p.buffers[*out].dtype == DType::I64 {
+                let n = s.numel();
+                ops.push(ew(
+                    "copy_strided_i64".into(),
+                    n,
+                    vec![
+                        ptr(*out),
+                        ptr(*inp),
+                        I64(n as i64),
+                        KArg::Strided(*s),
+                        io,
+                        oo,
+                    ],
+                ));
+            } else if let Some((ai, ao)) = s.transpose_axes() {
+                // 32 × 32 tiles through shared memory, the other axes as the grid's batch
+                let batch = s.numel() as i64 / (s.dims[ai] * s.dims[ao]);
+                ops.push(Op::Kernel(Launch {
+                    kernel: typed("copy_transpose"),
+                    grid: (
+                        (s.dims[ai] + 31) as u32 / 32,
+                        (s.dims[ao] + 31) as u32 / 32,
+                        batch as u32,
+                    ),
+                    block: (32, 8, 1),
+                    smem: 0,
+                    opt_in: false,
+                    args: vec![
+                        ptr(*out),
+                        ptr(*inp),
+                        KArg::Strided(*s),
+                        I32(ai as i32),
+                        I32(ao as i32),
+                        io,
+                        oo,
+                    ],
+                }));
+            } else if let Some((u, uio, uoo)) =
+                s.in_units(16 / ctx.precision.elem_bytes() as i64, *in_off, *out_off)
+            {
+                // rows contiguous on both sides: 16 bytes per thread
+                let n = u.numel();
+                ops.push(ew(
+                    "copy_strided_b16".into(),
+                    n,
+                    vec![
+                        ptr(*out),
+                        ptr(*inp),
+                        I64(n as i64),
+                        KArg::Strided(u),
+                        I64(uio),
+                        I64(uoo),
+                    ],
+                ));
+            } else {
+                let n = s.numel();
+                ops.push(ew(
+                    typed("copy_strided"),
+                    n,
+                    vec![
+                        ptr(*out),
+                        ptr(*inp),
+                        I64(n as i64),
+                        KArg::Strided(*s),
+                        io,
+                        oo,
+                    ],
+                ));
+            }
+        }
+        Step::Binary {
+            out,
+            a,
+            b,
+            op,
+            s,
+            n,
+        } => {
+            let mut args = vec![ptr(*out), ptr(*a), ptr(*b), I64(*n as i64), I32(*op as i32)];
+            let kernel = match s {
+                None => typed("binary_same"),
+                Some(s) => {
+                    args.push(KArg::Strided(*s));
+                    typed("binary")
+                }
+            };
+            ops.push(ew(kernel, *n, args));
+        }
+        Step::Unary { out, inp, op, n } => ops.push(ew(
+            typed("unary"),
+            *n,
+            vec![ptr(*out), ptr(*inp), I64(*n as i64), I32(*op as i32)],
+        )),
+        Step::Fill { out, n, value } => ops.push(ew(
+            typed("fill"),
+            *n,
+            vec![ptr(*out), I64(*n as i64), F32(*value)],
+        )),
+        Step::Linear {
+            out,
+            x,
+            w,
+            bias,
+            residual,
+            m,
+            n,
+            k,
+        } => {
+            if (bias.is_some() || residual.is_some()) && (ctx.lt)(si) {
+                let desc =
+                    LtDesc::linear((*m, *n, *k), bias.map(|b| ctx.ptrs[b]), residual.is_some());
+                ops.push(Op::Lt(LtCall {
+                    desc,
+                    a: ctx.ptrs[*w],
+                    b: ctx.ptrs[*x],
+                    res: residual.map_or(0, |r| ctx.ptrs[r]),
+                    out: ctx.ptrs[*out],
+                }));
+                return Ok(ops);
+            }
+            // row-major out = x·wᵀ is column-major outᵀ = op_T(w)·xᵀ
+            ops.push(Op::Gemm(GemmCall {
+                a: ctx.ptrs[*w],
+                b: ctx.ptrs[*x],
+                c: ctx.ptrs[*out],
+                m: *n,
+                n: *m,
+                k: *k,
+                trans_a: true,
+                trans_b: false,
+                lda: *k,
+                ldb: *k,
+                ldc: *n,
+                stride_a: 0,
+                stride_b: 0,
+                stride_c: 0,
+                batch: 1,
+                alpha: 1.0,
+            }));
+            if bias.is_some() || residual.is_some() {
+                let (rows, cols) = (*m as i64, *n as i64);
+                ops.push(ew(
+                    typed("bias_residual"),
+                    m * n,
+                    vec![
+                        ptr(*out),
+                        opt(bias),
+                        Ptr(0),
+                        opt(residual),
+                        I64(rows),
+                        I64(cols),
+                        I64(rows),
+                    ],
+                ));
+            }
+        }
+        Step::MatMul {
+            out,
+            a,
+            b,
+            batch,
+            m,
+            n,
+            k,
+            b_stride,
+            trans_b,
+            alpha,
+        } => {
+            // row-major out = a·op(b) is column-major outᵀ = op(b)ᵀ·aᵀ
+            ops.push(Op::Gemm(GemmCall {
+                a: ctx.ptrs[*b],
+                b: ctx.ptrs[*a],
+                c: ctx.ptrs[*out],
+                m: *n,
+                n: *m,
+                k: *k,
+                trans_a: *trans_b,
+                trans_b: false,
+                lda: if *trans_b { *k } else { *n },
+                ldb: *k,
+                ldc: *n,
+                stride_a: *b_stride,
+                stride_b: m * k,
+                stride_c: m * n,
+                batch: *batch,
+                alpha: *alpha,
+            }));
+        }
+        Step::Conv(c) => {
+            ops.push(Op::Conv(ConvCall {
+                step: si,
+                x: ctx.ptrs[c.x],
+                w: ctx.ptrs[c.w],
+                y: ctx.ptrs[c.out],
+            }));
+            if c.nhwc && (c.bias.is_some() || c.residual.is_some() || c.sample_bias.is_some()) {
+                // channels innermost: the row-wise bias of a GEMM epilogue, plus the per-sample
+                // bias over each sample's H·W rows
+                let cols = c.y_shape[1] as i64;
+                let rps = (c.y_shape[2] * c.y_shape[3]) as i64;
+                let rows = c.y_shape[0] as i64 * rps;
+                ops.push(ew(
+                    typed("bias_residual"),
+                    (rows * cols) as usize,
+                    vec![
+                        ptr(c.out),
+                        opt(&c.bias),
+                        opt(&c.sample_bias),
+                        opt(&c.residual),
+                        I64(rows),
+                        I64(cols),
+                        I64(rps),
+                    ],
+                ));
+            } else if c.bias.is_some() || c.residual.is_some() {
+                let total = c.y_shape.iter().product::<usize>();
+                let (ch, sp) = (c.y_shape[1] as i64, (c.y_shape[2] * c.y_shape[3]) as i64);
+                ops.push(ew(
+                    typed("channel_bias"),
+                    total,
+                    vec![
+                        ptr(c.out),
+                        opt(&c.bias),
+                        opt(&c.residual),
+                        I64(total as i64),
+                        I64(ch),
+                        I64(sp),
+                    ],
+                ));
+            }
+        }
+        Step::GroupNorm {
+            out,
+            x,
+            gamma,
+            beta,
+            n,
+            c,
+            spatial,
+            groups,
+            eps,
+            silu,
+            channels_last,
+        } => {
+            let (ci, sp, g, si_) = (
+                I32(*c as i32),
+                I64(*spatial as i64),
+                I32(*groups as i32),
+                I32(*silu as i32),
+            );
+            let splits = group_norm_splits(c / groups * spatial);
+            let st = ctx.norm_stats;
+            if *channels_last {
+                // statistics per chunk of positions, merged per (sample, group), applied
+                let chunk = nhwc_chunk(*c);
+                let parts = spatial.div_ceil(chunk);
+                let mr = Ptr(st + (n * parts * groups * 2 * 4) as u64);
+                let ch = I64(chunk as i64);
+                ops.push(Op::Kernel(Launch {
+                    kernel: typed("group_norm_nhwc_stats"),
+                    grid: (*n as u32, parts as u32, 1),
+                    block: (256, 1, 1),
+                    smem: (c * 4) as u32,
+                    opt_in: false,
+                    args: vec![Ptr(st), ptr(*x), ci, sp, g, ch],
+                }));
+                ops.push(launch(
+                    "group_norm_nhwc_finalize".into(),
+                    ((n * groups).div_ceil(256) as u32, 1, 1),
+                    256,
+                    0,
+                    vec![
+                        mr,
+                        Ptr(st),
+                        I32(*n as i32),
+                        ci,
+                        sp,
+                        g,
+                        ch,
+                        I32(parts as i32),
+                        F32(*eps),
+                    ],
+                ));
+                let total = n * c * spatial;
+                ops.push(ew(
+                    typed("group_norm_nhwc_apply"),
+                    total,
+                    vec![
+                        ptr(*out),
+                        ptr(*x),
+                        mr,
+                        ptr(*gamma),
+                        ptr(*beta),
+                        ci,
+                        sp,
+                        g,
+                        I64(total as i64),
+                        si_,
+                    ],
+                ));
+            } else if splits == 1 {
+                ops.push(launch(
+                    typed("group_norm"),
+                    ((n * groups) as u32, 1, 1),
+                    512,
+                    0,
+                    vec![
+                        ptr(*out),
+                        ptr(*x),
+                        ptr(*gamma),
+                        ptr(*beta),
+                        ci,
+                        sp,
+                        g,
+                        F32(*eps),
+                        si_,
+                    ],
+                ));
+            } else {
+                // too large for one block per group: statistics per chunk, then every chunk
+                // normalised by its own block
+                let grid = ((n * groups) as u32, splits as u32, 1);
+                let chunk = I64(GROUP_NORM_CHUNK as i64);
+                ops.push(launch(
+                    typed("group_norm_stats"),
+                    grid,
+                    256,
+                    0,
+                    vec![Ptr(st), ptr(*x), ci, sp, g, chunk],
+                ));
+                ops.push(launch(
+                    typed("group_norm_apply"),
+                    grid,
+                    256,
+                    0,
+                    vec![
+                        ptr(*out),
+                        ptr(*x),
+                        Ptr(st),
+                        ptr(*gamma),
+                        ptr(*beta),
+                        ci,
+                        sp,
+                        g,
+                        chunk,
+                        F32(*eps),
+                        si_,
+                    ],
+                ));
+            }
+        }
+        Step::LayerNorm {
+            out,
+            x,
+            gamma,
+            beta,
+            add,
+            rows,
+            cols,
+            eps,
+        } => {
+            let c = I32(*cols as i32);
+            let (ap, period) = add.map_or((Ptr(0), I32(1)), |(t, per)| (ptr(t), I32(per as i32)));
+            if *cols <= 1024 {
+                // one warp per row, 8 rows per block
+                ops.push(launch(
+                    typed("layer_norm_warp"),
+                    (rows.div_ceil(8) as u32, 1, 1),
+                    256,
+                    0,
+                    vec![
+                        ptr(*out),
+                        ptr(*x),
+                        ptr(*gamma),
+                        opt(beta),
+                        ap,
+                        period,
+                        I64(*rows as i64),
+                        c,
+                        F32(*eps),
+                    ],
+                ));
+            } else {
+                ops.push(launch(
+                    typed("layer_norm"),
+                    (*rows as u32, 1, 1),
+                    256,
+                    0,
+                    vec![
+                        ptr(*out),
+                        ptr(*x),
+                        ptr(*gamma),
+                        opt(beta),
+                        ap,
+                        period,
+                        c,
+                        F32(*eps),
+                    ],
+                ));
+            }
+        }
+        Step::Softmax { out, x, rows, cols } => ops.push(launch(
+            typed("softmax"),
+            (*rows as u32, 1, 1),
+            256,
+            0,
+            vec![ptr(*out), ptr(*x), I32(*cols as i32)],
+        )),
+        Step::Geglu {
+            out,
+            x,
+            bias,
+            rows,
+            d,
+        } => ops.push(ew(
+            typed("geglu"),
+            rows * d,
+            vec![
+                ptr(*out),
+                ptr(*x),
+                opt(bias),
+                I64(*rows as i64),
+                I64(*d as i64),
+            ],
+        )),
+        Step::Gather {
+            out,
+            table,
+            ids,
+            n_ids,
+            row,
+            n_rows,
+        } => ops.push(ew(
+            typed("gather_rows"),
+            n_ids * row,
+            vec![
+                ptr(*out),
+                ptr(*table),
+                ptr(*ids),
+                I64(*n_ids as i64),
+                I64(*row as i64),
+                I64(*n_rows as i64),
+            ],
+        )),
+        Step::Attention {
+            out,
+            q,
+            k,
+            v,
+            bias,
+            n,
+            l,
+            s,
+            heads,
+            d,
+            scale,
+        } => {
+            // float16 without a bias: the tensor-core kernels (the compiler leaves only heads
+            // they take, `fused_attention_head`); one warp per (sequence, head) for the short
+            // attention over frames, 128-row blocks otherwise
+            let fused = ctx.precision == Precision::Fp16
+                && bias.is_none()
+                && super::program::fused_attention_head(*d);
+            let (li, si_, hi, di) = (
+                I32(*l as i32),
+                I32(*s as i32),
+                I32(*heads as i32),
+                I32(*d as i32),
+            );
+            let qkvo = [ptr(*q), ptr(*k), ptr(*v), ptr(*out)];
+            if fused {
+                let dp = d.div_ceil(16) * 16;
+                let short = format!("attention_short{}_f16_d{dp}", 1 + (*l > 16) as usize);
+                // one warp per sequence where this GPU's shared memory allows it
+                let fits = |k: &str| attention_smem(k).is_some_and(|b| b <= ctx.smem_optin);
+                let (name, grid, block) = if *l <= 32 && fits(&short) {
+                    (short, ((n * heads).div_ceil(4) as u32, 1, 1), 128)
+                } else {
+                    (
+                        format!("attention_tiled_f16_d{dp}"),
+                        (l.div_ceil(128) as u32, *heads as u32, *n as u32),
+                        256,
+                    )
+                };
+                let smem = attention_smem(&name).unwrap_or(0);
+                if !fits(&name) {
+                    return Err(EngineError::Graph(format!(
+                        "{name} needs {smem} bytes of shared memory per block; this GPU allows {}",
+                        ctx.smem_optin
+                    )));
+                }
+                let mut args = qkvo.to_vec();
+                if name.starts_with("attention_short") {
+                    args.push(I32(*n as i32));
+                }
+                args.extend([li, si_, hi, di, F32(*scale)]);
+                ops.push(launch(name, grid, block, smem, args));
+            } else {
+                let shared = 2 * s * d * 4;
+                if shared > 200 * 1024 || *d > 256 {
+                    return Err(EngineError::Graph(format!(
+                        "attention over {s} keys of size {d} in {:?} is not supported by the CUDA engine (use fp16)",
+                        ctx.precision
+                    )));
+                }
+                let (bp, bh) = match bias {
+                    Some((b, h)) => (ptr(*b), I32(*h as i32)),
+                    None => (Ptr(0), I32(1)),
+                };
+                ops.push(Op::Kernel(Launch {
+                    kernel: typed("temporal_attention"),
+                    grid: (*n as u32, *heads as u32, 1),
+                    block: (32 * (*l).clamp(1, 8) as u32, 1, 1),
+                    smem: shared as u32,
+                    opt_in: shared > 48 * 1024,
+                    args: vec![
+                        qkvo[0],
+                        qkvo[1],
+                        qkvo[2],
+                        bp,
+                        qkvo[3],
+                        li,
+                        si_,
+                        hi,
+                        di,
+                        bh,
+                        F32(*scale),
+                    ],
+                }));
+            }
+        }
+    }
+    Ok(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_shared_memory_follows_the_kernels_layout() {
+        // rows of DP + 8 halves: 64-key K and V tiles in two stages; per warp Q, K, V tiles
+        assert_eq!(
+            attention_smem("attention_tiled_f16_d48"),
+            Some(4 * 64 * 56 * 2)
+        );
+        assert_eq!(
+            attention_smem("attention_short1_f16_d160"),
+            Some(4 * 3 * 16 * 168 * 2)
+        );
+        assert_eq!(
+            attention_smem("attention_short2_f16_d16"),
+            Some(4 * 3 * 32 * 24 * 2)
+        );
+        assert_eq!(attention_smem("layer_norm_f16"), None);
+        assert_eq!(attention_smem("attention_tiled_f16_dxx"), None);
+    }
+
+    #[test]
+    fn linear_as_cublaslt_is_the_transposed_column_major_product() {
+        let d = LtDesc::linear((6, 4, 3), Some(64), true);
+        assert!(d.trans_a && !d.trans_b);
+        // op(A) = Wᵀ seen column-major: n × k; B: k × m; D: n × m
+        assert_eq!((d.a.rows, d.a.cols, d.a.ld), (3, 4, 3));
+        assert_eq!((d.b.rows, d.b.cols, d.b.ld), (3, 6, 3));
+        assert_eq!((d.c.rows, d.c.cols, d.c.ld), (4, 6, 4));
+        assert_eq!(d.beta, 1.0);
+        assert_eq!(LtDesc::linear((6, 4, 3), None, false).beta, 0.0);
+    }
+}

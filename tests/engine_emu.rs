@@ -1,0 +1,388 @@
+//! The CUDA executor's host side without a GPU: every tiny graph's compiled program run from the
+//! very operation lists the executor enqueues (`engine::launch::step_ops`) — the real kernels in
+//! the CUDA emulator with the executor's launch shapes and argument lists, the cuBLAS, cuBLASLt
+//! and cuDNN calls on the CPU from their descriptors' values (`engine::emulated`) — in float32
+//! and float16, both layouts, against the float32 CPU interpreter of the same program (itself
+//! checked against ONNX Runtime in tests/engine_plan.rs). Tolerances are the GPU check's
+//! (examples/engine_gpu.rs): float32 max |Δ| ≤ 1e-4 · max |ref|; float16 ≤ 3e-2 · max |ref|
+//! with cosine ≥ 0.999.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use common::*;
+use motionrt_export::graph::unet::Semantics;
+use motionrt_export::graph::Precision as ExportPrecision;
+use motionrt_export::onnx::proto::{
+    GraphProto, ModelProto, NodeProto, TensorProto, TensorProtoDataType,
+};
+use motionrt_export::onnx::{attr_int, load_model, value_info, Dim};
+use motionrt_kernels::emu::{Emu, EmuError};
+use motionrt_runtime::engine::emulated::EmuProgram;
+use motionrt_runtime::engine::exec::Precision;
+use motionrt_runtime::engine::launch::WeightData;
+use motionrt_runtime::engine::program::{self, InitializerSource, Layout, Outputs, Program, Step};
+use motionrt_runtime::engine::source::FileInitializers;
+use motionrt_runtime::engine::{cpu_exec, plan_graph, EngineError};
+use motionrt_runtime::error_stats;
+use motionrt_runtime::rng::NormalRng;
+
+/// An H100's opt-in shared memory per block (bytes).
+const H100_SMEM_OPTIN: usize = 232_448;
+
+fn emu() -> Option<Emu> {
+    match Emu::new() {
+        Ok(e) => Some(e),
+        Err(e @ EmuError::NoCompiler { .. }) => {
+            if std::env::var("MOTIONRT_REQUIRE_EMU").as_deref() == Ok("1") {
+                panic!("MOTIONRT_REQUIRE_EMU=1 but: {e}");
+            }
+            eprintln!("SKIP: {e}");
+            None
+        }
+        Err(e) => panic!("building the CUDA emulator: {e}"),
+    }
+}
+
+type Inputs = Vec<(&'static str, Vec<usize>)>;
+
+/// Seeded inputs: token ids < 100, timesteps 981/21, standard normal values otherwise.
+fn seeded(inputs: &Inputs) -> (HashMap<String, Vec<f32>>, HashMap<String, Vec<i64>>) {
+    let mut rng = NormalRng::new(11);
+    let (mut f, mut i) = (HashMap::new(), HashMap::new());
+    for (name, shape) in inputs {
+        let n = shape.iter().product::<usize>();
+        match *name {
+            "input_ids" => {
+                i.insert(
+                    name.to_string(),
+                    (0..n).map(|_| rng.below(100) as i64).collect(),
+                );
+            }
+            "timestep" => {
+                f.insert(
+                    name.to_string(),
+                    [981.0, 21.0].into_iter().cycle().take(n).collect(),
+                );
+            }
+            _ => {
+                let mut v = vec![0f32; n];
+                rng.fill(&mut v);
+                f.insert(name.to_string(), v);
+            }
+        }
+    }
+    (f, i)
+}
+
+struct Case {
+    prog: Program,
+    weights: HashMap<String, Vec<f32>>,
+    f: HashMap<String, Vec<f32>>,
+    i: HashMap<String, Vec<i64>>,
+    want: Outputs,
+}
+
+fn case(onnx: &Path, inputs: &Inputs, layout: Layout) -> Case {
+    let model = load_model(onnx).unwrap();
+    let src = FileInitializers::new(onnx);
+    let prog = program::compile(&model, inputs, &src, layout)
+        .unwrap_or_else(|e| panic!("{}: {e}", onnx.display()));
+    let weights: HashMap<String, Vec<f32>> = model
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .filter_map(|t| Some((t.name.clone(), src.f32s(t).ok()?)))
+        .collect();
+    let (f, i) = seeded(inputs);
+    let w = |n: &str| Ok(weights[n].clone());
+    let want = cpu_exec::run(&prog, &f, &i, &w).unwrap();
+    Case {
+        prog,
+        weights,
+        f,
+        i,
+        want,
+    }
+}
+
+/// Run `c` on the emulated executor; `(outputs, calls per kernel / library)`.
+fn emulate(
+    emu: &Emu,
+    c: &Case,
+    precision: Precision,
+    smem_optin: usize,
+    lt: bool,
+) -> Result<(Outputs, BTreeMap<String, usize>), EngineError> {
+    let w =
+        |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(c.weights[n].clone())) };
+    let mut p = EmuProgram::load(emu, c.prog.clone(), precision, &w, smem_optin, lt)?;
+    let f: Vec<(&str, &[f32])> = c.f.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+    let i: Vec<(&str, &[i64])> = c.i.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+    let out = p.run(&f, &i)?;
+    Ok((out, p.calls.clone()))
+}
+
+fn check(
+    what: &str,
+    precision: Precision,
+    want: &[(String, Vec<usize>, Vec<f32>)],
+    got: &[(String, Vec<usize>, Vec<f32>)],
+) {
+    assert_eq!(want.len(), got.len(), "{what}");
+    for ((name, ws, w), (_, gs, g)) in want.iter().zip(got) {
+        assert_eq!(ws, gs, "{what}.{name}: shape");
+        let s = error_stats(g, w);
+        eprintln!("{what}.{name}: {s:?}");
+        let pass = match precision {
+            Precision::Fp32 => s.nonfinite == 0 && s.max_rel_to_ref_max <= 1e-4,
+            Precision::Fp16 => {
+                s.nonfinite == 0 && s.max_rel_to_ref_max <= 3e-2 && s.cosine >= 0.999
+            }
+        };
+        assert!(pass, "{what}.{name}: {s:?}");
+    }
+}
+
+fn attention_kernels(calls: &BTreeMap<String, usize>) -> Vec<String> {
+    calls
+        .keys()
+        .filter(|k| k.contains("attention"))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn every_tiny_graph_runs_on_the_emulated_executor_as_on_the_cpu_interpreter() {
+    let Some(emu) = emu() else { return };
+    let e = export_pipeline(
+        &pipeline_fixtures().join("tiny"),
+        false,
+        Semantics::Diffusers,
+        ExportPrecision::Fp32,
+    );
+    let src = e.dir.path().join("out");
+    let dst = tempfile::tempdir().unwrap();
+    let d = text_width(&src);
+    // two samples (the guidance batch: the time embedding differs per sample), two frames
+    let (b, f) = (2usize, 2usize);
+    let cases: [(&str, Inputs); 4] = [
+        (
+            "unet",
+            vec![
+                ("sample", vec![b, 4, f, 8, 8]),
+                ("timestep", vec![b]),
+                ("encoder_hidden_states", vec![b * f, 77, d]),
+            ],
+        ),
+        ("text_encoder", vec![("input_ids", vec![2, 77])]),
+        ("vae_decoder", vec![("latent", vec![2, 4, 8, 8])]),
+        ("vae_encoder", vec![("image", vec![1, 3, 64, 64])]),
+    ];
+    let mut attention = std::collections::BTreeSet::new();
+    for (graph, inputs) in cases {
+        let a = src.join(format!("{graph}.onnx"));
+        let z = dst.path().join(format!("{graph}.onnx"));
+        plan_graph(&a, &z).unwrap_or_else(|err| panic!("{graph}: {err}"));
+        for layout in [Layout::Nhwc, Layout::Nchw] {
+            let c = case(&z, &inputs, layout);
+            for precision in [Precision::Fp16, Precision::Fp32] {
+                let t = std::time::Instant::now();
+                let what = format!("{graph} {layout:?} {precision:?}");
+                let (got, calls) = emulate(&emu, &c, precision, H100_SMEM_OPTIN, true)
+                    .unwrap_or_else(|err| panic!("{what}: {err}"));
+                eprintln!(
+                    "{what}: {} steps in {:.1} s, {calls:?}",
+                    c.prog.steps.len(),
+                    t.elapsed().as_secs_f64()
+                );
+                check(&what, precision, &c.want, &got);
+                // the executor's paths were taken: convolutions through cuDNN, Linear epilogues
+                // through cuBLASLt, float16 attention through the tensor-core kernels
+                let has = |k: &str| calls.keys().any(|c| c.contains(k));
+                if graph != "text_encoder" {
+                    assert!(has("cudnn"), "{what}: {calls:?}");
+                }
+                if c.prog.steps.iter().any(|s| {
+                    matches!(s, Step::Linear { bias, residual, .. } if bias.is_some() || residual.is_some())
+                }) {
+                    assert!(has("cublasLt"), "{what}: {calls:?}");
+                }
+                if precision == Precision::Fp16 {
+                    attention.extend(attention_kernels(&calls));
+                }
+            }
+        }
+    }
+    // float16 attention over frames ran through the tensor-core kernel (the tiled one is
+    // exercised at the SD1.5 head sizes below; the tiny graphs' other heads are 4 wide: GEMMs)
+    assert!(
+        attention.iter().any(|k| k.starts_with("attention_short")),
+        "{attention:?}"
+    );
+}
+
+/// The fallback of Linear epilogues to a GEMM and a bias/residual pass (where cuBLASLt has no
+/// algorithm), and the refusal of a GPU whose shared memory cannot hold the attention kernels.
+#[test]
+fn the_executors_fallbacks_compute_the_same() {
+    let Some(emu) = emu() else { return };
+    let e = export_pipeline(
+        &pipeline_fixtures().join("tiny"),
+        false,
+        Semantics::Diffusers,
+        ExportPrecision::Fp32,
+    );
+    let src = e.dir.path().join("out");
+    let dst = tempfile::tempdir().unwrap();
+    let d = text_width(&src);
+    let inputs: Inputs = vec![
+        ("sample", vec![1, 4, 2, 8, 8]),
+        ("timestep", vec![1]),
+        ("encoder_hidden_states", vec![2, 77, d]),
+    ];
+    let z = dst.path().join("unet.onnx");
+    plan_graph(&src.join("unet.onnx"), &z).unwrap();
+    let c = case(&z, &inputs, Layout::Nhwc);
+    let (got, calls) = emulate(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, false).unwrap();
+    check("unet without cuBLASLt", Precision::Fp16, &c.want, &got);
+    assert!(!calls.contains_key("cublasLt matmul"), "{calls:?}");
+    assert!(calls.contains_key("bias_residual_f16"), "{calls:?}");
+    // a GPU without the shared memory the attention kernels need: a clear error, no launch
+    let e = emulate(&emu, &c, Precision::Fp16, 8 * 1024, true).unwrap_err();
+    assert!(e.to_string().contains("shared memory"), "{e}");
+}
+
+/// The text width, from the exported UNet's `encoder_hidden_states` `[B·F, 77, D]`.
+fn text_width(export: &Path) -> usize {
+    let s = motionrt_export::onnx::summarize(&load_model(&export.join("unet.onnx")).unwrap());
+    let info = s
+        .inputs
+        .iter()
+        .find(|i| i.name == "encoder_hidden_states")
+        .unwrap();
+    info.dims.last().unwrap().parse::<usize>().unwrap()
+}
+
+struct NoInitializers;
+impl InitializerSource for NoInitializers {
+    fn f32s(&self, t: &TensorProto) -> Result<Vec<f32>, EngineError> {
+        Err(EngineError::Graph(format!("no initializer {}", t.name)))
+    }
+    fn i64s(&self, t: &TensorProto) -> Result<Vec<i64>, EngineError> {
+        Err(EngineError::Graph(format!("no initializer {}", t.name)))
+    }
+}
+
+/// One `com.motionrt::TemporalAttention` over inputs `q`, `k`, `v` `[N, L|S, heads·d]`.
+fn attention_model(heads: usize) -> ModelProto {
+    let io = |n: &str| {
+        let d: Vec<Dim> = ["n", "l", "c"]
+            .iter()
+            .map(|s| Dim::Symbolic(format!("{n}{s}")))
+            .collect();
+        value_info(n, TensorProtoDataType::Float, &d)
+    };
+    ModelProto {
+        graph: Some(GraphProto {
+            node: vec![NodeProto {
+                name: "attn".into(),
+                op_type: "TemporalAttention".into(),
+                domain: motionrt_kernels::DOMAIN.into(),
+                input: vec!["q".into(), "k".into(), "v".into()],
+                output: vec!["y".into()],
+                attribute: vec![attr_int("num_heads", heads as i64)],
+                ..Default::default()
+            }],
+            input: vec![io("q"), io("k"), io("v")],
+            output: vec![io("y")],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The float16 attention dispatch at the SD1.5 head sizes (40, 80, 160): over frames (L ≤ 16,
+/// ≤ 32) one warp per (sequence, head), over pixels and the text 128-row blocks with ragged
+/// edges — and on a GPU with 99 KiB of opt-in shared memory (sm_86/sm_89), where the 32-frame
+/// kernel for 160-wide heads does not fit and the tiled one takes it.
+#[test]
+fn float16_attention_takes_the_kernel_the_shapes_and_the_gpu_allow() {
+    let Some(emu) = emu() else { return };
+    let cases = [
+        // (n, l, s, heads, d, smem opt-in, kernel)
+        (
+            3,
+            16,
+            16,
+            2,
+            40,
+            H100_SMEM_OPTIN,
+            "attention_short1_f16_d48",
+        ),
+        (
+            2,
+            24,
+            24,
+            1,
+            160,
+            H100_SMEM_OPTIN,
+            "attention_short2_f16_d160",
+        ),
+        (2, 24, 24, 1, 160, 101_376, "attention_tiled_f16_d160"),
+        (
+            1,
+            200,
+            200,
+            2,
+            40,
+            H100_SMEM_OPTIN,
+            "attention_tiled_f16_d48",
+        ),
+        (
+            1,
+            130,
+            77,
+            1,
+            80,
+            H100_SMEM_OPTIN,
+            "attention_tiled_f16_d80",
+        ),
+    ];
+    for (n, l, s, heads, d, optin, kernel) in cases {
+        let c = heads * d;
+        let shapes: Inputs = vec![
+            ("q", vec![n, l, c]),
+            ("k", vec![n, s, c]),
+            ("v", vec![n, s, c]),
+        ];
+        let prog = program::compile(
+            &attention_model(heads),
+            &shapes,
+            &NoInitializers,
+            Layout::Nhwc,
+        )
+        .unwrap();
+        let (f, i) = seeded(&shapes);
+        let want = cpu_exec::run(&prog, &f, &i, &|n: &str| {
+            Err(EngineError::Graph(format!("no weight {n}")))
+        })
+        .unwrap();
+        let c = Case {
+            prog,
+            weights: HashMap::new(),
+            f,
+            i,
+            want,
+        };
+        let what = format!("N {n} L {l} S {s} {heads}x{d}, {optin} B of shared memory");
+        let (got, calls) = emulate(&emu, &c, Precision::Fp16, optin, true)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(attention_kernels(&calls), [kernel], "{what}");
+        check(&what, Precision::Fp16, &c.want, &got);
+    }
+}
