@@ -14,6 +14,7 @@
 
 use motionrt_kernels::emu::{Arg, DeviceBuffer, Emu};
 
+use super::cpu_exec::dot;
 use super::exec::Precision;
 use super::launch::{
     attention_smem, cast_launch, group_norm_scratch, place_buffers, step_ops, ConvDesc, Ctx,
@@ -344,7 +345,7 @@ impl<'e> EmuProgram<'e> {
             );
             for j in 0..n {
                 for i in 0..m {
-                    c[i + j * g.ldc] = g.alpha * dot(&a[i * k..][..k], &b[j * k..][..k]);
+                    c[i + j * g.ldc] = g.alpha * dot(&a[i * k..][..k], &b[j * k..][..k]) as f32;
                 }
             }
             self.write(pc, &c, "GEMM C")?;
@@ -399,7 +400,7 @@ impl<'e> EmuProgram<'e> {
         );
         for j in 0..n {
             for i in 0..m {
-                let mut acc = dot(&a[i * ka..][..ka], &b[j * ka..][..ka]);
+                let mut acc = dot(&a[i * ka..][..ka], &b[j * ka..][..ka]) as f32;
                 if let Some(bias) = &bias {
                     acc += bias[i];
                 }
@@ -442,82 +443,9 @@ impl<'e> EmuProgram<'e> {
                 d.x, d.w, d.y
             )));
         }
-        // element offsets of (n, c, h, w) and of a filter's (k, c, r, s) in the stated format
-        let xi = |b: usize, cc: usize, hh: usize, ww: usize| {
-            if d.nhwc {
-                ((b * h + hh) * wd + ww) * ci + cc
-            } else {
-                ((b * ci + cc) * h + hh) * wd + ww
-            }
-        };
-        let yi = |b: usize, cc: usize, hh: usize, ww: usize| {
-            if d.nhwc {
-                ((b * yh + hh) * yw + ww) * yc + cc
-            } else {
-                ((b * yc + cc) * yh + hh) * yw + ww
-            }
-        };
-        let wi = |k: usize, cc: usize, rr: usize, ss: usize| {
-            if d.nhwc {
-                ((k * r + rr) * s + ss) * cg + cc
-            } else {
-                ((k * cg + cc) * r + rr) * s + ss
-            }
-        };
-        let xs = self.read(x, n * ci * h * wd, "cuDNN x")?;
-        let ws = self.read(w, ko * cg * r * s, "cuDNN w")?;
-        // gathered through the stated formats into channels-innermost copies, so the sums run
-        // over contiguous channels
-        let mut xv = vec![0f32; xs.len()];
-        for b in 0..n {
-            for cc in 0..ci {
-                for hh in 0..h {
-                    for ww in 0..wd {
-                        xv[((b * h + hh) * wd + ww) * ci + cc] = xs[xi(b, cc, hh, ww)];
-                    }
-                }
-            }
-        }
-        let mut wv = vec![0f32; ws.len()];
-        for k in 0..ko {
-            for cc in 0..cg {
-                for rr in 0..r {
-                    for ss in 0..s {
-                        wv[((k * r + rr) * s + ss) * cg + cc] = ws[wi(k, cc, rr, ss)];
-                    }
-                }
-            }
-        }
-        let mut yv = vec![0f32; yn * yc * yh * yw];
-        let kpg = ko / g;
-        for b in 0..n {
-            for k in 0..ko {
-                let c0 = (k / kpg) * cg;
-                for oh in 0..yh {
-                    for ow in 0..yw {
-                        let mut acc = 0f32;
-                        for rr in 0..r {
-                            let ih = (oh * d.strides[0] + rr * d.dilations[0]) as isize
-                                - d.pads[0] as isize;
-                            if ih < 0 || ih >= h as isize {
-                                continue;
-                            }
-                            for ss in 0..s {
-                                let iw = (ow * d.strides[1] + ss * d.dilations[1]) as isize
-                                    - d.pads[1] as isize;
-                                if iw < 0 || iw >= wd as isize {
-                                    continue;
-                                }
-                                let xo = ((b * h + ih as usize) * wd + iw as usize) * ci + c0;
-                                let wo = ((k * r + rr) * s + ss) * cg;
-                                acc += dot(&xv[xo..][..cg], &wv[wo..][..cg]);
-                            }
-                        }
-                        yv[yi(b, k, oh, ow)] = acc;
-                    }
-                }
-            }
-        }
+        let xv = self.read(x, n * ci * h * wd, "cuDNN x")?;
+        let wv = self.read(w, ko * cg * r * s, "cuDNN w")?;
+        let yv = super::cpu_exec::conv2d(&d, &xv, &wv);
         self.write(y, &yv, "cuDNN y")?;
         self.count("cudnn convolution");
         Ok(())
@@ -544,20 +472,6 @@ fn cols_of_op(b: &[f32], trans: bool, k: usize, n: usize, ld: usize) -> Vec<f32>
         }
     }
     v
-}
-
-/// A float32 dot product in 8 lanes (what the compiler vectorizes).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 /// `struct Strided` as the kernel parameter's bytes.
