@@ -172,12 +172,14 @@ fn tiny_vocab_from_dir_matches_transformers() {
     let n = check_all(&tok, &exp, "expected_tiny.json (from_dir, pad '!')");
     assert!(n >= 50);
     // Written back (optionally to $MOTIONRT_TOKENIZER_WRITE_DIR for a transformers check).
-    let dir = std::env::var_os("MOTIONRT_TOKENIZER_WRITE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| scratch("tiny"));
+    let keep = std::env::var_os("MOTIONRT_TOKENIZER_WRITE_DIR").map(PathBuf::from);
+    let dir = keep.clone().unwrap_or_else(|| scratch("tiny"));
     tok.write_files(&dir).unwrap();
     let again = ClipTokenizer::from_dir(&dir).unwrap();
     check_all(&again, &exp, "expected_tiny.json (write_files -> from_dir)");
+    if keep.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]
