@@ -389,7 +389,7 @@ fn float16_attention_takes_the_kernel_the_shapes_and_the_gpu_allow() {
 
 /// The full SD1.5 + AnimateDiff v2 UNet (2 frames, 16×16 latent: heads of 40/80/160, 320 to
 /// 1280 channels, the mid block, motion modules), the SD VAE decoder (its 512-wide attention as
-/// GEMMs) and the CLIP ViT-L/14 text encoder, channels-last, float16, on the emulated executor
+/// GEMMs) and the CLIP ViT-L/14 text encoder, in both layouts, float16, on the emulated executor
 /// against the float32 interpreter. Minutes; run by hand with `MOTIONRT_FULL_PLAN=DIR` (a
 /// `motionrt build --plan-only` folder of a `synth_sd15 --components` export):
 /// `MOTIONRT_FULL_PLAN=/tmp/full/plan ./scripts/test --test engine_emu -- --ignored`.
@@ -419,21 +419,23 @@ fn full_architecture_runs_on_the_emulated_executor() {
             eprintln!("SKIP: {}: not exported", z.display());
             continue;
         }
-        let t = std::time::Instant::now();
-        let c = case(&z, &inputs, Layout::Nhwc);
-        eprintln!(
-            "full {graph}: interpreter {:.0} s",
-            t.elapsed().as_secs_f64()
-        );
-        let t = std::time::Instant::now();
-        let what = format!("full {graph} Nhwc Fp16");
-        let (got, calls) = emulate(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, true)
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        eprintln!(
-            "{what}: {} steps emulated in {:.0} s: {calls:?}",
-            c.prog.steps.len(),
-            t.elapsed().as_secs_f64()
-        );
-        check(&what, Precision::Fp16, &c.want, &got);
+        for layout in [Layout::Nhwc, Layout::Nchw] {
+            let t = std::time::Instant::now();
+            let c = case(&z, &inputs, layout);
+            eprintln!(
+                "full {graph} {layout:?}: interpreter {:.0} s",
+                t.elapsed().as_secs_f64()
+            );
+            let t = std::time::Instant::now();
+            let what = format!("full {graph} {layout:?} Fp16");
+            let (got, calls) = emulate(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, true)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            eprintln!(
+                "{what}: {} steps emulated in {:.0} s: {calls:?}",
+                c.prog.steps.len(),
+                t.elapsed().as_secs_f64()
+            );
+            check(&what, Precision::Fp16, &c.want, &got);
+        }
     }
 }
