@@ -18,10 +18,13 @@ use motionrt_export::graph::Precision as ExportPrecision;
 use motionrt_export::onnx::proto::{
     GraphProto, ModelProto, NodeProto, TensorProto, TensorProtoDataType,
 };
-use motionrt_export::onnx::{attr_int, load_model, value_info, Dim};
+use motionrt_export::onnx::{
+    attr_float, attr_int, attr_ints, attr_string, load_model, tensor_f32, value_info, Dim,
+};
 use motionrt_kernels::emu::{Emu, EmuError};
 use motionrt_runtime::engine::emulated::EmuProgram;
 use motionrt_runtime::engine::exec::Precision;
+use motionrt_runtime::engine::file::InlineInitializers;
 use motionrt_runtime::engine::launch::WeightData;
 use motionrt_runtime::engine::program::{self, InitializerSource, Layout, Outputs, Program, Step};
 use motionrt_runtime::engine::source::FileInitializers;
@@ -436,6 +439,131 @@ fn full_architecture_runs_on_the_emulated_executor() {
                 t.elapsed().as_secs_f64()
             );
             check(&what, Precision::Fp16, &c.want, &got);
+        }
+    }
+}
+
+/// `x → [Conv 3×3] → GroupNorm(+SiLU) → y` with seeded weights.
+fn group_norm_model(
+    c: usize,
+    groups: usize,
+    conv: bool,
+) -> (ModelProto, HashMap<String, Vec<f32>>) {
+    let mut rng = NormalRng::new(c as u64 * 7 + groups as u64);
+    let mut vals =
+        |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| rng.normal() * scale).collect() };
+    let mut weights = HashMap::new();
+    weights.insert(
+        "gamma".to_string(),
+        vals(c, 0.5).iter().map(|v| v + 1.0).collect(),
+    );
+    weights.insert("beta".to_string(), vals(c, 0.5));
+    let mut node = Vec::new();
+    let mut x = "x";
+    if conv {
+        weights.insert(
+            "w".to_string(),
+            vals(c * c * 9, 1.0 / (3.0 * c as f32).sqrt()),
+        );
+        weights.insert("b".to_string(), vals(c, 0.5));
+        node.push(NodeProto {
+            name: "conv".into(),
+            op_type: "Conv".into(),
+            input: vec!["x".into(), "w".into(), "b".into()],
+            output: vec!["h".into()],
+            attribute: vec![
+                attr_ints("kernel_shape", &[3, 3]),
+                attr_ints("pads", &[1, 1, 1, 1]),
+            ],
+            ..Default::default()
+        });
+        x = "h";
+    }
+    node.push(NodeProto {
+        name: "gn".into(),
+        op_type: "GroupNorm".into(),
+        domain: motionrt_kernels::DOMAIN.into(),
+        input: vec![x.into(), "gamma".into(), "beta".into()],
+        output: vec!["y".into()],
+        attribute: vec![
+            attr_int("num_groups", groups as i64),
+            attr_float("epsilon", 1e-5),
+            attr_string("activation", "silu"),
+        ],
+        ..Default::default()
+    });
+    let dims = |n: &str| -> Vec<Dim> {
+        ["n", "c", "h", "w"]
+            .iter()
+            .map(|s| Dim::Symbolic(format!("{n}{s}")))
+            .collect()
+    };
+    let shapes: [(&str, Vec<i64>); 4] = [
+        ("w", vec![c as i64, c as i64, 3, 3]),
+        ("b", vec![c as i64]),
+        ("gamma", vec![c as i64]),
+        ("beta", vec![c as i64]),
+    ];
+    let initializer = shapes
+        .iter()
+        .filter(|(n, _)| weights.contains_key(*n))
+        .map(|(n, d)| tensor_f32(n, d, &weights[*n]))
+        .collect();
+    let m = ModelProto {
+        graph: Some(GraphProto {
+            node,
+            input: vec![value_info("x", TensorProtoDataType::Float, &dims("x"))],
+            output: vec![value_info("y", TensorProtoDataType::Float, &dims("y"))],
+            initializer,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    (m, weights)
+}
+
+/// GroupNorm's three executor paths: one block per group; groups of more than 16384 values
+/// split over blocks (NCHW: the motion modules' cross-frame norms, the VAE at full size); and
+/// channels-last statistics over several chunks of positions merged per group.
+#[test]
+fn group_norm_runs_on_every_path_the_executor_takes() {
+    let Some(emu) = emu() else { return };
+    let cases = [
+        // (c, groups, h·w, conv first, layout, kernels expected)
+        (64, 32, (96, 96), false, Layout::Nchw, "group_norm_stats"),
+        (64, 32, (8, 8), false, Layout::Nchw, "group_norm_f"),
+        (
+            64,
+            32,
+            (32, 32),
+            true,
+            Layout::Nhwc,
+            "group_norm_nhwc_stats",
+        ),
+    ];
+    for (c, groups, (h, w), conv, layout, kernel) in cases {
+        let (m, weights) = group_norm_model(c, groups, conv);
+        let shapes: Inputs = vec![("x", vec![2, c, h, w])];
+        let prog = program::compile(&m, &shapes, &InlineInitializers, layout).unwrap();
+        let (f, i) = seeded(&shapes);
+        let wf = |n: &str| Ok(weights[n].clone());
+        let want = cpu_exec::run(&prog, &f, &i, &wf).unwrap();
+        let case = Case {
+            prog,
+            weights,
+            f,
+            i,
+            want,
+        };
+        for precision in [Precision::Fp16, Precision::Fp32] {
+            let what = format!("GroupNorm c {c} / {groups} over {h}×{w} {layout:?} {precision:?}");
+            let (got, calls) = emulate(&emu, &case, precision, H100_SMEM_OPTIN, true)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(
+                calls.keys().any(|k| k.starts_with(kernel)),
+                "{what}: {calls:?}"
+            );
+            check(&what, precision, &case.want, &got);
         }
     }
 }
