@@ -819,7 +819,14 @@ impl GpuProgram {
                         .iter()
                         .find(|r| r.status == cudnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
                         .ok_or_else(|| {
-                            EngineError::Graph(format!("cuDNN found no algorithm for {key}"))
+                            EngineError::Graph(format!(
+                                "cuDNN found no algorithm for {key}{}",
+                                if d.nhwc {
+                                    " (channels-last; building with --layout nchw may avoid it)"
+                                } else {
+                                    ""
+                                }
+                            ))
                         })?;
                     let t = ConvTactic {
                         algo: best.algo as i32,
