@@ -162,15 +162,7 @@ fn attention_kernels(calls: &BTreeMap<String, usize>) -> Vec<String> {
 #[test]
 fn every_tiny_graph_runs_on_the_emulated_executor_as_on_the_cpu_interpreter() {
     let Some(emu) = emu() else { return };
-    let e = export_pipeline(
-        &pipeline_fixtures().join("tiny"),
-        false,
-        Semantics::Diffusers,
-        ExportPrecision::Fp32,
-    );
-    let src = e.dir.path().join("out");
-    let dst = tempfile::tempdir().unwrap();
-    let d = text_width(&src);
+    let (_export, src, dst, d) = tiny_export();
     // two samples (the guidance batch: the time embedding differs per sample), two frames
     let (b, f) = (2usize, 2usize);
     let cases: [(&str, Inputs); 4] = [
@@ -234,15 +226,7 @@ fn every_tiny_graph_runs_on_the_emulated_executor_as_on_the_cpu_interpreter() {
 #[test]
 fn the_executors_fallbacks_compute_the_same() {
     let Some(emu) = emu() else { return };
-    let e = export_pipeline(
-        &pipeline_fixtures().join("tiny"),
-        false,
-        Semantics::Diffusers,
-        ExportPrecision::Fp32,
-    );
-    let src = e.dir.path().join("out");
-    let dst = tempfile::tempdir().unwrap();
-    let d = text_width(&src);
+    let (_export, src, dst, d) = tiny_export();
     let inputs: Inputs = vec![
         ("sample", vec![1, 4, 2, 8, 8]),
         ("timestep", vec![1]),
@@ -258,6 +242,20 @@ fn the_executors_fallbacks_compute_the_same() {
     // a GPU without the shared memory the attention kernels need: a clear error, no launch
     let e = emulate(&emu, &c, Precision::Fp16, 8 * 1024, true).unwrap_err();
     assert!(e.to_string().contains("shared memory"), "{e}");
+}
+
+/// The tiny pipeline exported (float32, diffusers semantics): the export, its `out` folder, a
+/// folder for the fused graphs, and the text width.
+fn tiny_export() -> (Exported, std::path::PathBuf, tempfile::TempDir, usize) {
+    let e = export_pipeline(
+        &pipeline_fixtures().join("tiny"),
+        false,
+        Semantics::Diffusers,
+        ExportPrecision::Fp32,
+    );
+    let src = e.dir.path().join("out");
+    let d = text_width(&src);
+    (e, src, tempfile::tempdir().unwrap(), d)
 }
 
 /// The text width, from the exported UNet's `encoder_hidden_states` `[B·F, 77, D]`.

@@ -187,16 +187,7 @@ pub fn run(
                 f[*out] = o;
             }
             Step::Conv(c) => {
-                let d = super::launch::ConvDesc {
-                    nhwc: c.nhwc,
-                    x: c.x_shape,
-                    w: c.w_shape,
-                    y: c.y_shape,
-                    pads: [c.pads[0], c.pads[1]],
-                    strides: c.strides,
-                    dilations: c.dilations,
-                    group: c.group,
-                };
+                let d = super::launch::ConvDesc::leading(c);
                 let mut y = conv2d(&d, &f[c.x], &f[c.w]);
                 let [_, o, oh, ow] = c.y_shape;
                 for (at, v) in y.iter_mut().enumerate() {

@@ -17,10 +17,10 @@ use motionrt_kernels::emu::{Arg, DeviceBuffer, Emu};
 use super::cpu_exec::dot;
 use super::exec::Precision;
 use super::launch::{
-    attention_smem, cast_launch, group_norm_scratch, place_buffers, step_ops, ConvDesc, Ctx,
-    GemmCall, KArg, Launch, LtCall, Op, WeightData,
+    attention_smem, cast_launch, group_norm_scratch, place_buffers, plan_memory_for, step_ops,
+    ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op, WeightData,
 };
-use super::program::{plan_memory, DType, MemoryPlan, Outputs, Program, Step, Strided};
+use super::program::{DType, MemoryPlan, Outputs, Program, Step, Strided};
 use super::EngineError;
 
 fn err(msg: String) -> EngineError {
@@ -62,11 +62,7 @@ impl<'e> EmuProgram<'e> {
         smem_optin: usize,
         lt: bool,
     ) -> Result<Self, EngineError> {
-        let eb = precision.elem_bytes();
-        let memory = plan_memory(&program, |d| match d {
-            DType::Float => eb,
-            DType::I64 => 8,
-        });
+        let memory = plan_memory_for(&program, precision);
         let arena = DeviceBuffer::filled(memory.arena_bytes.max(256), 0xFF);
         let mut weights = Vec::new();
         let (ptrs, _) = place_buffers(

@@ -19,13 +19,13 @@ use cudarc::driver::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::launch::place_buffers;
 pub use super::launch::WeightData;
 use super::launch::{
     attention_smem, cast_launch, elementwise_launch, group_norm_scratch, group_norm_splits,
-    step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, LtDesc, LtLayout, Op,
+    place_buffers, plan_memory_for, step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall,
+    LtDesc, LtLayout, Op,
 };
-use super::program::{plan_memory, ConvStep, DType, MemoryPlan, Program, Step, Strided};
+use super::program::{ConvStep, DType, MemoryPlan, Program, Step, Strided};
 use super::EngineError;
 
 // SAFETY: `Strided` is `#[repr(C)]` plain data matching `struct Strided` in engine_ops.cu.
@@ -581,11 +581,7 @@ impl GpuProgram {
         tactics: &mut TacticCache,
     ) -> Result<Self, EngineError> {
         let s = &dev.stream;
-        let eb = precision.elem_bytes();
-        let memory = plan_memory(&program, |d| match d {
-            DType::Float => eb,
-            DType::I64 => 8,
-        });
+        let memory = plan_memory_for(&program, precision);
         let arena = s
             .alloc_zeros::<u8>(memory.arena_bytes.max(256))
             .map_err(|e| gpu_err("arena", e))?;

@@ -267,6 +267,7 @@ pub struct ConvDesc {
 }
 
 impl ConvDesc {
+    /// The descriptor of a Conv step (cuDNN takes symmetric padding only).
     pub fn of(c: &super::program::ConvStep) -> Result<Self, EngineError> {
         if c.pads[0] != c.pads[2] || c.pads[1] != c.pads[3] {
             return Err(EngineError::Graph(format!(
@@ -274,7 +275,13 @@ impl ConvDesc {
                 c.pads
             )));
         }
-        Ok(ConvDesc {
+        Ok(Self::leading(c))
+    }
+
+    /// The step's convolution with its leading pads (the trailing ones follow from the output
+    /// size): what the CPU interpreter computes, asymmetric padding included.
+    pub fn leading(c: &super::program::ConvStep) -> Self {
+        ConvDesc {
             nhwc: c.nhwc,
             x: c.x_shape,
             w: c.w_shape,
@@ -283,8 +290,17 @@ impl ConvDesc {
             strides: c.strides,
             dilations: c.dilations,
             group: c.group,
-        })
+        }
     }
+}
+
+/// The memory plan of `program` with the precision's element size.
+pub fn plan_memory_for(program: &Program, precision: Precision) -> MemoryPlan {
+    let eb = precision.elem_bytes();
+    super::program::plan_memory(program, |d| match d {
+        DType::Float => eb,
+        DType::I64 => 8,
+    })
 }
 
 /// One cuDNN convolution (`step`: the Conv step whose prepared descriptors run it).
