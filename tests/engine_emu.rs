@@ -25,7 +25,7 @@ use motionrt_kernels::emu::{Emu, EmuError};
 use motionrt_runtime::engine::emulated::EmuProgram;
 use motionrt_runtime::engine::exec::Precision;
 use motionrt_runtime::engine::file::InlineInitializers;
-use motionrt_runtime::engine::launch::WeightData;
+use motionrt_runtime::engine::launch::{merge_projections, WeightData};
 use motionrt_runtime::engine::program::{self, InitializerSource, Layout, Outputs, Program, Step};
 use motionrt_runtime::engine::source::FileInitializers;
 use motionrt_runtime::engine::{cpu_exec, plan_graph, EngineError};
@@ -127,7 +127,9 @@ fn emulate(
     let f: Vec<(&str, &[f32])> = c.f.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
     let i: Vec<(&str, &[i64])> = c.i.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
     let out = p.run(&f, &i)?;
-    Ok((out, p.calls.clone()))
+    let mut calls = p.calls.clone();
+    calls.insert("merged projections".into(), p.merged);
+    Ok((out, calls))
 }
 
 fn check(
@@ -209,6 +211,10 @@ fn every_tiny_graph_runs_on_the_emulated_executor_as_on_the_cpu_interpreter() {
                 }
                 if precision == Precision::Fp16 {
                     attention.extend(attention_kernels(&calls));
+                    // the motion modules' attention (heads of 8) reads Q, K, V from one GEMM
+                    if graph == "unet" {
+                        assert!(calls["merged projections"] > 0, "{what}: {calls:?}");
+                    }
                 }
             }
         }
@@ -235,6 +241,18 @@ fn the_executors_fallbacks_compute_the_same() {
     let z = dst.path().join("unet.onnx");
     plan_graph(&src.join("unet.onnx"), &z).unwrap();
     let c = case(&z, &inputs, Layout::Nhwc);
+    // the float16 specialisation (Q, K, V from one GEMM, read in place) computes the same on
+    // the interpreter too
+    let mut merged = c.prog.clone();
+    assert!(merge_projections(&mut merged) > 0);
+    let w = |n: &str| Ok(c.weights[n].clone());
+    let got = cpu_exec::run(&merged, &c.f, &c.i, &w).unwrap();
+    check(
+        "unet, merged projections, interpreter",
+        Precision::Fp32,
+        &c.want,
+        &got,
+    );
     let (got, calls) = emulate(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, false).unwrap();
     check("unet without cuBLASLt", Precision::Fp16, &c.want, &got);
     assert!(!calls.contains_key("cublasLt matmul"), "{calls:?}");

@@ -1091,10 +1091,39 @@ fn sparse_causal_attention_matches_the_cpu() {
     }
 }
 
+/// How Q, K and V lie in memory: each alone (row stride H·d), or as column blocks of one
+/// projection's output (row stride 3·H·d for Q, K, V; 2·H·d for K, V).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Packing {
+    Apart,
+    Qkv,
+    Kv,
+}
+
+/// `parts` tensors of `rows × c` as column blocks of one `rows × (parts·c)` buffer.
+fn interleave(parts: &[&[f32]], rows: usize, c: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(rows * c * parts.len());
+    for r in 0..rows {
+        for p in parts {
+            v.extend_from_slice(&p[r * c..][..c]);
+        }
+    }
+    v
+}
+
 /// The engine's float16 attention kernels (engine_ops.cu) with its launch shapes
-/// (runtime/src/engine/exec.rs): `attention_tiled` for long queries, `attention_short{1,2}` for
-/// at most 16 / 32 query rows, against the CPU implementation on float16-rounded inputs.
+/// (runtime/src/engine/launch.rs): `attention_tiled` for long queries, `attention_short{1,2}`
+/// for at most 16 / 32 query rows, against the CPU implementation on float16-rounded inputs.
 fn attention_f16(emu: &Emu, kernel: &str, n: usize, l: usize, s: usize, heads: usize, d: usize) {
+    attention_f16_packed(emu, kernel, (n, l, s, heads, d), Packing::Apart);
+}
+
+fn attention_f16_packed(
+    emu: &Emu,
+    kernel: &str,
+    (n, l, s, heads, d): (usize, usize, usize, usize, usize),
+    packing: Packing,
+) {
     let a = Attention::new(n, l, s, heads, d);
     let c = heads * d;
     let dp = d.div_ceil(16) * 16;
@@ -1107,15 +1136,50 @@ fn attention_f16(emu: &Emu, kernel: &str, n: usize, l: usize, s: usize, heads: u
     let v = <u16 as Host>::round(&random(n * s * c, seed + 2));
     let mut want = vec![0f32; n * l * c];
     a.run(&q, &k, &v, None, &mut want).unwrap();
-    let (qb, kb, vb) = (buf::<u16>(&q), buf::<u16>(&k), buf::<u16>(&v));
+    // addresses and row strides of Q, K, V in the packing's buffers
+    let half = |b: &DeviceBuffer, col: usize| Arg::Addr(b.as_ptr() as u64 + 2 * col as u64);
+    let (bufs, ptrs, ld): (Vec<DeviceBuffer>, [(usize, usize); 3], usize) = match packing {
+        Packing::Apart => (
+            vec![buf::<u16>(&q), buf::<u16>(&k), buf::<u16>(&v)],
+            [(0, 0), (1, 0), (2, 0)],
+            c,
+        ),
+        Packing::Qkv => {
+            assert_eq!(l, s, "Q, K and V from one projection have as many rows");
+            (
+                vec![buf::<u16>(&interleave(&[&q, &k, &v], n * l, c))],
+                [(0, 0), (0, c), (0, 2 * c)],
+                3 * c,
+            )
+        }
+        Packing::Kv => (
+            vec![buf::<u16>(&q), buf::<u16>(&interleave(&[&k, &v], n * s, c))],
+            [(0, 0), (1, 0), (1, c)],
+            2 * c,
+        ),
+    };
+    let (ldq, ldkv) = if packing == Packing::Kv {
+        (c, ld)
+    } else {
+        (ld, ld)
+    };
     let y = out_buf::<u16>(n * l * c);
     let name = format!("attention_{kernel}_f16_d{dp}");
-    let common = [Arg::Buf(&qb), Arg::Buf(&kb), Arg::Buf(&vb), Arg::Buf(&y)];
+    let [(qi, qo), (ki, ko), (vi, vo)] = ptrs;
+    let common = [
+        half(&bufs[qi], qo),
+        half(&bufs[ki], ko),
+        half(&bufs[vi], vo),
+        Arg::Buf(&y),
+    ];
     let tail = [
         Arg::I32(l as i32),
         Arg::I32(s as i32),
         Arg::I32(heads as i32),
         Arg::I32(d as i32),
+        Arg::I32(ldq as i32),
+        Arg::I32(ldkv as i32),
+        Arg::I32(ldkv as i32),
         Arg::F32(a.scale),
     ];
     if kernel == "tiled" {
@@ -1145,10 +1209,26 @@ fn attention_f16(emu: &Emu, kernel: &str, n: usize, l: usize, s: usize, heads: u
         );
     }
     check::<u16>(
-        &format!("{name}: N {n} L {l} S {s} {heads}x{d}"),
+        &format!("{name}: N {n} L {l} S {s} {heads}x{d} {packing:?}"),
         &read::<u16>(&y),
         &want,
     );
+}
+
+#[test]
+fn attention_reads_q_k_v_packed_in_one_projection() {
+    let Some(emu) = emu() else { return };
+    // self-attention over pixels and frames (Q, K, V one [rows, 3C] output), cross-attention
+    // (K, V one [rows, 2C] output)
+    for (kernel, shape, packing) in [
+        ("tiled", (1, 130, 130, 2, 40), Packing::Qkv),
+        ("tiled", (2, 100, 77, 2, 80), Packing::Kv),
+        ("short1", (3, 16, 16, 2, 40), Packing::Qkv),
+        ("short2", (1, 24, 24, 2, 160), Packing::Qkv),
+        ("short1", (2, 9, 37, 1, 48), Packing::Kv),
+    ] {
+        attention_f16_packed(emu, kernel, shape, packing);
+    }
 }
 
 #[test]

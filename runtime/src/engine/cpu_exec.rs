@@ -41,6 +41,13 @@ pub fn run(
             }
             BufferKind::Weight(WeightSource::Computed(v)) => f[k] = (**v).clone(),
             BufferKind::Weight(WeightSource::ComputedI64(v)) => i[k] = (**v).clone(),
+            BufferKind::Weight(WeightSource::Concat(names)) => {
+                let mut v = Vec::new();
+                for n in names {
+                    v.extend(weight(n)?);
+                }
+                f[k] = v;
+            }
             BufferKind::Activation => f[k] = vec![f32::NAN; b.numel],
         }
     }
@@ -333,18 +340,25 @@ pub fn run(
                 heads,
                 d,
                 scale,
+                ld,
+                offs,
             } => {
                 let mut a = Attention::new(*n, *l, *s, *heads, *d);
                 a.scale = *scale;
-                let mut y = vec![0f32; n * l * heads * d];
-                a.run(
-                    &f[*q],
-                    &f[*k],
-                    &f[*v],
-                    bias.map(|b| f[b.0].as_slice()),
-                    &mut y,
-                )
-                .map_err(kerr)?;
+                let c = heads * d;
+                // rows of c values at offs + r·ld, gathered
+                let rows = |b: usize, i: usize, count: usize| -> Vec<f32> {
+                    (0..count)
+                        .flat_map(|r| {
+                            let at = offs[i] + r * ld[i];
+                            f[b][at..at + c].iter().copied()
+                        })
+                        .collect()
+                };
+                let (qv, kv, vv) = (rows(*q, 0, n * l), rows(*k, 1, n * s), rows(*v, 2, n * s));
+                let mut y = vec![0f32; n * l * c];
+                a.run(&qv, &kv, &vv, bias.map(|b| f[b.0].as_slice()), &mut y)
+                    .map_err(kerr)?;
                 f[*out] = y;
             }
         }

@@ -17,8 +17,8 @@ use motionrt_kernels::emu::{Arg, DeviceBuffer, Emu};
 use super::cpu_exec::dot;
 use super::exec::Precision;
 use super::launch::{
-    attention_smem, cast_launch, group_norm_scratch, place_buffers, plan_memory_for, step_ops,
-    ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op, WeightData,
+    attention_smem, cast_launch, group_norm_scratch, merge_projections, place_buffers,
+    plan_memory_for, step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op, WeightData,
 };
 use super::program::{DType, MemoryPlan, Outputs, Program, Step, Strided};
 use super::EngineError;
@@ -47,6 +47,8 @@ pub struct EmuProgram<'e> {
     pub calls: std::collections::BTreeMap<String, usize>,
     /// Seconds spent emulating each of them.
     pub seconds: std::collections::BTreeMap<String, f64>,
+    /// Attentions whose projections were merged into one GEMM ([`merge_projections`]).
+    pub merged: usize,
 }
 
 impl<'e> EmuProgram<'e> {
@@ -62,6 +64,12 @@ impl<'e> EmuProgram<'e> {
         smem_optin: usize,
         lt: bool,
     ) -> Result<Self, EngineError> {
+        let mut program = program;
+        let merged = if precision == Precision::Fp16 {
+            merge_projections(&mut program)
+        } else {
+            0
+        };
         let memory = plan_memory_for(&program, precision);
         let arena = DeviceBuffer::filled(memory.arena_bytes.max(256), 0xFF);
         let mut weights = Vec::new();
@@ -93,6 +101,7 @@ impl<'e> EmuProgram<'e> {
             smem_optin,
             calls: Default::default(),
             seconds: Default::default(),
+            merged,
         })
     }
 

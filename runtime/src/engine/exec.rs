@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 pub use super::launch::WeightData;
 use super::launch::{
     attention_smem, cast_launch, elementwise_launch, group_norm_scratch, group_norm_splits,
-    place_buffers, plan_memory_for, step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall,
-    LtDesc, LtLayout, Op,
+    merge_projections, place_buffers, plan_memory_for, step_ops, ConvDesc, Ctx, GemmCall, KArg,
+    Launch, LtCall, LtDesc, LtLayout, Op,
 };
 use super::program::{ConvStep, DType, MemoryPlan, Program, Step, Strided};
 use super::EngineError;
@@ -581,6 +581,10 @@ impl GpuProgram {
         tactics: &mut TacticCache,
     ) -> Result<Self, EngineError> {
         let s = &dev.stream;
+        let mut program = program;
+        if precision == Precision::Fp16 {
+            merge_projections(&mut program);
+        }
         let memory = plan_memory_for(&program, precision);
         let arena = s
             .alloc_zeros::<u8>(memory.arena_bytes.max(256))

@@ -104,6 +104,37 @@ pub fn place_buffers(
             }
             WeightSource::Computed(v) => WeightData::F32((**v).clone()),
             WeightSource::ComputedI64(v) => WeightData::I64((**v).clone()),
+            WeightSource::Concat(names) => {
+                let mut parts = Vec::new();
+                for n in names {
+                    parts.push(weight(n)?);
+                }
+                if parts.iter().all(|p| matches!(p, WeightData::F16(_))) {
+                    let mut v = Vec::new();
+                    for p in parts {
+                        if let WeightData::F16(p) = p {
+                            v.extend(p);
+                        }
+                    }
+                    WeightData::F16(v)
+                } else {
+                    let mut v = Vec::new();
+                    for (n, p) in names.iter().zip(parts) {
+                        match p {
+                            WeightData::F32(p) => v.extend(p),
+                            WeightData::F16(p) => {
+                                v.extend(p.iter().map(|&h| half::f16::from_bits(h).to_f32()))
+                            }
+                            WeightData::I64(_) => {
+                                return Err(EngineError::Graph(format!(
+                                "weight {n}: int64 where a projection's float weight was expected"
+                            )))
+                            }
+                        }
+                    }
+                    WeightData::F32(v)
+                }
+            }
         };
         let bytes: Vec<u8> = match (data, b.dtype, precision) {
             (WeightData::I64(v), DType::I64, _) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -132,8 +163,9 @@ pub fn place_buffers(
                 "weight {}: {} bytes, the program needs {want}",
                 match src {
                     WeightSource::Initializer(name) | WeightSource::Permuted { name, .. } =>
-                        name.as_str(),
-                    _ => "(computed)",
+                        name.clone(),
+                    WeightSource::Concat(names) => names.join(" + "),
+                    _ => "(computed)".into(),
                 },
                 bytes.len()
             )));
@@ -146,6 +178,196 @@ pub fn place_buffers(
         }
     }
     Ok((ptrs, weight_bytes))
+}
+
+/// `(step, out, x, w, n, k)` of a bias-free Linear.
+type Projection = (usize, usize, usize, usize, usize, usize);
+
+/// The bias-free Linear writing `b` (its weight an initializer, or computed on the host), when
+/// `b` is read once.
+fn projection(
+    p: &Program,
+    writer: &HashMap<usize, usize>,
+    readers: &[usize],
+    b: usize,
+) -> Option<Projection> {
+    let si = *writer.get(&b)?;
+    match &p.steps[si] {
+        Step::Linear {
+            out,
+            x,
+            w,
+            bias: None,
+            residual: None,
+            n,
+            k,
+            ..
+        } if readers[*out] == 1
+            && matches!(
+                p.buffers[*w].kind,
+                BufferKind::Weight(WeightSource::Initializer(_) | WeightSource::Computed(_))
+            ) =>
+        {
+            Some((si, *out, *x, *w, *n, *k))
+        }
+        _ => None,
+    }
+}
+
+/// Float16 specialisation: attention whose Q, K and V (or K and V: cross-attention) are
+/// projected from one input by bias-free Linears becomes one GEMM over the stacked weights
+/// (`[2C or 3C, K]`, [`WeightSource::Concat`]) whose `[M, 2C or 3C]` output the tensor-core
+/// attention kernels read in place (row stride 2C or 3C): the input is read once instead of
+/// three times and the GEMM is wider. Only attention those kernels run is merged (no bias, a
+/// head size they take); each projection's output must be read by that attention alone and its
+/// input not rewritten between the projections. Returns how many attentions were merged.
+pub fn merge_projections(p: &mut Program) -> usize {
+    let writer: HashMap<usize, usize> = p
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(si, st)| (st.io().1, si))
+        .collect();
+    let mut readers = vec![0usize; p.buffers.len()];
+    for st in &p.steps {
+        let (reads, w) = st.io();
+        for r in reads {
+            if r != w {
+                readers[r] += 1;
+            }
+        }
+    }
+    for (_, t) in &p.outputs {
+        readers[t.buf] += 1;
+    }
+    let mut remove = vec![false; p.steps.len()];
+    let mut merged = 0;
+    for ai in 0..p.steps.len() {
+        let Step::Attention {
+            q,
+            k,
+            v,
+            bias: None,
+            heads,
+            d,
+            ld,
+            offs,
+            ..
+        } = p.steps[ai].clone()
+        else {
+            continue;
+        };
+        let c = heads * d;
+        if !super::program::fused_attention_head(d) || ld != [c; 3] || offs != [0; 3] {
+            continue;
+        }
+        let proj = |b| projection(p, &writer, &readers, b);
+        let (Some(pq), Some(pk), Some(pv)) = (proj(q), proj(k), proj(v)) else {
+            continue;
+        };
+        let same =
+            |a: &Projection, b: &Projection| a.2 == b.2 && a.5 == b.5 && a.4 == c && b.4 == c;
+        // which of Q, K, V share their input: all three, or K and V
+        let group: Vec<(usize, Projection)> = if same(&pq, &pk) && same(&pk, &pv) {
+            vec![(0, pq), (1, pk), (2, pv)]
+        } else if same(&pk, &pv) {
+            vec![(1, pk), (2, pv)]
+        } else {
+            continue;
+        };
+        if group.iter().any(|(_, g)| remove[g.0]) {
+            continue;
+        }
+        let x = group[0].1 .2;
+        let first = group.iter().map(|(_, g)| g.0).min().expect("two or three");
+        let last = group.iter().map(|(_, g)| g.0).max().expect("two or three");
+        // the input must hold the same values at every projection
+        if (first + 1..=last).any(|si| p.steps[si].io().1 == x) {
+            continue;
+        }
+        let Step::Linear { m, k: kdim, .. } = p.steps[first] else {
+            continue;
+        };
+        let parts = group.len();
+        // the stacked weight: initializers by name (stacked at upload), or host values
+        let sources: Vec<&WeightSource> = group
+            .iter()
+            .filter_map(|(_, g)| match &p.buffers[g.3].kind {
+                BufferKind::Weight(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let stacked = if let Some(names) = sources
+            .iter()
+            .map(|s| match s {
+                WeightSource::Initializer(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect::<Option<Vec<String>>>()
+        {
+            WeightSource::Concat(names)
+        } else if let Some(values) = sources
+            .iter()
+            .map(|s| match s {
+                WeightSource::Computed(v) => Some(v.as_slice()),
+                _ => None,
+            })
+            .collect::<Option<Vec<&[f32]>>>()
+        {
+            WeightSource::Computed(std::sync::Arc::new(values.concat()))
+        } else {
+            continue;
+        };
+        let wbuf = p.buffers.len();
+        p.buffers.push(super::program::Buffer {
+            numel: parts * c * kdim,
+            dtype: DType::Float,
+            kind: BufferKind::Weight(stacked),
+        });
+        let obuf = p.buffers.len();
+        p.buffers.push(super::program::Buffer {
+            numel: m * parts * c,
+            dtype: DType::Float,
+            kind: BufferKind::Activation,
+        });
+        p.steps[first] = Step::Linear {
+            out: obuf,
+            x,
+            w: wbuf,
+            bias: None,
+            residual: None,
+            m,
+            n: parts * c,
+            k: kdim,
+        };
+        for (_, g) in &group {
+            if g.0 != first {
+                remove[g.0] = true;
+            }
+        }
+        if let Step::Attention {
+            q, k, v, ld, offs, ..
+        } = &mut p.steps[ai]
+        {
+            for (j, (which, _)) in group.iter().enumerate() {
+                let b = match which {
+                    0 => &mut *q,
+                    1 => &mut *k,
+                    _ => &mut *v,
+                };
+                *b = obuf;
+                ld[*which] = parts * c;
+                offs[*which] = j * c;
+            }
+        }
+        merged += 1;
+    }
+    let mut i = 0;
+    p.steps.retain(|_| {
+        i += 1;
+        !remove[i - 1]
+    });
+    merged
 }
 
 /// A kernel argument, by value.
@@ -918,6 +1140,8 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             heads,
             d,
             scale,
+            ld,
+            offs,
         } => {
             // float16 without a bias: the tensor-core kernels (the compiler leaves only heads
             // they take, `fused_attention_head`); one warp per (sequence, head) for the short
@@ -931,7 +1155,12 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                 I32(*heads as i32),
                 I32(*d as i32),
             );
-            let qkvo = [ptr(*q), ptr(*k), ptr(*v), ptr(*out)];
+            // Q, K, V rows at their offsets and strides (column blocks of one projection's output
+            // after `merge_projections`; only the tensor-core kernels read those)
+            let eb = ctx.precision.elem_bytes() as u64;
+            let at = |b: usize, i: usize| Ptr(ctx.ptrs[b] + offs[i] as u64 * eb);
+            let qkvo = [at(*q, 0), at(*k, 1), at(*v, 2), ptr(*out)];
+            let strides = [I32(ld[0] as i32), I32(ld[1] as i32), I32(ld[2] as i32)];
             if fused {
                 let dp = d.div_ceil(16) * 16;
                 let short = format!("attention_short{}_f16_d{dp}", 1 + (*l > 16) as usize);
@@ -957,9 +1186,16 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                 if name.starts_with("attention_short") {
                     args.push(I32(*n as i32));
                 }
-                args.extend([li, si_, hi, di, F32(*scale)]);
+                args.extend([li, si_, hi, di]);
+                args.extend(strides);
+                args.push(F32(*scale));
                 ops.push(launch(name, grid, block, smem, args));
             } else {
+                if *ld != [heads * d; 3] || *offs != [0; 3] {
+                    return Err(EngineError::Graph(format!(
+                        "attention with Q, K, V at strides {ld:?} runs on the float16 kernels only"
+                    )));
+                }
                 let shared = 2 * s * d * 4;
                 if shared > 200 * 1024 || *d > 256 {
                     return Err(EngineError::Graph(format!(

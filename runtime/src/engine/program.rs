@@ -454,6 +454,9 @@ pub enum WeightSource {
     },
     Computed(Arc<Vec<f32>>),
     ComputedI64(Arc<Vec<i64>>),
+    /// Initializers stacked along their first axis (the Q, K and V projections of one attention
+    /// as one GEMM's `[3C, K]` weight). Stacked on the host at upload.
+    Concat(Vec<String>),
 }
 
 /// How the compiler lays out 4-D activations around convolutions.
@@ -610,6 +613,9 @@ pub enum Step {
         row: usize,
         n_rows: usize,
     },
+    /// `out [n, l, heads·d]` from Q, K, V rows of `heads·d` values: row `r` of Q at element
+    /// `offs[0] + r·ld[0]` of buffer `q` (K, V likewise), so Q, K and V may be column blocks of
+    /// one projection's output.
     Attention {
         out: usize,
         q: usize,
@@ -622,6 +628,8 @@ pub enum Step {
         heads: usize,
         d: usize,
         scale: f32,
+        ld: [usize; 3],
+        offs: [usize; 3],
     },
 }
 
@@ -2184,6 +2192,8 @@ impl Planner<'_> {
                     heads,
                     d,
                     scale,
+                    ld: [c; 3],
+                    offs: [0; 3],
                 });
                 set(self, Value::Dev(out));
             }
