@@ -1,9 +1,11 @@
 //! The native engine's program for a graph at given shapes, step by step kind: how many steps,
 //! their arithmetic (FLOP) and the bytes they move at float16, and the time those would take at a
-//! GPU's peak rates (a floor, not a measurement). No GPU needed: the program is compiled here.
+//! GPU's peak rates (a floor, not a measurement): each step at the slower of its arithmetic and
+//! its memory traffic. No GPU needed: the program is compiled here, with the float16 executor's
+//! merged Q, K, V projections (`--no-merge`: without).
 //!
 //! `cargo run --release --example engine_floor -- FUSED.onnx [--frames 16 --height 64 --width 64
-//!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35]`
+//!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --no-merge]`
 //!
 //! FUSED.onnx is a graph written by `motionrt build --plan-only`: the UNet (inputs at
 //! `[batch, 4, frames, height, width]` latents with a 77-token context per frame), or the VAE
@@ -27,7 +29,12 @@ fn main() -> Res<()> {
     let (mut b, mut f, mut h, mut w) = (2usize, 16usize, 64usize, 64usize);
     let (mut tflops, mut tbps) = (989.0f64, 3.35f64);
     let mut layout = Layout::Nhwc;
+    let mut merge = true;
     while let Some(k) = it.next() {
+        if k == "--no-merge" {
+            merge = false;
+            continue;
+        }
         let v = it.next().ok_or(format!("{k} needs a value"))?;
         match k.as_str() {
             "--batch" => b = v.parse()?,
@@ -59,11 +66,18 @@ fn main() -> Res<()> {
             ("encoder_hidden_states", vec![b * f, 77, d]),
         ]
     };
-    let prog = program::compile(&model, &inputs, &FileInitializers::new(&path), layout)?;
+    let mut prog = program::compile(&model, &inputs, &FileInitializers::new(&path), layout)?;
+    // what the float16 executor runs: Q, K, V projections merged into one GEMM
+    if merge {
+        let merged = motionrt_runtime::engine::launch::merge_projections(&mut prog);
+        println!("{merged} attentions read Q, K, V (or K, V) from one GEMM");
+    }
     let el = 2.0; // float16
     let numel = |buf: usize| prog.buffers[buf].numel as f64;
-    // kind -> (steps, flop, bytes)
-    let mut by: BTreeMap<String, (usize, f64, f64)> = BTreeMap::new();
+    // each step at the slower of its arithmetic and its memory traffic
+    let floor = |fl: f64, by: f64| (fl / (tflops * 1e12)).max(by / (tbps * 1e12)) * 1e3;
+    // kind -> (steps, flop, bytes, floor ms)
+    let mut by: BTreeMap<String, (usize, f64, f64, f64)> = BTreeMap::new();
     for s in &prog.steps {
         let (kind, flop, bytes) = match s {
             Step::Copy { s: st, .. } => ("copy".into(), 0.0, 2.0 * st.numel() as f64 * el),
@@ -132,6 +146,7 @@ fn main() -> Res<()> {
         e.0 += 1;
         e.1 += flop;
         e.2 += bytes;
+        e.3 += floor(flop, bytes);
     }
     println!(
         "{} at {:?}, layout {layout:?}: {} steps; floors at {tflops} TFLOP/s and {tbps} TB/s (float16)",
@@ -142,15 +157,10 @@ fn main() -> Res<()> {
     println!("| steps | kind | GFLOP | GB moved | floor ms |");
     println!("| --- | --- | --- | --- | --- |");
     let mut rows: Vec<_> = by.into_iter().collect();
-    let floor = |fl: f64, by: f64| (fl / (tflops * 1e12)).max(by / (tbps * 1e12)) * 1e3;
-    rows.sort_by(|x, y| {
-        floor(y.1 .1, y.1 .2)
-            .partial_cmp(&floor(x.1 .1, x.1 .2))
-            .unwrap()
-    });
+    rows.sort_by(|x, y| y.1 .3.total_cmp(&x.1 .3));
     let (mut tf, mut tb, mut tt) = (0.0, 0.0, 0.0);
-    for (k, (n, fl, byt)) in &rows {
-        let t = floor(*fl, *byt);
+    for (k, (n, fl, byt, t)) in &rows {
+        let t = *t;
         tf += fl;
         tb += byt;
         tt += t;

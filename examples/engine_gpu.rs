@@ -358,6 +358,7 @@ fn bench_layout(
     let t = Instant::now();
     let before = tactics.clone();
     drop(gp);
+    let prog_for_ab = prog.clone();
     let mut gp = GpuProgram::load(dev, prog, Precision::Fp16, &weight, &mut tactics)?;
     dev.stream.synchronize()?;
     let load_cached_s = t.elapsed().as_secs_f64();
@@ -411,6 +412,45 @@ fn bench_layout(
     }
     let nonfinite = out[0].2.iter().filter(|x| !x.is_finite()).count();
     let (free, total_mem) = dev.ctx.mem_get_info()?;
+    // what merging the attention projections gives: the same program with each projection its
+    // own GEMM, graph replay timed right after (tactics cached), then the merged one again
+    let mut merge_ab = serde_json::Value::Null;
+    if layout == Layout::Nhwc {
+        let steps = gp.program.steps.len();
+        let mut runs = |merge: bool| -> Res<f64> {
+            let mut g = GpuProgram::load_with(
+                dev,
+                prog_for_ab.clone(),
+                Precision::Fp16,
+                &weight,
+                &mut tactics,
+                merge,
+            )?;
+            g.set_inputs(dev, &f_in, &[])?;
+            g.capture(dev)?;
+            time_it(&mut g, a.warmup)?;
+            Ok(median(&mut time_it(&mut g, a.repeats)?))
+        };
+        drop(gp);
+        let separate = runs(false)?;
+        let merged = runs(true)?;
+        eprintln!(
+            "merged projections: {merged:.2} ms, separate: {separate:.2} ms ({:.3}x)",
+            separate / merged
+        );
+        merge_ab = serde_json::json!({
+            "merged_graph_median_ms": merged,
+            "separate_graph_median_ms": separate,
+            "merged_steps": steps,
+        });
+        gp = GpuProgram::load(
+            dev,
+            prog_for_ab.clone(),
+            Precision::Fp16,
+            &weight,
+            &mut tactics,
+        )?;
+    }
     let steps = gp.program.steps.len();
     let mut by_kind: HashMap<&str, usize> = HashMap::new();
     for s in &gp.program.steps {
@@ -438,6 +478,7 @@ fn bench_layout(
         "tactics_deterministic": deterministic,
         "conv_tactics": tactics.conv.len(),
         "output_nonfinite": nonfinite,
+        "merge_projections_ab": merge_ab,
     }))
 }
 

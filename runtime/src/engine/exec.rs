@@ -572,7 +572,8 @@ pub struct GpuProgram {
 
 impl GpuProgram {
     /// Upload `program`'s weights, place its arena, choose convolution algorithms (timed on the
-    /// GPU unless `tactics` already has them; new choices are added to it).
+    /// GPU unless `tactics` already has them; new choices are added to it). In float16 the
+    /// attention projections are merged first ([`merge_projections`]).
     pub fn load(
         dev: &CudaDevice,
         program: Program,
@@ -580,9 +581,22 @@ impl GpuProgram {
         weight: &dyn Fn(&str) -> Result<WeightData, EngineError>,
         tactics: &mut TacticCache,
     ) -> Result<Self, EngineError> {
+        Self::load_with(dev, program, precision, weight, tactics, true)
+    }
+
+    /// [`GpuProgram::load`], with the merge of attention projections chosen (`false`: each
+    /// projection its own GEMM, for measuring what the merge gives).
+    pub fn load_with(
+        dev: &CudaDevice,
+        program: Program,
+        precision: Precision,
+        weight: &dyn Fn(&str) -> Result<WeightData, EngineError>,
+        tactics: &mut TacticCache,
+        merge: bool,
+    ) -> Result<Self, EngineError> {
         let s = &dev.stream;
         let mut program = program;
-        if precision == Precision::Fp16 {
+        if merge && precision == Precision::Fp16 {
             merge_projections(&mut program);
         }
         let memory = plan_memory_for(&program, precision);

@@ -15,7 +15,7 @@ use motionrt_onnx::proto::{DataLocation, ModelProto, TensorProtoDataType};
 use serde::{Deserialize, Serialize};
 
 use super::exec::{CudaDevice, DeviceKey, GpuProgram, Precision, TacticCache, WeightData};
-use super::program::{self, plan_memory, DType, InitializerSource, Layout};
+use super::program::{self, InitializerSource, Layout};
 use super::source::FileInitializers;
 use super::EngineError;
 
@@ -467,16 +467,19 @@ fn build_into(
         let mut arena = BTreeMap::new();
         let mut unshared = 0;
         let mut steps = 0;
-        let eb = precision.elem_bytes();
         let mut opt_prog = None;
         for (label, p) in [
             ("min", profiles.min),
             ("opt", profiles.opt),
             ("max", profiles.max),
         ] {
-            let prog =
+            let mut prog =
                 program::compile(&model, &p.shapes(g, text_width, vae_chunk), &init, layout)?;
-            let plan = plan_memory(&prog, |d| if d == DType::I64 { 8 } else { eb });
+            // what the executor will run (it merges again at load: a no-op on this program)
+            if precision == Precision::Fp16 {
+                super::launch::merge_projections(&mut prog);
+            }
+            let plan = super::launch::plan_memory_for(&prog, precision);
             arena.insert(label.to_string(), plan.arena_bytes);
             if label == "opt" {
                 unshared = plan.unshared_bytes;
