@@ -746,8 +746,8 @@ BOTH(fill, P_FI(float), P_FI(half_bits), (out, n, v))
 // ---------------------------------------------------------------------------------------------
 // Fused attention for float16 on the tensor cores (TemporalAttention: the UNet's spatial self- and
 // cross-attention, the motion modules' attention over frames, the text encoder's and the VAE's
-// attention). Q [N, L, H*d], K/V [N, S, H*d] with row strides ldq, ldk, ldv (H*d when packed
-// alone; 3*H*d when Q, K and V are column blocks of one projection's output), Y [N, L, H*d]
+// attention). Q [N, L, H*d], K/V [N, S, H*d] with row strides ldq and ldkv (H*d each alone; 3*H*d
+// when Q, K and V are column blocks of one projection's output, 2*H*d for K and V), Y [N, L, H*d]
 // contiguous; every product is
 // `mma.sync.m16n8k16` with float32 accumulation and an online softmax, as in FlashAttention-2.
 //
@@ -927,7 +927,7 @@ __device__ __forceinline__ void att_store(AttRows<DP>& r, half_bits* y, i64 C, i
 template <int DP>
 __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits* __restrict__ k,
                                 const half_bits* __restrict__ v, half_bits* __restrict__ y,
-                                int L, int S, int heads, int d, int ldq, int ldk, int ldv,
+                                int L, int S, int heads, int d, int ldq, int ldkv,
                                 float scale) {
     constexpr int P = DP + 8;
     MRT_DYN_SMEM(half_bits, sm);
@@ -937,14 +937,14 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
     const i64 C = (i64)heads * d;
     const int row0 = blockIdx.x * (ATT_WARPS * 16);
-    const half_bits* kg = k + (i64)n * S * ldk + (i64)h * d;
-    const half_bits* vg = v + (i64)n * S * ldv + (i64)h * d;
+    const half_bits* kg = k + (i64)n * S * ldkv + (i64)h * d;
+    const half_bits* vg = v + (i64)n * S * ldkv + (i64)h * d;
     att_zero_cols<DP>(sm, 4 * ATT_KEYS, d, tid, nt);
     att_load_rows<P>(st1, q + ((i64)n * L + row0) * ldq + (i64)h * d, ldq, ATT_WARPS * 16,
                      min(L - row0, ATT_WARPS * 16), d, tid, nt);
     const int first = min(S, ATT_KEYS);
-    att_load_rows<P>(st0, kg, ldk, ATT_KEYS, first, d, tid, nt);
-    att_load_rows<P>(st0 + ATT_KEYS * P, vg, ldv, ATT_KEYS, first, d, tid, nt);
+    att_load_rows<P>(st0, kg, ldkv, ATT_KEYS, first, d, tid, nt);
+    att_load_rows<P>(st0 + ATT_KEYS * P, vg, ldkv, ATT_KEYS, first, d, tid, nt);
     mrt_cp_async_commit();
     mrt_cp_async_wait<0>();
     __syncthreads();
@@ -958,8 +958,8 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
         if (t + 1 < tiles) {
             half_bits* nxt = (t & 1) ? st0 : st1;
             const int s1 = (t + 1) * ATT_KEYS, valid = min(S - s1, ATT_KEYS);
-            att_load_rows<P>(nxt, kg + (i64)s1 * ldk, ldk, ATT_KEYS, valid, d, tid, nt);
-            att_load_rows<P>(nxt + ATT_KEYS * P, vg + (i64)s1 * ldv, ldv, ATT_KEYS, valid, d, tid,
+            att_load_rows<P>(nxt, kg + (i64)s1 * ldkv, ldkv, ATT_KEYS, valid, d, tid, nt);
+            att_load_rows<P>(nxt + ATT_KEYS * P, vg + (i64)s1 * ldkv, ldkv, ATT_KEYS, valid, d, tid,
                              nt);
             mrt_cp_async_commit();
             mrt_cp_async_wait<1>();
@@ -979,7 +979,7 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
 template <int DP, int MT>
 __device__ void attention_short(const half_bits* __restrict__ q, const half_bits* __restrict__ k,
                                 const half_bits* __restrict__ v, half_bits* __restrict__ y,
-                                int N, int L, int S, int heads, int d, int ldq, int ldk, int ldv,
+                                int N, int L, int S, int heads, int d, int ldq, int ldkv,
                                 float scale) {
     constexpr int P = DP + 8, R = 16 * MT;
     MRT_DYN_SMEM(half_bits, sm);
@@ -990,9 +990,9 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
     half_bits* qs = sm + warp * 3 * R * P;
     half_bits* ks = qs + R * P;
     half_bits* vs = ks + R * P;
-    const i64 C = (i64)heads * d;
-    const half_bits* kg = k + (i64)n * S * ldk + (i64)h * d;
-    const half_bits* vg = v + (i64)n * S * ldv + (i64)h * d;
+    const half_bits* kg = k + (i64)n * S * ldkv + (i64)h * d;
+    // V's rows as an offset from K's: one address live across the loop, not two
+    const i64 vk = (v + (i64)n * S * ldkv + (i64)h * d) - kg;
     att_zero_cols<DP>(qs, 3 * R, d, lane, 32);
     att_load_rows<P>(qs, q + (i64)n * L * ldq + (i64)h * d, ldq, R, min(L, R), d, lane, 32);
     const float sl2 = scale * 1.4426950408889634f;
@@ -1003,8 +1003,9 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
         AttRows<DP> r;
         for (int s0 = 0; s0 < S; s0 += R) {
             if (m == 0 || !one_tile) {
-                att_load_rows<P>(ks, kg + (i64)s0 * ldk, ldk, R, min(S - s0, R), d, lane, 32);
-                att_load_rows<P>(vs, vg + (i64)s0 * ldv, ldv, R, min(S - s0, R), d, lane, 32);
+                const half_bits* kt = kg + (i64)s0 * ldkv;
+                att_load_rows<P>(ks, kt, ldkv, R, min(S - s0, R), d, lane, 32);
+                att_load_rows<P>(vs, kt + vk, ldkv, R, min(S - s0, R), d, lane, 32);
                 mrt_cp_async_commit();
                 mrt_cp_async_wait<0>();
                 __syncwarp();
@@ -1013,25 +1014,26 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
             att_step<DP, 2 * MT>(r, ks, vs, s0, S, sl2, lane);
             __syncwarp();  // the tiles may be reloaded next
         }
+        const i64 C = (i64)heads * d;
         att_store<DP>(r, y + (i64)n * L * C + (i64)h * d, C, m * 16, L, d, lane);
     }
 }
 
 #define ATT_ENTRIES(DP)                                                                          \
     extern "C" __global__ void __launch_bounds__(256) attention_tiled_f16_d##DP(                 \
-        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int L, int S,   \
-        int heads, int d, int ldq, int ldk, int ldv, float scale) {                              \
-        attention_tiled<DP>(q, k, v, y, L, S, heads, d, ldq, ldk, ldv, scale);                   \
+        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int L, int S,  \
+        int heads, int d, int ldq, int ldkv, float scale) {                                      \
+        attention_tiled<DP>(q, k, v, y, L, S, heads, d, ldq, ldkv, scale);                       \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(128) attention_short1_f16_d##DP(                \
-        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int N, int L,   \
-        int S, int heads, int d, int ldq, int ldk, int ldv, float scale) {                       \
-        attention_short<DP, 1>(q, k, v, y, N, L, S, heads, d, ldq, ldk, ldv, scale);             \
+        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int N, int L,  \
+        int S, int heads, int d, int ldq, int ldkv, float scale) {                               \
+        attention_short<DP, 1>(q, k, v, y, N, L, S, heads, d, ldq, ldkv, scale);                 \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(128) attention_short2_f16_d##DP(                \
-        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int N, int L,   \
-        int S, int heads, int d, int ldq, int ldk, int ldv, float scale) {                       \
-        attention_short<DP, 2>(q, k, v, y, N, L, S, heads, d, ldq, ldk, ldv, scale);             \
+        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int N, int L,  \
+        int S, int heads, int d, int ldq, int ldkv, float scale) {                               \
+        attention_short<DP, 2>(q, k, v, y, N, L, S, heads, d, ldq, ldkv, scale);                 \
     }
 ATT_ENTRIES(16)
 ATT_ENTRIES(32)

@@ -1179,7 +1179,6 @@ fn attention_f16_packed(
         Arg::I32(d as i32),
         Arg::I32(ldq as i32),
         Arg::I32(ldkv as i32),
-        Arg::I32(ldkv as i32),
         Arg::F32(a.scale),
     ];
     if kernel == "tiled" {

@@ -1160,7 +1160,13 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             let eb = ctx.precision.elem_bytes() as u64;
             let at = |b: usize, i: usize| Ptr(ctx.ptrs[b] + offs[i] as u64 * eb);
             let qkvo = [at(*q, 0), at(*k, 1), at(*v, 2), ptr(*out)];
-            let strides = [I32(ld[0] as i32), I32(ld[1] as i32), I32(ld[2] as i32)];
+            // the kernels take one row stride for K and V (equal alone and packed)
+            if ld[1] != ld[2] {
+                return Err(EngineError::Graph(format!(
+                    "attention with K and V at different row strides {ld:?}"
+                )));
+            }
+            let strides = [I32(ld[0] as i32), I32(ld[1] as i32)];
             if fused {
                 let dp = d.div_ceil(16) * 16;
                 let short = format!("attention_short{}_f16_d{dp}", 1 + (*l > 16) as usize);
