@@ -1,6 +1,6 @@
 //! The CUDA executor's host side, run on the CPU: a compiled [`Program`] executed step by step
 //! from the very [`Op`] lists [`exec`](super::exec) enqueues on a GPU ([`step_ops`]), with the
-//! very buffer placement ([`place_buffers`], [`plan_memory`]). Kernel launches run the real
+//! very buffer placement ([`place_buffers`], [`plan_memory_for`](super::launch::plan_memory_for)). Kernel launches run the real
 //! kernel sources in the CUDA emulator (`motionrt_kernels::emu`: argument kinds checked against
 //! each kernel's signature, barriers, warp collectives, `mma.sync`, `ldmatrix`, `cp.async`);
 //! the library calls run on the CPU by their documented semantics, from the values their
@@ -17,8 +17,8 @@ use motionrt_kernels::emu::{Arg, DeviceBuffer, Emu};
 use super::cpu_exec::dot;
 use super::exec::Precision;
 use super::launch::{
-    attention_smem, cast_launch, group_norm_scratch, merge_projections, place_buffers,
-    plan_memory_for, step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op, WeightData,
+    attention_smem, cast_launch, group_norm_scratch, place_buffers, plan_memory_for, specialize,
+    step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op, WeightData,
 };
 use super::program::{DType, MemoryPlan, Outputs, Program, Step, Strided};
 use super::EngineError;
@@ -45,9 +45,7 @@ pub struct EmuProgram<'e> {
     smem_optin: usize,
     /// Launches per kernel entry point, and library calls (`cublas`, `cublasLt`, `cudnn`).
     pub calls: std::collections::BTreeMap<String, usize>,
-    /// Seconds spent emulating each of them.
-    pub seconds: std::collections::BTreeMap<String, f64>,
-    /// Attentions whose projections were merged into one GEMM ([`merge_projections`]).
+    /// Attentions whose projections were merged into one GEMM ([`specialize`]).
     pub merged: usize,
 }
 
@@ -65,11 +63,7 @@ impl<'e> EmuProgram<'e> {
         lt: bool,
     ) -> Result<Self, EngineError> {
         let mut program = program;
-        let merged = if precision == Precision::Fp16 {
-            merge_projections(&mut program)
-        } else {
-            0
-        };
+        let merged = specialize(&mut program, precision);
         let memory = plan_memory_for(&program, precision);
         let arena = DeviceBuffer::filled(memory.arena_bytes.max(256), 0xFF);
         let mut weights = Vec::new();
@@ -100,7 +94,6 @@ impl<'e> EmuProgram<'e> {
             lt,
             smem_optin,
             calls: Default::default(),
-            seconds: Default::default(),
             merged,
         })
     }
@@ -164,13 +157,6 @@ impl<'e> EmuProgram<'e> {
             let ops = step_ops(&self.program, si, &ctx)?;
             for op in ops {
                 let what = format!("step {si} ({})", self.program.steps[si].name());
-                let t = std::time::Instant::now();
-                let label = match &op {
-                    Op::Kernel(l) => l.kernel.clone(),
-                    Op::Gemm(_) => "cublas gemm".into(),
-                    Op::Lt(_) => "cublasLt matmul".into(),
-                    Op::Conv(_) => "cudnn convolution".into(),
-                };
                 match op {
                     Op::Kernel(l) => self.kernel(&l),
                     Op::Gemm(g) => self.gemm(&g),
@@ -178,7 +164,6 @@ impl<'e> EmuProgram<'e> {
                     Op::Conv(c) => self.conv(c.step, c.x, c.w, c.y),
                 }
                 .map_err(|e| err(format!("{what}: {e}")))?;
-                *self.seconds.entry(label).or_default() += t.elapsed().as_secs_f64();
             }
         }
         let mut out = Vec::new();

@@ -2,7 +2,7 @@
 //! with NVRTC kernels (`kernels/cuda/engine_ops.cu`, the attention kernels), cuBLAS for the
 //! GEMMs (float32 accumulation) and cuDNN for the convolutions (algorithms chosen by timing them
 //! on this GPU, through a [`TacticCache`]). Activations live in one arena placed by lifetime
-//! ([`plan_memory`]); weights are uploaded once. The step sequence is fixed, so it is captured in
+//! ([`plan_memory`](super::program::plan_memory)); weights are uploaded once. The step sequence is fixed, so it is captured in
 //! a CUDA graph and replayed. Everything is loaded dynamically and probed first: on a machine
 //! without a GPU, [`CudaDevice::open`] returns an error, never a panic.
 
@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 pub use super::launch::WeightData;
 use super::launch::{
     attention_smem, cast_launch, elementwise_launch, group_norm_scratch, group_norm_splits,
-    merge_projections, place_buffers, plan_memory_for, step_ops, ConvDesc, Ctx, GemmCall, KArg,
-    Launch, LtCall, LtDesc, LtLayout, Op,
+    place_buffers, plan_memory_for, specialize, step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch,
+    LtCall, LtDesc, LtLayout, Op,
 };
 use super::program::{ConvStep, DType, MemoryPlan, Program, Step, Strided};
 use super::EngineError;
@@ -573,7 +573,7 @@ pub struct GpuProgram {
 impl GpuProgram {
     /// Upload `program`'s weights, place its arena, choose convolution algorithms (timed on the
     /// GPU unless `tactics` already has them; new choices are added to it). In float16 the
-    /// attention projections are merged first ([`merge_projections`]).
+    /// attention projections are merged first ([`super::launch::merge_projections`]).
     pub fn load(
         dev: &CudaDevice,
         program: Program,
@@ -596,8 +596,8 @@ impl GpuProgram {
     ) -> Result<Self, EngineError> {
         let s = &dev.stream;
         let mut program = program;
-        if merge && precision == Precision::Fp16 {
-            merge_projections(&mut program);
+        if merge {
+            specialize(&mut program, precision);
         }
         let memory = plan_memory_for(&program, precision);
         let arena = s

@@ -475,10 +475,8 @@ fn build_into(
         ] {
             let mut prog =
                 program::compile(&model, &p.shapes(g, text_width, vae_chunk), &init, layout)?;
-            // what the executor will run (it merges again at load: a no-op on this program)
-            if precision == Precision::Fp16 {
-                super::launch::merge_projections(&mut prog);
-            }
+            // what the executor will run (loaded below as it is, not specialised again)
+            super::launch::specialize(&mut prog, precision);
             let plan = super::launch::plan_memory_for(&prog, precision);
             arena.insert(label.to_string(), plan.arena_bytes);
             if label == "opt" {
@@ -499,7 +497,14 @@ fn build_into(
                 .ok_or_else(|| EngineError::Graph(format!("no initializer {n}")))?;
             Ok(WeightData::F32(init.f32s(t)?))
         };
-        let gp = GpuProgram::load(dev, opt_prog.expect("opt"), precision, &weight, tactics)?;
+        let gp = GpuProgram::load_with(
+            dev,
+            opt_prog.expect("opt"),
+            precision,
+            &weight,
+            tactics,
+            false,
+        )?;
         let weight_bytes = gp.weight_bytes;
         drop(gp);
         let stripped = strip_weights(&mut model, &init)?;

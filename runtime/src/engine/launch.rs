@@ -180,6 +180,16 @@ pub fn place_buffers(
     Ok((ptrs, weight_bytes))
 }
 
+/// What the executor runs of `p` in `precision`: in float16 the attention projections merged
+/// ([`merge_projections`]; returns how many). The CUDA executor, its emulation and the engine
+/// builder's memory figures all take the program through here.
+pub fn specialize(p: &mut Program, precision: Precision) -> usize {
+    match precision {
+        Precision::Fp16 => merge_projections(p),
+        Precision::Fp32 => 0,
+    }
+}
+
 /// `(step, out, x, w, n, k)` of a bias-free Linear.
 type Projection = (usize, usize, usize, usize, usize, usize);
 
