@@ -16,7 +16,9 @@
 //!
 //! `bench` times one UNet call (a CFG step: batch 2) in float16 with CUDA-graph replay and
 //! eagerly, medians of CUDA-event times after warm-up, and reports build and load time, the
-//! arena, the weights and the device memory in use.
+//! arena, the weights and the device memory in use; in channels-last also two side-by-side
+//! comparisons: merged attention projections against one GEMM each, and the timed cuBLASLt
+//! algorithms against the heuristic's first candidates.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -413,17 +415,20 @@ fn bench_layout(
     let nonfinite = out[0].2.iter().filter(|x| !x.is_finite()).count();
     let (free, total_mem) = dev.ctx.mem_get_info()?;
     // what merging the attention projections gives: the same program with each projection its
-    // own GEMM, graph replay timed right after (tactics cached), then the merged one again
+    // own GEMM, graph replay timed right after (tactics cached), then the merged one again; and
+    // what timing the GEMM algorithms gives: the merged program running cuBLASLt's first
+    // candidate for every GEMM instead of the timed choice
     let mut merge_ab = serde_json::Value::Null;
+    let mut gemm_ab = serde_json::Value::Null;
     if layout == Layout::Nhwc {
         let steps = gp.program.steps.len();
-        let mut runs = |merge: bool| -> Res<f64> {
+        let runs = |merge: bool, tactics: &mut TacticCache| -> Res<f64> {
             let mut g = GpuProgram::load_with(
                 dev,
                 prog_for_ab.clone(),
                 Precision::Fp16,
                 &weight,
-                &mut tactics,
+                tactics,
                 merge,
             )?;
             g.set_inputs(dev, &f_in, &[])?;
@@ -432,8 +437,8 @@ fn bench_layout(
             Ok(median(&mut time_it(&mut g, a.repeats)?))
         };
         drop(gp);
-        let separate = runs(false)?;
-        let merged = runs(true)?;
+        let separate = runs(false, &mut tactics)?;
+        let merged = runs(true, &mut tactics)?;
         eprintln!(
             "merged projections: {merged:.2} ms, separate: {separate:.2} ms ({:.3}x)",
             separate / merged
@@ -442,6 +447,25 @@ fn bench_layout(
             "merged_graph_median_ms": merged,
             "separate_graph_median_ms": separate,
             "merged_steps": steps,
+        });
+        let mut first = tactics.heuristic_gemms();
+        let heuristic = runs(true, &mut first)?;
+        let timed = runs(true, &mut tactics)?;
+        let differ = tactics
+            .gemm
+            .values()
+            .filter(|t| t.algo != t.heuristic_first)
+            .count();
+        eprintln!(
+            "GEMM algorithms timed: {timed:.2} ms, cuBLASLt's first candidates: {heuristic:.2} ms ({:.3}x; {differ} of {} problems chose another)",
+            heuristic / timed,
+            tactics.gemm.len()
+        );
+        gemm_ab = serde_json::json!({
+            "timed_graph_median_ms": timed,
+            "heuristic_first_graph_median_ms": heuristic,
+            "gemm_problems": tactics.gemm.len(),
+            "problems_choosing_another": differ,
         });
         gp = GpuProgram::load(
             dev,
@@ -477,8 +501,10 @@ fn bench_layout(
         "capture_s": capture_s,
         "tactics_deterministic": deterministic,
         "conv_tactics": tactics.conv.len(),
+        "gemm_tactics": tactics.gemm.len(),
         "output_nonfinite": nonfinite,
         "merge_projections_ab": merge_ab,
+        "gemm_timing_ab": gemm_ab,
     }))
 }
 

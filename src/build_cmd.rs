@@ -1,5 +1,5 @@
 //! `motionrt build`: the engine builder. On a machine with an NVIDIA GPU it writes the native CUDA
-//! engine (fused graphs, weights converted once, convolution algorithms timed on this GPU, memory
+//! engine (fused graphs, weights converted once, convolution and GEMM algorithms timed on this GPU, memory
 //! plans at the optimization profiles, keyed by GPU and versions); `--plan-only` fuses the graphs
 //! on any machine.
 
@@ -60,7 +60,7 @@ pub struct BuildArgs {
     /// Smallest shape the engine must run, BATCHxFRAMESxHEIGHTxWIDTH in pixels (batch before CFG).
     #[arg(long = "min-shape", default_value = "1x8x256x256")]
     pub min_shape: String,
-    /// The shape the convolution algorithms are timed at.
+    /// The shape the convolution and GEMM algorithms are timed at.
     #[arg(long = "opt-shape", default_value = "1x16x512x512")]
     pub opt_shape: String,
     /// Largest shape the engine must run.
@@ -142,11 +142,21 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
             g.arena_unshared_bytes >> 20
         );
     }
+    let g = &m.tactics.gemm;
+    let other = g.values().filter(|t| t.algo != t.heuristic_first).count();
+    let (chosen, first): (f64, f64) = g
+        .values()
+        .filter(|t| t.heuristic_first_ms.is_finite())
+        .map(|t| (t.ms as f64, t.heuristic_first_ms as f64))
+        .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
     eprintln!(
-        "wrote {} in {:.1} s ({} convolution algorithms chosen)",
+        "wrote {} in {:.1} s ({} convolution algorithms chosen; {} GEMM problems, {other} of them \
+         faster with another than cuBLASLt's first candidate: {chosen:.2} ms against {first:.2} ms, \
+         one call of each)",
         a.out.display(),
         t.elapsed().as_secs_f64(),
-        m.tactics.conv.len()
+        m.tactics.conv.len(),
+        g.len(),
     );
     Ok(())
 }

@@ -355,6 +355,16 @@ impl<'e> EmuProgram<'e> {
                 )));
             }
         }
+        // the heuristic's algorithms assume its default minimum alignment of A, B, C and D
+        // (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES: 256)
+        let c_ptr = if d.beta != 0.0 { c.res } else { c.out };
+        for (name, ptr) in [("A", c.a), ("B", c.b), ("C", c_ptr), ("D", c.out)] {
+            if ptr % 256 != 0 {
+                return Err(err(format!(
+                    "cublasLt {name} at {ptr:#x}: not 256-byte aligned"
+                )));
+            }
+        }
         let dims = |l: super::launch::LtLayout, t: bool| {
             if t {
                 (l.cols as usize, l.rows as usize)

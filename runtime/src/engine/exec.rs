@@ -1,7 +1,8 @@
 //! The native CUDA executor: runs a compiled [`Program`] on the GPU in float16 (or float32)
-//! with NVRTC kernels (`kernels/cuda/engine_ops.cu`, the attention kernels), cuBLAS for the
-//! GEMMs (float32 accumulation) and cuDNN for the convolutions (algorithms chosen by timing them
-//! on this GPU, through a [`TacticCache`]). Activations live in one arena placed by lifetime
+//! with NVRTC kernels (`kernels/cuda/engine_ops.cu`, the attention kernels), cuBLASLt for the
+//! Linear GEMMs (float32 accumulation, bias and residual in the epilogue), cuBLAS for the batched
+//! ones and cuDNN for the convolutions (cuBLASLt and cuDNN algorithms chosen by timing them on
+//! this GPU, through a [`TacticCache`]). Activations live in one arena placed by lifetime
 //! ([`plan_memory`](super::program::plan_memory)); weights are uploaded once. The step sequence is fixed, so it is captured in
 //! a CUDA graph and replayed. Everything is loaded dynamically and probed first: on a machine
 //! without a GPU, [`CudaDevice::open`] returns an error, never a panic.
@@ -78,11 +79,44 @@ pub struct DeviceKey {
     pub motionrt: String,
 }
 
-/// Chosen cuDNN algorithms by problem (`ConvStep::problem` + precision). Building with the same
-/// cache gives the same choices, so the same engine.
+/// Chosen cuDNN algorithms by problem (`ConvStep::problem` + precision) and cuBLASLt algorithms
+/// by problem ([`LtDesc::problem`] + precision). Building with the same cache gives the same
+/// choices, so the same engine.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TacticCache {
     pub conv: BTreeMap<String, ConvTactic>,
+    /// Absent in caches written before GEMM algorithms were timed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub gemm: BTreeMap<String, GemmTactic>,
+}
+
+/// A cuBLASLt algorithm chosen by timing the heuristic's candidates on this GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GemmTactic {
+    /// The opaque `cublasLtMatmulAlgo_t`, which cuBLASLt documents as serializable for reuse with
+    /// the same cuBLAS version (the engine's key has it; a cached one cuBLASLt no longer accepts
+    /// is timed again).
+    pub algo: [u64; 8],
+    /// Mean time of one matmul with it when chosen (ms).
+    pub ms: f32,
+    /// The heuristic's first candidate, which an untimed plan would run, and its time (ms).
+    pub heuristic_first: [u64; 8],
+    pub heuristic_first_ms: f32,
+    /// How many candidates were timed.
+    pub candidates: usize,
+}
+
+impl TacticCache {
+    /// The same cache with every GEMM running the heuristic's first candidate instead of the
+    /// timed choice (for measuring what timing gains, side by side).
+    pub fn heuristic_gemms(&self) -> Self {
+        let mut c = self.clone();
+        for t in c.gemm.values_mut() {
+            t.algo = t.heuristic_first;
+            t.ms = t.heuristic_first_ms;
+        }
+        c
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -372,18 +406,31 @@ struct LtPlan {
     beta: f32,
 }
 
+/// Heuristic candidates timed per GEMM problem, and timed runs of each (after one warm-up).
+const LT_CANDIDATES: usize = 8;
+const LT_TIMED_RUNS: usize = 5;
+
+fn lt_check(what: &str, st: lt::cublasStatus_t) -> Result<(), String> {
+    if st == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(format!("{what}: {st:?}"))
+    }
+}
+
 impl LtPlan {
-    /// The matmul `d` describes ([`LtDesc::linear`] for a Linear step). An error (with the
-    /// reason) when cuBLASLt has no algorithm for it: the step then runs as a GEMM and a
-    /// bias/residual pass.
-    fn new(dev: &CudaDevice, precision: Precision, d: &LtDesc) -> Result<Self, String> {
-        let check = |what: &str, st: lt::cublasStatus_t| {
-            if st == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                Ok(())
-            } else {
-                Err(format!("{what}: {st:?}"))
-            }
-        };
+    /// The matmul `d` describes ([`LtDesc::linear`] for a Linear step), with the algorithm
+    /// `tactics` has for its problem, or else the fastest of cuBLASLt's heuristic candidates timed
+    /// on `call`'s buffers (added to `tactics`). An error (with the reason) when cuBLASLt has no
+    /// algorithm for it: the step then runs as a GEMM and a bias/residual pass.
+    fn new(
+        dev: &CudaDevice,
+        precision: Precision,
+        d: &LtDesc,
+        call: &LtCall,
+        tactics: &mut TacticCache,
+    ) -> Result<Self, String> {
+        let check = lt_check;
         let dt = match precision {
             Precision::Fp32 => lt::cudaDataType_t::CUDA_R_32F,
             Precision::Fp16 => lt::cudaDataType_t::CUDA_R_16F,
@@ -393,7 +440,7 @@ impl LtPlan {
             a: std::ptr::null_mut(),
             b: std::ptr::null_mut(),
             c: std::ptr::null_mut(),
-            // SAFETY: plain data, filled by the heuristic below.
+            // SAFETY: plain data, set below.
             algo: unsafe { std::mem::zeroed() },
             beta: d.beta,
         };
@@ -448,13 +495,63 @@ impl LtPlan {
             layout(&mut p.a, &d.a)?;
             layout(&mut p.b, &d.b)?;
             layout(&mut p.c, &d.c)?;
-            let mut pref: lt::cublasLtMatmulPreference_t = std::ptr::null_mut();
-            check(
+        }
+        let key = format!("{} {}", d.problem(), precision.suffix());
+        if let Some(t) = tactics.gemm.get(&key) {
+            let algo = lt::cublasLtMatmulAlgo_t { data: t.algo };
+            match p.accepts(dev, &algo) {
+                Ok(()) => {
+                    p.algo = algo;
+                    return Ok(p);
+                }
+                Err(e) => eprintln!(
+                    "note: timing cache: {key}: cuBLASLt refuses the cached algorithm ({e}); timing again"
+                ),
+            }
+        }
+        let candidates = p.candidates(dev)?;
+        let times: Vec<Option<f32>> = candidates.iter().map(|a| p.time(dev, call, a)).collect();
+        let mut best: Option<(usize, f32)> = None;
+        for (i, t) in times.iter().enumerate() {
+            if let Some(t) = *t {
+                // strictly faster: ties keep the heuristic's order
+                if best.is_none_or(|(_, b)| t < b) {
+                    best = Some((i, t));
+                }
+            }
+        }
+        let (i, ms) = best.ok_or_else(|| {
+            format!(
+                "none of cuBLASLt's {} candidate algorithms ran",
+                candidates.len()
+            )
+        })?;
+        p.algo = candidates[i];
+        tactics.gemm.insert(
+            key,
+            GemmTactic {
+                algo: candidates[i].data,
+                ms,
+                heuristic_first: candidates[0].data,
+                heuristic_first_ms: times[0].unwrap_or(f32::NAN),
+                candidates: candidates.len(),
+            },
+        );
+        Ok(p)
+    }
+
+    /// cuBLASLt's heuristic candidates for this problem (best first) within the workspace.
+    fn candidates(&self, dev: &CudaDevice) -> Result<Vec<lt::cublasLtMatmulAlgo_t>, String> {
+        let mut pref: lt::cublasLtMatmulPreference_t = std::ptr::null_mut();
+        // SAFETY: the preference is destroyed below; result buffers are locals of the stated
+        // sizes; descriptors were created by `new`.
+        unsafe {
+            lt_check(
                 "cublasLtMatmulPreferenceCreate",
                 lt::cublasLtMatmulPreferenceCreate(&mut pref),
             )?;
             let ws = BLAS_WS as u64;
-            let r = check(
+            let r = lt_check(
                 "cublasLtMatmulPreferenceSetAttribute",
                 lt::cublasLtMatmulPreferenceSetAttribute(
                     pref,
@@ -464,28 +561,91 @@ impl LtPlan {
                 ),
             )
             .and_then(|_| {
-                let mut res: lt::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
+                let mut res: [lt::cublasLtMatmulHeuristicResult_t; LT_CANDIDATES] =
+                    std::mem::zeroed();
                 let mut got = 0;
-                check(
+                lt_check(
                     "cublasLtMatmulAlgoGetHeuristic",
                     lt::cublasLtMatmulAlgoGetHeuristic(
-                        dev.lt, p.desc, p.a, p.b, p.c, p.c, pref, 1, &mut res, &mut got,
+                        dev.lt,
+                        self.desc,
+                        self.a,
+                        self.b,
+                        self.c,
+                        self.c,
+                        pref,
+                        LT_CANDIDATES as i32,
+                        res.as_mut_ptr(),
+                        &mut got,
                     ),
                 )?;
-                if got == 0 || res.state != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                    return Err("cublasLtMatmulAlgoGetHeuristic: no algorithm".into());
+                let algos: Vec<_> = res[..(got.max(0) as usize).min(LT_CANDIDATES)]
+                    .iter()
+                    .filter(|r| r.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                    .map(|r| r.algo)
+                    .collect();
+                if algos.is_empty() {
+                    Err("cublasLtMatmulAlgoGetHeuristic: no algorithm".to_string())
+                } else {
+                    Ok(algos)
                 }
-                p.algo = res.algo;
-                Ok(())
             });
             lt::cublasLtMatmulPreferenceDestroy(pref);
-            r?;
+            r
         }
-        Ok(p)
+    }
+
+    /// Whether cuBLASLt accepts `algo` for this problem within the workspace.
+    fn accepts(&self, dev: &CudaDevice, algo: &lt::cublasLtMatmulAlgo_t) -> Result<(), String> {
+        // SAFETY: plain data, filled by the check.
+        let mut res: lt::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+        // SAFETY: descriptors created by `new`; `algo` and the result are valid references.
+        let st = unsafe {
+            lt::cublasLtMatmulAlgoCheck(
+                dev.lt, self.desc, self.a, self.b, self.c, self.c, algo, &mut res,
+            )
+        };
+        lt_check("cublasLtMatmulAlgoCheck", st)?;
+        if res.workspaceSize > BLAS_WS {
+            return Err(format!(
+                "needs {} bytes of workspace, more than {BLAS_WS}",
+                res.workspaceSize
+            ));
+        }
+        Ok(())
+    }
+
+    /// Mean time (ms) of one matmul with `algo` on `call`'s buffers, after a warm-up; `None`
+    /// when it does not run. (Its output is scratch: the program has not run yet.)
+    fn time(
+        &self,
+        dev: &CudaDevice,
+        call: &LtCall,
+        algo: &lt::cublasLtMatmulAlgo_t,
+    ) -> Option<f32> {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        self.matmul(dev, call, algo).ok()?;
+        let e0 = dev.stream.record_event(flags).ok()?;
+        for _ in 0..LT_TIMED_RUNS {
+            self.matmul(dev, call, algo).ok()?;
+        }
+        let e1 = dev.stream.record_event(flags).ok()?;
+        e1.synchronize().ok()?;
+        let ms = e0.elapsed_ms(&e1).ok()?;
+        Some(ms / LT_TIMED_RUNS as f32)
     }
 
     /// Enqueue on the device's stream.
     fn run(&self, dev: &CudaDevice, call: &LtCall) -> Result<(), EngineError> {
+        self.matmul(dev, call, &self.algo)
+    }
+
+    fn matmul(
+        &self,
+        dev: &CudaDevice,
+        call: &LtCall,
+        algo: &lt::cublasLtMatmulAlgo_t,
+    ) -> Result<(), EngineError> {
         let alpha = 1f32;
         let (w, x, out) = (call.a, call.b, call.out);
         let c = if self.beta != 0.0 { call.res } else { out };
@@ -504,7 +664,7 @@ impl LtPlan {
                 self.c,
                 out as *mut c_void,
                 self.c,
-                &self.algo,
+                algo,
                 dev.blas_ws_ptr as *mut c_void,
                 BLAS_WS,
                 dev.stream.cu_stream() as _,
@@ -554,7 +714,7 @@ pub struct GpuProgram {
     weights: Vec<CudaSlice<u8>>,
     ptrs: Vec<u64>,
     convs: HashMap<usize, ConvPrep>,
-    /// Linear steps with a bias or residual, as single cuBLASLt matmuls.
+    /// Linear steps as single cuBLASLt matmuls (bias in the epilogue, residual as `C`).
     lt_plans: HashMap<usize, LtPlan>,
     conv_ws: Option<CudaSlice<u8>>,
     conv_ws_ptr: (u64, usize),
@@ -571,8 +731,8 @@ pub struct GpuProgram {
 }
 
 impl GpuProgram {
-    /// Upload `program`'s weights, place its arena, choose convolution algorithms (timed on the
-    /// GPU unless `tactics` already has them; new choices are added to it). In float16 the
+    /// Upload `program`'s weights, place its arena, choose convolution and GEMM algorithms (timed
+    /// on the GPU unless `tactics` already has them; new choices are added to it). In float16 the
     /// attention projections are merged first ([`super::launch::merge_projections`]).
     pub fn load(
         dev: &CudaDevice,
@@ -650,31 +810,38 @@ impl GpuProgram {
             weight_bytes,
         };
         me.prepare_convs(dev, tactics)?;
-        me.prepare_epilogues(dev);
+        me.prepare_linears(dev, tactics);
         Ok(me)
     }
 
-    /// cuBLASLt plans for the Linear steps with a bias or a residual. A step cuBLASLt has no
-    /// algorithm for keeps the GEMM + pass (said once on stderr).
-    fn prepare_epilogues(&mut self, dev: &CudaDevice) {
+    /// cuBLASLt plans for the Linear steps, algorithms timed on this GPU unless `tactics` has
+    /// them. A step cuBLASLt has no algorithm for keeps a cuBLAS GEMM (+ bias/residual pass; said
+    /// once on stderr).
+    fn prepare_linears(&mut self, dev: &CudaDevice, tactics: &mut TacticCache) {
         let mut refused = None;
         for (i, st) in self.program.steps.iter().enumerate() {
             let Step::Linear {
+                out,
+                x,
+                w,
                 bias,
                 residual,
                 m,
                 n,
                 k,
-                ..
             } = st
             else {
                 continue;
             };
-            if bias.is_none() && residual.is_none() {
-                continue;
-            }
             let d = LtDesc::linear((*m, *n, *k), bias.map(|b| self.ptrs[b]), residual.is_some());
-            match LtPlan::new(dev, self.precision, &d) {
+            let call = LtCall {
+                desc: d,
+                a: self.ptrs[*w],
+                b: self.ptrs[*x],
+                res: residual.map_or(0, |r| self.ptrs[r]),
+                out: self.ptrs[*out],
+            };
+            match LtPlan::new(dev, self.precision, &d, &call, tactics) {
                 Ok(p) => {
                     self.lt_plans.insert(i, p);
                 }
@@ -682,7 +849,7 @@ impl GpuProgram {
             }
         }
         if let Some((e, m, n, k)) = refused {
-            eprintln!("note: cuBLASLt epilogue unavailable for {m}x{n}x{k} ({e}); a separate bias pass runs instead");
+            eprintln!("note: cuBLASLt unavailable for {m}x{n}x{k} ({e}); a cuBLAS GEMM (and a separate bias pass) runs instead");
         }
     }
 

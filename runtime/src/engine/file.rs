@@ -2,7 +2,7 @@
 //!
 //! An engine is a folder: `engine.json` (format `motionrt.engine/1`: the [`DeviceKey`] it was built
 //! for, the precision, the optimization profiles with the memory plan of each graph at each, the
-//! chosen convolution algorithms), `weights.safetensors` (every large float weight, converted
+//! chosen convolution and GEMM algorithms), `weights.safetensors` (every large float weight, converted
 //! once to the engine's precision), the fused graphs with those weights stripped, `model.json`
 //! and the tokenizer. Loading it on another GPU, driver, library or motionrt version is refused
 //! with a message that says to rebuild.
@@ -485,7 +485,7 @@ fn build_into(
                 opt_prog = Some(prog);
             }
         }
-        progress(g, "timing convolution algorithms on this GPU");
+        progress(g, "timing convolution and GEMM algorithms on this GPU");
         let weight = |n: &str| -> Result<WeightData, EngineError> {
             let t = model
                 .graph
@@ -624,6 +624,43 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("gpu_name"), "{e}");
+    }
+
+    #[test]
+    fn timing_caches_keep_gemm_algorithms_and_read_older_ones() {
+        use super::super::exec::{ConvTactic, GemmTactic};
+        // a cache written before GEMM algorithms were timed: convolutions only
+        let old = r#"{"conv": {"x f16": {"algo": 1, "math": 1, "workspace": 0, "ms": 0.5}}}"#;
+        let c: TacticCache = serde_json::from_str(old).unwrap();
+        assert!(c.gemm.is_empty());
+        assert_eq!(c.conv["x f16"].algo, 1);
+        // opaque algorithm words round-trip exactly (JSON integers up to u64::MAX)
+        let mut c = TacticCache::default();
+        c.conv.insert(
+            "x f16".into(),
+            ConvTactic {
+                algo: 1,
+                math: Some(1),
+                workspace: 0,
+                ms: 0.5,
+            },
+        );
+        let t = GemmTactic {
+            algo: [u64::MAX, 1, 2, 3, 4, 5, 6, 1 << 63],
+            ms: 0.25,
+            heuristic_first: [7; 8],
+            heuristic_first_ms: 0.5,
+            candidates: 8,
+        };
+        c.gemm.insert("lt A3x4/3T B3x6/3 D4x6/4 f16".into(), t);
+        let back: TacticCache =
+            serde_json::from_str(&serde_json::to_string_pretty(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        // the side-by-side comparison runs the heuristic's first candidates, convolutions as timed
+        let h = c.heuristic_gemms();
+        assert_eq!(h.conv, c.conv);
+        let g = h.gemm.values().next().unwrap();
+        assert_eq!((g.algo, g.ms), ([7; 8], 0.5));
     }
 
     #[test]

@@ -470,6 +470,22 @@ impl LtDesc {
             beta: if residual { 1.0 } else { 0.0 },
         }
     }
+
+    /// The problem as a timing-cache key: what an algorithm's choice depends on (operations,
+    /// layouts, epilogue, β), not the pointers.
+    pub fn problem(&self) -> String {
+        let l = |x: &LtLayout, t: bool| {
+            format!("{}x{}/{}{}", x.rows, x.cols, x.ld, if t { "T" } else { "" })
+        };
+        format!(
+            "lt A{} B{} D{}{}{}",
+            l(&self.a, self.trans_a),
+            l(&self.b, self.trans_b),
+            l(&self.c, false),
+            if self.bias.is_some() { " bias" } else { "" },
+            if self.beta != 0.0 { " +C" } else { "" }
+        )
+    }
 }
 
 /// One cuBLASLt matmul: `C` is `res` when `beta` ≠ 0, else `out`.
@@ -561,7 +577,8 @@ pub struct Ctx<'a> {
     pub norm_stats: u64,
     /// Most dynamic shared memory a block may opt in to on this GPU.
     pub smem_optin: usize,
-    /// Whether Linear step `si` (one with a bias or residual) runs as one cuBLASLt matmul.
+    /// Whether Linear step `si` runs as one cuBLASLt matmul (its algorithm timed on the GPU; a
+    /// bias in the epilogue, a residual as `C`); otherwise a cuBLAS GEMM and a bias/residual pass.
     pub lt: &'a dyn Fn(usize) -> bool,
 }
 
@@ -802,7 +819,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             n,
             k,
         } => {
-            if (bias.is_some() || residual.is_some()) && (ctx.lt)(si) {
+            if (ctx.lt)(si) {
                 let desc =
                     LtDesc::linear((*m, *n, *k), bias.map(|b| ctx.ptrs[b]), residual.is_some());
                 ops.push(Op::Lt(LtCall {
@@ -1282,5 +1299,26 @@ mod tests {
         assert_eq!((d.c.rows, d.c.cols, d.c.ld), (4, 6, 4));
         assert_eq!(d.beta, 1.0);
         assert_eq!(LtDesc::linear((6, 4, 3), None, false).beta, 0.0);
+    }
+
+    #[test]
+    fn a_gemm_problem_key_names_what_the_algorithm_depends_on() {
+        let k = |m, n, k, bias: Option<u64>, res| LtDesc::linear((m, n, k), bias, res).problem();
+        // the pointers are not part of the problem; shapes, epilogue and β are
+        assert_eq!(k(6, 4, 3, Some(64), true), k(6, 4, 3, Some(4096), true));
+        assert_eq!(
+            k(6, 4, 3, Some(64), true),
+            "lt A3x4/3T B3x6/3 D4x6/4 bias +C"
+        );
+        assert_eq!(k(6, 4, 3, None, false), "lt A3x4/3T B3x6/3 D4x6/4");
+        let all = [
+            k(6, 4, 3, None, false),
+            k(6, 4, 3, Some(64), false),
+            k(6, 4, 3, None, true),
+            k(4, 6, 3, None, false),
+            k(6, 4, 5, None, false),
+        ];
+        let distinct: std::collections::BTreeSet<_> = all.iter().collect();
+        assert_eq!(distinct.len(), all.len(), "{all:?}");
     }
 }
