@@ -815,28 +815,39 @@ __device__ __forceinline__ void att_begin(AttRows<DP>& r, const half_bits* s, in
 }
 
 // The 16 rows against NT * 8 keys (K rows at ks, V rows at vs, pitch DP + 8; key0 is the first
-// key's index, keys from S on are masked). sl2 = scale * log2(e).
+// key's index, keys from S on are masked). sl2 = scale * log2(e). When d is an odd multiple of
+// 8 (d = 40 in DP = 48), the last 8 dimensions of Q K^T are one m16n8k8 product and P V skips
+// the output n-tile past d: no product of the zero padding.
 template <int DP, int NT>
 __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
-                                         const half_bits* vs, int key0, int S, float sl2,
+                                         const half_bits* vs, int key0, int S, int d, float sl2,
                                          int lane) {
     constexpr int P = DP + 8;
     const int mi = lane >> 3, tq = lane & 3;
+    const bool half_last = (d & 15) != 0;  // dims DP-16 .. DP-9 real, DP-8 .. DP-1 padding
     // S = Q K^T. ldmatrix x4 over two 8-key n-tiles: (j, dims lo), (j, dims hi), (j+1, lo),
-    // (j+1, hi); K rows are the B operand's columns, so no transpose.
+    // (j+1, hi); K rows are the B operand's columns, so no transpose. A half chunk: x2 over
+    // (j, lo), (j+1, lo).
     float sc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
     {
         const half_bits* kr = ks + ((mi >> 1) * 8 + (lane & 7)) * P + (mi & 1) * 8;
+        const half_bits* kr2 = ks + ((mi & 1) * 8 + (lane & 7)) * P + (DP - 16);
 #pragma unroll
         for (int j = 0; j < NT; j += 2) {
 #pragma unroll
             for (int kc = 0; kc < DP / 16; ++kc) {
                 unsigned b[4];
-                mrt_ldmatrix_x4(b, kr + j * 8 * P + kc * 16);
-                mrt_mma_m16n8k16(sc[j], r.qa[kc], b[0], b[1]);
-                mrt_mma_m16n8k16(sc[j + 1], r.qa[kc], b[2], b[3]);
+                if (kc == DP / 16 - 1 && half_last) {
+                    mrt_ldmatrix_x2(b, kr2 + j * 8 * P);
+                    mrt_mma_m16n8k8(sc[j], r.qa[kc], b[0]);
+                    mrt_mma_m16n8k8(sc[j + 1], r.qa[kc], b[1]);
+                } else {
+                    mrt_ldmatrix_x4(b, kr + j * 8 * P + kc * 16);
+                    mrt_mma_m16n8k16(sc[j], r.qa[kc], b[0], b[1]);
+                    mrt_mma_m16n8k16(sc[j + 1], r.qa[kc], b[2], b[3]);
+                }
             }
         }
     }
@@ -879,7 +890,8 @@ __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
         r.o[j][3] *= c1;
     }
     // O += P V: P (16 x 16 keys per step) from the score registers as A fragments; V rows are the
-    // B operand's k axis, so ldmatrix.trans: (keys lo, dims j), (keys hi, j), (lo, j+1), (hi, j+1).
+    // B operand's k axis, so ldmatrix.trans: (keys lo, dims j), (keys hi, j), (lo, j+1), (hi, j+1);
+    // the last n-tile alone (x2: its keys lo, hi) when the one after it is padding.
     const half_bits* vr = vs + ((mi & 1) * 8 + (lane & 7)) * P + (mi >> 1) * 8;
 #pragma unroll
     for (int kc = 0; kc < NT / 2; ++kc) {
@@ -891,9 +903,14 @@ __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
 #pragma unroll
         for (int j = 0; j < DP / 8; j += 2) {
             unsigned b[4];
-            mrt_ldmatrix_x4_trans(b, vr + kc * 16 * P + j * 8);
-            mrt_mma_m16n8k16(r.o[j], pa, b[0], b[1]);
-            mrt_mma_m16n8k16(r.o[j + 1], pa, b[2], b[3]);
+            if (j == DP / 8 - 2 && half_last) {
+                mrt_ldmatrix_x2_trans(b, vr + kc * 16 * P + j * 8);
+                mrt_mma_m16n8k16(r.o[j], pa, b[0], b[1]);
+            } else {
+                mrt_ldmatrix_x4_trans(b, vr + kc * 16 * P + j * 8);
+                mrt_mma_m16n8k16(r.o[j], pa, b[0], b[1]);
+                mrt_mma_m16n8k16(r.o[j + 1], pa, b[2], b[3]);
+            }
         }
     }
 }
@@ -967,7 +984,7 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
             mrt_cp_async_wait<0>();
         }
         __syncthreads();
-        att_step<DP, ATT_KEYS / 8>(r, cur, cur + ATT_KEYS * P, t * ATT_KEYS, S, sl2, lane);
+        att_step<DP, ATT_KEYS / 8>(r, cur, cur + ATT_KEYS * P, t * ATT_KEYS, S, d, sl2, lane);
         __syncthreads();  // this stage is reloaded next iteration
     }
     att_store<DP>(r, y + (i64)n * L * C + (i64)h * d, C, row0 + warp * 16, L, d, lane);
@@ -1011,7 +1028,7 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
                 __syncwarp();
             }
             if (s0 == 0) att_begin<DP>(r, qs + m * 16 * P, lane);
-            att_step<DP, 2 * MT>(r, ks, vs, s0, S, sl2, lane);
+            att_step<DP, 2 * MT>(r, ks, vs, s0, S, d, sl2, lane);
             __syncwarp();  // the tiles may be reloaded next
         }
         const i64 C = (i64)heads * d;

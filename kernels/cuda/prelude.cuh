@@ -16,6 +16,7 @@
 //   float mrt_warp_sum(float), mrt_warp_max(float)  butterfly reductions over the full warp
 //   void mrt_mma_m16n8k16(float c[4], const unsigned a[4], unsigned b0, unsigned b1)
 //        mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, c += a * b in place
+//   void mrt_mma_m16n8k8(float c[4], const unsigned a[2], unsigned b0)   the same for k = 8
 //   void mrt_ldmatrix_x1/_x2/_x4(unsigned* r, const void* smem_row), and _trans variants
 //        ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16; smem_row is this lane's row address
 //   void mrt_cp_async_16(void* smem, const void* gmem)  cp.async.cg.shared.global, 16 bytes
@@ -103,6 +104,19 @@ __device__ __forceinline__ void mrt_mma_m16n8k16(float* c, const unsigned* a, un
         "{%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// c (16x8 f32) += a (16x8 f16: a[0], a[1] of the k16 fragments) * b (8x8 f16, col).
+__device__ __forceinline__ void mrt_mma_m16n8k8(float* c, const unsigned* a, unsigned b0 MRT_SITE) {
+#ifdef MOTIONRT_EMU
+    mrt_emu::mma_m16n8k8(c, a, b0, mrt_file, mrt_line);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b0));
 #endif
 }
 

@@ -182,6 +182,7 @@ const char* op_name(int op) {
         case SYNCWARP: return "__syncwarp";
         case BALLOT: return "__ballot_sync";
         case MMA_M16N8K16: return "mma.sync.m16n8k16";
+        case MMA_M16N8K8: return "mma.sync.m16n8k8";
         case LDMATRIX + 8: return "ldmatrix.x1";
         case LDMATRIX + 9: return "ldmatrix.x1.trans";
         case LDMATRIX + 16: return "ldmatrix.x2";
@@ -426,7 +427,7 @@ void complete(Block& b, Warp& w, unsigned warp) {
         for (int l = 0; l < 32; ++l)
             if (L[l].v) bits |= 1u << l;
         for (int l = 0; l < 32; ++l) L[l].rv = bits;
-    } else if (op == MMA_M16N8K16) {
+    } else if (op == MMA_M16N8K16 || op == MMA_M16N8K8) {
         // Fragment layouts of mma.m16n8k16 with .f16 multiplicands and .f32 accumulators (PTX
         // ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"): groupID = lane >> 2,
         // threadID_in_group = lane % 4; A elements a0..a7 (two per register, lower index in the
@@ -434,15 +435,20 @@ void complete(Block& b, Warp& w, unsigned warp) {
         // threadID_in_group + (i & 1), + 8 for i >= 4; B b0..b3: row = 2 * threadID_in_group +
         // (i & 1), + 8 for i >= 2, col = groupID; C/D c0..c3: row = groupID for c0, c1 and
         // groupID + 8 for c2, c3, col = 2 * threadID_in_group + (i & 1).
-        float A[16][16], B[16][8], C[16][8];
+        // mma.m16n8k8 ("Matrix Fragments for mma.m16n8k8", .f16): A a0..a3 in two registers,
+        // row = groupID for a0, a1 and groupID + 8 for a2, a3, col = 2 * threadID_in_group +
+        // (i & 1); B b0, b1 in one register, row = 2 * threadID_in_group + i, col = groupID; C/D
+        // as above. Here: the k16 product with k 8..15 zero.
+        const int K = op == MMA_M16N8K8 ? 8 : 16;
+        float A[16][16] = {}, B[16][8] = {}, C[16][8];
         for (int l = 0; l < 32; ++l) {
             const int g = l >> 2, t = l & 3;
-            for (int r = 0; r < 4; ++r) {
+            for (int r = 0; r < K / 4; ++r) {
                 const int row = g + ((r & 1) ? 8 : 0), col = 2 * t + ((r & 2) ? 8 : 0);
                 A[row][col] = h2f((std::uint16_t)(L[l].a[r] & 0xffff));
                 A[row][col + 1] = h2f((std::uint16_t)(L[l].a[r] >> 16));
             }
-            for (int r = 0; r < 2; ++r) {
+            for (int r = 0; r < K / 8; ++r) {
                 const int row = 2 * t + 8 * r;
                 B[row][g] = h2f((std::uint16_t)(L[l].b[r] & 0xffff));
                 B[row + 1][g] = h2f((std::uint16_t)(L[l].b[r] >> 16));
@@ -581,6 +587,18 @@ void mma_m16n8k16(float* c, const unsigned* a, unsigned b0, unsigned b1, const c
     }
     l.b[0] = b0;
     l.b[1] = b1;
+    rendezvous(file, line);
+    for (int i = 0; i < 4; ++i) c[i] = l.c[i];
+}
+
+void mma_m16n8k8(float* c, const unsigned* a, unsigned b0, const char* file, int line) {
+    Lane& l = arrive(MMA_M16N8K8, 0xffffffffu, file, line);
+    for (int i = 0; i < 4; ++i) {
+        l.a[i] = i < 2 ? a[i] : 0u;
+        l.c[i] = c[i];
+    }
+    l.b[0] = b0;
+    l.b[1] = 0u;
     rendezvous(file, line);
     for (int i = 0; i < 4; ++i) c[i] = l.c[i];
 }

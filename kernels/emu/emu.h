@@ -70,6 +70,7 @@ enum Collective : int {
     SYNCWARP,
     BALLOT,
     MMA_M16N8K16,
+    MMA_M16N8K8,
     LDMATRIX,  // + 8 * (num) + (trans ? 1 : 0)
 };
 
@@ -80,6 +81,7 @@ void syncwarp(unsigned mask, const char* file, int line);
 unsigned ballot(unsigned mask, int predicate, const char* file, int line);
 void mma_m16n8k16(float* c, const unsigned* a, unsigned b0, unsigned b1, const char* file,
                   int line);
+void mma_m16n8k8(float* c, const unsigned* a, unsigned b0, const char* file, int line);
 void ldmatrix(int num, bool trans, unsigned* r, const void* row, const char* file, int line);
 void cp_async(void* smem, const void* gmem, unsigned bytes, const char* file, int line);
 void cp_async_commit();
