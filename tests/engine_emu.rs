@@ -460,10 +460,20 @@ fn full_architecture_runs_on_the_emulated_executor() {
 }
 
 /// `x → [Conv 3×3] → GroupNorm(+SiLU) → y` with seeded weights.
+/// How the GroupNorm's input is made: the graph input itself (NCHW); a 3×3 convolution of it
+/// (channels-last in that layout); or the input given `[N, H, W, C]` and transposed to NCHW (a
+/// channels-last view, as a concatenation of channels-last tensors is).
+#[derive(Clone, Copy, PartialEq)]
+enum Before {
+    Nothing,
+    Conv,
+    Transpose,
+}
+
 fn group_norm_model(
     c: usize,
     groups: usize,
-    conv: bool,
+    before: Before,
 ) -> (ModelProto, HashMap<String, Vec<f32>>) {
     let mut rng = NormalRng::new(c as u64 * 7 + groups as u64);
     let mut vals =
@@ -476,7 +486,18 @@ fn group_norm_model(
     weights.insert("beta".to_string(), vals(c, 0.5));
     let mut node = Vec::new();
     let mut x = "x";
-    if conv {
+    if before == Before::Transpose {
+        node.push(NodeProto {
+            name: "to_nchw".into(),
+            op_type: "Transpose".into(),
+            input: vec!["x".into()],
+            output: vec!["xt".into()],
+            attribute: vec![attr_ints("perm", &[0, 3, 1, 2])],
+            ..Default::default()
+        });
+        x = "xt";
+    }
+    if before == Before::Conv {
         weights.insert(
             "w".to_string(),
             vals(c * c * 9, 1.0 / (3.0 * c as f32).sqrt()),
@@ -545,21 +566,49 @@ fn group_norm_model(
 fn group_norm_runs_on_every_path_the_executor_takes() {
     let Some(emu) = emu() else { return };
     let cases = [
-        // (c, groups, h·w, conv first, layout, kernels expected)
-        (64, 32, (96, 96), false, Layout::Nchw, "group_norm_stats"),
-        (64, 32, (8, 8), false, Layout::Nchw, "group_norm_f"),
+        // (c, groups, h·w, input made by, layout, kernels expected)
+        (
+            64,
+            32,
+            (96, 96),
+            Before::Nothing,
+            Layout::Nchw,
+            "group_norm_stats",
+        ),
+        (
+            64,
+            32,
+            (8, 8),
+            Before::Nothing,
+            Layout::Nchw,
+            "group_norm_f",
+        ),
         (
             64,
             32,
             (32, 32),
-            true,
+            Before::Conv,
+            Layout::Nhwc,
+            "group_norm_nhwc_stats",
+        ),
+        // SD1.5's widest norm (2560 channels of a concatenation): a block of 320 threads
+        (
+            2560,
+            32,
+            (4, 3),
+            Before::Transpose,
             Layout::Nhwc,
             "group_norm_nhwc_stats",
         ),
     ];
-    for (c, groups, (h, w), conv, layout, kernel) in cases {
-        let (m, weights) = group_norm_model(c, groups, conv);
-        let shapes: Inputs = vec![("x", vec![2, c, h, w])];
+    for (c, groups, (h, w), before, layout, kernel) in cases {
+        let (m, weights) = group_norm_model(c, groups, before);
+        let x = if before == Before::Transpose {
+            vec![2, h, w, c]
+        } else {
+            vec![2, c, h, w]
+        };
+        let shapes: Inputs = vec![("x", x)];
         let prog = program::compile(&m, &shapes, &InlineInitializers, layout).unwrap();
         let (f, i) = seeded(&shapes);
         let wf = |n: &str| Ok(weights[n].clone());

@@ -381,7 +381,8 @@ __device__ void group_norm_apply(T* y, const T* x, const float* stats, const T* 
 // 1. group_norm_nhwc_stats, grid (N, splits), blockDim a multiple of 32, dynamic shared memory
 //    C floats: the chunk of `chunk` positions [j * chunk, ...) of sample n, read row by row
 //    (coalesced); per group its mean and centred sum of squares (two passes, the second from
-//    cache) into stats[((n * splits + j) * groups + g) * 2 + {0, 1}]. C <= 8 * blockDim.
+//    cache) into stats[((n * splits + j) * groups + g) * 2 + {0, 1}]. C <= 8 * blockDim
+//    (blockDim up to 512: a block of 2560 channels, a concatenation in SD1.5's up blocks, has 320).
 // 2. group_norm_nhwc_finalize, one thread per (n, g): merges the splits' statistics (as
 //    group_norm_apply does) into mr[(n * groups + g) * 2 + {0, 1}] = mean, 1 / sqrt(var + eps).
 // 3. group_norm_nhwc_apply, elementwise: normalise, affine, optional SiLU.

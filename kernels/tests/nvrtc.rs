@@ -156,9 +156,24 @@ fn engine_kernels_do_not_spill_registers_on_sm90() {
     };
     let mut entry = String::new();
     let mut checked = 0;
+    let mut stats_checked = 0;
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             entry = rest.split('\'').next().unwrap_or("").to_string();
+        }
+        // the channels-last GroupNorm statistics run in blocks of up to 512 threads (8 channels
+        // each, 4096 channels): 128 registers a thread at most, or the launch is refused
+        if entry.starts_with("group_norm_nhwc_stats") {
+            if let Some(regs) = line
+                .split("Used ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|r| r.parse::<usize>().ok())
+            {
+                eprintln!("{entry}: {regs} registers");
+                assert!(regs <= 128, "{entry} uses {regs} registers: {line}");
+                stats_checked += 1;
+            }
         }
         if line.contains("spill stores") {
             checked += 1;
@@ -169,5 +184,9 @@ fn engine_kernels_do_not_spill_registers_on_sm90() {
         }
     }
     assert!(checked >= 24, "ptxas reported {checked} kernels:\n{log}");
+    assert_eq!(
+        stats_checked, 2,
+        "group_norm_nhwc_stats f32 and f16:\n{log}"
+    );
     eprintln!("{checked} kernels, no spills");
 }

@@ -596,6 +596,13 @@ fn nhwc_chunk(c: usize) -> usize {
     GROUP_NORM_CHUNK.div_ceil(c.max(1))
 }
 
+/// Threads of a channels-last GroupNorm statistics block: each takes up to 8 channels (at least
+/// 256 threads; at most 512, for
+/// [`GROUP_NORM_NHWC_MAX_CHANNELS`](super::program::GROUP_NORM_NHWC_MAX_CHANNELS)).
+pub fn nhwc_stats_block(c: usize) -> u32 {
+    (c.div_ceil(8).div_ceil(32) * 32).clamp(256, 512) as u32
+}
+
 /// float32 scratch of a GroupNorm step: partial statistics, and for channels-last the merged
 /// mean and inverse deviation per (sample, group) after them.
 fn group_norm_step_scratch(n: usize, c: usize, spatial: usize, groups: usize, cl: bool) -> usize {
@@ -972,7 +979,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                 ops.push(Op::Kernel(Launch {
                     kernel: typed("group_norm_nhwc_stats"),
                     grid: (*n as u32, parts as u32, 1),
-                    block: (256, 1, 1),
+                    block: (nhwc_stats_block(*c), 1, 1),
                     smem: (c * 4) as u32,
                     opt_in: false,
                     args: vec![Ptr(st), ptr(*x), ci, sp, g, ch],

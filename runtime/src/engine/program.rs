@@ -2041,10 +2041,12 @@ impl Planner<'_> {
             }
             "com.motionrt::GroupNorm" => {
                 let xv = self.view(get(0)?, "X")?;
-                // channels-last input (after a channels-last convolution): normalised in place of
-                // layout; the channels-last kernels take up to 2048 channels
+                // channels-last input (after a channels-last convolution, or a concatenation of
+                // such): normalised in place of layout
                 let channels_last = self.layout == Layout::Nhwc
-                    && xv.channels_last().is_some_and(|(_, c, _)| c <= 2048);
+                    && xv
+                        .channels_last()
+                        .is_some_and(|(_, c, _)| c <= GROUP_NORM_NHWC_MAX_CHANNELS);
                 let x = if channels_last {
                     xv
                 } else {
@@ -2309,6 +2311,10 @@ pub struct MemoryPlan {
 }
 
 pub const ALIGN: usize = 256;
+
+/// Most channels the channels-last GroupNorm kernels take: eight per thread of a block of at most
+/// 512 threads (SD1.5's largest, 2560 channels, needs 320).
+pub const GROUP_NORM_NHWC_MAX_CHANNELS: usize = 8 * 512;
 
 /// Lifetimes `[first, last]` (step indices) of every non-weight buffer: inputs start at 0,
 /// outputs live to the end.
