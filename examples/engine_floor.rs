@@ -1,8 +1,9 @@
 //! The native engine's program for a graph at given shapes, step by step kind: how many steps,
 //! their arithmetic (FLOP) and the bytes they move at float16, and the time those would take at a
 //! GPU's peak rates (a floor, not a measurement): each step at the slower of its arithmetic and
-//! its memory traffic. No GPU needed: the program is compiled here, with the float16 executor's
-//! merged Q, K, V projections (`--no-merge`: without).
+//! its memory traffic. No GPU needed: the program is compiled here and specialised as the float16
+//! executor runs it (motion modules on frame-major rows, merged Q, K, V projections;
+//! `--no-merge`: as compiled).
 //!
 //! `cargo run --release --example engine_floor -- FUSED.onnx [--frames 16 --height 64 --width 64
 //!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --no-merge]`
@@ -67,10 +68,15 @@ fn main() -> Res<()> {
         ]
     };
     let mut prog = program::compile(&model, &inputs, &FileInitializers::new(&path), layout)?;
-    // what the float16 executor runs: Q, K, V projections merged into one GEMM
+    // what the float16 executor runs: motion modules on frame-major rows, Q, K, V projections
+    // merged into one GEMM
     if merge {
-        let merged = motionrt_runtime::engine::launch::merge_projections(&mut prog);
-        println!("{merged} attentions read Q, K, V (or K, V) from one GEMM");
+        use motionrt_runtime::engine::{exec::Precision, launch::specialize};
+        let s = specialize(&mut prog, Precision::Fp16);
+        println!(
+            "{} motion modules on frame-major rows ({} residual adds into a GEMM epilogue); {} attentions read Q, K, V (or K, V) from one GEMM",
+            s.frame_major, s.residual_adds, s.merged
+        );
     }
     let el = 2.0; // float16
     let numel = |buf: usize| prog.buffers[buf].numel as f64;

@@ -25,7 +25,7 @@ use motionrt_kernels::emu::{Emu, EmuError};
 use motionrt_runtime::engine::emulated::EmuProgram;
 use motionrt_runtime::engine::exec::Precision;
 use motionrt_runtime::engine::file::InlineInitializers;
-use motionrt_runtime::engine::launch::{merge_projections, WeightData};
+use motionrt_runtime::engine::launch::{specialize, WeightData};
 use motionrt_runtime::engine::program::{self, InitializerSource, Layout, Outputs, Program, Step};
 use motionrt_runtime::engine::source::FileInitializers;
 use motionrt_runtime::engine::{cpu_exec, plan_graph, EngineError};
@@ -128,7 +128,12 @@ fn emulate(
     let i: Vec<(&str, &[i64])> = c.i.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
     let out = p.run(&f, &i)?;
     let mut calls = p.calls.clone();
-    calls.insert("merged projections".into(), p.merged);
+    calls.insert("merged projections".into(), p.specialized.merged);
+    calls.insert(
+        "frame-major motion modules".into(),
+        p.specialized.frame_major,
+    );
+    calls.insert("residual adds folded".into(), p.specialized.residual_adds);
     Ok((out, calls))
 }
 
@@ -211,9 +216,15 @@ fn every_tiny_graph_runs_on_the_emulated_executor_as_on_the_cpu_interpreter() {
                 }
                 if precision == Precision::Fp16 {
                     attention.extend(attention_kernels(&calls));
-                    // the motion modules' attention (heads of 8) reads Q, K, V from one GEMM
+                    // the motion modules' attention (heads of 8) reads Q, K, V from one GEMM;
+                    // channels-last, the motion modules run on frame-major rows with their
+                    // residual add in proj_out's epilogue
                     if graph == "unet" {
                         assert!(calls["merged projections"] > 0, "{what}: {calls:?}");
+                        if layout == Layout::Nhwc {
+                            assert!(calls["frame-major motion modules"] > 0, "{what}: {calls:?}");
+                            assert!(calls["residual adds folded"] > 0, "{what}: {calls:?}");
+                        }
                     }
                 }
             }
@@ -241,14 +252,20 @@ fn the_executors_fallbacks_compute_the_same() {
     let z = dst.path().join("unet.onnx");
     plan_graph(&src.join("unet.onnx"), &z).unwrap();
     let c = case(&z, &inputs, Layout::Nhwc);
-    // the float16 specialisation (Q, K, V from one GEMM, read in place) computes the same on
-    // the interpreter too
-    let mut merged = c.prog.clone();
-    assert!(merge_projections(&mut merged) > 0);
+    // the float16 specialisation (motion modules on frame-major rows, their residual add in a
+    // GEMM epilogue, Q, K, V from one GEMM read in place) computes the same on the interpreter
+    // too, to float32 rounding
+    let mut special = c.prog.clone();
+    let s = specialize(&mut special, Precision::Fp16);
+    assert!(
+        s.merged > 0 && s.frame_major > 0 && s.residual_adds > 0,
+        "{s:?}"
+    );
+    assert!(special.steps.len() < c.prog.steps.len());
     let w = |n: &str| Ok(c.weights[n].clone());
-    let got = cpu_exec::run(&merged, &c.f, &c.i, &w).unwrap();
+    let got = cpu_exec::run(&special, &c.f, &c.i, &w).unwrap();
     check(
-        "unet, merged projections, interpreter",
+        "unet, float16 specialisation, interpreter",
         Precision::Fp32,
         &c.want,
         &got,

@@ -517,10 +517,12 @@ __device__ void group_norm_nhwc_apply(T* y, const T* x, const float* mr, const T
     }
 }
 
-// LayerNormalization over the last axis (cols): one block per row.
+// LayerNormalization over the last axis (cols): one block per row. `add` (optional): a table of
+// `period` rows, row (r / div) % period added to the output row r (the motion modules' positional
+// encoding; div > 1 when the rows are frame-major).
 template <typename T>
 __device__ void layer_norm(T* y, const T* x, const T* gamma, const T* beta, const T* add,
-                           int period, int cols, float eps) {
+                           int period, int div, int cols, float eps) {
     __shared__ float scratch[32];
     const i64 base = (i64)blockIdx.x * cols;
     float s = 0.f;
@@ -532,7 +534,7 @@ __device__ void layer_norm(T* y, const T* x, const T* gamma, const T* beta, cons
         q += d * d;
     }
     const float rstd = rsqrtf(block_sum(q, scratch) / (float)cols + eps);
-    const i64 arow = add ? (i64)(blockIdx.x % (unsigned)period) * cols : 0;
+    const i64 arow = add ? (i64)((blockIdx.x / (unsigned)div) % (unsigned)period) * cols : 0;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
         float v = (mrt_load(x, base + i) - mean) * rstd * mrt_load(gamma, i);
         if (beta) v += mrt_load(beta, i);
@@ -545,7 +547,7 @@ __device__ void layer_norm(T* y, const T* x, const T* gamma, const T* beta, cons
 // read, one write; no block barriers). blockDim.x a multiple of 32.
 template <typename T>
 __device__ void layer_norm_warp(T* y, const T* x, const T* gamma, const T* beta, const T* add,
-                                int period, i64 rows, int cols, float eps) {
+                                int period, int div, i64 rows, int cols, float eps) {
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
@@ -568,7 +570,7 @@ __device__ void layer_norm_warp(T* y, const T* x, const T* gamma, const T* beta,
     }
     const float rstd = rsqrtf(mrt_warp_sum(q) / (float)cols + eps);
     T* yr = y + row * cols;
-    const T* ar = add ? add + (row % period) * cols : add;
+    const T* ar = add ? add + ((row / div) % period) * cols : add;
 #pragma unroll
     for (int k = 0; k < 32; ++k) {
         const int c = lane + 32 * k;
@@ -723,18 +725,19 @@ extern "C" __global__ void group_norm_nhwc_finalize(float* mr, const float* stat
      i64 total, int silu)
 BOTH(group_norm_nhwc_apply, P_GNA(float), P_GNA(half_bits),
      (y, x, mr, gamma, beta, C, S, groups, total, silu))
-#define P_LN(T) \
-    (T* y, const T* x, const T* gamma, const T* beta, const T* add, int period, int cols, float eps)
-BOTH(layer_norm, P_LN(float), P_LN(half_bits), (y, x, gamma, beta, add, period, cols, eps))
+#define P_LN(T)                                                                              \
+    (T* y, const T* x, const T* gamma, const T* beta, const T* add, int period, int div, int cols, \
+     float eps)
+BOTH(layer_norm, P_LN(float), P_LN(half_bits), (y, x, gamma, beta, add, period, div, cols, eps))
 #define P_SM(T) (T* y, const T* x, int cols)
 BOTH(softmax, P_SM(float), P_SM(half_bits), (y, x, cols))
 #define P_GG(T) (T* y, const T* x, const T* bias, i64 rows, i64 d)
 BOTH(geglu, P_GG(float), P_GG(half_bits), (y, x, bias, rows, d))
-#define P_LW(T)                                                                        \
-    (T* y, const T* x, const T* gamma, const T* beta, const T* add, int period, i64 rows, \
+#define P_LW(T)                                                                                 \
+    (T* y, const T* x, const T* gamma, const T* beta, const T* add, int period, int div, i64 rows, \
      int cols, float eps)
 BOTH(layer_norm_warp, P_LW(float), P_LW(half_bits),
-     (y, x, gamma, beta, add, period, rows, cols, eps))
+     (y, x, gamma, beta, add, period, div, rows, cols, eps))
 #define P_GA(T) (T* out, const T* table, const i64* ids, i64 n_ids, i64 row, i64 n_rows)
 BOTH(gather_rows, P_GA(float), P_GA(half_bits), (out, table, ids, n_ids, row, n_rows))
 #define P_CF(T) (T* out, const float* in, i64 n)
@@ -749,7 +752,10 @@ BOTH(fill, P_FI(float), P_FI(half_bits), (out, n, v))
 // cross-attention, the motion modules' attention over frames, the text encoder's and the VAE's
 // attention). Q [N, L, H*d], K/V [N, S, H*d] with row strides ldq and ldkv (H*d each alone; 3*H*d
 // when Q, K and V are column blocks of one projection's output, 2*H*d for K and V), Y [N, L, H*d]
-// contiguous; every product is
+// contiguous. With `ns` sequences interleaved, sequence n's token t is row
+// (n / ns) * T * ns + n % ns + t * ns (T = L for Q and Y, S for K and V): the motion modules'
+// frames of one position in frame-major activations ([B, F, H*W] rows, ns = H*W); ns = 1 is
+// sequences one after another. Every product is
 // `mma.sync.m16n8k16` with float32 accumulation and an online softmax, as in FlashAttention-2.
 //
 // Two kernels share the per-warp work (16 query rows against a tile of keys):
@@ -766,6 +772,11 @@ BOTH(fill, P_FI(float), P_FI(half_bits), (out, n, v))
 #define ATT_KEYS 64   // keys per tile (tiled kernel)
 #define ATT_WARPS 8   // warps per block (tiled kernel): 128 query rows
 #define ATT_SHORT_WARPS 4
+
+// The first row of sequence n of T tokens, `ns` sequences interleaved.
+__device__ __forceinline__ i64 att_seq_row(int n, int T, int ns) {
+    return (i64)(n / ns) * T * ns + n % ns;
+}
 
 // `rows` rows of `d` halves (row r at g + r * gstride) into shared rows of pitch P with 16-byte
 // cp.async; rows from `valid` on are zero-filled (plain stores).
@@ -945,7 +956,7 @@ __device__ __forceinline__ void att_store(AttRows<DP>& r, half_bits* y, i64 C, i
 template <int DP>
 __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits* __restrict__ k,
                                 const half_bits* __restrict__ v, half_bits* __restrict__ y,
-                                int L, int S, int heads, int d, int ldq, int ldkv,
+                                int L, int S, int heads, int d, int ldq, int ldkv, int ns,
                                 float scale) {
     constexpr int P = DP + 8;
     MRT_DYN_SMEM(half_bits, sm);
@@ -955,14 +966,16 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
     const i64 C = (i64)heads * d;
     const int row0 = blockIdx.x * (ATT_WARPS * 16);
-    const half_bits* kg = k + (i64)n * S * ldkv + (i64)h * d;
-    const half_bits* vg = v + (i64)n * S * ldkv + (i64)h * d;
+    // token strides (rows of ns sequences interleaved)
+    const i64 tq = (i64)ldq * ns, tkv = (i64)ldkv * ns;
+    const half_bits* kg = k + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
+    const half_bits* vg = v + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
     att_zero_cols<DP>(sm, 4 * ATT_KEYS, d, tid, nt);
-    att_load_rows<P>(st1, q + ((i64)n * L + row0) * ldq + (i64)h * d, ldq, ATT_WARPS * 16,
-                     min(L - row0, ATT_WARPS * 16), d, tid, nt);
+    att_load_rows<P>(st1, q + att_seq_row(n, L, ns) * ldq + row0 * tq + (i64)h * d, tq,
+                     ATT_WARPS * 16, min(L - row0, ATT_WARPS * 16), d, tid, nt);
     const int first = min(S, ATT_KEYS);
-    att_load_rows<P>(st0, kg, ldkv, ATT_KEYS, first, d, tid, nt);
-    att_load_rows<P>(st0 + ATT_KEYS * P, vg, ldkv, ATT_KEYS, first, d, tid, nt);
+    att_load_rows<P>(st0, kg, tkv, ATT_KEYS, first, d, tid, nt);
+    att_load_rows<P>(st0 + ATT_KEYS * P, vg, tkv, ATT_KEYS, first, d, tid, nt);
     mrt_cp_async_commit();
     mrt_cp_async_wait<0>();
     __syncthreads();
@@ -976,9 +989,8 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
         if (t + 1 < tiles) {
             half_bits* nxt = (t & 1) ? st0 : st1;
             const int s1 = (t + 1) * ATT_KEYS, valid = min(S - s1, ATT_KEYS);
-            att_load_rows<P>(nxt, kg + (i64)s1 * ldkv, ldkv, ATT_KEYS, valid, d, tid, nt);
-            att_load_rows<P>(nxt + ATT_KEYS * P, vg + (i64)s1 * ldkv, ldkv, ATT_KEYS, valid, d, tid,
-                             nt);
+            att_load_rows<P>(nxt, kg + s1 * tkv, tkv, ATT_KEYS, valid, d, tid, nt);
+            att_load_rows<P>(nxt + ATT_KEYS * P, vg + s1 * tkv, tkv, ATT_KEYS, valid, d, tid, nt);
             mrt_cp_async_commit();
             mrt_cp_async_wait<1>();
         } else {
@@ -988,7 +1000,8 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
         att_step<DP, ATT_KEYS / 8>(r, cur, cur + ATT_KEYS * P, t * ATT_KEYS, S, d, sl2, lane);
         __syncthreads();  // this stage is reloaded next iteration
     }
-    att_store<DP>(r, y + (i64)n * L * C + (i64)h * d, C, row0 + warp * 16, L, d, lane);
+    att_store<DP>(r, y + att_seq_row(n, L, ns) * C + (i64)h * d, C * ns, row0 + warp * 16, L, d,
+                  lane);
 }
 
 // grid (ceil(N * H / 4)), 128 threads; each warp one (sequence, head) with L <= 16 * MT query
@@ -998,7 +1011,7 @@ template <int DP, int MT>
 __device__ void attention_short(const half_bits* __restrict__ q, const half_bits* __restrict__ k,
                                 const half_bits* __restrict__ v, half_bits* __restrict__ y,
                                 int N, int L, int S, int heads, int d, int ldq, int ldkv,
-                                float scale) {
+                                int ns, float scale) {
     constexpr int P = DP + 8, R = 16 * MT;
     MRT_DYN_SMEM(half_bits, sm);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1008,11 +1021,9 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
     half_bits* qs = sm + warp * 3 * R * P;
     half_bits* ks = qs + R * P;
     half_bits* vs = ks + R * P;
-    const half_bits* kg = k + (i64)n * S * ldkv + (i64)h * d;
-    // V's rows as an offset from K's: one address live across the loop, not two
-    const i64 vk = (v + (i64)n * S * ldkv + (i64)h * d) - kg;
     att_zero_cols<DP>(qs, 3 * R, d, lane, 32);
-    att_load_rows<P>(qs, q + (i64)n * L * ldq + (i64)h * d, ldq, R, min(L, R), d, lane, 32);
+    att_load_rows<P>(qs, q + att_seq_row(n, L, ns) * ldq + (i64)h * d, (i64)ldq * ns, R, min(L, R),
+                     d, lane, 32);
     const float sl2 = scale * 1.4426950408889634f;
     // one 16-row tile at a time (two tiles' registers at once would spill at DP >= 128); with a
     // single key tile (S <= R, attention over frames) K and V are loaded once for both
@@ -1021,9 +1032,14 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
         AttRows<DP> r;
         for (int s0 = 0; s0 < S; s0 += R) {
             if (m == 0 || !one_tile) {
-                const half_bits* kt = kg + (i64)s0 * ldkv;
-                att_load_rows<P>(ks, kt, ldkv, R, min(S - s0, R), d, lane, 32);
-                att_load_rows<P>(vs, kt + vk, ldkv, R, min(S - s0, R), d, lane, 32);
+                // the tile's first K/V element, from the launch indices and parameters rather
+                // than addresses live across the loop (registers are short at DP = 160)
+                const int t2 = blockIdx.x * ATT_SHORT_WARPS + (threadIdx.x >> 5);
+                const i64 at = (att_seq_row(t2 / heads, S, ns) + (i64)s0 * ns) * ldkv +
+                               (i64)(t2 % heads) * d;
+                const i64 tkv = (i64)ldkv * ns;  // token stride (ns sequences interleaved)
+                att_load_rows<P>(ks, k + at, tkv, R, min(S - s0, R), d, lane, 32);
+                att_load_rows<P>(vs, v + at, tkv, R, min(S - s0, R), d, lane, 32);
                 mrt_cp_async_commit();
                 mrt_cp_async_wait<0>();
                 __syncwarp();
@@ -1033,25 +1049,28 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
             __syncwarp();  // the tiles may be reloaded next
         }
         const i64 C = (i64)heads * d;
-        att_store<DP>(r, y + (i64)n * L * C + (i64)h * d, C, m * 16, L, d, lane);
+        // (n, h) again from the launch indices, rather than live across the loop
+        const int t2 = blockIdx.x * ATT_SHORT_WARPS + (threadIdx.x >> 5);
+        att_store<DP>(r, y + att_seq_row(t2 / heads, L, ns) * C + (i64)(t2 % heads) * d, C * ns,
+                      m * 16, L, d, lane);
     }
 }
 
 #define ATT_ENTRIES(DP)                                                                          \
     extern "C" __global__ void __launch_bounds__(256) attention_tiled_f16_d##DP(                 \
         const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int L, int S,  \
-        int heads, int d, int ldq, int ldkv, float scale) {                                      \
-        attention_tiled<DP>(q, k, v, y, L, S, heads, d, ldq, ldkv, scale);                       \
+        int heads, int d, int ldq, int ldkv, int ns, float scale) {                              \
+        attention_tiled<DP>(q, k, v, y, L, S, heads, d, ldq, ldkv, ns, scale);                   \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(128) attention_short1_f16_d##DP(                \
         const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int N, int L,  \
-        int S, int heads, int d, int ldq, int ldkv, float scale) {                               \
-        attention_short<DP, 1>(q, k, v, y, N, L, S, heads, d, ldq, ldkv, scale);                 \
+        int S, int heads, int d, int ldq, int ldkv, int ns, float scale) {                       \
+        attention_short<DP, 1>(q, k, v, y, N, L, S, heads, d, ldq, ldkv, ns, scale);             \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(128) attention_short2_f16_d##DP(                \
         const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int N, int L,  \
-        int S, int heads, int d, int ldq, int ldkv, float scale) {                               \
-        attention_short<DP, 2>(q, k, v, y, N, L, S, heads, d, ldq, ldkv, scale);                 \
+        int S, int heads, int d, int ldq, int ldkv, int ns, float scale) {                       \
+        attention_short<DP, 2>(q, k, v, y, N, L, S, heads, d, ldq, ldkv, ns, scale);             \
     }
 ATT_ENTRIES(16)
 ATT_ENTRIES(32)

@@ -1115,7 +1115,21 @@ fn interleave(parts: &[&[f32]], rows: usize, c: usize) -> Vec<f32> {
 /// (runtime/src/engine/launch.rs): `attention_tiled` for long queries, `attention_short{1,2}`
 /// for at most 16 / 32 query rows, against the CPU implementation on float16-rounded inputs.
 fn attention_f16(emu: &Emu, kernel: &str, n: usize, l: usize, s: usize, heads: usize, d: usize) {
-    attention_f16_packed(emu, kernel, (n, l, s, heads, d), Packing::Apart);
+    attention_f16_packed(emu, kernel, (n, l, s, heads, d), Packing::Apart, 1);
+}
+
+/// Rows of `n` sequences of `len` tokens (`c` values each) from sequence order to `ns` sequences
+/// interleaved (sequence i's token t at row (i / ns)·len·ns + i % ns + t·ns), or back.
+fn interleave_seqs(x: &[f32], n: usize, len: usize, c: usize, ns: usize, back: bool) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    for i in 0..n {
+        for t in 0..len {
+            let (a, b) = (i * len + t, (i / ns) * len * ns + i % ns + t * ns);
+            let (from, to) = if back { (b, a) } else { (a, b) };
+            y[to * c..(to + 1) * c].copy_from_slice(&x[from * c..(from + 1) * c]);
+        }
+    }
+    y
 }
 
 fn attention_f16_packed(
@@ -1123,6 +1137,7 @@ fn attention_f16_packed(
     kernel: &str,
     (n, l, s, heads, d): (usize, usize, usize, usize, usize),
     packing: Packing,
+    ns: usize,
 ) {
     let a = Attention::new(n, l, s, heads, d);
     let c = heads * d;
@@ -1136,6 +1151,12 @@ fn attention_f16_packed(
     let v = <u16 as Host>::round(&random(n * s * c, seed + 2));
     let mut want = vec![0f32; n * l * c];
     a.run(&q, &k, &v, None, &mut want).unwrap();
+    // the rows as the kernels read them: `ns` sequences interleaved
+    let (q, k, v) = (
+        interleave_seqs(&q, n, l, c, ns, false),
+        interleave_seqs(&k, n, s, c, ns, false),
+        interleave_seqs(&v, n, s, c, ns, false),
+    );
     // addresses and row strides of Q, K, V in the packing's buffers
     let half = |b: &DeviceBuffer, col: usize| Arg::Addr(b.as_ptr() as u64 + 2 * col as u64);
     let (bufs, ptrs, ld): (Vec<DeviceBuffer>, [(usize, usize); 3], usize) = match packing {
@@ -1179,6 +1200,7 @@ fn attention_f16_packed(
         Arg::I32(d as i32),
         Arg::I32(ldq as i32),
         Arg::I32(ldkv as i32),
+        Arg::I32(ns as i32),
         Arg::F32(a.scale),
     ];
     if kernel == "tiled" {
@@ -1208,8 +1230,8 @@ fn attention_f16_packed(
         );
     }
     check::<u16>(
-        &format!("{name}: N {n} L {l} S {s} {heads}x{d} {packing:?}"),
-        &read::<u16>(&y),
+        &format!("{name}: N {n} L {l} S {s} {heads}x{d} {packing:?} ns {ns}"),
+        &interleave_seqs(&read::<u16>(&y), n, l, c, ns, true),
         &want,
     );
 }
@@ -1226,7 +1248,21 @@ fn attention_reads_q_k_v_packed_in_one_projection() {
         ("short2", (1, 24, 24, 2, 160), Packing::Qkv),
         ("short1", (2, 9, 37, 1, 48), Packing::Kv),
     ] {
-        attention_f16_packed(emu, kernel, shape, packing);
+        attention_f16_packed(emu, kernel, shape, packing, 1);
+    }
+}
+
+#[test]
+fn attention_reads_sequences_interleaved() {
+    let Some(emu) = emu() else { return };
+    // frame-major motion modules: the frames of one position are rows H·W apart (here 6 or 5
+    // positions per sample, 2 or 3 samples), Q, K, V one projection's output or apart
+    for (kernel, shape, packing, ns) in [
+        ("short1", (12, 16, 16, 2, 40), Packing::Qkv, 6),
+        ("short2", (10, 24, 24, 1, 80), Packing::Apart, 5),
+        ("tiled", (6, 70, 70, 2, 40), Packing::Qkv, 3),
+    ] {
+        attention_f16_packed(emu, kernel, shape, packing, ns);
     }
 }
 
@@ -1793,8 +1829,9 @@ fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
     let (xr, gr, br) = (T::round(&x), T::round(&gamma), T::round(&beta));
     let (xb, gb, bb) = (buf::<T>(&x), buf::<T>(&gamma), buf::<T>(&beta));
     let eps = 1e-5f32;
-    // a [period, cols] table added to row r % period (the motion modules' positional encoding)
-    let period = 3;
+    // a [period, cols] table, row (r / div) % period added to row r (the motion modules'
+    // positional encoding; div > 1 for frame-major rows)
+    let (period, div) = (3, 2);
     let table = random(period * cols, seed + 3);
     let (tr, tb) = (T::round(&table), buf::<T>(&table));
     for (with_beta, with_add) in [(true, false), (false, false), (true, true)] {
@@ -1806,7 +1843,7 @@ fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
             for (i, &v) in r.iter().enumerate() {
                 let b = if with_beta { br[i] as f64 } else { 0.0 };
                 let t = if with_add {
-                    tr[(ri % period) * cols + i] as f64
+                    tr[((ri / div) % period) * cols + i] as f64
                 } else {
                     0.0
                 };
@@ -1828,6 +1865,7 @@ fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
                 if with_beta { Arg::Buf(&bb) } else { Arg::Null },
                 add,
                 Arg::I32(period as i32),
+                Arg::I32(div as i32),
                 Arg::I32(cols as i32),
                 Arg::F32(eps),
             ],
@@ -1853,6 +1891,7 @@ fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
                     if with_beta { Arg::Buf(&bb) } else { Arg::Null },
                     add,
                     Arg::I32(period as i32),
+                    Arg::I32(div as i32),
                     Arg::I64(rows as i64),
                     Arg::I32(cols as i32),
                     Arg::F32(eps),

@@ -271,8 +271,8 @@ pub fn run(
                             v += f[*b][j] as f64;
                         }
                         let mut v = v as f32;
-                        if let Some((t, period)) = add {
-                            v += f[*t][(r % period) * cols + j];
+                        if let Some((t, period, div)) = add {
+                            v += f[*t][((r / div) % period) * cols + j];
                         }
                         y[r * cols + j] = v;
                     }
@@ -342,24 +342,33 @@ pub fn run(
                 scale,
                 ld,
                 offs,
+                ns,
             } => {
                 let mut a = Attention::new(*n, *l, *s, *heads, *d);
                 a.scale = *scale;
                 let c = heads * d;
-                // rows of c values at offs + r·ld, gathered
-                let rows = |b: usize, i: usize, count: usize| -> Vec<f32> {
-                    (0..count)
+                // the row of sequence i's token t (ns sequences interleaved)
+                let row = |i: usize, t: usize, len: usize| (i / ns) * len * ns + i % ns + t * ns;
+                // rows of c values at offs + row·ld, gathered in sequence order
+                let rows = |b: usize, x: usize, len: usize| -> Vec<f32> {
+                    (0..n * len)
                         .flat_map(|r| {
-                            let at = offs[i] + r * ld[i];
+                            let at = offs[x] + row(r / len, r % len, len) * ld[x];
                             f[b][at..at + c].iter().copied()
                         })
                         .collect()
                 };
-                let (qv, kv, vv) = (rows(*q, 0, n * l), rows(*k, 1, n * s), rows(*v, 2, n * s));
+                let (qv, kv, vv) = (rows(*q, 0, *l), rows(*k, 1, *s), rows(*v, 2, *s));
                 let mut y = vec![0f32; n * l * c];
                 a.run(&qv, &kv, &vv, bias.map(|b| f[b.0].as_slice()), &mut y)
                     .map_err(kerr)?;
-                f[*out] = y;
+                // back to the rows' order
+                let mut o = vec![0f32; n * l * c];
+                for r in 0..n * l {
+                    let at = row(r / l, r % l, *l) * c;
+                    o[at..at + c].copy_from_slice(&y[r * c..(r + 1) * c]);
+                }
+                f[*out] = o;
             }
         }
     }

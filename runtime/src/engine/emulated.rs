@@ -45,8 +45,8 @@ pub struct EmuProgram<'e> {
     smem_optin: usize,
     /// Launches per kernel entry point, and library calls (`cublas`, `cublasLt`, `cudnn`).
     pub calls: std::collections::BTreeMap<String, usize>,
-    /// Attentions whose projections were merged into one GEMM ([`specialize`]).
-    pub merged: usize,
+    /// What float16 specialisation changed ([`specialize`]).
+    pub specialized: super::launch::Specialized,
 }
 
 impl<'e> EmuProgram<'e> {
@@ -63,7 +63,7 @@ impl<'e> EmuProgram<'e> {
         lt: bool,
     ) -> Result<Self, EngineError> {
         let mut program = program;
-        let merged = specialize(&mut program, precision);
+        let specialized = specialize(&mut program, precision);
         let memory = plan_memory_for(&program, precision);
         let arena = DeviceBuffer::filled(memory.arena_bytes.max(256), 0xFF);
         let mut weights = Vec::new();
@@ -94,7 +94,7 @@ impl<'e> EmuProgram<'e> {
             lt,
             smem_optin,
             calls: Default::default(),
-            merged,
+            specialized,
         })
     }
 

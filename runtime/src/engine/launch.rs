@@ -6,11 +6,12 @@
 //! semantics), which is how the executor's host side — kernel choice, launch shapes, argument
 //! lists, scratch placement, descriptor values — is checked on a machine without a GPU.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::exec::Precision;
 use super::program::{
-    permute, BufferKind, DType, MemoryPlan, Program, Step, Strided, WeightSource,
+    dense_strides, permute, BinaryOp, BufferKind, DType, MemoryPlan, Program, Step, Strided,
+    WeightSource,
 };
 use super::EngineError;
 
@@ -180,13 +181,34 @@ pub fn place_buffers(
     Ok((ptrs, weight_bytes))
 }
 
-/// What the executor runs of `p` in `precision`: in float16 the attention projections merged
-/// ([`merge_projections`]; returns how many). The CUDA executor, its emulation and the engine
-/// builder's memory figures all take the program through here.
-pub fn specialize(p: &mut Program, precision: Precision) -> usize {
+/// What [`specialize`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Specialized {
+    /// Motion modules run on frame-major rows ([`frame_major`]).
+    pub frame_major: usize,
+    /// Adds folded into a Linear's residual ([`fold_residual_adds`]).
+    pub residual_adds: usize,
+    /// Attentions whose projections are one GEMM ([`merge_projections`]).
+    pub merged: usize,
+}
+
+/// What the executor runs of `p` in `precision`: in float16 the motion modules on frame-major
+/// rows, the adds that leaves after a Linear in its epilogue, and the attention projections
+/// merged. The CUDA executor, its emulation and the engine builder's memory figures all take the
+/// program through here.
+pub fn specialize(p: &mut Program, precision: Precision) -> Specialized {
     match precision {
-        Precision::Fp16 => merge_projections(p),
-        Precision::Fp32 => 0,
+        Precision::Fp16 => {
+            let frame_major = frame_major(p);
+            let residual_adds = fold_residual_adds(p);
+            let merged = merge_projections(p);
+            Specialized {
+                frame_major,
+                residual_adds,
+                merged,
+            }
+        }
+        Precision::Fp32 => Specialized::default(),
     }
 }
 
@@ -378,6 +400,535 @@ pub fn merge_projections(p: &mut Program) -> usize {
         !remove[i - 1]
     });
     merged
+}
+
+/// Which steps read each buffer (a copy's own destination, which it also reads, not counted).
+fn readers_of(p: &Program) -> Vec<Vec<usize>> {
+    let mut r = vec![Vec::new(); p.buffers.len()];
+    for (si, st) in p.steps.iter().enumerate() {
+        let (reads, w) = st.io();
+        for b in reads {
+            if !(b == w && matches!(st, Step::Copy { .. })) && r[b].last() != Some(&si) {
+                r[b].push(si);
+            }
+        }
+    }
+    r
+}
+
+/// Which steps write each buffer.
+fn writers_of(p: &Program) -> Vec<Vec<usize>> {
+    let mut w = vec![Vec::new(); p.buffers.len()];
+    for (si, st) in p.steps.iter().enumerate() {
+        w[st.io().1].push(si);
+    }
+    w
+}
+
+/// A whole-buffer copy that swaps two row axes of dense rows: input `[b, i, j, c]`, output
+/// `[b, j, i, c]`, both dense with `c` values a row. `(input, output, b, i, j, c)`.
+fn row_swap(p: &Program, st: &Step) -> Option<(usize, usize, [usize; 4])> {
+    let Step::Copy {
+        out,
+        inp,
+        s,
+        in_off: 0,
+        out_off: 0,
+    } = st
+    else {
+        return None;
+    };
+    let r = s.rank as usize;
+    let mut ax: Vec<(i64, i64, i64)> = (0..r)
+        .filter(|&k| s.dims[k] != 1)
+        .map(|k| (s.dims[k], s.a[k], s.c[k]))
+        .collect();
+    ax.sort_by_key(|&(_, _, c)| std::cmp::Reverse(c));
+    if ax.len() == 3 {
+        ax.insert(0, (1, 0, 0));
+    }
+    let [(b, ab, cb), (j, aj, cj), (i, ai, ci), (c, ac, cc)] = ax[..] else {
+        return None;
+    };
+    let dense_out = cc == 1 && ci == c && cj == i * c && (b == 1 || cb == j * i * c);
+    let dense_in = ac == 1 && aj == c && ai == j * c && (b == 1 || ab == i * j * c);
+    let n = (b * i * j * c) as usize;
+    (dense_out
+        && dense_in
+        && i > 1
+        && j > 1
+        && p.buffers[*inp].numel == n
+        && p.buffers[*out].numel == n)
+        .then_some((*inp, *out, [b as usize, i as usize, j as usize, c as usize]))
+}
+
+/// Which stride set of a [`Strided`] reads a region buffer.
+#[derive(Clone, Copy)]
+enum Side {
+    A,
+    B,
+}
+
+/// `s` with its `side` strides (and `off`), which step through a buffer in token order
+/// `[b, hw, f, c]`, re-expressed over the same values in frame-major order `[b, f, hw, c]`: each
+/// axis maps into one of the four, or is split where it spans several (a merged frame and
+/// channel axis, say). `None` where an axis does not line up with them or the kernels' rank
+/// would be exceeded.
+fn restride(
+    s: &Strided,
+    side: Side,
+    off: i64,
+    [b, f, hw, c]: [usize; 4],
+) -> Option<(Strided, i64)> {
+    let (b, f, hw, c) = (b as i64, f as i64, hw as i64, c as i64);
+    // (stride in token order, extent, stride in frame-major order), innermost first
+    let parts = [
+        (1, c, 1),
+        (c, f, hw * c),
+        (f * c, hw, c),
+        (hw * f * c, b, f * hw * c),
+    ];
+    let map_off = |t: i64| -> i64 {
+        parts
+            .iter()
+            .map(|&(ts, extent, fs)| (t / ts) % extent * fs)
+            .sum()
+    };
+    if off < 0 || off >= b * hw * f * c {
+        return None;
+    }
+    let mut axes: Vec<(usize, [i64; 3])> = Vec::new(); // (dim, [a, b, c]) outermost first
+    for k in 0..s.rank as usize {
+        let (d, mut st) = (s.dims[k], [s.a[k], s.b[k], s.c[k]]);
+        let i = match side {
+            Side::A => 0,
+            Side::B => 1,
+        };
+        if d == 1 || st[i] == 0 {
+            axes.push((d as usize, st));
+            continue;
+        }
+        // split the axis from its innermost part outwards
+        let mut sub: Vec<(usize, [i64; 3])> = Vec::new();
+        let mut rest = d;
+        loop {
+            let t = st[i];
+            let &(ts, extent, fs) = parts
+                .iter()
+                .find(|&&(ts, extent, _)| t >= ts && t < ts * extent && t % ts == 0)?;
+            let q = t / ts;
+            if q * rest <= extent {
+                let mut e = st;
+                e[i] = q * fs;
+                sub.push((rest as usize, e));
+                break;
+            }
+            // this part holds `inner` steps of the axis; the rest continue outside it
+            if extent % q != 0 || rest % (extent / q) != 0 {
+                return None;
+            }
+            let inner = extent / q;
+            let mut e = st;
+            e[i] = q * fs;
+            sub.push((inner as usize, e));
+            rest /= inner;
+            for (j, x) in st.iter_mut().enumerate() {
+                if j == i {
+                    *x = t * inner;
+                } else {
+                    *x *= inner;
+                }
+            }
+        }
+        axes.extend(sub.into_iter().rev());
+    }
+    let dims: Vec<usize> = axes.iter().map(|a| a.0).collect();
+    let pick = |j: usize| -> Vec<i64> { axes.iter().map(|a| a.1[j]).collect() };
+    let st = Strided::new(&dims, &pick(0), &pick(1), &pick(2)).ok()?;
+    Some((st, map_off(off)))
+}
+
+/// Whether a strided elementwise step whose output is dense in token order `[b, hw, f, c]`
+/// (`dims` with output strides `cs`) reads an operand through strides `os` from a dense
+/// frame-major buffer `[b, f, hw, c]` (how a batch-1 motion module adds its input back).
+fn reads_frame_major(dims: &[i64], cs: &[i64], os: &[i64], [b, f, hw, c]: [usize; 4]) -> bool {
+    let (b, f, hw, c) = (b as i64, f as i64, hw as i64, c as i64);
+    // (stride in token order, extent, stride in frame-major order) of b, hw, f, c
+    let parts = [
+        (hw * f * c, b, f * hw * c),
+        (f * c, hw, c),
+        (c, f, hw * c),
+        (1, c, 1),
+    ];
+    dims.iter().zip(cs).zip(os).all(|((&d, &s), &o)| {
+        d == 1
+            || parts.iter().any(|&(ts, extent, fs)| {
+                s >= ts && s % ts == 0 && (s / ts) * d <= extent && o == (s / ts) * fs
+            })
+    })
+}
+
+/// What [`frame_major`] changes for one motion module.
+struct FrameMajor {
+    /// The copy into token order, its source (frame-major rows) and destination.
+    t_in: usize,
+    src: usize,
+    dst: usize,
+    /// Positions per frame (the interleave), frames.
+    hw: usize,
+    /// The attention and positional-table LayerNorm steps, and the adds of a frame-major
+    /// operand read in token order (now elementwise).
+    attention: Vec<usize>,
+    layer_norms: Vec<usize>,
+    strided_adds: Vec<usize>,
+    /// Copies and strided elementwise steps that read a region buffer, and how they read it
+    /// frame-major (`Copy`: the iteration and input offset; `Binary`: the iteration).
+    restrided: Vec<(usize, Strided, i64)>,
+    /// The copies back to frame-major rows: (step, its source in the region, destination).
+    back: Vec<(usize, usize, usize)>,
+}
+
+/// The motion module whose tokens `t_in` copies into `[B·H·W, F, C]` order, if every step
+/// between there and the copies back reads its rows in any order (Linear, LayerNorm, GEGLU,
+/// elementwise Add of two such values, attention over the frames).
+fn frame_major_region(
+    p: &Program,
+    readers: &[Vec<usize>],
+    writers: &[Vec<usize>],
+    outputs: &HashSet<usize>,
+    t_in: usize,
+) -> Option<FrameMajor> {
+    // frame-major [B, F, HW, C] rows into token order [B, HW, F, C]
+    let (src, dst, [b, f, hw, c]) = row_swap(p, &p.steps[t_in])?;
+    let rows = b * f * hw;
+    let mut region: HashSet<usize> = HashSet::new();
+    let mut pending: std::collections::BTreeSet<usize> = std::collections::BTreeSet::new();
+    let mut fm = FrameMajor {
+        t_in,
+        src,
+        dst,
+        hw,
+        attention: Vec::new(),
+        layer_norms: Vec::new(),
+        strided_adds: Vec::new(),
+        restrided: Vec::new(),
+        back: Vec::new(),
+    };
+    let admit = |buf: usize,
+                 by: usize,
+                 region: &mut HashSet<usize>,
+                 pending: &mut std::collections::BTreeSet<usize>|
+     -> Option<()> {
+        if outputs.contains(&buf) || writers[buf] != [by] {
+            return None;
+        }
+        region.insert(buf);
+        pending.extend(readers[buf].iter().copied());
+        Some(())
+    };
+    admit(dst, t_in, &mut region, &mut pending)?;
+    let inr = |b: &usize, region: &HashSet<usize>| region.contains(b);
+    while let Some(si) = pending.pop_first() {
+        match &p.steps[si] {
+            Step::Linear {
+                out,
+                x,
+                w,
+                bias,
+                residual,
+                m,
+                ..
+            } => {
+                let ok = inr(x, &region)
+                    && *m == rows
+                    && !inr(w, &region)
+                    && bias.is_none_or(|b| !inr(&b, &region))
+                    && residual.is_none_or(|r| inr(&r, &region));
+                if !ok {
+                    return None;
+                }
+                admit(*out, si, &mut region, &mut pending)?;
+            }
+            Step::LayerNorm {
+                out,
+                x,
+                gamma,
+                beta,
+                add,
+                rows: r,
+                ..
+            } => {
+                let ok = inr(x, &region)
+                    && *r == rows
+                    && !inr(gamma, &region)
+                    && beta.is_none_or(|b| !inr(&b, &region))
+                    && add.is_none_or(|(t, period, div)| {
+                        !inr(&t, &region) && period == f && div == 1
+                    });
+                if !ok {
+                    return None;
+                }
+                if add.is_some() {
+                    fm.layer_norms.push(si);
+                }
+                admit(*out, si, &mut region, &mut pending)?;
+            }
+            Step::Geglu {
+                out,
+                x,
+                bias,
+                rows: r,
+                ..
+            } => {
+                if !(inr(x, &region) && *r == rows && bias.is_none_or(|b| !inr(&b, &region))) {
+                    return None;
+                }
+                admit(*out, si, &mut region, &mut pending)?;
+            }
+            Step::Binary {
+                out,
+                a,
+                b: bb,
+                op: BinaryOp::Add,
+                s: None,
+                ..
+            } => {
+                if !(inr(a, &region) && inr(bb, &region)) {
+                    return None;
+                }
+                admit(*out, si, &mut region, &mut pending)?;
+            }
+            Step::Binary {
+                out,
+                a,
+                b: bb,
+                op: BinaryOp::Add,
+                s: Some(st),
+                n,
+            } => {
+                // a value of the region plus a frame-major buffer read in token order, dense
+                // output: elementwise in frame-major rows
+                let r = st.rank as usize;
+                let (dims, cs) = (&st.dims[..r], &st.c[..r]);
+                let dense = dense_strides(
+                    &dims.iter().map(|&d| d as usize).collect::<Vec<_>>(),
+                    &(0..r).collect::<Vec<_>>(),
+                );
+                let fits = |mine: &[i64], other: &[i64], o: usize| {
+                    mine == cs
+                        && !inr(&o, &region)
+                        && p.buffers[o].numel == rows * c
+                        && reads_frame_major(dims, cs, other, [b, f, hw, c])
+                };
+                let joins = *n == rows * c
+                    && cs == dense.as_slice()
+                    && ((inr(a, &region) && fits(&st.a[..r], &st.b[..r], *bb))
+                        || (inr(bb, &region) && fits(&st.b[..r], &st.a[..r], *a)));
+                if joins {
+                    fm.strided_adds.push(si);
+                    admit(*out, si, &mut region, &mut pending)?;
+                    continue;
+                }
+                // otherwise it reads the region's operands frame-major, its output as it was
+                let mut s2 = *st;
+                if inr(a, &region) {
+                    s2 = restride(&s2, Side::A, 0, [b, f, hw, c])?.0;
+                }
+                if inr(bb, &region) {
+                    s2 = restride(&s2, Side::B, 0, [b, f, hw, c])?.0;
+                }
+                fm.restrided.push((si, s2, 0));
+            }
+            Step::Attention {
+                out,
+                q,
+                k,
+                v,
+                bias: None,
+                n,
+                l,
+                s,
+                heads,
+                d,
+                ld,
+                offs,
+                ns: 1,
+                ..
+            } => {
+                let ok = inr(q, &region)
+                    && inr(k, &region)
+                    && inr(v, &region)
+                    && *l == f
+                    && *s == f
+                    && *n == b * hw
+                    && *ld == [heads * d; 3]
+                    && *offs == [0; 3]
+                    && super::program::fused_attention_head(*d);
+                if !ok {
+                    return None;
+                }
+                fm.attention.push(si);
+                admit(*out, si, &mut region, &mut pending)?;
+            }
+            st @ Step::Copy {
+                inp,
+                out,
+                s,
+                in_off,
+                ..
+            } => {
+                // back to frame-major rows: [B, HW, F, C] -> [B, F, HW, C]
+                if let Some((from, to, shape)) = row_swap(p, st) {
+                    if inr(&from, &region) && shape == [b, hw, f, c] && writers[to] == [si] {
+                        fm.back.push((si, from, to));
+                        continue;
+                    }
+                }
+                // any other copy of a region value reads it frame-major
+                if !inr(inp, &region) || inr(out, &region) {
+                    return None;
+                }
+                let (s2, off) = restride(s, Side::A, *in_off, [b, f, hw, c])?;
+                fm.restrided.push((si, s2, off));
+            }
+            _ => return None,
+        }
+    }
+    // a motion module (the attention over frames is what makes it one); every reader of its
+    // values was accounted for above
+    (!fm.attention.is_empty()).then_some(fm)
+}
+
+/// Float16 specialisation: motion modules in frame-major rows. A motion module's transformer
+/// reads its input as tokens `[B·H·W, F, C]` (the frames of one position in a row), which the
+/// channels-last activations (`[B, F, H·W, C]`) hold in another row order: the compiled program
+/// copies them into token order and back. Every step in between but the attention treats rows
+/// independently, so this runs them on the frame-major rows as they are: the two copies go, the
+/// attention reads each position's frames `H·W` rows apart (`ns`) and the positional table's
+/// LayerNorm picks its row by frame (`div`). Returns how many motion modules changed.
+pub fn frame_major(p: &mut Program) -> usize {
+    let outputs: HashSet<usize> = p.outputs.iter().map(|(_, t)| t.buf).collect();
+    let mut remove = vec![false; p.steps.len()];
+    let mut changed = 0;
+    for t_in in 0..p.steps.len() {
+        if remove[t_in] || row_swap(p, &p.steps[t_in]).is_none() {
+            continue;
+        }
+        let (readers, writers) = (readers_of(p), writers_of(p));
+        let Some(fm) = frame_major_region(p, &readers, &writers, &outputs, t_in) else {
+            continue;
+        };
+        remove[fm.t_in] = true;
+        for &si in &readers[fm.dst] {
+            p.steps[si].rename_read(fm.dst, fm.src);
+        }
+        for &si in &fm.attention {
+            if let Step::Attention { ns, .. } = &mut p.steps[si] {
+                *ns = fm.hw;
+            }
+        }
+        for &si in &fm.layer_norms {
+            if let Step::LayerNorm {
+                add: Some((_, _, div)),
+                ..
+            } = &mut p.steps[si]
+            {
+                *div = fm.hw;
+            }
+        }
+        for &si in &fm.strided_adds {
+            if let Step::Binary { s, .. } = &mut p.steps[si] {
+                *s = None;
+            }
+        }
+        for (si, s2, off) in &fm.restrided {
+            match &mut p.steps[*si] {
+                Step::Copy { s, in_off, .. } => {
+                    *s = *s2;
+                    *in_off = *off;
+                }
+                Step::Binary { s, .. } => *s = Some(*s2),
+                _ => unreachable!("only copies and strided binaries are restrided"),
+            }
+        }
+        for &(si, from, to) in &fm.back {
+            remove[si] = true;
+            for &r in &readers[to] {
+                p.steps[r].rename_read(to, from);
+            }
+        }
+        changed += 1;
+    }
+    let mut i = 0;
+    p.steps.retain(|_| {
+        i += 1;
+        !remove[i - 1]
+    });
+    changed
+}
+
+/// An elementwise `Add` of a bias-free-residual Linear's output (read by that `Add` alone) and a
+/// value computed before the Linear becomes the Linear's residual (the GEMM epilogue's `C`): the
+/// motion modules' `proj_out` and their input, once [`frame_major`] has removed the copy between.
+/// Returns how many were folded.
+pub fn fold_residual_adds(p: &mut Program) -> usize {
+    let outputs: HashSet<usize> = p.outputs.iter().map(|(_, t)| t.buf).collect();
+    let (readers, writers) = (readers_of(p), writers_of(p));
+    let mut remove = vec![false; p.steps.len()];
+    let mut folded = 0;
+    for bi in 0..p.steps.len() {
+        let Step::Binary {
+            out,
+            a,
+            b,
+            op: BinaryOp::Add,
+            s: None,
+            n,
+        } = p.steps[bi]
+        else {
+            continue;
+        };
+        for (x, other) in [(a, b), (b, a)] {
+            let [li] = writers[x][..] else { continue };
+            let Step::Linear {
+                residual: None,
+                m,
+                n: cols,
+                ..
+            } = p.steps[li]
+            else {
+                continue;
+            };
+            // `other` must be there when the Linear runs; `x` read by this Add alone
+            let ready = writers[other].iter().all(|&w| w < li);
+            if x == other
+                || remove[li]
+                || readers[x] != [bi]
+                || outputs.contains(&x)
+                || m * cols != n
+                || p.buffers[other].numel < n
+                || !ready
+            {
+                continue;
+            }
+            if let Step::Linear {
+                residual, out: lo, ..
+            } = &mut p.steps[li]
+            {
+                *residual = Some(other);
+                *lo = out;
+            }
+            remove[bi] = true;
+            folded += 1;
+            break;
+        }
+    }
+    let mut i = 0;
+    p.steps.retain(|_| {
+        i += 1;
+        !remove[i - 1]
+    });
+    folded
 }
 
 /// A kernel argument, by value.
@@ -1080,7 +1631,9 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             eps,
         } => {
             let c = I32(*cols as i32);
-            let (ap, period) = add.map_or((Ptr(0), I32(1)), |(t, per)| (ptr(t), I32(per as i32)));
+            let (ap, period, div) = add.map_or((Ptr(0), I32(1), I32(1)), |(t, per, div)| {
+                (ptr(t), I32(per as i32), I32(div as i32))
+            });
             if *cols <= 1024 {
                 // one warp per row, 8 rows per block
                 ops.push(launch(
@@ -1095,6 +1648,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                         opt(beta),
                         ap,
                         period,
+                        div,
                         I64(*rows as i64),
                         c,
                         F32(*eps),
@@ -1113,6 +1667,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                         opt(beta),
                         ap,
                         period,
+                        div,
                         c,
                         F32(*eps),
                     ],
@@ -1176,6 +1731,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             scale,
             ld,
             offs,
+            ns,
         } => {
             // float16 without a bias: the tensor-core kernels (the compiler leaves only heads
             // they take, `fused_attention_head`); one warp per (sequence, head) for the short
@@ -1228,12 +1784,13 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                 }
                 args.extend([li, si_, hi, di]);
                 args.extend(strides);
+                args.push(I32(*ns as i32));
                 args.push(F32(*scale));
                 ops.push(launch(name, grid, block, smem, args));
             } else {
-                if *ld != [heads * d; 3] || *offs != [0; 3] {
+                if *ld != [heads * d; 3] || *offs != [0; 3] || *ns != 1 {
                     return Err(EngineError::Graph(format!(
-                        "attention with Q, K, V at strides {ld:?} runs on the float16 kernels only"
+                        "attention with Q, K, V at strides {ld:?} ({ns} sequences interleaved) runs on the float16 kernels only"
                     )));
                 }
                 let shared = 2 * s * d * 4;
@@ -1306,6 +1863,69 @@ mod tests {
         assert_eq!((d.c.rows, d.c.cols, d.c.ld), (4, 6, 4));
         assert_eq!(d.beta, 1.0);
         assert_eq!(LtDesc::linear((6, 4, 3), None, false).beta, 0.0);
+    }
+
+    /// Values of a `[b, hw, f, c]` token-order buffer and the same values frame-major.
+    fn token_and_frame_major([b, f, hw, c]: [usize; 4]) -> (Vec<f32>, Vec<f32>) {
+        let n = b * f * hw * c;
+        let tok: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let mut fm = vec![0f32; n];
+        for (bi, pi, fi, ci) in (0..b).flat_map(|bi| {
+            (0..hw).flat_map(move |pi| {
+                (0..f).flat_map(move |fi| (0..c).map(move |ci| (bi, pi, fi, ci)))
+            })
+        }) {
+            fm[((bi * f + fi) * hw + pi) * c + ci] = tok[((bi * hw + pi) * f + fi) * c + ci];
+        }
+        (tok, fm)
+    }
+
+    #[test]
+    fn restrided_reads_see_the_token_order_values_in_frame_major_rows() {
+        let shape @ [_, f, hw, c] = [2, 4, 3, 5];
+        let (tok, fm) = token_and_frame_major(shape);
+        let (f, hw, c) = (f as i64, hw as i64, c as i64);
+        // (dims, input strides in token order, output strides, input offset)
+        type Case = (Vec<usize>, Vec<i64>, Vec<i64>, i64);
+        let cases: Vec<Case> = vec![
+            // to NCHW: [b, f, c, hw]
+            (
+                vec![2, 4, 5, 3],
+                vec![hw * f * c, c, 1, f * c],
+                vec![f * c * hw, c * hw, hw, 1],
+                0,
+            ),
+            // the whole buffer in order (one merged axis: split into all four)
+            (vec![120], vec![1], vec![1], 0),
+            // frame and channel merged, a position axis broadcast, from position 1 on
+            (
+                vec![2, 2, 2, 20],
+                vec![hw * f * c, f * c, 0, 1],
+                vec![80, 40, 20, 1],
+                f * c,
+            ),
+        ];
+        for (dims, a, cs, off) in cases {
+            let zeros = vec![0; dims.len()];
+            let s = Strided::new(&dims, &a, &zeros, &cs).unwrap();
+            let (s2, off2) = restride(&s, Side::A, off, shape).unwrap();
+            assert_eq!(s.numel(), s2.numel());
+            for i in 0..s.numel() as i64 {
+                let (x, _, y) = s.offsets(i);
+                let (x2, _, y2) = s2.offsets(i);
+                assert_eq!(y, y2, "{dims:?} element {i}: written elsewhere");
+                assert_eq!(
+                    tok[(off + x) as usize],
+                    fm[(off2 + x2) as usize],
+                    "{dims:?} element {i}"
+                );
+            }
+        }
+        // an axis that straddles two parts unevenly does not map
+        let s = Strided::new(&[3, 40], &[40, 1], &[0, 0], &[40, 1]).unwrap();
+        let odd = Strided::new(&[7], &[3], &[0], &[1]).unwrap();
+        assert!(restride(&s, Side::A, 0, shape).is_some());
+        assert!(restride(&odd, Side::A, 0, shape).is_none());
     }
 
     #[test]

@@ -108,7 +108,12 @@ impl Strided {
         Some((s, in_off / v, out_off / v))
     }
 
-    fn new(dims: &[usize], a: &[i64], b: &[i64], c: &[i64]) -> Result<Self, EngineError> {
+    pub(crate) fn new(
+        dims: &[usize],
+        a: &[i64],
+        b: &[i64],
+        c: &[i64],
+    ) -> Result<Self, EngineError> {
         // merge axes that are contiguous in all three stride sets, drop size-1 axes
         let mut m: Vec<(i64, i64, i64, i64)> = Vec::new();
         for k in 0..dims.len() {
@@ -579,14 +584,17 @@ pub enum Step {
         /// `x` and `out` are stored `[n, spatial, c]` (channels-last) instead of `[n, c, spatial]`.
         channels_last: bool,
     },
-    /// Row-wise LayerNorm; `add: Some((t, period))` then adds row `r % period` of `t`
-    /// (`[period, cols]`: the motion modules' positional table, folded from the `Add` after it).
+    /// Row-wise LayerNorm; `add: Some((t, period, div))` then adds row `(r / div) % period` of
+    /// `t` (`[period, cols]`: the motion modules' positional table, folded from the `Add` after
+    /// it; `div` > 1 in frame-major rows).
     LayerNorm {
         out: usize,
         x: usize,
         gamma: usize,
         beta: Option<usize>,
-        add: Option<(usize, usize)>,
+        /// A table added to the output: `(buffer, period, div)`, row `(r / div) % period` of
+        /// the table to output row `r`.
+        add: Option<(usize, usize, usize)>,
         rows: usize,
         cols: usize,
         eps: f32,
@@ -630,6 +638,10 @@ pub enum Step {
         scale: f32,
         ld: [usize; 3],
         offs: [usize; 3],
+        /// Sequences interleaved: sequence `i`'s token `t` is row `(i / ns)·T·ns + i % ns + t·ns`
+        /// of Q and the output (T = l) and of K and V (T = s); 1: one sequence after another.
+        /// (Frame-major motion modules, [`super::launch::frame_major`], only.)
+        ns: usize,
     },
 }
 
@@ -735,6 +747,84 @@ impl Step {
                 let mut r = vec![*q, *k, *v];
                 r.extend(bias.iter().map(|b| b.0));
                 (r, *out)
+            }
+        }
+    }
+
+    /// Read buffer `to` wherever this step reads `from` (a copy's destination, which it also
+    /// reads, is left as it is).
+    pub fn rename_read(&mut self, from: usize, to: usize) {
+        let r = |b: &mut usize| {
+            if *b == from {
+                *b = to;
+            }
+        };
+        let o = |b: &mut Option<usize>| {
+            if *b == Some(from) {
+                *b = Some(to);
+            }
+        };
+        match self {
+            Step::Copy { inp, .. } | Step::Unary { inp, .. } => r(inp),
+            Step::Binary { a, b, .. } | Step::MatMul { a, b, .. } => {
+                r(a);
+                r(b);
+            }
+            Step::Fill { .. } => {}
+            Step::Linear {
+                x,
+                w,
+                bias,
+                residual,
+                ..
+            } => {
+                r(x);
+                r(w);
+                o(bias);
+                o(residual);
+            }
+            Step::Conv(c) => {
+                r(&mut c.x);
+                r(&mut c.w);
+                o(&mut c.bias);
+                o(&mut c.residual);
+                o(&mut c.sample_bias);
+            }
+            Step::GroupNorm { x, gamma, beta, .. } => {
+                r(x);
+                r(gamma);
+                r(beta);
+            }
+            Step::LayerNorm {
+                x,
+                gamma,
+                beta,
+                add,
+                ..
+            } => {
+                r(x);
+                r(gamma);
+                o(beta);
+                if let Some((t, _, _)) = add {
+                    r(t);
+                }
+            }
+            Step::Softmax { x, .. } => r(x),
+            Step::Geglu { x, bias, .. } => {
+                r(x);
+                o(bias);
+            }
+            Step::Gather { table, ids, .. } => {
+                r(table);
+                r(ids);
+            }
+            Step::Attention { q, k, v, bias, .. } => {
+                r(q);
+                r(k);
+                r(v);
+                if let Some((b, _)) = bias {
+                    r(b);
+                }
             }
         }
     }
@@ -1018,7 +1108,7 @@ impl Planner<'_> {
                 si
             };
             match &mut self.steps[si] {
-                Step::LayerNorm { add, .. } => *add = Some((other.buf, os[0])),
+                Step::LayerNorm { add, .. } => *add = Some((other.buf, os[0], 1)),
                 Step::Conv(c) => c.sample_bias = Some(other.buf),
                 _ => unreachable!("checked above"),
             }
@@ -2196,6 +2286,7 @@ impl Planner<'_> {
                     scale,
                     ld: [c; 3],
                     offs: [0; 3],
+                    ns: 1,
                 });
                 set(self, Value::Dev(out));
             }
