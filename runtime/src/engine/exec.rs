@@ -733,7 +733,8 @@ pub struct GpuProgram {
 impl GpuProgram {
     /// Upload `program`'s weights, place its arena, choose convolution and GEMM algorithms (timed
     /// on the GPU unless `tactics` already has them; new choices are added to it). In float16 the
-    /// attention projections are merged first ([`super::launch::merge_projections`]).
+    /// program is specialised first ([`super::launch::specialize`]: frame-major motion modules,
+    /// merged attention projections).
     pub fn load(
         dev: &CudaDevice,
         program: Program,
@@ -744,19 +745,20 @@ impl GpuProgram {
         Self::load_with(dev, program, precision, weight, tactics, true)
     }
 
-    /// [`GpuProgram::load`], with the merge of attention projections chosen (`false`: each
-    /// projection its own GEMM, for measuring what the merge gives).
+    /// [`GpuProgram::load`], with the float16 specialisation chosen (`false`: the program as
+    /// compiled — motion modules through token order, each projection its own GEMM — for
+    /// measuring what it gives, or for a program specialised already).
     pub fn load_with(
         dev: &CudaDevice,
         program: Program,
         precision: Precision,
         weight: &dyn Fn(&str) -> Result<WeightData, EngineError>,
         tactics: &mut TacticCache,
-        merge: bool,
+        specialise: bool,
     ) -> Result<Self, EngineError> {
         let s = &dev.stream;
         let mut program = program;
-        if merge {
+        if specialise {
             specialize(&mut program, precision);
         }
         let memory = plan_memory_for(&program, precision);
