@@ -74,8 +74,8 @@ fn main() -> Res<()> {
         use motionrt_runtime::engine::{exec::Precision, launch::specialize};
         let s = specialize(&mut prog, Precision::Fp16);
         println!(
-            "{} motion modules on frame-major rows ({} residual adds into a GEMM epilogue); {} attentions read Q, K, V (or K, V) from one GEMM",
-            s.frame_major, s.residual_adds, s.merged
+            "{} motion modules on frame-major rows ({} residual adds into a GEMM epilogue); {} convolution biases added by the GroupNorm after; {} attentions read Q, K, V (or K, V) from one GEMM",
+            s.frame_major, s.residual_adds, s.conv_biases, s.merged
         );
     }
     let el = 2.0; // float16
@@ -113,14 +113,20 @@ fn main() -> Res<()> {
                 let [_, o, oh, ow] = c.y_shape;
                 let [_, cg, kh, kw] = c.w_shape;
                 let out = (c.y_shape[0] * o * oh * ow) as f64;
-                // cuDNN writes the output; the bias/residual epilogue reads and writes it again
-                let epilogue = c.bias.is_some() || c.residual.is_some() || c.sample_bias.is_some();
-                let passes = 1.0 + 2.0 * epilogue as u8 as f64 + c.residual.is_some() as u8 as f64;
+                // the bias/residual epilogue is a kernel of its own after cuDNN's: it reads and
+                // writes the output again (and reads the residual), at its own floor
+                if c.bias.is_some() || c.residual.is_some() || c.sample_bias.is_some() {
+                    let bytes = (2.0 + c.residual.is_some() as u8 as f64) * out * el;
+                    let e = by.entry("conv bias/residual pass".into()).or_default();
+                    e.0 += 1;
+                    e.2 += bytes;
+                    e.3 += floor(0.0, bytes);
+                }
                 (
                     format!("conv {kh}x{kw}"),
                     2.0 * out * (cg * kh * kw) as f64,
                     (c.x_shape.iter().product::<usize>() as f64
-                        + out * passes
+                        + out
                         + c.w_shape.iter().product::<usize>() as f64)
                         * el,
                 )

@@ -134,6 +134,7 @@ fn emulate(
         p.specialized.frame_major,
     );
     calls.insert("residual adds folded".into(), p.specialized.residual_adds);
+    calls.insert("conv biases in GroupNorm".into(), p.specialized.conv_biases);
     Ok((out, calls))
 }
 
@@ -224,6 +225,7 @@ fn every_tiny_graph_runs_on_the_emulated_executor_as_on_the_cpu_interpreter() {
                         if layout == Layout::Nhwc {
                             assert!(calls["frame-major motion modules"] > 0, "{what}: {calls:?}");
                             assert!(calls["residual adds folded"] > 0, "{what}: {calls:?}");
+                            assert!(calls["conv biases in GroupNorm"] > 0, "{what}: {calls:?}");
                         }
                     }
                 }
@@ -253,12 +255,12 @@ fn the_executors_fallbacks_compute_the_same() {
     plan_graph(&src.join("unet.onnx"), &z).unwrap();
     let c = case(&z, &inputs, Layout::Nhwc);
     // the float16 specialisation (motion modules on frame-major rows, their residual add in a
-    // GEMM epilogue, Q, K, V from one GEMM read in place) computes the same on the interpreter
-    // too, to float32 rounding
+    // GEMM epilogue, ResNet convolutions' biases added by the GroupNorm after them, Q, K, V from
+    // one GEMM read in place) computes the same on the interpreter too, to float32 rounding
     let mut special = c.prog.clone();
     let s = specialize(&mut special, Precision::Fp16);
     assert!(
-        s.merged > 0 && s.frame_major > 0 && s.residual_adds > 0,
+        s.merged > 0 && s.frame_major > 0 && s.residual_adds > 0 && s.conv_biases > 0,
         "{s:?}"
     );
     assert!(special.steps.len() < c.prog.steps.len());

@@ -386,9 +386,20 @@ __device__ void group_norm_apply(T* y, const T* x, const float* stats, const T* 
 // 2. group_norm_nhwc_finalize, one thread per (n, g): merges the splits' statistics (as
 //    group_norm_apply does) into mr[(n * groups + g) * 2 + {0, 1}] = mean, 1 / sqrt(var + eps).
 // 3. group_norm_nhwc_apply, elementwise: normalise, affine, optional SiLU.
+// The input may come with the biases of the convolution before it, added on the fly: xb [C] and
+// xsb [N, C] (a ResNet's bias and time embedding; either may be null), so that convolution needs
+// no pass of its own.
 template <typename T>
-__device__ void group_norm_nhwc_stats(float* stats, const T* x, int C, i64 S, int groups,
-                                      i64 chunk) {
+__device__ __forceinline__ float gn_in_bias(const T* xb, const T* xsb, int n, int C, int c) {
+    float a = 0.f;
+    if (xb) a += mrt_load(xb, c);
+    if (xsb) a += mrt_load(xsb, (i64)n * C + c);
+    return a;
+}
+
+template <typename T>
+__device__ void group_norm_nhwc_stats(float* stats, const T* x, const T* xb, const T* xsb, int C,
+                                      i64 S, int groups, i64 chunk) {
     MRT_DYN_SMEM(float, part);  // [C]
     const int n = blockIdx.x, j = blockIdx.y, cg = C / groups;
     const i64 p0 = (i64)j * chunk, p1 = min(p0 + chunk, S);
@@ -405,13 +416,15 @@ __device__ void group_norm_nhwc_stats(float* stats, const T* x, int C, i64 S, in
             if (c < C) acc[k] += mrt_load(xs, r * C + c);
         }
     }
+    // the input biases: each of the chunk's rows holds them once per channel
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
         const int c = threadIdx.x + k * blockDim.x;
-        if (c < C) part[c] = acc[k];
+        if (c < C) part[c] = acc[k] + (float)rows * gn_in_bias(xb, xsb, n, C, c);
     }
     __syncthreads();
     const float cnt = (float)(rows * cg);
+    // mean[k]: the group's mean less this channel's input bias (what x itself is centred by)
     float mean[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
@@ -420,8 +433,9 @@ __device__ void group_norm_nhwc_stats(float* stats, const T* x, int C, i64 S, in
         if (c < C) {
             const int g0 = (c / cg) * cg;
             for (int i = 0; i < cg; ++i) m += part[g0 + i];
+            m = m / cnt - gn_in_bias(xb, xsb, n, C, c);
         }
-        mean[k] = m / cnt;
+        mean[k] = m;
         acc[k] = 0.f;
     }
     __syncthreads();
@@ -453,7 +467,7 @@ __device__ void group_norm_nhwc_stats(float* stats, const T* x, int C, i64 S, in
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
         const int c = threadIdx.x + k * blockDim.x;
-        if (c < C && c % cg == 0) st[2 * (c / cg)] = mean[k];
+        if (c < C && c % cg == 0) st[2 * (c / cg)] = mean[k] + gn_in_bias(xb, xsb, n, C, c);
     }
 }
 
@@ -473,9 +487,9 @@ __device__ void gn_nhwc_finalize(float* mr, const float* stats, int N, int C, i6
 }
 
 template <typename T>
-__device__ void group_norm_nhwc_apply(T* y, const T* x, const float* mr, const T* gamma,
-                                      const T* beta, int C, i64 S, int groups, i64 total,
-                                      int silu) {
+__device__ void group_norm_nhwc_apply(T* y, const T* x, const T* xb, const T* xsb, const float* mr,
+                                      const T* gamma, const T* beta, int C, i64 S, int groups,
+                                      i64 total, int silu) {
     const int cg = C / groups;
     constexpr int V = Lanes<T>::N;
     if (C % V == 0 && total < 0x7fffffffll) {
@@ -484,6 +498,16 @@ __device__ void group_norm_nhwc_apply(T* y, const T* x, const float* mr, const T
             const unsigned e = i * V, c0 = e % uc, n = e / usc;
             float v[V], ga[V], be[V];
             load16(v, x + e);
+            if (xb) {
+                load16(ga, xb + c0);
+#pragma unroll
+                for (int k = 0; k < V; ++k) v[k] += ga[k];
+            }
+            if (xsb) {
+                load16(ga, xsb + (i64)n * C + c0);
+#pragma unroll
+                for (int k = 0; k < V; ++k) v[k] += ga[k];
+            }
             load16(ga, gamma + c0);
             load16(be, beta + c0);
 #pragma unroll
@@ -501,7 +525,8 @@ __device__ void group_norm_nhwc_apply(T* y, const T* x, const float* mr, const T
         GRID_LOOP32(i, total) {
             const unsigned c = i % uc, n = i / usc;
             const float* st = mr + (n * groups + c / cg) * 2;
-            float v = (mrt_load(x, i) - st[0]) * st[1] * mrt_load(gamma, c) + mrt_load(beta, c);
+            const float xi = mrt_load(x, i) + gn_in_bias(xb, xsb, (int)n, C, (int)c);
+            float v = (xi - st[0]) * st[1] * mrt_load(gamma, c) + mrt_load(beta, c);
             if (silu) v = v * sigmoidf(v);
             mrt_store(y, i, v);
         }
@@ -511,7 +536,8 @@ __device__ void group_norm_nhwc_apply(T* y, const T* x, const float* mr, const T
         const int c = (int)(i % C);
         const i64 n = i / (S * C);
         const float* st = mr + (n * groups + c / cg) * 2;
-        float v = (mrt_load(x, i) - st[0]) * st[1] * mrt_load(gamma, c) + mrt_load(beta, c);
+        const float xi = mrt_load(x, i) + gn_in_bias(xb, xsb, (int)n, C, c);
+        float v = (xi - st[0]) * st[1] * mrt_load(gamma, c) + mrt_load(beta, c);
         if (silu) v = v * sigmoidf(v);
         mrt_store(y, i, v);
     }
@@ -713,18 +739,20 @@ BOTH(group_norm_stats, P_GS(float), P_GS(half_bits), (stats, x, C, spatial, grou
      int groups, i64 chunk, float eps, int silu)
 BOTH(group_norm_apply, P_GA2(float), P_GA2(half_bits),
      (y, x, stats, gamma, beta, C, spatial, groups, chunk, eps, silu))
-#define P_GNS(T) (float* stats, const T* x, int C, i64 S, int groups, i64 chunk)
-BOTH(group_norm_nhwc_stats, P_GNS(float), P_GNS(half_bits), (stats, x, C, S, groups, chunk))
+#define P_GNS(T) \
+    (float* stats, const T* x, const T* xb, const T* xsb, int C, i64 S, int groups, i64 chunk)
+BOTH(group_norm_nhwc_stats, P_GNS(float), P_GNS(half_bits),
+     (stats, x, xb, xsb, C, S, groups, chunk))
 extern "C" __global__ void group_norm_nhwc_finalize(float* mr, const float* stats, int N,
                                                         int C, i64 S, int groups, i64 chunk,
                                                         int splits, float eps) {
     gn_nhwc_finalize(mr, stats, N, C, S, groups, chunk, splits, eps);
 }
-#define P_GNA(T)                                                                             \
-    (T* y, const T* x, const float* mr, const T* gamma, const T* beta, int C, i64 S, int groups, \
-     i64 total, int silu)
+#define P_GNA(T)                                                                          \
+    (T* y, const T* x, const T* xb, const T* xsb, const float* mr, const T* gamma,           \
+     const T* beta, int C, i64 S, int groups, i64 total, int silu)
 BOTH(group_norm_nhwc_apply, P_GNA(float), P_GNA(half_bits),
-     (y, x, mr, gamma, beta, C, S, groups, total, silu))
+     (y, x, xb, xsb, mr, gamma, beta, C, S, groups, total, silu))
 #define P_LN(T)                                                                              \
     (T* y, const T* x, const T* gamma, const T* beta, const T* add, int period, int div, int cols, \
      float eps)

@@ -1695,7 +1695,10 @@ fn group_norm<T: Host>(emu: &Emu, n: usize, c: usize, groups: usize, spatial: us
 }
 
 /// The channels-last GroupNorm (stats per chunk of positions, finalize, apply) on the engine's
-/// launch shapes, against the fused reference on the NCHW view of the same values.
+/// launch shapes, against the fused reference on the NCHW view of the same values; with
+/// `biases`, a bias `[C]` and a per-sample bias `[N, C]` added to the input on the fly (the
+/// convolution's before it, folded).
+#[allow(clippy::too_many_arguments)]
 fn group_norm_nhwc<T: Host>(
     emu: &Emu,
     n: usize,
@@ -1704,6 +1707,7 @@ fn group_norm_nhwc<T: Host>(
     spatial: usize,
     chunk: usize,
     silu: bool,
+    biases: bool,
 ) {
     let seed = (n * 7000 + c * 10 + spatial) as u64;
     let x: Vec<f32> = random(n * c * spatial, seed)
@@ -1712,9 +1716,24 @@ fn group_norm_nhwc<T: Host>(
         .collect();
     let gamma = random(c, seed + 1);
     let beta = random(c, seed + 2);
+    let xbias: Vec<f32> = random(c, seed + 3).iter().map(|v| v + 1.0).collect();
+    let xsbias = random(n * c, seed + 4);
     let (xr, gr, br) = (T::round(&x), T::round(&gamma), T::round(&beta));
+    let (xbr, xsr) = (T::round(&xbias), T::round(&xsbias));
+    // the input the normalisation sees, NCHW
+    let xin: Vec<f32> = if biases {
+        xr.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let (b, ch) = (i / (c * spatial), i / spatial % c);
+                v + xbr[ch] + xsr[b * c + ch]
+            })
+            .collect()
+    } else {
+        xr.clone()
+    };
     let eps = 1e-6f32;
-    let want = fused::group_norm(&xr, &[n, c, spatial], &gr, &br, groups, eps, silu).unwrap();
+    let want = fused::group_norm(&xin, &[n, c, spatial], &gr, &br, groups, eps, silu).unwrap();
     // [N, C, S] -> [N, S, C]
     let to_nhwc = |v: &[f32]| -> Vec<f32> {
         let mut o = vec![0f32; v.len()];
@@ -1728,6 +1747,12 @@ fn group_norm_nhwc<T: Host>(
         o
     };
     let (xb, gb, bb) = (buf::<T>(&to_nhwc(&x)), buf::<T>(&gamma), buf::<T>(&beta));
+    let (ib, isb) = (buf::<T>(&xbias), buf::<T>(&xsbias));
+    let bias_args = if biases {
+        [Arg::Buf(&ib), Arg::Buf(&isb)]
+    } else {
+        [Arg::Null, Arg::Null]
+    };
     let splits = spatial.div_ceil(chunk);
     let stats = out_buf::<f32>(n * splits * groups * 2);
     let mr = out_buf::<f32>(n * groups * 2);
@@ -1742,6 +1767,8 @@ fn group_norm_nhwc<T: Host>(
         &[
             Arg::Buf(&stats),
             Arg::Buf(&xb),
+            bias_args[0],
+            bias_args[1],
             Arg::I32(ci),
             Arg::I64(si),
             Arg::I32(gi),
@@ -1776,6 +1803,8 @@ fn group_norm_nhwc<T: Host>(
         &[
             Arg::Buf(&y),
             Arg::Buf(&xb),
+            bias_args[0],
+            bias_args[1],
             Arg::Buf(&mr),
             Arg::Buf(&gb),
             Arg::Buf(&bb),
@@ -1788,7 +1817,7 @@ fn group_norm_nhwc<T: Host>(
     );
     check::<T>(
         &format!(
-            "group_norm_nhwc [{n}, {c}, {spatial}] {groups} groups, chunk {chunk}, silu {silu}"
+            "group_norm_nhwc [{n}, {c}, {spatial}] {groups} groups, chunk {chunk}, silu {silu}, input biases {biases}"
         ),
         &read::<T>(&y),
         &to_nhwc(&want),
@@ -1800,11 +1829,16 @@ fn channels_last_group_norm_matches_the_fused_reference() {
     let Some(emu) = emu() else { return };
     for silu in [false, true] {
         // one chunk; several (the last partial); more channels than threads (3 per thread)
-        group_norm_nhwc::<f32>(emu, 2, 6, 3, 37, 64, silu);
-        group_norm_nhwc::<u16>(emu, 2, 6, 3, 37, 10, silu);
-        group_norm_nhwc::<f32>(emu, 1, 160, 32, 50, 7, silu);
-        group_norm_nhwc::<u16>(emu, 3, 64, 32, 20, 3, silu);
+        group_norm_nhwc::<f32>(emu, 2, 6, 3, 37, 64, silu, false);
+        group_norm_nhwc::<u16>(emu, 2, 6, 3, 37, 10, silu, false);
+        group_norm_nhwc::<f32>(emu, 1, 160, 32, 50, 7, silu, false);
+        group_norm_nhwc::<u16>(emu, 3, 64, 32, 20, 3, silu, false);
     }
+    // with the convolution's bias and time embedding added on the fly (vectorised path: C a
+    // multiple of 8; and not)
+    group_norm_nhwc::<u16>(emu, 2, 64, 32, 20, 3, true, true);
+    group_norm_nhwc::<f32>(emu, 2, 6, 3, 37, 10, false, true);
+    group_norm_nhwc::<u16>(emu, 3, 6, 3, 13, 64, true, true);
 }
 
 #[test]

@@ -222,14 +222,28 @@ pub fn run(
                 eps,
                 silu,
                 channels_last,
+                x_bias,
+                x_sbias,
             } => {
                 // channels-last [n, spatial, c] through the NCHW reference and back
                 let dims = [*n, *spatial, *c];
-                let x = &f[*x][..n * c * spatial];
+                let mut x = f[*x][..n * c * spatial].to_vec();
+                if x_bias.is_some() || x_sbias.is_some() {
+                    // channels innermost (only channels-last steps have input biases)
+                    for (i, v) in x.iter_mut().enumerate() {
+                        let (s, ch) = (i / (c * spatial), i % c);
+                        if let Some(b) = x_bias {
+                            *v += f[*b][ch];
+                        }
+                        if let Some(b) = x_sbias {
+                            *v += f[*b][s * c + ch];
+                        }
+                    }
+                }
                 let xs = if *channels_last {
-                    permute(x, &dims, &[0, 2, 1])
+                    permute(&x, &dims, &[0, 2, 1])
                 } else {
-                    x.to_vec()
+                    x
                 };
                 let y = fused::group_norm(
                     &xs,

@@ -188,23 +188,27 @@ pub struct Specialized {
     pub frame_major: usize,
     /// Adds folded into a Linear's residual ([`fold_residual_adds`]).
     pub residual_adds: usize,
+    /// Convolution biases left to the GroupNorm after them ([`fold_conv_biases`]).
+    pub conv_biases: usize,
     /// Attentions whose projections are one GEMM ([`merge_projections`]).
     pub merged: usize,
 }
 
 /// What the executor runs of `p` in `precision`: in float16 the motion modules on frame-major
-/// rows, the adds that leaves after a Linear in its epilogue, and the attention projections
-/// merged. The CUDA executor, its emulation and the engine builder's memory figures all take the
+/// rows, the adds that leaves after a Linear in its epilogue, convolution biases added by the
+/// GroupNorm after them, and the attention projections merged. The CUDA executor, its emulation and the engine builder's memory figures all take the
 /// program through here.
 pub fn specialize(p: &mut Program, precision: Precision) -> Specialized {
     match precision {
         Precision::Fp16 => {
             let frame_major = frame_major(p);
             let residual_adds = fold_residual_adds(p);
+            let conv_biases = fold_conv_biases(p);
             let merged = merge_projections(p);
             Specialized {
                 frame_major,
                 residual_adds,
+                conv_biases,
                 merged,
             }
         }
@@ -867,6 +871,60 @@ pub fn frame_major(p: &mut Program) -> usize {
     changed
 }
 
+/// A channels-last convolution whose output only a channels-last GroupNorm reads (a ResNet's
+/// first convolution, read by its second norm) leaves its bias and time embedding to that norm,
+/// which adds them as it reads: the convolution's output pass (read and write of its whole
+/// output) goes. Returns how many were folded.
+pub fn fold_conv_biases(p: &mut Program) -> usize {
+    let outputs: HashSet<usize> = p.outputs.iter().map(|(_, t)| t.buf).collect();
+    let readers = readers_of(p);
+    let mut folded = 0;
+    for ci in 0..p.steps.len() {
+        let Step::Conv(c) = &p.steps[ci] else {
+            continue;
+        };
+        if !c.nhwc
+            || c.residual.is_some()
+            || (c.bias.is_none() && c.sample_bias.is_none())
+            || outputs.contains(&c.out)
+        {
+            continue;
+        }
+        let [gi] = readers[c.out][..] else { continue };
+        let (bias, sbias, out) = (c.bias, c.sample_bias, c.out);
+        let [yn, yc, yh, yw] = c.y_shape;
+        let ok = matches!(
+            &p.steps[gi],
+            Step::GroupNorm {
+                x,
+                n,
+                c: gc,
+                spatial,
+                channels_last: true,
+                x_bias: None,
+                x_sbias: None,
+                ..
+            } if *x == out && *n == yn && *gc == yc && *spatial == yh * yw
+        );
+        if !ok {
+            continue;
+        }
+        if let Step::Conv(c) = &mut p.steps[ci] {
+            c.bias = None;
+            c.sample_bias = None;
+        }
+        if let Step::GroupNorm {
+            x_bias, x_sbias, ..
+        } = &mut p.steps[gi]
+        {
+            *x_bias = bias;
+            *x_sbias = sbias;
+        }
+        folded += 1;
+    }
+    folded
+}
+
 /// An elementwise `Add` of a bias-free-residual Linear's output (read by that `Add` alone) and a
 /// value computed before the Linear becomes the Linear's residual (the GEMM epilogue's `C`): the
 /// motion modules' `proj_out` and their input, once [`frame_major`] has removed the copy between.
@@ -1512,7 +1570,14 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             eps,
             silu,
             channels_last,
+            x_bias,
+            x_sbias,
         } => {
+            if !*channels_last && (x_bias.is_some() || x_sbias.is_some()) {
+                return Err(EngineError::Graph(
+                    "GroupNorm input biases are channels-last only".into(),
+                ));
+            }
             let (ci, sp, g, si_) = (
                 I32(*c as i32),
                 I64(*spatial as i64),
@@ -1533,7 +1598,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                     block: (nhwc_stats_block(*c), 1, 1),
                     smem: (c * 4) as u32,
                     opt_in: false,
-                    args: vec![Ptr(st), ptr(*x), ci, sp, g, ch],
+                    args: vec![Ptr(st), ptr(*x), opt(x_bias), opt(x_sbias), ci, sp, g, ch],
                 }));
                 ops.push(launch(
                     "group_norm_nhwc_finalize".into(),
@@ -1559,6 +1624,8 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                     vec![
                         ptr(*out),
                         ptr(*x),
+                        opt(x_bias),
+                        opt(x_sbias),
                         mr,
                         ptr(*gamma),
                         ptr(*beta),

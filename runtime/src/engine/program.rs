@@ -583,6 +583,11 @@ pub enum Step {
         silu: bool,
         /// `x` and `out` are stored `[n, spatial, c]` (channels-last) instead of `[n, c, spatial]`.
         channels_last: bool,
+        /// Channels-last only: a bias `[c]` and a per-sample bias `[n, c]` added to `x` first
+        /// (the bias and time embedding of the convolution before, folded by
+        /// [`super::launch::fold_conv_biases`]).
+        x_bias: Option<usize>,
+        x_sbias: Option<usize>,
     },
     /// Row-wise LayerNorm; `add: Some((t, period, div))` then adds row `(r / div) % period` of
     /// `t` (`[period, cols]`: the motion modules' positional table, folded from the `Add` after
@@ -717,8 +722,14 @@ impl Step {
                 x,
                 gamma,
                 beta,
+                x_bias,
+                x_sbias,
                 ..
-            } => (vec![*x, *gamma, *beta], *out),
+            } => {
+                let mut r = vec![*x, *gamma, *beta];
+                r.extend(x_bias.iter().chain(x_sbias.iter()));
+                (r, *out)
+            }
             Step::LayerNorm {
                 out,
                 x,
@@ -790,10 +801,19 @@ impl Step {
                 o(&mut c.residual);
                 o(&mut c.sample_bias);
             }
-            Step::GroupNorm { x, gamma, beta, .. } => {
+            Step::GroupNorm {
+                x,
+                gamma,
+                beta,
+                x_bias,
+                x_sbias,
+                ..
+            } => {
                 r(x);
                 r(gamma);
                 r(beta);
+                o(x_bias);
+                o(x_sbias);
             }
             Step::LayerNorm {
                 x,
@@ -2170,6 +2190,8 @@ impl Planner<'_> {
                     eps: attr_f(n, "epsilon", 1e-5),
                     silu: act == "silu",
                     channels_last,
+                    x_bias: None,
+                    x_sbias: None,
                 });
                 set(self, Value::Dev(out));
             }
