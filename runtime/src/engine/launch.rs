@@ -398,12 +398,17 @@ pub fn merge_projections(p: &mut Program) -> usize {
         }
         merged += 1;
     }
+    remove_steps(p, &remove);
+    merged
+}
+
+/// Drop the steps `remove` marks.
+fn remove_steps(p: &mut Program, remove: &[bool]) {
     let mut i = 0;
     p.steps.retain(|_| {
         i += 1;
         !remove[i - 1]
     });
-    merged
 }
 
 /// Which steps read each buffer (a copy's own destination, which it also reads, not counted).
@@ -694,22 +699,17 @@ fn frame_major_region(
                 a,
                 b: bb,
                 op: BinaryOp::Add,
-                s: None,
-                ..
-            } => {
-                if !(inr(a, &region) && inr(bb, &region)) {
-                    return None;
-                }
-                admit(*out, si, &mut region, &mut pending)?;
-            }
-            Step::Binary {
-                out,
-                a,
-                b: bb,
-                op: BinaryOp::Add,
-                s: Some(st),
+                s,
                 n,
             } => {
+                let Some(st) = s else {
+                    // elementwise: both operands in the region's rows
+                    if !(inr(a, &region) && inr(bb, &region)) {
+                        return None;
+                    }
+                    admit(*out, si, &mut region, &mut pending)?;
+                    continue;
+                };
                 // a value of the region plus a frame-major buffer read in token order, dense
                 // output: elementwise in frame-major rows
                 let r = st.rank as usize;
@@ -863,11 +863,7 @@ pub fn frame_major(p: &mut Program) -> usize {
         }
         changed += 1;
     }
-    let mut i = 0;
-    p.steps.retain(|_| {
-        i += 1;
-        !remove[i - 1]
-    });
+    remove_steps(p, &remove);
     changed
 }
 
@@ -981,11 +977,7 @@ pub fn fold_residual_adds(p: &mut Program) -> usize {
             break;
         }
     }
-    let mut i = 0;
-    p.steps.retain(|_| {
-        i += 1;
-        !remove[i - 1]
-    });
+    remove_steps(p, &remove);
     folded
 }
 
