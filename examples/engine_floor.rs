@@ -74,7 +74,7 @@ fn main() -> Res<()> {
         use motionrt_runtime::engine::{exec::Precision, launch::specialize};
         let s = specialize(&mut prog, Precision::Fp16);
         println!(
-            "{} motion modules on frame-major rows ({} residual adds into a GEMM epilogue); {} convolution biases added by the GroupNorm after; {} attentions read Q, K, V (or K, V) from one GEMM",
+            "{} motion modules on frame-major rows ({} residual adds into a GEMM epilogue); {} convolution biases added by the GroupNorm or GEMM after; {} attentions read Q, K, V (or K, V) from one GEMM",
             s.frame_major, s.residual_adds, s.conv_biases, s.merged
         );
     }

@@ -26,7 +26,9 @@ use motionrt_runtime::engine::emulated::EmuProgram;
 use motionrt_runtime::engine::exec::Precision;
 use motionrt_runtime::engine::file::InlineInitializers;
 use motionrt_runtime::engine::launch::{specialize, WeightData};
-use motionrt_runtime::engine::program::{self, InitializerSource, Layout, Outputs, Program, Step};
+use motionrt_runtime::engine::program::{
+    self, BufferKind, InitializerSource, Layout, Outputs, Program, Step, WeightSource,
+};
 use motionrt_runtime::engine::source::FileInitializers;
 use motionrt_runtime::engine::{cpu_exec, plan_graph, EngineError};
 use motionrt_runtime::error_stats;
@@ -264,6 +266,20 @@ fn the_executors_fallbacks_compute_the_same() {
         "{s:?}"
     );
     assert!(special.steps.len() < c.prog.steps.len());
+    // a shortcut GEMM's bias and the bias of the convolution it adds, one vector (host values
+    // added here: the tiny graphs' weights are inline; initializers become a summed weight)
+    assert!(
+        special.steps.iter().any(|s| matches!(
+            s,
+            Step::Linear { bias: Some(b), residual: Some(_), .. }
+                if *b >= c.prog.buffers.len()
+                    && matches!(
+                        special.buffers[*b].kind,
+                        BufferKind::Weight(WeightSource::Computed(_) | WeightSource::Sum(_))
+                    )
+        )),
+        "no shortcut GEMM took its convolution's bias"
+    );
     let w = |n: &str| Ok(c.weights[n].clone());
     let got = cpu_exec::run(&special, &c.f, &c.i, &w).unwrap();
     check(

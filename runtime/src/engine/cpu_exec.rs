@@ -48,6 +48,21 @@ pub fn run(
                 }
                 f[k] = v;
             }
+            BufferKind::Weight(WeightSource::Sum(names)) => {
+                let mut v = vec![0f32; b.numel];
+                for n in names {
+                    let w = weight(n)?;
+                    if w.len() != v.len() {
+                        return Err(EngineError::Graph(format!(
+                            "weight {n}: {} values, the sum {names:?} needs {}",
+                            w.len(),
+                            v.len()
+                        )));
+                    }
+                    v.iter_mut().zip(&w).for_each(|(a, b)| *a += b);
+                }
+                f[k] = v;
+            }
             BufferKind::Activation => f[k] = vec![f32::NAN; b.numel],
         }
     }
@@ -483,4 +498,64 @@ pub fn conv2d(d: &super::launch::ConvDesc, x: &[f32], w: &[f32]) -> Vec<f32> {
         }
     }
     y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::program::{Buffer, DType, DevTensor};
+    use super::*;
+
+    /// A Linear whose bias is two initializers added (a shortcut GEMM that took over the bias of
+    /// the convolution it adds): the interpreter adds them.
+    #[test]
+    fn a_summed_bias_is_the_sum_of_its_initializers() {
+        let buf = |numel: usize, kind: BufferKind| Buffer {
+            numel,
+            dtype: DType::Float,
+            kind,
+        };
+        let init = |n: &str| BufferKind::Weight(WeightSource::Initializer(n.into()));
+        let p = Program {
+            buffers: vec![
+                buf(2, BufferKind::Input("x".into())),
+                buf(2, init("w")),
+                buf(
+                    2,
+                    BufferKind::Weight(WeightSource::Sum(vec!["b1".into(), "b2".into()])),
+                ),
+                buf(2, BufferKind::Activation),
+            ],
+            steps: vec![Step::Linear {
+                out: 3,
+                x: 0,
+                w: 1,
+                bias: Some(2),
+                residual: None,
+                m: 1,
+                n: 2,
+                k: 2,
+            }],
+            inputs: vec![("x".into(), DevTensor::new(0, vec![1, 2]))],
+            outputs: vec![("y".into(), DevTensor::new(3, vec![1, 2]))],
+            nodes: 1,
+        };
+        let weights: HashMap<&str, Vec<f32>> = HashMap::from([
+            ("w", vec![1.0, 0.0, 0.0, 1.0]),
+            ("b1", vec![10.0, 20.0]),
+            ("b2", vec![0.5, -1.0]),
+        ]);
+        let w = |n: &str| Ok(weights[n].clone());
+        let x: HashMap<String, Vec<f32>> = HashMap::from([("x".to_string(), vec![3.0, 4.0])]);
+        let out = run(&p, &x, &HashMap::new(), &w).unwrap();
+        assert_eq!(out[0].2, vec![13.5, 23.0]);
+        // a part of another length is an error naming it
+        let short: HashMap<&str, Vec<f32>> = HashMap::from([
+            ("w", vec![1.0, 0.0, 0.0, 1.0]),
+            ("b1", vec![10.0, 20.0]),
+            ("b2", vec![0.5]),
+        ]);
+        let w = |n: &str| Ok(short[n].clone());
+        let e = run(&p, &x, &HashMap::new(), &w).unwrap_err();
+        assert!(e.to_string().contains("b2"), "{e}");
+    }
 }

@@ -136,6 +136,33 @@ pub fn place_buffers(
                     WeightData::F32(v)
                 }
             }
+            WeightSource::Sum(names) => {
+                // added in float32 (float16 engine weights widened first), rounded once
+                let mut v = vec![0f32; b.numel];
+                for n in names {
+                    let w: Vec<f32> = match weight(n)? {
+                        WeightData::F32(w) => w,
+                        WeightData::F16(w) => w
+                            .iter()
+                            .map(|&h| half::f16::from_bits(h).to_f32())
+                            .collect(),
+                        WeightData::I64(_) => {
+                            return Err(EngineError::Graph(format!(
+                                "weight {n}: int64 where a bias was expected"
+                            )))
+                        }
+                    };
+                    if w.len() != v.len() {
+                        return Err(EngineError::Graph(format!(
+                            "weight {n}: {} values, the sum {names:?} needs {}",
+                            w.len(),
+                            v.len()
+                        )));
+                    }
+                    v.iter_mut().zip(&w).for_each(|(a, b)| *a += b);
+                }
+                WeightData::F32(v)
+            }
         };
         let bytes: Vec<u8> = match (data, b.dtype, precision) {
             (WeightData::I64(v), DType::I64, _) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -165,7 +192,8 @@ pub fn place_buffers(
                 match src {
                     WeightSource::Initializer(name) | WeightSource::Permuted { name, .. } =>
                         name.clone(),
-                    WeightSource::Concat(names) => names.join(" + "),
+                    WeightSource::Concat(names) => names.join(" ++ "),
+                    WeightSource::Sum(names) => names.join(" + "),
                     _ => "(computed)".into(),
                 },
                 bytes.len()
@@ -188,7 +216,8 @@ pub struct Specialized {
     pub frame_major: usize,
     /// Adds folded into a Linear's residual ([`fold_residual_adds`]).
     pub residual_adds: usize,
-    /// Convolution biases left to the GroupNorm after them ([`fold_conv_biases`]).
+    /// Convolution biases left to the GroupNorm or GEMM after them ([`fold_conv_biases`],
+    /// [`fold_conv_biases_into_gemms`]).
     pub conv_biases: usize,
     /// Attentions whose projections are one GEMM ([`merge_projections`]).
     pub merged: usize,
@@ -196,14 +225,14 @@ pub struct Specialized {
 
 /// What the executor runs of `p` in `precision`: in float16 the motion modules on frame-major
 /// rows, the adds that leaves after a Linear in its epilogue, convolution biases added by the
-/// GroupNorm after them, and the attention projections merged. The CUDA executor, its emulation and the engine builder's memory figures all take the
+/// GroupNorm or GEMM after them, and the attention projections merged. The CUDA executor, its emulation and the engine builder's memory figures all take the
 /// program through here.
 pub fn specialize(p: &mut Program, precision: Precision) -> Specialized {
     match precision {
         Precision::Fp16 => {
             let frame_major = frame_major(p);
             let residual_adds = fold_residual_adds(p);
-            let conv_biases = fold_conv_biases(p);
+            let conv_biases = fold_conv_biases(p) + fold_conv_biases_into_gemms(p);
             let merged = merge_projections(p);
             Specialized {
                 frame_major,
@@ -865,6 +894,78 @@ pub fn frame_major(p: &mut Program) -> usize {
     }
     remove_steps(p, &remove);
     changed
+}
+
+/// A channels-last convolution whose output only a Linear reads, as its residual (a ResNet's
+/// second convolution, added to its 1×1 shortcut GEMM), leaves its bias to that GEMM's bias
+/// epilogue (the two vectors added at upload, [`WeightSource::Sum`]): the convolution's output
+/// pass goes. Returns how many were folded.
+pub fn fold_conv_biases_into_gemms(p: &mut Program) -> usize {
+    let outputs: HashSet<usize> = p.outputs.iter().map(|(_, t)| t.buf).collect();
+    let (readers, writers) = (readers_of(p), writers_of(p));
+    let mut folded = 0;
+    for li in 0..p.steps.len() {
+        let Step::Linear {
+            residual: Some(r),
+            bias: lbias,
+            n,
+            ..
+        } = p.steps[li]
+        else {
+            continue;
+        };
+        let [ci] = writers[r][..] else { continue };
+        let Step::Conv(c) = &p.steps[ci] else {
+            continue;
+        };
+        let Some(cb) = c.bias else { continue };
+        if !c.nhwc
+            || c.residual.is_some()
+            || c.sample_bias.is_some()
+            || c.y_shape[1] != n
+            || readers[r] != [li]
+            || outputs.contains(&r)
+        {
+            continue;
+        }
+        let kind = |b: usize| match &p.buffers[b].kind {
+            BufferKind::Weight(s) if p.buffers[b].numel == n => Some(s.clone()),
+            _ => None,
+        };
+        // the two biases as one vector: initializers added at upload, host values here
+        let bias = match lbias.map(kind) {
+            None => Some(cb),
+            Some(Some(lk)) => match (lk, kind(cb)) {
+                (WeightSource::Initializer(a), Some(WeightSource::Initializer(b))) => {
+                    Some(WeightSource::Sum(vec![a, b]))
+                }
+                (WeightSource::Computed(a), Some(WeightSource::Computed(b))) => {
+                    Some(WeightSource::Computed(std::sync::Arc::new(
+                        a.iter().zip(b.iter()).map(|(x, y)| x + y).collect(),
+                    )))
+                }
+                _ => None,
+            }
+            .map(|s| {
+                p.buffers.push(super::program::Buffer {
+                    numel: n,
+                    dtype: DType::Float,
+                    kind: BufferKind::Weight(s),
+                });
+                p.buffers.len() - 1
+            }),
+            Some(None) => None,
+        };
+        let Some(bias) = bias else { continue };
+        if let Step::Conv(c) = &mut p.steps[ci] {
+            c.bias = None;
+        }
+        if let Step::Linear { bias: b, .. } = &mut p.steps[li] {
+            *b = Some(bias);
+        }
+        folded += 1;
+    }
+    folded
 }
 
 /// A channels-last convolution whose output only a channels-last GroupNorm reads (a ResNet's

@@ -462,6 +462,9 @@ pub enum WeightSource {
     /// Initializers stacked along their first axis (the Q, K and V projections of one attention
     /// as one GEMM's `[3C, K]` weight). Stacked on the host at upload.
     Concat(Vec<String>),
+    /// Initializers of one shape added elementwise (a GEMM's bias and the bias of the
+    /// convolution whose output it takes as its residual). Added on the host at upload.
+    Sum(Vec<String>),
 }
 
 /// How the compiler lays out 4-D activations around convolutions.
