@@ -49,19 +49,7 @@ pub fn run(
                 f[k] = v;
             }
             BufferKind::Weight(WeightSource::Sum(names)) => {
-                let mut v = vec![0f32; b.numel];
-                for n in names {
-                    let w = weight(n)?;
-                    if w.len() != v.len() {
-                        return Err(EngineError::Graph(format!(
-                            "weight {n}: {} values, the sum {names:?} needs {}",
-                            w.len(),
-                            v.len()
-                        )));
-                    }
-                    v.iter_mut().zip(&w).for_each(|(a, b)| *a += b);
-                }
-                f[k] = v;
+                f[k] = super::program::sum_parts(names, b.numel, &mut |n| weight(n))?
             }
             BufferKind::Activation => f[k] = vec![f32::NAN; b.numel],
         }

@@ -138,30 +138,20 @@ pub fn place_buffers(
             }
             WeightSource::Sum(names) => {
                 // added in float32 (float16 engine weights widened first), rounded once
-                let mut v = vec![0f32; b.numel];
-                for n in names {
-                    let w: Vec<f32> = match weight(n)? {
-                        WeightData::F32(w) => w,
-                        WeightData::F16(w) => w
+                WeightData::F32(super::program::sum_parts(
+                    names,
+                    b.numel,
+                    &mut |n| match weight(n)? {
+                        WeightData::F32(w) => Ok(w),
+                        WeightData::F16(w) => Ok(w
                             .iter()
                             .map(|&h| half::f16::from_bits(h).to_f32())
-                            .collect(),
-                        WeightData::I64(_) => {
-                            return Err(EngineError::Graph(format!(
-                                "weight {n}: int64 where a bias was expected"
-                            )))
-                        }
-                    };
-                    if w.len() != v.len() {
-                        return Err(EngineError::Graph(format!(
-                            "weight {n}: {} values, the sum {names:?} needs {}",
-                            w.len(),
-                            v.len()
-                        )));
-                    }
-                    v.iter_mut().zip(&w).for_each(|(a, b)| *a += b);
-                }
-                WeightData::F32(v)
+                            .collect()),
+                        WeightData::I64(_) => Err(EngineError::Graph(format!(
+                            "weight {n}: int64 where a bias was expected"
+                        ))),
+                    },
+                )?)
             }
         };
         let bytes: Vec<u8> = match (data, b.dtype, precision) {

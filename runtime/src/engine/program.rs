@@ -467,6 +467,27 @@ pub enum WeightSource {
     Sum(Vec<String>),
 }
 
+/// The values of a [`WeightSource::Sum`]: each part (by name, through `part`) added elementwise;
+/// a part of another length than `numel` is an error naming it.
+pub(crate) fn sum_parts(
+    names: &[String],
+    numel: usize,
+    part: &mut dyn FnMut(&str) -> Result<Vec<f32>, EngineError>,
+) -> Result<Vec<f32>, EngineError> {
+    let mut v = vec![0f32; numel];
+    for n in names {
+        let w = part(n)?;
+        if w.len() != numel {
+            return Err(err(format!(
+                "weight {n}: {} values, the sum {names:?} needs {numel}",
+                w.len()
+            )));
+        }
+        v.iter_mut().zip(&w).for_each(|(a, b)| *a += b);
+    }
+    Ok(v)
+}
+
 /// How the compiler lays out 4-D activations around convolutions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
