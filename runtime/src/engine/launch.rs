@@ -215,8 +215,8 @@ pub struct Specialized {
 
 /// What the executor runs of `p` in `precision`: in float16 the motion modules on frame-major
 /// rows, the adds that leaves after a Linear in its epilogue, convolution biases added by the
-/// GroupNorm or GEMM after them, and the attention projections merged. The CUDA executor, its emulation and the engine builder's memory figures all take the
-/// program through here.
+/// GroupNorm or GEMM after them, and the attention projections merged. The CUDA executor, its
+/// emulation and the engine builder's memory figures all take the program through here.
 pub fn specialize(p: &mut Program, precision: Precision) -> Specialized {
     match precision {
         Precision::Fp16 => {
