@@ -146,8 +146,7 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
     let other = g.values().filter(|t| t.algo != t.heuristic_first).count();
     let (chosen, first): (f64, f64) = g
         .values()
-        .filter(|t| t.heuristic_first_ms.is_finite())
-        .map(|t| (t.ms as f64, t.heuristic_first_ms as f64))
+        .filter_map(|t| Some((t.ms as f64, t.heuristic_first_ms? as f64)))
         .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
     eprintln!(
         "wrote {} in {:.1} s ({} convolution algorithms chosen; {} GEMM problems, {other} of them \

@@ -175,6 +175,80 @@ pub fn probe() -> Vec<LibStatus> {
         .collect()
 }
 
+/// Libraries loaded from Python packages' folders, kept loaded for the process.
+static PRELOADED: std::sync::OnceLock<Vec<libloading::Library>> = std::sync::OnceLock::new();
+
+/// Make cuBLASLt, cuBLAS and cuDNN loadable by name (as cudarc loads them) when the dynamic
+/// loader cannot find them but [`probe`] does, in the `nvidia` Python packages or `torch/lib`:
+/// each is loaded there by path, with the libraries beside it that share its name (cuDNN opens
+/// its `libcudnn_*` parts by name), so that later loads by soname resolve to them. Once per
+/// process; a library found nowhere stays missing (the caller reports it).
+pub fn preload_libraries() {
+    PRELOADED.get_or_init(|| {
+        let wanted: Vec<&Spec> = ["cublasLt", "cublas", "cudnn"]
+            .iter()
+            .filter_map(|n| SPECS.iter().find(|s| s.name == *n))
+            .filter(|s| !s.sonames.iter().any(|so| loadable(so)))
+            .collect();
+        if wanted.is_empty() {
+            return Vec::new();
+        }
+        let (nvidia, torch) = python_dirs();
+        let mut libs = Vec::new();
+        for s in wanted {
+            let dirs = nvidia
+                .iter()
+                .flat_map(|d| s.subdirs.iter().map(move |sub| d.join(sub)))
+                .chain(torch.iter().cloned());
+            for dir in dirs {
+                if let Some(p) = find_in(&dir, s.sonames) {
+                    libs.extend(load_with_parts(&p));
+                    break;
+                }
+            }
+        }
+        libs
+    });
+}
+
+/// Load `lib` and the files beside it whose names start with its stem and `_` (`libcudnn_ops`),
+/// retrying until no more load (they need each other in an order the names do not tell).
+fn load_with_parts(lib: &Path) -> Vec<libloading::Library> {
+    let dir = lib.parent().unwrap_or(Path::new("."));
+    let name = lib.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let stem = name.find(".so").map_or(name, |i| &name[..i]);
+    let mut pending: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&format!("{stem}_")) && n.contains(".so"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    pending.sort();
+    pending.insert(0, lib.to_path_buf());
+    let mut libs = Vec::new();
+    loop {
+        let before = pending.len();
+        pending.retain(|p| {
+            // SAFETY: loading NVIDIA's library runs its initialisers, nothing else.
+            match unsafe { libloading::Library::new(p) } {
+                Ok(l) => {
+                    libs.push(l);
+                    false
+                }
+                Err(_) => true,
+            }
+        });
+        if pending.is_empty() || pending.len() == before {
+            return libs;
+        }
+    }
+}
+
 /// One GPU the driver reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuInfo {
@@ -258,6 +332,56 @@ mod tests {
         );
         assert_eq!(find_in(&dir, &["libnvrtc.so.13"]), None);
         assert_eq!(find_in(&dir, &["libcudnn.so.9"]), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `load_with_parts` loads a library and its `stem_*` parts whichever order they need (as
+    /// cuDNN's), with real shared objects: `libmrtx_a` needs `libmrtx_b` by soname and no search
+    /// path finds it, so `_a` loads only once `_b` has.
+    #[test]
+    fn loads_a_library_with_parts_that_need_each_other() {
+        let cc = ["cc", "gcc", "g++"]
+            .into_iter()
+            .find(|c| {
+                std::process::Command::new(c)
+                    .arg("--version")
+                    .output()
+                    .is_ok()
+            })
+            .expect("a C compiler (the CUDA emulator's tests need one too)");
+        let dir = std::env::temp_dir().join(format!("motionrt-parts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let build = |name: &str, src: &str, needs: Option<&str>| {
+            let c = dir.join(format!("{name}.c"));
+            std::fs::write(&c, src).unwrap();
+            let mut cmd = std::process::Command::new(cc);
+            cmd.args(["-shared", "-fPIC", "-o"])
+                .arg(dir.join(format!("{name}.so.1")))
+                .arg(&c)
+                .arg(format!("-Wl,-soname,{name}.so.1"));
+            if let Some(n) = needs {
+                cmd.arg(dir.join(format!("{n}.so.1")));
+            }
+            assert!(cmd.status().unwrap().success(), "{cc} failed on {name}");
+            std::fs::remove_file(&c).unwrap();
+        };
+        build("libmrtx_b", "int mrtx_b(void) { return 2; }", None);
+        build(
+            "libmrtx_a",
+            "int mrtx_b(void); int mrtx_a(void) { return mrtx_b() + 1; }",
+            Some("libmrtx_b"),
+        );
+        build("libmrtx", "int mrtx(void) { return 1; }", None);
+        std::fs::write(dir.join("libmrty.so.1"), b"not a library").unwrap();
+        // by name alone, `_a` cannot load: nothing tells the loader where `_b` is
+        assert!(!loadable(dir.join("libmrtx_a.so.1").to_str().unwrap()));
+        let libs = load_with_parts(&dir.join("libmrtx.so.1"));
+        assert_eq!(libs.len(), 3, "libmrtx, libmrtx_a and libmrtx_b");
+        // SAFETY: the symbol has the C signature compiled above.
+        let a: libloading::Symbol<'_, unsafe extern "C" fn() -> i32> =
+            unsafe { libs[2].get(b"mrtx_a") }.unwrap();
+        assert_eq!(unsafe { a() }, 3);
+        drop(libs);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -17,8 +17,8 @@ use motionrt_kernels::emu::{Arg, DeviceBuffer, Emu};
 use super::cpu_exec::dot;
 use super::exec::Precision;
 use super::launch::{
-    attention_smem, cast_launch, group_norm_scratch, place_buffers, plan_memory_for, specialize,
-    step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op, WeightData,
+    cast_launch, group_norm_scratch, place_buffers, plan_memory_for, specialize, step_ops,
+    ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op, WeightData,
 };
 use super::program::{DType, MemoryPlan, Outputs, Program, Step, Strided};
 use super::EngineError;
@@ -26,9 +26,6 @@ use super::EngineError;
 fn err(msg: String) -> EngineError {
     EngineError::Graph(msg)
 }
-
-/// Dynamic shared memory a block may use without opting in.
-const SMEM_DEFAULT: usize = 48 * 1024;
 
 /// A program loaded into emulated device memory.
 pub struct EmuProgram<'e> {
@@ -207,29 +204,7 @@ impl<'e> EmuProgram<'e> {
     }
 
     fn kernel(&mut self, l: &Launch) -> Result<(), EngineError> {
-        let (g, b) = (l.grid, l.block);
-        if g.0 == 0 || g.1 == 0 || g.2 == 0 || g.1 > 65535 || g.2 > 65535 || g.0 > i32::MAX as u32 {
-            return Err(err(format!("{}: grid {g:?} is not launchable", l.kernel)));
-        }
-        let threads = b.0 * b.1 * b.2;
-        if threads == 0 || threads > 1024 || b.2 > 64 {
-            return Err(err(format!("{}: block {b:?} is not launchable", l.kernel)));
-        }
-        let smem = l.smem as usize;
-        // the device opens the attention kernels up to their size where the GPU allows it
-        let opted = if l.opt_in {
-            smem
-        } else {
-            attention_smem(&l.kernel)
-                .filter(|&s| s <= self.smem_optin)
-                .unwrap_or(0)
-        };
-        if smem > SMEM_DEFAULT.max(opted) || smem > self.smem_optin {
-            return Err(err(format!(
-                "{}: {smem} bytes of dynamic shared memory (limit {} without opting in, {} with)",
-                l.kernel, SMEM_DEFAULT, self.smem_optin
-            )));
-        }
+        super::launch::check_launchable(l, self.smem_optin).map_err(err)?;
         let strided: Vec<Vec<u8>> = l
             .args
             .iter()
@@ -254,8 +229,11 @@ impl<'e> EmuProgram<'e> {
         // SAFETY: the addresses are this program's buffers, sized by the compiler and the plan
         // for the shapes the launch's other arguments give — what this check is for: a wrong
         // size shows as a wrong result or a crash of the test, not of a GPU.
-        unsafe { self.emu.launch(&l.kernel, g, b, smem, &args) }
-            .map_err(|e| err(format!("{}: {e}", l.kernel)))?;
+        unsafe {
+            self.emu
+                .launch(&l.kernel, l.grid, l.block, l.smem as usize, &args)
+        }
+        .map_err(|e| err(format!("{}: {e}", l.kernel)))?;
         self.count(&l.kernel);
         Ok(())
     }

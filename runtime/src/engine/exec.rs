@@ -99,21 +99,26 @@ pub struct GemmTactic {
     pub algo: [u64; 8],
     /// Mean time of one matmul with it when chosen (ms).
     pub ms: f32,
-    /// The heuristic's first candidate, which an untimed plan would run, and its time (ms).
+    /// The heuristic's first candidate, which an untimed plan would run, and its time (ms;
+    /// `None` when it did not run: JSON has no NaN).
     pub heuristic_first: [u64; 8],
-    pub heuristic_first_ms: f32,
+    #[serde(default)]
+    pub heuristic_first_ms: Option<f32>,
     /// How many candidates were timed.
     pub candidates: usize,
 }
 
 impl TacticCache {
     /// The same cache with every GEMM running the heuristic's first candidate instead of the
-    /// timed choice (for measuring what timing gains, side by side).
+    /// timed choice (for measuring what timing gains, side by side); a problem whose first
+    /// candidate did not run keeps its timed choice.
     pub fn heuristic_gemms(&self) -> Self {
         let mut c = self.clone();
         for t in c.gemm.values_mut() {
-            t.algo = t.heuristic_first;
-            t.ms = t.heuristic_first_ms;
+            if let Some(ms) = t.heuristic_first_ms {
+                t.algo = t.heuristic_first;
+                t.ms = ms;
+            }
         }
         c
     }
@@ -195,8 +200,45 @@ fn cached_enum<T: Copy>(
         .ok_or_else(|| EngineError::Graph(format!("{what} {v} is not one cuDNN has")))
 }
 
+/// What the engine needs of the GPU, its driver and NVRTC, checked before any kernel is
+/// compiled: compute capability 8.0 (the kernels' `mma.sync`/`ldmatrix`/`cp.async`), a CUDA 13
+/// driver (motionrt is built against its API), and a driver at least as new as NVRTC (whose
+/// PTX an older driver refuses to load). `drv` is `cuDriverGetVersion`'s number (13000: 13.0).
+fn check_versions(cc: (i32, i32), drv: i32, nvrtc: (i32, i32)) -> Result<(), String> {
+    if cc.0 < 8 {
+        return Err(format!(
+            "the native CUDA engine needs a GPU of compute capability 8.0 or newer; this one is \
+             {}.{} (use the ONNX Runtime backend)",
+            cc.0, cc.1
+        ));
+    }
+    let v = |n: i32| format!("{}.{}", n / 1000, (n % 1000) / 10);
+    if drv < 13000 {
+        return Err(format!(
+            "the native CUDA engine needs an NVIDIA driver for CUDA 13.0 or newer; this one \
+             supports CUDA {}",
+            v(drv)
+        ));
+    }
+    let need = nvrtc.0 * 1000 + nvrtc.1 * 10;
+    if need > drv {
+        return Err(format!(
+            "NVRTC {}.{} makes PTX the driver (CUDA {}) cannot load: update the driver, or \
+             install the NVRTC of the driver's CUDA version (python3 -m pip install \
+             'nvidia-cuda-nvrtc=={}.*', or set MOTIONRT_NVRTC)",
+            nvrtc.0,
+            nvrtc.1,
+            v(drv),
+            v(drv)
+        ));
+    }
+    Ok(())
+}
+
 /// Missing libraries, by name (the probe's view), before anything is called.
 pub fn missing_libraries() -> Vec<&'static str> {
+    // libraries only the probe's search finds (Python packages' folders) are loaded by path
+    motionrt_kernels::probe::preload_libraries();
     let mut m = Vec::new();
     // SAFETY: only dlopen attempts on each library's names.
     unsafe {
@@ -239,6 +281,11 @@ impl CudaDevice {
         let stream = ctx.new_stream().map_err(|e| gpu_err("stream", e))?;
         let copy = ctx.new_stream().map_err(|e| gpu_err("stream", e))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| gpu_err("cc", e))?;
+        let mut drv = 0;
+        // SAFETY: plain query.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut drv) };
+        let nvrtc = motionrt_kernels::cuda::nvrtc_version().unwrap_or((0, 0));
+        check_versions((major, minor), drv, nvrtc).map_err(EngineError::Graph)?;
         let arch = arch_name(major, minor);
         let smem_optin = ctx
             .attribute(
@@ -315,16 +362,12 @@ impl CudaDevice {
             (v, cudnn::cudnnGetVersion())
         };
         drop(_g);
-        let mut drv = 0;
-        // SAFETY: plain query.
-        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut drv) };
         let uuid = ctx.uuid().map_err(|e| gpu_err("uuid", e))?;
         let uuid: String = uuid
             .bytes
             .iter()
             .map(|b| format!("{:02x}", *b as u8))
             .collect();
-        let nvrtc = motionrt_kernels::cuda::nvrtc_version().unwrap_or((0, 0));
         let key = DeviceKey {
             gpu_name: ctx.name().map_err(|e| gpu_err("name", e))?,
             gpu_uuid: uuid,
@@ -499,13 +542,21 @@ impl LtPlan {
         let key = format!("{} {}", d.problem(), precision.suffix());
         if let Some(t) = tactics.gemm.get(&key) {
             let algo = lt::cublasLtMatmulAlgo_t { data: t.algo };
-            match p.accepts(dev, &algo) {
+            // cuBLASLt documents that a successful check does not guarantee the algorithm runs:
+            // run it once (its output is scratch, as in `time`)
+            let ran = p.accepts(dev, &algo).and_then(|()| {
+                p.matmul(dev, call, &algo)
+                    .and_then(|()| dev.stream.synchronize().map_err(|e| gpu_err("sync", e)))
+                    .map_err(|e| e.to_string())
+            });
+            match ran {
                 Ok(()) => {
                     p.algo = algo;
                     return Ok(p);
                 }
                 Err(e) => eprintln!(
-                    "note: timing cache: {key}: cuBLASLt refuses the cached algorithm ({e}); timing again"
+                    "note: timing cache: {key}: the cached cuBLASLt algorithm does not run ({e}); \
+                     timing again"
                 ),
             }
         }
@@ -533,7 +584,7 @@ impl LtPlan {
                 algo: candidates[i].data,
                 ms,
                 heuristic_first: candidates[0].data,
-                heuristic_first_ms: times[0].unwrap_or(f32::NAN),
+                heuristic_first_ms: times[0],
                 candidates: candidates.len(),
             },
         );
@@ -728,6 +779,17 @@ pub struct GpuProgram {
     graph: Option<CudaGraph>,
     /// Bytes of weights on the device.
     pub weight_bytes: usize,
+}
+
+impl Drop for GpuProgram {
+    fn drop(&mut self) {
+        // A copy to a slot's pinned buffers may still run on the copy stream (an error between
+        // a run and its collection): the buffers and staging must outlive it. (Everything else
+        // is freed in order on the compute stream.)
+        for s in &self.slots {
+            let _ = s.copied.synchronize();
+        }
+    }
 }
 
 impl GpuProgram {
@@ -1354,9 +1416,10 @@ impl GpuProgram {
         let r = self.enqueue(dev);
         let g = dev
             .stream
-            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
-            .map_err(|e| gpu_err("end capture", e))?;
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        // an error while capturing invalidates the capture: report the first one
         r?;
+        let g = g.map_err(|e| gpu_err("end capture", e))?;
         if let Some(g) = &g {
             g.upload().map_err(|e| gpu_err("graph upload", e))?;
         }
@@ -1387,18 +1450,22 @@ impl GpuProgram {
                     .alloc_zeros::<f32>(t.numel().max(1))
                     .map_err(|e| gpu_err("alloc", e))?,
             );
+            // Page-locked and cached (flags 0): the host reads these buffers, which cudarc's
+            // default write-combined pinned memory makes slow.
             // SAFETY: written by a device copy before it is read.
             pinned.push(
-                unsafe { dev.ctx.alloc_pinned::<f32>(t.numel().max(1)) }
+                unsafe { dev.ctx.alloc_pinned_with_flags::<f32>(t.numel().max(1), 0) }
                     .map_err(|e| gpu_err("pinned", e))?,
             );
         }
-        let ev = || dev.ctx.new_event(None).map_err(|e| gpu_err("event", e));
+        let ev = |f| dev.ctx.new_event(Some(f)).map_err(|e| gpu_err("event", e));
+        use cudarc::driver::sys::CUevent_flags::{CU_EVENT_BLOCKING_SYNC, CU_EVENT_DISABLE_TIMING};
         self.slots.push(OutSlot {
             staging,
             pinned,
-            computed: ev()?,
-            copied: ev()?,
+            computed: ev(CU_EVENT_DISABLE_TIMING)?,
+            // `collect` waits on it: sleep rather than spin, the encoder threads need the CPU
+            copied: ev(CU_EVENT_BLOCKING_SYNC)?,
             pending: false,
         });
         Ok(self.slots.len() - 1)
@@ -1517,6 +1584,7 @@ impl GpuProgram {
 
 /// Enqueue one [`Launch`] on the device's stream.
 fn launch_op(dev: &CudaDevice, l: &Launch) -> Result<(), EngineError> {
+    super::launch::check_launchable(l, dev.smem_optin).map_err(EngineError::Graph)?;
     let f = dev.func(&l.kernel)?;
     if l.opt_in {
         f.set_attribute(
@@ -1544,4 +1612,29 @@ fn launch_op(dev: &CudaDevice, l: &Launch) -> Result<(), EngineError> {
     // temporal_attention.cu (the same lists run in the CUDA emulator: tests/engine_emu.rs).
     unsafe { b.launch(cfg) }.map_err(|e| gpu_err("launch", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_the_engine_needs_are_checked_with_clear_errors() {
+        // an H100 on a CUDA 13.0 driver with NVRTC 13.0 (the GPU machine here)
+        assert_eq!(check_versions((9, 0), 13000, (13, 0)), Ok(()));
+        // a newer driver runs older NVRTC's PTX
+        assert_eq!(check_versions((8, 6), 13020, (13, 1)), Ok(()));
+        let e = check_versions((7, 5), 13000, (13, 0)).unwrap_err();
+        assert!(
+            e.contains("compute capability 8.0") && e.contains("7.5"),
+            "{e}"
+        );
+        let e = check_versions((9, 0), 12080, (12, 8)).unwrap_err();
+        assert!(e.contains("CUDA 13.0") && e.contains("12.8"), "{e}");
+        let e = check_versions((9, 0), 13000, (13, 2)).unwrap_err();
+        assert!(
+            e.contains("NVRTC 13.2") && e.contains("nvidia-cuda-nvrtc==13.0.*"),
+            "{e}"
+        );
+    }
 }

@@ -1353,6 +1353,40 @@ pub fn attention_smem(name: &str) -> Option<usize> {
     }
 }
 
+/// Dynamic shared memory a block may use without opting in.
+pub const SMEM_DEFAULT: usize = 48 * 1024;
+
+/// Whether `l` can launch on a GPU whose blocks may opt in to `smem_optin` bytes of dynamic
+/// shared memory: grid and block within CUDA's limits, shared memory within the default or
+/// opted in (the device opens the attention kernels to their size where the GPU allows it, at
+/// load). The executor checks every launch with it, and the emulator too.
+pub fn check_launchable(l: &Launch, smem_optin: usize) -> Result<(), String> {
+    let (g, b) = (l.grid, l.block);
+    if g.0 == 0 || g.1 == 0 || g.2 == 0 || g.1 > 65535 || g.2 > 65535 || g.0 > i32::MAX as u32 {
+        return Err(format!("{}: grid {g:?} is not launchable", l.kernel));
+    }
+    let threads = b.0 * b.1 * b.2;
+    if threads == 0 || threads > 1024 || b.2 > 64 {
+        return Err(format!("{}: block {b:?} is not launchable", l.kernel));
+    }
+    let smem = l.smem as usize;
+    let opted = if l.opt_in {
+        smem
+    } else {
+        attention_smem(&l.kernel)
+            .filter(|&s| s <= smem_optin)
+            .unwrap_or(0)
+    };
+    if smem > SMEM_DEFAULT.max(opted) || smem > smem_optin {
+        return Err(format!(
+            "{}: {smem} bytes of dynamic shared memory (limit {SMEM_DEFAULT} without opting in, \
+             {smem_optin} with, on this GPU)",
+            l.kernel
+        ));
+    }
+    Ok(())
+}
+
 /// An elementwise launch of `kernel` over `n` elements.
 pub fn elementwise_launch(kernel: String, n: usize, args: Vec<KArg>) -> Launch {
     let (grid, block) = elementwise(n);
