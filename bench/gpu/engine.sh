@@ -30,6 +30,13 @@ for a in "$@"; do
 done
 mkdir -p "$WORK" "$OUTDIR"
 PY=${MOTIONRT_PYTHON:-python3}
+# Python packages the GPU machine lacks (diffusers and its needs), carried as wheels in .whl/
+# (download them with the device README's `pip download` line: diffusers==0.42.1,
+# importlib_metadata, lazy-importer)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/motionrt-site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/motionrt-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 NV=$($PY -c "import nvidia; print(nvidia.__path__[0])")
 export LD_LIBRARY_PATH="$(ls -d "$NV"/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}"
 export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$($PY -c "import onnxruntime, os, glob; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi', 'libonnxruntime.so*')))[-1])")}
@@ -57,9 +64,9 @@ run="--prompt a_cat_walking --frames 4 --height 64 --width 64 --steps 6 --decode
 "$BIN/motionrt" run --model "$tiny" $run --out "$WORK/f_cpu" --json > "$OUTDIR/run_cpu.json" || rc=1
 "$BIN/motionrt" run --engine "$WORK/tiny.engine" $run --out "$WORK/f_gpu" --json > "$OUTDIR/run_gpu.json" || rc=1
 $PY bench/gpu/psnr.py "$WORK/f_cpu" "$WORK/f_gpu" --min 35 | tee "$OUTDIR/psnr_tiny.json" || rc=1
-echo "== 1c. streamed decode: 8 frames, 2 per VAE call (two output slots, copy stream overlapping the next chunk)"
+echo "== 1c. streamed decode: 7 frames, 3 per VAE call, the last call padded (two output slots, copy stream overlapping the next chunk)"
 rm -rf "$WORK/s_cpu" "$WORK/s_gpu"; mkdir -p "$WORK/s_cpu" "$WORK/s_gpu"
-run="--prompt a_cat_walking --frames 8 --height 64 --width 64 --steps 4 --decode-chunk 2 --seed 5"
+run="--prompt a_cat_walking --frames 7 --height 64 --width 64 --steps 4 --decode-chunk 3 --seed 5"
 "$BIN/motionrt" run --model "$tiny" $run --out "$WORK/s_cpu" --json > "$OUTDIR/run_cpu_stream.json" || rc=1
 "$BIN/motionrt" run --engine "$WORK/tiny.engine" $run --out "$WORK/s_gpu" --json > "$OUTDIR/run_gpu_stream.json" || rc=1
 $PY bench/gpu/psnr.py "$WORK/s_cpu" "$WORK/s_gpu" --min 35 | tee "$OUTDIR/psnr_tiny_stream.json" || rc=1

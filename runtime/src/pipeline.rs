@@ -855,31 +855,40 @@ impl Pipeline {
             }
             z
         };
+        // The native engine runs each input shape as its own program (its own arena, tuned
+        // algorithms and CUDA graph): a shorter last chunk is padded to the chunk's length with
+        // copies of its last frame (frames decode independently) and the copies dropped.
+        let pad = matches!(self.vae, GraphSession::Cuda(_)) && f > chunk;
         let starts: Vec<usize> = (0..f).step_by(chunk).collect();
         let mut pending = std::collections::VecDeque::new();
         for &start in &starts {
             let m = chunk.min(f - start);
-            let z = slice(start, m);
+            let mut z = slice(start, m);
+            let run = if pad { chunk } else { m };
+            let last = z[(m - 1) * c * hw..].to_vec();
+            for _ in m..run {
+                z.extend_from_slice(&last);
+            }
             let p = self
                 .vae
-                .submit(&[("latent", Input::F32(&[m, c, h, w], &z))])?;
-            pending.push_back((start, m, p));
+                .submit(&[("latent", Input::F32(&[run, c, h, w], &z))])?;
+            pending.push_back((start, m, run, p));
             // Keep one run in flight ahead of the one being collected.
             if pending.len() == 2 {
-                let (start, m, p) = pending.pop_front().expect("two pending");
-                self.take_decoded(start, m, f, p, events, sink)?;
+                let (start, m, run, p) = pending.pop_front().expect("two pending");
+                self.take_decoded((start, m, run), f, p, events, sink)?;
             }
         }
-        while let Some((start, m, p)) = pending.pop_front() {
-            self.take_decoded(start, m, f, p, events, sink)?;
+        while let Some((start, m, run, p)) = pending.pop_front() {
+            self.take_decoded((start, m, run), f, p, events, sink)?;
         }
         Ok(())
     }
 
+    /// Hand frames `start..start + m` of a decode of `run` frames (the rest padding) to `sink`.
     fn take_decoded(
         &mut self,
-        start: usize,
-        m: usize,
+        (start, m, run): (usize, usize, usize),
         f: usize,
         p: PendingRun,
         events: &mut dyn FnMut(Event),
@@ -899,22 +908,24 @@ impl Pipeline {
                 count: bad,
             });
         }
-        if img.shape.len() != 4 || img.shape[0] != m || img.shape[1] != 3 {
+        if img.shape.len() != 4 || img.shape[0] != run || img.shape[1] != 3 {
             return Err(model_err(
                 &self.info.dir,
                 format!(
-                    "vae_decoder.onnx returned `image` of shape {:?}; expected [{m}, 3, H, W]",
+                    "vae_decoder.onnx returned `image` of shape {:?}; expected [{run}, 3, H, W]",
                     img.shape
                 ),
             ));
         }
+        let mut data = img.data;
+        data.truncate(m * 3 * img.shape[2] * img.shape[3]);
         sink(FrameChunk {
             start,
             frames: m,
             height: img.shape[2],
             width: img.shape[3],
             layout: ChunkLayout::PlanarSigned,
-            data: img.data,
+            data,
         })?;
         events(Event::Decoded {
             done: start + m,
