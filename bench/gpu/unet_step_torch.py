@@ -3,7 +3,10 @@
 PyTorch's SDPA attention, then torch.compile. The PyTorch side of bench/gpu/engine.sh.
 
     unet_step_torch.py --model EXPORT_DIR --batch 2 --frames 16 --height 64 --width 64 \
-        [--warmup 3 --repeats 10] [--no-compile]
+        [--warmup 3 --repeats 10] [--no-compile] [--device cuda]
+
+`--device cpu` (float32, wall-clock timing, no memory figure or profile) is a dry run of this
+script on a machine without a GPU, at a tiny shape; its times mean nothing.
 
 The UNet and motion module are the ones model.json names (as bench/diffusers_unet_step.py).
 Times with CUDA events, medians after warm-up. Prints one JSON line.
@@ -17,12 +20,18 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def timed(fn, warmup, repeats, torch):
+def timed(fn, warmup, repeats, torch, cuda=True):
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
+        if not cuda:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            continue
         e0 = torch.cuda.Event(enable_timing=True)
         e1 = torch.cuda.Event(enable_timing=True)
         e0.record()
@@ -81,6 +90,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--device", default="cuda", help="cuda (float16), or cpu for a float32 dry run")
     p.add_argument("--profile", action="store_true",
                    help="also break one eager call's CUDA time down by kernel family (torch.profiler)")
     a = p.parse_args()
@@ -96,34 +106,40 @@ def main():
     sub = "unet" if os.path.isfile(os.path.join(unet_dir, "unet", "config.json")) else None
     unet = UNet2DConditionModel.from_pretrained(unet_dir, subfolder=sub, torch_dtype=torch.float32)
     adapter = load_motion_adapter(mm_path, manifest)
-    model = UNetMotionModel.from_unet2d(unet, adapter).eval().to("cuda", torch.float16)
+    cuda = a.device == "cuda"
+    dev, dtype = a.device, (torch.float16 if cuda else torch.float32)
+    model = UNetMotionModel.from_unet2d(unet, adapter).eval().to(dev, dtype)
     del unet, adapter
     load_s = time.perf_counter() - t0
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=dev).manual_seed(0)
     b, f = a.batch, a.frames
-    sample = torch.randn(b, 4, f, a.height, a.width, device="cuda", dtype=torch.float16, generator=g)
-    t = torch.tensor([981.0] * b, device="cuda")
+    sample = torch.randn(b, 4, f, a.height, a.width, device=dev, dtype=dtype, generator=g)
+    t = torch.tensor([981.0] * b, device=dev)
     d = model.config.cross_attention_dim
-    ctx = torch.randn(b * f, 77, d, device="cuda", dtype=torch.float16, generator=g)
-    torch.cuda.reset_peak_memory_stats()
-    out = {"impl": "diffusers-torch-fp16", "device": torch.cuda.get_device_name(),
+    ctx = torch.randn(b * f, 77, d, device=dev, dtype=dtype, generator=g)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out = {"impl": "diffusers-torch-" + ("fp16" if cuda else "fp32-cpu-dry-run"),
+           "device": torch.cuda.get_device_name() if cuda else "cpu",
            "torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
            "shape": [b, 4, f, a.height, a.width], "load_s": load_s}
     with torch.inference_mode():
         step = lambda: model(sample, t, encoder_hidden_states=ctx).sample
-        out["eager_median_ms"], out["eager_ms"] = timed(step, a.warmup, a.repeats, torch)
-        out["eager_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["eager_median_ms"], out["eager_ms"] = timed(step, a.warmup, a.repeats, torch, cuda)
+        if cuda:
+            out["eager_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         print(json.dumps(out), flush=True)
-        if a.profile:
+        if a.profile and cuda:
             print(json.dumps({"eager_kernels_ms": kernel_families(step, torch)}), flush=True)
         if not a.no_compile:
             cm = torch.compile(model)
             step = lambda: cm(sample, t, encoder_hidden_states=ctx).sample
             t1 = time.perf_counter()
             step()
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             out["compile_s"] = time.perf_counter() - t1
-            out["compiled_median_ms"], out["compiled_ms"] = timed(step, a.warmup, a.repeats, torch)
+            out["compiled_median_ms"], out["compiled_ms"] = timed(step, a.warmup, a.repeats, torch, cuda)
             print(json.dumps(out), flush=True)
 
 
