@@ -15,6 +15,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <exception>
 #include <new>
@@ -391,6 +392,13 @@ Lane& arrive(int op, unsigned mask, const char* file, int line) {
     } else if (w.op != op) {
         fail(fmt("reached %s (%s) while other lanes of warp %u wait in %s (%s)", op_name(op),
                  site(file, line).c_str(), f.linear / 32, op_name(w.op),
+                 site(w.file, w.line).c_str()));
+    } else if (op >= MMA_M16N8K16 && (w.line != line || std::strcmp(w.file, file) != 0)) {
+        // mma.sync and ldmatrix are .aligned: every lane must execute the same instruction
+        // (the shuffles, __syncwarp and ballot may meet from different places)
+        fail(fmt("reached %s (%s) while other lanes of warp %u wait in it at %s: the PTX ISA "
+                 "requires all lanes to execute the same .aligned instruction",
+                 op_name(op), site(file, line).c_str(), f.linear / 32,
                  site(w.file, w.line).c_str()));
     }
     return w.lane[f.linear % 32];

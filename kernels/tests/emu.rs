@@ -80,6 +80,18 @@ extern "C" __global__ void emu_shuffles(int* out) {
     o[7] = (int)mrt_warp_sum((float)l) + (int)mrt_warp_max((float)(l ^ 9));
 }
 
+// the same ldmatrix from two places in divergent branches: .aligned forbids it
+extern "C" __global__ void emu_ldmatrix_two_sites(unsigned* out) {
+    __shared__ __align__(16) unsigned short m[32 * 8];
+    const int l = threadIdx.x;
+    for (int i = l; i < 32 * 8; i += 32) m[i] = (unsigned short)i;
+    __syncwarp();
+    unsigned r[4];
+    if (l < 16) mrt_ldmatrix_x4(r, m + l * 8);
+    else mrt_ldmatrix_x4(r, m + l * 8);
+    out[l] = r[0];
+}
+
 // (c) ldmatrix: every form, rows gathered from a permuted table; ignored lanes give misaligned
 // addresses (which would be an error if they were read)
 extern "C" __global__ void emu_ldmatrix(unsigned* out) {
@@ -198,6 +210,7 @@ const SELF_TEST_ENTRIES: &[&str] = &[
     "emu_smem_overrun",
     "emu_shuffles",
     "emu_ldmatrix",
+    "emu_ldmatrix_two_sites",
     "emu_mma_ldmatrix",
     "emu_mma_direct",
     "emu_cp_async",
@@ -598,6 +611,22 @@ fn barriers_count_live_threads_and_deadlocks_are_reported() {
         "deadlock: no thread can proceed: 16 thread(s) from (0,0,0) wait at __syncthreads",
         "16 lane(s) of warp 0 from thread (16,0,0) wait in __shfl_xor_sync (emu_self_test.cu:",
         "16 of 32 arrived",
+    ] {
+        assert!(e.contains(part), "{part:?} not in: {e}");
+    }
+
+    let e = launch_err(
+        emu,
+        "emu_ldmatrix_two_sites",
+        (1, 1, 1),
+        (32, 1, 1),
+        0,
+        &[Arg::Buf(&out)],
+    );
+    for part in [
+        "reached ldmatrix.x4 (emu_self_test.cu:",
+        "wait in it at emu_self_test.cu:",
+        "same .aligned instruction",
     ] {
         assert!(e.contains(part), "{part:?} not in: {e}");
     }
