@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! engine_gpu check --model EXPORT [--graphs unet,text_encoder,vae_decoder,vae_encoder]
-//!                  [--batch 2 --frames 3 --height 8 --width 8]
+//!                  [--batch 2 --frames 3 --height 8 --width 8] [--layout nhwc,nchw]
+//!                  [--precisions fp32,fp16]
 //! engine_gpu bench --model EXPORT [--batch 2 --frames 16 --height 64 --width 64]
 //!                  [--warmup 3 --repeats 10] [--json OUT]
 //! ```
@@ -12,7 +13,8 @@
 //! it on ONNX Runtime (CPU, float32: the reference) and on the engine in float32 and float16,
 //! eagerly and replayed from a captured CUDA graph, with the activations poisoned (NaN) before
 //! each run, and compares. Tolerances: float32 max |Δ| ≤ 1e-4 · max |ref|; float16 max |Δ| ≤
-//! 3e-2 · max |ref| and cosine ≥ 0.999. Exits non-zero on a miss.
+//! 3e-2 · max |ref| and cosine ≥ 0.999. Exits non-zero on a miss. Without `--graphs` it checks
+//! every graph the folder has; a graph named in `--graphs` must be there.
 //!
 //! `bench` times one UNet call (a CFG step: batch 2) in float16 with CUDA-graph replay and
 //! eagerly, medians of CUDA-event times after warm-up, and reports build and load time, the
@@ -45,8 +47,14 @@ struct Args {
     warmup: usize,
     repeats: usize,
     json: Option<PathBuf>,
-    /// Layouts to compile with (`check` runs each; `bench` the first).
+    /// Layouts to compile with (`check` and `bench` run each).
     layouts: Vec<Layout>,
+    /// Precisions `check` runs.
+    precisions: Vec<Precision>,
+    /// Whether `--graphs` was given (then each must exist).
+    graphs_named: bool,
+    /// `bench`: also the side-by-side A/B loads (specialisation, GEMM timing).
+    ab: bool,
 }
 
 fn parse() -> Res<Args> {
@@ -71,6 +79,9 @@ fn parse() -> Res<Args> {
         repeats: 10,
         json: None,
         layouts: vec![Layout::Nhwc, Layout::Nchw],
+        precisions: vec![Precision::Fp32, Precision::Fp16],
+        graphs_named: false,
+        ab: true,
     };
     if a.mode == "bench" {
         a.frames = 16;
@@ -78,10 +89,27 @@ fn parse() -> Res<Args> {
         a.width = 64;
     }
     while let Some(k) = it.next() {
+        if k == "--no-ab" {
+            a.ab = false;
+            continue;
+        }
         let v = it.next().ok_or(format!("{k} needs a value"))?;
         match k.as_str() {
             "--model" => a.model = v.into(),
-            "--graphs" => a.graphs = v.split(',').map(String::from).collect(),
+            "--graphs" => {
+                a.graphs = v.split(',').map(String::from).collect();
+                a.graphs_named = true;
+            }
+            "--precisions" => {
+                a.precisions = v
+                    .split(',')
+                    .map(|p| match p {
+                        "fp32" => Ok(Precision::Fp32),
+                        "fp16" => Ok(Precision::Fp16),
+                        _ => Err(format!("--precisions {p}: fp32 or fp16")),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
             "--batch" => a.batch = v.parse()?,
             "--frames" => a.frames = v.parse()?,
             "--height" => a.height = v.parse()?,
@@ -97,6 +125,9 @@ fn parse() -> Res<Args> {
             }
             _ => return Err(format!("unknown argument {k}").into()),
         }
+    }
+    if a.repeats == 0 {
+        return Err("--repeats must be at least 1".into());
     }
     Ok(a)
 }
@@ -177,6 +208,10 @@ fn check(a: &Args) -> Res<bool> {
     for g in &a.graphs {
         let src_path = a.model.join(format!("{g}.onnx"));
         if !src_path.exists() {
+            if a.graphs_named {
+                println!("| {g} | | | {} is missing | | | FAIL |", src_path.display());
+                ok = false;
+            }
             continue;
         }
         let fused = tmp.path().join(format!("{g}.onnx"));
@@ -224,7 +259,7 @@ fn check(a: &Args) -> Res<bool> {
             .collect();
         for &layout in &a.layouts {
             let prog = program::compile(&model, &inputs, &init, layout)?;
-            for precision in [Precision::Fp32, Precision::Fp16] {
+            for &precision in &a.precisions {
                 let weight = weights_from(&init, &model);
                 let mut gp =
                     match GpuProgram::load(&dev, prog.clone(), precision, &weight, &mut tactics) {
@@ -241,6 +276,14 @@ fn check(a: &Args) -> Res<bool> {
                     }
                     gp.poison(&dev)?;
                     let got = gp.run(&dev, &f_in, &i_in)?;
+                    if got.len() != want.len() {
+                        println!(
+                            "| {g} | {precision:?} {layout:?} | {mode} | {} outputs, ONNX Runtime gave {} | | | FAIL |",
+                            got.len(),
+                            want.len()
+                        );
+                        ok = false;
+                    }
                     for ((name, _, o), r) in got.iter().zip(&want) {
                         let st = error_stats(o, r);
                         let pass = match precision {
@@ -294,13 +337,15 @@ fn check(a: &Args) -> Res<bool> {
     Ok(ok)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
+/// The median of `v` (not empty: `--repeats` is at least 1), which keeps its order.
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
     if n % 2 == 1 {
-        v[n / 2]
+        s[n / 2]
     } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
     }
 }
 
@@ -319,21 +364,25 @@ fn bench(a: &Args) -> Res<()> {
     let model = motionrt_onnx::load_model(&fused)?;
     let init = FileInitializers::new(&fused);
     let mut results = Vec::new();
+    println!(
+        "{}",
+        serde_json::json!({"open_s": open_s, "fuse_s": fuse_s, "device": dev.key.gpu_name})
+    );
     // each layout in turn, in this one process: the ratio between them is side by side
     for &layout in &a.layouts {
         let mut r = bench_layout(a, &dev, layout, &model, &init, &inputs, &data)?;
         r["open_s"] = open_s.into();
         r["fuse_s"] = fuse_s.into();
-        println!("{}", serde_json::to_string(&r)?);
         results.push(r);
-    }
-    if let Some(p) = &a.json {
-        let v = if results.len() == 1 {
-            results.remove(0)
-        } else {
-            serde_json::Value::Array(results)
-        };
-        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+        // after each layout, so that a run stopped later keeps what it measured
+        if let Some(p) = &a.json {
+            let v = if results.len() == 1 {
+                results[0].clone()
+            } else {
+                serde_json::Value::Array(results.clone())
+            };
+            std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+        }
     }
     Ok(())
 }
@@ -388,13 +437,17 @@ fn bench_layout(
         Ok(v)
     };
     time_it(&mut gp, a.warmup)?;
-    let mut eager = time_it(&mut gp, a.repeats)?;
+    let eager = time_it(&mut gp, a.repeats)?;
     let t = Instant::now();
     gp.capture(dev)?;
     let capture_s = t.elapsed().as_secs_f64();
     time_it(&mut gp, a.warmup)?;
-    let mut graph = time_it(&mut gp, a.repeats)?;
+    let graph = time_it(&mut gp, a.repeats)?;
     let out = gp.outputs(dev)?;
+    let nonfinite = out[0].2.iter().filter(|x| !x.is_finite()).count();
+    // device memory in use now: context, libraries, weights, arena, workspaces (the engine
+    // allocates everything at load, so this is its peak too)
+    let (free, total_mem) = dev.ctx.mem_get_info()?;
     // where the time goes: every step timed eagerly, summed by label
     let prof = gp.profile(dev)?;
     let total: f64 = prof.iter().map(|p| p.1).sum();
@@ -405,7 +458,7 @@ fn bench_layout(
         e.1 += 1;
     }
     let mut sums: Vec<_> = sums.into_iter().collect();
-    sums.sort_by(|a, b| b.1 .0.partial_cmp(&a.1 .0).unwrap());
+    sums.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
     eprintln!(
         "profile (eager, per step): {total:.1} ms in {} steps",
         prof.len()
@@ -413,101 +466,102 @@ fn bench_layout(
     for (l, (ms, n)) in &sums {
         eprintln!("  {ms:8.2} ms  {:5.1}%  {n:4}x  {l}", 100.0 * ms / total);
     }
-    let nonfinite = out[0].2.iter().filter(|x| !x.is_finite()).count();
-    let (free, total_mem) = dev.ctx.mem_get_info()?;
-    // what the float16 specialisation gives (motion modules on frame-major rows, merged attention
-    // projections): the program as compiled, graph replay timed right after (tactics cached),
-    // then the specialised one again; and what timing the GEMM algorithms gives: the specialised
-    // program running cuBLASLt's first candidate for every GEMM instead of the timed choice
-    let mut special_ab = serde_json::Value::Null;
-    let mut gemm_ab = serde_json::Value::Null;
-    if layout == Layout::Nhwc {
-        let steps = gp.program.steps.len();
-        let runs = |specialise: bool, tactics: &mut TacticCache| -> Res<f64> {
-            let mut g = GpuProgram::load_with(
-                dev,
-                prog_for_ab.clone(),
-                Precision::Fp16,
-                &weight,
-                tactics,
-                specialise,
-            )?;
-            g.set_inputs(dev, &f_in, &[])?;
-            g.capture(dev)?;
-            time_it(&mut g, a.warmup)?;
-            Ok(median(&mut time_it(&mut g, a.repeats)?))
-        };
-        drop(gp);
-        let compiled = runs(false, &mut tactics)?;
-        let special = runs(true, &mut tactics)?;
-        eprintln!(
-            "float16 specialisation (frame-major motion modules, merged projections): {special:.2} ms, as compiled: {compiled:.2} ms ({:.3}x)",
-            compiled / special
-        );
-        special_ab = serde_json::json!({
-            "specialised_graph_median_ms": special,
-            "as_compiled_graph_median_ms": compiled,
-            "specialised_steps": steps,
-            "as_compiled_steps": prog_for_ab.steps.len(),
-        });
-        let mut first = tactics.heuristic_gemms();
-        let heuristic = runs(true, &mut first)?;
-        let timed = runs(true, &mut tactics)?;
-        let differ = tactics
-            .gemm
-            .values()
-            .filter(|t| t.algo != t.heuristic_first)
-            .count();
-        eprintln!(
-            "GEMM algorithms timed: {timed:.2} ms, cuBLASLt's first candidates: {heuristic:.2} ms ({:.3}x; {differ} of {} problems chose another)",
-            heuristic / timed,
-            tactics.gemm.len()
-        );
-        gemm_ab = serde_json::json!({
-            "timed_graph_median_ms": timed,
-            "heuristic_first_graph_median_ms": heuristic,
-            "gemm_problems": tactics.gemm.len(),
-            "problems_choosing_another": differ,
-        });
-        gp = GpuProgram::load(
-            dev,
-            prog_for_ab.clone(),
-            Precision::Fp16,
-            &weight,
-            &mut tactics,
-        )?;
-    }
     let steps = gp.program.steps.len();
     let mut by_kind: HashMap<&str, usize> = HashMap::new();
     for s in &gp.program.steps {
         *by_kind.entry(s.name()).or_default() += 1;
     }
-    Ok(serde_json::json!({
+    let mut r = serde_json::json!({
         "impl": "motionrt-engine-fp16",
         "layout": format!("{layout:?}").to_lowercase(),
         "device": dev.key.gpu_name,
         "shape": [a.batch, 4, a.frames, a.height, a.width],
-        "graph_median_ms": median(&mut graph),
+        "graph_median_ms": median(&graph),
         "graph_ms": graph,
-        "eager_median_ms": median(&mut eager),
+        "eager_median_ms": median(&eager),
+        "eager_ms": eager,
         "steps": steps,
         "steps_by_kind": by_kind,
+        "profile_total_ms": total,
         "profile_ms_by_label": sums.iter().take(40).map(|(l, (ms, n))| serde_json::json!([l, ms, n])).collect::<Vec<_>>(),
         "arena_mib": gp.memory.arena_bytes as f64 / 1048576.0,
         "arena_unshared_mib": gp.memory.unshared_bytes as f64 / 1048576.0,
         "weights_mib": gp.weight_bytes as f64 / 1048576.0,
         "device_used_mib": (total_mem - free) as f64 / 1048576.0,
         "compile_s": compile_s,
-        "build_load_s (with tactic timing)": build_load_s,
+        "build_load_s": build_load_s,
         "load_cached_s": load_cached_s,
         "capture_s": capture_s,
         "tactics_deterministic": deterministic,
         "conv_tactics": tactics.conv.len(),
         "gemm_tactics": tactics.gemm.len(),
         "output_nonfinite": nonfinite,
-        "specialisation_ab": special_ab,
-        "gemm_timing_ab": gemm_ab,
-    }))
+    });
+    // the headline first, in case the side-by-side loads below run out of time
+    println!("{}", serde_json::to_string(&r)?);
+    if layout != Layout::Nhwc || !a.ab {
+        return Ok(r);
+    }
+    // what the float16 specialisation gives (motion modules on frame-major rows, merged attention
+    // projections): the program as compiled, graph replay timed right after (tactics cached),
+    // then the specialised one again; and what timing the GEMM algorithms gives: the specialised
+    // program running cuBLASLt's first candidate for every GEMM instead of the timed choice
+    drop(gp);
+    let runs = |specialise: bool, tactics: &mut TacticCache| -> Res<f64> {
+        let mut g = GpuProgram::load_with(
+            dev,
+            prog_for_ab.clone(),
+            Precision::Fp16,
+            &weight,
+            tactics,
+            specialise,
+        )?;
+        g.set_inputs(dev, &f_in, &[])?;
+        g.capture(dev)?;
+        time_it(&mut g, a.warmup)?;
+        Ok(median(&time_it(&mut g, a.repeats)?))
+    };
+    let compiled = runs(false, &mut tactics)?;
+    let special = runs(true, &mut tactics)?;
+    eprintln!(
+        "float16 specialisation (frame-major motion modules, merged projections): {special:.2} ms, as compiled: {compiled:.2} ms ({:.3}x)",
+        compiled / special
+    );
+    r["specialisation_ab"] = serde_json::json!({
+        "specialised_graph_median_ms": special,
+        "as_compiled_graph_median_ms": compiled,
+        "specialised_steps": steps,
+        "as_compiled_steps": prog_for_ab.steps.len(),
+    });
+    println!(
+        "{}",
+        serde_json::to_string(&serde_json::json!({"specialisation_ab": r["specialisation_ab"]}))?
+    );
+    let specialised_gemms = tactics.gemm.clone();
+    let mut first = tactics.heuristic_gemms();
+    let heuristic = runs(true, &mut first)?;
+    let timed = runs(true, &mut tactics)?;
+    // the specialised program's GEMM problems (the as-compiled load added its own)
+    let differ = specialised_gemms
+        .values()
+        .filter(|t| t.algo != t.heuristic_first)
+        .count();
+    eprintln!(
+        "GEMM algorithms timed: {timed:.2} ms, cuBLASLt's first candidates: {heuristic:.2} ms ({:.3}x; {differ} of {} problems chose another)",
+        heuristic / timed,
+        specialised_gemms.len()
+    );
+    r["gemm_timing_ab"] = serde_json::json!({
+        "timed_graph_median_ms": timed,
+        "heuristic_first_graph_median_ms": heuristic,
+        "gemm_problems": specialised_gemms.len(),
+        "problems_choosing_another": differ,
+    });
+    println!(
+        "{}",
+        serde_json::to_string(&serde_json::json!({"gemm_timing_ab": r["gemm_timing_ab"]}))?
+    );
+    Ok(r)
 }
 
 fn main() {

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """PSNR (dB, 8-bit) between the PNG frames of two folders written by `motionrt run --out DIR`.
-Prints one JSON line with the per-frame and minimum PSNR; exits 1 if the minimum is under --min."""
+Prints one JSON line with the per-frame and minimum PSNR (null for identical frames: JSON has no
+infinity); exits 1 if the minimum is under --min."""
 import argparse, glob, json, math, os, sys
 
 import numpy as np
@@ -22,5 +23,7 @@ for x, y in zip(fa, fb):
     mse = ((u - v) ** 2).mean()
     ps.append(float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse))
 m = min(ps)
-print(json.dumps({"frames": len(ps), "psnr_db": ps, "min_psnr_db": m, "threshold_db": a.min, "pass": m >= a.min}))
+js = lambda x: None if math.isinf(x) else x
+print(json.dumps({"frames": len(ps), "psnr_db": [js(x) for x in ps], "min_psnr_db": js(m),
+                  "threshold_db": a.min, "pass": m >= a.min}))
 sys.exit(0 if m >= a.min else 1)

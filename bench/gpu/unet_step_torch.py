@@ -45,10 +45,12 @@ def timed(fn, warmup, repeats, torch, cuda=True):
 
 
 # kernel name fragments -> family, first match wins (the same families as the engine's profile)
+# (cuDNN's convolutions are implicit GEMMs: "fprop"/"implicit" first; Hopper's cuBLAS kernels are
+# sm90_xmma_gemm_* and nvjet_*)
 FAMILIES = [
     ("attention", ("flash", "fmha", "attention", "sdpa", "mha")),
-    ("conv", ("conv", "implicit", "winograd", "xmma_fprop", "sm90_xmma", "dgrad", "cudnn")),
-    ("gemm", ("gemm", "cutlass", "sm90_", "ampere_", "cublas")),
+    ("conv", ("conv", "implicit", "winograd", "fprop", "dgrad", "cudnn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_", "ampere_", "cublas")),
     ("group_norm", ("group_norm", "groupnorm")),
     ("layer_norm", ("layer_norm", "layernorm")),
     ("softmax", ("softmax",)),
@@ -127,7 +129,12 @@ def main():
         step = lambda: model(sample, t, encoder_hidden_states=ctx).sample
         out["eager_median_ms"], out["eager_ms"] = timed(step, a.warmup, a.repeats, torch, cuda)
         if cuda:
+            # allocated: tensors alone; reserved: the caching allocator's pool; device used:
+            # total - free (context and libraries too: comparable with the engine's figure)
             out["eager_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            out["eager_peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+            free, total = torch.cuda.mem_get_info()
+            out["eager_device_used_mib"] = (total - free) / 2**20
         print(json.dumps(out), flush=True)
         if a.profile and cuda:
             print(json.dumps({"eager_kernels_ms": kernel_families(step, torch)}), flush=True)
@@ -139,7 +146,13 @@ def main():
             if cuda:
                 torch.cuda.synchronize()
             out["compile_s"] = time.perf_counter() - t1
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             out["compiled_median_ms"], out["compiled_ms"] = timed(step, a.warmup, a.repeats, torch, cuda)
+            if cuda:
+                out["compiled_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+                free, total = torch.cuda.mem_get_info()
+                out["compiled_device_used_mib"] = (total - free) / 2**20
             print(json.dumps(out), flush=True)
 
 
