@@ -8,13 +8,15 @@
 # then:  BIN=target/release bench/gpu/engine.sh [--stages S1,S2,..] [--layouts nhwc,nchw] [--no-ab]
 #
 # Stages, run in the order given (default: tiny,bench,torch,full-check,build), each under its own
-# time limit (STAGE_TIMEOUT seconds, default 300; a stage that runs out is reported and the next
-# one starts). Times in brackets are estimates for an H100 machine with 16 cores.
+# time limit (STAGE_TIMEOUT seconds if set, else 300, full-check 480; a stage that runs out is
+# reported and the next one starts). Times in brackets are estimates for an H100 machine with 16
+# cores.
 #   tiny        [1-1.5 min] the tests' tiny AnimateDiff pipeline, exported here: every graph,
 #               float32 and float16, both layouts, eager and CUDA-graph replay, vs ONNX Runtime
 #               CPU float32 (engine_gpu check); `motionrt build` twice with a timing cache
 #               (identical engines); `motionrt run --engine` vs `run` on ONNX Runtime: frames'
-#               PSNR >= 35 dB, also with a streamed decode whose last chunk is padded
+#               PSNR >= 35 dB, also with a streamed decode whose last chunk is padded, and
+#               once without LD_LIBRARY_PATH (cuBLAS/cuDNN then loaded from the Python wheels)
 #   bench       [1.5-3 min] the full SD1.5 + AnimateDiff v2 UNet (random weights: synth_sd15
 #               --components, exported here once, ~1 min) at 16 frames 512x512, batch 2 (CFG):
 #               engine float16 per-step latency (CUDA graph and eager, per-step profile),
@@ -23,7 +25,7 @@
 #   torch       [~1 min] diffusers' UNetMotionModel fp16 (SDPA), eager, same shape, same GPU,
 #               with its kernel-family profile (bench/gpu/unet_step_torch.py; needs diffusers:
 #               carried wheels in .whl/ are installed first)
-#   full-check  [2-3 min] the full UNet vs ONNX Runtime CPU float32: at 2 frames 16x16 (both
+#   full-check  [3-5 min] the full UNet vs ONNX Runtime CPU float32: at 2 frames 16x16 (both
 #               layouts, float32 and float16) and at the benchmark's shape (channels-last
 #               float16); the CLIP text encoder; the VAE decoder at 512x512
 #   build       [2-3 min] `motionrt build` of the full engine (build time; FULL_REBUILD=1 builds
@@ -55,7 +57,11 @@ while [ $# -gt 0 ]; do
   shift
 done
 mkdir -p "$WORK" "$RES"
-if [ -n "$OUTX" ]; then exec > >(tee -a "$OUTX/engine.log") 2>&1; fi
+export T0=$(date +%s)
+stamp() { echo "== [$(date +%T) +$(( $(date +%s) - T0 ))s] $*"; }
+export -f stamp
+
+main() {
 export PY=${MOTIONRT_PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # Python packages the GPU machine lacks (diffusers and its needs), carried as wheels in .whl/
@@ -82,9 +88,6 @@ esac
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader || true
 df -h "$WORK" | tail -1
 "$BIN/motionrt" probe 2>&1 | tail -12
-
-stamp() { echo "== [$(date +%T) +${SECONDS}s] $*"; }
-export -f stamp
 
 # the full SD1.5 + v2 set (random weights), exported once per machine
 full_export() {
@@ -126,6 +129,10 @@ stage_tiny() {
   "$BIN/motionrt" run --model "$tiny" $run --out "$WORK/s_cpu" --json > "$RES/run_cpu_stream.json" || rc=1
   "$BIN/motionrt" run --engine "$WORK/tiny.engine" $run --out "$WORK/s_gpu" --json > "$RES/run_gpu_stream.json" || rc=1
   $PY bench/gpu/psnr.py "$WORK/s_cpu" "$WORK/s_gpu" --min 35 | tee "$RES/psnr_tiny_stream.json" || rc=1
+  stamp "tiny: run --engine without LD_LIBRARY_PATH: cuBLAS, cuBLASLt, cuDNN loaded from where the probe finds them"
+  rm -rf "$WORK/p_gpu"; mkdir -p "$WORK/p_gpu"
+  env -u LD_LIBRARY_PATH "$BIN/motionrt" run --engine "$WORK/tiny.engine" $run --out "$WORK/p_gpu" --json > "$RES/run_gpu_preload.json" || rc=1
+  $PY bench/gpu/psnr.py "$WORK/s_cpu" "$WORK/p_gpu" --min 35 | tee "$RES/psnr_tiny_preload.json" || rc=1
   return $rc
 }
 
@@ -190,10 +197,12 @@ rc=0
 for s in ${stages//,/ }; do
   f=stage_${s//-/_}
   if ! declare -F "$f" >/dev/null; then echo "unknown stage $s"; rc=2; continue; fi
-  stamp "stage $s (limit ${STAGE_TIMEOUT:-300} s)"
-  timeout -k 10 "${STAGE_TIMEOUT:-300}" bash -o pipefail -c "$f"
+  limit=${STAGE_TIMEOUT:-300}
+  [ -z "${STAGE_TIMEOUT:-}" ] && [ "$s" = full-check ] && limit=480
+  stamp "stage $s (limit $limit s)"
+  timeout -k 10 "$limit" bash -o pipefail -c "$f"
   r=$?
-  if [ $r = 124 ]; then echo "stage $s: TIMED OUT after ${STAGE_TIMEOUT:-300} s"; fi
+  if [ $r = 124 ]; then echo "stage $s: TIMED OUT after $limit s"; fi
   [ $r = 0 ] || { echo "stage $s: exit $r"; rc=1; }
   if [ -n "$OUTX" ]; then
     tar czf "$OUTX/results.tgz" -C "$RES" . 2>/dev/null
@@ -201,4 +210,12 @@ for s in ${stages//,/ }; do
   fi
 done
 stamp "done (exit $rc)"
-exit $rc
+return $rc
+}
+
+# everything printed also goes to $OUT/engine.log (the pipeline ends, and tee with it, before exit)
+if [ -n "$OUTX" ]; then
+  main 2>&1 | tee -a "$OUTX/engine.log"
+  exit "${PIPESTATUS[0]}"
+fi
+main

@@ -373,6 +373,9 @@ void run_block(Block& b) {
 
 // ---- warp collectives ---------------------------------------------------------------------------
 
+// mma.sync and ldmatrix carry .aligned in the PTX ISA: all lanes execute the same instruction.
+bool is_aligned(int op) { return op == MMA_M16N8K16 || op == MMA_M16N8K8 || op >= LDMATRIX; }
+
 // Deposit point of the running lane in its warp's collective `op`.
 Lane& arrive(int op, unsigned mask, const char* file, int line) {
     Block& b = block();
@@ -393,7 +396,7 @@ Lane& arrive(int op, unsigned mask, const char* file, int line) {
         fail(fmt("reached %s (%s) while other lanes of warp %u wait in %s (%s)", op_name(op),
                  site(file, line).c_str(), f.linear / 32, op_name(w.op),
                  site(w.file, w.line).c_str()));
-    } else if (op >= MMA_M16N8K16 && (w.line != line || std::strcmp(w.file, file) != 0)) {
+    } else if (is_aligned(op) && (w.line != line || std::strcmp(w.file, file) != 0)) {
         // mma.sync and ldmatrix are .aligned: every lane must execute the same instruction
         // (the shuffles, __syncwarp and ballot may meet from different places)
         fail(fmt("reached %s (%s) while other lanes of warp %u wait in it at %s: the PTX ISA "

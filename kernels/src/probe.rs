@@ -200,11 +200,15 @@ pub fn preload_libraries() {
                 .iter()
                 .flat_map(|d| s.subdirs.iter().map(move |sub| d.join(sub)))
                 .chain(torch.iter().cloned());
-            for dir in dirs {
-                if let Some(p) = find_in(&dir, s.sonames) {
-                    libs.extend(load_with_parts(&p));
-                    break;
-                }
+            // only the major version cudarc's bindings are for (the first soname): another
+            // is left missing, and reported so
+            let fits = |p: &PathBuf| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(s.sonames[0]))
+            };
+            if let Some(p) = dirs.filter_map(|d| find_in(&d, s.sonames)).find(fits) {
+                libs.extend(load_with_parts(&p));
             }
         }
         libs

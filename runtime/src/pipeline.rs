@@ -900,14 +900,6 @@ impl Pipeline {
             .next()
             .map(|o| o.1)
             .ok_or_else(|| model_err(&self.info.dir, "vae_decoder.onnx returned no output"))?;
-        let bad = count_nonfinite(&img.data);
-        if bad > 0 {
-            return Err(PipelineError::NonFinite {
-                what: "the decoded frames",
-                when: format!("(frames {start}..{})", start + m),
-                count: bad,
-            });
-        }
         if img.shape.len() != 4 || img.shape[0] != run || img.shape[1] != 3 {
             return Err(model_err(
                 &self.info.dir,
@@ -919,6 +911,14 @@ impl Pipeline {
         }
         let mut data = img.data;
         data.truncate(m * 3 * img.shape[2] * img.shape[3]);
+        let bad = count_nonfinite(&data);
+        if bad > 0 {
+            return Err(PipelineError::NonFinite {
+                what: "the decoded frames",
+                when: format!("(frames {start}..{})", start + m),
+                count: bad,
+            });
+        }
         sink(FrameChunk {
             start,
             frames: m,

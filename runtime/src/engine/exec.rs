@@ -543,14 +543,16 @@ impl LtPlan {
         if let Some(t) = tactics.gemm.get(&key) {
             let algo = lt::cublasLtMatmulAlgo_t { data: t.algo };
             // cuBLASLt documents that a successful check does not guarantee the algorithm runs:
-            // run it once (its output is scratch, as in `time`)
-            let ran = p.accepts(dev, &algo).and_then(|()| {
-                p.matmul(dev, call, &algo)
-                    .and_then(|()| dev.stream.synchronize().map_err(|e| gpu_err("sync", e)))
-                    .map_err(|e| e.to_string())
-            });
+            // run it once (its output is scratch, as in `time`); a refusal is timed again, a
+            // fault on the GPU is not recoverable (the context is lost) and is reported as such
+            let ran = p
+                .accepts(dev, &algo)
+                .and_then(|()| p.matmul(dev, call, &algo).map_err(|e| e.to_string()));
             match ran {
                 Ok(()) => {
+                    dev.stream.synchronize().map_err(|e| {
+                        format!("{key}: the cached cuBLASLt algorithm faulted on the GPU ({e:?})")
+                    })?;
                     p.algo = algo;
                     return Ok(p);
                 }

@@ -1365,7 +1365,7 @@ pub fn check_launchable(l: &Launch, smem_optin: usize) -> Result<(), String> {
     if g.0 == 0 || g.1 == 0 || g.2 == 0 || g.1 > 65535 || g.2 > 65535 || g.0 > i32::MAX as u32 {
         return Err(format!("{}: grid {g:?} is not launchable", l.kernel));
     }
-    let threads = b.0 * b.1 * b.2;
+    let threads = b.0 as u64 * b.1 as u64 * b.2 as u64;
     if threads == 0 || threads > 1024 || b.2 > 64 {
         return Err(format!("{}: block {b:?} is not launchable", l.kernel));
     }
