@@ -8,6 +8,9 @@
 //! `cargo run --release --example engine_floor -- FUSED.onnx [--frames 16 --height 64 --width 64
 //!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --no-merge]`
 //!
+//! Last, every launch the float16 executor would make at these shapes is checked against an
+//! H100's launch limits (non-zero exit when one is beyond them).
+//!
 //! FUSED.onnx is a graph written by `motionrt build --plan-only`: the UNet (inputs at
 //! `[batch, 4, frames, height, width]` latents with a 77-token context per frame), or the VAE
 //! decoder (`[frames, 4, height, width]` latents: one decode call of `frames` frames), chosen by
@@ -188,5 +191,73 @@ fn main() -> Res<()> {
         tf / 1e9,
         tb / 1e9
     );
-    Ok(())
+    launches(&prog)
+}
+
+/// Every launch the float16 executor makes for `prog` (its very `step_ops`, at addresses laid
+/// out as it lays them: activations at their arena offsets, weights apart), each kernel checked
+/// against an H100's launch limits (grid, block, 227 KiB of opt-in shared memory) as the
+/// executor checks it before launching. Errors when one is beyond them.
+fn launches(prog: &program::Program) -> Res<()> {
+    use motionrt_runtime::engine::exec::Precision;
+    use motionrt_runtime::engine::launch::{
+        check_launchable, group_norm_scratch, plan_memory_for, step_ops, Ctx, Op,
+    };
+    const H100_SMEM_OPTIN: usize = 227 * 1024;
+    let memory = plan_memory_for(prog, Precision::Fp16);
+    let (base, mut next) = (1u64 << 40, 1u64 << 44);
+    let ptrs: Vec<u64> = (0..prog.buffers.len())
+        .map(|i| match memory.offsets[i] {
+            Some(o) => base + o as u64,
+            None => {
+                let p = next;
+                next += (prog.buffers[i].numel as u64 * 2)
+                    .next_multiple_of(256)
+                    .max(256);
+                p
+            }
+        })
+        .collect();
+    let lt = |_: usize| true;
+    let ctx = Ctx {
+        precision: Precision::Fp16,
+        ptrs: &ptrs,
+        norm_stats: if group_norm_scratch(prog) > 0 {
+            1 << 43
+        } else {
+            0
+        },
+        smem_optin: H100_SMEM_OPTIN,
+        lt: &lt,
+    };
+    let (mut kernels, mut lts, mut gemms, mut convs) = (0, 0, 0, 0);
+    let mut bad = Vec::new();
+    for si in 0..prog.steps.len() {
+        for op in step_ops(prog, si, &ctx)? {
+            match op {
+                Op::Kernel(l) => {
+                    kernels += 1;
+                    if let Err(e) = check_launchable(&l, H100_SMEM_OPTIN) {
+                        bad.push(format!("step {si} ({}): {e}", prog.steps[si].name()));
+                    }
+                }
+                Op::Lt(_) => lts += 1,
+                Op::Gemm(_) => gemms += 1,
+                Op::Conv(_) => convs += 1,
+            }
+        }
+    }
+    println!(
+        "launches (float16 executor): {kernels} kernels, {lts} cuBLASLt, {gemms} cuBLAS, {convs} \
+         cuDNN; {} kernel(s) beyond an H100's launch limits",
+        bad.len()
+    );
+    for b in &bad {
+        println!("  {b}");
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} launches beyond an H100's limits", bad.len()).into())
+    }
 }
