@@ -511,7 +511,7 @@ fn bench_layout(
         "profile_ms_by_label": sums.iter().take(40).map(|(l, (ms, n))| serde_json::json!([l, ms, n])).collect::<Vec<_>>(),
         "arena_mib": gp.memory.arena_bytes as f64 / 1048576.0,
         "arena_unshared_mib": gp.memory.unshared_bytes as f64 / 1048576.0,
-        "weights_mib": gp.weight_bytes as f64 / 1048576.0,
+        "weights_mib": gp.device_weight_bytes() as f64 / 1048576.0,
         "device_used_mib": (total_mem - free) as f64 / 1048576.0,
         "compile_s": compile_s,
         "build_load_s": build_load_s,

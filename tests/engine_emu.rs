@@ -667,3 +667,79 @@ fn group_norm_runs_on_every_path_the_executor_takes() {
         }
     }
 }
+
+/// Programs of one graph at other input shapes share its weights on the device (a session
+/// compiles one per shape): the second placement uploads only what the compiler computed (host
+/// constants) and finds every other weight where the first put it, with the bytes a placement
+/// of its own would upload.
+#[test]
+fn programs_of_one_graph_at_other_shapes_share_its_weights() {
+    use motionrt_runtime::engine::launch::{place_buffers, plan_memory_for, weight_key};
+    let (_export, src, dst, d) = tiny_export();
+    let z = dst.path().join("unet.onnx");
+    plan_graph(&src.join("unet.onnx"), &z).unwrap();
+    let at = |frames: usize| -> Inputs {
+        vec![
+            ("sample", vec![1, 4, frames, 8, 8]),
+            ("timestep", vec![1]),
+            ("encoder_hidden_states", vec![frames, 77, d]),
+        ]
+    };
+    let (a, b) = (
+        case(&z, &at(2), Layout::Nhwc),
+        case(&z, &at(3), Layout::Nhwc),
+    );
+    // a fake device: address -> bytes
+    let mut device: HashMap<u64, Vec<u8>> = HashMap::new();
+    let mut next = 1u64 << 32;
+    let mut place = |c: &Case, known: &mut HashMap<String, u64>| {
+        let mut p = c.prog.clone();
+        specialize(&mut p, Precision::Fp16);
+        let memory = plan_memory_for(&p, Precision::Fp16);
+        let w = |n: &str| -> Result<WeightData, EngineError> {
+            Ok(WeightData::F32(c.weights[n].clone()))
+        };
+        let (ptrs, bytes) = place_buffers(
+            &p,
+            &memory,
+            0,
+            Precision::Fp16,
+            &w,
+            &mut |v: &[u8]| {
+                let at = next;
+                next += v.len().next_multiple_of(256).max(256) as u64;
+                device.insert(at, v.to_vec());
+                Ok(at)
+            },
+            known,
+        )
+        .unwrap();
+        (p, ptrs, bytes)
+    };
+    let mut shared = HashMap::new();
+    let (_, _, first) = place(&a, &mut shared);
+    let keys = shared.len();
+    let (pb, shared_ptrs, second) = place(&b, &mut shared);
+    let (_, own_ptrs, alone) = place(&b, &mut HashMap::new());
+    assert!(
+        keys > 0 && shared.len() == keys,
+        "{keys} then {}",
+        shared.len()
+    );
+    assert!(second < alone / 2, "{first} {second} {alone}");
+    let mut reused = 0;
+    for (i, buf) in pb.buffers.iter().enumerate() {
+        let BufferKind::Weight(ws) = &buf.kind else {
+            continue;
+        };
+        let (Some(x), Some(y)) = (device.get(&shared_ptrs[i]), device.get(&own_ptrs[i])) else {
+            continue;
+        };
+        assert_eq!(x, y, "weight buffer {i} ({ws:?})");
+        reused += weight_key(ws, buf.dtype, Precision::Fp16).is_some() as usize;
+    }
+    assert!(reused > 0);
+    eprintln!(
+        "second shape: {second} bytes uploaded instead of {alone} ({reused} weights shared, {keys} keys)"
+    );
+}

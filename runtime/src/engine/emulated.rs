@@ -76,6 +76,7 @@ impl<'e> EmuProgram<'e> {
                 weights.push(b);
                 Ok(p)
             },
+            &mut std::collections::HashMap::new(),
         )?;
         let stats = group_norm_scratch(&program);
         let norm_stats = (stats > 0).then(|| DeviceBuffer::filled(stats * 4, 0xFF));

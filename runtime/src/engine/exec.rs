@@ -7,8 +7,10 @@
 //! a CUDA graph and replayed. Everything is loaded dynamically and probed first: on a machine
 //! without a GPU, [`CudaDevice::open`] returns an error, never a panic.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use cudarc::cublas::sys as cublas;
@@ -758,13 +760,36 @@ struct OutSlot {
     pending: bool,
 }
 
+/// Weights on the device by [`weight_key`](super::launch::weight_key): shared by the programs of
+/// one graph compiled at other input shapes (a session's), and kept while any of them lives.
+#[derive(Default)]
+pub struct WeightStore {
+    addr: HashMap<String, u64>,
+    slices: Vec<CudaSlice<u8>>,
+    /// Bytes uploaded.
+    bytes: usize,
+}
+
+impl WeightStore {
+    /// A store to share between programs.
+    pub fn shared() -> Rc<RefCell<Self>> {
+        Rc::new(RefCell::new(Self::default()))
+    }
+
+    /// Bytes of weights on the device.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 /// A program resident on the GPU.
 pub struct GpuProgram {
     pub program: Program,
     pub memory: MemoryPlan,
     pub precision: Precision,
     arena: CudaSlice<u8>,
-    weights: Vec<CudaSlice<u8>>,
+    /// Its weights, and those of the other programs sharing them.
+    weights: Rc<RefCell<WeightStore>>,
     ptrs: Vec<u64>,
     convs: HashMap<usize, ConvPrep>,
     /// Linear steps as single cuBLASLt matmuls (bias in the epilogue, residual as `C`).
@@ -779,7 +804,8 @@ pub struct GpuProgram {
     /// while the next run computes.
     slots: Vec<OutSlot>,
     graph: Option<CudaGraph>,
-    /// Bytes of weights on the device.
+    /// Bytes of weights this program uploaded (those it shares with programs loaded before it
+    /// are not counted again).
     pub weight_bytes: usize,
 }
 
@@ -820,6 +846,28 @@ impl GpuProgram {
         tactics: &mut TacticCache,
         specialise: bool,
     ) -> Result<Self, EngineError> {
+        Self::load_sharing(
+            dev,
+            program,
+            precision,
+            weight,
+            tactics,
+            specialise,
+            WeightStore::shared(),
+        )
+    }
+
+    /// [`GpuProgram::load_with`], taking the weights `store` already holds from there (a program
+    /// of the same graph at other shapes) and adding the rest to it.
+    pub fn load_sharing(
+        dev: &CudaDevice,
+        program: Program,
+        precision: Precision,
+        weight: &dyn Fn(&str) -> Result<WeightData, EngineError>,
+        tactics: &mut TacticCache,
+        specialise: bool,
+        store: Rc<RefCell<WeightStore>>,
+    ) -> Result<Self, EngineError> {
         let s = &dev.stream;
         let mut program = program;
         if specialise {
@@ -831,21 +879,26 @@ impl GpuProgram {
             .map_err(|e| gpu_err("arena", e))?;
         let (base, g) = arena.device_ptr(s);
         drop(g);
-        let mut weights = Vec::new();
-        let (ptrs, weight_bytes) = place_buffers(
-            &program,
-            &memory,
-            base,
-            precision,
-            weight,
-            &mut |bytes: &[u8]| {
-                let d = s.clone_htod(bytes).map_err(|e| gpu_err("upload", e))?;
-                let (p, g) = d.device_ptr(s);
-                drop(g);
-                weights.push(d);
-                Ok(p)
-            },
-        )?;
+        let (ptrs, weight_bytes) = {
+            let mut st = store.borrow_mut();
+            let WeightStore { addr, slices, .. } = &mut *st;
+            place_buffers(
+                &program,
+                &memory,
+                base,
+                precision,
+                weight,
+                &mut |bytes: &[u8]| {
+                    let d = s.clone_htod(bytes).map_err(|e| gpu_err("upload", e))?;
+                    let (p, g) = d.device_ptr(s);
+                    drop(g);
+                    slices.push(d);
+                    Ok(p)
+                },
+                addr,
+            )?
+        };
+        store.borrow_mut().bytes += weight_bytes;
         let mut staging_in = Vec::new();
         for (_, t) in &program.inputs {
             staging_in.push(
@@ -863,7 +916,7 @@ impl GpuProgram {
             memory,
             precision,
             arena,
-            weights,
+            weights: store,
             ptrs,
             convs: HashMap::new(),
             lt_plans: HashMap::new(),
@@ -1529,6 +1582,11 @@ impl GpuProgram {
         Ok(out)
     }
 
+    /// Bytes of weights on the device for this program and those sharing them with it.
+    pub fn device_weight_bytes(&self) -> usize {
+        self.weights.borrow().bytes()
+    }
+
     /// Copy the outputs to pinned host buffers (asynchronously), then wait and return them.
     pub fn outputs(&mut self, dev: &CudaDevice) -> Result<super::program::Outputs, EngineError> {
         let k = self.free_slot(dev)?;
@@ -1577,10 +1635,6 @@ impl GpuProgram {
         self.execute(dev)?;
         self.enqueue_outputs(dev, k)?;
         Ok(k)
-    }
-
-    pub fn weights_resident(&self) -> usize {
-        self.weights.len()
     }
 }
 

@@ -7,6 +7,7 @@
 //! and the tokenizer. Loading it on another GPU, driver, library or motionrt version is refused
 //! with a message that says to rebuild.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -14,7 +15,9 @@ use std::rc::Rc;
 use motionrt_onnx::proto::{DataLocation, ModelProto, TensorProtoDataType};
 use serde::{Deserialize, Serialize};
 
-use super::exec::{CudaDevice, DeviceKey, GpuProgram, Precision, TacticCache, WeightData};
+use super::exec::{
+    CudaDevice, DeviceKey, GpuProgram, Precision, TacticCache, WeightData, WeightStore,
+};
 use super::program::{self, InitializerSource, Layout};
 use super::source::FileInitializers;
 use super::EngineError;
@@ -288,8 +291,9 @@ impl InitializerSource for InlineInitializers {
     }
 }
 
-/// One graph of an engine on the GPU: compiled per input shapes on first use, the second call
-/// with the same shapes captures a CUDA graph that later calls replay.
+/// One graph of an engine on the GPU: compiled per input shapes on first use (the programs share
+/// the graph's weights on the device), the second call with the same shapes captures a CUDA
+/// graph that later calls replay.
 pub struct CudaSession {
     pub name: String,
     dev: Rc<CudaDevice>,
@@ -299,6 +303,8 @@ pub struct CudaSession {
     layout: Layout,
     tactics: TacticCache,
     programs: HashMap<Vec<Vec<usize>>, (GpuProgram, usize)>,
+    /// The graph's weights on the device, shared by its programs (one per input shapes).
+    store: Rc<RefCell<WeightStore>>,
 }
 
 impl CudaSession {
@@ -319,6 +325,7 @@ impl CudaSession {
             layout: m.layout,
             tactics: m.tactics.clone(),
             programs: HashMap::new(),
+            store: WeightStore::shared(),
         })
     }
 
@@ -351,7 +358,15 @@ impl CudaSession {
             let w = self.weights.clone();
             let g = self.name.clone();
             let weight = move |n: &str| w.get(&format!("{g}/{n}"));
-            let gp = GpuProgram::load(&self.dev, prog, self.precision, &weight, &mut self.tactics)?;
+            let gp = GpuProgram::load_sharing(
+                &self.dev,
+                prog,
+                self.precision,
+                &weight,
+                &mut self.tactics,
+                true,
+                self.store.clone(),
+            )?;
             self.programs.insert(key.clone(), (gp, 0));
         }
         let (gp, calls) = self.programs.get_mut(&key).expect("inserted");

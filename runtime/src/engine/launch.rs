@@ -43,11 +43,26 @@ fn f16_bits(v: &[f32]) -> Vec<u16> {
         .collect()
 }
 
+/// What a weight buffer holds, as a key under which its device copy can be shared: by programs
+/// of one graph compiled at other shapes, and by buffers of one program reading the same
+/// initializer. `None` for values the compiler computed (they may differ between shapes).
+pub fn weight_key(src: &WeightSource, dtype: DType, precision: Precision) -> Option<String> {
+    let what = match src {
+        WeightSource::Initializer(n) => n.clone(),
+        WeightSource::Permuted { name, dims, perm } => format!("{name} {dims:?} permuted {perm:?}"),
+        WeightSource::Concat(names) => format!("concat {}", names.join(" ++ ")),
+        WeightSource::Sum(names) => format!("sum {}", names.join(" + ")),
+        WeightSource::Computed(_) | WeightSource::ComputedI64(_) => return None,
+    };
+    Some(format!("{precision:?} {dtype:?} {what}"))
+}
+
 /// Every buffer's device address: activations at their arena offsets from `base`, weights as
 /// `upload` places them — converted to the precision's element type (float16 rounded to
-/// nearest), permuted copies made, an initializer read by several buffers uploaded once, and
-/// weights no step reads (an initializer replaced by its permuted copy) left on the host.
-/// Returns the addresses and the bytes uploaded.
+/// nearest), permuted copies made, a weight `known` already holds (by [`weight_key`]: uploaded
+/// for another buffer, or for a program of the same graph at other shapes) not uploaded again,
+/// and weights no step reads (an initializer replaced by its permuted copy) left on the host.
+/// New uploads are added to `known`. Returns the addresses and the bytes uploaded.
 pub fn place_buffers(
     program: &Program,
     memory: &MemoryPlan,
@@ -55,11 +70,11 @@ pub fn place_buffers(
     precision: Precision,
     weight: &dyn Fn(&str) -> Result<WeightData, EngineError>,
     upload: &mut dyn FnMut(&[u8]) -> Result<u64, EngineError>,
+    known: &mut HashMap<String, u64>,
 ) -> Result<(Vec<u64>, usize), EngineError> {
     let eb = precision.elem_bytes();
     let mut ptrs = vec![0u64; program.buffers.len()];
     let mut weight_bytes = 0;
-    let mut by_name: HashMap<String, u64> = HashMap::new();
     // weights no step reads (an initializer replaced by its permuted copy) stay on the host
     let mut read = vec![false; program.buffers.len()];
     for st in &program.steps {
@@ -81,11 +96,10 @@ pub fn place_buffers(
         if !read[i] {
             continue;
         }
-        if let WeightSource::Initializer(n) = src {
-            if let Some(&p) = by_name.get(n) {
-                ptrs[i] = p;
-                continue;
-            }
+        let key = weight_key(src, b.dtype, precision);
+        if let Some(&p) = key.as_ref().and_then(|k| known.get(k)) {
+            ptrs[i] = p;
+            continue;
         }
         let data = match src {
             WeightSource::Initializer(n) => weight(n)?,
@@ -192,8 +206,8 @@ pub fn place_buffers(
         weight_bytes += bytes.len();
         let p = upload(&bytes)?;
         ptrs[i] = p;
-        if let WeightSource::Initializer(n) = src {
-            by_name.insert(n.clone(), p);
+        if let Some(k) = key {
+            known.insert(k, p);
         }
     }
     Ok((ptrs, weight_bytes))
