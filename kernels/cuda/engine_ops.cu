@@ -709,6 +709,13 @@ __device__ void fill(T* out, i64 n, float v) {
 #define BOTH(NAME, PARAMS_F, PARAMS_H, ARGS) \
     ENTRY(NAME, float, f32, PARAMS_F, ARGS)  \
     ENTRY(NAME, half_bits, f16, PARAMS_H, ARGS)
+// kernels launched with up to 512 threads a block: at most 128 registers a thread, or the
+// launch is refused (the bound makes ptxas keep to it)
+#define ENTRY512(NAME, T, SUF, PARAMS, ARGS) \
+    extern "C" __global__ void __launch_bounds__(512) NAME##_##SUF PARAMS { NAME<T> ARGS; }
+#define BOTH512(NAME, PARAMS_F, PARAMS_H, ARGS) \
+    ENTRY512(NAME, float, f32, PARAMS_F, ARGS)  \
+    ENTRY512(NAME, half_bits, f16, PARAMS_H, ARGS)
 
 #define P_COPY(T) (T* out, const T* in, i64 n, Strided s, i64 in_off, i64 out_off)
 BOTH(copy_strided, P_COPY(float), P_COPY(half_bits), (out, in, n, s, in_off, out_off))
@@ -731,7 +738,7 @@ BOTH(bias_residual, P_BR(float), P_BR(half_bits), (y, bias, sbias, res, rows, co
 BOTH(channel_bias, P_CB(float), P_CB(half_bits), (y, bias, res, total, channels, spatial))
 #define P_GN(T) \
     (T* y, const T* x, const T* gamma, const T* beta, int C, i64 spatial, int groups, float eps, int silu)
-BOTH(group_norm, P_GN(float), P_GN(half_bits), (y, x, gamma, beta, C, spatial, groups, eps, silu))
+BOTH512(group_norm, P_GN(float), P_GN(half_bits), (y, x, gamma, beta, C, spatial, groups, eps, silu))
 #define P_GS(T) (float* stats, const T* x, int C, i64 spatial, int groups, i64 chunk)
 BOTH(group_norm_stats, P_GS(float), P_GS(half_bits), (stats, x, C, spatial, groups, chunk))
 #define P_GA2(T)                                                                               \
@@ -741,7 +748,7 @@ BOTH(group_norm_apply, P_GA2(float), P_GA2(half_bits),
      (y, x, stats, gamma, beta, C, spatial, groups, chunk, eps, silu))
 #define P_GNS(T) \
     (float* stats, const T* x, const T* xb, const T* xsb, int C, i64 S, int groups, i64 chunk)
-BOTH(group_norm_nhwc_stats, P_GNS(float), P_GNS(half_bits),
+BOTH512(group_norm_nhwc_stats, P_GNS(float), P_GNS(half_bits),
      (stats, x, xb, xsb, C, S, groups, chunk))
 extern "C" __global__ void group_norm_nhwc_finalize(float* mr, const float* stats, int N,
                                                         int C, i64 S, int groups, i64 chunk,
