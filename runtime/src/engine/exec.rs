@@ -147,7 +147,8 @@ pub struct CudaDevice {
     /// Device → host copies of outputs, so they overlap the next run's compute.
     pub copy: Arc<CudaStream>,
     pub key: DeviceKey,
-    functions: HashMap<String, CudaFunction>,
+    /// Every kernel, with the most threads a block of it may have (its registers decide).
+    functions: HashMap<String, (CudaFunction, u32)>,
     /// Most dynamic shared memory a block may opt in to on this GPU.
     smem_optin: usize,
     blas: cublas::cublasHandle_t,
@@ -323,7 +324,13 @@ impl CudaDevice {
                         )
                         .map_err(|e| gpu_err("shared memory", e))?;
                     }
-                    functions.insert(f, func);
+                    let max_threads = func
+                        .get_attribute(
+                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
+                        )
+                        .map_err(|e| gpu_err("function attribute", e))?
+                        as u32;
+                    functions.insert(f, (func, max_threads));
                 }
             }
         }
@@ -395,7 +402,7 @@ impl CudaDevice {
         })
     }
 
-    fn func(&self, name: &str) -> Result<&CudaFunction, EngineError> {
+    fn func(&self, name: &str) -> Result<&(CudaFunction, u32), EngineError> {
         self.functions
             .get(name)
             .ok_or_else(|| EngineError::Graph(format!("kernel {name} is not loaded")))
@@ -1641,7 +1648,15 @@ impl GpuProgram {
 /// Enqueue one [`Launch`] on the device's stream.
 fn launch_op(dev: &CudaDevice, l: &Launch) -> Result<(), EngineError> {
     super::launch::check_launchable(l, dev.smem_optin).map_err(EngineError::Graph)?;
-    let f = dev.func(&l.kernel)?;
+    let (f, max_threads) = dev.func(&l.kernel)?;
+    let threads = l.block.0 * l.block.1 * l.block.2;
+    if threads > *max_threads {
+        return Err(EngineError::Graph(format!(
+            "{}: a block of {threads} threads, more than the {max_threads} its registers allow \
+             on this GPU",
+            l.kernel
+        )));
+    }
     if l.opt_in {
         f.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
