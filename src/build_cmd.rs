@@ -93,10 +93,7 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
         EnginePrecision::Fp32 => Precision::Fp32,
     };
     let mut tactics = match &a.timing_cache {
-        Some(p) if p.exists() => serde_json::from_str::<TacticCache>(
-            &std::fs::read_to_string(p).with_context(|| p.display().to_string())?,
-        )
-        .with_context(|| format!("{}: not a motionrt timing cache", p.display()))?,
+        Some(p) if p.exists() => TacticCache::read(p)?,
         _ => TacticCache::default(),
     };
     let dev =
@@ -125,10 +122,7 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
     )
     .with_context(|| format!("building {}", a.out.display()))?;
     if let Some(p) = &a.timing_cache {
-        let tmp = p.with_extension("partial");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&tactics)? + "\n")
-            .and_then(|_| std::fs::rename(&tmp, p))
-            .with_context(|| p.display().to_string())?;
+        tactics.write(p)?;
     }
     for g in &m.graphs {
         eprintln!(

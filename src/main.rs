@@ -145,6 +145,11 @@ enum Command {
         /// replay of each denoising step, frames copied to pinned host memory).
         #[arg(long)]
         engine: Option<PathBuf>,
+        /// With --engine: a timing cache (JSON) for shapes the engine was not tuned at (another frame
+        /// count, guidance off, another --decode-chunk): algorithms it holds are used instead of timed again,
+        /// and those timed in this run are added to it (written once the video is).
+        #[arg(long = "timing-cache")]
+        timing_cache: Option<PathBuf>,
         #[arg(long)]
         prompt: String,
         #[arg(long = "negative-prompt", default_value = "")]
@@ -366,6 +371,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run {
             model,
             engine,
+            timing_cache,
             prompt,
             negative_prompt,
             frame_prompts,
@@ -410,6 +416,9 @@ fn run(cli: Cli) -> Result<()> {
                 decode_chunk,
                 init_latents: None,
             };
+            if timing_cache.is_some() && engine.is_none() {
+                bail!("--timing-cache holds the native engine's algorithms: it needs --engine");
+            }
             let dir = match (model, engine) {
                 (_, Some(e)) => {
                     if !e.join("engine.json").is_file() {
@@ -425,7 +434,15 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 (None, None) => unreachable!("clap requires one"),
             };
-            generate(&dir, &opts, &out, fps, threads, json)
+            generate(
+                &dir,
+                &opts,
+                &out,
+                fps,
+                threads,
+                json,
+                timing_cache.as_deref(),
+            )
         }
         Command::Bench(args) => bench_cmd::bench(args),
         Command::Edit {
@@ -603,6 +620,7 @@ fn generate(
     fps: f32,
     threads: usize,
     json: bool,
+    timing_cache: Option<&Path>,
 ) -> Result<()> {
     // Fail on the output before minutes of work.
     let format = OutputFormat::from_path(out).with_context(|| {
@@ -623,6 +641,9 @@ fn generate(
     )
     .with_context(|| format!("loading {}", model.display()))?;
     pipe.validate(opts)?;
+    if let Some(p) = timing_cache.filter(|p| p.exists()) {
+        pipe.merge_tactics(&motionrt_runtime::engine::exec::TacticCache::read(p)?);
+    }
     let bar = indicatif::ProgressBar::new(opts.steps as u64);
     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
@@ -654,6 +675,9 @@ fn generate(
     let files = stream.finish()?;
     // Encoding overlaps decoding: this is only what was left after the last chunk.
     let write_s = t.elapsed().as_secs_f64();
+    if let (Some(p), Some(t)) = (timing_cache, pipe.tactics()) {
+        t.write(p)?;
+    }
     let tm = &video.timings;
     let mut steps = tm.steps.clone();
     steps.sort_by(f64::total_cmp);
@@ -797,7 +821,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         seed: a.seed,
         ..Default::default()
     };
-    generate(&out, &gen, &video, 8.0, 0, false)
+    generate(&out, &gen, &video, 8.0, 0, false, None)
 }
 
 struct EditArgs {

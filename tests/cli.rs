@@ -258,6 +258,18 @@ fn run_rejects_bad_input_clearly() {
             .arg(&gif),
     );
     assert!(e.contains("--scheduler"), "{e}");
+    // a run-time timing cache belongs to the native engine
+    let e = fails(
+        run(&["--timing-cache", "tc.json"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&gif),
+    );
+    assert!(
+        e.contains("--timing-cache") && e.contains("--engine"),
+        "{e}"
+    );
     assert!(!gif.exists(), "nothing written");
 }
 

@@ -340,6 +340,35 @@ fn count_nonfinite(v: &[f32]) -> usize {
 }
 
 impl Pipeline {
+    fn cuda_sessions(&mut self) -> impl Iterator<Item = &mut engine_file::CudaSession> {
+        [&mut self.unet, &mut self.text, &mut self.vae]
+            .into_iter()
+            .chain(self.vae_encoder.as_mut())
+            .filter_map(|g| match g {
+                GraphSession::Cuda(s) => Some(&mut **s),
+                GraphSession::Ort(_) => None,
+            })
+    }
+
+    /// On the native engine: give every graph `t`'s algorithms for problems the engine has none
+    /// for (a timing cache of earlier runs at other shapes), so they are not timed again.
+    pub fn merge_tactics(&mut self, t: &crate::engine::exec::TacticCache) {
+        for s in self.cuda_sessions() {
+            s.merge_tactics(t);
+        }
+    }
+
+    /// On the native engine, every algorithm its graphs have now (the engine's and those timed
+    /// during this run); `None` on ONNX Runtime.
+    pub fn tactics(&mut self) -> Option<crate::engine::exec::TacticCache> {
+        self.engine.as_ref()?;
+        let mut all = crate::engine::exec::TacticCache::default();
+        for s in self.cuda_sessions() {
+            all.merge(s.tactics());
+        }
+        Some(all)
+    }
+
     pub fn load(dir: &Path, opts: &SessionOptions) -> Result<Self> {
         let t = Instant::now();
         let info = ModelInfo::load(dir)?;

@@ -111,6 +111,44 @@ pub struct GemmTactic {
 }
 
 impl TacticCache {
+    /// Add `other`'s choices for problems this cache has none for (its own are kept).
+    pub fn merge(&mut self, other: &TacticCache) {
+        for (k, v) in &other.conv {
+            self.conv.entry(k.clone()).or_insert(*v);
+        }
+        for (k, v) in &other.gemm {
+            self.gemm.entry(k.clone()).or_insert(*v);
+        }
+    }
+
+    /// Read a timing cache file (JSON, as `motionrt build --timing-cache` writes it).
+    pub fn read(path: &std::path::Path) -> Result<Self, EngineError> {
+        let text = std::fs::read_to_string(path).map_err(|e| EngineError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        serde_json::from_str(&text).map_err(|e| EngineError::File {
+            path: path.to_path_buf(),
+            message: format!("not a timing cache: {e}"),
+        })
+    }
+
+    /// Write it to `path` (a temporary name, then renamed: never half-written).
+    pub fn write(&self, path: &std::path::Path) -> Result<(), EngineError> {
+        let err = |e: std::io::Error| EngineError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(self).expect("plain data") + "\n";
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                err(e)
+            })
+    }
+
     /// The same cache with every GEMM running the heuristic's first candidate instead of the
     /// timed choice (for measuring what timing gains, side by side); a problem whose first
     /// candidate did not run keeps its timed choice.

@@ -329,6 +329,18 @@ impl CudaSession {
         })
     }
 
+    /// The convolution and GEMM algorithms it has: the engine's, and those timed since for
+    /// other input shapes.
+    pub fn tactics(&self) -> &TacticCache {
+        &self.tactics
+    }
+
+    /// Take `other`'s algorithms for problems it has none for (a timing cache of earlier runs:
+    /// each is checked on this GPU before it is used).
+    pub fn merge_tactics(&mut self, other: &TacticCache) {
+        self.tactics.merge(other);
+    }
+
     /// Run with float32 inputs (int64 through `ids`): `(name, shape, values)` per output.
     pub fn run(
         &mut self,
@@ -639,6 +651,52 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("gpu_name"), "{e}");
+    }
+
+    /// A run's timing cache: merged under the engine's choices (which it never replaces),
+    /// written whole (temporary name, then renamed) and read back; anything else is an error
+    /// naming the file.
+    #[test]
+    fn run_timing_caches_merge_under_the_engines_and_round_trip() {
+        use super::super::exec::ConvTactic;
+        let conv = |algo: i32| ConvTactic {
+            algo,
+            math: Some(1),
+            workspace: 0,
+            ms: 0.5,
+        };
+        let mut engine = TacticCache::default();
+        engine.conv.insert("a f16".into(), conv(1));
+        let mut run = TacticCache::default();
+        run.conv.insert("a f16".into(), conv(2));
+        run.conv.insert("b f16".into(), conv(3));
+        engine.merge(&run);
+        assert_eq!(
+            engine.conv["a f16"].algo, 1,
+            "the engine's own choice stays"
+        );
+        assert_eq!(engine.conv["b f16"].algo, 3, "another shape's is added");
+        let dir = std::env::temp_dir().join(format!("motionrt-tc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("tc.json");
+        engine.write(&p).unwrap();
+        assert_eq!(TacticCache::read(&p).unwrap(), engine);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temporary left"
+        );
+        std::fs::write(&p, "[1, 2]").unwrap();
+        let e = TacticCache::read(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("tc.json") && e.contains("not a timing cache"),
+            "{e}"
+        );
+        let e = TacticCache::read(&dir.join("none.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("none.json"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
