@@ -14,6 +14,7 @@ use motionrt_export::config::MotionVersion;
 use motionrt_export::export::{export, ExportOptions, ExternalData, Progress};
 use motionrt_export::graph::unet::Semantics;
 use motionrt_export::graph::Precision;
+use motionrt_runtime::engine::exec::RunTimingCache;
 use motionrt_runtime::frame_stream::FrameStream;
 use motionrt_runtime::frames::{self, Frames, OutputFormat};
 use motionrt_runtime::pipeline::{Event, GenerateOptions, Pipeline};
@@ -642,7 +643,15 @@ fn generate(
     .with_context(|| format!("loading {}", model.display()))?;
     pipe.validate(opts)?;
     if let Some(p) = timing_cache.filter(|p| p.exists()) {
-        pipe.merge_tactics(&motionrt_runtime::engine::exec::TacticCache::read(p)?);
+        let c = RunTimingCache::read(p)?;
+        if Some(&c.device) == pipe.engine_device() {
+            pipe.merge_tactics(&c.tactics);
+        } else {
+            eprintln!(
+                "note: {}: timed on another GPU or library version; not used (rewritten after this run)",
+                p.display()
+            );
+        }
     }
     let bar = indicatif::ProgressBar::new(opts.steps as u64);
     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
@@ -675,8 +684,13 @@ fn generate(
     let files = stream.finish()?;
     // Encoding overlaps decoding: this is only what was left after the last chunk.
     let write_s = t.elapsed().as_secs_f64();
-    if let (Some(p), Some(t)) = (timing_cache, pipe.tactics()) {
-        t.write(p)?;
+    if let (Some(p), Some(tactics), Some(device)) =
+        (timing_cache, pipe.tactics(), pipe.engine_device().cloned())
+    {
+        // the video is written: a cache that cannot be is worth a warning, not a failure
+        if let Err(e) = (RunTimingCache { device, tactics }).write(p) {
+            eprintln!("warning: the timing cache was not written: {e}");
+        }
     }
     let tm = &video.timings;
     let mut steps = tm.steps.clone();

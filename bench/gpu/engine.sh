@@ -130,7 +130,7 @@ stage_tiny() {
   rm -f "$WORK/run_tc.json"
   "$BIN/motionrt" run --engine "$WORK/tiny.engine" $run --out "$WORK/s_gpu" --timing-cache "$WORK/run_tc.json" --json > "$RES/run_gpu_stream.json" || rc=1
   # the VAE at 3 frames was not in the engine: its algorithms were timed and kept
-  $PY -c "import json, sys; c = json.load(open(sys.argv[1])); print('run timing cache:', len(c['conv']), 'convolutions,', len(c.get('gemm', {})), 'GEMMs')" "$WORK/run_tc.json" || rc=1
+  $PY -c "import json, sys; c = json.load(open(sys.argv[1]))['tactics']; print('run timing cache:', len(c['conv']), 'convolutions,', len(c.get('gemm', {})), 'GEMMs')" "$WORK/run_tc.json" || rc=1
   $PY bench/gpu/psnr.py "$WORK/s_cpu" "$WORK/s_gpu" --min 35 | tee "$RES/psnr_tiny_stream.json" || rc=1
   stamp "tiny: run --engine without LD_LIBRARY_PATH: cuBLAS, cuBLASLt, cuDNN loaded from where the probe finds them"
   rm -rf "$WORK/p_gpu"; mkdir -p "$WORK/p_gpu"

@@ -353,9 +353,18 @@ impl Pipeline {
     /// On the native engine: give every graph `t`'s algorithms for problems the engine has none
     /// for (a timing cache of earlier runs at other shapes), so they are not timed again.
     pub fn merge_tactics(&mut self, t: &crate::engine::exec::TacticCache) {
+        // sessions made later (the VAE encoder, on first use) start from the manifest's
+        if let Some(e) = &mut self.engine {
+            e.manifest.tactics.merge(t);
+        }
         for s in self.cuda_sessions() {
             s.merge_tactics(t);
         }
+    }
+
+    /// The GPU and library versions the native engine runs with; `None` on ONNX Runtime.
+    pub fn engine_device(&self) -> Option<&crate::engine::exec::DeviceKey> {
+        self.engine.as_ref().map(|e| &e.dev.key)
     }
 
     /// On the native engine, every algorithm its graphs have now (the engine's and those timed

@@ -92,6 +92,57 @@ pub struct TacticCache {
     pub gemm: BTreeMap<String, GemmTactic>,
 }
 
+/// The algorithms `motionrt run --engine --timing-cache` keeps for shapes the engine was not
+/// tuned at, with the device and library versions they were timed with (a cache from another
+/// GPU or version is not used).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunTimingCache {
+    pub device: DeviceKey,
+    pub tactics: TacticCache,
+}
+
+impl RunTimingCache {
+    pub fn read(path: &std::path::Path) -> Result<Self, EngineError> {
+        read_json(path, "a run timing cache")
+    }
+
+    /// Write it to `path` (a temporary name of this process, then renamed).
+    pub fn write(&self, path: &std::path::Path) -> Result<(), EngineError> {
+        write_json(self, path)
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<T, EngineError> {
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| EngineError::File {
+        path: path.to_path_buf(),
+        message: format!("not {what}: {e}"),
+    })
+}
+
+/// `v` as pretty JSON at `path`, through a temporary name of this process (two writers never
+/// share one), renamed into place.
+fn write_json<T: Serialize>(v: &T, path: &std::path::Path) -> Result<(), EngineError> {
+    let err = |e: std::io::Error| EngineError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
+    let text = serde_json::to_string_pretty(v).expect("plain data") + "\n";
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            err(e)
+        })
+}
+
 /// A cuBLASLt algorithm chosen by timing the heuristic's candidates on this GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct GemmTactic {
@@ -123,30 +174,12 @@ impl TacticCache {
 
     /// Read a timing cache file (JSON, as `motionrt build --timing-cache` writes it).
     pub fn read(path: &std::path::Path) -> Result<Self, EngineError> {
-        let text = std::fs::read_to_string(path).map_err(|e| EngineError::File {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        serde_json::from_str(&text).map_err(|e| EngineError::File {
-            path: path.to_path_buf(),
-            message: format!("not a timing cache: {e}"),
-        })
+        read_json(path, "a timing cache")
     }
 
     /// Write it to `path` (a temporary name, then renamed: never half-written).
     pub fn write(&self, path: &std::path::Path) -> Result<(), EngineError> {
-        let err = |e: std::io::Error| EngineError::File {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        };
-        let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_string_pretty(self).expect("plain data") + "\n";
-        std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::rename(&tmp, path))
-            .map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                err(e)
-            })
+        write_json(self, path)
     }
 
     /// The same cache with every GEMM running the heuristic's first candidate instead of the
@@ -926,7 +959,11 @@ impl GpuProgram {
         drop(g);
         let (ptrs, weight_bytes) = {
             let mut st = store.borrow_mut();
-            let WeightStore { addr, slices, .. } = &mut *st;
+            let WeightStore {
+                addr,
+                slices,
+                bytes: stored,
+            } = &mut *st;
             place_buffers(
                 &program,
                 &memory,
@@ -938,12 +975,12 @@ impl GpuProgram {
                     let (p, g) = d.device_ptr(s);
                     drop(g);
                     slices.push(d);
+                    *stored += bytes.len();
                     Ok(p)
                 },
                 addr,
             )?
         };
-        store.borrow_mut().bytes += weight_bytes;
         let mut staging_in = Vec::new();
         for (_, t) in &program.inputs {
             staging_in.push(
@@ -1122,108 +1159,126 @@ impl GpuProgram {
                 )?;
             }
             let key = format!("{} {}", c.problem(), self.precision.suffix());
-            let tactic = match tactics.conv.get(&key) {
-                Some(t) => *t,
-                None => {
-                    // time every algorithm on this GPU (cuDNN runs each and sorts by time)
-                    let limit = 256usize << 20;
-                    if found_ws.is_none() {
-                        found_ws = Some(
-                            dev.stream
-                                .alloc_zeros::<u8>(limit)
-                                .map_err(|e| gpu_err("alloc", e))?,
-                        );
+            // a cached choice (the engine's, or a run's timing cache) is used if this cuDNN takes
+            // it here; otherwise, or with none, every algorithm is timed on this GPU
+            let mut cached = tactics.conv.get(&key).copied();
+            let ws = loop {
+                let from_cache = cached.is_some();
+                let tactic = match cached.take() {
+                    Some(t) => t,
+                    None => {
+                        // time every algorithm on this GPU (cuDNN runs each and sorts by time)
+                        let limit = 256usize << 20;
+                        if found_ws.is_none() {
+                            found_ws = Some(
+                                dev.stream
+                                    .alloc_zeros::<u8>(limit)
+                                    .map_err(|e| gpu_err("alloc", e))?,
+                            );
+                        }
+                        let (wp, g) = found_ws.as_ref().unwrap().device_ptr(&dev.stream);
+                        drop(g);
+                        let mut perf: [cudnn::cudnnConvolutionFwdAlgoPerf_t; 8] =
+                            unsafe { std::mem::zeroed() };
+                        let mut got = 0;
+                        // SAFETY: buffers are the program's own (sizes from the plan); workspace
+                        // as given.
+                        unsafe {
+                            check_dnn(
+                                "cudnnFindConvolutionForwardAlgorithmEx",
+                                cudnn::cudnnFindConvolutionForwardAlgorithmEx(
+                                    dev.dnn,
+                                    p.x,
+                                    self.ptrs[c.x] as *const c_void,
+                                    p.w,
+                                    self.ptrs[c.w] as *const c_void,
+                                    p.conv,
+                                    p.y,
+                                    self.ptrs[c.out] as *mut c_void,
+                                    8,
+                                    &mut got,
+                                    perf.as_mut_ptr(),
+                                    wp as *mut c_void,
+                                    limit,
+                                ),
+                            )?;
+                        }
+                        let best = perf[..got as usize]
+                            .iter()
+                            .find(|r| r.status == cudnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+                            .ok_or_else(|| {
+                                EngineError::Graph(format!(
+                                    "cuDNN found no algorithm for {key}{}",
+                                    if d.nhwc {
+                                        " (channels-last; building with --layout nchw may avoid it)"
+                                    } else {
+                                        ""
+                                    }
+                                ))
+                            })?;
+                        let t = ConvTactic {
+                            algo: best.algo as i32,
+                            math: Some(best.mathType as i32),
+                            workspace: best.memory,
+                            ms: best.time,
+                        };
+                        tactics.conv.insert(key.clone(), t);
+                        t
                     }
-                    let (wp, g) = found_ws.as_ref().unwrap().device_ptr(&dev.stream);
-                    drop(g);
-                    let mut perf: [cudnn::cudnnConvolutionFwdAlgoPerf_t; 8] =
-                        unsafe { std::mem::zeroed() };
-                    let mut got = 0;
-                    // SAFETY: buffers are the program's own (sizes from the plan); workspace as given.
+                };
+                let mut apply = || -> Result<usize, EngineError> {
+                    use cudnn::cudnnConvolutionFwdAlgo_t as A;
+                    use cudnn::cudnnMathType_t as M;
+                    p.algo = cached_enum(
+                        &[
+                            A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                            A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                            A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+                            A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+                            A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+                            A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+                            A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+                            A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+                        ],
+                        |a| a as i32,
+                        tactic.algo,
+                        &format!("timing cache: {key}: algorithm"),
+                    )?;
+                    let math = cached_enum(
+                        &[
+                            M::CUDNN_DEFAULT_MATH,
+                            M::CUDNN_TENSOR_OP_MATH,
+                            M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+                            M::CUDNN_FMA_MATH,
+                        ],
+                        |m| m as i32,
+                        tactic.math.unwrap_or(math as i32),
+                        &format!("timing cache: {key}: math type"),
+                    )?;
+                    // run what was timed: the algorithm with its math type, and the workspace
+                    // that pair needs on this cuDNN
+                    let mut ws = 0usize;
+                    // SAFETY: descriptors created above.
                     unsafe {
+                        check_dnn("math", cudnn::cudnnSetConvolutionMathType(p.conv, math))?;
                         check_dnn(
-                            "cudnnFindConvolutionForwardAlgorithmEx",
-                            cudnn::cudnnFindConvolutionForwardAlgorithmEx(
-                                dev.dnn,
-                                p.x,
-                                self.ptrs[c.x] as *const c_void,
-                                p.w,
-                                self.ptrs[c.w] as *const c_void,
-                                p.conv,
-                                p.y,
-                                self.ptrs[c.out] as *mut c_void,
-                                8,
-                                &mut got,
-                                perf.as_mut_ptr(),
-                                wp as *mut c_void,
-                                limit,
+                            "cudnnGetConvolutionForwardWorkspaceSize",
+                            cudnn::cudnnGetConvolutionForwardWorkspaceSize(
+                                dev.dnn, p.x, p.w, p.conv, p.y, p.algo, &mut ws,
                             ),
                         )?;
                     }
-                    let best = perf[..got as usize]
-                        .iter()
-                        .find(|r| r.status == cudnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
-                        .ok_or_else(|| {
-                            EngineError::Graph(format!(
-                                "cuDNN found no algorithm for {key}{}",
-                                if d.nhwc {
-                                    " (channels-last; building with --layout nchw may avoid it)"
-                                } else {
-                                    ""
-                                }
-                            ))
-                        })?;
-                    let t = ConvTactic {
-                        algo: best.algo as i32,
-                        math: Some(best.mathType as i32),
-                        workspace: best.memory,
-                        ms: best.time,
-                    };
-                    tactics.conv.insert(key.clone(), t);
-                    t
+                    Ok(ws)
+                };
+                match apply() {
+                    Ok(ws) => break ws,
+                    Err(e) if from_cache => eprintln!(
+                        "note: timing cache: {key}: the cached convolution algorithm does not run \
+                         here ({e}); timing again"
+                    ),
+                    Err(e) => return Err(e),
                 }
             };
-            use cudnn::cudnnConvolutionFwdAlgo_t as A;
-            use cudnn::cudnnMathType_t as M;
-            p.algo = cached_enum(
-                &[
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
-                ],
-                |a| a as i32,
-                tactic.algo,
-                &format!("timing cache: {key}: algorithm"),
-            )?;
-            let math = cached_enum(
-                &[
-                    M::CUDNN_DEFAULT_MATH,
-                    M::CUDNN_TENSOR_OP_MATH,
-                    M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
-                    M::CUDNN_FMA_MATH,
-                ],
-                |m| m as i32,
-                tactic.math.unwrap_or(math as i32),
-                &format!("timing cache: {key}: math type"),
-            )?;
-            // run what was timed: the algorithm with its math type, and the workspace that pair
-            // needs on this cuDNN
-            let mut ws = 0usize;
-            // SAFETY: descriptors created above.
-            unsafe {
-                check_dnn("math", cudnn::cudnnSetConvolutionMathType(p.conv, math))?;
-                check_dnn(
-                    "cudnnGetConvolutionForwardWorkspaceSize",
-                    cudnn::cudnnGetConvolutionForwardWorkspaceSize(
-                        dev.dnn, p.x, p.w, p.conv, p.y, p.algo, &mut ws,
-                    ),
-                )?;
-            }
             max_ws = max_ws.max(ws);
             self.convs.insert(i, p);
         }

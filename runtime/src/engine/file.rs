@@ -692,6 +692,18 @@ mod tests {
             e.contains("tc.json") && e.contains("not a timing cache"),
             "{e}"
         );
+        // a run's cache carries the device and library versions it was timed with
+        let run = super::super::exec::RunTimingCache {
+            device: key(),
+            tactics: engine.clone(),
+        };
+        let rp = dir.join("run.json");
+        run.write(&rp).unwrap();
+        assert_eq!(super::super::exec::RunTimingCache::read(&rp).unwrap(), run);
+        let e = super::super::exec::RunTimingCache::read(&p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a run timing cache"), "{e}");
         let e = TacticCache::read(&dir.join("none.json"))
             .unwrap_err()
             .to_string();
