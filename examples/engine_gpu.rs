@@ -28,7 +28,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use motionrt_runtime::engine::exec::{CudaDevice, GpuProgram, Precision, TacticCache, WeightData};
+use motionrt_runtime::engine::exec::{
+    CudaDevice, GpuProgram, Precision, TacticCache, WeightData, WeightStore,
+};
 use motionrt_runtime::engine::plan_graph;
 use motionrt_runtime::engine::program::{self, InitializerSource, Layout};
 use motionrt_runtime::engine::source::FileInitializers;
@@ -546,6 +548,7 @@ fn bench_layout(
             &weight,
             tactics,
             specialise,
+            WeightStore::shared(),
         )?;
         g.set_inputs(dev, &f_in, &[])?;
         g.capture(dev)?;

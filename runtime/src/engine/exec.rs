@@ -910,34 +910,23 @@ impl GpuProgram {
         weight: &dyn Fn(&str) -> Result<WeightData, EngineError>,
         tactics: &mut TacticCache,
     ) -> Result<Self, EngineError> {
-        Self::load_with(dev, program, precision, weight, tactics, true)
-    }
-
-    /// [`GpuProgram::load`], with the float16 specialisation chosen (`false`: the program as
-    /// compiled — motion modules through token order, each projection its own GEMM — for
-    /// measuring what it gives, or for a program specialised already).
-    pub fn load_with(
-        dev: &CudaDevice,
-        program: Program,
-        precision: Precision,
-        weight: &dyn Fn(&str) -> Result<WeightData, EngineError>,
-        tactics: &mut TacticCache,
-        specialise: bool,
-    ) -> Result<Self, EngineError> {
-        Self::load_sharing(
+        Self::load_with(
             dev,
             program,
             precision,
             weight,
             tactics,
-            specialise,
+            true,
             WeightStore::shared(),
         )
     }
 
-    /// [`GpuProgram::load_with`], taking the weights `store` already holds from there (a program
-    /// of the same graph at other shapes) and adding the rest to it.
-    pub fn load_sharing(
+    /// [`GpuProgram::load`], with the float16 specialisation chosen (`false`: the program as
+    /// compiled — motion modules through token order, each projection its own GEMM — for
+    /// measuring what it gives, or for a program specialised already), and the weights taken
+    /// from `store` where it has them (a program of the same graph at other shapes: a session's
+    /// programs share one; [`WeightStore::shared`] for a store of its own), the rest added to it.
+    pub fn load_with(
         dev: &CudaDevice,
         program: Program,
         precision: Precision,

@@ -370,7 +370,7 @@ impl CudaSession {
             let w = self.weights.clone();
             let g = self.name.clone();
             let weight = move |n: &str| w.get(&format!("{g}/{n}"));
-            let gp = GpuProgram::load_sharing(
+            let gp = GpuProgram::load_with(
                 &self.dev,
                 prog,
                 self.precision,
@@ -531,6 +531,7 @@ fn build_into(
             &weight,
             tactics,
             false,
+            WeightStore::shared(),
         )?;
         let weight_bytes = gp.weight_bytes;
         drop(gp);
