@@ -26,10 +26,11 @@ use motionrt_runtime::SessionOptions;
 #[command(
     name = "motionrt",
     version,
-    about = "Deploy AnimateDiff-family text-to-video models: export checkpoints to ONNX, inspect them, run them.",
+    about = "Deploy AnimateDiff-family text-to-video models: export checkpoints to ONNX, build GPU engines, run them.",
     long_about = "Deploy AnimateDiff-family text-to-video models.\n\n\
         motionrt turns Stable Diffusion 1.5 UNets inflated with AnimateDiff motion modules (v1/v2/v3) into ONNX \
-        graphs that ONNX Runtime (and TensorRT) can run as they are.\n\n\
+        graphs that ONNX Runtime (and TensorRT) can run as they are (`export`, `run`), and builds native CUDA \
+        engines from them for the GPU at hand (`build`, `run --engine`).\n\n\
         Start with `motionrt demo`: it writes a tiny random-weight model in the real file layouts, exports it and runs it."
 )]
 struct Cli {
@@ -252,9 +253,9 @@ enum Command {
     /// output: max abs error, max error relative to the reference's magnitude, mean error, cosine similarity,
     /// non-finite counts and pass/fail against --atol/--rtol; --mark-all finds the first diverging intermediate tensor.
     Compare(graph_tools::CompareArgs),
-    /// Build an engine for this machine's GPU from an exported model. Today only --plan-only works: it applies the
-    /// engine's fusions and writes the fused graphs (runnable by `motionrt run`); the native CUDA engine is not
-    /// implemented yet.
+    /// Build an engine for this machine's GPU from an exported model: fusions, layouts, fp16 weights, GEMM and
+    /// convolution algorithms timed on this GPU, a memory plan, all in one engine file keyed to this GPU, driver and
+    /// library versions (`motionrt run --engine`). --plan-only needs no GPU: it writes the fused graphs instead.
     Build(build_cmd::BuildArgs),
     /// Report what this machine can run: the ONNX Runtime library, the CUDA driver and GPUs, and the CUDA
     /// libraries motionrt's GPU paths load (NVRTC, CUDA runtime, cuBLAS, cuBLASLt, cuDNN), each found or missing
