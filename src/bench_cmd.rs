@@ -45,9 +45,15 @@ impl GraphArg {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// A directory written by `motionrt export`.
-    #[arg(long, required_unless_present = "compare")]
+    /// A directory written by `motionrt export` (runs on ONNX Runtime, CPU).
+    #[arg(long, required_unless_present_any = ["compare", "engine"], conflicts_with = "engine")]
     pub model: Option<PathBuf>,
+    /// An engine written by `motionrt build` for this GPU: time the pipeline on the native CUDA
+    /// engine (pipeline mode only; `unet_step` is each denoising step's UNet call, CUDA-graph
+    /// replays after the first run, read on the host once its output is back). Reports the GPU,
+    /// driver and library versions and the device memory in use after the runs.
+    #[arg(long)]
+    pub engine: Option<PathBuf>,
     /// Time one graph with random inputs instead of the whole pipeline.
     #[arg(long, value_enum)]
     pub graph: Option<GraphArg>,
@@ -107,7 +113,31 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if let Some(files) = &a.compare {
         return compare_files(&files[0], &files[1], a.json.as_deref());
     }
-    let model = a.model.clone().context("--model is required")?;
+    let model = match (&a.model, &a.engine) {
+        (_, Some(e)) => {
+            if !e.join("engine.json").is_file() {
+                bail!(
+                    "{}: no engine.json; --engine takes a folder written by `motionrt build`",
+                    e.display()
+                );
+            }
+            if a.graph.is_some() {
+                bail!("--graph times one ONNX graph on ONNX Runtime; on --engine, the pipeline mode reports the UNet per denoising step (unet_step), the text encoder and the VAE decode");
+            }
+            if a.worker {
+                bail!("the bench worker runs ONNX Runtime models (--model), not --engine");
+            }
+            motionrt_runtime::engine::file::read_manifest(e)?;
+            e.clone()
+        }
+        (Some(m), None) => {
+            if m.join("engine.json").is_file() {
+                bail!("{}: this is an engine; time it with --engine", m.display());
+            }
+            m.clone()
+        }
+        (None, None) => bail!("--model or --engine is required"),
+    };
     if a.worker {
         return worker(&a, &model);
     }
@@ -161,9 +191,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         None => bench_pipeline(&a, &model, &mut report, &bar)?,
     }
     bar.finish_and_clear();
-    if let Some((v, build)) = motionrt_runtime::backend_version() {
-        report.versions.backend = Some(v);
-        report.versions.backend_build = Some(build);
+    if a.engine.is_none() {
+        if let Some((v, build)) = motionrt_runtime::backend_version() {
+            report.versions.backend = Some(v);
+            report.versions.backend_build = Some(build);
+        }
     }
     report.memory.peak_host_bytes = bench::peak_rss_bytes();
     report.finalize();
@@ -344,6 +376,17 @@ fn bench_pipeline(
         report.load_s.insert((*name).to_string(), *t);
     }
     report.load_s.insert("total".into(), pipe.load_seconds);
+    if let Some(key) = pipe.engine_device() {
+        report.backend = "cuda".into();
+        report.config.threads = 0;
+        report.machine.gpu = Some(format!(
+            "{} (compute capability {})",
+            key.gpu_name, key.compute_capability
+        ));
+        report.machine.driver = Some(key.driver.clone());
+        report.versions.backend = Some(format!("CUDA {}", key.cuda));
+        report.versions.backend_build = Some(format!("cuBLAS {}, cuDNN {}", key.cublas, key.cudnn));
+    }
 
     let mut rec = Recorder::new(a.warmup);
     for i in 0..a.warmup + a.runs {
@@ -369,6 +412,13 @@ fn bench_pipeline(
         bar.inc(1);
     }
     report.stages = rec.finish();
+    if let Some((precision, used)) = pipe.engine_memory() {
+        report.precision = precision;
+        match used {
+            Ok(b) => report.memory.peak_device_bytes = Some(b),
+            Err(e) => eprintln!("warning: device memory not reported: {e}"),
+        }
+    }
     Ok(())
 }
 

@@ -375,6 +375,44 @@ fn bench_rejects_bad_settings() {
 }
 
 #[test]
+fn bench_engine_is_checked_before_anything_loads() {
+    let d = tempfile::tempdir().unwrap();
+    let (ok, _, err) = run(motionrt().args(["bench", "--engine"]).arg(d.path()));
+    assert!(!ok);
+    assert!(
+        err.contains("no engine.json") && err.contains("motionrt build"),
+        "{err}"
+    );
+    std::fs::write(d.path().join("engine.json"), "{}").unwrap();
+    let (ok, _, err) = run(motionrt()
+        .args(["bench", "--graph", "unet", "--engine"])
+        .arg(d.path()));
+    assert!(!ok);
+    assert!(
+        err.contains("--graph") && err.contains("unet_step"),
+        "{err}"
+    );
+    let (ok, _, err) = run(motionrt().args(["bench", "--model"]).arg(d.path()));
+    assert!(!ok);
+    assert!(
+        err.contains("this is an engine") && err.contains("--engine"),
+        "{err}"
+    );
+    // a manifest that is not one: the error names the file
+    let (ok, _, err) = run(motionrt().args(["bench", "--engine"]).arg(d.path()));
+    assert!(!ok);
+    assert!(
+        err.contains("engine.json") && err.contains("not a motionrt engine manifest"),
+        "{err}"
+    );
+    let (ok, _, err) = run(motionrt()
+        .args(["bench", "--model", "m", "--engine"])
+        .arg(d.path()));
+    assert!(!ok);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
+#[test]
 fn worker_protocol_runs_given_noise() {
     let (_d, model) = demo_export();
     let tmp = tempfile::tempdir().unwrap();

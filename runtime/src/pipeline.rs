@@ -367,6 +367,25 @@ impl Pipeline {
         self.engine.as_ref().map(|e| &e.dev.key)
     }
 
+    /// On the native engine: its precision (`fp16`/`fp32`) and the device memory in use on its
+    /// GPU now (`cuMemGetInfo`: total − free, so it counts every process on the GPU). The engine
+    /// allocates its weights, arenas and workspaces when a graph is loaded, so after a run this is
+    /// the run's peak. `None` on ONNX Runtime.
+    pub fn engine_memory(&self) -> Option<(String, Result<u64>)> {
+        let e = self.engine.as_ref()?;
+        let precision = serde_json::to_value(e.manifest.precision)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| format!("{:?}", e.manifest.precision));
+        let used = e
+            .dev
+            .ctx
+            .mem_get_info()
+            .map(|(free, total)| total.saturating_sub(free) as u64)
+            .map_err(|err| model_err(&e.dir, format!("cuMemGetInfo: {err}")));
+        Some((precision, used))
+    }
+
     /// On the native engine, every algorithm its graphs have now (the engine's and those timed
     /// during this run); `None` on ONNX Runtime.
     pub fn tactics(&mut self) -> Option<crate::engine::exec::TacticCache> {
