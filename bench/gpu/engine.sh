@@ -7,10 +7,13 @@
 #
 # then:  BIN=target/release bench/gpu/engine.sh [--stages S1,S2,..] [--layouts nhwc,nchw] [--no-ab]
 #
-# Stages, run in the order given (default: tiny,bench,torch,full-check,build), each under its own
-# time limit (STAGE_TIMEOUT seconds if set, else 300, full-check 480; a stage that runs out is
-# reported and the next one starts). Times in brackets are estimates for an H100 machine with 16
-# cores.
+# Stages, run in the order given (default: bench,torch,tiny,build,full-check), each under its own
+# time limit (STAGE_TIMEOUT seconds if set, else 300, torch 420, full-check 480; a stage that runs
+# out is reported and the next one starts), all within DEADLINE_S seconds of the start (default
+# 570, under the device's 10 minutes a call): a stage's limit is cut to what is left, and a stage
+# with under 30 s left is skipped, so results of finished stages are always packed. The last
+# lines printed are a summary (bench/gpu/summary.py). Times in brackets are estimates for an H100
+# machine with 16 cores.
 #   tiny        [1-1.5 min] the tests' tiny AnimateDiff pipeline, exported here: every graph,
 #               float32 and float16, both layouts, eager and CUDA-graph replay, vs ONNX Runtime
 #               CPU float32 (engine_gpu check); `motionrt build` twice with a timing cache
@@ -22,19 +25,20 @@
 #               engine float16 per-step latency (CUDA graph and eager, per-step profile),
 #               build/load time, device memory; with A/B loads (float16 specialisation, timed
 #               GEMM algorithms) unless --no-ab; --layouts picks the layouts (default nhwc)
-#   torch       [~1 min] diffusers' UNetMotionModel fp16 (SDPA), eager, same shape, same GPU,
-#               with its kernel-family profile (bench/gpu/unet_step_torch.py; needs diffusers:
-#               carried wheels in .whl/ are installed first)
+#   torch       [3-4 min] diffusers' UNetMotionModel fp16 (SDPA), eager, same shape, same GPU,
+#               with its kernel-family profile, then torch.compile of it (~2.5 min to compile on
+#               an H100; the eager figures are printed first) (bench/gpu/unet_step_torch.py;
+#               needs diffusers: carried wheels in .whl/ are installed first)
 #   full-check  [3-5 min] the full UNet vs ONNX Runtime CPU float32: at 2 frames 16x16 (both
 #               layouts, float32 and float16) and at the benchmark's shape (channels-last
 #               float16); the CLIP text encoder; the VAE decoder at 512x512
 #   build       [2-3 min] `motionrt build` of the full engine (build time; FULL_REBUILD=1 builds
 #               twice and compares), then the whole pipeline from it: 16 frames 512x512, 8 DDIM
 #               steps, CFG, decoded 4 frames per VAE call (load time in its JSON)
-#   compile     [2-5 min] torch.compile of the same UNet (and eager again), same shape
-# Suggested device calls (15 min of device time in all, at most 10 min a call):
-#   --stages tiny,bench,torch        then, on the same warm machine (WORK survives),
-#   --stages full-check,build        and, if time is left, --stages compile
+# Suggested device calls (15 min of device time in all, starts included; at most 10 min a call;
+# a machine stays warm only briefly after a call, so the first call carries what matters most):
+#   DEADLINE_S=540 ... --stages bench,torch,tiny --no-ab       (timeout_s 600)
+#   then, with the time left:  --stages build,full-check        (DEADLINE_S = that time - 60)
 #
 # Output: everything printed goes to $OUT/engine.log too; the result files (Markdown tables,
 # JSON) to $WORK/out, packed into $OUT/results.tgz after each stage, and the two benchmark JSON
@@ -45,7 +49,7 @@ export BIN=${BIN:-target/release}
 export WORK=${WORK:-/tmp/motionrt-engine}
 export RES=$WORK/out
 OUTX=${OUT:-}
-stages=tiny,bench,torch,full-check,build
+stages=bench,torch,tiny,build,full-check
 export LAYOUTS=nhwc AB=
 while [ $# -gt 0 ]; do
   case $1 in
@@ -63,7 +67,7 @@ export -f stamp
 
 main() {
 export PY=${MOTIONRT_PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # Python packages the GPU machine lacks (diffusers and its needs), carried as wheels in .whl/
 # (the device README's `pip download` line: diffusers==0.42.1, importlib_metadata, lazy-importer)
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -72,6 +76,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/motionrt-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 NV=$($PY -c "import nvidia; print(nvidia.__path__[0])") || { echo "preflight: no nvidia Python package"; exit 2; }
+# the machine's own library path (the driver's libcuda may be on it), kept for the stage that
+# runs without the wheels' libraries
+export LD0=${LD_LIBRARY_PATH:-}
 export LD_LIBRARY_PATH="$(ls -d "$NV"/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}"
 export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$($PY -c "import onnxruntime, os, glob; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi', 'libonnxruntime.so*')))[-1])")}
 export MOTIONRT_PYTHON=$PY
@@ -81,7 +88,7 @@ for b in "$BIN/motionrt" "$BIN/examples/engine_gpu" "$BIN/examples/synth_sd15"; 
   [ -x "$b" ] || { echo "preflight: $b is missing (build it first)"; exit 2; }
 done
 $PY -c "import numpy, PIL, onnxruntime" || { echo "preflight: numpy, Pillow and onnxruntime are needed"; exit 2; }
-case ",$stages," in *,torch,*|*,compile,*)
+case ",$stages," in *,torch,*)
   $PY -c "import torch, diffusers; assert torch.cuda.is_available()" ||
     { echo "preflight: the torch stages need diffusers (carry .whl/) and a CUDA PyTorch"; exit 2; } ;;
 esac
@@ -132,9 +139,9 @@ stage_tiny() {
   # the VAE at 3 frames was not in the engine: its algorithms were timed and kept
   $PY -c "import json, sys; c = json.load(open(sys.argv[1]))['tactics']; print('run timing cache:', len(c['conv']), 'convolutions,', len(c.get('gemm', {})), 'GEMMs')" "$WORK/run_tc.json" || rc=1
   $PY bench/gpu/psnr.py "$WORK/s_cpu" "$WORK/s_gpu" --min 35 | tee "$RES/psnr_tiny_stream.json" || rc=1
-  stamp "tiny: run --engine without LD_LIBRARY_PATH: cuBLAS, cuBLASLt, cuDNN loaded from where the probe finds them"
+  stamp "tiny: run --engine without the wheels' folders on LD_LIBRARY_PATH: cuBLAS, cuBLASLt, cuDNN loaded from where the probe finds them"
   rm -rf "$WORK/p_gpu"; mkdir -p "$WORK/p_gpu"
-  env -u LD_LIBRARY_PATH "$BIN/motionrt" run --engine "$WORK/tiny.engine" $run --out "$WORK/p_gpu" --timing-cache "$WORK/run_tc.json" --json > "$RES/run_gpu_preload.json" || rc=1
+  env LD_LIBRARY_PATH="$LD0" "$BIN/motionrt" run --engine "$WORK/tiny.engine" $run --out "$WORK/p_gpu" --timing-cache "$WORK/run_tc.json" --json > "$RES/run_gpu_preload.json" || rc=1
   $PY bench/gpu/psnr.py "$WORK/s_cpu" "$WORK/p_gpu" --min 35 | tee "$RES/psnr_tiny_preload.json" || rc=1
   return $rc
 }
@@ -147,8 +154,8 @@ stage_bench() {
 
 stage_torch() {
   full_export || return 1
-  stamp "torch: diffusers UNetMotionModel fp16 eager (SDPA), same shape"
-  $PY bench/gpu/unet_step_torch.py --model "$WORK/exp" --profile --no-compile 2>&1 | grep --line-buffered -v Warning | tee "$RES/torch_bench.log"
+  stamp "torch: diffusers UNetMotionModel fp16 eager (SDPA), then torch.compile, same shape"
+  $PY bench/gpu/unet_step_torch.py --model "$WORK/exp" --profile 2>&1 | grep --line-buffered -v Warning | tee "$RES/torch_bench.log"
 }
 
 stage_full_check() {
@@ -172,14 +179,15 @@ stage_build() {
   t0=$SECONDS
   # the VAE tuned for the run's 4 frames per decode call (the default is 16)
   "$BIN/motionrt" build --model "$WORK/exp" --out "$WORK/full.engine" --vae-chunk 4 --timing-cache "$WORK/tcf.json" 2>&1 | tee "$RES/build_full.log" || rc=1
-  echo "build: $((SECONDS - t0)) s"; du -sh "$WORK/full.engine"
+  echo "build: $((SECONDS - t0)) s" | tee -a "$RES/build_full.log"; du -sh "$WORK/full.engine"
   if [ "${FULL_REBUILD:-0}" = 1 ]; then
     t0=$SECONDS
     "$BIN/motionrt" build --model "$WORK/exp" --out "$WORK/full2.engine" --vae-chunk 4 --timing-cache "$WORK/tcf.json" 2>&1 | tail -2 || rc=1
     echo "rebuild: $((SECONDS - t0)) s"
     if diff <(cd "$WORK/full.engine" && find . -type f | sort | xargs sha256sum) \
             <(cd "$WORK/full2.engine" && find . -type f | sort | xargs sha256sum); then
-      echo "full rebuild: identical engine"; else echo "full rebuild: engines DIFFER"; rc=1; fi
+      echo "full rebuild with the timing cache: identical engine" | tee "$RES/full_rebuild.txt"
+    else echo "full rebuild with the timing cache: engines DIFFER" | tee "$RES/full_rebuild.txt"; rc=1; fi
     rm -rf "$WORK/full2.engine"
   fi
   stamp "build: the whole pipeline on the full engine: 16 frames 512x512, 8 DDIM steps, CFG, 4 frames per VAE call"
@@ -190,19 +198,18 @@ stage_build() {
   return $rc
 }
 
-stage_compile() {
-  full_export || return 1
-  stamp "compile: diffusers eager again, then torch.compile, same shape"
-  $PY bench/gpu/unet_step_torch.py --model "$WORK/exp" 2>&1 | grep --line-buffered -v Warning | tee "$RES/torch_compile.log"
-}
-
-export -f stage_tiny stage_bench stage_torch stage_full_check stage_build stage_compile
+export -f stage_tiny stage_bench stage_torch stage_full_check stage_build
 rc=0
 for s in ${stages//,/ }; do
   f=stage_${s//-/_}
   if ! declare -F "$f" >/dev/null; then echo "unknown stage $s"; rc=2; continue; fi
   limit=${STAGE_TIMEOUT:-300}
   [ -z "${STAGE_TIMEOUT:-}" ] && [ "$s" = full-check ] && limit=480
+  [ -z "${STAGE_TIMEOUT:-}" ] && [ "$s" = torch ] && limit=420
+  # the call's deadline, less 20 s to pack the results and print the summary
+  left=$(( ${DEADLINE_S:-570} - ($(date +%s) - T0) - 20 ))
+  if [ "$left" -lt 30 ]; then stamp "stage $s: SKIPPED (${left} s left before the deadline)"; rc=1; continue; fi
+  [ "$limit" -gt "$left" ] && limit=$left
   stamp "stage $s (limit $limit s)"
   timeout -k 10 "$limit" bash -o pipefail -c "$f"
   r=$?
@@ -214,6 +221,7 @@ for s in ${stages//,/ }; do
   fi
 done
 stamp "done (exit $rc)"
+$PY bench/gpu/summary.py "$RES" || true
 return $rc
 }
 

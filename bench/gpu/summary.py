@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""The headline of a bench/gpu/engine.sh run, from its result folder ($WORK/out): the engine's
+UNet step against diffusers eager and torch.compile (same run), the compute floor, device memory,
+build and load time, PSNR and the checks' failures. Prints a short Markdown summary (the device
+tool keeps only the end of a call's output); missing results are named as missing.
+
+    summary.py RESULT_DIR [--floor-ms 45]
+"""
+import argparse
+import glob
+import json
+import os
+import re
+
+
+def json_lines(path):
+    """Every JSON object printed on its own line in a log."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line.startswith("{"):
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        pass
+    except OSError:
+        pass
+    return out
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def fmt(x, unit="", digits=1):
+    return "missing" if x is None else f"{x:.{digits}f}{unit}"
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("res")
+    p.add_argument("--floor-ms", type=float, default=45.0,
+                   help="the compute floor of one UNet step (the issue's ~45 ms on an H100)")
+    a = p.parse_args()
+    rows = []
+
+    # engine (engine_gpu bench): one layout's object or a list of them; the first with numbers
+    eng = load(os.path.join(a.res, "engine_bench.json"))
+    engs = eng if isinstance(eng, list) else [eng] if eng else []
+    engs = [e for e in engs if isinstance(e, dict) and "graph_median_ms" in e]
+    torch_lines = json_lines(os.path.join(a.res, "torch_bench.log"))
+    tr = {}
+    for t in torch_lines:
+        if "impl" in t:
+            tr = t  # the last line has the most (eager, then eager + compiled)
+    eager = tr.get("eager_median_ms")
+    compiled = tr.get("compiled_median_ms")
+    print("## motionrt engine vs PyTorch: one UNet step, same run")
+    print()
+    dev = (engs[0].get("device") if engs else None) or tr.get("device") or "?"
+    shape = (engs[0].get("shape") if engs else None) or tr.get("shape")
+    print(f"device: {dev}; shape [batch, 4, frames, h, w] (latents): {shape}")
+    print()
+    print("| implementation | median ms | speed-up vs diffusers eager | ms / floor |")
+    print("| --- | --- | --- | --- |")
+
+    def row(name, ms):
+        up = f"{eager / ms:.2f}x" if (eager and ms) else "n/a"
+        fl = f"{ms / a.floor_ms:.2f}" if ms else "n/a"
+        print(f"| {name} | {fmt(ms)} | {up} | {fl} |")
+
+    row("diffusers fp16 eager (SDPA)", eager)
+    row("diffusers fp16 torch.compile", compiled)
+    for e in engs:
+        row(f"motionrt engine fp16 {e.get('layout', '?')}, CUDA graph", e.get("graph_median_ms"))
+        row(f"motionrt engine fp16 {e.get('layout', '?')}, eager launches", e.get("eager_median_ms"))
+    if not engs:
+        print("| motionrt engine | missing (engine_bench.json) | | |")
+    print()
+    if engs and eager:
+        best = min(e["graph_median_ms"] for e in engs)
+        print(f"targets: >= 1.5x faster than eager: {'MET' if eager / best >= 1.5 else 'NOT met'} "
+              f"({eager / best:.2f}x); within 2x of the {a.floor_ms:.0f} ms floor: "
+              f"{'MET' if best <= 2 * a.floor_ms else 'NOT met'} ({best / a.floor_ms:.2f}x)")
+    for e in engs:
+        print(f"engine {e.get('layout')}: device memory in use {fmt(e.get('device_used_mib'), ' MiB', 0)} "
+              f"(weights {fmt(e.get('weights_mib'), ' MiB', 0)}, arena {fmt(e.get('arena_mib'), ' MiB', 0)}); "
+              f"compile {fmt(e.get('compile_s'), ' s', 2)}, load with timing {fmt(e.get('build_load_s'), ' s')}, "
+              f"load from cache {fmt(e.get('load_cached_s'), ' s')}, capture {fmt(e.get('capture_s'), ' s', 2)}; "
+              f"same tactics on reload: {e.get('tactics_deterministic')}; non-finite outputs: "
+              f"{e.get('output_nonfinite')}")
+    if tr:
+        print(f"torch: load {fmt(tr.get('load_s'), ' s')}, eager peak allocated "
+              f"{fmt(tr.get('eager_peak_mib'), ' MiB', 0)}, device in use "
+              f"{fmt(tr.get('eager_device_used_mib'), ' MiB', 0)}; compile {fmt(tr.get('compile_s'), ' s', 0)}, "
+              f"compiled peak {fmt(tr.get('compiled_peak_mib'), ' MiB', 0)}")
+    print()
+
+    # build and pipeline
+    try:
+        with open(os.path.join(a.res, "build_full.log")) as f:
+            text = f.read()
+    except OSError:
+        text = None
+    run = load(os.path.join(a.res, "run_full_engine.json"))
+    build_s = None
+    for line in (text or "").splitlines()[::-1]:
+        m = re.match(r"build: ([0-9.]+) s$", line.strip())
+        if m:
+            build_s = float(m.group(1))
+            break
+    if text is not None or run:
+        print(f"full engine: build {fmt(build_s, ' s', 0)}; pipeline (16 frames 512x512, CFG) "
+              f"timings: {json.dumps(run.get('timings_s')) if run else 'missing'}")
+    rebuild = os.path.join(a.res, "full_rebuild.txt")
+    if os.path.exists(rebuild):
+        print(open(rebuild).read().strip())
+
+    # correctness
+    fails = 0
+    checked = 0
+    for md in sorted(glob.glob(os.path.join(a.res, "check_*.md"))):
+        with open(md) as f:
+            for line in f:
+                if line.startswith("|") and line.rstrip().endswith("|"):
+                    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                    if cells and cells[-1] in ("ok", "FAIL"):
+                        checked += 1
+                        if cells[-1] == "FAIL":
+                            fails += 1
+                            rows.append(f"FAIL {os.path.basename(md)}: {line.strip()}")
+    print(f"checks vs ONNX Runtime CPU fp32: {checked} rows, {fails} FAIL")
+    for r in rows[:12]:
+        print(r)
+    for ps in sorted(glob.glob(os.path.join(a.res, "psnr_*.json"))):
+        j = load(ps)
+        if j:
+            print(f"{os.path.basename(ps)}: min PSNR {j.get('min_psnr_db')} dB over {j.get('frames')} frames, "
+                  f"pass {j.get('pass')}")
+    for name in ("tiny1.sha", "tiny2.sha"):
+        if not os.path.exists(os.path.join(a.res, name)):
+            break
+    else:
+        same = open(os.path.join(a.res, "tiny1.sha")).read() == open(os.path.join(a.res, "tiny2.sha")).read()
+        print(f"tiny engine built twice with the timing cache: {'identical' if same else 'DIFFERENT'}")
+
+
+if __name__ == "__main__":
+    main()
