@@ -197,12 +197,16 @@ pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
     Ok((major, minor))
 }
 
-/// A compiled kernel module.
+/// A compiled kernel module: PTX, and the machine code ptxas made of it for `arch` (what the
+/// engine loads: CUDA's minor-version compatibility covers machine code from a newer CUDA 13
+/// toolkit on an older CUDA 13 driver, but not PTX, which that driver's JIT refuses).
 #[derive(Debug, Clone)]
 pub struct Compiled {
     pub name: String,
     pub arch: String,
     pub ptx: String,
+    /// The cubin (ELF) for `arch`.
+    pub cubin: Vec<u8>,
     /// Loaded from the disk cache rather than compiled now.
     pub cached: bool,
     pub cache_path: Option<PathBuf>,
@@ -216,12 +220,10 @@ fn source(name: &str) -> Result<&'static str, CudaError> {
         .ok_or_else(|| CudaError::UnknownKernel(name.into()))
 }
 
-fn options(arch: &'static str) -> cudarc::nvrtc::CompileOptions {
-    cudarc::nvrtc::CompileOptions {
-        arch: Some(arch),
-        options: vec!["--std=c++17".into()],
-        ..Default::default()
-    }
+/// NVRTC's options for `arch`: a real architecture (`sm_90`), so that NVRTC runs ptxas and a
+/// cubin comes out with the PTX.
+fn options(arch: &str) -> Vec<String> {
+    vec!["--std=c++17".into(), format!("--gpu-architecture={arch}")]
 }
 
 /// What NVRTC compiles for the source `name`: the [`PRELUDE`], then the source with its own line
@@ -242,29 +244,56 @@ pub fn compile_source_uncached(
     src: &str,
     arch: &'static str,
 ) -> Result<Compiled, CudaError> {
+    use cudarc::nvrtc::{result as nvrtc, sys};
     ensure_nvrtc()?;
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(full_source(name, src), options(arch)).map_err(
-        |e| {
-            let log = match &e {
-                cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                    log.to_string_lossy().into_owned()
-                }
-                other => format!("{other:?}"),
-            };
-            CudaError::Compile {
-                name: name.into(),
-                arch: arch.into(),
-                log,
-            }
-        },
-    )?;
-    Ok(Compiled {
+    let err = |log: String| CudaError::Compile {
         name: name.into(),
         arch: arch.into(),
-        ptx: ptx.to_src(),
-        cached: false,
-        cache_path: None,
-    })
+        log,
+    };
+    let text = |v: &[std::ffi::c_char]| {
+        let b: Vec<u8> = v.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
+        String::from_utf8_lossy(&b).into_owned()
+    };
+    let full = std::ffi::CString::new(full_source(name, src))
+        .map_err(|_| err("the source holds a NUL byte".into()))?;
+    let prog = nvrtc::create_program(&full, None).map_err(|e| err(format!("{e:?}")))?;
+    // SAFETY: `prog` was just created; it is read after a successful compile only and destroyed
+    // once, on every path; the cubin buffer has the size NVRTC reports.
+    unsafe {
+        let out = (|| {
+            if let Err(e) = nvrtc::compile_program(prog, &options(arch)) {
+                let log = nvrtc::get_program_log(prog)
+                    .map(|l| text(&l))
+                    .unwrap_or_default();
+                return Err(err(if log.trim().is_empty() {
+                    format!("{e:?}")
+                } else {
+                    log
+                }));
+            }
+            let ptx = nvrtc::get_ptx(prog).map_err(|e| err(format!("nvrtcGetPTX: {e:?}")))?;
+            let mut size = 0usize;
+            sys::nvrtcGetCUBINSize(prog, &mut size)
+                .result()
+                .map_err(|e| err(format!("nvrtcGetCUBINSize: {e:?}")))?;
+            let mut cubin = vec![0u8; size];
+            sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
+                .result()
+                .map_err(|e| err(format!("nvrtcGetCUBIN: {e:?}")))?;
+            Ok((text(&ptx), cubin))
+        })();
+        let _ = nvrtc::destroy_program(prog);
+        let (ptx, cubin) = out?;
+        Ok(Compiled {
+            name: name.into(),
+            arch: arch.into(),
+            ptx,
+            cubin,
+            cached: false,
+            cache_path: None,
+        })
+    }
 }
 
 /// The cache directory: `MOTIONRT_CACHE_DIR`, else `$XDG_CACHE_HOME/motionrt`, else
@@ -282,7 +311,7 @@ pub fn cache_dir() -> PathBuf {
 pub fn cache_key(name: &str, arch: &str, nvrtc: (i32, i32)) -> Result<String, CudaError> {
     let mut h = Sha256::new();
     h.update(full_source(name, source(name)?).as_bytes());
-    h.update(format!("{:?}", options("sm_00").options).as_bytes());
+    h.update(format!("{:?}", options("sm_00")).as_bytes());
     let hex: String = h
         .finalize()
         .iter()
@@ -297,30 +326,38 @@ pub fn compile(name: &str, arch: &'static str) -> Result<Compiled, CudaError> {
     let key = cache_key(name, arch, nvrtc_version()?)?;
     let dir = cache_dir();
     let path = dir.join(format!("{key}.ptx"));
-    if let Ok(ptx) = std::fs::read_to_string(&path) {
-        if ptx.contains(".entry") {
+    let cubin_path = dir.join(format!("{key}.cubin"));
+    if let (Ok(ptx), Ok(cubin)) = (std::fs::read_to_string(&path), std::fs::read(&cubin_path)) {
+        // a cubin is an ELF file
+        if ptx.contains(".entry") && cubin.starts_with(b"\x7fELF") {
             return Ok(Compiled {
                 name: name.into(),
                 arch: arch.into(),
                 ptx,
+                cubin,
                 cached: true,
                 cache_path: Some(path),
             });
         }
     }
     let mut c = compile_uncached(name, arch)?;
-    let cache_err = |e: std::io::Error| CudaError::Cache {
-        path: path.clone(),
+    std::fs::create_dir_all(&dir).map_err(|e| CudaError::Cache {
+        path: dir.clone(),
         message: e.to_string(),
-    };
-    std::fs::create_dir_all(&dir).map_err(cache_err)?;
-    let tmp = path.with_extension(format!("ptx.{}.partial", std::process::id()));
-    std::fs::write(&tmp, &c.ptx)
-        .and_then(|_| std::fs::rename(&tmp, &path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            cache_err(e)
-        })?;
+    })?;
+    // the cubin first: a cache entry counts once its PTX is there
+    for (p, bytes) in [(&cubin_path, &c.cubin[..]), (&path, c.ptx.as_bytes())] {
+        let tmp = p.with_extension(format!("partial.{}", std::process::id()));
+        std::fs::write(&tmp, bytes)
+            .and_then(|_| std::fs::rename(&tmp, p))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                CudaError::Cache {
+                    path: p.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+    }
     c.cache_path = Some(path);
     Ok(c)
 }

@@ -50,6 +50,9 @@ pub struct Gpu {
     /// `sm_XY`.
     pub arch: &'static str,
     functions: Vec<(String, CudaFunction)>,
+    /// Most dynamic shared memory a block may opt in to on this GPU (every kernel is opened to
+    /// it at load).
+    smem_optin: usize,
 }
 
 fn arch_name(major: i32, minor: i32) -> &'static str {
@@ -69,6 +72,26 @@ fn arch_name(major: i32, minor: i32) -> &'static str {
     }
 }
 
+/// Load a compiled module into `ctx`: its cubin, or else its PTX (for a GPU whose architecture
+/// the cubin was not made for, which the driver's JIT compiles the PTX for). Both errors when
+/// neither loads.
+pub fn load_compiled(
+    ctx: &Arc<CudaContext>,
+    c: &cuda::Compiled,
+) -> Result<Arc<cudarc::driver::CudaModule>, String> {
+    match ctx.load_module(cudarc::nvrtc::Ptx::from_binary(c.cubin.clone())) {
+        Ok(m) => Ok(m),
+        Err(eb) => ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(c.ptx.clone()))
+            .map_err(|ep| {
+                format!(
+                    "loading {} ({}): the cubin: {eb:?}; the PTX: {ep:?}",
+                    c.name, c.arch
+                )
+            }),
+    }
+}
+
 impl Gpu {
     /// Open device `ordinal`, compile (or load from the cache) every kernel for its architecture.
     pub fn new(ordinal: usize) -> Result<Self, GpuError> {
@@ -80,6 +103,11 @@ impl Gpu {
         let (major, minor) = ctx.compute_capability().map_err(drv)?;
         let arch = arch_name(major, minor);
         let name = ctx.name().map_err(drv)?;
+        let smem_optin = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(drv)? as usize;
         let mut functions = Vec::new();
         for (src, _) in cuda::SOURCES {
             // the native engine's kernels are loaded by motionrt-runtime's executor
@@ -87,12 +115,20 @@ impl Gpu {
                 continue;
             }
             let c = cuda::compile(src, arch)?;
-            let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(c.ptx))
-                .map_err(drv)?;
+            let module = load_compiled(&ctx, &c).map_err(GpuError::Driver)?;
             for suffix in ["f32", "f16"] {
                 let f = format!("{src}_{suffix}");
-                functions.push((f.clone(), module.load_function(&f).map_err(drv)?));
+                let func = module.load_function(&f).map_err(drv)?;
+                // the shared memory these kernels need grows with the head size (and the
+                // temporal one's with the frames): allowed past 48 KiB once, up to this GPU's
+                if smem_optin > 48 * 1024 {
+                    func.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem_optin as i32,
+                    )
+                    .map_err(drv)?;
+                }
+                functions.push((f, func));
             }
         }
         Ok(Self {
@@ -101,7 +137,20 @@ impl Gpu {
             name,
             arch,
             functions,
+            smem_optin,
         })
+    }
+
+    /// An error when a launch needs more dynamic shared memory than this GPU gives a block.
+    fn check_smem(&self, kernel: &str, bytes: u32) -> Result<(), GpuError> {
+        if bytes as usize > self.smem_optin.max(48 * 1024) {
+            return Err(GpuError::Driver(format!(
+                "{kernel}: {bytes} bytes of shared memory, more than the {} a block may have on \
+                 this GPU",
+                self.smem_optin
+            )));
+        }
+        Ok(())
     }
 
     fn function(&self, name: &str) -> Result<&CudaFunction, GpuError> {
@@ -137,6 +186,7 @@ impl Gpu {
         }
         let f = self.function(&format!("temporal_attention_{}", T::SUFFIX))?;
         let shared = (2 * a.kv_len * a.head_dim * 4) as u32;
+        self.check_smem("temporal_attention", shared)?;
         let warps = a.q_len.clamp(1, 8) as u32;
         let cfg = LaunchConfig {
             grid_dim: (a.sequences as u32, a.heads as u32, 1),
@@ -186,6 +236,8 @@ impl Gpu {
             )));
         }
         let f = self.function(&format!("sparse_causal_attention_{}", T::SUFFIX))?;
+        let shared = (2 * 32 * a.head_dim * 4) as u32;
+        self.check_smem("sparse_causal_attention", shared)?;
         let cfg = LaunchConfig {
             grid_dim: (
                 (a.videos * a.frames) as u32,
@@ -193,7 +245,7 @@ impl Gpu {
                 a.tokens.div_ceil(32) as u32,
             ),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: (2 * 32 * a.head_dim * 4) as u32,
+            shared_mem_bytes: shared,
         };
         let (fr, s, h, d) = (
             a.frames as i32,

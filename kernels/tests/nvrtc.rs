@@ -70,17 +70,28 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                     "{arch}: no mma"
                 );
             }
+            // the machine code the engine loads: an ELF cubin naming every entry point
+            assert!(c.cubin.starts_with(b"\x7fELF"), "{name} {arch}: no cubin");
             for entry in entries {
                 assert!(
                     c.ptx.contains(&format!(".entry {entry}(")),
                     "{name} for {arch}: no entry {entry}"
+                );
+                let sym = format!("{entry}\0");
+                assert!(
+                    c.cubin.windows(sym.len()).any(|w| w == sym.as_bytes()),
+                    "{name} for {arch}: the cubin has no {entry}"
                 );
             }
             assert!(
                 c.ptx.contains(&format!(".target {arch}")),
                 "{name}: target {arch}"
             );
-            eprintln!("{name} {arch}: {} bytes of PTX", c.ptx.len());
+            eprintln!(
+                "{name} {arch}: {} bytes of PTX, {} bytes of cubin",
+                c.ptx.len(),
+                c.cubin.len()
+            );
         }
     }
 }
@@ -103,6 +114,7 @@ fn compile_errors_carry_the_log_and_the_cache_round_trips() {
     let again = cuda::compile("temporal_attention", "sm_90").unwrap();
     assert!(again.cached);
     assert_eq!(again.ptx, first.ptx);
+    assert_eq!(again.cubin, first.cubin);
     // another architecture is another entry
     let other = cuda::compile("temporal_attention", "sm_80").unwrap();
     assert!(!other.cached);
@@ -111,6 +123,15 @@ fn compile_errors_carry_the_log_and_the_cache_round_trips() {
 
     let e = cuda::compile_uncached("nope", "sm_90").unwrap_err();
     assert!(e.to_string().contains("no kernel source named \"nope\""));
+    // NVRTC's log reaches the error, with the source's own name and lines
+    let e = cuda::compile_source_uncached(
+        "broken",
+        "extern \"C\" __global__ void k() {\n  not_declared();\n}\n",
+        "sm_90",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not_declared") && e.contains("broken.cu"), "{e}");
 }
 
 #[test]

@@ -276,8 +276,11 @@ fn cached_enum<T: Copy>(
 
 /// What the engine needs of the GPU, its driver and NVRTC, checked before any kernel is
 /// compiled: compute capability 8.0 (the kernels' `mma.sync`/`ldmatrix`/`cp.async`), a CUDA 13
-/// driver (motionrt is built against its API), and a driver at least as new as NVRTC (whose
-/// PTX an older driver refuses to load). `drv` is `cuDriverGetVersion`'s number (13000: 13.0).
+/// driver (motionrt is built against its API), and an NVRTC of no newer major version than the
+/// driver: the kernels load as machine code (cubins), which CUDA's minor-version compatibility
+/// lets a CUDA 13.0 driver run from any CUDA 13 NVRTC (their PTX it would refuse from a newer
+/// minor version; PTX is only the fallback for a GPU the cubin was not made for). `drv` is
+/// `cuDriverGetVersion`'s number (13000: 13.0).
 fn check_versions(cc: (i32, i32), drv: i32, nvrtc: (i32, i32)) -> Result<(), String> {
     if cc.0 < 8 {
         return Err(format!(
@@ -294,16 +297,15 @@ fn check_versions(cc: (i32, i32), drv: i32, nvrtc: (i32, i32)) -> Result<(), Str
             v(drv)
         ));
     }
-    let need = nvrtc.0 * 1000 + nvrtc.1 * 10;
-    if need > drv {
+    if nvrtc.0 > drv / 1000 {
         return Err(format!(
-            "NVRTC {}.{} makes PTX the driver (CUDA {}) cannot load: update the driver, or \
-             install the NVRTC of the driver's CUDA version (python3 -m pip install \
+            "NVRTC {}.{} makes machine code the driver (CUDA {}) cannot load: update the driver, \
+             or install an NVRTC of the driver's CUDA major version (python3 -m pip install \
              'nvidia-cuda-nvrtc=={}.*', or set MOTIONRT_NVRTC)",
             nvrtc.0,
             nvrtc.1,
             v(drv),
-            v(drv)
+            drv / 1000
         ));
     }
     Ok(())
@@ -357,7 +359,9 @@ impl CudaDevice {
         let (major, minor) = ctx.compute_capability().map_err(|e| gpu_err("cc", e))?;
         let mut drv = 0;
         // SAFETY: plain query.
-        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut drv) };
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut drv) }
+            .result()
+            .map_err(|e| gpu_err("cuDriverGetVersion", e))?;
         let nvrtc = motionrt_kernels::cuda::nvrtc_version().unwrap_or((0, 0));
         check_versions((major, minor), drv, nvrtc).map_err(EngineError::Graph)?;
         let arch = arch_name(major, minor);
@@ -373,9 +377,8 @@ impl CudaDevice {
             }
             let c = motionrt_kernels::cuda::compile(name, arch)
                 .map_err(|e| EngineError::Graph(e.to_string()))?;
-            let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(c.ptx.clone()))
-                .map_err(|e| gpu_err("load module", e))?;
+            let module = motionrt_kernels::gpu::load_compiled(&ctx, &c)
+                .map_err(|e| EngineError::Graph(format!("CUDA: {e}")))?;
             for line in c.ptx.lines() {
                 let l = line.trim();
                 if let Some(rest) = l.strip_prefix(".visible .entry ") {
@@ -386,9 +389,15 @@ impl CudaDevice {
                     // the attention kernels' shared memory can pass the 48 KiB default: allow
                     // it once here (not while a CUDA graph is being captured), where this GPU
                     // can (the dispatch avoids a kernel it cannot)
-                    if let Some(bytes) =
-                        attention_smem(&f).filter(|&b| b > 48 * 1024 && b <= smem_optin)
-                    {
+                    // (the float32 temporal attention's need depends on the shape: up to the 200 KiB
+                    // its dispatch allows, once, so that no launch sets a function-wide limit a
+                    // captured launch of another size would then be held to)
+                    let need = if f.starts_with("temporal_attention_") {
+                        Some((200 * 1024).min(smem_optin))
+                    } else {
+                        attention_smem(&f).filter(|&b| b <= smem_optin)
+                    };
+                    if let Some(bytes) = need.filter(|&b| b > 48 * 1024) {
                         func.set_attribute(
                             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                             bytes as i32,
@@ -541,12 +550,39 @@ fn lt_check(what: &str, st: lt::cublasStatus_t) -> Result<(), String> {
     }
 }
 
+/// The alignment cuBLASLt may assume of a pointer: its largest power-of-two divisor, at most the
+/// 256 bytes cuBLASLt's heuristic assumes by default.
+fn lt_alignment(ptr: u64) -> u32 {
+    1 << ptr.trailing_zeros().min(8)
+}
+
 impl LtPlan {
     /// The matmul `d` describes ([`LtDesc::linear`] for a Linear step), with the algorithm
     /// `tactics` has for its problem, or else the fastest of cuBLASLt's heuristic candidates timed
-    /// on `call`'s buffers (added to `tactics`). An error (with the reason) when cuBLASLt has no
-    /// algorithm for it: the step then runs as a GEMM and a bias/residual pass.
+    /// on `call`'s buffers (added to `tactics`). `Ok(Err(reason))` when cuBLASLt has no
+    /// algorithm for it: the step then runs as a GEMM and a bias/residual pass. `Err` when the
+    /// GPU faulted while algorithms ran (the context is lost: nothing later can run).
     fn new(
+        dev: &CudaDevice,
+        precision: Precision,
+        d: &LtDesc,
+        call: &LtCall,
+        tactics: &mut TacticCache,
+    ) -> Result<Result<Self, String>, EngineError> {
+        let r = Self::plan(dev, precision, d, call, tactics);
+        // a refusal is cuBLASLt's answer; a fault shows on the stream
+        dev.stream.synchronize().map_err(|e| {
+            EngineError::Graph(format!(
+                "cuBLASLt {} {}: the GPU faulted while its algorithms ran ({e:?}){}",
+                d.problem(),
+                precision.suffix(),
+                r.as_ref().err().map_or(String::new(), |r| format!("; {r}"))
+            ))
+        })?;
+        Ok(r)
+    }
+
+    fn plan(
         dev: &CudaDevice,
         precision: Precision,
         d: &LtDesc,
@@ -642,7 +678,7 @@ impl LtPlan {
                 ),
             }
         }
-        let candidates = p.candidates(dev)?;
+        let candidates = p.candidates(dev, call, d.bias)?;
         let times: Vec<Option<f32>> = candidates.iter().map(|a| p.time(dev, call, a)).collect();
         let mut best: Option<(usize, f32)> = None;
         for (i, t) in times.iter().enumerate() {
@@ -673,11 +709,41 @@ impl LtPlan {
         Ok(p)
     }
 
-    /// cuBLASLt's heuristic candidates for this problem (best first) within the workspace.
-    fn candidates(&self, dev: &CudaDevice) -> Result<Vec<lt::cublasLtMatmulAlgo_t>, String> {
+    /// cuBLASLt's heuristic candidates for this problem (best first) within the workspace, for
+    /// `call`'s pointers as aligned as they are, and with split-K partial sums (if any) reduced
+    /// in the float32 compute type rather than in the float16 output.
+    fn candidates(
+        &self,
+        dev: &CudaDevice,
+        call: &LtCall,
+        bias: Option<u64>,
+    ) -> Result<Vec<lt::cublasLtMatmulAlgo_t>, String> {
+        use lt::cublasLtMatmulPreferenceAttributes_t as P;
         let mut pref: lt::cublasLtMatmulPreference_t = std::ptr::null_mut();
-        // SAFETY: the preference is destroyed below; result buffers are locals of the stated
-        // sizes; descriptors were created by `new`.
+        let c = if self.beta != 0.0 { call.res } else { call.out };
+        // the bias is read with D's alignment requirement
+        let d_align = lt_alignment(call.out).min(bias.map_or(256, lt_alignment));
+        let u32_prefs = [
+            (
+                P::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                lt::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32,
+            ),
+            (
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                lt_alignment(call.a),
+            ),
+            (
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                lt_alignment(call.b),
+            ),
+            (
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                lt_alignment(c),
+            ),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, d_align),
+        ];
+        // SAFETY: the preference is destroyed below; attribute values and result buffers are
+        // locals of the stated sizes; descriptors were created by `new`.
         unsafe {
             lt_check(
                 "cublasLtMatmulPreferenceCreate",
@@ -688,11 +754,26 @@ impl LtPlan {
                 "cublasLtMatmulPreferenceSetAttribute",
                 lt::cublasLtMatmulPreferenceSetAttribute(
                     pref,
-                    lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                     &ws as *const u64 as *const c_void,
                     8,
                 ),
             )
+            .and_then(|_| {
+                for (attr, v) in u32_prefs {
+                    lt_check(
+                        "cublasLtMatmulPreferenceSetAttribute",
+                        lt::cublasLtMatmulPreferenceSetAttribute(
+                            pref,
+                            attr,
+                            &v as *const u32 as *const c_void,
+                            4,
+                        ),
+                    )
+                    .map_err(|e| format!("{e} ({attr:?} = {v})"))?;
+                }
+                Ok(())
+            })
             .and_then(|_| {
                 let mut res: [lt::cublasLtMatmulHeuristicResult_t; LT_CANDIDATES] =
                     std::mem::zeroed();
@@ -1000,15 +1081,20 @@ impl GpuProgram {
             weight_bytes,
         };
         me.prepare_convs(dev, tactics)?;
-        me.prepare_linears(dev, tactics);
+        me.prepare_linears(dev, tactics)?;
         Ok(me)
     }
 
     /// cuBLASLt plans for the Linear steps, algorithms timed on this GPU unless `tactics` has
     /// them. A step cuBLASLt has no algorithm for keeps a cuBLAS GEMM (+ bias/residual pass; said
     /// once on stderr).
-    fn prepare_linears(&mut self, dev: &CudaDevice, tactics: &mut TacticCache) {
+    fn prepare_linears(
+        &mut self,
+        dev: &CudaDevice,
+        tactics: &mut TacticCache,
+    ) -> Result<(), EngineError> {
         let mut refused = None;
+        let mut n_refused = 0usize;
         for (i, st) in self.program.steps.iter().enumerate() {
             let Step::Linear {
                 out,
@@ -1031,16 +1117,24 @@ impl GpuProgram {
                 res: residual.map_or(0, |r| self.ptrs[r]),
                 out: self.ptrs[*out],
             };
-            match LtPlan::new(dev, self.precision, &d, &call, tactics) {
+            match LtPlan::new(dev, self.precision, &d, &call, tactics)? {
                 Ok(p) => {
                     self.lt_plans.insert(i, p);
                 }
-                Err(e) => refused = Some((e, *m, *n, *k)),
+                Err(e) => {
+                    n_refused += 1;
+                    refused.get_or_insert((e, *m, *n, *k));
+                }
             }
         }
         if let Some((e, m, n, k)) = refused {
-            eprintln!("note: cuBLASLt unavailable for {m}x{n}x{k} ({e}); a cuBLAS GEMM (and a separate bias pass) runs instead");
+            let more = match n_refused {
+                1 => String::new(),
+                n => format!(" (and {} more Linear steps)", n - 1),
+            };
+            eprintln!("note: cuBLASLt unavailable for {m}x{n}x{k} ({e}){more}; a cuBLAS GEMM (and a separate bias pass) runs instead");
         }
+        Ok(())
     }
 
     fn prepare_convs(
@@ -1171,8 +1265,10 @@ impl GpuProgram {
                             unsafe { std::mem::zeroed() };
                         let mut got = 0;
                         // SAFETY: buffers are the program's own (sizes from the plan); workspace
-                        // as given.
+                        // as given; the descriptor was created above.
                         unsafe {
+                            // a cached choice that did not apply may have left its math type
+                            check_dnn("math", cudnn::cudnnSetConvolutionMathType(p.conv, math))?;
                             check_dnn(
                                 "cudnnFindConvolutionForwardAlgorithmEx",
                                 cudnn::cudnnFindConvolutionForwardAlgorithmEx(
@@ -1192,8 +1288,15 @@ impl GpuProgram {
                                 ),
                             )?;
                         }
-                        let best = perf[..got as usize]
+                        // float32 stays float32: no TF32 tensor-core result (its ~1e-3
+                        // relative error is float16's, not what an fp32 engine promises)
+                        let exact = |r: &&cudnn::cudnnConvolutionFwdAlgoPerf_t| {
+                            self.precision != Precision::Fp32
+                                || r.mathType == cudnn::cudnnMathType_t::CUDNN_FMA_MATH
+                        };
+                        let best = perf[..(got.max(0) as usize).min(perf.len())]
                             .iter()
+                            .filter(exact)
                             .find(|r| r.status == cudnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
                             .ok_or_else(|| {
                                 EngineError::Graph(format!(
@@ -1241,7 +1344,11 @@ impl GpuProgram {
                             M::CUDNN_FMA_MATH,
                         ],
                         |m| m as i32,
-                        tactic.math.unwrap_or(math as i32),
+                        match self.precision {
+                            // whatever a cache says: float32 without TF32
+                            Precision::Fp32 => math as i32,
+                            Precision::Fp16 => tactic.math.unwrap_or(math as i32),
+                        },
                         &format!("timing cache: {key}: math type"),
                     )?;
                     // run what was timed: the algorithm with its math type, and the workspace
@@ -1499,20 +1606,13 @@ impl GpuProgram {
                         t.shape
                     )));
                 }
-                let tmp = dev.stream.clone_htod(v).map_err(|e| gpu_err("upload", e))?;
-                let (src, g) = tmp.device_ptr(&dev.stream);
-                drop(g);
-                // SAFETY: both device ranges hold numel int64 values.
+                // SAFETY: the device range holds numel int64 values; the host slice is
+                // pageable memory, which an asynchronous copy stages before it returns (so `v`
+                // may go at once, and no synchronisation waits for the previous run)
                 unsafe {
-                    cudarc::driver::result::memcpy_dtod_async(
-                        dst,
-                        src,
-                        v.len() * 8,
-                        dev.stream.cu_stream(),
-                    )
+                    cudarc::driver::result::memcpy_htod_async(dst, v, dev.stream.cu_stream())
                 }
-                .map_err(|e| gpu_err("copy", e))?;
-                dev.stream.synchronize().map_err(|e| gpu_err("sync", e))?;
+                .map_err(|e| gpu_err("upload", e))?;
                 continue;
             }
             let v = inputs
@@ -1561,6 +1661,26 @@ impl GpuProgram {
         let g = dev
             .stream
             .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        if g.is_err() {
+            // cudarc may refuse before ending the capture (an error an earlier call left on the
+            // context): end it here, or the stream stays capturing and nothing runs on it again
+            // SAFETY: the device's own stream; a graph returned is destroyed at once.
+            unsafe {
+                use cudarc::driver::sys::CUstreamCaptureStatus as S;
+                if !matches!(
+                    cudarc::driver::result::stream::is_capturing(dev.stream.cu_stream()),
+                    Ok(S::CU_STREAM_CAPTURE_STATUS_NONE)
+                ) {
+                    if let Ok(graph) =
+                        cudarc::driver::result::stream::end_capture(dev.stream.cu_stream())
+                    {
+                        if !graph.is_null() {
+                            let _ = cudarc::driver::result::graph::destroy(graph);
+                        }
+                    }
+                }
+            }
+        }
         // an error while capturing invalidates the capture: report the first one
         r?;
         let g = g.map_err(|e| gpu_err("end capture", e))?;
@@ -1640,14 +1760,22 @@ impl GpuProgram {
             .wait(&slot.computed)
             .map_err(|e| gpu_err("wait", e))?;
         let slot = &mut self.slots[k];
+        let mut queued = Ok(());
         for o in 0..slot.staging.len() {
-            dev.copy
+            queued = dev
+                .copy
                 .memcpy_dtoh(&slot.staging[o], &mut slot.pinned[o])
-                .map_err(|e| gpu_err("download", e))?;
+                .map_err(|e| gpu_err("download", e));
+            if queued.is_err() {
+                break;
+            }
         }
+        // recorded after whatever copies were queued, also when one failed: the event is what
+        // `Drop` waits on before the buffers go
         slot.copied
             .record(&dev.copy)
             .map_err(|e| gpu_err("record", e))?;
+        queued?;
         slot.pending = true;
         Ok(())
     }
@@ -1739,13 +1867,8 @@ fn launch_op(dev: &CudaDevice, l: &Launch) -> Result<(), EngineError> {
             l.kernel
         )));
     }
-    if l.opt_in {
-        f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            l.smem as i32,
-        )
-        .map_err(|e| gpu_err("shared memory", e))?;
-    }
+    // shared memory above 48 KiB (`l.opt_in`) was opened at load for every kernel that may need
+    // it, up to what this GPU allows (check_launchable)
     let cfg = LaunchConfig {
         grid_dim: l.grid,
         block_dim: l.block,
@@ -1784,9 +1907,11 @@ mod tests {
         );
         let e = check_versions((9, 0), 12080, (12, 8)).unwrap_err();
         assert!(e.contains("CUDA 13.0") && e.contains("12.8"), "{e}");
-        let e = check_versions((9, 0), 13000, (13, 2)).unwrap_err();
+        // a newer CUDA 13 NVRTC's cubins run on a CUDA 13.0 driver (minor-version compatibility)
+        assert_eq!(check_versions((9, 0), 13000, (13, 2)), Ok(()));
+        let e = check_versions((9, 0), 13000, (14, 0)).unwrap_err();
         assert!(
-            e.contains("NVRTC 13.2") && e.contains("nvidia-cuda-nvrtc==13.0.*"),
+            e.contains("NVRTC 14.0") && e.contains("nvidia-cuda-nvrtc==13.*"),
             "{e}"
         );
     }

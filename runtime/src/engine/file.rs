@@ -383,7 +383,21 @@ impl CudaSession {
         }
         let (gp, calls) = self.programs.get_mut(&key).expect("inserted");
         if *calls == 1 && !gp.captured() {
-            gp.capture(&self.dev)?;
+            // a launch this driver or library will not capture costs the graph, not the run:
+            // the program keeps running its launches one by one (the second call is the only
+            // capture attempt)
+            if let Err(e) = gp.capture(&self.dev) {
+                self.dev.stream.synchronize().map_err(|s| {
+                    EngineError::Graph(format!(
+                        "{}: CUDA graph capture failed ({e}) and the GPU did not recover ({s:?})",
+                        self.name
+                    ))
+                })?;
+                eprintln!(
+                    "warning: {}: CUDA graph capture failed ({e}); its launches run one by one",
+                    self.name
+                );
+            }
         }
         *calls += 1;
         let f: Vec<(&str, &[f32])> = inputs.iter().map(|i| (i.0, i.2)).collect();
