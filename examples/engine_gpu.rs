@@ -14,7 +14,8 @@
 //! engine in float32 and float16,
 //! eagerly and replayed from a captured CUDA graph, with the activations poisoned (NaN) before
 //! each run, and compares. Tolerances: float32 max |Δ| ≤ 1e-4 · max |ref|; float16 max |Δ| ≤
-//! 3e-2 · max |ref| and cosine ≥ 0.999. Exits non-zero on a miss. Without `--graphs` it checks
+//! 1e-2 · max |ref| and cosine ≥ 0.9999 (the CUDA emulator gives at most 2.7e-3 and 0.999997 on
+//! the full architecture, tests/engine_emu.rs). Exits non-zero on a miss. Without `--graphs` it checks
 //! every graph the folder has; a graph named in `--graphs` must be there.
 //!
 //! `bench` times one UNet call (a CFG step: batch 2) in float16 with CUDA-graph replay and
@@ -303,8 +304,8 @@ fn check(a: &Args) -> Res<bool> {
                             Precision::Fp32 => st.nonfinite == 0 && st.max_rel_to_ref_max <= 1e-4,
                             Precision::Fp16 => {
                                 st.nonfinite == 0
-                                    && st.max_rel_to_ref_max <= 3e-2
-                                    && st.cosine >= 0.999
+                                    && st.max_rel_to_ref_max <= 1e-2
+                                    && st.cosine >= 0.9999
                             }
                         };
                         ok &= pass;

@@ -28,7 +28,7 @@ pub fn run(
         match &b.kind {
             BufferKind::Input(name) => {
                 if let Some(v) = inputs.get(name) {
-                    f[k] = v.clone();
+                    f[k] = p.host_input(name, v).into_owned();
                 } else if let Some(v) = ids.get(name) {
                     i[k] = v.clone();
                 } else {
@@ -524,6 +524,7 @@ mod tests {
                 k: 2,
             }],
             inputs: vec![("x".into(), DevTensor::new(0, vec![1, 2]))],
+            input_transforms: Vec::new(),
             outputs: vec![("y".into(), DevTensor::new(3, vec![1, 2]))],
             nodes: 1,
         };

@@ -127,6 +127,7 @@ impl<'e> EmuProgram<'e> {
                 .find(|(n, _)| *n == name)
                 .ok_or_else(|| err(format!("input {name} not given")))?
                 .1;
+            let v = &*self.program.host_input(&name, v);
             if v.len() != t.numel() {
                 return Err(err(format!("input {name}: {} values", v.len())));
             }

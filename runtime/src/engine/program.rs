@@ -909,10 +909,149 @@ pub struct Program {
     pub steps: Vec<Step>,
     /// Graph inputs: name and buffer (in graph order).
     pub inputs: Vec<(String, DevTensor)>,
+    /// Inputs whose buffer holds a function of the given values, computed on the host in
+    /// float32 by the executors before upload ([`Program::host_input`]).
+    pub input_transforms: Vec<(String, Sinusoid)>,
     /// Graph outputs: name and tensor.
     pub outputs: Vec<(String, DevTensor)>,
     /// Nodes of the source graph, for reports.
     pub nodes: usize,
+}
+
+/// The sinusoidal timestep embedding `concat(cos(t·f), sin(t·f))` (or sin first) of a `[B]`
+/// input, row by row: `[B, 2·freqs]`. The UNet computes it in float32 (diffusers, and the
+/// exported graph); in a float16 engine the product `t·f` would round to 0.5 near t = 1000 (a
+/// quarter radian of phase), so the engine takes it from the host, in float32, as the rest of
+/// the graph takes its inputs (cast to the engine's type on upload).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sinusoid {
+    pub freqs: Vec<f32>,
+    pub cos_first: bool,
+}
+
+impl Sinusoid {
+    /// Float32 as ONNX Runtime computes the graph: the product rounded to float32, then its
+    /// sine and cosine.
+    pub fn apply(&self, t: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(t.len() * 2 * self.freqs.len());
+        for &ti in t {
+            let a = || self.freqs.iter().map(move |&f| (ti * f) as f64);
+            let (sin, cos) = (a().map(|x| x.sin() as f32), a().map(|x| x.cos() as f32));
+            if self.cos_first {
+                out.extend(cos);
+                out.extend(sin);
+            } else {
+                out.extend(sin);
+                out.extend(cos);
+            }
+        }
+        out
+    }
+}
+
+impl Program {
+    /// The values to upload into input `name`'s buffer for the given `values`: transformed on
+    /// the host where the program says so, else as they are.
+    pub fn host_input<'a>(&self, name: &str, values: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match self.input_transforms.iter().find(|(n, _)| n == name) {
+            Some((_, s)) => std::borrow::Cow::Owned(s.apply(values)),
+            None => std::borrow::Cow::Borrowed(values),
+        }
+    }
+}
+
+/// The timestep embedding's nodes, if the graph computes it from one `[B]` input exactly as the
+/// exporter writes it: `Unsqueeze(t, [1])`, `Mul` by a `[1, half]` (or `[half]`) constant, `Sin`
+/// and `Cos` of the product, `Concat` of the two on axis 1, with no other use of the input or
+/// of the intermediate values. Returns the input, the Concat's output, the transform and the
+/// nodes it replaces.
+fn find_sinusoid(
+    g: &motionrt_onnx::proto::GraphProto,
+    p: &mut Planner<'_>,
+    input_shapes: &[(&str, Vec<usize>)],
+) -> Option<(String, String, Sinusoid, Vec<usize>)> {
+    let mut users: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (k, n) in g.node.iter().enumerate() {
+        for i in &n.input {
+            users.entry(i.as_str()).or_default().push(k);
+        }
+    }
+    let outputs: Vec<&str> = g.output.iter().map(|o| o.name.as_str()).collect();
+    // the single node using `name` (which is no graph output), of type `op`
+    let only = |name: &str, op: &str| -> Option<usize> {
+        match users.get(name).map(Vec::as_slice) {
+            Some([k]) if g.node[*k].op_type == op && !outputs.contains(&name) => Some(*k),
+            _ => None,
+        }
+    };
+    for i in &g.input {
+        let rank1 = input_shapes
+            .iter()
+            .any(|(n, s)| *n == i.name && s.len() == 1);
+        if !rank1 || p.inits.contains_key(i.name.as_str()) {
+            continue;
+        }
+        let Some(ku) = only(&i.name, "Unsqueeze") else {
+            continue;
+        };
+        let u = &g.node[ku];
+        let axes = match attr_ints(u, "axes") {
+            Some(a) => a,
+            None => match p.value(u.input.get(1)?).ok()?? {
+                Value::Host(h) => match &h.data {
+                    HostData::I64(a) => a.clone(),
+                    _ => continue,
+                },
+                Value::Dev(_) => continue,
+            },
+        };
+        if axes != [1] && axes != [-1] {
+            continue;
+        }
+        let Some(km) = only(&u.output[0], "Mul") else {
+            continue;
+        };
+        let m = &g.node[km];
+        let other = if m.input[0] == u.output[0] {
+            &m.input[1]
+        } else {
+            &m.input[0]
+        };
+        let freqs = match p.value(other).ok()?? {
+            Value::Host(h) => match (&h.data, h.shape.as_slice()) {
+                (HostData::F32(f), [1, n] | [n]) if *n == f.len() => f.clone(),
+                _ => continue,
+            },
+            Value::Dev(_) => continue,
+        };
+        let mo = &m.output[0];
+        let (ks, kc) = match users.get(mo.as_str()).map(Vec::as_slice) {
+            Some([a, b]) if !outputs.contains(&mo.as_str()) => {
+                match (g.node[*a].op_type.as_str(), g.node[*b].op_type.as_str()) {
+                    ("Sin", "Cos") => (*a, *b),
+                    ("Cos", "Sin") => (*b, *a),
+                    _ => continue,
+                }
+            }
+            _ => continue,
+        };
+        let (so, co) = (&g.node[ks].output[0], &g.node[kc].output[0]);
+        let (Some(kk), Some(kk2)) = (only(so, "Concat"), only(co, "Concat")) else {
+            continue;
+        };
+        let k = &g.node[kk];
+        if kk != kk2 || k.input.len() != 2 || !matches!(attr_i(k, "axis", 0), 1 | -1) {
+            continue;
+        }
+        let cos_first = k.input[0] == *co;
+        return Some((
+            i.name.clone(),
+            k.output[0].clone(),
+            Sinusoid { freqs, cos_first },
+            vec![ku, km, ks, kc, kk],
+        ));
+    }
+    None
 }
 
 /// Reads initializers' values (the planner needs int64 shape constants and the float tables it
@@ -2378,10 +2517,31 @@ pub fn compile(
     for o in &g.output {
         *p.readers.entry(o.name.clone()).or_default() += 1;
     }
+    let sinusoid = find_sinusoid(g, &mut p, input_shapes);
+    let mut input_transforms = Vec::new();
     let mut inputs = Vec::new();
     for i in &g.input {
         if p.inits.contains_key(i.name.as_str()) {
             continue;
+        }
+        if let Some((name, out, s, _)) = &sinusoid {
+            if *name == i.name {
+                let b = input_shapes
+                    .iter()
+                    .find(|(n, _)| *n == i.name)
+                    .map_or(1, |(_, s)| s[0]);
+                let shape = vec![b, 2 * s.freqs.len()];
+                let buf = p.new_buf(
+                    shape.iter().product(),
+                    DType::Float,
+                    BufferKind::Input(i.name.clone()),
+                );
+                let t = DevTensor::new(buf, shape);
+                p.values.insert(out.clone(), Value::Dev(t.clone()));
+                inputs.push((i.name.clone(), t));
+                input_transforms.push((name.clone(), s.clone()));
+                continue;
+            }
         }
         let shape = input_shapes
             .iter()
@@ -2409,8 +2569,11 @@ pub fn compile(
         p.values.insert(i.name.clone(), Value::Dev(t.clone()));
         inputs.push((i.name.clone(), t));
     }
-    for node in &g.node {
-        p.node(node)?;
+    let skip = sinusoid.map(|s| s.3).unwrap_or_default();
+    for (k, node) in g.node.iter().enumerate() {
+        if !skip.contains(&k) {
+            p.node(node)?;
+        }
     }
     let mut outputs = Vec::new();
     for o in &g.output {
@@ -2432,6 +2595,7 @@ pub fn compile(
         buffers: p.buffers,
         steps: p.steps,
         inputs,
+        input_transforms,
         outputs,
         nodes: g.node.len(),
     })
@@ -2676,6 +2840,7 @@ mod tests {
                 .collect(),
             steps,
             inputs: vec![],
+            input_transforms: Vec::new(),
             outputs: outputs
                 .iter()
                 .map(|&b| (format!("o{b}"), DevTensor::new(b, vec![1])))
@@ -2890,6 +3055,77 @@ mod tests {
         );
         let e = compile(&m, &[("ids", vec![2, 3])], &Inline, Layout::Nhwc).unwrap_err();
         assert!(e.to_string().contains("integer and float"), "{e}");
+    }
+
+    #[test]
+    fn the_timestep_embedding_is_computed_on_the_host_in_float32() {
+        use motionrt_onnx::{attr_int, tensor_f32, tensor_i64};
+        let half = 4;
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| (-(10000f32).ln() * i as f32 / half as f32).exp())
+            .collect();
+        // the exporter's pattern, then something that uses the embedding
+        let model = |extra_use: bool| {
+            let mut nodes = vec![
+                node("Unsqueeze", &["t", "axes"], "u", vec![]),
+                node("Mul", &["u", "f"], "m", vec![]),
+                node("Sin", &["m"], "s", vec![]),
+                node("Cos", &["m"], "c", vec![]),
+                node("Concat", &["c", "s"], "e", vec![attr_int("axis", 1)]),
+                node("Neg", &["e"], "y", vec![]),
+            ];
+            if extra_use {
+                // the product is used again: the pattern is not the exporter's, nothing moves
+                nodes.push(node("Neg", &["m"], "y2", vec![]));
+            }
+            graph(
+                nodes,
+                &["t"],
+                &[],
+                vec![
+                    tensor_i64("axes", &[1], &[1]),
+                    tensor_f32("f", &[1, half as i64], &freqs),
+                ],
+                "y",
+            )
+        };
+        let t = vec![981.0f32, 20.5];
+        let want: Vec<f32> = t
+            .iter()
+            .flat_map(|&ti| {
+                let a: Vec<f64> = freqs.iter().map(|&f| (ti * f) as f64).collect();
+                let cos = a.iter().map(|x| -(x.cos() as f32)).collect::<Vec<_>>();
+                let sin = a.iter().map(|x| -(x.sin() as f32)).collect::<Vec<_>>();
+                [cos, sin].concat()
+            })
+            .collect();
+        let inputs: HashMap<String, Vec<f32>> = [("t".to_string(), t)].into();
+        for extra in [false, true] {
+            let p = compile(&model(extra), &[("t", vec![2])], &Inline, Layout::Nhwc).unwrap();
+            assert_eq!(p.input_transforms.len(), usize::from(!extra), "{extra}");
+            let sincos = p
+                .steps
+                .iter()
+                .filter(|s| {
+                    matches!(
+                        s,
+                        Step::Unary {
+                            op: UnaryOp::Sin | UnaryOp::Cos,
+                            ..
+                        }
+                    )
+                })
+                .count();
+            assert_eq!(sincos, if extra { 2 } else { 0 });
+            let out = super::super::cpu_exec::run(&p, &inputs, &HashMap::new(), &|n: &str| {
+                Err(err(format!("no weight {n}")))
+            })
+            .unwrap();
+            assert_eq!(out[0].1, vec![2, 2 * half]);
+            for (g, w) in out[0].2.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-6, "{extra}: {g} vs {w}");
+            }
+        }
     }
 
     #[test]
