@@ -693,6 +693,8 @@ fn generate(
             eprintln!("warning: the timing cache was not written: {e}");
         }
     }
+    // on the native engine, programs are made on first use, inside the stages' times
+    let programs_s = pipe.engine_program_load_seconds();
     let tm = &video.timings;
     let mut steps = tm.steps.clone();
     steps.sort_by(f64::total_cmp);
@@ -707,6 +709,7 @@ fn generate(
                 "width": video.width,
                 "timings_s": {
                     "load": pipe.load_seconds,
+                    "engine_programs": programs_s,
                     "text_encoder": tm.text_encoder,
                     "denoise": tm.denoise,
                     "step_median": step_median,
@@ -741,6 +744,11 @@ fn generate(
             tm.vae_decode,
             write_s
         );
+        if let Some(p) = programs_s {
+            println!(
+                "  (the engine made its programs on first use: {p:.2} s of compiling, weight upload and algorithm timing inside the stages above)"
+            );
+        }
     }
     Ok(())
 }

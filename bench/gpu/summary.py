@@ -118,6 +118,14 @@ def main():
     if text is not None or run:
         print(f"full engine: build {fmt(build_s, ' s', 0)}; pipeline (16 frames 512x512, CFG) "
               f"timings: {json.dumps(run.get('timings_s')) if run else 'missing'}")
+    bf = load(os.path.join(a.res, "bench_full_engine.json"))
+    if bf:
+        st = bf.get("stages", {})
+        med = lambda k: (st.get(k) or {}).get("stats") and st[k]["stats"].get("median")
+        mem = (bf.get("memory") or {}).get("peak_device_bytes")
+        print(f"bench --engine (pipeline): unet_step median {fmt(med('unet_step') and med('unet_step') * 1e3, ' ms')}, "
+              f"vae_decode {fmt(med('vae_decode'), ' s', 2)}, end_to_end {fmt(med('end_to_end'), ' s', 2)}, "
+              f"load {json.dumps(bf.get('load_s'))}, device memory {fmt(mem and mem / 2**20, ' MiB', 0)}")
     rebuild = os.path.join(a.res, "full_rebuild.txt")
     if os.path.exists(rebuild):
         print(open(rebuild).read().strip())

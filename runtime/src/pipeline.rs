@@ -386,6 +386,47 @@ impl Pipeline {
         Some((precision, used))
     }
 
+    /// On the native engine: seconds spent so far making its programs (compile, weight upload,
+    /// algorithm timing), which happens on each graph's first call at each input shape, so
+    /// inside the stage timings of the run that made them. `None` on ONNX Runtime.
+    pub fn engine_program_load_seconds(&mut self) -> Option<f64> {
+        self.engine.as_ref()?;
+        Some(self.cuda_sessions().map(|s| s.program_load_seconds).sum())
+    }
+
+    /// On the native engine: make every program a generation with `o` runs (text encoder, UNet,
+    /// VAE, at their shapes) and capture their CUDA graphs, by generating once with one
+    /// denoising step and discarding the frames, so that the next generation with these
+    /// settings runs as fast as any later one. Nothing to do on ONNX Runtime.
+    pub fn prepare(&mut self, o: &GenerateOptions) -> Result<()> {
+        if self.engine.is_none() {
+            return Ok(());
+        }
+        let one = GenerateOptions {
+            steps: 1,
+            ..o.clone()
+        };
+        self.validate(&one)?;
+        let ctx = self.text_context(&one, &mut |_| {})?;
+        let latents = self.denoise(&one, &ctx, &mut Timings::default(), &mut |_| {})?;
+        let (f, h, w) = self.latent_dims(&one);
+        self.decode_to(
+            &latents,
+            f,
+            h,
+            w,
+            one.decode_chunk,
+            &mut |_| {},
+            &mut |_| Ok(()),
+        )?;
+        let dir = self.info.dir.clone();
+        for s in self.cuda_sessions() {
+            s.capture_loaded()
+                .map_err(|e| model_err(&dir, e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// On the native engine, every algorithm its graphs have now (the engine's and those timed
     /// during this run); `None` on ONNX Runtime.
     pub fn tactics(&mut self) -> Option<crate::engine::exec::TacticCache> {
@@ -918,6 +959,7 @@ impl Pipeline {
         let pad = matches!(self.vae, GraphSession::Cuda(_)) && f > chunk;
         let starts: Vec<usize> = (0..f).step_by(chunk).collect();
         let mut pending = std::collections::VecDeque::new();
+        let mut result = Ok(());
         for &start in &starts {
             let m = chunk.min(f - start);
             let mut z = slice(start, m);
@@ -926,20 +968,35 @@ impl Pipeline {
             for _ in m..run {
                 z.extend_from_slice(&last);
             }
-            let p = self
+            match self
                 .vae
-                .submit(&[("latent", Input::F32(&[run, c, h, w], &z))])?;
-            pending.push_back((start, m, run, p));
+                .submit(&[("latent", Input::F32(&[run, c, h, w], &z))])
+            {
+                Ok(p) => pending.push_back((start, m, run, p)),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
             // Keep one run in flight ahead of the one being collected.
             if pending.len() == 2 {
                 let (start, m, run, p) = pending.pop_front().expect("two pending");
-                self.take_decoded((start, m, run), f, p, events, sink)?;
+                result = self.take_decoded((start, m, run), f, p, events, sink);
+                if result.is_err() {
+                    break;
+                }
             }
         }
+        // after an error, the run still in flight is collected and dropped: on the native
+        // engine its output slot would otherwise stay taken for later decodes
         while let Some((start, m, run, p)) = pending.pop_front() {
-            self.take_decoded((start, m, run), f, p, events, sink)?;
+            if result.is_ok() {
+                result = self.take_decoded((start, m, run), f, p, events, sink);
+            } else {
+                let _ = self.vae.collect(p);
+            }
         }
-        Ok(())
+        result
     }
 
     /// Hand frames `start..start + m` of a decode of `run` frames (the rest padding) to `sink`.

@@ -963,6 +963,9 @@ pub struct GpuProgram {
     /// while the next run computes.
     slots: Vec<OutSlot>,
     graph: Option<CudaGraph>,
+    /// Whether its launches ran once eagerly (every kernel and library routine they reach is
+    /// then loaded, and capture need not run them first).
+    ran_eagerly: bool,
     /// Bytes of weights this program uploaded (those it shares with programs loaded before it
     /// are not counted again).
     pub weight_bytes: usize,
@@ -1078,6 +1081,7 @@ impl GpuProgram {
             staging_in,
             slots: Vec::new(),
             graph: None,
+            ran_eagerly: false,
             weight_bytes,
         };
         me.prepare_convs(dev, tactics)?;
@@ -1620,6 +1624,7 @@ impl GpuProgram {
                 .find(|(n, _)| n == name)
                 .ok_or_else(|| EngineError::Graph(format!("input {name} not given")))?
                 .1;
+            let v = &*self.program.host_input(name, v);
             if v.len() != t.numel() {
                 return Err(EngineError::Graph(format!(
                     "input {name}: {} values, expected {:?}",
@@ -1644,13 +1649,22 @@ impl GpuProgram {
     pub fn execute(&mut self, dev: &CudaDevice) -> Result<(), EngineError> {
         match &self.graph {
             Some(g) => g.launch().map_err(|e| gpu_err("graph launch", e)),
-            None => self.enqueue(dev),
+            None => {
+                self.enqueue(dev)?;
+                self.ran_eagerly = true;
+                Ok(())
+            }
         }
     }
 
     /// Capture the step sequence in a CUDA graph (after one eager run has loaded every kernel).
     pub fn capture(&mut self, dev: &CudaDevice) -> Result<(), EngineError> {
-        self.enqueue(dev)?;
+        // lazily loaded kernels (CUDA's lazy module loading, cuBLAS/cuDNN routines) load on a
+        // first eager run, not inside a capture: one, unless the program ran already
+        if !self.ran_eagerly {
+            self.enqueue(dev)?;
+            self.ran_eagerly = true;
+        }
         dev.stream.synchronize().map_err(|e| gpu_err("sync", e))?;
         dev.stream
             .begin_capture(

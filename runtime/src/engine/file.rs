@@ -174,10 +174,13 @@ pub fn read_manifest(dir: &Path) -> Result<EngineManifest, EngineError> {
     Ok(m)
 }
 
-/// The engine's weights (`weights.safetensors`), held in memory.
+/// The engine's weights (`weights.safetensors`), held in memory; the header is parsed once.
 pub struct EngineWeights {
     path: PathBuf,
     bytes: Vec<u8>,
+    meta: safetensors::tensor::Metadata,
+    /// Where the tensors' data starts in `bytes` (after the length and the header).
+    data_start: usize,
 }
 
 impl EngineWeights {
@@ -187,21 +190,28 @@ impl EngineWeights {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| EngineError::File {
-            path: path.clone(),
-            message: format!("not a safetensors file: {e}"),
-        })?;
-        Ok(Self { path, bytes })
+        let (n, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| EngineError::File {
+                path: path.clone(),
+                message: format!("not a safetensors file: {e}"),
+            })?;
+        Ok(Self {
+            path,
+            bytes,
+            meta,
+            data_start: 8 + n,
+        })
     }
 
     pub fn get(&self, name: &str) -> Result<WeightData, EngineError> {
-        let st = safetensors::SafeTensors::deserialize(&self.bytes).expect("checked in open");
-        let t = st.tensor(name).map_err(|e| EngineError::File {
+        let t = self.meta.info(name).ok_or_else(|| EngineError::File {
             path: self.path.clone(),
-            message: format!("tensor {name}: {e}"),
+            message: format!("tensor {name}: not in the engine's weights"),
         })?;
-        let d = t.data();
-        Ok(match t.dtype() {
+        // read_metadata checked that every tensor's range lies in the file
+        let (a, b) = t.data_offsets;
+        let d = &self.bytes[self.data_start + a..self.data_start + b];
+        Ok(match t.dtype {
             safetensors::Dtype::F16 => WeightData::F16(
                 d.chunks_exact(2)
                     .map(|c| u16::from_le_bytes([c[0], c[1]]))
@@ -305,6 +315,24 @@ pub struct CudaSession {
     programs: HashMap<Vec<Vec<usize>>, (GpuProgram, usize)>,
     /// The graph's weights on the device, shared by its programs (one per input shapes).
     store: Rc<RefCell<WeightStore>>,
+    /// Seconds spent making programs (compile, weight upload, algorithm timing), which happens
+    /// on the first call at each input shape.
+    pub program_load_seconds: f64,
+}
+
+/// Capture `gp`'s launches in a CUDA graph; a capture that fails leaves the program running
+/// its launches one by one, with a warning (a launch this driver or library will not capture
+/// costs the graph, not the run).
+fn capture_or_warn(dev: &CudaDevice, name: &str, gp: &mut GpuProgram) -> Result<(), EngineError> {
+    if let Err(e) = gp.capture(dev) {
+        dev.stream.synchronize().map_err(|s| {
+            EngineError::Graph(format!(
+                "{name}: CUDA graph capture failed ({e}) and the GPU did not recover ({s:?})"
+            ))
+        })?;
+        eprintln!("warning: {name}: CUDA graph capture failed ({e}); its launches run one by one");
+    }
+    Ok(())
 }
 
 impl CudaSession {
@@ -326,6 +354,7 @@ impl CudaSession {
             tactics: m.tactics.clone(),
             programs: HashMap::new(),
             store: WeightStore::shared(),
+            program_load_seconds: 0.0,
         })
     }
 
@@ -361,6 +390,7 @@ impl CudaSession {
         let mut key: Vec<Vec<usize>> = inputs.iter().map(|i| i.1.to_vec()).collect();
         key.extend(ids.iter().map(|i| i.1.to_vec()));
         if !self.programs.contains_key(&key) {
+            let t = std::time::Instant::now();
             let shapes: Vec<(&str, Vec<usize>)> = inputs
                 .iter()
                 .map(|i| (i.0, i.1.to_vec()))
@@ -379,31 +409,37 @@ impl CudaSession {
                 true,
                 self.store.clone(),
             )?;
+            self.dev
+                .stream
+                .synchronize()
+                .map_err(|e| EngineError::Graph(format!("{}: loading: {e:?}", self.name)))?;
+            self.program_load_seconds += t.elapsed().as_secs_f64();
             self.programs.insert(key.clone(), (gp, 0));
         }
         let (gp, calls) = self.programs.get_mut(&key).expect("inserted");
+        // the first call runs eagerly (loading what loads lazily), the second captures (its
+        // only attempt) and replays
         if *calls == 1 && !gp.captured() {
-            // a launch this driver or library will not capture costs the graph, not the run:
-            // the program keeps running its launches one by one (the second call is the only
-            // capture attempt)
-            if let Err(e) = gp.capture(&self.dev) {
-                self.dev.stream.synchronize().map_err(|s| {
-                    EngineError::Graph(format!(
-                        "{}: CUDA graph capture failed ({e}) and the GPU did not recover ({s:?})",
-                        self.name
-                    ))
-                })?;
-                eprintln!(
-                    "warning: {}: CUDA graph capture failed ({e}); its launches run one by one",
-                    self.name
-                );
-            }
+            capture_or_warn(&self.dev, &self.name, gp)?;
         }
         *calls += 1;
         let f: Vec<(&str, &[f32])> = inputs.iter().map(|i| (i.0, i.2)).collect();
         let i: Vec<(&str, &[i64])> = ids.iter().map(|i| (i.0, i.2)).collect();
         let slot = gp.submit(&self.dev, &f, &i)?;
         Ok(Ticket { key, slot })
+    }
+
+    /// Capture the CUDA graph of every program that has run once and not been captured (so
+    /// that its next call replays it).
+    pub fn capture_loaded(&mut self) -> Result<(), EngineError> {
+        for (gp, calls) in self.programs.values_mut() {
+            // (a program past its second call had its one capture attempt)
+            if *calls == 1 && !gp.captured() {
+                capture_or_warn(&self.dev, &self.name, gp)?;
+                *calls = 2;
+            }
+        }
+        Ok(())
     }
 
     /// Wait for a submitted run's outputs (in pinned host memory) and return them.
