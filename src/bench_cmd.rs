@@ -377,6 +377,15 @@ fn bench_pipeline(
     }
     let mut total_load = pipe.load_seconds;
     if pipe.engine_device().is_some() {
+        let untuned = pipe.untuned_shapes(&base);
+        if !untuned.is_empty() {
+            bar.suspend(|| {
+                eprintln!(
+                    "note: {}: their algorithms are timed while preparing (in load_s.prepare)",
+                    untuned.join("; ")
+                )
+            });
+        }
         // the engine makes its programs (compile, weight upload, algorithm timing) on their
         // first call and captures their graphs on the second: both here, once, as loading
         bar.set_message("preparing");

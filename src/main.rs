@@ -643,6 +643,18 @@ fn generate(
     )
     .with_context(|| format!("loading {}", model.display()))?;
     pipe.validate(opts)?;
+    let untuned = pipe.untuned_shapes(opts);
+    if !untuned.is_empty() {
+        eprintln!(
+            "note: {}: their algorithms are timed on first use{}",
+            untuned.join("; "),
+            if timing_cache.is_some() {
+                ""
+            } else {
+                " (--timing-cache FILE keeps them for later runs)"
+            }
+        );
+    }
     if let Some(p) = timing_cache.filter(|p| p.exists()) {
         let c = RunTimingCache::read(p)?;
         if Some(&c.device) == pipe.engine_device() {

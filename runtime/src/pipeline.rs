@@ -335,6 +335,45 @@ pub struct Pipeline {
     pub load_times: Vec<(&'static str, f64)>,
 }
 
+/// [`Pipeline::untuned_shapes`] for an engine tuned at `opt` with `vae_chunk` frames per VAE call
+/// (latents `scale` times smaller than the pixels).
+fn untuned_shapes(
+    opt: &engine_file::Profile,
+    vae_chunk: usize,
+    scale: usize,
+    o: &GenerateOptions,
+) -> Vec<String> {
+    let s = scale.max(1);
+    let mut out = Vec::new();
+    let cfg = o.guidance > 1.0;
+    let tuned_unet =
+        (1, o.frames, o.height / s, o.width / s) == (opt.batch, opt.frames, opt.height, opt.width);
+    if !tuned_unet || !cfg {
+        out.push(format!(
+            "the UNet at {} frames {}×{}{} (tuned: {} frames {}×{} with guidance)",
+            o.frames,
+            o.width,
+            o.height,
+            if cfg { "" } else { " without guidance" },
+            opt.frames,
+            opt.width * s,
+            opt.height * s
+        ));
+    }
+    let per_call = o.frames.min(o.decode_chunk.max(1));
+    let tuned = vae_chunk.min(opt.frames);
+    if per_call != tuned || (o.height / s, o.width / s) != (opt.height, opt.width) {
+        out.push(format!(
+            "the VAE decoding {per_call} frames {}×{} per call (tuned: {tuned} frames {}×{}; --decode-chunk, build --vae-chunk)",
+            o.width,
+            o.height,
+            opt.width * s,
+            opt.height * s
+        ));
+    }
+    out
+}
+
 fn count_nonfinite(v: &[f32]) -> usize {
     v.iter().filter(|x| !x.is_finite()).count()
 }
@@ -384,6 +423,21 @@ impl Pipeline {
             .map(|(free, total)| total.saturating_sub(free) as u64)
             .map_err(|err| model_err(&e.dir, format!("cuMemGetInfo: {err}")));
         Some((precision, used))
+    }
+
+    /// On the native engine: what a generation with `o` runs at shapes the engine's algorithms
+    /// were not timed for at build (its `--opt-shape` with guidance, its `--vae-chunk`), whose
+    /// algorithms are then timed on first use. Empty on ONNX Runtime and at the tuned shapes.
+    pub fn untuned_shapes(&self, o: &GenerateOptions) -> Vec<String> {
+        let Some(e) = &self.engine else {
+            return Vec::new();
+        };
+        untuned_shapes(
+            &e.manifest.profiles.opt,
+            e.manifest.vae_chunk,
+            self.info.latent_scale,
+            o,
+        )
     }
 
     /// On the native engine: seconds spent so far making its programs (compile, weight upload,
@@ -1046,5 +1100,63 @@ impl Pipeline {
             total: f,
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_the_engine_was_not_tuned_for_are_named() {
+        let opt = engine_file::Profile {
+            batch: 1,
+            frames: 16,
+            height: 64,
+            width: 64,
+        };
+        let o = GenerateOptions {
+            frames: 16,
+            height: 512,
+            width: 512,
+            guidance: 7.5,
+            decode_chunk: 4,
+            ..Default::default()
+        };
+        // the build's opt shape, with guidance, 4 frames per VAE call as built
+        assert!(untuned_shapes(&opt, 4, 8, &o).is_empty());
+        // a VAE built for 16 frames a call, decoded 4 at a time
+        let n = untuned_shapes(&opt, 16, 8, &o);
+        assert!(
+            n.len() == 1 && n[0].contains("VAE decoding 4 frames"),
+            "{n:?}"
+        );
+        // guidance off halves the UNet's batch
+        let n = untuned_shapes(
+            &opt,
+            4,
+            8,
+            &GenerateOptions {
+                guidance: 1.0,
+                ..o.clone()
+            },
+        );
+        assert!(n.len() == 1 && n[0].contains("without guidance"), "{n:?}");
+        // another frame count: the UNet, and (fewer frames than a chunk) the VAE too
+        let n = untuned_shapes(
+            &opt,
+            16,
+            8,
+            &GenerateOptions {
+                frames: 8,
+                decode_chunk: 16,
+                ..o.clone()
+            },
+        );
+        assert_eq!(n.len(), 2, "{n:?}");
+        assert!(
+            n[0].contains("UNet at 8 frames 512×512") && n[1].contains("8 frames"),
+            "{n:?}"
+        );
     }
 }
