@@ -253,9 +253,10 @@ enum Command {
     /// output: max abs error, max error relative to the reference's magnitude, mean error, cosine similarity,
     /// non-finite counts and pass/fail against --atol/--rtol; --mark-all finds the first diverging intermediate tensor.
     Compare(graph_tools::CompareArgs),
-    /// Build an engine for this machine's GPU from an exported model: fusions, layouts, fp16 weights, GEMM and
-    /// convolution algorithms timed on this GPU, a memory plan, all in one engine file keyed to this GPU, driver and
-    /// library versions (`motionrt run --engine`). --plan-only needs no GPU: it writes the fused graphs instead.
+    /// Build an engine for this machine's GPU from an exported model: fusions, layouts, weights converted once
+    /// (fp16 by default), GEMM and convolution algorithms timed on this GPU, a memory plan, in one engine folder keyed
+    /// to this GPU, driver and library versions (`motionrt run --engine`). --plan-only needs no GPU: it writes the
+    /// fused graphs instead.
     Build(build_cmd::BuildArgs),
     /// Report what this machine can run: the ONNX Runtime library, the CUDA driver and GPUs, and the CUDA
     /// libraries motionrt's GPU paths load (NVRTC, CUDA runtime, cuBLAS, cuBLASLt, cuDNN), each found or missing
@@ -649,7 +650,7 @@ fn generate(
             "note: {}: their algorithms are timed on first use{}",
             untuned.join("; "),
             if timing_cache.is_some() {
-                ""
+                ", unless the timing cache has them"
             } else {
                 " (--timing-cache FILE keeps them for later runs)"
             }

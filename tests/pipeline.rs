@@ -98,3 +98,48 @@ fn matches_animatediff_pipeline() {
         }
     }
 }
+
+/// A sink that fails on the first chunk stops the decode with its error; the run decoding the
+/// next chunk (in flight) is collected, so the pipeline decodes again afterwards.
+#[test]
+fn a_failing_frame_sink_stops_the_decode_and_the_pipeline_still_decodes() {
+    let e = export_pipeline(
+        &pipeline_fixtures().join("tiny"),
+        false,
+        Semantics::Diffusers,
+        Precision::Fp32,
+    );
+    let mut pipe = Pipeline::load(&e.dir.path().join("out"), &SessionOptions::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let m = manifest();
+    let opts = GenerateOptions {
+        prompt: "a cat".into(),
+        frames: m["frames"].as_u64().unwrap() as usize,
+        height: m["height"].as_u64().unwrap() as usize,
+        width: m["width"].as_u64().unwrap() as usize,
+        steps: 1,
+        ..Default::default()
+    };
+    assert!(opts.frames >= 2, "two chunks of one frame at least");
+    let ctx = pipe.text_context(&opts, &mut |_| {}).unwrap();
+    let mut t = Default::default();
+    let latents = pipe.denoise(&opts, &ctx, &mut t, &mut |_| {}).unwrap();
+    let (f, h, w) = pipe.latent_dims(&opts);
+    let mut seen = 0;
+    let r = pipe.decode_to(&latents, f, h, w, 1, &mut |_| {}, &mut |_| {
+        seen += 1;
+        Err(motionrt_runtime::pipeline::PipelineError::Options(
+            "the sink is full".into(),
+        ))
+    });
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("the sink is full"), "{e}");
+    assert_eq!(seen, 1, "nothing is handed to the sink after its error");
+    let mut frames = 0;
+    pipe.decode_to(&latents, f, h, w, 1, &mut |_| {}, &mut |c| {
+        frames += c.frames;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(frames, f);
+}

@@ -7,7 +7,7 @@
 #
 # then:  BIN=target/release bench/gpu/engine.sh [--stages S1,S2,..] [--layouts nhwc,nchw] [--no-ab]
 #
-# Stages, run in the order given (default: bench,torch,tiny,build,full-psnr,full-check), each under its own
+# Stages, run in the order given (default: bench,torch,tiny,build,pipeline,full-psnr,full-check), each under its own
 # time limit (STAGE_TIMEOUT seconds if set, else 300, torch 420, full-check 480; a stage that runs
 # out is reported and the next one starts), all within DEADLINE_S seconds of the start (default
 # 570, under the device's 10 minutes a call): a stage's limit is cut to what is left, and a stage
@@ -19,7 +19,8 @@
 #               CPU float32 (engine_gpu check); `motionrt build` twice with a timing cache
 #               (identical engines); `motionrt run --engine` vs `run` on ONNX Runtime: frames'
 #               PSNR >= 35 dB, also with a streamed decode whose last chunk is padded, and
-#               once without LD_LIBRARY_PATH (cuBLAS/cuDNN then loaded from the Python wheels)
+#               once with LD_LIBRARY_PATH as the machine set it, without the wheels' folders
+#               (cuBLAS/cuDNN then found by the probe's search of the Python packages)
 #   bench       [1.5-3 min] the full SD1.5 + AnimateDiff v2 UNet (random weights: synth_sd15
 #               --components, exported here once, ~1 min) at 16 frames 512x512, batch 2 (CFG):
 #               engine float16 per-step latency (CUDA graph and eager, per-step profile),
@@ -34,15 +35,19 @@
 #               float16); the CLIP text encoder; the VAE decoder at 512x512
 #   build       [2-3 min] `motionrt build` of the full engine (build time; FULL_REBUILD=1 builds
 #               twice and compares), then the whole pipeline from it: 16 frames 512x512, 8 DDIM
-#               steps, CFG, decoded 4 frames per VAE call (load time in its JSON), and
-#               `motionrt bench --engine` at the same settings; the engine is kept for full-psnr
+#               steps, CFG, decoded 4 frames per VAE call (load time in its JSON); the engine
+#               is kept for the stages after
+#   pipeline    [~1 min] `motionrt bench --engine` at the same settings: per-stage latency of the
+#               pipeline, the programs' preparation time, device memory (builds the engine if
+#               build did not)
 #   full-psnr   [1.5-3 min] the whole full-architecture pipeline at the engine's smallest profile
 #               shape (8 frames 256x256, 2 DDIM steps, CFG) on the engine and on ONNX Runtime
 #               (CPU, float32): frames' PSNR >= 35 dB (builds the engine if build did not)
 # Suggested device calls (15 min of device time in all, starts included; at most 10 min a call;
 # a machine stays warm only briefly after a call, so the first call carries what matters most):
 #   DEADLINE_S=540 ... --stages bench,torch,tiny --no-ab       (timeout_s 600)
-#   then, with the time left:  --stages build,full-psnr,full-check   (DEADLINE_S = that time - 60)
+#   then, with the time left:  --stages build,pipeline,full-psnr,full-check
+#                              (DEADLINE_S = that time - 60)
 #
 # Output: everything printed goes to $OUT/engine.log too; the result files (Markdown tables,
 # JSON) to $WORK/out, packed into $OUT/results.tgz after each stage, and the two benchmark JSON
@@ -53,7 +58,7 @@ export BIN=${BIN:-target/release}
 export WORK=${WORK:-/tmp/motionrt-engine}
 export RES=$WORK/out
 OUTX=${OUT:-}
-stages=bench,torch,tiny,build,full-psnr,full-check
+stages=bench,torch,tiny,build,pipeline,full-psnr,full-check
 export LAYOUTS=nhwc AB=
 while [ $# -gt 0 ]; do
   case $1 in
@@ -198,19 +203,28 @@ stage_build() {
   "$BIN/motionrt" run --engine "$WORK/full.engine" --prompt "a_red_fox_running" --frames 16 --height 512 --width 512 \
     --steps 8 --seed 1 --decode-chunk 4 --out "$WORK/full.gif" --json > "$RES/run_full_engine.json" || rc=1
   cat "$RES/run_full_engine.json"
-  stamp "build: motionrt bench --engine, the same settings (programs made and captured first, then 1 warm-up and 2 timed runs)"
-  "$BIN/motionrt" bench --engine "$WORK/full.engine" --frames 16 --height 512 --width 512 --steps 8 \
-    --decode-chunk 4 --warmup 1 --runs 2 --json "$RES/bench_full_engine.json" || rc=1
   return $rc
+}
+
+# the full engine the build stage keeps, built here if it did not run
+full_engine() {
+  [ -f "$WORK/full.engine/engine.json" ] && return 0
+  stamp "no full engine from the build stage: building it"
+  rm -rf "$WORK/full.engine"
+  "$BIN/motionrt" build --model "$WORK/exp" --out "$WORK/full.engine" --vae-chunk 4 --timing-cache "$WORK/tcf.json" 2>&1 | tail -3
+}
+export -f full_engine
+
+stage_pipeline() {
+  full_export && full_engine || return 1
+  stamp "pipeline: motionrt bench --engine, 16 frames 512x512, 8 DDIM steps, CFG, 4 frames per VAE call (programs made and captured first, then 1 warm-up and 2 timed runs)"
+  "$BIN/motionrt" bench --engine "$WORK/full.engine" --frames 16 --height 512 --width 512 --steps 8 \
+    --decode-chunk 4 --warmup 1 --runs 2 --json "$RES/bench_full_engine.json"
 }
 
 stage_full_psnr() {
   local rc=0
-  full_export || return 1
-  if [ ! -f "$WORK/full.engine/engine.json" ]; then
-    stamp "full-psnr: no full engine from the build stage: building it"
-    "$BIN/motionrt" build --model "$WORK/exp" --out "$WORK/full.engine" --vae-chunk 4 --timing-cache "$WORK/tcf.json" 2>&1 | tail -3 || return 1
-  fi
+  full_export && full_engine || return 1
   # the engine's smallest profile shape, so that ONNX Runtime on the CPU takes a minute or two
   local run="--prompt a_red_fox_running --frames 8 --height 256 --width 256 --steps 2 --seed 2 --decode-chunk 4"
   rm -rf "$WORK/fc_cpu" "$WORK/fc_gpu"; mkdir -p "$WORK/fc_cpu" "$WORK/fc_gpu"
@@ -222,7 +236,7 @@ stage_full_psnr() {
   return $rc
 }
 
-export -f stage_tiny stage_bench stage_torch stage_full_check stage_build stage_full_psnr
+export -f stage_tiny stage_bench stage_torch stage_full_check stage_build stage_pipeline stage_full_psnr
 rc=0
 for s in ${stages//,/ }; do
   f=stage_${s//-/_}

@@ -53,13 +53,13 @@ def main():
     # engine (engine_gpu bench): one layout's object or a list of them; the first with numbers
     eng = load(os.path.join(a.res, "engine_bench.json"))
     engs = eng if isinstance(eng, list) else [eng] if eng else []
-    engs = [e for e in engs if isinstance(e, dict) and "graph_median_ms" in e]
+    engs = [e for e in engs if isinstance(e, dict) and e.get("graph_median_ms")]
     torch_lines = json_lines(os.path.join(a.res, "torch_bench.log"))
     tr = {}
     for t in torch_lines:
         if "impl" in t:
             tr = t  # the last line has the most (eager, then eager + compiled)
-    eager = tr.get("eager_median_ms")
+    eager = tr.get("eager_median_ms") or None
     compiled = tr.get("compiled_median_ms")
     print("## motionrt engine vs PyTorch: one UNet step, same run")
     print()

@@ -341,23 +341,39 @@ pub fn compile(name: &str, arch: &'static str) -> Result<Compiled, CudaError> {
         }
     }
     let mut c = compile_uncached(name, arch)?;
-    std::fs::create_dir_all(&dir).map_err(|e| CudaError::Cache {
-        path: dir.clone(),
+    // the module is compiled: a cache that cannot be written costs the next start a compile,
+    // not this one its kernels
+    match write_cache(
+        &dir,
+        &[(&cubin_path, &c.cubin[..]), (&path, c.ptx.as_bytes())],
+    ) {
+        Ok(()) => c.cache_path = Some(path),
+        Err(e) => eprintln!("warning: the kernel cache was not written: {e}"),
+    }
+    Ok(c)
+}
+
+/// Write `files` into the cache folder `dir`, each under a temporary name unique to this
+/// process and call, then renamed into place (the cubin first: an entry counts once its PTX is
+/// there).
+fn write_cache(dir: &Path, files: &[(&PathBuf, &[u8])]) -> Result<(), CudaError> {
+    static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    std::fs::create_dir_all(dir).map_err(|e| CudaError::Cache {
+        path: dir.to_path_buf(),
         message: e.to_string(),
     })?;
-    // the cubin first: a cache entry counts once its PTX is there
-    for (p, bytes) in [(&cubin_path, &c.cubin[..]), (&path, c.ptx.as_bytes())] {
-        let tmp = p.with_extension(format!("partial.{}", std::process::id()));
+    for (p, bytes) in files {
+        let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = p.with_extension(format!("partial.{}.{n}", std::process::id()));
         std::fs::write(&tmp, bytes)
             .and_then(|_| std::fs::rename(&tmp, p))
             .map_err(|e| {
                 let _ = std::fs::remove_file(&tmp);
                 CudaError::Cache {
-                    path: p.clone(),
+                    path: (*p).clone(),
                     message: e.to_string(),
                 }
             })?;
     }
-    c.cache_path = Some(path);
-    Ok(c)
+    Ok(())
 }

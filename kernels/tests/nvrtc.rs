@@ -115,6 +115,19 @@ fn compile_errors_carry_the_log_and_the_cache_round_trips() {
     assert!(again.cached);
     assert_eq!(again.ptx, first.ptx);
     assert_eq!(again.cubin, first.cubin);
+    // an entry of the older layout (PTX, no cubin) or with a damaged cubin is compiled again
+    let cubin = path.with_extension("cubin");
+    assert!(cubin.is_file());
+    for damage in [None, Some(b"not an ELF file".as_slice())] {
+        match damage {
+            None => std::fs::remove_file(&cubin).unwrap(),
+            Some(bytes) => std::fs::write(&cubin, bytes).unwrap(),
+        }
+        let again = cuda::compile("temporal_attention", "sm_90").unwrap();
+        assert!(!again.cached);
+        assert_eq!(again.cubin, first.cubin);
+        assert_eq!(std::fs::read(&cubin).unwrap(), first.cubin);
+    }
     // another architecture is another entry
     let other = cuda::compile("temporal_attention", "sm_80").unwrap();
     assert!(!other.cached);

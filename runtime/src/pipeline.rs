@@ -461,10 +461,17 @@ impl Pipeline {
             ..o.clone()
         };
         self.validate(&one)?;
+        let dir = self.info.dir.clone();
         let ctx = self.text_context(&one, &mut |_| {})?;
-        let latents = self.denoise(&one, &ctx, &mut Timings::default(), &mut |_| {})?;
+        let latents = self.denoise(&one, &ctx, &mut Timings::default(), &mut |_| {});
+        // the text encoder's and UNet's graphs, whatever comes after (their runs are done)
+        for s in self.cuda_sessions() {
+            s.capture_loaded()
+                .map_err(|e| model_err(&dir, e.to_string()))?;
+        }
+        let latents = latents?;
         let (f, h, w) = self.latent_dims(&one);
-        self.decode_to(
+        let decoded = self.decode_to(
             &latents,
             f,
             h,
@@ -472,13 +479,12 @@ impl Pipeline {
             one.decode_chunk,
             &mut |_| {},
             &mut |_| Ok(()),
-        )?;
-        let dir = self.info.dir.clone();
+        );
         for s in self.cuda_sessions() {
             s.capture_loaded()
                 .map_err(|e| model_err(&dir, e.to_string()))?;
         }
-        Ok(())
+        decoded
     }
 
     /// On the native engine, every algorithm its graphs have now (the engine's and those timed

@@ -1909,6 +1909,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cublaslt_is_told_the_alignment_pointers_have() {
+        // cuMemAlloc gives 256-byte alignment (the heuristic's default); arena offsets are
+        // multiples of 256; anything less is said as it is
+        assert_eq!(lt_alignment(0), 256);
+        assert_eq!(lt_alignment(0x7f00_0000_0000), 256);
+        assert_eq!(lt_alignment(0x7f00_0000_0200), 256);
+        assert_eq!(lt_alignment(0x7f00_0000_0010), 16);
+        assert_eq!(lt_alignment(0x7f00_0000_0002), 2);
+        assert_eq!(lt_alignment(0x7f00_0000_0001), 1);
+    }
+
+    #[test]
     fn versions_the_engine_needs_are_checked_with_clear_errors() {
         // an H100 on a CUDA 13.0 driver with NVRTC 13.0 (the GPU machine here)
         assert_eq!(check_versions((9, 0), 13000, (13, 0)), Ok(()));

@@ -995,14 +995,22 @@ fn find_sinusoid(
             continue;
         };
         let u = &g.node[ku];
+        // constants are initializers here (the exporter's); a value from a node is no match
+        let host = |p: &mut Planner<'_>, name: Option<&String>| match name {
+            Some(n) if p.inits.contains_key(n.as_str()) => match p.value(n) {
+                Ok(Some(Value::Host(h))) => Some(h),
+                _ => None,
+            },
+            _ => None,
+        };
         let axes = match attr_ints(u, "axes") {
             Some(a) => a,
-            None => match p.value(u.input.get(1)?).ok()?? {
-                Value::Host(h) => match &h.data {
-                    HostData::I64(a) => a.clone(),
-                    _ => continue,
-                },
-                Value::Dev(_) => continue,
+            None => match host(p, u.input.get(1)).as_deref() {
+                Some(HostTensor {
+                    data: HostData::I64(a),
+                    ..
+                }) => a.clone(),
+                _ => continue,
             },
         };
         if axes != [1] && axes != [-1] {
@@ -1017,12 +1025,12 @@ fn find_sinusoid(
         } else {
             &m.input[0]
         };
-        let freqs = match p.value(other).ok()?? {
-            Value::Host(h) => match (&h.data, h.shape.as_slice()) {
-                (HostData::F32(f), [1, n] | [n]) if *n == f.len() => f.clone(),
-                _ => continue,
-            },
-            Value::Dev(_) => continue,
+        let freqs = match host(p, Some(other)).as_deref() {
+            Some(HostTensor {
+                data: HostData::F32(f),
+                shape,
+            }) if matches!(shape.as_slice(), [1, n] | [n] if *n == f.len()) => f.clone(),
+            _ => continue,
         };
         let mo = &m.output[0];
         let (ks, kc) = match users.get(mo.as_str()).map(Vec::as_slice) {
@@ -3059,50 +3067,124 @@ mod tests {
 
     #[test]
     fn the_timestep_embedding_is_computed_on_the_host_in_float32() {
-        use motionrt_onnx::{attr_int, tensor_f32, tensor_i64};
+        use motionrt_onnx::{attr_int, attr_ints, tensor_f32, tensor_i64};
         let half = 4;
         let freqs: Vec<f32> = (0..half)
             .map(|i| (-(10000f32).ln() * i as f32 / half as f32).exp())
             .collect();
-        // the exporter's pattern, then something that uses the embedding
-        let model = |extra_use: bool| {
+        #[derive(Clone, Copy, Default)]
+        struct V {
+            sin_first: bool,
+            freqs_1d: bool,
+            axes_attr: bool,
+            axis_neg: bool,
+            // not the exporter's pattern: the device path stays
+            reuse_product: bool,
+            three_way_concat: bool,
+        }
+        let model = |v: V| {
+            let unsqueeze = if v.axes_attr {
+                node("Unsqueeze", &["t"], "u", vec![attr_ints("axes", &[1])])
+            } else {
+                node("Unsqueeze", &["t", "axes"], "u", vec![])
+            };
+            let cat: &[&str] = match (v.sin_first, v.three_way_concat) {
+                (_, true) => &["c", "s", "c"],
+                (true, false) => &["s", "c"],
+                (false, false) => &["c", "s"],
+            };
+            let axis = if v.axis_neg { -1 } else { 1 };
             let mut nodes = vec![
-                node("Unsqueeze", &["t", "axes"], "u", vec![]),
+                unsqueeze,
                 node("Mul", &["u", "f"], "m", vec![]),
                 node("Sin", &["m"], "s", vec![]),
                 node("Cos", &["m"], "c", vec![]),
-                node("Concat", &["c", "s"], "e", vec![attr_int("axis", 1)]),
+                node("Concat", cat, "e", vec![attr_int("axis", axis)]),
                 node("Neg", &["e"], "y", vec![]),
             ];
-            if extra_use {
-                // the product is used again: the pattern is not the exporter's, nothing moves
+            if v.reuse_product {
                 nodes.push(node("Neg", &["m"], "y2", vec![]));
             }
+            let fdims: &[i64] = if v.freqs_1d {
+                &[half as i64]
+            } else {
+                &[1, half as i64]
+            };
             graph(
                 nodes,
                 &["t"],
                 &[],
                 vec![
                     tensor_i64("axes", &[1], &[1]),
-                    tensor_f32("f", &[1, half as i64], &freqs),
+                    tensor_f32("f", fdims, &freqs),
                 ],
                 "y",
             )
         };
         let t = vec![981.0f32, 20.5];
-        let want: Vec<f32> = t
-            .iter()
-            .flat_map(|&ti| {
-                let a: Vec<f64> = freqs.iter().map(|&f| (ti * f) as f64).collect();
-                let cos = a.iter().map(|x| -(x.cos() as f32)).collect::<Vec<_>>();
-                let sin = a.iter().map(|x| -(x.sin() as f32)).collect::<Vec<_>>();
-                [cos, sin].concat()
-            })
-            .collect();
-        let inputs: HashMap<String, Vec<f32>> = [("t".to_string(), t)].into();
-        for extra in [false, true] {
-            let p = compile(&model(extra), &[("t", vec![2])], &Inline, Layout::Nhwc).unwrap();
-            assert_eq!(p.input_transforms.len(), usize::from(!extra), "{extra}");
+        let want = |v: V| -> Vec<f32> {
+            t.iter()
+                .flat_map(|&ti| {
+                    let a: Vec<f64> = freqs.iter().map(|&f| (ti * f) as f64).collect();
+                    let cos: Vec<f32> = a.iter().map(|x| -(x.cos() as f32)).collect();
+                    let sin: Vec<f32> = a.iter().map(|x| -(x.sin() as f32)).collect();
+                    match (v.sin_first, v.three_way_concat) {
+                        (_, true) => [cos.clone(), sin, cos].concat(),
+                        (true, false) => [sin, cos].concat(),
+                        (false, false) => [cos, sin].concat(),
+                    }
+                })
+                .collect()
+        };
+        let inputs: HashMap<String, Vec<f32>> = [("t".to_string(), t.clone())].into();
+        let d = V::default();
+        for (v, host) in [
+            (d, true),
+            (
+                V {
+                    sin_first: true,
+                    ..d
+                },
+                true,
+            ),
+            (
+                V {
+                    freqs_1d: true,
+                    ..d
+                },
+                true,
+            ),
+            (
+                V {
+                    axes_attr: true,
+                    ..d
+                },
+                true,
+            ),
+            (
+                V {
+                    axis_neg: true,
+                    ..d
+                },
+                true,
+            ),
+            (
+                V {
+                    reuse_product: true,
+                    ..d
+                },
+                false,
+            ),
+            (
+                V {
+                    three_way_concat: true,
+                    ..d
+                },
+                false,
+            ),
+        ] {
+            let p = compile(&model(v), &[("t", vec![2])], &Inline, Layout::Nhwc).unwrap();
+            assert_eq!(p.input_transforms.len(), usize::from(host));
             let sincos = p
                 .steps
                 .iter()
@@ -3116,14 +3198,15 @@ mod tests {
                     )
                 })
                 .count();
-            assert_eq!(sincos, if extra { 2 } else { 0 });
+            assert_eq!(sincos, if host { 0 } else { 2 });
             let out = super::super::cpu_exec::run(&p, &inputs, &HashMap::new(), &|n: &str| {
                 Err(err(format!("no weight {n}")))
             })
             .unwrap();
-            assert_eq!(out[0].1, vec![2, 2 * half]);
-            for (g, w) in out[0].2.iter().zip(&want) {
-                assert!((g - w).abs() < 1e-6, "{extra}: {g} vs {w}");
+            let w = want(v);
+            assert_eq!(out[0].2.len(), w.len());
+            for (g, w) in out[0].2.iter().zip(&w) {
+                assert!((g - w).abs() < 1e-6, "{host}: {g} vs {w}");
             }
         }
     }
