@@ -1088,6 +1088,9 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
         const int t2 = blockIdx.x * ATT_SHORT_WARPS + (threadIdx.x >> 5);
         att_store<DP>(r, y + att_seq_row(t2 / heads, L, ns) * C + (i64)(t2 % heads) * d, C * ns,
                       m * 16, L, d, lane);
+        // the lanes meet again after the divergent stores, before the next tile's aligned
+        // ldmatrix/mma (reconvergence is not otherwise guaranteed since Volta)
+        __syncwarp();
     }
 }
 

@@ -1956,6 +1956,16 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             }
             let strides = [I32(ld[0] as i32), I32(ld[1] as i32)];
             if fused {
+                // the kernels move rows of 8 halves (cp.async, ldmatrix: 16 bytes): every row
+                // start 16-byte aligned, and at least one key
+                let aligned = ld.iter().chain(offs.iter()).all(|&x| x % 8 == 0)
+                    && qkvo.iter().all(|a| matches!(a, Ptr(p) if p % 16 == 0));
+                if !aligned || *s == 0 {
+                    return Err(EngineError::Graph(format!(
+                        "attention over {s} keys with Q, K, V at strides {ld:?}, offsets {offs:?}: \
+                         the tensor-core kernels need rows 16-byte aligned and a key"
+                    )));
+                }
                 let dp = d.div_ceil(16) * 16;
                 let short = format!("attention_short{}_f16_d{dp}", 1 + (*l > 16) as usize);
                 // one warp per sequence where this GPU's shared memory allows it
