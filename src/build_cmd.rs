@@ -102,9 +102,7 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
         "building for {} (cc {}), {}, cuBLAS {}, cuDNN {}",
         dev.key.gpu_name, dev.key.compute_capability, dev.key.driver, dev.key.cublas, dev.key.cudnn
     );
-    if a.out.exists() {
-        std::fs::remove_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
-    }
+    // (an engine at --out, with --overwrite, is replaced once the new one is complete)
     let t = std::time::Instant::now();
     let m = file::build(
         &dev,

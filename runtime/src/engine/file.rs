@@ -460,7 +460,8 @@ pub struct Ticket {
 }
 
 /// Build an engine for the GPU `dev` from the exported float32 graphs in `model_dir`.
-/// `progress(graph, message)` reports each stage. Writes `out` through a temporary folder.
+/// `progress(graph, message)` reports each stage. Writes `out` through a temporary folder; an
+/// engine already at `out` is replaced once the new one is complete (kept if the build fails).
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     dev: &CudaDevice,
@@ -489,10 +490,30 @@ pub fn build(
     );
     match r {
         Ok(m) => {
-            std::fs::rename(&tmp, out).map_err(|e| EngineError::File {
-                path: out.to_path_buf(),
+            // an engine being replaced goes only now that its successor is complete
+            let old = parent.join(format!(".{name}.old"));
+            let replacing = out.exists();
+            let io = |p: &Path, e: std::io::Error| EngineError::File {
+                path: p.to_path_buf(),
                 message: e.to_string(),
-            })?;
+            };
+            // (a folder, or whatever --overwrite was told to replace)
+            let remove = |p: &Path| {
+                let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
+            };
+            if replacing {
+                remove(&old);
+                std::fs::rename(out, &old).map_err(|e| io(out, e))?;
+            }
+            if let Err(e) = std::fs::rename(&tmp, out) {
+                if replacing {
+                    let _ = std::fs::rename(&old, out);
+                }
+                return Err(io(out, e));
+            }
+            if replacing {
+                remove(&old);
+            }
             Ok(m)
         }
         Err(e) => {
