@@ -407,15 +407,15 @@ impl Pipeline {
     }
 
     /// On the native engine: its precision (`fp16`/`fp32`) and the device memory in use on its
-    /// GPU now (`cuMemGetInfo`: total − free, so it counts every process on the GPU). The engine
-    /// allocates its weights, arenas and workspaces when a graph is loaded, so after a run this is
-    /// the run's peak. `None` on ONNX Runtime.
+    /// GPU now (`cuMemGetInfo`: total − free, so it counts every process on the GPU; the engine
+    /// keeps what its programs allocate, transient workspaces aside). `None` on ONNX Runtime.
     pub fn engine_memory(&self) -> Option<(String, Result<u64>)> {
         let e = self.engine.as_ref()?;
-        let precision = serde_json::to_value(e.manifest.precision)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_else(|| format!("{:?}", e.manifest.precision));
+        let precision = match e.manifest.precision {
+            crate::engine::exec::Precision::Fp16 => "fp16",
+            crate::engine::exec::Precision::Fp32 => "fp32",
+        }
+        .to_string();
         let used = e
             .dev
             .ctx
