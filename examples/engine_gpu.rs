@@ -7,6 +7,7 @@
 //!                  [--precisions fp32,fp16]
 //! engine_gpu bench --model EXPORT [--batch 2 --frames 16 --height 64 --width 64]
 //!                  [--warmup 3 --repeats 10] [--json OUT]
+//! engine_gpu localize --model EXPORT [check's options]
 //! ```
 //!
 //! `check` fuses each graph of a `motionrt export` folder, compiles it for the given shapes, runs
@@ -16,7 +17,13 @@
 //! each run, and compares. Tolerances: float32 max |Δ| ≤ 1e-4 · max |ref|; float16 max |Δ| ≤
 //! 1e-2 · max |ref| and cosine ≥ 0.9999 (the CUDA emulator gives at most 2.7e-3 and 0.999997 on
 //! the full architecture, tests/engine_emu.rs). Exits non-zero on a miss. Without `--graphs` it checks
-//! every graph the folder has; a graph named in `--graphs` must be there.
+//! every graph the folder has; a graph named in `--graphs` must be there. A program that misses
+//! its tolerance is then run again one step at a time against the float32 CPU interpretation of
+//! the same program (`engine::localize`), which names the first step that departs from it (when
+//! that interpretation is affordable: up to 2·10¹¹ multiply-adds, the full UNet at 2 frames
+//! 16×16). `localize` does that for every program, whether or not it passes: for a check that
+//! ended in a CUDA error, whose context cannot run anything after it, the synchronisation after
+//! each step names the step that faulted.
 //!
 //! `bench` times one UNet call (a CFG step: batch 2) in float16 with CUDA-graph replay and
 //! eagerly, medians of CUDA-event times after warm-up, and reports build and load time, the
@@ -32,9 +39,10 @@ use std::time::Instant;
 use motionrt_runtime::engine::exec::{
     CudaDevice, GpuProgram, Precision, TacticCache, WeightData, WeightStore,
 };
-use motionrt_runtime::engine::plan_graph;
+use motionrt_runtime::engine::localize::{reference_macs, Localizer};
 use motionrt_runtime::engine::program::{self, InitializerSource, Layout};
 use motionrt_runtime::engine::source::FileInitializers;
+use motionrt_runtime::engine::{plan_graph, EngineError};
 use motionrt_runtime::rng::NormalRng;
 use motionrt_runtime::{error_stats, Input, OrtSession, OutputData, SessionOptions};
 
@@ -65,7 +73,7 @@ fn parse() -> Res<Args> {
     let mut it = std::env::args().skip(1);
     let mode = it
         .next()
-        .ok_or("usage: engine_gpu check|bench --model DIR ...")?;
+        .ok_or("usage: engine_gpu check|bench|localize --model DIR ...")?;
     let mut a = Args {
         mode,
         model: PathBuf::new(),
@@ -185,7 +193,15 @@ fn seeded(inputs: &[(&str, Vec<usize>)]) -> Vec<(Vec<f32>, Vec<i64>)> {
 fn weights_from<'a>(
     src: &'a FileInitializers,
     model: &motionrt_onnx::proto::ModelProto,
-) -> impl Fn(&str) -> Result<WeightData, motionrt_runtime::engine::EngineError> + 'a {
+) -> impl Fn(&str) -> Result<WeightData, EngineError> + 'a {
+    let f = weights_f32(src, model);
+    move |n: &str| Ok(WeightData::F32(f(n)?))
+}
+
+fn weights_f32<'a>(
+    src: &'a FileInitializers,
+    model: &motionrt_onnx::proto::ModelProto,
+) -> impl Fn(&str) -> Result<Vec<f32>, EngineError> + 'a {
     let inits: HashMap<String, motionrt_onnx::proto::TensorProto> = model
         .graph
         .as_ref()
@@ -194,7 +210,60 @@ fn weights_from<'a>(
         .iter()
         .map(|t| (t.name.clone(), t.clone()))
         .collect();
-    move |n: &str| Ok(WeightData::F32(src.f32s(&inits[n])?))
+    move |n: &str| {
+        let t = inits
+            .get(n)
+            .ok_or_else(|| EngineError::Graph(format!("no initializer {n}")))?;
+        src.f32s(t)
+    }
+}
+
+/// The most multiply-adds a CPU reference for [`localize`] may take (minutes, single-threaded).
+const LOCALIZE_MACS: f64 = 2e11;
+
+/// Run `gp` one step at a time against the float32 CPU interpretation of its program and print
+/// where they part (`engine::localize`). `Ok(false)` when a step departs from the reference;
+/// `Ok(true)` also when the reference would take too long (then nothing is compared).
+fn localize(
+    dev: &CudaDevice,
+    gp: &mut GpuProgram,
+    what: &str,
+    weight: &dyn Fn(&str) -> Result<Vec<f32>, EngineError>,
+    inputs: &[(&str, Vec<usize>)],
+    data: &[(Vec<f32>, Vec<i64>)],
+) -> Res<bool> {
+    let macs = reference_macs(&gp.program);
+    if macs > LOCALIZE_MACS {
+        println!(
+            "\n(no step-by-step comparison of {what}: its CPU reference is {macs:.1e} multiply-adds; \
+             run `engine_gpu localize` at a smaller shape)\n"
+        );
+        return Ok(true);
+    }
+    let f: HashMap<String, Vec<f32>> = inputs
+        .iter()
+        .zip(data)
+        .filter(|(i, _)| i.0 != "input_ids")
+        .map(|(i, d)| (i.0.to_string(), d.0.clone()))
+        .collect();
+    let ids: HashMap<String, Vec<i64>> = inputs
+        .iter()
+        .zip(data)
+        .filter(|(i, _)| i.0 == "input_ids")
+        .map(|(i, d)| (i.0.to_string(), d.1.clone()))
+        .collect();
+    let t = Instant::now();
+    let mut loc = Localizer::new(&gp.program, gp.precision, &f, &ids, weight)?;
+    let t_ref = t.elapsed().as_secs_f64();
+    let f_in: Vec<(&str, &[f32])> = f.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+    let i_in: Vec<(&str, &[i64])> = ids.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+    let traced = gp.trace(dev, &f_in, &i_in, &mut loc);
+    println!("\n{}\n(CPU reference {t_ref:.1} s)", loc.report(what, 12));
+    if let Err(e) = traced {
+        println!("localize {what}: the step-by-step run stopped: {e}\n");
+        return Err(e.into());
+    }
+    Ok(loc.culprit().is_none())
 }
 
 fn check(a: &Args) -> Res<bool> {
@@ -225,30 +294,36 @@ fn check(a: &Args) -> Res<bool> {
         // reference: ONNX Runtime on the CPU, float32, the exported graph as it is (the fusions'
         // CPU kernels are references, far slower than ONNX Runtime's own at full size; that the
         // fused graph computes the same is checked on the CPU, tests/engine_plan.rs)
-        let mut s = OrtSession::load(&src_path, &SessionOptions::default())?;
-        let args: Vec<(&str, Input<'_>)> = inputs
-            .iter()
-            .zip(&data)
-            .map(|((n, sh), (f, i))| {
-                (
-                    *n,
-                    if *n == "input_ids" {
-                        Input::I64(sh, i)
-                    } else {
-                        Input::F32(sh, f)
-                    },
-                )
-            })
-            .collect();
-        let want: HashMap<String, Vec<f32>> = s
-            .run_outputs(&args)?
-            .into_iter()
-            .filter_map(|o| match o.data {
-                OutputData::F32(v) => Some((o.name, v)),
-                _ => None,
-            })
-            .collect();
-        drop(s);
+        // (localize compares with the CPU interpretation of each program instead)
+        let want: HashMap<String, Vec<f32>> = if a.mode == "localize" {
+            HashMap::new()
+        } else {
+            let mut s = OrtSession::load(&src_path, &SessionOptions::default())?;
+            let args: Vec<(&str, Input<'_>)> = inputs
+                .iter()
+                .zip(&data)
+                .map(|((n, sh), (f, i))| {
+                    (
+                        *n,
+                        if *n == "input_ids" {
+                            Input::I64(sh, i)
+                        } else {
+                            Input::F32(sh, f)
+                        },
+                    )
+                })
+                .collect();
+            let want = s
+                .run_outputs(&args)?
+                .into_iter()
+                .filter_map(|o| match o.data {
+                    OutputData::F32(v) => Some((o.name, v)),
+                    _ => None,
+                })
+                .collect();
+            drop(s);
+            want
+        };
         let model = motionrt_onnx::load_model(&fused)?;
         let init = FileInitializers::new(&fused);
         let f_in: Vec<(&str, &[f32])> = inputs
@@ -276,6 +351,19 @@ fn check(a: &Args) -> Res<bool> {
                             continue;
                         }
                     };
+                let what = format!("{g} {precision:?} {layout:?}");
+                if a.mode == "localize" {
+                    ok &= localize(
+                        &dev,
+                        &mut gp,
+                        &what,
+                        &weights_f32(&init, &model),
+                        &inputs,
+                        &data,
+                    )?;
+                    continue;
+                }
+                let ok_before = ok;
                 for mode in ["eager", "graph"] {
                     if mode == "graph" {
                         gp.capture(&dev)?;
@@ -345,6 +433,16 @@ fn check(a: &Args) -> Res<bool> {
                     "| {g} (2 in flight) | {precision:?} {layout:?} | graph | {worst:.2e} | | | {} |",
                     if pass { "ok" } else { "FAIL" }
                 );
+                if ok_before && !ok {
+                    localize(
+                        &dev,
+                        &mut gp,
+                        &what,
+                        &weights_f32(&init, &model),
+                        &inputs,
+                        &data,
+                    )?;
+                }
             }
         }
     }
@@ -609,7 +707,7 @@ fn main() {
         }
     };
     let r = match a.mode.as_str() {
-        "check" => check(&a).map(|ok| if ok { 0 } else { 1 }),
+        "check" | "localize" => check(&a).map(|ok| if ok { 0 } else { 1 }),
         "bench" => bench(&a).map(|_| 0),
         m => Err(format!("unknown mode {m}").into()),
     };

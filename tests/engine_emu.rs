@@ -242,6 +242,100 @@ fn every_tiny_graph_runs_on_the_emulated_executor_as_on_the_cpu_interpreter() {
     );
 }
 
+/// The step-by-step comparison a failed GPU check runs (`engine::localize`, `engine_gpu
+/// localize`): through the emulated executor every step of the tiny UNet's specialised program
+/// is within the per-step tolerance; with one weight corrupted on the "device" only, the step
+/// named is the one that reads it, and the steps after it are seen to inherit the error.
+#[test]
+fn localize_names_the_step_that_departs_from_the_reference() {
+    use motionrt_runtime::engine::localize::{checkpoints, Localizer};
+    let Some(emu) = emu() else { return };
+    let (_export, src, dst, d) = tiny_export();
+    let inputs: Inputs = vec![
+        ("sample", vec![1, 4, 2, 8, 8]),
+        ("timestep", vec![1]),
+        ("encoder_hidden_states", vec![2, 77, d]),
+    ];
+    let z = dst.path().join("unet.onnx");
+    plan_graph(&src.join("unet.onnx"), &z).unwrap();
+    let c = case(&z, &inputs, Layout::Nhwc);
+    let wf =
+        |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(c.weights[n].clone())) };
+    let w32 = |n: &str| -> Result<Vec<f32>, EngineError> { Ok(c.weights[n].clone()) };
+    let f: Vec<(&str, &[f32])> = c.f.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+    let i: Vec<(&str, &[i64])> = c.i.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+    for precision in [Precision::Fp32, Precision::Fp16] {
+        let mut p =
+            EmuProgram::load(&emu, c.prog.clone(), precision, &wf, H100_SMEM_OPTIN, true).unwrap();
+        let points = checkpoints(&p.program).iter().flatten().count();
+        let mut loc = Localizer::new(&p.program, precision, &c.f, &c.i, &w32).unwrap();
+        p.trace(&f, &i, &mut loc).unwrap();
+        let report = loc.report(&format!("tiny unet {precision:?}"), 5);
+        eprintln!("{report}");
+        assert_eq!(
+            loc.steps.len(),
+            points,
+            "{precision:?}: every checkpoint compared"
+        );
+        assert!(
+            points > p.program.steps.len() / 2,
+            "{points} of {}",
+            p.program.steps.len()
+        );
+        assert!(loc.culprit().is_none(), "{precision:?}: {report}");
+        assert!(
+            report.contains("every step within the tolerance"),
+            "{report}"
+        );
+
+        // a convolution in the middle of the program, its weight corrupted
+        let cps = checkpoints(&p.program);
+        let convs: Vec<(usize, usize)> = p
+            .program
+            .steps
+            .iter()
+            .enumerate()
+            .filter_map(|(si, s)| match s {
+                Step::Conv(cv) if cps[si].is_some() => Some((si, cv.w)),
+                _ => None,
+            })
+            .collect();
+        let (target, wbuf) = convs[convs.len() / 2];
+        // the weight is read by that step alone (else another step could be named first)
+        let readers = p
+            .program
+            .steps
+            .iter()
+            .filter(|s| s.io().0.contains(&wbuf))
+            .count();
+        assert_eq!(readers, 1);
+        p.corrupt_weight(wbuf, 50.0).unwrap();
+        let mut loc = Localizer::new(&p.program, precision, &c.f, &c.i, &w32).unwrap();
+        p.trace(&f, &i, &mut loc).unwrap();
+        let report = loc.report(
+            &format!("tiny unet {precision:?}, step {target}'s weight corrupted"),
+            5,
+        );
+        eprintln!("{report}");
+        let culprit = loc.culprit().unwrap_or_else(|| panic!("{report}"));
+        assert_eq!(culprit.step, target, "{report}");
+        assert!(culprit.input_rel < 3e-2, "{report}");
+        // every step before it is clean, and later ones inherit the error
+        assert!(loc
+            .steps
+            .iter()
+            .filter(|e| e.step < target)
+            .all(|e| e.stats.max_rel_to_ref_max < 3e-2));
+        assert!(
+            loc.steps
+                .iter()
+                .any(|e| e.step > target && e.input_rel > 3e-2),
+            "{report}"
+        );
+        assert!(report.contains(&format!("step {target} (conv")), "{report}");
+    }
+}
+
 /// The fallback of Linear epilogues to a GEMM and a bias/residual pass (where cuBLASLt has no
 /// algorithm), and the refusal of a GPU whose shared memory cannot hold the attention kernels.
 #[test]

@@ -43,6 +43,10 @@
 #   full-psnr   [1.5-3 min] the whole full-architecture pipeline at the engine's smallest profile
 #               shape (8 frames 256x256, 2 DDIM steps, CFG) on the engine and on ONNX Runtime
 #               (CPU, float32): frames' PSNR >= 35 dB (builds the engine if build did not)
+# A program that misses its tolerance is compared again step by step with the CPU interpretation
+# of the same program (engine_gpu check does it, up to the full UNet at 2 frames 16x16), and a
+# check or bench that ends in an error is rerun so (engine_gpu localize): the summary names the
+# step that faulted or first departed from the reference (localize_*.md, check_*.md).
 # Suggested device calls (15 min of device time in all, starts included; at most 10 min a call;
 # a machine stays warm only briefly after a call, so the first call carries what matters most):
 #   DEADLINE_S=540 ... --stages bench,torch,tiny --no-ab       (timeout_s 600)
@@ -117,6 +121,18 @@ full_export() {
 }
 export -f full_export
 
+# After a check or bench that ended in an error (a CUDA fault leaves its context unusable, so
+# nothing after it ran): the same programs again, one step at a time with a synchronisation after
+# each, against the CPU interpretation of each program (engine_gpu localize): the step that
+# faults, or the first that departs from the reference.
+localize_after_error() {
+  local log=$1 name=$2; shift 2
+  grep -q '^error:' "$log" || return 0
+  stamp "localize $name one step at a time (after: $(grep -m1 '^error:' "$log" | cut -c1-200))"
+  "$BIN/examples/engine_gpu" localize "$@" 2>&1 | tee "$RES/localize_$name.md"
+}
+export -f localize_after_error
+
 stage_tiny() {
   local rc=0 tiny=$WORK/tiny
   if [ ! -d "$tiny" ]; then
@@ -126,6 +142,7 @@ stage_tiny() {
   fi
   stamp "tiny: every graph vs ONNX Runtime CPU fp32"
   "$BIN/examples/engine_gpu" check --model "$tiny" 2>&1 | tee "$RES/check_tiny.md" || rc=1
+  localize_after_error "$RES/check_tiny.md" tiny --model "$tiny"
   stamp "tiny: motionrt build twice with the timing cache"
   rm -rf "$WORK/tiny.engine" "$WORK/tiny2.engine" "$WORK/tc.json" "$WORK/f_cpu" "$WORK/f_gpu" "$WORK/s_cpu" "$WORK/s_gpu"
   mkdir -p "$WORK/f_cpu" "$WORK/f_gpu" "$WORK/s_cpu" "$WORK/s_gpu"
@@ -159,6 +176,11 @@ stage_bench() {
   full_export || return 1
   stamp "bench: UNet step, 16 frames 512x512, batch 2, float16, layouts $LAYOUTS"
   "$BIN/examples/engine_gpu" bench --model "$WORK/exp" --layout "$LAYOUTS" $AB --json "$RES/engine_bench.json" 2>&1 | tee "$RES/engine_bench.log"
+  local r=$?
+  # the full UNet's float16 program at 2 frames 16x16 (its CPU reference takes a minute or two)
+  localize_after_error "$RES/engine_bench.log" unet_small --model "$WORK/exp" --graphs unet --batch 1 \
+    --frames 2 --height 16 --width 16 --layout "$LAYOUTS" --precisions fp16
+  return $r
 }
 
 stage_torch() {
@@ -172,10 +194,12 @@ stage_full_check() {
   full_export || return 1
   stamp "full-check: UNet at 2 frames 16x16, both layouts, fp32 and fp16"
   "$BIN/examples/engine_gpu" check --model "$WORK/exp" --graphs unet --batch 1 --frames 2 --height 16 --width 16 2>&1 | tee "$RES/check_full.md" || rc=1
+  localize_after_error "$RES/check_full.md" unet_full --model "$WORK/exp" --graphs unet --batch 1 --frames 2 --height 16 --width 16
   stamp "full-check: UNet at 16 frames 512x512, batch 2, channels-last fp16 (the benchmark's configuration)"
   "$BIN/examples/engine_gpu" check --model "$WORK/exp" --graphs unet --batch 2 --frames 16 --height 64 --width 64 --layout nhwc --precisions fp16 2>&1 | tee "$RES/check_full_16f.md" || rc=1
   stamp "full-check: CLIP text encoder, and the VAE decoder at 512x512 (64x64 latent)"
   "$BIN/examples/engine_gpu" check --model "$WORK/exp" --graphs text_encoder --batch 2 2>&1 | tee "$RES/check_text.md" || rc=1
+  localize_after_error "$RES/check_text.md" text --model "$WORK/exp" --graphs text_encoder --batch 2
   "$BIN/examples/engine_gpu" check --model "$WORK/exp" --graphs vae_decoder --batch 1 --height 64 --width 64 2>&1 | tee "$RES/check_vae.md" || rc=1
   return $rc
 }

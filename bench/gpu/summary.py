@@ -146,6 +146,12 @@ def main():
     print(f"checks vs ONNX Runtime CPU fp32: {checked} rows, {fails} FAIL")
     for r in rows[:12]:
         print(r)
+    # step-by-step localisation after a failed check or an error (engine_gpu localize)
+    for md in sorted(glob.glob(os.path.join(a.res, "check_*.md")) + glob.glob(os.path.join(a.res, "localize_*.md"))):
+        with open(md) as f:
+            for line in f:
+                if line.startswith("localize ") or line.startswith("(no step-by-step"):
+                    print(f"{os.path.basename(md)}: {line.strip()}")
     for ps in sorted(glob.glob(os.path.join(a.res, "psnr_*.json"))):
         j = load(ps)
         if j:

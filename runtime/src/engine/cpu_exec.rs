@@ -22,6 +22,19 @@ pub fn run(
     ids: &HashMap<String, Vec<i64>>,
     weight: &dyn Fn(&str) -> Result<Vec<f32>, EngineError>,
 ) -> Result<super::program::Outputs, EngineError> {
+    run_traced(p, inputs, ids, weight, &mut |_, _| {})
+}
+
+/// [`run`], calling `each(step, values)` after every step with the float32 values of the buffer
+/// it wrote (empty for an int64 buffer): how a device run is compared step by step
+/// ([`super::localize`]).
+pub fn run_traced(
+    p: &Program,
+    inputs: &HashMap<String, Vec<f32>>,
+    ids: &HashMap<String, Vec<i64>>,
+    weight: &dyn Fn(&str) -> Result<Vec<f32>, EngineError>,
+    each: &mut dyn FnMut(usize, &[f32]),
+) -> Result<super::program::Outputs, EngineError> {
     let mut f: Vec<Vec<f32>> = p.buffers.iter().map(|_| Vec::new()).collect();
     let mut i: Vec<Vec<i64>> = p.buffers.iter().map(|_| Vec::new()).collect();
     for (k, b) in p.buffers.iter().enumerate() {
@@ -388,6 +401,7 @@ pub fn run(
                 f[*out] = o;
             }
         }
+        each(si, &f[s.io().1]);
     }
     Ok(p.outputs
         .iter()

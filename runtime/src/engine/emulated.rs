@@ -103,6 +103,42 @@ impl<'e> EmuProgram<'e> {
         inputs: &[(&str, &[f32])],
         ids: &[(&str, &[i64])],
     ) -> Result<Outputs, EngineError> {
+        let _staging = self.set_inputs(inputs, ids)?;
+        for si in 0..self.program.steps.len() {
+            self.step(si)?;
+        }
+        self.outputs()
+    }
+
+    /// [`EmuProgram::run`], each step's output compared with the reference as soon as it is
+    /// complete ([`super::localize`]; the arena is refilled with NaN first).
+    pub fn trace(
+        &mut self,
+        inputs: &[(&str, &[f32])],
+        ids: &[(&str, &[i64])],
+        loc: &mut super::localize::Localizer,
+    ) -> Result<Outputs, EngineError> {
+        // SAFETY: the arena's own bytes; no launch is running (launches here are synchronous).
+        unsafe { std::ptr::write_bytes(self.arena.as_ptr(), 0xFF, self.arena.len_bytes()) };
+        let _staging = self.set_inputs(inputs, ids)?;
+        for si in 0..self.program.steps.len() {
+            self.step(si)?;
+            if loc.wants(si) {
+                let b = self.program.steps[si].io().1;
+                let v = self.read(self.ptrs[b], self.program.buffers[b].numel, "traced output")?;
+                loc.observe(si, b, &v);
+            }
+        }
+        self.outputs()
+    }
+
+    /// Upload the inputs through the executor's casts; the staging buffers returned must live
+    /// until the casts ran (they have, on return: launches here are synchronous).
+    fn set_inputs(
+        &mut self,
+        inputs: &[(&str, &[f32])],
+        ids: &[(&str, &[i64])],
+    ) -> Result<Vec<DeviceBuffer>, EngineError> {
         let mut staging = Vec::new();
         for (name, t) in self.program.inputs.clone() {
             let dst = self.ptrs[t.buf];
@@ -142,29 +178,37 @@ impl<'e> EmuProgram<'e> {
             staging.push(src);
             self.kernel(&l)?;
         }
-        for si in 0..self.program.steps.len() {
-            let norm_stats = self.norm_stats.as_ref().map_or(0, |b| b.as_ptr() as u64);
-            let lt_on = self.lt;
-            let is_lt = move |_: usize| lt_on;
-            let ctx = Ctx {
-                precision: self.precision,
-                ptrs: &self.ptrs,
-                norm_stats,
-                smem_optin: self.smem_optin,
-                lt: &is_lt,
-            };
-            let ops = step_ops(&self.program, si, &ctx)?;
-            for op in ops {
-                let what = format!("step {si} ({})", self.program.steps[si].name());
-                match op {
-                    Op::Kernel(l) => self.kernel(&l),
-                    Op::Gemm(g) => self.gemm(&g),
-                    Op::Lt(c) => self.lt_matmul(&c),
-                    Op::Conv(c) => self.conv(c.step, c.x, c.w, c.y),
-                }
-                .map_err(|e| err(format!("{what}: {e}")))?;
+        Ok(staging)
+    }
+
+    /// Step `si`'s launches and library calls.
+    fn step(&mut self, si: usize) -> Result<(), EngineError> {
+        let norm_stats = self.norm_stats.as_ref().map_or(0, |b| b.as_ptr() as u64);
+        let lt_on = self.lt;
+        let is_lt = move |_: usize| lt_on;
+        let ctx = Ctx {
+            precision: self.precision,
+            ptrs: &self.ptrs,
+            norm_stats,
+            smem_optin: self.smem_optin,
+            lt: &is_lt,
+        };
+        let ops = step_ops(&self.program, si, &ctx)?;
+        for op in ops {
+            let what = format!("step {si} ({})", self.program.steps[si].name());
+            match op {
+                Op::Kernel(l) => self.kernel(&l),
+                Op::Gemm(g) => self.gemm(&g),
+                Op::Lt(c) => self.lt_matmul(&c),
+                Op::Conv(c) => self.conv(c.step, c.x, c.w, c.y),
             }
+            .map_err(|e| err(format!("{what}: {e}")))?;
         }
+        Ok(())
+    }
+
+    /// The outputs, cast to float32 as the executor does.
+    fn outputs(&mut self) -> Result<Outputs, EngineError> {
         let mut out = Vec::new();
         for (name, t) in self.program.outputs.clone() {
             let dst = DeviceBuffer::filled(t.numel().max(1) * 4, 0xFF);
@@ -181,6 +225,21 @@ impl<'e> EmuProgram<'e> {
             out.push((name, t.shape.clone(), v));
         }
         Ok(out)
+    }
+
+    /// Corrupt weight buffer `buf` on the device (its first value becomes `value`): the
+    /// localization's own test, a fault the reference does not have.
+    pub fn corrupt_weight(&mut self, buf: usize, value: f32) -> Result<(), EngineError> {
+        let ptr = self.ptrs[buf];
+        self.check_range(ptr, self.eb(), "corrupted weight")?;
+        // SAFETY: one element inside one allocation (checked above).
+        unsafe {
+            match self.precision {
+                Precision::Fp32 => *(ptr as *mut f32) = value,
+                Precision::Fp16 => *(ptr as *mut u16) = half::f16::from_f32(value).to_bits(),
+            }
+        }
+        Ok(())
     }
 
     /// The allocation holding `[ptr, ptr + bytes)`, or an error naming the operand.

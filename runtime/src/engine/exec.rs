@@ -1840,6 +1840,55 @@ impl GpuProgram {
         )
     }
 
+    /// Run once eagerly, one step at a time with a synchronisation after each, comparing each
+    /// step's output with the reference as soon as it is complete ([`super::localize`]); the
+    /// activations are poisoned (NaN) first. A launch that faults is reported with its step.
+    pub fn trace(
+        &mut self,
+        dev: &CudaDevice,
+        inputs: &[(&str, &[f32])],
+        ids: &[(&str, &[i64])],
+        loc: &mut super::localize::Localizer,
+    ) -> Result<(), EngineError> {
+        self.poison(dev)?;
+        self.set_inputs(dev, inputs, ids)?;
+        dev.stream.synchronize().map_err(|e| gpu_err("inputs", e))?;
+        let eb = self.precision.elem_bytes();
+        for si in 0..self.program.steps.len() {
+            let what = || {
+                format!(
+                    "step {si} ({})",
+                    super::localize::label(&self.program.steps[si])
+                )
+            };
+            self.enqueue_step(dev, si)
+                .map_err(|e| EngineError::Graph(format!("{}: {e}", what())))?;
+            dev.stream.synchronize().map_err(|e| gpu_err(&what(), e))?;
+            if !loc.wants(si) {
+                continue;
+            }
+            let b = self.program.steps[si].io().1;
+            let n = self.program.buffers[b].numel;
+            let mut bytes = vec![0u8; n * eb];
+            // SAFETY: the buffer's device range holds n elements of the precision's type (the
+            // memory plan's placement), and the stream is idle (synchronised above).
+            unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut bytes[..], self.ptrs[b]) }
+                .map_err(|e| gpu_err(&what(), e))?;
+            let v: Vec<f32> = match self.precision {
+                Precision::Fp32 => bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Precision::Fp16 => bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            };
+            loc.observe(si, b, &v);
+        }
+        Ok(())
+    }
+
     /// Run once: inputs in, outputs out.
     pub fn run(
         &mut self,

@@ -16,6 +16,7 @@ pub mod exec;
 pub mod file;
 pub mod fuse;
 pub mod launch;
+pub mod localize;
 pub mod program;
 pub mod source;
 
