@@ -7,7 +7,7 @@
 #
 # then:  BIN=target/release bench/gpu/engine.sh [--stages S1,S2,..] [--layouts nhwc,nchw] [--no-ab]
 #
-# Stages, run in the order given (default: bench,torch,tiny,build,pipeline,full-psnr,full-check), each under its own
+# Stages, run in the order given (default: bench,tiny,torch,build,pipeline,full-psnr,full-check), each under its own
 # time limit (STAGE_TIMEOUT seconds if set, else 300, torch 420, full-check 480; a stage that runs
 # out is reported and the next one starts), all within DEADLINE_S seconds of the start (default
 # 570, under the device's 10 minutes a call): a stage's limit is cut to what is left, and a stage
@@ -48,9 +48,11 @@
 # check or bench that ends in an error is rerun so (engine_gpu localize): the summary names the
 # step that faulted or first departed from the reference (localize_*.md, check_*.md).
 # Suggested device calls (15 min of device time in all, starts included; at most 10 min a call;
-# a machine stays warm only briefly after a call, so the first call carries what matters most):
-#   DEADLINE_S=540 ... --stages bench,torch,tiny --no-ab       (timeout_s 600)
-#   then, with the time left:  --stages build,pipeline,full-psnr,full-check
+# a machine stays warm only 30 s after a call and none starts with under 4 min left, so the first
+# call carries what matters most; torch last, as its torch.compile figure may run out of time
+# after the eager one is printed):
+#   DEADLINE_S=540 ... --stages bench,tiny,torch --no-ab       (timeout_s 600)
+#   then, if a machine is still to be had:  --stages build,pipeline,full-psnr,full-check
 #                              (DEADLINE_S = that time - 60)
 #
 # Output: everything printed goes to $OUT/engine.log too; the result files (Markdown tables,
@@ -62,7 +64,7 @@ export BIN=${BIN:-target/release}
 export WORK=${WORK:-/tmp/motionrt-engine}
 export RES=$WORK/out
 OUTX=${OUT:-}
-stages=bench,torch,tiny,build,pipeline,full-psnr,full-check
+stages=bench,tiny,torch,build,pipeline,full-psnr,full-check
 export LAYOUTS=nhwc AB=
 while [ $# -gt 0 ]; do
   case $1 in

@@ -7,6 +7,9 @@
 #undef _FORTIFY_SOURCE
 #include "emu.h"
 
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <link.h>
 #include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -19,7 +22,9 @@
 #include <deque>
 #include <exception>
 #include <new>
+#include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #define MRT_EXPORT extern "C" __attribute__((visibility("default")))
@@ -67,6 +72,12 @@ float bits_f32(unsigned u) {
 
 // ---- state --------------------------------------------------------------------------------------
 
+#ifdef MOTIONRT_EMU_RACECHECK
+constexpr bool kRacecheck = true;
+#else
+constexpr bool kRacecheck = false;
+#endif
+
 constexpr std::size_t kStack = 256 * 1024;  // per fiber; a guard page below each
 constexpr std::size_t kCanary = 4096;       // poisoned bytes after the dynamic shared memory
 
@@ -107,6 +118,7 @@ struct Warp {
     int op;
     int arrived;
     int exited;
+    unsigned sync_epoch;  // __syncwarp completions in this block (race detection)
     const char* file;
     int line;
     Lane lane[32];
@@ -125,6 +137,12 @@ struct Block {
     unsigned char* dyn;
     jmp_buf sched;
     std::string error;
+    // race detection (a library built with MOTIONRT_EMU_RACECHECK)
+    bool race;
+    unsigned bar_epoch;      // __syncthreads completions in this block
+    unsigned block_linear;   // blockIdx as one number
+    std::size_t dyn_bytes;
+    std::uintptr_t tls_lo, tls_hi;  // this module's thread-local block: static __shared__ arrays
 };
 
 thread_local Block* tls_block = nullptr;
@@ -202,6 +220,236 @@ Block& block() {
     return *tls_block;
 }
 
+// ---- race detection -----------------------------------------------------------------------------
+//
+// In a library built with MOTIONRT_EMU_RACECHECK the kernel translation units are compiled with
+// -fsanitize=thread but linked without ThreadSanitizer's runtime: the compiler's calls on every
+// load and store (__tsan_read4, __tsan_write2, ...) land in the hooks at the end of this file,
+// which check each byte against a shadow record of its last write and of its reads since:
+// - shared memory (the dynamic block, and static __shared__ arrays: this module's thread-local
+//   block) is tracked per block: a thread reading a byte another thread wrote, or writing a byte
+//   another thread read or wrote, with no __syncthreads completed in between (and, within one
+//   warp, no __syncwarp either) is a race; so is a read of a byte no thread of the block wrote;
+// - global memory is tracked per launch: the same rules within a block, and any such pair of
+//   accesses from two blocks (nothing orders blocks within a launch); atomics are not checked;
+// - a thread's own stack (its local variables) is private and not tracked.
+// ldmatrix reads each row as the lane that gave its address; cp.async writes its destination and
+// reads its source when the issuing thread waits for it (when the emulator performs it). Shuffles,
+// ballots and mma.sync exchange registers, not memory: only __syncwarp and __syncthreads order
+// memory accesses, as in the CUDA memory model. The first race ends the launch with an error that
+// names both threads and the functions (symbol + offset) of both accesses.
+
+struct Shadow {
+    unsigned gen;    // the block's or launch's generation this record belongs to (stale: empty)
+    unsigned w_tid;  // last writer's linear thread id + 1 (0: none)
+    unsigned w_block, w_bar, w_wep;
+    unsigned r_tid;  // last reader's linear thread id + 1 (0: none since the last write)
+    unsigned r_block, r_bar, r_wep;
+    unsigned r_warps;        // warps (bit per warp, mod 32) that read in (r_block, r_bar)
+    unsigned char r_lanes;   // several lanes of one warp read in (r_bar, r_wep)
+    unsigned char r_blocks;  // reads from several blocks (global memory)
+    unsigned r_prev;  // the reader before r_tid that was another thread + 1 (0: none)
+    const void* w_pc;
+    const void* r_pc;
+    const void* r_prev_pc;
+};
+
+constexpr unsigned kShadowPage = 256;  // bytes of memory per shadow page
+
+struct RaceState {
+    std::unordered_map<std::uintptr_t, std::unique_ptr<Shadow[]>> pages;
+    std::uintptr_t last_key = ~(std::uintptr_t)0;
+    Shadow* last_page = nullptr;
+    unsigned gen = 0;         // bumped per launch and per block
+    unsigned launch_gen = 0;  // global memory records of this launch carry it
+    unsigned block_gen = 0;   // shared memory records of this block carry it
+    Shadow* at(std::uintptr_t a) {
+        const std::uintptr_t key = a / kShadowPage;
+        if (key != last_key) {
+            std::unique_ptr<Shadow[]>& p = pages[key];
+            if (!p) p.reset(new Shadow[kShadowPage]());
+            last_key = key;
+            last_page = p.get();
+        }
+        return &last_page[a % kShadowPage];
+    }
+};
+
+thread_local RaceState tls_race;
+
+std::string where(const void* pc) {
+    if (!pc) return "the emulator (cp.async or ldmatrix)";
+    Dl_info info;
+    if (!dladdr(pc, &info)) return fmt("%p", pc);
+    if (!info.dli_sname)  // a hidden symbol: the library and offset (kernels/src/emu.rs resolves it)
+        return fmt("[%s+0x%lx]", info.dli_fname,
+                   (unsigned long)((std::uintptr_t)pc - (std::uintptr_t)info.dli_fbase));
+    int status = 0;
+    char* d = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+    std::string name = status == 0 && d ? d : info.dli_sname;
+    std::free(d);
+    return fmt("%s+0x%lx", name.c_str(),
+               (unsigned long)((std::uintptr_t)pc - (std::uintptr_t)info.dli_saddr));
+}
+
+std::string thread_name(const Block& b, unsigned linear) {
+    const unsigned x = linear % b.block_dim.x, y = (linear / b.block_dim.x) % b.block_dim.y,
+                   z = linear / (b.block_dim.x * b.block_dim.y);
+    return fmt("(%u,%u,%u) [warp %u]", x, y, z, linear / 32);
+}
+
+// One access of `size` bytes at `addr` by thread `linear` of the running block; an error message
+// on a race (empty otherwise). `pc`: where in the kernel (null: the emulator on its behalf).
+std::string race_access(Block& b, unsigned linear, const void* addr, std::size_t size, bool write,
+                        const void* pc) {
+    const std::uintptr_t a0 = (std::uintptr_t)addr;
+    const Fiber& me = (*b.fibers)[linear];
+    if (a0 >= (std::uintptr_t)me.stack && a0 < (std::uintptr_t)me.stack + kStack) return {};
+    const std::uintptr_t dyn = (std::uintptr_t)b.dyn;
+    const std::uintptr_t ids = (std::uintptr_t)&tls_ids;
+    const bool in_dyn = a0 >= dyn && a0 < dyn + b.dyn_bytes;
+    const bool in_static =
+        a0 >= b.tls_lo && a0 < b.tls_hi && !(a0 + size > ids && a0 < ids + sizeof tls_ids);
+    if (a0 >= ids && a0 < ids + sizeof tls_ids) return {};  // threadIdx & co.
+    const bool shared = in_dyn || in_static;
+    RaceState& rs = tls_race;
+    const unsigned gen = shared ? rs.block_gen : rs.launch_gen;
+    const unsigned warp = linear / 32, wep = b.warps[warp].sync_epoch, blk = b.block_linear;
+    const unsigned wbit = 1u << (warp % 32);
+    auto what = [&](std::uintptr_t a) {
+        if (in_dyn) return fmt("byte %lu of the dynamic shared memory", (unsigned long)(a - dyn));
+        if (in_static) return fmt("static __shared__ byte at %p", (void*)a);
+        return fmt("global memory byte at %p", (void*)a);
+    };
+    // ordered: a barrier completed between, or (same warp) a __syncwarp; never across blocks
+    auto unordered = [&](unsigned other_tid, unsigned other_block, unsigned bar, unsigned ep) {
+        if (other_block != blk) return true;
+        if (bar != b.bar_epoch) return false;
+        return other_tid / 32 != warp || ep == wep;
+    };
+    for (std::uintptr_t a = a0; a < a0 + size; ++a) {
+        Shadow& s = *rs.at(a);
+        if (s.gen != gen) {
+            s = Shadow{};
+            s.gen = gen;
+        }
+        const bool written = s.w_tid != 0;
+        const unsigned wt = s.w_tid - 1;
+        if (!write) {
+            if (shared && !written)
+                return fmt("thread %s reads %s in %s, which no thread of this block wrote",
+                           thread_name(b, linear).c_str(), what(a).c_str(), where(pc).c_str());
+            if (written && (wt != linear || s.w_block != blk) &&
+                unordered(wt, s.w_block, s.w_bar, s.w_wep))
+                return fmt("thread %s reads %s in %s, which thread %s%s wrote in %s with no %s "
+                           "between",
+                           thread_name(b, linear).c_str(), what(a).c_str(), where(pc).c_str(),
+                           thread_name(b, wt).c_str(),
+                           s.w_block != blk ? fmt(" of block %u", s.w_block).c_str() : "",
+                           where(s.w_pc).c_str(),
+                           s.w_block != blk ? "ordering (another block, same launch)"
+                           : wt / 32 == warp ? "__syncwarp or __syncthreads"
+                                             : "__syncthreads");
+            // the reads since the last write
+            if (s.r_tid != 0 && (s.r_block != blk || s.r_bar != b.bar_epoch)) {
+                if (s.r_block != blk) s.r_blocks = 1;
+                s.r_warps = 0;
+                s.r_lanes = 0;
+                s.r_tid = 0;
+                s.r_prev = 0;
+            }
+            if (s.r_tid == 0) {
+                s.r_warps = wbit;
+                s.r_lanes = 0;
+                s.r_prev = 0;
+            } else {
+                if (s.r_tid - 1 != linear) {
+                    s.r_prev = s.r_tid;
+                    s.r_prev_pc = s.r_pc;
+                }
+                if (s.r_warps == wbit && s.r_wep != wep) {
+                    s.r_lanes = 0;  // the earlier reads of this warp precede a __syncwarp
+                } else if (s.r_tid - 1 != linear) {
+                    s.r_lanes = 1;
+                }
+                s.r_warps |= wbit;
+            }
+            s.r_tid = linear + 1;
+            s.r_block = blk;
+            s.r_bar = b.bar_epoch;
+            s.r_wep = wep;
+            s.r_pc = pc;
+            continue;
+        }
+        if (written && (wt != linear || s.w_block != blk) &&
+            unordered(wt, s.w_block, s.w_bar, s.w_wep))
+            return fmt("threads %s and %s%s both write %s (in %s and %s) with no %s between",
+                       thread_name(b, wt).c_str(), thread_name(b, linear).c_str(),
+                       s.w_block != blk ? fmt(" (blocks %u and %u)", s.w_block, blk).c_str() : "",
+                       what(a).c_str(), where(s.w_pc).c_str(), where(pc).c_str(),
+                       s.w_block != blk ? "ordering"
+                       : wt / 32 == warp ? "__syncwarp or __syncthreads"
+                                         : "__syncthreads");
+        if (s.r_tid != 0) {
+            // name a reader other than this thread where there is one
+            const bool prev = s.r_tid - 1 == linear && s.r_prev != 0;
+            const unsigned rt = prev ? s.r_prev - 1 : s.r_tid - 1;
+            const void* rpc = prev ? s.r_prev_pc : s.r_pc;
+            bool race = s.r_blocks || s.r_block != blk;
+            if (!race && s.r_bar == b.bar_epoch) {
+                if (s.r_warps & ~wbit)
+                    race = true;  // a reader in another warp
+                else if (s.r_wep == wep && (s.r_lanes || rt != linear))
+                    race = true;  // another lane of this warp, no __syncwarp since
+            }
+            if (race)
+                return fmt("thread %s writes %s in %s, which thread %s%s read in %s with no %s "
+                           "between",
+                           thread_name(b, linear).c_str(), what(a).c_str(), where(pc).c_str(),
+                           thread_name(b, rt).c_str(),
+                           s.r_block != blk ? fmt(" of block %u", s.r_block).c_str() : "",
+                           where(rpc).c_str(),
+                           s.r_block != blk || s.r_blocks ? "ordering (another block)"
+                           : rt / 32 == warp              ? "__syncwarp or __syncthreads"
+                                                          : "__syncthreads");
+        }
+        s.w_tid = linear + 1;
+        s.w_block = blk;
+        s.w_bar = b.bar_epoch;
+        s.w_wep = wep;
+        s.w_pc = pc;
+        s.r_tid = 0;
+        s.r_prev = 0;
+        s.r_warps = 0;
+        s.r_lanes = 0;
+        s.r_blocks = 0;
+    }
+    return {};
+}
+
+// This module's thread-local block in the calling thread (where static __shared__ arrays live).
+int find_tls(struct dl_phdr_info* info, std::size_t, void* data) {
+    const std::uintptr_t me = (std::uintptr_t)&find_tls;
+    bool mine = false;
+    std::size_t tls = 0;
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        const std::uintptr_t lo = info->dlpi_addr + ph.p_vaddr;
+        if (ph.p_type == PT_LOAD && me >= lo && me < lo + ph.p_memsz) mine = true;
+        if (ph.p_type == PT_TLS) tls = ph.p_memsz;
+    }
+    if (!mine) return 0;
+    auto* r = (std::uintptr_t*)data;
+    if (info->dlpi_tls_data) {
+        r[0] = (std::uintptr_t)info->dlpi_tls_data;
+        r[1] = r[0] + tls;
+    }
+    return 1;
+}
+
+// A hook's access by the running thread (a race ends the launch).
+void race_hook(const void* addr, std::size_t size, bool write, const void* pc);
+
 // ---- switching ----------------------------------------------------------------------------------
 
 // Back to the scheduler; returns when the scheduler resumes this fiber.
@@ -218,8 +466,25 @@ void yield() {
     _longjmp(b.sched, 1);
 }
 
+void race_hook(const void* addr, std::size_t size, bool write, const void* pc) {
+    Block* b = tls_block;
+    if (!b || !b->race || !b->cur) return;
+    std::string e = race_access(*b, b->cur->linear, addr, size, write, pc);
+    if (!e.empty()) fail("race: " + e);
+}
+
+// The copies land: as the issuing (running) thread's reads of the source and writes of the
+// destination for race detection; a race is left in the block's error.
 void perform(std::vector<Copy>& copies) {
-    for (const Copy& c : copies) std::memcpy(c.dst, c.src, c.bytes);
+    Block& b = block();
+    for (const Copy& c : copies) {
+        if (b.race && b.error.empty()) {
+            std::string e = race_access(b, b.cur->linear, c.src, c.bytes, false, nullptr);
+            if (e.empty()) e = race_access(b, b.cur->linear, c.dst, c.bytes, true, nullptr);
+            if (!e.empty()) b.error = "thread " + tid(*b.cur) + ": race (cp.async): " + e;
+        }
+        std::memcpy(c.dst, c.src, c.bytes);
+    }
     copies.clear();
 }
 
@@ -246,6 +511,7 @@ void check_barrier(Block& b) {
         }
     }
     b.at_bar = 0;
+    ++b.bar_epoch;
 }
 
 void fiber_exit(Block& b, Fiber& f) {
@@ -328,7 +594,11 @@ void run_block(Block& b) {
         f.open.clear();
         f.groups.clear();
     }
+    b.bar_epoch = 0;
+    b.block_linear = b.block_idx.x + b.grid_dim.x * (b.block_idx.y + b.grid_dim.y * b.block_idx.z);
+    if (b.race) tls_race.block_gen = ++tls_race.gen;
     for (Warp& w : b.warps) {
+        w.sync_epoch = 0;
         w.op = 0;
         w.arrived = 0;
         w.exited = 0;
@@ -500,6 +770,13 @@ void complete(Block& b, Warp& w, unsigned warp) {
                               op_name(op), site(w.file, w.line).c_str(), warp, l, L[l].addr);
                 return;
             }
+            if (b.race) {
+                const std::string e = race_access(b, warp * 32 + l, L[l].addr, 16, false, nullptr);
+                if (!e.empty()) {
+                    b.error = fmt("race (%s, %s): ", op_name(op), site(w.file, w.line).c_str()) + e;
+                    return;
+                }
+            }
         }
         for (int l = 0; l < 32; ++l) {
             for (int i = 0; i < num; ++i) {
@@ -516,7 +793,7 @@ void complete(Block& b, Warp& w, unsigned warp) {
             }
         }
     }
-    // SYNCWARP: nothing to compute
+    if (op == SYNCWARP) ++w.sync_epoch;  // orders the lanes' memory accesses
 }
 
 // The running lane has deposited its operands: complete the collective or wait for the others.
@@ -641,6 +918,7 @@ void cp_async_wait(int pending) {
         perform(f.groups.front());
         f.groups.pop_front();
     }
+    if (!block().error.empty()) fail(block().error);
 }
 
 void cp_async_wait_all() {
@@ -761,6 +1039,18 @@ MRT_EXPORT int mrt_emu_launch(const char* kernel, unsigned gx, unsigned gy, unsi
         b.n = (unsigned)threads;
         b.cur = nullptr;
         b.dyn = dyn;
+        b.dyn_bytes = dyn_smem_bytes;
+        b.race = kRacecheck;
+        b.tls_lo = b.tls_hi = 0;
+        if (b.race) {
+            std::uintptr_t r[2] = {0, 0};
+            dl_iterate_phdr(find_tls, r);
+            b.tls_lo = r[0];
+            b.tls_hi = r[1];
+            tls_race.pages.clear();
+            tls_race.last_key = ~(std::uintptr_t)0;
+            tls_race.launch_gen = ++tls_race.gen;
+        }
         tls_block = &b;
         for (unsigned z = 0; z < gz && b.error.empty(); ++z)
             for (unsigned y = 0; y < gy && b.error.empty(); ++y)
@@ -792,3 +1082,44 @@ MRT_EXPORT int mrt_emu_launch(const char* kernel, unsigned gx, unsigned gy, unsi
     }
     return 0;
 }
+
+// ---- the compiler's instrumentation calls (-fsanitize=thread), handled here ---------------------
+// (hidden: they serve this library's kernel units only)
+
+#define MRT_HOOK extern "C" __attribute__((visibility("hidden")))
+
+#define MRT_TSAN_RW(N)                                                                            \
+    MRT_HOOK void __tsan_read##N(void* p) {                                                     \
+        mrt_emu::race_hook(p, N, false, __builtin_return_address(0));                             \
+    }                                                                                             \
+    MRT_HOOK void __tsan_write##N(void* p) {                                                    \
+        mrt_emu::race_hook(p, N, true, __builtin_return_address(0));                              \
+    }                                                                                             \
+    MRT_HOOK void __tsan_unaligned_read##N(void* p) {                                           \
+        mrt_emu::race_hook(p, N, false, __builtin_return_address(0));                             \
+    }                                                                                             \
+    MRT_HOOK void __tsan_unaligned_write##N(void* p) {                                          \
+        mrt_emu::race_hook(p, N, true, __builtin_return_address(0));                              \
+    }                                                                                             \
+    MRT_HOOK void __tsan_volatile_read##N(void* p) {                                            \
+        mrt_emu::race_hook(p, N, false, __builtin_return_address(0));                             \
+    }                                                                                             \
+    MRT_HOOK void __tsan_volatile_write##N(void* p) {                                           \
+        mrt_emu::race_hook(p, N, true, __builtin_return_address(0));                              \
+    }
+MRT_TSAN_RW(1)
+MRT_TSAN_RW(2)
+MRT_TSAN_RW(4)
+MRT_TSAN_RW(8)
+MRT_TSAN_RW(16)
+MRT_HOOK void __tsan_read_range(void* p, unsigned long n) {
+    mrt_emu::race_hook(p, n, false, __builtin_return_address(0));
+}
+MRT_HOOK void __tsan_write_range(void* p, unsigned long n) {
+    mrt_emu::race_hook(p, n, true, __builtin_return_address(0));
+}
+MRT_HOOK void __tsan_init(void) {}
+MRT_HOOK void __tsan_func_entry(void*) {}
+MRT_HOOK void __tsan_func_exit(void) {}
+MRT_HOOK void __tsan_vptr_update(void**, void*) {}
+MRT_HOOK void __tsan_vptr_read(void**) {}

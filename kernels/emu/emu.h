@@ -21,7 +21,8 @@
 // a message naming the kernel, the block and the thread.
 //
 // Not modelled: timing; races between threads that do not synchronise (the fixed schedule decides
-// who wins); a thread that spins on memory another thread will write, with no barrier or
+// who wins) — unless the library is built with race detection (emu.cpp, "race detection": such
+// accesses are then errors); a thread that spins on memory another thread will write, with no barrier or
 // collective in the loop, never yields and hangs the launch; partial warp masks; the
 // approximation error of fast intrinsics (__expf is expf); static __shared__ arrays are not
 // poisoned (they keep what the previous block of this OS thread left).
@@ -206,39 +207,45 @@ inline int __all_sync(unsigned mask, int predicate, const char* file = __builtin
 }
 
 // Atomics: blocks run one at a time and fibers switch only at barriers and collectives, so a
-// read-modify-write is atomic as it stands.
+// read-modify-write is atomic as it stands. Not instrumented in a race-checking build (atomics
+// do not race).
+#ifdef MOTIONRT_EMU_RACECHECK
+#define MRT_ATOMIC __attribute__((no_sanitize_thread, noinline))
+#else
+#define MRT_ATOMIC
+#endif
 template <typename T>
-T atomicAdd(T* p, T v) {
+MRT_ATOMIC T atomicAdd(T* p, T v) {
     const T old = *p;
     *p = old + v;
     return old;
 }
 template <typename T>
-T atomicSub(T* p, T v) {
+MRT_ATOMIC T atomicSub(T* p, T v) {
     const T old = *p;
     *p = old - v;
     return old;
 }
 template <typename T>
-T atomicExch(T* p, T v) {
+MRT_ATOMIC T atomicExch(T* p, T v) {
     const T old = *p;
     *p = v;
     return old;
 }
 template <typename T>
-T atomicMax(T* p, T v) {
+MRT_ATOMIC T atomicMax(T* p, T v) {
     const T old = *p;
     *p = old < v ? v : old;
     return old;
 }
 template <typename T>
-T atomicMin(T* p, T v) {
+MRT_ATOMIC T atomicMin(T* p, T v) {
     const T old = *p;
     *p = v < old ? v : old;
     return old;
 }
 template <typename T>
-T atomicCAS(T* p, T compare, T v) {
+MRT_ATOMIC T atomicCAS(T* p, T compare, T v) {
     const T old = *p;
     if (old == compare) *p = v;
     return old;

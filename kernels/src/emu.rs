@@ -14,9 +14,13 @@
 //! all 32 lanes and compute from the whole warp's operands with the PTX ISA's fragment layouts;
 //! `cp.async` copies land when the issuing thread waits for them; dynamic shared memory starts as
 //! `0xFF` bytes (NaN). Deadlocks, divergent barriers and misused collectives end the launch with an
-//! error naming the kernel, the block and the thread. It does not model timing, memory races
-//! between threads that do not synchronise (a fixed order is chosen), or the approximation error
-//! of fast-math intrinsics (`__expf` is `expf`).
+//! error naming the kernel, the block and the thread. It does not model timing or the
+//! approximation error of fast-math intrinsics (`__expf` is `expf`); memory races between threads
+//! that do not synchronise run in a fixed order, unless the library is built with race detection
+//! ([`Builder::racecheck`], `MOTIONRT_EMU_RACECHECK=1`): the compiler instruments every load and
+//! store of the kernels, and an access that races (shared memory with no barrier between, or
+//! read before any thread of the block wrote it; global memory between threads or blocks of one
+//! launch) ends the launch with an error naming both accesses.
 //!
 //! The compiler is `CXX` if set, else `g++`, else `c++`.
 
@@ -155,7 +159,7 @@ pub fn cache_root() -> PathBuf {
 /// A file of the build tree: its path relative to the tree's root, and its text.
 type TreeFile = (String, String);
 
-/// A translation unit: a file of the build tree and its `-D` flags.
+/// A translation unit: a file of the build tree and its flags (`-D`, instrumentation).
 struct Unit {
     file: String,
     defines: Vec<String>,
@@ -179,11 +183,37 @@ fn is_identifier(s: &str) -> bool {
 pub struct Builder {
     extra: Vec<ExtraSource>,
     cache_root: Option<PathBuf>,
+    racecheck: bool,
 }
 
+/// Flags of the kernel units in a race-checking build: the compiler instruments every load and
+/// store (ThreadSanitizer's instrumentation, without its runtime: `emu.cpp` implements the calls).
+const RACECHECK_FLAGS: &[&str] = &[
+    "-fsanitize=thread",
+    "--param=tsan-instrument-func-entry-exit=0",
+    "-DMOTIONRT_EMU_RACECHECK",
+    // line tables, for naming where a race's accesses are (addr2line)
+    "-g",
+];
+
 impl Builder {
+    /// A builder; race checking is on when `MOTIONRT_EMU_RACECHECK=1` ([`Builder::racecheck`]).
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            racecheck: std::env::var("MOTIONRT_EMU_RACECHECK").as_deref() == Ok("1"),
+            ..Self::default()
+        }
+    }
+
+    /// Check every launch for data races (`kernels/emu/emu.cpp`, "race detection"): shared memory
+    /// read or written by two threads with no `__syncthreads` (or, within a warp, `__syncwarp`)
+    /// between, shared memory read before any thread of the block wrote it, and global memory
+    /// accessed so by two threads or two blocks of one launch. The first race ends the launch
+    /// with an error naming both threads and where in the kernel each access was. Several times
+    /// slower; a library of its own in the cache.
+    pub fn racecheck(mut self, on: bool) -> Self {
+        self.racecheck = on;
+        self
     }
 
     /// Also compile `code`, a kernel source that relies on the prelude like the project's, and
@@ -213,14 +243,26 @@ impl Builder {
         for (name, src) in cuda::SOURCES {
             files.push((format!("cuda/{name}.cu"), src.to_string()));
         }
+        // kernel units: instrumented in a race-checking build
+        let rc: Vec<String> = if self.racecheck {
+            RACECHECK_FLAGS.iter().map(|f| f.to_string()).collect()
+        } else {
+            Vec::new()
+        };
         let mut units = vec![Unit {
             file: "emu/emu.cpp".into(),
-            defines: vec![],
+            defines: if self.racecheck {
+                vec!["-DMOTIONRT_EMU_RACECHECK".into()]
+            } else {
+                vec![]
+            },
         }];
         for i in 0..cuda::SOURCES.len() {
+            let mut defines = vec![format!("-DMRT_EMU_UNIT={i}")];
+            defines.extend(rc.iter().cloned());
             units.push(Unit {
                 file: "emu/registry.cpp".into(),
-                defines: vec![format!("-DMRT_EMU_UNIT={i}")],
+                defines,
             });
         }
         for (i, x) in self.extra.iter().enumerate() {
@@ -252,7 +294,7 @@ impl Builder {
             files.push((file.clone(), text));
             units.push(Unit {
                 file,
-                defines: vec![],
+                defines: rc.clone(),
             });
         }
         Ok((files, units))
@@ -285,7 +327,9 @@ impl Builder {
         if !lib.is_file() {
             compile(&cxx, &dir, &files, &units)?;
         }
-        Emu::load(&lib)
+        let mut e = Emu::load(&lib)?;
+        e.racecheck = self.racecheck;
+        Ok(e)
     }
 }
 
@@ -350,6 +394,8 @@ fn compile(cxx: &Compiler, dir: &Path, files: &[TreeFile], units: &[Unit]) -> Re
         let link = cxx
             .command()
             .arg("-shared")
+            // an instrumentation call without its hook in emu.cpp fails here, not at load
+            .arg("-Wl,-z,defs")
             .arg("-o")
             .arg(&out)
             .args(&objs)
@@ -390,6 +436,7 @@ type ParamsFn = unsafe extern "C" fn(*const c_char, *mut c_char, *mut usize, c_i
 /// The loaded emulator library.
 pub struct Emu {
     path: PathBuf,
+    racecheck: bool,
     launch: LaunchFn,
     count: CountFn,
     name: NameFn,
@@ -432,6 +479,11 @@ impl Emu {
         Builder::new().build()
     }
 
+    /// Whether every launch is checked for data races ([`Builder::racecheck`]).
+    pub fn racecheck(&self) -> bool {
+        self.racecheck
+    }
+
     fn load(path: &Path) -> Result<Self, EmuError> {
         let load_err = |e: libloading::Error| EmuError::Load {
             path: path.to_path_buf(),
@@ -453,6 +505,7 @@ impl Emu {
                 .map_err(load_err)?;
             Ok(Self {
                 path: path.to_path_buf(),
+                racecheck: false,
                 launch,
                 count,
                 name,
@@ -591,10 +644,45 @@ impl Emu {
         if rc != 0 {
             // SAFETY: the library writes a NUL-terminated message into err.
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) };
-            return Err(EmuError::Launch(msg.to_string_lossy().into_owned()));
+            return Err(EmuError::Launch(symbolize(&msg.to_string_lossy())));
         }
         Ok(())
     }
+}
+
+/// `msg` with each `[LIBRARY+0xOFFSET]` (a code address the emulator could not name: the kernels'
+/// symbols are hidden) replaced by `function (file:line)` from `addr2line`, where it is
+/// installed; left as it is otherwise.
+fn symbolize(msg: &str) -> String {
+    let mut out = String::new();
+    let mut rest = msg;
+    while let Some(i) = rest.find('[') {
+        let Some(j) = rest[i..].find(']').map(|j| i + j) else {
+            break;
+        };
+        out.push_str(&rest[..i]);
+        let inner = &rest[i + 1..j];
+        let named = inner.rsplit_once("+0x").and_then(|(lib, off)| {
+            // the return address of the instrumentation call: the access is the byte before
+            let off = u64::from_str_radix(off, 16).ok()?.checked_sub(1)?;
+            let o = Command::new("addr2line")
+                .args(["-f", "-C", "-e", lib, &format!("{off:#x}")])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())?;
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let mut lines = text.lines();
+            let (f, at) = (lines.next()?.trim(), lines.next()?.trim());
+            (f != "??").then(|| format!("{f} ({at})"))
+        });
+        match named {
+            Some(n) => out.push_str(&n),
+            None => out.push_str(&rest[i..=j]),
+        }
+        rest = &rest[j + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A kernel argument.

@@ -526,6 +526,22 @@ fn self_test_kernels_compile_with_nvrtc() {
 fn shared_memory_is_poisoned_and_barriers_order_it() {
     let Some(emu) = emu() else { return };
     let n = 64;
+    if emu.racecheck() {
+        // (MOTIONRT_EMU_RACECHECK=1) reading the unwritten half is itself an error then
+        for sync in [0, 1] {
+            let out = out_buf::<f32>(2 * 2 * n);
+            let e = launch_err(
+                emu,
+                "emu_neighbour",
+                (2, 1, 1),
+                (n as u32, 1, 1),
+                2 * n * 4,
+                &[Arg::Buf(&out), Arg::I32(sync)],
+            );
+            assert!(e.contains("which no thread of this block wrote"), "{e}");
+        }
+        return;
+    }
     for sync in [0, 1] {
         let out = out_buf::<f32>(2 * 2 * n);
         launch(
@@ -878,13 +894,40 @@ fn cp_async_data_lands_at_the_wait() {
     let g: Vec<f32> = (0..3 * 4 * n).map(|i| i as f32).collect();
     let gb = DeviceBuffer::from_slice(&g);
     let out = out_buf::<f32>(8 * n);
+    if emu.racecheck() {
+        // (MOTIONRT_EMU_RACECHECK=1) reading a destination before its copy landed is an error
+        let e = launch_err(
+            emu,
+            "emu_cp_async",
+            (1, 1, 1),
+            (n as u32, 1, 1),
+            3 * 4 * n * 4,
+            &[Arg::Buf(&gb), Arg::Buf(&out)],
+        );
+        assert!(e.contains("which no thread of this block wrote"), "{e}");
+    } else {
+        cp_async_values(emu, n, &g, &gb, &out);
+    }
+    let e = launch_err(
+        emu,
+        "emu_cp_async_misaligned",
+        (1, 1, 1),
+        (32, 1, 1),
+        256,
+        &[Arg::Buf(&gb), Arg::Buf(&out)],
+    );
+    assert!(e.contains("16-byte aligned"), "{e}");
+}
+
+/// The values `emu_cp_async` leaves (without race checking: with it, its early reads are errors).
+fn cp_async_values(emu: &Emu, n: usize, g: &[f32], gb: &DeviceBuffer, out: &DeviceBuffer) {
     launch(
         emu,
         "emu_cp_async",
         (1, 1, 1),
         (n as u32, 1, 1),
         3 * 4 * n * 4,
-        &[Arg::Buf(&gb), Arg::Buf(&out)],
+        &[Arg::Buf(gb), Arg::Buf(out)],
     );
     let v = out.to_vec::<u32>();
     let stale = 0xffff_ffffu32;
@@ -904,15 +947,6 @@ fn cp_async_data_lands_at_the_wait() {
         ];
         assert_eq!(o, &want, "thread {t}");
     }
-    let e = launch_err(
-        emu,
-        "emu_cp_async_misaligned",
-        (1, 1, 1),
-        (32, 1, 1),
-        256,
-        &[Arg::Buf(&gb), Arg::Buf(&out)],
-    );
-    assert!(e.contains("16-byte aligned"), "{e}");
 }
 
 #[test]
