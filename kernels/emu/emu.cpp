@@ -15,6 +15,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
@@ -143,6 +144,11 @@ struct Block {
     unsigned block_linear;   // blockIdx as one number
     std::size_t dyn_bytes;
     std::uintptr_t tls_lo, tls_hi;  // this module's thread-local block: static __shared__ arrays
+    // bounds checking (race-checking builds, when the caller gave the launch's buffers): the
+    // address ranges [lo, hi) a thread may touch outside shared memory and its own stack, sorted
+    std::vector<std::pair<std::uintptr_t, std::uintptr_t>> allowed;
+    std::size_t n_buffers;  // the first ranges given by the caller (the rest: emulator internals)
+    std::vector<std::pair<std::uintptr_t, std::uintptr_t>> buffers;  // the caller's, unsorted
 };
 
 thread_local Block* tls_block = nullptr;
@@ -238,6 +244,8 @@ Block& block() {
 // ballots and mma.sync exchange registers, not memory: only __syncwarp and __syncthreads order
 // memory accesses, as in the CUDA memory model. The first race ends the launch with an error that
 // names both threads and the functions (symbol + offset) of both accesses.
+// Bounds: when the caller gave the launch's buffers (mrt_emu_set_bounds), a global access outside
+// them, the kernel's parameters, the threads' ids and the module's constants is an error too.
 
 struct Shadow {
     unsigned gen;    // the block's or launch's generation this record belongs to (stale: empty)
@@ -277,6 +285,13 @@ struct RaceState {
 
 thread_local RaceState tls_race;
 
+// Buffers the next launch on this thread may touch (mrt_emu_set_bounds; empty: not checked).
+thread_local std::vector<std::pair<std::uintptr_t, std::uintptr_t>> tls_bounds;
+
+// A global access of `size` bytes at `a` outside every allowed range: the error, else empty.
+std::string bounds_error(const Block& b, unsigned linear, std::uintptr_t a, std::size_t size,
+                         bool write, const void* pc);
+
 std::string where(const void* pc) {
     if (!pc) return "the emulator (cp.async or ldmatrix)";
     Dl_info info;
@@ -308,10 +323,20 @@ std::string race_access(Block& b, unsigned linear, const void* addr, std::size_t
     const std::uintptr_t dyn = (std::uintptr_t)b.dyn;
     const std::uintptr_t ids = (std::uintptr_t)&tls_ids;
     const bool in_dyn = a0 >= dyn && a0 < dyn + b.dyn_bytes;
+    if (a0 + size > dyn + b.dyn_bytes && a0 < dyn + b.dyn_bytes + kCanary)
+        return fmt("out of bounds: thread %s %s byte %lu of the dynamic shared memory in %s: past "
+                   "the end of its %zu bytes",
+                   thread_name(b, linear).c_str(), write ? "writes" : "reads",
+                   (unsigned long)(std::max(a0, dyn + b.dyn_bytes) - dyn), where(pc).c_str(),
+                   b.dyn_bytes);
     const bool in_static =
         a0 >= b.tls_lo && a0 < b.tls_hi && !(a0 + size > ids && a0 < ids + sizeof tls_ids);
     if (a0 >= ids && a0 < ids + sizeof tls_ids) return {};  // threadIdx & co.
     const bool shared = in_dyn || in_static;
+    if (!shared && !b.allowed.empty()) {
+        std::string e = bounds_error(b, linear, a0, size, write, pc);
+        if (!e.empty()) return e;
+    }
     RaceState& rs = tls_race;
     const unsigned gen = shared ? rs.block_gen : rs.launch_gen;
     const unsigned warp = linear / 32, wep = b.warps[warp].sync_epoch, blk = b.block_linear;
@@ -427,9 +452,15 @@ std::string race_access(Block& b, unsigned linear, const void* addr, std::size_t
     return {};
 }
 
-// This module's thread-local block in the calling thread (where static __shared__ arrays live).
-int find_tls(struct dl_phdr_info* info, std::size_t, void* data) {
-    const std::uintptr_t me = (std::uintptr_t)&find_tls;
+struct Module {
+    std::uintptr_t tls_lo = 0, tls_hi = 0;  // this thread's instance of the module's TLS block
+    std::vector<std::pair<std::uintptr_t, std::uintptr_t>> loads;  // its mapped segments
+};
+
+// This module's thread-local block in the calling thread (where static __shared__ arrays live)
+// and its segments (constants and static data the kernels may read).
+int find_module(struct dl_phdr_info* info, std::size_t, void* data) {
+    const std::uintptr_t me = (std::uintptr_t)&find_module;
     bool mine = false;
     std::size_t tls = 0;
     for (int i = 0; i < info->dlpi_phnum; ++i) {
@@ -439,12 +470,50 @@ int find_tls(struct dl_phdr_info* info, std::size_t, void* data) {
         if (ph.p_type == PT_TLS) tls = ph.p_memsz;
     }
     if (!mine) return 0;
-    auto* r = (std::uintptr_t*)data;
+    auto* m = (Module*)data;
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        const std::uintptr_t lo = info->dlpi_addr + ph.p_vaddr;
+        if (ph.p_type == PT_LOAD) m->loads.push_back({lo, lo + ph.p_memsz});
+    }
     if (info->dlpi_tls_data) {
-        r[0] = (std::uintptr_t)info->dlpi_tls_data;
-        r[1] = r[0] + tls;
+        m->tls_lo = (std::uintptr_t)info->dlpi_tls_data;
+        m->tls_hi = m->tls_lo + tls;
     }
     return 1;
+}
+
+std::string bounds_error(const Block& b, unsigned linear, std::uintptr_t a, std::size_t size,
+                         bool write, const void* pc) {
+    // the last range starting at or below a
+    auto it = std::upper_bound(
+        b.allowed.begin(), b.allowed.end(), a,
+        [](std::uintptr_t x, const std::pair<std::uintptr_t, std::uintptr_t>& r) {
+            return x < r.first;
+        });
+    if (it != b.allowed.begin() && a + size <= std::prev(it)->second) return {};
+    // name the nearest of the caller's buffers
+    std::string near;
+    std::uintptr_t best = ~(std::uintptr_t)0;
+    for (std::size_t i = 0; i < b.buffers.size(); ++i) {
+        const auto& r = b.buffers[i];
+        const std::uintptr_t d = a >= r.second ? a - r.second + 1 : r.first > a ? r.first - a : 0;
+        if (d < best) {
+            best = d;
+            near = a >= r.first && a < r.second
+                       ? fmt("the last %zu byte(s) past the end of buffer %zu (%zu bytes)",
+                             (std::size_t)(a + size - r.second), i,
+                             (std::size_t)(r.second - r.first))
+                   : a >= r.second
+                       ? fmt("%zu byte(s) past the end of buffer %zu (%zu bytes)",
+                             (std::size_t)(a - r.second), i, (std::size_t)(r.second - r.first))
+                       : fmt("%zu byte(s) before buffer %zu", (std::size_t)(r.first - a), i);
+        }
+    }
+    return fmt("out of bounds: thread %s %s %zu byte(s) at %p in %s, outside every buffer of "
+               "the launch%s%s",
+               thread_name(b, linear).c_str(), write ? "writes" : "reads", size, (void*)a,
+               where(pc).c_str(), near.empty() ? "" : ": ", near.c_str());
 }
 
 // A hook's access by the running thread (a race ends the launch).
@@ -470,7 +539,7 @@ void race_hook(const void* addr, std::size_t size, bool write, const void* pc) {
     Block* b = tls_block;
     if (!b || !b->race || !b->cur) return;
     std::string e = race_access(*b, b->cur->linear, addr, size, write, pc);
-    if (!e.empty()) fail("race: " + e);
+    if (!e.empty()) fail(e.rfind("out of bounds", 0) == 0 ? e : "race: " + e);
 }
 
 // The copies land: as the issuing (running) thread's reads of the source and writes of the
@@ -989,6 +1058,15 @@ MRT_EXPORT int mrt_emu_kernel_params(const char* kernel, char* kinds, std::size_
     return k->n_params;
 }
 
+// The buffers (`n` [lo, hi) address pairs) the next launches on this thread may touch: in a
+// race-checking library, a kernel's access to global memory outside them (and outside its
+// parameters and the module's constants) ends the launch with an error. n = 0: not checked.
+MRT_EXPORT void mrt_emu_set_bounds(const unsigned long long* ranges, std::size_t n) {
+    tls_bounds.clear();
+    for (std::size_t i = 0; i < n; ++i)
+        tls_bounds.push_back({(std::uintptr_t)ranges[2 * i], (std::uintptr_t)ranges[2 * i + 1]});
+}
+
 // Run `kernel` over the grid like cuLaunchKernel: params[i] points at the i-th argument's value
 // (pointer arguments are host addresses). Returns 0, or non-zero with a message in err.
 MRT_EXPORT int mrt_emu_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz,
@@ -1042,11 +1120,37 @@ MRT_EXPORT int mrt_emu_launch(const char* kernel, unsigned gx, unsigned gy, unsi
         b.dyn_bytes = dyn_smem_bytes;
         b.race = kRacecheck;
         b.tls_lo = b.tls_hi = 0;
+        b.allowed.clear();
+        b.buffers.clear();
         if (b.race) {
-            std::uintptr_t r[2] = {0, 0};
-            dl_iterate_phdr(find_tls, r);
-            b.tls_lo = r[0];
-            b.tls_hi = r[1];
+            Module m;
+            dl_iterate_phdr(find_module, &m);
+            b.tls_lo = m.tls_lo;
+            b.tls_hi = m.tls_hi;
+            if (!tls_bounds.empty()) {
+                // the caller's buffers, and what the kernels read besides: their parameters,
+                // the threads' ids (threadIdx & co.), the module's constants
+                b.buffers = tls_bounds;
+                b.allowed = tls_bounds;
+                b.allowed.push_back({(std::uintptr_t)params,
+                                     (std::uintptr_t)(params + k->n_params)});
+                for (int i = 0; i < k->n_params; ++i)
+                    b.allowed.push_back({(std::uintptr_t)params[i],
+                                         (std::uintptr_t)params[i] + k->params[i].size});
+                b.allowed.push_back({(std::uintptr_t)tls_fibers.data(),
+                                     (std::uintptr_t)(tls_fibers.data() + tls_fibers.size())});
+                b.allowed.insert(b.allowed.end(), m.loads.begin(), m.loads.end());
+                std::sort(b.allowed.begin(), b.allowed.end());
+                // merge overlaps, so that the lookup's one candidate decides
+                std::vector<std::pair<std::uintptr_t, std::uintptr_t>> merged;
+                for (const auto& r : b.allowed) {
+                    if (!merged.empty() && r.first <= merged.back().second)
+                        merged.back().second = std::max(merged.back().second, r.second);
+                    else
+                        merged.push_back(r);
+                }
+                b.allowed.swap(merged);
+            }
             tls_race.pages.clear();
             tls_race.last_key = ~(std::uintptr_t)0;
             tls_race.launch_gen = ++tls_race.gen;

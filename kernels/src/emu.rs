@@ -20,7 +20,8 @@
 //! ([`Builder::racecheck`], `MOTIONRT_EMU_RACECHECK=1`): the compiler instruments every load and
 //! store of the kernels, and an access that races (shared memory with no barrier between, or
 //! read before any thread of the block wrote it; global memory between threads or blocks of one
-//! launch) ends the launch with an error naming both accesses.
+//! launch) ends the launch with an error naming both accesses; so does, with
+//! [`Emu::launch_within`], a global access outside the buffers the launch was given.
 //!
 //! The compiler is `CXX` if set, else `g++`, else `c++`.
 
@@ -432,6 +433,7 @@ type LaunchFn = unsafe extern "C" fn(
 type CountFn = unsafe extern "C" fn() -> c_int;
 type NameFn = unsafe extern "C" fn(c_int) -> *const c_char;
 type ParamsFn = unsafe extern "C" fn(*const c_char, *mut c_char, *mut usize, c_int) -> c_int;
+type BoundsFn = unsafe extern "C" fn(*const u64, usize);
 
 /// The loaded emulator library.
 pub struct Emu {
@@ -441,6 +443,7 @@ pub struct Emu {
     count: CountFn,
     name: NameFn,
     params: ParamsFn,
+    set_bounds: BoundsFn,
     // keeps the functions above valid
     _lib: libloading::Library,
 }
@@ -503,6 +506,9 @@ impl Emu {
             let params = *lib
                 .get::<ParamsFn>(b"mrt_emu_kernel_params\0")
                 .map_err(load_err)?;
+            let set_bounds = *lib
+                .get::<BoundsFn>(b"mrt_emu_set_bounds\0")
+                .map_err(load_err)?;
             Ok(Self {
                 path: path.to_path_buf(),
                 racecheck: false,
@@ -510,6 +516,7 @@ impl Emu {
                 count,
                 name,
                 params,
+                set_bounds,
                 _lib: lib,
             })
         }
@@ -563,16 +570,90 @@ impl Emu {
             .collect())
     }
 
+    /// [`Emu::launch`], the kernel's global memory accesses confined to `buffers` (`[start, end)`
+    /// addresses) in a race-checking library ([`Builder::racecheck`]): an access outside them
+    /// (and outside the kernel's parameters and constants) ends the launch with an error naming
+    /// the thread, the address and the nearest buffer (by its index in `buffers`). Without race
+    /// checking, the same as [`Emu::launch`].
+    ///
+    /// # Safety
+    ///
+    /// As [`Emu::launch`].
+    pub unsafe fn launch_within(
+        &self,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        dyn_smem: usize,
+        args: &[Arg<'_>],
+        buffers: &[(u64, u64)],
+    ) -> Result<(), EmuError> {
+        // SAFETY: the caller's promise (as for `launch`).
+        unsafe { self.launch_bounded(kernel, grid, block, dyn_smem, args, buffers) }
+    }
+
+    /// [`Emu::launch`] with the bounds `buffers` (empty: none) set around it.
+    unsafe fn launch_bounded(
+        &self,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        dyn_smem: usize,
+        args: &[Arg<'_>],
+        buffers: &[(u64, u64)],
+    ) -> Result<(), EmuError> {
+        let flat: Vec<u64> = buffers.iter().flat_map(|&(a, b)| [a, b]).collect();
+        // SAFETY: `flat` holds buffers.len() pairs; the library copies them.
+        unsafe { (self.set_bounds)(flat.as_ptr(), buffers.len()) };
+        // SAFETY: the caller's promise (as for `launch`).
+        let r = unsafe { self.launch_unbounded(kernel, grid, block, dyn_smem, args) };
+        // SAFETY: an empty list (no pointer is read).
+        unsafe { (self.set_bounds)(std::ptr::null(), 0) };
+        r
+    }
+
     /// Run `kernel` over `grid` blocks of `block` threads with `dyn_smem` bytes of dynamic shared
     /// memory, like `cuLaunchKernel`. The arguments' kinds and sizes are checked against the
     /// kernel's signature first. Returns when the whole grid has run; an emulator error (deadlock,
-    /// bad block size, misuse of a collective) names the kernel, the block and the thread.
+    /// bad block size, misuse of a collective) names the kernel, the block and the thread. In a
+    /// race-checking library, when every pointer argument is a [`Arg::Buf`] (or null), the
+    /// kernel's global accesses are confined to those buffers ([`Emu::launch_within`]).
     ///
     /// # Safety
     ///
     /// The kernel reads and writes host memory through the pointers it is given, like a CUDA
     /// kernel: the buffers must be large enough for what the other arguments make it access.
     pub unsafe fn launch(
+        &self,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        dyn_smem: usize,
+        args: &[Arg<'_>],
+    ) -> Result<(), EmuError> {
+        let bufs: Option<Vec<(u64, u64)>> = args
+            .iter()
+            .filter_map(|a| match a {
+                Arg::Buf(b) => {
+                    let p = b.as_ptr() as u64;
+                    Some(Some((p, p + b.len_bytes() as u64)))
+                }
+                Arg::Addr(_) => Some(None),
+                _ => None,
+            })
+            .collect();
+        match bufs {
+            // SAFETY: the caller's promise.
+            Some(b) if self.racecheck && !b.is_empty() => unsafe {
+                self.launch_bounded(kernel, grid, block, dyn_smem, args, &b)
+            },
+            // SAFETY: the caller's promise.
+            _ => unsafe { self.launch_unbounded(kernel, grid, block, dyn_smem, args) },
+        }
+    }
+
+    /// [`Emu::launch`] without setting bounds (those set, if any, apply).
+    unsafe fn launch_unbounded(
         &self,
         kernel: &str,
         grid: (u32, u32, u32),
@@ -666,14 +747,22 @@ fn symbolize(msg: &str) -> String {
             // the return address of the instrumentation call: the access is the byte before
             let off = u64::from_str_radix(off, 16).ok()?.checked_sub(1)?;
             let o = Command::new("addr2line")
-                .args(["-f", "-C", "-e", lib, &format!("{off:#x}")])
+                .args(["-f", "-C", "-i", "-e", lib, &format!("{off:#x}")])
                 .output()
                 .ok()
                 .filter(|o| o.status.success())?;
+            // (function, file:line) pairs, the innermost inlined call first: three at most
             let text = String::from_utf8_lossy(&o.stdout).into_owned();
-            let mut lines = text.lines();
-            let (f, at) = (lines.next()?.trim(), lines.next()?.trim());
-            (f != "??").then(|| format!("{f} ({at})"))
+            let lines: Vec<&str> = text.lines().map(str::trim).collect();
+            let mut pairs: Vec<&[&str]> = lines.chunks_exact(2).filter(|p| p[0] != "??").collect();
+            // a function's own lexical blocks show as frames of the same name
+            pairs.dedup_by(|b, a| a[0] == b[0]);
+            let frames: Vec<String> = pairs
+                .iter()
+                .take(3)
+                .map(|p| format!("{} ({})", p[0], p[1]))
+                .collect();
+            (!frames.is_empty()).then(|| frames.join(", inlined in "))
         });
         match named {
             Some(n) => out.push_str(&n),

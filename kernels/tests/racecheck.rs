@@ -94,6 +94,11 @@ extern "C" __global__ void rc_ldmatrix(unsigned* out, int mode) {
     for (int i = 0; i < 4; ++i) out[l * 4 + i] = r[i];
 }
 
+// one element past the end of the buffer the launch was given (mode 0), or inside it
+extern "C" __global__ void rc_bounds(float* out, int mode) {
+    out[threadIdx.x + (mode ? 0 : 1)] = 1.f;
+}
+
 // cp.async: a thread reads another thread's copy after its own wait, before a barrier
 extern "C" __global__ void rc_cp_async(const float* g, float* out, int mode) {
     MRT_DYN_SMEM(float, s);
@@ -114,6 +119,7 @@ const ENTRIES: &[&str] = &[
     "rc_global",
     "rc_ldmatrix",
     "rc_cp_async",
+    "rc_bounds",
 ];
 
 fn emu() -> Option<&'static Emu> {
@@ -161,6 +167,7 @@ fn races(kernel: &str, grid: u32, threads: u32, smem: usize, want: &[&str]) {
     }
     let e = run(kernel, grid, threads, smem, 0)
         .unwrap_or_else(|| panic!("{kernel}: the race was not detected"));
+    eprintln!("{kernel}: {e}");
     for w in want {
         assert!(e.contains(w), "{kernel}: {w:?} not in: {e}");
     }
@@ -292,4 +299,47 @@ fn cp_async_copies_of_other_threads_need_a_barrier() {
         64 * 16,
         &["reads byte 16 of the dynamic shared memory"],
     );
+}
+
+#[test]
+fn global_accesses_outside_the_launchs_buffers() {
+    let Some(emu) = emu() else { return };
+    let out = DeviceBuffer::filled(64 * 4, 0);
+    let p = out.as_ptr() as u64;
+    // the kernel is given 32 floats of a larger allocation: one past them is caught all the same
+    let within = |mode: i32| {
+        // SAFETY: the allocation holds 64 floats; the kernel writes at most 33.
+        unsafe {
+            emu.launch_within(
+                "rc_bounds",
+                (1, 1, 1),
+                (32, 1, 1),
+                0,
+                &[Arg::Buf(&out), Arg::I32(mode)],
+                &[(p + 1024, p + 1040), (p, p + 128)],
+            )
+        }
+    };
+    let e = within(0)
+        .expect_err("the write past the buffer passed")
+        .to_string();
+    assert!(
+        e.contains("out of bounds: thread (31,0,0) [warp 0] writes 4 byte(s)")
+            && e.contains("outside every buffer of the launch")
+            && e.contains("0 byte(s) past the end of buffer 1 (128 bytes)"),
+        "{e}"
+    );
+    within(1).unwrap();
+    // without buffers, nothing is bounded
+    // SAFETY: as above.
+    unsafe {
+        emu.launch(
+            "rc_bounds",
+            (1, 1, 1),
+            (32, 1, 1),
+            0,
+            &[Arg::Buf(&out), Arg::I32(0)],
+        )
+    }
+    .unwrap();
 }

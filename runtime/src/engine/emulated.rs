@@ -44,6 +44,11 @@ pub struct EmuProgram<'e> {
     pub calls: std::collections::BTreeMap<String, usize>,
     /// What float16 specialisation changed ([`specialize`]).
     pub specialized: super::launch::Specialized,
+    /// The device ranges the current launches may touch (`[start, end)`: the step's buffers, the
+    /// GroupNorm scratch, or a cast's two sides), checked by a race-checking emulator
+    /// ([`Emu::launch_within`]); and what they are, for its errors.
+    bounds: Vec<(u64, u64)>,
+    bounds_note: String,
 }
 
 impl<'e> EmuProgram<'e> {
@@ -93,6 +98,8 @@ impl<'e> EmuProgram<'e> {
             smem_optin,
             calls: Default::default(),
             specialized,
+            bounds: Vec::new(),
+            bounds_note: String::new(),
         })
     }
 
@@ -175,6 +182,14 @@ impl<'e> EmuProgram<'e> {
                 src.as_ptr() as u64,
                 v.len(),
             );
+            self.bounds = vec![
+                (dst, dst + (v.len() * self.eb()) as u64),
+                (
+                    src.as_ptr() as u64,
+                    src.as_ptr() as u64 + 4 * v.len() as u64,
+                ),
+            ];
+            self.bounds_note = format!(" (buffers: 0 input {name}, 1 its float32 staging)");
             staging.push(src);
             self.kernel(&l)?;
         }
@@ -194,6 +209,38 @@ impl<'e> EmuProgram<'e> {
             lt: &is_lt,
         };
         let ops = step_ops(&self.program, si, &ctx)?;
+        // what the step's launches may touch: the buffers it reads and writes, and the scratch
+        let (mut bufs, w) = self.program.steps[si].io();
+        bufs.push(w);
+        bufs.dedup();
+        self.bounds = bufs
+            .iter()
+            .map(|&b| {
+                let bytes = self.program.buffers[b].numel
+                    * match self.program.buffers[b].dtype {
+                        DType::I64 => 8,
+                        DType::Float => self.eb(),
+                    };
+                (self.ptrs[b], self.ptrs[b] + bytes as u64)
+            })
+            .collect();
+        let mut note: Vec<String> = bufs.iter().map(|b| format!("program buffer {b}")).collect();
+        if let Some(ns) = &self.norm_stats {
+            self.bounds.push((
+                ns.as_ptr() as u64,
+                (ns.as_ptr() as usize + ns.len_bytes()) as u64,
+            ));
+            note.push("GroupNorm scratch".into());
+        }
+        self.bounds_note = format!(
+            " (step {si}, {}; buffers: {})",
+            self.program.steps[si].name(),
+            note.iter()
+                .enumerate()
+                .map(|(i, n)| format!("{i} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         for op in ops {
             let what = format!("step {si} ({})", self.program.steps[si].name());
             match op {
@@ -219,6 +266,15 @@ impl<'e> EmuProgram<'e> {
                 self.ptrs[t.buf],
                 t.numel(),
             );
+            let src = self.ptrs[t.buf];
+            self.bounds = vec![
+                (
+                    dst.as_ptr() as u64,
+                    dst.as_ptr() as u64 + 4 * t.numel() as u64,
+                ),
+                (src, src + (t.numel() * self.eb()) as u64),
+            ];
+            self.bounds_note = format!(" (buffers: 0 the float32 staging, 1 output {name})");
             self.kernel(&l)?;
             let mut v = dst.to_vec::<f32>();
             v.truncate(t.numel());
@@ -291,10 +347,16 @@ impl<'e> EmuProgram<'e> {
         // for the shapes the launch's other arguments give — what this check is for: a wrong
         // size shows as a wrong result or a crash of the test, not of a GPU.
         unsafe {
-            self.emu
-                .launch(&l.kernel, l.grid, l.block, l.smem as usize, &args)
+            self.emu.launch_within(
+                &l.kernel,
+                l.grid,
+                l.block,
+                l.smem as usize,
+                &args,
+                &self.bounds,
+            )
         }
-        .map_err(|e| err(format!("{}: {e}", l.kernel)))?;
+        .map_err(|e| err(format!("{}: {e}{}", l.kernel, self.bounds_note)))?;
         self.count(&l.kernel);
         Ok(())
     }
