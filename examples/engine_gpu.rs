@@ -352,15 +352,11 @@ fn check(a: &Args) -> Res<bool> {
                         }
                     };
                 let what = format!("{g} {precision:?} {layout:?}");
+                let step_by_step = |gp: &mut GpuProgram| {
+                    localize(&dev, gp, &what, &weights_f32(&init, &model), &inputs, &data)
+                };
                 if a.mode == "localize" {
-                    ok &= localize(
-                        &dev,
-                        &mut gp,
-                        &what,
-                        &weights_f32(&init, &model),
-                        &inputs,
-                        &data,
-                    )?;
+                    ok &= step_by_step(&mut gp)?;
                     continue;
                 }
                 let ok_before = ok;
@@ -434,14 +430,7 @@ fn check(a: &Args) -> Res<bool> {
                     if pass { "ok" } else { "FAIL" }
                 );
                 if ok_before && !ok {
-                    localize(
-                        &dev,
-                        &mut gp,
-                        &what,
-                        &weights_f32(&init, &model),
-                        &inputs,
-                        &data,
-                    )?;
+                    step_by_step(&mut gp)?;
                 }
             }
         }

@@ -83,6 +83,22 @@ pub enum EmuError {
     Launch(String),
 }
 
+impl EmuError {
+    /// For tests, on failing to build the emulator: a missing C++ compiler prints SKIP (the test
+    /// then passes without running), unless `MOTIONRT_REQUIRE_EMU=1`; anything else panics.
+    pub fn skip_or_panic(&self) {
+        match self {
+            EmuError::NoCompiler { .. }
+                if std::env::var("MOTIONRT_REQUIRE_EMU").as_deref() != Ok("1") =>
+            {
+                eprintln!("SKIP: {self}")
+            }
+            EmuError::NoCompiler { .. } => panic!("MOTIONRT_REQUIRE_EMU=1 but: {self}"),
+            e => panic!("building the CUDA emulator: {e}"),
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> EmuError + '_ {
     move |e| EmuError::Io {
         path: path.to_path_buf(),
@@ -588,79 +604,6 @@ impl Emu {
         args: &[Arg<'_>],
         buffers: &[(u64, u64)],
     ) -> Result<(), EmuError> {
-        // SAFETY: the caller's promise (as for `launch`).
-        unsafe { self.launch_bounded(kernel, grid, block, dyn_smem, args, buffers) }
-    }
-
-    /// [`Emu::launch`] with the bounds `buffers` (empty: none) set around it.
-    unsafe fn launch_bounded(
-        &self,
-        kernel: &str,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        dyn_smem: usize,
-        args: &[Arg<'_>],
-        buffers: &[(u64, u64)],
-    ) -> Result<(), EmuError> {
-        let flat: Vec<u64> = buffers.iter().flat_map(|&(a, b)| [a, b]).collect();
-        // SAFETY: `flat` holds buffers.len() pairs; the library copies them.
-        unsafe { (self.set_bounds)(flat.as_ptr(), buffers.len()) };
-        // SAFETY: the caller's promise (as for `launch`).
-        let r = unsafe { self.launch_unbounded(kernel, grid, block, dyn_smem, args) };
-        // SAFETY: an empty list (no pointer is read).
-        unsafe { (self.set_bounds)(std::ptr::null(), 0) };
-        r
-    }
-
-    /// Run `kernel` over `grid` blocks of `block` threads with `dyn_smem` bytes of dynamic shared
-    /// memory, like `cuLaunchKernel`. The arguments' kinds and sizes are checked against the
-    /// kernel's signature first. Returns when the whole grid has run; an emulator error (deadlock,
-    /// bad block size, misuse of a collective) names the kernel, the block and the thread. In a
-    /// race-checking library, when every pointer argument is a [`Arg::Buf`] (or null), the
-    /// kernel's global accesses are confined to those buffers ([`Emu::launch_within`]).
-    ///
-    /// # Safety
-    ///
-    /// The kernel reads and writes host memory through the pointers it is given, like a CUDA
-    /// kernel: the buffers must be large enough for what the other arguments make it access.
-    pub unsafe fn launch(
-        &self,
-        kernel: &str,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        dyn_smem: usize,
-        args: &[Arg<'_>],
-    ) -> Result<(), EmuError> {
-        let bufs: Option<Vec<(u64, u64)>> = args
-            .iter()
-            .filter_map(|a| match a {
-                Arg::Buf(b) => {
-                    let p = b.as_ptr() as u64;
-                    Some(Some((p, p + b.len_bytes() as u64)))
-                }
-                Arg::Addr(_) => Some(None),
-                _ => None,
-            })
-            .collect();
-        match bufs {
-            // SAFETY: the caller's promise.
-            Some(b) if self.racecheck && !b.is_empty() => unsafe {
-                self.launch_bounded(kernel, grid, block, dyn_smem, args, &b)
-            },
-            // SAFETY: the caller's promise.
-            _ => unsafe { self.launch_unbounded(kernel, grid, block, dyn_smem, args) },
-        }
-    }
-
-    /// [`Emu::launch`] without setting bounds (those set, if any, apply).
-    unsafe fn launch_unbounded(
-        &self,
-        kernel: &str,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        dyn_smem: usize,
-        args: &[Arg<'_>],
-    ) -> Result<(), EmuError> {
         let params = self.params(kernel)?;
         let bad = |message: String| EmuError::Arguments {
             kernel: kernel.into(),
@@ -705,10 +648,13 @@ impl Emu {
             .collect();
         let name = CString::new(kernel).map_err(|_| bad("the name holds a NUL".into()))?;
         let mut err = vec![0 as c_char; 8192];
-        // SAFETY: the parameter slots hold values of the kernel's parameter types (checked
-        // above); the pointers among them are the caller's promise (see # Safety).
+        let flat: Vec<u64> = buffers.iter().flat_map(|&(a, b)| [a, b]).collect();
+        // SAFETY: `flat` holds buffers.len() pairs, which the library copies; the parameter slots
+        // hold values of the kernel's parameter types (checked above); the pointers among them
+        // are the caller's promise (see # Safety); the bounds are cleared after.
         let rc = unsafe {
-            (self.launch)(
+            (self.set_bounds)(flat.as_ptr(), buffers.len());
+            let rc = (self.launch)(
                 name.as_ptr(),
                 grid.0,
                 grid.1,
@@ -720,7 +666,9 @@ impl Emu {
                 ptrs.as_mut_ptr(),
                 err.as_mut_ptr(),
                 err.len(),
-            )
+            );
+            (self.set_bounds)(std::ptr::null(), 0);
+            rc
         };
         if rc != 0 {
             // SAFETY: the library writes a NUL-terminated message into err.
@@ -728,6 +676,41 @@ impl Emu {
             return Err(EmuError::Launch(symbolize(&msg.to_string_lossy())));
         }
         Ok(())
+    }
+
+    /// Run `kernel` over `grid` blocks of `block` threads with `dyn_smem` bytes of dynamic shared
+    /// memory, like `cuLaunchKernel`. The arguments' kinds and sizes are checked against the
+    /// kernel's signature first. Returns when the whole grid has run; an emulator error (deadlock,
+    /// bad block size, misuse of a collective) names the kernel, the block and the thread. In a
+    /// race-checking library, when every pointer argument is a [`Arg::Buf`] (or null), the
+    /// kernel's global accesses are confined to those buffers ([`Emu::launch_within`]).
+    ///
+    /// # Safety
+    ///
+    /// The kernel reads and writes host memory through the pointers it is given, like a CUDA
+    /// kernel: the buffers must be large enough for what the other arguments make it access.
+    pub unsafe fn launch(
+        &self,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        dyn_smem: usize,
+        args: &[Arg<'_>],
+    ) -> Result<(), EmuError> {
+        let bufs: Option<Vec<(u64, u64)>> = args
+            .iter()
+            .filter_map(|a| match a {
+                Arg::Buf(b) => {
+                    let p = b.as_ptr() as u64;
+                    Some(Some((p, p + b.len_bytes() as u64)))
+                }
+                Arg::Addr(_) => Some(None),
+                _ => None,
+            })
+            .collect();
+        let bufs = bufs.filter(|_| self.racecheck).unwrap_or_default();
+        // SAFETY: the caller's promise.
+        unsafe { self.launch_within(kernel, grid, block, dyn_smem, args, &bufs) }
     }
 }
 
