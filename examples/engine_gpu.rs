@@ -263,7 +263,7 @@ fn localize(
         println!("localize {what}: the step-by-step run stopped: {e}\n");
         return Err(e.into());
     }
-    Ok(loc.culprit().is_none())
+    Ok(loc.clean())
 }
 
 fn check(a: &Args) -> Res<bool> {

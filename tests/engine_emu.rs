@@ -321,6 +321,34 @@ fn localize_names_the_step_that_departs_from_the_reference() {
             "{report}"
         );
         assert!(report.contains(&format!("step {target} (conv")), "{report}");
+
+        // an activation overwritten between its write and a later read (what an out-of-bounds
+        // write or a race does) is named with both steps
+        let mut p =
+            EmuProgram::load(&emu, c.prog.clone(), precision, &wf, H100_SMEM_OPTIN, true).unwrap();
+        let steps = &p.program.steps;
+        let (w, b, r) = (0..steps.len())
+            .find_map(|w| {
+                let b = steps[w].io().1;
+                // its next reader, two or more steps later, with no write in between
+                let r = (w + 1..steps.len())
+                    .find(|&r| steps[r].io().0.contains(&b) || steps[r].io().1 == b)?;
+                (r > w + 1 && steps[r].io().1 != b && p.program.buffers[b].numel > 1)
+                    .then_some((w, b, r))
+            })
+            .expect("a buffer read two steps after its write");
+        p.fault = Some((r, b));
+        let mut loc = Localizer::new(&p.program, precision, &c.f, &c.i, &w32).unwrap();
+        p.trace(&f, &i, &mut loc).unwrap();
+        let report = loc.report(&format!("tiny unet {precision:?}, buffer {b} clobbered"), 3);
+        eprintln!("{report}");
+        let k = loc.clobbers.first().unwrap_or_else(|| panic!("{report}"));
+        assert_eq!((k.buffer, k.written_at, k.read_at), (b, w, r), "{report}");
+        assert!(!loc.clean());
+        assert!(
+            report.contains(&format!("buffer {b} changed after step {w} wrote it")),
+            "{report}"
+        );
     }
 }
 

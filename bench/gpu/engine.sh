@@ -127,11 +127,14 @@ export -f full_export
 # nothing after it ran): the same programs again, one step at a time with a synchronisation after
 # each, against the CPU interpretation of each program (engine_gpu localize): the step that
 # faults, or the first that departs from the reference.
+# Each run under its own limit (LOCALIZE_S, default 150 s), reports printed per program as they
+# finish. Arguments: the log, the failed command's exit status, a name, engine_gpu's options.
 localize_after_error() {
-  local log=$1 name=$2; shift 2
-  grep -q '^error:' "$log" || return 0
-  stamp "localize $name one step at a time (after: $(grep -m1 '^error:' "$log" | cut -c1-200))"
-  "$BIN/examples/engine_gpu" localize "$@" 2>&1 | tee "$RES/localize_$name.md"
+  local log=$1 status=$2 name=$3; shift 3
+  # an error or a panic (exit 1 with "error:", 101), or a signal (> 128); not a FAIL row (exit 1)
+  grep -q -e '^error:' -e 'panicked at' "$log" || [ "$status" -gt 1 ] || return 0
+  stamp "localize $name one step at a time (after exit $status: $(grep -m1 -e '^error:' -e 'panicked at' "$log" | cut -c1-200))"
+  timeout -k 5 "${LOCALIZE_S:-150}" "$BIN/examples/engine_gpu" localize "$@" 2>&1 | tee "$RES/localize_$name.md"
 }
 export -f localize_after_error
 
@@ -143,8 +146,9 @@ stage_tiny() {
       --tokenizer tests/fixtures/pipeline/tiny --semantics diffusers --out "$tiny" >/dev/null || return 1
   fi
   stamp "tiny: every graph vs ONNX Runtime CPU fp32"
-  "$BIN/examples/engine_gpu" check --model "$tiny" 2>&1 | tee "$RES/check_tiny.md" || rc=1
-  localize_after_error "$RES/check_tiny.md" tiny --model "$tiny"
+  "$BIN/examples/engine_gpu" check --model "$tiny" 2>&1 | tee "$RES/check_tiny.md"
+  local r=$?; [ $r = 0 ] || rc=1
+  localize_after_error "$RES/check_tiny.md" $r tiny --model "$tiny"
   stamp "tiny: motionrt build twice with the timing cache"
   rm -rf "$WORK/tiny.engine" "$WORK/tiny2.engine" "$WORK/tc.json" "$WORK/f_cpu" "$WORK/f_gpu" "$WORK/s_cpu" "$WORK/s_gpu"
   mkdir -p "$WORK/f_cpu" "$WORK/f_gpu" "$WORK/s_cpu" "$WORK/s_gpu"
@@ -180,7 +184,7 @@ stage_bench() {
   "$BIN/examples/engine_gpu" bench --model "$WORK/exp" --layout "$LAYOUTS" $AB --json "$RES/engine_bench.json" 2>&1 | tee "$RES/engine_bench.log"
   local r=$?
   # the full UNet's float16 program at 2 frames 16x16 (its CPU reference takes a minute or two)
-  localize_after_error "$RES/engine_bench.log" unet_small --model "$WORK/exp" --graphs unet --batch 1 \
+  localize_after_error "$RES/engine_bench.log" $r unet_small --model "$WORK/exp" --graphs unet --batch 1 \
     --frames 2 --height 16 --width 16 --layout "$LAYOUTS" --precisions fp16
   return $r
 }
@@ -195,14 +199,19 @@ stage_full_check() {
   local rc=0
   full_export || return 1
   stamp "full-check: UNet at 2 frames 16x16, both layouts, fp32 and fp16"
-  "$BIN/examples/engine_gpu" check --model "$WORK/exp" --graphs unet --batch 1 --frames 2 --height 16 --width 16 2>&1 | tee "$RES/check_full.md" || rc=1
-  localize_after_error "$RES/check_full.md" unet_full --model "$WORK/exp" --graphs unet --batch 1 --frames 2 --height 16 --width 16
+  "$BIN/examples/engine_gpu" check --model "$WORK/exp" --graphs unet --batch 1 --frames 2 --height 16 --width 16 2>&1 | tee "$RES/check_full.md"
+  local r_unet=$?; [ $r_unet = 0 ] || rc=1
   stamp "full-check: UNet at 16 frames 512x512, batch 2, channels-last fp16 (the benchmark's configuration)"
   "$BIN/examples/engine_gpu" check --model "$WORK/exp" --graphs unet --batch 2 --frames 16 --height 64 --width 64 --layout nhwc --precisions fp16 2>&1 | tee "$RES/check_full_16f.md" || rc=1
   stamp "full-check: CLIP text encoder, and the VAE decoder at 512x512 (64x64 latent)"
-  "$BIN/examples/engine_gpu" check --model "$WORK/exp" --graphs text_encoder --batch 2 2>&1 | tee "$RES/check_text.md" || rc=1
-  localize_after_error "$RES/check_text.md" text --model "$WORK/exp" --graphs text_encoder --batch 2
+  "$BIN/examples/engine_gpu" check --model "$WORK/exp" --graphs text_encoder --batch 2 2>&1 | tee "$RES/check_text.md"
+  local r_text=$?; [ $r_text = 0 ] || rc=1
   "$BIN/examples/engine_gpu" check --model "$WORK/exp" --graphs vae_decoder --batch 1 --height 64 --width 64 2>&1 | tee "$RES/check_vae.md" || rc=1
+  # after every check ran: the ones that ended in an error, one step at a time (the channels-last
+  # float16 program first, the benchmark's)
+  localize_after_error "$RES/check_full.md" $r_unet unet_full --model "$WORK/exp" --graphs unet --batch 1 \
+    --frames 2 --height 16 --width 16 --layout nhwc,nchw --precisions fp16,fp32
+  localize_after_error "$RES/check_text.md" $r_text text --model "$WORK/exp" --graphs text_encoder --batch 2
   return $rc
 }
 

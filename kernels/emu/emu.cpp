@@ -257,6 +257,8 @@ struct Shadow {
     unsigned char r_lanes;   // several lanes of one warp read in (r_bar, r_wep)
     unsigned char r_blocks;  // reads from several blocks (global memory)
     unsigned r_prev;  // the reader before r_tid that was another thread + 1 (0: none)
+    unsigned pending;  // a cp.async in flight to this byte: its thread + 1 (0: none)
+    unsigned char w_atomic;  // the last write was an atomic
     const void* w_pc;
     const void* r_pc;
     const void* r_prev_pc;
@@ -293,7 +295,7 @@ std::string bounds_error(const Block& b, unsigned linear, std::uintptr_t a, std:
                          bool write, const void* pc);
 
 std::string where(const void* pc) {
-    if (!pc) return "the emulator (cp.async or ldmatrix)";
+    if (!pc) return "the emulator (cp.async, ldmatrix or an atomic)";
     Dl_info info;
     if (!dladdr(pc, &info)) return fmt("%p", pc);
     if (!info.dli_sname)  // a hidden symbol: the library and offset (kernels/src/emu.rs resolves it)
@@ -316,7 +318,7 @@ std::string thread_name(const Block& b, unsigned linear) {
 // One access of `size` bytes at `addr` by thread `linear` of the running block; an error message
 // on a race (empty otherwise). `pc`: where in the kernel (null: the emulator on its behalf).
 std::string race_access(Block& b, unsigned linear, const void* addr, std::size_t size, bool write,
-                        const void* pc) {
+                        const void* pc, bool atomic = false) {
     const std::uintptr_t a0 = (std::uintptr_t)addr;
     const Fiber& me = (*b.fibers)[linear];
     if (a0 >= (std::uintptr_t)me.stack && a0 < (std::uintptr_t)me.stack + kStack) return {};
@@ -358,6 +360,11 @@ std::string race_access(Block& b, unsigned linear, const void* addr, std::size_t
             s = Shadow{};
             s.gen = gen;
         }
+        if (s.pending != 0)
+            return fmt("thread %s %s %s in %s while a cp.async of thread %s to it is in flight "
+                       "(issued, not yet waited for)",
+                       thread_name(b, linear).c_str(), write ? "writes" : "reads", what(a).c_str(),
+                       where(pc).c_str(), thread_name(b, s.pending - 1).c_str());
         const bool written = s.w_tid != 0;
         const unsigned wt = s.w_tid - 1;
         if (!write) {
@@ -388,14 +395,14 @@ std::string race_access(Block& b, unsigned linear, const void* addr, std::size_t
                 s.r_lanes = 0;
                 s.r_prev = 0;
             } else {
-                if (s.r_tid - 1 != linear) {
-                    s.r_prev = s.r_tid;
-                    s.r_prev_pc = s.r_pc;
-                }
                 if (s.r_warps == wbit && s.r_wep != wep) {
-                    s.r_lanes = 0;  // the earlier reads of this warp precede a __syncwarp
+                    // the earlier reads of this warp precede a __syncwarp: ordered, forgotten
+                    s.r_lanes = 0;
+                    s.r_prev = 0;
                 } else if (s.r_tid - 1 != linear) {
                     s.r_lanes = 1;
+                    s.r_prev = s.r_tid;
+                    s.r_prev_pc = s.r_pc;
                 }
                 s.r_warps |= wbit;
             }
@@ -406,7 +413,7 @@ std::string race_access(Block& b, unsigned linear, const void* addr, std::size_t
             s.r_pc = pc;
             continue;
         }
-        if (written && (wt != linear || s.w_block != blk) &&
+        if (written && (wt != linear || s.w_block != blk) && !(atomic && s.w_atomic) &&
             unordered(wt, s.w_block, s.w_bar, s.w_wep))
             return fmt("threads %s and %s%s both write %s (in %s and %s) with no %s between",
                        thread_name(b, wt).c_str(), thread_name(b, linear).c_str(),
@@ -443,6 +450,7 @@ std::string race_access(Block& b, unsigned linear, const void* addr, std::size_t
         s.w_bar = b.bar_epoch;
         s.w_wep = wep;
         s.w_pc = pc;
+        s.w_atomic = atomic;
         s.r_tid = 0;
         s.r_prev = 0;
         s.r_warps = 0;
@@ -456,6 +464,23 @@ struct Module {
     std::uintptr_t tls_lo = 0, tls_hi = 0;  // this thread's instance of the module's TLS block
     std::vector<std::pair<std::uintptr_t, std::uintptr_t>> loads;  // its mapped segments
 };
+
+// A cp.async of `size` bytes to `dst` issued by thread `linear`: checked as its write now (the
+// copy may land at once), then marked in flight, so that any access to those bytes before the
+// issuing thread waits for it is an error.
+std::string cp_async_issued(Block& b, unsigned linear, void* dst, std::size_t size) {
+    std::string e = race_access(b, linear, dst, size, true, nullptr);
+    if (!e.empty()) return e;
+    const std::uintptr_t a0 = (std::uintptr_t)dst;
+    for (std::uintptr_t a = a0; a < a0 + size; ++a) tls_race.at(a)->pending = linear + 1;
+    return {};
+}
+
+// The copy landed (the issuing thread waited for it): no longer in flight.
+void cp_async_landed(void* dst, std::size_t size) {
+    const std::uintptr_t a0 = (std::uintptr_t)dst;
+    for (std::uintptr_t a = a0; a < a0 + size; ++a) tls_race.at(a)->pending = 0;
+}
 
 // This module's thread-local block in the calling thread (where static __shared__ arrays live)
 // and its segments (constants and static data the kernels may read).
@@ -542,14 +567,24 @@ void race_hook(const void* addr, std::size_t size, bool write, const void* pc) {
     if (!e.empty()) fail(e.rfind("out of bounds", 0) == 0 ? e : "race: " + e);
 }
 
+// An atomic read-modify-write by the running thread: a write that does not race with other
+// atomics, but does with plain accesses of other threads in the same interval; a later read is
+// not of unwritten memory.
+void race_atomic_rmw(const void* p, std::size_t size) {
+    Block* b = tls_block;
+    if (!b || !b->race || !b->cur) return;
+    const std::string e = race_access(*b, b->cur->linear, p, size, true, nullptr, true);
+    if (!e.empty()) fail("race (atomic): " + e);
+}
+
 // The copies land: as the issuing (running) thread's reads of the source and writes of the
 // destination for race detection; a race is left in the block's error.
 void perform(std::vector<Copy>& copies) {
     Block& b = block();
     for (const Copy& c : copies) {
         if (b.race && b.error.empty()) {
-            std::string e = race_access(b, b.cur->linear, c.src, c.bytes, false, nullptr);
-            if (e.empty()) e = race_access(b, b.cur->linear, c.dst, c.bytes, true, nullptr);
+            cp_async_landed(c.dst, c.bytes);
+            const std::string e = race_access(b, b.cur->linear, c.dst, c.bytes, true, nullptr);
             if (!e.empty()) b.error = "thread " + tid(*b.cur) + ": race (cp.async): " + e;
         }
         std::memcpy(c.dst, c.src, c.bytes);
@@ -972,7 +1007,14 @@ void cp_async(void* smem, const void* gmem, unsigned bytes, const char* file, in
         fail(fmt("cp.async (%s) of %u bytes from %p to %p: both addresses must be %u-byte "
                  "aligned",
                  site(file, line).c_str(), bytes, gmem, smem, bytes));
-    block().cur->open.push_back({smem, gmem, bytes});
+    Block& b = block();
+    if (b.race) {
+        // the source is read and the destination may be written from now until the wait
+        std::string e = race_access(b, b.cur->linear, gmem, bytes, false, nullptr);
+        if (e.empty()) e = cp_async_issued(b, b.cur->linear, smem, bytes);
+        if (!e.empty()) fail("race (cp.async, " + site(file, line) + "): " + e);
+    }
+    b.cur->open.push_back({smem, gmem, bytes});
 }
 
 void cp_async_commit() {
@@ -996,6 +1038,8 @@ void cp_async_wait_all() {
 }
 
 void* dynamic_shared() { return block().dyn; }
+
+void atomic_rmw(const void* p, std::size_t size) { race_atomic_rmw(p, size); }
 
 float h2f(unsigned short h) {
     const unsigned sign = (unsigned)(h & 0x8000) << 16;

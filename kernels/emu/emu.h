@@ -89,6 +89,7 @@ void cp_async_commit();
 void cp_async_wait(int pending);
 void cp_async_wait_all();
 void* dynamic_shared();
+void atomic_rmw(const void* p, std::size_t size);  // race detection's record of an atomic
 float h2f(unsigned short h);
 unsigned short f2h(float f);
 
@@ -211,41 +212,49 @@ inline int __all_sync(unsigned mask, int predicate, const char* file = __builtin
 // do not race).
 #ifdef MOTIONRT_EMU_RACECHECK
 #define MRT_ATOMIC __attribute__((no_sanitize_thread, noinline))
+#define MRT_ATOMIC_RECORD(p) ::mrt_emu::atomic_rmw((p), sizeof *(p))
 #else
 #define MRT_ATOMIC
+#define MRT_ATOMIC_RECORD(p) ((void)0)
 #endif
 template <typename T>
 MRT_ATOMIC T atomicAdd(T* p, T v) {
+    MRT_ATOMIC_RECORD(p);
     const T old = *p;
     *p = old + v;
     return old;
 }
 template <typename T>
 MRT_ATOMIC T atomicSub(T* p, T v) {
+    MRT_ATOMIC_RECORD(p);
     const T old = *p;
     *p = old - v;
     return old;
 }
 template <typename T>
 MRT_ATOMIC T atomicExch(T* p, T v) {
+    MRT_ATOMIC_RECORD(p);
     const T old = *p;
     *p = v;
     return old;
 }
 template <typename T>
 MRT_ATOMIC T atomicMax(T* p, T v) {
+    MRT_ATOMIC_RECORD(p);
     const T old = *p;
     *p = old < v ? v : old;
     return old;
 }
 template <typename T>
 MRT_ATOMIC T atomicMin(T* p, T v) {
+    MRT_ATOMIC_RECORD(p);
     const T old = *p;
     *p = v < old ? v : old;
     return old;
 }
 template <typename T>
 MRT_ATOMIC T atomicCAS(T* p, T compare, T v) {
+    MRT_ATOMIC_RECORD(p);
     const T old = *p;
     if (old == compare) *p = v;
     return old;

@@ -900,7 +900,7 @@ fn cp_async_data_lands_at_the_wait() {
         let e = r
             .expect_err("an early read passed the race check")
             .to_string();
-        assert!(e.contains("which no thread of this block wrote"), "{e}");
+        assert!(e.contains("to it is in flight"), "{e}");
     } else {
         r.unwrap();
         cp_async_values(n, &g, &out);

@@ -94,6 +94,46 @@ extern "C" __global__ void rc_ldmatrix(unsigned* out, int mode) {
     for (int i = 0; i < 4; ++i) out[l * 4 + i] = r[i];
 }
 
+// a warp's inclusive scan in shared memory (Hillis-Steele), __syncwarp between the steps: clean
+extern "C" __global__ void rc_scan(float* out, int mode) {
+    MRT_DYN_SMEM(float, s);
+    const int l = threadIdx.x;
+    s[l] = (float)mode;
+    __syncwarp();
+    for (int k = 1; k < 32; k <<= 1) {
+        const float v = l >= k ? s[l - k] : 0.f;
+        __syncwarp();
+        s[l] += v;
+        __syncwarp();
+    }
+    out[l] = s[l];
+}
+
+// a cp.async may land any time before its thread waits: the neighbour reads it after a barrier,
+// but (mode 0) before the wait
+extern "C" __global__ void rc_cp_flight(const float* g, float* out, int mode) {
+    MRT_DYN_SMEM(float, s);
+    const int t = threadIdx.x, n = blockDim.x;
+    for (int j = 0; j < 4; ++j) s[4 * t + j] = 0.f;
+    __syncthreads();
+    mrt_cp_async_16(s + 4 * t, g + 4 * t);
+    mrt_cp_async_commit();
+    if (mode) mrt_cp_async_wait_all();
+    __syncthreads();
+    out[t] = s[4 * ((t + 1) % n)];
+    if (!mode) mrt_cp_async_wait_all();
+}
+
+// atomics on a shared counter: a plain read of it needs a barrier after the others' atomics
+extern "C" __global__ void rc_atomic(float* out, int mode) {
+    __shared__ int count;
+    if (threadIdx.x == 0) count = 0;
+    __syncthreads();
+    atomicAdd(&count, 1);
+    if (mode) __syncthreads();
+    out[threadIdx.x] = (float)count;
+}
+
 // one element past the end of the buffer the launch was given (mode 0), or inside it
 extern "C" __global__ void rc_bounds(float* out, int mode) {
     out[threadIdx.x + (mode ? 0 : 1)] = 1.f;
@@ -120,6 +160,9 @@ const ENTRIES: &[&str] = &[
     "rc_ldmatrix",
     "rc_cp_async",
     "rc_bounds",
+    "rc_scan",
+    "rc_cp_flight",
+    "rc_atomic",
 ];
 
 fn emu() -> Option<&'static Emu> {
@@ -146,7 +189,7 @@ fn run(kernel: &str, grid: u32, threads: u32, smem: usize, mode: i32) -> Option<
     let out = DeviceBuffer::filled(4096 * 4, 0);
     let g = DeviceBuffer::from_slice(&(0..4096).map(|i| i as f32).collect::<Vec<f32>>());
     let mut args = vec![Arg::Buf(&out), Arg::I32(mode)];
-    if kernel == "rc_cp_async" {
+    if kernel.starts_with("rc_cp_") {
         args.insert(0, Arg::Buf(&g));
     }
     // SAFETY: the buffers hold 4096 values, more than any of these kernels touches.
@@ -326,7 +369,7 @@ fn global_accesses_outside_the_launchs_buffers() {
         "{e}"
     );
     within(1).unwrap();
-    // without buffers, nothing is bounded
+    // Emu::launch bounds the kernel by its Buf arguments: the whole allocation here
     // SAFETY: as above.
     unsafe {
         emu.launch(
@@ -338,4 +381,43 @@ fn global_accesses_outside_the_launchs_buffers() {
         )
     }
     .unwrap();
+}
+
+#[test]
+fn a_warp_scan_ordered_by_syncwarp_runs_clean() {
+    if emu().is_none() {
+        return;
+    }
+    // each element read by another lane, then (after a __syncwarp) by its own, then written
+    for mode in [0, 1] {
+        assert_eq!(run("rc_scan", 1, 32, 32 * 4, mode), None);
+    }
+}
+
+#[test]
+fn a_cp_async_in_flight_is_not_to_be_read() {
+    races(
+        "rc_cp_flight",
+        1,
+        64,
+        64 * 16,
+        &[
+            "thread (0,0,0) [warp 0] reads byte 16 of the dynamic shared memory",
+            "while a cp.async of thread (1,0,0) [warp 0] to it is in flight",
+        ],
+    );
+}
+
+#[test]
+fn atomics_race_with_plain_accesses_only() {
+    races(
+        "rc_atomic",
+        1,
+        64,
+        0,
+        &[
+            "race (atomic): thread (1,0,0) [warp 0] writes static __shared__ byte",
+            "(0,0,0) [warp 0] read",
+        ],
+    );
 }

@@ -49,6 +49,10 @@ pub struct EmuProgram<'e> {
     /// ([`Emu::launch_within`]); and what they are, for its errors.
     bounds: Vec<(u64, u64)>,
     bounds_note: String,
+    /// Test fault for [`EmuProgram::trace`]: `(step, buffer)` overwrites the buffer's first value
+    /// with 1e4 just before the step runs — what an out-of-bounds write or a race of a step in
+    /// between would do.
+    pub fault: Option<(usize, usize)>,
 }
 
 impl<'e> EmuProgram<'e> {
@@ -100,6 +104,7 @@ impl<'e> EmuProgram<'e> {
             specialized,
             bounds: Vec::new(),
             bounds_note: String::new(),
+            fault: None,
         })
     }
 
@@ -129,6 +134,21 @@ impl<'e> EmuProgram<'e> {
         unsafe { std::ptr::write_bytes(self.arena.as_ptr(), 0xFF, self.arena.len_bytes()) };
         let _staging = self.set_inputs(inputs, ids)?;
         for si in 0..self.program.steps.len() {
+            if let Some((_, b)) = self.fault.filter(|f| f.0 == si) {
+                let ptr = self.ptrs[b];
+                self.check_range(ptr, self.eb(), "fault")?;
+                // SAFETY: one element inside one allocation (checked above).
+                unsafe {
+                    match self.precision {
+                        Precision::Fp32 => *(ptr as *mut f32) = 1e4,
+                        Precision::Fp16 => *(ptr as *mut u16) = half::f16::from_f32(1e4).to_bits(),
+                    }
+                }
+            }
+            for b in loc.inputs_before(si) {
+                let v = self.read(self.ptrs[b], self.program.buffers[b].numel, "traced input")?;
+                loc.observe_input(si, b, &v);
+            }
             self.step(si)?;
             if loc.wants(si) {
                 let b = self.program.steps[si].io().1;

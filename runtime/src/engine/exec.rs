@@ -1853,7 +1853,6 @@ impl GpuProgram {
         self.poison(dev)?;
         self.set_inputs(dev, inputs, ids)?;
         dev.stream.synchronize().map_err(|e| gpu_err("inputs", e))?;
-        let eb = self.precision.elem_bytes();
         for si in 0..self.program.steps.len() {
             let what = || {
                 format!(
@@ -1861,32 +1860,39 @@ impl GpuProgram {
                     super::localize::label(&self.program.steps[si])
                 )
             };
+            for b in loc.inputs_before(si) {
+                let v = self.read_back(b).map_err(|e| gpu_err(&what(), e))?;
+                loc.observe_input(si, b, &v);
+            }
             self.enqueue_step(dev, si)
                 .map_err(|e| EngineError::Graph(format!("{}: {e}", what())))?;
             dev.stream.synchronize().map_err(|e| gpu_err(&what(), e))?;
-            if !loc.wants(si) {
-                continue;
+            if loc.wants(si) {
+                let b = self.program.steps[si].io().1;
+                let v = self.read_back(b).map_err(|e| gpu_err(&what(), e))?;
+                loc.observe(si, b, &v);
             }
-            let b = self.program.steps[si].io().1;
-            let n = self.program.buffers[b].numel;
-            let mut bytes = vec![0u8; n * eb];
-            // SAFETY: the buffer's device range holds n elements of the precision's type (the
-            // memory plan's placement), and the stream is idle (synchronised above).
-            unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut bytes[..], self.ptrs[b]) }
-                .map_err(|e| gpu_err(&what(), e))?;
-            let v: Vec<f32> = match self.precision {
-                Precision::Fp32 => bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                Precision::Fp16 => bytes
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-            };
-            loc.observe(si, b, &v);
         }
         Ok(())
+    }
+
+    /// Float buffer `b`'s values, copied to the host synchronously (the stream must be idle).
+    fn read_back(&self, b: usize) -> Result<Vec<f32>, cudarc::driver::DriverError> {
+        let n = self.program.buffers[b].numel;
+        let mut bytes = vec![0u8; n * self.precision.elem_bytes()];
+        // SAFETY: the buffer's device range holds n elements of the precision's type (the memory
+        // plan's placement); the caller has synchronised the stream.
+        unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut bytes[..], self.ptrs[b]) }?;
+        Ok(match self.precision {
+            Precision::Fp32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Precision::Fp16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        })
     }
 
     /// Run once: inputs in, outputs out.

@@ -4,7 +4,9 @@
 //! Here the program (as the executor runs it, specialisations included) is interpreted on the CPU
 //! in float32 ([`super::cpu_exec::run_traced`]) and run on the device one step at a time with a
 //! synchronisation after each (`GpuProgram::trace`, `EmuProgram::trace`); each step's output is
-//! compared right after it. The step to look at is the first whose output misses the per-step tolerance while what
+//! compared right after it, and each buffer it reads again just before it (a buffer that changed
+//! in between was written by a step that should not have: out of bounds, or a race). The step to
+//! look at is the first whose output misses the per-step tolerance while what
 //! it read did not (its own fault, not an inherited one); a launch that faults names its step
 //! through the synchronisation after it.
 
@@ -28,13 +30,26 @@ pub fn checkpoints(p: &Program) -> Vec<Option<usize>> {
         .collect()
 }
 
-/// Per-step relative tolerance (max |Δ| / max |ref| of the step's output): looser than the
-/// output checks' (1e-4, 1e-2), so that the rounding a step inherits does not point at it.
+/// Per-step relative tolerance (max |Δ| / max |ref| of the step's output): float32 as the output
+/// check's (1e-4), float16 looser (the check's 1e-2), so that the rounding a step inherits does
+/// not point at it.
 pub fn step_tolerance(precision: Precision) -> f64 {
     match precision {
-        Precision::Fp32 => 1e-3,
+        Precision::Fp32 => 1e-4,
         Precision::Fp16 => 3e-2,
     }
+}
+
+/// A buffer that changed between the step that wrote it and a step that read it: something in
+/// between wrote into it (out of bounds, or a race).
+#[derive(Debug, Clone)]
+pub struct Clobber {
+    pub buffer: usize,
+    pub written_at: usize,
+    pub read_at: usize,
+    /// max |Δ| / max |ref| right after the write, and when read.
+    pub rel_written: f64,
+    pub rel_read: f64,
 }
 
 /// One compared step.
@@ -137,8 +152,12 @@ pub fn reference_macs(p: &Program) -> f64 {
 pub struct Localizer {
     /// The reference's value of each checkpoint step's output.
     reference: HashMap<usize, Vec<f32>>,
-    /// The relative error per buffer after its latest write (0 for weights and inputs).
+    /// The relative error per buffer as last measured: after its latest write, or when a step
+    /// read it (0 for weights and inputs).
     buf_err: Vec<f64>,
+    /// The step that last wrote each buffer (as observed).
+    last_writer: Vec<Option<usize>>,
+    pub clobbers: Vec<Clobber>,
     reads: Vec<Vec<usize>>,
     labels: Vec<String>,
     pub steps: Vec<StepError>,
@@ -164,6 +183,8 @@ impl Localizer {
         Ok(Self {
             reference,
             buf_err: vec![0.0; p.buffers.len()],
+            last_writer: vec![None; p.buffers.len()],
+            clobbers: Vec::new(),
             reads: p
                 .steps
                 .iter()
@@ -179,6 +200,50 @@ impl Localizer {
     /// Whether step `si`'s output is compared (the device side reads it back only then).
     pub fn wants(&self, si: usize) -> bool {
         self.reference.contains_key(&si)
+    }
+
+    /// The buffers step `si` reads that an earlier step wrote: read back before it runs
+    /// ([`Localizer::observe_input`]), so that its inputs are judged as it sees them.
+    pub fn inputs_before(&self, si: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = self.reads[si]
+            .iter()
+            .copied()
+            .filter(|&b| self.last_writer[b].is_some_and(|w| self.reference.contains_key(&w)))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// The device's values of buffer `b` just before step `si` runs: compared with what its last
+    /// writer left; a buffer much further off than it was after that write was overwritten by a
+    /// step in between ([`Clobber`]).
+    pub fn observe_input(&mut self, si: usize, b: usize, got: &[f32]) {
+        let Some(w) = self.last_writer[b] else { return };
+        let Some(want) = self.reference.get(&w) else {
+            return;
+        };
+        let stats = error_stats(got, want);
+        let nonfinite = got
+            .iter()
+            .zip(want)
+            .any(|(g, r)| !g.is_finite() && r.is_finite());
+        let rel = if nonfinite {
+            f64::INFINITY
+        } else {
+            stats.max_rel_to_ref_max
+        };
+        let before = self.buf_err[b];
+        if rel > step_tolerance(self.precision) && rel > 4.0 * before {
+            self.clobbers.push(Clobber {
+                buffer: b,
+                written_at: w,
+                read_at: si,
+                rel_written: before,
+                rel_read: rel,
+            });
+        }
+        self.buf_err[b] = rel;
     }
 
     /// The device's values of step `si`'s output (after it ran).
@@ -202,6 +267,7 @@ impl Localizer {
             stats.max_rel_to_ref_max
         };
         self.buf_err[out_buf] = rel;
+        self.last_writer[out_buf] = Some(si);
         self.steps.push(StepError {
             step: si,
             label: self.labels[si].clone(),
@@ -210,6 +276,11 @@ impl Localizer {
             device_nonfinite,
             input_rel,
         });
+    }
+
+    /// No step over the tolerance and no buffer changed between its write and a read.
+    pub fn clean(&self) -> bool {
+        self.culprit().is_none() && self.clobbers.is_empty()
     }
 
     /// The first step over the tolerance whose inputs were within it: the step to look at.
@@ -230,6 +301,20 @@ impl Localizer {
             self.steps.len(),
             self.labels.len()
         );
+        // a buffer overwritten between its write and a read: the strongest evidence, first
+        if let Some(c) = self.clobbers.first() {
+            o.push_str(&format!(
+                "localize {what}: buffer {} changed after step {} wrote it (max|Δ|/max|ref| {:.2e}) \
+                 and before step {} read it ({:.2e}): a step in between wrote into it (out of \
+                 bounds, or a race); {} such buffer(s)\n",
+                c.buffer,
+                c.written_at,
+                c.rel_written,
+                c.read_at,
+                c.rel_read,
+                self.clobbers.len()
+            ));
+        }
         let bad: Vec<&StepError> = self.steps.iter().filter(|e| e.bad(tol)).collect();
         match self.culprit() {
             None => o.push_str(&format!(
