@@ -148,6 +148,23 @@ pub fn reference_macs(p: &Program) -> f64 {
         .sum()
 }
 
+/// `got` against `want`: the statistics, the values the device made non-finite where the
+/// reference is finite, and the relative error (infinite when there are such values).
+fn compare(got: &[f32], want: &[f32]) -> (ErrorStats, usize, f64) {
+    let stats = error_stats(got, want);
+    let nonfinite = got
+        .iter()
+        .zip(want)
+        .filter(|(g, w)| !g.is_finite() && w.is_finite())
+        .count();
+    let rel = if nonfinite > 0 {
+        f64::INFINITY
+    } else {
+        stats.max_rel_to_ref_max
+    };
+    (stats, nonfinite, rel)
+}
+
 /// The per-step comparison of one device run against the reference's values.
 pub struct Localizer {
     /// The reference's value of each checkpoint step's output.
@@ -223,16 +240,7 @@ impl Localizer {
         let Some(want) = self.reference.get(&w) else {
             return;
         };
-        let stats = error_stats(got, want);
-        let nonfinite = got
-            .iter()
-            .zip(want)
-            .any(|(g, r)| !g.is_finite() && r.is_finite());
-        let rel = if nonfinite {
-            f64::INFINITY
-        } else {
-            stats.max_rel_to_ref_max
-        };
+        let (_, _, rel) = compare(got, want);
         let before = self.buf_err[b];
         if rel > step_tolerance(self.precision) && rel > 4.0 * before {
             self.clobbers.push(Clobber {
@@ -251,21 +259,11 @@ impl Localizer {
         let Some(want) = self.reference.get(&si) else {
             return;
         };
-        let stats = error_stats(got, want);
-        let device_nonfinite = got
-            .iter()
-            .zip(want)
-            .filter(|(g, w)| !g.is_finite() && w.is_finite())
-            .count();
+        let (stats, device_nonfinite, rel) = compare(got, want);
         let input_rel = self.reads[si]
             .iter()
             .map(|&b| self.buf_err[b])
             .fold(0.0, f64::max);
-        let rel = if device_nonfinite > 0 {
-            f64::INFINITY
-        } else {
-            stats.max_rel_to_ref_max
-        };
         self.buf_err[out_buf] = rel;
         self.last_writer[out_buf] = Some(si);
         self.steps.push(StepError {
