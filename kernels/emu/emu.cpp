@@ -136,6 +136,7 @@ struct Block {
     unsigned at_bar;  // waiting at a barrier
     Fiber* cur;
     unsigned char* dyn;
+    unsigned char* dyn_base;  // the allocation dyn is aligned within (the bytes below dyn: slack)
     jmp_buf sched;
     std::string error;
     // race detection (a library built with MOTIONRT_EMU_RACECHECK)
@@ -325,6 +326,11 @@ std::string race_access(Block& b, unsigned linear, const void* addr, std::size_t
     const std::uintptr_t dyn = (std::uintptr_t)b.dyn;
     const std::uintptr_t ids = (std::uintptr_t)&tls_ids;
     const bool in_dyn = a0 >= dyn && a0 < dyn + b.dyn_bytes;
+    if (a0 < dyn && a0 + size > (std::uintptr_t)b.dyn_base)
+        return fmt("out of bounds: thread %s %s %zu byte(s) before the start of the dynamic shared "
+                   "memory in %s",
+                   thread_name(b, linear).c_str(), write ? "writes" : "reads",
+                   (std::size_t)(dyn - a0), where(pc).c_str());
     if (a0 + size > dyn + b.dyn_bytes && a0 < dyn + b.dyn_bytes + kCanary)
         return fmt("out of bounds: thread %s %s byte %lu of the dynamic shared memory in %s: past "
                    "the end of its %zu bytes",
@@ -1149,7 +1155,9 @@ MRT_EXPORT int mrt_emu_launch(const char* kernel, unsigned gx, unsigned gy, unsi
         const std::size_t dyn_alloc = dyn_smem_bytes + kCanary + 128;
         if (tls_dyn.size() < dyn_alloc) tls_dyn.resize(dyn_alloc);
         unsigned char* dyn = tls_dyn.data();
-        dyn += (128 - (std::uintptr_t)dyn % 128) % 128;
+        // 128-byte aligned, at least 16 bytes in (malloc's alignment): a small underflow lands in
+        // the slack below, which race-checking builds report
+        dyn += 128 - (std::uintptr_t)dyn % 128;
 
         Block b;
         b.kernel = k;
@@ -1161,6 +1169,7 @@ MRT_EXPORT int mrt_emu_launch(const char* kernel, unsigned gx, unsigned gy, unsi
         b.n = (unsigned)threads;
         b.cur = nullptr;
         b.dyn = dyn;
+        b.dyn_base = tls_dyn.data();
         b.dyn_bytes = dyn_smem_bytes;
         b.race = kRacecheck;
         b.tls_lo = b.tls_hi = 0;

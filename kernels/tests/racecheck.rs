@@ -134,6 +134,14 @@ extern "C" __global__ void rc_atomic(float* out, int mode) {
     out[threadIdx.x] = (float)count;
 }
 
+// the element before the dynamic shared memory (mode 0), or the first one
+extern "C" __global__ void rc_underflow(float* out, int mode) {
+    MRT_DYN_SMEM(float, s);
+    s[(int)threadIdx.x - (mode ? 0 : 1)] = 1.f;
+    __syncthreads();
+    out[threadIdx.x] = s[threadIdx.x];
+}
+
 // one element past the end of the buffer the launch was given (mode 0), or inside it
 extern "C" __global__ void rc_bounds(float* out, int mode) {
     out[threadIdx.x + (mode ? 0 : 1)] = 1.f;
@@ -163,6 +171,7 @@ const ENTRIES: &[&str] = &[
     "rc_scan",
     "rc_cp_flight",
     "rc_atomic",
+    "rc_underflow",
 ];
 
 fn emu() -> Option<&'static Emu> {
@@ -419,5 +428,16 @@ fn atomics_race_with_plain_accesses_only() {
             "race (atomic): thread (1,0,0) [warp 0] writes static __shared__ byte",
             "(0,0,0) [warp 0] read",
         ],
+    );
+}
+
+#[test]
+fn dynamic_shared_memory_underflow() {
+    races(
+        "rc_underflow",
+        1,
+        32,
+        32 * 4,
+        &["out of bounds: thread (0,0,0) [warp 0] writes 4 byte(s) before the start of the dynamic shared memory"],
     );
 }

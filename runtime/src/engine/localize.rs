@@ -8,7 +8,9 @@
 //! in between was written by a step that should not have: out of bounds, or a race). The step to
 //! look at is the first whose output misses the per-step tolerance while what
 //! it read did not (its own fault, not an inherited one); a launch that faults names its step
-//! through the synchronisation after it.
+//! through the synchronisation after it. The steps run eagerly, one run at a time: a check that
+//! failed only in CUDA-graph replay, or with two runs in flight, localizes clean — which says
+//! where to look as well.
 
 use std::collections::HashMap;
 
