@@ -297,7 +297,7 @@ fn localize_names_the_step_that_departs_from_the_reference() {
             .filter(|s| s.io().0.contains(&wbuf))
             .count();
         assert_eq!(readers, 1);
-        p.corrupt_weight(wbuf, 50.0).unwrap();
+        p.fault = Some((0, wbuf));
         let mut loc = Localizer::new(&p.program, precision, &c.f, &c.i, &w32).unwrap();
         p.trace(&f, &i, &mut loc).unwrap();
         let report = loc.report(

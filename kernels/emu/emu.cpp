@@ -337,9 +337,8 @@ std::string race_access(Block& b, unsigned linear, const void* addr, std::size_t
                    thread_name(b, linear).c_str(), write ? "writes" : "reads",
                    (unsigned long)(std::max(a0, dyn + b.dyn_bytes) - dyn), where(pc).c_str(),
                    b.dyn_bytes);
-    const bool in_static =
-        a0 >= b.tls_lo && a0 < b.tls_hi && !(a0 + size > ids && a0 < ids + sizeof tls_ids);
     if (a0 >= ids && a0 < ids + sizeof tls_ids) return {};  // threadIdx & co.
+    const bool in_static = a0 >= b.tls_lo && a0 < b.tls_hi;
     const bool shared = in_dyn || in_static;
     if (!shared && !b.allowed.empty()) {
         std::string e = bounds_error(b, linear, a0, size, write, pc);

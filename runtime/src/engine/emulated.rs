@@ -50,8 +50,8 @@ pub struct EmuProgram<'e> {
     bounds: Vec<(u64, u64)>,
     bounds_note: String,
     /// Test fault for [`EmuProgram::trace`]: `(step, buffer)` overwrites the buffer's first value
-    /// with 1e4 just before the step runs — what an out-of-bounds write or a race of a step in
-    /// between would do.
+    /// with 1e4 just before the step runs — on an activation, what an out-of-bounds write or a
+    /// race of a step in between would do; on a weight (step 0), a corrupted upload.
     pub fault: Option<(usize, usize)>,
 }
 
@@ -135,15 +135,7 @@ impl<'e> EmuProgram<'e> {
         let _staging = self.set_inputs(inputs, ids)?;
         for si in 0..self.program.steps.len() {
             if let Some((_, b)) = self.fault.filter(|f| f.0 == si) {
-                let ptr = self.ptrs[b];
-                self.check_range(ptr, self.eb(), "fault")?;
-                // SAFETY: one element inside one allocation (checked above).
-                unsafe {
-                    match self.precision {
-                        Precision::Fp32 => *(ptr as *mut f32) = 1e4,
-                        Precision::Fp16 => *(ptr as *mut u16) = half::f16::from_f32(1e4).to_bits(),
-                    }
-                }
+                self.poke(b, 1e4)?;
             }
             for b in loc.inputs_before(si) {
                 let v = self.read(self.ptrs[b], self.program.buffers[b].numel, "traced input")?;
@@ -303,11 +295,10 @@ impl<'e> EmuProgram<'e> {
         Ok(out)
     }
 
-    /// Corrupt weight buffer `buf` on the device (its first value becomes `value`): the
-    /// localization's own test, a fault the reference does not have.
-    pub fn corrupt_weight(&mut self, buf: usize, value: f32) -> Result<(), EngineError> {
+    /// Buffer `buf`'s first value on the device becomes `value` ([`EmuProgram::fault`]).
+    fn poke(&mut self, buf: usize, value: f32) -> Result<(), EngineError> {
         let ptr = self.ptrs[buf];
-        self.check_range(ptr, self.eb(), "corrupted weight")?;
+        self.check_range(ptr, self.eb(), "fault")?;
         // SAFETY: one element inside one allocation (checked above).
         unsafe {
             match self.precision {
