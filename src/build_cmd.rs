@@ -70,13 +70,15 @@ pub struct BuildArgs {
     #[arg(long = "vae-chunk", default_value_t = 16)]
     pub vae_chunk: usize,
     /// Timing cache (JSON): read when it exists, written after the build. Building again with the
-    /// same cache makes the same choices, so the same engine.
+    /// same cache makes the same choices, so the same engine. Like the engine it is keyed to this
+    /// GPU and its driver and library versions: one timed elsewhere is not used (and is rewritten).
+    /// `run --engine --timing-cache` reads and extends the same file.
     #[arg(long = "timing-cache")]
     pub timing_cache: Option<PathBuf>,
 }
 
 fn build_engine(a: &BuildArgs) -> Result<()> {
-    use motionrt_runtime::engine::exec::{CudaDevice, Precision, TacticCache};
+    use motionrt_runtime::engine::exec::{CudaDevice, Precision, TacticCache, TimingCache};
     use motionrt_runtime::engine::file::{self, Profile, Profiles};
     use motionrt_runtime::engine::program::Layout;
     let parse = |s: &str| Profile::parse(s).map_err(anyhow::Error::msg);
@@ -92,16 +94,27 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
         EnginePrecision::Fp16 => Precision::Fp16,
         EnginePrecision::Fp32 => Precision::Fp32,
     };
-    let mut tactics = match &a.timing_cache {
-        Some(p) if p.exists() => TacticCache::read(p)?,
-        _ => TacticCache::default(),
-    };
     let dev =
         CudaDevice::open(0).context("the native CUDA engine is built on the GPU it will run on")?;
     eprintln!(
-        "building for {} (cc {}), {}, cuBLAS {}, cuDNN {}",
-        dev.key.gpu_name, dev.key.compute_capability, dev.key.driver, dev.key.cublas, dev.key.cudnn
+        "building for {} (cc {}), {}, cuBLAS {}, cuBLASLt {}, cuDNN {}",
+        dev.key.gpu_name,
+        dev.key.compute_capability,
+        dev.key.driver,
+        dev.key.cublas,
+        dev.key.cublaslt,
+        dev.key.cudnn
     );
+    let mut tactics = match &a.timing_cache {
+        Some(p) => {
+            let (t, note) = TimingCache::load_for(p, &dev.key)?;
+            if let Some(n) = note {
+                eprintln!("note: {n}");
+            }
+            t
+        }
+        None => TacticCache::default(),
+    };
     // (an engine at --out, with --overwrite, is replaced once the new one is complete)
     let t = std::time::Instant::now();
     let m = file::build(
@@ -120,7 +133,11 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
     )
     .with_context(|| format!("building {}", a.out.display()))?;
     if let Some(p) = &a.timing_cache {
-        tactics.write(p)?;
+        TimingCache {
+            device: dev.key.clone(),
+            tactics,
+        }
+        .write(p)?;
     }
     for g in &m.graphs {
         eprintln!(

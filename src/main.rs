@@ -14,7 +14,7 @@ use motionrt_export::config::MotionVersion;
 use motionrt_export::export::{export, ExportOptions, ExternalData, Progress};
 use motionrt_export::graph::unet::Semantics;
 use motionrt_export::graph::Precision;
-use motionrt_runtime::engine::exec::RunTimingCache;
+use motionrt_runtime::engine::exec::TimingCache;
 use motionrt_runtime::frame_stream::FrameStream;
 use motionrt_runtime::frames::{self, Frames, OutputFormat};
 use motionrt_runtime::pipeline::{Event, GenerateOptions, Pipeline};
@@ -149,7 +149,8 @@ enum Command {
         engine: Option<PathBuf>,
         /// With --engine: a timing cache (JSON) for shapes the engine was not tuned at (another frame
         /// count, guidance off, another --decode-chunk): algorithms it holds are used instead of timed again,
-        /// and those timed in this run are added to it (written once the video is).
+        /// and those timed in this run are added to it (written once the video is). The same file as
+        /// `build --timing-cache`: keyed to this GPU and library versions, one timed elsewhere is not used.
         #[arg(long = "timing-cache")]
         timing_cache: Option<PathBuf>,
         #[arg(long)]
@@ -656,16 +657,12 @@ fn generate(
             }
         );
     }
-    if let Some(p) = timing_cache.filter(|p| p.exists()) {
-        let c = RunTimingCache::read(p)?;
-        if Some(&c.device) == pipe.engine_device() {
-            pipe.merge_tactics(&c.tactics);
-        } else {
-            eprintln!(
-                "note: {}: timed on another GPU or library version; not used (rewritten after this run)",
-                p.display()
-            );
+    if let (Some(p), Some(device)) = (timing_cache, pipe.engine_device().cloned()) {
+        let (tactics, note) = TimingCache::load_for(p, &device)?;
+        if let Some(n) = note {
+            eprintln!("note: {n}");
         }
+        pipe.merge_tactics(&tactics);
     }
     let bar = indicatif::ProgressBar::new(opts.steps as u64);
     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
@@ -702,7 +699,7 @@ fn generate(
         (timing_cache, pipe.tactics(), pipe.engine_device().cloned())
     {
         // the video is written: a cache that cannot be is worth a warning, not a failure
-        if let Err(e) = (RunTimingCache { device, tactics }).write(p) {
+        if let Err(e) = (TimingCache { device, tactics }).write(p) {
             eprintln!("warning: the timing cache was not written: {e}");
         }
     }

@@ -77,6 +77,11 @@ pub struct DeviceKey {
     pub driver: String,
     pub cuda: String,
     pub cublas: String,
+    /// cuBLASLt's version (`cublasLtGetVersion`; it may be loaded from another folder than
+    /// cuBLAS): its algorithm words are only valid for it. Empty in engines built before it was
+    /// recorded, which are then refused (rebuilt).
+    #[serde(default)]
+    pub cublaslt: String,
     pub cudnn: String,
     pub motionrt: String,
 }
@@ -92,23 +97,70 @@ pub struct TacticCache {
     pub gemm: BTreeMap<String, GemmTactic>,
 }
 
-/// The algorithms `motionrt run --engine --timing-cache` keeps for shapes the engine was not
-/// tuned at, with the device and library versions they were timed with (a cache from another
-/// GPU or version is not used).
+/// A timing cache file (`motionrt build --timing-cache`, `motionrt run --engine --timing-cache`;
+/// one file may serve both): the algorithms chosen by timing them, with the GPU and library
+/// versions they were timed with. cuBLASLt's algorithm words are only valid for the cuBLASLt
+/// that produced them, so a cache timed elsewhere is not used ([`TimingCache::load_for`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunTimingCache {
+pub struct TimingCache {
     pub device: DeviceKey,
     pub tactics: TacticCache,
 }
 
-impl RunTimingCache {
+impl TimingCache {
     pub fn read(path: &std::path::Path) -> Result<Self, EngineError> {
-        read_json(path, "a run timing cache")
+        read_json(path, "a timing cache")
     }
 
     /// Write it to `path` (a temporary name of this process, then renamed).
     pub fn write(&self, path: &std::path::Path) -> Result<(), EngineError> {
         write_json(self, path)
+    }
+
+    /// The algorithms of the cache at `path` that may be used on `device`: all of them when they
+    /// were timed with this GPU and these versions, none when the file does not exist. A cache
+    /// timed on another GPU or with other versions, or written by a motionrt that did not record
+    /// them (a bare algorithm table), gives none and a note saying why (the caller rewrites the
+    /// file). Anything else at `path` is an error naming it.
+    pub fn load_for(
+        path: &std::path::Path,
+        device: &DeviceKey,
+    ) -> Result<(TacticCache, Option<String>), EngineError> {
+        if !path.exists() {
+            return Ok((TacticCache::default(), None));
+        }
+        let unused = |why: &str| {
+            Some(format!(
+                "{}: {why}; not used (rewritten with this machine's choices)",
+                path.display()
+            ))
+        };
+        match Self::read(path) {
+            Ok(c) if &c.device == device => Ok((c.tactics, None)),
+            Ok(c) => {
+                let b = serde_json::to_value(&c.device).expect("plain struct");
+                let h = serde_json::to_value(device).expect("plain struct");
+                let diff: Vec<&String> = match (b.as_object(), h.as_object()) {
+                    (Some(b), Some(h)) => h.keys().filter(|k| b.get(*k) != h.get(*k)).collect(),
+                    _ => Vec::new(),
+                };
+                let diff: Vec<&str> = diff.iter().map(|k| k.as_str()).collect();
+                Ok((
+                    TacticCache::default(),
+                    unused(&format!(
+                        "timed on another GPU or with other library versions ({} differ)",
+                        diff.join(", ")
+                    )),
+                ))
+            }
+            Err(e) => match read_json::<TacticCache>(path, "a timing cache") {
+                Ok(_) => Ok((
+                    TacticCache::default(),
+                    unused("written by an older motionrt without the GPU and versions it was timed with"),
+                )),
+                Err(_) => Err(e),
+            },
+        }
     }
 }
 
@@ -170,16 +222,6 @@ impl TacticCache {
         for (k, v) in &other.gemm {
             self.gemm.entry(k.clone()).or_insert(*v);
         }
-    }
-
-    /// Read a timing cache file (JSON, as `motionrt build --timing-cache` writes it).
-    pub fn read(path: &std::path::Path) -> Result<Self, EngineError> {
-        read_json(path, "a timing cache")
-    }
-
-    /// Write it to `path` (a temporary name, then renamed: never half-written).
-    pub fn write(&self, path: &std::path::Path) -> Result<(), EngineError> {
-        write_json(self, path)
     }
 
     /// The same cache with every GEMM running the heuristic's first candidate instead of the
@@ -464,6 +506,8 @@ impl CudaDevice {
             driver: format!("CUDA driver API {}.{}", drv / 1000, (drv % 1000) / 10),
             cuda: format!("NVRTC {}.{}", nvrtc.0, nvrtc.1),
             cublas: blas_ver.to_string(),
+            // SAFETY: no arguments; the library is loaded (the handle was created above).
+            cublaslt: unsafe { lt::cublasLtGetVersion() }.to_string(),
             cudnn: dnn_ver.to_string(),
             motionrt: env!("CARGO_PKG_VERSION").to_string(),
         };
@@ -554,6 +598,24 @@ fn lt_check(what: &str, st: lt::cublasStatus_t) -> Result<(), String> {
 /// 256 bytes cuBLASLt's heuristic assumes by default.
 fn lt_alignment(ptr: u64) -> u32 {
     1 << ptr.trailing_zeros().min(8)
+}
+
+/// A cuBLASLt matmul's timing-cache key: its problem and precision, and the pointers' alignment
+/// when it is under 256 bytes. The heuristic is told how aligned the pointers are (`candidates`)
+/// and an algorithm check takes no pointers, so an algorithm chosen for 256-byte-aligned buffers
+/// (the arena's and the weights', so far always) is not reused for less aligned ones.
+fn lt_key(d: &LtDesc, call: &LtCall, precision: Precision) -> String {
+    let c = if d.beta != 0.0 { call.res } else { call.out };
+    let align = [call.a, call.b, c, call.out, d.bias.unwrap_or(0)]
+        .into_iter()
+        .map(lt_alignment)
+        .min()
+        .unwrap_or(256);
+    if align < 256 {
+        format!("{} {} align{align}", d.problem(), precision.suffix())
+    } else {
+        format!("{} {}", d.problem(), precision.suffix())
+    }
 }
 
 impl LtPlan {
@@ -655,7 +717,7 @@ impl LtPlan {
             layout(&mut p.b, &d.b)?;
             layout(&mut p.c, &d.c)?;
         }
-        let key = format!("{} {}", d.problem(), precision.suffix());
+        let key = lt_key(d, call, precision);
         if let Some(t) = tactics.gemm.get(&key) {
             let algo = lt::cublasLtMatmulAlgo_t { data: t.algo };
             // cuBLASLt documents that a successful check does not guarantee the algorithm runs:
@@ -1973,6 +2035,37 @@ mod tests {
         assert_eq!(lt_alignment(0x7f00_0000_0010), 16);
         assert_eq!(lt_alignment(0x7f00_0000_0002), 2);
         assert_eq!(lt_alignment(0x7f00_0000_0001), 1);
+    }
+
+    #[test]
+    fn gemm_algorithms_are_cached_by_alignment_below_256_bytes() {
+        let d = LtDesc::linear((64, 320, 640), Some(0x7f00_0000_0400), true);
+        let call = |a: u64, res: u64| LtCall {
+            desc: d,
+            a,
+            b: 0x7f00_0001_0000,
+            res,
+            out: 0x7f00_0002_0000,
+        };
+        let aligned = lt_key(
+            &d,
+            &call(0x7f00_0000_0100, 0x7f00_0003_0000),
+            Precision::Fp16,
+        );
+        assert_eq!(aligned, format!("{} f16", d.problem()));
+        let a16 = lt_key(
+            &d,
+            &call(0x7f00_0000_0110, 0x7f00_0003_0000),
+            Precision::Fp16,
+        );
+        assert_eq!(a16, format!("{} f16 align16", d.problem()));
+        // the residual is C: its alignment counts too
+        let c8 = lt_key(
+            &d,
+            &call(0x7f00_0000_0100, 0x7f00_0003_0008),
+            Precision::Fp16,
+        );
+        assert!(c8.ends_with("align8"), "{c8}");
     }
 
     #[test]

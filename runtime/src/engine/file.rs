@@ -704,6 +704,7 @@ mod tests {
             driver: "CUDA driver API 13.0".into(),
             cuda: "NVRTC 13.0".into(),
             cublas: "130100".into(),
+            cublaslt: "130100".into(),
             cudnn: "91400".into(),
             motionrt: "0.1.0".into(),
         }
@@ -725,12 +726,13 @@ mod tests {
         assert!(!e.contains("gpu_name"), "{e}");
     }
 
-    /// A run's timing cache: merged under the engine's choices (which it never replaces),
-    /// written whole (temporary name, then renamed) and read back; anything else is an error
-    /// naming the file.
+    /// A timing cache: merged under the engine's choices (which it never replaces), written whole
+    /// (temporary name, then renamed) and read back; used only where it was timed (GPU and
+    /// versions), a bare algorithm table of older motionrt versions not at all; anything else is
+    /// an error naming the file.
     #[test]
-    fn run_timing_caches_merge_under_the_engines_and_round_trip() {
-        use super::super::exec::ConvTactic;
+    fn timing_caches_merge_under_the_engines_and_are_used_only_where_timed() {
+        use super::super::exec::{ConvTactic, TimingCache};
         let conv = |algo: i32| ConvTactic {
             algo,
             math: Some(1),
@@ -751,36 +753,63 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("motionrt-tc-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("tc.json");
-        engine.write(&p).unwrap();
-        assert_eq!(TacticCache::read(&p).unwrap(), engine);
+        let cache = TimingCache {
+            device: key(),
+            tactics: engine.clone(),
+        };
+        cache.write(&p).unwrap();
+        assert_eq!(TimingCache::read(&p).unwrap(), cache);
         assert_eq!(
             std::fs::read_dir(&dir).unwrap().count(),
             1,
             "no temporary left"
         );
+        // used where it was timed
+        let (t, note) = TimingCache::load_for(&p, &key()).unwrap();
+        assert_eq!((t, note), (engine.clone(), None));
+        // not where the GPU or a library differs: cuBLASLt's algorithm words are its own
+        let mut other = key();
+        other.cublaslt = "130200".into();
+        let (t, note) = TimingCache::load_for(&p, &other).unwrap();
+        assert!(t.conv.is_empty() && t.gemm.is_empty());
+        let note = note.unwrap();
+        assert!(
+            note.contains("tc.json") && note.contains("cublaslt") && note.contains("not used"),
+            "{note}"
+        );
+        assert!(!note.contains("gpu_uuid"), "{note}");
+        // a bare algorithm table (older motionrt): not used, said so
+        std::fs::write(&p, serde_json::to_string(&engine).unwrap()).unwrap();
+        let (t, note) = TimingCache::load_for(&p, &key()).unwrap();
+        assert!(t.conv.is_empty());
+        assert!(note.unwrap().contains("older motionrt"));
+        // no file: nothing, silently
+        let (t, note) = TimingCache::load_for(&dir.join("none.json"), &key()).unwrap();
+        assert!(t.conv.is_empty() && note.is_none());
+        // anything else: an error naming the file
         std::fs::write(&p, "[1, 2]").unwrap();
-        let e = TacticCache::read(&p).unwrap_err().to_string();
+        let e = TimingCache::load_for(&p, &key()).unwrap_err().to_string();
         assert!(
             e.contains("tc.json") && e.contains("not a timing cache"),
             "{e}"
         );
-        // a run's cache carries the device and library versions it was timed with
-        let run = super::super::exec::RunTimingCache {
-            device: key(),
-            tactics: engine.clone(),
-        };
-        let rp = dir.join("run.json");
-        run.write(&rp).unwrap();
-        assert_eq!(super::super::exec::RunTimingCache::read(&rp).unwrap(), run);
-        let e = super::super::exec::RunTimingCache::read(&p)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("not a run timing cache"), "{e}");
-        let e = TacticCache::read(&dir.join("none.json"))
+        let e = TimingCache::read(&dir.join("none.json"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("none.json"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An engine built before cuBLASLt's version was recorded reads, and is refused here.
+    #[test]
+    fn engines_without_the_cublaslt_version_are_rebuilt() {
+        let mut old = serde_json::to_value(key()).unwrap();
+        old.as_object_mut().unwrap().remove("cublaslt");
+        let built: DeviceKey = serde_json::from_value(old).unwrap();
+        let e = check_key(Path::new("eng/engine.json"), &built, &key())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cublaslt") && e.contains("rebuild"), "{e}");
     }
 
     #[test]
