@@ -378,11 +378,15 @@ __device__ void group_norm_apply(T* y, const T* x, const float* stats, const T* 
 // GroupNorm of a channels-last activation: logical [N, C, spatial...] stored as [N, S, C] (the
 // layout of channels-last convolutions). A group is a strided set here (cg channels of every
 // position), so the work is split by positions instead:
-// 1. group_norm_nhwc_stats, grid (N, splits), blockDim a multiple of 32, dynamic shared memory
-//    C floats: the chunk of `chunk` positions [j * chunk, ...) of sample n, read row by row
-//    (coalesced); per group its mean and centred sum of squares (two passes, the second from
-//    cache) into stats[((n * splits + j) * groups + g) * 2 + {0, 1}]. C <= 8 * blockDim
-//    (blockDim up to 512: a block of 2560 channels, a concatenation in SD1.5's up blocks, has 320).
+// 1. group_norm_nhwc_stats, grid (N, splits), blockDim a multiple of 32: the chunk of `chunk`
+//    positions [j * chunk, ...) of sample n, read row by row (coalesced); per group its mean and
+//    centred sum of squares (two passes, the second from cache) into
+//    stats[((n * splits + j) * groups + g) * 2 + {0, 1}]. When C is a multiple of V (8 halves
+//    or 4 floats: 16-byte rows), each thread reads V channels of every R-th row with 16-byte
+//    loads (R = blockDim / (C / V) row lanes, at least 1), several in flight, and the row lanes'
+//    partial sums meet in shared memory: dynamic shared memory (R + 1) * C floats. Otherwise
+//    C <= 8 * blockDim (blockDim up to 512: a block of 2560 channels, a concatenation in SD1.5's
+//    up blocks, has 320), a thread per channel and up to 8 channels a thread, C floats.
 // 2. group_norm_nhwc_finalize, one thread per (n, g): merges the splits' statistics (as
 //    group_norm_apply does) into mr[(n * groups + g) * 2 + {0, 1}] = mean, 1 / sqrt(var + eps).
 // 3. group_norm_nhwc_apply, elementwise: normalise, affine, optional SiLU.
@@ -397,14 +401,97 @@ __device__ __forceinline__ float gn_in_bias(const T* xb, const T* xsb, int n, in
     return a;
 }
 
+// The vectorised statistics (C a multiple of V): `part` holds R * C row-lane partial sums, then
+// `gm` [C] after them each channel's group mean less the channel's input bias.
+template <typename T>
+__device__ void gn_nhwc_stats_vec(float* st, float* part, const T* xs, i64 rows, const T* xb,
+                                  const T* xsb, int n, int C, int groups) {
+    constexpr int V = Lanes<T>::N;
+    const int cg = C / groups, cv = C / V, nt = blockDim.x;
+    const int R = cv <= nt ? nt / cv : 1, items = R * cv;
+    float* gm = part + R * C;
+    const float cnt = (float)(rows * cg);
+    // pass 1: each item (row lane rl, channels jc * V ..) sums rows rl, rl + R, ...
+    for (int it = threadIdx.x; it < items; it += nt) {
+        const int jc = it % cv, rl = it / cv;
+        float acc[V];
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[k] = 0.f;
+#pragma unroll 4
+        for (i64 r = rl; r < rows; r += R) {
+            float v[V];
+            load16(v, xs + r * C + jc * V);
+#pragma unroll
+            for (int k = 0; k < V; ++k) acc[k] += v[k];
+        }
+#pragma unroll
+        for (int k = 0; k < V; ++k) part[rl * C + jc * V + k] = acc[k];
+    }
+    __syncthreads();
+    // channel sums into part[0, C), with the input biases (each row holds them once)
+    for (int c = threadIdx.x; c < C; c += nt) {
+        float s = part[c];
+        for (int l = 1; l < R; ++l) s += part[l * C + c];
+        part[c] = s + (float)rows * gn_in_bias(xb, xsb, n, C, c);
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < C; c += nt) {
+        const int g0 = (c / cg) * cg;
+        float m = 0.f;
+        for (int i = 0; i < cg; ++i) m += part[g0 + i];
+        gm[c] = m / cnt - gn_in_bias(xb, xsb, n, C, c);
+    }
+    __syncthreads();
+    // pass 2: centred sums of squares (the chunk again, from cache)
+    for (int it = threadIdx.x; it < items; it += nt) {
+        const int jc = it % cv, rl = it / cv;
+        float acc[V], mean[V];
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            acc[k] = 0.f;
+            mean[k] = gm[jc * V + k];
+        }
+#pragma unroll 4
+        for (i64 r = rl; r < rows; r += R) {
+            float v[V];
+            load16(v, xs + r * C + jc * V);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float d = v[k] - mean[k];
+                acc[k] += d * d;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < V; ++k) part[rl * C + jc * V + k] = acc[k];
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < C; c += nt) {
+        float s = part[c];
+        for (int l = 1; l < R; ++l) s += part[l * C + c];
+        part[c] = s;
+    }
+    __syncthreads();
+    for (int g = threadIdx.x; g < groups; g += nt) {
+        float q = 0.f;
+        for (int i = 0; i < cg; ++i) q += part[g * cg + i];
+        st[2 * g + 1] = q;
+        st[2 * g] = gm[g * cg] + gn_in_bias(xb, xsb, n, C, g * cg);
+    }
+}
+
 template <typename T>
 __device__ void group_norm_nhwc_stats(float* stats, const T* x, const T* xb, const T* xsb, int C,
                                       i64 S, int groups, i64 chunk) {
-    MRT_DYN_SMEM(float, part);  // [C]
+    MRT_DYN_SMEM(float, part);  // [(R + 1) * C] vectorised, else [C]
     const int n = blockIdx.x, j = blockIdx.y, cg = C / groups;
     const i64 p0 = (i64)j * chunk, p1 = min(p0 + chunk, S);
     const T* xs = x + ((i64)n * S + p0) * C;
     const i64 rows = p1 - p0;
+    if (C % Lanes<T>::N == 0) {
+        gn_nhwc_stats_vec(stats + ((i64)n * gridDim.y + j) * groups * 2, part, xs, rows, xb, xsb,
+                          n, C, groups);
+        return;
+    }
     float acc[8];
     // pass 1: per-channel sums -> group means
 #pragma unroll

@@ -1815,7 +1815,12 @@ fn group_norm_nhwc<T: Host>(
         &format!("group_norm_nhwc_stats_{}", T::SUFFIX),
         (n as u32, splits as u32, 1),
         (64, 1, 1),
-        c * 4,
+        // (R + 1)·C floats with 16-byte rows (R = 64 / (C / V) row lanes, at least 1), else C
+        if c % (16 / std::mem::size_of::<T>()) == 0 {
+            (1 + (64 / (c / (16 / std::mem::size_of::<T>()))).max(1)) * c * 4
+        } else {
+            c * 4
+        },
         &[
             Arg::Buf(&stats),
             Arg::Buf(&xb),
@@ -1891,6 +1896,9 @@ fn channels_last_group_norm_matches_the_fused_reference() {
     group_norm_nhwc::<u16>(emu, 2, 64, 32, 20, 3, true, true);
     group_norm_nhwc::<f32>(emu, 2, 6, 3, 37, 10, false, true);
     group_norm_nhwc::<u16>(emu, 3, 6, 3, 13, 64, true, true);
+    // more 16-byte columns than threads (64): threads take two or three, one row lane
+    group_norm_nhwc::<u16>(emu, 2, 640, 32, 9, 4, true, true);
+    group_norm_nhwc::<f32>(emu, 1, 640, 32, 5, 2, false, false);
 }
 
 #[test]

@@ -1309,6 +1309,20 @@ pub fn nhwc_stats_block(c: usize) -> u32 {
     (c.div_ceil(8).div_ceil(32) * 32).clamp(256, 512) as u32
 }
 
+/// Dynamic shared memory (bytes) of a channels-last GroupNorm statistics block of `block` threads
+/// over `c` channels of `elem_bytes`-byte values: the row lanes' partial sums and the group means
+/// ((R + 1)·C floats) when a row is whole 16-byte vectors, else C floats.
+pub fn nhwc_stats_smem(c: usize, block: u32, elem_bytes: usize) -> u32 {
+    let v = 16 / elem_bytes;
+    let lanes = if c % v == 0 {
+        let cv = c / v;
+        1 + (block as usize / cv).max(1)
+    } else {
+        1
+    };
+    (lanes * c * 4) as u32
+}
+
 /// float32 scratch of a GroupNorm step: partial statistics, and for channels-last the merged
 /// mean and inverse deviation per (sample, group) after them.
 fn group_norm_step_scratch(n: usize, c: usize, spatial: usize, groups: usize, cl: bool) -> usize {
@@ -1727,7 +1741,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                     kernel: typed("group_norm_nhwc_stats"),
                     grid: (*n as u32, parts as u32, 1),
                     block: (nhwc_stats_block(*c), 1, 1),
-                    smem: (c * 4) as u32,
+                    smem: nhwc_stats_smem(*c, nhwc_stats_block(*c), ctx.precision.elem_bytes()),
                     opt_in: false,
                     args: vec![Ptr(st), ptr(*x), opt(x_bias), opt(x_sbias), ci, sp, g, ch],
                 }));
