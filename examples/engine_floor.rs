@@ -232,11 +232,13 @@ fn launches(prog: &program::Program) -> Res<()> {
     };
     let (mut kernels, mut lts, mut gemms, mut convs) = (0, 0, 0, 0);
     let mut bad = Vec::new();
+    let mut by_kernel: BTreeMap<String, usize> = BTreeMap::new();
     for si in 0..prog.steps.len() {
         for op in step_ops(prog, si, &ctx)? {
             match op {
                 Op::Kernel(l) => {
                     kernels += 1;
+                    *by_kernel.entry(l.kernel.clone()).or_default() += 1;
                     if let Err(e) = check_launchable(&l, H100_SMEM_OPTIN) {
                         bad.push(format!("step {si} ({}): {e}", prog.steps[si].name()));
                     }
@@ -252,6 +254,8 @@ fn launches(prog: &program::Program) -> Res<()> {
          cuDNN; {} kernel(s) beyond an H100's launch limits",
         bad.len()
     );
+    let by: Vec<String> = by_kernel.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    println!("kernels by name: {}", by.join(", "));
     for b in &bad {
         println!("  {b}");
     }

@@ -656,8 +656,10 @@ __device__ void layer_norm(T* y, const T* x, const T* gamma, const T* beta, cons
     }
 }
 
-// LayerNormalization of rows up to 1024 wide: one warp per row, the row held in registers (one
-// read, one write; no block barriers). blockDim.x a multiple of 32.
+// LayerNormalization of rows up to 32 * LN_WARP_PER_LANE = 1280 wide (SD1.5's widest, 1280
+// channels): one warp per row, the row held in registers (one read, one write; no block
+// barriers). blockDim.x a multiple of 32.
+#define LN_WARP_PER_LANE 40
 template <typename T>
 __device__ void layer_norm_warp(T* y, const T* x, const T* gamma, const T* beta, const T* add,
                                 int period, int div, i64 rows, int cols, float eps) {
@@ -665,10 +667,10 @@ __device__ void layer_norm_warp(T* y, const T* x, const T* gamma, const T* beta,
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
     const T* xr = x + row * cols;
-    float v[32];
+    float v[LN_WARP_PER_LANE];
     float s = 0.f;
 #pragma unroll
-    for (int k = 0; k < 32; ++k) {
+    for (int k = 0; k < LN_WARP_PER_LANE; ++k) {
         const int c = lane + 32 * k;
         v[k] = c < cols ? mrt_load(xr, c) : 0.f;
         s += v[k];
@@ -676,7 +678,7 @@ __device__ void layer_norm_warp(T* y, const T* x, const T* gamma, const T* beta,
     const float mean = mrt_warp_sum(s) / (float)cols;
     float q = 0.f;
 #pragma unroll
-    for (int k = 0; k < 32; ++k) {
+    for (int k = 0; k < LN_WARP_PER_LANE; ++k) {
         const int c = lane + 32 * k;
         const float d = c < cols ? v[k] - mean : 0.f;
         q += d * d;
@@ -685,7 +687,7 @@ __device__ void layer_norm_warp(T* y, const T* x, const T* gamma, const T* beta,
     T* yr = y + row * cols;
     const T* ar = add ? add + ((row / div) % period) * cols : add;
 #pragma unroll
-    for (int k = 0; k < 32; ++k) {
+    for (int k = 0; k < LN_WARP_PER_LANE; ++k) {
         const int c = lane + 32 * k;
         if (c < cols) {
             float o = (v[k] - mean) * rstd * mrt_load(gamma, c);

@@ -1309,6 +1309,10 @@ pub fn nhwc_stats_block(c: usize) -> u32 {
     (c.div_ceil(8).div_ceil(32) * 32).clamp(256, 512) as u32
 }
 
+/// The widest rows `layer_norm_warp` takes (32 lanes × `LN_WARP_PER_LANE` values in registers);
+/// wider ones take the block-per-row `layer_norm`.
+pub const LAYER_NORM_WARP_MAX_COLS: usize = 1280;
+
 /// Dynamic shared memory (bytes) of a channels-last GroupNorm statistics block of `block` threads
 /// over `c` channels of `elem_bytes`-byte values: the row lanes' partial sums and the group means
 /// ((R + 1)·C floats) when a row is whole 16-byte vectors, else C floats.
@@ -1846,7 +1850,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             let (ap, period, div) = add.map_or((Ptr(0), I32(1), I32(1)), |(t, per, div)| {
                 (ptr(t), I32(per as i32), I32(div as i32))
             });
-            if *cols <= 1024 {
+            if *cols <= LAYER_NORM_WARP_MAX_COLS {
                 // one warp per row, 8 rows per block
                 ops.push(launch(
                     typed("layer_norm_warp"),
