@@ -227,6 +227,33 @@ __device__ void unary(T* out, const T* x, i64 n, int op) {
 template <typename T>
 __device__ void bias_residual(T* y, const T* bias, const T* sbias, const T* res, i64 rows,
                               i64 cols, i64 rps) {
+    constexpr int V = Lanes<T>::N;
+    if (cols % V == 0 && rows * cols < 0x7fffffffll) {
+        // 16 bytes per thread
+        const unsigned uc = (unsigned)cols, urps = (unsigned)rps;
+        GRID_LOOP32(i, rows * cols / V) {
+            const unsigned e = i * V, c = e % uc;
+            float v[V], t[V];
+            load16(v, y + e);
+            if (bias) {
+                load16(t, bias + c);
+#pragma unroll
+                for (int k = 0; k < V; ++k) v[k] += t[k];
+            }
+            if (sbias) {
+                load16(t, sbias + (e / uc) / urps * uc + c);
+#pragma unroll
+                for (int k = 0; k < V; ++k) v[k] += t[k];
+            }
+            if (res) {
+                load16(t, res + e);
+#pragma unroll
+                for (int k = 0; k < V; ++k) v[k] += t[k];
+            }
+            store16(y + e, v);
+        }
+        return;
+    }
     if (rows * cols < 0x7fffffffll) {
         const unsigned uc = (unsigned)cols, urps = (unsigned)rps;
         GRID_LOOP32(i, rows * cols) {

@@ -2115,8 +2115,14 @@ fn geglu_and_epilogues<T: Host>(emu: &Emu) {
     }
 
     // y[r, c] += bias[c] + sbias[r / rps, c] + res[r, c] after a GEMM or a channels-last
-    // convolution (rps rows per sample), in place
-    let (rows, cols, rps) = (6, 10, 2);
+    // convolution (rps rows per sample), in place: a value a thread (10 columns) and 16 bytes
+    // a thread (16)
+    for (rows, cols, rps) in [(6, 10, 2), (6, 16, 3)] {
+        bias_residual_case::<T>(emu, rows, cols, rps);
+    }
+}
+
+fn bias_residual_case<T: Host>(emu: &Emu, rows: usize, cols: usize, rps: usize) {
     let y0 = random(rows * cols, 35);
     let bias = random(cols, 36);
     let res = random(rows * cols, 37);

@@ -1508,6 +1508,7 @@ impl GpuProgram {
                     let kind = if s.transpose_axes().is_some() {
                         "tiled transpose"
                     } else if s
+                        .output_ordered()
                         .in_units(16 / self.precision.elem_bytes() as i64, *in_off, *out_off)
                         .is_some()
                     {

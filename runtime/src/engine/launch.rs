@@ -1513,10 +1513,12 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                         oo,
                     ],
                 }));
-            } else if let Some((u, uio, uoo)) =
-                s.in_units(16 / ctx.precision.elem_bytes() as i64, *in_off, *out_off)
-            {
-                // rows contiguous on both sides: 16 bytes per thread
+            } else if let Some((u, uio, uoo)) = s.output_ordered().in_units(
+                16 / ctx.precision.elem_bytes() as i64,
+                *in_off,
+                *out_off,
+            ) {
+                // rows contiguous on both sides (in the output's axis order): 16 bytes per thread
                 let n = u.numel();
                 ops.push(ew(
                     "copy_strided_b16".into(),
@@ -1531,6 +1533,8 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                     ],
                 ));
             } else {
+                // consecutive threads write consecutive elements
+                let s = s.output_ordered();
                 let n = s.numel();
                 ops.push(ew(
                     typed("copy_strided"),
@@ -1539,7 +1543,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                         ptr(*out),
                         ptr(*inp),
                         I64(n as i64),
-                        KArg::Strided(*s),
+                        KArg::Strided(s),
                         io,
                         oo,
                     ],

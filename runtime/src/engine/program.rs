@@ -84,6 +84,23 @@ impl Strided {
             .then_some((ai, ao))
     }
 
+    /// The same copy with its axes ordered by output stride, largest first, and axes that then
+    /// run contiguously merged: consecutive threads of the copy kernels write consecutive
+    /// elements, and a copy whose rows are contiguous on both sides in another axis order (a
+    /// channels-last concatenation, `[N, C, HW]` with C the contiguous axis) can move 16 bytes a
+    /// thread ([`Strided::in_units`]). A copy writes every output element once, so the order in
+    /// which it visits them is free.
+    pub fn output_ordered(&self) -> Strided {
+        let r = self.rank as usize;
+        let mut order: Vec<usize> = (0..r).collect();
+        // stable: axes of equal output stride keep their order
+        order.sort_by_key(|&k| std::cmp::Reverse(self.c[k].unsigned_abs()));
+        let pick = |v: &[i64; MAX_RANK]| order.iter().map(|&k| v[k]).collect::<Vec<i64>>();
+        let dims: Vec<usize> = order.iter().map(|&k| self.dims[k] as usize).collect();
+        // merging never needs more axes than there were
+        Strided::new(&dims, &pick(&self.a), &pick(&self.b), &pick(&self.c)).unwrap_or(*self)
+    }
+
     /// The same copy over units of `v` elements (16 bytes), when the innermost axis is contiguous
     /// on both sides and every extent, stride and offset divides: the iteration and offsets for
     /// `copy_strided_b16`, with the offsets divided too.
@@ -2811,6 +2828,45 @@ mod tests {
         let t = Strided::new(&[3, 12], &[12, 1], &[0, 0], &[24, 1]).unwrap();
         assert!(t.in_units(8, 0, 0).is_none());
         assert!(s.in_units(8, 0, 4).is_none());
+    }
+
+    /// Channels-last copies described in NCHW's axis order (the contiguous channel axis in the
+    /// middle) are visited in the output's order: then 16 bytes a thread, the same elements.
+    #[test]
+    fn copies_are_visited_in_the_outputs_axis_order() {
+        let pairs = |s: &Strided| {
+            let mut v: Vec<(i64, i64)> = (0..s.numel() as i64)
+                .map(|e| {
+                    let (a, _, c) = s.offsets(e);
+                    (a, c)
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        // a concatenation's first input, [N, C, HW] channels-last: C = 16 of a row of 48
+        let s = Strided::new(&[2, 16, 5], &[80, 1, 16], &[0; 3], &[240, 1, 48]).unwrap();
+        assert!(s.transpose_axes().is_none() && s.in_units(8, 0, 0).is_none());
+        let o = s.output_ordered();
+        assert_eq!(o.c[o.rank as usize - 1], 1);
+        assert_eq!(pairs(&o), pairs(&s));
+        let (u, _, _) = o.in_units(8, 0, 32).unwrap();
+        assert_eq!(u.numel() * 8, s.numel());
+        // a nearest 2× upsample, [N, C, H, 2, W, 2] channels-last (the input read twice per axis)
+        let s = Strided::new(
+            &[2, 16, 3, 2, 3, 2],
+            &[144, 1, 48, 0, 16, 0],
+            &[0; 6],
+            &[576, 1, 192, 96, 32, 16],
+        )
+        .unwrap();
+        assert!(s.in_units(8, 0, 0).is_none());
+        let o = s.output_ordered();
+        assert_eq!(pairs(&o), pairs(&s));
+        assert!(o.in_units(8, 0, 0).is_some());
+        // already in order: unchanged
+        let t = Strided::new(&[6, 4096, 64], &[262144, 64, 1], &[0; 3], &[524288, 128, 1]).unwrap();
+        assert_eq!(t.output_ordered(), t);
     }
 
     #[test]
