@@ -203,7 +203,9 @@ __device__ void binary_same(T* out, const T* x, const T* y, i64 n, int op) {
     GRID_LOOP(i, n) mrt_store(out, i, binop(op, mrt_load(x, i), mrt_load(y, i)));
 }
 
-__device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
+// (__fdividef: a reciprocal and a product, not IEEE division's refinement; 1 / inf is 0, so
+// SiLU of very negative values is 0 as it should be)
+__device__ __forceinline__ float sigmoidf(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
 
 template <typename T>
 __device__ void unary(T* out, const T* x, i64 n, int op) {
@@ -624,11 +626,22 @@ __device__ void group_norm_nhwc_apply(T* y, const T* x, const T* xb, const T* xs
             }
             load16(ga, gamma + c0);
             load16(be, beta + c0);
+            // channel c0's group and place in it, one division a vector: the vector's channels
+            // step into the next group (statistics) as they reach its end
+            const unsigned ucg = (unsigned)cg, g0 = c0 / ucg;
+            unsigned r = c0 - g0 * ucg;
+            const float* st = mr + (n * groups + g0) * 2;
+            float mean = st[0], rs = st[1];
 #pragma unroll
             for (int k = 0; k < V; ++k) {
-                const float* st = mr + (n * groups + (c0 + k) / cg) * 2;
-                v[k] = (v[k] - st[0]) * st[1] * ga[k] + be[k];
+                v[k] = (v[k] - mean) * rs * ga[k] + be[k];
                 if (silu) v[k] = v[k] * sigmoidf(v[k]);
+                if (++r == ucg && k + 1 < V) {
+                    r = 0;
+                    st += 2;
+                    mean = st[0];
+                    rs = st[1];
+                }
             }
             store16(y + e, v);
         }
