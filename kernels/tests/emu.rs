@@ -1761,6 +1761,22 @@ fn group_norm_nhwc<T: Host>(
     silu: bool,
     biases: bool,
 ) {
+    group_norm_nhwc_block::<T>(emu, n, c, groups, spatial, chunk, silu, biases, 64);
+}
+
+/// [`group_norm_nhwc`] with the statistics in blocks of `block` threads.
+#[allow(clippy::too_many_arguments)]
+fn group_norm_nhwc_block<T: Host>(
+    emu: &Emu,
+    n: usize,
+    c: usize,
+    groups: usize,
+    spatial: usize,
+    chunk: usize,
+    silu: bool,
+    biases: bool,
+    block: usize,
+) {
     let seed = (n * 7000 + c * 10 + spatial) as u64;
     let x: Vec<f32> = random(n * c * spatial, seed)
         .iter()
@@ -1814,10 +1830,10 @@ fn group_norm_nhwc<T: Host>(
         emu,
         &format!("group_norm_nhwc_stats_{}", T::SUFFIX),
         (n as u32, splits as u32, 1),
-        (64, 1, 1),
-        // (R + 1)·C floats with 16-byte rows (R = 64 / (C / V) row lanes, at least 1), else C
+        (block as u32, 1, 1),
+        // (R + 1)·C floats with 16-byte rows (R = block / (C / V) row lanes, at least 1), else C
         if c % (16 / std::mem::size_of::<T>()) == 0 {
-            (1 + (64 / (c / (16 / std::mem::size_of::<T>()))).max(1)) * c * 4
+            (1 + (block / (c / (16 / std::mem::size_of::<T>()))).max(1)) * c * 4
         } else {
             c * 4
         },
@@ -1899,6 +1915,10 @@ fn channels_last_group_norm_matches_the_fused_reference() {
     // more 16-byte columns than threads (64): threads take two or three, one row lane
     group_norm_nhwc::<u16>(emu, 2, 640, 32, 9, 4, true, true);
     group_norm_nhwc::<f32>(emu, 1, 640, 32, 5, 2, false, false);
+    // the engine's own blocks: SD1.5's 320 channels in 256 threads (6 row lanes of 40 vectors,
+    // 16 idle threads), and its widest, 2560 channels in 320 threads (one row lane)
+    group_norm_nhwc_block::<u16>(emu, 1, 320, 32, 40, 30, true, true, 256);
+    group_norm_nhwc_block::<u16>(emu, 1, 2560, 32, 6, 4, false, true, 320);
 }
 
 #[test]

@@ -600,19 +600,27 @@ fn lt_alignment(ptr: u64) -> u32 {
     1 << ptr.trailing_zeros().min(8)
 }
 
-/// A cuBLASLt matmul's timing-cache key: its problem and precision, and the pointers' alignment
-/// when it is under 256 bytes. The heuristic is told how aligned the pointers are (`candidates`)
-/// and an algorithm check takes no pointers, so an algorithm chosen for 256-byte-aligned buffers
-/// (the arena's and the weights', so far always) is not reused for less aligned ones.
+/// A cuBLASLt matmul's timing-cache key: its problem and precision, and each pointer's
+/// alignment (A, B, C, D with the bias) when one is under 256 bytes. The heuristic is told how
+/// aligned each pointer is (`candidates`) and an algorithm check takes no pointers, so an
+/// algorithm chosen for 256-byte-aligned buffers (the arena's and the weights', so far always)
+/// is not reused for less aligned ones.
 fn lt_key(d: &LtDesc, call: &LtCall, precision: Precision) -> String {
     let c = if d.beta != 0.0 { call.res } else { call.out };
-    let align = [call.a, call.b, c, call.out, d.bias.unwrap_or(0)]
-        .into_iter()
-        .map(lt_alignment)
-        .min()
-        .unwrap_or(256);
-    if align < 256 {
-        format!("{} {} align{align}", d.problem(), precision.suffix())
+    let d_align = lt_alignment(call.out).min(d.bias.map_or(256, lt_alignment));
+    let align = [
+        lt_alignment(call.a),
+        lt_alignment(call.b),
+        lt_alignment(c),
+        d_align,
+    ];
+    if align.iter().any(|&x| x < 256) {
+        let [a, b, c, dd] = align;
+        format!(
+            "{} {} align{a}/{b}/{c}/{dd}",
+            d.problem(),
+            precision.suffix()
+        )
     } else {
         format!("{} {}", d.problem(), precision.suffix())
     }
@@ -2048,25 +2056,17 @@ mod tests {
             res,
             out: 0x7f00_0002_0000,
         };
-        let aligned = lt_key(
-            &d,
-            &call(0x7f00_0000_0100, 0x7f00_0003_0000),
-            Precision::Fp16,
+        let key = |a, res| lt_key(&d, &call(a, res), Precision::Fp16);
+        assert_eq!(
+            key(0x7f00_0000_0100, 0x7f00_0003_0000),
+            format!("{} f16", d.problem())
         );
-        assert_eq!(aligned, format!("{} f16", d.problem()));
-        let a16 = lt_key(
-            &d,
-            &call(0x7f00_0000_0110, 0x7f00_0003_0000),
-            Precision::Fp16,
-        );
-        assert_eq!(a16, format!("{} f16 align16", d.problem()));
-        // the residual is C: its alignment counts too
-        let c8 = lt_key(
-            &d,
-            &call(0x7f00_0000_0100, 0x7f00_0003_0008),
-            Precision::Fp16,
-        );
-        assert!(c8.ends_with("align8"), "{c8}");
+        let a16 = key(0x7f00_0000_0110, 0x7f00_0003_0000);
+        assert_eq!(a16, format!("{} f16 align16/256/256/256", d.problem()));
+        // the residual is C: its alignment counts too, as its own
+        let c16 = key(0x7f00_0000_0100, 0x7f00_0003_0010);
+        assert!(c16.ends_with("align256/256/16/256"), "{c16}");
+        assert_ne!(a16, c16);
     }
 
     #[test]

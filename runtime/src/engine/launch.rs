@@ -1309,6 +1309,17 @@ pub fn nhwc_stats_block(c: usize) -> u32 {
     (c.div_ceil(8).div_ceil(32) * 32).clamp(256, 512) as u32
 }
 
+/// Threads `bias_residual` needs over `n` values in rows of `cols`: one per 16 bytes when rows
+/// are whole 16-byte vectors (its vectorised path), else one per value.
+fn bias_residual_threads(n: usize, cols: usize, precision: Precision) -> usize {
+    let v = 16 / precision.elem_bytes();
+    if cols % v == 0 && n < 0x7fff_ffff {
+        n / v
+    } else {
+        n
+    }
+}
+
 /// The widest rows `layer_norm_warp` takes (32 lanes × `LN_WARP_PER_LANE` values in registers);
 /// wider ones take the block-per-row `layer_norm`.
 pub const LAYER_NORM_WARP_MAX_COLS: usize = 1280;
@@ -1623,7 +1634,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                 let (rows, cols) = (*m as i64, *n as i64);
                 ops.push(ew(
                     typed("bias_residual"),
-                    m * n,
+                    bias_residual_threads(m * n, *n, ctx.precision),
                     vec![
                         ptr(*out),
                         opt(bias),
@@ -1683,7 +1694,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                 let rows = c.y_shape[0] as i64 * rps;
                 ops.push(ew(
                     typed("bias_residual"),
-                    (rows * cols) as usize,
+                    bias_residual_threads((rows * cols) as usize, cols as usize, ctx.precision),
                     vec![
                         ptr(c.out),
                         opt(&c.bias),
@@ -2063,6 +2074,36 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The host's switch to the one-warp LayerNorm and the kernel's registers per lane agree.
+    #[test]
+    fn layer_norm_warp_width_matches_its_kernel() {
+        let src = motionrt_kernels::cuda::SOURCES
+            .iter()
+            .find(|(n, _)| *n == "engine_ops")
+            .unwrap()
+            .1;
+        let per_lane: usize = src
+            .lines()
+            .find_map(|l| l.strip_prefix("#define LN_WARP_PER_LANE "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("engine_ops.cu defines LN_WARP_PER_LANE");
+        assert_eq!(32 * per_lane, LAYER_NORM_WARP_MAX_COLS);
+    }
+
+    /// `bias_residual` gets a thread per 16 bytes where its rows are whole vectors.
+    #[test]
+    fn bias_residual_threads_follow_its_vector_path() {
+        assert_eq!(
+            bias_residual_threads(64 * 320, 320, Precision::Fp16),
+            64 * 40
+        );
+        assert_eq!(
+            bias_residual_threads(64 * 320, 320, Precision::Fp32),
+            64 * 80
+        );
+        assert_eq!(bias_residual_threads(6 * 10, 10, Precision::Fp16), 60);
+    }
 
     #[test]
     fn attention_shared_memory_follows_the_kernels_layout() {
