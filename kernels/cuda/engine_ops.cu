@@ -430,55 +430,21 @@ __device__ __forceinline__ float gn_in_bias(const T* xb, const T* xsb, int n, in
     return a;
 }
 
-// The vectorised statistics (C a multiple of V): `part` holds R * C row-lane partial sums, then
-// `gm` [C] after them each channel's group mean less the channel's input bias.
-template <typename T>
-__device__ void gn_nhwc_stats_vec(float* st, float* part, const T* xs, i64 rows, const T* xb,
-                                  const T* xsb, int n, int C, int groups) {
+// Per channel, the sum over the chunk's rows of x - center[c] (SQUARE: of its square; center
+// null: of x), into part[0, C): each item (row lane rl, channels jc * V ..) sums rows rl, rl + R,
+// ... with 16-byte loads, several in flight, into part[rl * C + ..]; then the row lanes' sums
+// meet. Ends with the block synchronised.
+template <bool SQUARE, typename T>
+__device__ __forceinline__ void gn_lane_sums(float* part, const float* center, const T* xs,
+                                             i64 rows, int C, int R, int cv) {
     constexpr int V = Lanes<T>::N;
-    const int cg = C / groups, cv = C / V, nt = blockDim.x;
-    const int R = cv <= nt ? nt / cv : 1, items = R * cv;
-    float* gm = part + R * C;
-    const float cnt = (float)(rows * cg);
-    // pass 1: each item (row lane rl, channels jc * V ..) sums rows rl, rl + R, ...
-    for (int it = threadIdx.x; it < items; it += nt) {
-        const int jc = it % cv, rl = it / cv;
-        float acc[V];
-#pragma unroll
-        for (int k = 0; k < V; ++k) acc[k] = 0.f;
-#pragma unroll 4
-        for (i64 r = rl; r < rows; r += R) {
-            float v[V];
-            load16(v, xs + r * C + jc * V);
-#pragma unroll
-            for (int k = 0; k < V; ++k) acc[k] += v[k];
-        }
-#pragma unroll
-        for (int k = 0; k < V; ++k) part[rl * C + jc * V + k] = acc[k];
-    }
-    __syncthreads();
-    // channel sums into part[0, C), with the input biases (each row holds them once)
-    for (int c = threadIdx.x; c < C; c += nt) {
-        float s = part[c];
-        for (int l = 1; l < R; ++l) s += part[l * C + c];
-        part[c] = s + (float)rows * gn_in_bias(xb, xsb, n, C, c);
-    }
-    __syncthreads();
-    for (int c = threadIdx.x; c < C; c += nt) {
-        const int g0 = (c / cg) * cg;
-        float m = 0.f;
-        for (int i = 0; i < cg; ++i) m += part[g0 + i];
-        gm[c] = m / cnt - gn_in_bias(xb, xsb, n, C, c);
-    }
-    __syncthreads();
-    // pass 2: centred sums of squares (the chunk again, from cache)
-    for (int it = threadIdx.x; it < items; it += nt) {
+    for (int it = threadIdx.x; it < R * cv; it += blockDim.x) {
         const int jc = it % cv, rl = it / cv;
         float acc[V], mean[V];
 #pragma unroll
         for (int k = 0; k < V; ++k) {
             acc[k] = 0.f;
-            mean[k] = gm[jc * V + k];
+            mean[k] = center ? center[jc * V + k] : 0.f;
         }
 #pragma unroll 4
         for (i64 r = rl; r < rows; r += R) {
@@ -487,19 +453,44 @@ __device__ void gn_nhwc_stats_vec(float* st, float* part, const T* xs, i64 rows,
 #pragma unroll
             for (int k = 0; k < V; ++k) {
                 const float d = v[k] - mean[k];
-                acc[k] += d * d;
+                acc[k] += SQUARE ? d * d : d;
             }
         }
 #pragma unroll
         for (int k = 0; k < V; ++k) part[rl * C + jc * V + k] = acc[k];
     }
     __syncthreads();
-    for (int c = threadIdx.x; c < C; c += nt) {
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
         float s = part[c];
         for (int l = 1; l < R; ++l) s += part[l * C + c];
         part[c] = s;
     }
     __syncthreads();
+}
+
+// The vectorised statistics (C a multiple of V): `part` holds R * C row-lane partial sums, then
+// `gm` [C] after them each channel's group mean less the channel's input bias.
+template <typename T>
+__device__ void gn_nhwc_stats_vec(float* st, float* part, const T* xs, i64 rows, const T* xb,
+                                  const T* xsb, int n, int C, int groups) {
+    constexpr int V = Lanes<T>::N;
+    const int cg = C / groups, cv = C / V, nt = blockDim.x;
+    const int R = cv <= nt ? nt / cv : 1;
+    float* gm = part + R * C;
+    const float cnt = (float)(rows * cg);
+    gn_lane_sums<false>(part, (const float*)nullptr, xs, rows, C, R, cv);
+    // the input biases: each of the chunk's rows holds them once per channel
+    for (int c = threadIdx.x; c < C; c += nt) part[c] += (float)rows * gn_in_bias(xb, xsb, n, C, c);
+    __syncthreads();
+    for (int c = threadIdx.x; c < C; c += nt) {
+        const int g0 = (c / cg) * cg;
+        float m = 0.f;
+        for (int i = 0; i < cg; ++i) m += part[g0 + i];
+        gm[c] = m / cnt - gn_in_bias(xb, xsb, n, C, c);
+    }
+    __syncthreads();
+    // centred sums of squares (the chunk again, from cache)
+    gn_lane_sums<true>(part, gm, xs, rows, C, R, cv);
     for (int g = threadIdx.x; g < groups; g += nt) {
         float q = 0.f;
         for (int i = 0; i < cg; ++i) q += part[g * cg + i];

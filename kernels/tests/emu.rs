@@ -1747,35 +1747,20 @@ fn group_norm<T: Host>(emu: &Emu, n: usize, c: usize, groups: usize, spatial: us
 }
 
 /// The channels-last GroupNorm (stats per chunk of positions, finalize, apply) on the engine's
-/// launch shapes, against the fused reference on the NCHW view of the same values; with
-/// `biases`, a bias `[C]` and a per-sample bias `[N, C]` added to the input on the fly (the
-/// convolution's before it, folded).
+/// launch shapes (the statistics in blocks of `block` threads), against the fused reference on
+/// the NCHW view of the same values; with `biases`, a bias `[C]` and a per-sample bias `[N, C]`
+/// added to the input on the fly (the convolution's before it, folded).
 #[allow(clippy::too_many_arguments)]
 fn group_norm_nhwc<T: Host>(
     emu: &Emu,
-    n: usize,
-    c: usize,
-    groups: usize,
-    spatial: usize,
-    chunk: usize,
-    silu: bool,
-    biases: bool,
-) {
-    group_norm_nhwc_block::<T>(emu, n, c, groups, spatial, chunk, silu, biases, 64);
-}
-
-/// [`group_norm_nhwc`] with the statistics in blocks of `block` threads.
-#[allow(clippy::too_many_arguments)]
-fn group_norm_nhwc_block<T: Host>(
-    emu: &Emu,
-    n: usize,
-    c: usize,
-    groups: usize,
-    spatial: usize,
-    chunk: usize,
-    silu: bool,
-    biases: bool,
     block: usize,
+    n: usize,
+    c: usize,
+    groups: usize,
+    spatial: usize,
+    chunk: usize,
+    silu: bool,
+    biases: bool,
 ) {
     let seed = (n * 7000 + c * 10 + spatial) as u64;
     let x: Vec<f32> = random(n * c * spatial, seed)
@@ -1902,23 +1887,23 @@ fn channels_last_group_norm_matches_the_fused_reference() {
     let Some(emu) = emu() else { return };
     for silu in [false, true] {
         // one chunk; several (the last partial); more channels than threads (3 per thread)
-        group_norm_nhwc::<f32>(emu, 2, 6, 3, 37, 64, silu, false);
-        group_norm_nhwc::<u16>(emu, 2, 6, 3, 37, 10, silu, false);
-        group_norm_nhwc::<f32>(emu, 1, 160, 32, 50, 7, silu, false);
-        group_norm_nhwc::<u16>(emu, 3, 64, 32, 20, 3, silu, false);
+        group_norm_nhwc::<f32>(emu, 64, 2, 6, 3, 37, 64, silu, false);
+        group_norm_nhwc::<u16>(emu, 64, 2, 6, 3, 37, 10, silu, false);
+        group_norm_nhwc::<f32>(emu, 64, 1, 160, 32, 50, 7, silu, false);
+        group_norm_nhwc::<u16>(emu, 64, 3, 64, 32, 20, 3, silu, false);
     }
     // with the convolution's bias and time embedding added on the fly (vectorised path: C a
     // multiple of 8; and not)
-    group_norm_nhwc::<u16>(emu, 2, 64, 32, 20, 3, true, true);
-    group_norm_nhwc::<f32>(emu, 2, 6, 3, 37, 10, false, true);
-    group_norm_nhwc::<u16>(emu, 3, 6, 3, 13, 64, true, true);
+    group_norm_nhwc::<u16>(emu, 64, 2, 64, 32, 20, 3, true, true);
+    group_norm_nhwc::<f32>(emu, 64, 2, 6, 3, 37, 10, false, true);
+    group_norm_nhwc::<u16>(emu, 64, 3, 6, 3, 13, 64, true, true);
     // more 16-byte columns than threads (64): threads take two or three, one row lane
-    group_norm_nhwc::<u16>(emu, 2, 640, 32, 9, 4, true, true);
-    group_norm_nhwc::<f32>(emu, 1, 640, 32, 5, 2, false, false);
+    group_norm_nhwc::<u16>(emu, 64, 2, 640, 32, 9, 4, true, true);
+    group_norm_nhwc::<f32>(emu, 64, 1, 640, 32, 5, 2, false, false);
     // the engine's own blocks: SD1.5's 320 channels in 256 threads (6 row lanes of 40 vectors,
     // 16 idle threads), and its widest, 2560 channels in 320 threads (one row lane)
-    group_norm_nhwc_block::<u16>(emu, 1, 320, 32, 40, 30, true, true, 256);
-    group_norm_nhwc_block::<u16>(emu, 1, 2560, 32, 6, 4, false, true, 320);
+    group_norm_nhwc::<u16>(emu, 256, 1, 320, 32, 40, 30, true, true);
+    group_norm_nhwc::<u16>(emu, 320, 1, 2560, 32, 6, 4, false, true);
 }
 
 #[test]
