@@ -47,6 +47,15 @@ __device__ __forceinline__ void store16(half_bits* p, const float* f) {
     *(B16*)p = b;
 }
 
+// v[k] += the 16 bytes at p, as V floats
+template <typename T>
+__device__ __forceinline__ void add16(float* v, const T* p) {
+    float t[Lanes<T>::N];
+    load16(t, p);
+#pragma unroll
+    for (int k = 0; k < Lanes<T>::N; ++k) v[k] += t[k];
+}
+
 #define MAX_RANK 6
 // A strided iteration over `dims` (row-major, innermost last); element (i0..ir) reads
 // in[in_off + sum ik * in_strides[k]] and writes out[out_off + sum ik * out_strides[k]].
@@ -235,23 +244,11 @@ __device__ void bias_residual(T* y, const T* bias, const T* sbias, const T* res,
         const unsigned uc = (unsigned)cols, urps = (unsigned)rps;
         GRID_LOOP32(i, rows * cols / V) {
             const unsigned e = i * V, c = e % uc;
-            float v[V], t[V];
+            float v[V];
             load16(v, y + e);
-            if (bias) {
-                load16(t, bias + c);
-#pragma unroll
-                for (int k = 0; k < V; ++k) v[k] += t[k];
-            }
-            if (sbias) {
-                load16(t, sbias + (e / uc) / urps * uc + c);
-#pragma unroll
-                for (int k = 0; k < V; ++k) v[k] += t[k];
-            }
-            if (res) {
-                load16(t, res + e);
-#pragma unroll
-                for (int k = 0; k < V; ++k) v[k] += t[k];
-            }
+            if (bias) add16(v, bias + c);
+            if (sbias) add16(v, sbias + (e / uc) / urps * uc + c);
+            if (res) add16(v, res + e);
             store16(y + e, v);
         }
         return;
@@ -605,16 +602,8 @@ __device__ void group_norm_nhwc_apply(T* y, const T* x, const T* xb, const T* xs
             const unsigned e = i * V, c0 = e % uc, n = e / usc;
             float v[V], ga[V], be[V];
             load16(v, x + e);
-            if (xb) {
-                load16(ga, xb + c0);
-#pragma unroll
-                for (int k = 0; k < V; ++k) v[k] += ga[k];
-            }
-            if (xsb) {
-                load16(ga, xsb + (i64)n * C + c0);
-#pragma unroll
-                for (int k = 0; k < V; ++k) v[k] += ga[k];
-            }
+            if (xb) add16(v, xb + c0);
+            if (xsb) add16(v, xsb + (i64)n * C + c0);
             load16(ga, gamma + c0);
             load16(be, beta + c0);
             // channel c0's group and place in it, one division a vector: the vector's channels
@@ -760,14 +749,8 @@ __device__ void geglu(T* y, const T* x, const T* bias, i64 rows, i64 d) {
             load16(a, x + r * 2 * ud + j);
             load16(g, x + r * 2 * ud + ud + j);
             if (bias) {
-                float ba[V], bg[V];
-                load16(ba, bias + j);
-                load16(bg, bias + ud + j);
-#pragma unroll
-                for (int k = 0; k < V; ++k) {
-                    a[k] += ba[k];
-                    g[k] += bg[k];
-                }
+                add16(a, bias + j);
+                add16(g, bias + ud + j);
             }
 #pragma unroll
             for (int k = 0; k < V; ++k) a[k] = geglu1(a[k], g[k]);
