@@ -86,6 +86,27 @@ pub struct DeviceKey {
     pub motionrt: String,
 }
 
+impl DeviceKey {
+    /// The fields in which `other` differs from this key: `(name, this value, other value)`.
+    pub fn differences(&self, other: &DeviceKey) -> Vec<(String, String, String)> {
+        let a = serde_json::to_value(self).expect("plain struct");
+        let b = serde_json::to_value(other).expect("plain struct");
+        let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+            return Vec::new();
+        };
+        a.iter()
+            .filter(|(k, v)| b.get(*k) != Some(*v))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.to_string(),
+                    b.get(k).cloned().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
 /// Chosen cuDNN algorithms by problem (`ConvStep::problem` + precision) and cuBLASLt algorithms
 /// by problem ([`LtDesc::problem`] + precision). Building with the same cache gives the same
 /// choices, so the same engine.
@@ -138,13 +159,12 @@ impl TimingCache {
         match Self::read(path) {
             Ok(c) if &c.device == device => Ok((c.tactics, None)),
             Ok(c) => {
-                let b = serde_json::to_value(&c.device).expect("plain struct");
-                let h = serde_json::to_value(device).expect("plain struct");
-                let diff: Vec<&String> = match (b.as_object(), h.as_object()) {
-                    (Some(b), Some(h)) => h.keys().filter(|k| b.get(*k) != h.get(*k)).collect(),
-                    _ => Vec::new(),
-                };
-                let diff: Vec<&str> = diff.iter().map(|k| k.as_str()).collect();
+                let diff: Vec<String> = c
+                    .device
+                    .differences(device)
+                    .into_iter()
+                    .map(|(k, _, _)| k)
+                    .collect();
                 Ok((
                     TacticCache::default(),
                     unused(&format!(

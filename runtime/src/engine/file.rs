@@ -126,20 +126,11 @@ fn nchw() -> Layout {
 
 /// Refuse an engine built for another GPU or versions; the error lists every difference.
 pub fn check_key(path: &Path, built: &DeviceKey, here: &DeviceKey) -> Result<(), EngineError> {
-    let b = serde_json::to_value(built).expect("plain struct");
-    let h = serde_json::to_value(here).expect("plain struct");
-    let mut diffs = Vec::new();
-    if let (Some(b), Some(h)) = (b.as_object(), h.as_object()) {
-        for (k, v) in b {
-            if h.get(k) != Some(v) {
-                diffs.push(format!(
-                    "{k}: built for {}, this machine has {}",
-                    v,
-                    h.get(k).cloned().unwrap_or_default()
-                ));
-            }
-        }
-    }
+    let diffs: Vec<String> = built
+        .differences(here)
+        .into_iter()
+        .map(|(k, b, h)| format!("{k}: built for {b}, this machine has {h}"))
+        .collect();
     if diffs.is_empty() {
         return Ok(());
     }

@@ -1487,6 +1487,8 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             out_off,
         } => {
             let (io, oo) = (I64(*in_off), I64(*out_off));
+            // what the non-transposing copies iterate: the output's axis order
+            let ordered = s.output_ordered();
             if p.buffers[*out].dtype == DType::I64 {
                 let n = s.numel();
                 ops.push(ew(
@@ -1524,11 +1526,9 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                         oo,
                     ],
                 }));
-            } else if let Some((u, uio, uoo)) = s.output_ordered().in_units(
-                16 / ctx.precision.elem_bytes() as i64,
-                *in_off,
-                *out_off,
-            ) {
+            } else if let Some((u, uio, uoo)) =
+                ordered.in_units(16 / ctx.precision.elem_bytes() as i64, *in_off, *out_off)
+            {
                 // rows contiguous on both sides (in the output's axis order): 16 bytes per thread
                 let n = u.numel();
                 ops.push(ew(
@@ -1545,7 +1545,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                 ));
             } else {
                 // consecutive threads write consecutive elements
-                let s = s.output_ordered();
+                let s = ordered;
                 let n = s.numel();
                 ops.push(ew(
                     typed("copy_strided"),
