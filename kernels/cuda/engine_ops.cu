@@ -916,20 +916,32 @@ __device__ __forceinline__ i64 att_seq_row(int n, int T, int ns) {
     return (i64)(n / ns) * T * ns + n % ns;
 }
 
-// `rows` rows of `d` halves (row r at g + r * gstride) into shared rows of pitch P with 16-byte
-// cp.async; rows from `valid` on are zero-filled (plain stores).
-template <int P>
-__device__ __forceinline__ void att_load_rows(half_bits* s, const half_bits* g, i64 gstride,
-                                              int rows, int valid, int d, int tid, int nthreads) {
-    const int chunks = d >> 3;
-    for (int i = tid; i < rows * chunks; i += nthreads) {
-        const int r = i / chunks, c = i - r * chunks;
-        half_bits* dst = s + r * P + c * 8;
-        if (r < valid) {
-            mrt_cp_async_16(dst, g + r * gstride + c * 8);
+// `rows` rows of `d` halves (row r at g + r * gstride) into shared rows of pitch DP + 8 at s with
+// 16-byte cp.async, and when s2 is not null as many rows of g2 (same stride) into s2: K and V
+// from one index computation. Rows from `valid` on are zero-filled (plain stores). The slots are
+// rows x DP / 8 chunks, divided by a compile-time constant; the chunks past d (the padding,
+// zeroed once by att_zero_cols) are skipped.
+template <int DP>
+__device__ __forceinline__ void att_load_rows(half_bits* s, const half_bits* g, half_bits* s2,
+                                              const half_bits* g2, i64 gstride, int rows,
+                                              int valid, int d, int tid, int nthreads) {
+    constexpr unsigned CH = DP / 8;
+    const unsigned chunks = (unsigned)d >> 3;
+    for (unsigned i = tid; i < (unsigned)rows * CH; i += nthreads) {
+        const unsigned r = i / CH, c = i - r * CH;
+        if (c >= chunks) continue;
+        const unsigned so = r * (DP + 8) + c * 8;
+        if ((int)r < valid) {
+            const i64 go = (i64)r * gstride + c * 8;
+            mrt_cp_async_16(s + so, g + go);
+            if (s2) mrt_cp_async_16(s2 + so, g2 + go);
         } else {
-            unsigned* w = (unsigned*)dst;
+            unsigned* w = (unsigned*)(s + so);
             w[0] = w[1] = w[2] = w[3] = 0u;
+            if (s2) {
+                w = (unsigned*)(s2 + so);
+                w[0] = w[1] = w[2] = w[3] = 0u;
+            }
         }
     }
 }
@@ -965,9 +977,10 @@ __device__ __forceinline__ void att_begin(AttRows<DP>& r, const half_bits* s, in
 }
 
 // The 16 rows against NT * 8 keys (K rows at ks, V rows at vs, pitch DP + 8; key0 is the first
-// key's index, keys from S on are masked). sl2 = scale * log2(e). When d is an odd multiple of
-// 8 (d = 40 in DP = 48), the last 8 dimensions of Q K^T are one m16n8k8 product and P V skips
-// the output n-tile past d: no product of the zero padding.
+// key's index, keys from S on are masked). sl2 = scale * log2(e), positive: the running max is
+// taken before scaling. When d is an odd multiple of 8 (d = 40 in DP = 48), the last 8
+// dimensions of Q K^T are one m16n8k8 product and P V skips the output n-tile past d: no product
+// of the zero padding.
 template <int DP, int NT>
 __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
                                          const half_bits* vs, int key0, int S, int d, float sl2,
@@ -1001,15 +1014,22 @@ __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
             }
         }
     }
-    // online softmax; this thread holds columns 2tq, 2tq + 1 of each n-tile
+    // online softmax on the unscaled scores; this thread holds columns 2tq, 2tq + 1 of each
+    // n-tile. Keys past S are masked only in a tile that reaches past S (warp-uniform); the
+    // running max stays unscaled, and each weight is 2^(s * sl2 - m * sl2): one FFMA and one
+    // MUFU.EX2 a score (rather than a multiply, a key test and a select before the max, then a
+    // subtraction and exp2f's four instructions)
+    if (key0 + NT * 8 > S) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                if (key0 + j * 8 + tq * 2 + (e & 1) >= S) sc[j][e] = -1e30f;
+        }
+    }
     float mx0 = r.m0, mx1 = r.m1;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int key = key0 + j * 8 + tq * 2 + (e & 1);
-            sc[j][e] = key < S ? sc[j][e] * sl2 : -1e30f;
-        }
         mx0 = fmaxf(mx0, fmaxf(sc[j][0], sc[j][1]));
         mx1 = fmaxf(mx1, fmaxf(sc[j][2], sc[j][3]));
     }
@@ -1017,16 +1037,17 @@ __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float c0 = exp2f(r.m0 - mx0), c1 = exp2f(r.m1 - mx1);
+    const float c0 = mrt_ex2((r.m0 - mx0) * sl2), c1 = mrt_ex2((r.m1 - mx1) * sl2);
     r.m0 = mx0;
     r.m1 = mx1;
+    const float b0 = mx0 * sl2, b1 = mx1 * sl2;
     float ps0 = 0.f, ps1 = 0.f;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-        sc[j][0] = exp2f(sc[j][0] - mx0);
-        sc[j][1] = exp2f(sc[j][1] - mx0);
-        sc[j][2] = exp2f(sc[j][2] - mx1);
-        sc[j][3] = exp2f(sc[j][3] - mx1);
+        sc[j][0] = mrt_ex2(fmaf(sc[j][0], sl2, -b0));
+        sc[j][1] = mrt_ex2(fmaf(sc[j][1], sl2, -b0));
+        sc[j][2] = mrt_ex2(fmaf(sc[j][2], sl2, -b1));
+        sc[j][3] = mrt_ex2(fmaf(sc[j][3], sl2, -b1));
         ps0 += sc[j][0] + sc[j][1];
         ps1 += sc[j][2] + sc[j][3];
     }
@@ -1109,11 +1130,10 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
     const half_bits* kg = k + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
     const half_bits* vg = v + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
     att_zero_cols<DP>(sm, 4 * ATT_KEYS, d, tid, nt);
-    att_load_rows<P>(st1, q + att_seq_row(n, L, ns) * ldq + row0 * tq + (i64)h * d, tq,
-                     ATT_WARPS * 16, min(L - row0, ATT_WARPS * 16), d, tid, nt);
+    att_load_rows<DP>(st1, q + att_seq_row(n, L, ns) * ldq + row0 * tq + (i64)h * d, nullptr,
+                      nullptr, tq, ATT_WARPS * 16, min(L - row0, ATT_WARPS * 16), d, tid, nt);
     const int first = min(S, ATT_KEYS);
-    att_load_rows<P>(st0, kg, tkv, ATT_KEYS, first, d, tid, nt);
-    att_load_rows<P>(st0 + ATT_KEYS * P, vg, tkv, ATT_KEYS, first, d, tid, nt);
+    att_load_rows<DP>(st0, kg, st0 + ATT_KEYS * P, vg, tkv, ATT_KEYS, first, d, tid, nt);
     mrt_cp_async_commit();
     mrt_cp_async_wait<0>();
     __syncthreads();
@@ -1127,8 +1147,8 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
         if (t + 1 < tiles) {
             half_bits* nxt = (t & 1) ? st0 : st1;
             const int s1 = (t + 1) * ATT_KEYS, valid = min(S - s1, ATT_KEYS);
-            att_load_rows<P>(nxt, kg + s1 * tkv, tkv, ATT_KEYS, valid, d, tid, nt);
-            att_load_rows<P>(nxt + ATT_KEYS * P, vg + s1 * tkv, tkv, ATT_KEYS, valid, d, tid, nt);
+            att_load_rows<DP>(nxt, kg + s1 * tkv, nxt + ATT_KEYS * P, vg + s1 * tkv, tkv, ATT_KEYS,
+                              valid, d, tid, nt);
             mrt_cp_async_commit();
             mrt_cp_async_wait<1>();
         } else {
@@ -1160,8 +1180,8 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
     half_bits* ks = qs + R * P;
     half_bits* vs = ks + R * P;
     att_zero_cols<DP>(qs, 3 * R, d, lane, 32);
-    att_load_rows<P>(qs, q + att_seq_row(n, L, ns) * ldq + (i64)h * d, (i64)ldq * ns, R, min(L, R),
-                     d, lane, 32);
+    att_load_rows<DP>(qs, q + att_seq_row(n, L, ns) * ldq + (i64)h * d, nullptr, nullptr,
+                      (i64)ldq * ns, R, min(L, R), d, lane, 32);
     const float sl2 = scale * 1.4426950408889634f;
     // one 16-row tile at a time (two tiles' registers at once would spill at DP >= 128); with a
     // single key tile (S <= R, attention over frames) K and V are loaded once for both
@@ -1176,8 +1196,11 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
                 const i64 at = (att_seq_row(t2 / heads, S, ns) + (i64)s0 * ns) * ldkv +
                                (i64)(t2 % heads) * d;
                 const i64 tkv = (i64)ldkv * ns;  // token stride (ns sequences interleaved)
-                att_load_rows<P>(ks, k + at, tkv, R, min(S - s0, R), d, lane, 32);
-                att_load_rows<P>(vs, v + at, tkv, R, min(S - s0, R), d, lane, 32);
+                // K and V one at a time (both at once spill registers at DP = 96, MT = 2)
+                att_load_rows<DP>(ks, k + at, nullptr, nullptr, tkv, R, min(S - s0, R), d, lane,
+                                  32);
+                att_load_rows<DP>(vs, v + at, nullptr, nullptr, tkv, R, min(S - s0, R), d, lane,
+                                  32);
                 mrt_cp_async_commit();
                 mrt_cp_async_wait<0>();
                 __syncwarp();
@@ -1197,21 +1220,36 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
     }
 }
 
-#define ATT_ENTRIES(DP)                                                                          \
-    extern "C" __global__ void __launch_bounds__(256) attention_tiled_f16_d##DP(                 \
-        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int L, int S,  \
-        int heads, int d, int ldq, int ldkv, int ns, float scale) {                              \
-        attention_tiled<DP>(q, k, v, y, L, S, heads, d, ldq, ldkv, ns, scale);                   \
-    }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(128) attention_short1_f16_d##DP(                \
-        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int N, int L,  \
-        int S, int heads, int d, int ldq, int ldkv, int ns, float scale) {                       \
-        attention_short<DP, 1>(q, k, v, y, N, L, S, heads, d, ldq, ldkv, ns, scale);             \
-    }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(128) attention_short2_f16_d##DP(                \
-        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int N, int L,  \
-        int S, int heads, int d, int ldq, int ldkv, int ns, float scale) {                       \
-        attention_short<DP, 2>(q, k, v, y, N, L, S, heads, d, ldq, ldkv, ns, scale);             \
+// The short kernels' register budget, as blocks an SM for __launch_bounds__: as many as ptxas's
+// own register choice allowed before this budget (7 at DP = 16, 6 at 32, 5 at 48 with 16-row
+// tiles, 4 up to 96, 3 above), or fewer where shared memory (4 warps x 3 x 16 * MT rows of DP + 8
+// halves; 227 KiB an SM) allows fewer anyway. Left to itself, ptxas aims at a register count just
+// under an occupancy step and, for some head sizes, spilled a few bytes to reach it.
+#define ATT_SHORT_SMEM_BLOCKS(DP, MT) ((227 * 1024) / (384 * (MT) * ((DP) + 8)))
+#define ATT_SHORT_REG_BLOCKS(DP, MT) \
+    ((DP) <= 16 ? 7 : (DP) <= 32 ? 6 : (DP) <= 48 && (MT) == 1 ? 5 : (DP) <= 96 ? 4 : 3)
+#define ATT_SHORT_MIN_BLOCKS(DP, MT)                            \
+    (ATT_SHORT_SMEM_BLOCKS(DP, MT) < ATT_SHORT_REG_BLOCKS(DP, MT) \
+         ? ATT_SHORT_SMEM_BLOCKS(DP, MT)                        \
+         : ATT_SHORT_REG_BLOCKS(DP, MT))
+
+#define ATT_ENTRIES(DP)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) attention_tiled_f16_d##DP(                   \
+        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int L, int S,    \
+        int heads, int d, int ldq, int ldkv, int ns, float scale) {                                \
+        attention_tiled<DP>(q, k, v, y, L, S, heads, d, ldq, ldkv, ns, scale);                     \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128, ATT_SHORT_MIN_BLOCKS(DP, 1))                 \
+        attention_short1_f16_d##DP(const half_bits* q, const half_bits* k, const half_bits* v,     \
+                                    half_bits* y, int N, int L, int S, int heads, int d, int ldq,  \
+                                    int ldkv, int ns, float scale) {                               \
+        attention_short<DP, 1>(q, k, v, y, N, L, S, heads, d, ldq, ldkv, ns, scale);               \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128, ATT_SHORT_MIN_BLOCKS(DP, 2))                 \
+        attention_short2_f16_d##DP(const half_bits* q, const half_bits* k, const half_bits* v,     \
+                                    half_bits* y, int N, int L, int S, int heads, int d, int ldq,  \
+                                    int ldkv, int ns, float scale) {                               \
+        attention_short<DP, 2>(q, k, v, y, N, L, S, heads, d, ldq, ldkv, ns, scale);               \
     }
 ATT_ENTRIES(16)
 ATT_ENTRIES(32)

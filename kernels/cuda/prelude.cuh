@@ -14,6 +14,7 @@
 //   unsigned mrt_pack_h2(float lo, float hi)  cvt.rn.f16x2.f32: lo in bits 0-15, hi in 16-31
 //   float mrt_load(const T*, i), void mrt_store(T*, i, float)  for T = float or half_bits
 //   float mrt_warp_sum(float), mrt_warp_max(float)  butterfly reductions over the full warp
+//   float mrt_ex2(float)                      ex2.approx.ftz.f32: 2^x in one MUFU instruction
 //   void mrt_mma_m16n8k16(float c[4], const unsigned a[4], unsigned b0, unsigned b1)
 //        mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, c += a * b in place
 //   void mrt_mma_m16n8k8(float c[4], const unsigned a[2], unsigned b0)   the same for k = 8
@@ -77,6 +78,22 @@ __device__ __forceinline__ float mrt_load(const float* p, long long i) { return 
 __device__ __forceinline__ float mrt_load(const half_bits* p, long long i) { return mrt_h2f(p[i]); }
 __device__ __forceinline__ void mrt_store(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void mrt_store(half_bits* p, long long i, float v) { p[i] = mrt_f2h(v); }
+
+// ---- special functions --------------------------------------------------------------------------
+
+// 2^x as one MUFU.EX2 (relative error about 2^-22; subnormal inputs and results flushed to zero).
+// exp2f compiles to four instructions: a range test and two predicated multiplies around the
+// MUFU keep results in the subnormal range, which a softmax's weights do not need.
+__device__ __forceinline__ float mrt_ex2(float x) {
+#ifdef MOTIONRT_EMU
+    const float r = exp2f(x);
+    return r < 1.17549435e-38f ? 0.f : r;
+#else
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#endif
+}
 
 // ---- warp reductions (every lane gets the result; all 32 lanes must call) ----------------------
 

@@ -191,6 +191,7 @@ fn engine_kernels_do_not_spill_registers_on_sm90() {
     let mut entry = String::new();
     let mut checked = 0;
     let mut stats_checked = 0;
+    let mut spills = Vec::new();
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             entry = rest.split('\'').next().unwrap_or("").to_string();
@@ -215,12 +216,17 @@ fn engine_kernels_do_not_spill_registers_on_sm90() {
         }
         if line.contains("spill stores") {
             checked += 1;
-            assert!(
-                line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
-                "{entry} spills registers on sm_90: {line}"
-            );
+            if !line.contains(" 0 bytes spill stores, 0 bytes spill loads") {
+                spills.push(format!("{entry}: {}", line.trim()));
+            }
         }
     }
+    assert!(
+        spills.is_empty(),
+        "{} kernel(s) spill registers on sm_90:\n{}",
+        spills.len(),
+        spills.join("\n")
+    );
     assert!(checked >= 24, "ptxas reported {checked} kernels:\n{log}");
     assert_eq!(
         stats_checked, 4,
