@@ -1,12 +1,15 @@
 //! The native engine's program for a graph at given shapes, step by step kind: how many steps,
 //! their arithmetic (FLOP) and the bytes they move at float16, and the time those would take at a
-//! GPU's peak rates (a floor, not a measurement): each step at the slower of its arithmetic and
-//! its memory traffic. No GPU needed: the program is compiled here and specialised as the float16
+//! GPU's peak rates (a floor, not a measurement): each step at the slowest of its arithmetic, its
+//! memory traffic and its exponentials. No GPU needed: the program is compiled here and specialised as the float16
 //! executor runs it (motion modules on frame-major rows, merged Q, K, V projections;
 //! `--no-merge`: as compiled).
 //!
 //! `cargo run --release --example engine_floor -- FUSED.onnx [--frames 16 --height 64 --width 64
-//!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --no-merge]`
+//!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --texp 3.9 --no-merge]`
+//!
+//! `--texp`: exponentials a second (10¹²; an H100 SXM's special-function units, 16 an SM a cycle),
+//! the third bound of an attention's or a softmax's step: one exponential a score.
 //!
 //! Last, every launch the float16 executor would make at these shapes is checked against an
 //! H100's launch limits (non-zero exit when one is beyond them).
@@ -31,7 +34,7 @@ fn main() -> Res<()> {
         .ok_or("usage: engine_floor FUSED.onnx [options]")?
         .into();
     let (mut b, mut f, mut h, mut w) = (2usize, 16usize, 64usize, 64usize);
-    let (mut tflops, mut tbps) = (989.0f64, 3.35f64);
+    let (mut tflops, mut tbps, mut texp) = (989.0f64, 3.35f64, 3.9f64);
     let mut layout = Layout::Nhwc;
     let mut merge = true;
     while let Some(k) = it.next() {
@@ -47,6 +50,7 @@ fn main() -> Res<()> {
             "--width" => w = v.parse()?,
             "--tflops" => tflops = v.parse()?,
             "--tbps" => tbps = v.parse()?,
+            "--texp" => texp = v.parse()?,
             "--layout" => layout = Layout::parse(&v).ok_or("--layout nhwc|nchw")?,
             _ => return Err(format!("unknown argument {k}").into()),
         }
@@ -83,11 +87,22 @@ fn main() -> Res<()> {
     }
     let el = 2.0; // float16
     let numel = |buf: usize| prog.buffers[buf].numel as f64;
-    // each step at the slower of its arithmetic and its memory traffic
-    let floor = |fl: f64, by: f64| (fl / (tflops * 1e12)).max(by / (tbps * 1e12)) * 1e3;
+    // each step at the slowest of its arithmetic, its memory traffic and its exponentials
+    let floor = |fl: f64, by: f64, ex: f64| {
+        (fl / (tflops * 1e12))
+            .max(by / (tbps * 1e12))
+            .max(ex / (texp * 1e12))
+            * 1e3
+    };
     // kind -> (steps, flop, bytes, floor ms)
     let mut by: BTreeMap<String, (usize, f64, f64, f64)> = BTreeMap::new();
     for s in &prog.steps {
+        // one exponential a score (attention, softmax)
+        let exps = match s {
+            Step::Attention { n, l, s, heads, .. } => (n * heads * l * s) as f64,
+            Step::Softmax { rows, cols, .. } => (rows * cols) as f64,
+            _ => 0.0,
+        };
         let (kind, flop, bytes) = match s {
             Step::Copy { s: st, .. } => ("copy".into(), 0.0, 2.0 * st.numel() as f64 * el),
             Step::Binary { a, b, n, .. } => (
@@ -123,7 +138,7 @@ fn main() -> Res<()> {
                     let e = by.entry("conv bias/residual pass".into()).or_default();
                     e.0 += 1;
                     e.2 += bytes;
-                    e.3 += floor(0.0, bytes);
+                    e.3 += floor(0.0, bytes, 0.0);
                 }
                 (
                     format!("conv {kh}x{kw}"),
@@ -161,10 +176,10 @@ fn main() -> Res<()> {
         e.0 += 1;
         e.1 += flop;
         e.2 += bytes;
-        e.3 += floor(flop, bytes);
+        e.3 += floor(flop, bytes, exps);
     }
     println!(
-        "{} at {:?}, layout {layout:?}: {} steps; floors at {tflops} TFLOP/s and {tbps} TB/s (float16)",
+        "{} at {:?}, layout {layout:?}: {} steps; floors at {tflops} TFLOP/s, {tbps} TB/s and {texp}·10¹² exponentials/s (float16)",
         path.display(),
         inputs[0].1,
         prog.steps.len()

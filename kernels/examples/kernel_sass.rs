@@ -1,0 +1,184 @@
+//! Static machine-code figures of the CUDA kernels, no GPU needed: compiles a kernel source with
+//! NVRTC for an architecture (the cubin the engine loads), disassembles it with `cuobjdump`, and
+//! prints per entry point its registers, its instruction count and the body of its largest loop
+//! (the span of its longest backward branch: in the attention kernels, one key tile) with the
+//! most frequent opcodes there. A way to see what a source change does to the inner loop before
+//! a GPU times it; not a timing.
+//!
+//! `cargo run --release -p motionrt-kernels --example kernel_sass -- [FILTER] [--source engine_ops]
+//!  [--arch sm_90] [--cubin OUT.cubin]`
+//!
+//! FILTER keeps the entry points whose name contains it. `cuobjdump` is `$CUOBJDUMP`, else the one
+//! on PATH (a CUDA toolkit; the `triton` wheel ships one under `triton/backends/nvidia/bin`).
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use motionrt_kernels::cuda;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> Res<()> {
+    let (mut filter, mut source, mut arch, mut keep) = (String::new(), "engine_ops", "sm_90", None);
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut val = || it.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--source" => {
+                let v = val()?;
+                source = cuda::SOURCES
+                    .iter()
+                    .find(|(n, _)| *n == v)
+                    .ok_or(format!("unknown --source {v}"))?
+                    .0;
+            }
+            "--arch" => arch = if val()? == "sm_80" { "sm_80" } else { "sm_90" },
+            "--cubin" => keep = Some(val()?),
+            "-h" | "--help" => {
+                println!("usage: kernel_sass [FILTER] [--source NAME] [--arch sm_80|sm_90] [--cubin OUT]");
+                return Ok(());
+            }
+            _ => filter = a,
+        }
+    }
+    let c = cuda::compile_uncached(source, arch)?;
+    let path = match &keep {
+        Some(p) => p.clone(),
+        None => std::env::temp_dir()
+            .join(format!("motionrt-sass-{}.cubin", std::process::id()))
+            .to_string_lossy()
+            .into_owned(),
+    };
+    std::fs::write(&path, &c.cubin)?;
+    let tool = std::env::var("CUOBJDUMP").unwrap_or_else(|_| "cuobjdump".into());
+    let run = |args: &[&str]| -> Res<String> {
+        let out = Command::new(&tool)
+            .args(args)
+            .arg(&path)
+            .output()
+            .map_err(|e| format!("{tool}: {e} (set CUOBJDUMP to a cuobjdump binary)"))?;
+        if !out.status.success() {
+            return Err(
+                format!("{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into(),
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let regs = registers(&run(&["-res-usage"])?);
+    let sass = run(&["-sass"])?;
+    if keep.is_none() {
+        let _ = std::fs::remove_file(&path);
+    }
+    println!("{source} for {arch} (NVRTC {:?})", cuda::nvrtc_version()?);
+    println!("| entry | registers | instructions | largest loop | its most frequent opcodes |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (name, ins) in functions(&sass) {
+        if !name.contains(&filter) {
+            continue;
+        }
+        let body = largest_loop(&ins);
+        let mut ops: BTreeMap<&str, usize> = BTreeMap::new();
+        for (_, text) in &body {
+            *ops.entry(opcode(text)).or_default() += 1;
+        }
+        let mut ops: Vec<_> = ops.into_iter().collect();
+        ops.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let top: Vec<String> = ops
+            .iter()
+            .take(10)
+            .map(|(o, n)| format!("{o} {n}"))
+            .collect();
+        let r = regs.get(&name).map_or("?".into(), |r| r.to_string());
+        println!(
+            "| {name} | {r} | {} | {} | {} |",
+            ins.len(),
+            body.len(),
+            top.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `Function NAME:` then `REG:N ...` lines of `cuobjdump -res-usage`.
+fn registers(text: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    let mut name = None;
+    for line in text.lines() {
+        if let Some(n) = line.trim().strip_prefix("Function ") {
+            name = Some(n.trim_end_matches(':').to_string());
+        } else if let (Some(n), Some(r)) = (&name, line.split("REG:").nth(1)) {
+            if let Ok(r) = r.split_whitespace().next().unwrap_or("").parse() {
+                out.insert(n.clone(), r);
+            }
+        }
+    }
+    out
+}
+
+/// Each function's instructions: (address, text without the encoding comment).
+fn functions(sass: &str) -> Vec<(String, Vec<(u64, String)>)> {
+    let mut out: Vec<(String, Vec<(u64, String)>)> = Vec::new();
+    for line in sass.lines() {
+        let t = line.trim();
+        if let Some(n) = t.strip_prefix("Function : ") {
+            out.push((n.trim().to_string(), Vec::new()));
+            continue;
+        }
+        // `/*0a30*/   HMMA.16816.F32 R76, R44, R68, RZ ;   /* 0x... */`
+        let Some(rest) = t.strip_prefix("/*") else {
+            continue;
+        };
+        let Some((addr, rest)) = rest.split_once("*/") else {
+            continue;
+        };
+        let Ok(addr) = u64::from_str_radix(addr, 16) else {
+            continue;
+        };
+        let Some((text, _)) = rest.split_once(';') else {
+            continue;
+        };
+        if let Some((_, v)) = out.last_mut() {
+            v.push((addr, text.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// The instructions between the target and the source of the longest backward branch.
+fn largest_loop(ins: &[(u64, String)]) -> Vec<(u64, String)> {
+    let mut best: Option<(u64, u64)> = None;
+    for (addr, text) in ins {
+        if opcode(text) != "BRA" {
+            continue;
+        }
+        let Some(target) = text.split_whitespace().find_map(|w| {
+            w.strip_prefix("0x")
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+        }) else {
+            continue;
+        };
+        if target < *addr && best.is_none_or(|(a, b)| addr - target > b - a) {
+            best = Some((target, *addr));
+        }
+    }
+    match best {
+        Some((a, b)) => ins
+            .iter()
+            .filter(|(x, _)| (a..=b).contains(x))
+            .cloned()
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
+/// The opcode without its predicate guard and modifiers: `@!P0 HMMA.16816.F32 ...` -> `HMMA`.
+fn opcode(text: &str) -> &str {
+    let mut w = text.split_whitespace();
+    let first = w.next().unwrap_or("");
+    let op = if first.starts_with('@') {
+        w.next().unwrap_or("")
+    } else {
+        first
+    };
+    op.split('.').next().unwrap_or("")
+}
