@@ -415,7 +415,7 @@ __device__ void group_norm_apply(T* y, const T* x, const float* stats, const T* 
 //    up blocks, has 320), a thread per channel and up to 8 channels a thread, C floats.
 // 2. group_norm_nhwc_finalize, one thread per (n, g): merges the splits' statistics (as
 //    group_norm_apply does) into mr[(n * groups + g) * 2 + {0, 1}] = mean, 1 / sqrt(var + eps).
-// 3. group_norm_nhwc_apply, elementwise: normalise, affine, optional SiLU.
+// 3. group_norm_nhwc_apply: normalise, affine, optional SiLU (its geometry below).
 // The input may come with the biases of the convolution before it, added on the fly: xb [C] and
 // xsb [N, C] (a ResNet's bias and time embedding; either may be null), so that convolution needs
 // no pass of its own.
@@ -590,38 +590,40 @@ __device__ void gn_nhwc_finalize(float* mr, const float* stats, int N, int C, i6
     mr[2 * t + 1] = rsqrtf(m2 / cnt + eps);
 }
 
+// 3. group_norm_nhwc_apply. With rows of whole 16-byte vectors (C a multiple of V): grid
+//    (position blocks, N), blockDim cv * R (cv = C / V vectors a row, R >= 1 row lanes): a
+//    thread keeps one vector of channels of sample blockIdx.y and steps through positions
+//    gridDim.x * R apart, its channels' shift (mean less the input biases), scale (inverse
+//    deviation times gamma) and beta computed once, so a value costs a subtraction and an FMA
+//    (and SiLU's). Otherwise a grid-stride loop over values, any 1-D geometry.
 template <typename T>
 __device__ void group_norm_nhwc_apply(T* y, const T* x, const T* xb, const T* xsb, const float* mr,
                                       const T* gamma, const T* beta, int C, i64 S, int groups,
                                       i64 total, int silu) {
     const int cg = C / groups;
     constexpr int V = Lanes<T>::N;
-    if (C % V == 0 && total < 0x7fffffffll) {
-        const unsigned uc = (unsigned)C, usc = (unsigned)(S * C);
-        GRID_LOOP32(i, total / V) {
-            const unsigned e = i * V, c0 = e % uc, n = e / usc;
-            float v[V], ga[V], be[V];
+    if (C % V == 0) {
+        const int cv = C / V, R = blockDim.x / cv;
+        if ((int)threadIdx.x >= R * cv) return;
+        const int n = blockIdx.y, c0 = (threadIdx.x % cv) * V;
+        float sh[V], sc[V], be[V];
+        load16(sc, gamma + c0);
+        load16(be, beta + c0);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float* st = mr + ((i64)n * groups + (c0 + k) / cg) * 2;
+            sh[k] = st[0] - gn_in_bias(xb, xsb, n, C, c0 + k);
+            sc[k] *= st[1];
+        }
+        const i64 step = (i64)gridDim.x * R;
+        for (i64 p = (i64)blockIdx.x * R + threadIdx.x / cv; p < S; p += step) {
+            const i64 e = ((i64)n * S + p) * C + c0;
+            float v[V];
             load16(v, x + e);
-            if (xb) add16(v, xb + c0);
-            if (xsb) add16(v, xsb + (i64)n * C + c0);
-            load16(ga, gamma + c0);
-            load16(be, beta + c0);
-            // channel c0's group and place in it, one division a vector: the vector's channels
-            // step into the next group (statistics) as they reach its end
-            const unsigned ucg = (unsigned)cg, g0 = c0 / ucg;
-            unsigned r = c0 - g0 * ucg;
-            const float* st = mr + (n * groups + g0) * 2;
-            float mean = st[0], rs = st[1];
 #pragma unroll
             for (int k = 0; k < V; ++k) {
-                v[k] = (v[k] - mean) * rs * ga[k] + be[k];
+                v[k] = (v[k] - sh[k]) * sc[k] + be[k];
                 if (silu) v[k] = v[k] * sigmoidf(v[k]);
-                if (++r == ucg && k + 1 < V) {
-                    r = 0;
-                    st += 2;
-                    mean = st[0];
-                    rs = st[1];
-                }
             }
             store16(y + e, v);
         }

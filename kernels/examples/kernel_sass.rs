@@ -1,12 +1,12 @@
 //! Static machine-code figures of the CUDA kernels, no GPU needed: compiles a kernel source with
 //! NVRTC for an architecture (the cubin the engine loads), disassembles it with `cuobjdump`, and
-//! prints per entry point its registers, its instruction count and the body of its largest loop
-//! (the span of its longest backward branch: in the attention kernels, one key tile) with the
-//! most frequent opcodes there. A way to see what a source change does to the inner loop before
+//! prints per entry point its registers, its instruction count, the sizes of its loops (the spans
+//! of its backward branches, largest first) and the most frequent opcodes of the largest (in the
+//! attention kernels, one key tile; `--loop K`: the K-th largest). A way to see what a source change does to the inner loop before
 //! a GPU times it; not a timing.
 //!
 //! `cargo run --release -p motionrt-kernels --example kernel_sass -- [FILTER] [--source engine_ops]
-//!  [--arch sm_90] [--cubin OUT.cubin]`
+//!  [--arch sm_90] [--loop 1] [--cubin OUT.cubin]`
 //!
 //! FILTER keeps the entry points whose name contains it. `cuobjdump` is `$CUOBJDUMP`, else the one
 //! on PATH (a CUDA toolkit; the `triton` wheel ships one under `triton/backends/nvidia/bin`).
@@ -20,6 +20,7 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> Res<()> {
     let (mut filter, mut source, mut arch, mut keep) = (String::new(), "engine_ops", "sm_90", None);
+    let mut which = 1usize;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().ok_or(format!("{a} needs a value"));
@@ -34,8 +35,11 @@ fn main() -> Res<()> {
             }
             "--arch" => arch = if val()? == "sm_80" { "sm_80" } else { "sm_90" },
             "--cubin" => keep = Some(val()?),
+            "--loop" => which = val()?.parse::<usize>()?.max(1),
             "-h" | "--help" => {
-                println!("usage: kernel_sass [FILTER] [--source NAME] [--arch sm_80|sm_90] [--cubin OUT]");
+                println!(
+                    "usage: kernel_sass [FILTER] [--source NAME] [--arch sm_80|sm_90] [--loop K] [--cubin OUT]"
+                );
                 return Ok(());
             }
             _ => filter = a,
@@ -70,13 +74,26 @@ fn main() -> Res<()> {
         let _ = std::fs::remove_file(&path);
     }
     println!("{source} for {arch} (NVRTC {:?})", cuda::nvrtc_version()?);
-    println!("| entry | registers | instructions | largest loop | its most frequent opcodes |");
+    println!("| entry | registers | instructions | loops | loop {which}'s most frequent opcodes |");
     println!("| --- | --- | --- | --- | --- |");
     for (name, ins) in functions(&sass) {
         if !name.contains(&filter) {
             continue;
         }
-        let body = largest_loop(&ins);
+        let spans = loops(&ins);
+        let body: Vec<&(u64, String)> = spans.get(which - 1).map_or(Vec::new(), |&(a, b)| {
+            ins.iter().filter(|(x, _)| (a..=b).contains(x)).collect()
+        });
+        let sizes: Vec<String> = spans
+            .iter()
+            .take(6)
+            .map(|&(a, b)| {
+                ins.iter()
+                    .filter(|(x, _)| (a..=b).contains(x))
+                    .count()
+                    .to_string()
+            })
+            .collect();
         let mut ops: BTreeMap<&str, usize> = BTreeMap::new();
         for (_, text) in &body {
             *ops.entry(opcode(text)).or_default() += 1;
@@ -92,7 +109,7 @@ fn main() -> Res<()> {
         println!(
             "| {name} | {r} | {} | {} | {} |",
             ins.len(),
-            body.len(),
+            sizes.join(", "),
             top.join(", ")
         );
     }
@@ -144,9 +161,9 @@ fn functions(sass: &str) -> Vec<(String, Vec<(u64, String)>)> {
     out
 }
 
-/// The instructions between the target and the source of the longest backward branch.
-fn largest_loop(ins: &[(u64, String)]) -> Vec<(u64, String)> {
-    let mut best: Option<(u64, u64)> = None;
+/// The loops: (target, source) of every backward branch, the longest first (one per target).
+fn loops(ins: &[(u64, String)]) -> Vec<(u64, u64)> {
+    let mut spans: BTreeMap<u64, u64> = BTreeMap::new();
     for (addr, text) in ins {
         if opcode(text) != "BRA" {
             continue;
@@ -157,18 +174,14 @@ fn largest_loop(ins: &[(u64, String)]) -> Vec<(u64, String)> {
         }) else {
             continue;
         };
-        if target < *addr && best.is_none_or(|(a, b)| addr - target > b - a) {
-            best = Some((target, *addr));
+        if target < *addr {
+            let e = spans.entry(target).or_insert(*addr);
+            *e = (*e).max(*addr);
         }
     }
-    match best {
-        Some((a, b)) => ins
-            .iter()
-            .filter(|(x, _)| (a..=b).contains(x))
-            .cloned()
-            .collect(),
-        None => Vec::new(),
-    }
+    let mut v: Vec<(u64, u64)> = spans.into_iter().collect();
+    v.sort_by_key(|&(a, b)| std::cmp::Reverse(b - a));
+    v
 }
 
 /// The opcode without its predicate guard and modifiers: `@!P0 HMMA.16816.F32 ...` -> `HMMA`.

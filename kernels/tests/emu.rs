@@ -1851,7 +1851,19 @@ fn group_norm_nhwc<T: Host>(
             Arg::F32(eps),
         ],
     );
-    let (g, b) = elementwise(x.len());
+    // rows of whole 16-byte vectors: a thread per vector of channels, R row lanes a block, grid
+    // (position blocks, N), as runtime::engine::launch::nhwc_apply_geometry launches it; here
+    // with max(block, C / V) threads in whole warps (R = that / (C / V), the rest idle) and about
+    // two positions a thread. Else elementwise.
+    let v = 16 / std::mem::size_of::<T>();
+    let (g, b) = if c % v == 0 {
+        let threads = block.max(c / v).div_ceil(32) * 32;
+        let lanes = threads / (c / v);
+        let blocks = spatial.div_ceil(2 * lanes);
+        ((blocks as u32, n as u32, 1), (threads as u32, 1, 1))
+    } else {
+        elementwise(x.len())
+    };
     launch(
         emu,
         &format!("group_norm_nhwc_apply_{}", T::SUFFIX),

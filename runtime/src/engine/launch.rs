@@ -1309,6 +1309,29 @@ pub fn nhwc_stats_block(c: usize) -> u32 {
     (c.div_ceil(8).div_ceil(32) * 32).clamp(256, 512) as u32
 }
 
+/// Grid and block of `group_norm_nhwc_apply` over `n` samples of `spatial` positions of `c`
+/// channels of `elem_bytes`-byte values. Rows of whole 16-byte vectors (`cv = c / V` of them): a
+/// thread per vector of channels, `R = max(1, 256 / cv)` row lanes a block (block `cv · R`
+/// rounded up to whole warps, the rest idle), grid (position blocks, `n`) with about four
+/// positions a thread (its channels' scale and shift computed once). Otherwise the elementwise
+/// geometry over every value.
+pub fn nhwc_apply_geometry(
+    n: usize,
+    c: usize,
+    spatial: usize,
+    elem_bytes: usize,
+) -> ((u32, u32, u32), (u32, u32, u32)) {
+    let v = 16 / elem_bytes;
+    if c % v != 0 {
+        return elementwise(n * c * spatial);
+    }
+    let cv = c / v;
+    let lanes = (256 / cv).max(1);
+    let blocks = spatial.div_ceil(lanes * 4).max(1);
+    let threads = (cv * lanes).div_ceil(32) * 32;
+    ((blocks as u32, n as u32, 1), (threads as u32, 1, 1))
+}
+
 /// Threads `bias_residual` needs over `n` values in rows of `cols`: one per 16 bytes when rows
 /// are whole 16-byte vectors (its vectorised path), else one per value.
 fn bias_residual_threads(n: usize, cols: usize, precision: Precision) -> usize {
@@ -1782,9 +1805,13 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                     ],
                 ));
                 let total = n * c * spatial;
-                ops.push(ew(
+                let (grid, block) =
+                    nhwc_apply_geometry(*n, *c, *spatial, ctx.precision.elem_bytes());
+                ops.push(launch(
                     typed("group_norm_nhwc_apply"),
-                    total,
+                    grid,
+                    block.0,
+                    0,
                     vec![
                         ptr(*out),
                         ptr(*x),
