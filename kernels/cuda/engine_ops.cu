@@ -212,9 +212,11 @@ __device__ void binary_same(T* out, const T* x, const T* y, i64 n, int op) {
     GRID_LOOP(i, n) mrt_store(out, i, binop(op, mrt_load(x, i), mrt_load(y, i)));
 }
 
-// (__fdividef: a reciprocal and a product, not IEEE division's refinement; 1 / inf is 0, so
-// SiLU of very negative values is 0 as it should be)
-__device__ __forceinline__ float sigmoidf(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+// (one MUFU.EX2 and one MUFU.RCP, neither with __expf's or __fdividef's range fix-ups; 1 / inf is
+// 0, so SiLU of very negative values is 0 as it should be)
+__device__ __forceinline__ float sigmoidf(float x) {
+    return mrt_rcp(1.f + mrt_ex2(-1.4426950408889634f * x));
+}
 
 template <typename T>
 __device__ void unary(T* out, const T* x, i64 n, int op) {
@@ -680,14 +682,90 @@ __device__ void layer_norm(T* y, const T* x, const T* gamma, const T* beta, cons
 
 // LayerNormalization of rows up to 32 * LN_WARP_PER_LANE = 1280 wide (SD1.5's widest, 1280
 // channels): one warp per row, the row held in registers (one read, one write; no block
-// barriers). blockDim.x a multiple of 32.
+// barriers). blockDim.x a multiple of 32. Rows of whole 16-byte vectors (every pointer 16-byte
+// aligned) take ln_warp_vec: KV vectors a lane, KV = ceil(cols / (32 V)) chosen at run time among
+// compiled sizes, so a lane issues the loads and arithmetic of the row's vectors only (a 320-wide
+// float16 row: 2 vector slots a lane, where the scalar path below issues all 40 of its value
+// slots, predicated); other rows take the scalar path, a value a lane at a time.
 #define LN_WARP_PER_LANE 40
+template <typename T, int KV>
+__device__ __forceinline__ void ln_warp_vec(T* y, const T* x, const T* gamma, const T* beta,
+                                            const T* add, int period, int div, i64 row, int cols,
+                                            float eps, int lane) {
+    constexpr int V = Lanes<T>::N;
+    const int nv = cols / V;
+    const T* xr = x + row * cols;
+    float v[KV][V];
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+        const int j = lane + 32 * k;
+        if (j < nv) {
+            load16(v[k], xr + j * V);
+#pragma unroll
+            for (int e = 0; e < V; ++e) s += v[k][e];
+        }
+    }
+    const float mean = mrt_warp_sum(s) / (float)cols;
+    float q = 0.f;
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+        if (lane + 32 * k < nv) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                v[k][e] -= mean;
+                q += v[k][e] * v[k][e];
+            }
+        }
+    }
+    const float rstd = rsqrtf(mrt_warp_sum(q) / (float)cols + eps);
+    T* yr = y + row * cols;
+    const T* ar = add ? add + ((row / div) % period) * cols : add;
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+        const int j = lane + 32 * k;
+        if (j < nv) {
+            float g[V];
+            load16(g, gamma + j * V);
+#pragma unroll
+            for (int e = 0; e < V; ++e) v[k][e] *= rstd * g[e];
+            if (beta) add16(v[k], beta + j * V);
+            if (ar) add16(v[k], ar + j * V);
+            store16(yr + j * V, v[k]);
+        }
+    }
+}
+
+// ln_warp_vec with KV = kv, for the KV that fit the per-lane budget (KV * V <= LN_WARP_PER_LANE).
+template <typename T, int KV>
+__device__ __forceinline__ bool ln_warp_vec_kv(int kv, T* y, const T* x, const T* gamma,
+                                               const T* beta, const T* add, int period, int div,
+                                               i64 row, int cols, float eps, int lane) {
+    if constexpr (KV * Lanes<T>::N > LN_WARP_PER_LANE) {
+        return false;
+    } else {
+        if (kv != KV)
+            return ln_warp_vec_kv<T, KV + 1>(kv, y, x, gamma, beta, add, period, div, row, cols,
+                                             eps, lane);
+        ln_warp_vec<T, KV>(y, x, gamma, beta, add, period, div, row, cols, eps, lane);
+        return true;
+    }
+}
+
 template <typename T>
 __device__ void layer_norm_warp(T* y, const T* x, const T* gamma, const T* beta, const T* add,
                                 int period, int div, i64 rows, int cols, float eps) {
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
+    constexpr int V = Lanes<T>::N;
+    const unsigned long long al = (unsigned long long)x | (unsigned long long)y |
+                                  (unsigned long long)gamma | (unsigned long long)beta |
+                                  (unsigned long long)add;
+    if (cols % V == 0 && (al & 15) == 0 &&
+        ln_warp_vec_kv<T, 1>((cols / V + 31) / 32, y, x, gamma, beta, add, period, div, row, cols,
+                             eps, lane))
+        return;
     const T* xr = x + row * cols;
     float v[LN_WARP_PER_LANE];
     float s = 0.f;
@@ -735,10 +813,26 @@ __device__ void softmax(T* y, const T* x, int cols) {
         mrt_store(y, base + i, __expf(mrt_load(x, base + i) - m) * inv);
 }
 
-// y[r, j] = a * gelu(g) with a = x[r, j] + bias[j], g = x[r, d + j] + bias[d + j] (exact erf
-// GELU; bias may be null: the projection's bias, moved here from its GEMM)
+// erf(x) by Abramowitz & Stegun 7.1.26: 1 - t (a1 + t (a2 + ... + t a5)) e^(-x^2), t = 1 / (1 +
+// p |x|), odd; |error| <= 1.5e-7 (below float32's resolution of erf near 1), plus the hardware
+// reciprocal's and exponential's few ulp. Twelve instructions and two MUFU where erff takes about
+// thirty (both of its branches, selected): GEGLU's arithmetic then stays well under its memory
+// traffic.
+__device__ __forceinline__ float erf_fast(float x) {
+    const float ax = fabsf(x);
+    const float t = mrt_rcp(fmaf(0.3275911f, ax, 1.f));
+    float p = fmaf(t, 1.061405429f, -1.453152027f);
+    p = fmaf(t, p, 1.421413741f);
+    p = fmaf(t, p, -0.284496736f);
+    p = fmaf(t, p, 0.254829592f) * t;
+    const float r = fmaf(-p, mrt_ex2(-1.4426950408889634f * ax * ax), 1.f);
+    return copysignf(r, x);
+}
+
+// y[r, j] = a * gelu(g) with a = x[r, j] + bias[j], g = x[r, d + j] + bias[d + j] (erf GELU, erf
+// as above; bias may be null: the projection's bias, moved here from its GEMM)
 __device__ __forceinline__ float geglu1(float a, float g) {
-    return a * 0.5f * g * (1.f + erff(g * 0.70710678118654752f));
+    return a * 0.5f * g * (1.f + erf_fast(g * 0.70710678118654752f));
 }
 template <typename T>
 __device__ void geglu(T* y, const T* x, const T* bias, i64 rows, i64 d) {

@@ -15,6 +15,7 @@
 //   float mrt_load(const T*, i), void mrt_store(T*, i, float)  for T = float or half_bits
 //   float mrt_warp_sum(float), mrt_warp_max(float)  butterfly reductions over the full warp
 //   float mrt_ex2(float)                      ex2.approx.ftz.f32: 2^x in one MUFU instruction
+//   float mrt_rcp(float)                      rcp.approx.ftz.f32: 1/x in one MUFU instruction
 //   void mrt_mma_m16n8k16(float c[4], const unsigned a[4], unsigned b0, unsigned b1)
 //        mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, c += a * b in place
 //   void mrt_mma_m16n8k8(float c[4], const unsigned a[2], unsigned b0)   the same for k = 8
@@ -91,6 +92,19 @@ __device__ __forceinline__ float mrt_ex2(float x) {
 #else
     float r;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#endif
+}
+
+// 1/x as one MUFU.RCP (about 1 ulp; subnormals flushed to zero, 1/inf = 0). __fdividef(1, x)
+// wraps the same instruction in a test and two predicated multiplies for |x| > 2^126.
+__device__ __forceinline__ float mrt_rcp(float x) {
+#ifdef MOTIONRT_EMU
+    const float r = 1.f / x;
+    return (r != 0.f && r > -1.17549435e-38f && r < 1.17549435e-38f) ? 0.f : r;
+#else
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
     return r;
 #endif
 }

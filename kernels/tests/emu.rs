@@ -2036,7 +2036,18 @@ fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
 #[test]
 fn layer_norm_and_softmax_match() {
     let Some(emu) = emu() else { return };
-    for (rows, cols) in [(5, 77), (3, 320), (6, 1024), (9, 1280), (2, 1300)] {
+    // the warp kernel's 16-byte path takes every multiple of 8 up to 1280: one vector slot a
+    // lane (40), two (320), three with the last partial (648), up to its budget (1280: 5 slots
+    // of 8 halves, 10 of 4 floats); 77 takes its value-a-lane path, 1300 the block kernel
+    for (rows, cols) in [
+        (5, 77),
+        (4, 40),
+        (3, 320),
+        (3, 648),
+        (6, 1024),
+        (9, 1280),
+        (2, 1300),
+    ] {
         layer_norm_and_softmax::<f32>(emu, rows, cols);
         layer_norm_and_softmax::<u16>(emu, rows, cols);
     }
