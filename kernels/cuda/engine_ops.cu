@@ -593,11 +593,12 @@ __device__ void gn_nhwc_finalize(float* mr, const float* stats, int N, int C, i6
 }
 
 // 3. group_norm_nhwc_apply. With rows of whole 16-byte vectors (C a multiple of V): grid
-//    (position blocks, N), blockDim cv * R (cv = C / V vectors a row, R >= 1 row lanes): a
-//    thread keeps one vector of channels of sample blockIdx.y and steps through positions
-//    gridDim.x * R apart, its channels' shift (mean less the input biases), scale (inverse
-//    deviation times gamma) and beta computed once, so a value costs a subtraction and an FMA
-//    (and SiLU's). Otherwise a grid-stride loop over values, any 1-D geometry.
+//    (position blocks, min(N, 65535)), blockDim cv * R (cv = C / V vectors a row, R >= 1 row
+//    lanes): a thread keeps one vector of channels of a sample (blockIdx.y, then gridDim.y
+//    apart) and steps through positions gridDim.x * R apart, its channels' shift (mean less the
+//    input biases), scale (inverse deviation times gamma) and beta computed once a sample, so a
+//    value costs a subtraction and an FMA (and SiLU's). Otherwise a grid-stride loop over
+//    values, any 1-D geometry.
 template <typename T>
 __device__ void group_norm_nhwc_apply(T* y, const T* x, const T* xb, const T* xsb, const float* mr,
                                       const T* gamma, const T* beta, int C, i64 S, int groups,
@@ -605,29 +606,33 @@ __device__ void group_norm_nhwc_apply(T* y, const T* x, const T* xb, const T* xs
     const int cg = C / groups;
     constexpr int V = Lanes<T>::N;
     if (C % V == 0) {
+        // (the launcher gives blockDim >= cv: R >= 1)
         const int cv = C / V, R = blockDim.x / cv;
         if ((int)threadIdx.x >= R * cv) return;
-        const int n = blockIdx.y, c0 = (threadIdx.x % cv) * V;
-        float sh[V], sc[V], be[V];
-        load16(sc, gamma + c0);
-        load16(be, beta + c0);
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            const float* st = mr + ((i64)n * groups + (c0 + k) / cg) * 2;
-            sh[k] = st[0] - gn_in_bias(xb, xsb, n, C, c0 + k);
-            sc[k] *= st[1];
-        }
-        const i64 step = (i64)gridDim.x * R;
-        for (i64 p = (i64)blockIdx.x * R + threadIdx.x / cv; p < S; p += step) {
-            const i64 e = ((i64)n * S + p) * C + c0;
-            float v[V];
-            load16(v, x + e);
+        const int c0 = (threadIdx.x % cv) * V;
+        const i64 N = total / (S * C), step = (i64)gridDim.x * R;
+        // samples gridDim.y apart (gridDim.y is at most 65535)
+        for (i64 n = blockIdx.y; n < N; n += gridDim.y) {
+            float sh[V], sc[V], be[V];
+            load16(sc, gamma + c0);
+            load16(be, beta + c0);
 #pragma unroll
             for (int k = 0; k < V; ++k) {
-                v[k] = (v[k] - sh[k]) * sc[k] + be[k];
-                if (silu) v[k] = v[k] * sigmoidf(v[k]);
+                const float* st = mr + (n * groups + (c0 + k) / cg) * 2;
+                sh[k] = st[0] - gn_in_bias(xb, xsb, (int)n, C, c0 + k);
+                sc[k] *= st[1];
             }
-            store16(y + e, v);
+            for (i64 p = (i64)blockIdx.x * R + threadIdx.x / cv; p < S; p += step) {
+                const i64 e = (n * S + p) * C + c0;
+                float v[V];
+                load16(v, x + e);
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    v[k] = (v[k] - sh[k]) * sc[k] + be[k];
+                    if (silu) v[k] = v[k] * sigmoidf(v[k]);
+                }
+                store16(y + e, v);
+            }
         }
         return;
     }
@@ -1319,9 +1324,15 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
 // The short kernels' register budget, as blocks an SM for __launch_bounds__: as many as ptxas's
 // own register choice allowed before this budget (7 at DP = 16, 6 at 32, 5 at 48 with 16-row
 // tiles, 4 up to 96, 3 above), or fewer where shared memory (4 warps x 3 x 16 * MT rows of DP + 8
-// halves; 227 KiB an SM) allows fewer anyway. Left to itself, ptxas aims at a register count just
-// under an occupancy step and, for some head sizes, spilled a few bytes to reach it.
-#define ATT_SHORT_SMEM_BLOCKS(DP, MT) ((227 * 1024) / (384 * (MT) * ((DP) + 8)))
+// halves, and 1 KiB the SM reserves a block; 228 KiB an SM on sm_90, 164 KiB on sm_80) allows
+// fewer anyway. Left to itself, ptxas aims at a register count just under an occupancy step and,
+// for some head sizes, spilled a few bytes to reach it.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define ATT_SM_SMEM (164 * 1024)
+#else
+#define ATT_SM_SMEM (228 * 1024)
+#endif
+#define ATT_SHORT_SMEM_BLOCKS(DP, MT) (ATT_SM_SMEM / (384 * (MT) * ((DP) + 8) + 1024))
 #define ATT_SHORT_REG_BLOCKS(DP, MT) \
     ((DP) <= 16 ? 7 : (DP) <= 32 ? 6 : (DP) <= 48 && (MT) == 1 ? 5 : (DP) <= 96 ? 4 : 3)
 #define ATT_SHORT_MIN_BLOCKS(DP, MT)                            \

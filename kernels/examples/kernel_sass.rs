@@ -33,7 +33,13 @@ fn main() -> Res<()> {
                     .ok_or(format!("unknown --source {v}"))?
                     .0;
             }
-            "--arch" => arch = if val()? == "sm_80" { "sm_80" } else { "sm_90" },
+            "--arch" => {
+                arch = match val()?.as_str() {
+                    "sm_80" => "sm_80",
+                    "sm_90" => "sm_90",
+                    other => return Err(format!("--arch {other}: sm_80 or sm_90").into()),
+                }
+            }
             "--cubin" => keep = Some(val()?),
             "--loop" => which = val()?.parse::<usize>()?.max(1),
             "-h" | "--help" => {

@@ -1853,14 +1853,15 @@ fn group_norm_nhwc<T: Host>(
     );
     // rows of whole 16-byte vectors: a thread per vector of channels, R row lanes a block, grid
     // (position blocks, N), as runtime::engine::launch::nhwc_apply_geometry launches it; here
-    // with max(block, C / V) threads in whole warps (R = that / (C / V), the rest idle) and about
-    // two positions a thread. Else elementwise.
+    // with max(block, C / V) threads in whole warps (R = that / (C / V), the rest idle), about
+    // two positions a thread and at most 2 grid rows (a third sample taken 2 rows on, as past
+    // 65535 samples). Else elementwise.
     let v = 16 / std::mem::size_of::<T>();
     let (g, b) = if c % v == 0 {
         let threads = block.max(c / v).div_ceil(32) * 32;
         let lanes = threads / (c / v);
         let blocks = spatial.div_ceil(2 * lanes);
-        ((blocks as u32, n as u32, 1), (threads as u32, 1, 1))
+        ((blocks as u32, n.min(2) as u32, 1), (threads as u32, 1, 1))
     } else {
         elementwise(x.len())
     };
@@ -1909,7 +1910,8 @@ fn channels_last_group_norm_matches_the_fused_reference() {
     group_norm_nhwc::<u16>(emu, 64, 2, 64, 32, 20, 3, true, true);
     group_norm_nhwc::<f32>(emu, 64, 2, 6, 3, 37, 10, false, true);
     group_norm_nhwc::<u16>(emu, 64, 3, 6, 3, 13, 64, true, true);
-    // more 16-byte columns than threads (64): threads take two or three, one row lane
+    // more 16-byte columns than threads (64): statistics threads take two or three, one row
+    // lane; the apply kernel's blocks are widened to a thread a vector
     group_norm_nhwc::<u16>(emu, 64, 2, 640, 32, 9, 4, true, true);
     group_norm_nhwc::<f32>(emu, 64, 1, 640, 32, 5, 2, false, false);
     // the engine's own blocks: SD1.5's 320 channels in 256 threads (6 row lanes of 40 vectors,
@@ -1987,7 +1989,14 @@ fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
             &want,
         );
         // one warp per row (rows up to 1280 wide), 8 rows per block as the engine launches it
-        if cols <= 1280 {
+        // the warp kernel also with x one element off 16-byte alignment (its value-a-lane path)
+        let shifted: Vec<f32> = std::iter::once(0.0).chain(x.iter().copied()).collect();
+        let xs = buf::<T>(&shifted);
+        let x_off = Arg::Addr(xs.as_ptr() as u64 + std::mem::size_of::<T>() as u64);
+        for (xarg, what) in [(Arg::Buf(&xb), ""), (x_off, ", x misaligned")] {
+            if cols > 1280 {
+                break;
+            }
             let y = out_buf::<T>(x.len());
             launch(
                 emu,
@@ -1997,7 +2006,7 @@ fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
                 0,
                 &[
                     Arg::Buf(&y),
-                    Arg::Buf(&xb),
+                    xarg,
                     Arg::Buf(&gb),
                     if with_beta { Arg::Buf(&bb) } else { Arg::Null },
                     add,
@@ -2009,7 +2018,7 @@ fn layer_norm_and_softmax<T: Host>(emu: &Emu, rows: usize, cols: usize) {
                 ],
             );
             check::<T>(
-                &format!("layer_norm_warp [{rows}, {cols}] beta {with_beta} add {with_add}"),
+                &format!("layer_norm_warp [{rows}, {cols}] beta {with_beta} add {with_add}{what}"),
                 &read::<T>(&y),
                 &want,
             );

@@ -1312,9 +1312,9 @@ pub fn nhwc_stats_block(c: usize) -> u32 {
 /// Grid and block of `group_norm_nhwc_apply` over `n` samples of `spatial` positions of `c`
 /// channels of `elem_bytes`-byte values. Rows of whole 16-byte vectors (`cv = c / V` of them): a
 /// thread per vector of channels, `R = max(1, 256 / cv)` row lanes a block (block `cv · R`
-/// rounded up to whole warps, the rest idle), grid (position blocks, `n`) with about four
-/// positions a thread (its channels' scale and shift computed once). Otherwise the elementwise
-/// geometry over every value.
+/// rounded up to whole warps, the rest idle), grid (position blocks, `min(n, 65535)`: further
+/// samples taken that many apart) with about four positions a thread (its channels' scale and
+/// shift computed once a sample). Otherwise the elementwise geometry over every value.
 pub fn nhwc_apply_geometry(
     n: usize,
     c: usize,
@@ -1329,7 +1329,9 @@ pub fn nhwc_apply_geometry(
     let lanes = (256 / cv).max(1);
     let blocks = spatial.div_ceil(lanes * 4).max(1);
     let threads = (cv * lanes).div_ceil(32) * 32;
-    ((blocks as u32, n as u32, 1), (threads as u32, 1, 1))
+    // samples beyond the grid's 65535 rows are taken gridDim.y apart
+    let rows = n.clamp(1, 65535);
+    ((blocks as u32, rows as u32, 1), (threads as u32, 1, 1))
 }
 
 /// Threads `bias_residual` needs over `n` values in rows of `cols`: one per 16 bytes when rows
@@ -2024,6 +2026,12 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                     return Err(EngineError::Graph(format!(
                         "attention over {s} keys with Q, K, V at strides {ld:?}, offsets {offs:?}: \
                          the tensor-core kernels need rows 16-byte aligned and a key"
+                    )));
+                }
+                if !super::program::fused_attention_scale(*scale) {
+                    return Err(EngineError::Graph(format!(
+                        "attention with scale {scale}: the tensor-core kernels need a positive \
+                         finite scale (the compiler gives others GEMMs and a softmax)"
                     )));
                 }
                 let dp = d.div_ceil(16) * 16;

@@ -919,6 +919,13 @@ pub fn fused_attention_head(d: usize) -> bool {
     d % 8 == 0 && ATTENTION_PADDED_HEADS.contains(&d.div_ceil(16).max(1).saturating_mul(16))
 }
 
+/// Whether the fused attention kernels take the softmax scale `scale`: they take the running
+/// max of the unscaled scores (engine_ops.cu, `att_step`), which is the scaled max only for a
+/// positive scale. Other scales are compiled to GEMMs and a softmax.
+pub fn fused_attention_scale(scale: f32) -> bool {
+    scale > 0.0 && scale.is_finite()
+}
+
 /// A graph compiled for concrete input shapes.
 #[derive(Debug, Clone)]
 pub struct Program {
@@ -2476,7 +2483,7 @@ impl Planner<'_> {
                     None => None,
                 };
                 let scale = attr_f(n, "scale", 1.0 / (d as f32).sqrt());
-                if bias.is_none() && !fused_attention_head(d) {
+                if bias.is_none() && !(fused_attention_head(d) && fused_attention_scale(scale)) {
                     let out = self.attention_gemms(&q, &k, &v, heads, d, scale)?;
                     set(self, Value::Dev(out));
                     return Ok(());
@@ -3279,6 +3286,52 @@ mod tests {
         // empty tensors reshape freely
         assert_eq!(reshape_strides(&[0, 4], &[4, 1], &[4, 0]), Some(vec![0, 1]));
         assert_eq!(reshape_strides(&[2, 0], &[0, 1], &[0]), Some(vec![1]));
+    }
+
+    #[test]
+    fn attention_with_a_scale_the_kernels_do_not_take_becomes_gemms() {
+        // the tensor-core kernels take the max before scaling: only positive finite scales
+        assert!(fused_attention_scale(0.125) && !fused_attention_scale(0.0));
+        assert!(!fused_attention_scale(-0.5) && !fused_attention_scale(f32::NAN));
+        assert!(!fused_attention_scale(f32::INFINITY));
+        let (n, l, s, heads, d) = (2, 5, 6, 2, 40);
+        let c = heads * d;
+        for scale in [-0.3f32, 0.0] {
+            let mut m = attention_model(heads);
+            let node = &mut m.graph.as_mut().unwrap().node[0];
+            node.attribute
+                .push(motionrt_onnx::attr_float("scale", scale));
+            let shapes = [
+                ("q", vec![n, l, c]),
+                ("k", vec![n, s, c]),
+                ("v", vec![n, s, c]),
+            ];
+            let p = compile(&m, &shapes, &NoInitializers, Layout::Nhwc).unwrap();
+            let names: Vec<&str> = p.steps.iter().map(|s| s.name()).collect();
+            assert!(!names.contains(&"attention"), "scale {scale}: {names:?}");
+            let mut rng = crate::rng::NormalRng::new(7);
+            let mut data = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal()).collect() };
+            let (q, k, v) = (data(n * l * c), data(n * s * c), data(n * s * c));
+            let inputs: HashMap<String, Vec<f32>> = [("q", &q), ("k", &k), ("v", &v)]
+                .into_iter()
+                .map(|(a, b)| (a.to_string(), b.clone()))
+                .collect();
+            let out = super::super::cpu_exec::run(&p, &inputs, &HashMap::new(), &|n: &str| {
+                Err(err(format!("no weight {n}")))
+            })
+            .unwrap();
+            let mut a = motionrt_kernels::Attention::new(n, l, s, heads, d);
+            a.scale = scale;
+            let mut want = vec![0f32; n * l * c];
+            a.run(&q, &k, &v, None, &mut want).unwrap();
+            let max = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let e = out[0]
+                .2
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(e <= 1e-5 * max, "scale {scale}: error {e} of {max}");
+        }
     }
 
     #[test]
