@@ -68,15 +68,22 @@ struct Strided {
     i64 c[MAX_RANK];
 };
 
+// The offsets of flat element i < the product of dims: the outermost index is what is left of i
+// after the inner ones (no division for it).
 __device__ __forceinline__ void offsets(const Strided& s, i64 i, i64* oa, i64* ob, i64* oc) {
     i64 a = 0, b = 0, c = 0;
-    for (int k = s.rank - 1; k >= 0; --k) {
+    for (int k = s.rank - 1; k > 0; --k) {
         const i64 d = s.dims[k];
         const i64 ik = i % d;
         i /= d;
         a += ik * s.a[k];
         b += ik * s.b[k];
         c += ik * s.c[k];
+    }
+    if (s.rank > 0) {
+        a += i * s.a[0];
+        b += i * s.b[0];
+        c += i * s.c[0];
     }
     *oa = a;
     *ob = b;
@@ -88,13 +95,18 @@ __device__ __forceinline__ void offsets(const Strided& s, i64 i, i64* oa, i64* o
 __device__ __forceinline__ void offsets32(const Strided& s, unsigned i, unsigned* oa, unsigned* ob,
                                           unsigned* oc) {
     unsigned a = 0, b = 0, c = 0;
-    for (int k = s.rank - 1; k >= 0; --k) {
+    for (int k = s.rank - 1; k > 0; --k) {
         const unsigned d = (unsigned)s.dims[k];
         const unsigned ik = i % d;
         i /= d;
         a += ik * (unsigned)s.a[k];
         b += ik * (unsigned)s.b[k];
         c += ik * (unsigned)s.c[k];
+    }
+    if (s.rank > 0) {
+        a += i * (unsigned)s.a[0];
+        b += i * (unsigned)s.b[0];
+        c += i * (unsigned)s.c[0];
     }
     *oa = a;
     *ob = b;

@@ -51,7 +51,8 @@ impl Strided {
         self.dims[..self.rank as usize].iter().product::<i64>() as usize
     }
 
-    /// The `(a, b, c)` offsets of flat element `i` (what the kernel computes).
+    /// The `(a, b, c)` offsets of flat element `i` (what the kernel computes for `i` below
+    /// [`numel`](Self::numel), where it takes the outermost index without a division).
     pub fn offsets(&self, mut i: i64) -> (i64, i64, i64) {
         let (mut a, mut b, mut c) = (0, 0, 0);
         for k in (0..self.rank as usize).rev() {
