@@ -162,6 +162,66 @@ fn gpu_probe_errors_instead_of_panicking() {
     }
 }
 
+/// ptxas's report (`--ptxas-options=-v`) of the engine's kernels compiled for `arch`.
+fn engine_ptxas_log(arch: &str) -> String {
+    use cudarc::nvrtc::result as nvrtc;
+    let (_, src) = cuda::SOURCES
+        .iter()
+        .find(|(n, _)| *n == "engine_ops")
+        .unwrap();
+    let full = std::ffi::CString::new(cuda::full_source("engine_ops", src)).unwrap();
+    let prog = nvrtc::create_program(&full, None).unwrap();
+    let arch = format!("-arch={arch}");
+    // SAFETY: a program just created, compiled and read once, destroyed at the end.
+    unsafe {
+        let opts = ["--std=c++17", arch.as_str(), "--ptxas-options=-v"];
+        let r = nvrtc::compile_program(prog, &opts);
+        let log = nvrtc::get_program_log(prog).unwrap();
+        nvrtc::destroy_program(prog).unwrap();
+        let log: Vec<u8> = log.iter().map(|&c| c as u8).collect();
+        let log = String::from_utf8_lossy(&log).into_owned();
+        r.unwrap_or_else(|e| panic!("{e:?}: {log}"));
+        log
+    }
+}
+
+/// Per entry of a ptxas report: its registers and its spill line (None when it spills nothing).
+struct PtxasEntry {
+    name: String,
+    registers: Option<usize>,
+    spill: Option<String>,
+}
+
+fn ptxas_entries(log: &str) -> Vec<PtxasEntry> {
+    let mut out: Vec<PtxasEntry> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            out.push(PtxasEntry {
+                name,
+                registers: None,
+                spill: None,
+            });
+            continue;
+        }
+        let Some(e) = out.last_mut() else { continue };
+        if let Some(regs) = line
+            .split("Used ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|r| r.parse::<usize>().ok())
+        {
+            e.registers = Some(regs);
+        }
+        if line.contains("spill stores")
+            && !line.contains(" 0 bytes spill stores, 0 bytes spill loads")
+        {
+            e.spill = Some(line.trim().to_string());
+        }
+    }
+    out
+}
+
 /// The engine's kernels compiled to sm_90 machine code (ptxas, through NVRTC) spill no registers:
 /// the attention kernels keep Q fragments and the output accumulator in registers, LayerNorm a
 /// row, and a spill there would run far from what they were written for.
@@ -170,67 +230,90 @@ fn engine_kernels_do_not_spill_registers_on_sm90() {
     if !nvrtc_or_skip() {
         return;
     }
-    use cudarc::nvrtc::result as nvrtc;
-    let (_, src) = cuda::SOURCES
-        .iter()
-        .find(|(n, _)| *n == "engine_ops")
-        .unwrap();
-    let full = std::ffi::CString::new(cuda::full_source("engine_ops", src)).unwrap();
-    let prog = nvrtc::create_program(&full, None).unwrap();
-    // SAFETY: a program just created, compiled and read once, destroyed at the end.
-    let log = unsafe {
-        let opts = ["--std=c++17", "-arch=sm_90", "--ptxas-options=-v"];
-        let r = nvrtc::compile_program(prog, &opts);
-        let log = nvrtc::get_program_log(prog).unwrap();
-        nvrtc::destroy_program(prog).unwrap();
-        let log: Vec<u8> = log.iter().map(|&c| c as u8).collect();
-        let log = String::from_utf8_lossy(&log).into_owned();
-        r.unwrap_or_else(|e| panic!("{e:?}: {log}"));
-        log
-    };
-    let mut entry = String::new();
-    let mut checked = 0;
+    let log = engine_ptxas_log("sm_90");
+    let entries = ptxas_entries(&log);
     let mut stats_checked = 0;
-    let mut spills = Vec::new();
-    for line in log.lines() {
-        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-            entry = rest.split('\'').next().unwrap_or("").to_string();
-        }
+    for e in &entries {
         // the channels-last GroupNorm statistics (8 channels a thread, 4096 channels) and the
         // one-block GroupNorm run in blocks of up to 512 threads: 128 registers a thread at
         // most, or the launch is refused
-        if entry.starts_with("group_norm_nhwc_stats")
-            || entry == "group_norm_f16"
-            || entry == "group_norm_f32"
+        if e.name.starts_with("group_norm_nhwc_stats")
+            || e.name == "group_norm_f16"
+            || e.name == "group_norm_f32"
         {
-            if let Some(regs) = line
-                .split("Used ")
-                .nth(1)
-                .and_then(|r| r.split(' ').next())
-                .and_then(|r| r.parse::<usize>().ok())
-            {
-                eprintln!("{entry}: {regs} registers");
-                assert!(regs <= 128, "{entry} uses {regs} registers: {line}");
-                stats_checked += 1;
-            }
-        }
-        if line.contains("spill stores") {
-            checked += 1;
-            if !line.contains(" 0 bytes spill stores, 0 bytes spill loads") {
-                spills.push(format!("{entry}: {}", line.trim()));
-            }
+            let regs = e
+                .registers
+                .unwrap_or_else(|| panic!("{}: no registers in\n{log}", e.name));
+            eprintln!("{}: {regs} registers", e.name);
+            assert!(regs <= 128, "{} uses {regs} registers", e.name);
+            stats_checked += 1;
         }
     }
+    let spills: Vec<String> = entries
+        .iter()
+        .filter_map(|e| e.spill.as_ref().map(|s| format!("{}: {s}", e.name)))
+        .collect();
     assert!(
         spills.is_empty(),
         "{} kernel(s) spill registers on sm_90:\n{}",
         spills.len(),
         spills.join("\n")
     );
-    assert!(checked >= 24, "ptxas reported {checked} kernels:\n{log}");
+    assert!(
+        entries.len() >= 24,
+        "ptxas reported {} kernels:\n{log}",
+        entries.len()
+    );
     assert_eq!(
         stats_checked, 4,
         "group_norm_nhwc_stats and group_norm, f32 and f16:\n{log}"
     );
-    eprintln!("{checked} kernels, no spills");
+    eprintln!("{} kernels, no spills", entries.len());
+}
+
+/// The same on sm_80 (A100), with one known exception: ptxas fits the tiled attention kernel at
+/// head size 64 into 128 registers (two blocks of 256 threads an SM) and spills 16 bytes to do
+/// so (NVRTC 13.5; at head size 80 it takes 141 registers and one block). Kept: one block an SM
+/// instead of two is not obviously the cheaper trade, and no SD1.5 attention has head size 64.
+/// Any other spill, or a larger one there, fails.
+#[test]
+fn engine_kernels_do_not_spill_registers_on_sm80_but_one_known() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let log = engine_ptxas_log("sm_80");
+    let entries = ptxas_entries(&log);
+    assert!(
+        entries.len() >= 24,
+        "ptxas reported {} kernels:\n{log}",
+        entries.len()
+    );
+    // the bytes before "bytes spill stores"
+    let stores = |s: &str| -> Option<usize> {
+        let before = s.split(" bytes spill stores").next()?;
+        before
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    let known = |e: &PtxasEntry, s: &str| {
+        e.name == "attention_tiled_f16_d64" && stores(s).is_some_and(|b| b <= 16)
+    };
+    let mut unexpected = Vec::new();
+    for e in &entries {
+        if let Some(s) = &e.spill {
+            if known(e, s) {
+                eprintln!("known: {}: {s}", e.name);
+            } else {
+                unexpected.push(format!("{}: {s}", e.name));
+            }
+        }
+    }
+    assert!(
+        unexpected.is_empty(),
+        "{} kernel(s) spill registers on sm_80:\n{}",
+        unexpected.len(),
+        unexpected.join("\n")
+    );
 }
