@@ -54,6 +54,10 @@
 #   DEADLINE_S=540 ... --stages bench,tiny,torch --no-ab       (timeout_s 600)
 #   then, if a machine is still to be had:  --stages build,pipeline,full-psnr,full-check
 #                              (DEADLINE_S = that time - 60)
+# DEADLINE_S counts from this script's start: keep it under the limit the device really gives
+# the call (its reply's limit_s can be less than timeout_s when little device time is left; a
+# cold start takes minutes of it), or the device ends the call before the summary is printed
+# and the stage then running is lost (finished stages are packed as they end).
 #
 # Output: everything printed goes to $OUT/engine.log too; the result files (Markdown tables,
 # JSON) to $WORK/out, packed into $OUT/results.tgz after each stage, and the two benchmark JSON
@@ -68,6 +72,7 @@ stages=bench,tiny,torch,build,pipeline,full-psnr,full-check
 export LAYOUTS=nhwc AB=
 while [ $# -gt 0 ]; do
   case $1 in
+    --stages|--layouts) [ $# -ge 2 ] || { echo "$1 needs a value"; exit 2; } ;;&
     --stages) stages=$2; shift ;;
     --layouts) LAYOUTS=$2; shift ;;
     --no-ab) AB=--no-ab ;;
@@ -84,7 +89,8 @@ main() {
 export PY=${MOTIONRT_PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # Python packages the GPU machine lacks (diffusers and its needs), carried as wheels in .whl/
-# (the device README's `pip download` line: diffusers==0.42.1, importlib_metadata, lazy-importer)
+# (`pip download --no-deps -d .whl diffusers==0.42.1`, pure Python; the GPU machine has what it
+# requires: huggingface-hub, safetensors, regex, ...)
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/motionrt-site .whl/*.whl || exit 2
@@ -94,7 +100,8 @@ NV=$($PY -c "import nvidia; print(nvidia.__path__[0])") || { echo "preflight: no
 # the machine's own library path (the driver's libcuda may be on it), kept for the stage that
 # runs without the wheels' libraries
 export LD0=${LD_LIBRARY_PATH:-}
-export LD_LIBRARY_PATH="$(ls -d "$NV"/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}"
+NVLIB=$(ls -d "$NV"/*/lib | paste -sd: -)
+export LD_LIBRARY_PATH="$NVLIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$($PY -c "import onnxruntime, os, glob; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi', 'libonnxruntime.so*')))[-1])")}
 export MOTIONRT_PYTHON=$PY
 
@@ -103,9 +110,13 @@ for b in "$BIN/motionrt" "$BIN/examples/engine_gpu" "$BIN/examples/synth_sd15"; 
   [ -x "$b" ] || { echo "preflight: $b is missing (build it first)"; exit 2; }
 done
 $PY -c "import numpy, PIL, onnxruntime" || { echo "preflight: numpy, Pillow and onnxruntime are needed"; exit 2; }
+# without diffusers the torch stage is dropped, not the call: the engine's stages still run
 case ",$stages," in *,torch,*)
-  $PY -c "import torch, diffusers; assert torch.cuda.is_available()" ||
-    { echo "preflight: the torch stages need diffusers (carry .whl/) and a CUDA PyTorch"; exit 2; } ;;
+  if ! $PY -c "import torch, diffusers; assert torch.cuda.is_available()"; then
+    echo "preflight: the torch stage needs diffusers (carry .whl/) and a CUDA PyTorch: SKIPPED"
+    stages=$(echo ",$stages," | sed 's/,torch,/,/; s/^,//; s/,$//')
+    TORCH_SKIPPED=1
+  fi ;;
 esac
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader || true
 df -h "$WORK" | tail -1
@@ -134,7 +145,8 @@ localize_after_error() {
   # an error or a panic (exit 1 with "error:", 101), or a signal (> 128); not a FAIL row (exit 1)
   grep -q -e '^error:' -e 'panicked at' "$log" || [ "$status" -gt 1 ] || return 0
   stamp "localize $name one step at a time (after exit $status: $(grep -m1 -e '^error:' -e 'panicked at' "$log" | cut -c1-200))"
-  timeout -k 5 "${LOCALIZE_S:-150}" "$BIN/examples/engine_gpu" localize "$@" 2>&1 | tee "$RES/localize_$name.md"
+  # --foreground: in the stage's process group, so the stage's own limit ends it too
+  timeout --foreground -k 5 "${LOCALIZE_S:-150}" "$BIN/examples/engine_gpu" localize "$@" 2>&1 | tee "$RES/localize_$name.md"
 }
 export -f localize_after_error
 
@@ -272,7 +284,16 @@ stage_full_psnr() {
 }
 
 export -f stage_tiny stage_bench stage_torch stage_full_check stage_build stage_pipeline stage_full_psnr
-rc=0
+rc=${TORCH_SKIPPED:+1}; rc=${rc:-0}
+# killed from outside (the device's own limit): the finished stages' results are still packed
+pack() {
+  if [ -n "$OUTX" ]; then
+    tar czf "$OUTX/results.tgz" -C "$RES" . 2>/dev/null
+    for j in engine_bench.json torch_bench.log; do [ -f "$RES/$j" ] && cp "$RES/$j" "$OUTX/"; done
+  fi
+  return 0
+}
+trap 'stamp "terminated: packing what finished"; pack; exit 143' TERM
 for s in ${stages//,/ }; do
   f=stage_${s//-/_}
   if ! declare -F "$f" >/dev/null; then echo "unknown stage $s"; rc=2; continue; fi
@@ -288,10 +309,7 @@ for s in ${stages//,/ }; do
   r=$?
   if [ $r = 124 ]; then echo "stage $s: TIMED OUT after $limit s"; fi
   [ $r = 0 ] || { echo "stage $s: exit $r"; rc=1; }
-  if [ -n "$OUTX" ]; then
-    tar czf "$OUTX/results.tgz" -C "$RES" . 2>/dev/null
-    for j in engine_bench.json torch_bench.log; do [ -f "$RES/$j" ] && cp "$RES/$j" "$OUTX/"; done
-  fi
+  pack
 done
 stamp "done (exit $rc)"
 $PY bench/gpu/summary.py "$RES" || true

@@ -154,9 +154,13 @@ def main():
                     print(f"{os.path.basename(md)}: {line.strip()}")
     for ps in sorted(glob.glob(os.path.join(a.res, "psnr_*.json"))):
         j = load(ps)
-        if j:
-            print(f"{os.path.basename(ps)}: min PSNR {j.get('min_psnr_db')} dB over {j.get('frames')} frames, "
-                  f"pass {j.get('pass')}")
+        if not j:
+            # psnr.py failed before writing (no frames, a frame-count mismatch): say so
+            print(f"{os.path.basename(ps)}: MISSING or invalid (psnr.py printed no result)")
+            continue
+        db = j.get('min_psnr_db')
+        db = "inf (identical frames)" if db is None else f"{db} dB"
+        print(f"{os.path.basename(ps)}: min PSNR {db} over {j.get('frames')} frames, pass {j.get('pass')}")
     for name in ("tiny1.sha", "tiny2.sha"):
         if not os.path.exists(os.path.join(a.res, name)):
             break
