@@ -100,8 +100,10 @@ __device__ __forceinline__ float mrt_ex2(float x) {
 // wraps the same instruction in a test and two predicated multiplies for |x| > 2^126.
 __device__ __forceinline__ float mrt_rcp(float x) {
 #ifdef MOTIONRT_EMU
+    // ftz: a subnormal input is a signed zero (1/x = ±inf), a subnormal result a signed zero
+    if (x != 0.f && x > -1.17549435e-38f && x < 1.17549435e-38f) x = copysignf(0.f, x);
     const float r = 1.f / x;
-    return (r != 0.f && r > -1.17549435e-38f && r < 1.17549435e-38f) ? 0.f : r;
+    return (r != 0.f && r > -1.17549435e-38f && r < 1.17549435e-38f) ? copysignf(0.f, r) : r;
 #else
     float r;
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
