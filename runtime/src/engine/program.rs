@@ -3289,6 +3289,44 @@ mod tests {
         assert_eq!(reshape_strides(&[2, 0], &[0, 1], &[0]), Some(vec![1]));
     }
 
+    /// Runs an attention program on the CPU interpreter and the same attention on the reference
+    /// kernel (random q, k, v from `seed`); panics unless they agree within 1e-5 of the largest
+    /// reference value. `what` names the case in the message.
+    fn assert_attention_program_matches(
+        p: &Program,
+        [n, l, s, heads, d]: [usize; 5],
+        scale: Option<f32>,
+        seed: u64,
+        what: &str,
+    ) {
+        let c = heads * d;
+        let mut rng = crate::rng::NormalRng::new(seed);
+        let mut data = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal()).collect() };
+        let (q, k, v) = (data(n * l * c), data(n * s * c), data(n * s * c));
+        let inputs: HashMap<String, Vec<f32>> = [("q", &q), ("k", &k), ("v", &v)]
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b.clone()))
+            .collect();
+        let out = super::super::cpu_exec::run(p, &inputs, &HashMap::new(), &|n: &str| {
+            Err(err(format!("no weight {n}")))
+        })
+        .unwrap();
+        assert_eq!(out[0].1, vec![n, l, c], "{what}");
+        let mut a = motionrt_kernels::Attention::new(n, l, s, heads, d);
+        if let Some(scale) = scale {
+            a.scale = scale;
+        }
+        let mut want = vec![0f32; n * l * c];
+        a.run(&q, &k, &v, None, &mut want).unwrap();
+        let max = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let e = out[0]
+            .2
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(e <= 1e-5 * max, "{what}: error {e} of {max}");
+    }
+
     #[test]
     fn attention_with_a_scale_the_kernels_do_not_take_becomes_gemms() {
         // the tensor-core kernels take the max before scaling: only positive finite scales
@@ -3310,28 +3348,8 @@ mod tests {
             let p = compile(&m, &shapes, &NoInitializers, Layout::Nhwc).unwrap();
             let names: Vec<&str> = p.steps.iter().map(|s| s.name()).collect();
             assert!(!names.contains(&"attention"), "scale {scale}: {names:?}");
-            let mut rng = crate::rng::NormalRng::new(7);
-            let mut data = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal()).collect() };
-            let (q, k, v) = (data(n * l * c), data(n * s * c), data(n * s * c));
-            let inputs: HashMap<String, Vec<f32>> = [("q", &q), ("k", &k), ("v", &v)]
-                .into_iter()
-                .map(|(a, b)| (a.to_string(), b.clone()))
-                .collect();
-            let out = super::super::cpu_exec::run(&p, &inputs, &HashMap::new(), &|n: &str| {
-                Err(err(format!("no weight {n}")))
-            })
-            .unwrap();
-            let mut a = motionrt_kernels::Attention::new(n, l, s, heads, d);
-            a.scale = scale;
-            let mut want = vec![0f32; n * l * c];
-            a.run(&q, &k, &v, None, &mut want).unwrap();
-            let max = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let e = out[0]
-                .2
-                .iter()
-                .zip(&want)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(e <= 1e-5 * max, "scale {scale}: error {e} of {max}");
+            let what = format!("scale {scale}");
+            assert_attention_program_matches(&p, [n, l, s, heads, d], Some(scale), 7, &what);
         }
     }
 
@@ -3367,31 +3385,9 @@ mod tests {
                 "{names:?}"
             );
             assert!(!names.contains(&"attention"), "{names:?}");
-            let mut rng = crate::rng::NormalRng::new(n as u64 * 31 + d as u64);
-            let mut data = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal()).collect() };
-            let (q, k, v) = (data(n * l * c), data(n * s * c), data(n * s * c));
-            let inputs: HashMap<String, Vec<f32>> = [("q", &q), ("k", &k), ("v", &v)]
-                .into_iter()
-                .map(|(a, b)| (a.to_string(), b.clone()))
-                .collect();
-            let out = super::super::cpu_exec::run(&p, &inputs, &HashMap::new(), &|n: &str| {
-                Err(err(format!("no weight {n}")))
-            })
-            .unwrap();
-            let a = motionrt_kernels::Attention::new(n, l, s, heads, d);
-            let mut want = vec![0f32; n * l * c];
-            a.run(&q, &k, &v, None, &mut want).unwrap();
-            let got = &out[0].2;
-            assert_eq!(out[0].1, vec![n, l, c]);
-            let max = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let e = got
-                .iter()
-                .zip(&want)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(
-                e <= 1e-5 * max,
-                "N {n} L {l} S {s} {heads}x{d}: error {e} of {max}"
-            );
+            let what = format!("N {n} L {l} S {s} {heads}x{d}");
+            let seed = n as u64 * 31 + d as u64;
+            assert_attention_program_matches(&p, [n, l, s, heads, d], None, seed, &what);
         }
     }
 }
