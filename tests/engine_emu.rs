@@ -491,7 +491,7 @@ fn float16_attention_takes_the_kernel_the_shapes_and_the_gpu_allow() {
             2,
             40,
             H100_SMEM_OPTIN,
-            "attention_short1_f16_d48",
+            "attention_short1_f16_d40",
         ),
         (
             2,
@@ -510,7 +510,7 @@ fn float16_attention_takes_the_kernel_the_shapes_and_the_gpu_allow() {
             2,
             40,
             H100_SMEM_OPTIN,
-            "attention_tiled_f16_d48",
+            "attention_tiled_f16_d40",
         ),
         (
             1,

@@ -68,6 +68,7 @@ KA(80)
 KA(96)
 KA(128)
 KA(160)
+KA(40)
 
 #else
 #error "MRT_EMU_UNIT must name one of the sources above"

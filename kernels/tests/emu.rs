@@ -1187,9 +1187,25 @@ fn interleave_seqs(x: &[f32], n: usize, len: usize, c: usize, ns: usize, back: b
 fn attention_f16_packed(
     emu: &Emu,
     kernel: &str,
+    shape: (usize, usize, usize, usize, usize),
+    packing: Packing,
+    ns: usize,
+) {
+    // as the engine chooses (launch::attention_entry_head): head size 40 has entries of its
+    // own, others take d rounded up to 16
+    let d = shape.4;
+    let entry = if d == 40 { 40 } else { d.div_ceil(16) * 16 };
+    attention_f16_entry(emu, kernel, shape, packing, ns, entry);
+}
+
+/// `attention_{kernel}_f16_d{entry}` on the shape (entry: d, or d rounded up to 16).
+fn attention_f16_entry(
+    emu: &Emu,
+    kernel: &str,
     (n, l, s, heads, d): (usize, usize, usize, usize, usize),
     packing: Packing,
     ns: usize,
+    entry: usize,
 ) {
     let a = Attention::new(n, l, s, heads, d);
     let c = heads * d;
@@ -1237,7 +1253,7 @@ fn attention_f16_packed(
         (ld, ld)
     };
     let y = out_buf::<u16>(n * l * c);
-    let name = format!("attention_{kernel}_f16_d{dp}");
+    let name = format!("attention_{kernel}_f16_d{entry}");
     let [(qi, qo), (ki, ko), (vi, vo)] = ptrs;
     let common = [
         half(&bufs[qi], qo),
@@ -1301,6 +1317,20 @@ fn attention_reads_q_k_v_packed_in_one_projection() {
         ("short1", (2, 9, 37, 1, 48), Packing::Kv),
     ] {
         attention_f16_packed(emu, kernel, shape, packing, 1);
+    }
+}
+
+/// The DP = 48 entries choose the m16n8k8 path at run time for d = 40 (the engine takes the
+/// d = 40 entries, where it is a compile-time choice; other odd multiples of 8 take this path).
+#[test]
+fn attention_dp48_entries_take_head_size_40_at_run_time() {
+    let Some(emu) = emu() else { return };
+    for (kernel, shape, packing, ns) in [
+        ("tiled", (1, 130, 77, 2, 40), Packing::Kv, 1),
+        ("short1", (6, 16, 16, 2, 40), Packing::Qkv, 3),
+        ("short2", (2, 24, 24, 2, 40), Packing::Apart, 1),
+    ] {
+        attention_f16_entry(emu, kernel, shape, packing, ns, 48);
     }
 }
 

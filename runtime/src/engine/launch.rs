@@ -1407,12 +1407,28 @@ pub fn elementwise(n: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
     ((blocks, 1, 1), (256, 1, 1))
 }
 
+/// Head sizes with entries of their own (`attention_*_f16_d40`: d a compile-time constant in
+/// the DP = 48 kernels, so neither the m16n8k8 choice nor the padding costs instructions);
+/// others take the entry of d rounded up to 16.
+pub const ATTENTION_EXACT_HEADS: [usize; 1] = [40];
+
+/// The attention entries' head-size suffix for head size `d`: d itself where it has entries of
+/// its own, else d rounded up to 16 (DP).
+pub fn attention_entry_head(d: usize) -> usize {
+    if ATTENTION_EXACT_HEADS.contains(&d) {
+        d
+    } else {
+        d.div_ceil(16) * 16
+    }
+}
+
 /// Dynamic shared memory of the tensor-core attention kernels (engine_ops.cu), by entry name:
-/// `attention_tiled_f16_dDP` two stages of 64-key K and V tiles, `attention_short{M}_f16_dDP`
-/// per warp (4) its Q, K and V tiles of 16·M rows; rows of DP + 8 halves.
+/// `attention_tiled_f16_dD` two stages of 64-key K and V tiles, `attention_short{M}_f16_dD`
+/// per warp (4) its Q, K and V tiles of 16·M rows; rows of DP + 8 halves (DP = D rounded up
+/// to 16).
 pub fn attention_smem(name: &str) -> Option<usize> {
-    let (kind, dp) = name.strip_prefix("attention_")?.split_once("_f16_d")?;
-    let pitch = (dp.parse::<usize>().ok()? + 8) * 2;
+    let (kind, d) = name.strip_prefix("attention_")?.split_once("_f16_d")?;
+    let pitch = (d.parse::<usize>().ok()?.div_ceil(16) * 16 + 8) * 2;
     match kind {
         "tiled" => Some(4 * 64 * pitch),
         "short1" => Some(4 * 3 * 16 * pitch),
@@ -2034,7 +2050,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                          finite scale (the compiler gives others GEMMs and a softmax)"
                     )));
                 }
-                let dp = d.div_ceil(16) * 16;
+                let dp = attention_entry_head(*d);
                 let short = format!("attention_short{}_f16_d{dp}", 1 + (*l > 16) as usize);
                 // one warp per sequence where this GPU's shared memory allows it
                 let fits = |k: &str| attention_smem(k).is_some_and(|b| b <= ctx.smem_optin);
@@ -2155,8 +2171,17 @@ mod tests {
             attention_smem("attention_short2_f16_d16"),
             Some(4 * 3 * 32 * 24 * 2)
         );
+        // the d = 40 entries run the DP = 48 kernels
+        assert_eq!(
+            attention_smem("attention_tiled_f16_d40"),
+            attention_smem("attention_tiled_f16_d48")
+        );
         assert_eq!(attention_smem("layer_norm_f16"), None);
         assert_eq!(attention_smem("attention_tiled_f16_dxx"), None);
+        assert_eq!(
+            [8, 16, 40, 48, 72, 80, 160].map(attention_entry_head),
+            [16, 16, 40, 48, 80, 80, 160]
+        );
     }
 
     #[test]
