@@ -293,7 +293,8 @@ pack() {
   fi
   return 0
 }
-trap 'stamp "terminated: packing what finished"; pack; exit 143' TERM
+# (pack first: tee may be gone with the same signal, and a write to it would end this shell)
+trap 'pack; stamp "terminated: packed what finished"; exit 143' TERM
 for s in ${stages//,/ }; do
   f=stage_${s//-/_}
   if ! declare -F "$f" >/dev/null; then echo "unknown stage $s"; rc=2; continue; fi

@@ -3318,6 +3318,7 @@ mod tests {
         }
         let mut want = vec![0f32; n * l * c];
         a.run(&q, &k, &v, None, &mut want).unwrap();
+        assert!(out[0].2.iter().all(|x| x.is_finite()), "{what}: not finite");
         let max = want.iter().fold(0f32, |m, x| m.max(x.abs()));
         let e = out[0]
             .2
