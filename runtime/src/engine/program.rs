@@ -3289,6 +3289,16 @@ mod tests {
         assert_eq!(reshape_strides(&[2, 0], &[0, 1], &[0]), Some(vec![1]));
     }
 
+    /// The attention model compiled for q `[n, l, c]`, k and v `[n, s, c]`, channels-last.
+    fn compile_attention(m: &ModelProto, [n, l, s, c]: [usize; 4]) -> Program {
+        let shapes = [
+            ("q", vec![n, l, c]),
+            ("k", vec![n, s, c]),
+            ("v", vec![n, s, c]),
+        ];
+        compile(m, &shapes, &NoInitializers, Layout::Nhwc).unwrap()
+    }
+
     /// Runs an attention program on the CPU interpreter and the same attention on the reference
     /// kernel (random q, k, v from `seed`); panics unless they agree within 1e-5 of the largest
     /// reference value. `what` names the case in the message.
@@ -3341,12 +3351,7 @@ mod tests {
             let node = &mut m.graph.as_mut().unwrap().node[0];
             node.attribute
                 .push(motionrt_onnx::attr_float("scale", scale));
-            let shapes = [
-                ("q", vec![n, l, c]),
-                ("k", vec![n, s, c]),
-                ("v", vec![n, s, c]),
-            ];
-            let p = compile(&m, &shapes, &NoInitializers, Layout::Nhwc).unwrap();
+            let p = compile_attention(&m, [n, l, s, c]);
             let names: Vec<&str> = p.steps.iter().map(|s| s.name()).collect();
             assert!(!names.contains(&"attention"), "scale {scale}: {names:?}");
             let what = format!("scale {scale}");
@@ -3362,12 +3367,7 @@ mod tests {
         for (n, l, s, heads, d) in [(2, 5, 7, 3, 12), (1, 9, 9, 1, 200), (2, 6, 4, 2, 40)] {
             let c = heads * d;
             let m = attention_model(heads);
-            let shapes = [
-                ("q", vec![n, l, c]),
-                ("k", vec![n, s, c]),
-                ("v", vec![n, s, c]),
-            ];
-            let p = compile(&m, &shapes, &NoInitializers, Layout::Nhwc).unwrap();
+            let p = compile_attention(&m, [n, l, s, c]);
             let names: Vec<&str> = p.steps.iter().map(|s| s.name()).collect();
             if fused_attention_head(d) {
                 assert_eq!(names, ["attention"]);
