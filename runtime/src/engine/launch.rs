@@ -2050,15 +2050,15 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                          finite scale (the compiler gives others GEMMs and a softmax)"
                     )));
                 }
-                let dp = attention_entry_head(*d);
-                let short = format!("attention_short{}_f16_d{dp}", 1 + (*l > 16) as usize);
+                let entry = attention_entry_head(*d);
+                let short = format!("attention_short{}_f16_d{entry}", 1 + (*l > 16) as usize);
                 // one warp per sequence where this GPU's shared memory allows it
                 let fits = |k: &str| attention_smem(k).is_some_and(|b| b <= ctx.smem_optin);
                 let (name, grid, block) = if *l <= 32 && fits(&short) {
                     (short, ((n * heads).div_ceil(4) as u32, 1, 1), 128)
                 } else {
                     (
-                        format!("attention_tiled_f16_d{dp}"),
+                        format!("attention_tiled_f16_d{entry}"),
                         (l.div_ceil(128) as u32, *heads as u32, *n as u32),
                         256,
                     )
