@@ -1352,24 +1352,27 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
          ? ATT_SHORT_SMEM_BLOCKS(DP, MT)                        \
          : ATT_SHORT_REG_BLOCKS(DP, MT))
 
-#define ATT_ENTRIES(DP)                                                                            \
-    extern "C" __global__ void __launch_bounds__(256) attention_tiled_f16_d##DP(                   \
+// The three entries of one head-size suffix SUF: the DP kernels with head size DARG (`d`, the
+// kernel argument; or a literal, see below).
+#define ATT_ENTRIES_AS(SUF, DP, DARG)                                                              \
+    extern "C" __global__ void __launch_bounds__(256) attention_tiled_f16_d##SUF(                  \
         const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int L, int S,    \
         int heads, int d, int ldq, int ldkv, int ns, float scale) {                                \
-        attention_tiled<DP>(q, k, v, y, L, S, heads, d, ldq, ldkv, ns, scale);                     \
+        attention_tiled<DP>(q, k, v, y, L, S, heads, DARG, ldq, ldkv, ns, scale);                  \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128, ATT_SHORT_MIN_BLOCKS(DP, 1))                 \
-        attention_short1_f16_d##DP(const half_bits* q, const half_bits* k, const half_bits* v,     \
-                                    half_bits* y, int N, int L, int S, int heads, int d, int ldq,  \
-                                    int ldkv, int ns, float scale) {                               \
-        attention_short<DP, 1>(q, k, v, y, N, L, S, heads, d, ldq, ldkv, ns, scale);               \
+        attention_short1_f16_d##SUF(const half_bits* q, const half_bits* k, const half_bits* v,    \
+                                     half_bits* y, int N, int L, int S, int heads, int d, int ldq, \
+                                     int ldkv, int ns, float scale) {                              \
+        attention_short<DP, 1>(q, k, v, y, N, L, S, heads, DARG, ldq, ldkv, ns, scale);            \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128, ATT_SHORT_MIN_BLOCKS(DP, 2))                 \
-        attention_short2_f16_d##DP(const half_bits* q, const half_bits* k, const half_bits* v,     \
-                                    half_bits* y, int N, int L, int S, int heads, int d, int ldq,  \
-                                    int ldkv, int ns, float scale) {                               \
-        attention_short<DP, 2>(q, k, v, y, N, L, S, heads, d, ldq, ldkv, ns, scale);               \
+        attention_short2_f16_d##SUF(const half_bits* q, const half_bits* k, const half_bits* v,    \
+                                     half_bits* y, int N, int L, int S, int heads, int d, int ldq, \
+                                     int ldkv, int ns, float scale) {                              \
+        attention_short<DP, 2>(q, k, v, y, N, L, S, heads, DARG, ldq, ldkv, ns, scale);            \
     }
+#define ATT_ENTRIES(DP) ATT_ENTRIES_AS(DP, DP, d)
 ATT_ENTRIES(16)
 ATT_ENTRIES(32)
 ATT_ENTRIES(48)
@@ -1379,26 +1382,9 @@ ATT_ENTRIES(96)
 ATT_ENTRIES(128)
 ATT_ENTRIES(160)
 
-// Entries for one head size D (not a multiple of 16) with d a compile-time constant: the choice
-// between the m16n8k16 and m16n8k8 paths, the padding and the row loads fold away (the DP
-// entries issue both paths' instructions under predicates). Only D = 40, SD1.5's 64x64 level
-// (its self-, cross- and motion-module attentions); the launcher takes them for d = 40.
-#define ATT_ENTRIES_EXACT(D, DP)                                                                   \
-    extern "C" __global__ void __launch_bounds__(256) attention_tiled_f16_d##D(                    \
-        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int L, int S,    \
-        int heads, int, int ldq, int ldkv, int ns, float scale) {                                  \
-        attention_tiled<DP>(q, k, v, y, L, S, heads, D, ldq, ldkv, ns, scale);                     \
-    }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128, ATT_SHORT_MIN_BLOCKS(DP, 1))                 \
-        attention_short1_f16_d##D(const half_bits* q, const half_bits* k, const half_bits* v,      \
-                                   half_bits* y, int N, int L, int S, int heads, int, int ldq,     \
-                                   int ldkv, int ns, float scale) {                                \
-        attention_short<DP, 1>(q, k, v, y, N, L, S, heads, D, ldq, ldkv, ns, scale);               \
-    }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128, ATT_SHORT_MIN_BLOCKS(DP, 2))                 \
-        attention_short2_f16_d##D(const half_bits* q, const half_bits* k, const half_bits* v,      \
-                                   half_bits* y, int N, int L, int S, int heads, int, int ldq,     \
-                                   int ldkv, int ns, float scale) {                                \
-        attention_short<DP, 2>(q, k, v, y, N, L, S, heads, D, ldq, ldkv, ns, scale);               \
-    }
-ATT_ENTRIES_EXACT(40, 48)
+// Entries for one head size (not a multiple of 16) with d a compile-time constant (the launcher
+// passes the same value): the choice between the m16n8k16 and m16n8k8 paths, the padding and the
+// row loads fold away, where the DP entries issue both paths' instructions under predicates.
+// Only d = 40, SD1.5's 64x64 level (its self-, cross- and motion-module attentions); the
+// launcher takes them for d = 40.
+ATT_ENTRIES_AS(40, 48, 40)
