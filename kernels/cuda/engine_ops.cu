@@ -1059,12 +1059,47 @@ __device__ __forceinline__ void att_load_rows(half_bits* s, const half_bits* g, 
     }
 }
 
-// Zero the padding columns [d, DP) of `rows` shared rows.
-template <int DP>
+// Zero the padding columns [d, DP) of `rows` shared rows. With ONES (d = DP - 8, a compile-time
+// head size), column d of the V rows (the last `blk` rows of every `per * blk`) is 1.0 instead:
+// P V's last n-tile then sums each row's weights (the softmax denominator) on the tensor cores.
+template <int DP, bool ONES>
 __device__ __forceinline__ void att_zero_cols(half_bits* s, int rows, int d, int tid,
-                                              int nthreads) {
+                                              int nthreads, int blk, int per) {
     const int w = DP - d;
-    for (int i = tid; i < rows * w; i += nthreads) s[(i / w) * (DP + 8) + d + i % w] = 0;
+    for (int i = tid; i < rows * w; i += nthreads) {
+        const int row = i / w, col = d + i % w;
+        const bool one = ONES && col == d && (row / blk) % per == per - 1;
+        s[row * (DP + 8) + col] = one ? (half_bits)0x3c00 : (half_bits)0;
+    }
+}
+
+// One 64-key tile of K and V (rows at kg and vg, token stride tkv; keys from `valid` on
+// zero-filled) into a stage of the tiled kernel (K rows at s, V rows ATT_KEYS rows on) by its
+// 256 threads. Each thread's slots (row, 16-byte chunk) are the same in every tile, so their
+// offsets do not depend on the tile: computed once a kernel rather than once a tile.
+template <int DP>
+__device__ __forceinline__ void att_load_kv_tile(half_bits* s, const half_bits* kg,
+                                                 const half_bits* vg, i64 tkv, int valid, int d,
+                                                 int tid) {
+    constexpr unsigned CH = DP / 8, SLOTS = ATT_KEYS * CH, NT = ATT_WARPS * 32;
+    const unsigned chunks = (unsigned)d >> 3;
+#pragma unroll
+    for (unsigned j = 0; j < (SLOTS + NT - 1) / NT; ++j) {
+        const unsigned i = (unsigned)tid + j * NT;
+        const unsigned r = i / CH, c = i - r * CH;
+        if ((SLOTS % NT != 0 && i >= SLOTS) || c >= chunks) continue;
+        const unsigned so = r * (DP + 8) + c * 8, vo = so + ATT_KEYS * (DP + 8);
+        if ((int)r < valid) {
+            const i64 go = (i64)r * tkv + c * 8;
+            mrt_cp_async_16(s + so, kg + go);
+            mrt_cp_async_16(s + vo, vg + go);
+        } else {
+            unsigned* w = (unsigned*)(s + so);
+            w[0] = w[1] = w[2] = w[3] = 0u;
+            w = (unsigned*)(s + vo);
+            w[0] = w[1] = w[2] = w[3] = 0u;
+        }
+    }
 }
 
 // One warp's 16 query rows: Q as A fragments, the output accumulator, and the running max and
@@ -1093,14 +1128,17 @@ __device__ __forceinline__ void att_begin(AttRows<DP>& r, const half_bits* s, in
 // key's index, keys from S on are masked). sl2 = scale * log2(e), positive: the running max is
 // taken before scaling. When d is an odd multiple of 8 (d = 40 in DP = 48), the last 8
 // dimensions of Q K^T are one m16n8k8 product and P V skips the output n-tile past d: no product
-// of the zero padding.
-template <int DP, int NT>
+// of the zero padding. With ONES (d = DP - 8 at compile time, V's column d all ones) the row
+// sums come from P V's last n-tile (column d) rather than from adding the weights up: a
+// product of the tensor cores for every 16 keys instead of two adds a score.
+template <int DP, int NT, bool ONES>
 __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
                                          const half_bits* vs, int key0, int S, int d, float sl2,
                                          int lane) {
     constexpr int P = DP + 8;
     const int mi = lane >> 3, tq = lane & 3;
     const bool half_last = (d & 15) != 0;  // dims DP-16 .. DP-9 real, DP-8 .. DP-1 padding
+    static_assert(!ONES || DP % 16 == 0, "ONES: d = DP - 8");
     // S = Q K^T. ldmatrix x4 over two 8-key n-tiles: (j, dims lo), (j, dims hi), (j+1, lo),
     // (j+1, hi); K rows are the B operand's columns, so no transpose. A half chunk: x2 over
     // (j, lo), (j+1, lo).
@@ -1161,11 +1199,15 @@ __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
         sc[j][1] = mrt_ex2(fmaf(sc[j][1], sl2, -b0));
         sc[j][2] = mrt_ex2(fmaf(sc[j][2], sl2, -b1));
         sc[j][3] = mrt_ex2(fmaf(sc[j][3], sl2, -b1));
-        ps0 += sc[j][0] + sc[j][1];
-        ps1 += sc[j][2] + sc[j][3];
+        if constexpr (!ONES) {
+            ps0 += sc[j][0] + sc[j][1];
+            ps1 += sc[j][2] + sc[j][3];
+        }
     }
-    r.l0 = r.l0 * c0 + ps0;
-    r.l1 = r.l1 * c1 + ps1;
+    if constexpr (!ONES) {
+        r.l0 = r.l0 * c0 + ps0;
+        r.l1 = r.l1 * c1 + ps1;
+    }
 #pragma unroll
     for (int j = 0; j < DP / 8; ++j) {
         r.o[j][0] *= c0;
@@ -1175,7 +1217,8 @@ __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
     }
     // O += P V: P (16 x 16 keys per step) from the score registers as A fragments; V rows are the
     // B operand's k axis, so ldmatrix.trans: (keys lo, dims j), (keys hi, j), (lo, j+1), (hi, j+1);
-    // the last n-tile alone (x2: its keys lo, hi) when the one after it is padding.
+    // the last n-tile alone (x2: its keys lo, hi) when the one after it is padding (and not the
+    // row sums' column, ONES).
     const half_bits* vr = vs + ((mi & 1) * 8 + (lane & 7)) * P + (mi >> 1) * 8;
 #pragma unroll
     for (int kc = 0; kc < NT / 2; ++kc) {
@@ -1187,7 +1230,7 @@ __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
 #pragma unroll
         for (int j = 0; j < DP / 8; j += 2) {
             unsigned b[4];
-            if (j == DP / 8 - 2 && half_last) {
+            if (j == DP / 8 - 2 && half_last && !ONES) {
                 mrt_ldmatrix_x2_trans(b, vr + kc * 16 * P + j * 8);
                 mrt_mma_m16n8k16(r.o[j], pa, b[0], b[1]);
             } else {
@@ -1200,15 +1243,24 @@ __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
 }
 
 // Normalise and store rows row0.. (those below L) at y (row stride C, the head's first column).
-template <int DP>
+// The row sums: the quad's partial sums added, or with ONES column d of the output (the quad's
+// first lane holds it).
+template <int DP, bool ONES>
 __device__ __forceinline__ void att_store(AttRows<DP>& r, half_bits* y, i64 C, int row0, int L,
                                           int d, int lane) {
     const int grp = lane >> 2, tq = lane & 3;
-    float l0 = r.l0, l1 = r.l1;
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    float l0, l1;
+    if constexpr (ONES) {
+        l0 = __shfl_sync(0xffffffffu, r.o[DP / 8 - 1][0], lane & ~3);
+        l1 = __shfl_sync(0xffffffffu, r.o[DP / 8 - 1][2], lane & ~3);
+    } else {
+        l0 = r.l0;
+        l1 = r.l1;
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    }
     const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
     const int ra = row0 + grp, rb = ra + 8;
     unsigned* ya = (unsigned*)(y + (i64)ra * C);
@@ -1225,7 +1277,7 @@ __device__ __forceinline__ void att_store(AttRows<DP>& r, half_bits* y, i64 C, i
 
 // grid (ceil(L / 128), H, N), 256 threads; dynamic shared memory 4 * 64 * (DP + 8) * 2 bytes:
 // two stages of [K tile; V tile], the second first holding the block's Q rows.
-template <int DP>
+template <int DP, bool ONES>
 __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits* __restrict__ k,
                                 const half_bits* __restrict__ v, half_bits* __restrict__ y,
                                 int L, int S, int heads, int d, int ldq, int ldkv, int ns,
@@ -1242,11 +1294,10 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
     const i64 tq = (i64)ldq * ns, tkv = (i64)ldkv * ns;
     const half_bits* kg = k + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
     const half_bits* vg = v + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
-    att_zero_cols<DP>(sm, 4 * ATT_KEYS, d, tid, nt);
+    att_zero_cols<DP, ONES>(sm, 4 * ATT_KEYS, d, tid, nt, ATT_KEYS, 2);
     att_load_rows<DP>(st1, q + att_seq_row(n, L, ns) * ldq + row0 * tq + (i64)h * d, nullptr,
                       nullptr, tq, ATT_WARPS * 16, min(L - row0, ATT_WARPS * 16), d, tid, nt);
-    const int first = min(S, ATT_KEYS);
-    att_load_rows<DP>(st0, kg, st0 + ATT_KEYS * P, vg, tkv, ATT_KEYS, first, d, tid, nt);
+    att_load_kv_tile<DP>(st0, kg, vg, tkv, min(S, ATT_KEYS), d, tid);
     mrt_cp_async_commit();
     mrt_cp_async_wait<0>();
     __syncthreads();
@@ -1259,26 +1310,26 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
         half_bits* cur = (t & 1) ? st1 : st0;
         if (t + 1 < tiles) {
             half_bits* nxt = (t & 1) ? st0 : st1;
-            const int s1 = (t + 1) * ATT_KEYS, valid = min(S - s1, ATT_KEYS);
-            att_load_rows<DP>(nxt, kg + s1 * tkv, nxt + ATT_KEYS * P, vg + s1 * tkv, tkv, ATT_KEYS,
-                              valid, d, tid, nt);
+            const int s1 = (t + 1) * ATT_KEYS;
+            att_load_kv_tile<DP>(nxt, kg + s1 * tkv, vg + s1 * tkv, tkv, min(S - s1, ATT_KEYS),
+                                 d, tid);
             mrt_cp_async_commit();
             mrt_cp_async_wait<1>();
         } else {
             mrt_cp_async_wait<0>();
         }
         __syncthreads();
-        att_step<DP, ATT_KEYS / 8>(r, cur, cur + ATT_KEYS * P, t * ATT_KEYS, S, d, sl2, lane);
+        att_step<DP, ATT_KEYS / 8, ONES>(r, cur, cur + ATT_KEYS * P, t * ATT_KEYS, S, d, sl2, lane);
         __syncthreads();  // this stage is reloaded next iteration
     }
-    att_store<DP>(r, y + att_seq_row(n, L, ns) * C + (i64)h * d, C * ns, row0 + warp * 16, L, d,
-                  lane);
+    att_store<DP, ONES>(r, y + att_seq_row(n, L, ns) * C + (i64)h * d, C * ns, row0 + warp * 16,
+                        L, d, lane);
 }
 
 // grid (ceil(N * H / 4)), 128 threads; each warp one (sequence, head) with L <= 16 * MT query
 // rows, keys in tiles of 16 * MT. Dynamic shared memory 4 * 3 * 16 * MT * (DP + 8) * 2 bytes:
 // per warp [Q; K tile; V tile].
-template <int DP, int MT>
+template <int DP, int MT, bool ONES>
 __device__ void attention_short(const half_bits* __restrict__ q, const half_bits* __restrict__ k,
                                 const half_bits* __restrict__ v, half_bits* __restrict__ y,
                                 int N, int L, int S, int heads, int d, int ldq, int ldkv,
@@ -1292,7 +1343,7 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
     half_bits* qs = sm + warp * 3 * R * P;
     half_bits* ks = qs + R * P;
     half_bits* vs = ks + R * P;
-    att_zero_cols<DP>(qs, 3 * R, d, lane, 32);
+    att_zero_cols<DP, ONES>(qs, 3 * R, d, lane, 32, R, 3);
     att_load_rows<DP>(qs, q + att_seq_row(n, L, ns) * ldq + (i64)h * d, nullptr, nullptr,
                       (i64)ldq * ns, R, min(L, R), d, lane, 32);
     const float sl2 = scale * 1.4426950408889634f;
@@ -1319,14 +1370,14 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
                 __syncwarp();
             }
             if (s0 == 0) att_begin<DP>(r, qs + m * 16 * P, lane);
-            att_step<DP, 2 * MT>(r, ks, vs, s0, S, d, sl2, lane);
+            att_step<DP, 2 * MT, ONES>(r, ks, vs, s0, S, d, sl2, lane);
             __syncwarp();  // the tiles may be reloaded next
         }
         const i64 C = (i64)heads * d;
         // (n, h) again from the launch indices, rather than live across the loop
         const int t2 = blockIdx.x * ATT_SHORT_WARPS + (threadIdx.x >> 5);
-        att_store<DP>(r, y + att_seq_row(t2 / heads, L, ns) * C + (i64)(t2 % heads) * d, C * ns,
-                      m * 16, L, d, lane);
+        att_store<DP, ONES>(r, y + att_seq_row(t2 / heads, L, ns) * C + (i64)(t2 % heads) * d,
+                            C * ns, m * 16, L, d, lane);
         // the lanes meet again after the divergent stores, before the next tile's aligned
         // ldmatrix/mma (reconvergence is not otherwise guaranteed since Volta)
         __syncwarp();
@@ -1353,26 +1404,27 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
          : ATT_SHORT_REG_BLOCKS(DP, MT))
 
 // The three entries of one head-size suffix SUF: the DP kernels with head size DARG (`d`, the
-// kernel argument; or a literal, see below).
-#define ATT_ENTRIES_AS(SUF, DP, DARG)                                                              \
+// kernel argument; or a literal, see below); ONES: V's first padding column holds ones (a
+// literal d = DP - 8 only).
+#define ATT_ENTRIES_AS(SUF, DP, DARG, ONES)                                                        \
     extern "C" __global__ void __launch_bounds__(256) attention_tiled_f16_d##SUF(                  \
         const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int L, int S,    \
         int heads, int d, int ldq, int ldkv, int ns, float scale) {                                \
-        attention_tiled<DP>(q, k, v, y, L, S, heads, DARG, ldq, ldkv, ns, scale);                  \
+        attention_tiled<DP, ONES>(q, k, v, y, L, S, heads, DARG, ldq, ldkv, ns, scale);            \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128, ATT_SHORT_MIN_BLOCKS(DP, 1))                 \
         attention_short1_f16_d##SUF(const half_bits* q, const half_bits* k, const half_bits* v,    \
                                      half_bits* y, int N, int L, int S, int heads, int d, int ldq, \
                                      int ldkv, int ns, float scale) {                              \
-        attention_short<DP, 1>(q, k, v, y, N, L, S, heads, DARG, ldq, ldkv, ns, scale);            \
+        attention_short<DP, 1, ONES>(q, k, v, y, N, L, S, heads, DARG, ldq, ldkv, ns, scale);      \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128, ATT_SHORT_MIN_BLOCKS(DP, 2))                 \
         attention_short2_f16_d##SUF(const half_bits* q, const half_bits* k, const half_bits* v,    \
                                      half_bits* y, int N, int L, int S, int heads, int d, int ldq, \
                                      int ldkv, int ns, float scale) {                              \
-        attention_short<DP, 2>(q, k, v, y, N, L, S, heads, DARG, ldq, ldkv, ns, scale);            \
+        attention_short<DP, 2, ONES>(q, k, v, y, N, L, S, heads, DARG, ldq, ldkv, ns, scale);      \
     }
-#define ATT_ENTRIES(DP) ATT_ENTRIES_AS(DP, DP, d)
+#define ATT_ENTRIES(DP) ATT_ENTRIES_AS(DP, DP, d, false)
 ATT_ENTRIES(16)
 ATT_ENTRIES(32)
 ATT_ENTRIES(48)
@@ -1384,7 +1436,7 @@ ATT_ENTRIES(160)
 
 // Entries for one head size (not a multiple of 16) with d a compile-time constant (the launcher
 // passes the same value): the choice between the m16n8k16 and m16n8k8 paths, the padding and the
-// row loads fold away, where the DP entries issue both paths' instructions under predicates.
-// Only d = 40, SD1.5's 64x64 level (its self-, cross- and motion-module attentions); the
-// launcher takes them for d = 40.
-ATT_ENTRIES_AS(40, 48, 40)
+// row loads fold away, where the DP entries issue both paths' instructions under predicates,
+// and V's first padding column holds ones for the row sums (ONES). Only d = 40, SD1.5's 64x64
+// level (its self-, cross- and motion-module attentions); the launcher takes them for d = 40.
+ATT_ENTRIES_AS(40, 48, 40, true)

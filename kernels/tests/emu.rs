@@ -1381,6 +1381,8 @@ fn short_attention_matches_the_cpu() {
         ("short1", 2, 16, 16, 8, 80),
         // fewer rows than a tile, keys over several tiles (the last partial)
         ("short1", 1, 9, 37, 3, 160),
+        // the same at d = 40 (its entries sum the weights on the tensor cores)
+        ("short1", 1, 9, 37, 2, 40),
         ("short1", 5, 1, 1, 1, 16),
         // 24 and 32 frames (v1 / v2 positional tables)
         ("short2", 2, 24, 24, 2, 40),
