@@ -51,8 +51,11 @@ def main():
     rows = []
 
     # engine (engine_gpu bench): one layout's object or a list of them; the first with numbers
-    eng = load(os.path.join(a.res, "engine_bench.json"))
-    engs = eng if isinstance(eng, list) else [eng] if eng else []
+    engs = []
+    # engine_bench_nchw.json: the NCHW run the script makes when channels-last ends in an error
+    for name in ("engine_bench.json", "engine_bench_nchw.json"):
+        eng = load(os.path.join(a.res, name))
+        engs += eng if isinstance(eng, list) else [eng] if eng else []
     engs = [e for e in engs if isinstance(e, dict) and e.get("graph_median_ms")]
     torch_lines = json_lines(os.path.join(a.res, "torch_bench.log"))
     tr = {}
