@@ -6,13 +6,14 @@
 //! `--no-merge`: as compiled).
 //!
 //! `cargo run --release --example engine_floor -- FUSED.onnx [--frames 16 --height 64 --width 64
-//!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --texp 3.9 --no-merge]`
+//!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --texp 3.9 --no-merge --conv-kernel BN]`
 //!
 //! `--texp`: exponentials a second (10¹²; an H100 SXM's special-function units, 16 an SM a cycle),
 //! the third bound of an attention's or a softmax's step: one exponential a score.
 //!
 //! Last, every launch the float16 executor would make at these shapes is checked against an
-//! H100's launch limits (non-zero exit when one is beyond them).
+//! H100's launch limits (non-zero exit when one is beyond them); `--conv-kernel 64|128`: with
+//! every convolution `conv_igemm_f16_nBN` computes on it (as where it times faster than cuDNN).
 //!
 //! FUSED.onnx is a graph written by `motionrt build --plan-only`: the UNet (inputs at
 //! `[batch, 4, frames, height, width]` latents with a 77-token context per frame), or the VAE
@@ -37,6 +38,7 @@ fn main() -> Res<()> {
     let (mut tflops, mut tbps, mut texp) = (989.0f64, 3.35f64, 3.9f64);
     let mut layout = Layout::Nhwc;
     let mut merge = true;
+    let mut conv_kernel: Option<usize> = None;
     while let Some(k) = it.next() {
         if k == "--no-merge" {
             merge = false;
@@ -52,6 +54,7 @@ fn main() -> Res<()> {
             "--tbps" => tbps = v.parse()?,
             "--texp" => texp = v.parse()?,
             "--layout" => layout = Layout::parse(&v).ok_or("--layout nhwc|nchw")?,
+            "--conv-kernel" => conv_kernel = Some(v.parse()?),
             _ => return Err(format!("unknown argument {k}").into()),
         }
     }
@@ -206,17 +209,17 @@ fn main() -> Res<()> {
         tf / 1e9,
         tb / 1e9
     );
-    launches(&prog)
+    launches(&prog, conv_kernel)
 }
 
 /// Every launch the float16 executor makes for `prog` (its very `step_ops`, at addresses laid
 /// out as it lays them: activations at their arena offsets, weights apart), each kernel checked
 /// against an H100's launch limits (grid, block, 227 KiB of opt-in shared memory) as the
 /// executor checks it before launching. Errors when one is beyond them.
-fn launches(prog: &program::Program) -> Res<()> {
+fn launches(prog: &program::Program, conv_kernel: Option<usize>) -> Res<()> {
     use motionrt_runtime::engine::exec::Precision;
     use motionrt_runtime::engine::launch::{
-        check_launchable, group_norm_scratch, plan_memory_for, step_ops, Ctx, Op,
+        check_launchable, conv_igemm_ok, group_norm_scratch, plan_memory_for, step_ops, Ctx, Op,
     };
     const H100_SMEM_OPTIN: usize = 227 * 1024;
     let memory = plan_memory_for(prog, Precision::Fp16);
@@ -244,6 +247,11 @@ fn launches(prog: &program::Program) -> Res<()> {
         },
         smem_optin: H100_SMEM_OPTIN,
         lt: &lt,
+        conv_kernel: &|si| {
+            conv_kernel.filter(
+                |_| matches!(&prog.steps[si], Step::Conv(c) if conv_igemm_ok(c, Precision::Fp16)),
+            )
+        },
     };
     let (mut kernels, mut lts, mut gemms, mut convs) = (0, 0, 0, 0);
     let mut bad = Vec::new();

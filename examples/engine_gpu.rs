@@ -609,6 +609,17 @@ fn bench_layout(
         "capture_s": capture_s,
         "tactics_deterministic": deterministic,
         "conv_tactics": tactics.conv.len(),
+        // the implicit-GEMM kernels against cuDNN's choice, per problem where they apply: [problem,
+        // cuDNN ms, the faster tile width's ms, that width, chosen] (times of one call: cuDNN's
+        // own measurement, the kernel's mean of 5)
+        "conv_igemm": tactics
+            .conv
+            .iter()
+            .filter_map(|(k, t)| {
+                t.igemm_ms
+                    .map(|ms| serde_json::json!([k, t.ms, ms, t.igemm_n, t.igemm().is_some()]))
+            })
+            .collect::<Vec<_>>(),
         "gemm_tactics": tactics.gemm.len(),
         "output_nonfinite": nonfinite,
     });
@@ -684,6 +695,33 @@ fn bench_layout(
         serde_json::to_string(&serde_json::json!({ "gemm_timing_ab": ab }))?
     );
     results.last_mut().expect("this layout's entry")["gemm_timing_ab"] = ab;
+    save(a, results)?;
+    // what the implicit-GEMM convolution gives where it timed faster: every convolution on
+    // cuDNN instead, side by side
+    let chosen = tactics
+        .conv
+        .values()
+        .filter(|t| t.igemm().is_some())
+        .count();
+    let mut cudnn = tactics.cudnn_convs();
+    let cudnn_only = runs(true, &mut cudnn)?;
+    let timed = runs(true, &mut tactics)?;
+    eprintln!(
+        "convolutions as timed ({chosen} of {} problems on conv_igemm_f16): {timed:.2} ms, all on cuDNN: {cudnn_only:.2} ms ({:.3}x)",
+        tactics.conv.len(),
+        cudnn_only / timed
+    );
+    let ab = serde_json::json!({
+        "timed_graph_median_ms": timed,
+        "cudnn_only_graph_median_ms": cudnn_only,
+        "conv_problems": tactics.conv.len(),
+        "problems_on_conv_igemm": chosen,
+    });
+    println!(
+        "{}",
+        serde_json::to_string(&serde_json::json!({ "conv_kernel_ab": ab }))?
+    );
+    results.last_mut().expect("this layout's entry")["conv_kernel_ab"] = ab;
     save(a, results)
 }
 

@@ -119,9 +119,23 @@ fn emulate(
     smem_optin: usize,
     lt: bool,
 ) -> Result<(Outputs, BTreeMap<String, usize>), EngineError> {
+    emulate_with(emu, c, precision, smem_optin, lt, None)
+}
+
+/// [`emulate`], with `conv_kernel`: every convolution `conv_igemm_f16_nBN` computes on it, with
+/// this BN (what an engine runs where that kernel timed faster than cuDNN).
+fn emulate_with(
+    emu: &Emu,
+    c: &Case,
+    precision: Precision,
+    smem_optin: usize,
+    lt: bool,
+    conv_kernel: Option<usize>,
+) -> Result<(Outputs, BTreeMap<String, usize>), EngineError> {
     let w =
         |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(c.weights[n].clone())) };
     let mut p = EmuProgram::load(emu, c.prog.clone(), precision, &w, smem_optin, lt)?;
+    p.conv_kernel = conv_kernel;
     let f: Vec<(&str, &[f32])> = c.f.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
     let i: Vec<(&str, &[i64])> = c.i.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
     let out = p.run(&f, &i)?;
@@ -236,6 +250,54 @@ fn every_tiny_graph_runs_on_the_emulated_executor_as_on_the_cpu_interpreter() {
         attention.iter().any(|k| k.starts_with("attention_short")),
         "{attention:?}"
     );
+}
+
+/// Channels-last float16 convolutions on `conv_igemm_f16` (an engine's choice where it times
+/// faster than cuDNN's): the tiny UNet runs as on the interpreter, every convolution the kernel
+/// takes (channels a multiple of 32) without a bias pass after it, the rest (the 4-channel
+/// latents') on cuDNN. (The tiny VAE's channels are not multiples of 32; the SD1.5 VAE's are:
+/// `full_architecture_runs_on_the_emulated_executor`.)
+#[test]
+fn implicit_gemm_convolutions_run_the_tiny_graphs() {
+    let Some(emu) = emu() else { return };
+    let (_export, src, dst, d) = tiny_export();
+    let (b, f) = (2usize, 2usize);
+    let cases: [(&str, Inputs); 1] = [(
+        "unet",
+        vec![
+            ("sample", vec![b, 4, f, 8, 8]),
+            ("timestep", vec![b]),
+            ("encoder_hidden_states", vec![b * f, 77, d]),
+        ],
+    )];
+    for (graph, inputs) in cases {
+        let z = dst.path().join(format!("{graph}.onnx"));
+        plan_graph(&src.join(format!("{graph}.onnx")), &z).unwrap();
+        let c = case(&z, &inputs, Layout::Nhwc);
+        let what = format!("{graph} Nhwc Fp16 conv_igemm");
+        let (got, calls) =
+            emulate_with(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, true, Some(128))
+                .unwrap_or_else(|err| panic!("{what}: {err}"));
+        eprintln!("{what}: {calls:?}");
+        check(&what, Precision::Fp16, &c.want, &got);
+        let (_, cudnn) = emulate(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, true).unwrap();
+        let n = |m: &BTreeMap<String, usize>, k: &str| m.get(k).copied().unwrap_or(0);
+        let taken = n(&calls, "conv_igemm_f16_n128");
+        assert!(taken > 0, "{what}: {calls:?}");
+        // each convolution either way; the kernel's bias passes gone with it
+        let convs = |m: &BTreeMap<String, usize>| {
+            m.iter()
+                .filter(|(k, _)| k.starts_with("cudnn"))
+                .map(|(_, v)| v)
+                .sum::<usize>()
+        };
+        assert_eq!(convs(&calls) + taken, convs(&cudnn), "{what}");
+        assert!(
+            n(&calls, "bias_residual_f16") < n(&cudnn, "bias_residual_f16")
+                || n(&cudnn, "bias_residual_f16") == 0,
+            "{what}: {calls:?} vs {cudnn:?}"
+        );
+    }
 }
 
 /// The step-by-step comparison a failed GPU check runs (`engine::localize`, `engine_gpu
@@ -605,6 +667,24 @@ fn full_architecture_runs_on_the_emulated_executor() {
                 t.elapsed().as_secs_f64()
             );
             check(&what, Precision::Fp16, &c.want, &got);
+            if layout == Layout::Nhwc && graph != "text_encoder" {
+                // the convolutions conv_igemm_f16 takes on it instead of cuDNN (both tile
+                // widths: 128 in the UNet, whose 320 channels leave half the last block's
+                // warps idle; 64 in the VAE)
+                let t = std::time::Instant::now();
+                let bn = if graph == "unet" { 128 } else { 64 };
+                let what = format!("{what} conv_igemm_n{bn}");
+                let (got, calls) =
+                    emulate_with(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, true, Some(bn))
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                eprintln!(
+                    "{what}: emulated in {:.0} s: {calls:?}",
+                    t.elapsed().as_secs_f64()
+                );
+                let k = format!("conv_igemm_f16_n{bn}");
+                assert!(calls.get(&k).is_some_and(|&n| n > 0), "{what}");
+                check(&what, Precision::Fp16, &c.want, &got);
+            }
         }
     }
 }

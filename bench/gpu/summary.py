@@ -98,6 +98,16 @@ def main():
               f"load from cache {fmt(e.get('load_cached_s'), ' s')}, capture {fmt(e.get('capture_s'), ' s', 2)}; "
               f"same tactics on reload: {e.get('tactics_deterministic')}; non-finite outputs: "
               f"{e.get('output_nonfinite')}")
+        ci = e.get("conv_igemm") or []
+        if ci:
+            # [problem, cuDNN ms, conv_igemm_f16 ms, its tile width, chosen] per problem it applies to
+            won = sum(1 for r in ci if r[-1])
+            print(f"engine {e.get('layout')}: conv_igemm_f16 chosen for {won} of {len(ci)} convolution "
+                  f"problems; one call each: cuDNN {sum(r[1] for r in ci):.2f} ms, conv_igemm_f16 "
+                  f"{sum(r[2] for r in ci if r[2] < 1e30):.2f} ms")
+        for key in ("specialisation_ab", "gemm_timing_ab", "conv_kernel_ab"):
+            if e.get(key):
+                print(f"engine {e.get('layout')}: {key} {json.dumps(e[key])}")
     if tr:
         print(f"torch: load {fmt(tr.get('load_s'), ' s')}, eager peak allocated "
               f"{fmt(tr.get('eager_peak_mib'), ' MiB', 0)}, device in use "

@@ -1440,3 +1440,193 @@ ATT_ENTRIES(160)
 // and V's first padding column holds ones for the row sums (ONES). Only d = 40, SD1.5's 64x64
 // level (its self-, cross- and motion-module attentions); the launcher takes them for d = 40.
 ATT_ENTRIES_AS(40, 48, 40, true)
+
+// ---------------------------------------------------------------------------------------------
+// Channels-last float16 convolution as an implicit GEMM on the tensor cores (a tactic timed
+// against cuDNN's algorithms when the engine is built; exec.rs): y[m, o] = sum_k A[m, k] W[o, k]
+// + bias[o] + sbias[n, o] + res[m, o], m = (n, oh, ow) an output pixel, k = (kh, kw, c) — the
+// filter's [O, kh, kw, C] layout, so W is the cuDNN NHWC weight as uploaded — and A[m, k] the
+// input pixel (oh * sh - ph + kh, ow * sw - pw + kw) of image n, channel c (zero outside the
+// image). x [N, H, W, C], y and res [N, OH, OW, O]; bias [O], sbias [N, O], each optional.
+// Needs C % 32 == 0 (a 32-wide k tile within one filter tap), O % 8 == 0 and KH * KW <= 32;
+// dilation 1, one group (launch.rs checks). Block tile 128 pixels x BN output channels (64 or
+// 128: `conv_igemm_f16_nBN`), k tiles of 32 in three cp.async stages; 4 warps of 64 x BN / 2
+// (4 x BN / 16 m16n8k16 products a 16-wide k step; a warp whose channels all lie past O skips
+// them); shared rows of 40 halves (5 chunks: conflict-free ldmatrix). Grid (ceil(M / 128),
+// ceil(O / BN)), 128 threads, dynamic shared memory 3 * (128 + BN) * 40 * 2 bytes.
+#define CIG_BM 128
+#define CIG_BK 32
+#define CIG_ST 3
+#define CIG_P (CIG_BK + 8)
+
+template <int BN>
+__device__ __forceinline__ void conv_igemm(
+    const half_bits* __restrict__ x, const half_bits* __restrict__ w, half_bits* __restrict__ y,
+    const half_bits* __restrict__ bias, const half_bits* __restrict__ sbias,
+    const half_bits* __restrict__ res, int N, int H, int W, int C, int OH, int OW, int O, int KH,
+    int KW, int sh, int sw, int ph, int pw) {
+    constexpr int NB = BN / 32;  // W rows a thread loads a tile
+    constexpr int NJ = BN / 16;  // n8 tiles a warp
+    MRT_DYN_SMEM(half_bits, sm);
+    half_bits* as = sm;                            // [ST][BM][P]
+    half_bits* bs = sm + CIG_ST * CIG_BM * CIG_P;  // [ST][BN][P]
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int OHW = OH * OW, M = N * OHW, K = KH * KW * C, KT = K / CIG_BK;
+    const int m0 = blockIdx.x * CIG_BM, n0 = blockIdx.y * BN;
+    // this thread's load slots, the same in every k tile: chunk ch (8 channels) of A rows
+    // tid / 4 + 32 i (i < 4) and of W rows tid / 4 + 32 i (i < NB). An A row's address at filter
+    // tap (0, 0) and which taps fall inside the image (bit kh * KW + kw; none past M) are
+    // computed once; a k tile then adds one offset common to every row.
+    const int ch = tid & 3, r0 = tid >> 2;
+    const half_bits* ap[4];
+    unsigned taps[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = m0 + r0 + 32 * i;
+        const int n = m / OHW, p = m - n * OHW, oh = p / OW, ow = p - oh * OW;
+        const int ih = oh * sh - ph, iw = ow * sw - pw;
+        ap[i] = x + (((i64)n * H + ih) * W + iw) * C + ch * 8;
+        unsigned t = 0;
+        if (m < M)
+            for (int a = 0; a < KH; ++a)
+                for (int b = 0; b < KW; ++b)
+                    if (ih + a >= 0 && ih + a < H && iw + b >= 0 && iw + b < W)
+                        t |= 1u << (a * KW + b);
+        taps[i] = t;
+    }
+    const half_bits* bp[NB];
+#pragma unroll
+    for (int i = 0; i < NB; ++i) {
+        const int o = n0 + r0 + 32 * i;
+        bp[i] = o < O ? w + (i64)o * K + ch * 8 : nullptr;
+    }
+    // the next k tile to load: its first k, that k's filter tap (kh * KW + kw), kw and channel,
+    // and its input offset from tap (0, 0): (kh * W + kw) * C + c, stepped along (32 a tile, and
+    // (W - KW) * C more where a filter row ends)
+    int lk = 0, tap = 0, lkw = 0, lc = 0;
+    i64 off = 0;
+    auto load = [&](int stage) {
+        half_bits* a = as + stage * CIG_BM * CIG_P;
+        half_bits* b = bs + stage * BN * CIG_P;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            half_bits* s = a + (r0 + 32 * i) * CIG_P + ch * 8;
+            if ((taps[i] >> tap) & 1u) {
+                mrt_cp_async_16(s, ap[i] + off);
+            } else {
+                unsigned* z = (unsigned*)s;
+                z[0] = z[1] = z[2] = z[3] = 0u;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < NB; ++i) {
+            half_bits* s = b + (r0 + 32 * i) * CIG_P + ch * 8;
+            if (bp[i]) {
+                mrt_cp_async_16(s, bp[i] + lk);
+            } else {
+                unsigned* z = (unsigned*)s;
+                z[0] = z[1] = z[2] = z[3] = 0u;
+            }
+        }
+        lk += CIG_BK;
+        lc += CIG_BK;
+        off += CIG_BK;
+        if (lc == C) {
+            lc = 0;
+            ++tap;
+            if (++lkw == KW) {
+                lkw = 0;
+                off += (i64)(W - KW) * C;
+            }
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < CIG_ST - 1; ++s) {
+        if (s < KT) load(s);
+        mrt_cp_async_commit();
+    }
+    const int wm = (warp & 1) * 64, wn = (warp >> 1) * (BN / 2);
+    const bool active = n0 + wn < O;  // warp-uniform: its channels reach into O
+    float acc[4][NJ][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < NJ; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    // ldmatrix rows of this lane: A (m16 x k16: rows lane % 16, k 8 (lane / 16)); W (two n8
+    // tiles x k16: n rows (lane / 16) * 8 + lane % 8, k 8 ((lane / 8) % 2))
+    const int a_off = (wm + (lane & 15)) * CIG_P + (lane >> 4) * 8;
+    const int b_off = (wn + (lane >> 4) * 8 + (lane & 7)) * CIG_P + ((lane >> 3) & 1) * 8;
+    // the stage read this tile and the one loaded (tiles kt and kt + 2)
+    int rs = 0, ws = CIG_ST - 1;
+    for (int kt = 0; kt < KT; ++kt) {
+        mrt_cp_async_wait<CIG_ST - 2>();
+        __syncthreads();  // tile kt is in; every warp is done with the stage loaded next
+        if (kt + CIG_ST - 1 < KT) load(ws);
+        mrt_cp_async_commit();
+        const half_bits* a = as + rs * CIG_BM * CIG_P + a_off;
+        const half_bits* b = bs + rs * BN * CIG_P + b_off;
+        rs = rs == CIG_ST - 1 ? 0 : rs + 1;
+        ws = ws == CIG_ST - 1 ? 0 : ws + 1;
+        if (!active) continue;
+#pragma unroll
+        for (int kk = 0; kk < CIG_BK; kk += 16) {
+            unsigned af[4][4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) mrt_ldmatrix_x4(af[i], a + i * 16 * CIG_P + kk);
+#pragma unroll
+            for (int j = 0; j < NJ; j += 2) {
+                unsigned bf[4];
+                mrt_ldmatrix_x4(bf, b + j * 8 * CIG_P + kk);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    mrt_mma_m16n8k16(acc[i][j], af[i], bf[0], bf[1]);
+                    mrt_mma_m16n8k16(acc[i][j + 1], af[i], bf[2], bf[3]);
+                }
+            }
+        }
+    }
+    mrt_cp_async_wait_all();
+    if (!active) return;
+    // epilogue: rows m0 + wm + 16 i + lane / 4 (+ 8), columns n0 + wn + 8 j + 2 (lane % 4) (+ 1)
+    const int grp = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+            const int m = m0 + wm + 16 * i + grp + 8 * hi;
+            if (m >= M) continue;
+            const int n = m / OHW;
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                const int o = n0 + wn + 8 * j + 2 * tq;
+                if (o >= O) continue;
+                float v0 = acc[i][j][2 * hi], v1 = acc[i][j][2 * hi + 1];
+                if (bias) {
+                    v0 += mrt_h2f(bias[o]);
+                    v1 += mrt_h2f(bias[o + 1]);
+                }
+                if (sbias) {
+                    v0 += mrt_h2f(sbias[(i64)n * O + o]);
+                    v1 += mrt_h2f(sbias[(i64)n * O + o + 1]);
+                }
+                if (res) {
+                    v0 += mrt_h2f(res[(i64)m * O + o]);
+                    v1 += mrt_h2f(res[(i64)m * O + o + 1]);
+                }
+                *(unsigned*)(y + (i64)m * O + o) = mrt_pack_h2(v0, v1);
+            }
+        }
+    }
+}
+
+#define CONV_IGEMM_ENTRY(BN)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128) conv_igemm_f16_n##BN(                        \
+        const half_bits* x, const half_bits* w, half_bits* y, const half_bits* bias,               \
+        const half_bits* sbias, const half_bits* res, int N, int H, int W, int C, int OH, int OW,  \
+        int O, int KH, int KW, int sh, int sw, int ph, int pw) {                                   \
+        conv_igemm<BN>(x, w, y, bias, sbias, res, N, H, W, C, OH, OW, O, KH, KW, sh, sw, ph, pw); \
+    }
+CONV_IGEMM_ENTRY(64)
+CONV_IGEMM_ENTRY(128)

@@ -69,6 +69,8 @@ KA(96)
 KA(128)
 KA(160)
 KA(40)
+K(conv_igemm_f16_n64)
+K(conv_igemm_f16_n128)
 
 #else
 #error "MRT_EMU_UNIT must name one of the sources above"

@@ -1393,6 +1393,108 @@ fn short_attention_matches_the_cpu() {
     }
 }
 
+/// `conv_igemm_f16_n{64,128}` (the channels-last implicit-GEMM convolution, a tactic the engine times
+/// against cuDNN's) against a direct convolution on the CPU of the same float16-rounded values:
+/// partial pixel and channel blocks, stride 2, a 1×1 filter, and the epilogue's bias,
+/// per-sample bias and residual.
+#[test]
+fn implicit_gemm_convolution_matches_the_cpu() {
+    let Some(emu) = emu() else { return };
+    // (n, h, w, c, o, kh, kw, stride, pad, epilogue)
+    for (n, h, wd, c, o, kh, kw, st, pd, epi) in [
+        (2, 5, 6, 32, 24, 3, 3, 1, 1, true),
+        (3, 8, 8, 64, 136, 3, 3, 1, 1, false),
+        (1, 9, 7, 32, 72, 3, 3, 2, 1, true),
+        (2, 4, 4, 96, 16, 1, 1, 1, 0, true),
+    ] {
+        let (oh, ow) = ((h + 2 * pd - kh) / st + 1, (wd + 2 * pd - kw) / st + 1);
+        let m = n * oh * ow;
+        let kdim = kh * kw * c;
+        let seed = (n * 100 + h * 10 + c + o) as u64;
+        let round = |v: Vec<f32>| <u16 as Host>::round(&v);
+        let x = round(random(n * h * wd * c, seed));
+        // weights [o, kh, kw, c], scaled so a sum over k stays near unit size
+        let sc = 1.0 / (kdim as f32).sqrt();
+        let wt = round(random(o * kdim, seed + 1).iter().map(|v| v * sc).collect());
+        let bias = round(random(o, seed + 2));
+        let sbias = round(random(n * o, seed + 3));
+        let res = round(random(m * o, seed + 4));
+        let mut want = vec![0f32; m * o];
+        for img in 0..n {
+            for y in 0..oh {
+                for xx in 0..ow {
+                    let row = (img * oh + y) * ow + xx;
+                    for oc in 0..o {
+                        let mut acc = 0f64;
+                        for a in 0..kh {
+                            for b in 0..kw {
+                                let (iy, ix) = (
+                                    (y * st + a) as isize - pd as isize,
+                                    (xx * st + b) as isize - pd as isize,
+                                );
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                    continue;
+                                }
+                                let xi = ((img * h + iy as usize) * wd + ix as usize) * c;
+                                let wi = ((oc * kh + a) * kw + b) * c;
+                                for ci in 0..c {
+                                    acc += x[xi + ci] as f64 * wt[wi + ci] as f64;
+                                }
+                            }
+                        }
+                        if epi {
+                            acc += (bias[oc] + sbias[img * o + oc] + res[row * o + oc]) as f64;
+                        }
+                        want[row * o + oc] = acc as f32;
+                    }
+                }
+            }
+        }
+        let (bx, bw) = (buf::<u16>(&x), buf::<u16>(&wt));
+        let (bb, bs, br) = (buf::<u16>(&bias), buf::<u16>(&sbias), buf::<u16>(&res));
+        for bn in [64usize, 128] {
+            let out = out_buf::<u16>(m * o);
+            let opt = |b| if epi { Arg::Buf(b) } else { Arg::Null };
+            let i = |v: usize| Arg::I32(v as i32);
+            launch(
+                emu,
+                &format!("conv_igemm_f16_n{bn}"),
+                (m.div_ceil(128) as u32, o.div_ceil(bn) as u32, 1),
+                (128, 1, 1),
+                3 * (128 + bn) * 40 * 2,
+                &[
+                    Arg::Buf(&bx),
+                    Arg::Buf(&bw),
+                    Arg::Buf(&out),
+                    opt(&bb),
+                    opt(&bs),
+                    opt(&br),
+                    i(n),
+                    i(h),
+                    i(wd),
+                    i(c),
+                    i(oh),
+                    i(ow),
+                    i(o),
+                    i(kh),
+                    i(kw),
+                    i(st),
+                    i(st),
+                    i(pd),
+                    i(pd),
+                ],
+            );
+            check::<u16>(
+                &format!(
+                    "conv_igemm_f16_n{bn} {n}x{h}x{wd}x{c} -> {o}, {kh}x{kw} stride {st} pad {pd}"
+                ),
+                &read::<u16>(&out),
+                &want,
+            );
+        }
+    }
+}
+
 // ---- engine element kernels (verified on H100/H200 through the engine) ----------------------------
 
 /// `#[repr(C)] struct Strided` of engine_ops.cu (and motionrt_runtime::engine::program::Strided).

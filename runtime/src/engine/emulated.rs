@@ -17,8 +17,8 @@ use motionrt_kernels::emu::{Arg, DeviceBuffer, Emu};
 use super::cpu_exec::dot;
 use super::exec::Precision;
 use super::launch::{
-    cast_launch, group_norm_scratch, place_buffers, plan_memory_for, specialize, step_ops,
-    ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op, WeightData,
+    cast_launch, conv_igemm_ok, group_norm_scratch, place_buffers, plan_memory_for, specialize,
+    step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op, WeightData,
 };
 use super::program::{DType, MemoryPlan, Outputs, Program, Step, Strided};
 use super::EngineError;
@@ -53,6 +53,9 @@ pub struct EmuProgram<'e> {
     /// with 1e4 just before the step runs — on an activation, what an out-of-bounds write or a
     /// race of a step in between would do; on a weight (step 0), a corrupted upload.
     pub fault: Option<(usize, usize)>,
+    /// Convolutions `conv_igemm_f16_nBN` computes run on it, with this BN, instead of the emulated
+    /// cuDNN call (on a GPU, those where it timed faster when the engine was built).
+    pub conv_kernel: Option<usize>,
 }
 
 impl<'e> EmuProgram<'e> {
@@ -105,6 +108,7 @@ impl<'e> EmuProgram<'e> {
             bounds: Vec::new(),
             bounds_note: String::new(),
             fault: None,
+            conv_kernel: None,
         })
     }
 
@@ -213,12 +217,17 @@ impl<'e> EmuProgram<'e> {
         let norm_stats = self.norm_stats.as_ref().map_or(0, |b| b.as_ptr() as u64);
         let lt_on = self.lt;
         let is_lt = move |_: usize| lt_on;
+        let ck = self.conv_kernel.filter(|_| {
+            matches!(&self.program.steps[si], Step::Conv(c) if conv_igemm_ok(c, self.precision))
+        });
+        let is_ck = move |_: usize| ck;
         let ctx = Ctx {
             precision: self.precision,
             ptrs: &self.ptrs,
             norm_stats,
             smem_optin: self.smem_optin,
             lt: &is_lt,
+            conv_kernel: &is_ck,
         };
         let ops = step_ops(&self.program, si, &ctx)?;
         // what the step's launches may touch: the buffers it reads and writes, and the scratch

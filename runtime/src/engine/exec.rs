@@ -24,9 +24,9 @@ use serde::{Deserialize, Serialize};
 
 pub use super::launch::WeightData;
 use super::launch::{
-    attention_smem, cast_launch, elementwise_launch, group_norm_scratch, group_norm_splits,
-    place_buffers, plan_memory_for, specialize, step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch,
-    LtCall, LtDesc, LtLayout, Op,
+    cast_launch, conv_igemm_launch, conv_igemm_ok, elementwise_launch, group_norm_scratch,
+    group_norm_splits, opt_in_smem, place_buffers, plan_memory_for, specialize, step_ops, ConvDesc,
+    Ctx, GemmCall, KArg, Launch, LtCall, LtDesc, LtLayout, Op, CONV_IGEMM_WIDTHS,
 };
 use super::program::{ConvStep, DType, MemoryPlan, Program, Step, Strided};
 use super::EngineError;
@@ -244,6 +244,18 @@ impl TacticCache {
         }
     }
 
+    /// The same cache with every convolution on cuDNN (`conv_igemm_f16` recorded as slower where
+    /// it was timed, so not timed again), for measuring what that kernel gains, side by side.
+    pub fn cudnn_convs(&self) -> Self {
+        let mut c = self.clone();
+        for t in c.conv.values_mut() {
+            if t.igemm_ms.is_some() {
+                (t.igemm_ms, t.igemm_n) = (Some(f32::MAX), None);
+            }
+        }
+        c
+    }
+
     /// The same cache with every GEMM running the heuristic's first candidate instead of the
     /// timed choice (for measuring what timing gains, side by side); a problem whose first
     /// candidate did not run keeps its timed choice.
@@ -271,6 +283,28 @@ pub struct ConvTactic {
     pub workspace: usize,
     /// Median time measured by cuDNN when it was chosen (ms).
     pub ms: f32,
+    /// Mean time of the faster `conv_igemm_f16_nBN` on the same problem (ms; `f32::MAX` when
+    /// none ran), where those kernels apply ([`super::launch::conv_igemm_ok`]); absent before
+    /// they were timed. The kernel runs the convolution when this is below `ms`
+    /// ([`ConvTactic::igemm`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub igemm_ms: Option<f32>,
+    /// That kernel's tile width BN (64 or 128).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub igemm_n: Option<usize>,
+}
+
+impl ConvTactic {
+    /// The `conv_igemm_f16_nBN` tile width that runs this convolution, if one does: it was timed
+    /// and was faster than cuDNN's choice as cuDNN timed it (which leaves out the bias/residual
+    /// pass the kernel does not need: the comparison favours cuDNN). A decision from recorded
+    /// times, so the same cache gives the same engine.
+    pub fn igemm(&self) -> Option<usize> {
+        self.igemm_ms
+            .is_some_and(|k| k < self.ms)
+            .then_some(self.igemm_n)
+            .flatten()
+    }
 }
 
 /// An open GPU with the engine's kernels and library handles.
@@ -457,7 +491,7 @@ impl CudaDevice {
                     let need = if f.starts_with("temporal_attention_") {
                         Some((200 * 1024).min(smem_optin))
                     } else {
-                        attention_smem(&f).filter(|&b| b <= smem_optin)
+                        opt_in_smem(&f).filter(|&b| b <= smem_optin)
                     };
                     if let Some(bytes) = need.filter(|&b| b > 48 * 1024) {
                         func.set_attribute(
@@ -1041,6 +1075,8 @@ pub struct GpuProgram {
     weights: Rc<RefCell<WeightStore>>,
     ptrs: Vec<u64>,
     convs: HashMap<usize, ConvPrep>,
+    /// Convolution steps `conv_igemm_f16_nBN` runs (timed faster than cuDNN's choice), by BN.
+    conv_kernel: HashMap<usize, usize>,
     /// Linear steps as single cuBLASLt matmuls (bias in the epilogue, residual as `C`).
     lt_plans: HashMap<usize, LtPlan>,
     conv_ws: Option<CudaSlice<u8>>,
@@ -1164,6 +1200,7 @@ impl GpuProgram {
             weights: store,
             ptrs,
             convs: HashMap::new(),
+            conv_kernel: Default::default(),
             lt_plans: HashMap::new(),
             conv_ws: None,
             conv_ws_ptr: (0, 0),
@@ -1407,6 +1444,8 @@ impl GpuProgram {
                             math: Some(best.mathType as i32),
                             workspace: best.memory,
                             ms: best.time,
+                            igemm_ms: None,
+                            igemm_n: None,
                         };
                         tactics.conv.insert(key.clone(), t);
                         t
@@ -1471,6 +1510,32 @@ impl GpuProgram {
             };
             max_ws = max_ws.max(ws);
             self.convs.insert(i, p);
+            // the implicit-GEMM kernels where they apply: each tile width timed once, the
+            // fastest kept where it beats cuDNN's choice (the decision is the cache's:
+            // ConvTactic::igemm)
+            if conv_igemm_ok(&c, self.precision) {
+                let t = tactics
+                    .conv
+                    .get_mut(&key)
+                    .expect("a tactic was chosen above");
+                if t.igemm_ms.is_none() {
+                    let mut best: (f32, Option<usize>) = (f32::MAX, None);
+                    for bn in CONV_IGEMM_WIDTHS {
+                        let l = conv_igemm_launch(&c, bn, &|b| self.ptrs[b]);
+                        match time_launch(dev, &l) {
+                            Ok(ms) if ms < best.0 => best = (ms, Some(bn)),
+                            Ok(_) => {}
+                            Err(e) => {
+                                eprintln!("note: {key}: {} does not run here ({e})", l.kernel)
+                            }
+                        }
+                    }
+                    (t.igemm_ms, t.igemm_n) = (Some(best.0), best.1);
+                }
+                if let Some(bn) = t.igemm() {
+                    self.conv_kernel.insert(i, bn);
+                }
+            }
         }
         drop(found_ws);
         if max_ws > 0 {
@@ -1580,12 +1645,14 @@ impl GpuProgram {
             None => 0,
         };
         let lt = |i: usize| self.lt_plans.contains_key(&i);
+        let ck = |i: usize| self.conv_kernel.get(&i).copied();
         let ctx = Ctx {
             precision: self.precision,
             ptrs: &self.ptrs,
             norm_stats,
             smem_optin: dev.smem_optin,
             lt: &lt,
+            conv_kernel: &ck,
         };
         step_ops(&self.program, si, &ctx)
     }
@@ -2016,6 +2083,27 @@ impl GpuProgram {
 }
 
 /// Enqueue one [`Launch`] on the device's stream.
+/// Mean time (ms) of `l` over [`LT_TIMED_RUNS`] launches after a warm-up (on the program's own
+/// buffers before it has run: the output is scratch).
+fn time_launch(dev: &CudaDevice, l: &Launch) -> Result<f32, EngineError> {
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    launch_op(dev, l)?;
+    let e0 = dev
+        .stream
+        .record_event(flags)
+        .map_err(|e| gpu_err("event", e))?;
+    for _ in 0..LT_TIMED_RUNS {
+        launch_op(dev, l)?;
+    }
+    let e1 = dev
+        .stream
+        .record_event(flags)
+        .map_err(|e| gpu_err("event", e))?;
+    e1.synchronize().map_err(|e| gpu_err("synchronize", e))?;
+    let ms = e0.elapsed_ms(&e1).map_err(|e| gpu_err("elapsed", e))?;
+    Ok(ms / LT_TIMED_RUNS as f32)
+}
+
 fn launch_op(dev: &CudaDevice, l: &Launch) -> Result<(), EngineError> {
     super::launch::check_launchable(l, dev.smem_optin).map_err(EngineError::Graph)?;
     let (f, max_threads) = dev.func(&l.kernel)?;

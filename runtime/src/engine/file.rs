@@ -729,6 +729,8 @@ mod tests {
             math: Some(1),
             workspace: 0,
             ms: 0.5,
+            igemm_ms: None,
+            igemm_n: None,
         };
         let mut engine = TacticCache::default();
         engine.conv.insert("a f16".into(), conv(1));
@@ -820,6 +822,8 @@ mod tests {
                 math: Some(1),
                 workspace: 0,
                 ms: 0.5,
+                igemm_ms: Some(0.25),
+                igemm_n: Some(128),
             },
         );
         let t = GemmTactic {
@@ -846,6 +850,22 @@ mod tests {
         let g = &h.gemm["lt A3x4/3T B3x6/3 D4x6/4 f16"];
         assert_eq!((g.algo, g.ms), ([7; 8], 0.5));
         assert_eq!(h.gemm["lt A8x8/8T B8x8/8 D8x8/8 f16"], unrun);
+        // the implicit-GEMM convolution runs where it timed faster than cuDNN's choice; the
+        // side-by-side copy keeps cuDNN everywhere, without timing the kernel again
+        assert_eq!(c.conv["x f16"].igemm(), Some(128));
+        let d = c.cudnn_convs();
+        assert_eq!(d.conv["x f16"].igemm(), None);
+        assert_eq!(d.conv["x f16"].igemm_ms, Some(f32::MAX));
+        assert_eq!(d.gemm, c.gemm);
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(serde_json::from_str::<TacticCache>(&json).unwrap(), d);
+        // an entry never timed against it keeps cuDNN
+        let mut u = c.conv["x f16"];
+        u.igemm_ms = None;
+        assert_eq!(u.igemm(), None);
+        // nor one timed slower
+        u.igemm_ms = Some(0.75);
+        assert_eq!(u.igemm(), None);
     }
 
     #[test]

@@ -1286,6 +1286,89 @@ pub struct Ctx<'a> {
     /// Whether Linear step `si` runs as one cuBLASLt matmul (its algorithm timed on the GPU; a
     /// bias in the epilogue, a residual as `C`); otherwise a cuBLAS GEMM and a bias/residual pass.
     pub lt: &'a dyn Fn(usize) -> bool,
+    /// The `conv_igemm_f16_nBN` tile width convolution step `si` runs on ([`conv_igemm_launch`]:
+    /// chosen over cuDNN by timing them when the engine is built); `None`: cuDNN and a bias pass.
+    pub conv_kernel: &'a dyn Fn(usize) -> Option<usize>,
+}
+
+/// `conv_igemm_f16_nBN`'s tile widths (output channels a block; 128 output pixels, k tiles of 32).
+pub const CONV_IGEMM_WIDTHS: [usize; 2] = [64, 128];
+
+/// Dynamic shared memory of `conv_igemm_f16_nBN`, by entry name: three stages of a 128-row and a
+/// BN-row tile of 40 halves a row.
+pub fn conv_igemm_smem(name: &str) -> Option<usize> {
+    let bn: usize = name.strip_prefix("conv_igemm_f16_n")?.parse().ok()?;
+    CONV_IGEMM_WIDTHS
+        .contains(&bn)
+        .then_some(3 * (128 + bn) * 40 * 2)
+}
+
+/// Dynamic shared memory above the 48 KiB default an entry point may launch with: the attention
+/// kernels' and `conv_igemm_f16_n128`'s, opened once when the device loads the kernels.
+pub fn opt_in_smem(name: &str) -> Option<usize> {
+    attention_smem(name).or_else(|| conv_igemm_smem(name))
+}
+
+/// Whether `conv_igemm_f16_nBN` (engine_ops.cu: channels-last float16 implicit GEMM on the
+/// tensor cores) computes convolution `c`: float16, channels-last, one group, no dilation, input
+/// channels a multiple of the k tile (32), output channels a multiple of 8, at most 32 filter
+/// taps.
+pub fn conv_igemm_ok(c: &super::program::ConvStep, precision: Precision) -> bool {
+    let [_, ch, _, _] = c.x_shape;
+    let [o, _, kh, kw] = c.w_shape;
+    precision == Precision::Fp16
+        && c.nhwc
+        && c.group == 1
+        && c.dilations == [1, 1]
+        && ch % 32 == 0
+        && o % 8 == 0
+        && kh * kw <= 32
+        && c.y_shape[0] * c.y_shape[2] * c.y_shape[3] < i32::MAX as usize
+        && kh * kw * ch < i32::MAX as usize
+}
+
+/// The launch of `conv_igemm_f16_n{bn}` for convolution `c` (its buffers at `ptr`): bias,
+/// per-sample bias and residual in its epilogue, so no pass after it.
+pub fn conv_igemm_launch(
+    c: &super::program::ConvStep,
+    bn: usize,
+    ptr: &dyn Fn(usize) -> u64,
+) -> Launch {
+    use KArg::{Ptr, I32};
+    let [n, ch, h, w] = c.x_shape;
+    let [o, _, kh, kw] = c.w_shape;
+    let [_, _, oh, ow] = c.y_shape;
+    let opt = |b: &Option<usize>| Ptr(b.map_or(0, ptr));
+    let i = |v: usize| I32(v as i32);
+    let kernel = format!("conv_igemm_f16_n{bn}");
+    Launch {
+        grid: ((n * oh * ow).div_ceil(128) as u32, o.div_ceil(bn) as u32, 1),
+        block: (128, 1, 1),
+        smem: conv_igemm_smem(&kernel).unwrap_or(0) as u32,
+        opt_in: false,
+        kernel,
+        args: vec![
+            Ptr(ptr(c.x)),
+            Ptr(ptr(c.w)),
+            Ptr(ptr(c.out)),
+            opt(&c.bias),
+            opt(&c.sample_bias),
+            opt(&c.residual),
+            i(n),
+            i(h),
+            i(w),
+            i(ch),
+            i(oh),
+            i(ow),
+            i(o),
+            i(kh),
+            i(kw),
+            i(c.strides[0]),
+            i(c.strides[1]),
+            i(c.pads[0]),
+            i(c.pads[1]),
+        ],
+    }
 }
 
 /// Values per block of a GroupNorm group (`group_norm_stats`/`group_norm_apply`); groups that
@@ -1457,7 +1540,7 @@ pub fn check_launchable(l: &Launch, smem_optin: usize) -> Result<(), String> {
     let opted = if l.opt_in {
         smem
     } else {
-        attention_smem(&l.kernel)
+        opt_in_smem(&l.kernel)
             .filter(|&s| s <= smem_optin)
             .unwrap_or(0)
     };
@@ -1719,6 +1802,16 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                 batch: *batch,
                 alpha: *alpha,
             }));
+        }
+        Step::Conv(c) if (ctx.conv_kernel)(si).is_some() => {
+            let bn = (ctx.conv_kernel)(si).unwrap_or(0);
+            if !conv_igemm_ok(c, ctx.precision) || !CONV_IGEMM_WIDTHS.contains(&bn) {
+                return Err(EngineError::Graph(format!(
+                    "step {si}: convolution {} is not one conv_igemm_f16_n{bn} computes",
+                    c.problem()
+                )));
+            }
+            ops.push(Op::Kernel(conv_igemm_launch(c, bn, &|b| ctx.ptrs[b])));
         }
         Step::Conv(c) => {
             ops.push(Op::Conv(ConvCall {
