@@ -24,9 +24,10 @@ use serde::{Deserialize, Serialize};
 
 pub use super::launch::WeightData;
 use super::launch::{
-    cast_launch, conv_igemm_launch, conv_igemm_ok, elementwise_launch, group_norm_scratch,
-    group_norm_splits, opt_in_smem, place_buffers, plan_memory_for, specialize, step_ops, ConvDesc,
-    Ctx, GemmCall, KArg, Launch, LtCall, LtDesc, LtLayout, Op, CONV_IGEMM_WIDTHS,
+    cast_launch, check_launchable, conv_igemm_launch, conv_igemm_ok, elementwise_launch,
+    group_norm_scratch, group_norm_splits, opt_in_smem, place_buffers, plan_memory_for, specialize,
+    step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, LtDesc, LtLayout, Op,
+    CONV_IGEMM_WIDTHS,
 };
 use super::program::{ConvStep, DType, MemoryPlan, Program, Step, Strided};
 use super::EngineError;
@@ -284,9 +285,10 @@ pub struct ConvTactic {
     /// Median time measured by cuDNN when it was chosen (ms).
     pub ms: f32,
     /// Mean time of the faster `conv_igemm_f16_nBN` on the same problem (ms; `f32::MAX` when
-    /// none ran), where those kernels apply ([`super::launch::conv_igemm_ok`]); absent before
-    /// they were timed. The kernel runs the convolution when this is below `ms`
-    /// ([`ConvTactic::igemm`]).
+    /// none ran), where those kernels apply ([`super::launch::conv_igemm_ok`]), timed with
+    /// cuDNN's algorithms; absent in caches and engines written before these kernels, whose
+    /// convolutions stay on cuDNN (not timed on load). The kernel runs the convolution when this
+    /// is below `ms` ([`ConvTactic::igemm`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub igemm_ms: Option<f32>,
     /// That kernel's tile width BN (64 or 128).
@@ -1376,11 +1378,14 @@ impl GpuProgram {
             // a cached choice (the engine's, or a run's timing cache) is used if this cuDNN takes
             // it here; otherwise, or with none, every algorithm is timed on this GPU
             let mut cached = tactics.conv.get(&key).copied();
+            // whether cuDNN's algorithms were timed in this load (not taken from a cache)
+            let mut timed_here = false;
             let ws = loop {
                 let from_cache = cached.is_some();
                 let tactic = match cached.take() {
                     Some(t) => t,
                     None => {
+                        timed_here = true;
                         // time every algorithm on this GPU (cuDNN runs each and sorts by time)
                         let limit = 256usize << 20;
                         if found_ws.is_none() {
@@ -1508,33 +1513,41 @@ impl GpuProgram {
                     Err(e) => return Err(e),
                 }
             };
-            max_ws = max_ws.max(ws);
             self.convs.insert(i, p);
-            // the implicit-GEMM kernels where they apply: each tile width timed once, the
-            // fastest kept where it beats cuDNN's choice (the decision is the cache's:
-            // ConvTactic::igemm)
-            if conv_igemm_ok(&c, self.precision) {
-                let t = tactics
-                    .conv
-                    .get_mut(&key)
-                    .expect("a tactic was chosen above");
-                if t.igemm_ms.is_none() {
-                    let mut best: (f32, Option<usize>) = (f32::MAX, None);
-                    for bn in CONV_IGEMM_WIDTHS {
-                        let l = conv_igemm_launch(&c, bn, &|b| self.ptrs[b]);
-                        match time_launch(dev, &l) {
-                            Ok(ms) if ms < best.0 => best = (ms, Some(bn)),
-                            Ok(_) => {}
-                            Err(e) => {
-                                eprintln!("note: {key}: {} does not run here ({e})", l.kernel)
-                            }
-                        }
+            // the implicit-GEMM kernels where they apply: each tile width timed when cuDNN's
+            // algorithms are (not on a cached choice: an engine or cache written before these
+            // kernels keeps cuDNN, so loading it twice runs the same), the fastest kept where it
+            // beats cuDNN's choice — the decision is the cache's (ConvTactic::igemm)
+            let t = tactics
+                .conv
+                .get_mut(&key)
+                .expect("a tactic was chosen above");
+            if conv_igemm_ok(&c, self.precision) && timed_here && t.igemm_ms.is_none() {
+                let mut best: (f32, Option<usize>) = (f32::MAX, None);
+                for bn in CONV_IGEMM_WIDTHS {
+                    let l = conv_igemm_launch(&c, bn, &|b| self.ptrs[b]);
+                    // a launch this GPU refuses is skipped; a fault while it runs is not (the
+                    // context is then unusable)
+                    if let Err(e) = check_launchable(&l, dev.smem_optin)
+                        .map_err(EngineError::Graph)
+                        .and_then(|_| dev.func(&l.kernel).map(|_| ()))
+                    {
+                        eprintln!("note: {key}: {} does not run here ({e})", l.kernel);
+                        continue;
                     }
-                    (t.igemm_ms, t.igemm_n) = (Some(best.0), best.1);
+                    let ms = time_launch(dev, &l)?;
+                    if ms < best.0 {
+                        best = (ms, Some(bn));
+                    }
                 }
-                if let Some(bn) = t.igemm() {
+                (t.igemm_ms, t.igemm_n) = (Some(best.0), best.1);
+            }
+            match t.igemm() {
+                Some(bn) if conv_igemm_ok(&c, self.precision) => {
                     self.conv_kernel.insert(i, bn);
                 }
+                // cuDNN's workspace only for the convolutions it runs
+                _ => max_ws = max_ws.max(ws),
             }
         }
         drop(found_ws);
@@ -2082,7 +2095,6 @@ impl GpuProgram {
     }
 }
 
-/// Enqueue one [`Launch`] on the device's stream.
 /// Mean time (ms) of `l` over [`LT_TIMED_RUNS`] launches after a warm-up (on the program's own
 /// buffers before it has run: the output is scratch).
 fn time_launch(dev: &CudaDevice, l: &Launch) -> Result<f32, EngineError> {
@@ -2104,6 +2116,7 @@ fn time_launch(dev: &CudaDevice, l: &Launch) -> Result<f32, EngineError> {
     Ok(ms / LT_TIMED_RUNS as f32)
 }
 
+/// Enqueue one [`Launch`] on the device's stream.
 fn launch_op(dev: &CudaDevice, l: &Launch) -> Result<(), EngineError> {
     super::launch::check_launchable(l, dev.smem_optin).map_err(EngineError::Graph)?;
     let (f, max_threads) = dev.func(&l.kernel)?;

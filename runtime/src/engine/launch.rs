@@ -1323,7 +1323,8 @@ pub fn conv_igemm_ok(c: &super::program::ConvStep, precision: Precision) -> bool
         && ch % 32 == 0
         && o % 8 == 0
         && kh * kw <= 32
-        && c.y_shape[0] * c.y_shape[2] * c.y_shape[3] < i32::MAX as usize
+        // the kernel's row indices reach a block (128) past the pixels
+        && c.y_shape[0] * c.y_shape[2] * c.y_shape[3] + 128 < i32::MAX as usize
         && kh * kw * ch < i32::MAX as usize
 }
 
