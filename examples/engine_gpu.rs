@@ -39,6 +39,7 @@ use std::time::Instant;
 use motionrt_runtime::engine::exec::{
     CudaDevice, GpuProgram, Precision, TacticCache, WeightData, WeightStore,
 };
+use motionrt_runtime::engine::launch::CONV_IGEMM_WIDTHS;
 use motionrt_runtime::engine::localize::{reference_macs, Localizer};
 use motionrt_runtime::engine::program::{self, InitializerSource, Layout};
 use motionrt_runtime::engine::source::FileInitializers;
@@ -431,6 +432,37 @@ fn check(a: &Args) -> Res<bool> {
                 );
                 if ok_before && !ok {
                     step_by_step(&mut gp)?;
+                }
+                // the implicit-GEMM convolution kernels, at both widths, on every convolution they
+                // compute (whichever the timing chose above), eager
+                if precision == Precision::Fp16 && layout == Layout::Nhwc {
+                    drop(gp);
+                    for bn in CONV_IGEMM_WIDTHS {
+                        let mut forced = tactics.forced_igemm(bn);
+                        let mut gk =
+                            GpuProgram::load(&dev, prog.clone(), precision, &weight, &mut forced)?;
+                        if gk.conv_kernel_steps() == 0 {
+                            break;
+                        }
+                        gk.poison(&dev)?;
+                        let got = gk.run(&dev, &f_in, &i_in)?;
+                        for (name, _, o) in &got {
+                            let Some(r) = want.get(name) else { continue };
+                            let st = error_stats(o, r);
+                            let pass = st.nonfinite == 0
+                                && st.max_rel_to_ref_max <= 1e-2
+                                && st.cosine >= 0.9999;
+                            ok &= pass;
+                            println!(
+                                "| {g}.{name} | {precision:?} {layout:?} | eager, {} convolutions on conv_igemm_f16_n{bn} | {:.2e} | {:.6} | {} | {} |",
+                                gk.conv_kernel_steps(),
+                                st.max_rel_to_ref_max,
+                                st.cosine,
+                                st.nonfinite,
+                                if pass { "ok" } else { "FAIL" }
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -245,6 +245,16 @@ impl TacticCache {
         }
     }
 
+    /// The same cache with every convolution `conv_igemm_f16_n{bn}` computes on that kernel,
+    /// whatever the timing said (for checking the kernel on a GPU where cuDNN won).
+    pub fn forced_igemm(&self, bn: usize) -> Self {
+        let mut c = self.clone();
+        for t in c.conv.values_mut() {
+            (t.igemm_ms, t.igemm_n) = (Some(f32::MIN), Some(bn));
+        }
+        c
+    }
+
     /// The same cache with every convolution on cuDNN (`conv_igemm_f16` recorded as slower where
     /// it was timed, so not timed again), for measuring what that kernel gains, side by side.
     pub fn cudnn_convs(&self) -> Self {
@@ -1985,6 +1995,11 @@ impl GpuProgram {
     }
 
     /// Bytes of weights on the device for this program and those sharing them with it.
+    /// How many convolution steps run on `conv_igemm_f16_nBN` (the rest on cuDNN).
+    pub fn conv_kernel_steps(&self) -> usize {
+        self.conv_kernel.len()
+    }
+
     pub fn device_weight_bytes(&self) -> usize {
         self.weights.borrow().bytes()
     }

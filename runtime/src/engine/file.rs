@@ -866,6 +866,8 @@ mod tests {
         // nor one timed slower
         u.igemm_ms = Some(0.75);
         assert_eq!(u.igemm(), None);
+        // the GPU check's copy puts every convolution on the kernel at the width asked for
+        assert_eq!(d.forced_igemm(64).conv["x f16"].igemm(), Some(64));
     }
 
     #[test]
