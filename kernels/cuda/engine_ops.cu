@@ -1603,18 +1603,15 @@ __device__ __forceinline__ void conv_igemm(
                 const int o = n0 + wn + 8 * j + 2 * tq;
                 if (o >= O) continue;
                 float v0 = acc[i][j][2 * hi], v1 = acc[i][j][2 * hi + 1];
-                if (bias) {
-                    v0 += mrt_h2f(bias[o]);
-                    v1 += mrt_h2f(bias[o + 1]);
-                }
-                if (sbias) {
-                    v0 += mrt_h2f(sbias[(i64)n * O + o]);
-                    v1 += mrt_h2f(sbias[(i64)n * O + o + 1]);
-                }
-                if (res) {
-                    v0 += mrt_h2f(res[(i64)m * O + o]);
-                    v1 += mrt_h2f(res[(i64)m * O + o + 1]);
-                }
+                // channel pairs: 4-byte loads (o and O even)
+                auto add2 = [&](const half_bits* p) {
+                    const unsigned u = *(const unsigned*)p;
+                    v0 += mrt_h2f((half_bits)(u & 0xffffu));
+                    v1 += mrt_h2f((half_bits)(u >> 16));
+                };
+                if (bias) add2(bias + o);
+                if (sbias) add2(sbias + (i64)n * O + o);
+                if (res) add2(res + (i64)m * O + o);
                 *(unsigned*)(y + (i64)m * O + o) = mrt_pack_h2(v0, v1);
             }
         }
