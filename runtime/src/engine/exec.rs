@@ -1994,12 +1994,12 @@ impl GpuProgram {
         Ok(out)
     }
 
-    /// Bytes of weights on the device for this program and those sharing them with it.
     /// How many convolution steps run on `conv_igemm_f16_nBN` (the rest on cuDNN).
     pub fn conv_kernel_steps(&self) -> usize {
         self.conv_kernel.len()
     }
 
+    /// Bytes of weights on the device for this program and those sharing them with it.
     pub fn device_weight_bytes(&self) -> usize {
         self.weights.borrow().bytes()
     }
