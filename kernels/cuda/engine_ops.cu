@@ -1030,14 +1030,12 @@ __device__ __forceinline__ i64 att_seq_row(int n, int T, int ns) {
 }
 
 // `rows` rows of `d` halves (row r at g + r * gstride) into shared rows of pitch DP + 8 at s with
-// 16-byte cp.async, and when s2 is not null as many rows of g2 (same stride) into s2: K and V
-// from one index computation. Rows from `valid` on are zero-filled (plain stores). The slots are
-// rows x DP / 8 chunks, divided by a compile-time constant; the chunks past d (the padding,
-// zeroed once by att_zero_cols) are skipped.
+// 16-byte cp.async. Rows from `valid` on are zero-filled (plain stores). The slots are rows x
+// DP / 8 chunks, divided by a compile-time constant; the chunks past d (the padding, zeroed once
+// by att_zero_cols) are skipped. (The tiled kernel's K and V tiles: att_load_kv_tile.)
 template <int DP>
-__device__ __forceinline__ void att_load_rows(half_bits* s, const half_bits* g, half_bits* s2,
-                                              const half_bits* g2, i64 gstride, int rows,
-                                              int valid, int d, int tid, int nthreads) {
+__device__ __forceinline__ void att_load_rows(half_bits* s, const half_bits* g, i64 gstride,
+                                              int rows, int valid, int d, int tid, int nthreads) {
     constexpr unsigned CH = DP / 8;
     const unsigned chunks = (unsigned)d >> 3;
     for (unsigned i = tid; i < (unsigned)rows * CH; i += nthreads) {
@@ -1047,14 +1045,9 @@ __device__ __forceinline__ void att_load_rows(half_bits* s, const half_bits* g, 
         if ((int)r < valid) {
             const i64 go = (i64)r * gstride + c * 8;
             mrt_cp_async_16(s + so, g + go);
-            if (s2) mrt_cp_async_16(s2 + so, g2 + go);
         } else {
             unsigned* w = (unsigned*)(s + so);
             w[0] = w[1] = w[2] = w[3] = 0u;
-            if (s2) {
-                w = (unsigned*)(s2 + so);
-                w[0] = w[1] = w[2] = w[3] = 0u;
-            }
         }
     }
 }
@@ -1138,7 +1131,6 @@ __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
     constexpr int P = DP + 8;
     const int mi = lane >> 3, tq = lane & 3;
     const bool half_last = (d & 15) != 0;  // dims DP-16 .. DP-9 real, DP-8 .. DP-1 padding
-    static_assert(!ONES || DP % 16 == 0, "ONES: d = DP - 8");
     // S = Q K^T. ldmatrix x4 over two 8-key n-tiles: (j, dims lo), (j, dims hi), (j+1, lo),
     // (j+1, hi); K rows are the B operand's columns, so no transpose. A half chunk: x2 over
     // (j, lo), (j+1, lo).
@@ -1295,8 +1287,8 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
     const half_bits* kg = k + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
     const half_bits* vg = v + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
     att_zero_cols<DP, ONES>(sm, 4 * ATT_KEYS, d, tid, nt, ATT_KEYS, 2);
-    att_load_rows<DP>(st1, q + att_seq_row(n, L, ns) * ldq + row0 * tq + (i64)h * d, nullptr,
-                      nullptr, tq, ATT_WARPS * 16, min(L - row0, ATT_WARPS * 16), d, tid, nt);
+    att_load_rows<DP>(st1, q + att_seq_row(n, L, ns) * ldq + row0 * tq + (i64)h * d, tq,
+                      ATT_WARPS * 16, min(L - row0, ATT_WARPS * 16), d, tid, nt);
     att_load_kv_tile<DP>(st0, kg, vg, tkv, min(S, ATT_KEYS), d, tid);
     mrt_cp_async_commit();
     mrt_cp_async_wait<0>();
@@ -1344,8 +1336,8 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
     half_bits* ks = qs + R * P;
     half_bits* vs = ks + R * P;
     att_zero_cols<DP, ONES>(qs, 3 * R, d, lane, 32, R, 3);
-    att_load_rows<DP>(qs, q + att_seq_row(n, L, ns) * ldq + (i64)h * d, nullptr, nullptr,
-                      (i64)ldq * ns, R, min(L, R), d, lane, 32);
+    att_load_rows<DP>(qs, q + att_seq_row(n, L, ns) * ldq + (i64)h * d, (i64)ldq * ns, R,
+                      min(L, R), d, lane, 32);
     const float sl2 = scale * 1.4426950408889634f;
     // one 16-row tile at a time (two tiles' registers at once would spill at DP >= 128); with a
     // single key tile (S <= R, attention over frames) K and V are loaded once for both
@@ -1361,10 +1353,8 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
                                (i64)(t2 % heads) * d;
                 const i64 tkv = (i64)ldkv * ns;  // token stride (ns sequences interleaved)
                 // K and V one at a time (both at once spill registers at DP = 96, MT = 2)
-                att_load_rows<DP>(ks, k + at, nullptr, nullptr, tkv, R, min(S - s0, R), d, lane,
-                                  32);
-                att_load_rows<DP>(vs, v + at, nullptr, nullptr, tkv, R, min(S - s0, R), d, lane,
-                                  32);
+                att_load_rows<DP>(ks, k + at, tkv, R, min(S - s0, R), d, lane, 32);
+                att_load_rows<DP>(vs, v + at, tkv, R, min(S - s0, R), d, lane, 32);
                 mrt_cp_async_commit();
                 mrt_cp_async_wait<0>();
                 __syncwarp();
