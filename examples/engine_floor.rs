@@ -219,7 +219,7 @@ fn main() -> Res<()> {
 fn launches(prog: &program::Program, conv_kernel: Option<usize>) -> Res<()> {
     use motionrt_runtime::engine::exec::Precision;
     use motionrt_runtime::engine::launch::{
-        check_launchable, conv_igemm_ok, group_norm_scratch, plan_memory_for, step_ops, Ctx, Op,
+        check_launchable, conv_igemm_for, group_norm_scratch, plan_memory_for, step_ops, Ctx, Op,
     };
     const H100_SMEM_OPTIN: usize = 227 * 1024;
     let memory = plan_memory_for(prog, Precision::Fp16);
@@ -247,11 +247,7 @@ fn launches(prog: &program::Program, conv_kernel: Option<usize>) -> Res<()> {
         },
         smem_optin: H100_SMEM_OPTIN,
         lt: &lt,
-        conv_kernel: &|si| {
-            conv_kernel.filter(
-                |_| matches!(&prog.steps[si], Step::Conv(c) if conv_igemm_ok(c, Precision::Fp16)),
-            )
-        },
+        conv_kernel: &|si| conv_igemm_for(prog, si, Precision::Fp16, conv_kernel),
     };
     let (mut kernels, mut lts, mut gemms, mut convs) = (0, 0, 0, 0);
     let mut bad = Vec::new();

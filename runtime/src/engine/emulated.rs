@@ -17,7 +17,7 @@ use motionrt_kernels::emu::{Arg, DeviceBuffer, Emu};
 use super::cpu_exec::dot;
 use super::exec::Precision;
 use super::launch::{
-    cast_launch, conv_igemm_ok, group_norm_scratch, place_buffers, plan_memory_for, specialize,
+    cast_launch, conv_igemm_for, group_norm_scratch, place_buffers, plan_memory_for, specialize,
     step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op, WeightData,
 };
 use super::program::{DType, MemoryPlan, Outputs, Program, Step, Strided};
@@ -217,9 +217,7 @@ impl<'e> EmuProgram<'e> {
         let norm_stats = self.norm_stats.as_ref().map_or(0, |b| b.as_ptr() as u64);
         let lt_on = self.lt;
         let is_lt = move |_: usize| lt_on;
-        let ck = self.conv_kernel.filter(|_| {
-            matches!(&self.program.steps[si], Step::Conv(c) if conv_igemm_ok(c, self.precision))
-        });
+        let ck = conv_igemm_for(&self.program, si, self.precision, self.conv_kernel);
         let is_ck = move |_: usize| ck;
         let ctx = Ctx {
             precision: self.precision,

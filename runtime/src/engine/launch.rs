@@ -1328,6 +1328,18 @@ pub fn conv_igemm_ok(c: &super::program::ConvStep, precision: Precision) -> bool
         && kh * kw * ch < i32::MAX as usize
 }
 
+/// `bn` for step `si` of `p` if it is a convolution `conv_igemm_f16_n{bn}` computes, else `None`:
+/// every such convolution on that kernel (the emulated executor's and `engine_floor`'s choice,
+/// where the GPU executor's is timed).
+pub fn conv_igemm_for(
+    p: &Program,
+    si: usize,
+    precision: Precision,
+    bn: Option<usize>,
+) -> Option<usize> {
+    bn.filter(|_| matches!(&p.steps[si], Step::Conv(c) if conv_igemm_ok(c, precision)))
+}
+
 /// The launch of `conv_igemm_f16_n{bn}` for convolution `c` (its buffers at `ptr`): bias,
 /// per-sample bias and residual in its epilogue, so no pass after it.
 pub fn conv_igemm_launch(
