@@ -1444,12 +1444,20 @@ ATT_ENTRIES_AS(40, 48, 40, true)
 // (4 x BN / 16 m16n8k16 products a 16-wide k step; a warp whose channels all lie past O skips
 // them); shared rows of 40 halves (5 chunks: conflict-free ldmatrix). Grid (ceil(M / 128),
 // ceil(O / BN)), 128 threads, dynamic shared memory 3 * (128 + BN) * 40 * 2 bytes.
+//
+// GG: the same kernel as a GEMM with GEGLU in its epilogue (`gemm_geglu_f16_nBN`): a 1x1
+// "convolution" of M = rows pixels (N = 1, H = OH = M, W = OW = 1), C = k, weight [2D, k] (the
+// projection's `[value; gate]` rows), O = 2D. The block's channel o reads weight row j
+// (o / 16 * 8 + o % 8) of the value half when o / 8 is even and of the gate half (D + j) when
+// odd, so each thread holds a value and its gate in the same accumulator slots of n8 tiles
+// 2t and 2t + 1: y[m, j] = (v + bias[j]) * gelu(g + bias[D + j]) for two adjacent j, stored
+// as one 4-byte pair; y is [M, D], no per-sample bias or residual. Needs D % 8 == 0.
 #define CIG_BM 128
 #define CIG_BK 32
 #define CIG_ST 3
 #define CIG_P (CIG_BK + 8)
 
-template <int BN>
+template <int BN, bool GG>
 __device__ __forceinline__ void conv_igemm(
     const half_bits* __restrict__ x, const half_bits* __restrict__ w, half_bits* __restrict__ y,
     const half_bits* __restrict__ bias, const half_bits* __restrict__ sbias,
@@ -1488,7 +1496,9 @@ __device__ __forceinline__ void conv_igemm(
 #pragma unroll
     for (int i = 0; i < NB; ++i) {
         const int o = n0 + r0 + 32 * i;
-        bp[i] = o < O ? w + (i64)o * K + ch * 8 : nullptr;
+        // GG: value row j or gate row D + j (see above)
+        const int row = GG ? ((o >> 3) & 1) * (O >> 1) + (o >> 4) * 8 + (o & 7) : o;
+        bp[i] = o < O ? w + (i64)row * K + ch * 8 : nullptr;
     }
     // the next k tile to load: its first k, that k's filter tap (kh * KW + kw), kw and channel,
     // and its input offset from tap (0, 0): (kh * W + kw) * C + c, stepped along (32 a tile, and
@@ -1587,6 +1597,29 @@ __device__ __forceinline__ void conv_igemm(
         for (int hi = 0; hi < 2; ++hi) {
             const int m = m0 + wm + 16 * i + grp + 8 * hi;
             if (m >= M) continue;
+            if (GG) {
+                // n8 tiles j (values) and j + 1 (their gates): output channels jo, jo + 1
+                const int D = O >> 1;
+#pragma unroll
+                for (int j = 0; j < NJ; j += 2) {
+                    const int o = n0 + wn + 8 * j;
+                    if (o >= O) continue;
+                    const int jo = (o >> 4) * 8 + 2 * tq;
+                    float a0 = acc[i][j][2 * hi], a1 = acc[i][j][2 * hi + 1];
+                    float g0 = acc[i][j + 1][2 * hi], g1 = acc[i][j + 1][2 * hi + 1];
+                    if (bias) {
+                        const unsigned ub = *(const unsigned*)(bias + jo);
+                        const unsigned ug = *(const unsigned*)(bias + D + jo);
+                        a0 += mrt_h2f((half_bits)(ub & 0xffffu));
+                        a1 += mrt_h2f((half_bits)(ub >> 16));
+                        g0 += mrt_h2f((half_bits)(ug & 0xffffu));
+                        g1 += mrt_h2f((half_bits)(ug >> 16));
+                    }
+                    *(unsigned*)(y + (i64)m * D + jo) =
+                        mrt_pack_h2(geglu1(a0, g0), geglu1(a1, g1));
+                }
+                continue;
+            }
             const int n = m / OHW;
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
@@ -1613,7 +1646,14 @@ __device__ __forceinline__ void conv_igemm(
         const half_bits* x, const half_bits* w, half_bits* y, const half_bits* bias,               \
         const half_bits* sbias, const half_bits* res, int N, int H, int W, int C, int OH, int OW,  \
         int O, int KH, int KW, int sh, int sw, int ph, int pw) {                                   \
-        conv_igemm<BN>(x, w, y, bias, sbias, res, N, H, W, C, OH, OW, O, KH, KW, sh, sw, ph, pw); \
+        conv_igemm<BN, false>(x, w, y, bias, sbias, res, N, H, W, C, OH, OW, O, KH, KW, sh, sw, ph, \
+                              pw);                                                                 \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) gemm_geglu_f16_n##BN(                        \
+        const half_bits* x, const half_bits* w, half_bits* y, const half_bits* bias, int M, int K,  \
+        int D) {                                                                                   \
+        conv_igemm<BN, true>(x, w, y, bias, nullptr, nullptr, 1, M, 1, K, M, 1, 2 * D, 1, 1, 1, 1, \
+                             0, 0);                                                                \
     }
 CONV_IGEMM_ENTRY(64)
 CONV_IGEMM_ENTRY(128)

@@ -71,6 +71,8 @@ KA(160)
 KA(40)
 K(conv_igemm_f16_n64)
 K(conv_igemm_f16_n128)
+K(gemm_geglu_f16_n64)
+K(gemm_geglu_f16_n128)
 
 #else
 #error "MRT_EMU_UNIT must name one of the sources above"

@@ -1495,6 +1495,70 @@ fn implicit_gemm_convolution_matches_the_cpu() {
     }
 }
 
+/// `gemm_geglu_f16_n{64,128}` (the feed-forward's first projection with GEGLU in its epilogue,
+/// a tactic the engine times against cuBLASLt + `geglu_f16`) against the CPU's GEGLU of the
+/// product of the same float16-rounded values: partial row and channel blocks, with and
+/// without the projection's bias.
+#[test]
+fn gemm_with_geglu_epilogue_matches_the_cpu() {
+    let Some(emu) = emu() else { return };
+    // (rows, k, d, bias): d a multiple of 8; 2d below, at and above a block's 64 / 128 columns
+    for (m, k, d, with_bias) in [
+        (5, 32, 8, true),
+        (130, 64, 40, true),
+        (200, 96, 72, false),
+        (129, 320, 136, true),
+    ] {
+        let seed = (m * 7 + k + d) as u64;
+        let round = |v: Vec<f32>| <u16 as Host>::round(&v);
+        let x = round(random(m * k, seed));
+        let sc = 1.0 / (k as f32).sqrt();
+        // [value; gate] rows, [2d, k]
+        let wt = round(random(2 * d * k, seed + 1).iter().map(|v| v * sc).collect());
+        let bias = round(random(2 * d, seed + 2));
+        let mut proj = vec![0f32; m * 2 * d];
+        for r in 0..m {
+            for o in 0..2 * d {
+                let mut acc = 0f64;
+                for i in 0..k {
+                    acc += x[r * k + i] as f64 * wt[o * k + i] as f64;
+                }
+                if with_bias {
+                    acc += bias[o] as f64;
+                }
+                proj[r * 2 * d + o] = acc as f32;
+            }
+        }
+        let want = fused::geglu(&proj, 2 * d).unwrap();
+        let (bx, bw, bb) = (buf::<u16>(&x), buf::<u16>(&wt), buf::<u16>(&bias));
+        for bn in [64usize, 128] {
+            let out = out_buf::<u16>(m * d);
+            let i = |v: usize| Arg::I32(v as i32);
+            launch(
+                emu,
+                &format!("gemm_geglu_f16_n{bn}"),
+                (m.div_ceil(128) as u32, (2 * d).div_ceil(bn) as u32, 1),
+                (128, 1, 1),
+                3 * (128 + bn) * 40 * 2,
+                &[
+                    Arg::Buf(&bx),
+                    Arg::Buf(&bw),
+                    Arg::Buf(&out),
+                    if with_bias { Arg::Buf(&bb) } else { Arg::Null },
+                    i(m),
+                    i(k),
+                    i(d),
+                ],
+            );
+            check::<u16>(
+                &format!("gemm_geglu_f16_n{bn} {m}x{k} -> 2x{d}, bias {with_bias}"),
+                &read::<u16>(&out),
+                &want,
+            );
+        }
+    }
+}
+
 // ---- engine element kernels (verified on H100/H200 through the engine) ----------------------------
 
 /// `#[repr(C)] struct Strided` of engine_ops.cu (and motionrt_runtime::engine::program::Strided).
