@@ -6,14 +6,18 @@
 //! `--no-merge`: as compiled).
 //!
 //! `cargo run --release --example engine_floor -- FUSED.onnx [--frames 16 --height 64 --width 64
-//!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --texp 3.9 --no-merge --conv-kernel BN]`
+//!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --texp 3.9 --no-merge --conv-kernel BN
+//!  --geglu-kernel BN]`
 //!
 //! `--texp`: exponentials a second (10¹²; an H100 SXM's special-function units, 16 an SM a cycle),
 //! the third bound of an attention's or a softmax's step: one exponential a score.
 //!
 //! Last, every launch the float16 executor would make at these shapes is checked against an
 //! H100's launch limits (non-zero exit when one is beyond them); `--conv-kernel 64|128`: with
-//! every convolution `conv_igemm_f16_nBN` computes on it (as where it times faster than cuDNN).
+//! every convolution `conv_igemm_f16_nBN` computes on it (as where it times faster than cuDNN);
+//! `--geglu-kernel 64|128`: every feed-forward projection `gemm_geglu_f16_nBN` computes with its
+//! GEGLU as that one kernel (as where it times faster than cuBLASLt and `geglu`), in the table as
+//! `linear+geglu` (the projection's `[rows, 2d]` output neither written nor read again).
 //!
 //! FUSED.onnx is a graph written by `motionrt build --plan-only`: the UNet (inputs at
 //! `[batch, 4, frames, height, width]` latents with a 77-token context per frame), or the VAE
@@ -23,6 +27,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use motionrt_runtime::engine::exec::Precision;
+use motionrt_runtime::engine::launch;
 use motionrt_runtime::engine::program::{self, Layout, Step};
 use motionrt_runtime::engine::source::FileInitializers;
 
@@ -39,6 +45,7 @@ fn main() -> Res<()> {
     let mut layout = Layout::Nhwc;
     let mut merge = true;
     let mut conv_kernel: Option<usize> = None;
+    let mut geglu_kernel: Option<usize> = None;
     while let Some(k) = it.next() {
         if k == "--no-merge" {
             merge = false;
@@ -55,6 +62,7 @@ fn main() -> Res<()> {
             "--texp" => texp = v.parse()?,
             "--layout" => layout = Layout::parse(&v).ok_or("--layout nhwc|nchw")?,
             "--conv-kernel" => conv_kernel = Some(v.parse()?),
+            "--geglu-kernel" => geglu_kernel = Some(v.parse()?),
             _ => return Err(format!("unknown argument {k}").into()),
         }
     }
@@ -81,8 +89,7 @@ fn main() -> Res<()> {
     // what the float16 executor runs: motion modules on frame-major rows, Q, K, V projections
     // merged into one GEMM
     if merge {
-        use motionrt_runtime::engine::{exec::Precision, launch::specialize};
-        let s = specialize(&mut prog, Precision::Fp16);
+        let s = launch::specialize(&mut prog, Precision::Fp16);
         println!(
             "{} motion modules on frame-major rows ({} residual adds into a GEMM epilogue); {} convolution biases added by the GroupNorm or GEMM after; {} attentions read Q, K, V (or K, V) from one GEMM",
             s.frame_major, s.residual_adds, s.conv_biases, s.merged
@@ -99,7 +106,28 @@ fn main() -> Res<()> {
     };
     // kind -> (steps, flop, bytes, floor ms)
     let mut by: BTreeMap<String, (usize, f64, f64, f64)> = BTreeMap::new();
-    for s in &prog.steps {
+    let fused: Vec<(usize, usize)> = match geglu_kernel {
+        Some(_) => launch::geglu_pairs(&prog, Precision::Fp16),
+        None => Vec::new(),
+    };
+    for (si, s) in prog.steps.iter().enumerate() {
+        if fused.iter().any(|&(_, gi)| gi == si) {
+            continue; // in its projection's kernel
+        }
+        if fused.iter().any(|&(li, _)| li == si) {
+            if let Step::Linear { m, n, k, .. } = s {
+                let (flop, bytes) = (
+                    2.0 * (m * n * k) as f64,
+                    (m * k + n * k + m * n / 2) as f64 * el,
+                );
+                let e = by.entry("linear+geglu".into()).or_default();
+                e.0 += 1;
+                e.1 += flop;
+                e.2 += bytes;
+                e.3 += floor(flop, bytes, 0.0);
+                continue;
+            }
+        }
         // one exponential a score (attention, softmax)
         let exps = match s {
             Step::Attention { n, l, s, heads, .. } => (n * heads * l * s) as f64,
@@ -209,20 +237,43 @@ fn main() -> Res<()> {
         tf / 1e9,
         tb / 1e9
     );
-    launches(&prog, conv_kernel)
+    launches(&prog, conv_kernel, geglu_kernel)
 }
 
 /// Every launch the float16 executor makes for `prog` (its very `step_ops`, at addresses laid
 /// out as it lays them: activations at their arena offsets, weights apart), each kernel checked
 /// against an H100's launch limits (grid, block, 227 KiB of opt-in shared memory) as the
 /// executor checks it before launching. Errors when one is beyond them.
-fn launches(prog: &program::Program, conv_kernel: Option<usize>) -> Res<()> {
-    use motionrt_runtime::engine::exec::Precision;
+fn launches(
+    prog: &program::Program,
+    conv_kernel: Option<usize>,
+    geglu_kernel: Option<usize>,
+) -> Res<()> {
     use motionrt_runtime::engine::launch::{
-        check_launchable, conv_igemm_for, group_norm_scratch, plan_memory_for, step_ops, Ctx, Op,
+        check_launchable, conv_igemm_for, geglu_kernel_for, group_norm_scratch, plan_memory_for,
+        step_ops, Ctx, Op,
     };
     const H100_SMEM_OPTIN: usize = 227 * 1024;
     let memory = plan_memory_for(prog, Precision::Fp16);
+    // what keeping each GEGLU projection's input live through its GEGLU (gemm_geglu_f16 reads it
+    // there) costs the activation arena
+    let plain = program::plan_memory(prog, |d| match d {
+        program::DType::Float => 2,
+        program::DType::I64 => 8,
+    });
+    let fused = launch::plan_memory_fused(
+        prog,
+        Precision::Fp16,
+        &launch::geglu_pairs(prog, Precision::Fp16),
+    );
+    let mib = |b: usize| b as f64 / 1048576.0;
+    println!(
+        "activation arena (float16): {:.0} MiB as planned at load ({:.0} MiB without the GEGLU pairs' projection inputs kept live; {:.0} MiB planned again with every pair on gemm_geglu; {:.0} MiB without reuse)",
+        mib(memory.arena_bytes),
+        mib(plain.arena_bytes),
+        mib(fused.arena_bytes),
+        mib(memory.unshared_bytes)
+    );
     let (base, mut next) = (1u64 << 40, 1u64 << 44);
     let ptrs: Vec<u64> = (0..prog.buffers.len())
         .map(|i| match memory.offsets[i] {
@@ -248,6 +299,7 @@ fn launches(prog: &program::Program, conv_kernel: Option<usize>) -> Res<()> {
         smem_optin: H100_SMEM_OPTIN,
         lt: &lt,
         conv_kernel: &|si| conv_igemm_for(prog, si, Precision::Fp16, conv_kernel),
+        geglu_kernel: &|si| geglu_kernel_for(prog, si, Precision::Fp16, geglu_kernel),
     };
     let (mut kernels, mut lts, mut gemms, mut convs) = (0, 0, 0, 0);
     let mut bad = Vec::new();

@@ -433,12 +433,12 @@ fn check(a: &Args) -> Res<bool> {
                 if ok_before && !ok {
                     step_by_step(&mut gp)?;
                 }
-                // the implicit-GEMM convolution kernels, at both widths, on every convolution they
-                // compute (whichever the timing chose above), eager
+                // the implicit-GEMM kernels, at both widths, on every convolution and GEGLU pair
+                // they compute (whichever the timing chose above), eager
                 if precision == Precision::Fp16 && layout == Layout::Nhwc {
                     drop(gp);
                     for bn in CONV_IGEMM_WIDTHS {
-                        let mut forced = tactics.forced_igemm(bn);
+                        let mut forced = tactics.forced_igemm(bn).forced_geglu(bn);
                         let mut gk = match GpuProgram::load(
                             &dev,
                             prog.clone(),
@@ -448,12 +448,12 @@ fn check(a: &Args) -> Res<bool> {
                         ) {
                             Ok(g) => g,
                             Err(e) => {
-                                println!("| {g} | {precision:?} {layout:?} | load, convolutions on conv_igemm_f16_n{bn} | {e} | | | FAIL |");
+                                println!("| {g} | {precision:?} {layout:?} | load, convolutions on conv_igemm_f16_n{bn}, GEGLU pairs on gemm_geglu_f16_n{bn} | {e} | | | FAIL |");
                                 ok = false;
                                 continue;
                             }
                         };
-                        if gk.conv_kernel_steps() == 0 {
+                        if gk.conv_kernel_steps() == 0 && gk.geglu_kernel_pairs() == 0 {
                             break;
                         }
                         gk.poison(&dev)?;
@@ -466,8 +466,9 @@ fn check(a: &Args) -> Res<bool> {
                                 && st.cosine >= 0.9999;
                             ok &= pass;
                             println!(
-                                "| {g}.{name} | {precision:?} {layout:?} | eager, {} convolutions on conv_igemm_f16_n{bn} | {:.2e} | {:.6} | {} | {} |",
+                                "| {g}.{name} | {precision:?} {layout:?} | eager, {} convolutions on conv_igemm_f16_n{bn}, {} GEGLU pairs on gemm_geglu_f16_n{bn} | {:.2e} | {:.6} | {} | {} |",
                                 gk.conv_kernel_steps(),
+                                gk.geglu_kernel_pairs(),
                                 st.max_rel_to_ref_max,
                                 st.cosine,
                                 st.nonfinite,
@@ -665,6 +666,14 @@ fn bench_layout(
             })
             .collect::<Vec<_>>(),
         "gemm_tactics": tactics.gemm.len(),
+        // the projection-with-GEGLU kernel against cuBLASLt's matmul and `geglu`, per problem:
+        // [problem, the two steps' ms, the faster tile width's ms, that width, chosen] (means of 5)
+        "gemm_geglu": tactics
+            .geglu
+            .iter()
+            .map(|(k, t)| serde_json::json!([k, t.ms, t.fused_ms, t.fused_n, t.fused().is_some()]))
+            .collect::<Vec<_>>(),
+        "geglu_pairs_on_kernel": gp.geglu_kernel_pairs(),
         "output_nonfinite": nonfinite,
     });
     for (k, v) in head.as_object().expect("an object") {
@@ -766,6 +775,33 @@ fn bench_layout(
         serde_json::to_string(&serde_json::json!({ "conv_kernel_ab": ab }))?
     );
     results.last_mut().expect("this layout's entry")["conv_kernel_ab"] = ab;
+    save(a, results)?;
+    // what the projection-with-GEGLU kernel gives where it timed faster: every pair as a
+    // cuBLASLt matmul and `geglu` instead, side by side
+    let chosen = tactics
+        .geglu
+        .values()
+        .filter(|t| t.fused().is_some())
+        .count();
+    let mut two = tactics.unfused_geglu();
+    let unfused = runs(true, &mut two)?;
+    let timed = runs(true, &mut tactics)?;
+    eprintln!(
+        "GEGLU pairs as timed ({chosen} of {} problems on gemm_geglu_f16): {timed:.2} ms, all as two steps: {unfused:.2} ms ({:.3}x)",
+        tactics.geglu.len(),
+        unfused / timed
+    );
+    let ab = serde_json::json!({
+        "timed_graph_median_ms": timed,
+        "two_steps_graph_median_ms": unfused,
+        "geglu_problems": tactics.geglu.len(),
+        "problems_on_gemm_geglu": chosen,
+    });
+    println!(
+        "{}",
+        serde_json::to_string(&serde_json::json!({ "geglu_kernel_ab": ab }))?
+    );
+    results.last_mut().expect("this layout's entry")["geglu_kernel_ab"] = ab;
     save(a, results)
 }
 

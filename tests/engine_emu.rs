@@ -25,9 +25,11 @@ use motionrt_kernels::emu::Emu;
 use motionrt_runtime::engine::emulated::EmuProgram;
 use motionrt_runtime::engine::exec::Precision;
 use motionrt_runtime::engine::file::InlineInitializers;
-use motionrt_runtime::engine::launch::{specialize, WeightData};
+use motionrt_runtime::engine::launch::{
+    geglu_pairs, plan_memory_for, plan_memory_fused, specialize, WeightData,
+};
 use motionrt_runtime::engine::program::{
-    self, BufferKind, InitializerSource, Layout, Outputs, Program, Step, WeightSource,
+    self, lifetimes, BufferKind, InitializerSource, Layout, Outputs, Program, Step, WeightSource,
 };
 use motionrt_runtime::engine::source::FileInitializers;
 use motionrt_runtime::engine::{cpu_exec, plan_graph, EngineError};
@@ -119,23 +121,30 @@ fn emulate(
     smem_optin: usize,
     lt: bool,
 ) -> Result<(Outputs, BTreeMap<String, usize>), EngineError> {
-    emulate_with(emu, c, precision, smem_optin, lt, None)
+    emulate_with(emu, c, precision, smem_optin, lt, (None, None))
 }
 
-/// [`emulate`], with `conv_kernel`: every convolution `conv_igemm_f16_nBN` computes on it, with
-/// this BN (what an engine runs where that kernel timed faster than cuDNN).
+/// [`emulate`], with `(conv_kernel, geglu_kernel)`: every convolution `conv_igemm_f16_nBN`
+/// computes on it, with this BN (what an engine runs where that kernel timed faster than
+/// cuDNN), and every GEGLU pair `gemm_geglu_f16_nBN` computes likewise (where it timed faster
+/// than cuBLASLt and `geglu`).
 fn emulate_with(
     emu: &Emu,
     c: &Case,
     precision: Precision,
     smem_optin: usize,
     lt: bool,
-    conv_kernel: Option<usize>,
+    (conv_kernel, geglu_kernel): (Option<usize>, Option<usize>),
 ) -> Result<(Outputs, BTreeMap<String, usize>), EngineError> {
     let w =
         |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(c.weights[n].clone())) };
     let mut p = EmuProgram::load(emu, c.prog.clone(), precision, &w, smem_optin, lt)?;
     p.conv_kernel = conv_kernel;
+    // as the GPU executor once its timing chose the kernel: the arena planned again without the
+    // projections' outputs
+    if let Some(bn) = geglu_kernel {
+        p.use_geglu_kernel(bn);
+    }
     let f: Vec<(&str, &[f32])> = c.f.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
     let i: Vec<(&str, &[i64])> = c.i.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
     let out = p.run(&f, &i)?;
@@ -147,6 +156,7 @@ fn emulate_with(
     );
     calls.insert("residual adds folded".into(), p.specialized.residual_adds);
     calls.insert("conv biases in GroupNorm".into(), p.specialized.conv_biases);
+    calls.insert("arena bytes".into(), p.memory.arena_bytes);
     Ok((out, calls))
 }
 
@@ -275,9 +285,15 @@ fn implicit_gemm_convolutions_run_the_tiny_graphs() {
         plan_graph(&src.join(format!("{graph}.onnx")), &z).unwrap();
         let c = case(&z, &inputs, Layout::Nhwc);
         let what = format!("{graph} Nhwc Fp16 conv_igemm");
-        let (got, calls) =
-            emulate_with(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, true, Some(128))
-                .unwrap_or_else(|err| panic!("{what}: {err}"));
+        let (got, calls) = emulate_with(
+            &emu,
+            &c,
+            Precision::Fp16,
+            H100_SMEM_OPTIN,
+            true,
+            (Some(128), None),
+        )
+        .unwrap_or_else(|err| panic!("{what}: {err}"));
         eprintln!("{what}: {calls:?}");
         check(&what, Precision::Fp16, &c.want, &got);
         let (_, cudnn) = emulate(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, true).unwrap();
@@ -298,6 +314,122 @@ fn implicit_gemm_convolutions_run_the_tiny_graphs() {
             "{what}: {calls:?} vs {cudnn:?}"
         );
     }
+}
+
+/// The feed-forwards' first projection and its GEGLU as one `gemm_geglu_f16_nBN` (an engine's
+/// choice where it times faster than cuBLASLt and `geglu`): the tiny UNet in both layouts, both
+/// tile widths, runs as on the interpreter, with every GEGLU pair on the kernel — no `geglu`
+/// pass, one cuBLASLt matmul fewer each.
+#[test]
+fn gemm_geglu_runs_the_tiny_unet() {
+    let Some(emu) = emu() else { return };
+    let c = tiny_unet_case();
+    let pairs = {
+        let mut p = c.prog.clone();
+        specialize(&mut p, Precision::Fp16);
+        // the memory plan keeps each projection's input apart from its GEGLU's output, which
+        // the kernel writes while it still reads that input
+        let plan = plan_memory_for(&p, Precision::Fp16);
+        let range = |b: usize| {
+            plan.offsets[b].map(|o| (o, o + p.buffers[b].numel * Precision::Fp16.elem_bytes()))
+        };
+        for &(li, gi) in &geglu_pairs(&p, Precision::Fp16) {
+            let (Step::Linear { x, .. }, Step::Geglu { out, .. }) = (&p.steps[li], &p.steps[gi])
+            else {
+                panic!("steps {li}, {gi}: not a Linear and a GEGLU");
+            };
+            if let (Some(a), Some(b)) = (range(*x), range(*out)) {
+                assert!(
+                    a.1 <= b.0 || b.1 <= a.0,
+                    "steps {li}, {gi}: {a:?} and {b:?} overlap"
+                );
+            }
+        }
+        // the plan once every pair runs on the kernel: the projections' outputs have no space,
+        // and no two buffers live at once (a projection's input through its GEGLU) share any
+        let pairs = geglu_pairs(&p, Precision::Fp16);
+        let fused = plan_memory_fused(&p, Precision::Fp16, &pairs);
+        let mut life = lifetimes(&p);
+        for &(li, gi) in &pairs {
+            let (Step::Linear { x, out, .. }, _) = (&p.steps[li], &p.steps[gi]) else {
+                unreachable!()
+            };
+            assert_eq!(fused.offsets[*out], None, "step {li}'s output");
+            if let Some(l) = life[*x].as_mut() {
+                l.1 = l.1.max(gi);
+            }
+        }
+        let placed: Vec<(usize, usize, usize, (usize, usize))> = (0..p.buffers.len())
+            .filter_map(|b| {
+                let o = fused.offsets[b]?;
+                let bytes = p.buffers[b].numel * Precision::Fp16.elem_bytes();
+                Some((b, o, o + bytes, life[b]?))
+            })
+            .collect();
+        for (i, a) in placed.iter().enumerate() {
+            for b in &placed[i + 1..] {
+                let live = a.3 .0 <= b.3 .1 && b.3 .0 <= a.3 .1;
+                let share = a.1 < b.2 && b.1 < a.2;
+                assert!(!(live && share), "buffers {} and {} overlap", a.0, b.0);
+            }
+        }
+        pairs.len()
+    };
+    assert!(
+        pairs > 0,
+        "the tiny UNet has GEGLU pairs the kernel computes"
+    );
+    let (_, plain) = emulate(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, true).unwrap();
+    let n = |m: &BTreeMap<String, usize>, k: &str| m.get(k).copied().unwrap_or(0);
+    assert_eq!(n(&plain, "geglu_f16"), pairs, "{plain:?}");
+    for bn in [64, 128] {
+        let what = format!("tiny unet Fp16 gemm_geglu_f16_n{bn}");
+        let (got, calls) = emulate_with(
+            &emu,
+            &c,
+            Precision::Fp16,
+            H100_SMEM_OPTIN,
+            true,
+            (None, Some(bn)),
+        )
+        .unwrap_or_else(|err| panic!("{what}: {err}"));
+        eprintln!("{what}: {calls:?}");
+        check(&what, Precision::Fp16, &c.want, &got);
+        assert_eq!(n(&calls, &format!("gemm_geglu_f16_n{bn}")), pairs, "{what}");
+        assert_eq!(n(&calls, "geglu_f16"), 0, "{what}: {calls:?}");
+        assert_eq!(
+            n(&calls, "cublasLt matmul") + pairs,
+            n(&plain, "cublasLt matmul"),
+            "{what}: {calls:?} vs {plain:?}"
+        );
+        // run in the arena planned again without the projections' [rows, 2d] outputs (here no
+        // smaller: the peak lies elsewhere; at SD1.5's sizes 1,364 -> 804 MiB, engine_floor)
+        assert!(n(&calls, "arena bytes") > 0, "{what}: {calls:?}");
+    }
+    // the step-by-step comparison of a failed check passes over the projections the kernel
+    // computes (their outputs are never written) and finds nothing wrong; here with the arena
+    // as planned at load (which the kernel runs in as well)
+    use motionrt_runtime::engine::localize::Localizer;
+    let wf =
+        |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(c.weights[n].clone())) };
+    let w32 = |n: &str| -> Result<Vec<f32>, EngineError> { Ok(c.weights[n].clone()) };
+    let f: Vec<(&str, &[f32])> = c.f.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+    let i: Vec<(&str, &[i64])> = c.i.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+    let mut p = EmuProgram::load(
+        &emu,
+        c.prog.clone(),
+        Precision::Fp16,
+        &wf,
+        H100_SMEM_OPTIN,
+        true,
+    )
+    .unwrap();
+    p.geglu_kernel = Some(64);
+    let mut loc = Localizer::new(&p.program, Precision::Fp16, &c.f, &c.i, &w32).unwrap();
+    p.trace(&f, &i, &mut loc).unwrap();
+    let report = loc.report("tiny unet gemm_geglu_f16_n64", 5);
+    assert!(loc.culprit().is_none(), "{report}");
+    assert!(loc.clean(), "{report}");
 }
 
 /// The step-by-step comparison a failed GPU check runs (`engine::localize`, `engine_gpu
@@ -672,17 +804,35 @@ fn full_architecture_runs_on_the_emulated_executor() {
                 // widths: 128 in the UNet, whose 320 channels leave half the last block's
                 // warps idle; 64 in the VAE)
                 let t = std::time::Instant::now();
+                // — and in the UNet, its feed-forwards' GEGLU pairs on gemm_geglu_f16_n64
                 let bn = if graph == "unet" { 128 } else { 64 };
-                let what = format!("{what} conv_igemm_n{bn}");
-                let (got, calls) =
-                    emulate_with(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, true, Some(bn))
-                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let gk = (graph == "unet").then_some(64);
+                let what = format!(
+                    "{what} conv_igemm_n{bn}{}",
+                    if gk.is_some() { " gemm_geglu_n64" } else { "" }
+                );
+                let (got, calls) = emulate_with(
+                    &emu,
+                    &c,
+                    Precision::Fp16,
+                    H100_SMEM_OPTIN,
+                    true,
+                    (Some(bn), gk),
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
                 eprintln!(
                     "{what}: emulated in {:.0} s: {calls:?}",
                     t.elapsed().as_secs_f64()
                 );
                 let k = format!("conv_igemm_f16_n{bn}");
                 assert!(calls.get(&k).is_some_and(|&n| n > 0), "{what}");
+                if gk.is_some() {
+                    assert!(
+                        calls.get("gemm_geglu_f16_n64").is_some_and(|&n| n > 0),
+                        "{what}"
+                    );
+                    assert!(!calls.contains_key("geglu_f16"), "{what}: {calls:?}");
+                }
                 check(&what, Precision::Fp16, &c.want, &got);
             }
         }

@@ -105,7 +105,14 @@ def main():
             print(f"engine {e.get('layout')}: conv_igemm_f16 chosen for {won} of {len(ci)} convolution "
                   f"problems; one call each: cuDNN {sum(r[1] for r in ci):.2f} ms, conv_igemm_f16 "
                   f"{sum(r[2] for r in ci if r[2] < 1e30):.2f} ms")
-        for key in ("specialisation_ab", "gemm_timing_ab", "conv_kernel_ab"):
+        gg = e.get("gemm_geglu") or []
+        if gg:
+            # [problem, cuBLASLt + geglu ms, gemm_geglu_f16 ms, its tile width, chosen] per problem
+            won = sum(1 for r in gg if r[-1])
+            print(f"engine {e.get('layout')}: gemm_geglu_f16 chosen for {won} of {len(gg)} GEGLU "
+                  f"problems; one call each: cuBLASLt + geglu {sum(r[1] for r in gg):.2f} ms, "
+                  f"gemm_geglu_f16 {sum(r[2] for r in gg if r[2] < 1e30):.2f} ms")
+        for key in ("specialisation_ab", "gemm_timing_ab", "conv_kernel_ab", "geglu_kernel_ab"):
             if e.get(key):
                 print(f"engine {e.get('layout')}: {key} {json.dumps(e[key])}")
     if tr:

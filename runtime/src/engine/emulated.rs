@@ -17,8 +17,9 @@ use motionrt_kernels::emu::{Arg, DeviceBuffer, Emu};
 use super::cpu_exec::dot;
 use super::exec::Precision;
 use super::launch::{
-    cast_launch, conv_igemm_for, group_norm_scratch, place_buffers, plan_memory_for, specialize,
-    step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op, WeightData,
+    cast_launch, conv_igemm_for, geglu_kernel_for, geglu_linear, geglu_pairs, group_norm_scratch,
+    place_buffers, plan_memory_for, plan_memory_fused, rebase_activations, specialize, step_ops,
+    ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op, WeightData,
 };
 use super::program::{DType, MemoryPlan, Outputs, Program, Step, Strided};
 use super::EngineError;
@@ -56,6 +57,11 @@ pub struct EmuProgram<'e> {
     /// Convolutions `conv_igemm_f16_nBN` computes run on it, with this BN, instead of the emulated
     /// cuDNN call (on a GPU, those where it timed faster when the engine was built).
     pub conv_kernel: Option<usize>,
+    /// GEGLU pairs `gemm_geglu_f16_nBN` computes ([`super::launch::geglu_pairs`]) run on it, with
+    /// this BN, instead of the emulated cuBLASLt matmul and `geglu` (on a GPU, those where it
+    /// timed faster when the engine was built). Set here, the arena stays as planned at load;
+    /// [`EmuProgram::use_geglu_kernel`] also plans it again as the GPU executor then does.
+    pub geglu_kernel: Option<usize>,
 }
 
 impl<'e> EmuProgram<'e> {
@@ -109,7 +115,27 @@ impl<'e> EmuProgram<'e> {
             bounds_note: String::new(),
             fault: None,
             conv_kernel: None,
+            geglu_kernel: None,
         })
+    }
+
+    /// Every GEGLU pair `gemm_geglu_f16_n{bn}` computes on that kernel, and the activations
+    /// planned again without those projections' outputs in a new arena (NaN-filled), as the GPU
+    /// executor does once its timing chose the kernel ([`plan_memory_fused`]; it keeps the
+    /// first plan where the new one is not smaller, this always takes the new one, so that it
+    /// is what runs here).
+    pub fn use_geglu_kernel(&mut self, bn: usize) {
+        self.geglu_kernel = Some(bn);
+        let fused = geglu_pairs(&self.program, self.precision);
+        let memory = plan_memory_fused(&self.program, self.precision, &fused);
+        self.arena = DeviceBuffer::filled(memory.arena_bytes.max(256), 0xFF);
+        rebase_activations(
+            &mut self.ptrs,
+            &self.memory,
+            &memory,
+            self.arena.as_ptr() as u64,
+        );
+        self.memory = memory;
     }
 
     /// Run once: float32 inputs (int64 through `ids`) in, float32 outputs out, through the
@@ -137,15 +163,26 @@ impl<'e> EmuProgram<'e> {
         // SAFETY: the arena's own bytes; no launch is running (launches here are synchronous).
         unsafe { std::ptr::write_bytes(self.arena.as_ptr(), 0xFF, self.arena.len_bytes()) };
         let _staging = self.set_inputs(inputs, ids)?;
+        // outputs of projections a GEGLU's gemm_geglu computes: never written, so not compared
+        let mut unwritten = std::collections::HashSet::new();
         for si in 0..self.program.steps.len() {
             if let Some((_, b)) = self.fault.filter(|f| f.0 == si) {
                 self.poke(b, 1e4)?;
             }
             for b in loc.inputs_before(si) {
+                if unwritten.contains(&b) {
+                    continue;
+                }
                 let v = self.read(self.ptrs[b], self.program.buffers[b].numel, "traced input")?;
                 loc.observe_input(si, b, &v);
             }
             self.step(si)?;
+            if matches!(self.program.steps[si], Step::Linear { .. })
+                && geglu_kernel_for(&self.program, si, self.precision, self.geglu_kernel).is_some()
+            {
+                unwritten.insert(self.program.steps[si].io().1);
+                continue;
+            }
             if loc.wants(si) {
                 let b = self.program.steps[si].io().1;
                 let v = self.read(self.ptrs[b], self.program.buffers[b].numel, "traced output")?;
@@ -219,6 +256,8 @@ impl<'e> EmuProgram<'e> {
         let is_lt = move |_: usize| lt_on;
         let ck = conv_igemm_for(&self.program, si, self.precision, self.conv_kernel);
         let is_ck = move |_: usize| ck;
+        let gk = geglu_kernel_for(&self.program, si, self.precision, self.geglu_kernel);
+        let is_gk = move |_: usize| gk;
         let ctx = Ctx {
             precision: self.precision,
             ptrs: &self.ptrs,
@@ -226,10 +265,19 @@ impl<'e> EmuProgram<'e> {
             smem_optin: self.smem_optin,
             lt: &is_lt,
             conv_kernel: &is_ck,
+            geglu_kernel: &is_gk,
         };
         let ops = step_ops(&self.program, si, &ctx)?;
-        // what the step's launches may touch: the buffers it reads and writes, and the scratch
+        // what the step's launches may touch: the buffers it reads and writes, and the scratch;
+        // a GEGLU on gemm_geglu_f16_nBN reads its projection's input and weight instead of the
+        // projection (which it does not touch)
         let (mut bufs, w) = self.program.steps[si].io();
+        if let (Some(_), Step::Geglu { x, .. }) = (gk, &self.program.steps[si]) {
+            let li = geglu_linear(&self.program, si, self.precision)
+                .expect("geglu_kernel_for checked the pair");
+            bufs.retain(|b| b != x);
+            bufs.extend(self.program.steps[li].io().0);
+        }
         bufs.push(w);
         bufs.dedup();
         self.bounds = bufs

@@ -8,7 +8,7 @@
 //! without a GPU, [`CudaDevice::open`] returns an error, never a panic.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::c_void;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 pub use super::launch::WeightData;
 use super::launch::{
     cast_launch, check_launchable, conv_igemm_launch, conv_igemm_ok, elementwise_launch,
-    group_norm_scratch, group_norm_splits, opt_in_smem, place_buffers, plan_memory_for, specialize,
-    step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, LtDesc, LtLayout, Op,
-    CONV_IGEMM_WIDTHS,
+    geglu_pairs, gemm_geglu_launch, group_norm_scratch, group_norm_splits, opt_in_smem,
+    place_buffers, plan_memory_for, plan_memory_fused, rebase_activations, specialize, step_ops,
+    ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, LtDesc, LtLayout, Op, CONV_IGEMM_WIDTHS,
 };
 use super::program::{ConvStep, DType, MemoryPlan, Program, Step, Strided};
 use super::EngineError;
@@ -117,6 +117,42 @@ pub struct TacticCache {
     /// Absent in caches written before GEMM algorithms were timed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub gemm: BTreeMap<String, GemmTactic>,
+    /// Feed-forward projections with their GEGLU, by problem ([`geglu_key`]): `gemm_geglu_f16_nBN`
+    /// against cuBLASLt and `geglu`. Absent in caches written before that kernel.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub geglu: BTreeMap<String, GegluTactic>,
+}
+
+/// A timing-cache key for a GEGLU pair: its projection's problem (rows x 2d x k, with the
+/// bias) and precision.
+pub fn geglu_key(m: usize, d: usize, k: usize, bias: bool, precision: Precision) -> String {
+    format!(
+        "{m}x{}x{k}{} {}",
+        2 * d,
+        if bias { "+bias" } else { "" },
+        precision.suffix()
+    )
+}
+
+/// A feed-forward projection and its GEGLU: the time of the two steps as they are (cuBLASLt's
+/// timed algorithm, then `geglu`) and of the faster `gemm_geglu_f16_nBN` doing both.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GegluTactic {
+    /// Mean time of the projection and the GEGLU step after it (ms).
+    pub ms: f32,
+    /// Mean time of the faster `gemm_geglu_f16_nBN` (ms; `f32::MAX` when none ran).
+    pub fused_ms: f32,
+    /// Its tile width BN (64 or 128).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fused_n: Option<usize>,
+}
+
+impl GegluTactic {
+    /// The `gemm_geglu_f16_nBN` tile width that runs the pair, if one does (it timed faster than
+    /// the two steps). A decision from recorded times, so the same cache gives the same engine.
+    pub fn fused(&self) -> Option<usize> {
+        (self.fused_ms < self.ms).then_some(self.fused_n).flatten()
+    }
 }
 
 /// A timing cache file (`motionrt build --timing-cache`, `motionrt run --engine --timing-cache`;
@@ -243,6 +279,29 @@ impl TacticCache {
         for (k, v) in &other.gemm {
             self.gemm.entry(k.clone()).or_insert(*v);
         }
+        for (k, v) in &other.geglu {
+            self.geglu.entry(k.clone()).or_insert(*v);
+        }
+    }
+
+    /// The same cache with every GEGLU pair `gemm_geglu_f16_n{bn}` computes on that kernel,
+    /// whatever the timing said (for checking the kernel on a GPU where the two steps won).
+    pub fn forced_geglu(&self, bn: usize) -> Self {
+        let mut c = self.clone();
+        for t in c.geglu.values_mut() {
+            (t.fused_ms, t.fused_n) = (f32::MIN, Some(bn));
+        }
+        c
+    }
+
+    /// The same cache with every GEGLU pair as two steps (`gemm_geglu_f16` recorded as slower,
+    /// so not timed again), for measuring what that kernel gains, side by side.
+    pub fn unfused_geglu(&self) -> Self {
+        let mut c = self.clone();
+        for t in c.geglu.values_mut() {
+            (t.fused_ms, t.fused_n) = (f32::MAX, None);
+        }
+        c
     }
 
     /// The same cache with every convolution `conv_igemm_f16_n{bn}` computes on that kernel,
@@ -1089,6 +1148,8 @@ pub struct GpuProgram {
     convs: HashMap<usize, ConvPrep>,
     /// Convolution steps `conv_igemm_f16_nBN` runs (timed faster than cuDNN's choice), by BN.
     conv_kernel: HashMap<usize, usize>,
+    /// Both steps of each GEGLU pair `gemm_geglu_f16_nBN` runs (timed faster than the two), by BN.
+    geglu_kernel: HashMap<usize, usize>,
     /// Linear steps as single cuBLASLt matmuls (bias in the epilogue, residual as `C`).
     lt_plans: HashMap<usize, LtPlan>,
     conv_ws: Option<CudaSlice<u8>>,
@@ -1213,6 +1274,7 @@ impl GpuProgram {
             ptrs,
             convs: HashMap::new(),
             conv_kernel: Default::default(),
+            geglu_kernel: Default::default(),
             lt_plans: HashMap::new(),
             conv_ws: None,
             conv_ws_ptr: (0, 0),
@@ -1224,18 +1286,109 @@ impl GpuProgram {
             weight_bytes,
         };
         me.prepare_convs(dev, tactics)?;
-        me.prepare_linears(dev, tactics)?;
+        let timed = me.prepare_linears(dev, tactics)?;
+        me.prepare_geglus(dev, tactics, &timed)?;
+        me.replan_for_geglu(dev)?;
         Ok(me)
+    }
+
+    /// Once GEGLU pairs are known to run as one `gemm_geglu_f16_nBN`: the activations planned
+    /// again without those projections' `[rows, 2d]` outputs ([`plan_memory_fused`]), in a new,
+    /// smaller arena. Nothing has run yet (timing's outputs are scratch), so nothing in the old
+    /// arena is kept; it is freed before the new one is allocated.
+    fn replan_for_geglu(&mut self, dev: &CudaDevice) -> Result<(), EngineError> {
+        let fused: Vec<(usize, usize)> = geglu_pairs(&self.program, self.precision)
+            .into_iter()
+            .filter(|(_, gi)| self.geglu_kernel.contains_key(gi))
+            .collect();
+        if fused.is_empty() {
+            return Ok(());
+        }
+        let memory = plan_memory_fused(&self.program, self.precision, &fused);
+        if memory.arena_bytes >= self.memory.arena_bytes {
+            return Ok(());
+        }
+        let s = &dev.stream;
+        // the old arena goes first (both at once would raise the peak this lowers)
+        self.arena = s.alloc_zeros::<u8>(256).map_err(|e| gpu_err("arena", e))?;
+        self.arena = s
+            .alloc_zeros::<u8>(memory.arena_bytes.max(256))
+            .map_err(|e| gpu_err("arena", e))?;
+        let (base, g) = self.arena.device_ptr(s);
+        drop(g);
+        rebase_activations(&mut self.ptrs, &self.memory, &memory, base);
+        self.memory = memory;
+        Ok(())
+    }
+
+    /// The GEGLU pairs `gemm_geglu_f16_nBN` computes ([`geglu_pairs`]): each tile width timed
+    /// against the two steps as they run when the projection's cuBLASLt algorithm was timed in
+    /// this load (`timed`: its step indices; not on a cached choice, so an engine or cache written
+    /// before this kernel keeps the two steps and two loads of it run the same), the fastest kept
+    /// where it beats them — the decision is the cache's ([`GegluTactic::fused`]).
+    fn prepare_geglus(
+        &mut self,
+        dev: &CudaDevice,
+        tactics: &mut TacticCache,
+        timed: &HashSet<usize>,
+    ) -> Result<(), EngineError> {
+        for (li, gi) in geglu_pairs(&self.program, self.precision) {
+            let (Step::Linear { m, k, .. }, Step::Geglu { d, bias, .. }) =
+                (&self.program.steps[li], &self.program.steps[gi])
+            else {
+                continue;
+            };
+            let key = geglu_key(*m, *d, *k, bias.is_some(), self.precision);
+            if !tactics.geglu.contains_key(&key) && timed.contains(&li) {
+                let ms = time_enqueue(dev, &|| {
+                    self.enqueue_step(dev, li)?;
+                    self.enqueue_step(dev, gi)
+                })?;
+                let mut best: (f32, Option<usize>) = (f32::MAX, None);
+                for bn in CONV_IGEMM_WIDTHS {
+                    let l = gemm_geglu_launch(&self.program, li, gi, bn, &|b| self.ptrs[b])?;
+                    // a launch this GPU refuses is skipped; a fault while it runs is not (the
+                    // context is then unusable)
+                    if let Err(e) = check_launchable(&l, dev.smem_optin)
+                        .map_err(EngineError::Graph)
+                        .and_then(|_| dev.func(&l.kernel).map(|_| ()))
+                    {
+                        eprintln!("note: geglu {key}: {} does not run here ({e})", l.kernel);
+                        continue;
+                    }
+                    let t = time_launch(dev, &l)?;
+                    if t < best.0 {
+                        best = (t, Some(bn));
+                    }
+                }
+                tactics.geglu.insert(
+                    key.clone(),
+                    GegluTactic {
+                        ms,
+                        fused_ms: best.0,
+                        fused_n: best.1,
+                    },
+                );
+            }
+            if let Some(bn) = tactics.geglu.get(&key).and_then(GegluTactic::fused) {
+                self.geglu_kernel.insert(li, bn);
+                self.geglu_kernel.insert(gi, bn);
+            }
+        }
+        Ok(())
     }
 
     /// cuBLASLt plans for the Linear steps, algorithms timed on this GPU unless `tactics` has
     /// them. A step cuBLASLt has no algorithm for keeps a cuBLAS GEMM (+ bias/residual pass; said
-    /// once on stderr).
+    /// once on stderr). Returns the steps whose problem `tactics` had no algorithm for at the
+    /// start (timed in this load).
     fn prepare_linears(
         &mut self,
         dev: &CudaDevice,
         tactics: &mut TacticCache,
-    ) -> Result<(), EngineError> {
+    ) -> Result<HashSet<usize>, EngineError> {
+        let cached: HashSet<String> = tactics.gemm.keys().cloned().collect();
+        let mut timed = HashSet::new();
         let mut refused = None;
         let mut n_refused = 0usize;
         for (i, st) in self.program.steps.iter().enumerate() {
@@ -1260,6 +1413,9 @@ impl GpuProgram {
                 res: residual.map_or(0, |r| self.ptrs[r]),
                 out: self.ptrs[*out],
             };
+            if !cached.contains(&lt_key(&d, &call, self.precision)) {
+                timed.insert(i);
+            }
             match LtPlan::new(dev, self.precision, &d, &call, tactics)? {
                 Ok(p) => {
                     self.lt_plans.insert(i, p);
@@ -1277,7 +1433,7 @@ impl GpuProgram {
             };
             eprintln!("note: cuBLASLt unavailable for {m}x{n}x{k} ({e}){more}; a cuBLAS GEMM (and a separate bias pass) runs instead");
         }
-        Ok(())
+        Ok(timed)
     }
 
     fn prepare_convs(
@@ -1608,6 +1764,13 @@ impl GpuProgram {
                     format!("conv {}x{} s{}", c.w_shape[2], c.w_shape[3], c.strides[0])
                 }
                 Step::Attention { l, s, d, .. } => format!("attention L={l} S={s} d={d}"),
+                Step::Linear { .. } if self.geglu_kernel.contains_key(&si) => {
+                    "linear (in the GEGLU's gemm_geglu)".to_string()
+                }
+                Step::Geglu { .. } if self.geglu_kernel.contains_key(&si) => format!(
+                    "geglu+projection (gemm_geglu_f16_n{})",
+                    self.geglu_kernel[&si]
+                ),
                 Step::Linear { residual, bias, .. } => format!(
                     "linear{}{}{}",
                     if bias.is_some() { "+bias" } else { "" },
@@ -1669,6 +1832,7 @@ impl GpuProgram {
         };
         let lt = |i: usize| self.lt_plans.contains_key(&i);
         let ck = |i: usize| self.conv_kernel.get(&i).copied();
+        let gk = |i: usize| self.geglu_kernel.get(&i).copied();
         let ctx = Ctx {
             precision: self.precision,
             ptrs: &self.ptrs,
@@ -1676,6 +1840,7 @@ impl GpuProgram {
             smem_optin: dev.smem_optin,
             lt: &lt,
             conv_kernel: &ck,
+            geglu_kernel: &gk,
         };
         step_ops(&self.program, si, &ctx)
     }
@@ -1999,6 +2164,12 @@ impl GpuProgram {
         self.conv_kernel.len()
     }
 
+    /// How many GEGLU pairs run as one `gemm_geglu_f16_nBN` (the rest as a cuBLASLt matmul and
+    /// `geglu`).
+    pub fn geglu_kernel_pairs(&self) -> usize {
+        self.geglu_kernel.len() / 2
+    }
+
     /// Bytes of weights on the device for this program and those sharing them with it.
     pub fn device_weight_bytes(&self) -> usize {
         self.weights.borrow().bytes()
@@ -2039,6 +2210,8 @@ impl GpuProgram {
         self.poison(dev)?;
         self.set_inputs(dev, inputs, ids)?;
         dev.stream.synchronize().map_err(|e| gpu_err("inputs", e))?;
+        // outputs of projections a GEGLU's gemm_geglu computes: never written, so not compared
+        let mut unwritten = HashSet::new();
         for si in 0..self.program.steps.len() {
             let what = || {
                 format!(
@@ -2047,12 +2220,21 @@ impl GpuProgram {
                 )
             };
             for b in loc.inputs_before(si) {
+                if unwritten.contains(&b) {
+                    continue;
+                }
                 let v = self.read_back(b).map_err(|e| gpu_err(&what(), e))?;
                 loc.observe_input(si, b, &v);
             }
             self.enqueue_step(dev, si)
                 .map_err(|e| EngineError::Graph(format!("{}: {e}", what())))?;
             dev.stream.synchronize().map_err(|e| gpu_err(&what(), e))?;
+            if matches!(self.program.steps[si], Step::Linear { .. })
+                && self.geglu_kernel.contains_key(&si)
+            {
+                unwritten.insert(self.program.steps[si].io().1);
+                continue;
+            }
             if loc.wants(si) {
                 let b = self.program.steps[si].io().1;
                 let v = self.read_back(b).map_err(|e| gpu_err(&what(), e))?;
@@ -2113,14 +2295,23 @@ impl GpuProgram {
 /// Mean time (ms) of `l` over [`LT_TIMED_RUNS`] launches after a warm-up (on the program's own
 /// buffers before it has run: the output is scratch).
 fn time_launch(dev: &CudaDevice, l: &Launch) -> Result<f32, EngineError> {
+    time_enqueue(dev, &|| launch_op(dev, l))
+}
+
+/// Mean time (ms) of what `enqueue` puts on the device's stream, over [`LT_TIMED_RUNS`] calls
+/// after a warm-up.
+fn time_enqueue(
+    dev: &CudaDevice,
+    enqueue: &dyn Fn() -> Result<(), EngineError>,
+) -> Result<f32, EngineError> {
     let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-    launch_op(dev, l)?;
+    enqueue()?;
     let e0 = dev
         .stream
         .record_event(flags)
         .map_err(|e| gpu_err("event", e))?;
     for _ in 0..LT_TIMED_RUNS {
-        launch_op(dev, l)?;
+        enqueue()?;
     }
     let e1 = dev
         .stream

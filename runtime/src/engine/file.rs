@@ -871,6 +871,57 @@ mod tests {
     }
 
     #[test]
+    fn timing_caches_keep_geglu_choices_and_read_older_ones() {
+        use super::super::exec::{geglu_key, GegluTactic, Precision};
+        // a cache written before the GEGLU kernel: the pairs stay two steps (not timed on load)
+        let old = r#"{"conv": {}, "gemm": {}}"#;
+        let c: TacticCache = serde_json::from_str(old).unwrap();
+        assert!(c.geglu.is_empty());
+        let key = geglu_key(32768, 1280, 320, true, Precision::Fp16);
+        assert_eq!(key, "32768x2560x320+bias f16");
+        let mut c = TacticCache::default();
+        let faster = GegluTactic {
+            ms: 0.5,
+            fused_ms: 0.25,
+            fused_n: Some(64),
+        };
+        let slower = GegluTactic {
+            ms: 0.5,
+            fused_ms: 0.75,
+            fused_n: Some(128),
+        };
+        // neither width ran
+        let none = GegluTactic {
+            ms: 0.5,
+            fused_ms: f32::MAX,
+            fused_n: None,
+        };
+        c.geglu.insert(key.clone(), faster);
+        c.geglu.insert("a f16".into(), slower);
+        c.geglu.insert("b f16".into(), none);
+        let json = serde_json::to_string_pretty(&c).unwrap();
+        let back: TacticCache = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(c.geglu[&key].fused(), Some(64));
+        assert_eq!(c.geglu["a f16"].fused(), None);
+        assert_eq!(c.geglu["b f16"].fused(), None);
+        // the side-by-side copy keeps two steps everywhere without timing again; the check's
+        // copy puts every pair on the kernel at the width asked for
+        let u = c.unfused_geglu();
+        assert!(u.geglu.values().all(|t| t.fused().is_none()));
+        assert_eq!(u.geglu.len(), 3);
+        let f = c.forced_geglu(128);
+        assert!(f.geglu.values().all(|t| t.fused() == Some(128)));
+        // a merge keeps this cache's own choice
+        let mut m = u.clone();
+        m.merge(&c);
+        assert_eq!(m, u);
+        let mut e = TacticCache::default();
+        e.merge(&c);
+        assert_eq!(e.geglu, c.geglu);
+    }
+
+    #[test]
     fn profiles_parse_pixels_into_latents_and_bound_requests() {
         let lo = Profile::parse("1x8x256x256").unwrap();
         let hi = Profile::parse("2x32x768x768").unwrap();

@@ -1250,11 +1250,52 @@ impl ConvDesc {
 
 /// The memory plan of `program` with the precision's element size.
 pub fn plan_memory_for(program: &Program, precision: Precision) -> MemoryPlan {
+    plan_memory_fused(program, precision, &[])
+}
+
+/// [`plan_memory_for`] once the GEGLU pairs `fused` (`(linear, geglu)` step indices) are known
+/// to run as one `gemm_geglu_f16_nBN` each: their projections' `[rows, 2d]` outputs, which
+/// nothing then writes or reads, get no space (address 0). Every pair that may run so keeps
+/// its projection's input live through its GEGLU step (the kernel reads it there), so the
+/// GEGLU's output is never placed on it, whichever the timing chooses after the first plan.
+pub fn plan_memory_fused(
+    program: &Program,
+    precision: Precision,
+    fused: &[(usize, usize)],
+) -> MemoryPlan {
     let eb = precision.elem_bytes();
-    super::program::plan_memory(program, |d| match d {
-        DType::Float => eb,
-        DType::I64 => 8,
-    })
+    let extend: Vec<(usize, usize)> = geglu_pairs(program, precision)
+        .into_iter()
+        .filter_map(|(li, gi)| match program.steps[li] {
+            Step::Linear { x, .. } => Some((x, gi)),
+            _ => None,
+        })
+        .collect();
+    let unused: Vec<usize> = fused
+        .iter()
+        .map(|&(li, _)| program.steps[li].io().1)
+        .collect();
+    super::program::plan_memory_extended(
+        program,
+        |d| match d {
+            DType::Float => eb,
+            DType::I64 => 8,
+        },
+        &extend,
+        &unused,
+    )
+}
+
+/// The activations' addresses in `ptrs` moved from plan `old` to plan `new` with its arena at
+/// `base`: a buffer `new` gives no space gets address 0; weights keep theirs.
+pub fn rebase_activations(ptrs: &mut [u64], old: &MemoryPlan, new: &MemoryPlan, base: u64) {
+    for (i, p) in ptrs.iter_mut().enumerate() {
+        match new.offsets[i] {
+            Some(off) => *p = base + off as u64,
+            None if old.offsets[i].is_some() => *p = 0,
+            None => {}
+        }
+    }
 }
 
 /// One cuDNN convolution (`step`: the Conv step whose prepared descriptors run it).
@@ -1289,22 +1330,32 @@ pub struct Ctx<'a> {
     /// The `conv_igemm_f16_nBN` tile width convolution step `si` runs on ([`conv_igemm_launch`]:
     /// chosen over cuDNN by timing them when the engine is built); `None`: cuDNN and a bias pass.
     pub conv_kernel: &'a dyn Fn(usize) -> Option<usize>,
+    /// The `gemm_geglu_f16_nBN` tile width of a GEGLU pair ([`geglu_pairs`]) that runs as that
+    /// one kernel (chosen over cuBLASLt and `geglu` by timing them when the engine is built),
+    /// asked with the index of either step of the pair: the Linear then enqueues nothing and
+    /// the GEGLU the kernel ([`gemm_geglu_launch`]); `None`: both steps as they are.
+    pub geglu_kernel: &'a dyn Fn(usize) -> Option<usize>,
 }
 
 /// `conv_igemm_f16_nBN`'s tile widths (output channels a block; 128 output pixels, k tiles of 32).
 pub const CONV_IGEMM_WIDTHS: [usize; 2] = [64, 128];
 
-/// Dynamic shared memory of `conv_igemm_f16_nBN`, by entry name: three stages of a 128-row and a
-/// BN-row tile of 40 halves a row.
+/// Dynamic shared memory of `conv_igemm_f16_nBN` and `gemm_geglu_f16_nBN` (the same kernel), by
+/// entry name: three stages of a 128-row and a BN-row tile of 40 halves a row.
 pub fn conv_igemm_smem(name: &str) -> Option<usize> {
-    let bn: usize = name.strip_prefix("conv_igemm_f16_n")?.parse().ok()?;
+    let bn: usize = name
+        .strip_prefix("conv_igemm_f16_n")
+        .or_else(|| name.strip_prefix("gemm_geglu_f16_n"))?
+        .parse()
+        .ok()?;
     CONV_IGEMM_WIDTHS
         .contains(&bn)
         .then_some(3 * (128 + bn) * 40 * 2)
 }
 
 /// Dynamic shared memory above the 48 KiB default an entry point may launch with: the attention
-/// kernels' and `conv_igemm_f16_n128`'s, opened once when the device loads the kernels.
+/// kernels' and the 128-wide implicit-GEMM kernels', opened once when the device loads the
+/// kernels.
 pub fn opt_in_smem(name: &str) -> Option<usize> {
     attention_smem(name).or_else(|| conv_igemm_smem(name))
 }
@@ -1382,6 +1433,121 @@ pub fn conv_igemm_launch(
             i(c.pads[1]),
         ],
     }
+}
+
+/// The Linear step whose output GEGLU step `gi` alone reads, when `gemm_geglu_f16_nBN` computes
+/// the pair as one kernel (the projection with GEGLU in its epilogue): float16, the Linear
+/// without a bias (moved into the GEGLU) or residual, `n = 2d` its `[value; gate]` columns over
+/// the GEGLU's rows, `k` a multiple of the k tile (32), `d` a multiple of 8, and the projection
+/// read by no other step and not a graph output.
+pub fn geglu_linear(p: &Program, gi: usize, precision: Precision) -> Option<usize> {
+    let Step::Geglu { x, rows, d, .. } = p.steps.get(gi)? else {
+        return None;
+    };
+    if precision != Precision::Fp16 || d % 8 != 0 || p.outputs.iter().any(|(_, t)| t.buf == *x) {
+        return None;
+    }
+    let li = (0..gi).rev().find(|&i| p.steps[i].io().1 == *x)?;
+    let Step::Linear {
+        bias: None,
+        residual: None,
+        m,
+        n,
+        k,
+        ..
+    } = p.steps[li]
+    else {
+        return None;
+    };
+    let only_reader = p
+        .steps
+        .iter()
+        .enumerate()
+        .all(|(i, st)| i == gi || i == li || !st.io().0.contains(x));
+    (only_reader
+        && m == *rows
+        && n == 2 * d
+        && k % 32 == 0
+        // the kernel's row indices reach a block (128) past the rows
+        && m + 128 < i32::MAX as usize
+        && n * k < i32::MAX as usize)
+        .then_some(li)
+}
+
+/// The (Linear, GEGLU) step pairs `gemm_geglu_f16_nBN` computes ([`geglu_linear`]).
+pub fn geglu_pairs(p: &Program, precision: Precision) -> Vec<(usize, usize)> {
+    (0..p.steps.len())
+        .filter_map(|gi| geglu_linear(p, gi, precision).map(|li| (li, gi)))
+        .collect()
+}
+
+/// `bn` for step `si` of `p` if it is either step of a pair `gemm_geglu_f16_n{bn}` computes, else
+/// `None`: every such pair on that kernel (the emulated executor's and `engine_floor`'s choice,
+/// where the GPU executor's is timed).
+pub fn geglu_kernel_for(
+    p: &Program,
+    si: usize,
+    precision: Precision,
+    bn: Option<usize>,
+) -> Option<usize> {
+    bn?;
+    match &p.steps[si] {
+        Step::Geglu { .. } => geglu_linear(p, si, precision).and(bn),
+        Step::Linear { out, .. } => p.steps[si + 1..]
+            .iter()
+            .position(|st| matches!(st, Step::Geglu { x, .. } if x == out))
+            .and_then(|j| geglu_linear(p, si + 1 + j, precision))
+            .filter(|&li| li == si)
+            .and(bn),
+        _ => None,
+    }
+}
+
+/// The launch of `gemm_geglu_f16_n{bn}` for GEGLU step `gi` and the Linear `li` before it
+/// ([`geglu_linear`]; buffers at `ptr`): the Linear's input and weight, the GEGLU's bias and
+/// output; the Linear's own output is not written.
+pub fn gemm_geglu_launch(
+    p: &Program,
+    li: usize,
+    gi: usize,
+    bn: usize,
+    ptr: &dyn Fn(usize) -> u64,
+) -> Result<Launch, EngineError> {
+    use KArg::{Ptr, I32};
+    let (
+        Step::Linear { x, w, m, k, .. },
+        Step::Geglu {
+            out, bias, d, rows, ..
+        },
+    ) = (&p.steps[li], &p.steps[gi])
+    else {
+        return Err(EngineError::Graph(format!(
+            "steps {li} and {gi} are not a Linear and a GEGLU"
+        )));
+    };
+    if !CONV_IGEMM_WIDTHS.contains(&bn) || m != rows {
+        return Err(EngineError::Graph(format!(
+            "steps {li} and {gi} are not a pair gemm_geglu_f16_n{bn} computes"
+        )));
+    }
+    let kernel = format!("gemm_geglu_f16_n{bn}");
+    let i = |v: usize| I32(v as i32);
+    Ok(Launch {
+        grid: (m.div_ceil(128) as u32, (2 * d).div_ceil(bn) as u32, 1),
+        block: (128, 1, 1),
+        smem: conv_igemm_smem(&kernel).unwrap_or(0) as u32,
+        opt_in: false,
+        kernel,
+        args: vec![
+            Ptr(ptr(*x)),
+            Ptr(ptr(*w)),
+            Ptr(ptr(*out)),
+            Ptr(bias.map_or(0, ptr)),
+            i(*m),
+            i(*k),
+            i(*d),
+        ],
+    })
 }
 
 /// Values per block of a GroupNorm group (`group_norm_stats`/`group_norm_apply`); groups that
@@ -1726,6 +1892,8 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             *n,
             vec![ptr(*out), I64(*n as i64), F32(*value)],
         )),
+        // the projection of a GEGLU pair on gemm_geglu_f16_nBN: computed by the GEGLU's launch
+        Step::Linear { .. } if (ctx.geglu_kernel)(si).is_some() => {}
         Step::Linear {
             out,
             x,
@@ -2063,6 +2231,17 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             0,
             vec![ptr(*out), ptr(*x), I32(*cols as i32)],
         )),
+        Step::Geglu { .. } if (ctx.geglu_kernel)(si).is_some() => {
+            let bn = (ctx.geglu_kernel)(si).unwrap_or(0);
+            let li = geglu_linear(p, si, ctx.precision).ok_or_else(|| {
+                EngineError::Graph(format!(
+                    "step {si}: a GEGLU gemm_geglu_f16_n{bn} does not compute with its projection"
+                ))
+            })?;
+            ops.push(Op::Kernel(gemm_geglu_launch(p, li, si, bn, &|b| {
+                ctx.ptrs[b]
+            })?));
+        }
         Step::Geglu {
             out,
             x,

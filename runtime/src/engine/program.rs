@@ -2685,7 +2685,27 @@ pub fn lifetimes(p: &Program) -> Vec<Option<(usize, usize)>> {
 /// Greedy placement by decreasing size: each buffer takes the lowest offset that overlaps no
 /// already-placed buffer alive at the same time. `elem_bytes(dtype)` sizes the elements.
 pub fn plan_memory(p: &Program, elem_bytes: impl Fn(DType) -> usize) -> MemoryPlan {
-    let life = lifetimes(p);
+    plan_memory_extended(p, elem_bytes, &[], &[])
+}
+
+/// [`plan_memory`], with buffer `b` of each `(b, si)` in `extend` kept live through step `si`
+/// at least (a kernel that runs two steps at the later one reads the earlier one's input then),
+/// and the buffers in `unused` given no space (offset `None`: nothing writes or reads them).
+pub fn plan_memory_extended(
+    p: &Program,
+    elem_bytes: impl Fn(DType) -> usize,
+    extend: &[(usize, usize)],
+    unused: &[usize],
+) -> MemoryPlan {
+    let mut life = lifetimes(p);
+    for &(b, si) in extend {
+        if let Some((_, last)) = &mut life[b] {
+            *last = (*last).max(si);
+        }
+    }
+    for &b in unused {
+        life[b] = None;
+    }
     let size =
         |i: usize| (p.buffers[i].numel * elem_bytes(p.buffers[i].dtype)).div_ceil(ALIGN) * ALIGN;
     let mut order: Vec<usize> = (0..p.buffers.len())
