@@ -749,60 +749,53 @@ fn bench_layout(
     );
     results.last_mut().expect("this layout's entry")["gemm_timing_ab"] = ab;
     save(a, results)?;
-    // what the implicit-GEMM convolution gives where it timed faster: every convolution on
-    // cuDNN instead, side by side
-    let chosen = tactics
-        .conv
-        .values()
-        .filter(|t| t.igemm().is_some())
-        .count();
-    let mut cudnn = tactics.cudnn_convs();
-    let cudnn_only = runs(true, &mut cudnn)?;
-    let timed = runs(true, &mut tactics)?;
-    eprintln!(
-        "convolutions as timed ({chosen} of {} problems on conv_igemm_f16): {timed:.2} ms, all on cuDNN: {cudnn_only:.2} ms ({:.3}x)",
-        tactics.conv.len(),
-        cudnn_only / timed
-    );
-    let ab = serde_json::json!({
-        "timed_graph_median_ms": timed,
-        "cudnn_only_graph_median_ms": cudnn_only,
-        "conv_problems": tactics.conv.len(),
-        "problems_on_conv_igemm": chosen,
-    });
-    println!(
-        "{}",
-        serde_json::to_string(&serde_json::json!({ "conv_kernel_ab": ab }))?
-    );
-    results.last_mut().expect("this layout's entry")["conv_kernel_ab"] = ab;
-    save(a, results)?;
-    // what the projection-with-GEGLU kernel gives where it timed faster: every pair as a
-    // cuBLASLt matmul and `geglu` instead, side by side
-    let chosen = tactics
-        .geglu
-        .values()
-        .filter(|t| t.fused().is_some())
-        .count();
-    let mut two = tactics.unfused_geglu();
-    let unfused = runs(true, &mut two)?;
-    let timed = runs(true, &mut tactics)?;
-    eprintln!(
-        "GEGLU pairs as timed ({chosen} of {} problems on gemm_geglu_f16): {timed:.2} ms, all as two steps: {unfused:.2} ms ({:.3}x)",
-        tactics.geglu.len(),
-        unfused / timed
-    );
-    let ab = serde_json::json!({
-        "timed_graph_median_ms": timed,
-        "two_steps_graph_median_ms": unfused,
-        "geglu_problems": tactics.geglu.len(),
-        "problems_on_gemm_geglu": chosen,
-    });
-    println!(
-        "{}",
-        serde_json::to_string(&serde_json::json!({ "geglu_kernel_ab": ab }))?
-    );
-    results.last_mut().expect("this layout's entry")["geglu_kernel_ab"] = ab;
-    save(a, results)
+    // what motionrt's implicit-GEMM kernels give where they timed faster: every convolution on
+    // cuDNN instead, then every GEGLU pair as a cuBLASLt matmul and `geglu`, side by side
+    let on_igemm = tactics.conv.values().filter(|t| t.igemm().is_some());
+    let on_geglu = tactics.geglu.values().filter(|t| t.fused().is_some());
+    let kernels = [
+        (
+            "conv_kernel_ab",
+            "convolutions",
+            "conv_igemm_f16",
+            "on cuDNN",
+            "cudnn_only_graph_median_ms",
+            on_igemm.count(),
+            tactics.conv.len(),
+            tactics.cudnn_convs(),
+        ),
+        (
+            "geglu_kernel_ab",
+            "GEGLU pairs",
+            "gemm_geglu_f16",
+            "as two steps",
+            "two_steps_graph_median_ms",
+            on_geglu.count(),
+            tactics.geglu.len(),
+            tactics.unfused_geglu(),
+        ),
+    ];
+    for (key, what, kernel, other, other_key, chosen, problems, mut alt) in kernels {
+        let without = runs(true, &mut alt)?;
+        let timed = runs(true, &mut tactics)?;
+        eprintln!(
+            "{what} as timed ({chosen} of {problems} problems on {kernel}): {timed:.2} ms, all {other}: {without:.2} ms ({:.3}x)",
+            without / timed
+        );
+        let ab = serde_json::json!({
+            "timed_graph_median_ms": timed,
+            other_key: without,
+            "problems": problems,
+            "problems_on_kernel": chosen,
+        });
+        println!(
+            "{}",
+            serde_json::to_string(&serde_json::json!({ key: ab }))?
+        );
+        results.last_mut().expect("this layout's entry")[key] = ab;
+        save(a, results)?;
+    }
+    Ok(())
 }
 
 fn main() {

@@ -157,14 +157,27 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
         .values()
         .filter_map(|t| Some((t.ms as f64, t.heuristic_first_ms? as f64)))
         .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let on = |n: Option<usize>| n.is_some() as usize;
     eprintln!(
-        "wrote {} in {:.1} s ({} convolution algorithms chosen; {} GEMM problems, {other} of them \
-         faster with another than cuBLASLt's first candidate: {chosen:.2} ms against {first:.2} ms, \
-         one call of each)",
+        "wrote {} in {:.1} s ({} convolution algorithms chosen, {} of them on motionrt's \
+         conv_igemm; {} GEMM problems, {other} of them faster with another than cuBLASLt's first \
+         candidate: {chosen:.2} ms against {first:.2} ms, one call of each; {} of {} GEGLU \
+         problems on motionrt's gemm_geglu)",
         a.out.display(),
         t.elapsed().as_secs_f64(),
         m.tactics.conv.len(),
+        m.tactics
+            .conv
+            .values()
+            .map(|t| on(t.igemm()))
+            .sum::<usize>(),
         g.len(),
+        m.tactics
+            .geglu
+            .values()
+            .map(|t| on(t.fused()))
+            .sum::<usize>(),
+        m.tactics.geglu.len(),
     );
     Ok(())
 }

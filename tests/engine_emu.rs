@@ -160,6 +160,11 @@ fn emulate_with(
     Ok((out, calls))
 }
 
+/// How many calls of `k` an emulated run made (0 when none).
+fn count(calls: &BTreeMap<String, usize>, k: &str) -> usize {
+    calls.get(k).copied().unwrap_or(0)
+}
+
 fn check(
     what: &str,
     precision: Precision,
@@ -297,7 +302,7 @@ fn implicit_gemm_convolutions_run_the_tiny_graphs() {
         eprintln!("{what}: {calls:?}");
         check(&what, Precision::Fp16, &c.want, &got);
         let (_, cudnn) = emulate(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, true).unwrap();
-        let n = |m: &BTreeMap<String, usize>, k: &str| m.get(k).copied().unwrap_or(0);
+        let n = count;
         let taken = n(&calls, "conv_igemm_f16_n128");
         assert!(taken > 0, "{what}: {calls:?}");
         // each convolution either way; the kernel's bias passes gone with it
@@ -380,7 +385,7 @@ fn gemm_geglu_runs_the_tiny_unet() {
         "the tiny UNet has GEGLU pairs the kernel computes"
     );
     let (_, plain) = emulate(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, true).unwrap();
-    let n = |m: &BTreeMap<String, usize>, k: &str| m.get(k).copied().unwrap_or(0);
+    let n = count;
     assert_eq!(n(&plain, "geglu_f16"), pairs, "{plain:?}");
     for bn in [64, 128] {
         let what = format!("tiny unet Fp16 gemm_geglu_f16_n{bn}");

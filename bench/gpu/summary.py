@@ -98,20 +98,16 @@ def main():
               f"load from cache {fmt(e.get('load_cached_s'), ' s')}, capture {fmt(e.get('capture_s'), ' s', 2)}; "
               f"same tactics on reload: {e.get('tactics_deterministic')}; non-finite outputs: "
               f"{e.get('output_nonfinite')}")
-        ci = e.get("conv_igemm") or []
-        if ci:
-            # [problem, cuDNN ms, conv_igemm_f16 ms, its tile width, chosen] per problem it applies to
-            won = sum(1 for r in ci if r[-1])
-            print(f"engine {e.get('layout')}: conv_igemm_f16 chosen for {won} of {len(ci)} convolution "
-                  f"problems; one call each: cuDNN {sum(r[1] for r in ci):.2f} ms, conv_igemm_f16 "
-                  f"{sum(r[2] for r in ci if r[2] < 1e30):.2f} ms")
-        gg = e.get("gemm_geglu") or []
-        if gg:
-            # [problem, cuBLASLt + geglu ms, gemm_geglu_f16 ms, its tile width, chosen] per problem
-            won = sum(1 for r in gg if r[-1])
-            print(f"engine {e.get('layout')}: gemm_geglu_f16 chosen for {won} of {len(gg)} GEGLU "
-                  f"problems; one call each: cuBLASLt + geglu {sum(r[1] for r in gg):.2f} ms, "
-                  f"gemm_geglu_f16 {sum(r[2] for r in gg if r[2] < 1e30):.2f} ms")
+        # per problem each applies to: [problem, the library's ms, the kernel's ms (its faster
+        # tile width), that width, chosen]
+        for key, kernel, what, library in (("conv_igemm", "conv_igemm_f16", "convolution", "cuDNN"),
+                                           ("gemm_geglu", "gemm_geglu_f16", "GEGLU", "cuBLASLt + geglu")):
+            t = e.get(key) or []
+            if t:
+                won = sum(1 for r in t if r[-1])
+                print(f"engine {e.get('layout')}: {kernel} chosen for {won} of {len(t)} {what} "
+                      f"problems; one call each: {library} {sum(r[1] for r in t):.2f} ms, {kernel} "
+                      f"{sum(r[2] for r in t if r[2] < 1e30):.2f} ms")
         for key in ("specialisation_ab", "gemm_timing_ab", "conv_kernel_ab", "geglu_kernel_ab"):
             if e.get(key):
                 print(f"engine {e.get('layout')}: {key} {json.dumps(e[key])}")

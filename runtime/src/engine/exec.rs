@@ -1344,23 +1344,9 @@ impl GpuProgram {
                     self.enqueue_step(dev, li)?;
                     self.enqueue_step(dev, gi)
                 })?;
-                let mut best: (f32, Option<usize>) = (f32::MAX, None);
-                for bn in CONV_IGEMM_WIDTHS {
-                    let l = gemm_geglu_launch(&self.program, li, gi, bn, &|b| self.ptrs[b])?;
-                    // a launch this GPU refuses is skipped; a fault while it runs is not (the
-                    // context is then unusable)
-                    if let Err(e) = check_launchable(&l, dev.smem_optin)
-                        .map_err(EngineError::Graph)
-                        .and_then(|_| dev.func(&l.kernel).map(|_| ()))
-                    {
-                        eprintln!("note: geglu {key}: {} does not run here ({e})", l.kernel);
-                        continue;
-                    }
-                    let t = time_launch(dev, &l)?;
-                    if t < best.0 {
-                        best = (t, Some(bn));
-                    }
-                }
+                let best = fastest_width(dev, &format!("geglu {key}"), &|bn| {
+                    gemm_geglu_launch(&self.program, li, gi, bn, &|b| self.ptrs[b])
+                })?;
                 tactics.geglu.insert(
                     key.clone(),
                     GegluTactic {
@@ -1689,23 +1675,9 @@ impl GpuProgram {
                 .get_mut(&key)
                 .expect("a tactic was chosen above");
             if conv_igemm_ok(&c, self.precision) && timed_here && t.igemm_ms.is_none() {
-                let mut best: (f32, Option<usize>) = (f32::MAX, None);
-                for bn in CONV_IGEMM_WIDTHS {
-                    let l = conv_igemm_launch(&c, bn, &|b| self.ptrs[b]);
-                    // a launch this GPU refuses is skipped; a fault while it runs is not (the
-                    // context is then unusable)
-                    if let Err(e) = check_launchable(&l, dev.smem_optin)
-                        .map_err(EngineError::Graph)
-                        .and_then(|_| dev.func(&l.kernel).map(|_| ()))
-                    {
-                        eprintln!("note: {key}: {} does not run here ({e})", l.kernel);
-                        continue;
-                    }
-                    let ms = time_launch(dev, &l)?;
-                    if ms < best.0 {
-                        best = (ms, Some(bn));
-                    }
-                }
+                let best = fastest_width(dev, &key, &|bn| {
+                    Ok(conv_igemm_launch(&c, bn, &|b| self.ptrs[b]))
+                })?;
                 (t.igemm_ms, t.igemm_n) = (Some(best.0), best.1);
             }
             match t.igemm() {
@@ -2290,6 +2262,33 @@ impl GpuProgram {
         self.enqueue_outputs(dev, k)?;
         Ok(k)
     }
+}
+
+/// The faster of the implicit-GEMM kernel's tile widths ([`CONV_IGEMM_WIDTHS`]) for the launch
+/// `launch` gives at each: its mean time (ms) and width; `(f32::MAX, None)` when none ran. A
+/// launch this GPU refuses is skipped (said on stderr, with `what`); a fault while one runs is
+/// an error (the context is then unusable).
+fn fastest_width(
+    dev: &CudaDevice,
+    what: &str,
+    launch: &dyn Fn(usize) -> Result<Launch, EngineError>,
+) -> Result<(f32, Option<usize>), EngineError> {
+    let mut best: (f32, Option<usize>) = (f32::MAX, None);
+    for bn in CONV_IGEMM_WIDTHS {
+        let l = launch(bn)?;
+        if let Err(e) = check_launchable(&l, dev.smem_optin)
+            .map_err(EngineError::Graph)
+            .and_then(|_| dev.func(&l.kernel).map(|_| ()))
+        {
+            eprintln!("note: {what}: {} does not run here ({e})", l.kernel);
+            continue;
+        }
+        let ms = time_launch(dev, &l)?;
+        if ms < best.0 {
+            best = (ms, Some(bn));
+        }
+    }
+    Ok(best)
 }
 
 /// Mean time (ms) of `l` over [`LT_TIMED_RUNS`] launches after a warm-up (on the program's own

@@ -596,6 +596,9 @@ fn build_into(
             WeightStore::shared(),
         )?;
         let weight_bytes = gp.weight_bytes;
+        // the arena the executor allocates at opt once the timing chose (GEGLU pairs on one
+        // kernel plan it again, smaller)
+        arena.insert("opt".to_string(), gp.memory.arena_bytes);
         drop(gp);
         let stripped = strip_weights(&mut model, &init)?;
         let file = format!("{g}.onnx");
