@@ -1515,17 +1515,26 @@ pub fn gemm_geglu_launch(
 ) -> Result<Launch, EngineError> {
     use KArg::{Ptr, I32};
     let (
-        Step::Linear { x, w, m, k, .. },
+        Step::Linear {
+            x,
+            w,
+            m,
+            n,
+            k,
+            bias: None,
+            residual: None,
+            ..
+        },
         Step::Geglu {
             out, bias, d, rows, ..
         },
     ) = (&p.steps[li], &p.steps[gi])
     else {
         return Err(EngineError::Graph(format!(
-            "steps {li} and {gi} are not a Linear and a GEGLU"
+            "steps {li} and {gi} are not a Linear without bias or residual and a GEGLU"
         )));
     };
-    if !CONV_IGEMM_WIDTHS.contains(&bn) || m != rows {
+    if !CONV_IGEMM_WIDTHS.contains(&bn) || m != rows || *n != 2 * d || k % 32 != 0 || d % 8 != 0 {
         return Err(EngineError::Graph(format!(
             "steps {li} and {gi} are not a pair gemm_geglu_f16_n{bn} computes"
         )));
@@ -2231,13 +2240,20 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             0,
             vec![ptr(*out), ptr(*x), I32(*cols as i32)],
         )),
-        Step::Geglu { .. } if (ctx.geglu_kernel)(si).is_some() => {
+        Step::Geglu { x, .. } if (ctx.geglu_kernel)(si).is_some() => {
             let bn = (ctx.geglu_kernel)(si).unwrap_or(0);
-            let li = geglu_linear(p, si, ctx.precision).ok_or_else(|| {
-                EngineError::Graph(format!(
+            // the pair was checked when the kernel was chosen ([`geglu_pairs`]); here only its
+            // projection is found (the step just before, as compiled), without going through
+            // every step again on each eager run
+            let li = (0..si)
+                .rev()
+                .find(|&i| p.steps[i].io().1 == *x)
+                .filter(|&li| matches!(p.steps[li], Step::Linear { .. }))
+                .ok_or_else(|| {
+                    EngineError::Graph(format!(
                     "step {si}: a GEGLU gemm_geglu_f16_n{bn} does not compute with its projection"
                 ))
-            })?;
+                })?;
             ops.push(Op::Kernel(gemm_geglu_launch(p, li, si, bn, &|b| {
                 ctx.ptrs[b]
             })?));
