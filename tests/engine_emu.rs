@@ -26,10 +26,11 @@ use motionrt_runtime::engine::emulated::EmuProgram;
 use motionrt_runtime::engine::exec::Precision;
 use motionrt_runtime::engine::file::InlineInitializers;
 use motionrt_runtime::engine::launch::{
-    geglu_pairs, plan_memory_for, plan_memory_fused, specialize, WeightData,
+    geglu_linear, geglu_pairs, plan_memory_for, plan_memory_fused, specialize, WeightData,
 };
 use motionrt_runtime::engine::program::{
-    self, lifetimes, BufferKind, InitializerSource, Layout, Outputs, Program, Step, WeightSource,
+    self, lifetimes, BinaryOp, BufferKind, InitializerSource, Layout, Outputs, Program, Step,
+    WeightSource,
 };
 use motionrt_runtime::engine::source::FileInitializers;
 use motionrt_runtime::engine::{cpu_exec, plan_graph, EngineError};
@@ -378,6 +379,36 @@ fn gemm_geglu_runs_the_tiny_unet() {
                 assert!(!(live && share), "buffers {} and {} overlap", a.0, b.0);
             }
         }
+        // what keeps a pair off the kernel: float32; a projection with a bias or residual of
+        // its own; its output read by another step as well
+        let (li, gi) = pairs[0];
+        assert_eq!(geglu_linear(&p, gi, Precision::Fp16), Some(li));
+        assert_eq!(geglu_linear(&p, gi, Precision::Fp32), None);
+        let (y, any) = (p.steps[li].io().1, p.steps[li].io().0[0]);
+        let mut q = p.clone();
+        if let Step::Linear { bias, .. } = &mut q.steps[li] {
+            *bias = Some(any);
+        }
+        assert_eq!(geglu_linear(&q, gi, Precision::Fp16), None, "with a bias");
+        let mut q = p.clone();
+        if let Step::Linear { residual, .. } = &mut q.steps[li] {
+            *residual = Some(any);
+        }
+        assert_eq!(
+            geglu_linear(&q, gi, Precision::Fp16),
+            None,
+            "with a residual"
+        );
+        let mut q = p.clone();
+        q.steps.push(Step::Binary {
+            out: any,
+            a: y,
+            b: y,
+            op: BinaryOp::Add,
+            s: None,
+            n: 1,
+        });
+        assert_eq!(geglu_linear(&q, gi, Precision::Fp16), None, "read twice");
         pairs.len()
     };
     assert!(
