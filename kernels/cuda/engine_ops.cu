@@ -971,6 +971,25 @@ extern "C" __global__ void group_norm_nhwc_finalize(float* mr, const float* stat
                                                         int splits, float eps) {
     gn_nhwc_finalize(mr, stats, N, C, S, groups, chunk, splits, eps);
 }
+// group_norm_nhwc_coeffs, one thread per (n, c) (grid-stride): ab[(n * C + c) * 2 + {0, 1}] =
+// (a, b) with silu?(x * a + b) what group_norm_nhwc_apply makes of input x (its input biases
+// included): a = gamma * rstd, b = beta - (mean - bias) * a. conv_igemm_gn_f16_nBN reads them.
+template <typename T>
+__device__ void group_norm_nhwc_coeffs(float* ab, const float* mr, const T* gamma, const T* beta,
+                                       const T* xb, const T* xsb, int N, int C, int groups) {
+    const int cg = C / groups;
+    GRID_LOOP(i, (i64)N * C) {
+        const int n = (int)(i / C), c = (int)(i % C);
+        const float* st = mr + ((i64)n * groups + c / cg) * 2;
+        const float a = mrt_load(gamma, c) * st[1];
+        ab[2 * i] = a;
+        ab[2 * i + 1] = mrt_load(beta, c) - (st[0] - gn_in_bias(xb, xsb, n, C, c)) * a;
+    }
+}
+#define P_GNC(T) \
+    (float* ab, const float* mr, const T* gamma, const T* beta, const T* xb, const T* xsb, int N, int C, int groups)
+BOTH(group_norm_nhwc_coeffs, P_GNC(float), P_GNC(half_bits),
+     (ab, mr, gamma, beta, xb, xsb, N, C, groups))
 #define P_GNA(T)                                                                          \
     (T* y, const T* x, const T* xb, const T* xsb, const float* mr, const T* gamma,           \
      const T* beta, int C, i64 S, int groups, i64 total, int silu)
@@ -1452,17 +1471,44 @@ ATT_ENTRIES_AS(40, 48, 40, true)
 // odd, so each thread holds a value and its gate in the same accumulator slots of n8 tiles
 // 2t and 2t + 1: y[m, j] = (v + bias[j]) * gelu(g + bias[D + j]) for two adjacent j, stored
 // as one 4-byte pair; y is [M, D], no per-sample bias or residual. Needs D % 8 == 0.
+//
+// GN: the convolution of a GroupNorm's output computed from the GroupNorm's input
+// (`conv_igemm_gn_f16_nBN`): x is the un-normalised input, and each thread, once its own A chunks
+// of a k tile are in shared memory, turns every in-image one into silu?(x * a + b) with the
+// per-(sample, channel) coefficients ab[(n * C + c) * 2 + {0, 1}] of group_norm_nhwc_coeffs
+// (rounded to float16 once, as group_norm_nhwc_apply's output is), before the block's barrier;
+// the zero padding outside the image stays zero (the convolution pads the normalised values).
+// So the normalised tensor is never written or read.
 #define CIG_BM 128
 #define CIG_BK 32
 #define CIG_ST 3
 #define CIG_P (CIG_BK + 8)
 
-template <int BN, bool GG>
+// GN: silu?(v * a + b) of the 8 float16 channels at s (16 bytes of shared memory) in place, the
+// coefficients of channel k at cf[2k], cf[2k + 1]
+__device__ __forceinline__ void cig_gn_chunk(half_bits* s, const float* cf, int silu) {
+    float v[8];
+    load16(v, s);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        v[k] = v[k] * cf[2 * k] + cf[2 * k + 1];
+        if (silu) v[k] = v[k] * sigmoidf(v[k]);
+    }
+    store16(s, v);
+}
+
+// GN: the 16 coefficients of 8 channels (64 bytes, 16-byte aligned: c a multiple of 8)
+__device__ __forceinline__ void cig_gn_coeffs(float* cf, const float* ab) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) load16(cf + 4 * q, ab + 4 * q);
+}
+
+template <int BN, bool GG, bool GN>
 __device__ __forceinline__ void conv_igemm(
     const half_bits* __restrict__ x, const half_bits* __restrict__ w, half_bits* __restrict__ y,
     const half_bits* __restrict__ bias, const half_bits* __restrict__ sbias,
-    const half_bits* __restrict__ res, int N, int H, int W, int C, int OH, int OW, int O, int KH,
-    int KW, int sh, int sw, int ph, int pw) {
+    const half_bits* __restrict__ res, const float* __restrict__ ab, int silu, int N, int H,
+    int W, int C, int OH, int OW, int O, int KH, int KW, int sh, int sw, int ph, int pw) {
     constexpr int NB = BN / 32;  // W rows a thread loads a tile
     constexpr int NJ = BN / 16;  // n8 tiles a warp
     MRT_DYN_SMEM(half_bits, sm);
@@ -1560,8 +1606,31 @@ __device__ __forceinline__ void conv_igemm(
     const int b_off = (wn + (lane >> 4) * 8 + (lane & 7)) * CIG_P + ((lane >> 3) & 1) * 8;
     // the stage read this tile and the one loaded (tiles kt and kt + 2)
     int rs = 0, ws = CIG_ST - 1;
+    // GN: tile kt's filter tap and first channel; the sample of this thread's first A row and
+    // whether its four rows share it (rows past M take the last row's: they stay zero)
+    int gtap = 0, gc = 0;
+    const int gn0 = GN ? min(m0 + r0, M - 1) / OHW : 0;
+    const bool guni = !GN || gn0 == min(m0 + r0 + 96, M - 1) / OHW;
     for (int kt = 0; kt < KT; ++kt) {
+        float cf[16];
+        if (GN && guni) cig_gn_coeffs(cf, ab + ((i64)gn0 * C + gc + ch * 8) * 2);
         mrt_cp_async_wait<CIG_ST - 2>();
+        if (GN) {
+            // this thread's own chunks of tile kt are in (its cp.async groups up to kt are done)
+            half_bits* a = as + rs * CIG_BM * CIG_P + r0 * CIG_P + ch * 8;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                if (!((taps[i] >> gtap) & 1u)) continue;
+                if (!guni)
+                    cig_gn_coeffs(cf, ab + ((i64)((m0 + r0 + 32 * i) / OHW) * C + gc + ch * 8) * 2);
+                cig_gn_chunk(a + 32 * i * CIG_P, cf, silu);
+            }
+            gc += CIG_BK;
+            if (gc == C) {
+                gc = 0;
+                ++gtap;
+            }
+        }
         __syncthreads();  // tile kt is in; every warp is done with the stage loaded next
         if (kt + CIG_ST - 1 < KT) load(ws);
         mrt_cp_async_commit();
@@ -1646,14 +1715,21 @@ __device__ __forceinline__ void conv_igemm(
         const half_bits* x, const half_bits* w, half_bits* y, const half_bits* bias,               \
         const half_bits* sbias, const half_bits* res, int N, int H, int W, int C, int OH, int OW,  \
         int O, int KH, int KW, int sh, int sw, int ph, int pw) {                                   \
-        conv_igemm<BN, false>(x, w, y, bias, sbias, res, N, H, W, C, OH, OW, O, KH, KW, sh, sw, ph, \
-                              pw);                                                                 \
+        conv_igemm<BN, false, false>(x, w, y, bias, sbias, res, nullptr, 0, N, H, W, C, OH, OW, O,   \
+                                     KH, KW, sh, sw, ph, pw);                                      \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) conv_igemm_gn_f16_n##BN(                     \
+        const half_bits* x, const half_bits* w, half_bits* y, const half_bits* bias,               \
+        const half_bits* sbias, const half_bits* res, const float* ab, int silu, int N, int H,     \
+        int W, int C, int OH, int OW, int O, int KH, int KW, int sh, int sw, int ph, int pw) {     \
+        conv_igemm<BN, false, true>(x, w, y, bias, sbias, res, ab, silu, N, H, W, C, OH, OW, O,    \
+                                    KH, KW, sh, sw, ph, pw);                                       \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) gemm_geglu_f16_n##BN(                        \
         const half_bits* x, const half_bits* w, half_bits* y, const half_bits* bias, int M, int K,  \
         int D) {                                                                                   \
-        conv_igemm<BN, true>(x, w, y, bias, nullptr, nullptr, 1, M, 1, K, M, 1, 2 * D, 1, 1, 1, 1, \
-                             0, 0);                                                                \
+        conv_igemm<BN, true, false>(x, w, y, bias, nullptr, nullptr, nullptr, 0, 1, M, 1, K, M, 1, \
+                                    2 * D, 1, 1, 1, 1, 0, 0);                                      \
     }
 CONV_IGEMM_ENTRY(64)
 CONV_IGEMM_ENTRY(128)

@@ -1419,34 +1419,13 @@ fn implicit_gemm_convolution_matches_the_cpu() {
         let bias = round(random(o, seed + 2));
         let sbias = round(random(n * o, seed + 3));
         let res = round(random(m * o, seed + 4));
-        let mut want = vec![0f32; m * o];
-        for img in 0..n {
-            for y in 0..oh {
-                for xx in 0..ow {
-                    let row = (img * oh + y) * ow + xx;
-                    for oc in 0..o {
-                        let mut acc = 0f64;
-                        for a in 0..kh {
-                            for b in 0..kw {
-                                let (iy, ix) = (
-                                    (y * st + a) as isize - pd as isize,
-                                    (xx * st + b) as isize - pd as isize,
-                                );
-                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
-                                    continue;
-                                }
-                                let xi = ((img * h + iy as usize) * wd + ix as usize) * c;
-                                let wi = ((oc * kh + a) * kw + b) * c;
-                                for ci in 0..c {
-                                    acc += x[xi + ci] as f64 * wt[wi + ci] as f64;
-                                }
-                            }
-                        }
-                        if epi {
-                            acc += (bias[oc] + sbias[img * o + oc] + res[row * o + oc]) as f64;
-                        }
-                        want[row * o + oc] = acc as f32;
-                    }
+        let mut want = conv_nhwc_cpu(&x, &wt, [n, h, wd, c], [o, kh, kw], st, pd);
+        if epi {
+            for (row, wr) in want.chunks_mut(o).enumerate() {
+                let img = row / (oh * ow);
+                for (oc, v) in wr.iter_mut().enumerate() {
+                    *v = (*v as f64 + (bias[oc] + sbias[img * o + oc] + res[row * o + oc]) as f64)
+                        as f32;
                 }
             }
         }
@@ -1487,6 +1466,197 @@ fn implicit_gemm_convolution_matches_the_cpu() {
             check::<u16>(
                 &format!(
                     "conv_igemm_f16_n{bn} {n}x{h}x{wd}x{c} -> {o}, {kh}x{kw} stride {st} pad {pd}"
+                ),
+                &read::<u16>(&out),
+                &want,
+            );
+        }
+    }
+}
+
+/// The channels-last convolution of `x` `[n, h, w, c]` by `wt` `[o, kh, kw, c]` (stride `st`,
+/// zero padding `pd` each side), `[n, oh, ow, o]`, summed in float64.
+fn conv_nhwc_cpu(
+    x: &[f32],
+    wt: &[f32],
+    [n, h, wd, c]: [usize; 4],
+    [o, kh, kw]: [usize; 3],
+    st: usize,
+    pd: usize,
+) -> Vec<f32> {
+    let (oh, ow) = ((h + 2 * pd - kh) / st + 1, (wd + 2 * pd - kw) / st + 1);
+    let mut want = vec![0f32; n * oh * ow * o];
+    for img in 0..n {
+        for y in 0..oh {
+            for xx in 0..ow {
+                let row = (img * oh + y) * ow + xx;
+                for oc in 0..o {
+                    let mut acc = 0f64;
+                    for a in 0..kh {
+                        for b in 0..kw {
+                            let (iy, ix) = (
+                                (y * st + a) as isize - pd as isize,
+                                (xx * st + b) as isize - pd as isize,
+                            );
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                continue;
+                            }
+                            let xi = ((img * h + iy as usize) * wd + ix as usize) * c;
+                            let wi = ((oc * kh + a) * kw + b) * c;
+                            for ci in 0..c {
+                                acc += x[xi + ci] as f64 * wt[wi + ci] as f64;
+                            }
+                        }
+                    }
+                    want[row * o + oc] = acc as f32;
+                }
+            }
+        }
+    }
+    want
+}
+
+/// `group_norm_nhwc_coeffs_f16` then `conv_igemm_gn_f16_n{64,128}` (a GroupNorm + SiLU read by
+/// the convolution after it straight from its input, a tactic the engine times against the
+/// GroupNorm's apply pass and the convolution) against the CPU's GroupNorm + SiLU, rounded to
+/// float16 as the apply pass stores it, then convolved: the GroupNorm's input with and
+/// without the biases of a convolution before it, images of fewer pixels than a block (a
+/// thread's rows in two samples) and of a number that leaves blocks straddling two, padding
+/// that must stay zero after the normalisation, and a strided and a 1x1 convolution.
+#[test]
+fn convolution_of_a_group_norm_from_its_input_matches_the_cpu() {
+    let Some(emu) = emu() else { return };
+    // (n, h, w, c, groups, o, kh, kw, stride, pad, input biases, silu)
+    for (n, h, wd, c, g, o, kh, kw, st, pd, inb, silu) in [
+        (2, 12, 12, 64, 8, 40, 3, 3, 1, 1, true, true),
+        (5, 6, 6, 32, 4, 24, 3, 3, 1, 1, false, true),
+        (3, 7, 9, 96, 32, 136, 3, 3, 2, 1, true, true),
+        (2, 5, 5, 64, 16, 16, 1, 1, 1, 0, false, false),
+    ] {
+        let (oh, ow) = ((h + 2 * pd - kh) / st + 1, (wd + 2 * pd - kw) / st + 1);
+        let m = n * oh * ow;
+        let (sp, cg) = (h * wd, c / g);
+        let seed = (n * 1000 + h * 10 + c + o) as u64;
+        let round = |v: Vec<f32>| <u16 as Host>::round(&v);
+        // an offset and spread per channel, as activations have
+        let x = round(
+            random(n * sp * c, seed)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| 0.5 + (i % c) as f32 * 0.01 + v * (1.0 + (i % 7) as f32 * 0.2))
+                .collect(),
+        );
+        let gamma = round(random(c, seed + 1).iter().map(|v| 1.0 + 0.3 * v).collect());
+        let beta = round(random(c, seed + 2).iter().map(|v| 0.2 * v).collect());
+        let (xb, xsb) = (round(random(c, seed + 3)), round(random(n * c, seed + 4)));
+        let inb_at = |img: usize, ch: usize| {
+            if inb {
+                (xb[ch] + xsb[img * c + ch]) as f64
+            } else {
+                0.0
+            }
+        };
+        // mean and inverse deviation per (sample, group), as group_norm_nhwc_finalize leaves them
+        let eps = 1e-5f64;
+        let mut mr = vec![0f32; n * g * 2];
+        let mut normed = vec![0f32; n * sp * c];
+        for img in 0..n {
+            for gi in 0..g {
+                let vals: Vec<f64> = (0..sp)
+                    .flat_map(|p| (gi * cg..(gi + 1) * cg).map(move |ch| (p, ch)))
+                    .map(|(p, ch)| x[(img * sp + p) * c + ch] as f64 + inb_at(img, ch))
+                    .collect();
+                let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+                let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
+                let rstd = 1.0 / (var + eps).sqrt();
+                mr[(img * g + gi) * 2] = mean as f32;
+                mr[(img * g + gi) * 2 + 1] = rstd as f32;
+                for p in 0..sp {
+                    for ch in gi * cg..(gi + 1) * cg {
+                        let i = (img * sp + p) * c + ch;
+                        let mut v =
+                            (x[i] as f64 + inb_at(img, ch) - mean) * rstd * gamma[ch] as f64
+                                + beta[ch] as f64;
+                        if silu {
+                            v /= 1.0 + (-v).exp();
+                        }
+                        normed[i] = v as f32;
+                    }
+                }
+            }
+        }
+        let normed = round(normed);
+        let kdim = kh * kw * c;
+        let sc = 1.0 / (kdim as f32).sqrt();
+        let wt = round(random(o * kdim, seed + 5).iter().map(|v| v * sc).collect());
+        let bias = round(random(o, seed + 6));
+        let mut want = conv_nhwc_cpu(&normed, &wt, [n, h, wd, c], [o, kh, kw], st, pd);
+        for wr in want.chunks_mut(o) {
+            for (oc, v) in wr.iter_mut().enumerate() {
+                *v += bias[oc];
+            }
+        }
+        let i = |v: usize| Arg::I32(v as i32);
+        let ab = DeviceBuffer::filled(n * c * 2 * 4, 0xff);
+        let (bmr, bg, bbe) = (buf::<f32>(&mr), buf::<u16>(&gamma), buf::<u16>(&beta));
+        let (bxb, bxsb) = (buf::<u16>(&xb), buf::<u16>(&xsb));
+        let opt = |b| if inb { Arg::Buf(b) } else { Arg::Null };
+        let (grid, block) = elementwise(n * c);
+        launch(
+            emu,
+            "group_norm_nhwc_coeffs_f16",
+            grid,
+            block,
+            0,
+            &[
+                Arg::Buf(&ab),
+                Arg::Buf(&bmr),
+                Arg::Buf(&bg),
+                Arg::Buf(&bbe),
+                opt(&bxb),
+                opt(&bxsb),
+                i(n),
+                i(c),
+                i(g),
+            ],
+        );
+        let (bx, bw, bb) = (buf::<u16>(&x), buf::<u16>(&wt), buf::<u16>(&bias));
+        for bn in [64usize, 128] {
+            let out = out_buf::<u16>(m * o);
+            launch(
+                emu,
+                &format!("conv_igemm_gn_f16_n{bn}"),
+                (m.div_ceil(128) as u32, o.div_ceil(bn) as u32, 1),
+                (128, 1, 1),
+                3 * (128 + bn) * 40 * 2,
+                &[
+                    Arg::Buf(&bx),
+                    Arg::Buf(&bw),
+                    Arg::Buf(&out),
+                    Arg::Buf(&bb),
+                    Arg::Null,
+                    Arg::Null,
+                    Arg::Buf(&ab),
+                    i(silu as usize),
+                    i(n),
+                    i(h),
+                    i(wd),
+                    i(c),
+                    i(oh),
+                    i(ow),
+                    i(o),
+                    i(kh),
+                    i(kw),
+                    i(st),
+                    i(st),
+                    i(pd),
+                    i(pd),
+                ],
+            );
+            check::<u16>(
+                &format!(
+                    "conv_igemm_gn_f16_n{bn} {n}x{h}x{wd}x{c} ({g} groups, input biases {inb}, \
+                     silu {silu}) -> {o}, {kh}x{kw} stride {st} pad {pd}"
                 ),
                 &read::<u16>(&out),
                 &want,

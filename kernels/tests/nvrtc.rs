@@ -45,6 +45,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                     "group_norm_apply",
                     "group_norm_nhwc_stats",
                     "group_norm_nhwc_apply",
+                    "group_norm_nhwc_coeffs",
                     "layer_norm",
                     "layer_norm_warp",
                     "softmax",
@@ -60,6 +61,11 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                 entries.push("group_norm_nhwc_finalize".into());
                 entries.push("copy_strided_b16".into());
                 entries.push("copy_strided_i64".into());
+                for bn in [64, 128] {
+                    for k in ["conv_igemm", "conv_igemm_gn", "gemm_geglu"] {
+                        entries.push(format!("{k}_f16_n{bn}"));
+                    }
+                }
                 for dp in [16, 32, 40, 48, 64, 80, 96, 128, 160] {
                     for k in ["tiled", "short1", "short2"] {
                         entries.push(format!("attention_{k}_f16_d{dp}"));
