@@ -7,7 +7,7 @@
 //!
 //! `cargo run --release --example engine_floor -- FUSED.onnx [--frames 16 --height 64 --width 64
 //!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --texp 3.9 --no-merge --conv-kernel BN
-//!  --geglu-kernel BN]`
+//!  --geglu-kernel BN --gn-conv BN]`
 //!
 //! `--texp`: exponentials a second (10¹²; an H100 SXM's special-function units, 16 an SM a cycle),
 //! the third bound of an attention's or a softmax's step: one exponential a score.
@@ -17,7 +17,11 @@
 //! every convolution `conv_igemm_f16_nBN` computes on it (as where it times faster than cuDNN);
 //! `--geglu-kernel 64|128`: every feed-forward projection `gemm_geglu_f16_nBN` computes with its
 //! GEGLU as that one kernel (as where it times faster than cuBLASLt and `geglu`), in the table as
-//! `linear+geglu` (the projection's `[rows, 2d]` output neither written nor read again).
+//! `linear+geglu` (the projection's `[rows, 2d]` output neither written nor read again);
+//! `--gn-conv 64|128`: every convolution of a GroupNorm's output `conv_igemm_gn_f16_nBN` computes
+//! reads the GroupNorm's input and normalises it as it loads it (as where that times faster than
+//! the GroupNorm's apply pass and the convolution), the GroupNorm in the table as
+//! `group_norm statistics` (one read of its input, no output).
 //!
 //! FUSED.onnx is a graph written by `motionrt build --plan-only`: the UNet (inputs at
 //! `[batch, 4, frames, height, width]` latents with a 77-token context per frame), or the VAE
@@ -46,6 +50,7 @@ fn main() -> Res<()> {
     let mut merge = true;
     let mut conv_kernel: Option<usize> = None;
     let mut geglu_kernel: Option<usize> = None;
+    let mut gn_conv: Option<usize> = None;
     while let Some(k) = it.next() {
         if k == "--no-merge" {
             merge = false;
@@ -63,6 +68,7 @@ fn main() -> Res<()> {
             "--layout" => layout = Layout::parse(&v).ok_or("--layout nhwc|nchw")?,
             "--conv-kernel" => conv_kernel = Some(v.parse()?),
             "--geglu-kernel" => geglu_kernel = Some(v.parse()?),
+            "--gn-conv" => gn_conv = Some(v.parse()?),
             _ => return Err(format!("unknown argument {k}").into()),
         }
     }
@@ -110,7 +116,23 @@ fn main() -> Res<()> {
         Some(_) => launch::geglu_pairs(&prog, Precision::Fp16),
         None => Vec::new(),
     };
+    let gn_fused: Vec<usize> = match gn_conv {
+        Some(_) => launch::gn_conv_pairs(&prog, Precision::Fp16)
+            .into_iter()
+            .map(|(gi, _)| gi)
+            .collect(),
+        None => Vec::new(),
+    };
     for (si, s) in prog.steps.iter().enumerate() {
+        if let (true, Step::GroupNorm { n, c, spatial, .. }) = (gn_fused.contains(&si), s) {
+            // statistics only: one read of the input (the convolution reads it again anyway)
+            let bytes = (n * c * spatial) as f64 * el;
+            let e = by.entry("group_norm statistics".into()).or_default();
+            e.0 += 1;
+            e.2 += bytes;
+            e.3 += floor(0.0, bytes, 0.0);
+            continue;
+        }
         if fused.iter().any(|&(_, gi)| gi == si) {
             continue; // in its projection's kernel
         }
@@ -237,7 +259,7 @@ fn main() -> Res<()> {
         tf / 1e9,
         tb / 1e9
     );
-    launches(&prog, conv_kernel, geglu_kernel)
+    launches(&prog, conv_kernel, geglu_kernel, gn_conv)
 }
 
 /// Every launch the float16 executor makes for `prog` (its very `step_ops`, at addresses laid
@@ -248,10 +270,11 @@ fn launches(
     prog: &program::Program,
     conv_kernel: Option<usize>,
     geglu_kernel: Option<usize>,
+    gn_conv: Option<usize>,
 ) -> Res<()> {
     use motionrt_runtime::engine::launch::{
-        check_launchable, conv_igemm_for, geglu_kernel_for, group_norm_scratch, plan_memory_for,
-        step_ops, Ctx, Op,
+        check_launchable, conv_igemm_for, geglu_kernel_for, gn_conv_for, group_norm_scratch,
+        plan_memory_for, step_ops, Ctx, Op,
     };
     const H100_SMEM_OPTIN: usize = 227 * 1024;
     let memory = plan_memory_for(prog, Precision::Fp16);
@@ -261,16 +284,20 @@ fn launches(
         program::DType::Float => 2,
         program::DType::I64 => 8,
     });
-    let fused = launch::plan_memory_fused(
+    let geglu_fused = launch::plan_memory_fused(
         prog,
         Precision::Fp16,
         &launch::geglu_pairs(prog, Precision::Fp16),
     );
+    let mut pairs = launch::geglu_pairs(prog, Precision::Fp16);
+    pairs.extend(launch::gn_conv_pairs(prog, Precision::Fp16));
+    let fused = launch::plan_memory_fused(prog, Precision::Fp16, &pairs);
     let mib = |b: usize| b as f64 / 1048576.0;
     println!(
-        "activation arena (float16): {:.0} MiB as planned at load ({:.0} MiB without the GEGLU pairs' projection inputs kept live; {:.0} MiB planned again with every pair on gemm_geglu; {:.0} MiB without reuse)",
+        "activation arena (float16): {:.0} MiB as planned at load ({:.0} MiB without the GEGLU and GroupNorm pairs' first inputs kept live; {:.0} MiB planned again with every GEGLU pair on gemm_geglu, {:.0} MiB with every GroupNorm pair on conv_igemm_gn too; {:.0} MiB without reuse)",
         mib(memory.arena_bytes),
         mib(plain.arena_bytes),
+        mib(geglu_fused.arena_bytes),
         mib(fused.arena_bytes),
         mib(memory.unshared_bytes)
     );
@@ -300,6 +327,7 @@ fn launches(
         lt: &lt,
         conv_kernel: &|si| conv_igemm_for(prog, si, Precision::Fp16, conv_kernel),
         geglu_kernel: &|si| geglu_kernel_for(prog, si, Precision::Fp16, geglu_kernel),
+        gn_conv: &|si| gn_conv_for(prog, si, Precision::Fp16, gn_conv),
     };
     let (mut kernels, mut lts, mut gemms, mut convs) = (0, 0, 0, 0);
     let mut bad = Vec::new();

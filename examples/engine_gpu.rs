@@ -433,12 +433,14 @@ fn check(a: &Args) -> Res<bool> {
                 if ok_before && !ok {
                     step_by_step(&mut gp)?;
                 }
-                // the implicit-GEMM kernels, at both widths, on every convolution and GEGLU pair
-                // they compute (whichever the timing chose above), eager
+                // the implicit-GEMM kernels, at both widths, on every convolution, GEGLU pair and
+                // (GroupNorm, convolution) pair they compute (whichever the timing chose above),
+                // eager
                 if precision == Precision::Fp16 && layout == Layout::Nhwc {
                     drop(gp);
                     for bn in CONV_IGEMM_WIDTHS {
-                        let mut forced = tactics.forced_igemm(bn).forced_geglu(bn);
+                        let mut forced =
+                            tactics.forced_igemm(bn).forced_geglu(bn).forced_gn_conv(bn);
                         let mut gk = match GpuProgram::load(
                             &dev,
                             prog.clone(),
@@ -448,12 +450,15 @@ fn check(a: &Args) -> Res<bool> {
                         ) {
                             Ok(g) => g,
                             Err(e) => {
-                                println!("| {g} | {precision:?} {layout:?} | load, convolutions on conv_igemm_f16_n{bn}, GEGLU pairs on gemm_geglu_f16_n{bn} | {e} | | | FAIL |");
+                                println!("| {g} | {precision:?} {layout:?} | load, convolutions on conv_igemm_f16_n{bn}, GEGLU pairs on gemm_geglu_f16_n{bn}, GroupNorm pairs on conv_igemm_gn_f16_n{bn} | {e} | | | FAIL |");
                                 ok = false;
                                 continue;
                             }
                         };
-                        if gk.conv_kernel_steps() == 0 && gk.geglu_kernel_pairs() == 0 {
+                        if gk.conv_kernel_steps() == 0
+                            && gk.geglu_kernel_pairs() == 0
+                            && gk.gn_conv_pairs() == 0
+                        {
                             break;
                         }
                         gk.poison(&dev)?;
@@ -466,9 +471,10 @@ fn check(a: &Args) -> Res<bool> {
                                 && st.cosine >= 0.9999;
                             ok &= pass;
                             println!(
-                                "| {g}.{name} | {precision:?} {layout:?} | eager, {} convolutions on conv_igemm_f16_n{bn}, {} GEGLU pairs on gemm_geglu_f16_n{bn} | {:.2e} | {:.6} | {} | {} |",
+                                "| {g}.{name} | {precision:?} {layout:?} | eager, {} convolutions on conv_igemm_f16_n{bn}, {} GEGLU pairs on gemm_geglu_f16_n{bn}, {} GroupNorm pairs on conv_igemm_gn_f16_n{bn} | {:.2e} | {:.6} | {} | {} |",
                                 gk.conv_kernel_steps(),
                                 gk.geglu_kernel_pairs(),
+                                gk.gn_conv_pairs(),
                                 st.max_rel_to_ref_max,
                                 st.cosine,
                                 st.nonfinite,
@@ -674,6 +680,15 @@ fn bench_layout(
             .map(|(k, t)| serde_json::json!([k, t.ms, t.fused_ms, t.fused_n, t.fused().is_some()]))
             .collect::<Vec<_>>(),
         "geglu_pairs_on_kernel": gp.geglu_kernel_pairs(),
+        // a GroupNorm's apply pass folded into the convolution after it, against the two steps,
+        // per problem: [problem, the two steps' ms, the faster tile width's ms, that width,
+        // chosen] (means of 5)
+        "conv_igemm_gn": tactics
+            .gn_conv
+            .iter()
+            .map(|(k, t)| serde_json::json!([k, t.ms, t.fused_ms, t.fused_n, t.fused().is_some()]))
+            .collect::<Vec<_>>(),
+        "gn_conv_pairs_on_kernel": gp.gn_conv_pairs(),
         "output_nonfinite": nonfinite,
     });
     for (k, v) in head.as_object().expect("an object") {
@@ -750,9 +765,11 @@ fn bench_layout(
     results.last_mut().expect("this layout's entry")["gemm_timing_ab"] = ab;
     save(a, results)?;
     // what motionrt's implicit-GEMM kernels give where they timed faster: every convolution on
-    // cuDNN instead, then every GEGLU pair as a cuBLASLt matmul and `geglu`, side by side
+    // cuDNN instead, then every GEGLU pair as a cuBLASLt matmul and `geglu`, then every
+    // (GroupNorm, convolution) pair as two steps, side by side
     let on_igemm = tactics.conv.values().filter(|t| t.igemm().is_some());
     let on_geglu = tactics.geglu.values().filter(|t| t.fused().is_some());
+    let on_gn = tactics.gn_conv.values().filter(|t| t.fused().is_some());
     let kernels = [
         (
             "conv_kernel_ab",
@@ -773,6 +790,16 @@ fn bench_layout(
             on_geglu.count(),
             tactics.geglu.len(),
             tactics.unfused_geglu(),
+        ),
+        (
+            "gn_conv_kernel_ab",
+            "GroupNorm pairs",
+            "conv_igemm_gn_f16",
+            "as two steps",
+            "two_steps_graph_median_ms",
+            on_gn.count(),
+            tactics.gn_conv.len(),
+            tactics.unfused_gn_conv(),
         ),
     ];
     for (key, what, kernel, other, other_key, chosen, problems, mut alt) in kernels {

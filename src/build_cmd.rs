@@ -162,7 +162,8 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
         "wrote {} in {:.1} s ({} convolution algorithms chosen, {} of them on motionrt's \
          conv_igemm; {} GEMM problems, {other} of them faster with another than cuBLASLt's first \
          candidate: {chosen:.2} ms against {first:.2} ms, one call of each; {} of {} GEGLU \
-         problems on motionrt's gemm_geglu)",
+         problems on motionrt's gemm_geglu; {} of {} GroupNorm + convolution problems on \
+         motionrt's conv_igemm_gn)",
         a.out.display(),
         t.elapsed().as_secs_f64(),
         m.tactics.conv.len(),
@@ -178,6 +179,12 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
             .map(|t| on(t.fused()))
             .sum::<usize>(),
         m.tactics.geglu.len(),
+        m.tactics
+            .gn_conv
+            .values()
+            .map(|t| on(t.fused()))
+            .sum::<usize>(),
+        m.tactics.gn_conv.len(),
     );
     Ok(())
 }

@@ -26,7 +26,8 @@ use motionrt_runtime::engine::emulated::EmuProgram;
 use motionrt_runtime::engine::exec::Precision;
 use motionrt_runtime::engine::file::InlineInitializers;
 use motionrt_runtime::engine::launch::{
-    geglu_linear, geglu_pairs, plan_memory_for, plan_memory_fused, specialize, WeightData,
+    geglu_linear, geglu_pairs, gn_conv_norm, gn_conv_pairs, plan_memory_for, plan_memory_fused,
+    specialize, WeightData,
 };
 use motionrt_runtime::engine::program::{
     self, lifetimes, BinaryOp, BufferKind, InitializerSource, Layout, Outputs, Program, Step,
@@ -122,20 +123,21 @@ fn emulate(
     smem_optin: usize,
     lt: bool,
 ) -> Result<(Outputs, BTreeMap<String, usize>), EngineError> {
-    emulate_with(emu, c, precision, smem_optin, lt, (None, None))
+    emulate_with(emu, c, precision, smem_optin, lt, (None, None, None))
 }
 
-/// [`emulate`], with `(conv_kernel, geglu_kernel)`: every convolution `conv_igemm_f16_nBN`
-/// computes on it, with this BN (what an engine runs where that kernel timed faster than
-/// cuDNN), and every GEGLU pair `gemm_geglu_f16_nBN` computes likewise (where it timed faster
-/// than cuBLASLt and `geglu`).
+/// [`emulate`], with `(conv_kernel, geglu_kernel, gn_conv)`: every convolution
+/// `conv_igemm_f16_nBN` computes on it, with this BN (what an engine runs where that kernel timed
+/// faster than cuDNN), every GEGLU pair `gemm_geglu_f16_nBN` computes likewise (where it timed
+/// faster than cuBLASLt and `geglu`), and every (GroupNorm, convolution) pair
+/// `conv_igemm_gn_f16_nBN` computes likewise (where it timed faster than the two steps).
 fn emulate_with(
     emu: &Emu,
     c: &Case,
     precision: Precision,
     smem_optin: usize,
     lt: bool,
-    (conv_kernel, geglu_kernel): (Option<usize>, Option<usize>),
+    (conv_kernel, geglu_kernel, gn_conv): (Option<usize>, Option<usize>, Option<usize>),
 ) -> Result<(Outputs, BTreeMap<String, usize>), EngineError> {
     let w =
         |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(c.weights[n].clone())) };
@@ -145,6 +147,9 @@ fn emulate_with(
     // projections' outputs
     if let Some(bn) = geglu_kernel {
         p.use_geglu_kernel(bn);
+    }
+    if let Some(bn) = gn_conv {
+        p.use_gn_conv(bn);
     }
     let f: Vec<(&str, &[f32])> = c.f.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
     let i: Vec<(&str, &[i64])> = c.i.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
@@ -297,7 +302,7 @@ fn implicit_gemm_convolutions_run_the_tiny_graphs() {
             Precision::Fp16,
             H100_SMEM_OPTIN,
             true,
-            (Some(128), None),
+            (Some(128), None, None),
         )
         .unwrap_or_else(|err| panic!("{what}: {err}"));
         eprintln!("{what}: {calls:?}");
@@ -426,7 +431,7 @@ fn gemm_geglu_runs_the_tiny_unet() {
             Precision::Fp16,
             H100_SMEM_OPTIN,
             true,
-            (None, Some(bn)),
+            (None, Some(bn), None),
         )
         .unwrap_or_else(|err| panic!("{what}: {err}"));
         eprintln!("{what}: {calls:?}");
@@ -464,6 +469,177 @@ fn gemm_geglu_runs_the_tiny_unet() {
     let mut loc = Localizer::new(&p.program, Precision::Fp16, &c.f, &c.i, &w32).unwrap();
     p.trace(&f, &i, &mut loc).unwrap();
     let report = loc.report("tiny unet gemm_geglu_f16_n64", 5);
+    assert!(loc.culprit().is_none(), "{report}");
+    assert!(loc.clean(), "{report}");
+}
+
+/// A GroupNorm(+SiLU) and the convolution of its output as the GroupNorm's statistics and one
+/// `conv_igemm_gn_f16_nBN` reading the GroupNorm's input (an engine's choice where it times
+/// faster than the GroupNorm's apply pass and the convolution): the tiny UNet, both tile widths,
+/// runs as on the interpreter with every such pair on the kernel — no apply pass for them — in
+/// the arena planned again without the GroupNorms' outputs; and what keeps a pair off it.
+#[test]
+fn conv_igemm_gn_runs_the_tiny_unet() {
+    let Some(emu) = emu() else { return };
+    let c = tiny_unet_case();
+    let pairs = {
+        let mut p = c.prog.clone();
+        specialize(&mut p, Precision::Fp16);
+        let pairs = gn_conv_pairs(&p, Precision::Fp16);
+        // the plan at load keeps each GroupNorm's input apart from its convolution's output,
+        // which the kernel writes while it still reads that input; once every pair runs on the
+        // kernel, the GroupNorms' outputs have no space, and no two buffers live at once share
+        let plan = plan_memory_for(&p, Precision::Fp16);
+        let fused = plan_memory_fused(&p, Precision::Fp16, &pairs);
+        let eb = Precision::Fp16.elem_bytes();
+        let mut life = lifetimes(&p);
+        for &(gi, ci) in &pairs {
+            let (Step::GroupNorm { x, out, .. }, Step::Conv(cv)) = (&p.steps[gi], &p.steps[ci])
+            else {
+                panic!("steps {gi}, {ci}: not a GroupNorm and a convolution");
+            };
+            assert_eq!(cv.x, *out);
+            let range = |b: usize| plan.offsets[b].map(|o| (o, o + p.buffers[b].numel * eb));
+            if let (Some(a), Some(b)) = (range(*x), range(cv.out)) {
+                assert!(
+                    a.1 <= b.0 || b.1 <= a.0,
+                    "steps {gi}, {ci}: {a:?} and {b:?} overlap"
+                );
+            }
+            assert_eq!(fused.offsets[*out], None, "step {gi}'s output");
+            if let Some(l) = life[*x].as_mut() {
+                l.1 = l.1.max(ci);
+            }
+        }
+        let placed: Vec<(usize, usize, usize, (usize, usize))> = (0..p.buffers.len())
+            .filter_map(|b| {
+                let o = fused.offsets[b]?;
+                Some((b, o, o + p.buffers[b].numel * eb, life[b]?))
+            })
+            .collect();
+        for (i, a) in placed.iter().enumerate() {
+            for b in &placed[i + 1..] {
+                let live = a.3 .0 <= b.3 .1 && b.3 .0 <= a.3 .1;
+                let share = a.1 < b.2 && b.1 < a.2;
+                assert!(!(live && share), "buffers {} and {} overlap", a.0, b.0);
+            }
+        }
+        // what keeps a pair off the kernel: float32; the GroupNorm's output read by another
+        // step as well (or as the convolution's residual); another GroupNorm in between (they
+        // share the scratch that holds the scale and shift); a channels-first GroupNorm
+        let (gi, ci) = pairs[0];
+        assert_eq!(gn_conv_norm(&p, ci, Precision::Fp16), Some(gi));
+        assert_eq!(gn_conv_norm(&p, ci, Precision::Fp32), None);
+        let y = p.steps[gi].io().1;
+        let any = p.steps[gi].io().0[0];
+        let mut q = p.clone();
+        q.steps.push(Step::Binary {
+            out: any,
+            a: y,
+            b: y,
+            op: BinaryOp::Add,
+            s: None,
+            n: 1,
+        });
+        assert_eq!(gn_conv_norm(&q, ci, Precision::Fp16), None, "read twice");
+        let mut q = p.clone();
+        if let Step::Conv(cv) = &mut q.steps[ci] {
+            cv.residual = Some(y);
+        }
+        assert_eq!(
+            gn_conv_norm(&q, ci, Precision::Fp16),
+            None,
+            "as the residual too"
+        );
+        let mut q = p.clone();
+        let other = q.steps[gi].clone();
+        q.steps.insert(gi + 1, other);
+        // (the copy writes the same output: the convolution now reads the second GroupNorm)
+        assert_eq!(gn_conv_norm(&q, ci + 1, Precision::Fp16), Some(gi + 1));
+        if let Step::GroupNorm { out, .. } = &mut q.steps[gi + 1] {
+            *out = any;
+        }
+        assert_eq!(
+            gn_conv_norm(&q, ci + 1, Precision::Fp16),
+            None,
+            "a GroupNorm in between"
+        );
+        let mut q = p.clone();
+        if let Step::GroupNorm { channels_last, .. } = &mut q.steps[gi] {
+            *channels_last = false;
+        }
+        assert_eq!(
+            gn_conv_norm(&q, ci, Precision::Fp16),
+            None,
+            "channels first"
+        );
+        pairs.len()
+    };
+    assert!(
+        pairs > 0,
+        "the tiny UNet has GroupNorm pairs the kernel computes"
+    );
+    let n = count;
+    let (_, plain) = emulate_with(
+        &emu,
+        &c,
+        Precision::Fp16,
+        H100_SMEM_OPTIN,
+        true,
+        (Some(64), None, None),
+    )
+    .unwrap();
+    for bn in [64, 128] {
+        let what = format!("tiny unet Fp16 conv_igemm_gn_f16_n{bn}");
+        let (got, calls) = emulate_with(
+            &emu,
+            &c,
+            Precision::Fp16,
+            H100_SMEM_OPTIN,
+            true,
+            (Some(64), None, Some(bn)),
+        )
+        .unwrap_or_else(|err| panic!("{what}: {err}"));
+        eprintln!("{what}: {calls:?}");
+        check(&what, Precision::Fp16, &c.want, &got);
+        assert_eq!(
+            n(&calls, &format!("conv_igemm_gn_f16_n{bn}")),
+            pairs,
+            "{what}"
+        );
+        assert_eq!(n(&calls, "group_norm_nhwc_coeffs_f16"), pairs, "{what}");
+        assert_eq!(
+            n(&calls, "group_norm_nhwc_apply_f16") + pairs,
+            n(&plain, "group_norm_nhwc_apply_f16"),
+            "{what}: {calls:?} vs {plain:?}"
+        );
+        assert_eq!(
+            n(&calls, "conv_igemm_f16_n64") + pairs,
+            n(&plain, "conv_igemm_f16_n64"),
+            "{what}: {calls:?} vs {plain:?}"
+        );
+    }
+    // the step-by-step comparison passes over the GroupNorms the kernel applies (their outputs
+    // are never written) and finds nothing wrong
+    use motionrt_runtime::engine::localize::Localizer;
+    let wf =
+        |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(c.weights[n].clone())) };
+    let w32 = |n: &str| -> Result<Vec<f32>, EngineError> { Ok(c.weights[n].clone()) };
+    let f: Vec<(&str, &[f32])> = c.f.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+    let i: Vec<(&str, &[i64])> = c.i.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+    let mut p = EmuProgram::load(
+        &emu,
+        c.prog.clone(),
+        Precision::Fp16,
+        &wf,
+        H100_SMEM_OPTIN,
+        true,
+    )
+    .unwrap();
+    p.use_gn_conv(128);
+    let mut loc = Localizer::new(&p.program, Precision::Fp16, &c.f, &c.i, &w32).unwrap();
+    p.trace(&f, &i, &mut loc).unwrap();
+    let report = loc.report("tiny unet conv_igemm_gn_f16_n128", 5);
     assert!(loc.culprit().is_none(), "{report}");
     assert!(loc.clean(), "{report}");
 }
@@ -840,11 +1016,12 @@ fn full_architecture_runs_on_the_emulated_executor() {
                 // widths: 128 in the UNet, whose 320 channels leave half the last block's
                 // warps idle; 64 in the VAE)
                 let t = std::time::Instant::now();
-                // — and in the UNet, its feed-forwards' GEGLU pairs on gemm_geglu_f16_n64
+                // — and in the UNet, its feed-forwards' GEGLU pairs on gemm_geglu_f16_n64; the
+                // convolutions of GroupNorms on conv_igemm_gn_f16 at the same width
                 let bn = if graph == "unet" { 128 } else { 64 };
                 let gk = (graph == "unet").then_some(64);
                 let what = format!(
-                    "{what} conv_igemm_n{bn}{}",
+                    "{what} conv_igemm_n{bn}{} conv_igemm_gn_n{bn}",
                     if gk.is_some() { " gemm_geglu_n64" } else { "" }
                 );
                 let (got, calls) = emulate_with(
@@ -853,15 +1030,19 @@ fn full_architecture_runs_on_the_emulated_executor() {
                     Precision::Fp16,
                     H100_SMEM_OPTIN,
                     true,
-                    (Some(bn), gk),
+                    (Some(bn), gk, Some(bn)),
                 )
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
                 eprintln!(
                     "{what}: emulated in {:.0} s: {calls:?}",
                     t.elapsed().as_secs_f64()
                 );
-                let k = format!("conv_igemm_f16_n{bn}");
-                assert!(calls.get(&k).is_some_and(|&n| n > 0), "{what}");
+                for k in [
+                    format!("conv_igemm_f16_n{bn}"),
+                    format!("conv_igemm_gn_f16_n{bn}"),
+                ] {
+                    assert!(calls.get(&k).is_some_and(|&n| n > 0), "{what}: {k}");
+                }
                 if gk.is_some() {
                     assert!(
                         calls.get("gemm_geglu_f16_n64").is_some_and(|&n| n > 0),

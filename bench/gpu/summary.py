@@ -101,14 +101,17 @@ def main():
         # per problem each applies to: [problem, the library's ms, the kernel's ms (its faster
         # tile width), that width, chosen]
         for key, kernel, what, library in (("conv_igemm", "conv_igemm_f16", "convolution", "cuDNN"),
-                                           ("gemm_geglu", "gemm_geglu_f16", "GEGLU", "cuBLASLt + geglu")):
+                                           ("gemm_geglu", "gemm_geglu_f16", "GEGLU", "cuBLASLt + geglu"),
+                                           ("conv_igemm_gn", "conv_igemm_gn_f16", "GroupNorm + convolution",
+                                            "GroupNorm + convolution")):
             t = e.get(key) or []
             if t:
                 won = sum(1 for r in t if r[-1])
                 print(f"engine {e.get('layout')}: {kernel} chosen for {won} of {len(t)} {what} "
                       f"problems; one call each: {library} {sum(r[1] for r in t):.2f} ms, {kernel} "
                       f"{sum(r[2] for r in t if r[2] < 1e30):.2f} ms")
-        for key in ("specialisation_ab", "gemm_timing_ab", "conv_kernel_ab", "geglu_kernel_ab"):
+        for key in ("specialisation_ab", "gemm_timing_ab", "conv_kernel_ab", "geglu_kernel_ab",
+                    "gn_conv_kernel_ab"):
             if e.get(key):
                 print(f"engine {e.get('layout')}: {key} {json.dumps(e[key])}")
     if tr:

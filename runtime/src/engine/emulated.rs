@@ -17,9 +17,10 @@ use motionrt_kernels::emu::{Arg, DeviceBuffer, Emu};
 use super::cpu_exec::dot;
 use super::exec::Precision;
 use super::launch::{
-    cast_launch, conv_igemm_for, geglu_kernel_for, geglu_linear, geglu_pairs, group_norm_scratch,
-    place_buffers, plan_memory_for, plan_memory_fused, rebase_activations, specialize, step_ops,
-    ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op, WeightData,
+    cast_launch, conv_igemm_for, geglu_kernel_for, geglu_linear, geglu_pairs, gn_conv_for,
+    gn_conv_norm, gn_conv_pairs, group_norm_scratch, place_buffers, plan_memory_for,
+    plan_memory_fused, rebase_activations, specialize, step_ops, ConvDesc, Ctx, GemmCall, KArg,
+    Launch, LtCall, Op, WeightData,
 };
 use super::program::{DType, MemoryPlan, Outputs, Program, Step, Strided};
 use super::EngineError;
@@ -62,6 +63,12 @@ pub struct EmuProgram<'e> {
     /// timed faster when the engine was built). Set here, the arena stays as planned at load;
     /// [`EmuProgram::use_geglu_kernel`] also plans it again as the GPU executor then does.
     pub geglu_kernel: Option<usize>,
+    /// (GroupNorm, convolution) pairs `conv_igemm_gn_f16_nBN` computes
+    /// ([`super::launch::gn_conv_pairs`]) run on it, with this BN, instead of the GroupNorm's apply
+    /// pass and the convolution as chosen alone (on a GPU, those where it timed faster when the
+    /// engine was built). Set here, the arena stays as planned at load;
+    /// [`EmuProgram::use_gn_conv`] also plans it again as the GPU executor then does.
+    pub gn_conv: Option<usize>,
 }
 
 impl<'e> EmuProgram<'e> {
@@ -116,6 +123,7 @@ impl<'e> EmuProgram<'e> {
             fault: None,
             conv_kernel: None,
             geglu_kernel: None,
+            gn_conv: None,
         })
     }
 
@@ -126,7 +134,27 @@ impl<'e> EmuProgram<'e> {
     /// is what runs here).
     pub fn use_geglu_kernel(&mut self, bn: usize) {
         self.geglu_kernel = Some(bn);
-        let fused = geglu_pairs(&self.program, self.precision);
+        self.replan();
+    }
+
+    /// Every (GroupNorm, convolution) pair `conv_igemm_gn_f16_n{bn}` computes on that kernel,
+    /// and the activations planned again without those GroupNorms' outputs, as
+    /// [`EmuProgram::use_geglu_kernel`] does for its pairs.
+    pub fn use_gn_conv(&mut self, bn: usize) {
+        self.gn_conv = Some(bn);
+        self.replan();
+    }
+
+    /// The arena planned again (NaN-filled) without the outputs of the first steps of the pairs
+    /// that run as one kernel.
+    fn replan(&mut self) {
+        let mut fused = Vec::new();
+        if self.geglu_kernel.is_some() {
+            fused.extend(geglu_pairs(&self.program, self.precision));
+        }
+        if self.gn_conv.is_some() {
+            fused.extend(gn_conv_pairs(&self.program, self.precision));
+        }
         let memory = plan_memory_fused(&self.program, self.precision, &fused);
         self.arena = DeviceBuffer::filled(memory.arena_bytes.max(256), 0xFF);
         rebase_activations(
@@ -163,7 +191,8 @@ impl<'e> EmuProgram<'e> {
         // SAFETY: the arena's own bytes; no launch is running (launches here are synchronous).
         unsafe { std::ptr::write_bytes(self.arena.as_ptr(), 0xFF, self.arena.len_bytes()) };
         let _staging = self.set_inputs(inputs, ids)?;
-        // outputs of projections a GEGLU's gemm_geglu computes: never written, so not compared
+        // outputs of projections a GEGLU's gemm_geglu computes and of GroupNorms a convolution
+        // normalises as it reads their input: never written, so not compared
         let mut unwritten = std::collections::HashSet::new();
         for si in 0..self.program.steps.len() {
             if let Some((_, b)) = self.fault.filter(|f| f.0 == si) {
@@ -177,9 +206,16 @@ impl<'e> EmuProgram<'e> {
                 loc.observe_input(si, b, &v);
             }
             self.step(si)?;
-            if matches!(self.program.steps[si], Step::Linear { .. })
-                && geglu_kernel_for(&self.program, si, self.precision, self.geglu_kernel).is_some()
-            {
+            let fused_first = match self.program.steps[si] {
+                Step::Linear { .. } => {
+                    geglu_kernel_for(&self.program, si, self.precision, self.geglu_kernel)
+                }
+                Step::GroupNorm { .. } => {
+                    gn_conv_for(&self.program, si, self.precision, self.gn_conv)
+                }
+                _ => None,
+            };
+            if fused_first.is_some() {
                 unwritten.insert(self.program.steps[si].io().1);
                 continue;
             }
@@ -258,6 +294,8 @@ impl<'e> EmuProgram<'e> {
         let is_ck = move |_: usize| ck;
         let gk = geglu_kernel_for(&self.program, si, self.precision, self.geglu_kernel);
         let is_gk = move |_: usize| gk;
+        let gc = gn_conv_for(&self.program, si, self.precision, self.gn_conv);
+        let is_gc = move |_: usize| gc;
         let ctx = Ctx {
             precision: self.precision,
             ptrs: &self.ptrs,
@@ -266,6 +304,7 @@ impl<'e> EmuProgram<'e> {
             lt: &is_lt,
             conv_kernel: &is_ck,
             geglu_kernel: &is_gk,
+            gn_conv: &is_gc,
         };
         let ops = step_ops(&self.program, si, &ctx)?;
         // what the step's launches may touch: the buffers it reads and writes, and the scratch;
@@ -278,7 +317,19 @@ impl<'e> EmuProgram<'e> {
             bufs.retain(|b| b != x);
             bufs.extend(self.program.steps[li].io().0);
         }
-        bufs.push(w);
+        // a convolution on conv_igemm_gn_f16_nBN reads its GroupNorm's input instead of its
+        // output; the GroupNorm writes only the scratch
+        match (gc, &self.program.steps[si]) {
+            (Some(_), Step::Conv(c)) => {
+                let gi = gn_conv_norm(&self.program, si, self.precision)
+                    .expect("gn_conv_for checked the pair");
+                bufs.retain(|&b| b != c.x);
+                bufs.push(self.program.steps[gi].io().0[0]);
+                bufs.push(w);
+            }
+            (Some(_), Step::GroupNorm { .. }) => {}
+            _ => bufs.push(w),
+        }
         bufs.dedup();
         self.bounds = bufs
             .iter()

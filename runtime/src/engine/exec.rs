@@ -25,9 +25,10 @@ use serde::{Deserialize, Serialize};
 pub use super::launch::WeightData;
 use super::launch::{
     cast_launch, check_launchable, conv_igemm_launch, conv_igemm_ok, elementwise_launch,
-    geglu_pairs, gemm_geglu_launch, group_norm_scratch, group_norm_splits, opt_in_smem,
-    place_buffers, plan_memory_for, plan_memory_fused, rebase_activations, specialize, step_ops,
-    ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, LtDesc, LtLayout, Op, CONV_IGEMM_WIDTHS,
+    geglu_pairs, gemm_geglu_launch, gn_conv_pairs, group_norm_scratch, group_norm_splits,
+    opt_in_smem, place_buffers, plan_memory_for, plan_memory_fused, rebase_activations, specialize,
+    step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, LtDesc, LtLayout, Op,
+    CONV_IGEMM_WIDTHS,
 };
 use super::program::{ConvStep, DType, MemoryPlan, Program, Step, Strided};
 use super::EngineError;
@@ -120,7 +121,11 @@ pub struct TacticCache {
     /// Feed-forward projections with their GEGLU, by problem ([`geglu_key`]): `gemm_geglu_f16_nBN`
     /// against cuBLASLt and `geglu`. Absent in caches written before that kernel.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub geglu: BTreeMap<String, GegluTactic>,
+    pub geglu: BTreeMap<String, FusedTactic>,
+    /// GroupNorms and the convolutions of their outputs, by problem ([`gn_conv_key`]):
+    /// `conv_igemm_gn_f16_nBN` against the two steps. Absent in caches written before that kernel.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub gn_conv: BTreeMap<String, FusedTactic>,
 }
 
 /// A timing-cache key for a GEGLU pair: its projection's problem (rows x 2d x k, with the
@@ -134,22 +139,42 @@ pub fn geglu_key(m: usize, d: usize, k: usize, bias: bool, precision: Precision)
     )
 }
 
-/// A feed-forward projection and its GEGLU: the time of the two steps as they are (cuBLASLt's
-/// timed algorithm, then `geglu`) and of the faster `gemm_geglu_f16_nBN` doing both.
+/// A timing-cache key for a (GroupNorm, convolution) pair: the convolution's problem, the
+/// GroupNorm's groups, whether it ends in SiLU and whether it adds input biases, and precision.
+pub fn gn_conv_key(
+    conv: &str,
+    groups: usize,
+    silu: bool,
+    in_bias: bool,
+    precision: Precision,
+) -> String {
+    format!(
+        "{conv} after gn{groups}{}{} {}",
+        if silu { "+silu" } else { "" },
+        if in_bias { "+bias" } else { "" },
+        precision.suffix()
+    )
+}
+
+/// Two steps one kernel may do: the time of the two as they are and of the faster tile width
+/// of that kernel. A feed-forward projection and its GEGLU (cuBLASLt's timed algorithm, then
+/// `geglu`; `gemm_geglu_f16_nBN`), or a GroupNorm and the convolution of its output (the
+/// GroupNorm's passes, then the convolution as chosen alone; the GroupNorm's statistics and
+/// `conv_igemm_gn_f16_nBN`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct GegluTactic {
-    /// Mean time of the projection and the GEGLU step after it (ms).
+pub struct FusedTactic {
+    /// Mean time of the two steps (ms).
     pub ms: f32,
-    /// Mean time of the faster `gemm_geglu_f16_nBN` (ms; `f32::MAX` when none ran).
+    /// Mean time with the faster width of the kernel doing both (ms; `f32::MAX` when none ran).
     pub fused_ms: f32,
     /// Its tile width BN (64 or 128).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fused_n: Option<usize>,
 }
 
-impl GegluTactic {
-    /// The `gemm_geglu_f16_nBN` tile width that runs the pair, if one does (it timed faster than
-    /// the two steps). A decision from recorded times, so the same cache gives the same engine.
+impl FusedTactic {
+    /// The tile width of the kernel that runs the pair, if one does (it timed faster than the
+    /// two steps). A decision from recorded times, so the same cache gives the same engine.
     pub fn fused(&self) -> Option<usize> {
         (self.fused_ms < self.ms).then_some(self.fused_n).flatten()
     }
@@ -282,6 +307,29 @@ impl TacticCache {
         for (k, v) in &other.geglu {
             self.geglu.entry(k.clone()).or_insert(*v);
         }
+        for (k, v) in &other.gn_conv {
+            self.gn_conv.entry(k.clone()).or_insert(*v);
+        }
+    }
+
+    /// The same cache with every (GroupNorm, convolution) pair `conv_igemm_gn_f16_n{bn}`
+    /// computes on that kernel, whatever the timing said.
+    pub fn forced_gn_conv(&self, bn: usize) -> Self {
+        let mut c = self.clone();
+        for t in c.gn_conv.values_mut() {
+            (t.fused_ms, t.fused_n) = (f32::MIN, Some(bn));
+        }
+        c
+    }
+
+    /// The same cache with every (GroupNorm, convolution) pair as two steps, for measuring what
+    /// `conv_igemm_gn_f16` gains, side by side.
+    pub fn unfused_gn_conv(&self) -> Self {
+        let mut c = self.clone();
+        for t in c.gn_conv.values_mut() {
+            (t.fused_ms, t.fused_n) = (f32::MAX, None);
+        }
+        c
     }
 
     /// The same cache with every GEGLU pair `gemm_geglu_f16_n{bn}` computes on that kernel,
@@ -1150,6 +1198,8 @@ pub struct GpuProgram {
     conv_kernel: HashMap<usize, usize>,
     /// Both steps of each GEGLU pair `gemm_geglu_f16_nBN` runs (timed faster than the two), by BN.
     geglu_kernel: HashMap<usize, usize>,
+    /// Both steps of each (GroupNorm, convolution) pair `conv_igemm_gn_f16_nBN` runs, by BN.
+    gn_conv: HashMap<usize, usize>,
     /// Linear steps as single cuBLASLt matmuls (bias in the epilogue, residual as `C`).
     lt_plans: HashMap<usize, LtPlan>,
     conv_ws: Option<CudaSlice<u8>>,
@@ -1275,6 +1325,7 @@ impl GpuProgram {
             convs: HashMap::new(),
             conv_kernel: Default::default(),
             geglu_kernel: Default::default(),
+            gn_conv: Default::default(),
             lt_plans: HashMap::new(),
             conv_ws: None,
             conv_ws_ptr: (0, 0),
@@ -1285,21 +1336,29 @@ impl GpuProgram {
             ran_eagerly: false,
             weight_bytes,
         };
-        me.prepare_convs(dev, tactics)?;
+        let timed_convs = me.prepare_convs(dev, tactics)?;
         let timed = me.prepare_linears(dev, tactics)?;
         me.prepare_geglus(dev, tactics, &timed)?;
-        me.replan_for_geglu(dev)?;
+        me.prepare_gn_convs(dev, tactics, &timed_convs)?;
+        me.replan_fused(dev)?;
         Ok(me)
     }
 
-    /// Once GEGLU pairs are known to run as one `gemm_geglu_f16_nBN`: the activations planned
-    /// again without those projections' `[rows, 2d]` outputs ([`plan_memory_fused`]), in a new,
-    /// smaller arena. Nothing has run yet (timing's outputs are scratch), so nothing in the old
-    /// arena is kept; it is freed before the new one is allocated.
-    fn replan_for_geglu(&mut self, dev: &CudaDevice) -> Result<(), EngineError> {
+    /// Once GEGLU pairs are known to run as one `gemm_geglu_f16_nBN` and (GroupNorm,
+    /// convolution) pairs as one `conv_igemm_gn_f16_nBN`: the activations planned again without
+    /// those projections' `[rows, 2d]` outputs and those GroupNorms' outputs
+    /// ([`plan_memory_fused`]), in a new, smaller arena. Nothing has run yet (timing's outputs
+    /// are scratch), so nothing in the old arena is kept; it is freed before the new one is
+    /// allocated.
+    fn replan_fused(&mut self, dev: &CudaDevice) -> Result<(), EngineError> {
         let fused: Vec<(usize, usize)> = geglu_pairs(&self.program, self.precision)
             .into_iter()
             .filter(|(_, gi)| self.geglu_kernel.contains_key(gi))
+            .chain(
+                gn_conv_pairs(&self.program, self.precision)
+                    .into_iter()
+                    .filter(|(_, ci)| self.gn_conv.contains_key(ci)),
+            )
             .collect();
         if fused.is_empty() {
             return Ok(());
@@ -1325,7 +1384,7 @@ impl GpuProgram {
     /// against the two steps as they run when the projection's cuBLASLt algorithm was timed in
     /// this load (`timed`: its step indices; not on a cached choice, so an engine or cache written
     /// before this kernel keeps the two steps and two loads of it run the same), the fastest kept
-    /// where it beats them — the decision is the cache's ([`GegluTactic::fused`]).
+    /// where it beats them — the decision is the cache's ([`FusedTactic::fused`]).
     fn prepare_geglus(
         &mut self,
         dev: &CudaDevice,
@@ -1349,16 +1408,81 @@ impl GpuProgram {
                 })?;
                 tactics.geglu.insert(
                     key.clone(),
-                    GegluTactic {
+                    FusedTactic {
                         ms,
                         fused_ms: best.0,
                         fused_n: best.1,
                     },
                 );
             }
-            if let Some(bn) = tactics.geglu.get(&key).and_then(GegluTactic::fused) {
+            if let Some(bn) = tactics.geglu.get(&key).and_then(FusedTactic::fused) {
                 self.geglu_kernel.insert(li, bn);
                 self.geglu_kernel.insert(gi, bn);
+            }
+        }
+        Ok(())
+    }
+
+    /// The (GroupNorm, convolution) pairs `conv_igemm_gn_f16_nBN` computes ([`gn_conv_pairs`]):
+    /// each tile width timed against the two steps as they run (the convolution as chosen alone)
+    /// when the convolution's algorithms were timed in this load (`timed`: its step indices; not
+    /// on a cached choice, so an engine or cache written before this kernel keeps the two steps
+    /// and two loads of it run the same), the fastest kept where it beats them — the decision is
+    /// the cache's ([`FusedTactic::fused`]).
+    fn prepare_gn_convs(
+        &mut self,
+        dev: &CudaDevice,
+        tactics: &mut TacticCache,
+        timed: &HashSet<usize>,
+    ) -> Result<(), EngineError> {
+        let time_pair = |me: &Self, gi: usize, ci: usize| {
+            time_enqueue(dev, &|| {
+                me.enqueue_step(dev, gi)?;
+                me.enqueue_step(dev, ci)
+            })
+        };
+        for (gi, ci) in gn_conv_pairs(&self.program, self.precision) {
+            let (
+                Step::GroupNorm {
+                    groups,
+                    silu,
+                    x_bias,
+                    x_sbias,
+                    ..
+                },
+                Step::Conv(c),
+            ) = (&self.program.steps[gi], &self.program.steps[ci])
+            else {
+                continue;
+            };
+            let in_bias = x_bias.is_some() || x_sbias.is_some();
+            let key = gn_conv_key(&c.problem(), *groups, *silu, in_bias, self.precision);
+            if !tactics.gn_conv.contains_key(&key) && timed.contains(&ci) {
+                let ms = time_pair(self, gi, ci)?;
+                let mut best = (f32::MAX, None);
+                for bn in CONV_IGEMM_WIDTHS {
+                    self.gn_conv.insert(gi, bn);
+                    self.gn_conv.insert(ci, bn);
+                    let t = time_pair(self, gi, ci);
+                    self.gn_conv.remove(&gi);
+                    self.gn_conv.remove(&ci);
+                    let t = t?;
+                    if t < best.0 {
+                        best = (t, Some(bn));
+                    }
+                }
+                tactics.gn_conv.insert(
+                    key.clone(),
+                    FusedTactic {
+                        ms,
+                        fused_ms: best.0,
+                        fused_n: best.1,
+                    },
+                );
+            }
+            if let Some(bn) = tactics.gn_conv.get(&key).and_then(FusedTactic::fused) {
+                self.gn_conv.insert(gi, bn);
+                self.gn_conv.insert(ci, bn);
             }
         }
         Ok(())
@@ -1422,11 +1546,14 @@ impl GpuProgram {
         Ok(timed)
     }
 
+    /// cuDNN descriptors for the convolution steps, algorithms timed on this GPU unless `tactics`
+    /// has them, and the implicit-GEMM kernels timed against them where they apply. Returns the
+    /// steps whose problem `tactics` had no choice for at the start (timed in this load).
     fn prepare_convs(
         &mut self,
         dev: &CudaDevice,
         tactics: &mut TacticCache,
-    ) -> Result<(), EngineError> {
+    ) -> Result<HashSet<usize>, EngineError> {
         let dt = match self.precision {
             Precision::Fp32 => cudnn::cudnnDataType_t::CUDNN_DATA_FLOAT,
             Precision::Fp16 => cudnn::cudnnDataType_t::CUDNN_DATA_HALF,
@@ -1439,6 +1566,9 @@ impl GpuProgram {
         let nhwc = cudnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
         let mut max_ws = 0usize;
         let mut found_ws: Option<CudaSlice<u8>> = None;
+        // the problems the cache had at the start, and the steps of the others (timed here)
+        let cached: HashSet<String> = tactics.conv.keys().cloned().collect();
+        let mut timed = HashSet::new();
         let steps: Vec<(usize, ConvStep)> = self
             .program
             .steps
@@ -1527,6 +1657,9 @@ impl GpuProgram {
                 )?;
             }
             let key = format!("{} {}", c.problem(), self.precision.suffix());
+            if !cached.contains(&key) {
+                timed.insert(i);
+            }
             // a cached choice (the engine's, or a run's timing cache) is used if this cuDNN takes
             // it here; otherwise, or with none, every algorithm is timed on this GPU
             let mut cached = tactics.conv.get(&key).copied();
@@ -1699,7 +1832,7 @@ impl GpuProgram {
             self.conv_ws_ptr = (ptr, max_ws);
             self.conv_ws = Some(ws);
         }
-        Ok(())
+        Ok(timed)
     }
 
     /// Enqueue every step on the stream (no synchronization).
@@ -1732,12 +1865,19 @@ impl GpuProgram {
         for (si, (e0, e1)) in evs.iter().enumerate() {
             let ms = e0.elapsed_ms(e1).map_err(|e| gpu_err("elapsed", e))? as f64;
             let label = match &self.program.steps[si] {
+                Step::Conv(c) if self.gn_conv.contains_key(&si) => format!(
+                    "conv {}x{} s{}+group_norm (conv_igemm_gn_f16_n{})",
+                    c.w_shape[2], c.w_shape[3], c.strides[0], self.gn_conv[&si]
+                ),
                 Step::Conv(c) => {
                     format!("conv {}x{} s{}", c.w_shape[2], c.w_shape[3], c.strides[0])
                 }
                 Step::Attention { l, s, d, .. } => format!("attention L={l} S={s} d={d}"),
                 Step::Linear { .. } if self.geglu_kernel.contains_key(&si) => {
                     "linear (in the GEGLU's gemm_geglu)".to_string()
+                }
+                Step::GroupNorm { .. } if self.gn_conv.contains_key(&si) => {
+                    "group_norm statistics (applied in conv_igemm_gn)".to_string()
                 }
                 Step::Geglu { .. } if self.geglu_kernel.contains_key(&si) => format!(
                     "geglu+projection (gemm_geglu_f16_n{})",
@@ -1805,6 +1945,7 @@ impl GpuProgram {
         let lt = |i: usize| self.lt_plans.contains_key(&i);
         let ck = |i: usize| self.conv_kernel.get(&i).copied();
         let gk = |i: usize| self.geglu_kernel.get(&i).copied();
+        let gc = |i: usize| self.gn_conv.get(&i).copied();
         let ctx = Ctx {
             precision: self.precision,
             ptrs: &self.ptrs,
@@ -1813,6 +1954,7 @@ impl GpuProgram {
             lt: &lt,
             conv_kernel: &ck,
             geglu_kernel: &gk,
+            gn_conv: &gc,
         };
         step_ops(&self.program, si, &ctx)
     }
@@ -2142,6 +2284,12 @@ impl GpuProgram {
         self.geglu_kernel.len() / 2
     }
 
+    /// How many (GroupNorm, convolution) pairs run as the GroupNorm's statistics and one
+    /// `conv_igemm_gn_f16_nBN` (the rest as the GroupNorm's passes and the convolution).
+    pub fn gn_conv_pairs(&self) -> usize {
+        self.gn_conv.len() / 2
+    }
+
     /// Bytes of weights on the device for this program and those sharing them with it.
     pub fn device_weight_bytes(&self) -> usize {
         self.weights.borrow().bytes()
@@ -2182,7 +2330,8 @@ impl GpuProgram {
         self.poison(dev)?;
         self.set_inputs(dev, inputs, ids)?;
         dev.stream.synchronize().map_err(|e| gpu_err("inputs", e))?;
-        // outputs of projections a GEGLU's gemm_geglu computes: never written, so not compared
+        // outputs of projections a GEGLU's gemm_geglu computes and of GroupNorms a convolution
+        // normalises as it reads their input: never written, so not compared
         let mut unwritten = HashSet::new();
         for si in 0..self.program.steps.len() {
             let what = || {
@@ -2201,9 +2350,11 @@ impl GpuProgram {
             self.enqueue_step(dev, si)
                 .map_err(|e| EngineError::Graph(format!("{}: {e}", what())))?;
             dev.stream.synchronize().map_err(|e| gpu_err(&what(), e))?;
-            if matches!(self.program.steps[si], Step::Linear { .. })
-                && self.geglu_kernel.contains_key(&si)
-            {
+            if match self.program.steps[si] {
+                Step::Linear { .. } => self.geglu_kernel.contains_key(&si),
+                Step::GroupNorm { .. } => self.gn_conv.contains_key(&si),
+                _ => false,
+            } {
                 unwritten.insert(self.program.steps[si].io().1);
                 continue;
             }

@@ -596,8 +596,8 @@ fn build_into(
             WeightStore::shared(),
         )?;
         let weight_bytes = gp.weight_bytes;
-        // the arena the executor allocates at opt once the timing chose (GEGLU pairs on one
-        // kernel plan it again, smaller)
+        // the arena the executor allocates at opt once the timing chose (GEGLU and GroupNorm
+        // pairs on one kernel plan it again, smaller)
         arena.insert("opt".to_string(), gp.memory.arena_bytes);
         drop(gp);
         let stripped = strip_weights(&mut model, &init)?;
@@ -875,7 +875,7 @@ mod tests {
 
     #[test]
     fn timing_caches_keep_geglu_choices_and_read_older_ones() {
-        use super::super::exec::{geglu_key, GegluTactic, Precision};
+        use super::super::exec::{geglu_key, FusedTactic, Precision};
         // a cache written before the GEGLU kernel: the pairs stay two steps (not timed on load)
         let old = r#"{"conv": {}, "gemm": {}}"#;
         let c: TacticCache = serde_json::from_str(old).unwrap();
@@ -883,18 +883,18 @@ mod tests {
         let key = geglu_key(32768, 1280, 320, true, Precision::Fp16);
         assert_eq!(key, "32768x2560x320+bias f16");
         let mut c = TacticCache::default();
-        let faster = GegluTactic {
+        let faster = FusedTactic {
             ms: 0.5,
             fused_ms: 0.25,
             fused_n: Some(64),
         };
-        let slower = GegluTactic {
+        let slower = FusedTactic {
             ms: 0.5,
             fused_ms: 0.75,
             fused_n: Some(128),
         };
         // neither width ran
-        let none = GegluTactic {
+        let none = FusedTactic {
             ms: 0.5,
             fused_ms: f32::MAX,
             fused_n: None,
@@ -922,6 +922,53 @@ mod tests {
         let mut e = TacticCache::default();
         e.merge(&c);
         assert_eq!(e.geglu, c.geglu);
+    }
+
+    #[test]
+    fn timing_caches_keep_group_norm_convolution_choices_and_read_older_ones() {
+        use super::super::exec::{gn_conv_key, FusedTactic, Precision};
+        // a cache written before conv_igemm_gn: the pairs stay two steps (not timed on load)
+        let old = r#"{"conv": {}, "gemm": {}, "geglu": {}}"#;
+        let c: TacticCache = serde_json::from_str(old).unwrap();
+        assert!(c.gn_conv.is_empty());
+        let key = gn_conv_key("conv 32x320x64x64 k3", 32, true, true, Precision::Fp16);
+        assert_eq!(key, "conv 32x320x64x64 k3 after gn32+silu+bias f16");
+        let plain = gn_conv_key("conv 32x320x64x64 k3", 32, false, false, Precision::Fp16);
+        assert_ne!(plain, key);
+        let mut c = TacticCache::default();
+        let (faster, slower) = (
+            FusedTactic {
+                ms: 0.5,
+                fused_ms: 0.4,
+                fused_n: Some(128),
+            },
+            FusedTactic {
+                ms: 0.5,
+                fused_ms: 0.6,
+                fused_n: Some(64),
+            },
+        );
+        c.gn_conv.insert(key.clone(), faster);
+        c.gn_conv.insert(plain.clone(), slower);
+        // an empty map is left out, so caches without these pairs read as before
+        let json = serde_json::to_string_pretty(&c).unwrap();
+        assert!(!json.contains("\"geglu\""), "{json}");
+        let back: TacticCache = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(c.gn_conv[&key].fused(), Some(128));
+        assert_eq!(c.gn_conv[&plain].fused(), None);
+        let u = c.unfused_gn_conv();
+        assert!(u.gn_conv.values().all(|t| t.fused().is_none()));
+        let f = c.forced_gn_conv(64);
+        assert!(f.gn_conv.values().all(|t| t.fused() == Some(64)));
+        // GEGLU and GroupNorm choices are kept apart
+        assert!(f.geglu.is_empty() && c.forced_geglu(64).gn_conv == c.gn_conv);
+        let mut m = u.clone();
+        m.merge(&c);
+        assert_eq!(m, u);
+        let mut e = TacticCache::default();
+        e.merge(&c);
+        assert_eq!(e.gn_conv, c.gn_conv);
     }
 
     #[test]

@@ -1253,11 +1253,13 @@ pub fn plan_memory_for(program: &Program, precision: Precision) -> MemoryPlan {
     plan_memory_fused(program, precision, &[])
 }
 
-/// [`plan_memory_for`] once the GEGLU pairs `fused` (`(linear, geglu)` step indices) are known
-/// to run as one `gemm_geglu_f16_nBN` each: their projections' `[rows, 2d]` outputs, which
-/// nothing then writes or reads, get no space (address 0). Every pair that may run so keeps
-/// its projection's input live through its GEGLU step (the kernel reads it there), so the
-/// GEGLU's output is never placed on it, whichever the timing chooses after the first plan.
+/// [`plan_memory_for`] once the step pairs `fused` (`(first, second)` step indices: GEGLU pairs
+/// `(linear, geglu)` ([`geglu_pairs`]) and GroupNorm pairs `(group norm, convolution)`
+/// ([`gn_conv_pairs`])) are known to run as one kernel each (`gemm_geglu_f16_nBN`,
+/// `conv_igemm_gn_f16_nBN`, at the second step): the first steps' outputs, which nothing then
+/// writes or reads, get no space (address 0). Every pair that may run so keeps its first step's
+/// input live through its second step (the kernel reads it there), so the second's output is
+/// never placed on it, whichever the timing chooses after the first plan.
 pub fn plan_memory_fused(
     program: &Program,
     precision: Precision,
@@ -1266,8 +1268,9 @@ pub fn plan_memory_fused(
     let eb = precision.elem_bytes();
     let extend: Vec<(usize, usize)> = geglu_pairs(program, precision)
         .into_iter()
-        .filter_map(|(li, gi)| match program.steps[li] {
-            Step::Linear { x, .. } => Some((x, gi)),
+        .chain(gn_conv_pairs(program, precision))
+        .filter_map(|(first, second)| match program.steps[first] {
+            Step::Linear { x, .. } | Step::GroupNorm { x, .. } => Some((x, second)),
             _ => None,
         })
         .collect();
@@ -1335,6 +1338,13 @@ pub struct Ctx<'a> {
     /// asked with the index of either step of the pair: the Linear then enqueues nothing and
     /// the GEGLU the kernel ([`gemm_geglu_launch`]); `None`: both steps as they are.
     pub geglu_kernel: &'a dyn Fn(usize) -> Option<usize>,
+    /// The `conv_igemm_gn_f16_nBN` tile width of a (GroupNorm, convolution) pair
+    /// ([`gn_conv_pairs`]) that runs so (chosen over the GroupNorm's apply pass and the
+    /// convolution as chosen alone by timing them when the engine is built), asked with the index
+    /// of either step: the GroupNorm then makes its statistics and the scale and shift per
+    /// (sample, channel) but writes no output, and the convolution reads the GroupNorm's input
+    /// ([`conv_igemm_gn_launch`]); `None`: both steps as they are.
+    pub gn_conv: &'a dyn Fn(usize) -> Option<usize>,
 }
 
 /// `conv_igemm_f16_nBN`'s tile widths (output channels a block; 128 output pixels, k tiles of 32).
@@ -1345,6 +1355,7 @@ pub const CONV_IGEMM_WIDTHS: [usize; 2] = [64, 128];
 pub fn conv_igemm_smem(name: &str) -> Option<usize> {
     let bn: usize = name
         .strip_prefix("conv_igemm_f16_n")
+        .or_else(|| name.strip_prefix("conv_igemm_gn_f16_n"))
         .or_else(|| name.strip_prefix("gemm_geglu_f16_n"))?
         .parse()
         .ok()?;
@@ -1433,6 +1444,123 @@ pub fn conv_igemm_launch(
             i(c.pads[1]),
         ],
     }
+}
+
+/// The GroupNorm step whose output convolution step `ci` alone reads, when
+/// `conv_igemm_gn_f16_nBN` computes the convolution from the GroupNorm's input (normalising it
+/// as it is read): a convolution `conv_igemm_f16_nBN` computes ([`conv_igemm_ok`]) of a
+/// channels-last GroupNorm's output over the same samples, channels and pixels, that output read
+/// by no other step and not a graph output, and no other GroupNorm between the two (they share
+/// the scratch that holds the scale and shift until the convolution reads them).
+pub fn gn_conv_norm(p: &Program, ci: usize, precision: Precision) -> Option<usize> {
+    let Step::Conv(c) = p.steps.get(ci)? else {
+        return None;
+    };
+    if !conv_igemm_ok(c, precision) || p.outputs.iter().any(|(_, t)| t.buf == c.x) {
+        return None;
+    }
+    let gi = (0..ci).rev().find(|&i| p.steps[i].io().1 == c.x)?;
+    let Step::GroupNorm {
+        x,
+        n,
+        c: ch,
+        spatial,
+        channels_last: true,
+        ..
+    } = p.steps[gi]
+    else {
+        return None;
+    };
+    let [xn, xc, xh, xw] = c.x_shape;
+    let only_reader = p
+        .steps
+        .iter()
+        .enumerate()
+        .all(|(i, st)| i == gi || i == ci || !st.io().0.contains(&c.x));
+    let no_norm_between = p.steps[gi + 1..ci]
+        .iter()
+        .all(|st| !matches!(st, Step::GroupNorm { .. }));
+    (only_reader
+        && no_norm_between
+        && x != c.x
+        && c.residual != Some(c.x)
+        && (n, ch, spatial) == (xn, xc, xh * xw))
+        .then_some(gi)
+}
+
+/// The (GroupNorm, convolution) step pairs `conv_igemm_gn_f16_nBN` computes ([`gn_conv_norm`]).
+pub fn gn_conv_pairs(p: &Program, precision: Precision) -> Vec<(usize, usize)> {
+    (0..p.steps.len())
+        .filter_map(|ci| gn_conv_norm(p, ci, precision).map(|gi| (gi, ci)))
+        .collect()
+}
+
+/// `bn` for step `si` of `p` if it is either step of a pair `conv_igemm_gn_f16_n{bn}` computes,
+/// else `None`: every such pair on that kernel (the emulated executor's and `engine_floor`'s
+/// choice, where the GPU executor's is timed).
+pub fn gn_conv_for(
+    p: &Program,
+    si: usize,
+    precision: Precision,
+    bn: Option<usize>,
+) -> Option<usize> {
+    bn?;
+    match &p.steps[si] {
+        Step::Conv(_) => gn_conv_norm(p, si, precision).and(bn),
+        Step::GroupNorm { out, .. } => p.steps[si + 1..]
+            .iter()
+            .position(|st| matches!(st, Step::Conv(c) if c.x == *out))
+            .and_then(|j| gn_conv_norm(p, si + 1 + j, precision))
+            .filter(|&gi| gi == si)
+            .and(bn),
+        _ => None,
+    }
+}
+
+/// The launch of `conv_igemm_gn_f16_n{bn}` for convolution step `ci` and the GroupNorm `gi`
+/// whose output it reads ([`gn_conv_norm`]; buffers at `ptr`, the GroupNorm scratch at
+/// `norm_stats`): the GroupNorm's input, the scale and shift its step leaves in the scratch, its
+/// SiLU flag, and the convolution's weight, output and epilogue.
+pub fn conv_igemm_gn_launch(
+    p: &Program,
+    gi: usize,
+    ci: usize,
+    bn: usize,
+    ptr: &dyn Fn(usize) -> u64,
+    norm_stats: u64,
+) -> Result<Launch, EngineError> {
+    use KArg::{Ptr, I32};
+    let (
+        Step::GroupNorm {
+            out,
+            x,
+            n,
+            c: ch,
+            spatial,
+            groups,
+            silu,
+            channels_last: true,
+            ..
+        },
+        Step::Conv(c),
+    ) = (&p.steps[gi], &p.steps[ci])
+    else {
+        return Err(EngineError::Graph(format!(
+            "steps {gi} and {ci} are not a channels-last GroupNorm and a convolution"
+        )));
+    };
+    let [xn, xc, xh, xw] = c.x_shape;
+    if c.x != *out || (*n, *ch, *spatial) != (xn, xc, xh * xw) || !CONV_IGEMM_WIDTHS.contains(&bn) {
+        return Err(EngineError::Graph(format!(
+            "steps {gi} and {ci} are not a pair conv_igemm_gn_f16_n{bn} computes"
+        )));
+    }
+    let mut l = conv_igemm_launch(c, bn, ptr);
+    l.kernel = format!("conv_igemm_gn_f16_n{bn}");
+    l.args[0] = Ptr(ptr(*x));
+    let ab = norm_stats + (gn_coeffs_offset(*n, *ch, *spatial, *groups) * 4) as u64;
+    l.args.splice(6..6, [Ptr(ab), I32(*silu as i32)]);
+    Ok(l)
 }
 
 /// The Linear step whose output GEGLU step `gi` alone reads, when `gemm_geglu_f16_nBN` computes
@@ -1635,16 +1763,26 @@ pub fn nhwc_stats_smem(c: usize, block: u32, elem_bytes: usize) -> u32 {
 }
 
 /// float32 scratch of a GroupNorm step: partial statistics, and for channels-last the merged
-/// mean and inverse deviation per (sample, group) after them.
+/// mean and inverse deviation per (sample, group) after them, then the per-(sample, channel)
+/// scale and shift a convolution reading the GroupNorm's input takes ([`conv_igemm_gn_launch`]).
 fn group_norm_step_scratch(n: usize, c: usize, spatial: usize, groups: usize, cl: bool) -> usize {
     if cl {
-        n * spatial.div_ceil(nhwc_chunk(c)) * groups * 2 + n * groups * 2
+        gn_coeffs_offset(n, c, spatial, groups) + n * c * 2
     } else {
         match group_norm_splits(c / groups * spatial) {
             1 => 0,
             splits => n * groups * splits * 2,
         }
     }
+}
+
+/// Where a channels-last GroupNorm's merged statistics ([`gn_mr_offset`]) and scale-and-shift
+/// coefficients start in the scratch, in floats.
+fn gn_mr_offset(n: usize, c: usize, spatial: usize, groups: usize) -> usize {
+    n * spatial.div_ceil(nhwc_chunk(c)) * groups * 2
+}
+fn gn_coeffs_offset(n: usize, c: usize, spatial: usize, groups: usize) -> usize {
+    gn_mr_offset(n, c, spatial, groups) + n * groups * 2
 }
 
 /// float32 values of GroupNorm scratch the program needs (the largest step's; 0 for none).
@@ -1993,6 +2131,28 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                 alpha: *alpha,
             }));
         }
+        Step::Conv(c) if (ctx.gn_conv)(si).is_some() => {
+            let bn = (ctx.gn_conv)(si).unwrap_or(0);
+            // the pair was checked when the kernel was chosen ([`gn_conv_pairs`]); here only its
+            // GroupNorm is found, without going through every step again on each eager run
+            let gi = (0..si)
+                .rev()
+                .find(|&i| p.steps[i].io().1 == c.x)
+                .filter(|&gi| matches!(p.steps[gi], Step::GroupNorm { .. }))
+                .ok_or_else(|| {
+                    EngineError::Graph(format!(
+                        "step {si}: a convolution on conv_igemm_gn_f16_n{bn} reads no GroupNorm"
+                    ))
+                })?;
+            ops.push(Op::Kernel(conv_igemm_gn_launch(
+                p,
+                gi,
+                si,
+                bn,
+                &|b| ctx.ptrs[b],
+                ctx.norm_stats,
+            )?));
+        }
         Step::Conv(c) if (ctx.conv_kernel)(si).is_some() => {
             let bn = (ctx.conv_kernel)(si).unwrap_or(0);
             if !conv_igemm_ok(c, ctx.precision) || !CONV_IGEMM_WIDTHS.contains(&bn) {
@@ -2078,7 +2238,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                 // statistics per chunk of positions, merged per (sample, group), applied
                 let chunk = nhwc_chunk(*c);
                 let parts = spatial.div_ceil(chunk);
-                let mr = Ptr(st + (n * parts * groups * 2 * 4) as u64);
+                let mr = Ptr(st + (gn_mr_offset(*n, *c, *spatial, *groups) * 4) as u64);
                 let ch = I64(chunk as i64);
                 ops.push(Op::Kernel(Launch {
                     kernel: typed("group_norm_nhwc_stats"),
@@ -2105,6 +2265,27 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                         F32(*eps),
                     ],
                 ));
+                if (ctx.gn_conv)(si).is_some() {
+                    // the convolution after it normalises its input as it reads it
+                    // (conv_igemm_gn_f16_nBN): the scale and shift per (sample, channel) only
+                    let ab = st + (gn_coeffs_offset(*n, *c, *spatial, *groups) * 4) as u64;
+                    ops.push(ew(
+                        typed("group_norm_nhwc_coeffs"),
+                        n * c,
+                        vec![
+                            Ptr(ab),
+                            mr,
+                            ptr(*gamma),
+                            ptr(*beta),
+                            opt(x_bias),
+                            opt(x_sbias),
+                            I32(*n as i32),
+                            ci,
+                            g,
+                        ],
+                    ));
+                    return Ok(ops);
+                }
                 let total = n * c * spatial;
                 let (grid, block) =
                     nhwc_apply_geometry(*n, *c, *spatial, ctx.precision.elem_bytes());
