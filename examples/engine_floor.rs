@@ -21,7 +21,10 @@
 //! `--gn-conv 64|128`: every convolution of a GroupNorm's output `conv_igemm_gn_f16_nBN` computes
 //! reads the GroupNorm's input and normalises it as it loads it (as where that times faster than
 //! the GroupNorm's apply pass and the convolution), the GroupNorm in the table as
-//! `group_norm statistics` (one read of its input, no output).
+//! `group_norm statistics` (one read of its input, no output) and the step after it as
+//! `KIND+group_norm`, with the normalisation's special-function work counted as exponentials:
+//! every input value normalised once per filter tap and per block of BN output channels, two
+//! (SiLU's ex2 and rcp) a value.
 //!
 //! FUSED.onnx is a graph written by `motionrt build --plan-only`: the UNet (inputs at
 //! `[batch, 4, frames, height, width]` latents with a 77-token context per frame), or the VAE
@@ -116,13 +119,21 @@ fn main() -> Res<()> {
         Some(_) => launch::geglu_pairs(&prog, Precision::Fp16),
         None => Vec::new(),
     };
-    let gn_fused: Vec<usize> = match gn_conv {
-        Some(_) => launch::gn_conv_pairs(&prog, Precision::Fp16)
-            .into_iter()
-            .map(|(gi, _)| gi)
-            .collect(),
+    let gn_pairs = match gn_conv {
+        Some(_) => launch::gn_conv_pairs(&prog, Precision::Fp16),
         None => Vec::new(),
     };
+    let gn_fused: Vec<usize> = gn_pairs.iter().map(|&(gi, _)| gi).collect();
+    // the second step of each pair: its GroupNorm's SiLU flag
+    let gn_second: BTreeMap<usize, bool> = gn_pairs
+        .iter()
+        .map(|&(gi, ci)| {
+            (
+                ci,
+                matches!(prog.steps[gi], Step::GroupNorm { silu: true, .. }),
+            )
+        })
+        .collect();
     for (si, s) in prog.steps.iter().enumerate() {
         if let (true, Step::GroupNorm { n, c, spatial, .. }) = (gn_fused.contains(&si), s) {
             // statistics only: one read of the input (the convolution reads it again anyway)
@@ -224,6 +235,28 @@ fn main() -> Res<()> {
                 4.0 * (n * heads * l * s * d) as f64,
                 (2 * n * l * heads * d + 2 * n * s * heads * d) as f64 * el,
             ),
+        };
+        // a step on conv_igemm_gn normalises its A tiles as it loads them: each block its own,
+        // so every input value once per filter tap and per block of BN output channels; with
+        // SiLU two special-function instructions a value (ex2, rcp), counted as exponentials
+        let (kind, exps) = match (gn_second.get(&si), gn_conv) {
+            (Some(&silu), Some(bn)) => {
+                let (rows, k, o) = match s {
+                    Step::Conv(c) => (
+                        c.y_shape[0] * c.y_shape[2] * c.y_shape[3],
+                        c.w_shape[1] * c.w_shape[2] * c.w_shape[3],
+                        c.w_shape[0],
+                    ),
+                    Step::Linear { m, n, k, .. } => (*m, *k, *n),
+                    _ => (0, 0, 0),
+                };
+                let mufu = if silu { 2.0 } else { 0.0 };
+                (
+                    format!("{kind}+group_norm"),
+                    exps + mufu * (rows * k * o.div_ceil(bn)) as f64,
+                )
+            }
+            _ => (kind, exps),
         };
         let e = by.entry(kind).or_default();
         e.0 += 1;

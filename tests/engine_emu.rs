@@ -473,11 +473,12 @@ fn gemm_geglu_runs_the_tiny_unet() {
     assert!(loc.clean(), "{report}");
 }
 
-/// A GroupNorm(+SiLU) and the convolution of its output as the GroupNorm's statistics and one
-/// `conv_igemm_gn_f16_nBN` reading the GroupNorm's input (an engine's choice where it times
-/// faster than the GroupNorm's apply pass and the convolution): the tiny UNet, both tile widths,
-/// runs as on the interpreter with every such pair on the kernel — no apply pass for them — in
-/// the arena planned again without the GroupNorms' outputs; and what keeps a pair off it.
+/// A GroupNorm and the convolution or Linear of its output (the transformers' GroupNorm and
+/// `proj_in`) as the GroupNorm's statistics and one `conv_igemm_gn_f16_nBN` reading the
+/// GroupNorm's input (an engine's choice where it times faster than the GroupNorm's apply pass
+/// and the second step): the tiny UNet, both tile widths, runs as on the interpreter with every
+/// such pair on the kernel — no apply pass for them, one cuBLASLt matmul fewer each — in the
+/// arena planned again without the GroupNorms' outputs; and what keeps a pair off it.
 #[test]
 fn conv_igemm_gn_runs_the_tiny_unet() {
     let Some(emu) = emu() else { return };
@@ -494,13 +495,17 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
         let eb = Precision::Fp16.elem_bytes();
         let mut life = lifetimes(&p);
         for &(gi, ci) in &pairs {
-            let (Step::GroupNorm { x, out, .. }, Step::Conv(cv)) = (&p.steps[gi], &p.steps[ci])
-            else {
-                panic!("steps {gi}, {ci}: not a GroupNorm and a convolution");
+            let Step::GroupNorm { x, out, .. } = &p.steps[gi] else {
+                panic!("step {gi}: not a GroupNorm");
             };
-            assert_eq!(cv.x, *out);
+            let (cx, cout) = match &p.steps[ci] {
+                Step::Conv(cv) => (cv.x, cv.out),
+                Step::Linear { x, out, .. } => (*x, *out),
+                st => panic!("step {ci}: {}", st.name()),
+            };
+            assert_eq!(cx, *out);
             let range = |b: usize| plan.offsets[b].map(|o| (o, o + p.buffers[b].numel * eb));
-            if let (Some(a), Some(b)) = (range(*x), range(cv.out)) {
+            if let (Some(a), Some(b)) = (range(*x), range(cout)) {
                 assert!(
                     a.1 <= b.0 || b.1 <= a.0,
                     "steps {gi}, {ci}: {a:?} and {b:?} overlap"
@@ -525,9 +530,30 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
             }
         }
         // what keeps a pair off the kernel: float32; the GroupNorm's output read by another
-        // step as well (or as the convolution's residual); another GroupNorm in between (they
-        // share the scratch that holds the scale and shift); a channels-first GroupNorm
+        // step as well (or as the second step's residual); another GroupNorm in between (they
+        // share the scratch that holds the scale and shift); a channels-first GroupNorm; SiLU
+        // (the ResNets' GroupNorms before their convolutions: none is a pair)
+        let silu_before_conv = p.steps.iter().enumerate().any(|(i, st)| {
+            let Step::Conv(cv) = st else { return false };
+            matches!(
+                p.steps[..i].iter().rev().find(|s| s.io().1 == cv.x),
+                Some(Step::GroupNorm {
+                    silu: true,
+                    channels_last: true,
+                    ..
+                })
+            )
+        });
+        assert!(silu_before_conv, "the tiny UNet has ResNet GroupNorms");
+        assert!(pairs
+            .iter()
+            .all(|&(gi, _)| matches!(p.steps[gi], Step::GroupNorm { silu: false, .. })));
         let (gi, ci) = pairs[0];
+        let mut q = p.clone();
+        if let Step::GroupNorm { silu, .. } = &mut q.steps[gi] {
+            *silu = true;
+        }
+        assert_eq!(gn_conv_norm(&q, ci, Precision::Fp16), None, "with SiLU");
         assert_eq!(gn_conv_norm(&p, ci, Precision::Fp16), Some(gi));
         assert_eq!(gn_conv_norm(&p, ci, Precision::Fp32), None);
         let y = p.steps[gi].io().1;
@@ -543,8 +569,10 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
         });
         assert_eq!(gn_conv_norm(&q, ci, Precision::Fp16), None, "read twice");
         let mut q = p.clone();
-        if let Step::Conv(cv) = &mut q.steps[ci] {
-            cv.residual = Some(y);
+        match &mut q.steps[ci] {
+            Step::Conv(cv) => cv.residual = Some(y),
+            Step::Linear { residual, .. } => *residual = Some(y),
+            _ => unreachable!(),
         }
         assert_eq!(
             gn_conv_norm(&q, ci, Precision::Fp16),
@@ -589,6 +617,14 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
         (Some(64), None, None),
     )
     .unwrap();
+    let linears = {
+        let mut p = c.prog.clone();
+        specialize(&mut p, Precision::Fp16);
+        gn_conv_pairs(&p, Precision::Fp16)
+            .iter()
+            .filter(|&&(_, ci)| matches!(p.steps[ci], Step::Linear { .. }))
+            .count()
+    };
     for bn in [64, 128] {
         let what = format!("tiny unet Fp16 conv_igemm_gn_f16_n{bn}");
         let (got, calls) = emulate_with(
@@ -614,8 +650,13 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
             "{what}: {calls:?} vs {plain:?}"
         );
         assert_eq!(
-            n(&calls, "conv_igemm_f16_n64") + pairs,
+            n(&calls, "conv_igemm_f16_n64") + pairs - linears,
             n(&plain, "conv_igemm_f16_n64"),
+            "{what}: {calls:?} vs {plain:?}"
+        );
+        assert_eq!(
+            n(&calls, "cublasLt matmul") + linears,
+            n(&plain, "cublasLt matmul"),
             "{what}: {calls:?} vs {plain:?}"
         );
     }
@@ -1016,8 +1057,8 @@ fn full_architecture_runs_on_the_emulated_executor() {
                 // widths: 128 in the UNet, whose 320 channels leave half the last block's
                 // warps idle; 64 in the VAE)
                 let t = std::time::Instant::now();
-                // — and in the UNet, its feed-forwards' GEGLU pairs on gemm_geglu_f16_n64; the
-                // convolutions of GroupNorms on conv_igemm_gn_f16 at the same width
+                // — and in the UNet, its feed-forwards' GEGLU pairs on gemm_geglu_f16_n64, and
+                // its GroupNorm pairs on conv_igemm_gn_f16 at the convolutions' width
                 let bn = if graph == "unet" { 128 } else { 64 };
                 let gk = (graph == "unet").then_some(64);
                 let what = format!(
@@ -1037,11 +1078,13 @@ fn full_architecture_runs_on_the_emulated_executor() {
                     "{what}: emulated in {:.0} s: {calls:?}",
                     t.elapsed().as_secs_f64()
                 );
-                for k in [
-                    format!("conv_igemm_f16_n{bn}"),
-                    format!("conv_igemm_gn_f16_n{bn}"),
-                ] {
-                    assert!(calls.get(&k).is_some_and(|&n| n > 0), "{what}: {k}");
+                let k = format!("conv_igemm_f16_n{bn}");
+                assert!(calls.get(&k).is_some_and(|&n| n > 0), "{what}");
+                // the transformers' GroupNorm and proj_in (the VAE's GroupNorms all end in
+                // SiLU: none of its pairs is eligible)
+                if graph == "unet" {
+                    let k = format!("conv_igemm_gn_f16_n{bn}");
+                    assert!(calls.get(&k).is_some_and(|&n| n > 0), "{what}: {calls:?}");
                 }
                 if gk.is_some() {
                     assert!(

@@ -317,13 +317,14 @@ impl<'e> EmuProgram<'e> {
             bufs.retain(|b| b != x);
             bufs.extend(self.program.steps[li].io().0);
         }
-        // a convolution on conv_igemm_gn_f16_nBN reads its GroupNorm's input instead of its
-        // output; the GroupNorm writes only the scratch
+        // a convolution or Linear on conv_igemm_gn_f16_nBN reads its GroupNorm's input instead
+        // of its output; the GroupNorm writes only the scratch
         match (gc, &self.program.steps[si]) {
-            (Some(_), Step::Conv(c)) => {
+            (Some(_), Step::Conv(_) | Step::Linear { .. }) => {
                 let gi = gn_conv_norm(&self.program, si, self.precision)
                     .expect("gn_conv_for checked the pair");
-                bufs.retain(|&b| b != c.x);
+                let gout = self.program.steps[gi].io().1;
+                bufs.retain(|&b| b != gout);
                 bufs.push(self.program.steps[gi].io().0[0]);
                 bufs.push(w);
             }

@@ -1339,7 +1339,7 @@ impl GpuProgram {
         let timed_convs = me.prepare_convs(dev, tactics)?;
         let timed = me.prepare_linears(dev, tactics)?;
         me.prepare_geglus(dev, tactics, &timed)?;
-        me.prepare_gn_convs(dev, tactics, &timed_convs)?;
+        me.prepare_gn_convs(dev, tactics, &timed_convs, &timed)?;
         me.replan_fused(dev)?;
         Ok(me)
     }
@@ -1423,17 +1423,18 @@ impl GpuProgram {
         Ok(())
     }
 
-    /// The (GroupNorm, convolution) pairs `conv_igemm_gn_f16_nBN` computes ([`gn_conv_pairs`]):
-    /// each tile width timed against the two steps as they run (the convolution as chosen alone)
-    /// when the convolution's algorithms were timed in this load (`timed`: its step indices; not
-    /// on a cached choice, so an engine or cache written before this kernel keeps the two steps
-    /// and two loads of it run the same), the fastest kept where it beats them — the decision is
-    /// the cache's ([`FusedTactic::fused`]).
+    /// The (GroupNorm, convolution or Linear) pairs `conv_igemm_gn_f16_nBN` computes
+    /// ([`gn_conv_pairs`]): each tile width timed against the two steps as they run (the second
+    /// as chosen alone) when the second step's algorithms were timed in this load (`timed_convs`,
+    /// `timed_linears`: step indices; not on a cached choice, so an engine or cache written
+    /// before this kernel keeps the two steps and two loads of it run the same), the fastest
+    /// kept where it beats them — the decision is the cache's ([`FusedTactic::fused`]).
     fn prepare_gn_convs(
         &mut self,
         dev: &CudaDevice,
         tactics: &mut TacticCache,
-        timed: &HashSet<usize>,
+        timed_convs: &HashSet<usize>,
+        timed_linears: &HashSet<usize>,
     ) -> Result<(), EngineError> {
         let time_pair = |me: &Self, gi: usize, ci: usize| {
             time_enqueue(dev, &|| {
@@ -1442,22 +1443,38 @@ impl GpuProgram {
             })
         };
         for (gi, ci) in gn_conv_pairs(&self.program, self.precision) {
-            let (
-                Step::GroupNorm {
-                    groups,
-                    silu,
-                    x_bias,
-                    x_sbias,
-                    ..
-                },
-                Step::Conv(c),
-            ) = (&self.program.steps[gi], &self.program.steps[ci])
+            let Step::GroupNorm {
+                groups,
+                silu,
+                x_bias,
+                x_sbias,
+                ..
+            } = &self.program.steps[gi]
             else {
                 continue;
             };
+            let (problem, timed) = match &self.program.steps[ci] {
+                Step::Conv(c) => (c.problem(), timed_convs.contains(&ci)),
+                Step::Linear {
+                    bias,
+                    residual,
+                    m,
+                    n,
+                    k,
+                    ..
+                } => (
+                    format!(
+                        "linear {m}x{n}x{k}{}{}",
+                        if bias.is_some() { "+bias" } else { "" },
+                        if residual.is_some() { "+res" } else { "" }
+                    ),
+                    timed_linears.contains(&ci),
+                ),
+                _ => continue,
+            };
             let in_bias = x_bias.is_some() || x_sbias.is_some();
-            let key = gn_conv_key(&c.problem(), *groups, *silu, in_bias, self.precision);
-            if !tactics.gn_conv.contains_key(&key) && timed.contains(&ci) {
+            let key = gn_conv_key(&problem, *groups, *silu, in_bias, self.precision);
+            if !tactics.gn_conv.contains_key(&key) && timed {
                 let ms = time_pair(self, gi, ci)?;
                 let mut best = (f32::MAX, None);
                 for bn in CONV_IGEMM_WIDTHS {
@@ -1873,6 +1890,10 @@ impl GpuProgram {
                     format!("conv {}x{} s{}", c.w_shape[2], c.w_shape[3], c.strides[0])
                 }
                 Step::Attention { l, s, d, .. } => format!("attention L={l} S={s} d={d}"),
+                Step::Linear { m, n, k, .. } if self.gn_conv.contains_key(&si) => format!(
+                    "linear {m}x{n}x{k}+group_norm (conv_igemm_gn_f16_n{})",
+                    self.gn_conv[&si]
+                ),
                 Step::Linear { .. } if self.geglu_kernel.contains_key(&si) => {
                     "linear (in the GEGLU's gemm_geglu)".to_string()
                 }

@@ -1446,49 +1446,94 @@ pub fn conv_igemm_launch(
     }
 }
 
-/// The GroupNorm step whose output convolution step `ci` alone reads, when
-/// `conv_igemm_gn_f16_nBN` computes the convolution from the GroupNorm's input (normalising it
-/// as it is read): a convolution `conv_igemm_f16_nBN` computes ([`conv_igemm_ok`]) of a
-/// channels-last GroupNorm's output over the same samples, channels and pixels, that output read
-/// by no other step and not a graph output, and no other GroupNorm between the two (they share
-/// the scratch that holds the scale and shift until the convolution reads them).
+/// The input of step `si` as a GroupNorm pair's second step reads it: a convolution's or a
+/// Linear's `x`.
+fn gn_consumer_input(st: &Step) -> Option<usize> {
+    match st {
+        Step::Conv(c) => Some(c.x),
+        Step::Linear { x, .. } => Some(*x),
+        _ => None,
+    }
+}
+
+/// The GroupNorm step whose output step `ci` alone reads, when `conv_igemm_gn_f16_nBN` computes
+/// step `ci` from the GroupNorm's input (normalising it as it is read): a convolution
+/// `conv_igemm_f16_nBN` computes ([`conv_igemm_ok`]) over the GroupNorm's samples, channels and
+/// pixels, or a Linear over its rows (`m = n·spatial`, `k = c`: a 1×1 convolution of `n` images
+/// of `spatial` pixels; `k` a multiple of 32, `n` of 8, its output not a GEGLU's input), of a
+/// channels-last GroupNorm without SiLU whose output no other step reads and is not a graph
+/// output, with no other GroupNorm between the two (they share the scratch that holds the scale
+/// and shift until the second step reads them).
+///
+/// Without SiLU: the kernel normalises each block's A tiles as it loads them, so every input
+/// value once per filter tap and per block of output channels, and SiLU's two special-function
+/// instructions a value that often outweigh the tensor cores' work (`engine_floor --gn-conv`:
+/// the SD1.5 UNet's 44 ResNet convolutions at 22 ms instead of about 11). What remains are the
+/// transformers' GroupNorm before `proj_in` (in SD1.5 37 of them, Linears of 320 to 1280
+/// channels, whose GEMM moves less than the GroupNorm's apply pass would); the kernel takes
+/// SiLU all the same (its flag), for a step where that pays.
 pub fn gn_conv_norm(p: &Program, ci: usize, precision: Precision) -> Option<usize> {
-    let Step::Conv(c) = p.steps.get(ci)? else {
-        return None;
-    };
-    if !conv_igemm_ok(c, precision) || p.outputs.iter().any(|(_, t)| t.buf == c.x) {
+    let st = p.steps.get(ci)?;
+    let cx = gn_consumer_input(st)?;
+    if precision != Precision::Fp16 || p.outputs.iter().any(|(_, t)| t.buf == cx) {
         return None;
     }
-    let gi = (0..ci).rev().find(|&i| p.steps[i].io().1 == c.x)?;
+    let gi = (0..ci).rev().find(|&i| p.steps[i].io().1 == cx)?;
     let Step::GroupNorm {
         x,
         n,
         c: ch,
         spatial,
         channels_last: true,
+        silu: false,
         ..
     } = p.steps[gi]
     else {
         return None;
     };
-    let [xn, xc, xh, xw] = c.x_shape;
+    let shapes_fit = match st {
+        Step::Conv(c) => {
+            let [xn, xc, xh, xw] = c.x_shape;
+            conv_igemm_ok(c, precision)
+                && c.residual != Some(cx)
+                && (n, ch, spatial) == (xn, xc, xh * xw)
+        }
+        Step::Linear {
+            out,
+            residual,
+            m,
+            n: o,
+            k,
+            ..
+        } => {
+            *m == n * spatial
+                && *k == ch
+                && k % 32 == 0
+                && o % 8 == 0
+                && *residual != Some(cx)
+                // the kernel's row indices reach a block (128) past the rows
+                && m + 128 < i32::MAX as usize
+                && o * k < i32::MAX as usize
+                && !p
+                    .steps
+                    .iter()
+                    .any(|s| matches!(s, Step::Geglu { x, .. } if x == out))
+        }
+        _ => false,
+    };
     let only_reader = p
         .steps
         .iter()
         .enumerate()
-        .all(|(i, st)| i == gi || i == ci || !st.io().0.contains(&c.x));
+        .all(|(i, s)| i == gi || i == ci || !s.io().0.contains(&cx));
     let no_norm_between = p.steps[gi + 1..ci]
         .iter()
-        .all(|st| !matches!(st, Step::GroupNorm { .. }));
-    (only_reader
-        && no_norm_between
-        && x != c.x
-        && c.residual != Some(c.x)
-        && (n, ch, spatial) == (xn, xc, xh * xw))
-        .then_some(gi)
+        .all(|s| !matches!(s, Step::GroupNorm { .. }));
+    (shapes_fit && only_reader && no_norm_between && x != cx).then_some(gi)
 }
 
-/// The (GroupNorm, convolution) step pairs `conv_igemm_gn_f16_nBN` computes ([`gn_conv_norm`]).
+/// The (GroupNorm, convolution or Linear) step pairs `conv_igemm_gn_f16_nBN` computes
+/// ([`gn_conv_norm`]).
 pub fn gn_conv_pairs(p: &Program, precision: Precision) -> Vec<(usize, usize)> {
     (0..p.steps.len())
         .filter_map(|ci| gn_conv_norm(p, ci, precision).map(|gi| (gi, ci)))
@@ -1506,10 +1551,10 @@ pub fn gn_conv_for(
 ) -> Option<usize> {
     bn?;
     match &p.steps[si] {
-        Step::Conv(_) => gn_conv_norm(p, si, precision).and(bn),
+        Step::Conv(_) | Step::Linear { .. } => gn_conv_norm(p, si, precision).and(bn),
         Step::GroupNorm { out, .. } => p.steps[si + 1..]
             .iter()
-            .position(|st| matches!(st, Step::Conv(c) if c.x == *out))
+            .position(|st| gn_consumer_input(st) == Some(*out))
             .and_then(|j| gn_conv_norm(p, si + 1 + j, precision))
             .filter(|&gi| gi == si)
             .and(bn),
@@ -1517,10 +1562,11 @@ pub fn gn_conv_for(
     }
 }
 
-/// The launch of `conv_igemm_gn_f16_n{bn}` for convolution step `ci` and the GroupNorm `gi`
-/// whose output it reads ([`gn_conv_norm`]; buffers at `ptr`, the GroupNorm scratch at
-/// `norm_stats`): the GroupNorm's input, the scale and shift its step leaves in the scratch, its
-/// SiLU flag, and the convolution's weight, output and epilogue.
+/// The launch of `conv_igemm_gn_f16_n{bn}` for step `ci` (a convolution, or a Linear as a 1×1
+/// convolution of the GroupNorm's `n` images of `spatial` pixels) and the GroupNorm `gi` whose
+/// output it reads ([`gn_conv_norm`]; buffers at `ptr`, the GroupNorm scratch at `norm_stats`):
+/// the GroupNorm's input, the scale and shift its step leaves in the scratch, its SiLU flag,
+/// and the second step's weight, output and epilogue (bias, per-sample bias, residual).
 pub fn conv_igemm_gn_launch(
     p: &Program,
     gi: usize,
@@ -1530,37 +1576,107 @@ pub fn conv_igemm_gn_launch(
     norm_stats: u64,
 ) -> Result<Launch, EngineError> {
     use KArg::{Ptr, I32};
-    let (
-        Step::GroupNorm {
-            out,
-            x,
-            n,
-            c: ch,
-            spatial,
-            groups,
-            silu,
-            channels_last: true,
-            ..
-        },
-        Step::Conv(c),
-    ) = (&p.steps[gi], &p.steps[ci])
+    let Step::GroupNorm {
+        out: gout,
+        x: gx,
+        n,
+        c: ch,
+        spatial,
+        groups,
+        silu,
+        channels_last: true,
+        ..
+    } = &p.steps[gi]
     else {
         return Err(EngineError::Graph(format!(
-            "steps {gi} and {ci} are not a channels-last GroupNorm and a convolution"
+            "step {gi} is not a channels-last GroupNorm"
         )));
     };
-    let [xn, xc, xh, xw] = c.x_shape;
-    if c.x != *out || (*n, *ch, *spatial) != (xn, xc, xh * xw) || !CONV_IGEMM_WIDTHS.contains(&bn) {
-        return Err(EngineError::Graph(format!(
+    let bad = || {
+        EngineError::Graph(format!(
             "steps {gi} and {ci} are not a pair conv_igemm_gn_f16_n{bn} computes"
-        )));
+        ))
+    };
+    if !CONV_IGEMM_WIDTHS.contains(&bn) || gn_consumer_input(&p.steps[ci]) != Some(*gout) {
+        return Err(bad());
     }
-    let mut l = conv_igemm_launch(c, bn, ptr);
+    let mut l = match &p.steps[ci] {
+        Step::Conv(c) => {
+            let [xn, xc, xh, xw] = c.x_shape;
+            if (*n, *ch, *spatial) != (xn, xc, xh * xw) {
+                return Err(bad());
+            }
+            conv_igemm_launch(c, bn, ptr)
+        }
+        Step::Linear {
+            out,
+            w,
+            bias,
+            residual,
+            m,
+            n: o,
+            k,
+            ..
+        } => {
+            if *m != n * spatial || k != ch || k % 32 != 0 || o % 8 != 0 {
+                return Err(bad());
+            }
+            let i = |v: usize| I32(v as i32);
+            let opt = |b: &Option<usize>| Ptr(b.map_or(0, ptr));
+            Launch {
+                grid: (m.div_ceil(128) as u32, o.div_ceil(bn) as u32, 1),
+                block: (128, 1, 1),
+                smem: 0,
+                opt_in: false,
+                kernel: String::new(),
+                // x, w, y, bias, per-sample bias, residual; N, H, W, C, OH, OW, O, KH, KW,
+                // strides, pads: n images of spatial x 1 pixels, a 1x1 filter
+                args: vec![
+                    Ptr(0),
+                    Ptr(ptr(*w)),
+                    Ptr(ptr(*out)),
+                    opt(bias),
+                    Ptr(0),
+                    opt(residual),
+                    i(*n),
+                    i(*spatial),
+                    i(1),
+                    i(*k),
+                    i(*spatial),
+                    i(1),
+                    i(*o),
+                    i(1),
+                    i(1),
+                    i(1),
+                    i(1),
+                    i(0),
+                    i(0),
+                ],
+            }
+        }
+        _ => return Err(bad()),
+    };
     l.kernel = format!("conv_igemm_gn_f16_n{bn}");
-    l.args[0] = Ptr(ptr(*x));
+    l.smem = conv_igemm_smem(&l.kernel).unwrap_or(0) as u32;
+    l.args[0] = Ptr(ptr(*gx));
     let ab = norm_stats + (gn_coeffs_offset(*n, *ch, *spatial, *groups) * 4) as u64;
     l.args.splice(6..6, [Ptr(ab), I32(*silu as i32)]);
     Ok(l)
+}
+
+/// The GroupNorm that writes `x`, the input of step `si` on `conv_igemm_gn_f16_n{bn}`: the pair
+/// was checked when the kernel was chosen ([`gn_conv_pairs`]); here only the GroupNorm is found,
+/// without going through every step again on each eager run.
+fn gn_producer(p: &Program, si: usize, x: usize, bn: usize) -> Result<usize, EngineError> {
+    (0..si)
+        .rev()
+        .find(|&i| p.steps[i].io().1 == x)
+        .filter(|&gi| matches!(p.steps[gi], Step::GroupNorm { .. }))
+        .ok_or_else(|| {
+            EngineError::Graph(format!(
+                "step {si}: a step on conv_igemm_gn_f16_n{bn} reads no GroupNorm"
+            ))
+        })
 }
 
 /// The Linear step whose output GEGLU step `gi` alone reads, when `gemm_geglu_f16_nBN` computes
@@ -2039,6 +2155,17 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             *n,
             vec![ptr(*out), I64(*n as i64), F32(*value)],
         )),
+        Step::Linear { x, .. } if (ctx.gn_conv)(si).is_some() => {
+            let bn = (ctx.gn_conv)(si).unwrap_or(0);
+            ops.push(Op::Kernel(conv_igemm_gn_launch(
+                p,
+                gn_producer(p, si, *x, bn)?,
+                si,
+                bn,
+                &|b| ctx.ptrs[b],
+                ctx.norm_stats,
+            )?));
+        }
         // the projection of a GEGLU pair on gemm_geglu_f16_nBN: computed by the GEGLU's launch
         Step::Linear { .. } if (ctx.geglu_kernel)(si).is_some() => {}
         Step::Linear {
@@ -2133,20 +2260,9 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
         }
         Step::Conv(c) if (ctx.gn_conv)(si).is_some() => {
             let bn = (ctx.gn_conv)(si).unwrap_or(0);
-            // the pair was checked when the kernel was chosen ([`gn_conv_pairs`]); here only its
-            // GroupNorm is found, without going through every step again on each eager run
-            let gi = (0..si)
-                .rev()
-                .find(|&i| p.steps[i].io().1 == c.x)
-                .filter(|&gi| matches!(p.steps[gi], Step::GroupNorm { .. }))
-                .ok_or_else(|| {
-                    EngineError::Graph(format!(
-                        "step {si}: a convolution on conv_igemm_gn_f16_n{bn} reads no GroupNorm"
-                    ))
-                })?;
             ops.push(Op::Kernel(conv_igemm_gn_launch(
                 p,
-                gi,
+                gn_producer(p, si, c.x, bn)?,
                 si,
                 bn,
                 &|b| ctx.ptrs[b],
