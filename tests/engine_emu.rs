@@ -370,20 +370,7 @@ fn gemm_geglu_runs_the_tiny_unet() {
                 l.1 = l.1.max(gi);
             }
         }
-        let placed: Vec<(usize, usize, usize, (usize, usize))> = (0..p.buffers.len())
-            .filter_map(|b| {
-                let o = fused.offsets[b]?;
-                let bytes = p.buffers[b].numel * Precision::Fp16.elem_bytes();
-                Some((b, o, o + bytes, life[b]?))
-            })
-            .collect();
-        for (i, a) in placed.iter().enumerate() {
-            for b in &placed[i + 1..] {
-                let live = a.3 .0 <= b.3 .1 && b.3 .0 <= a.3 .1;
-                let share = a.1 < b.2 && b.1 < a.2;
-                assert!(!(live && share), "buffers {} and {} overlap", a.0, b.0);
-            }
-        }
+        assert_disjoint_while_live(&p, &fused, &life);
         // what keeps a pair off the kernel: float32; a projection with a bias or residual of
         // its own; its output read by another step as well
         let (li, gi) = pairs[0];
@@ -450,27 +437,9 @@ fn gemm_geglu_runs_the_tiny_unet() {
     // the step-by-step comparison of a failed check passes over the projections the kernel
     // computes (their outputs are never written) and finds nothing wrong; here with the arena
     // as planned at load (which the kernel runs in as well)
-    use motionrt_runtime::engine::localize::Localizer;
-    let wf =
-        |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(c.weights[n].clone())) };
-    let w32 = |n: &str| -> Result<Vec<f32>, EngineError> { Ok(c.weights[n].clone()) };
-    let f: Vec<(&str, &[f32])> = c.f.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
-    let i: Vec<(&str, &[i64])> = c.i.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
-    let mut p = EmuProgram::load(
-        &emu,
-        c.prog.clone(),
-        Precision::Fp16,
-        &wf,
-        H100_SMEM_OPTIN,
-        true,
-    )
-    .unwrap();
-    p.geglu_kernel = Some(64);
-    let mut loc = Localizer::new(&p.program, Precision::Fp16, &c.f, &c.i, &w32).unwrap();
-    p.trace(&f, &i, &mut loc).unwrap();
-    let report = loc.report("tiny unet gemm_geglu_f16_n64", 5);
-    assert!(loc.culprit().is_none(), "{report}");
-    assert!(loc.clean(), "{report}");
+    assert_trace_clean(&emu, &c, "tiny unet gemm_geglu_f16_n64", |p| {
+        p.geglu_kernel = Some(64)
+    });
 }
 
 /// A GroupNorm and the convolution or Linear of its output (the transformers' GroupNorm and
@@ -516,19 +485,7 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
                 l.1 = l.1.max(ci);
             }
         }
-        let placed: Vec<(usize, usize, usize, (usize, usize))> = (0..p.buffers.len())
-            .filter_map(|b| {
-                let o = fused.offsets[b]?;
-                Some((b, o, o + p.buffers[b].numel * eb, life[b]?))
-            })
-            .collect();
-        for (i, a) in placed.iter().enumerate() {
-            for b in &placed[i + 1..] {
-                let live = a.3 .0 <= b.3 .1 && b.3 .0 <= a.3 .1;
-                let share = a.1 < b.2 && b.1 < a.2;
-                assert!(!(live && share), "buffers {} and {} overlap", a.0, b.0);
-            }
-        }
+        assert_disjoint_while_live(&p, &fused, &life);
         // what keeps a pair off the kernel: float32; the GroupNorm's output read by another
         // step as well (or as the second step's residual); another GroupNorm in between (they
         // share the scratch that holds the scale and shift); a channels-first GroupNorm; SiLU
@@ -662,6 +619,37 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
     }
     // the step-by-step comparison passes over the GroupNorms the kernel applies (their outputs
     // are never written) and finds nothing wrong
+    assert_trace_clean(&emu, &c, "tiny unet conv_igemm_gn_f16_n128", |p| {
+        p.use_gn_conv(128)
+    });
+}
+
+/// No two buffers that `plan` places share bytes while both are live (`life`: first and last
+/// step of each, as the plan was made with).
+fn assert_disjoint_while_live(
+    p: &Program,
+    plan: &program::MemoryPlan,
+    life: &[Option<(usize, usize)>],
+) {
+    let placed: Vec<(usize, usize, usize, (usize, usize))> = (0..p.buffers.len())
+        .filter_map(|b| {
+            let o = plan.offsets[b]?;
+            let bytes = p.buffers[b].numel * Precision::Fp16.elem_bytes();
+            Some((b, o, o + bytes, life[b]?))
+        })
+        .collect();
+    for (i, a) in placed.iter().enumerate() {
+        for b in &placed[i + 1..] {
+            let live = a.3 .0 <= b.3 .1 && b.3 .0 <= a.3 .1;
+            let share = a.1 < b.2 && b.1 < a.2;
+            assert!(!(live && share), "buffers {} and {} overlap", a.0, b.0);
+        }
+    }
+}
+
+/// The step-by-step comparison of case `c` on the emulated float16 executor, set up by `setup`,
+/// names no step and finds every step within its tolerance.
+fn assert_trace_clean(emu: &Emu, c: &Case, what: &str, setup: impl FnOnce(&mut EmuProgram<'_>)) {
     use motionrt_runtime::engine::localize::Localizer;
     let wf =
         |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(c.weights[n].clone())) };
@@ -669,7 +657,7 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
     let f: Vec<(&str, &[f32])> = c.f.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
     let i: Vec<(&str, &[i64])> = c.i.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
     let mut p = EmuProgram::load(
-        &emu,
+        emu,
         c.prog.clone(),
         Precision::Fp16,
         &wf,
@@ -677,10 +665,10 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
         true,
     )
     .unwrap();
-    p.use_gn_conv(128);
+    setup(&mut p);
     let mut loc = Localizer::new(&p.program, Precision::Fp16, &c.f, &c.i, &w32).unwrap();
     p.trace(&f, &i, &mut loc).unwrap();
-    let report = loc.report("tiny unet conv_igemm_gn_f16_n128", 5);
+    let report = loc.report(what, 5);
     assert!(loc.culprit().is_none(), "{report}");
     assert!(loc.clean(), "{report}");
 }
