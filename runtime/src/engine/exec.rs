@@ -24,11 +24,11 @@ use serde::{Deserialize, Serialize};
 
 pub use super::launch::WeightData;
 use super::launch::{
-    cast_launch, check_launchable, conv_igemm_launch, conv_igemm_ok, elementwise_launch,
-    geglu_pairs, gemm_geglu_launch, gn_conv_pairs, group_norm_scratch, group_norm_splits,
-    opt_in_smem, place_buffers, plan_memory_for, plan_memory_fused, rebase_activations, specialize,
-    step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, LtDesc, LtLayout, Op,
-    CONV_IGEMM_WIDTHS,
+    cast_launch, check_launchable, conv_igemm_gn_launch, conv_igemm_launch, conv_igemm_ok,
+    elementwise_launch, geglu_pairs, gemm_geglu_launch, gn_conv_pairs, group_norm_scratch,
+    group_norm_splits, opt_in_smem, place_buffers, plan_memory_for, plan_memory_fused,
+    rebase_activations, specialize, step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall,
+    LtDesc, LtLayout, Op, CONV_IGEMM_WIDTHS,
 };
 use super::program::{ConvStep, DType, MemoryPlan, Program, Step, Strided};
 use super::EngineError;
@@ -1478,6 +1478,22 @@ impl GpuProgram {
                 let ms = time_pair(self, gi, ci)?;
                 let mut best = (f32::MAX, None);
                 for bn in CONV_IGEMM_WIDTHS {
+                    // a width this GPU cannot launch is left out, as fastest_width does
+                    let l = conv_igemm_gn_launch(
+                        &self.program,
+                        gi,
+                        ci,
+                        bn,
+                        &|b| self.ptrs[b],
+                        self.norm_stats_ptr(dev),
+                    )?;
+                    if let Err(e) = check_launchable(&l, dev.smem_optin)
+                        .map_err(EngineError::Graph)
+                        .and_then(|_| dev.func(&l.kernel).map(|_| ()))
+                    {
+                        eprintln!("note: {key}: {} does not run here ({e})", l.kernel);
+                        continue;
+                    }
                     self.gn_conv.insert(gi, bn);
                     self.gn_conv.insert(ci, bn);
                     let t = time_pair(self, gi, ci);
@@ -1852,6 +1868,18 @@ impl GpuProgram {
         Ok(timed)
     }
 
+    /// The device address of the GroupNorm scratch (0 when no step needs one).
+    fn norm_stats_ptr(&self, dev: &CudaDevice) -> u64 {
+        match &self.norm_stats {
+            Some(s) => {
+                let (p, g) = s.device_ptr(&dev.stream);
+                drop(g);
+                p
+            }
+            None => 0,
+        }
+    }
+
     /// Enqueue every step on the stream (no synchronization).
     fn enqueue(&self, dev: &CudaDevice) -> Result<(), EngineError> {
         for si in 0..self.program.steps.len() {
@@ -1955,14 +1983,7 @@ impl GpuProgram {
 
     /// What step `si` enqueues (kernel choice, launch shapes, arguments, library calls).
     fn step_ops(&self, dev: &CudaDevice, si: usize) -> Result<Vec<Op>, EngineError> {
-        let norm_stats = match &self.norm_stats {
-            Some(s) => {
-                let (p, g) = s.device_ptr(&dev.stream);
-                drop(g);
-                p
-            }
-            None => 0,
-        };
+        let norm_stats = self.norm_stats_ptr(dev);
         let lt = |i: usize| self.lt_plans.contains_key(&i);
         let ck = |i: usize| self.conv_kernel.get(&i).copied();
         let gk = |i: usize| self.geglu_kernel.get(&i).copied();

@@ -1897,8 +1897,10 @@ fn group_norm_step_scratch(n: usize, c: usize, spatial: usize, groups: usize, cl
 fn gn_mr_offset(n: usize, c: usize, spatial: usize, groups: usize) -> usize {
     n * spatial.div_ceil(nhwc_chunk(c)) * groups * 2
 }
+/// (rounded up to 4 floats: `conv_igemm_gn_f16_nBN` reads them 16 bytes at a time, and a
+/// scratch of GroupNorms of few groups would otherwise leave them 8 bytes off)
 fn gn_coeffs_offset(n: usize, c: usize, spatial: usize, groups: usize) -> usize {
-    gn_mr_offset(n, c, spatial, groups) + n * groups * 2
+    (gn_mr_offset(n, c, spatial, groups) + n * groups * 2).next_multiple_of(4)
 }
 
 /// float32 values of GroupNorm scratch the program needs (the largest step's; 0 for none).
@@ -2723,6 +2725,19 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The per-(sample, channel) coefficients conv_igemm_gn_f16 reads 16 bytes at a time start
+    /// 16-byte aligned in the scratch, and the scratch holds them, whatever the groups (one
+    /// sample of one group: statistics of 129 chunk-pairs would leave them 8 bytes off).
+    #[test]
+    fn group_norm_coefficients_are_aligned_inside_the_scratch() {
+        for (n, c, spatial, groups) in [(1, 512, 4096, 1), (32, 320, 4096, 32), (3, 96, 35, 3)] {
+            let at = gn_coeffs_offset(n, c, spatial, groups);
+            assert_eq!(at % 4, 0, "{n} {c} {spatial} {groups}");
+            assert!(at >= gn_mr_offset(n, c, spatial, groups) + n * groups * 2);
+            assert!(group_norm_step_scratch(n, c, spatial, groups, true) >= at + n * c * 2);
+        }
+    }
 
     /// The host's switch to the one-warp LayerNorm and the kernel's registers per lane agree.
     #[test]
