@@ -196,19 +196,30 @@ fn main() -> Res<()> {
                 let [_, cg, kh, kw] = c.w_shape;
                 let out = (c.y_shape[0] * o * oh * ow) as f64;
                 // the bias/residual epilogue is a kernel of its own after cuDNN's: it reads and
-                // writes the output again (and reads the residual), at its own floor
-                if c.bias.is_some() || c.residual.is_some() || c.sample_bias.is_some() {
+                // writes the output again (and reads the residual), at its own floor; on
+                // conv_igemm (or conv_igemm_gn) it is the kernel's epilogue, reading the residual
+                let on_kernel = launch::conv_igemm_for(&prog, si, Precision::Fp16, conv_kernel)
+                    .is_some()
+                    || gn_second.contains_key(&si);
+                let epilogue = c.bias.is_some() || c.residual.is_some() || c.sample_bias.is_some();
+                if epilogue && !on_kernel {
                     let bytes = (2.0 + c.residual.is_some() as u8 as f64) * out * el;
                     let e = by.entry("conv bias/residual pass".into()).or_default();
                     e.0 += 1;
                     e.2 += bytes;
                     e.3 += floor(0.0, bytes, 0.0);
                 }
+                let residual = if on_kernel && c.residual.is_some() {
+                    out
+                } else {
+                    0.0
+                };
                 (
                     format!("conv {kh}x{kw}"),
                     2.0 * out * (cg * kh * kw) as f64,
                     (c.x_shape.iter().product::<usize>() as f64
                         + out
+                        + residual
                         + c.w_shape.iter().product::<usize>() as f64)
                         * el,
                 )
