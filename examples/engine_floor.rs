@@ -7,7 +7,7 @@
 //!
 //! `cargo run --release --example engine_floor -- FUSED.onnx [--frames 16 --height 64 --width 64
 //!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --texp 3.9 --no-merge --conv-kernel BN
-//!  --geglu-kernel BN --gn-conv BN]`
+//!  --geglu-kernel BN --norm-pairs BN]`
 //!
 //! `--texp`: exponentials a second (10¹²; an H100 SXM's special-function units, 16 an SM a cycle),
 //! the third bound of an attention's or a softmax's step: one exponential a score.
@@ -18,7 +18,7 @@
 //! `--geglu-kernel 64|128`: every feed-forward projection `gemm_geglu_f16_nBN` computes with its
 //! GEGLU as that one kernel (as where it times faster than cuBLASLt and `geglu`), in the table as
 //! `linear+geglu` (the projection's `[rows, 2d]` output neither written nor read again);
-//! `--gn-conv 64|128`: every convolution of a GroupNorm's output `conv_igemm_gn_f16_nBN` computes
+//! `--norm-pairs 64|128`: every convolution of a GroupNorm's output `conv_igemm_gn_f16_nBN` computes
 //! reads the GroupNorm's input and normalises it as it loads it (as where that times faster than
 //! the GroupNorm's apply pass and the convolution), the GroupNorm in the table as
 //! `group_norm statistics` (one read of its input, no output) and the step after it as
@@ -53,7 +53,7 @@ fn main() -> Res<()> {
     let mut merge = true;
     let mut conv_kernel: Option<usize> = None;
     let mut geglu_kernel: Option<usize> = None;
-    let mut gn_conv: Option<usize> = None;
+    let mut norm_pair: Option<usize> = None;
     while let Some(k) = it.next() {
         if k == "--no-merge" {
             merge = false;
@@ -71,7 +71,7 @@ fn main() -> Res<()> {
             "--layout" => layout = Layout::parse(&v).ok_or("--layout nhwc|nchw")?,
             "--conv-kernel" => conv_kernel = Some(v.parse()?),
             "--geglu-kernel" => geglu_kernel = Some(v.parse()?),
-            "--gn-conv" => gn_conv = Some(v.parse()?),
+            "--norm-pairs" => norm_pair = Some(v.parse()?),
             _ => return Err(format!("unknown argument {k}").into()),
         }
     }
@@ -119,8 +119,8 @@ fn main() -> Res<()> {
         Some(_) => launch::geglu_pairs(&prog, Precision::Fp16),
         None => Vec::new(),
     };
-    let gn_pairs = match gn_conv {
-        Some(_) => launch::gn_conv_pairs(&prog, Precision::Fp16),
+    let gn_pairs = match norm_pair {
+        Some(_) => launch::norm_pairs(&prog, Precision::Fp16),
         None => Vec::new(),
     };
     let gn_fused: Vec<usize> = gn_pairs.iter().map(|&(gi, _)| gi).collect();
@@ -250,7 +250,7 @@ fn main() -> Res<()> {
         // a step on conv_igemm_gn normalises its A tiles as it loads them: each block its own,
         // so every input value once per filter tap and per block of BN output channels; with
         // SiLU two special-function instructions a value (ex2, rcp), counted as exponentials
-        let (kind, exps) = match (gn_second.get(&si), gn_conv) {
+        let (kind, exps) = match (gn_second.get(&si), norm_pair) {
             (Some(&silu), Some(bn)) => {
                 let (rows, k, o) = match s {
                     Step::Conv(c) => (
@@ -303,7 +303,7 @@ fn main() -> Res<()> {
         tf / 1e9,
         tb / 1e9
     );
-    launches(&prog, conv_kernel, geglu_kernel, gn_conv)
+    launches(&prog, conv_kernel, geglu_kernel, norm_pair)
 }
 
 /// Every launch the float16 executor makes for `prog` (its very `step_ops`, at addresses laid
@@ -314,10 +314,10 @@ fn launches(
     prog: &program::Program,
     conv_kernel: Option<usize>,
     geglu_kernel: Option<usize>,
-    gn_conv: Option<usize>,
+    norm_pair: Option<usize>,
 ) -> Res<()> {
     use motionrt_runtime::engine::launch::{
-        check_launchable, conv_igemm_for, geglu_kernel_for, gn_conv_for, group_norm_scratch,
+        check_launchable, conv_igemm_for, geglu_kernel_for, group_norm_scratch, norm_pair_for,
         plan_memory_for, step_ops, Ctx, Op,
     };
     const H100_SMEM_OPTIN: usize = 227 * 1024;
@@ -334,7 +334,7 @@ fn launches(
         &launch::geglu_pairs(prog, Precision::Fp16),
     );
     let mut pairs = launch::geglu_pairs(prog, Precision::Fp16);
-    pairs.extend(launch::gn_conv_pairs(prog, Precision::Fp16));
+    pairs.extend(launch::norm_pairs(prog, Precision::Fp16));
     let fused = launch::plan_memory_fused(prog, Precision::Fp16, &pairs);
     let mib = |b: usize| b as f64 / 1048576.0;
     println!(
@@ -371,7 +371,7 @@ fn launches(
         lt: &lt,
         conv_kernel: &|si| conv_igemm_for(prog, si, Precision::Fp16, conv_kernel),
         geglu_kernel: &|si| geglu_kernel_for(prog, si, Precision::Fp16, geglu_kernel),
-        gn_conv: &|si| gn_conv_for(prog, si, Precision::Fp16, gn_conv),
+        norm_pair: &|si| norm_pair_for(prog, si, Precision::Fp16, norm_pair),
     };
     let (mut kernels, mut lts, mut gemms, mut convs) = (0, 0, 0, 0);
     let mut bad = Vec::new();

@@ -439,8 +439,10 @@ fn check(a: &Args) -> Res<bool> {
                 if precision == Precision::Fp16 && layout == Layout::Nhwc {
                     drop(gp);
                     for bn in CONV_IGEMM_WIDTHS {
-                        let mut forced =
-                            tactics.forced_igemm(bn).forced_geglu(bn).forced_gn_conv(bn);
+                        let mut forced = tactics
+                            .forced_igemm(bn)
+                            .forced_geglu(bn)
+                            .forced_norm_pairs(bn);
                         let mut gk = match GpuProgram::load(
                             &dev,
                             prog.clone(),
@@ -457,7 +459,7 @@ fn check(a: &Args) -> Res<bool> {
                         };
                         if gk.conv_kernel_steps() == 0
                             && gk.geglu_kernel_pairs() == 0
-                            && gk.gn_conv_pairs() == 0
+                            && gk.norm_kernel_pairs() == 0
                         {
                             break;
                         }
@@ -474,7 +476,7 @@ fn check(a: &Args) -> Res<bool> {
                                 "| {g}.{name} | {precision:?} {layout:?} | eager, {} convolutions on conv_igemm_f16_n{bn}, {} GEGLU pairs on gemm_geglu_f16_n{bn}, {} GroupNorm pairs on conv_igemm_gn_f16_n{bn} | {:.2e} | {:.6} | {} | {} |",
                                 gk.conv_kernel_steps(),
                                 gk.geglu_kernel_pairs(),
-                                gk.gn_conv_pairs(),
+                                gk.norm_kernel_pairs(),
                                 st.max_rel_to_ref_max,
                                 st.cosine,
                                 st.nonfinite,
@@ -684,11 +686,11 @@ fn bench_layout(
         // per problem: [problem, the two steps' ms, the faster tile width's ms, that width,
         // chosen] (means of 5)
         "conv_igemm_gn": tactics
-            .gn_conv
+            .norm_pair
             .iter()
             .map(|(k, t)| serde_json::json!([k, t.ms, t.fused_ms, t.fused_n, t.fused().is_some()]))
             .collect::<Vec<_>>(),
-        "gn_conv_pairs_on_kernel": gp.gn_conv_pairs(),
+        "norm_pairs_on_kernel": gp.norm_kernel_pairs(),
         "output_nonfinite": nonfinite,
     });
     for (k, v) in head.as_object().expect("an object") {
@@ -769,7 +771,7 @@ fn bench_layout(
     // (GroupNorm, convolution) pair as two steps, side by side
     let on_igemm = tactics.conv.values().filter(|t| t.igemm().is_some());
     let on_geglu = tactics.geglu.values().filter(|t| t.fused().is_some());
-    let on_gn = tactics.gn_conv.values().filter(|t| t.fused().is_some());
+    let on_gn = tactics.norm_pair.values().filter(|t| t.fused().is_some());
     let kernels = [
         (
             "conv_kernel_ab",
@@ -792,14 +794,14 @@ fn bench_layout(
             tactics.unfused_geglu(),
         ),
         (
-            "gn_conv_kernel_ab",
+            "norm_kernel_ab",
             "GroupNorm pairs",
             "conv_igemm_gn_f16",
             "as two steps",
             "two_steps_graph_median_ms",
             on_gn.count(),
-            tactics.gn_conv.len(),
-            tactics.unfused_gn_conv(),
+            tactics.norm_pair.len(),
+            tactics.unfused_norm_pairs(),
         ),
     ];
     for (key, what, kernel, other, other_key, chosen, problems, mut alt) in kernels {

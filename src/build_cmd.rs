@@ -180,11 +180,11 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
             .sum::<usize>(),
         m.tactics.geglu.len(),
         m.tactics
-            .gn_conv
+            .norm_pair
             .values()
             .map(|t| on(t.fused()))
             .sum::<usize>(),
-        m.tactics.gn_conv.len(),
+        m.tactics.norm_pair.len(),
     );
     Ok(())
 }

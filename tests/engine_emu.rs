@@ -26,7 +26,7 @@ use motionrt_runtime::engine::emulated::EmuProgram;
 use motionrt_runtime::engine::exec::Precision;
 use motionrt_runtime::engine::file::InlineInitializers;
 use motionrt_runtime::engine::launch::{
-    geglu_linear, geglu_pairs, gn_conv_norm, gn_conv_pairs, plan_memory_for, plan_memory_fused,
+    geglu_linear, geglu_pairs, norm_pair_first, norm_pairs, plan_memory_for, plan_memory_fused,
     specialize, WeightData,
 };
 use motionrt_runtime::engine::program::{
@@ -126,7 +126,7 @@ fn emulate(
     emulate_with(emu, c, precision, smem_optin, lt, (None, None, None))
 }
 
-/// [`emulate`], with `(conv_kernel, geglu_kernel, gn_conv)`: every convolution
+/// [`emulate`], with `(conv_kernel, geglu_kernel, norm_pair)`: every convolution
 /// `conv_igemm_f16_nBN` computes on it, with this BN (what an engine runs where that kernel timed
 /// faster than cuDNN), every GEGLU pair `gemm_geglu_f16_nBN` computes likewise (where it timed
 /// faster than cuBLASLt and `geglu`), and every (GroupNorm, convolution) pair
@@ -137,7 +137,7 @@ fn emulate_with(
     precision: Precision,
     smem_optin: usize,
     lt: bool,
-    (conv_kernel, geglu_kernel, gn_conv): (Option<usize>, Option<usize>, Option<usize>),
+    (conv_kernel, geglu_kernel, norm_pair): (Option<usize>, Option<usize>, Option<usize>),
 ) -> Result<(Outputs, BTreeMap<String, usize>), EngineError> {
     let w =
         |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(c.weights[n].clone())) };
@@ -148,8 +148,8 @@ fn emulate_with(
     if let Some(bn) = geglu_kernel {
         p.use_geglu_kernel(bn);
     }
-    if let Some(bn) = gn_conv {
-        p.use_gn_conv(bn);
+    if let Some(bn) = norm_pair {
+        p.use_norm_pairs(bn);
     }
     let f: Vec<(&str, &[f32])> = c.f.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
     let i: Vec<(&str, &[i64])> = c.i.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
@@ -455,7 +455,7 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
     let pairs = {
         let mut p = c.prog.clone();
         specialize(&mut p, Precision::Fp16);
-        let pairs = gn_conv_pairs(&p, Precision::Fp16);
+        let pairs = norm_pairs(&p, Precision::Fp16);
         // the plan at load keeps each GroupNorm's input apart from its convolution's output,
         // which the kernel writes while it still reads that input; once every pair runs on the
         // kernel, the GroupNorms' outputs have no space, and no two buffers live at once share
@@ -510,9 +510,9 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
         if let Step::GroupNorm { silu, .. } = &mut q.steps[gi] {
             *silu = true;
         }
-        assert_eq!(gn_conv_norm(&q, ci, Precision::Fp16), None, "with SiLU");
-        assert_eq!(gn_conv_norm(&p, ci, Precision::Fp16), Some(gi));
-        assert_eq!(gn_conv_norm(&p, ci, Precision::Fp32), None);
+        assert_eq!(norm_pair_first(&q, ci, Precision::Fp16), None, "with SiLU");
+        assert_eq!(norm_pair_first(&p, ci, Precision::Fp16), Some(gi));
+        assert_eq!(norm_pair_first(&p, ci, Precision::Fp32), None);
         let y = p.steps[gi].io().1;
         let any = p.steps[gi].io().0[0];
         let mut q = p.clone();
@@ -524,7 +524,7 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
             s: None,
             n: 1,
         });
-        assert_eq!(gn_conv_norm(&q, ci, Precision::Fp16), None, "read twice");
+        assert_eq!(norm_pair_first(&q, ci, Precision::Fp16), None, "read twice");
         let mut q = p.clone();
         match &mut q.steps[ci] {
             Step::Conv(cv) => cv.residual = Some(y),
@@ -532,7 +532,7 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
             _ => unreachable!(),
         }
         assert_eq!(
-            gn_conv_norm(&q, ci, Precision::Fp16),
+            norm_pair_first(&q, ci, Precision::Fp16),
             None,
             "as the residual too"
         );
@@ -540,12 +540,12 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
         let other = q.steps[gi].clone();
         q.steps.insert(gi + 1, other);
         // (the copy writes the same output: the convolution now reads the second GroupNorm)
-        assert_eq!(gn_conv_norm(&q, ci + 1, Precision::Fp16), Some(gi + 1));
+        assert_eq!(norm_pair_first(&q, ci + 1, Precision::Fp16), Some(gi + 1));
         if let Step::GroupNorm { out, .. } = &mut q.steps[gi + 1] {
             *out = any;
         }
         assert_eq!(
-            gn_conv_norm(&q, ci + 1, Precision::Fp16),
+            norm_pair_first(&q, ci + 1, Precision::Fp16),
             None,
             "a GroupNorm in between"
         );
@@ -554,7 +554,7 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
             *channels_last = false;
         }
         assert_eq!(
-            gn_conv_norm(&q, ci, Precision::Fp16),
+            norm_pair_first(&q, ci, Precision::Fp16),
             None,
             "channels first"
         );
@@ -577,7 +577,7 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
     let linears = {
         let mut p = c.prog.clone();
         specialize(&mut p, Precision::Fp16);
-        gn_conv_pairs(&p, Precision::Fp16)
+        norm_pairs(&p, Precision::Fp16)
             .iter()
             .filter(|&&(_, ci)| matches!(p.steps[ci], Step::Linear { .. }))
             .count()
@@ -620,7 +620,7 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
     // the step-by-step comparison passes over the GroupNorms the kernel applies (their outputs
     // are never written) and finds nothing wrong
     assert_trace_clean(&emu, &c, "tiny unet conv_igemm_gn_f16_n128", |p| {
-        p.use_gn_conv(128)
+        p.use_norm_pairs(128)
     });
 }
 

@@ -111,7 +111,7 @@ def main():
                       f"problems; one call each: {library} {sum(r[1] for r in t):.2f} ms, {kernel} "
                       f"{sum(r[2] for r in t if r[2] < 1e30):.2f} ms")
         for key in ("specialisation_ab", "gemm_timing_ab", "conv_kernel_ab", "geglu_kernel_ab",
-                    "gn_conv_kernel_ab"):
+                    "norm_kernel_ab"):
             if e.get(key):
                 print(f"engine {e.get('layout')}: {key} {json.dumps(e[key])}")
     if tr:

@@ -986,6 +986,52 @@ __device__ void group_norm_nhwc_coeffs(float* ab, const float* mr, const T* gamm
         ab[2 * i + 1] = mrt_load(beta, c) - (st[0] - gn_in_bias(xb, xsb, n, C, c)) * a;
     }
 }
+// layer_norm_stats, one warp per row (blockDim a multiple of 32): rs[2 r] = 1 / sqrt(var + eps),
+// rs[2 r + 1] = -mean * rs[2 r] of row r (two passes, the second from cache), so that
+// (x * rs[2 r] + rs[2 r + 1]) * gamma + beta is what layer_norm_warp writes (conv_igemm_ln
+// reads them); rows of whole 16-byte vectors 16 bytes a lane at a time.
+template <typename T>
+__device__ void layer_norm_stats(float* rs, const T* x, i64 rows, int cols, float eps) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    constexpr int V = Lanes<T>::N;
+    const T* xr = x + row * cols;
+    const bool vec = cols % V == 0 && ((unsigned long long)xr & 15) == 0;
+    float s = 0.f;
+    if (vec) {
+        for (int j = lane; j < cols / V; j += 32) {
+            float v[V];
+            load16(v, xr + j * V);
+#pragma unroll
+            for (int e = 0; e < V; ++e) s += v[e];
+        }
+    } else {
+        for (int c = lane; c < cols; c += 32) s += mrt_load(xr, c);
+    }
+    const float mean = mrt_warp_sum(s) / (float)cols;
+    float q = 0.f;
+    if (vec) {
+        for (int j = lane; j < cols / V; j += 32) {
+            float v[V];
+            load16(v, xr + j * V);
+#pragma unroll
+            for (int e = 0; e < V; ++e) q += (v[e] - mean) * (v[e] - mean);
+        }
+    } else {
+        for (int c = lane; c < cols; c += 32) {
+            const float d = mrt_load(xr, c) - mean;
+            q += d * d;
+        }
+    }
+    const float rstd = rsqrtf(mrt_warp_sum(q) / (float)cols + eps);
+    if (lane == 0) {
+        rs[2 * row] = rstd;
+        rs[2 * row + 1] = -mean * rstd;
+    }
+}
+#define P_LNS(T) (float* rs, const T* x, i64 rows, int cols, float eps)
+BOTH(layer_norm_stats, P_LNS(float), P_LNS(half_bits), (rs, x, rows, cols, eps))
 #define P_GNC(T) \
     (float* ab, const float* mr, const T* gamma, const T* beta, const T* xb, const T* xsb, int N, int C, int groups)
 BOTH(group_norm_nhwc_coeffs, P_GNC(float), P_GNC(half_bits),
@@ -1479,6 +1525,11 @@ ATT_ENTRIES_AS(40, 48, 40, true)
 // (rounded to float16 once, as group_norm_nhwc_apply's output is), before the block's barrier;
 // the zero padding outside the image stays zero (the convolution pads the normalised values).
 // So the normalised tensor is never written or read.
+//
+// LN: the same for a LayerNorm's output (`conv_igemm_ln_f16_nBN`, as a GEMM: a 1x1 convolution of
+// one image of M x 1 pixels, C = the rows' width): each A chunk of row m becomes
+// (x * rs[2m] + rs[2m + 1]) * gamma[c] + beta[c] (beta optional) with the row's inverse
+// deviation and its negated mean times it from layer_norm_stats.
 #define CIG_BM 128
 #define CIG_BK 32
 #define CIG_ST 3
@@ -1503,12 +1554,23 @@ __device__ __forceinline__ void cig_gn_coeffs(float* cf, const float* ab) {
     for (int q = 0; q < 4; ++q) load16(cf + 4 * q, ab + 4 * q);
 }
 
-template <int BN, bool GG, bool GN>
+// LN: (v * r[0] + r[1]) * g[k] + b[k] of the 8 float16 channels at s in place
+__device__ __forceinline__ void cig_ln_chunk(half_bits* s, const float* r, const float* g,
+                                             const float* b) {
+    float v[8];
+    load16(v, s);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = (v[k] * r[0] + r[1]) * g[k] + b[k];
+    store16(s, v);
+}
+
+template <int BN, bool GG, bool GN, bool LN = false>
 __device__ __forceinline__ void conv_igemm(
     const half_bits* __restrict__ x, const half_bits* __restrict__ w, half_bits* __restrict__ y,
     const half_bits* __restrict__ bias, const half_bits* __restrict__ sbias,
     const half_bits* __restrict__ res, const float* __restrict__ ab, int silu, int N, int H,
-    int W, int C, int OH, int OW, int O, int KH, int KW, int sh, int sw, int ph, int pw) {
+    int W, int C, int OH, int OW, int O, int KH, int KW, int sh, int sw, int ph, int pw,
+    const half_bits* __restrict__ lg = nullptr, const half_bits* __restrict__ lb = nullptr) {
     constexpr int NB = BN / 32;  // W rows a thread loads a tile
     constexpr int NJ = BN / 16;  // n8 tiles a warp
     MRT_DYN_SMEM(half_bits, sm);
@@ -1611,10 +1673,40 @@ __device__ __forceinline__ void conv_igemm(
     int gtap = 0, gc = 0;
     const int gn0 = GN ? min(m0 + r0, M - 1) / OHW : 0;
     const bool guni = !GN || gn0 == min(m0 + r0 + 96, M - 1) / OHW;
+    // LN: the statistics of this thread's four A rows (ab holds them by row; rows past M none)
+    float lrs[4][2];
+    if (LN) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = min(m0 + r0 + 32 * i, M - 1);
+            lrs[i][0] = ab[2 * (i64)m];
+            lrs[i][1] = ab[2 * (i64)m + 1];
+        }
+    }
     for (int kt = 0; kt < KT; ++kt) {
         float cf[16];
         if (GN && guni) cig_gn_coeffs(cf, ab + ((i64)gn0 * C + gc + ch * 8) * 2);
+        if (LN) {
+            load16(cf, lg + gc + ch * 8);
+            if (lb) {
+                load16(cf + 8, lb + gc + ch * 8);
+            } else {
+#pragma unroll
+                for (int k = 0; k < 8; ++k) cf[8 + k] = 0.f;
+            }
+        }
         mrt_cp_async_wait<CIG_ST - 2>();
+        if (LN) {
+            half_bits* a = as + rs * CIG_BM * CIG_P + r0 * CIG_P + ch * 8;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                if ((taps[i] >> gtap) & 1u) cig_ln_chunk(a + 32 * i * CIG_P, lrs[i], cf, cf + 8);
+            gc += CIG_BK;
+            if (gc == C) {
+                gc = 0;
+                ++gtap;
+            }
+        }
         if (GN) {
             // this thread's own chunks of tile kt are in (its cp.async groups up to kt are done)
             half_bits* a = as + rs * CIG_BM * CIG_P + r0 * CIG_P + ch * 8;
@@ -1724,6 +1816,14 @@ __device__ __forceinline__ void conv_igemm(
         int W, int C, int OH, int OW, int O, int KH, int KW, int sh, int sw, int ph, int pw) {     \
         conv_igemm<BN, false, true>(x, w, y, bias, sbias, res, ab, silu, N, H, W, C, OH, OW, O,    \
                                     KH, KW, sh, sw, ph, pw);                                       \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) conv_igemm_ln_f16_n##BN(                     \
+        const half_bits* x, const half_bits* w, half_bits* y, const half_bits* bias,               \
+        const half_bits* sbias, const half_bits* res, const float* rs, const half_bits* gamma,     \
+        const half_bits* beta, int N, int H, int W, int C, int OH, int OW, int O, int KH, int KW,  \
+        int sh, int sw, int ph, int pw) {                                                          \
+        conv_igemm<BN, false, false, true>(x, w, y, bias, sbias, res, rs, 0, N, H, W, C, OH, OW,   \
+                                           O, KH, KW, sh, sw, ph, pw, gamma, beta);                \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) gemm_geglu_f16_n##BN(                        \
         const half_bits* x, const half_bits* w, half_bits* y, const half_bits* bias, int M, int K,  \

@@ -1665,6 +1665,115 @@ fn convolution_of_a_group_norm_from_its_input_matches_the_cpu() {
     }
 }
 
+/// `layer_norm_stats_f16` then `conv_igemm_ln_f16_n{64,128}` as a GEMM (a LayerNorm read by the
+/// projection after it straight from its input, a tactic the engine times against the
+/// LayerNorm and cuBLASLt) against the CPU's LayerNorm, rounded to float16 as `layer_norm_warp`
+/// stores it, then the product with bias and residual: rows short of a block and past one,
+/// widths of one k tile and of several, with and without beta; rows whose mean is far from 0.
+#[test]
+fn projection_of_a_layer_norm_from_its_input_matches_the_cpu() {
+    let Some(emu) = emu() else { return };
+    // (rows, cols, out, beta)
+    for (m, k, o, with_beta) in [
+        (5, 32, 8, true),
+        (200, 320, 136, true),
+        (130, 96, 40, false),
+    ] {
+        let seed = (m * 13 + k + o) as u64;
+        let round = |v: Vec<f32>| <u16 as Host>::round(&v);
+        let x = round(
+            random(m * k, seed)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| 3.0 + (i / k) as f32 * 0.05 + v * (1.0 + (i % 5) as f32 * 0.3))
+                .collect(),
+        );
+        let gamma = round(random(k, seed + 1).iter().map(|v| 1.0 + 0.3 * v).collect());
+        let beta = round(random(k, seed + 2).iter().map(|v| 0.2 * v).collect());
+        let eps = 1e-5f64;
+        let mut normed = vec![0f32; m * k];
+        for r in 0..m {
+            let row = &x[r * k..(r + 1) * k];
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / k as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / k as f64;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for c in 0..k {
+                let b = if with_beta { beta[c] as f64 } else { 0.0 };
+                normed[r * k + c] = ((row[c] as f64 - mean) * rstd * gamma[c] as f64 + b) as f32;
+            }
+        }
+        let normed = round(normed);
+        let sc = 1.0 / (k as f32).sqrt();
+        let wt = round(random(o * k, seed + 3).iter().map(|v| v * sc).collect());
+        let bias = round(random(o, seed + 4));
+        let res = round(random(m * o, seed + 5));
+        let mut want = conv_nhwc_cpu(&normed, &wt, [1, m, 1, k], [o, 1, 1], 1, 0);
+        for (r, wr) in want.chunks_mut(o).enumerate() {
+            for (oc, v) in wr.iter_mut().enumerate() {
+                *v += bias[oc] + res[r * o + oc];
+            }
+        }
+        let i = |v: usize| Arg::I32(v as i32);
+        let rs = DeviceBuffer::filled(m * 2 * 4, 0xff);
+        let bx = buf::<u16>(&x);
+        launch(
+            emu,
+            "layer_norm_stats_f16",
+            (m.div_ceil(8) as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::Buf(&rs),
+                Arg::Buf(&bx),
+                Arg::I64(m as i64),
+                i(k),
+                Arg::F32(eps as f32),
+            ],
+        );
+        let (bw, bb, br) = (buf::<u16>(&wt), buf::<u16>(&bias), buf::<u16>(&res));
+        let (bg, bbe) = (buf::<u16>(&gamma), buf::<u16>(&beta));
+        for bn in [64usize, 128] {
+            let out = out_buf::<u16>(m * o);
+            launch(
+                emu,
+                &format!("conv_igemm_ln_f16_n{bn}"),
+                (m.div_ceil(128) as u32, o.div_ceil(bn) as u32, 1),
+                (128, 1, 1),
+                3 * (128 + bn) * 40 * 2,
+                &[
+                    Arg::Buf(&bx),
+                    Arg::Buf(&bw),
+                    Arg::Buf(&out),
+                    Arg::Buf(&bb),
+                    Arg::Null,
+                    Arg::Buf(&br),
+                    Arg::Buf(&rs),
+                    Arg::Buf(&bg),
+                    if with_beta { Arg::Buf(&bbe) } else { Arg::Null },
+                    i(1),
+                    i(m),
+                    i(1),
+                    i(k),
+                    i(m),
+                    i(1),
+                    i(o),
+                    i(1),
+                    i(1),
+                    i(1),
+                    i(1),
+                    i(0),
+                    i(0),
+                ],
+            );
+            check::<u16>(
+                &format!("conv_igemm_ln_f16_n{bn} {m}x{k} -> {o}, beta {with_beta}"),
+                &read::<u16>(&out),
+                &want,
+            );
+        }
+    }
+}
+
 /// `gemm_geglu_f16_n{64,128}` (the feed-forward's first projection with GEGLU in its epilogue,
 /// a tactic the engine times against cuBLASLt + `geglu_f16`) against the CPU's GEGLU of the
 /// product of the same float16-rounded values: partial row and channel blocks, with and

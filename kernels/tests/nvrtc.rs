@@ -46,6 +46,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                     "group_norm_nhwc_stats",
                     "group_norm_nhwc_apply",
                     "group_norm_nhwc_coeffs",
+                    "layer_norm_stats",
                     "layer_norm",
                     "layer_norm_warp",
                     "softmax",
@@ -62,7 +63,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                 entries.push("copy_strided_b16".into());
                 entries.push("copy_strided_i64".into());
                 for bn in [64, 128] {
-                    for k in ["conv_igemm", "conv_igemm_gn", "gemm_geglu"] {
+                    for k in ["conv_igemm", "conv_igemm_gn", "conv_igemm_ln", "gemm_geglu"] {
                         entries.push(format!("{k}_f16_n{bn}"));
                     }
                 }

@@ -17,10 +17,10 @@ use motionrt_kernels::emu::{Arg, DeviceBuffer, Emu};
 use super::cpu_exec::dot;
 use super::exec::Precision;
 use super::launch::{
-    cast_launch, conv_igemm_for, geglu_kernel_for, geglu_linear, geglu_pairs, gn_conv_for,
-    gn_conv_norm, gn_conv_pairs, group_norm_scratch, place_buffers, plan_memory_for,
-    plan_memory_fused, rebase_activations, specialize, step_ops, ConvDesc, Ctx, GemmCall, KArg,
-    Launch, LtCall, Op, WeightData,
+    cast_launch, conv_igemm_for, geglu_kernel_for, geglu_linear, geglu_pairs, group_norm_scratch,
+    norm_pair_first, norm_pair_for, norm_pairs, place_buffers, plan_memory_for, plan_memory_fused,
+    rebase_activations, specialize, step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op,
+    WeightData,
 };
 use super::program::{DType, MemoryPlan, Outputs, Program, Step, Strided};
 use super::EngineError;
@@ -64,11 +64,11 @@ pub struct EmuProgram<'e> {
     /// [`EmuProgram::use_geglu_kernel`] also plans it again as the GPU executor then does.
     pub geglu_kernel: Option<usize>,
     /// (GroupNorm, convolution) pairs `conv_igemm_gn_f16_nBN` computes
-    /// ([`super::launch::gn_conv_pairs`]) run on it, with this BN, instead of the GroupNorm's apply
+    /// ([`super::launch::norm_pairs`]) run on it, with this BN, instead of the GroupNorm's apply
     /// pass and the convolution as chosen alone (on a GPU, those where it timed faster when the
     /// engine was built). Set here, the arena stays as planned at load;
-    /// [`EmuProgram::use_gn_conv`] also plans it again as the GPU executor then does.
-    pub gn_conv: Option<usize>,
+    /// [`EmuProgram::use_norm_pairs`] also plans it again as the GPU executor then does.
+    pub norm_pair: Option<usize>,
 }
 
 impl<'e> EmuProgram<'e> {
@@ -123,7 +123,7 @@ impl<'e> EmuProgram<'e> {
             fault: None,
             conv_kernel: None,
             geglu_kernel: None,
-            gn_conv: None,
+            norm_pair: None,
         })
     }
 
@@ -140,8 +140,8 @@ impl<'e> EmuProgram<'e> {
     /// Every (GroupNorm, convolution) pair `conv_igemm_gn_f16_n{bn}` computes on that kernel,
     /// and the activations planned again without those GroupNorms' outputs, as
     /// [`EmuProgram::use_geglu_kernel`] does for its pairs.
-    pub fn use_gn_conv(&mut self, bn: usize) {
-        self.gn_conv = Some(bn);
+    pub fn use_norm_pairs(&mut self, bn: usize) {
+        self.norm_pair = Some(bn);
         self.replan();
     }
 
@@ -152,8 +152,8 @@ impl<'e> EmuProgram<'e> {
         if self.geglu_kernel.is_some() {
             fused.extend(geglu_pairs(&self.program, self.precision));
         }
-        if self.gn_conv.is_some() {
-            fused.extend(gn_conv_pairs(&self.program, self.precision));
+        if self.norm_pair.is_some() {
+            fused.extend(norm_pairs(&self.program, self.precision));
         }
         let memory = plan_memory_fused(&self.program, self.precision, &fused);
         self.arena = DeviceBuffer::filled(memory.arena_bytes.max(256), 0xFF);
@@ -211,7 +211,7 @@ impl<'e> EmuProgram<'e> {
                     geglu_kernel_for(&self.program, si, self.precision, self.geglu_kernel)
                 }
                 Step::GroupNorm { .. } => {
-                    gn_conv_for(&self.program, si, self.precision, self.gn_conv)
+                    norm_pair_for(&self.program, si, self.precision, self.norm_pair)
                 }
                 _ => None,
             };
@@ -294,7 +294,7 @@ impl<'e> EmuProgram<'e> {
         let is_ck = move |_: usize| ck;
         let gk = geglu_kernel_for(&self.program, si, self.precision, self.geglu_kernel);
         let is_gk = move |_: usize| gk;
-        let gc = gn_conv_for(&self.program, si, self.precision, self.gn_conv);
+        let gc = norm_pair_for(&self.program, si, self.precision, self.norm_pair);
         let is_gc = move |_: usize| gc;
         let ctx = Ctx {
             precision: self.precision,
@@ -304,7 +304,7 @@ impl<'e> EmuProgram<'e> {
             lt: &is_lt,
             conv_kernel: &is_ck,
             geglu_kernel: &is_gk,
-            gn_conv: &is_gc,
+            norm_pair: &is_gc,
         };
         let ops = step_ops(&self.program, si, &ctx)?;
         // what the step's launches may touch: the buffers it reads and writes, and the scratch;
@@ -321,8 +321,8 @@ impl<'e> EmuProgram<'e> {
         // of its output; the GroupNorm writes only the scratch
         match (gc, &self.program.steps[si]) {
             (Some(_), Step::Conv(_) | Step::Linear { .. }) => {
-                let gi = gn_conv_norm(&self.program, si, self.precision)
-                    .expect("gn_conv_for checked the pair");
+                let gi = norm_pair_first(&self.program, si, self.precision)
+                    .expect("norm_pair_for checked the pair");
                 let gout = self.program.steps[gi].io().1;
                 bufs.retain(|&b| b != gout);
                 bufs.push(self.program.steps[gi].io().0[0]);

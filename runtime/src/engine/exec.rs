@@ -24,11 +24,11 @@ use serde::{Deserialize, Serialize};
 
 pub use super::launch::WeightData;
 use super::launch::{
-    cast_launch, check_launchable, conv_igemm_gn_launch, conv_igemm_launch, conv_igemm_ok,
-    elementwise_launch, geglu_pairs, gemm_geglu_launch, gn_conv_pairs, group_norm_scratch,
-    group_norm_splits, opt_in_smem, place_buffers, plan_memory_for, plan_memory_fused,
-    rebase_activations, specialize, step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall,
-    LtDesc, LtLayout, Op, CONV_IGEMM_WIDTHS,
+    cast_launch, check_launchable, conv_igemm_launch, conv_igemm_ok, elementwise_launch,
+    geglu_pairs, gemm_geglu_launch, group_norm_scratch, group_norm_splits, norm_gemm_launch,
+    norm_pairs, opt_in_smem, place_buffers, plan_memory_for, plan_memory_fused, rebase_activations,
+    specialize, step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, LtDesc, LtLayout, Op,
+    CONV_IGEMM_WIDTHS,
 };
 use super::program::{ConvStep, DType, MemoryPlan, Program, Step, Strided};
 use super::EngineError;
@@ -122,10 +122,10 @@ pub struct TacticCache {
     /// against cuBLASLt and `geglu`. Absent in caches written before that kernel.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub geglu: BTreeMap<String, FusedTactic>,
-    /// GroupNorms and the convolutions of their outputs, by problem ([`gn_conv_key`]):
+    /// GroupNorms and the convolutions of their outputs, by problem ([`norm_pair_key`]):
     /// `conv_igemm_gn_f16_nBN` against the two steps. Absent in caches written before that kernel.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub gn_conv: BTreeMap<String, FusedTactic>,
+    pub norm_pair: BTreeMap<String, FusedTactic>,
 }
 
 /// A timing-cache key for a GEGLU pair: its projection's problem (rows x 2d x k, with the
@@ -141,7 +141,7 @@ pub fn geglu_key(m: usize, d: usize, k: usize, bias: bool, precision: Precision)
 
 /// A timing-cache key for a (GroupNorm, convolution) pair: the convolution's problem, the
 /// GroupNorm's groups, whether it ends in SiLU and whether it adds input biases, and precision.
-pub fn gn_conv_key(
+pub fn norm_pair_key(
     conv: &str,
     groups: usize,
     silu: bool,
@@ -307,16 +307,16 @@ impl TacticCache {
         for (k, v) in &other.geglu {
             self.geglu.entry(k.clone()).or_insert(*v);
         }
-        for (k, v) in &other.gn_conv {
-            self.gn_conv.entry(k.clone()).or_insert(*v);
+        for (k, v) in &other.norm_pair {
+            self.norm_pair.entry(k.clone()).or_insert(*v);
         }
     }
 
     /// The same cache with every (GroupNorm, convolution) pair `conv_igemm_gn_f16_n{bn}`
     /// computes on that kernel, whatever the timing said.
-    pub fn forced_gn_conv(&self, bn: usize) -> Self {
+    pub fn forced_norm_pairs(&self, bn: usize) -> Self {
         let mut c = self.clone();
-        for t in c.gn_conv.values_mut() {
+        for t in c.norm_pair.values_mut() {
             (t.fused_ms, t.fused_n) = (f32::MIN, Some(bn));
         }
         c
@@ -324,9 +324,9 @@ impl TacticCache {
 
     /// The same cache with every (GroupNorm, convolution) pair as two steps, for measuring what
     /// `conv_igemm_gn_f16` gains, side by side.
-    pub fn unfused_gn_conv(&self) -> Self {
+    pub fn unfused_norm_pairs(&self) -> Self {
         let mut c = self.clone();
-        for t in c.gn_conv.values_mut() {
+        for t in c.norm_pair.values_mut() {
             (t.fused_ms, t.fused_n) = (f32::MAX, None);
         }
         c
@@ -1199,7 +1199,7 @@ pub struct GpuProgram {
     /// Both steps of each GEGLU pair `gemm_geglu_f16_nBN` runs (timed faster than the two), by BN.
     geglu_kernel: HashMap<usize, usize>,
     /// Both steps of each (GroupNorm, convolution) pair `conv_igemm_gn_f16_nBN` runs, by BN.
-    gn_conv: HashMap<usize, usize>,
+    norm_pair: HashMap<usize, usize>,
     /// Linear steps as single cuBLASLt matmuls (bias in the epilogue, residual as `C`).
     lt_plans: HashMap<usize, LtPlan>,
     conv_ws: Option<CudaSlice<u8>>,
@@ -1325,7 +1325,7 @@ impl GpuProgram {
             convs: HashMap::new(),
             conv_kernel: Default::default(),
             geglu_kernel: Default::default(),
-            gn_conv: Default::default(),
+            norm_pair: Default::default(),
             lt_plans: HashMap::new(),
             conv_ws: None,
             conv_ws_ptr: (0, 0),
@@ -1339,7 +1339,7 @@ impl GpuProgram {
         let timed_convs = me.prepare_convs(dev, tactics)?;
         let timed = me.prepare_linears(dev, tactics)?;
         me.prepare_geglus(dev, tactics, &timed)?;
-        me.prepare_gn_convs(dev, tactics, &timed_convs, &timed)?;
+        me.prepare_norm_pairs(dev, tactics, &timed_convs, &timed)?;
         me.replan_fused(dev)?;
         Ok(me)
     }
@@ -1355,9 +1355,9 @@ impl GpuProgram {
             .into_iter()
             .filter(|(_, gi)| self.geglu_kernel.contains_key(gi))
             .chain(
-                gn_conv_pairs(&self.program, self.precision)
+                norm_pairs(&self.program, self.precision)
                     .into_iter()
-                    .filter(|(_, ci)| self.gn_conv.contains_key(ci)),
+                    .filter(|(_, ci)| self.norm_pair.contains_key(ci)),
             )
             .collect();
         if fused.is_empty() {
@@ -1424,12 +1424,12 @@ impl GpuProgram {
     }
 
     /// The (GroupNorm, convolution or Linear) pairs `conv_igemm_gn_f16_nBN` computes
-    /// ([`gn_conv_pairs`]): each tile width timed against the two steps as they run (the second
+    /// ([`norm_pairs`]): each tile width timed against the two steps as they run (the second
     /// as chosen alone) when the second step's algorithms were timed in this load (`timed_convs`,
     /// `timed_linears`: step indices; not on a cached choice, so an engine or cache written
     /// before this kernel keeps the two steps and two loads of it run the same), the fastest
     /// kept where it beats them — the decision is the cache's ([`FusedTactic::fused`]).
-    fn prepare_gn_convs(
+    fn prepare_norm_pairs(
         &mut self,
         dev: &CudaDevice,
         tactics: &mut TacticCache,
@@ -1442,7 +1442,7 @@ impl GpuProgram {
                 me.enqueue_step(dev, ci)
             })
         };
-        for (gi, ci) in gn_conv_pairs(&self.program, self.precision) {
+        for (gi, ci) in norm_pairs(&self.program, self.precision) {
             let Step::GroupNorm {
                 groups,
                 silu,
@@ -1473,13 +1473,13 @@ impl GpuProgram {
                 _ => continue,
             };
             let in_bias = x_bias.is_some() || x_sbias.is_some();
-            let key = gn_conv_key(&problem, *groups, *silu, in_bias, self.precision);
-            if !tactics.gn_conv.contains_key(&key) && timed {
+            let key = norm_pair_key(&problem, *groups, *silu, in_bias, self.precision);
+            if !tactics.norm_pair.contains_key(&key) && timed {
                 let ms = time_pair(self, gi, ci)?;
                 let mut best = (f32::MAX, None);
                 for bn in CONV_IGEMM_WIDTHS {
                     // a width this GPU cannot launch is left out, as fastest_width does
-                    let l = conv_igemm_gn_launch(
+                    let l = norm_gemm_launch(
                         &self.program,
                         gi,
                         ci,
@@ -1494,17 +1494,17 @@ impl GpuProgram {
                         eprintln!("note: {key}: {} does not run here ({e})", l.kernel);
                         continue;
                     }
-                    self.gn_conv.insert(gi, bn);
-                    self.gn_conv.insert(ci, bn);
+                    self.norm_pair.insert(gi, bn);
+                    self.norm_pair.insert(ci, bn);
                     let t = time_pair(self, gi, ci);
-                    self.gn_conv.remove(&gi);
-                    self.gn_conv.remove(&ci);
+                    self.norm_pair.remove(&gi);
+                    self.norm_pair.remove(&ci);
                     let t = t?;
                     if t < best.0 {
                         best = (t, Some(bn));
                     }
                 }
-                tactics.gn_conv.insert(
+                tactics.norm_pair.insert(
                     key.clone(),
                     FusedTactic {
                         ms,
@@ -1513,9 +1513,9 @@ impl GpuProgram {
                     },
                 );
             }
-            if let Some(bn) = tactics.gn_conv.get(&key).and_then(FusedTactic::fused) {
-                self.gn_conv.insert(gi, bn);
-                self.gn_conv.insert(ci, bn);
+            if let Some(bn) = tactics.norm_pair.get(&key).and_then(FusedTactic::fused) {
+                self.norm_pair.insert(gi, bn);
+                self.norm_pair.insert(ci, bn);
             }
         }
         Ok(())
@@ -1910,22 +1910,22 @@ impl GpuProgram {
         for (si, (e0, e1)) in evs.iter().enumerate() {
             let ms = e0.elapsed_ms(e1).map_err(|e| gpu_err("elapsed", e))? as f64;
             let label = match &self.program.steps[si] {
-                Step::Conv(c) if self.gn_conv.contains_key(&si) => format!(
+                Step::Conv(c) if self.norm_pair.contains_key(&si) => format!(
                     "conv {}x{} s{}+group_norm (conv_igemm_gn_f16_n{})",
-                    c.w_shape[2], c.w_shape[3], c.strides[0], self.gn_conv[&si]
+                    c.w_shape[2], c.w_shape[3], c.strides[0], self.norm_pair[&si]
                 ),
                 Step::Conv(c) => {
                     format!("conv {}x{} s{}", c.w_shape[2], c.w_shape[3], c.strides[0])
                 }
                 Step::Attention { l, s, d, .. } => format!("attention L={l} S={s} d={d}"),
-                Step::Linear { m, n, k, .. } if self.gn_conv.contains_key(&si) => format!(
+                Step::Linear { m, n, k, .. } if self.norm_pair.contains_key(&si) => format!(
                     "linear {m}x{n}x{k}+group_norm (conv_igemm_gn_f16_n{})",
-                    self.gn_conv[&si]
+                    self.norm_pair[&si]
                 ),
                 Step::Linear { .. } if self.geglu_kernel.contains_key(&si) => {
                     "linear (in the GEGLU's gemm_geglu)".to_string()
                 }
-                Step::GroupNorm { .. } if self.gn_conv.contains_key(&si) => {
+                Step::GroupNorm { .. } if self.norm_pair.contains_key(&si) => {
                     "group_norm statistics (applied in conv_igemm_gn)".to_string()
                 }
                 Step::Geglu { .. } if self.geglu_kernel.contains_key(&si) => format!(
@@ -1987,7 +1987,7 @@ impl GpuProgram {
         let lt = |i: usize| self.lt_plans.contains_key(&i);
         let ck = |i: usize| self.conv_kernel.get(&i).copied();
         let gk = |i: usize| self.geglu_kernel.get(&i).copied();
-        let gc = |i: usize| self.gn_conv.get(&i).copied();
+        let gc = |i: usize| self.norm_pair.get(&i).copied();
         let ctx = Ctx {
             precision: self.precision,
             ptrs: &self.ptrs,
@@ -1996,7 +1996,7 @@ impl GpuProgram {
             lt: &lt,
             conv_kernel: &ck,
             geglu_kernel: &gk,
-            gn_conv: &gc,
+            norm_pair: &gc,
         };
         step_ops(&self.program, si, &ctx)
     }
@@ -2328,8 +2328,8 @@ impl GpuProgram {
 
     /// How many (GroupNorm, convolution) pairs run as the GroupNorm's statistics and one
     /// `conv_igemm_gn_f16_nBN` (the rest as the GroupNorm's passes and the convolution).
-    pub fn gn_conv_pairs(&self) -> usize {
-        self.gn_conv.len() / 2
+    pub fn norm_kernel_pairs(&self) -> usize {
+        self.norm_pair.len() / 2
     }
 
     /// Bytes of weights on the device for this program and those sharing them with it.
@@ -2394,7 +2394,7 @@ impl GpuProgram {
             dev.stream.synchronize().map_err(|e| gpu_err(&what(), e))?;
             if match self.program.steps[si] {
                 Step::Linear { .. } => self.geglu_kernel.contains_key(&si),
-                Step::GroupNorm { .. } => self.gn_conv.contains_key(&si),
+                Step::GroupNorm { .. } => self.norm_pair.contains_key(&si),
                 _ => false,
             } {
                 unwritten.insert(self.program.steps[si].io().1);

@@ -926,14 +926,14 @@ mod tests {
 
     #[test]
     fn timing_caches_keep_group_norm_convolution_choices_and_read_older_ones() {
-        use super::super::exec::{gn_conv_key, FusedTactic, Precision};
+        use super::super::exec::{norm_pair_key, FusedTactic, Precision};
         // a cache written before conv_igemm_gn: the pairs stay two steps (not timed on load)
         let old = r#"{"conv": {}, "gemm": {}, "geglu": {}}"#;
         let c: TacticCache = serde_json::from_str(old).unwrap();
-        assert!(c.gn_conv.is_empty());
-        let key = gn_conv_key("conv 32x320x64x64 k3", 32, true, true, Precision::Fp16);
+        assert!(c.norm_pair.is_empty());
+        let key = norm_pair_key("conv 32x320x64x64 k3", 32, true, true, Precision::Fp16);
         assert_eq!(key, "conv 32x320x64x64 k3 after gn32+silu+bias f16");
-        let plain = gn_conv_key("conv 32x320x64x64 k3", 32, false, false, Precision::Fp16);
+        let plain = norm_pair_key("conv 32x320x64x64 k3", 32, false, false, Precision::Fp16);
         assert_ne!(plain, key);
         let mut c = TacticCache::default();
         let (faster, slower) = (
@@ -948,27 +948,27 @@ mod tests {
                 fused_n: Some(64),
             },
         );
-        c.gn_conv.insert(key.clone(), faster);
-        c.gn_conv.insert(plain.clone(), slower);
+        c.norm_pair.insert(key.clone(), faster);
+        c.norm_pair.insert(plain.clone(), slower);
         // an empty map is left out, so caches without these pairs read as before
         let json = serde_json::to_string_pretty(&c).unwrap();
         assert!(!json.contains("\"geglu\""), "{json}");
         let back: TacticCache = serde_json::from_str(&json).unwrap();
         assert_eq!(back, c);
-        assert_eq!(c.gn_conv[&key].fused(), Some(128));
-        assert_eq!(c.gn_conv[&plain].fused(), None);
-        let u = c.unfused_gn_conv();
-        assert!(u.gn_conv.values().all(|t| t.fused().is_none()));
-        let f = c.forced_gn_conv(64);
-        assert!(f.gn_conv.values().all(|t| t.fused() == Some(64)));
+        assert_eq!(c.norm_pair[&key].fused(), Some(128));
+        assert_eq!(c.norm_pair[&plain].fused(), None);
+        let u = c.unfused_norm_pairs();
+        assert!(u.norm_pair.values().all(|t| t.fused().is_none()));
+        let f = c.forced_norm_pairs(64);
+        assert!(f.norm_pair.values().all(|t| t.fused() == Some(64)));
         // GEGLU and GroupNorm choices are kept apart
-        assert!(f.geglu.is_empty() && c.forced_geglu(64).gn_conv == c.gn_conv);
+        assert!(f.geglu.is_empty() && c.forced_geglu(64).norm_pair == c.norm_pair);
         let mut m = u.clone();
         m.merge(&c);
         assert_eq!(m, u);
         let mut e = TacticCache::default();
         e.merge(&c);
-        assert_eq!(e.gn_conv, c.gn_conv);
+        assert_eq!(e.norm_pair, c.norm_pair);
     }
 
     #[test]

@@ -1255,7 +1255,7 @@ pub fn plan_memory_for(program: &Program, precision: Precision) -> MemoryPlan {
 
 /// [`plan_memory_for`] once the step pairs `fused` (`(first, second)` step indices: GEGLU pairs
 /// `(linear, geglu)` ([`geglu_pairs`]) and GroupNorm pairs `(group norm, convolution)`
-/// ([`gn_conv_pairs`])) are known to run as one kernel each (`gemm_geglu_f16_nBN`,
+/// ([`norm_pairs`])) are known to run as one kernel each (`gemm_geglu_f16_nBN`,
 /// `conv_igemm_gn_f16_nBN`, at the second step): the first steps' outputs, which nothing then
 /// writes or reads, get no space (address 0). Every pair that may run so keeps its first step's
 /// input live through its second step (the kernel reads it there), so the second's output is
@@ -1268,7 +1268,7 @@ pub fn plan_memory_fused(
     let eb = precision.elem_bytes();
     let extend: Vec<(usize, usize)> = geglu_pairs(program, precision)
         .into_iter()
-        .chain(gn_conv_pairs(program, precision))
+        .chain(norm_pairs(program, precision))
         .filter_map(|(first, second)| match program.steps[first] {
             Step::Linear { x, .. } | Step::GroupNorm { x, .. } => Some((x, second)),
             _ => None,
@@ -1339,12 +1339,12 @@ pub struct Ctx<'a> {
     /// the GEGLU the kernel ([`gemm_geglu_launch`]); `None`: both steps as they are.
     pub geglu_kernel: &'a dyn Fn(usize) -> Option<usize>,
     /// The `conv_igemm_gn_f16_nBN` tile width of a (GroupNorm, convolution) pair
-    /// ([`gn_conv_pairs`]) that runs so (chosen over the GroupNorm's apply pass and the
+    /// ([`norm_pairs`]) that runs so (chosen over the GroupNorm's apply pass and the
     /// convolution as chosen alone by timing them when the engine is built), asked with the index
     /// of either step: the GroupNorm then makes its statistics and the scale and shift per
     /// (sample, channel) but writes no output, and the convolution reads the GroupNorm's input
-    /// ([`conv_igemm_gn_launch`]); `None`: both steps as they are.
-    pub gn_conv: &'a dyn Fn(usize) -> Option<usize>,
+    /// ([`norm_gemm_launch`]); `None`: both steps as they are.
+    pub norm_pair: &'a dyn Fn(usize) -> Option<usize>,
 }
 
 /// `conv_igemm_f16_nBN`'s tile widths (output channels a block; 128 output pixels, k tiles of 32).
@@ -1448,7 +1448,7 @@ pub fn conv_igemm_launch(
 
 /// The input of step `si` as a GroupNorm pair's second step reads it: a convolution's or a
 /// Linear's `x`.
-fn gn_consumer_input(st: &Step) -> Option<usize> {
+fn norm_consumer_input(st: &Step) -> Option<usize> {
     match st {
         Step::Conv(c) => Some(c.x),
         Step::Linear { x, .. } => Some(*x),
@@ -1467,14 +1467,14 @@ fn gn_consumer_input(st: &Step) -> Option<usize> {
 ///
 /// Without SiLU: the kernel normalises each block's A tiles as it loads them, so every input
 /// value once per filter tap and per block of output channels, and SiLU's two special-function
-/// instructions a value that often outweigh the tensor cores' work (`engine_floor --gn-conv`:
+/// instructions a value that often outweigh the tensor cores' work (`engine_floor --norm-pairs`:
 /// the SD1.5 UNet's 44 ResNet convolutions at 22 ms instead of about 11). What remains are the
 /// transformers' GroupNorm before `proj_in` (in SD1.5 37 of them, Linears of 320 to 1280
 /// channels, whose GEMM moves less than the GroupNorm's apply pass would); the kernel takes
 /// SiLU all the same (its flag), for a step where that pays.
-pub fn gn_conv_norm(p: &Program, ci: usize, precision: Precision) -> Option<usize> {
+pub fn norm_pair_first(p: &Program, ci: usize, precision: Precision) -> Option<usize> {
     let st = p.steps.get(ci)?;
-    let cx = gn_consumer_input(st)?;
+    let cx = norm_consumer_input(st)?;
     if precision != Precision::Fp16 || p.outputs.iter().any(|(_, t)| t.buf == cx) {
         return None;
     }
@@ -1533,17 +1533,17 @@ pub fn gn_conv_norm(p: &Program, ci: usize, precision: Precision) -> Option<usiz
 }
 
 /// The (GroupNorm, convolution or Linear) step pairs `conv_igemm_gn_f16_nBN` computes
-/// ([`gn_conv_norm`]).
-pub fn gn_conv_pairs(p: &Program, precision: Precision) -> Vec<(usize, usize)> {
+/// ([`norm_pair_first`]).
+pub fn norm_pairs(p: &Program, precision: Precision) -> Vec<(usize, usize)> {
     (0..p.steps.len())
-        .filter_map(|ci| gn_conv_norm(p, ci, precision).map(|gi| (gi, ci)))
+        .filter_map(|ci| norm_pair_first(p, ci, precision).map(|gi| (gi, ci)))
         .collect()
 }
 
 /// `bn` for step `si` of `p` if it is either step of a pair `conv_igemm_gn_f16_n{bn}` computes,
 /// else `None`: every such pair on that kernel (the emulated executor's and `engine_floor`'s
 /// choice, where the GPU executor's is timed).
-pub fn gn_conv_for(
+pub fn norm_pair_for(
     p: &Program,
     si: usize,
     precision: Precision,
@@ -1551,11 +1551,11 @@ pub fn gn_conv_for(
 ) -> Option<usize> {
     bn?;
     match &p.steps[si] {
-        Step::Conv(_) | Step::Linear { .. } => gn_conv_norm(p, si, precision).and(bn),
+        Step::Conv(_) | Step::Linear { .. } => norm_pair_first(p, si, precision).and(bn),
         Step::GroupNorm { out, .. } => p.steps[si + 1..]
             .iter()
-            .position(|st| gn_consumer_input(st) == Some(*out))
-            .and_then(|j| gn_conv_norm(p, si + 1 + j, precision))
+            .position(|st| norm_consumer_input(st) == Some(*out))
+            .and_then(|j| norm_pair_first(p, si + 1 + j, precision))
             .filter(|&gi| gi == si)
             .and(bn),
         _ => None,
@@ -1564,10 +1564,10 @@ pub fn gn_conv_for(
 
 /// The launch of `conv_igemm_gn_f16_n{bn}` for step `ci` (a convolution, or a Linear as a 1×1
 /// convolution of the GroupNorm's `n` images of `spatial` pixels) and the GroupNorm `gi` whose
-/// output it reads ([`gn_conv_norm`]; buffers at `ptr`, the GroupNorm scratch at `norm_stats`):
+/// output it reads ([`norm_pair_first`]; buffers at `ptr`, the GroupNorm scratch at `norm_stats`):
 /// the GroupNorm's input, the scale and shift its step leaves in the scratch, its SiLU flag,
 /// and the second step's weight, output and epilogue (bias, per-sample bias, residual).
-pub fn conv_igemm_gn_launch(
+pub fn norm_gemm_launch(
     p: &Program,
     gi: usize,
     ci: usize,
@@ -1597,7 +1597,7 @@ pub fn conv_igemm_gn_launch(
             "steps {gi} and {ci} are not a pair conv_igemm_gn_f16_n{bn} computes"
         ))
     };
-    if !CONV_IGEMM_WIDTHS.contains(&bn) || gn_consumer_input(&p.steps[ci]) != Some(*gout) {
+    if !CONV_IGEMM_WIDTHS.contains(&bn) || norm_consumer_input(&p.steps[ci]) != Some(*gout) {
         return Err(bad());
     }
     let mut l = match &p.steps[ci] {
@@ -1665,9 +1665,9 @@ pub fn conv_igemm_gn_launch(
 }
 
 /// The GroupNorm that writes `x`, the input of step `si` on `conv_igemm_gn_f16_n{bn}`: the pair
-/// was checked when the kernel was chosen ([`gn_conv_pairs`]); here only the GroupNorm is found,
+/// was checked when the kernel was chosen ([`norm_pairs`]); here only the GroupNorm is found,
 /// without going through every step again on each eager run.
-fn gn_producer(p: &Program, si: usize, x: usize, bn: usize) -> Result<usize, EngineError> {
+fn norm_producer(p: &Program, si: usize, x: usize, bn: usize) -> Result<usize, EngineError> {
     (0..si)
         .rev()
         .find(|&i| p.steps[i].io().1 == x)
@@ -1880,7 +1880,7 @@ pub fn nhwc_stats_smem(c: usize, block: u32, elem_bytes: usize) -> u32 {
 
 /// float32 scratch of a GroupNorm step: partial statistics, and for channels-last the merged
 /// mean and inverse deviation per (sample, group) after them, then the per-(sample, channel)
-/// scale and shift a convolution reading the GroupNorm's input takes ([`conv_igemm_gn_launch`]).
+/// scale and shift a convolution reading the GroupNorm's input takes ([`norm_gemm_launch`]).
 fn group_norm_step_scratch(n: usize, c: usize, spatial: usize, groups: usize, cl: bool) -> usize {
     if cl {
         gn_coeffs_offset(n, c, spatial, groups) + n * c * 2
@@ -2157,11 +2157,11 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             *n,
             vec![ptr(*out), I64(*n as i64), F32(*value)],
         )),
-        Step::Linear { x, .. } if (ctx.gn_conv)(si).is_some() => {
-            let bn = (ctx.gn_conv)(si).unwrap_or(0);
-            ops.push(Op::Kernel(conv_igemm_gn_launch(
+        Step::Linear { x, .. } if (ctx.norm_pair)(si).is_some() => {
+            let bn = (ctx.norm_pair)(si).unwrap_or(0);
+            ops.push(Op::Kernel(norm_gemm_launch(
                 p,
-                gn_producer(p, si, *x, bn)?,
+                norm_producer(p, si, *x, bn)?,
                 si,
                 bn,
                 &|b| ctx.ptrs[b],
@@ -2260,11 +2260,11 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                 alpha: *alpha,
             }));
         }
-        Step::Conv(c) if (ctx.gn_conv)(si).is_some() => {
-            let bn = (ctx.gn_conv)(si).unwrap_or(0);
-            ops.push(Op::Kernel(conv_igemm_gn_launch(
+        Step::Conv(c) if (ctx.norm_pair)(si).is_some() => {
+            let bn = (ctx.norm_pair)(si).unwrap_or(0);
+            ops.push(Op::Kernel(norm_gemm_launch(
                 p,
-                gn_producer(p, si, c.x, bn)?,
+                norm_producer(p, si, c.x, bn)?,
                 si,
                 bn,
                 &|b| ctx.ptrs[b],
@@ -2383,7 +2383,7 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                         F32(*eps),
                     ],
                 ));
-                if (ctx.gn_conv)(si).is_some() {
+                if (ctx.norm_pair)(si).is_some() {
                     // the convolution after it normalises its input as it reads it
                     // (conv_igemm_gn_f16_nBN): the scale and shift per (sample, channel) only
                     let ab = st + (gn_coeffs_offset(*n, *c, *spatial, *groups) * 4) as u64;
