@@ -18,13 +18,13 @@
 //! `--geglu-kernel 64|128`: every feed-forward projection `gemm_geglu_f16_nBN` computes with its
 //! GEGLU as that one kernel (as where it times faster than cuBLASLt and `geglu`), in the table as
 //! `linear+geglu` (the projection's `[rows, 2d]` output neither written nor read again);
-//! `--norm-pairs 64|128`: every convolution of a GroupNorm's output `conv_igemm_gn_f16_nBN` computes
-//! reads the GroupNorm's input and normalises it as it loads it (as where that times faster than
-//! the GroupNorm's apply pass and the convolution), the GroupNorm in the table as
-//! `group_norm statistics` (one read of its input, no output) and the step after it as
-//! `KIND+group_norm`, with the normalisation's special-function work counted as exponentials:
-//! every input value normalised once per filter tap and per block of BN output channels, two
-//! (SiLU's ex2 and rcp) a value.
+//! `--norm-pairs 64|128`: every GEMM after a GroupNorm or LayerNorm that `conv_igemm_gn_f16_nBN` /
+//! `conv_igemm_ln_f16_nBN` computes reads the normalisation's input and normalises it as it loads
+//! it (as where that times faster than the two steps), the normalisation in the table as
+//! `group_norm statistics` / `layer_norm statistics` (one read of its input, no output) and the
+//! step after it as `KIND+group_norm` / `KIND+layer_norm`, with the normalisation's
+//! special-function work counted as exponentials: every input value normalised once per filter
+//! tap and per block of BN output channels, two (SiLU's ex2 and rcp) a value.
 //!
 //! FUSED.onnx is a graph written by `motionrt build --plan-only`: the UNet (inputs at
 //! `[batch, 4, frames, height, width]` latents with a 77-token context per frame), or the VAE
@@ -124,21 +124,24 @@ fn main() -> Res<()> {
         None => Vec::new(),
     };
     let gn_fused: Vec<usize> = gn_pairs.iter().map(|&(gi, _)| gi).collect();
-    // the second step of each pair: its GroupNorm's SiLU flag
-    let gn_second: BTreeMap<usize, bool> = gn_pairs
+    // the second step of each pair: its normalisation's name and SiLU flag
+    let gn_second: BTreeMap<usize, (&str, bool)> = gn_pairs
         .iter()
-        .map(|&(gi, ci)| {
-            (
-                ci,
-                matches!(prog.steps[gi], Step::GroupNorm { silu: true, .. }),
-            )
+        .map(|&(gi, ci)| match prog.steps[gi] {
+            Step::GroupNorm { silu, .. } => (ci, ("group_norm", silu)),
+            _ => (ci, ("layer_norm", false)),
         })
         .collect();
     for (si, s) in prog.steps.iter().enumerate() {
-        if let (true, Step::GroupNorm { n, c, spatial, .. }) = (gn_fused.contains(&si), s) {
-            // statistics only: one read of the input (the convolution reads it again anyway)
-            let bytes = (n * c * spatial) as f64 * el;
-            let e = by.entry("group_norm statistics".into()).or_default();
+        let stats = match s {
+            Step::GroupNorm { n, c, spatial, .. } => Some(("group_norm", n * c * spatial)),
+            Step::LayerNorm { rows, cols, .. } => Some(("layer_norm", rows * cols)),
+            _ => None,
+        };
+        if let (true, Some((norm, numel))) = (gn_fused.contains(&si), stats) {
+            // statistics only: one read of the input (the GEMM reads it again anyway)
+            let bytes = numel as f64 * el;
+            let e = by.entry(format!("{norm} statistics")).or_default();
             e.0 += 1;
             e.2 += bytes;
             e.3 += floor(0.0, bytes, 0.0);
@@ -251,7 +254,7 @@ fn main() -> Res<()> {
         // so every input value once per filter tap and per block of BN output channels; with
         // SiLU two special-function instructions a value (ex2, rcp), counted as exponentials
         let (kind, exps) = match (gn_second.get(&si), norm_pair) {
-            (Some(&silu), Some(bn)) => {
+            (Some(&(norm, silu)), Some(bn)) => {
                 let (rows, k, o) = match s {
                     Step::Conv(c) => (
                         c.y_shape[0] * c.y_shape[2] * c.y_shape[3],
@@ -263,7 +266,7 @@ fn main() -> Res<()> {
                 };
                 let mufu = if silu { 2.0 } else { 0.0 };
                 (
-                    format!("{kind}+group_norm"),
+                    format!("{kind}+{norm}"),
                     exps + mufu * (rows * k * o.div_ceil(bn)) as f64,
                 )
             }
@@ -338,7 +341,7 @@ fn launches(
     let fused = launch::plan_memory_fused(prog, Precision::Fp16, &pairs);
     let mib = |b: usize| b as f64 / 1048576.0;
     println!(
-        "activation arena (float16): {:.0} MiB as planned at load ({:.0} MiB without the GEGLU and GroupNorm pairs' first inputs kept live; {:.0} MiB planned again with every GEGLU pair on gemm_geglu, {:.0} MiB with every GroupNorm pair on conv_igemm_gn too; {:.0} MiB without reuse)",
+        "activation arena (float16): {:.0} MiB as planned at load ({:.0} MiB without the GEGLU and normalisation pairs' first inputs kept live; {:.0} MiB planned again with every GEGLU pair on gemm_geglu, {:.0} MiB with every normalisation pair on conv_igemm_gn/_ln too; {:.0} MiB without reuse)",
         mib(memory.arena_bytes),
         mib(plain.arena_bytes),
         mib(geglu_fused.arena_bytes),

@@ -434,7 +434,7 @@ fn check(a: &Args) -> Res<bool> {
                     step_by_step(&mut gp)?;
                 }
                 // the implicit-GEMM kernels, at both widths, on every convolution, GEGLU pair and
-                // (GroupNorm, convolution) pair they compute (whichever the timing chose above),
+                // normalisation pair they compute (whichever the timing chose above),
                 // eager
                 if precision == Precision::Fp16 && layout == Layout::Nhwc {
                     drop(gp);
@@ -452,7 +452,7 @@ fn check(a: &Args) -> Res<bool> {
                         ) {
                             Ok(g) => g,
                             Err(e) => {
-                                println!("| {g} | {precision:?} {layout:?} | load, convolutions on conv_igemm_f16_n{bn}, GEGLU pairs on gemm_geglu_f16_n{bn}, GroupNorm pairs on conv_igemm_gn_f16_n{bn} | {e} | | | FAIL |");
+                                println!("| {g} | {precision:?} {layout:?} | load, convolutions on conv_igemm_f16_n{bn}, GEGLU pairs on gemm_geglu_f16_n{bn}, normalisation pairs on conv_igemm_gn/_ln_f16_n{bn} | {e} | | | FAIL |");
                                 ok = false;
                                 continue;
                             }
@@ -473,7 +473,7 @@ fn check(a: &Args) -> Res<bool> {
                                 && st.cosine >= 0.9999;
                             ok &= pass;
                             println!(
-                                "| {g}.{name} | {precision:?} {layout:?} | eager, {} convolutions on conv_igemm_f16_n{bn}, {} GEGLU pairs on gemm_geglu_f16_n{bn}, {} GroupNorm pairs on conv_igemm_gn_f16_n{bn} | {:.2e} | {:.6} | {} | {} |",
+                                "| {g}.{name} | {precision:?} {layout:?} | eager, {} convolutions on conv_igemm_f16_n{bn}, {} GEGLU pairs on gemm_geglu_f16_n{bn}, {} normalisation pairs on conv_igemm_gn/_ln_f16_n{bn} | {:.2e} | {:.6} | {} | {} |",
                                 gk.conv_kernel_steps(),
                                 gk.geglu_kernel_pairs(),
                                 gk.norm_kernel_pairs(),
@@ -682,10 +682,10 @@ fn bench_layout(
             .map(|(k, t)| serde_json::json!([k, t.ms, t.fused_ms, t.fused_n, t.fused().is_some()]))
             .collect::<Vec<_>>(),
         "geglu_pairs_on_kernel": gp.geglu_kernel_pairs(),
-        // a GroupNorm's apply pass folded into the convolution after it, against the two steps,
+        // a GroupNorm's or LayerNorm's pass folded into the GEMM after it, against the two steps,
         // per problem: [problem, the two steps' ms, the faster tile width's ms, that width,
         // chosen] (means of 5)
-        "conv_igemm_gn": tactics
+        "norm_gemm": tactics
             .norm_pair
             .iter()
             .map(|(k, t)| serde_json::json!([k, t.ms, t.fused_ms, t.fused_n, t.fused().is_some()]))
@@ -768,7 +768,7 @@ fn bench_layout(
     save(a, results)?;
     // what motionrt's implicit-GEMM kernels give where they timed faster: every convolution on
     // cuDNN instead, then every GEGLU pair as a cuBLASLt matmul and `geglu`, then every
-    // (GroupNorm, convolution) pair as two steps, side by side
+    // normalisation pair as two steps, side by side
     let on_igemm = tactics.conv.values().filter(|t| t.igemm().is_some());
     let on_geglu = tactics.geglu.values().filter(|t| t.fused().is_some());
     let on_gn = tactics.norm_pair.values().filter(|t| t.fused().is_some());
@@ -795,8 +795,8 @@ fn bench_layout(
         ),
         (
             "norm_kernel_ab",
-            "GroupNorm pairs",
-            "conv_igemm_gn_f16",
+            "normalisation pairs",
+            "conv_igemm_gn/_ln_f16",
             "as two steps",
             "two_steps_graph_median_ms",
             on_gn.count(),

@@ -162,8 +162,8 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
         "wrote {} in {:.1} s ({} convolution algorithms chosen, {} of them on motionrt's \
          conv_igemm; {} GEMM problems, {other} of them faster with another than cuBLASLt's first \
          candidate: {chosen:.2} ms against {first:.2} ms, one call of each; {} of {} GEGLU \
-         problems on motionrt's gemm_geglu; {} of {} GroupNorm + convolution problems on \
-         motionrt's conv_igemm_gn)",
+         problems on motionrt's gemm_geglu; {} of {} normalisation + GEMM problems on \
+         motionrt's conv_igemm_gn/_ln)",
         a.out.display(),
         t.elapsed().as_secs_f64(),
         m.tactics.conv.len(),

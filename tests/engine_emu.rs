@@ -442,75 +442,87 @@ fn gemm_geglu_runs_the_tiny_unet() {
     });
 }
 
-/// A GroupNorm and the convolution or Linear of its output (the transformers' GroupNorm and
-/// `proj_in`) as the GroupNorm's statistics and one `conv_igemm_gn_f16_nBN` reading the
-/// GroupNorm's input (an engine's choice where it times faster than the GroupNorm's apply pass
-/// and the second step): the tiny UNet, both tile widths, runs as on the interpreter with every
-/// such pair on the kernel — no apply pass for them, one cuBLASLt matmul fewer each — in the
-/// arena planned again without the GroupNorms' outputs; and what keeps a pair off it.
+/// A normalisation and the GEMM that alone reads its output — the transformers' GroupNorm and
+/// `proj_in`, their attentions' LayerNorm and Q (Q, K, V) projection — as the normalisation's
+/// statistics and one `conv_igemm_gn_f16_nBN` / `conv_igemm_ln_f16_nBN` reading its input (an
+/// engine's choice where it times faster than the two steps): the tiny UNet, both tile widths,
+/// runs as on the interpreter with every such pair on the kernels — no apply pass or LayerNorm
+/// for them, one cuBLASLt matmul fewer each — in the arena planned again without the
+/// normalisations' outputs; and what keeps a pair off them.
 #[test]
-fn conv_igemm_gn_runs_the_tiny_unet() {
+fn normalisation_pairs_run_the_tiny_unet() {
     let Some(emu) = emu() else { return };
     let c = tiny_unet_case();
-    let pairs = {
-        let mut p = c.prog.clone();
-        specialize(&mut p, Precision::Fp16);
-        let pairs = norm_pairs(&p, Precision::Fp16);
-        // the plan at load keeps each GroupNorm's input apart from its convolution's output,
-        // which the kernel writes while it still reads that input; once every pair runs on the
-        // kernel, the GroupNorms' outputs have no space, and no two buffers live at once share
-        let plan = plan_memory_for(&p, Precision::Fp16);
-        let fused = plan_memory_fused(&p, Precision::Fp16, &pairs);
-        let eb = Precision::Fp16.elem_bytes();
-        let mut life = lifetimes(&p);
-        for &(gi, ci) in &pairs {
-            let Step::GroupNorm { x, out, .. } = &p.steps[gi] else {
-                panic!("step {gi}: not a GroupNorm");
-            };
-            let (cx, cout) = match &p.steps[ci] {
-                Step::Conv(cv) => (cv.x, cv.out),
-                Step::Linear { x, out, .. } => (*x, *out),
-                st => panic!("step {ci}: {}", st.name()),
-            };
-            assert_eq!(cx, *out);
-            let range = |b: usize| plan.offsets[b].map(|o| (o, o + p.buffers[b].numel * eb));
-            if let (Some(a), Some(b)) = (range(*x), range(cout)) {
-                assert!(
-                    a.1 <= b.0 || b.1 <= a.0,
-                    "steps {gi}, {ci}: {a:?} and {b:?} overlap"
-                );
-            }
-            assert_eq!(fused.offsets[*out], None, "step {gi}'s output");
-            if let Some(l) = life[*x].as_mut() {
-                l.1 = l.1.max(ci);
-            }
+    let mut p = c.prog.clone();
+    specialize(&mut p, Precision::Fp16);
+    let pairs = norm_pairs(&p, Precision::Fp16);
+    let is_gn = |gi: usize| matches!(p.steps[gi], Step::GroupNorm { .. });
+    let gn: Vec<(usize, usize)> = pairs.iter().copied().filter(|&(gi, _)| is_gn(gi)).collect();
+    let ln: Vec<(usize, usize)> = pairs
+        .iter()
+        .copied()
+        .filter(|&(gi, _)| !is_gn(gi))
+        .collect();
+    let linears = pairs
+        .iter()
+        .filter(|&&(_, ci)| matches!(p.steps[ci], Step::Linear { .. }))
+        .count();
+    assert!(
+        !gn.is_empty() && !ln.is_empty(),
+        "the tiny UNet has GroupNorm and LayerNorm pairs: {pairs:?}"
+    );
+    // the plan at load keeps each normalisation's input apart from its GEMM's output, which the
+    // kernel writes while it still reads that input; once every pair runs on the kernels, the
+    // normalisations' outputs have no space, and no two buffers live at once share any
+    let plan = plan_memory_for(&p, Precision::Fp16);
+    let fused = plan_memory_fused(&p, Precision::Fp16, &pairs);
+    let eb = Precision::Fp16.elem_bytes();
+    let mut life = lifetimes(&p);
+    for &(gi, ci) in &pairs {
+        let (x, out) = (p.steps[gi].io().0[0], p.steps[gi].io().1);
+        let (cx, cout) = match &p.steps[ci] {
+            Step::Conv(cv) => (cv.x, cv.out),
+            Step::Linear { x, out, .. } => (*x, *out),
+            st => panic!("step {ci}: {}", st.name()),
+        };
+        assert_eq!(cx, out);
+        let range = |b: usize| plan.offsets[b].map(|o| (o, o + p.buffers[b].numel * eb));
+        if let (Some(a), Some(b)) = (range(x), range(cout)) {
+            assert!(
+                a.1 <= b.0 || b.1 <= a.0,
+                "steps {gi}, {ci}: {a:?} and {b:?} overlap"
+            );
         }
-        assert_disjoint_while_live(&p, &fused, &life);
-        // what keeps a pair off the kernel: float32; the GroupNorm's output read by another
-        // step as well (or as the second step's residual); another GroupNorm in between (they
-        // share the scratch that holds the scale and shift); a channels-first GroupNorm; SiLU
-        // (the ResNets' GroupNorms before their convolutions: none is a pair)
-        let silu_before_conv = p.steps.iter().enumerate().any(|(i, st)| {
-            let Step::Conv(cv) = st else { return false };
-            matches!(
-                p.steps[..i].iter().rev().find(|s| s.io().1 == cv.x),
-                Some(Step::GroupNorm {
-                    silu: true,
-                    channels_last: true,
-                    ..
-                })
-            )
-        });
-        assert!(silu_before_conv, "the tiny UNet has ResNet GroupNorms");
-        assert!(pairs
-            .iter()
-            .all(|&(gi, _)| matches!(p.steps[gi], Step::GroupNorm { silu: false, .. })));
-        let (gi, ci) = pairs[0];
-        let mut q = p.clone();
-        if let Step::GroupNorm { silu, .. } = &mut q.steps[gi] {
-            *silu = true;
+        assert_eq!(fused.offsets[out], None, "step {gi}'s output");
+        if let Some(l) = life[x].as_mut() {
+            l.1 = l.1.max(ci);
         }
-        assert_eq!(norm_pair_first(&q, ci, Precision::Fp16), None, "with SiLU");
+    }
+    assert_disjoint_while_live(&p, &fused, &life);
+    // what keeps a pair off the kernels: float32; the normalisation's output read by another
+    // step as well (or as the second step's residual); another normalisation in between (they
+    // share the scratch that holds the statistics); a channels-first GroupNorm; SiLU (the
+    // ResNets' GroupNorms before their convolutions: none is a pair); a LayerNorm that adds a
+    // positional table (the motion modules'); a projection whose output a GEGLU reads
+    let silu_before_conv = p.steps.iter().enumerate().any(|(i, st)| {
+        let Step::Conv(cv) = st else { return false };
+        matches!(
+            p.steps[..i].iter().rev().find(|s| s.io().1 == cv.x),
+            Some(Step::GroupNorm {
+                silu: true,
+                channels_last: true,
+                ..
+            })
+        )
+    });
+    assert!(silu_before_conv, "the tiny UNet has ResNet GroupNorms");
+    assert!(pairs
+        .iter()
+        .all(|&(gi, _)| !matches!(p.steps[gi], Step::GroupNorm { silu: true, .. })));
+    let no = |q: &Program, ci: usize, what: &str| {
+        assert_eq!(norm_pair_first(q, ci, Precision::Fp16), None, "{what}");
+    };
+    for &(gi, ci) in [gn[0], ln[0]].iter() {
         assert_eq!(norm_pair_first(&p, ci, Precision::Fp16), Some(gi));
         assert_eq!(norm_pair_first(&p, ci, Precision::Fp32), None);
         let y = p.steps[gi].io().1;
@@ -524,46 +536,50 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
             s: None,
             n: 1,
         });
-        assert_eq!(norm_pair_first(&q, ci, Precision::Fp16), None, "read twice");
+        no(&q, ci, "read twice");
         let mut q = p.clone();
         match &mut q.steps[ci] {
             Step::Conv(cv) => cv.residual = Some(y),
             Step::Linear { residual, .. } => *residual = Some(y),
             _ => unreachable!(),
         }
-        assert_eq!(
-            norm_pair_first(&q, ci, Precision::Fp16),
-            None,
-            "as the residual too"
-        );
+        no(&q, ci, "as the residual too");
         let mut q = p.clone();
         let other = q.steps[gi].clone();
         q.steps.insert(gi + 1, other);
-        // (the copy writes the same output: the convolution now reads the second GroupNorm)
+        // (the copy writes the same output: the GEMM now reads the second normalisation)
         assert_eq!(norm_pair_first(&q, ci + 1, Precision::Fp16), Some(gi + 1));
-        if let Step::GroupNorm { out, .. } = &mut q.steps[gi + 1] {
-            *out = any;
+        match &mut q.steps[gi + 1] {
+            Step::GroupNorm { out, .. } | Step::LayerNorm { out, .. } => *out = any,
+            _ => unreachable!(),
         }
-        assert_eq!(
-            norm_pair_first(&q, ci + 1, Precision::Fp16),
-            None,
-            "a GroupNorm in between"
-        );
+        no(&q, ci + 1, "a normalisation in between");
         let mut q = p.clone();
-        if let Step::GroupNorm { channels_last, .. } = &mut q.steps[gi] {
-            *channels_last = false;
+        match &mut q.steps[gi] {
+            Step::GroupNorm { silu, .. } => *silu = true,
+            Step::LayerNorm { add, .. } => *add = Some((any, 1, 1)),
+            _ => unreachable!(),
         }
-        assert_eq!(
-            norm_pair_first(&q, ci, Precision::Fp16),
-            None,
-            "channels first"
-        );
-        pairs.len()
-    };
+        no(&q, ci, "with SiLU / a positional table");
+    }
+    let (gi, ci) = gn[0];
+    let mut q = p.clone();
+    if let Step::GroupNorm { channels_last, .. } = &mut q.steps[gi] {
+        *channels_last = false;
+    }
+    no(&q, ci, "channels first");
+    let ff = geglu_pairs(&p, Precision::Fp16);
+    let (li, _) = ff[0];
+    let lx = p.steps[li].io().0[0];
     assert!(
-        pairs > 0,
-        "the tiny UNet has GroupNorm pairs the kernel computes"
+        matches!(
+            p.steps.iter().find(|s| s.io().1 == lx),
+            Some(Step::LayerNorm { .. })
+        ),
+        "a feed-forward's projection reads a LayerNorm"
     );
+    no(&p, li, "a GEGLU's projection");
+
     let n = count;
     let (_, plain) = emulate_with(
         &emu,
@@ -574,16 +590,8 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
         (Some(64), None, None),
     )
     .unwrap();
-    let linears = {
-        let mut p = c.prog.clone();
-        specialize(&mut p, Precision::Fp16);
-        norm_pairs(&p, Precision::Fp16)
-            .iter()
-            .filter(|&&(_, ci)| matches!(p.steps[ci], Step::Linear { .. }))
-            .count()
-    };
     for bn in [64, 128] {
-        let what = format!("tiny unet Fp16 conv_igemm_gn_f16_n{bn}");
+        let what = format!("tiny unet Fp16 conv_igemm_gn/_ln_f16_n{bn}");
         let (got, calls) = emulate_with(
             &emu,
             &c,
@@ -595,31 +603,30 @@ fn conv_igemm_gn_runs_the_tiny_unet() {
         .unwrap_or_else(|err| panic!("{what}: {err}"));
         eprintln!("{what}: {calls:?}");
         check(&what, Precision::Fp16, &c.want, &got);
-        assert_eq!(
-            n(&calls, &format!("conv_igemm_gn_f16_n{bn}")),
-            pairs,
-            "{what}"
-        );
-        assert_eq!(n(&calls, "group_norm_nhwc_coeffs_f16"), pairs, "{what}");
-        assert_eq!(
-            n(&calls, "group_norm_nhwc_apply_f16") + pairs,
-            n(&plain, "group_norm_nhwc_apply_f16"),
-            "{what}: {calls:?} vs {plain:?}"
-        );
-        assert_eq!(
-            n(&calls, "conv_igemm_f16_n64") + pairs - linears,
-            n(&plain, "conv_igemm_f16_n64"),
-            "{what}: {calls:?} vs {plain:?}"
-        );
-        assert_eq!(
-            n(&calls, "cublasLt matmul") + linears,
-            n(&plain, "cublasLt matmul"),
-            "{what}: {calls:?} vs {plain:?}"
-        );
+        for (k, want) in [
+            (format!("conv_igemm_gn_f16_n{bn}"), gn.len()),
+            ("group_norm_nhwc_coeffs_f16".into(), gn.len()),
+            (format!("conv_igemm_ln_f16_n{bn}"), ln.len()),
+            ("layer_norm_stats_f16".into(), ln.len()),
+        ] {
+            assert_eq!(n(&calls, &k), want, "{what}: {k}");
+        }
+        for (k, fewer) in [
+            ("group_norm_nhwc_apply_f16", gn.len()),
+            ("layer_norm_warp_f16", ln.len()),
+            ("conv_igemm_f16_n64", pairs.len() - linears),
+            ("cublasLt matmul", linears),
+        ] {
+            assert_eq!(
+                n(&calls, k) + fewer,
+                n(&plain, k),
+                "{what}: {k}: {calls:?} vs {plain:?}"
+            );
+        }
     }
-    // the step-by-step comparison passes over the GroupNorms the kernel applies (their outputs
-    // are never written) and finds nothing wrong
-    assert_trace_clean(&emu, &c, "tiny unet conv_igemm_gn_f16_n128", |p| {
+    // the step-by-step comparison passes over the normalisations the kernels apply (their
+    // outputs are never written) and finds nothing wrong
+    assert_trace_clean(&emu, &c, "tiny unet conv_igemm_gn/_ln_f16_n128", |p| {
         p.use_norm_pairs(128)
     });
 }

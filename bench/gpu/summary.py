@@ -102,8 +102,8 @@ def main():
         # tile width), that width, chosen]
         for key, kernel, what, library in (("conv_igemm", "conv_igemm_f16", "convolution", "cuDNN"),
                                            ("gemm_geglu", "gemm_geglu_f16", "GEGLU", "cuBLASLt + geglu"),
-                                           ("conv_igemm_gn", "conv_igemm_gn_f16", "GroupNorm + convolution",
-                                            "GroupNorm + convolution")):
+                                           ("norm_gemm", "conv_igemm_gn/_ln_f16", "normalisation + GEMM",
+                                            "normalisation + GEMM")):
             t = e.get(key) or []
             if t:
                 won = sum(1 for r in t if r[-1])

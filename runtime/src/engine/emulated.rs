@@ -210,7 +210,7 @@ impl<'e> EmuProgram<'e> {
                 Step::Linear { .. } => {
                     geglu_kernel_for(&self.program, si, self.precision, self.geglu_kernel)
                 }
-                Step::GroupNorm { .. } => {
+                Step::GroupNorm { .. } | Step::LayerNorm { .. } => {
                     norm_pair_for(&self.program, si, self.precision, self.norm_pair)
                 }
                 _ => None,
@@ -328,7 +328,7 @@ impl<'e> EmuProgram<'e> {
                 bufs.push(self.program.steps[gi].io().0[0]);
                 bufs.push(w);
             }
-            (Some(_), Step::GroupNorm { .. }) => {}
+            (Some(_), Step::GroupNorm { .. } | Step::LayerNorm { .. }) => {}
             _ => bufs.push(w),
         }
         bufs.dedup();

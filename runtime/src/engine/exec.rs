@@ -139,21 +139,37 @@ pub fn geglu_key(m: usize, d: usize, k: usize, bias: bool, precision: Precision)
     )
 }
 
-/// A timing-cache key for a (GroupNorm, convolution) pair: the convolution's problem, the
-/// GroupNorm's groups, whether it ends in SiLU and whether it adds input biases, and precision.
-pub fn norm_pair_key(
-    conv: &str,
-    groups: usize,
-    silu: bool,
-    in_bias: bool,
-    precision: Precision,
-) -> String {
-    format!(
-        "{conv} after gn{groups}{}{} {}",
-        if silu { "+silu" } else { "" },
-        if in_bias { "+bias" } else { "" },
-        precision.suffix()
-    )
+/// A timing-cache key for a normalisation pair: the second step's problem, the normalisation
+/// ([`norm_desc`]) and precision.
+pub fn norm_pair_key(problem: &str, norm: &str, precision: Precision) -> String {
+    format!("{problem} after {norm} {}", precision.suffix())
+}
+
+/// What a normalisation pair's first step adds to its key: a GroupNorm's groups, samples, SiLU
+/// and input biases (`gn32x2+silu+bias`), a LayerNorm's beta (`ln+beta`).
+pub fn norm_desc(st: &Step) -> Option<String> {
+    match st {
+        Step::GroupNorm {
+            groups,
+            n,
+            silu,
+            x_bias,
+            x_sbias,
+            ..
+        } => Some(format!(
+            "gn{groups}x{n}{}{}",
+            if *silu { "+silu" } else { "" },
+            if x_bias.is_some() || x_sbias.is_some() {
+                "+bias"
+            } else {
+                ""
+            }
+        )),
+        Step::LayerNorm { beta, .. } => {
+            Some(format!("ln{}", if beta.is_some() { "+beta" } else { "" }))
+        }
+        _ => None,
+    }
 }
 
 /// Two steps one kernel may do: the time of the two as they are and of the faster tile width
@@ -1443,14 +1459,7 @@ impl GpuProgram {
             })
         };
         for (gi, ci) in norm_pairs(&self.program, self.precision) {
-            let Step::GroupNorm {
-                groups,
-                silu,
-                x_bias,
-                x_sbias,
-                ..
-            } = &self.program.steps[gi]
-            else {
+            let Some(norm) = norm_desc(&self.program.steps[gi]) else {
                 continue;
             };
             let (problem, timed) = match &self.program.steps[ci] {
@@ -1472,8 +1481,7 @@ impl GpuProgram {
                 ),
                 _ => continue,
             };
-            let in_bias = x_bias.is_some() || x_sbias.is_some();
-            let key = norm_pair_key(&problem, *groups, *silu, in_bias, self.precision);
+            let key = norm_pair_key(&problem, &norm, self.precision);
             if !tactics.norm_pair.contains_key(&key) && timed {
                 let ms = time_pair(self, gi, ci)?;
                 let mut best = (f32::MAX, None);
@@ -1919,11 +1927,14 @@ impl GpuProgram {
                 }
                 Step::Attention { l, s, d, .. } => format!("attention L={l} S={s} d={d}"),
                 Step::Linear { m, n, k, .. } if self.norm_pair.contains_key(&si) => format!(
-                    "linear {m}x{n}x{k}+group_norm (conv_igemm_gn_f16_n{})",
+                    "linear {m}x{n}x{k}+normalisation (conv_igemm_gn/_ln_f16_n{})",
                     self.norm_pair[&si]
                 ),
                 Step::Linear { .. } if self.geglu_kernel.contains_key(&si) => {
                     "linear (in the GEGLU's gemm_geglu)".to_string()
+                }
+                Step::LayerNorm { .. } if self.norm_pair.contains_key(&si) => {
+                    "layer_norm statistics (applied in conv_igemm_ln)".to_string()
                 }
                 Step::GroupNorm { .. } if self.norm_pair.contains_key(&si) => {
                     "group_norm statistics (applied in conv_igemm_gn)".to_string()
@@ -2394,7 +2405,7 @@ impl GpuProgram {
             dev.stream.synchronize().map_err(|e| gpu_err(&what(), e))?;
             if match self.program.steps[si] {
                 Step::Linear { .. } => self.geglu_kernel.contains_key(&si),
-                Step::GroupNorm { .. } => self.norm_pair.contains_key(&si),
+                Step::GroupNorm { .. } | Step::LayerNorm { .. } => self.norm_pair.contains_key(&si),
                 _ => false,
             } {
                 unwritten.insert(self.program.steps[si].io().1);

@@ -925,16 +925,50 @@ mod tests {
     }
 
     #[test]
-    fn timing_caches_keep_group_norm_convolution_choices_and_read_older_ones() {
-        use super::super::exec::{norm_pair_key, FusedTactic, Precision};
+    fn timing_caches_keep_normalisation_pair_choices_and_read_older_ones() {
+        use super::super::exec::{norm_desc, norm_pair_key, FusedTactic, Precision};
+        use super::super::program::Step;
         // a cache written before conv_igemm_gn: the pairs stay two steps (not timed on load)
         let old = r#"{"conv": {}, "gemm": {}, "geglu": {}}"#;
         let c: TacticCache = serde_json::from_str(old).unwrap();
         assert!(c.norm_pair.is_empty());
-        let key = norm_pair_key("conv 32x320x64x64 k3", 32, true, true, Precision::Fp16);
-        assert_eq!(key, "conv 32x320x64x64 k3 after gn32+silu+bias f16");
-        let plain = norm_pair_key("conv 32x320x64x64 k3", 32, false, false, Precision::Fp16);
-        assert_ne!(plain, key);
+        let gn = Step::GroupNorm {
+            out: 1,
+            x: 0,
+            gamma: 2,
+            beta: 3,
+            n: 2,
+            c: 320,
+            spatial: 65536,
+            groups: 32,
+            eps: 1e-6,
+            silu: false,
+            channels_last: true,
+            x_bias: None,
+            x_sbias: None,
+        };
+        let ln = Step::LayerNorm {
+            out: 1,
+            x: 0,
+            gamma: 2,
+            beta: Some(3),
+            add: None,
+            rows: 131072,
+            cols: 320,
+            eps: 1e-5,
+        };
+        let key = norm_pair_key(
+            "linear 131072x320x320+bias",
+            &norm_desc(&gn).unwrap(),
+            Precision::Fp16,
+        );
+        assert_eq!(key, "linear 131072x320x320+bias after gn32x2 f16");
+        let ln_key = norm_pair_key(
+            "linear 131072x320x320+bias",
+            &norm_desc(&ln).unwrap(),
+            Precision::Fp16,
+        );
+        assert_eq!(ln_key, "linear 131072x320x320+bias after ln+beta f16");
         let mut c = TacticCache::default();
         let (faster, slower) = (
             FusedTactic {
@@ -949,19 +983,19 @@ mod tests {
             },
         );
         c.norm_pair.insert(key.clone(), faster);
-        c.norm_pair.insert(plain.clone(), slower);
+        c.norm_pair.insert(ln_key.clone(), slower);
         // an empty map is left out, so caches without these pairs read as before
         let json = serde_json::to_string_pretty(&c).unwrap();
         assert!(!json.contains("\"geglu\""), "{json}");
         let back: TacticCache = serde_json::from_str(&json).unwrap();
         assert_eq!(back, c);
         assert_eq!(c.norm_pair[&key].fused(), Some(128));
-        assert_eq!(c.norm_pair[&plain].fused(), None);
+        assert_eq!(c.norm_pair[&ln_key].fused(), None);
         let u = c.unfused_norm_pairs();
         assert!(u.norm_pair.values().all(|t| t.fused().is_none()));
         let f = c.forced_norm_pairs(64);
         assert!(f.norm_pair.values().all(|t| t.fused() == Some(64)));
-        // GEGLU and GroupNorm choices are kept apart
+        // GEGLU and normalisation pair choices are kept apart
         assert!(f.geglu.is_empty() && c.forced_geglu(64).norm_pair == c.norm_pair);
         let mut m = u.clone();
         m.merge(&c);

@@ -1270,7 +1270,9 @@ pub fn plan_memory_fused(
         .into_iter()
         .chain(norm_pairs(program, precision))
         .filter_map(|(first, second)| match program.steps[first] {
-            Step::Linear { x, .. } | Step::GroupNorm { x, .. } => Some((x, second)),
+            Step::Linear { x, .. } | Step::GroupNorm { x, .. } | Step::LayerNorm { x, .. } => {
+                Some((x, second))
+            }
             _ => None,
         })
         .collect();
@@ -1356,6 +1358,7 @@ pub fn conv_igemm_smem(name: &str) -> Option<usize> {
     let bn: usize = name
         .strip_prefix("conv_igemm_f16_n")
         .or_else(|| name.strip_prefix("conv_igemm_gn_f16_n"))
+        .or_else(|| name.strip_prefix("conv_igemm_ln_f16_n"))
         .or_else(|| name.strip_prefix("gemm_geglu_f16_n"))?
         .parse()
         .ok()?;
@@ -1479,19 +1482,29 @@ pub fn norm_pair_first(p: &Program, ci: usize, precision: Precision) -> Option<u
         return None;
     }
     let gi = (0..ci).rev().find(|&i| p.steps[i].io().1 == cx)?;
-    let Step::GroupNorm {
-        x,
-        n,
-        c: ch,
-        spatial,
-        channels_last: true,
-        silu: false,
-        ..
-    } = p.steps[gi]
-    else {
-        return None;
+    // the first step: (its input, the samples, channels and positions of a GroupNorm; rows as
+    // samples of one position for a LayerNorm)
+    let (x, n, ch, spatial, layer_norm) = match p.steps[gi] {
+        Step::GroupNorm {
+            x,
+            n,
+            c,
+            spatial,
+            channels_last: true,
+            silu: false,
+            ..
+        } => (x, n, c, spatial, false),
+        Step::LayerNorm {
+            x,
+            rows,
+            cols,
+            add: None,
+            ..
+        } => (x, rows, cols, 1, true),
+        _ => return None,
     };
     let shapes_fit = match st {
+        Step::Conv(_) if layer_norm => false,
         Step::Conv(c) => {
             let [xn, xc, xh, xw] = c.x_shape;
             conv_igemm_ok(c, precision)
@@ -1528,7 +1541,7 @@ pub fn norm_pair_first(p: &Program, ci: usize, precision: Precision) -> Option<u
         .all(|(i, s)| i == gi || i == ci || !s.io().0.contains(&cx));
     let no_norm_between = p.steps[gi + 1..ci]
         .iter()
-        .all(|s| !matches!(s, Step::GroupNorm { .. }));
+        .all(|s| !matches!(s, Step::GroupNorm { .. } | Step::LayerNorm { .. }));
     (shapes_fit && only_reader && no_norm_between && x != cx).then_some(gi)
 }
 
@@ -1552,7 +1565,7 @@ pub fn norm_pair_for(
     bn?;
     match &p.steps[si] {
         Step::Conv(_) | Step::Linear { .. } => norm_pair_first(p, si, precision).and(bn),
-        Step::GroupNorm { out, .. } => p.steps[si + 1..]
+        Step::GroupNorm { out, .. } | Step::LayerNorm { out, .. } => p.steps[si + 1..]
             .iter()
             .position(|st| norm_consumer_input(st) == Some(*out))
             .and_then(|j| norm_pair_first(p, si + 1 + j, precision))
@@ -1562,11 +1575,14 @@ pub fn norm_pair_for(
     }
 }
 
-/// The launch of `conv_igemm_gn_f16_n{bn}` for step `ci` (a convolution, or a Linear as a 1×1
-/// convolution of the GroupNorm's `n` images of `spatial` pixels) and the GroupNorm `gi` whose
-/// output it reads ([`norm_pair_first`]; buffers at `ptr`, the GroupNorm scratch at `norm_stats`):
-/// the GroupNorm's input, the scale and shift its step leaves in the scratch, its SiLU flag,
-/// and the second step's weight, output and epilogue (bias, per-sample bias, residual).
+/// The launch of the kernel that computes step `ci` (a convolution, or a Linear as a 1×1
+/// convolution) from the input of the normalisation `gi` whose output it reads
+/// ([`norm_pair_first`]; buffers at `ptr`, the normalisation scratch at `norm_stats`):
+/// `conv_igemm_gn_f16_n{bn}` after a GroupNorm (a Linear as `n` images of `spatial` pixels), with
+/// the scale and shift its step leaves in the scratch and its SiLU flag;
+/// `conv_igemm_ln_f16_n{bn}` after a LayerNorm (one image of `rows` pixels), with the rows'
+/// statistics its step leaves there and its gamma and beta. The second step's weight, output
+/// and epilogue (bias, per-sample bias, residual) as they are.
 pub fn norm_gemm_launch(
     p: &Program,
     gi: usize,
@@ -1576,34 +1592,63 @@ pub fn norm_gemm_launch(
     norm_stats: u64,
 ) -> Result<Launch, EngineError> {
     use KArg::{Ptr, I32};
-    let Step::GroupNorm {
-        out: gout,
-        x: gx,
-        n,
-        c: ch,
-        spatial,
-        groups,
-        silu,
-        channels_last: true,
-        ..
-    } = &p.steps[gi]
-    else {
-        return Err(EngineError::Graph(format!(
-            "step {gi} is not a channels-last GroupNorm"
-        )));
-    };
     let bad = || {
         EngineError::Graph(format!(
-            "steps {gi} and {ci} are not a pair conv_igemm_gn_f16_n{bn} computes"
+            "steps {gi} and {ci} are not a pair conv_igemm_gn_f16_n{bn} or conv_igemm_ln_f16_n{bn} computes"
         ))
     };
-    if !CONV_IGEMM_WIDTHS.contains(&bn) || norm_consumer_input(&p.steps[ci]) != Some(*gout) {
+    // the first step's input and output, and what the kernel reads of it: (images, pixels
+    // each, the kernel's name, its arguments after the epilogue's)
+    let (gx, gout, n, spatial, ch, kernel, extra) = match &p.steps[gi] {
+        Step::GroupNorm {
+            out,
+            x,
+            n,
+            c,
+            spatial,
+            groups,
+            silu,
+            channels_last: true,
+            ..
+        } => {
+            let ab = norm_stats + (gn_coeffs_offset(*n, *c, *spatial, *groups) * 4) as u64;
+            (
+                *x,
+                *out,
+                *n,
+                *spatial,
+                *c,
+                "conv_igemm_gn",
+                vec![Ptr(ab), I32(*silu as i32)],
+            )
+        }
+        Step::LayerNorm {
+            out,
+            x,
+            gamma,
+            beta,
+            rows,
+            cols,
+            add: None,
+            ..
+        } => (
+            *x,
+            *out,
+            1,
+            *rows,
+            *cols,
+            "conv_igemm_ln",
+            vec![Ptr(norm_stats), Ptr(ptr(*gamma)), Ptr(beta.map_or(0, ptr))],
+        ),
+        _ => return Err(bad()),
+    };
+    if !CONV_IGEMM_WIDTHS.contains(&bn) || norm_consumer_input(&p.steps[ci]) != Some(gout) {
         return Err(bad());
     }
     let mut l = match &p.steps[ci] {
         Step::Conv(c) => {
             let [xn, xc, xh, xw] = c.x_shape;
-            if (*n, *ch, *spatial) != (xn, xc, xh * xw) {
+            if kernel != "conv_igemm_gn" || (n, ch, spatial) != (xn, xc, xh * xw) {
                 return Err(bad());
             }
             conv_igemm_launch(c, bn, ptr)
@@ -1618,7 +1663,7 @@ pub fn norm_gemm_launch(
             k,
             ..
         } => {
-            if *m != n * spatial || k != ch || k % 32 != 0 || o % 8 != 0 {
+            if *m != n * spatial || *k != ch || k % 32 != 0 || o % 8 != 0 {
                 return Err(bad());
             }
             let i = |v: usize| I32(v as i32);
@@ -1638,11 +1683,11 @@ pub fn norm_gemm_launch(
                     opt(bias),
                     Ptr(0),
                     opt(residual),
-                    i(*n),
-                    i(*spatial),
+                    i(n),
+                    i(spatial),
                     i(1),
                     i(*k),
-                    i(*spatial),
+                    i(spatial),
                     i(1),
                     i(*o),
                     i(1),
@@ -1656,11 +1701,10 @@ pub fn norm_gemm_launch(
         }
         _ => return Err(bad()),
     };
-    l.kernel = format!("conv_igemm_gn_f16_n{bn}");
+    l.kernel = format!("{kernel}_f16_n{bn}");
     l.smem = conv_igemm_smem(&l.kernel).unwrap_or(0) as u32;
-    l.args[0] = Ptr(ptr(*gx));
-    let ab = norm_stats + (gn_coeffs_offset(*n, *ch, *spatial, *groups) * 4) as u64;
-    l.args.splice(6..6, [Ptr(ab), I32(*silu as i32)]);
+    l.args[0] = Ptr(ptr(gx));
+    l.args.splice(6..6, extra);
     Ok(l)
 }
 
@@ -1671,7 +1715,7 @@ fn norm_producer(p: &Program, si: usize, x: usize, bn: usize) -> Result<usize, E
     (0..si)
         .rev()
         .find(|&i| p.steps[i].io().1 == x)
-        .filter(|&gi| matches!(p.steps[gi], Step::GroupNorm { .. }))
+        .filter(|&gi| matches!(p.steps[gi], Step::GroupNorm { .. } | Step::LayerNorm { .. }))
         .ok_or_else(|| {
             EngineError::Graph(format!(
                 "step {si}: a step on conv_igemm_gn_f16_n{bn} reads no GroupNorm"
@@ -1903,7 +1947,8 @@ fn gn_coeffs_offset(n: usize, c: usize, spatial: usize, groups: usize) -> usize 
     (gn_mr_offset(n, c, spatial, groups) + n * groups * 2).next_multiple_of(4)
 }
 
-/// float32 values of GroupNorm scratch the program needs (the largest step's; 0 for none).
+/// float32 values of normalisation scratch the program needs (GroupNorm statistics and
+/// coefficients, a paired LayerNorm's row statistics) (the largest step's; 0 for none).
 pub fn group_norm_scratch(p: &Program) -> usize {
     p.steps
         .iter()
@@ -1922,6 +1967,14 @@ pub fn group_norm_scratch(p: &Program) -> usize {
                 *groups,
                 *channels_last,
             )),
+            // a LayerNorm a GEMM may read from its input (conv_igemm_ln_f16_nBN): its rows'
+            // statistics, two floats a row
+            Step::LayerNorm {
+                rows,
+                cols,
+                add: None,
+                ..
+            } if cols % 32 == 0 => Some(rows * 2),
             _ => None,
         })
         .max()
@@ -2489,6 +2542,24 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
             eps,
         } => {
             let c = I32(*cols as i32);
+            if (ctx.norm_pair)(si).is_some() {
+                // the GEMM after it normalises its input as it reads it (conv_igemm_ln_f16_nBN):
+                // the rows' statistics only, at the start of the scratch
+                ops.push(launch(
+                    typed("layer_norm_stats"),
+                    (rows.div_ceil(8) as u32, 1, 1),
+                    256,
+                    0,
+                    vec![
+                        Ptr(ctx.norm_stats),
+                        ptr(*x),
+                        I64(*rows as i64),
+                        c,
+                        F32(*eps),
+                    ],
+                ));
+                return Ok(ops);
+            }
             let (ap, period, div) = add.map_or((Ptr(0), I32(1), I32(1)), |(t, per, div)| {
                 (ptr(t), I32(per as i32), I32(div as i32))
             });
