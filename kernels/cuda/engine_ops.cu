@@ -998,33 +998,26 @@ __device__ void layer_norm_stats(float* rs, const T* x, i64 rows, int cols, floa
     constexpr int V = Lanes<T>::N;
     const T* xr = x + row * cols;
     const bool vec = cols % V == 0 && ((unsigned long long)xr & 15) == 0;
-    float s = 0.f;
-    if (vec) {
-        for (int j = lane; j < cols / V; j += 32) {
-            float v[V];
-            load16(v, xr + j * V);
+    // the row's sum of x - c (sq: of its square), every lane
+    auto pass = [&](float c, bool sq) {
+        float a = 0.f;
+        if (vec) {
+            for (int j = lane; j < cols / V; j += 32) {
+                float v[V];
+                load16(v, xr + j * V);
 #pragma unroll
-            for (int e = 0; e < V; ++e) s += v[e];
+                for (int e = 0; e < V; ++e) a += sq ? (v[e] - c) * (v[e] - c) : v[e] - c;
+            }
+        } else {
+            for (int i = lane; i < cols; i += 32) {
+                const float d = mrt_load(xr, i) - c;
+                a += sq ? d * d : d;
+            }
         }
-    } else {
-        for (int c = lane; c < cols; c += 32) s += mrt_load(xr, c);
-    }
-    const float mean = mrt_warp_sum(s) / (float)cols;
-    float q = 0.f;
-    if (vec) {
-        for (int j = lane; j < cols / V; j += 32) {
-            float v[V];
-            load16(v, xr + j * V);
-#pragma unroll
-            for (int e = 0; e < V; ++e) q += (v[e] - mean) * (v[e] - mean);
-        }
-    } else {
-        for (int c = lane; c < cols; c += 32) {
-            const float d = mrt_load(xr, c) - mean;
-            q += d * d;
-        }
-    }
-    const float rstd = rsqrtf(mrt_warp_sum(q) / (float)cols + eps);
+        return mrt_warp_sum(a);
+    };
+    const float mean = pass(0.f, false) / (float)cols;
+    const float rstd = rsqrtf(pass(mean, true) / (float)cols + eps);
     if (lane == 0) {
         rs[2 * row] = rstd;
         rs[2 * row + 1] = -mean * rstd;
