@@ -47,7 +47,7 @@ pub struct EmuProgram<'e> {
     /// What float16 specialisation changed ([`specialize`]).
     pub specialized: super::launch::Specialized,
     /// The device ranges the current launches may touch (`[start, end)`: the step's buffers, the
-    /// GroupNorm scratch, or a cast's two sides), checked by a race-checking emulator
+    /// normalisation scratch, or a cast's two sides), checked by a race-checking emulator
     /// ([`Emu::launch_within`]); and what they are, for its errors.
     bounds: Vec<(u64, u64)>,
     bounds_note: String,
@@ -63,10 +63,9 @@ pub struct EmuProgram<'e> {
     /// timed faster when the engine was built). Set here, the arena stays as planned at load;
     /// [`EmuProgram::use_geglu_kernel`] also plans it again as the GPU executor then does.
     pub geglu_kernel: Option<usize>,
-    /// (GroupNorm, convolution) pairs `conv_igemm_gn_f16_nBN` computes
-    /// ([`super::launch::norm_pairs`]) run on it, with this BN, instead of the GroupNorm's apply
-    /// pass and the convolution as chosen alone (on a GPU, those where it timed faster when the
-    /// engine was built). Set here, the arena stays as planned at load;
+    /// Normalisation pairs `conv_igemm_gn/_ln_f16_nBN` compute ([`super::launch::norm_pairs`])
+    /// run on them, with this BN, instead of the two steps as they are (on a GPU, those where it
+    /// timed faster when the engine was built). Set here, the arena stays as planned at load;
     /// [`EmuProgram::use_norm_pairs`] also plans it again as the GPU executor then does.
     pub norm_pair: Option<usize>,
 }
@@ -137,7 +136,7 @@ impl<'e> EmuProgram<'e> {
         self.replan();
     }
 
-    /// Every (GroupNorm, convolution) pair `conv_igemm_gn_f16_n{bn}` computes on that kernel,
+    /// Every normalisation pair `conv_igemm_gn/_ln_f16_n{bn}` computes on those kernels,
     /// and the activations planned again without those GroupNorms' outputs, as
     /// [`EmuProgram::use_geglu_kernel`] does for its pairs.
     pub fn use_norm_pairs(&mut self, bn: usize) {
@@ -317,15 +316,16 @@ impl<'e> EmuProgram<'e> {
             bufs.retain(|b| b != x);
             bufs.extend(self.program.steps[li].io().0);
         }
-        // a convolution or Linear on conv_igemm_gn_f16_nBN reads its GroupNorm's input instead
-        // of its output; the GroupNorm writes only the scratch
+        // a convolution or Linear on conv_igemm_gn/_ln_f16_nBN reads its normalisation's inputs
+        // (and a LayerNorm's gamma and beta) instead of its output; the normalisation writes only
+        // the scratch
         match (gc, &self.program.steps[si]) {
             (Some(_), Step::Conv(_) | Step::Linear { .. }) => {
                 let gi = norm_pair_first(&self.program, si, self.precision)
                     .expect("norm_pair_for checked the pair");
-                let gout = self.program.steps[gi].io().1;
+                let (gin, gout) = self.program.steps[gi].io();
                 bufs.retain(|&b| b != gout);
-                bufs.push(self.program.steps[gi].io().0[0]);
+                bufs.extend(gin);
                 bufs.push(w);
             }
             (Some(_), Step::GroupNorm { .. } | Step::LayerNorm { .. }) => {}
@@ -349,7 +349,7 @@ impl<'e> EmuProgram<'e> {
                 ns.as_ptr() as u64,
                 (ns.as_ptr() as usize + ns.len_bytes()) as u64,
             ));
-            note.push("GroupNorm scratch".into());
+            note.push("normalisation scratch".into());
         }
         self.bounds_note = format!(
             " (step {si}, {}; buffers: {})",

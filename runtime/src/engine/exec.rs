@@ -328,7 +328,7 @@ impl TacticCache {
         }
     }
 
-    /// The same cache with every (GroupNorm, convolution) pair `conv_igemm_gn_f16_n{bn}`
+    /// The same cache with every normalisation pair `conv_igemm_gn/_ln_f16_n{bn}`
     /// computes on that kernel, whatever the timing said.
     pub fn forced_norm_pairs(&self, bn: usize) -> Self {
         let mut c = self.clone();
@@ -338,7 +338,7 @@ impl TacticCache {
         c
     }
 
-    /// The same cache with every (GroupNorm, convolution) pair as two steps, for measuring what
+    /// The same cache with every normalisation pair as two steps, for measuring what
     /// `conv_igemm_gn_f16` gains, side by side.
     pub fn unfused_norm_pairs(&self) -> Self {
         let mut c = self.clone();
@@ -1214,7 +1214,7 @@ pub struct GpuProgram {
     conv_kernel: HashMap<usize, usize>,
     /// Both steps of each GEGLU pair `gemm_geglu_f16_nBN` runs (timed faster than the two), by BN.
     geglu_kernel: HashMap<usize, usize>,
-    /// Both steps of each (GroupNorm, convolution) pair `conv_igemm_gn_f16_nBN` runs, by BN.
+    /// Both steps of each normalisation pair `conv_igemm_gn/_ln_f16_nBN` runs, by BN.
     norm_pair: HashMap<usize, usize>,
     /// Linear steps as single cuBLASLt matmuls (bias in the epilogue, residual as `C`).
     lt_plans: HashMap<usize, LtPlan>,
@@ -1439,8 +1439,8 @@ impl GpuProgram {
         Ok(())
     }
 
-    /// The (GroupNorm, convolution or Linear) pairs `conv_igemm_gn_f16_nBN` computes
-    /// ([`norm_pairs`]): each tile width timed against the two steps as they run (the second
+    /// The normalisation pairs `conv_igemm_gn/_ln_f16_nBN` compute ([`norm_pairs`]): each tile
+    /// width timed against the two steps as they run (the second
     /// as chosen alone) when the second step's algorithms were timed in this load (`timed_convs`,
     /// `timed_linears`: step indices; not on a cached choice, so an engine or cache written
     /// before this kernel keeps the two steps and two loads of it run the same), the fastest
@@ -1876,7 +1876,7 @@ impl GpuProgram {
         Ok(timed)
     }
 
-    /// The device address of the GroupNorm scratch (0 when no step needs one).
+    /// The device address of the normalisation scratch (0 when no step needs one).
     fn norm_stats_ptr(&self, dev: &CudaDevice) -> u64 {
         match &self.norm_stats {
             Some(s) => {
@@ -2337,8 +2337,8 @@ impl GpuProgram {
         self.geglu_kernel.len() / 2
     }
 
-    /// How many (GroupNorm, convolution) pairs run as the GroupNorm's statistics and one
-    /// `conv_igemm_gn_f16_nBN` (the rest as the GroupNorm's passes and the convolution).
+    /// How many normalisation pairs run as the normalisation's statistics and one
+    /// `conv_igemm_gn/_ln_f16_nBN` (the rest as the two steps).
     pub fn norm_kernel_pairs(&self) -> usize {
         self.norm_pair.len() / 2
     }

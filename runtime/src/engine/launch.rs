@@ -1266,14 +1266,17 @@ pub fn plan_memory_fused(
     fused: &[(usize, usize)],
 ) -> MemoryPlan {
     let eb = precision.elem_bytes();
+    // (every input of the first step: a LayerNorm's gamma and beta are read by the kernel too,
+    // and may be activations; weights are not in the plan)
     let extend: Vec<(usize, usize)> = geglu_pairs(program, precision)
         .into_iter()
         .chain(norm_pairs(program, precision))
-        .filter_map(|(first, second)| match program.steps[first] {
-            Step::Linear { x, .. } | Step::GroupNorm { x, .. } | Step::LayerNorm { x, .. } => {
-                Some((x, second))
-            }
-            _ => None,
+        .flat_map(|(first, second)| {
+            program.steps[first]
+                .io()
+                .0
+                .into_iter()
+                .map(move |b| (b, second))
         })
         .collect();
     let unused: Vec<usize> = fused
@@ -1325,7 +1328,7 @@ pub struct Ctx<'a> {
     pub precision: Precision,
     /// Device address of every buffer of the program.
     pub ptrs: &'a [u64],
-    /// The GroupNorm scratch ([`group_norm_scratch`] floats; 0 when no step needs one).
+    /// The normalisation scratch ([`group_norm_scratch`] floats; 0 when no step needs one).
     pub norm_stats: u64,
     /// Most dynamic shared memory a block may opt in to on this GPU.
     pub smem_optin: usize,
@@ -1340,12 +1343,12 @@ pub struct Ctx<'a> {
     /// asked with the index of either step of the pair: the Linear then enqueues nothing and
     /// the GEGLU the kernel ([`gemm_geglu_launch`]); `None`: both steps as they are.
     pub geglu_kernel: &'a dyn Fn(usize) -> Option<usize>,
-    /// The `conv_igemm_gn_f16_nBN` tile width of a (GroupNorm, convolution) pair
-    /// ([`norm_pairs`]) that runs so (chosen over the GroupNorm's apply pass and the
-    /// convolution as chosen alone by timing them when the engine is built), asked with the index
-    /// of either step: the GroupNorm then makes its statistics and the scale and shift per
-    /// (sample, channel) but writes no output, and the convolution reads the GroupNorm's input
-    /// ([`norm_gemm_launch`]); `None`: both steps as they are.
+    /// The tile width of a normalisation pair ([`norm_pairs`]: a GroupNorm or LayerNorm and the
+    /// GEMM after it) that runs as `conv_igemm_gn_f16_nBN` / `conv_igemm_ln_f16_nBN` (chosen over
+    /// the two steps as chosen alone by timing them when the engine is built), asked with the
+    /// index of either step: the normalisation then makes its statistics (a GroupNorm also the
+    /// scale and shift per (sample, channel)) but writes no output, and the GEMM reads the
+    /// normalisation's input ([`norm_gemm_launch`]); `None`: both steps as they are.
     pub norm_pair: &'a dyn Fn(usize) -> Option<usize>,
 }
 
@@ -1459,14 +1462,17 @@ fn norm_consumer_input(st: &Step) -> Option<usize> {
     }
 }
 
-/// The GroupNorm step whose output step `ci` alone reads, when `conv_igemm_gn_f16_nBN` computes
-/// step `ci` from the GroupNorm's input (normalising it as it is read): a convolution
+/// The normalisation step whose output step `ci` alone reads, when `conv_igemm_gn_f16_nBN` or
+/// `conv_igemm_ln_f16_nBN` computes step `ci` from the normalisation's input (normalising it as
+/// it is read). A LayerNorm without a positional table (`add`) and a Linear over its rows and
+/// width (k a multiple of 32, n of 8, its output not a GEGLU's input); or a GroupNorm and a
+/// convolution
 /// `conv_igemm_f16_nBN` computes ([`conv_igemm_ok`]) over the GroupNorm's samples, channels and
 /// pixels, or a Linear over its rows (`m = n·spatial`, `k = c`: a 1×1 convolution of `n` images
 /// of `spatial` pixels; `k` a multiple of 32, `n` of 8, its output not a GEGLU's input), of a
 /// channels-last GroupNorm without SiLU whose output no other step reads and is not a graph
-/// output, with no other GroupNorm between the two (they share the scratch that holds the scale
-/// and shift until the second step reads them).
+/// output. No other GroupNorm or LayerNorm between the two (they share the scratch that holds
+/// the statistics until the second step reads them).
 ///
 /// Without SiLU: the kernel normalises each block's A tiles as it loads them, so every input
 /// value once per filter tap and per block of output channels, and SiLU's two special-function
@@ -1545,8 +1551,8 @@ pub fn norm_pair_first(p: &Program, ci: usize, precision: Precision) -> Option<u
     (shapes_fit && only_reader && no_norm_between && x != cx).then_some(gi)
 }
 
-/// The (GroupNorm, convolution or Linear) step pairs `conv_igemm_gn_f16_nBN` computes
-/// ([`norm_pair_first`]).
+/// The normalisation step pairs (a GroupNorm or LayerNorm, then a GEMM)
+/// `conv_igemm_gn/_ln_f16_nBN` compute ([`norm_pair_first`]).
 pub fn norm_pairs(p: &Program, precision: Precision) -> Vec<(usize, usize)> {
     (0..p.steps.len())
         .filter_map(|ci| norm_pair_first(p, ci, precision).map(|gi| (gi, ci)))
@@ -1718,7 +1724,7 @@ fn norm_producer(p: &Program, si: usize, x: usize, bn: usize) -> Result<usize, E
         .filter(|&gi| matches!(p.steps[gi], Step::GroupNorm { .. } | Step::LayerNorm { .. }))
         .ok_or_else(|| {
             EngineError::Graph(format!(
-                "step {si}: a step on conv_igemm_gn_f16_n{bn} reads no GroupNorm"
+                "step {si}: a step on conv_igemm_gn/_ln_f16_n{bn} reads no GroupNorm or LayerNorm"
             ))
         })
 }
