@@ -1440,8 +1440,7 @@ impl GpuProgram {
     }
 
     /// The normalisation pairs `conv_igemm_gn/_ln_f16_nBN` compute ([`norm_pairs`]): each tile
-    /// width timed against the two steps as they run (the second
-    /// as chosen alone) when the second step's algorithms were timed in this load (`timed_convs`,
+    /// width timed against the two steps as they run (the second as chosen alone) when the second step's algorithms were timed in this load (`timed_convs`,
     /// `timed_linears`: step indices; not on a cached choice, so an engine or cache written
     /// before this kernel keeps the two steps and two loads of it run the same), the fastest
     /// kept where it beats them — the decision is the cache's ([`FusedTactic::fused`]).
@@ -1495,11 +1494,7 @@ impl GpuProgram {
                         &|b| self.ptrs[b],
                         self.norm_stats_ptr(dev),
                     )?;
-                    if let Err(e) = check_launchable(&l, dev.smem_optin)
-                        .map_err(EngineError::Graph)
-                        .and_then(|_| dev.func(&l.kernel).map(|_| ()))
-                    {
-                        eprintln!("note: {key}: {} does not run here ({e})", l.kernel);
+                    if !runs_here(dev, &key, &l) {
                         continue;
                     }
                     self.norm_pair.insert(gi, bn);
@@ -2472,6 +2467,21 @@ impl GpuProgram {
 /// `launch` gives at each: its mean time (ms) and width; `(f32::MAX, None)` when none ran. A
 /// launch this GPU refuses is skipped (said on stderr, with `what`); a fault while one runs is
 /// an error (the context is then unusable).
+/// Whether `l` can launch on this GPU (its geometry within the limits, its kernel loaded); a
+/// note naming `what` when not.
+fn runs_here(dev: &CudaDevice, what: &str, l: &Launch) -> bool {
+    match check_launchable(l, dev.smem_optin)
+        .map_err(EngineError::Graph)
+        .and_then(|_| dev.func(&l.kernel).map(|_| ()))
+    {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("note: {what}: {} does not run here ({e})", l.kernel);
+            false
+        }
+    }
+}
+
 fn fastest_width(
     dev: &CudaDevice,
     what: &str,
@@ -2480,11 +2490,7 @@ fn fastest_width(
     let mut best: (f32, Option<usize>) = (f32::MAX, None);
     for bn in CONV_IGEMM_WIDTHS {
         let l = launch(bn)?;
-        if let Err(e) = check_launchable(&l, dev.smem_optin)
-            .map_err(EngineError::Graph)
-            .and_then(|_| dev.func(&l.kernel).map(|_| ()))
-        {
-            eprintln!("note: {what}: {} does not run here ({e})", l.kernel);
+        if !runs_here(dev, what, &l) {
             continue;
         }
         let ms = time_launch(dev, &l)?;
