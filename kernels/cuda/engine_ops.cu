@@ -1087,17 +1087,33 @@ __device__ __forceinline__ i64 att_seq_row(int n, int T, int ns) {
     return (i64)(n / ns) * T * ns + n % ns;
 }
 
-// `rows` rows of `d` halves (row r at g + r * gstride) into shared rows of pitch DP + 8 at s with
-// 16-byte cp.async. Rows from `valid` on are zero-filled (plain stores). The slots are rows x
-// DP / 8 chunks, divided by a compile-time constant; the chunks past d (the padding, zeroed once
-// by att_zero_cols) are skipped. (The tiled kernel's K and V tiles: att_load_kv_tile.)
-template <int DP>
+// The shared-memory slot of load slot i: chunk c of row r, eight consecutive slots one chunk of
+// eight consecutive rows (a quarter warp, the phase of a 16-byte shared access: rows DP + 8
+// halves apart, an odd number of 16-byte chunks, so in distinct banks; consecutive chunks of one
+// row put a row's last chunks and the next row's first in the same banks), CH chunks a row
+// (a compile-time constant: DP / 8, or d / 8 where d is one, ONES).
+template <unsigned CH>
+__device__ __forceinline__ void att_slot(unsigned i, unsigned& r, unsigned& c) {
+    const unsigned q = i >> 3, rb = q / CH;
+    c = q - rb * CH;
+    r = rb * 8 + (i & 7);
+}
+
+// ROWS (a multiple of 8) rows of `d` halves (row r at g + r * gstride) into shared rows of
+// pitch DP + 8 at s with 16-byte cp.async by NT threads (tid < NT, NT a multiple of 8). Rows
+// from `valid` on are zero-filled (plain stores). The slots are ROWS x CH chunks (att_slot);
+// chunks past d (the padding, zeroed once by att_zero_cols; a whole quarter warp's) are
+// skipped. (The tiled kernel's K and V tiles: att_load_kv_tile.)
+template <int DP, bool ONES, int ROWS, int NT>
 __device__ __forceinline__ void att_load_rows(half_bits* s, const half_bits* g, i64 gstride,
-                                              int rows, int valid, int d, int tid, int nthreads) {
-    constexpr unsigned CH = DP / 8;
-    const unsigned chunks = (unsigned)d >> 3;
-    for (unsigned i = tid; i < (unsigned)rows * CH; i += nthreads) {
-        const unsigned r = i / CH, c = i - r * CH;
+                                              int valid, int d, int tid) {
+    constexpr unsigned CH = ONES ? DP / 8 - 1 : DP / 8, SLOTS = ROWS * CH;
+    const unsigned chunks = (unsigned)d >> 3, e = (unsigned)tid & 7;
+    // slot i = 8 q + e (att_slot); a rolled loop (unrolled, the K and V loads of the short
+    // kernels spill registers at DP = 32, MT = 2)
+#pragma unroll 1
+    for (unsigned q = (unsigned)tid >> 3; q < SLOTS / 8; q += NT / 8) {
+        const unsigned rb = q / CH, c = q - rb * CH, r = rb * 8 + e;
         if (c >= chunks) continue;
         const unsigned so = r * (DP + 8) + c * 8;
         if ((int)r < valid) {
@@ -1126,18 +1142,21 @@ __device__ __forceinline__ void att_zero_cols(half_bits* s, int rows, int d, int
 
 // One 64-key tile of K and V (rows at kg and vg, token stride tkv; keys from `valid` on
 // zero-filled) into a stage of the tiled kernel (K rows at s, V rows ATT_KEYS rows on) by its
-// 256 threads. Each thread's slots (row, 16-byte chunk) are the same in every tile, so their
-// offsets do not depend on the tile: computed once a kernel rather than once a tile.
-template <int DP>
+// 256 threads (slots as att_load_rows'). Each thread's slots (row, 16-byte chunk) are the same in
+// every tile, so their offsets do not depend on the tile: computed once a kernel rather than
+// once a tile.
+template <int DP, bool ONES>
 __device__ __forceinline__ void att_load_kv_tile(half_bits* s, const half_bits* kg,
                                                  const half_bits* vg, i64 tkv, int valid, int d,
                                                  int tid) {
-    constexpr unsigned CH = DP / 8, SLOTS = ATT_KEYS * CH, NT = ATT_WARPS * 32;
+    constexpr unsigned CH = ONES ? DP / 8 - 1 : DP / 8, SLOTS = ATT_KEYS * CH;
+    constexpr unsigned NT = ATT_WARPS * 32;
     const unsigned chunks = (unsigned)d >> 3;
 #pragma unroll
     for (unsigned j = 0; j < (SLOTS + NT - 1) / NT; ++j) {
         const unsigned i = (unsigned)tid + j * NT;
-        const unsigned r = i / CH, c = i - r * CH;
+        unsigned r, c;
+        att_slot<CH>(i, r, c);
         if ((SLOTS % NT != 0 && i >= SLOTS) || c >= chunks) continue;
         const unsigned so = r * (DP + 8) + c * 8, vo = so + ATT_KEYS * (DP + 8);
         if ((int)r < valid) {
@@ -1345,9 +1364,10 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
     const half_bits* kg = k + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
     const half_bits* vg = v + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
     att_zero_cols<DP, ONES>(sm, 4 * ATT_KEYS, d, tid, nt, ATT_KEYS, 2);
-    att_load_rows<DP>(st1, q + att_seq_row(n, L, ns) * ldq + row0 * tq + (i64)h * d, tq,
-                      ATT_WARPS * 16, min(L - row0, ATT_WARPS * 16), d, tid, nt);
-    att_load_kv_tile<DP>(st0, kg, vg, tkv, min(S, ATT_KEYS), d, tid);
+    att_load_rows<DP, ONES, ATT_WARPS * 16, ATT_WARPS * 32>(
+        st1, q + att_seq_row(n, L, ns) * ldq + row0 * tq + (i64)h * d, tq,
+        min(L - row0, ATT_WARPS * 16), d, tid);
+    att_load_kv_tile<DP, ONES>(st0, kg, vg, tkv, min(S, ATT_KEYS), d, tid);
     mrt_cp_async_commit();
     mrt_cp_async_wait<0>();
     __syncthreads();
@@ -1361,8 +1381,8 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
         if (t + 1 < tiles) {
             half_bits* nxt = (t & 1) ? st0 : st1;
             const int s1 = (t + 1) * ATT_KEYS;
-            att_load_kv_tile<DP>(nxt, kg + s1 * tkv, vg + s1 * tkv, tkv, min(S - s1, ATT_KEYS),
-                                 d, tid);
+            att_load_kv_tile<DP, ONES>(nxt, kg + s1 * tkv, vg + s1 * tkv, tkv,
+                                       min(S - s1, ATT_KEYS), d, tid);
             mrt_cp_async_commit();
             mrt_cp_async_wait<1>();
         } else {
@@ -1394,8 +1414,8 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
     half_bits* ks = qs + R * P;
     half_bits* vs = ks + R * P;
     att_zero_cols<DP, ONES>(qs, 3 * R, d, lane, 32, R, 3);
-    att_load_rows<DP>(qs, q + att_seq_row(n, L, ns) * ldq + (i64)h * d, (i64)ldq * ns, R,
-                      min(L, R), d, lane, 32);
+    att_load_rows<DP, ONES, R, 32>(qs, q + att_seq_row(n, L, ns) * ldq + (i64)h * d,
+                                   (i64)ldq * ns, min(L, R), d, lane);
     const float sl2 = scale * 1.4426950408889634f;
     // one 16-row tile at a time (two tiles' registers at once would spill at DP >= 128); with a
     // single key tile (S <= R, attention over frames) K and V are loaded once for both
@@ -1411,8 +1431,8 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
                                (i64)(t2 % heads) * d;
                 const i64 tkv = (i64)ldkv * ns;  // token stride (ns sequences interleaved)
                 // K and V one at a time (both at once spill registers at DP = 96, MT = 2)
-                att_load_rows<DP>(ks, k + at, tkv, R, min(S - s0, R), d, lane, 32);
-                att_load_rows<DP>(vs, v + at, tkv, R, min(S - s0, R), d, lane, 32);
+                att_load_rows<DP, ONES, R, 32>(ks, k + at, tkv, min(S - s0, R), d, lane);
+                att_load_rows<DP, ONES, R, 32>(vs, v + at, tkv, min(S - s0, R), d, lane);
                 mrt_cp_async_commit();
                 mrt_cp_async_wait<0>();
                 __syncwarp();
@@ -1573,10 +1593,15 @@ __device__ __forceinline__ void conv_igemm(
     const int OHW = OH * OW, M = N * OHW, K = KH * KW * C, KT = K / CIG_BK;
     const int m0 = blockIdx.x * CIG_BM, n0 = blockIdx.y * BN;
     // this thread's load slots, the same in every k tile: chunk ch (8 channels) of A rows
-    // tid / 4 + 32 i (i < 4) and of W rows tid / 4 + 32 i (i < NB). An A row's address at filter
-    // tap (0, 0) and which taps fall inside the image (bit kh * KW + kw; none past M) are
-    // computed once; a k tile then adds one offset common to every row.
-    const int ch = tid & 3, r0 = tid >> 2;
+    // r0 + 32 i (i < 4) and of W rows r0 + 32 i (i < NB), r0 = 8 warp + lane % 8, ch = lane / 8:
+    // a quarter warp (the phase of a 16-byte shared access) writes one chunk of 8 consecutive
+    // rows, 80 bytes apart, so in distinct banks (two rows' 4 chunks a quarter warp, as lane / 4
+    // and lane % 4 would give, put chunk 0 of the second row in the first's banks 0-3: twice the
+    // wavefronts for every cp.async, and for the GN/LN chunks' loads and stores); a warp still
+    // reads 8 whole 64-byte row pieces of global memory. An A row's address at filter tap (0, 0)
+    // and which taps fall inside the image (bit kh * KW + kw; none past M) are computed once; a
+    // k tile then adds one offset common to every row.
+    const int ch = (tid >> 3) & 3, r0 = (tid & 7) | ((tid >> 5) << 3);
     const half_bits* ap[4];
     unsigned taps[4];
 #pragma unroll

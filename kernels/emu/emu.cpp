@@ -20,8 +20,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <array>
 #include <deque>
 #include <exception>
+#include <map>
+#include <tuple>
 #include <new>
 #include <memory>
 #include <string>
@@ -104,6 +107,9 @@ struct Fiber {
     char* stack;
     std::vector<Copy> open;                 // issued since the last commit
     std::deque<std::vector<Copy>> groups;  // committed, oldest first
+    // bank statistics: this thread's cp.async calls per call site since the block's last barrier
+    unsigned cp_epoch;
+    std::vector<std::pair<const char*, std::pair<int, unsigned>>> cp_seen;  // file, (line, count)
 };
 
 // One lane's operands and results in a warp collective.
@@ -150,6 +156,11 @@ struct Block {
     std::vector<std::pair<std::uintptr_t, std::uintptr_t>> allowed;
     std::size_t n_buffers;  // the first ranges given by the caller (the rest: emulator internals)
     std::vector<std::pair<std::uintptr_t, std::uintptr_t>> buffers;  // the caller's, unsorted
+    // bank statistics (mrt_emu_bank_stats): each warp's 16-byte cp.async destinations, one
+    // instruction per (warp, site, barrier epoch, n-th call of the site in that epoch)
+    bool banks;
+    std::map<std::tuple<unsigned, std::string, unsigned, unsigned>, std::array<std::uintptr_t, 32>>
+        cp_dst;
 };
 
 thread_local Block* tls_block = nullptr;
@@ -225,6 +236,86 @@ Block& block() {
         std::abort();
     }
     return *tls_block;
+}
+
+// ---- shared-memory bank statistics --------------------------------------------------------------
+// Opt-in per OS thread (mrt_emu_bank_stats), for ldmatrix and 16-byte cp.async, whose widths the
+// kernels fix (plain loads and stores take whatever width the host compiler gives them, so they
+// are not counted). Shared memory has 32 banks of 4-byte words; a warp's request is served in
+// phases, one per 8x8 matrix of an ldmatrix (the eight 16-byte rows from lanes 8i .. 8i+7) and
+// one per quarter warp of a 16-byte access (lanes 8q .. 8q+7); a phase takes as many wavefronts
+// as the largest number of distinct words that fall in one bank, ideally one (its 128 bytes over
+// all 32 banks). Banks are the address's bits 2..6: the dynamic block is 128-byte aligned, as on
+// a GPU; static __shared__ arrays keep the host's alignment.
+
+struct BankCount {
+    unsigned long long requests = 0, wavefronts = 0, ideal = 0, uneven = 0;
+};
+thread_local bool tls_banks = false;
+thread_local std::map<std::pair<std::string, std::string>, BankCount> tls_bank_sites;
+
+// Wavefronts of one phase of `n` accesses of 16 bytes at `addr[0..n)`, and the ideal (the phase's
+// distinct words over 32 banks, at least one).
+std::pair<unsigned, unsigned> phase_wavefronts(const std::uintptr_t* addr, int n) {
+    std::uintptr_t words[32];
+    int nw = 0;
+    for (int i = 0; i < n; ++i)
+        for (int k = 0; k < 4; ++k) {
+            const std::uintptr_t w = addr[i] / 4 + k;
+            bool seen = false;
+            for (int j = 0; j < nw && !seen; ++j) seen = words[j] == w;
+            if (!seen) words[nw++] = w;
+        }
+    unsigned per_bank[32] = {};
+    unsigned most = 0;
+    for (int j = 0; j < nw; ++j) most = std::max(most, ++per_bank[words[j] % 32]);
+    return {std::max(most, 1u), std::max((unsigned)(nw + 31) / 32, 1u)};
+}
+
+void bank_record(const std::string& where, const char* op, unsigned wavefronts, unsigned ideal) {
+    BankCount& c = tls_bank_sites[{where, op}];
+    ++c.requests;
+    c.wavefronts += wavefronts;
+    c.ideal += ideal;
+}
+
+// The block's cp.async instructions, once it has run: each quarter warp's lanes a phase. Where
+// the lanes of a warp called a site unequally often between two barriers, the n-th calls are
+// one instruction only if the lanes with fewer calls skipped the last ones (a loop's tail), not
+// calls in between (a zero-filled padding chunk): such instructions are counted, as if the
+// skipped calls were the last, and also as uneven.
+void bank_flush_cp_async(Block& b) {
+    using Key = std::tuple<unsigned, std::string, unsigned, unsigned>;
+    auto same_run = [](const Key& x, const Key& y) {
+        return std::get<0>(x) == std::get<0>(y) && std::get<1>(x) == std::get<1>(y) &&
+               std::get<2>(x) == std::get<2>(y);
+    };
+    for (auto it = b.cp_dst.begin(); it != b.cp_dst.end();) {
+        // the calls of one site by one warp between two barriers
+        auto end = it;
+        unsigned calls[32] = {};
+        while (end != b.cp_dst.end() && same_run(end->first, it->first)) {
+            for (int l = 0; l < 32; ++l) calls[l] += end->second[l] != 0;
+            ++end;
+        }
+        const bool equal = std::all_of(calls, calls + 32, [&](unsigned c) { return c == calls[0]; });
+        for (; it != end; ++it) {
+            if (!equal) ++tls_bank_sites[{std::get<1>(it->first), "cp.async.16"}].uneven;
+            unsigned wf = 0, ideal = 0;
+            for (int q = 0; q < 4; ++q) {
+                std::uintptr_t a[8];
+                int n = 0;
+                for (int l = 8 * q; l < 8 * q + 8; ++l)
+                    if (it->second[l]) a[n++] = it->second[l];
+                if (!n) continue;
+                const auto p = phase_wavefronts(a, n);
+                wf += p.first;
+                ideal += p.second;
+            }
+            bank_record(std::get<1>(it->first), "cp.async.16", wf, ideal);
+        }
+    }
+    b.cp_dst.clear();
 }
 
 // ---- race detection -----------------------------------------------------------------------------
@@ -702,6 +793,8 @@ void run_block(Block& b) {
         f.started = false;
         f.open.clear();
         f.groups.clear();
+        f.cp_epoch = ~0u;
+        f.cp_seen.clear();
     }
     b.bar_epoch = 0;
     b.block_linear = b.block_idx.x + b.grid_dim.x * (b.block_idx.y + b.grid_dim.y * b.block_idx.z);
@@ -887,6 +980,17 @@ void complete(Block& b, Warp& w, unsigned warp) {
                 }
             }
         }
+        if (b.banks) {
+            unsigned wf = 0, ideal = 0;
+            for (int i = 0; i < num; ++i) {
+                std::uintptr_t a[8];
+                for (int r = 0; r < 8; ++r) a[r] = (std::uintptr_t)L[8 * i + r].addr;
+                const auto p = phase_wavefronts(a, 8);
+                wf += p.first;
+                ideal += p.second;
+            }
+            bank_record(site(w.file, w.line), op_name(op), wf, ideal);
+        }
         for (int l = 0; l < 32; ++l) {
             for (int i = 0; i < num; ++i) {
                 std::uint16_t lo, hi;
@@ -1019,6 +1123,26 @@ void cp_async(void* smem, const void* gmem, unsigned bytes, const char* file, in
         if (e.empty()) e = cp_async_issued(b, b.cur->linear, smem, bytes);
         if (!e.empty()) fail("race (cp.async, " + site(file, line) + "): " + e);
     }
+    if (b.banks && bytes == 16) {
+        // the warp's instruction: the n-th call of this site by each lane since the last barrier
+        // (exact where the lanes of a warp call it equally often, as in full tiles)
+        Fiber& f = *b.cur;
+        if (f.cp_epoch != b.bar_epoch) {
+            f.cp_epoch = b.bar_epoch;
+            f.cp_seen.clear();
+        }
+        unsigned nth = 0;
+        bool found = false;
+        for (auto& e : f.cp_seen)
+            if (e.first == file && e.second.first == line) {
+                nth = ++e.second.second;
+                found = true;
+                break;
+            }
+        if (!found) f.cp_seen.push_back({file, {line, 0u}});
+        b.cp_dst[std::make_tuple(f.linear / 32, site(file, line), b.bar_epoch, nth)][f.linear % 32] =
+            (std::uintptr_t)smem;
+    }
     b.cur->open.push_back({smem, gmem, bytes});
 }
 
@@ -1116,6 +1240,29 @@ MRT_EXPORT void mrt_emu_set_bounds(const unsigned long long* ranges, std::size_t
         tls_bounds.push_back({(std::uintptr_t)ranges[2 * i], (std::uintptr_t)ranges[2 * i + 1]});
 }
 
+// Shared-memory bank statistics of ldmatrix and 16-byte cp.async (see "shared-memory bank
+// statistics") for the next launches on this thread: on (non-zero) or off; either way the counts
+// so far are cleared.
+MRT_EXPORT void mrt_emu_bank_stats(int on) {
+    tls_banks = on != 0;
+    tls_bank_sites.clear();
+}
+
+// The counts since mrt_emu_bank_stats, one line per call site and instruction: "site\top\t
+// requests\twavefronts\tideal\tuneven\n" (requests: warp instructions; ideal: the wavefronts
+// without bank conflicts; uneven: cp.async instructions grouped on an assumption, see
+// bank_flush_cp_async). Writes at most `len` bytes (NUL-terminated) and returns the length of the whole
+// report, so a caller whose buffer was too small can ask again.
+MRT_EXPORT std::size_t mrt_emu_bank_report(char* buf, std::size_t len) {
+    std::string r;
+    for (const auto& e : tls_bank_sites)
+        r += fmt("%s\t%s\t%llu\t%llu\t%llu\t%llu\n", e.first.first.c_str(),
+                 e.first.second.c_str(), e.second.requests, e.second.wavefronts, e.second.ideal,
+                 e.second.uneven);
+    if (buf && len) std::snprintf(buf, len, "%s", r.c_str());
+    return r.size();
+}
+
 // Run `kernel` over the grid like cuLaunchKernel: params[i] points at the i-th argument's value
 // (pointer arguments are host addresses). Returns 0, or non-zero with a message in err.
 MRT_EXPORT int mrt_emu_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz,
@@ -1171,6 +1318,7 @@ MRT_EXPORT int mrt_emu_launch(const char* kernel, unsigned gx, unsigned gy, unsi
         b.dyn_base = tls_dyn.data();
         b.dyn_bytes = dyn_smem_bytes;
         b.race = kRacecheck;
+        b.banks = tls_banks;
         b.tls_lo = b.tls_hi = 0;
         b.allowed.clear();
         b.buffers.clear();
@@ -1214,6 +1362,7 @@ MRT_EXPORT int mrt_emu_launch(const char* kernel, unsigned gx, unsigned gy, unsi
                     b.block_idx = {x, y, z};
                     std::memset(dyn, 0xff, dyn_smem_bytes + kCanary);
                     run_block(b);
+                    if (b.banks) bank_flush_cp_async(b);
                     if (!b.error.empty()) {
                         b.error = fmt("%s, block (%u,%u,%u): ", who.c_str(), x, y, z) + b.error;
                         break;

@@ -20,6 +20,8 @@
 // Errors (unknown kernel, bad launch shape, deadlock, misuse of a collective) end the launch with
 // a message naming the kernel, the block and the thread.
 //
+// Counted on request (mrt_emu_bank_stats, emu.cpp "shared-memory bank statistics"): the
+// shared-memory wavefronts of ldmatrix and 16-byte cp.async, against their conflict-free number.
 // Not modelled: timing; races between threads that do not synchronise (the fixed schedule decides
 // who wins) — unless the library is built with race detection (emu.cpp, "race detection": such
 // accesses are then errors); a thread that spins on memory another thread will write, with no barrier or

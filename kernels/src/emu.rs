@@ -23,6 +23,10 @@
 //! launch) ends the launch with an error naming both accesses; so does, with
 //! [`Emu::launch_within`], a global access outside the buffers the launch was given.
 //!
+//! [`Emu::bank_stats`] counts the shared-memory wavefronts of `ldmatrix` and 16-byte `cp.async`
+//! against their number without bank conflicts, per call site ([`BankSite`]): the one
+//! performance property of a kernel that its launch on the CPU determines exactly.
+//!
 //! The compiler is `CXX` if set, else `g++`, else `c++`.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -450,6 +454,38 @@ type CountFn = unsafe extern "C" fn() -> c_int;
 type NameFn = unsafe extern "C" fn(c_int) -> *const c_char;
 type ParamsFn = unsafe extern "C" fn(*const c_char, *mut c_char, *mut usize, c_int) -> c_int;
 type BoundsFn = unsafe extern "C" fn(*const u64, usize);
+type BankStatsFn = unsafe extern "C" fn(c_int);
+type BankReportFn = unsafe extern "C" fn(*mut c_char, usize) -> usize;
+
+/// Shared-memory bank counts of one call site's `ldmatrix` or 16-byte `cp.async` instructions
+/// ([`Emu::bank_stats`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BankSite {
+    /// `file:line` of the call in the kernel source.
+    pub site: String,
+    /// The instruction: `ldmatrix.x4`, `ldmatrix.x2.trans`, `cp.async.16`, ...
+    pub op: String,
+    /// Warp instructions executed.
+    pub requests: u64,
+    /// Shared-memory wavefronts they took.
+    pub wavefronts: u64,
+    /// The wavefronts they would take without bank conflicts (one per 8x8 matrix of an
+    /// `ldmatrix`, one per quarter warp of a 16-byte access).
+    pub ideal: u64,
+    /// `cp.async` instructions among `requests` whose lanes called the site unequally often
+    /// between two barriers: counted as if the lanes with fewer calls skipped the last ones (a
+    /// loop's tail); where they skipped calls in between (a chunk zero-filled instead), the n-th
+    /// calls of the lanes were not one instruction and these counts are not the hardware's.
+    pub uneven: u64,
+}
+
+impl BankSite {
+    /// Wavefronts per ideal wavefront: 1 without bank conflicts, up to 8 with all eight 16-byte
+    /// rows of a phase in the same banks.
+    pub fn conflict_ratio(&self) -> f64 {
+        self.wavefronts as f64 / self.ideal.max(1) as f64
+    }
+}
 
 /// The loaded emulator library.
 pub struct Emu {
@@ -460,6 +496,8 @@ pub struct Emu {
     name: NameFn,
     params: ParamsFn,
     set_bounds: BoundsFn,
+    bank_stats: BankStatsFn,
+    bank_report: BankReportFn,
     // keeps the functions above valid
     _lib: libloading::Library,
 }
@@ -525,6 +563,12 @@ impl Emu {
             let set_bounds = *lib
                 .get::<BoundsFn>(b"mrt_emu_set_bounds\0")
                 .map_err(load_err)?;
+            let bank_stats = *lib
+                .get::<BankStatsFn>(b"mrt_emu_bank_stats\0")
+                .map_err(load_err)?;
+            let bank_report = *lib
+                .get::<BankReportFn>(b"mrt_emu_bank_report\0")
+                .map_err(load_err)?;
             Ok(Self {
                 path: path.to_path_buf(),
                 racecheck: false,
@@ -533,6 +577,8 @@ impl Emu {
                 name,
                 params,
                 set_bounds,
+                bank_stats,
+                bank_report,
                 _lib: lib,
             })
         }
@@ -555,6 +601,47 @@ impl Emu {
                 })
                 .collect()
         }
+    }
+
+    /// Count the shared-memory bank conflicts of `ldmatrix` and 16-byte `cp.async` in the next
+    /// launches from this OS thread (`on`), or stop; either way the counts so far are cleared.
+    /// A phase (one 8×8 matrix of an `ldmatrix`, one quarter warp of a 16-byte access) takes as
+    /// many wavefronts as the most distinct 4-byte words any of the 32 banks holds among its
+    /// addresses; a `cp.async` instruction is the n-th call of its site by each lane of a warp
+    /// since the block's last barrier (see [`BankSite::uneven`] where the lanes called it
+    /// unequally often).
+    /// Plain loads and stores are not counted: their width is the host compiler's.
+    pub fn bank_stats(&self, on: bool) {
+        // SAFETY: no arguments beyond the flag; thread-local state in the library.
+        unsafe { (self.bank_stats)(c_int::from(on)) }
+    }
+
+    /// The counts since [`Emu::bank_stats`] on this OS thread, one entry per call site and
+    /// instruction, sorted by site.
+    pub fn bank_report(&self) -> Vec<BankSite> {
+        // SAFETY: a null buffer asks for the length only; then a buffer of that length + 1.
+        let text = unsafe {
+            let n = (self.bank_report)(std::ptr::null_mut(), 0);
+            let mut buf = vec![0 as c_char; n + 1];
+            (self.bank_report)(buf.as_mut_ptr(), buf.len());
+            CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned()
+        };
+        text.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                let [site, op, r, w, i, u] = f[..] else {
+                    return None;
+                };
+                Some(BankSite {
+                    site: site.into(),
+                    op: op.into(),
+                    requests: r.parse().ok()?,
+                    wavefronts: w.parse().ok()?,
+                    ideal: i.parse().ok()?,
+                    uneven: u.parse().ok()?,
+                })
+            })
+            .collect()
     }
 
     /// The parameters of `kernel`, from its signature.

@@ -192,6 +192,26 @@ extern "C" __global__ void emu_atomics(int* counter, float* sum, unsigned* hi) {
     atomicMax(hi, blockIdx.x * blockDim.x + threadIdx.x);
 }
 
+// bank statistics: lane l copies 16 bytes to row l % 8, chunk l / 8 of shared rows `pitch` bytes
+// apart (lane `skip` zero-fills its chunk instead), then reads the same rows back with one
+// ldmatrix.x4 (matrix i: lanes 8i..8i+7 = chunk i)
+extern "C" __global__ void emu_bank_pitch(const unsigned* g, unsigned* out, int pitch, int skip) {
+    MRT_DYN_SMEM(unsigned char, s);
+    const int l = threadIdx.x;
+    unsigned char* row = s + (l % 8) * pitch + (l / 8) * 16;
+    if (l != skip) {
+        mrt_cp_async_16(row, g + 4 * l);
+    } else {
+        unsigned* z = (unsigned*)row;
+        z[0] = z[1] = z[2] = z[3] = 0u;
+    }
+    mrt_cp_async_wait_all();
+    __syncthreads();
+    unsigned r[4];
+    mrt_ldmatrix_x4(r, row);
+    for (int i = 0; i < 4; ++i) out[4 * l + i] = r[i];
+}
+
 extern "C" __global__ void emu_cp_async_misaligned(const float* g, float* out) {
     MRT_DYN_SMEM(float, s);
     mrt_cp_async_16(s + 1, g);
@@ -216,6 +236,7 @@ const SELF_TEST_ENTRIES: &[&str] = &[
     "emu_cp_async",
     "emu_cp_async_misaligned",
     "emu_atomics",
+    "emu_bank_pitch",
 ];
 
 fn emu() -> Option<&'static Emu> {
@@ -914,6 +935,95 @@ fn cp_async_data_lands_at_the_wait() {
         &[Arg::Buf(&gb), Arg::Buf(&out)],
     );
     assert!(e.contains("16-byte aligned"), "{e}");
+}
+
+#[test]
+fn bank_statistics_count_the_wavefronts_of_each_phase() {
+    let Some(emu) = emu() else { return };
+    let g: Vec<u32> = (0..128).collect();
+    let gb = DeviceBuffer::from_slice(&g);
+    let out = DeviceBuffer::zeroed(128 * 4);
+    // eight 16-byte rows `pitch` bytes apart (at least 64: the four chunks of a row do not overlap
+    // the next row) in each of the 4 phases of both instructions: the wavefronts are the largest
+    // number of rows whose chunks fall in the same four banks (row r at r · pitch mod 128)
+    for (pitch, ways) in [(64, 4), (80, 1), (96, 2), (128, 8), (144, 1), (160, 2)] {
+        emu.bank_stats(true);
+        launch(
+            emu,
+            "emu_bank_pitch",
+            (1, 1, 1),
+            (32, 1, 1),
+            7 * pitch + 64,
+            &[
+                Arg::Buf(&gb),
+                Arg::Buf(&out),
+                Arg::from(pitch as i32),
+                Arg::from(-1i32),
+            ],
+        );
+        let r = emu.bank_report();
+        emu.bank_stats(false);
+        let ops: Vec<&str> = r.iter().map(|s| s.op.as_str()).collect();
+        assert_eq!(ops, ["cp.async.16", "ldmatrix.x4"], "pitch {pitch}: {r:?}");
+        for s in &r {
+            assert!(s.site.starts_with("emu_self_test.cu:"), "{s:?}");
+            assert_eq!(
+                (s.requests, s.wavefronts, s.ideal, s.uneven),
+                (1, 4 * ways, 4, 0),
+                "pitch {pitch}, {}",
+                s.op
+            );
+        }
+        // the data made the round trip: lane l's register i holds row l / 4 of chunk i
+        let v = out.to_vec::<u32>();
+        for l in 0..32 {
+            for i in 0..4 {
+                let row = l / 4;
+                assert_eq!(v[4 * l + i], g[4 * (8 * i + row) + l % 4], "pitch {pitch}");
+            }
+        }
+    }
+    // lane 5 zero-fills its chunk: the other 31 lanes' cp.async, uneven (quarter 0: 7 rows in the
+    // same banks)
+    emu.bank_stats(true);
+    launch(
+        emu,
+        "emu_bank_pitch",
+        (1, 1, 1),
+        (32, 1, 1),
+        7 * 128 + 64,
+        &[
+            Arg::Buf(&gb),
+            Arg::Buf(&out),
+            Arg::from(128i32),
+            Arg::from(5i32),
+        ],
+    );
+    let r = emu.bank_report();
+    emu.bank_stats(false);
+    let counts: Vec<_> = r
+        .iter()
+        .map(|s| (s.op.as_str(), s.requests, s.wavefronts, s.ideal, s.uneven))
+        .collect();
+    assert_eq!(
+        counts,
+        [("cp.async.16", 1, 31, 4, 1), ("ldmatrix.x4", 1, 32, 4, 0)]
+    );
+    // off: nothing counted
+    launch(
+        emu,
+        "emu_bank_pitch",
+        (1, 1, 1),
+        (32, 1, 1),
+        7 * 128 + 64,
+        &[
+            Arg::Buf(&gb),
+            Arg::Buf(&out),
+            Arg::from(128i32),
+            Arg::from(-1i32),
+        ],
+    );
+    assert!(emu.bank_report().is_empty());
 }
 
 /// The values `emu_cp_async` left (without race checking: with it, its early reads are errors).
@@ -1772,6 +1882,167 @@ fn projection_of_a_layer_norm_from_its_input_matches_the_cpu() {
             );
         }
     }
+}
+
+/// The tensor-core kernels' `ldmatrix` and 16-byte `cp.async` at the engine's launch shapes, on
+/// full tiles (no padding, no partial blocks), with the emulator's bank statistics
+/// ([`Emu::bank_stats`]): each phase of eight 16-byte rows should fall in distinct banks, as
+/// their shared rows' pitches (`CIG_P`, `DP + 8` halves) are chosen for. A site that takes more
+/// wavefronts than it would without conflicts fails, named with its ratio.
+#[test]
+fn tensor_core_kernels_load_shared_memory_without_bank_conflicts() {
+    let Some(emu) = emu() else { return };
+    emu.bank_stats(true);
+    // attention: 128 query rows and two 64-key tiles; the motion modules' 16 and 24 frames
+    for d in [40, 80, 160] {
+        attention_f16(emu, "tiled", 1, 128, 128, 1, d);
+        attention_f16(emu, "short1", 4, 16, 16, 1, d);
+        attention_f16(emu, "short2", 4, 32, 32, 1, d);
+    }
+    let i = |v: usize| Arg::I32(v as i32);
+    // a 3x3 convolution without padding of 18x18 images: 2 x 256 output rows, 64 -> 128 channels
+    let (n, h, c, o) = (2usize, 18usize, 64usize, 128usize);
+    let (oh, k) = (h - 2, 9 * c);
+    let m = n * oh * oh;
+    let x = buf::<u16>(&<u16 as Host>::round(&random(n * h * h * c, 1)));
+    let w = buf::<u16>(&<u16 as Host>::round(&random(o * k, 2)));
+    // GroupNorm coefficients [n, c, 2] and LayerNorm row statistics [m', 2], gamma, beta
+    let ab = DeviceBuffer::from_slice(&vec![0.5f32; n * c * 2]);
+    let rs = DeviceBuffer::from_slice(&vec![0.5f32; m * 2]);
+    let gb = buf::<u16>(&vec![1.0; k]);
+    for bn in [64usize, 128] {
+        let out = out_buf::<u16>(m * o);
+        let geometry = [
+            i(n),
+            i(h),
+            i(h),
+            i(c),
+            i(oh),
+            i(oh),
+            i(o),
+            i(3),
+            i(3),
+            i(1),
+            i(1),
+            i(0),
+            i(0),
+        ];
+        let grid = ((m / 128) as u32, (o / bn) as u32, 1);
+        let smem = 3 * (128 + bn) * 40 * 2;
+        let head = [Arg::Buf(&x), Arg::Buf(&w), Arg::Buf(&out)];
+        let plain: Vec<Arg<'_>> = head
+            .iter()
+            .cloned()
+            .chain([Arg::Null, Arg::Null, Arg::Null])
+            .chain(geometry.iter().cloned())
+            .collect();
+        launch(
+            emu,
+            &format!("conv_igemm_f16_n{bn}"),
+            grid,
+            (128, 1, 1),
+            smem,
+            &plain,
+        );
+        let gn: Vec<Arg<'_>> = head
+            .iter()
+            .cloned()
+            .chain([Arg::Null, Arg::Null, Arg::Null, Arg::Buf(&ab), i(1)])
+            .chain(geometry.iter().cloned())
+            .collect();
+        launch(
+            emu,
+            &format!("conv_igemm_gn_f16_n{bn}"),
+            grid,
+            (128, 1, 1),
+            smem,
+            &gn,
+        );
+        // a LayerNorm's projection: m rows of k = 576 values as a 1x1 convolution
+        let ln: Vec<Arg<'_>> = head
+            .iter()
+            .cloned()
+            .chain([Arg::Null, Arg::Null, Arg::Null])
+            .chain([Arg::Buf(&rs), Arg::Buf(&gb), Arg::Buf(&gb)])
+            .chain([i(1), i(m), i(1), i(k), i(m), i(1), i(o)])
+            .chain([i(1), i(1), i(1), i(1), i(0), i(0)])
+            .collect();
+        let xl = buf::<u16>(&<u16 as Host>::round(&random(m * k, 3)));
+        let mut ln = ln;
+        ln[0] = Arg::Buf(&xl);
+        launch(
+            emu,
+            &format!("conv_igemm_ln_f16_n{bn}"),
+            grid,
+            (128, 1, 1),
+            smem,
+            &ln,
+        );
+        // GEGLU: m rows of k, 2 x 64 output columns
+        let geglu = [
+            Arg::Buf(&xl),
+            Arg::Buf(&w),
+            Arg::Buf(&out),
+            Arg::Null,
+            i(m),
+            i(k),
+            i(64),
+        ];
+        launch(
+            emu,
+            &format!("gemm_geglu_f16_n{bn}"),
+            ((m / 128) as u32, (128 / bn) as u32, 1),
+            (128, 1, 1),
+            smem,
+            &geglu,
+        );
+    }
+    let report = emu.bank_report();
+    emu.bank_stats(false);
+    let table: Vec<String> = report
+        .iter()
+        .map(|s| {
+            format!(
+                "{:<24} {:<18} {:>8} requests {:>9} wavefronts (ideal {:>9}, {:.2}x){}",
+                s.site,
+                s.op,
+                s.requests,
+                s.wavefronts,
+                s.ideal,
+                s.conflict_ratio(),
+                if s.uneven > 0 {
+                    format!(", {} uneven", s.uneven)
+                } else {
+                    String::new()
+                }
+            )
+        })
+        .collect();
+    eprintln!("{}", table.join("\n"));
+    assert!(
+        report
+            .iter()
+            .any(|s| s.op.starts_with("ldmatrix") && s.requests > 0)
+            && report
+                .iter()
+                .any(|s| s.op == "cp.async.16" && s.requests > 0),
+        "nothing counted"
+    );
+    let conflicted: Vec<&String> = report
+        .iter()
+        .zip(&table)
+        .filter(|(s, _)| s.wavefronts != s.ideal)
+        .map(|(_, t)| t)
+        .collect();
+    assert!(
+        conflicted.is_empty(),
+        "bank conflicts:\n{}",
+        conflicted
+            .iter()
+            .map(|t| t.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 /// `gemm_geglu_f16_n{64,128}` (the feed-forward's first projection with GEGLU in its epilogue,
