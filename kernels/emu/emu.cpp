@@ -156,10 +156,12 @@ struct Block {
     std::vector<std::pair<std::uintptr_t, std::uintptr_t>> allowed;
     std::size_t n_buffers;  // the first ranges given by the caller (the rest: emulator internals)
     std::vector<std::pair<std::uintptr_t, std::uintptr_t>> buffers;  // the caller's, unsorted
-    // bank statistics (mrt_emu_bank_stats): each warp's 16-byte cp.async destinations, one
-    // instruction per (warp, site, barrier epoch, n-th call of the site in that epoch)
+    // bank statistics (mrt_emu_bank_stats): each warp's 16-byte cp.async destinations (and
+    // sources, for their global sectors), one instruction per (warp, site, barrier epoch, n-th
+    // call of the site in that epoch)
     bool banks;
-    std::map<std::tuple<unsigned, std::string, unsigned, unsigned>, std::array<std::uintptr_t, 32>>
+    std::map<std::tuple<unsigned, std::string, unsigned, unsigned>,
+             std::array<std::pair<std::uintptr_t, std::uintptr_t>, 32>>
         cp_dst;
 };
 
@@ -250,6 +252,8 @@ Block& block() {
 
 struct BankCount {
     unsigned long long requests = 0, wavefronts = 0, ideal = 0, uneven = 0;
+    // cp.async: the 32-byte global sectors its sources touch, and the fewest its bytes could
+    unsigned long long sectors = 0, ideal_sectors = 0;
 };
 thread_local bool tls_banks = false;
 thread_local std::map<std::pair<std::string, std::string>, BankCount> tls_bank_sites;
@@ -295,7 +299,7 @@ void bank_flush_cp_async(Block& b) {
         auto end = it;
         unsigned calls[32] = {};
         while (end != b.cp_dst.end() && same_run(end->first, it->first)) {
-            for (int l = 0; l < 32; ++l) calls[l] += end->second[l] != 0;
+            for (int l = 0; l < 32; ++l) calls[l] += end->second[l].first != 0;
             ++end;
         }
         const bool equal = std::all_of(calls, calls + 32, [&](unsigned c) { return c == calls[0]; });
@@ -306,13 +310,26 @@ void bank_flush_cp_async(Block& b) {
                 std::uintptr_t a[8];
                 int n = 0;
                 for (int l = 8 * q; l < 8 * q + 8; ++l)
-                    if (it->second[l]) a[n++] = it->second[l];
+                    if (it->second[l].first) a[n++] = it->second[l].first;
                 if (!n) continue;
                 const auto p = phase_wavefronts(a, n);
                 wf += p.first;
                 ideal += p.second;
             }
             bank_record(std::get<1>(it->first), "cp.async.16", wf, ideal);
+            // global side: the warp's distinct 32-byte sectors (a 16-byte aligned source lies in
+            // one) against its bytes' fewest
+            std::uintptr_t sec[32];
+            int ns = 0, lanes = 0;
+            for (int l = 0; l < 32; ++l) {
+                if (!it->second[l].first) continue;
+                ++lanes;
+                const std::uintptr_t x = it->second[l].second / 32;
+                if (std::find(sec, sec + ns, x) == sec + ns) sec[ns++] = x;
+            }
+            BankCount& c = tls_bank_sites[{std::get<1>(it->first), "cp.async.16"}];
+            c.sectors += ns;
+            c.ideal_sectors += (lanes + 1) / 2;
         }
     }
     b.cp_dst.clear();
@@ -1141,7 +1158,7 @@ void cp_async(void* smem, const void* gmem, unsigned bytes, const char* file, in
             }
         if (!found) f.cp_seen.push_back({file, {line, 0u}});
         b.cp_dst[std::make_tuple(f.linear / 32, site(file, line), b.bar_epoch, nth)][f.linear % 32] =
-            (std::uintptr_t)smem;
+            {(std::uintptr_t)smem, (std::uintptr_t)gmem};
     }
     b.cur->open.push_back({smem, gmem, bytes});
 }
@@ -1249,16 +1266,17 @@ MRT_EXPORT void mrt_emu_bank_stats(int on) {
 }
 
 // The counts since mrt_emu_bank_stats, one line per call site and instruction: "site\top\t
-// requests\twavefronts\tideal\tuneven\n" (requests: warp instructions; ideal: the wavefronts
-// without bank conflicts; uneven: cp.async instructions grouped on an assumption, see
-// bank_flush_cp_async). Writes at most `len` bytes (NUL-terminated) and returns the length of the whole
+// requests\twavefronts\tideal\tuneven\tsectors\tideal_sectors\n" (requests: warp instructions;
+// ideal: the wavefronts without bank conflicts; uneven: cp.async instructions grouped on an
+// assumption, see bank_flush_cp_async; sectors: the 32-byte global sectors cp.async read, and the
+// fewest its bytes could take). Writes at most `len` bytes (NUL-terminated) and returns the length of the whole
 // report, so a caller whose buffer was too small can ask again.
 MRT_EXPORT std::size_t mrt_emu_bank_report(char* buf, std::size_t len) {
     std::string r;
     for (const auto& e : tls_bank_sites)
-        r += fmt("%s\t%s\t%llu\t%llu\t%llu\t%llu\n", e.first.first.c_str(),
+        r += fmt("%s\t%s\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu\n", e.first.first.c_str(),
                  e.first.second.c_str(), e.second.requests, e.second.wavefronts, e.second.ideal,
-                 e.second.uneven);
+                 e.second.uneven, e.second.sectors, e.second.ideal_sectors);
     if (buf && len) std::snprintf(buf, len, "%s", r.c_str());
     return r.size();
 }

@@ -477,6 +477,10 @@ pub struct BankSite {
     /// loop's tail); where they skipped calls in between (a chunk zero-filled instead), the n-th
     /// calls of the lanes were not one instruction and these counts are not the hardware's.
     pub uneven: u64,
+    /// `cp.async`: the 32-byte global-memory sectors its sources touched (per warp instruction,
+    /// summed), and the fewest their bytes could take (two 16-byte copies a sector).
+    pub sectors: u64,
+    pub ideal_sectors: u64,
 }
 
 impl BankSite {
@@ -629,7 +633,7 @@ impl Emu {
         text.lines()
             .filter_map(|l| {
                 let f: Vec<&str> = l.split('\t').collect();
-                let [site, op, r, w, i, u] = f[..] else {
+                let [site, op, r, w, i, u, sec, isec] = f[..] else {
                     return None;
                 };
                 Some(BankSite {
@@ -639,6 +643,8 @@ impl Emu {
                     wavefronts: w.parse().ok()?,
                     ideal: i.parse().ok()?,
                     uneven: u.parse().ok()?,
+                    sectors: sec.parse().ok()?,
+                    ideal_sectors: isec.parse().ok()?,
                 })
             })
             .collect()
