@@ -21,12 +21,20 @@ struct Lanes {
     static constexpr int N = 16 / sizeof(T);
 };
 
-__device__ __forceinline__ void load16(float* f, const float* p) {
+// (the emulator's bank statistics count these where they touch shared memory)
+#ifdef MOTIONRT_EMU
+#define MRT_SHARED16(p, write) ::mrt_emu::shared16((p), (write), mrt_file, mrt_line)
+#else
+#define MRT_SHARED16(p, write) ((void)0)
+#endif
+__device__ __forceinline__ void load16(float* f, const float* p MRT_SITE) {
+    MRT_SHARED16(p, false);
     const B16 b = *(const B16*)p;
 #pragma unroll
     for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(b.w[i]);
 }
-__device__ __forceinline__ void load16(float* f, const half_bits* p) {
+__device__ __forceinline__ void load16(float* f, const half_bits* p MRT_SITE) {
+    MRT_SHARED16(p, false);
     const B16 b = *(const B16*)p;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -34,13 +42,15 @@ __device__ __forceinline__ void load16(float* f, const half_bits* p) {
         f[2 * i + 1] = mrt_h2f((half_bits)(b.w[i] >> 16));
     }
 }
-__device__ __forceinline__ void store16(float* p, const float* f) {
+__device__ __forceinline__ void store16(float* p, const float* f MRT_SITE) {
+    MRT_SHARED16(p, true);
     B16 b;
 #pragma unroll
     for (int i = 0; i < 4; ++i) b.w[i] = __float_as_uint(f[i]);
     *(B16*)p = b;
 }
-__device__ __forceinline__ void store16(half_bits* p, const float* f) {
+__device__ __forceinline__ void store16(half_bits* p, const float* f MRT_SITE) {
+    MRT_SHARED16(p, true);
     B16 b;
 #pragma unroll
     for (int i = 0; i < 4; ++i) b.w[i] = mrt_pack_h2(f[2 * i], f[2 * i + 1]);

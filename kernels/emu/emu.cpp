@@ -157,10 +157,10 @@ struct Block {
     std::size_t n_buffers;  // the first ranges given by the caller (the rest: emulator internals)
     std::vector<std::pair<std::uintptr_t, std::uintptr_t>> buffers;  // the caller's, unsorted
     // bank statistics (mrt_emu_bank_stats): each warp's 16-byte cp.async destinations (and
-    // sources, for their global sectors), one instruction per (warp, site, barrier epoch, n-th
-    // call of the site in that epoch)
+    // sources, for their global sectors) and 16-byte shared loads and stores (Access16), one
+    // instruction per (warp, site, kind, barrier epoch, n-th call of the site in that epoch)
     bool banks;
-    std::map<std::tuple<unsigned, std::string, unsigned, unsigned>,
+    std::map<std::tuple<unsigned, std::string, int, unsigned, unsigned>,
              std::array<std::pair<std::uintptr_t, std::uintptr_t>, 32>>
         cp_dst;
 };
@@ -241,9 +241,9 @@ Block& block() {
 }
 
 // ---- shared-memory bank statistics --------------------------------------------------------------
-// Opt-in per OS thread (mrt_emu_bank_stats), for ldmatrix and 16-byte cp.async, whose widths the
-// kernels fix (plain loads and stores take whatever width the host compiler gives them, so they
-// are not counted). Shared memory has 32 banks of 4-byte words; a warp's request is served in
+// Opt-in per OS thread (mrt_emu_bank_stats), for ldmatrix, 16-byte cp.async and the 16-byte
+// shared loads and stores the kernels report (shared16), whose widths the kernels fix (other
+// plain loads and stores take whatever width the host compiler gives them: not counted). Shared memory has 32 banks of 4-byte words; a warp's request is served in
 // phases, one per 8x8 matrix of an ldmatrix (the eight 16-byte rows from lanes 8i .. 8i+7) and
 // one per quarter warp of a 16-byte access (lanes 8q .. 8q+7); a phase takes as many wavefronts
 // as the largest number of distinct words that fall in one bank, ideally one (its 128 bytes over
@@ -283,16 +283,45 @@ void bank_record(const std::string& where, const char* op, unsigned wavefronts, 
     c.ideal += ideal;
 }
 
-// The block's cp.async instructions, once it has run: each quarter warp's lanes a phase. Where
+// The kinds of 16-byte accesses recorded per lane: cp.async, and the kernels' own 16-byte shared
+// loads and stores (shared16: the engine's load16/store16 helpers).
+enum Access16 : int { CP_ASYNC = 0, LD_SHARED = 1, ST_SHARED = 2 };
+const char* access16_name(int kind) {
+    return kind == CP_ASYNC ? "cp.async.16" : kind == LD_SHARED ? "ld.shared.16" : "st.shared.16";
+}
+
+// Record the running lane's 16-byte access of `kind` at `smem` (cp.async: from `gmem`): the
+// warp's instruction is the n-th call of this site by each lane since the last barrier.
+void bank_note16(Block& b, int kind, const void* smem, const void* gmem, const char* file,
+                 int line) {
+    Fiber& f = *b.cur;
+    if (f.cp_epoch != b.bar_epoch) {
+        f.cp_epoch = b.bar_epoch;
+        f.cp_seen.clear();
+    }
+    unsigned nth = 0;
+    bool found = false;
+    for (auto& e : f.cp_seen)
+        if (e.first == file && e.second.first == line) {
+            nth = ++e.second.second;
+            found = true;
+            break;
+        }
+    if (!found) f.cp_seen.push_back({file, {line, 0u}});
+    b.cp_dst[std::make_tuple(f.linear / 32, site(file, line), kind, b.bar_epoch, nth)]
+            [f.linear % 32] = {(std::uintptr_t)smem, (std::uintptr_t)gmem};
+}
+
+// The block's 16-byte instructions, once it has run: each quarter warp's lanes a phase. Where
 // the lanes of a warp called a site unequally often between two barriers, the n-th calls are
 // one instruction only if the lanes with fewer calls skipped the last ones (a loop's tail), not
 // calls in between (a zero-filled padding chunk): such instructions are counted, as if the
 // skipped calls were the last, and also as uneven.
 void bank_flush_cp_async(Block& b) {
-    using Key = std::tuple<unsigned, std::string, unsigned, unsigned>;
+    using Key = std::tuple<unsigned, std::string, int, unsigned, unsigned>;
     auto same_run = [](const Key& x, const Key& y) {
         return std::get<0>(x) == std::get<0>(y) && std::get<1>(x) == std::get<1>(y) &&
-               std::get<2>(x) == std::get<2>(y);
+               std::get<2>(x) == std::get<2>(y) && std::get<3>(x) == std::get<3>(y);
     };
     for (auto it = b.cp_dst.begin(); it != b.cp_dst.end();) {
         // the calls of one site by one warp between two barriers
@@ -304,7 +333,9 @@ void bank_flush_cp_async(Block& b) {
         }
         const bool equal = std::all_of(calls, calls + 32, [&](unsigned c) { return c == calls[0]; });
         for (; it != end; ++it) {
-            if (!equal) ++tls_bank_sites[{std::get<1>(it->first), "cp.async.16"}].uneven;
+            const int kind = std::get<2>(it->first);
+            const char* op = access16_name(kind);
+            if (!equal) ++tls_bank_sites[{std::get<1>(it->first), op}].uneven;
             unsigned wf = 0, ideal = 0;
             for (int q = 0; q < 4; ++q) {
                 std::uintptr_t a[8];
@@ -316,7 +347,8 @@ void bank_flush_cp_async(Block& b) {
                 wf += p.first;
                 ideal += p.second;
             }
-            bank_record(std::get<1>(it->first), "cp.async.16", wf, ideal);
+            bank_record(std::get<1>(it->first), op, wf, ideal);
+            if (kind != CP_ASYNC) continue;
             // global side: the warp's distinct 32-byte sectors (a 16-byte aligned source lies in
             // one) against its bytes' fewest
             std::uintptr_t sec[32];
@@ -327,7 +359,7 @@ void bank_flush_cp_async(Block& b) {
                 const std::uintptr_t x = it->second[l].second / 32;
                 if (std::find(sec, sec + ns, x) == sec + ns) sec[ns++] = x;
             }
-            BankCount& c = tls_bank_sites[{std::get<1>(it->first), "cp.async.16"}];
+            BankCount& c = tls_bank_sites[{std::get<1>(it->first), op}];
             c.sectors += ns;
             c.ideal_sectors += (lanes + 1) / 2;
         }
@@ -1140,26 +1172,7 @@ void cp_async(void* smem, const void* gmem, unsigned bytes, const char* file, in
         if (e.empty()) e = cp_async_issued(b, b.cur->linear, smem, bytes);
         if (!e.empty()) fail("race (cp.async, " + site(file, line) + "): " + e);
     }
-    if (b.banks && bytes == 16) {
-        // the warp's instruction: the n-th call of this site by each lane since the last barrier
-        // (exact where the lanes of a warp call it equally often, as in full tiles)
-        Fiber& f = *b.cur;
-        if (f.cp_epoch != b.bar_epoch) {
-            f.cp_epoch = b.bar_epoch;
-            f.cp_seen.clear();
-        }
-        unsigned nth = 0;
-        bool found = false;
-        for (auto& e : f.cp_seen)
-            if (e.first == file && e.second.first == line) {
-                nth = ++e.second.second;
-                found = true;
-                break;
-            }
-        if (!found) f.cp_seen.push_back({file, {line, 0u}});
-        b.cp_dst[std::make_tuple(f.linear / 32, site(file, line), b.bar_epoch, nth)][f.linear % 32] =
-            {(std::uintptr_t)smem, (std::uintptr_t)gmem};
-    }
+    if (b.banks && bytes == 16) bank_note16(b, CP_ASYNC, smem, gmem, file, line);
     b.cur->open.push_back({smem, gmem, bytes});
 }
 
@@ -1184,6 +1197,13 @@ void cp_async_wait_all() {
 }
 
 void* dynamic_shared() { return block().dyn; }
+
+void shared16(const void* p, bool write, const char* file, int line) {
+    Block& b = block();
+    if (!b.banks || (const unsigned char*)p < b.dyn || (const unsigned char*)p >= b.dyn + b.dyn_bytes)
+        return;
+    bank_note16(b, write ? ST_SHARED : LD_SHARED, p, nullptr, file, line);
+}
 
 void atomic_rmw(const void* p, std::size_t size) { race_atomic_rmw(p, size); }
 

@@ -23,8 +23,8 @@
 //! launch) ends the launch with an error naming both accesses; so does, with
 //! [`Emu::launch_within`], a global access outside the buffers the launch was given.
 //!
-//! [`Emu::bank_stats`] counts the shared-memory wavefronts of `ldmatrix` and 16-byte `cp.async`
-//! against their number without bank conflicts, per call site ([`BankSite`]): the one
+//! [`Emu::bank_stats`] counts the shared-memory wavefronts of `ldmatrix`, 16-byte `cp.async` and
+//! the kernels' 16-byte shared loads and stores against their number without bank conflicts, per call site ([`BankSite`]): the one
 //! performance property of a kernel that its launch on the CPU determines exactly.
 //!
 //! The compiler is `CXX` if set, else `g++`, else `c++`.
@@ -463,7 +463,8 @@ type BankReportFn = unsafe extern "C" fn(*mut c_char, usize) -> usize;
 pub struct BankSite {
     /// `file:line` of the call in the kernel source.
     pub site: String,
-    /// The instruction: `ldmatrix.x4`, `ldmatrix.x2.trans`, `cp.async.16`, ...
+    /// The instruction: `ldmatrix.x4`, `ldmatrix.x2.trans`, `cp.async.16`, `ld.shared.16`,
+    /// `st.shared.16`, ...
     pub op: String,
     /// Warp instructions executed.
     pub requests: u64,
@@ -614,7 +615,9 @@ impl Emu {
     /// addresses; a `cp.async` instruction is the n-th call of its site by each lane of a warp
     /// since the block's last barrier (see [`BankSite::uneven`] where the lanes called it
     /// unequally often).
-    /// Plain loads and stores are not counted: their width is the host compiler's.
+    /// Of the kernels' own loads and stores, the engine's 16-byte `load16` / `store16` are counted
+    /// where they touch dynamic shared memory (`ld.shared.16`, `st.shared.16`, grouped as
+    /// `cp.async`); other plain accesses are not: their width is the host compiler's.
     pub fn bank_stats(&self, on: bool) {
         // SAFETY: no arguments beyond the flag; thread-local state in the library.
         unsafe { (self.bank_stats)(c_int::from(on)) }
