@@ -943,26 +943,32 @@ fn bank_statistics_count_the_wavefronts_of_each_phase() {
     let g: Vec<u32> = (0..128).collect();
     let gb = DeviceBuffer::from_slice(&g);
     let out = DeviceBuffer::zeroed(128 * 4);
-    // eight 16-byte rows `pitch` bytes apart (at least 64: the four chunks of a row do not overlap
-    // the next row) in each of the 4 phases of both instructions: the wavefronts are the largest
-    // number of rows whose chunks fall in the same four banks (row r at r · pitch mod 128)
-    for (pitch, ways) in [(64, 4), (80, 1), (96, 2), (128, 8), (144, 1), (160, 2)] {
-        emu.bank_stats(true);
+    // one launch of emu_bank_pitch (lane `skip` zero-filling), counted if `count`
+    let run = |pitch: usize, skip: i32, count: bool| {
+        emu.bank_stats(count);
+        let args = [
+            Arg::Buf(&gb),
+            Arg::Buf(&out),
+            Arg::from(pitch as i32),
+            Arg::from(skip),
+        ];
         launch(
             emu,
             "emu_bank_pitch",
             (1, 1, 1),
             (32, 1, 1),
             7 * pitch + 64,
-            &[
-                Arg::Buf(&gb),
-                Arg::Buf(&out),
-                Arg::from(pitch as i32),
-                Arg::from(-1i32),
-            ],
+            &args,
         );
         let r = emu.bank_report();
         emu.bank_stats(false);
+        r
+    };
+    // eight 16-byte rows `pitch` bytes apart (at least 64: the four chunks of a row do not overlap
+    // the next row) in each of the 4 phases of both instructions: the wavefronts are the largest
+    // number of rows whose chunks fall in the same four banks (row r at r · pitch mod 128)
+    for (pitch, ways) in [(64, 4), (80, 1), (96, 2), (128, 8), (144, 1), (160, 2)] {
+        let r = run(pitch, -1, true);
         let ops: Vec<&str> = r.iter().map(|s| s.op.as_str()).collect();
         assert_eq!(ops, ["cp.async.16", "ldmatrix.x4"], "pitch {pitch}: {r:?}");
         for s in &r {
@@ -988,45 +994,17 @@ fn bank_statistics_count_the_wavefronts_of_each_phase() {
     }
     // lane 5 zero-fills its chunk: the other 31 lanes' cp.async, uneven (quarter 0: 7 rows in the
     // same banks)
-    emu.bank_stats(true);
-    launch(
-        emu,
-        "emu_bank_pitch",
-        (1, 1, 1),
-        (32, 1, 1),
-        7 * 128 + 64,
-        &[
-            Arg::Buf(&gb),
-            Arg::Buf(&out),
-            Arg::from(128i32),
-            Arg::from(5i32),
-        ],
-    );
-    let r = emu.bank_report();
-    emu.bank_stats(false);
-    let counts: Vec<_> = r
+    let counts: Vec<_> = run(128, 5, true)
         .iter()
-        .map(|s| (s.op.as_str(), s.requests, s.wavefronts, s.ideal, s.uneven))
+        .map(|s| (s.op.clone(), s.requests, s.wavefronts, s.ideal, s.uneven))
         .collect();
+    let want = [("cp.async.16", 1, 31, 4, 1), ("ldmatrix.x4", 1, 32, 4, 0)];
     assert_eq!(
         counts,
-        [("cp.async.16", 1, 31, 4, 1), ("ldmatrix.x4", 1, 32, 4, 0)]
+        want.map(|(o, a, b, c, d)| (o.to_string(), a, b, c, d))
     );
     // off: nothing counted
-    launch(
-        emu,
-        "emu_bank_pitch",
-        (1, 1, 1),
-        (32, 1, 1),
-        7 * 128 + 64,
-        &[
-            Arg::Buf(&gb),
-            Arg::Buf(&out),
-            Arg::from(128i32),
-            Arg::from(-1i32),
-        ],
-    );
-    assert!(emu.bank_report().is_empty());
+    assert!(run(128, -1, false).is_empty());
 }
 
 /// The values `emu_cp_async` left (without race checking: with it, its early reads are errors).
