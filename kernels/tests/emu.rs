@@ -1922,28 +1922,24 @@ fn tensor_core_kernels_load_shared_memory_without_bank_conflicts() {
             .chain([Arg::Null, Arg::Null, Arg::Null])
             .chain(geometry.iter().cloned())
             .collect();
-        launch(
-            emu,
-            &format!("conv_igemm_f16_n{bn}"),
-            grid,
-            (128, 1, 1),
-            smem,
-            &plain,
-        );
+        let run = |kernel: &str, args: &[Arg<'_>]| {
+            launch(
+                emu,
+                &format!("{kernel}_f16_n{bn}"),
+                grid,
+                (128, 1, 1),
+                smem,
+                args,
+            )
+        };
+        run("conv_igemm", &plain);
         let gn: Vec<Arg<'_>> = head
             .iter()
             .cloned()
             .chain([Arg::Null, Arg::Null, Arg::Null, Arg::Buf(&ab), i(1)])
             .chain(geometry.iter().cloned())
             .collect();
-        launch(
-            emu,
-            &format!("conv_igemm_gn_f16_n{bn}"),
-            grid,
-            (128, 1, 1),
-            smem,
-            &gn,
-        );
+        run("conv_igemm_gn", &gn);
         // a LayerNorm's projection: m rows of k = 576 values as a 1x1 convolution
         let ln: Vec<Arg<'_>> = head
             .iter()
@@ -1956,14 +1952,7 @@ fn tensor_core_kernels_load_shared_memory_without_bank_conflicts() {
         let xl = buf::<u16>(&<u16 as Host>::round(&random(m * k, 3)));
         let mut ln = ln;
         ln[0] = Arg::Buf(&xl);
-        launch(
-            emu,
-            &format!("conv_igemm_ln_f16_n{bn}"),
-            grid,
-            (128, 1, 1),
-            smem,
-            &ln,
-        );
+        run("conv_igemm_ln", &ln);
         // GEGLU: m rows of k, 2 x 64 output columns
         let geglu = [
             Arg::Buf(&xl),
