@@ -1152,15 +1152,14 @@ __device__ __forceinline__ void att_zero_cols(half_bits* s, int rows, int d, int
 
 // One 64-key tile of K and V (rows at kg and vg, token stride tkv; keys from `valid` on
 // zero-filled) into a stage of the tiled kernel (K rows at s, V rows ATT_KEYS rows on) by its
-// 256 threads (slots as att_load_rows'). Each thread's slots (row, 16-byte chunk) are the same in
+// NT threads (slots as att_load_rows'). Each thread's slots (row, 16-byte chunk) are the same in
 // every tile, so their offsets do not depend on the tile: computed once a kernel rather than
 // once a tile.
-template <int DP, bool ONES>
+template <int DP, bool ONES, unsigned NT = ATT_WARPS * 32>
 __device__ __forceinline__ void att_load_kv_tile(half_bits* s, const half_bits* kg,
                                                  const half_bits* vg, i64 tkv, int valid, int d,
                                                  int tid) {
     constexpr unsigned CH = ONES ? DP / 8 - 1 : DP / 8, SLOTS = ATT_KEYS * CH;
-    constexpr unsigned NT = ATT_WARPS * 32;
     const unsigned chunks = (unsigned)d >> 3;
 #pragma unroll
     for (unsigned j = 0; j < (SLOTS + NT - 1) / NT; ++j) {
@@ -1204,46 +1203,12 @@ __device__ __forceinline__ void att_begin(AttRows<DP>& r, const half_bits* s, in
     r.l0 = r.l1 = 0.f;
 }
 
-// The 16 rows against NT * 8 keys (K rows at ks, V rows at vs, pitch DP + 8; key0 is the first
-// key's index, keys from S on are masked). sl2 = scale * log2(e), positive: the running max is
-// taken before scaling. When d is an odd multiple of 8 (d = 40 in DP = 48), the last 8
-// dimensions of Q K^T are one m16n8k8 product and P V skips the output n-tile past d: no product
-// of the zero padding. With ONES (d = DP - 8 at compile time, V's column d all ones) the row
-// sums come from P V's last n-tile (column d) rather than from adding the weights up: a
-// product of the tensor cores for every 16 keys instead of two adds a score.
+// The online softmax of one 16-row tile's scores sc (NT n-tiles of 8 keys, from key0): the
+// running max and sum of r updated, its output rescaled, sc turned into the weights.
 template <int DP, int NT, bool ONES>
-__device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
-                                         const half_bits* vs, int key0, int S, int d, float sl2,
-                                         int lane) {
-    constexpr int P = DP + 8;
-    const int mi = lane >> 3, tq = lane & 3;
-    const bool half_last = (d & 15) != 0;  // dims DP-16 .. DP-9 real, DP-8 .. DP-1 padding
-    // S = Q K^T. ldmatrix x4 over two 8-key n-tiles: (j, dims lo), (j, dims hi), (j+1, lo),
-    // (j+1, hi); K rows are the B operand's columns, so no transpose. A half chunk: x2 over
-    // (j, lo), (j+1, lo).
-    float sc[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
-    {
-        const half_bits* kr = ks + ((mi >> 1) * 8 + (lane & 7)) * P + (mi & 1) * 8;
-        const half_bits* kr2 = ks + ((mi & 1) * 8 + (lane & 7)) * P + (DP - 16);
-#pragma unroll
-        for (int j = 0; j < NT; j += 2) {
-#pragma unroll
-            for (int kc = 0; kc < DP / 16; ++kc) {
-                unsigned b[4];
-                if (kc == DP / 16 - 1 && half_last) {
-                    mrt_ldmatrix_x2(b, kr2 + j * 8 * P);
-                    mrt_mma_m16n8k8(sc[j], r.qa[kc], b[0]);
-                    mrt_mma_m16n8k8(sc[j + 1], r.qa[kc], b[1]);
-                } else {
-                    mrt_ldmatrix_x4(b, kr + j * 8 * P + kc * 16);
-                    mrt_mma_m16n8k16(sc[j], r.qa[kc], b[0], b[1]);
-                    mrt_mma_m16n8k16(sc[j + 1], r.qa[kc], b[2], b[3]);
-                }
-            }
-        }
-    }
+__device__ __forceinline__ void att_softmax(AttRows<DP>& r, float (&sc)[NT][4], int key0, int S,
+                                            float sl2, int lane) {
+    const int tq = lane & 3;
     // online softmax on the unscaled scores; this thread holds columns 2tq, 2tq + 1 of each
     // n-tile. Keys past S are masked only in a tile that reaches past S (warp-uniform); the
     // running max stays unscaled, and each weight is 2^(s * sl2 - m * sl2): one FFMA and one
@@ -1294,6 +1259,62 @@ __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
         r.o[j][2] *= c1;
         r.o[j][3] *= c1;
     }
+}
+
+// The 16 rows against NT * 8 keys (K rows at ks, V rows at vs, pitch DP + 8; key0 is the first
+// key's index, keys from S on are masked). sl2 = scale * log2(e), positive: the running max is
+// taken before scaling. When d is an odd multiple of 8 (d = 40 in DP = 48), the last 8
+// dimensions of Q K^T are one m16n8k8 product and P V skips the output n-tile past d: no product
+// of the zero padding. With ONES (d = DP - 8 at compile time, V's column d all ones) the row
+// sums come from P V's last n-tile (column d) rather than from adding the weights up: a
+// product of the tensor cores for every 16 keys instead of two adds a score.
+//
+// RT row tiles at once (att_step_rows: r[0 .. RT), one warp's 16·RT rows): each K and V fragment
+// is loaded once for all of them — a 16-row tile takes two ldmatrix wavefronts of shared memory
+// a tensor-core product, which on an H100 is more than the tensor cores' rate; two tiles one.
+template <int DP, int NT, bool ONES, int RT>
+__device__ __forceinline__ void att_step_rows(AttRows<DP>* r, const half_bits* ks,
+                                              const half_bits* vs, int key0, int S, int d,
+                                              float sl2, int lane) {
+    constexpr int P = DP + 8;
+    const int mi = lane >> 3;
+    const bool half_last = (d & 15) != 0;  // dims DP-16 .. DP-9 real, DP-8 .. DP-1 padding
+    // S = Q K^T. ldmatrix x4 over two 8-key n-tiles: (j, dims lo), (j, dims hi), (j+1, lo),
+    // (j+1, hi); K rows are the B operand's columns, so no transpose. A half chunk: x2 over
+    // (j, lo), (j+1, lo).
+    float sc[RT][NT][4];
+#pragma unroll
+    for (int t = 0; t < RT; ++t)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) sc[t][j][0] = sc[t][j][1] = sc[t][j][2] = sc[t][j][3] = 0.f;
+    {
+        const half_bits* kr = ks + ((mi >> 1) * 8 + (lane & 7)) * P + (mi & 1) * 8;
+        const half_bits* kr2 = ks + ((mi & 1) * 8 + (lane & 7)) * P + (DP - 16);
+#pragma unroll
+        for (int j = 0; j < NT; j += 2) {
+#pragma unroll
+            for (int kc = 0; kc < DP / 16; ++kc) {
+                unsigned b[4];
+                if (kc == DP / 16 - 1 && half_last) {
+                    mrt_ldmatrix_x2(b, kr2 + j * 8 * P);
+#pragma unroll
+                    for (int t = 0; t < RT; ++t) {
+                        mrt_mma_m16n8k8(sc[t][j], r[t].qa[kc], b[0]);
+                        mrt_mma_m16n8k8(sc[t][j + 1], r[t].qa[kc], b[1]);
+                    }
+                } else {
+                    mrt_ldmatrix_x4(b, kr + j * 8 * P + kc * 16);
+#pragma unroll
+                    for (int t = 0; t < RT; ++t) {
+                        mrt_mma_m16n8k16(sc[t][j], r[t].qa[kc], b[0], b[1]);
+                        mrt_mma_m16n8k16(sc[t][j + 1], r[t].qa[kc], b[2], b[3]);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < RT; ++t) att_softmax<DP, NT, ONES>(r[t], sc[t], key0, S, sl2, lane);
     // O += P V: P (16 x 16 keys per step) from the score registers as A fragments; V rows are the
     // B operand's k axis, so ldmatrix.trans: (keys lo, dims j), (keys hi, j), (lo, j+1), (hi, j+1);
     // the last n-tile alone (x2: its keys lo, hi) when the one after it is padding (and not the
@@ -1301,24 +1322,38 @@ __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
     const half_bits* vr = vs + ((mi & 1) * 8 + (lane & 7)) * P + (mi >> 1) * 8;
 #pragma unroll
     for (int kc = 0; kc < NT / 2; ++kc) {
-        unsigned pa[4];
-        pa[0] = mrt_pack_h2(sc[2 * kc][0], sc[2 * kc][1]);
-        pa[1] = mrt_pack_h2(sc[2 * kc][2], sc[2 * kc][3]);
-        pa[2] = mrt_pack_h2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]);
-        pa[3] = mrt_pack_h2(sc[2 * kc + 1][2], sc[2 * kc + 1][3]);
+        unsigned pa[RT][4];
+#pragma unroll
+        for (int t = 0; t < RT; ++t) {
+            pa[t][0] = mrt_pack_h2(sc[t][2 * kc][0], sc[t][2 * kc][1]);
+            pa[t][1] = mrt_pack_h2(sc[t][2 * kc][2], sc[t][2 * kc][3]);
+            pa[t][2] = mrt_pack_h2(sc[t][2 * kc + 1][0], sc[t][2 * kc + 1][1]);
+            pa[t][3] = mrt_pack_h2(sc[t][2 * kc + 1][2], sc[t][2 * kc + 1][3]);
+        }
 #pragma unroll
         for (int j = 0; j < DP / 8; j += 2) {
             unsigned b[4];
             if (j == DP / 8 - 2 && half_last && !ONES) {
                 mrt_ldmatrix_x2_trans(b, vr + kc * 16 * P + j * 8);
-                mrt_mma_m16n8k16(r.o[j], pa, b[0], b[1]);
+#pragma unroll
+                for (int t = 0; t < RT; ++t) mrt_mma_m16n8k16(r[t].o[j], pa[t], b[0], b[1]);
             } else {
                 mrt_ldmatrix_x4_trans(b, vr + kc * 16 * P + j * 8);
-                mrt_mma_m16n8k16(r.o[j], pa, b[0], b[1]);
-                mrt_mma_m16n8k16(r.o[j + 1], pa, b[2], b[3]);
+#pragma unroll
+                for (int t = 0; t < RT; ++t) {
+                    mrt_mma_m16n8k16(r[t].o[j], pa[t], b[0], b[1]);
+                    mrt_mma_m16n8k16(r[t].o[j + 1], pa[t], b[2], b[3]);
+                }
             }
         }
     }
+}
+
+template <int DP, int NT, bool ONES>
+__device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
+                                         const half_bits* vs, int key0, int S, int d, float sl2,
+                                         int lane) {
+    att_step_rows<DP, NT, ONES, 1>(&r, ks, vs, key0, S, d, sl2, lane);
 }
 
 // Normalise and store rows row0.. (those below L) at y (row stride C, the head's first column).
@@ -1404,6 +1439,62 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
     }
     att_store<DP, ONES>(r, y + att_seq_row(n, L, ns) * C + (i64)h * d, C * ns, row0 + warp * 16,
                         L, d, lane);
+}
+
+// attention_tiled with 4 warps of 32 query rows, two 16-row tiles a warp that share every K and V
+// fragment load (att_step_rows<.., 2>): half the shared-memory wavefronts a tensor-core product
+// (one rather than two), more registers a thread. Grid (ceil(L / 128), H, N), 128 threads; the
+// same shared memory (4 * 64 * (DP + 8) * 2 bytes).
+#define ATT2_WARPS 4
+template <int DP, bool ONES>
+__device__ void attention_tiled2(const half_bits* __restrict__ q, const half_bits* __restrict__ k,
+                                 const half_bits* __restrict__ v, half_bits* __restrict__ y,
+                                 int L, int S, int heads, int d, int ldq, int ldkv, int ns,
+                                 float scale) {
+    constexpr int P = DP + 8, NT = ATT2_WARPS * 32, ROWS = ATT2_WARPS * 32;
+    MRT_DYN_SMEM(half_bits, sm);
+    half_bits* st0 = sm;
+    half_bits* st1 = sm + 2 * ATT_KEYS * P;
+    const int n = blockIdx.z, h = blockIdx.y;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const i64 C = (i64)heads * d;
+    const int row0 = blockIdx.x * ROWS;
+    const i64 tq = (i64)ldq * ns, tkv = (i64)ldkv * ns;
+    const half_bits* kg = k + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
+    const half_bits* vg = v + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
+    att_zero_cols<DP, ONES>(sm, 4 * ATT_KEYS, d, tid, NT, ATT_KEYS, 2);
+    att_load_rows<DP, ONES, ROWS, NT>(st1, q + att_seq_row(n, L, ns) * ldq + row0 * tq + (i64)h * d,
+                                      tq, min(L - row0, ROWS), d, tid);
+    att_load_kv_tile<DP, ONES, NT>(st0, kg, vg, tkv, min(S, ATT_KEYS), d, tid);
+    mrt_cp_async_commit();
+    mrt_cp_async_wait<0>();
+    __syncthreads();
+    AttRows<DP> r[2];
+    att_begin<DP>(r[0], st1 + warp * 32 * P, lane);
+    att_begin<DP>(r[1], st1 + (warp * 32 + 16) * P, lane);
+    __syncthreads();  // Q is in registers: stage 1 may take K/V
+    const float sl2 = scale * 1.4426950408889634f;
+    const int tiles = (S + ATT_KEYS - 1) / ATT_KEYS;
+    for (int t = 0; t < tiles; ++t) {
+        half_bits* cur = (t & 1) ? st1 : st0;
+        if (t + 1 < tiles) {
+            half_bits* nxt = (t & 1) ? st0 : st1;
+            const int s1 = (t + 1) * ATT_KEYS;
+            att_load_kv_tile<DP, ONES, NT>(nxt, kg + s1 * tkv, vg + s1 * tkv, tkv,
+                                           min(S - s1, ATT_KEYS), d, tid);
+            mrt_cp_async_commit();
+            mrt_cp_async_wait<1>();
+        } else {
+            mrt_cp_async_wait<0>();
+        }
+        __syncthreads();
+        att_step_rows<DP, ATT_KEYS / 8, ONES, 2>(r, cur, cur + ATT_KEYS * P, t * ATT_KEYS, S, d,
+                                                 sl2, lane);
+        __syncthreads();  // this stage is reloaded next iteration
+    }
+    half_bits* yh = y + att_seq_row(n, L, ns) * C + (i64)h * d;
+    att_store<DP, ONES>(r[0], yh, C * ns, row0 + warp * 32, L, d, lane);
+    att_store<DP, ONES>(r[1], yh, C * ns, row0 + warp * 32 + 16, L, d, lane);
 }
 
 // grid (ceil(N * H / 4)), 128 threads; each warp one (sequence, head) with L <= 16 * MT query
@@ -1518,6 +1609,15 @@ ATT_ENTRIES(160)
 // and V's first padding column holds ones for the row sums (ONES). Only d = 40, SD1.5's 64x64
 // level (its self-, cross- and motion-module attentions); the launcher takes them for d = 40.
 ATT_ENTRIES_AS(40, 48, 40, true)
+
+// The two-tile tiled kernel (attention_tiled2) for d = 40, SD1.5's 64x64 level, whose 4096-token
+// self-attention is the UNet's largest: the engine times it against attention_tiled_f16_d40 when
+// it builds (TacticCache.attention).
+extern "C" __global__ void __launch_bounds__(ATT2_WARPS * 32) attention_tiled2_f16_d40(
+    const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int L, int S,
+    int heads, int d, int ldq, int ldkv, int ns, float scale) {
+    attention_tiled2<48, true>(q, k, v, y, L, S, heads, 40, ldq, ldkv, ns, scale);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Channels-last float16 convolution as an implicit GEMM on the tensor cores (a tactic timed

@@ -1362,13 +1362,15 @@ fn attention_f16_entry(
         Arg::I32(ns as i32),
         Arg::F32(a.scale),
     ];
-    if kernel == "tiled" {
+    if kernel.starts_with("tiled") {
+        // 128-row blocks: 8 warps of 16 rows, or (tiled2) 4 warps of 32
+        let threads = if kernel == "tiled2" { 128 } else { 256 };
         let args: Vec<Arg<'_>> = common.into_iter().chain(tail).collect();
         launch(
             emu,
             &name,
             (l.div_ceil(128) as u32, heads as u32, n as u32),
-            (256, 1, 1),
+            (threads, 1, 1),
             4 * 64 * pitch * 2,
             &args,
         );
@@ -1461,6 +1463,25 @@ fn tiled_attention_matches_the_cpu() {
     ] {
         attention_f16(emu, "tiled", n, l, s, heads, d);
     }
+}
+
+/// `attention_tiled2_f16_d40` (4 warps of two 16-row tiles sharing each K and V fragment): rows
+/// past L in a warp's second tile and in its first, keys over partial tiles, one key, and Q, K,
+/// V packed and interleaved as the engine gives them.
+#[test]
+fn two_tile_attention_matches_the_cpu() {
+    let Some(emu) = emu() else { return };
+    for (n, l, s, heads) in [
+        (2, 100, 77, 2),
+        (1, 128, 200, 1),
+        (1, 20, 70, 2),
+        (1, 40, 1, 1),
+    ] {
+        attention_f16(emu, "tiled2", n, l, s, heads, 40);
+    }
+    attention_f16_packed(emu, "tiled2", (1, 130, 130, 2, 40), Packing::Qkv, 1);
+    attention_f16_packed(emu, "tiled2", (2, 100, 77, 2, 40), Packing::Kv, 1);
+    attention_f16_packed(emu, "tiled2", (6, 70, 70, 2, 40), Packing::Qkv, 3);
 }
 
 #[test]
@@ -1882,7 +1903,34 @@ fn tensor_core_kernels_load_shared_memory_without_bank_conflicts() {
         attention_f16(emu, "short1", 4, 16, 16, 1, d);
         attention_f16(emu, "short2", 4, 32, 32, 1, d);
     }
+    attention_f16(emu, "tiled2", 1, 128, 128, 1, 40);
     let mut report = emu.bank_report();
+    // the two-tile kernel loads each K and V fragment once for 32 query rows: half the
+    // wavefronts of the one-tile kernel's K and V ldmatrix at the same shape (Q's, att_begin's
+    // x4 of 16 rows, the same)
+    let wavefronts = |kernel: &str| {
+        emu.bank_stats(true);
+        attention_f16(emu, kernel, 1, 256, 256, 1, 40);
+        let r = emu.bank_report();
+        let w = |op: &str| -> u64 { r.iter().filter(|s| s.op == op).map(|s| s.wavefronts).sum() };
+        (
+            w("ldmatrix.x4") + w("ldmatrix.x2") + w("ldmatrix.x4.trans"),
+            w("cp.async.16"),
+        )
+    };
+    let (one, two) = (wavefronts("tiled"), wavefronts("tiled2"));
+    // Q: 256 rows, 3 x4 a 16-row tile (12 wavefronts): 192 in both
+    let q = 256 / 16 * 12;
+    assert_eq!(
+        two.0 - q,
+        (one.0 - q) / 2,
+        "ldmatrix wavefronts: tiled {one:?}, tiled2 {two:?}"
+    );
+    assert_eq!(
+        one.1, two.1,
+        "cp.async wavefronts: tiled {one:?}, tiled2 {two:?}"
+    );
+    emu.bank_stats(true);
     // the convolution family's counts apart
     emu.bank_stats(true);
     let i = |v: usize| Arg::I32(v as i32);
