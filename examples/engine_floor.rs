@@ -7,7 +7,7 @@
 //!
 //! `cargo run --release --example engine_floor -- FUSED.onnx [--frames 16 --height 64 --width 64
 //!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --texp 3.9 --no-merge --conv-kernel BN
-//!  --geglu-kernel BN --norm-pairs BN]`
+//!  --geglu-kernel BN --norm-pairs BN --attention-two]`
 //!
 //! `--texp`: exponentials a second (10¹²; an H100 SXM's special-function units, 16 an SM a cycle),
 //! the third bound of an attention's or a softmax's step: one exponential a score.
@@ -25,6 +25,8 @@
 //! step after it as `KIND+group_norm` / `KIND+layer_norm`, with the normalisation's
 //! special-function work counted as exponentials: every input value normalised once per filter
 //! tap and per block of BN output channels, two (SiLU's ex2 and rcp) a value.
+//! `--attention-two`: the attentions on `attention_tiled_f16_d40` on `attention_tiled2_f16_d40`
+//! (4 warps of two 16-row tiles; the same arithmetic and traffic: launches only).
 //!
 //! FUSED.onnx is a graph written by `motionrt build --plan-only`: the UNet (inputs at
 //! `[batch, 4, frames, height, width]` latents with a 77-token context per frame), or the VAE
@@ -54,9 +56,14 @@ fn main() -> Res<()> {
     let mut conv_kernel: Option<usize> = None;
     let mut geglu_kernel: Option<usize> = None;
     let mut norm_pair: Option<usize> = None;
+    let mut attention_two = false;
     while let Some(k) = it.next() {
         if k == "--no-merge" {
             merge = false;
+            continue;
+        }
+        if k == "--attention-two" {
+            attention_two = true;
             continue;
         }
         let v = it.next().ok_or(format!("{k} needs a value"))?;
@@ -306,7 +313,7 @@ fn main() -> Res<()> {
         tf / 1e9,
         tb / 1e9
     );
-    launches(&prog, conv_kernel, geglu_kernel, norm_pair)
+    launches(&prog, conv_kernel, geglu_kernel, norm_pair, attention_two)
 }
 
 /// Every launch the float16 executor makes for `prog` (its very `step_ops`, at addresses laid
@@ -318,6 +325,7 @@ fn launches(
     conv_kernel: Option<usize>,
     geglu_kernel: Option<usize>,
     norm_pair: Option<usize>,
+    attention_two: bool,
 ) -> Res<()> {
     use motionrt_runtime::engine::launch::{
         check_launchable, conv_igemm_for, geglu_kernel_for, group_norm_scratch, norm_pair_for,
@@ -375,6 +383,7 @@ fn launches(
         conv_kernel: &|si| conv_igemm_for(prog, si, Precision::Fp16, conv_kernel),
         geglu_kernel: &|si| geglu_kernel_for(prog, si, Precision::Fp16, geglu_kernel),
         norm_pair: &|si| norm_pair_for(prog, si, Precision::Fp16, norm_pair),
+        attention_two: &|_| attention_two,
     };
     let (mut kernels, mut lts, mut gemms, mut convs) = (0, 0, 0, 0);
     let mut bad = Vec::new();

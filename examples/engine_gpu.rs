@@ -442,7 +442,8 @@ fn check(a: &Args) -> Res<bool> {
                         let mut forced = tactics
                             .forced_igemm(bn)
                             .forced_geglu(bn)
-                            .forced_norm_pairs(bn);
+                            .forced_norm_pairs(bn)
+                            .forced_attention_two();
                         let mut gk = match GpuProgram::load(
                             &dev,
                             prog.clone(),
@@ -452,7 +453,7 @@ fn check(a: &Args) -> Res<bool> {
                         ) {
                             Ok(g) => g,
                             Err(e) => {
-                                println!("| {g} | {precision:?} {layout:?} | load, convolutions on conv_igemm_f16_n{bn}, GEGLU pairs on gemm_geglu_f16_n{bn}, normalisation pairs on conv_igemm_gn/_ln_f16_n{bn} | {e} | | | FAIL |");
+                                println!("| {g} | {precision:?} {layout:?} | load, convolutions on conv_igemm_f16_n{bn}, GEGLU pairs on gemm_geglu_f16_n{bn}, normalisation pairs on conv_igemm_gn/_ln_f16_n{bn}, d = 40 attentions on attention_tiled2_f16_d40 | {e} | | | FAIL |");
                                 ok = false;
                                 continue;
                             }
@@ -460,6 +461,7 @@ fn check(a: &Args) -> Res<bool> {
                         if gk.conv_kernel_steps() == 0
                             && gk.geglu_kernel_pairs() == 0
                             && gk.norm_kernel_pairs() == 0
+                            && gk.attention_two_steps() == 0
                         {
                             break;
                         }
@@ -473,10 +475,11 @@ fn check(a: &Args) -> Res<bool> {
                                 && st.cosine >= 0.9999;
                             ok &= pass;
                             println!(
-                                "| {g}.{name} | {precision:?} {layout:?} | eager, {} convolutions on conv_igemm_f16_n{bn}, {} GEGLU pairs on gemm_geglu_f16_n{bn}, {} normalisation pairs on conv_igemm_gn/_ln_f16_n{bn} | {:.2e} | {:.6} | {} | {} |",
+                                "| {g}.{name} | {precision:?} {layout:?} | eager, {} convolutions on conv_igemm_f16_n{bn}, {} GEGLU pairs on gemm_geglu_f16_n{bn}, {} normalisation pairs on conv_igemm_gn/_ln_f16_n{bn}, {} attentions on attention_tiled2_f16_d40 | {:.2e} | {:.6} | {} | {} |",
                                 gk.conv_kernel_steps(),
                                 gk.geglu_kernel_pairs(),
                                 gk.norm_kernel_pairs(),
+                                gk.attention_two_steps(),
                                 st.max_rel_to_ref_max,
                                 st.cosine,
                                 st.nonfinite,
@@ -691,6 +694,14 @@ fn bench_layout(
             .map(|(k, t)| serde_json::json!([k, t.ms, t.fused_ms, t.fused_n, t.fused().is_some()]))
             .collect::<Vec<_>>(),
         "norm_pairs_on_kernel": gp.norm_kernel_pairs(),
+        // the two-tile attention kernel against the one-tile kernel, per d = 40 problem:
+        // [problem, one-tile ms, two-tile ms, chosen] (means of 5)
+        "attention_two": tactics
+            .attention
+            .iter()
+            .map(|(k, t)| serde_json::json!([k, t.ms, t.two_ms, t.two()]))
+            .collect::<Vec<_>>(),
+        "attentions_on_two_tiles": gp.attention_two_steps(),
         "output_nonfinite": nonfinite,
     });
     for (k, v) in head.as_object().expect("an object") {
@@ -772,6 +783,7 @@ fn bench_layout(
     let on_igemm = tactics.conv.values().filter(|t| t.igemm().is_some());
     let on_geglu = tactics.geglu.values().filter(|t| t.fused().is_some());
     let on_gn = tactics.norm_pair.values().filter(|t| t.fused().is_some());
+    let on_two = tactics.attention.values().filter(|t| t.two());
     let kernels = [
         (
             "conv_kernel_ab",
@@ -802,6 +814,16 @@ fn bench_layout(
             on_gn.count(),
             tactics.norm_pair.len(),
             tactics.unfused_norm_pairs(),
+        ),
+        (
+            "attention_two_ab",
+            "d = 40 attentions",
+            "attention_tiled2_f16_d40",
+            "on attention_tiled_f16_d40",
+            "one_tile_graph_median_ms",
+            on_two.count(),
+            tactics.attention.len(),
+            tactics.one_tile_attention(),
         ),
     ];
     for (key, what, kernel, other, other_key, chosen, problems, mut alt) in kernels {

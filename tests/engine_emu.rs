@@ -123,26 +123,43 @@ fn emulate(
     smem_optin: usize,
     lt: bool,
 ) -> Result<(Outputs, BTreeMap<String, usize>), EngineError> {
-    emulate_with(emu, c, precision, smem_optin, lt, (None, None, None))
+    emulate_with(emu, c, precision, smem_optin, lt, Kernels::default())
 }
 
-/// [`emulate`], with `(conv_kernel, geglu_kernel, norm_pair)`: every convolution
-/// `conv_igemm_f16_nBN` computes on it, with this BN (what an engine runs where that kernel timed
-/// faster than cuDNN), every GEGLU pair `gemm_geglu_f16_nBN` computes likewise (where it timed
-/// faster than cuBLASLt and `geglu`), and every (GroupNorm, convolution) pair
-/// `conv_igemm_gn_f16_nBN` computes likewise (where it timed faster than the two steps).
+/// The kernel tactics [`emulate_with`] takes (what an engine runs where each timed faster).
+#[derive(Default, Clone, Copy)]
+struct Kernels {
+    /// Every convolution `conv_igemm_f16_nBN` computes on it, with this BN (instead of cuDNN).
+    conv: Option<usize>,
+    /// Every GEGLU pair `gemm_geglu_f16_nBN` computes likewise (instead of cuBLASLt and `geglu`).
+    geglu: Option<usize>,
+    /// Every normalisation pair `conv_igemm_gn/_ln_f16_nBN` computes likewise (instead of the
+    /// two steps).
+    norm: Option<usize>,
+    /// Every attention on `attention_tiled_f16_d40` on `attention_tiled2_f16_d40` instead.
+    attention_two: bool,
+}
+
+/// [`emulate`], with those kernels chosen.
 fn emulate_with(
     emu: &Emu,
     c: &Case,
     precision: Precision,
     smem_optin: usize,
     lt: bool,
-    (conv_kernel, geglu_kernel, norm_pair): (Option<usize>, Option<usize>, Option<usize>),
+    k: Kernels,
 ) -> Result<(Outputs, BTreeMap<String, usize>), EngineError> {
+    let Kernels {
+        conv: conv_kernel,
+        geglu: geglu_kernel,
+        norm: norm_pair,
+        attention_two,
+    } = k;
     let w =
         |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(c.weights[n].clone())) };
     let mut p = EmuProgram::load(emu, c.prog.clone(), precision, &w, smem_optin, lt)?;
     p.conv_kernel = conv_kernel;
+    p.attention_two = attention_two;
     // as the GPU executor once its timing chose the kernel: the arena planned again without the
     // projections' outputs
     if let Some(bn) = geglu_kernel {
@@ -302,7 +319,10 @@ fn implicit_gemm_convolutions_run_the_tiny_graphs() {
             Precision::Fp16,
             H100_SMEM_OPTIN,
             true,
-            (Some(128), None, None),
+            Kernels {
+                conv: Some(128),
+                ..Default::default()
+            },
         )
         .unwrap_or_else(|err| panic!("{what}: {err}"));
         eprintln!("{what}: {calls:?}");
@@ -418,7 +438,10 @@ fn gemm_geglu_runs_the_tiny_unet() {
             Precision::Fp16,
             H100_SMEM_OPTIN,
             true,
-            (None, Some(bn), None),
+            Kernels {
+                geglu: Some(bn),
+                ..Default::default()
+            },
         )
         .unwrap_or_else(|err| panic!("{what}: {err}"));
         eprintln!("{what}: {calls:?}");
@@ -587,7 +610,10 @@ fn normalisation_pairs_run_the_tiny_unet() {
         Precision::Fp16,
         H100_SMEM_OPTIN,
         true,
-        (Some(64), None, None),
+        Kernels {
+            conv: Some(64),
+            ..Default::default()
+        },
     )
     .unwrap();
     for bn in [64, 128] {
@@ -598,7 +624,11 @@ fn normalisation_pairs_run_the_tiny_unet() {
             Precision::Fp16,
             H100_SMEM_OPTIN,
             true,
-            (Some(64), None, Some(bn)),
+            Kernels {
+                conv: Some(64),
+                norm: Some(bn),
+                ..Default::default()
+            },
         )
         .unwrap_or_else(|err| panic!("{what}: {err}"));
         eprintln!("{what}: {calls:?}");
@@ -920,7 +950,9 @@ fn attention_model(heads: usize) -> ModelProto {
 /// The float16 attention dispatch at the SD1.5 head sizes (40, 80, 160): over frames (L ≤ 16,
 /// ≤ 32) one warp per (sequence, head), over pixels and the text 128-row blocks with ragged
 /// edges — and on a GPU with 99 KiB of opt-in shared memory (sm_86/sm_89), where the 32-frame
-/// kernel for 160-wide heads does not fit and the tiled one takes it.
+/// kernel for 160-wide heads does not fit and the tiled one takes it. Then with the two-tile
+/// kernel chosen (as where it times faster): the d = 40 tiled attention on
+/// `attention_tiled2_f16_d40`, the others as they were.
 #[test]
 fn float16_attention_takes_the_kernel_the_shapes_and_the_gpu_allow() {
     let Some(emu) = emu() else { return };
@@ -995,6 +1027,29 @@ fn float16_attention_takes_the_kernel_the_shapes_and_the_gpu_allow() {
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(attention_kernels(&calls), [kernel], "{what}");
         check(&what, Precision::Fp16, &c.want, &got);
+        // the two-tile kernel chosen
+        let w = |n: &str| -> Result<WeightData, EngineError> {
+            Err(EngineError::Graph(format!("no weight {n}")))
+        };
+        let mut p = EmuProgram::load(&emu, c.prog.clone(), Precision::Fp16, &w, optin, true)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        p.attention_two = true;
+        let f: Vec<(&str, &[f32])> = c.f.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+        let got = p
+            .run(&f, &[])
+            .unwrap_or_else(|e| panic!("{what}, two tiles: {e}"));
+        let two = kernel.replace("attention_tiled_f16_d40", "attention_tiled2_f16_d40");
+        assert_eq!(
+            attention_kernels(&p.calls),
+            [two.as_str()],
+            "{what}, two tiles"
+        );
+        check(
+            &format!("{what}, two tiles"),
+            Precision::Fp16,
+            &c.want,
+            &got,
+        );
     }
 }
 
@@ -1058,7 +1113,11 @@ fn full_architecture_runs_on_the_emulated_executor() {
                 let gk = (graph == "unet").then_some(64);
                 let what = format!(
                     "{what} conv_igemm_n{bn}{} conv_igemm_gn_n{bn}",
-                    if gk.is_some() { " gemm_geglu_n64" } else { "" }
+                    if gk.is_some() {
+                        " gemm_geglu_n64 attention_tiled2_d40"
+                    } else {
+                        ""
+                    }
                 );
                 let (got, calls) = emulate_with(
                     &emu,
@@ -1066,7 +1125,12 @@ fn full_architecture_runs_on_the_emulated_executor() {
                     Precision::Fp16,
                     H100_SMEM_OPTIN,
                     true,
-                    (Some(bn), gk, Some(bn)),
+                    Kernels {
+                        conv: Some(bn),
+                        geglu: gk,
+                        norm: Some(bn),
+                        attention_two: graph == "unet",
+                    },
                 )
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
                 eprintln!(
@@ -1087,6 +1151,14 @@ fn full_architecture_runs_on_the_emulated_executor() {
                         "{what}"
                     );
                     assert!(!calls.contains_key("geglu_f16"), "{what}: {calls:?}");
+                    // the 64x64 level's attentions over its 256 pixels (and the text)
+                    assert!(
+                        calls
+                            .get("attention_tiled2_f16_d40")
+                            .is_some_and(|&n| n > 0)
+                            && !calls.contains_key("attention_tiled_f16_d40"),
+                        "{what}: {calls:?}"
+                    );
                 }
                 check(&what, Precision::Fp16, &c.want, &got);
             }

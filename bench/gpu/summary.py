@@ -110,8 +110,15 @@ def main():
                 print(f"engine {e.get('layout')}: {kernel} chosen for {won} of {len(t)} {what} "
                       f"problems; one call each: {library} {sum(r[1] for r in t):.2f} ms, {kernel} "
                       f"{sum(r[2] for r in t if r[2] < 1e30):.2f} ms")
+        # [problem, one-tile ms, two-tile ms, chosen]
+        t = e.get("attention_two") or []
+        if t:
+            print(f"engine {e.get('layout')}: attention_tiled2_f16_d40 chosen for "
+                  f"{sum(1 for r in t if r[-1])} of {len(t)} d = 40 attention problems; one call "
+                  f"each: one-tile {sum(r[1] for r in t):.2f} ms, two-tile "
+                  f"{sum(r[2] for r in t if r[2] < 1e30):.2f} ms")
         for key in ("specialisation_ab", "gemm_timing_ab", "conv_kernel_ab", "geglu_kernel_ab",
-                    "norm_kernel_ab"):
+                    "norm_kernel_ab", "attention_two_ab"):
             if e.get(key):
                 print(f"engine {e.get('layout')}: {key} {json.dumps(e[key])}")
     if tr:

@@ -68,6 +68,9 @@ pub struct EmuProgram<'e> {
     /// timed faster when the engine was built). Set here, the arena stays as planned at load;
     /// [`EmuProgram::use_norm_pairs`] also plans it again as the GPU executor then does.
     pub norm_pair: Option<usize>,
+    /// Attentions on `attention_tiled_f16_d40` run on `attention_tiled2_f16_d40` instead (on a
+    /// GPU, those where it timed faster when the engine was built).
+    pub attention_two: bool,
 }
 
 impl<'e> EmuProgram<'e> {
@@ -123,6 +126,7 @@ impl<'e> EmuProgram<'e> {
             conv_kernel: None,
             geglu_kernel: None,
             norm_pair: None,
+            attention_two: false,
         })
     }
 
@@ -304,6 +308,7 @@ impl<'e> EmuProgram<'e> {
             conv_kernel: &is_ck,
             geglu_kernel: &is_gk,
             norm_pair: &is_gc,
+            attention_two: &|_| self.attention_two,
         };
         let ops = step_ops(&self.program, si, &ctx)?;
         // what the step's launches may touch: the buffers it reads and writes, and the scratch;

@@ -126,6 +126,53 @@ pub struct TacticCache {
     /// `conv_igemm_gn_f16_nBN` against the two steps. Absent in caches written before that kernel.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub norm_pair: BTreeMap<String, FusedTactic>,
+    /// Attentions on `attention_tiled_f16_d40`, by problem ([`attention_key`]): that kernel
+    /// against `attention_tiled2_f16_d40` (two 16-row tiles a warp). Absent in caches written
+    /// before the second.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attention: BTreeMap<String, AttentionTactic>,
+}
+
+/// A timing-cache key for an attention: sequences x heads x query rows x keys x head size (and
+/// the sequences interleaved, when more than one), and precision.
+pub fn attention_key(st: &Step, precision: Precision) -> Option<String> {
+    let Step::Attention {
+        n,
+        l,
+        s,
+        heads,
+        d,
+        ns,
+        ..
+    } = st
+    else {
+        return None;
+    };
+    let il = if *ns > 1 {
+        format!(" ns{ns}")
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "{n}x{heads}x{l}x{s}x{d}{il} {}",
+        precision.suffix()
+    ))
+}
+
+/// An attention's two kernels' mean times (ms; `f32::MAX` for one that did not run).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AttentionTactic {
+    /// `attention_tiled_f16_d40`: 8 warps of one 16-row tile.
+    pub ms: f32,
+    /// `attention_tiled2_f16_d40`: 4 warps of two 16-row tiles sharing each K and V fragment.
+    pub two_ms: f32,
+}
+
+impl AttentionTactic {
+    /// Whether the two-tile kernel runs it (it timed faster): a decision from recorded times.
+    pub fn two(&self) -> bool {
+        self.two_ms < self.ms
+    }
 }
 
 /// A timing-cache key for a GEGLU pair: its projection's problem (rows x 2d x k, with the
@@ -326,6 +373,29 @@ impl TacticCache {
         for (k, v) in &other.norm_pair {
             self.norm_pair.entry(k.clone()).or_insert(*v);
         }
+        for (k, v) in &other.attention {
+            self.attention.entry(k.clone()).or_insert(*v);
+        }
+    }
+
+    /// The same cache with every attention it timed on `attention_tiled2_f16_d40`, whatever the
+    /// timing said (for checking that kernel on a GPU where the one-tile kernel won).
+    pub fn forced_attention_two(&self) -> Self {
+        let mut c = self.clone();
+        for t in c.attention.values_mut() {
+            t.two_ms = f32::MIN;
+        }
+        c
+    }
+
+    /// The same cache with every attention on the one-tile kernel, for measuring what the
+    /// two-tile kernel gains, side by side.
+    pub fn one_tile_attention(&self) -> Self {
+        let mut c = self.clone();
+        for t in c.attention.values_mut() {
+            t.two_ms = f32::MAX;
+        }
+        c
     }
 
     /// The same cache with every normalisation pair `conv_igemm_gn/_ln_f16_n{bn}`
@@ -1214,6 +1284,8 @@ pub struct GpuProgram {
     conv_kernel: HashMap<usize, usize>,
     /// Both steps of each GEGLU pair `gemm_geglu_f16_nBN` runs (timed faster than the two), by BN.
     geglu_kernel: HashMap<usize, usize>,
+    /// Attention steps on `attention_tiled2_f16_d40` (timed faster than the one-tile kernel).
+    attention_two: HashSet<usize>,
     /// Both steps of each normalisation pair `conv_igemm_gn/_ln_f16_nBN` runs, by BN.
     norm_pair: HashMap<usize, usize>,
     /// Linear steps as single cuBLASLt matmuls (bias in the epilogue, residual as `C`).
@@ -1341,6 +1413,7 @@ impl GpuProgram {
             convs: HashMap::new(),
             conv_kernel: Default::default(),
             geglu_kernel: Default::default(),
+            attention_two: Default::default(),
             norm_pair: Default::default(),
             lt_plans: HashMap::new(),
             conv_ws: None,
@@ -1356,6 +1429,7 @@ impl GpuProgram {
         let timed = me.prepare_linears(dev, tactics)?;
         me.prepare_geglus(dev, tactics, &timed)?;
         me.prepare_norm_pairs(dev, tactics, &timed_convs, &timed)?;
+        me.prepare_attentions(dev, tactics, !timed.is_empty() || !timed_convs.is_empty())?;
         me.replan_fused(dev)?;
         Ok(me)
     }
@@ -1393,6 +1467,54 @@ impl GpuProgram {
         drop(g);
         rebase_activations(&mut self.ptrs, &self.memory, &memory, base);
         self.memory = memory;
+        Ok(())
+    }
+
+    /// The attentions on `attention_tiled_f16_d40` (SD1.5's 64x64 level): that kernel timed
+    /// against `attention_tiled2_f16_d40` when this load timed other algorithms (`tune`: a build,
+    /// or shapes the cache did not have; not for an engine or cache written before the second
+    /// kernel, so two loads of it run the same), the faster kept — the decision is the cache's
+    /// ([`AttentionTactic::two`]).
+    fn prepare_attentions(
+        &mut self,
+        dev: &CudaDevice,
+        tactics: &mut TacticCache,
+        tune: bool,
+    ) -> Result<(), EngineError> {
+        for si in 0..self.program.steps.len() {
+            let Some(key) = attention_key(&self.program.steps[si], self.precision) else {
+                continue;
+            };
+            let one = self.step_ops(dev, si)?;
+            let [Op::Kernel(l1)] = &one[..] else {
+                continue;
+            };
+            if l1.kernel != "attention_tiled_f16_d40" {
+                continue;
+            }
+            if !tactics.attention.contains_key(&key) && tune {
+                self.attention_two.insert(si);
+                let two = self.step_ops(dev, si);
+                self.attention_two.remove(&si);
+                let two_ms = match &two?[..] {
+                    [Op::Kernel(l2)] if runs_here(dev, &format!("attention {key}"), l2) => {
+                        time_launch(dev, l2)?
+                    }
+                    _ => f32::MAX,
+                };
+                let ms = time_launch(dev, l1)?;
+                tactics
+                    .attention
+                    .insert(key.clone(), AttentionTactic { ms, two_ms });
+            }
+            if tactics
+                .attention
+                .get(&key)
+                .is_some_and(AttentionTactic::two)
+            {
+                self.attention_two.insert(si);
+            }
+        }
         Ok(())
     }
 
@@ -1994,6 +2116,7 @@ impl GpuProgram {
         let ck = |i: usize| self.conv_kernel.get(&i).copied();
         let gk = |i: usize| self.geglu_kernel.get(&i).copied();
         let gc = |i: usize| self.norm_pair.get(&i).copied();
+        let at2 = |i: usize| self.attention_two.contains(&i);
         let ctx = Ctx {
             precision: self.precision,
             ptrs: &self.ptrs,
@@ -2003,6 +2126,7 @@ impl GpuProgram {
             conv_kernel: &ck,
             geglu_kernel: &gk,
             norm_pair: &gc,
+            attention_two: &at2,
         };
         step_ops(&self.program, si, &ctx)
     }
@@ -2336,6 +2460,11 @@ impl GpuProgram {
     /// `conv_igemm_gn/_ln_f16_nBN` (the rest as the two steps).
     pub fn norm_kernel_pairs(&self) -> usize {
         self.norm_pair.len() / 2
+    }
+
+    /// How many attentions run on `attention_tiled2_f16_d40`.
+    pub fn attention_two_steps(&self) -> usize {
+        self.attention_two.len()
     }
 
     /// Bytes of weights on the device for this program and those sharing them with it.

@@ -1006,6 +1006,61 @@ mod tests {
     }
 
     #[test]
+    fn timing_caches_keep_attention_choices_and_read_older_ones() {
+        use super::super::exec::{attention_key, AttentionTactic, Precision};
+        use super::super::program::Step;
+        // a cache written before the two-tile kernel: every attention on the one-tile kernel
+        let old = r#"{"conv": {}, "gemm": {}, "geglu": {}, "norm_pair": {}}"#;
+        let c: TacticCache = serde_json::from_str(old).unwrap();
+        assert!(c.attention.is_empty());
+        let att = |ns: usize| Step::Attention {
+            out: 3,
+            q: 0,
+            k: 1,
+            v: 2,
+            bias: None,
+            n: 32,
+            l: 4096,
+            s: 4096,
+            heads: 8,
+            d: 40,
+            scale: 0.158,
+            ld: [960; 3],
+            offs: [0, 320, 640],
+            ns,
+        };
+        let key = attention_key(&att(1), Precision::Fp16).unwrap();
+        assert_eq!(key, "32x8x4096x4096x40 f16");
+        let motion = attention_key(&att(4096), Precision::Fp16).unwrap();
+        assert_eq!(motion, "32x8x4096x4096x40 ns4096 f16");
+        let mut c = TacticCache::default();
+        c.attention.insert(
+            key.clone(),
+            AttentionTactic {
+                ms: 2.0,
+                two_ms: 1.5,
+            },
+        );
+        c.attention.insert(
+            motion.clone(),
+            AttentionTactic {
+                ms: 1.0,
+                two_ms: f32::MAX,
+            },
+        );
+        let json = serde_json::to_string_pretty(&c).unwrap();
+        assert!(!json.contains("\"norm_pair\""), "{json}");
+        let back: TacticCache = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, c);
+        assert!(c.attention[&key].two() && !c.attention[&motion].two());
+        assert!(c.forced_attention_two().attention.values().all(|t| t.two()));
+        assert!(c.one_tile_attention().attention.values().all(|t| !t.two()));
+        let mut e = TacticCache::default();
+        e.merge(&c);
+        assert_eq!(e.attention, c.attention);
+    }
+
+    #[test]
     fn profiles_parse_pixels_into_latents_and_bound_requests() {
         let lo = Profile::parse("1x8x256x256").unwrap();
         let hi = Profile::parse("2x32x768x768").unwrap();

@@ -1350,6 +1350,10 @@ pub struct Ctx<'a> {
     /// scale and shift per (sample, channel)) but writes no output, and the GEMM reads the
     /// normalisation's input ([`norm_gemm_launch`]); `None`: both steps as they are.
     pub norm_pair: &'a dyn Fn(usize) -> Option<usize>,
+    /// Whether attention step `si`, where it would run on `attention_tiled_f16_d40`, runs on
+    /// `attention_tiled2_f16_d40` (4 warps of two 16-row tiles: chosen over the one-tile kernel
+    /// by timing them when the engine is built).
+    pub attention_two: &'a dyn Fn(usize) -> bool,
 }
 
 /// `conv_igemm_f16_nBN`'s tile widths (output channels a block; 128 output pixels, k tiles of 32).
@@ -2016,7 +2020,7 @@ pub fn attention_smem(name: &str) -> Option<usize> {
     let (kind, d) = name.strip_prefix("attention_")?.split_once("_f16_d")?;
     let pitch = (d.parse::<usize>().ok()?.div_ceil(16) * 16 + 8) * 2;
     match kind {
-        "tiled" => Some(4 * 64 * pitch),
+        "tiled" | "tiled2" => Some(4 * 64 * pitch),
         "short1" => Some(4 * 3 * 16 * pitch),
         "short2" => Some(4 * 3 * 32 * pitch),
         _ => None,
@@ -2731,13 +2735,16 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
                 let short = format!("attention_short{}_f16_d{entry}", 1 + (*l > 16) as usize);
                 // one warp per sequence where this GPU's shared memory allows it
                 let fits = |k: &str| attention_smem(k).is_some_and(|b| b <= ctx.smem_optin);
+                // 128-row blocks: 8 warps of one 16-row tile, or (d = 40, where timed faster) 4
+                // of two
+                let two = entry == 40 && (ctx.attention_two)(si);
                 let (name, grid, block) = if *l <= 32 && fits(&short) {
                     (short, ((n * heads).div_ceil(4) as u32, 1, 1), 128)
                 } else {
                     (
-                        format!("attention_tiled_f16_d{entry}"),
+                        format!("attention_tiled{}_f16_d{entry}", if two { "2" } else { "" }),
                         (l.div_ceil(128) as u32, *heads as u32, *n as u32),
-                        256,
+                        if two { 128 } else { 256 },
                     )
                 };
                 let smem = attention_smem(&name).unwrap_or(0);
