@@ -1389,69 +1389,18 @@ __device__ __forceinline__ void att_store(AttRows<DP>& r, half_bits* y, i64 C, i
     }
 }
 
-// grid (ceil(L / 128), H, N), 256 threads; dynamic shared memory 4 * 64 * (DP + 8) * 2 bytes:
-// two stages of [K tile; V tile], the second first holding the block's Q rows.
-template <int DP, bool ONES>
+// grid (ceil(L / 128), H, N), 256 / RT threads: ATT_WARPS / RT warps of RT 16-row tiles (RT = 2,
+// attention_tiled2: two tiles a warp that share every K and V fragment load, att_step_rows — half
+// the shared-memory wavefronts a tensor-core product, one rather than two, for more registers a
+// thread); dynamic shared memory 4 * 64 * (DP + 8) * 2 bytes: two stages of [K tile; V tile], the
+// second first holding the block's 128 Q rows.
+#define ATT2_WARPS (ATT_WARPS / 2)
+template <int DP, bool ONES, int RT = 1>
 __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits* __restrict__ k,
                                 const half_bits* __restrict__ v, half_bits* __restrict__ y,
                                 int L, int S, int heads, int d, int ldq, int ldkv, int ns,
                                 float scale) {
-    constexpr int P = DP + 8;
-    MRT_DYN_SMEM(half_bits, sm);
-    half_bits* st0 = sm;
-    half_bits* st1 = sm + 2 * ATT_KEYS * P;
-    const int n = blockIdx.z, h = blockIdx.y;
-    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
-    const i64 C = (i64)heads * d;
-    const int row0 = blockIdx.x * (ATT_WARPS * 16);
-    // token strides (rows of ns sequences interleaved)
-    const i64 tq = (i64)ldq * ns, tkv = (i64)ldkv * ns;
-    const half_bits* kg = k + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
-    const half_bits* vg = v + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
-    att_zero_cols<DP, ONES>(sm, 4 * ATT_KEYS, d, tid, nt, ATT_KEYS, 2);
-    att_load_rows<DP, ONES, ATT_WARPS * 16, ATT_WARPS * 32>(
-        st1, q + att_seq_row(n, L, ns) * ldq + row0 * tq + (i64)h * d, tq,
-        min(L - row0, ATT_WARPS * 16), d, tid);
-    att_load_kv_tile<DP, ONES>(st0, kg, vg, tkv, min(S, ATT_KEYS), d, tid);
-    mrt_cp_async_commit();
-    mrt_cp_async_wait<0>();
-    __syncthreads();
-    AttRows<DP> r;
-    att_begin<DP>(r, st1 + warp * 16 * P, lane);
-    __syncthreads();  // Q is in registers: stage 1 may take K/V
-    const float sl2 = scale * 1.4426950408889634f;
-    const int tiles = (S + ATT_KEYS - 1) / ATT_KEYS;
-    for (int t = 0; t < tiles; ++t) {
-        half_bits* cur = (t & 1) ? st1 : st0;
-        if (t + 1 < tiles) {
-            half_bits* nxt = (t & 1) ? st0 : st1;
-            const int s1 = (t + 1) * ATT_KEYS;
-            att_load_kv_tile<DP, ONES>(nxt, kg + s1 * tkv, vg + s1 * tkv, tkv,
-                                       min(S - s1, ATT_KEYS), d, tid);
-            mrt_cp_async_commit();
-            mrt_cp_async_wait<1>();
-        } else {
-            mrt_cp_async_wait<0>();
-        }
-        __syncthreads();
-        att_step<DP, ATT_KEYS / 8, ONES>(r, cur, cur + ATT_KEYS * P, t * ATT_KEYS, S, d, sl2, lane);
-        __syncthreads();  // this stage is reloaded next iteration
-    }
-    att_store<DP, ONES>(r, y + att_seq_row(n, L, ns) * C + (i64)h * d, C * ns, row0 + warp * 16,
-                        L, d, lane);
-}
-
-// attention_tiled with 4 warps of 32 query rows, two 16-row tiles a warp that share every K and V
-// fragment load (att_step_rows<.., 2>): half the shared-memory wavefronts a tensor-core product
-// (one rather than two), more registers a thread. Grid (ceil(L / 128), H, N), 128 threads; the
-// same shared memory (4 * 64 * (DP + 8) * 2 bytes).
-#define ATT2_WARPS 4
-template <int DP, bool ONES>
-__device__ void attention_tiled2(const half_bits* __restrict__ q, const half_bits* __restrict__ k,
-                                 const half_bits* __restrict__ v, half_bits* __restrict__ y,
-                                 int L, int S, int heads, int d, int ldq, int ldkv, int ns,
-                                 float scale) {
-    constexpr int P = DP + 8, NT = ATT2_WARPS * 32, ROWS = ATT2_WARPS * 32;
+    constexpr int P = DP + 8, NT = ATT_WARPS / RT * 32, ROWS = ATT_WARPS * 16;
     MRT_DYN_SMEM(half_bits, sm);
     half_bits* st0 = sm;
     half_bits* st1 = sm + 2 * ATT_KEYS * P;
@@ -1459,6 +1408,7 @@ __device__ void attention_tiled2(const half_bits* __restrict__ q, const half_bit
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const i64 C = (i64)heads * d;
     const int row0 = blockIdx.x * ROWS;
+    // token strides (rows of ns sequences interleaved)
     const i64 tq = (i64)ldq * ns, tkv = (i64)ldkv * ns;
     const half_bits* kg = k + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
     const half_bits* vg = v + att_seq_row(n, S, ns) * ldkv + (i64)h * d;
@@ -1469,9 +1419,9 @@ __device__ void attention_tiled2(const half_bits* __restrict__ q, const half_bit
     mrt_cp_async_commit();
     mrt_cp_async_wait<0>();
     __syncthreads();
-    AttRows<DP> r[2];
-    att_begin<DP>(r[0], st1 + warp * 32 * P, lane);
-    att_begin<DP>(r[1], st1 + (warp * 32 + 16) * P, lane);
+    AttRows<DP> r[RT];
+#pragma unroll
+    for (int i = 0; i < RT; ++i) att_begin<DP>(r[i], st1 + (warp * RT + i) * 16 * P, lane);
     __syncthreads();  // Q is in registers: stage 1 may take K/V
     const float sl2 = scale * 1.4426950408889634f;
     const int tiles = (S + ATT_KEYS - 1) / ATT_KEYS;
@@ -1488,13 +1438,14 @@ __device__ void attention_tiled2(const half_bits* __restrict__ q, const half_bit
             mrt_cp_async_wait<0>();
         }
         __syncthreads();
-        att_step_rows<DP, ATT_KEYS / 8, ONES, 2>(r, cur, cur + ATT_KEYS * P, t * ATT_KEYS, S, d,
-                                                 sl2, lane);
+        att_step_rows<DP, ATT_KEYS / 8, ONES, RT>(r, cur, cur + ATT_KEYS * P, t * ATT_KEYS, S, d,
+                                                  sl2, lane);
         __syncthreads();  // this stage is reloaded next iteration
     }
     half_bits* yh = y + att_seq_row(n, L, ns) * C + (i64)h * d;
-    att_store<DP, ONES>(r[0], yh, C * ns, row0 + warp * 32, L, d, lane);
-    att_store<DP, ONES>(r[1], yh, C * ns, row0 + warp * 32 + 16, L, d, lane);
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+        att_store<DP, ONES>(r[i], yh, C * ns, row0 + (warp * RT + i) * 16, L, d, lane);
 }
 
 // grid (ceil(N * H / 4)), 128 threads; each warp one (sequence, head) with L <= 16 * MT query
@@ -1610,13 +1561,13 @@ ATT_ENTRIES(160)
 // level (its self-, cross- and motion-module attentions); the launcher takes them for d = 40.
 ATT_ENTRIES_AS(40, 48, 40, true)
 
-// The two-tile tiled kernel (attention_tiled2) for d = 40, SD1.5's 64x64 level, whose 4096-token
+// The two-tile tiled kernel (attention_tiled<.., 2>) for d = 40, SD1.5's 64x64 level, whose 4096-token
 // self-attention is the UNet's largest: the engine times it against attention_tiled_f16_d40 when
 // it builds (TacticCache.attention).
 extern "C" __global__ void __launch_bounds__(ATT2_WARPS * 32) attention_tiled2_f16_d40(
     const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int L, int S,
     int heads, int d, int ldq, int ldkv, int ns, float scale) {
-    attention_tiled2<48, true>(q, k, v, y, L, S, heads, 40, ldq, ldkv, ns, scale);
+    attention_tiled<48, true, 2>(q, k, v, y, L, S, heads, 40, ldq, ldkv, ns, scale);
 }
 
 // ---------------------------------------------------------------------------------------------
