@@ -6,11 +6,17 @@
 //! `--no-merge`: as compiled).
 //!
 //! `cargo run --release --example engine_floor -- FUSED.onnx [--frames 16 --height 64 --width 64
-//!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --texp 3.9 --no-merge --conv-kernel BN
+//!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --texp 3.9 --smem 241.6 --no-merge
+//!  --conv-kernel BN
 //!  --geglu-kernel BN --norm-pairs BN --attention-two]`
 //!
 //! `--texp`: exponentials a second (10¹²; an H100 SXM's special-function units, 16 an SM a cycle),
 //! the third bound of an attention's or a softmax's step: one exponential a score.
+//! `--smem`: shared-memory wavefronts a second (10⁹; one an SM a cycle, 132 SMs at 1.83 GHz),
+//! the fourth bound, of the steps on motionrt's tensor-core kernels (attention, and with the
+//! options below the implicit-GEMM family): their `ldmatrix`, 16-byte `cp.async` and 16-byte
+//! shared loads and stores, counted from the kernels' tiles as the emulator counts them
+//! (`Emu::bank_stats`; conflict-free). The libraries' kernels (cuBLASLt, cuDNN) are not bound so.
 //!
 //! Last, every launch the float16 executor would make at these shapes is checked against an
 //! H100's launch limits (non-zero exit when one is beyond them); `--conv-kernel 64|128`: with
@@ -50,7 +56,7 @@ fn main() -> Res<()> {
         .ok_or("usage: engine_floor FUSED.onnx [options]")?
         .into();
     let (mut b, mut f, mut h, mut w) = (2usize, 16usize, 64usize, 64usize);
-    let (mut tflops, mut tbps, mut texp) = (989.0f64, 3.35f64, 3.9f64);
+    let (mut tflops, mut tbps, mut texp, mut smem) = (989.0f64, 3.35f64, 3.9f64, 241.6f64);
     let mut layout = Layout::Nhwc;
     let mut merge = true;
     let mut conv_kernel: Option<usize> = None;
@@ -75,6 +81,7 @@ fn main() -> Res<()> {
             "--tflops" => tflops = v.parse()?,
             "--tbps" => tbps = v.parse()?,
             "--texp" => texp = v.parse()?,
+            "--smem" => smem = v.parse()?,
             "--layout" => layout = Layout::parse(&v).ok_or("--layout nhwc|nchw")?,
             "--conv-kernel" => conv_kernel = Some(v.parse()?),
             "--geglu-kernel" => geglu_kernel = Some(v.parse()?),
@@ -113,12 +120,25 @@ fn main() -> Res<()> {
     }
     let el = 2.0; // float16
     let numel = |buf: usize| prog.buffers[buf].numel as f64;
-    // each step at the slowest of its arithmetic, its memory traffic and its exponentials
+    // each step at the slowest of its arithmetic, its memory traffic and its exponentials (and,
+    // on motionrt's tensor-core kernels, its shared-memory wavefronts: floor_wf)
     let floor = |fl: f64, by: f64, ex: f64| {
         (fl / (tflops * 1e12))
             .max(by / (tbps * 1e12))
             .max(ex / (texp * 1e12))
             * 1e3
+    };
+    let floor_wf =
+        |fl: f64, by: f64, ex: f64, wf: f64| floor(fl, by, ex).max(wf / (smem * 1e9) * 1e3);
+    // wavefronts of the implicit-GEMM family (engine_ops.cu conv_igemm) for M rows, k, O output
+    // channels at tile width BN: each 128 x BN block and 32-wide k tile stores its A and W tiles
+    // ((128 + BN) rows of 64 bytes: (128 + BN) / 2) and its 4 warps read them with ldmatrix.x4
+    // (two k16 steps of 4 A and BN / 32 W fragments: 128 + BN); a GroupNorm or LayerNorm form
+    // also loads and stores its A chunks once (128)
+    let igemm_wf = |m: usize, k: usize, o: usize, bn: usize, norm: bool| {
+        let blocks = (m.div_ceil(128) * o.div_ceil(bn)) as f64;
+        let per_tile = 1.5 * (128 + bn) as f64 + if norm { 128.0 } else { 0.0 };
+        blocks * (k / 32) as f64 * per_tile
     };
     // kind -> (steps, flop, bytes, floor ms)
     let mut by: BTreeMap<String, (usize, f64, f64, f64)> = BTreeMap::new();
@@ -163,11 +183,12 @@ fn main() -> Res<()> {
                     2.0 * (m * n * k) as f64,
                     (m * k + n * k + m * n / 2) as f64 * el,
                 );
+                let wf = igemm_wf(*m, *k, *n, geglu_kernel.unwrap_or(64), false);
                 let e = by.entry("linear+geglu".into()).or_default();
                 e.0 += 1;
                 e.1 += flop;
                 e.2 += bytes;
-                e.3 += floor(flop, bytes, 0.0);
+                e.3 += floor_wf(flop, bytes, 0.0, wf);
                 continue;
             }
         }
@@ -279,14 +300,15 @@ fn main() -> Res<()> {
             }
             _ => (kind, exps),
         };
+        let wf = smem_wavefronts(&prog, si, conv_kernel, norm_pair, attention_two, &igemm_wf);
         let e = by.entry(kind).or_default();
         e.0 += 1;
         e.1 += flop;
         e.2 += bytes;
-        e.3 += floor(flop, bytes, exps);
+        e.3 += floor_wf(flop, bytes, exps, wf);
     }
     println!(
-        "{} at {:?}, layout {layout:?}: {} steps; floors at {tflops} TFLOP/s, {tbps} TB/s and {texp}·10¹² exponentials/s (float16)",
+        "{} at {:?}, layout {layout:?}: {} steps; floors at {tflops} TFLOP/s, {tbps} TB/s, {texp}·10¹² exponentials/s and {smem}·10⁹ shared-memory wavefronts/s on motionrt's tensor-core kernels (float16)",
         path.display(),
         inputs[0].1,
         prog.steps.len()
@@ -314,6 +336,90 @@ fn main() -> Res<()> {
         tb / 1e9
     );
     launches(&prog, conv_kernel, geglu_kernel, norm_pair, attention_two)
+}
+
+/// Shared-memory wavefronts of step `si` where it runs on one of motionrt's tensor-core kernels
+/// (0 elsewhere): an attention on the tiled or short kernels, a convolution on `conv_igemm`, the
+/// GEMM of a normalisation pair (`igemm_wf`: the implicit-GEMM family's count). An attention: per
+/// 16-row tile and 8·NT keys (NT = 8 for the tiled kernels' 64-key tiles, 2·MT for the short
+/// ones), K's `ldmatrix` (NT / 2 n-tile pairs, an x4 of 4 wavefronts each 16 dimensions, an x2 of
+/// 2 for a last half chunk) and V's (NT / 2 key chunks, an x4 each pair of 8-wide n-tiles, an x2
+/// for a last single one), halved for two tiles a warp (`attention_tiled2`); each 16-row tile's
+/// Q fragments once; the K and V tiles' 16-byte stores (and Q's) once per block or warp.
+fn smem_wavefronts(
+    prog: &program::Program,
+    si: usize,
+    conv_kernel: Option<usize>,
+    norm_pair: Option<usize>,
+    attention_two: bool,
+    igemm_wf: &dyn Fn(usize, usize, usize, usize, bool) -> f64,
+) -> f64 {
+    if let Some(bn) = norm_pair {
+        let second = launch::norm_pairs(prog, Precision::Fp16)
+            .iter()
+            .any(|&(_, ci)| ci == si);
+        if second {
+            return match &prog.steps[si] {
+                Step::Conv(c) => igemm_wf(
+                    c.y_shape[0] * c.y_shape[2] * c.y_shape[3],
+                    c.w_shape[1] * c.w_shape[2] * c.w_shape[3],
+                    c.w_shape[0],
+                    bn,
+                    true,
+                ),
+                Step::Linear { m, n, k, .. } => igemm_wf(*m, *k, *n, bn, true),
+                _ => 0.0,
+            };
+        }
+    }
+    match &prog.steps[si] {
+        Step::Conv(c) => match launch::conv_igemm_for(prog, si, Precision::Fp16, conv_kernel) {
+            Some(bn) => igemm_wf(
+                c.y_shape[0] * c.y_shape[2] * c.y_shape[3],
+                c.w_shape[1] * c.w_shape[2] * c.w_shape[3],
+                c.w_shape[0],
+                bn,
+                false,
+            ),
+            None => 0.0,
+        },
+        Step::Attention {
+            n,
+            l,
+            s,
+            heads,
+            d,
+            bias: None,
+            ..
+        } if program::fused_attention_head(*d) => {
+            let entry = launch::attention_entry_head(*d);
+            let dp = d.div_ceil(16) * 16;
+            let ones = entry == 40;
+            let half = d % 16 != 0;
+            let (short, mt) = (*l <= 32, if *l > 16 { 2 } else { 1 });
+            let nt = if short { 2 * mt } else { 8 };
+            let k_wf = (nt / 2) as f64 * (4 * (dp / 16) - if half { 2 } else { 0 }) as f64;
+            let v_wf = (nt / 2) as f64 * ((dp / 16) * 4 - if half && !ones { 2 } else { 0 }) as f64;
+            let two = attention_two && ones && !short;
+            let per_tile = (k_wf + v_wf) / if two { 2.0 } else { 1.0 };
+            let seqs = (n * heads) as f64;
+            // rows padded to the kernels' blocks: 128 (tiled), 16·MT (short)
+            let rows = if short {
+                16 * mt
+            } else {
+                l.div_ceil(128) * 128
+            };
+            let row_tiles = seqs * (rows / 16) as f64;
+            let key_tiles = s.div_ceil(8 * nt) as f64;
+            // 16-byte stores of Q (once) and of K and V (each key tile, once per block or warp):
+            // d / 8 chunks a row
+            let chunk_rows = |r: usize| (r * d * 2).div_ceil(128) as f64;
+            let blocks = seqs * (rows / if short { 16 * mt } else { 128 }) as f64;
+            let stores = blocks * (chunk_rows(rows) + key_tiles * 2.0 * chunk_rows(8 * nt));
+            row_tiles * (key_tiles * per_tile + (4 * (dp / 16)) as f64) + stores
+        }
+        _ => 0.0,
+    }
 }
 
 /// Every launch the float16 executor makes for `prog` (its very `step_ops`, at addresses laid
