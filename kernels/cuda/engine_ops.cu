@@ -1561,9 +1561,9 @@ ATT_ENTRIES(160)
 // level (its self-, cross- and motion-module attentions); the launcher takes them for d = 40.
 ATT_ENTRIES_AS(40, 48, 40, true)
 
-// The two-tile tiled kernel (attention_tiled<.., 2>) for d = 40, SD1.5's 64x64 level, whose 4096-token
-// self-attention is the UNet's largest: the engine times it against attention_tiled_f16_d40 when
-// it builds (TacticCache.attention).
+// The two-tile tiled kernel (attention_tiled<.., 2>) for d = 40, SD1.5's 64x64 level, whose
+// 4096-token self-attention is the UNet's largest: the engine times it against
+// attention_tiled_f16_d40 when it builds (TacticCache.attention).
 extern "C" __global__ void __launch_bounds__(ATT2_WARPS * 32) attention_tiled2_f16_d40(
     const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int L, int S,
     int heads, int d, int ldq, int ldkv, int ns, float scale) {

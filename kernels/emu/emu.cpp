@@ -107,9 +107,9 @@ struct Fiber {
     char* stack;
     std::vector<Copy> open;                 // issued since the last commit
     std::deque<std::vector<Copy>> groups;  // committed, oldest first
-    // bank statistics: this thread's cp.async calls per call site since the block's last barrier
-    unsigned cp_epoch;
-    std::vector<std::pair<const char*, std::pair<int, unsigned>>> cp_seen;  // file, (line, count)
+    // bank statistics: this thread's 16-byte accesses per call site since the block's last barrier
+    unsigned epoch16;
+    std::vector<std::pair<const char*, std::pair<int, unsigned>>> seen16;  // file, (line, count)
 };
 
 // One lane's operands and results in a warp collective.
@@ -162,7 +162,7 @@ struct Block {
     bool banks;
     std::map<std::tuple<unsigned, std::string, int, unsigned, unsigned>,
              std::array<std::pair<std::uintptr_t, std::uintptr_t>, 32>>
-        cp_dst;
+        acc16;
 };
 
 thread_local Block* tls_block = nullptr;
@@ -243,11 +243,12 @@ Block& block() {
 // ---- shared-memory bank statistics --------------------------------------------------------------
 // Opt-in per OS thread (mrt_emu_bank_stats), for ldmatrix, 16-byte cp.async and the 16-byte
 // shared loads and stores the kernels report (shared16), whose widths the kernels fix (other
-// plain loads and stores take whatever width the host compiler gives them: not counted). Shared memory has 32 banks of 4-byte words; a warp's request is served in
-// phases, one per 8x8 matrix of an ldmatrix (the eight 16-byte rows from lanes 8i .. 8i+7) and
-// one per quarter warp of a 16-byte access (lanes 8q .. 8q+7); a phase takes as many wavefronts
-// as the largest number of distinct words that fall in one bank, ideally one (its 128 bytes over
-// all 32 banks). Banks are the address's bits 2..6: the dynamic block is 128-byte aligned, as on
+// plain loads and stores take whatever width the host compiler gives them: not counted).
+// Shared memory has 32 banks of 4-byte words; a warp's request is served in phases, one per
+// 8x8 matrix of an ldmatrix (the eight 16-byte rows from lanes 8i .. 8i+7) and one per quarter
+// warp of a 16-byte access (lanes 8q .. 8q+7); a phase takes as many wavefronts as the largest
+// number of distinct words that fall in one bank, ideally one (its 128 bytes over all 32
+// banks). Banks are the address's bits 2..6: the dynamic block is 128-byte aligned, as on
 // a GPU; static __shared__ arrays keep the host's alignment.
 
 struct BankCount {
@@ -295,20 +296,20 @@ const char* access16_name(int kind) {
 void bank_note16(Block& b, int kind, const void* smem, const void* gmem, const char* file,
                  int line) {
     Fiber& f = *b.cur;
-    if (f.cp_epoch != b.bar_epoch) {
-        f.cp_epoch = b.bar_epoch;
-        f.cp_seen.clear();
+    if (f.epoch16 != b.bar_epoch) {
+        f.epoch16 = b.bar_epoch;
+        f.seen16.clear();
     }
     unsigned nth = 0;
     bool found = false;
-    for (auto& e : f.cp_seen)
+    for (auto& e : f.seen16)
         if (e.first == file && e.second.first == line) {
             nth = ++e.second.second;
             found = true;
             break;
         }
-    if (!found) f.cp_seen.push_back({file, {line, 0u}});
-    b.cp_dst[std::make_tuple(f.linear / 32, site(file, line), kind, b.bar_epoch, nth)]
+    if (!found) f.seen16.push_back({file, {line, 0u}});
+    b.acc16[std::make_tuple(f.linear / 32, site(file, line), kind, b.bar_epoch, nth)]
             [f.linear % 32] = {(std::uintptr_t)smem, (std::uintptr_t)gmem};
 }
 
@@ -317,21 +318,22 @@ void bank_note16(Block& b, int kind, const void* smem, const void* gmem, const c
 // one instruction only if the lanes with fewer calls skipped the last ones (a loop's tail), not
 // calls in between (a zero-filled padding chunk): such instructions are counted, as if the
 // skipped calls were the last, and also as uneven.
-void bank_flush_cp_async(Block& b) {
+void bank_flush16(Block& b) {
     using Key = std::tuple<unsigned, std::string, int, unsigned, unsigned>;
     auto same_run = [](const Key& x, const Key& y) {
         return std::get<0>(x) == std::get<0>(y) && std::get<1>(x) == std::get<1>(y) &&
                std::get<2>(x) == std::get<2>(y) && std::get<3>(x) == std::get<3>(y);
     };
-    for (auto it = b.cp_dst.begin(); it != b.cp_dst.end();) {
+    for (auto it = b.acc16.begin(); it != b.acc16.end();) {
         // the calls of one site by one warp between two barriers
         auto end = it;
         unsigned calls[32] = {};
-        while (end != b.cp_dst.end() && same_run(end->first, it->first)) {
+        while (end != b.acc16.end() && same_run(end->first, it->first)) {
             for (int l = 0; l < 32; ++l) calls[l] += end->second[l].first != 0;
             ++end;
         }
-        const bool equal = std::all_of(calls, calls + 32, [&](unsigned c) { return c == calls[0]; });
+        const bool equal =
+            std::all_of(calls, calls + 32, [&](unsigned c) { return c == calls[0]; });
         for (; it != end; ++it) {
             const int kind = std::get<2>(it->first);
             const char* op = access16_name(kind);
@@ -364,7 +366,7 @@ void bank_flush_cp_async(Block& b) {
             c.ideal_sectors += (lanes + 1) / 2;
         }
     }
-    b.cp_dst.clear();
+    b.acc16.clear();
 }
 
 // ---- race detection -----------------------------------------------------------------------------
@@ -842,8 +844,8 @@ void run_block(Block& b) {
         f.started = false;
         f.open.clear();
         f.groups.clear();
-        f.cp_epoch = ~0u;
-        f.cp_seen.clear();
+        f.epoch16 = ~0u;
+        f.seen16.clear();
     }
     b.bar_epoch = 0;
     b.block_linear = b.block_idx.x + b.grid_dim.x * (b.block_idx.y + b.grid_dim.y * b.block_idx.z);
@@ -1200,8 +1202,8 @@ void* dynamic_shared() { return block().dyn; }
 
 void shared16(const void* p, bool write, const char* file, int line) {
     Block& b = block();
-    if (!b.banks || (const unsigned char*)p < b.dyn || (const unsigned char*)p >= b.dyn + b.dyn_bytes)
-        return;
+    const unsigned char* a = (const unsigned char*)p;
+    if (!b.banks || a < b.dyn || a >= b.dyn + b.dyn_bytes) return;
     bank_note16(b, write ? ST_SHARED : LD_SHARED, p, nullptr, file, line);
 }
 
@@ -1287,10 +1289,10 @@ MRT_EXPORT void mrt_emu_bank_stats(int on) {
 
 // The counts since mrt_emu_bank_stats, one line per call site and instruction: "site\top\t
 // requests\twavefronts\tideal\tuneven\tsectors\tideal_sectors\n" (requests: warp instructions;
-// ideal: the wavefronts without bank conflicts; uneven: cp.async instructions grouped on an
-// assumption, see bank_flush_cp_async; sectors: the 32-byte global sectors cp.async read, and the
-// fewest its bytes could take). Writes at most `len` bytes (NUL-terminated) and returns the length of the whole
-// report, so a caller whose buffer was too small can ask again.
+// ideal: the wavefronts without bank conflicts; uneven: 16-byte instructions grouped on an
+// assumption, see bank_flush16; sectors: the 32-byte global sectors cp.async read, and the
+// fewest its bytes could take). Writes at most `len` bytes (NUL-terminated) and returns the
+// length of the whole report, so a caller whose buffer was too small can ask again.
 MRT_EXPORT std::size_t mrt_emu_bank_report(char* buf, std::size_t len) {
     std::string r;
     for (const auto& e : tls_bank_sites)
@@ -1400,7 +1402,7 @@ MRT_EXPORT int mrt_emu_launch(const char* kernel, unsigned gx, unsigned gy, unsi
                     b.block_idx = {x, y, z};
                     std::memset(dyn, 0xff, dyn_smem_bytes + kCanary);
                     run_block(b);
-                    if (b.banks) bank_flush_cp_async(b);
+                    if (b.banks) bank_flush16(b);
                     if (!b.error.empty()) {
                         b.error = fmt("%s, block (%u,%u,%u): ", who.c_str(), x, y, z) + b.error;
                         break;
