@@ -300,7 +300,9 @@ fn main() -> Res<()> {
             }
             _ => (kind, exps),
         };
-        let wf = smem_wavefronts(&prog, si, conv_kernel, norm_pair, attention_two, &igemm_wf);
+        // the GEMM of a normalisation pair: on conv_igemm_gn/_ln at norm_pair's width
+        let norm_gemm = norm_pair.filter(|_| gn_second.contains_key(&si));
+        let wf = smem_wavefronts(&prog, si, conv_kernel, norm_gemm, attention_two, &igemm_wf);
         let e = by.entry(kind).or_default();
         e.0 += 1;
         e.1 += flop;
@@ -340,8 +342,8 @@ fn main() -> Res<()> {
 
 /// Shared-memory wavefronts of step `si` where it runs on one of motionrt's tensor-core kernels
 /// (0 elsewhere): an attention on the tiled or short kernels, a convolution on `conv_igemm`, the
-/// GEMM of a normalisation pair (`igemm_wf`: the implicit-GEMM family's count). An attention: per
-/// 16-row tile and 8·NT keys (NT = 8 for the tiled kernels' 64-key tiles, 2·MT for the short
+/// GEMM of a normalisation pair (`norm_gemm`: its tile width; `igemm_wf`: the implicit-GEMM
+/// family's count). An attention: per 16-row tile and 8·NT keys (NT = 8 for the tiled kernels' 64-key tiles, 2·MT for the short
 /// ones), K's `ldmatrix` (NT / 2 n-tile pairs, an x4 of 4 wavefronts each 16 dimensions, an x2 of
 /// 2 for a last half chunk) and V's (NT / 2 key chunks, an x4 each pair of 8-wide n-tiles, an x2
 /// for a last single one), halved for two tiles a warp (`attention_tiled2`); each 16-row tile's
@@ -350,27 +352,22 @@ fn smem_wavefronts(
     prog: &program::Program,
     si: usize,
     conv_kernel: Option<usize>,
-    norm_pair: Option<usize>,
+    norm_gemm: Option<usize>,
     attention_two: bool,
     igemm_wf: &dyn Fn(usize, usize, usize, usize, bool) -> f64,
 ) -> f64 {
-    if let Some(bn) = norm_pair {
-        let second = launch::norm_pairs(prog, Precision::Fp16)
-            .iter()
-            .any(|&(_, ci)| ci == si);
-        if second {
-            return match &prog.steps[si] {
-                Step::Conv(c) => igemm_wf(
-                    c.y_shape[0] * c.y_shape[2] * c.y_shape[3],
-                    c.w_shape[1] * c.w_shape[2] * c.w_shape[3],
-                    c.w_shape[0],
-                    bn,
-                    true,
-                ),
-                Step::Linear { m, n, k, .. } => igemm_wf(*m, *k, *n, bn, true),
-                _ => 0.0,
-            };
-        }
+    if let Some(bn) = norm_gemm {
+        return match &prog.steps[si] {
+            Step::Conv(c) => igemm_wf(
+                c.y_shape[0] * c.y_shape[2] * c.y_shape[3],
+                c.w_shape[1] * c.w_shape[2] * c.w_shape[3],
+                c.w_shape[0],
+                bn,
+                true,
+            ),
+            Step::Linear { m, n, k, .. } => igemm_wf(*m, *k, *n, bn, true),
+            _ => 0.0,
+        };
     }
     match &prog.steps[si] {
         Step::Conv(c) => match launch::conv_igemm_for(prog, si, Precision::Fp16, conv_kernel) {
