@@ -19,7 +19,8 @@
 //! (`Emu::bank_stats`; conflict-free). The libraries' kernels (cuBLASLt, cuDNN) are not bound so.
 //!
 //! Last, every launch the float16 executor would make at these shapes is checked against an
-//! H100's launch limits (non-zero exit when one is beyond them); `--conv-kernel 64|128`: with
+//! H100's launch limits, and every tensor against the 2^31 - 1 elements the executor takes
+//! (non-zero exit when one is beyond them); `--conv-kernel 64|128`: with
 //! every convolution `conv_igemm_f16_nBN` computes on it (as where it times faster than cuDNN);
 //! `--geglu-kernel 64|128`: every feed-forward projection `gemm_geglu_f16_nBN` computes with its
 //! GEGLU as that one kernel (as where it times faster than cuBLASLt and `geglu`), in the table as
@@ -490,6 +491,18 @@ fn launches(
     };
     let (mut kernels, mut lts, mut gemms, mut convs) = (0, 0, 0, 0);
     let mut bad = Vec::new();
+    // the executor's load refuses a tensor past 32-bit element counts (cuDNN, the kernels)
+    if let Some((_, n)) = prog.largest_activation() {
+        println!(
+            "largest activation: {n} elements ({:.1} % of the {} a CUDA engine's tensors may hold)",
+            100.0 * n as f64 / program::MAX_TENSOR_ELEMENTS as f64,
+            program::MAX_TENSOR_ELEMENTS
+        );
+    }
+    let too_big = prog.check_tensor_sizes().err();
+    if let Some(e) = &too_big {
+        println!("  {e}");
+    }
     let mut by_kernel: BTreeMap<String, usize> = BTreeMap::new();
     for si in 0..prog.steps.len() {
         for op in step_ops(prog, si, &ctx)? {
@@ -517,9 +530,9 @@ fn launches(
     for b in &bad {
         println!("  {b}");
     }
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("{} launches beyond an H100's limits", bad.len()).into())
+    match (bad.len(), too_big) {
+        (0, None) => Ok(()),
+        (0, Some(_)) => Err("a tensor past 32-bit element counts".into()),
+        (n, _) => Err(format!("{n} launches beyond an H100's limits").into()),
     }
 }

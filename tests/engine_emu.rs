@@ -1415,3 +1415,59 @@ fn programs_of_one_graph_at_other_shapes_share_its_weights() {
         "second shape: {second} bytes uploaded instead of {alone} ({reused} weights shared, {keys} keys)"
     );
 }
+
+/// A CUDA engine's tensors hold at most 2^31 - 1 elements (cuDNN's legacy API and the kernels
+/// count them in 32-bit integers): the tiny VAE decoder at a 2048×2048 image runs as many frames
+/// a call as `max_batch` says and no more — one frame more is refused, before anything is
+/// placed, by a message naming the step that writes the tensor. (The SD1.5 VAE decoder at
+/// 768×768, the default build's largest profile, holds 151 million elements a frame in its
+/// 256-channel layers: 14 frames a call, not the default 16.)
+#[test]
+fn tensors_past_32_bit_element_counts_are_refused_and_the_vae_takes_fewer_frames() {
+    let (_export, src, dst, _) = tiny_export();
+    let z = dst.path().join("vae_decoder.onnx");
+    plan_graph(&src.join("vae_decoder.onnx"), &z).unwrap();
+    let model = load_model(&z).unwrap();
+    let fp16 = Precision::Fp16;
+    let shape = |frames: usize| vec![frames, 4, 128, 128];
+    let compiled = |frames: usize| {
+        let mut p = program::compile(
+            &model,
+            &[("latent", shape(frames))],
+            &InlineInitializers,
+            Layout::Nhwc,
+        )
+        .unwrap();
+        specialize(&mut p, fp16);
+        p
+    };
+    let (_, one) = compiled(1).largest_activation().unwrap();
+    // the mid block's attention scores, 16384 × 16384 a frame
+    assert_eq!(one, 16384 * 16384);
+    let most =
+        motionrt_runtime::engine::file::max_batch(&model, "latent", &shape(1), Layout::Nhwc, fp16)
+            .unwrap();
+    assert_eq!(most, program::MAX_TENSOR_ELEMENTS / one);
+    assert!((2..64).contains(&most), "{most} frames of {one} elements");
+    let fits = compiled(most);
+    fits.check_tensor_sizes().unwrap();
+    assert_eq!(fits.largest_activation().unwrap().1, most * one);
+    let over = compiled(most + 1);
+    let e = over.check_tensor_sizes().unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("{} elements", (most + 1) * one))
+            && e.contains("the output of step")
+            && e.contains("fewer frames"),
+        "{e}"
+    );
+    // the emulated executor, like the GPU's, refuses it before placing a buffer
+    let Some(emu) = emu() else { return };
+    let no_weights = |n: &str| -> Result<WeightData, EngineError> {
+        panic!("weight {n} asked for: the program should have been refused first")
+    };
+    let e = EmuProgram::load(&emu, over, fp16, &no_weights, H100_SMEM_OPTIN, true)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("2^31 - 1"), "{e}");
+}

@@ -188,7 +188,7 @@ fn ddim_inversion_reconstructs_the_input_latents() {
         scale = k;
         let mut pipe =
             Pipeline::load(&model, &SessionOptions::default()).unwrap_or_else(|e| panic!("{e}"));
-        let x0 = pipe.encode(&video, 2).unwrap();
+        let x0 = pipe.encode(&video, 2, &mut |w| panic!("{w}")).unwrap();
         assert_eq!(x0.len(), 4 * 3 * 8 * 8);
         for steps in [10usize, 50] {
             let inv = invert(&mut pipe, &x0, 3, 8, 8, prompt, steps, &None, &mut |_| {}).unwrap();

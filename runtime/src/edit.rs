@@ -125,7 +125,7 @@ pub fn edit(
     pipe.validate(&gen)?;
     events(Event::Stage("VAE encode"));
     let t = Instant::now();
-    let source_latents = pipe.encode(input, o.decode_chunk)?;
+    let source_latents = pipe.encode(input, o.decode_chunk, &mut |m| events(Event::Warning(m)))?;
     let encode_seconds = t.elapsed().as_secs_f64();
     let (f, h, w) = pipe.latent_dims(&gen);
     events(Event::Stage("inverting"));

@@ -268,6 +268,22 @@ impl GraphSession {
         }
     }
 
+    /// Most samples per call a native engine runs of this single-input graph (`one`: `input`'s
+    /// shape for one sample) within 32-bit tensor element counts; `None` on ONNX Runtime, which
+    /// has no such limit.
+    pub fn max_batch(&mut self, input: &str, one: &[usize]) -> Result<Option<usize>> {
+        match self {
+            GraphSession::Ort(_) => Ok(None),
+            GraphSession::Cuda(s) => s.max_batch(input, one).map(Some).map_err(|e| {
+                RuntimeError::Session {
+                    path: PathBuf::from(format!("engine graph {}", s.name)),
+                    message: e.to_string(),
+                }
+                .into()
+            }),
+        }
+    }
+
     /// Wait for a submitted run and return its outputs.
     pub fn collect(&mut self, p: PendingRun) -> Result<Vec<(String, Tensor)>> {
         match (self, p) {
@@ -333,6 +349,28 @@ pub struct Pipeline {
     pub load_seconds: f64,
     /// Seconds per graph: `unet`, `text_encoder`, `vae_decoder`.
     pub load_times: Vec<(&'static str, f64)>,
+}
+
+/// The frames per VAE call: `want` (at least 1), lowered to `most` where a native engine runs
+/// no more at this size (its tensors' 32-bit element counts), with a warning that says so.
+fn fit_chunk(
+    want: usize,
+    most: Option<usize>,
+    what: &str,
+    (width, height): (usize, usize),
+    warn: &mut dyn FnMut(String),
+) -> usize {
+    let want = want.max(1);
+    match most {
+        Some(most) if most < want => {
+            warn(format!(
+                "{what} {most} frames per VAE call instead of {want}: at {width}×{height} more \
+                 would make tensors past the 2^31 - 1 elements a CUDA engine's tensors may hold"
+            ));
+            most.max(1)
+        }
+        _ => want,
+    }
 }
 
 /// [`Pipeline::untuned_shapes`] for an engine tuned at `opt` with `vae_chunk` frames per VAE call
@@ -879,7 +917,13 @@ impl Pipeline {
     /// Encode RGB frames (`[F, H, W, 3]` in [0, 1], `H`, `W` multiples of the latent scale) into
     /// latents `[1, C, F, h, w]` (the VAE encoder's mean, times the scaling factor), `chunk`
     /// frames per call.
-    pub fn encode(&mut self, video: &crate::frames::Frames, chunk: usize) -> Result<Vec<f32>> {
+    /// `warn` hears of a chunk lowered to what a native engine can run.
+    pub fn encode(
+        &mut self,
+        video: &crate::frames::Frames,
+        chunk: usize,
+        warn: &mut dyn FnMut(String),
+    ) -> Result<Vec<f32>> {
         let s = self.info.latent_scale;
         if video.height % s != 0 || video.width % s != 0 {
             return Err(PipelineError::Options(format!(
@@ -897,10 +941,17 @@ impl Pipeline {
         let enc = self.vae_encoder.as_mut().expect("loaded above");
         let (f, hh, ww) = (video.frames, video.height, video.width);
         let (h, w, c) = (hh / s, ww / s, self.info.latent_channels);
+        let chunk = fit_chunk(
+            chunk,
+            enc.max_batch("image", &[1, 3, hh, ww])?,
+            "encoding",
+            (ww, hh),
+            warn,
+        );
         let mut lat = vec![0f32; c * f * h * w];
         let mut start = 0;
         while start < f {
-            let m = chunk.max(1).min(f - start);
+            let m = chunk.min(f - start);
             // [m, 3, H, W] in [-1, 1]
             let mut img = vec![0f32; m * 3 * hh * ww];
             for j in 0..m {
@@ -998,7 +1049,13 @@ impl Pipeline {
         let c = self.info.latent_channels;
         let hw = h * w;
         let inv = 1.0 / self.info.scaling_factor;
-        let chunk = chunk.max(1);
+        let chunk = fit_chunk(
+            chunk,
+            self.vae.max_batch("latent", &[1, c, h, w])?,
+            "decoding",
+            (w * self.info.latent_scale, h * self.info.latent_scale),
+            &mut |m| events(Event::Warning(m)),
+        );
         // [C, F, h, w] → [m, C, h, w] for frames start..start+m
         let slice = |start: usize, m: usize| {
             let mut z = vec![0f32; m * c * hw];
@@ -1112,6 +1169,27 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vae_chunk_past_what_the_engine_runs_is_lowered_with_a_warning() {
+        let mut said = Vec::new();
+        let mut fit = |want, most| {
+            fit_chunk(want, most, "decoding", (768, 768), &mut |m: String| {
+                said.push(m)
+            })
+        };
+        // ONNX Runtime (no limit) and an engine that runs the chunk: as asked, silently
+        assert_eq!(fit(16, None), 16);
+        assert_eq!(fit(16, Some(16)), 16);
+        assert_eq!(fit(0, Some(3)), 1);
+        // the SD1.5 decoder at 768×768: 14 frames a call
+        assert_eq!(fit(16, Some(14)), 14);
+        assert_eq!(said.len(), 1);
+        assert!(
+            said[0].starts_with("decoding 14 frames per VAE call instead of 16: at 768×768"),
+            "{said:?}"
+        );
+    }
 
     #[test]
     fn shapes_the_engine_was_not_tuned_for_are_named() {

@@ -88,6 +88,8 @@ impl<'e> EmuProgram<'e> {
     ) -> Result<Self, EngineError> {
         let mut program = program;
         let specialized = specialize(&mut program, precision);
+        // as the GPU executor: a tensor past 32-bit element counts is refused before placement
+        program.check_tensor_sizes()?;
         let memory = plan_memory_for(&program, precision);
         let arena = DeviceBuffer::filled(memory.arena_bytes.max(256), 0xFF);
         let mut weights = Vec::new();

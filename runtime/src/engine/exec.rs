@@ -1361,6 +1361,9 @@ impl GpuProgram {
         if specialise {
             specialize(&mut program, precision);
         }
+        // (before anything is allocated: a tensor past 32-bit element counts would fail in
+        // cuDNN, or overflow a kernel's index arithmetic)
+        program.check_tensor_sizes()?;
         let memory = plan_memory_for(&program, precision);
         let arena = s
             .alloc_zeros::<u8>(memory.arena_bytes.max(256))
@@ -2244,7 +2247,9 @@ impl GpuProgram {
                 }
                 // SAFETY: the device range holds numel int64 values; the host slice is
                 // pageable memory, which an asynchronous copy stages before it returns (so `v`
-                // may go at once, and no synchronisation waits for the previous run)
+                // may go at once; CUDA's synchronisation rules let the driver wait for the
+                // stream's earlier work while it stages, so an upload may not overlap the
+                // previous run)
                 unsafe {
                     cudarc::driver::result::memcpy_htod_async(dst, v, dev.stream.cu_stream())
                 }

@@ -309,6 +309,8 @@ pub struct CudaSession {
     /// Seconds spent making programs (compile, weight upload, algorithm timing), which happens
     /// on the first call at each input shape.
     pub program_load_seconds: f64,
+    /// [`CudaSession::max_batch`]'s answers by input and shape (each a compile of the graph).
+    max_batches: HashMap<(String, Vec<usize>), usize>,
 }
 
 /// Capture `gp`'s launches in a CUDA graph; a capture that fails leaves the program running
@@ -346,7 +348,21 @@ impl CudaSession {
             programs: HashMap::new(),
             store: WeightStore::shared(),
             program_load_seconds: 0.0,
+            max_batches: HashMap::new(),
         })
+    }
+
+    /// Most samples per call (`input`'s first axis) whose program keeps every tensor within
+    /// [`program::MAX_TENSOR_ELEMENTS`], `one` being `input`'s shape for one sample
+    /// ([`max_batch`]).
+    pub fn max_batch(&mut self, input: &str, one: &[usize]) -> Result<usize, EngineError> {
+        let key = (input.to_string(), one.to_vec());
+        if let Some(&n) = self.max_batches.get(&key) {
+            return Ok(n);
+        }
+        let n = max_batch(&self.model, input, one, self.layout, self.precision)?;
+        self.max_batches.insert(key, n);
+        Ok(n)
     }
 
     /// The convolution and GEMM algorithms it has: the engine's, and those timed since for
@@ -441,6 +457,27 @@ impl CudaSession {
             .ok_or_else(|| EngineError::Graph("collect: no program for these shapes".into()))?;
         gp.collect(t.slot)
     }
+}
+
+/// Most samples per call of a single-input graph (the VAE's: frames decode and encode
+/// independently) whose program, as the executor runs it, keeps every activation within
+/// [`program::MAX_TENSOR_ELEMENTS`]: `one` is `input`'s shape for one sample (`[1, ..]`), and
+/// the activations grow with the samples (the weights do not; [`GpuProgram::load_with`]
+/// checks every tensor of the program it is given). At least 1 (a sample too large on its own is
+/// that load's error).
+pub fn max_batch(
+    model: &ModelProto,
+    input: &str,
+    one: &[usize],
+    layout: Layout,
+    precision: Precision,
+) -> Result<usize, EngineError> {
+    let mut prog = program::compile(model, &[(input, one.to_vec())], &InlineInitializers, layout)?;
+    super::launch::specialize(&mut prog, precision);
+    Ok(match prog.largest_activation() {
+        Some((_, n)) if n > 0 => (program::MAX_TENSOR_ELEMENTS / n).max(1),
+        _ => usize::MAX,
+    })
 }
 
 /// A run queued by [`CudaSession::submit`].
@@ -566,6 +603,34 @@ fn build_into(
                 program::compile(&model, &p.shapes(g, text_width, vae_chunk), &init, layout)?;
             // what the executor will run (loaded below as it is, not specialised again)
             super::launch::specialize(&mut prog, precision);
+            if let Err(e) = prog.check_tensor_sizes() {
+                // the VAE's frames are independent: `run` decodes (encodes) fewer a call where
+                // its chunk would not fit (`max_batch`); any other graph cannot run this shape
+                let frames = p.shapes(g, text_width, vae_chunk)[0].1[0];
+                match prog.largest_activation() {
+                    Some((_, n)) if g.starts_with("vae_") && n > program::MAX_TENSOR_ELEMENTS => {
+                        let most = (program::MAX_TENSOR_ELEMENTS / n.div_ceil(frames)).max(1);
+                        progress(
+                            g,
+                            &format!(
+                                "note: at the {label} profile ({}x{}) {frames} frames a call would \
+                                 make tensors past 32-bit element counts; `run` takes {most} a call there",
+                                8 * p.width,
+                                8 * p.height
+                            ),
+                        );
+                    }
+                    _ => {
+                        return Err(EngineError::Graph(format!(
+                            "at the {label} profile ({}x{}x{}x{}): {e}; lower --{label}-shape",
+                            p.batch,
+                            p.frames,
+                            8 * p.height,
+                            8 * p.width
+                        )))
+                    }
+                }
+            }
             let plan = super::launch::plan_memory_for(&prog, precision);
             arena.insert(label.to_string(), plan.arena_bytes);
             if label == "opt" {

@@ -974,7 +974,56 @@ impl Sinusoid {
     }
 }
 
+/// Most elements a tensor of a CUDA engine may hold: cuDNN's legacy API takes a tensor's
+/// dimensions and strides as 32-bit `int`s (PyTorch splits a convolution along its batch past
+/// this), and motionrt's kernels count a tensor's rows, pixels and channels in 32-bit integers.
+pub const MAX_TENSOR_ELEMENTS: usize = i32::MAX as usize;
+
 impl Program {
+    /// The activation buffer (not a weight or an input) with the most elements: `(buffer,
+    /// elements)`.
+    pub fn largest_activation(&self) -> Option<(usize, usize)> {
+        self.buffers
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| matches!(b.kind, BufferKind::Activation))
+            .map(|(i, b)| (i, b.numel))
+            .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)))
+    }
+
+    /// An error naming the first tensor of more than [`MAX_TENSOR_ELEMENTS`] elements — an
+    /// input, a weight, or the output of the step that writes it — which a CUDA engine cannot
+    /// run; `Ok` when there is none.
+    pub fn check_tensor_sizes(&self) -> Result<(), EngineError> {
+        let Some((i, b)) = self
+            .buffers
+            .iter()
+            .enumerate()
+            .find(|(_, b)| b.numel > MAX_TENSOR_ELEMENTS)
+        else {
+            return Ok(());
+        };
+        let what = match &b.kind {
+            BufferKind::Input(name) => format!("input `{name}`"),
+            BufferKind::Weight(WeightSource::Initializer(name))
+            | BufferKind::Weight(WeightSource::Permuted { name, .. }) => format!("weight `{name}`"),
+            BufferKind::Weight(_) => format!("a computed weight (buffer {i})"),
+            BufferKind::Activation => match self.steps.iter().position(|s| s.io().1 == i) {
+                Some(k) => format!(
+                    "the output of step {k} ({})",
+                    super::localize::label(&self.steps[k])
+                ),
+                None => format!("activation buffer {i}"),
+            },
+        };
+        Err(err(format!(
+            "{what} holds {} elements, more than the {MAX_TENSOR_ELEMENTS} (2^31 - 1) a CUDA \
+             engine's tensors may hold (cuDNN and motionrt's kernels count elements in 32-bit \
+             integers): run fewer frames per call or a smaller resolution",
+            b.numel
+        )))
+    }
+
     /// The values to upload into input `name`'s buffer for the given `values`: transformed on
     /// the host where the program says so, else as they are.
     pub fn host_input<'a>(&self, name: &str, values: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
