@@ -1181,6 +1181,10 @@ __device__ __forceinline__ void att_load_kv_tile(half_bits* s, const half_bits* 
     }
 }
 
+// How far (log2) a row's max may pass the max its weights are taken against before the
+// attention kernels rescale (att_softmax).
+#define ATT_RESCALE_LOG2 8.f
+
 // One warp's 16 query rows: Q as A fragments, the output accumulator, and the running max and
 // sum of rows grp and grp + 8 (grp = lane / 4).
 template <int DP>
@@ -1204,8 +1208,10 @@ __device__ __forceinline__ void att_begin(AttRows<DP>& r, const half_bits* s, in
 }
 
 // The online softmax of one 16-row tile's scores sc (NT n-tiles of 8 keys, from key0): the
-// running max and sum of r updated, its output rescaled, sc turned into the weights.
-template <int DP, int NT, bool ONES>
+// running max and sum of r updated, its output rescaled, sc turned into the weights. LAZY (the
+// tiled kernels, which step through many key tiles): the rescale only where a max grows past
+// ATT_RESCALE_LOG2 (below).
+template <int DP, int NT, bool ONES, bool LAZY>
 __device__ __forceinline__ void att_softmax(AttRows<DP>& r, float (&sc)[NT][4], int key0, int S,
                                             float sl2, int lane) {
     const int tq = lane & 3;
@@ -1232,10 +1238,33 @@ __device__ __forceinline__ void att_softmax(AttRows<DP>& r, float (&sc)[NT][4], 
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float c0 = mrt_ex2((r.m0 - mx0) * sl2), c1 = mrt_ex2((r.m1 - mx1) * sl2);
-    r.m0 = mx0;
-    r.m1 = mx1;
-    const float b0 = mx0 * sl2, b1 = mx1 * sl2;
+    // LAZY: the running max the weights are taken against moves only when a row's grows by more than
+    // ATT_RESCALE_LOG2 in the exponent (weights then up to 2^8: float16 holds them as exactly as
+    // below 1, the output and the sums are float32), and for the whole warp at once: a tile
+    // whose rows stay within it (after the first tiles, most) skips the rescale's two
+    // exponentials and its multiplies of the output accumulator. The result is the same softmax:
+    // output and sum are taken against the same stale max and divided at the end.
+    bool rescale = true;
+    if constexpr (LAZY)
+        rescale = __any_sync(0xffffffffu, (mx0 - r.m0) * sl2 > ATT_RESCALE_LOG2 ||
+                                              (mx1 - r.m1) * sl2 > ATT_RESCALE_LOG2);
+    if (rescale) {
+        const float c0 = mrt_ex2((r.m0 - mx0) * sl2), c1 = mrt_ex2((r.m1 - mx1) * sl2);
+        r.m0 = mx0;
+        r.m1 = mx1;
+        if constexpr (!ONES) {
+            r.l0 *= c0;
+            r.l1 *= c1;
+        }
+#pragma unroll
+        for (int j = 0; j < DP / 8; ++j) {
+            r.o[j][0] *= c0;
+            r.o[j][1] *= c0;
+            r.o[j][2] *= c1;
+            r.o[j][3] *= c1;
+        }
+    }
+    const float b0 = r.m0 * sl2, b1 = r.m1 * sl2;
     float ps0 = 0.f, ps1 = 0.f;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -1249,15 +1278,8 @@ __device__ __forceinline__ void att_softmax(AttRows<DP>& r, float (&sc)[NT][4], 
         }
     }
     if constexpr (!ONES) {
-        r.l0 = r.l0 * c0 + ps0;
-        r.l1 = r.l1 * c1 + ps1;
-    }
-#pragma unroll
-    for (int j = 0; j < DP / 8; ++j) {
-        r.o[j][0] *= c0;
-        r.o[j][1] *= c0;
-        r.o[j][2] *= c1;
-        r.o[j][3] *= c1;
+        r.l0 += ps0;
+        r.l1 += ps1;
     }
 }
 
@@ -1272,7 +1294,7 @@ __device__ __forceinline__ void att_softmax(AttRows<DP>& r, float (&sc)[NT][4], 
 // RT row tiles at once (att_step_rows: r[0 .. RT), one warp's 16·RT rows): each K and V fragment
 // is loaded once for all of them — a 16-row tile takes two ldmatrix wavefronts of shared memory
 // a tensor-core product, which on an H100 is more than the tensor cores' rate; two tiles one.
-template <int DP, int NT, bool ONES, int RT>
+template <int DP, int NT, bool ONES, int RT, bool LAZY>
 __device__ __forceinline__ void att_step_rows(AttRows<DP>* r, const half_bits* ks,
                                               const half_bits* vs, int key0, int S, int d,
                                               float sl2, int lane) {
@@ -1314,7 +1336,8 @@ __device__ __forceinline__ void att_step_rows(AttRows<DP>* r, const half_bits* k
         }
     }
 #pragma unroll
-    for (int t = 0; t < RT; ++t) att_softmax<DP, NT, ONES>(r[t], sc[t], key0, S, sl2, lane);
+    for (int t = 0; t < RT; ++t)
+        att_softmax<DP, NT, ONES, LAZY>(r[t], sc[t], key0, S, sl2, lane);
     // O += P V: P (16 x 16 keys per step) from the score registers as A fragments; V rows are the
     // B operand's k axis, so ldmatrix.trans: (keys lo, dims j), (keys hi, j), (lo, j+1), (hi, j+1);
     // the last n-tile alone (x2: its keys lo, hi) when the one after it is padding (and not the
@@ -1353,7 +1376,7 @@ template <int DP, int NT, bool ONES>
 __device__ __forceinline__ void att_step(AttRows<DP>& r, const half_bits* ks,
                                          const half_bits* vs, int key0, int S, int d, float sl2,
                                          int lane) {
-    att_step_rows<DP, NT, ONES, 1>(&r, ks, vs, key0, S, d, sl2, lane);
+    att_step_rows<DP, NT, ONES, 1, false>(&r, ks, vs, key0, S, d, sl2, lane);
 }
 
 // Normalise and store rows row0.. (those below L) at y (row stride C, the head's first column).
@@ -1438,8 +1461,8 @@ __device__ void attention_tiled(const half_bits* __restrict__ q, const half_bits
             mrt_cp_async_wait<0>();
         }
         __syncthreads();
-        att_step_rows<DP, ATT_KEYS / 8, ONES, RT>(r, cur, cur + ATT_KEYS * P, t * ATT_KEYS, S, d,
-                                                  sl2, lane);
+        att_step_rows<DP, ATT_KEYS / 8, ONES, RT, true>(r, cur, cur + ATT_KEYS * P, t * ATT_KEYS,
+                                                        S, d, sl2, lane);
         __syncthreads();  // this stage is reloaded next iteration
     }
     half_bits* yh = y + att_seq_row(n, L, ns) * C + (i64)h * d;
@@ -1523,13 +1546,20 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
          ? ATT_SHORT_SMEM_BLOCKS(DP, MT)                        \
          : ATT_SHORT_REG_BLOCKS(DP, MT))
 
+// The tiled kernel's register budget, as blocks an SM: two (128 registers a thread) up to DP = 64,
+// where ptxas's own choice fits them, one above (its choice was 133 or more). Left to itself,
+// ptxas squeezed some head sizes just under an occupancy step on one architecture and spilled to
+// do so (DP = 80 on sm_80, 20 bytes, once the softmax's rescale became conditional).
+#define ATT_TILED_MIN_BLOCKS(DP) ((DP) <= 64 ? 2 : 1)
+
 // The three entries of one head-size suffix SUF: the DP kernels with head size DARG (`d`, the
 // kernel argument; or a literal, see below); ONES: V's first padding column holds ones (a
 // literal d = DP - 8 only).
 #define ATT_ENTRIES_AS(SUF, DP, DARG, ONES)                                                        \
-    extern "C" __global__ void __launch_bounds__(256) attention_tiled_f16_d##SUF(                  \
-        const half_bits* q, const half_bits* k, const half_bits* v, half_bits* y, int L, int S,    \
-        int heads, int d, int ldq, int ldkv, int ns, float scale) {                                \
+    extern "C" __global__ void __launch_bounds__(256, ATT_TILED_MIN_BLOCKS(DP))                    \
+        attention_tiled_f16_d##SUF(const half_bits* q, const half_bits* k, const half_bits* v,     \
+                                   half_bits* y, int L, int S, int heads, int d, int ldq,          \
+                                   int ldkv, int ns, float scale) {                                \
         attention_tiled<DP, ONES>(q, k, v, y, L, S, heads, DARG, ldq, ldkv, ns, scale);            \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128, ATT_SHORT_MIN_BLOCKS(DP, 1))                 \

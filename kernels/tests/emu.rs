@@ -1286,7 +1286,7 @@ fn attention_f16_packed(
     // own, others take d rounded up to 16
     let d = shape.4;
     let entry = if d == 40 { 40 } else { d.div_ceil(16) * 16 };
-    attention_f16_entry(emu, kernel, shape, packing, ns, entry);
+    attention_f16_entry(emu, kernel, shape, packing, ns, entry, |_| 1.0);
 }
 
 /// `attention_{kernel}_f16_d{entry}` on the shape (entry: d, or d rounded up to 16).
@@ -1297,6 +1297,7 @@ fn attention_f16_entry(
     packing: Packing,
     ns: usize,
     entry: usize,
+    k_gain: fn(usize) -> f32,
 ) {
     let a = Attention::new(n, l, s, heads, d);
     let c = heads * d;
@@ -1306,7 +1307,13 @@ fn attention_f16_entry(
     // larger logits than unit noise, so the softmax is far from uniform
     let q: Vec<f32> = random(n * l * c, seed).iter().map(|x| 3.0 * x).collect();
     let q = <u16 as Host>::round(&q);
-    let k = <u16 as Host>::round(&random(n * s * c, seed + 1));
+    // key t of each sequence times k_gain(t)
+    let k: Vec<f32> = random(n * s * c, seed + 1)
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x * k_gain(i / c % s))
+        .collect();
+    let k = <u16 as Host>::round(&k);
     let v = <u16 as Host>::round(&random(n * s * c, seed + 2));
     let mut want = vec![0f32; n * l * c];
     a.run(&q, &k, &v, None, &mut want).unwrap();
@@ -1423,7 +1430,32 @@ fn attention_dp48_entries_take_head_size_40_at_run_time() {
         ("short1", (6, 16, 16, 2, 40), Packing::Qkv, 3),
         ("short2", (2, 24, 24, 2, 40), Packing::Apart, 1),
     ] {
-        attention_f16_entry(emu, kernel, shape, packing, ns, 48);
+        attention_f16_entry(emu, kernel, shape, packing, ns, 48, |_| 1.0);
+    }
+}
+
+/// The tiled kernels take each row's weights against a running max that moves only when the
+/// row's max grows past it by more than 2^8 (`att_softmax`, `ATT_RESCALE_LOG2`): keys whose
+/// scores grow tile by tile, each 64-key tile's max some 2^10 past the last's (the rescale runs
+/// at every tile — left out, the weights overflow float16), and shrink (it runs at the first
+/// tile only: the rest are taken against a max up to 2^8 below their own).
+#[test]
+fn tiled_attention_rescales_only_when_a_max_grows_past_its_threshold() {
+    let Some(emu) = emu() else { return };
+    let grow: fn(usize) -> f32 = |t| 1.0 + (t / 64) as f32;
+    let shrink: fn(usize) -> f32 = |t| 4.0 - (t / 64) as f32;
+    for gain in [grow, shrink] {
+        for (kernel, d, entry) in [("tiled", 40, 40), ("tiled2", 40, 40), ("tiled", 80, 80)] {
+            attention_f16_entry(
+                emu,
+                kernel,
+                (1, 40, 250, 2, d),
+                Packing::Apart,
+                1,
+                entry,
+                gain,
+            );
+        }
     }
 }
 
