@@ -1427,6 +1427,8 @@ fn tensors_past_32_bit_element_counts_are_refused_and_the_vae_takes_fewer_frames
     let (_export, src, dst, _) = tiny_export();
     let z = dst.path().join("vae_decoder.onnx");
     plan_graph(&src.join("vae_decoder.onnx"), &z).unwrap();
+    // (the engine's graphs hold no initializer past INLINE_MAX values, which the planner keeps
+    // by name without reading: the tiny VAE's are all smaller)
     let model = load_model(&z).unwrap();
     let fp16 = Precision::Fp16;
     let shape = |frames: usize| vec![frames, 4, 128, 128];
@@ -1460,6 +1462,33 @@ fn tensors_past_32_bit_element_counts_are_refused_and_the_vae_takes_fewer_frames
             && e.contains("fewer frames"),
         "{e}"
     );
+    // what `motionrt build` makes of it at each profile (latents 128×128: a 1024×1024 image)
+    use motionrt_runtime::engine::file::{check_profile, Profile};
+    let p = Profile {
+        batch: 1,
+        frames: 16,
+        height: 128,
+        width: 128,
+    };
+    assert_eq!(
+        check_profile("vae_decoder", "max", &p, most, &fits).unwrap(),
+        None
+    );
+    let note = check_profile("vae_decoder", "max", &p, most + 1, &over)
+        .unwrap()
+        .unwrap();
+    assert!(
+        note.contains(&format!("`run` takes {most} a call")) && note.contains("1024x1024"),
+        "{note}"
+    );
+    let e = check_profile("vae_decoder", "opt", &p, most + 1, &over)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&format!("--vae-chunk {most} or less")), "{e}");
+    let e = check_profile("unet", "max", &p, most + 1, &over)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lower --max-shape"), "{e}");
     // the emulated executor, like the GPU's, refuses it before placing a buffer
     let Some(emu) = emu() else { return };
     let no_weights = |n: &str| -> Result<WeightData, EngineError> {

@@ -551,6 +551,41 @@ pub fn build(
     }
 }
 
+/// Whether graph `g`'s program `prog` at the `label` profile `p` (`frames` samples a call: the
+/// VAE's chunk) keeps its tensors within [`program::MAX_TENSOR_ELEMENTS`]: `Ok(None)` when it
+/// does; for the VAE at the min or max profile a note (frames decode and encode independently,
+/// and `run` takes as many a call as fit, `max_batch`); an error for the VAE at the opt profile
+/// (the program the build times), saying which `--vae-chunk` fits, and for any other graph.
+pub fn check_profile(
+    g: &str,
+    label: &str,
+    p: &Profile,
+    frames: usize,
+    prog: &program::Program,
+) -> Result<Option<String>, EngineError> {
+    let Err(e) = prog.check_tensor_sizes() else {
+        return Ok(None);
+    };
+    let most = prog
+        .largest_activation()
+        .map(|(_, n)| (program::MAX_TENSOR_ELEMENTS / n.div_ceil(frames.max(1))).max(1));
+    let (w, h) = (8 * p.width, 8 * p.height);
+    match most {
+        Some(most) if g.starts_with("vae_") && label == "opt" => Err(EngineError::Graph(format!(
+            "{g} at the opt profile ({w}x{h}), {frames} frames a call: {e}; build with \
+             --vae-chunk {most} or less"
+        ))),
+        Some(most) if g.starts_with("vae_") => Ok(Some(format!(
+            "note: at the {label} profile ({w}x{h}) {frames} frames a call would make tensors \
+             past 32-bit element counts; `run` takes {most} a call there"
+        ))),
+        _ => Err(EngineError::Graph(format!(
+            "{g} at the {label} profile ({}x{}x{h}x{w}): {e}; lower --{label}-shape",
+            p.batch, p.frames
+        ))),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn build_into(
     dev: &CudaDevice,
@@ -603,33 +638,9 @@ fn build_into(
                 program::compile(&model, &p.shapes(g, text_width, vae_chunk), &init, layout)?;
             // what the executor will run (loaded below as it is, not specialised again)
             super::launch::specialize(&mut prog, precision);
-            if let Err(e) = prog.check_tensor_sizes() {
-                // the VAE's frames are independent: `run` decodes (encodes) fewer a call where
-                // its chunk would not fit (`max_batch`); any other graph cannot run this shape
-                let frames = p.shapes(g, text_width, vae_chunk)[0].1[0];
-                match prog.largest_activation() {
-                    Some((_, n)) if g.starts_with("vae_") && n > program::MAX_TENSOR_ELEMENTS => {
-                        let most = (program::MAX_TENSOR_ELEMENTS / n.div_ceil(frames)).max(1);
-                        progress(
-                            g,
-                            &format!(
-                                "note: at the {label} profile ({}x{}) {frames} frames a call would \
-                                 make tensors past 32-bit element counts; `run` takes {most} a call there",
-                                8 * p.width,
-                                8 * p.height
-                            ),
-                        );
-                    }
-                    _ => {
-                        return Err(EngineError::Graph(format!(
-                            "at the {label} profile ({}x{}x{}x{}): {e}; lower --{label}-shape",
-                            p.batch,
-                            p.frames,
-                            8 * p.height,
-                            8 * p.width
-                        )))
-                    }
-                }
+            let frames = p.shapes(g, text_width, vae_chunk)[0].1[0];
+            if let Some(note) = check_profile(g, label, &p, frames, &prog)? {
+                progress(g, &note);
             }
             let plan = super::launch::plan_memory_for(&prog, precision);
             arena.insert(label.to_string(), plan.arena_bytes);
