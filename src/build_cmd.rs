@@ -66,7 +66,9 @@ pub struct BuildArgs {
     /// Largest shape the engine must run.
     #[arg(long = "max-shape", default_value = "1x32x768x768")]
     pub max_shape: String,
-    /// Frames per VAE decoder call the engine is planned for (`run --decode-chunk`).
+    /// Frames per VAE decoder call the engine is planned for (`run --decode-chunk`). At the opt
+    /// shape it must keep the VAE's tensors within 2^31 - 1 elements (the build says how many
+    /// frames fit); at larger shapes `run` decodes as many a call as fit.
     #[arg(long = "vae-chunk", default_value_t = 16)]
     pub vae_chunk: usize,
     /// Timing cache (JSON): read when it exists, written after the build. Building again with the

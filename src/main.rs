@@ -184,7 +184,8 @@ enum Command {
         scheduler_config: Option<PathBuf>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Frames per VAE decoder call: lower bounds memory.
+        /// Frames per VAE decoder call: lower bounds memory. On a native engine, lowered (with a
+        /// warning) to what keeps the VAE's tensors within 2^31 - 1 elements.
         #[arg(long = "decode-chunk", default_value_t = 16)]
         decode_chunk: usize,
         /// Frames per second of the GIF / MP4.
@@ -232,6 +233,7 @@ enum Command {
         /// Classifier-free guidance of the generation (Tune-A-Video's default).
         #[arg(long, default_value_t = 12.5)]
         guidance: f32,
+        /// Frames per VAE encoder and decoder call (lowered on a native engine as for `run`).
         #[arg(long = "decode-chunk", default_value_t = 16)]
         decode_chunk: usize,
         #[arg(long, default_value_t = 8.0)]
