@@ -1547,9 +1547,11 @@ __device__ void attention_short(const half_bits* __restrict__ q, const half_bits
          : ATT_SHORT_REG_BLOCKS(DP, MT))
 
 // The tiled kernel's register budget, as blocks an SM: two (128 registers a thread) up to DP = 64,
-// where ptxas's own choice fits them, one above (its choice was 133 or more). Left to itself,
-// ptxas squeezed some head sizes just under an occupancy step on one architecture and spilled to
-// do so (DP = 80 on sm_80, 20 bytes, once the softmax's rescale became conditional).
+// one above (ptxas's own choice there was 133 or more). Left to itself, ptxas squeezed some head
+// sizes just under an occupancy step on one architecture and spilled to do so (DP = 80 on sm_80,
+// 20 bytes, once the softmax's rescale became conditional), or not (DP = 64 took 130 registers
+// on sm_90: one block). DP = 16 had three blocks (68 registers) before the conditional rescale;
+// three now spill on sm_80.
 #define ATT_TILED_MIN_BLOCKS(DP) ((DP) <= 64 ? 2 : 1)
 
 // The three entries of one head-size suffix SUF: the DP kernels with head size DARG (`d`, the

@@ -1286,7 +1286,7 @@ fn attention_f16_packed(
     // own, others take d rounded up to 16
     let d = shape.4;
     let entry = if d == 40 { 40 } else { d.div_ceil(16) * 16 };
-    attention_f16_entry(emu, kernel, shape, packing, ns, entry, |_| 1.0);
+    attention_f16_entry(emu, kernel, shape, packing, ns, entry, (|_| 1.0, |_| 1.0));
 }
 
 /// `attention_{kernel}_f16_d{entry}` on the shape (entry: d, or d rounded up to 16).
@@ -1297,7 +1297,7 @@ fn attention_f16_entry(
     packing: Packing,
     ns: usize,
     entry: usize,
-    k_gain: fn(usize) -> f32,
+    (q_gain, k_gain): (fn(usize) -> f32, fn(usize) -> f32),
 ) {
     let a = Attention::new(n, l, s, heads, d);
     let c = heads * d;
@@ -1305,7 +1305,12 @@ fn attention_f16_entry(
     let pitch = dp + 8;
     let seed = (n * 1000 + l * 10 + s + d) as u64;
     // larger logits than unit noise, so the softmax is far from uniform
-    let q: Vec<f32> = random(n * l * c, seed).iter().map(|x| 3.0 * x).collect();
+    // (query t of each sequence times q_gain(t))
+    let q: Vec<f32> = random(n * l * c, seed)
+        .iter()
+        .enumerate()
+        .map(|(i, x)| 3.0 * x * q_gain(i / c % l))
+        .collect();
     let q = <u16 as Host>::round(&q);
     // key t of each sequence times k_gain(t)
     let k: Vec<f32> = random(n * s * c, seed + 1)
@@ -1430,21 +1435,32 @@ fn attention_dp48_entries_take_head_size_40_at_run_time() {
         ("short1", (6, 16, 16, 2, 40), Packing::Qkv, 3),
         ("short2", (2, 24, 24, 2, 40), Packing::Apart, 1),
     ] {
-        attention_f16_entry(emu, kernel, shape, packing, ns, 48, |_| 1.0);
+        attention_f16_entry(emu, kernel, shape, packing, ns, 48, (|_| 1.0, |_| 1.0));
     }
 }
 
-/// The tiled kernels take each row's weights against a running max that moves only when the
-/// row's max grows past it by more than 2^8 (`att_softmax`, `ATT_RESCALE_LOG2`): keys whose
-/// scores grow tile by tile, each 64-key tile's max some 2^10 past the last's (the rescale runs
-/// at every tile — left out, the weights overflow float16), and shrink (it runs at the first
-/// tile only: the rest are taken against a max up to 2^8 below their own).
+/// The tiled kernels take each row's weights against a running max that moves only when some
+/// row of the warp has grown past it by more than 2^8 (`att_softmax`, `ATT_RESCALE_LOG2`): keys
+/// whose scores grow tile by tile, each 64-key tile's max some 2^10 past the last's (the rescale
+/// runs at every tile — left out, or with a higher threshold, the weights overflow float16), and
+/// shrink (it runs at the first tile only: the rest are taken against a max up to 2^8 below their
+/// own); and with the growth in one half of each 16-row tile only (queries 0–7 or 8–15 of 16
+/// scaled down to a growth below the threshold), so that a vote over the other half's rows
+/// alone misses it. (That tiles skip the rescale is seen in the machine code, not here.)
 #[test]
-fn tiled_attention_rescales_only_when_a_max_grows_past_its_threshold() {
+fn tiled_attention_rescales_when_a_max_grows_past_its_threshold() {
     let Some(emu) = emu() else { return };
+    let one: fn(usize) -> f32 = |_| 1.0;
     let grow: fn(usize) -> f32 = |t| 1.0 + (t / 64) as f32;
     let shrink: fn(usize) -> f32 = |t| 4.0 - (t / 64) as f32;
-    for gain in [grow, shrink] {
+    let low_half: fn(usize) -> f32 = |t| if t % 16 < 8 { 1.0 } else { 0.2 };
+    let high_half: fn(usize) -> f32 = |t| if t % 16 < 8 { 0.2 } else { 1.0 };
+    for gains in [
+        (one, grow),
+        (one, shrink),
+        (low_half, grow),
+        (high_half, grow),
+    ] {
         for (kernel, d, entry) in [("tiled", 40, 40), ("tiled2", 40, 40), ("tiled", 80, 80)] {
             attention_f16_entry(
                 emu,
@@ -1453,7 +1469,7 @@ fn tiled_attention_rescales_only_when_a_max_grows_past_its_threshold() {
                 Packing::Apart,
                 1,
                 entry,
-                gain,
+                gains,
             );
         }
     }

@@ -351,23 +351,29 @@ pub struct Pipeline {
     pub load_times: Vec<(&'static str, f64)>,
 }
 
-/// The frames per VAE call: `want` (at least 1), lowered to `most` where a native engine runs
-/// no more at this size (its tensors' 32-bit element counts), with a warning that says so.
+/// The frames per VAE call for `frames` frames: `want` (at least 1, at most `frames`), or where a
+/// native engine runs no more than `most` at this size (its tensors' 32-bit element counts) the
+/// fewest calls of at most `most` frames, evened out (16 frames at 14 a call: two calls of 8, not
+/// 14 and 2 padded to 14), with a warning that says so.
 fn fit_chunk(
+    frames: usize,
     want: usize,
     most: Option<usize>,
     what: &str,
     (width, height): (usize, usize),
     warn: &mut dyn FnMut(String),
 ) -> usize {
-    let want = want.max(1);
+    let want = want.max(1).min(frames.max(1));
     match most {
         Some(most) if most < want => {
+            let most = most.max(1);
+            let chunk = frames.div_ceil(frames.div_ceil(most));
             warn(format!(
-                "{what} {most} frames per VAE call instead of {want}: at {width}×{height} more \
-                 would make tensors past the 2^31 - 1 elements a CUDA engine's tensors may hold"
+                "{what} {chunk} frames per VAE call instead of {want}: at {width}×{height} more \
+                 than {most} would make tensors past the 2^31 - 1 elements a CUDA engine's \
+                 tensors may hold"
             ));
-            most.max(1)
+            chunk
         }
         _ => want,
     }
@@ -466,7 +472,16 @@ impl Pipeline {
     /// On the native engine: what a generation with `o` runs at shapes the engine's algorithms
     /// were not timed for at build (its `--opt-shape` with guidance, its `--vae-chunk`), whose
     /// algorithms are then timed on first use. Empty on ONNX Runtime and at the tuned shapes.
-    pub fn untuned_shapes(&self, o: &GenerateOptions) -> Vec<String> {
+    pub fn untuned_shapes(&mut self, o: &GenerateOptions) -> Vec<String> {
+        if self.engine.is_none() {
+            return Vec::new();
+        }
+        // the frames per VAE call the decode will take (a compile error here is the decode's
+        // to report)
+        let (f, h, w) = self.latent_dims(o);
+        let per_call = self
+            .decode_chunk(f, h, w, o.decode_chunk, &mut |_| {})
+            .unwrap_or(o.decode_chunk);
         let Some(e) = &self.engine else {
             return Vec::new();
         };
@@ -474,8 +489,28 @@ impl Pipeline {
             &e.manifest.profiles.opt,
             e.manifest.vae_chunk,
             self.info.latent_scale,
-            o,
+            &GenerateOptions {
+                decode_chunk: per_call,
+                ..o.clone()
+            },
         )
+    }
+
+    /// The frames per VAE decoder call of `f` frames of `h`×`w` latents asked to decode `want` a
+    /// call: on a native engine fewer where more would pass its tensors' 32-bit element counts
+    /// (`warn` hears of it), else `want` (at most `f`).
+    pub fn decode_chunk(
+        &mut self,
+        f: usize,
+        h: usize,
+        w: usize,
+        want: usize,
+        warn: &mut dyn FnMut(String),
+    ) -> Result<usize> {
+        let c = self.info.latent_channels;
+        let s = self.info.latent_scale;
+        let most = self.vae.max_batch("latent", &[1, c, h, w])?;
+        Ok(fit_chunk(f, want, most, "decoding", (w * s, h * s), warn))
     }
 
     /// On the native engine: seconds spent so far making its programs (compile, weight upload,
@@ -942,6 +977,7 @@ impl Pipeline {
         let (f, hh, ww) = (video.frames, video.height, video.width);
         let (h, w, c) = (hh / s, ww / s, self.info.latent_channels);
         let chunk = fit_chunk(
+            f,
             chunk,
             enc.max_batch("image", &[1, 3, hh, ww])?,
             "encoding",
@@ -1049,13 +1085,7 @@ impl Pipeline {
         let c = self.info.latent_channels;
         let hw = h * w;
         let inv = 1.0 / self.info.scaling_factor;
-        let chunk = fit_chunk(
-            chunk,
-            self.vae.max_batch("latent", &[1, c, h, w])?,
-            "decoding",
-            (w * self.info.latent_scale, h * self.info.latent_scale),
-            &mut |m| events(Event::Warning(m)),
-        );
+        let chunk = self.decode_chunk(f, h, w, chunk, &mut |m| events(Event::Warning(m)))?;
         // [C, F, h, w] → [m, C, h, w] for frames start..start+m
         let slice = |start: usize, m: usize| {
             let mut z = vec![0f32; m * c * hw];
@@ -1173,20 +1203,33 @@ mod tests {
     #[test]
     fn a_vae_chunk_past_what_the_engine_runs_is_lowered_with_a_warning() {
         let mut said = Vec::new();
-        let mut fit = |want, most| {
-            fit_chunk(want, most, "decoding", (768, 768), &mut |m: String| {
-                said.push(m)
-            })
+        let mut fit = |frames, want, most| {
+            fit_chunk(
+                frames,
+                want,
+                most,
+                "decoding",
+                (768, 768),
+                &mut |m: String| said.push(m),
+            )
         };
-        // ONNX Runtime (no limit) and an engine that runs the chunk: as asked, silently
-        assert_eq!(fit(16, None), 16);
-        assert_eq!(fit(16, Some(16)), 16);
-        assert_eq!(fit(0, Some(3)), 1);
-        // the SD1.5 decoder at 768×768: 14 frames a call
-        assert_eq!(fit(16, Some(14)), 14);
-        assert_eq!(said.len(), 1);
+        // ONNX Runtime (no limit), an engine that runs the chunk, fewer frames than either:
+        // as asked (at most the frames), silently
+        assert_eq!(fit(16, 16, None), 16);
+        assert_eq!(fit(16, 16, Some(16)), 16);
+        assert_eq!(fit(8, 16, Some(14)), 8);
+        assert_eq!(fit(40, 4, Some(14)), 4);
+        assert_eq!(fit(5, 0, Some(3)), 1);
+        // the SD1.5 decoder at 768×768 runs at most 14: 16 frames as two calls of 8 (not 14
+        // and 2 padded to 14), 40 as three of 14
+        assert_eq!(fit(16, 16, Some(14)), 8);
+        assert_eq!(fit(40, 16, Some(14)), 14);
+        assert_eq!(fit(29, 32, Some(14)), 10);
+        assert_eq!(said.len(), 3);
         assert!(
-            said[0].starts_with("decoding 14 frames per VAE call instead of 16: at 768×768"),
+            said[0].starts_with(
+                "decoding 8 frames per VAE call instead of 16: at 768×768 more than 14"
+            ),
             "{said:?}"
         );
     }
