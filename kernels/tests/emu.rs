@@ -1289,6 +1289,9 @@ fn attention_f16_packed(
     attention_f16_entry(emu, kernel, shape, packing, ns, entry, (|_| 1.0, |_| 1.0));
 }
 
+/// A factor per token of a sequence (its index in the sequence), applied to random Q or K rows.
+type Gain = fn(usize) -> f32;
+
 /// `attention_{kernel}_f16_d{entry}` on the shape (entry: d, or d rounded up to 16).
 fn attention_f16_entry(
     emu: &Emu,
@@ -1297,7 +1300,7 @@ fn attention_f16_entry(
     packing: Packing,
     ns: usize,
     entry: usize,
-    (q_gain, k_gain): (fn(usize) -> f32, fn(usize) -> f32),
+    (q_gain, k_gain): (Gain, Gain),
 ) {
     let a = Attention::new(n, l, s, heads, d);
     let c = heads * d;
@@ -1450,11 +1453,11 @@ fn attention_dp48_entries_take_head_size_40_at_run_time() {
 #[test]
 fn tiled_attention_rescales_when_a_max_grows_past_its_threshold() {
     let Some(emu) = emu() else { return };
-    let one: fn(usize) -> f32 = |_| 1.0;
-    let grow: fn(usize) -> f32 = |t| 1.0 + (t / 64) as f32;
-    let shrink: fn(usize) -> f32 = |t| 4.0 - (t / 64) as f32;
-    let low_half: fn(usize) -> f32 = |t| if t % 16 < 8 { 1.0 } else { 0.2 };
-    let high_half: fn(usize) -> f32 = |t| if t % 16 < 8 { 0.2 } else { 1.0 };
+    let one: Gain = |_| 1.0;
+    let grow: Gain = |t| 1.0 + (t / 64) as f32;
+    let shrink: Gain = |t| 4.0 - (t / 64) as f32;
+    let low_half: Gain = |t| if t % 16 < 8 { 1.0 } else { 0.2 };
+    let high_half: Gain = |t| if t % 16 < 8 { 0.2 } else { 1.0 };
     for gains in [
         (one, grow),
         (one, shrink),
