@@ -6,9 +6,13 @@
 //!                  [--batch 2 --frames 3 --height 8 --width 8] [--layout nhwc,nchw]
 //!                  [--precisions fp32,fp16]
 //! engine_gpu bench --model EXPORT [--batch 2 --frames 16 --height 64 --width 64]
-//!                  [--warmup 3 --repeats 10] [--json OUT]
+//!                  [--warmup 3 --repeats 10] [--json OUT] [--no-ab]
 //! engine_gpu localize --model EXPORT [check's options]
 //! ```
+//!
+//! With `--no-kernel-tactics` (any mode) the programs take only cuDNN's and cuBLASLt's
+//! algorithms: motionrt's tactic kernels (`conv_igemm`, `gemm_geglu`, the normalisation pairs,
+//! two-tile attention) are neither timed nor run (`motionrt build --no-kernel-tactics`).
 //!
 //! `check` fuses each graph of a `motionrt export` folder, compiles it for the given shapes, runs
 //! the exported graph on ONNX Runtime (CPU, float32: the reference) and the fused one on the
@@ -68,6 +72,8 @@ struct Args {
     graphs_named: bool,
     /// `bench`: also the side-by-side A/B loads (specialisation, GEMM timing).
     ab: bool,
+    /// `--no-kernel-tactics`: [`TacticCache::library_only`].
+    library_only: bool,
 }
 
 fn parse() -> Res<Args> {
@@ -95,6 +101,7 @@ fn parse() -> Res<Args> {
         precisions: vec![Precision::Fp32, Precision::Fp16],
         graphs_named: false,
         ab: true,
+        library_only: false,
     };
     if a.mode == "bench" {
         a.frames = 16;
@@ -104,6 +111,10 @@ fn parse() -> Res<Args> {
     while let Some(k) = it.next() {
         if k == "--no-ab" {
             a.ab = false;
+            continue;
+        }
+        if k == "--no-kernel-tactics" {
+            a.library_only = true;
             continue;
         }
         let v = it.next().ok_or(format!("{k} needs a value"))?;
@@ -276,7 +287,10 @@ fn check(a: &Args) -> Res<bool> {
     let d = text_width(&a.model)?;
     let tmp = tempfile::tempdir()?;
     let mut ok = true;
-    let mut tactics = TacticCache::default();
+    let mut tactics = TacticCache {
+        library_only: a.library_only,
+        ..TacticCache::default()
+    };
     println!("| graph | precision | mode | max|Δ|/max|ref| | cosine | nonfinite | pass |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for g in &a.graphs {
@@ -568,7 +582,10 @@ fn bench_layout(
     let t = Instant::now();
     let prog = program::compile(model, inputs, init, layout)?;
     let compile_s = t.elapsed().as_secs_f64();
-    let mut tactics = TacticCache::default();
+    let mut tactics = TacticCache {
+        library_only: a.library_only,
+        ..TacticCache::default()
+    };
     let weight = weights_from(init, model);
     let t = Instant::now();
     let gp = GpuProgram::load(dev, prog.clone(), Precision::Fp16, &weight, &mut tactics)?;
@@ -664,6 +681,7 @@ fn bench_layout(
         "load_cached_s": load_cached_s,
         "capture_s": capture_s,
         "tactics_deterministic": deterministic,
+        "kernel_tactics": !a.library_only,
         "conv_tactics": tactics.conv.len(),
         // the implicit-GEMM kernels against cuDNN's choice, per problem where they apply: [problem,
         // cuDNN ms, the faster tile width's ms, that width, chosen] (times of one call: cuDNN's
@@ -777,6 +795,9 @@ fn bench_layout(
     );
     results.last_mut().expect("this layout's entry")["gemm_timing_ab"] = ab;
     save(a, results)?;
+    if a.library_only {
+        return Ok(());
+    }
     // what motionrt's implicit-GEMM kernels give where they timed faster: every convolution on
     // cuDNN instead, then every GEGLU pair as a cuBLASLt matmul and `geglu`, then every
     // normalisation pair as two steps, side by side

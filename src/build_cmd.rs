@@ -77,6 +77,13 @@ pub struct BuildArgs {
     /// `run --engine --timing-cache` reads and extends the same file.
     #[arg(long = "timing-cache")]
     pub timing_cache: Option<PathBuf>,
+    /// Time and use only cuDNN's and cuBLASLt's algorithms: motionrt's own tactic kernels (the
+    /// implicit-GEMM convolution, the projection with GEGLU, GroupNorm/LayerNorm folded into the
+    /// GEMM after them, two-tile attention) are not tried. By default each is timed against the
+    /// libraries per problem and kept only where faster; this flag is for a GPU where one of them
+    /// misbehaves. The engine remembers it: `run --engine` then times none for new shapes.
+    #[arg(long = "no-kernel-tactics")]
+    pub no_kernel_tactics: bool,
 }
 
 fn build_engine(a: &BuildArgs) -> Result<()> {
@@ -117,6 +124,18 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
         }
         None => TacticCache::default(),
     };
+    // this build's choice, not the cache's
+    if tactics.library_only && !a.no_kernel_tactics {
+        eprintln!(
+            "note: the timing cache was written by a build with --no-kernel-tactics: its problems \
+             keep cuDNN's and cuBLASLt's algorithms (motionrt's kernels are timed only with the \
+             libraries'); a new cache times them"
+        );
+    }
+    tactics.library_only = a.no_kernel_tactics;
+    if a.no_kernel_tactics {
+        eprintln!("--no-kernel-tactics: cuDNN's and cuBLASLt's algorithms only");
+    }
     // (an engine at --out, with --overwrite, is replaced once the new one is complete)
     let t = std::time::Instant::now();
     let m = file::build(

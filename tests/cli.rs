@@ -347,6 +347,16 @@ fn help_explains_the_commands() {
         text.contains("--semantics") && text.contains("--motion-module"),
         "{text}"
     );
+    // the builder's choices a user of a GPU needs to know about
+    let text = ok(motionrt().args(["build", "--help"]));
+    for flag in [
+        "--opt-shape",
+        "--vae-chunk",
+        "--timing-cache",
+        "--no-kernel-tactics",
+    ] {
+        assert!(text.contains(flag), "{text}");
+    }
 }
 
 #[test]

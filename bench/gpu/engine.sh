@@ -25,8 +25,9 @@
 #               --components, exported here once, ~1 min) at 16 frames 512x512, batch 2 (CFG):
 #               engine float16 per-step latency (CUDA graph and eager, per-step profile),
 #               build/load time, device memory; with A/B loads (float16 specialisation, timed
-#               GEMM algorithms) unless --no-ab; --layouts picks the layouts (default nhwc;
-#               if channels-last ends in an error, NCHW is benchmarked after it)
+#               GEMM algorithms, motionrt's tactic kernels) unless --no-ab; --layouts picks the
+#               layouts (default nhwc); if the benchmark ends in an error it is run again without
+#               motionrt's tactic kernels (--no-kernel-tactics), and if that fails too in NCHW
 #   torch       [3-4 min] diffusers' UNetMotionModel fp16 (SDPA), eager, same shape, same GPU,
 #               with its kernel-family profile, then torch.compile of it (~2.5 min to compile on
 #               an H100; the eager figures are printed first) (bench/gpu/unet_step_torch.py;
@@ -195,12 +196,22 @@ stage_bench() {
   full_export || return 1
   stamp "bench: UNet step, 16 frames 512x512, batch 2, float16, layouts $LAYOUTS"
   "$BIN/examples/engine_gpu" bench --model "$WORK/exp" --layout "$LAYOUTS" $AB --json "$RES/engine_bench.json" 2>&1 | tee "$RES/engine_bench.log"
-  local r=$?
-  # channels-last has never run on a GPU (NCHW did, 2026-11-25): if it ends in an error, the
-  # NCHW engine's figures first, so the call still brings a timing, then the step-by-step search
-  if [ $r != 0 ] && [ "$LAYOUTS" != nchw ] && grep -q -e '^error:' -e 'panicked at' "$RES/engine_bench.log"; then
-    stamp "bench: channels-last ended in an error; the same benchmark in NCHW"
-    "$BIN/examples/engine_gpu" bench --model "$WORK/exp" --layout nchw $AB --json "$RES/engine_bench_nchw.json" 2>&1 | tee "$RES/engine_bench_nchw.log"
+  local r=$? r2=0
+  # channels-last and motionrt's tactic kernels have never run on a GPU (NCHW without them did,
+  # 2026-11-25): if the benchmark ends in an error (a CUDA fault leaves the process's context
+  # unusable), it again without the tactic kernels (cuDNN and cuBLASLt only), then if that too
+  # ends in an error in NCHW without them, so the call still brings a timing; then the
+  # step-by-step search
+  if [ $r != 0 ] && grep -q -e '^error:' -e 'panicked at' "$RES/engine_bench.log"; then
+    stamp "bench: ended in an error; the same benchmark without motionrt's tactic kernels"
+    "$BIN/examples/engine_gpu" bench --model "$WORK/exp" --layout "$LAYOUTS" --no-kernel-tactics $AB \
+      --json "$RES/engine_bench_lib.json" 2>&1 | tee "$RES/engine_bench_lib.log"
+    r2=$?
+    if [ $r2 != 0 ] && [ "$LAYOUTS" != nchw ] && grep -q -e '^error:' -e 'panicked at' "$RES/engine_bench_lib.log"; then
+      stamp "bench: that too ended in an error; the same in NCHW without the tactic kernels"
+      "$BIN/examples/engine_gpu" bench --model "$WORK/exp" --layout nchw --no-kernel-tactics $AB \
+        --json "$RES/engine_bench_nchw.json" 2>&1 | tee "$RES/engine_bench_nchw.log"
+    fi
   fi
   # the full UNet's float16 program at 2 frames 16x16 (its CPU reference takes a minute or two)
   localize_after_error "$RES/engine_bench.log" $r unet_small --model "$WORK/exp" --graphs unet --batch 1 \
@@ -296,7 +307,7 @@ rc=${TORCH_SKIPPED:+1}; rc=${rc:-0}
 pack() {
   if [ -n "$OUTX" ]; then
     tar czf "$OUTX/results.tgz" -C "$RES" . 2>/dev/null
-    for j in engine_bench.json engine_bench_nchw.json torch_bench.log; do [ -f "$RES/$j" ] && cp "$RES/$j" "$OUTX/"; done
+    for j in engine_bench.json engine_bench_lib.json engine_bench_nchw.json torch_bench.log; do [ -f "$RES/$j" ] && cp "$RES/$j" "$OUTX/"; done
   fi
   return 0
 }

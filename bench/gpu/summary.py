@@ -52,8 +52,9 @@ def main():
 
     # engine (engine_gpu bench): one layout's object or a list of them; the first with numbers
     engs = []
-    # engine_bench_nchw.json: the NCHW run the script makes when channels-last ends in an error
-    for name in ("engine_bench.json", "engine_bench_nchw.json"):
+    # engine_bench_lib.json, engine_bench_nchw.json: the runs without motionrt's tactic kernels
+    # (then also in NCHW) the script makes when the benchmark ends in an error
+    for name in ("engine_bench.json", "engine_bench_lib.json", "engine_bench_nchw.json"):
         eng = load(os.path.join(a.res, name))
         engs += eng if isinstance(eng, list) else [eng] if eng else []
     engs = [e for e in engs if isinstance(e, dict) and e.get("graph_median_ms")]
@@ -80,9 +81,13 @@ def main():
 
     row("diffusers fp16 eager (SDPA)", eager)
     row("diffusers fp16 torch.compile", compiled)
+    def label(e):
+        lib = "" if e.get("kernel_tactics", True) else ", cuDNN/cuBLASLt only"
+        return f"{e.get('layout', '?')}{lib}"
+
     for e in engs:
-        row(f"motionrt engine fp16 {e.get('layout', '?')}, CUDA graph", e.get("graph_median_ms"))
-        row(f"motionrt engine fp16 {e.get('layout', '?')}, eager launches", e.get("eager_median_ms"))
+        row(f"motionrt engine fp16 {label(e)}, CUDA graph", e.get("graph_median_ms"))
+        row(f"motionrt engine fp16 {label(e)}, eager launches", e.get("eager_median_ms"))
     if not engs:
         print("| motionrt engine | missing (engine_bench.json) | | |")
     print()
@@ -92,7 +97,7 @@ def main():
               f"({eager / best:.2f}x); within 2x of the {a.floor_ms:.0f} ms floor: "
               f"{'MET' if best <= 2 * a.floor_ms else 'NOT met'} ({best / a.floor_ms:.2f}x)")
     for e in engs:
-        print(f"engine {e.get('layout')}: device memory in use {fmt(e.get('device_used_mib'), ' MiB', 0)} "
+        print(f"engine {label(e)}: device memory in use {fmt(e.get('device_used_mib'), ' MiB', 0)} "
               f"(weights {fmt(e.get('weights_mib'), ' MiB', 0)}, arena {fmt(e.get('arena_mib'), ' MiB', 0)}); "
               f"compile {fmt(e.get('compile_s'), ' s', 2)}, load with timing {fmt(e.get('build_load_s'), ' s')}, "
               f"load from cache {fmt(e.get('load_cached_s'), ' s')}, capture {fmt(e.get('capture_s'), ' s', 2)}; "
@@ -107,20 +112,20 @@ def main():
             t = e.get(key) or []
             if t:
                 won = sum(1 for r in t if r[-1])
-                print(f"engine {e.get('layout')}: {kernel} chosen for {won} of {len(t)} {what} "
+                print(f"engine {label(e)}: {kernel} chosen for {won} of {len(t)} {what} "
                       f"problems; one call each: {library} {sum(r[1] for r in t):.2f} ms, {kernel} "
                       f"{sum(r[2] for r in t if r[2] < 1e30):.2f} ms")
         # [problem, one-tile ms, two-tile ms, chosen]
         t = e.get("attention_two") or []
         if t:
-            print(f"engine {e.get('layout')}: attention_tiled2_f16_d40 chosen for "
+            print(f"engine {label(e)}: attention_tiled2_f16_d40 chosen for "
                   f"{sum(1 for r in t if r[-1])} of {len(t)} d = 40 attention problems; one call "
                   f"each: one-tile {sum(r[1] for r in t):.2f} ms, two-tile "
                   f"{sum(r[2] for r in t if r[2] < 1e30):.2f} ms")
         for key in ("specialisation_ab", "gemm_timing_ab", "conv_kernel_ab", "geglu_kernel_ab",
                     "norm_kernel_ab", "attention_two_ab"):
             if e.get(key):
-                print(f"engine {e.get('layout')}: {key} {json.dumps(e[key])}")
+                print(f"engine {label(e)}: {key} {json.dumps(e[key])}")
     if tr:
         print(f"torch: load {fmt(tr.get('load_s'), ' s')}, eager peak allocated "
               f"{fmt(tr.get('eager_peak_mib'), ' MiB', 0)}, device in use "

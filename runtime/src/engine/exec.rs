@@ -131,6 +131,14 @@ pub struct TacticCache {
     /// before the second.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attention: BTreeMap<String, AttentionTactic>,
+    /// Only the libraries' algorithms (cuDNN, cuBLASLt) and the kernels every program runs:
+    /// motionrt's own tactic kernels — `conv_igemm_f16_nBN`, `gemm_geglu_f16_nBN`,
+    /// `conv_igemm_gn/_ln_f16_nBN`, `attention_tiled2_f16_d40` — neither timed nor used, whatever
+    /// the maps above say (`motionrt build --no-kernel-tactics`: an engine that runs without
+    /// them, should one of them misbehave on a GPU; kept in the engine, so `run --engine` times
+    /// none for new shapes either). Absent (false) in caches written before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub library_only: bool,
 }
 
 /// A timing-cache key for an attention: sequences x heads x query rows x keys x head size (and
@@ -359,7 +367,8 @@ pub struct GemmTactic {
 }
 
 impl TacticCache {
-    /// Add `other`'s choices for problems this cache has none for (its own are kept).
+    /// Add `other`'s choices for problems this cache has none for (its own are kept, and its
+    /// [`TacticCache::library_only`]).
     pub fn merge(&mut self, other: &TacticCache) {
         for (k, v) in &other.conv {
             self.conv.entry(k.clone()).or_insert(*v);
@@ -376,6 +385,33 @@ impl TacticCache {
         for (k, v) in &other.attention {
             self.attention.entry(k.clone()).or_insert(*v);
         }
+    }
+
+    /// The `conv_igemm_f16_nBN` tile width that runs convolution problem `key`, if one does
+    /// ([`ConvTactic::igemm`]; none in a [`TacticCache::library_only`] cache).
+    pub fn conv_kernel(&self, key: &str) -> Option<usize> {
+        let t = self.conv.get(key).filter(|_| !self.library_only)?;
+        t.igemm()
+    }
+
+    /// The `gemm_geglu_f16_nBN` tile width that runs GEGLU pair `key` ([`geglu_key`]), if one
+    /// does (none in a [`TacticCache::library_only`] cache).
+    pub fn geglu_kernel(&self, key: &str) -> Option<usize> {
+        let t = self.geglu.get(key).filter(|_| !self.library_only)?;
+        t.fused()
+    }
+
+    /// The `conv_igemm_gn/_ln_f16_nBN` tile width that runs normalisation pair `key`
+    /// ([`norm_pair_key`]), if one does (none in a [`TacticCache::library_only`] cache).
+    pub fn norm_kernel(&self, key: &str) -> Option<usize> {
+        let t = self.norm_pair.get(key).filter(|_| !self.library_only)?;
+        t.fused()
+    }
+
+    /// Whether attention problem `key` ([`attention_key`]) runs on `attention_tiled2_f16_d40`
+    /// (never in a [`TacticCache::library_only`] cache).
+    pub fn attention_two(&self, key: &str) -> bool {
+        !self.library_only && self.attention.get(key).is_some_and(AttentionTactic::two)
     }
 
     /// The same cache with every attention it timed on `attention_tiled2_f16_d40`, whatever the
@@ -1484,6 +1520,9 @@ impl GpuProgram {
         tactics: &mut TacticCache,
         tune: bool,
     ) -> Result<(), EngineError> {
+        if tactics.library_only {
+            return Ok(());
+        }
         for si in 0..self.program.steps.len() {
             let Some(key) = attention_key(&self.program.steps[si], self.precision) else {
                 continue;
@@ -1510,11 +1549,7 @@ impl GpuProgram {
                     .attention
                     .insert(key.clone(), AttentionTactic { ms, two_ms });
             }
-            if tactics
-                .attention
-                .get(&key)
-                .is_some_and(AttentionTactic::two)
-            {
+            if tactics.attention_two(&key) {
                 self.attention_two.insert(si);
             }
         }
@@ -1532,6 +1567,9 @@ impl GpuProgram {
         tactics: &mut TacticCache,
         timed: &HashSet<usize>,
     ) -> Result<(), EngineError> {
+        if tactics.library_only {
+            return Ok(());
+        }
         for (li, gi) in geglu_pairs(&self.program, self.precision) {
             let (Step::Linear { m, k, .. }, Step::Geglu { d, bias, .. }) =
                 (&self.program.steps[li], &self.program.steps[gi])
@@ -1556,7 +1594,7 @@ impl GpuProgram {
                     },
                 );
             }
-            if let Some(bn) = tactics.geglu.get(&key).and_then(FusedTactic::fused) {
+            if let Some(bn) = tactics.geglu_kernel(&key) {
                 self.geglu_kernel.insert(li, bn);
                 self.geglu_kernel.insert(gi, bn);
             }
@@ -1576,6 +1614,9 @@ impl GpuProgram {
         timed_convs: &HashSet<usize>,
         timed_linears: &HashSet<usize>,
     ) -> Result<(), EngineError> {
+        if tactics.library_only {
+            return Ok(());
+        }
         let time_pair = |me: &Self, gi: usize, ci: usize| {
             time_enqueue(dev, &|| {
                 me.enqueue_step(dev, gi)?;
@@ -1641,7 +1682,7 @@ impl GpuProgram {
                     },
                 );
             }
-            if let Some(bn) = tactics.norm_pair.get(&key).and_then(FusedTactic::fused) {
+            if let Some(bn) = tactics.norm_kernel(&key) {
                 self.norm_pair.insert(gi, bn);
                 self.norm_pair.insert(ci, bn);
             }
@@ -1725,6 +1766,7 @@ impl GpuProgram {
         };
         let nchw = cudnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let nhwc = cudnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+        let own_kernels = !tactics.library_only;
         let mut max_ws = 0usize;
         let mut found_ws: Option<CudaSlice<u8>> = None;
         // the problems the cache had at the start, and the steps of the others (timed here)
@@ -1968,13 +2010,17 @@ impl GpuProgram {
                 .conv
                 .get_mut(&key)
                 .expect("a tactic was chosen above");
-            if conv_igemm_ok(&c, self.precision) && timed_here && t.igemm_ms.is_none() {
+            if own_kernels
+                && conv_igemm_ok(&c, self.precision)
+                && timed_here
+                && t.igemm_ms.is_none()
+            {
                 let best = fastest_width(dev, &key, &|bn| {
                     Ok(conv_igemm_launch(&c, bn, &|b| self.ptrs[b]))
                 })?;
                 (t.igemm_ms, t.igemm_n) = (Some(best.0), best.1);
             }
-            match t.igemm() {
+            match tactics.conv_kernel(&key) {
                 Some(bn) if conv_igemm_ok(&c, self.precision) => {
                     self.conv_kernel.insert(i, bn);
                 }

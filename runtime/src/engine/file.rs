@@ -1137,6 +1137,75 @@ mod tests {
     }
 
     #[test]
+    fn a_library_only_cache_runs_none_of_motionrts_tactic_kernels() {
+        use super::super::exec::{AttentionTactic, ConvTactic, FusedTactic};
+        // a cache whose timing put one problem of each kind on motionrt's kernels
+        let mut c = TacticCache::default();
+        c.conv.insert(
+            "conv f16".into(),
+            ConvTactic {
+                algo: 1,
+                math: Some(1),
+                workspace: 0,
+                ms: 0.5,
+                igemm_ms: Some(0.25),
+                igemm_n: Some(128),
+            },
+        );
+        let fused = FusedTactic {
+            ms: 0.5,
+            fused_ms: 0.25,
+            fused_n: Some(64),
+        };
+        c.geglu.insert("geglu f16".into(), fused);
+        c.norm_pair.insert("pair f16".into(), fused);
+        c.attention.insert(
+            "att f16".into(),
+            AttentionTactic {
+                ms: 2.0,
+                two_ms: 1.5,
+            },
+        );
+        let kernels = |c: &TacticCache| {
+            (
+                c.conv_kernel("conv f16"),
+                c.geglu_kernel("geglu f16"),
+                c.norm_kernel("pair f16"),
+                c.attention_two("att f16"),
+            )
+        };
+        assert_eq!(kernels(&c), (Some(128), Some(64), Some(64), true));
+        // problems the cache does not have run on the libraries
+        assert_eq!(c.conv_kernel("other f16"), None);
+        assert!(!c.attention_two("other f16"));
+        // `build --no-kernel-tactics`: the same choices, none of the kernels; written only when
+        // set, so caches and engines from before read as false
+        assert!(!serde_json::to_string(&c).unwrap().contains("library_only"));
+        let lib = TacticCache {
+            library_only: true,
+            ..c.clone()
+        };
+        assert_eq!(kernels(&lib), (None, None, None, false));
+        // not even forced (the GPU check's copies of it)
+        let forced = lib
+            .forced_igemm(64)
+            .forced_geglu(128)
+            .forced_norm_pairs(128)
+            .forced_attention_two();
+        assert_eq!(kernels(&forced), (None, None, None, false));
+        let json = serde_json::to_string(&lib).unwrap();
+        assert!(json.contains("\"library_only\":true"), "{json}");
+        assert_eq!(serde_json::from_str::<TacticCache>(&json).unwrap(), lib);
+        // a merge (a run's timing cache into the engine's) keeps the engine's choice
+        let mut m = lib.clone();
+        m.merge(&c);
+        assert!(m.library_only);
+        let mut m = c.clone();
+        m.merge(&lib);
+        assert!(!m.library_only);
+    }
+
+    #[test]
     fn profiles_parse_pixels_into_latents_and_bound_requests() {
         let lo = Profile::parse("1x8x256x256").unwrap();
         let hi = Profile::parse("2x32x768x768").unwrap();
