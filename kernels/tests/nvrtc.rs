@@ -5,9 +5,18 @@
 use motionrt_kernels::cuda;
 
 fn nvrtc_or_skip() -> bool {
+    // `MOTIONRT_NVRTC_VERSION=13.0` (scripts/test's run with the GPU machine's NVRTC): that
+    // version or a failure, never a skip
+    let expect = std::env::var("MOTIONRT_NVRTC_VERSION").ok();
     match cuda::ensure_nvrtc() {
-        Ok(()) => true,
-        Err(e) if std::env::var_os("CI").is_some() => {
+        Ok(()) => {
+            if let Some(want) = expect {
+                let (major, minor) = cuda::nvrtc_version().unwrap();
+                assert_eq!(format!("{major}.{minor}"), want, "MOTIONRT_NVRTC_VERSION");
+            }
+            true
+        }
+        Err(e) if std::env::var_os("CI").is_some() || expect.is_some() => {
             panic!("NVRTC is required in CI (scripts/env.sh installs nvidia-cuda-nvrtc): {e}")
         }
         Err(e) => {
