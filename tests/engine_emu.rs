@@ -26,8 +26,8 @@ use motionrt_runtime::engine::emulated::EmuProgram;
 use motionrt_runtime::engine::exec::Precision;
 use motionrt_runtime::engine::file::InlineInitializers;
 use motionrt_runtime::engine::launch::{
-    geglu_linear, geglu_pairs, norm_pair_first, norm_pairs, plan_memory_for, plan_memory_fused,
-    specialize, WeightData,
+    conv_igemm_for, geglu_linear, geglu_pairs, norm_pair_first, norm_pairs, plan_memory_for,
+    plan_memory_fused, specialize, WeightData, CONV_IGEMM_WIDTHS,
 };
 use motionrt_runtime::engine::program::{
     self, lifetimes, BinaryOp, BufferKind, InitializerSource, Layout, Outputs, Program, Step,
@@ -1051,6 +1051,96 @@ fn float16_attention_takes_the_kernel_the_shapes_and_the_gpu_allow() {
             &got,
         );
     }
+}
+
+/// Before an engine takes one of motionrt's tactic kernels for a problem (where its timing came
+/// out faster), the GPU executor runs the problem's steps as they are and then on the kernel, on
+/// the same pseudo-random inputs, and compares the outputs (`tactic_io`, `tactic_agrees`). The
+/// same check on the emulated executor: every convolution, GEGLU pair and normalisation pair of
+/// the tiny UNet, and a d = 40 attention, pass it at both tile widths (so the check turns no
+/// correct kernel away: its inputs are all filled, its tolerance holds), and a kernel that reads a
+/// corrupted weight fails it (so it would turn a wrong one away).
+#[test]
+fn tactic_kernels_are_checked_against_the_libraries_before_they_are_taken() {
+    let Some(emu) = emu() else { return };
+    let c = tiny_unet_case();
+    let w =
+        |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(c.weights[n].clone())) };
+    let f16 = Precision::Fp16;
+    let mut p = EmuProgram::load(&emu, c.prog.clone(), f16, &w, H100_SMEM_OPTIN, true).unwrap();
+    // (the program as specialised at load: its step indices)
+    let convs: Vec<usize> = (0..p.program.steps.len())
+        .filter(|&si| conv_igemm_for(&p.program, si, f16, Some(64)).is_some())
+        .collect();
+    let geglus = geglu_pairs(&p.program, f16);
+    let norms = norm_pairs(&p.program, f16);
+    assert!(
+        convs.len() >= 4 && !geglus.is_empty() && !norms.is_empty(),
+        "{convs:?} {geglus:?} {norms:?}"
+    );
+    let mut worst = 0f64;
+    let mut checked = 0;
+    let mut agrees = |what: String, r: Result<f64, String>| {
+        let rel = r.unwrap_or_else(|e| panic!("{what}: {e}"));
+        worst = worst.max(rel);
+        checked += 1;
+    };
+    for bn in CONV_IGEMM_WIDTHS {
+        for &si in &convs {
+            let r = p.tactic_check(&[si], &|p| p.conv_kernel = Some(bn));
+            agrees(format!("convolution {si} n{bn}"), r.unwrap());
+        }
+        for &(li, gi) in &geglus {
+            let r = p.tactic_check(&[li, gi], &|p| p.geglu_kernel = Some(bn));
+            agrees(format!("GEGLU pair {li} {gi} n{bn}"), r.unwrap());
+        }
+        for &(gi, ci) in &norms {
+            let r = p.tactic_check(&[gi, ci], &|p| p.norm_pair = Some(bn));
+            agrees(format!("normalisation pair {gi} {ci} n{bn}"), r.unwrap());
+        }
+    }
+    // a d = 40 attention over 200 pixels on two 16-row tiles a warp against one
+    let shapes: Inputs = vec![
+        ("q", vec![1, 200, 80]),
+        ("k", vec![1, 200, 80]),
+        ("v", vec![1, 200, 80]),
+    ];
+    let prog =
+        program::compile(&attention_model(2), &shapes, &NoInitializers, Layout::Nhwc).unwrap();
+    let none = |n: &str| -> Result<WeightData, EngineError> {
+        Err(EngineError::Graph(format!("no weight {n}")))
+    };
+    let mut a = EmuProgram::load(&emu, prog, f16, &none, H100_SMEM_OPTIN, true).unwrap();
+    let si = (0..a.program.steps.len())
+        .find(|&si| matches!(a.program.steps[si], Step::Attention { d: 40, .. }))
+        .expect("an attention step");
+    let r = a.tactic_check(&[si], &|a| a.attention_two = true).unwrap();
+    agrees("attention two tiles".into(), r);
+    assert!(
+        a.calls.contains_key("attention_tiled_f16_d40")
+            && a.calls.contains_key("attention_tiled2_f16_d40"),
+        "{:?}",
+        a.calls
+    );
+    eprintln!("{checked} tactic checks passed, worst max |Δ| / max |ref| {worst:.2e}");
+    // a kernel that computes something else: the projection's weight corrupted before the
+    // kernel's run (the libraries' ran on the true one)
+    let (li, gi) = geglus[0];
+    let Step::Linear { w: wb, .. } = p.program.steps[li] else {
+        panic!("a GEGLU pair starts with a Linear")
+    };
+    let r = p
+        .tactic_check(&[li, gi], &|p| {
+            p.geglu_kernel = Some(64);
+            p.corrupt(wb, 1e4).unwrap();
+        })
+        .unwrap();
+    let e = r.expect_err("a kernel on a corrupted weight agreed");
+    assert!(e.contains("max |Δ|"), "{e}");
+    assert_eq!(
+        p.geglu_kernel, None,
+        "the check restores the program's choice"
+    );
 }
 
 /// The full SD1.5 + AnimateDiff v2 UNet (2 frames, 16×16 latent: heads of 40/80/160, 320 to

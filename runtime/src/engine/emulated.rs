@@ -19,8 +19,8 @@ use super::exec::Precision;
 use super::launch::{
     cast_launch, conv_igemm_for, geglu_kernel_for, geglu_linear, geglu_pairs, group_norm_scratch,
     norm_pair_first, norm_pair_for, norm_pairs, place_buffers, plan_memory_for, plan_memory_fused,
-    rebase_activations, specialize, step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op,
-    WeightData,
+    rebase_activations, specialize, step_ops, tactic_agrees, tactic_fill_block, tactic_io,
+    ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, Op, WeightData,
 };
 use super::program::{DType, MemoryPlan, Outputs, Program, Step, Strided};
 use super::EngineError;
@@ -169,6 +169,64 @@ impl<'e> EmuProgram<'e> {
             self.arena.as_ptr() as u64,
         );
         self.memory = memory;
+    }
+
+    /// The check the GPU executor makes of a tactic kernel before it takes one (float16): the
+    /// inputs of `steps` ([`tactic_io`]) filled with [`tactic_fill_block`]'s values and their
+    /// last output with NaN, the steps run as they are, then the same again after `kernel` has
+    /// put them on the kernel (this program's `conv_kernel`, `geglu_kernel`, `norm_pair` or
+    /// `attention_two`, restored after), and the two outputs compared ([`tactic_agrees`]).
+    pub fn tactic_check(
+        &mut self,
+        steps: &[usize],
+        kernel: &dyn Fn(&mut Self),
+    ) -> Result<Result<f64, String>, EngineError> {
+        let io = tactic_io(&self.program, steps);
+        let block = tactic_fill_block();
+        let run = |me: &mut Self| -> Result<Vec<f32>, EngineError> {
+            let nan = vec![half::f16::NAN.to_bits(); block.len()];
+            for (b, fill) in std::iter::once((io.1, &nan)).chain(io.0.iter().map(|&b| (b, &block)))
+            {
+                let (ptr, n) = (me.ptrs[b], me.program.buffers[b].numel);
+                me.check_range(ptr, n * 2, "tactic check input")?;
+                for at in (0..n).step_by(fill.len()) {
+                    let k = (n - at).min(fill.len());
+                    // SAFETY: elements [at, at + k) of the buffer (its range checked above)
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(fill.as_ptr(), (ptr as *mut u16).add(at), k)
+                    };
+                }
+            }
+            for &si in steps {
+                me.step(si)?;
+            }
+            me.read(
+                me.ptrs[io.1],
+                me.program.buffers[io.1].numel,
+                "tactic check output",
+            )
+        };
+        let want = run(self)?;
+        let saved = (
+            self.conv_kernel,
+            self.geglu_kernel,
+            self.norm_pair,
+            self.attention_two,
+        );
+        kernel(self);
+        let got = run(self);
+        (
+            self.conv_kernel,
+            self.geglu_kernel,
+            self.norm_pair,
+            self.attention_two,
+        ) = saved;
+        Ok(tactic_agrees(&want, &got?))
+    }
+
+    /// Overwrite buffer `buf`'s first value (a test's fault: a weight a kernel would misread).
+    pub fn corrupt(&mut self, buf: usize, value: f32) -> Result<(), EngineError> {
+        self.poke(buf, value)
     }
 
     /// Run once: float32 inputs (int64 through `ids`) in, float32 outputs out, through the

@@ -27,8 +27,8 @@ use super::launch::{
     cast_launch, check_launchable, conv_igemm_launch, conv_igemm_ok, elementwise_launch,
     geglu_pairs, gemm_geglu_launch, group_norm_scratch, group_norm_splits, norm_gemm_launch,
     norm_pairs, opt_in_smem, place_buffers, plan_memory_for, plan_memory_fused, rebase_activations,
-    specialize, step_ops, ConvDesc, Ctx, GemmCall, KArg, Launch, LtCall, LtDesc, LtLayout, Op,
-    CONV_IGEMM_WIDTHS,
+    specialize, step_ops, tactic_agrees, tactic_fill_block, tactic_io, ConvDesc, Ctx, GemmCall,
+    KArg, Launch, LtCall, LtDesc, LtLayout, Op, CONV_IGEMM_WIDTHS, TACTIC_FILL_PERIOD,
 };
 use super::program::{ConvStep, DType, MemoryPlan, Program, Step, Strided};
 use super::EngineError;
@@ -1538,13 +1538,29 @@ impl GpuProgram {
                 self.attention_two.insert(si);
                 let two = self.step_ops(dev, si);
                 self.attention_two.remove(&si);
-                let two_ms = match &two?[..] {
+                let two = two?;
+                let two_ms = match &two[..] {
                     [Op::Kernel(l2)] if runs_here(dev, &format!("attention {key}"), l2) => {
                         time_launch(dev, l2)?
                     }
                     _ => f32::MAX,
                 };
                 let ms = time_launch(dev, l1)?;
+                // the two-tile kernel only where it computes what the one-tile kernel does
+                let two_ms = match &two[..] {
+                    [Op::Kernel(l2)] if two_ms < ms => {
+                        let io = tactic_io(&self.program, &[si]);
+                        let want = self.tactic_output(dev, &io, &|| launch_op(dev, l1))?;
+                        let got = self.tactic_output(dev, &io, &|| launch_op(dev, l2))?;
+                        let what = format!("attention {key}: {}", l2.kernel);
+                        if Self::tactic_checks(&what, &l1.kernel, &want, &got) {
+                            two_ms
+                        } else {
+                            f32::MAX
+                        }
+                    }
+                    _ => two_ms,
+                };
                 tactics
                     .attention
                     .insert(key.clone(), AttentionTactic { ms, two_ms });
@@ -1582,9 +1598,25 @@ impl GpuProgram {
                     self.enqueue_step(dev, li)?;
                     self.enqueue_step(dev, gi)
                 })?;
-                let best = fastest_width(dev, &format!("geglu {key}"), &|bn| {
+                let mut best = fastest_width(dev, &format!("geglu {key}"), &|bn| {
                     gemm_geglu_launch(&self.program, li, gi, bn, &|b| self.ptrs[b])
                 })?;
+                // the kernel only where it computes what the two steps do
+                if let (t, Some(bn)) = best {
+                    if t < ms {
+                        let io = tactic_io(&self.program, &[li, gi]);
+                        let want = self.tactic_output(dev, &io, &|| {
+                            self.enqueue_step(dev, li)?;
+                            self.enqueue_step(dev, gi)
+                        })?;
+                        let l = gemm_geglu_launch(&self.program, li, gi, bn, &|b| self.ptrs[b])?;
+                        let got = self.tactic_output(dev, &io, &|| launch_op(dev, &l))?;
+                        let what = format!("geglu {key}: {}", l.kernel);
+                        if !Self::tactic_checks(&what, "cuBLASLt and geglu", &want, &got) {
+                            best.0 = f32::MAX;
+                        }
+                    }
+                }
                 tactics.geglu.insert(
                     key.clone(),
                     FusedTactic {
@@ -1671,6 +1703,28 @@ impl GpuProgram {
                     let t = t?;
                     if t < best.0 {
                         best = (t, Some(bn));
+                    }
+                }
+                // the kernel only where it computes what the two steps do
+                if let (t, Some(bn)) = best {
+                    if t < ms {
+                        let io = tactic_io(&self.program, &[gi, ci]);
+                        let pair = |me: &Self| {
+                            me.tactic_output(dev, &io, &|| {
+                                me.enqueue_step(dev, gi)?;
+                                me.enqueue_step(dev, ci)
+                            })
+                        };
+                        let want = pair(self)?;
+                        self.norm_pair.insert(gi, bn);
+                        self.norm_pair.insert(ci, bn);
+                        let got = pair(self);
+                        self.norm_pair.remove(&gi);
+                        self.norm_pair.remove(&ci);
+                        let what = format!("{key}: conv_igemm_gn/_ln_f16_n{bn}");
+                        if !Self::tactic_checks(&what, "the normalisation and GEMM", &want, &got?) {
+                            best.0 = f32::MAX;
+                        }
                     }
                 }
                 tactics.norm_pair.insert(
@@ -1767,6 +1821,8 @@ impl GpuProgram {
         let nchw = cudnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let nhwc = cudnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
         let own_kernels = !tactics.library_only;
+        // the workspace cuDNN's algorithms are timed with (so the most the chosen one needs)
+        const FIND_WORKSPACE: usize = 256 << 20;
         let mut max_ws = 0usize;
         let mut found_ws: Option<CudaSlice<u8>> = None;
         // the problems the cache had at the start, and the steps of the others (timed here)
@@ -1875,7 +1931,7 @@ impl GpuProgram {
                     None => {
                         timed_here = true;
                         // time every algorithm on this GPU (cuDNN runs each and sorts by time)
-                        let limit = 256usize << 20;
+                        let limit = FIND_WORKSPACE;
                         if found_ws.is_none() {
                             found_ws = Some(
                                 dev.stream
@@ -2015,10 +2071,29 @@ impl GpuProgram {
                 && timed_here
                 && t.igemm_ms.is_none()
             {
-                let best = fastest_width(dev, &key, &|bn| {
+                let (mut kernel_ms, kernel_n) = fastest_width(dev, &key, &|bn| {
                     Ok(conv_igemm_launch(&c, bn, &|b| self.ptrs[b]))
                 })?;
-                (t.igemm_ms, t.igemm_n) = (Some(best.0), best.1);
+                // the kernel only where it computes what cuDNN's algorithm (and the bias and
+                // residual pass after it) does; cuDNN on the workspace it was timed with
+                if let (Some(bn), Some(ws_buf)) = (kernel_n, found_ws.as_ref()) {
+                    if kernel_ms < t.ms {
+                        let io = tactic_io(&self.program, &[i]);
+                        let (wp, g) = ws_buf.device_ptr(&dev.stream);
+                        drop(g);
+                        let before = std::mem::replace(&mut self.conv_ws_ptr, (wp, FIND_WORKSPACE));
+                        let want = self.tactic_output(dev, &io, &|| self.enqueue_step(dev, i));
+                        self.conv_ws_ptr = before;
+                        let want = want?;
+                        let l = conv_igemm_launch(&c, bn, &|b| self.ptrs[b]);
+                        let got = self.tactic_output(dev, &io, &|| launch_op(dev, &l))?;
+                        let what = format!("{key}: {}", l.kernel);
+                        if !Self::tactic_checks(&what, "cuDNN", &want, &got) {
+                            kernel_ms = f32::MAX;
+                        }
+                    }
+                }
+                (t.igemm_ms, t.igemm_n) = (Some(kernel_ms), kernel_n);
             }
             match tactics.conv_kernel(&key) {
                 Some(bn) if conv_igemm_ok(&c, self.precision) => {
@@ -2612,6 +2687,77 @@ impl GpuProgram {
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
         })
+    }
+
+    /// Buffer `b` (float16) filled with `block` repeated, on the stream.
+    fn upload_tiled(&self, dev: &CudaDevice, b: usize, block: &[u16]) -> Result<(), EngineError> {
+        let (n, ptr) = (self.program.buffers[b].numel, self.ptrs[b]);
+        if ptr == 0 {
+            return Err(EngineError::Graph(format!(
+                "buffer {b} has no place in the arena"
+            )));
+        }
+        let mut at = 0;
+        while at < n {
+            let k = (n - at).min(block.len());
+            // SAFETY: elements [at, at + k) of a buffer of n float16 values; pageable memory,
+            // staged by the driver before the call returns
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    ptr + 2 * at as u64,
+                    &block[..k],
+                    dev.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| gpu_err("upload", e))?;
+            at += k;
+        }
+        Ok(())
+    }
+
+    /// What `run` (the steps whose inputs and output are `io`, [`tactic_io`]: the libraries'
+    /// way, or a tactic kernel's) writes to the output when the inputs hold
+    /// [`tactic_fill_block`]'s values and the output NaN before it runs (float16 programs).
+    fn tactic_output(
+        &self,
+        dev: &CudaDevice,
+        (inputs, out): &(Vec<usize>, usize),
+        run: &dyn Fn() -> Result<(), EngineError>,
+    ) -> Result<Vec<f32>, EngineError> {
+        let sync = |what: &str| {
+            dev.stream
+                .synchronize()
+                .map_err(|e| gpu_err(&format!("tactic check: {what}"), e))
+        };
+        sync("before")?;
+        let nan = vec![half::f16::NAN.to_bits(); TACTIC_FILL_PERIOD];
+        self.upload_tiled(dev, *out, &nan)?;
+        // (an input the last step also writes, a residual in place, keeps the values)
+        let block = tactic_fill_block();
+        for &b in inputs {
+            self.upload_tiled(dev, b, &block)?;
+        }
+        run()?;
+        sync("run")?;
+        self.read_back(*out)
+            .map_err(|e| gpu_err("tactic check: read back", e))
+    }
+
+    /// Whether a tactic kernel's output `got` agrees with `want`, what the steps it replaces
+    /// (`reference`: cuDNN, cuBLASLt and the kernels they take) compute on the same inputs
+    /// ([`tactic_agrees`]); a disagreement is said on stderr, naming the kernel and problem
+    /// (`what`), and the caller records the kernel as not chosen.
+    fn tactic_checks(what: &str, reference: &str, want: &[f32], got: &[f32]) -> bool {
+        match tactic_agrees(want, got) {
+            Ok(_) => true,
+            Err(e) => {
+                eprintln!(
+                    "warning: {what}: the kernel does not compute what {reference} does on this \
+                     GPU ({e}); not used"
+                );
+                false
+            }
+        }
     }
 
     /// Run once: inputs in, outputs out.

@@ -1555,6 +1555,99 @@ pub fn norm_pair_first(p: &Program, ci: usize, precision: Precision) -> Option<u
     (shapes_fit && only_reader && no_norm_between && x != cx).then_some(gi)
 }
 
+/// What a tactic kernel is checked on before an engine takes it ([`tactic_agrees`]): the float
+/// activations the steps `steps` (in order) read that no earlier one of them writes — filled
+/// with the same pseudo-random values ([`tactic_fill_block`]) before the libraries' run of the
+/// steps and before the kernel's — and the buffer the last one writes, compared after each.
+pub fn tactic_io(p: &Program, steps: &[usize]) -> (Vec<usize>, usize) {
+    let (last, earlier) = steps.split_last().expect("at least one step");
+    let computed: Vec<usize> = earlier.iter().map(|&s| p.steps[s].io().1).collect();
+    let mut inputs = Vec::new();
+    for &s in steps {
+        for b in p.steps[s].io().0 {
+            let buf = &p.buffers[b];
+            if !computed.contains(&b)
+                && !inputs.contains(&b)
+                && buf.dtype == DType::Float
+                && !matches!(buf.kind, BufferKind::Weight(_))
+            {
+                inputs.push(b);
+            }
+        }
+    }
+    (inputs, p.steps[*last].io().1)
+}
+
+/// Elements in [`tactic_fill_block`], repeated over a buffer (not a power of two, so that rows
+/// of a power-of-two width do not repeat one another).
+pub const TACTIC_FILL_PERIOD: usize = (1 << 20) - 3;
+
+/// Float16 values (bits) uniform in [-1, 1), deterministic: what a tactic kernel's inputs are
+/// filled with, repeated, when it is checked against the libraries ([`tactic_io`]).
+pub fn tactic_fill_block() -> Vec<u16> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..TACTIC_FILL_PERIOD)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 40) as f32 / (1u64 << 24) as f32;
+            half::f16::from_f32(2.0 * u - 1.0).to_bits()
+        })
+        .collect()
+}
+
+/// Largest difference a tactic kernel's output may have from the libraries' on the same
+/// inputs, relative to the largest magnitude of theirs: both float16 with float32 accumulation,
+/// in another order (the engine's checks allow the same against ONNX Runtime's float32).
+pub const TACTIC_TOLERANCE: f64 = 1e-2;
+
+/// Whether a tactic kernel's output `got` agrees with the libraries' `want` on the same inputs:
+/// `Ok(max |Δ| / max |want|)`, or what is wrong — a non-finite value where `want` has a finite
+/// one, a difference past [`TACTIC_TOLERANCE`], a reference without a finite value (nothing to
+/// check against: the kernel is not taken).
+pub fn tactic_agrees(want: &[f32], got: &[f32]) -> Result<f64, String> {
+    if want.len() != got.len() {
+        return Err(format!(
+            "{} values, the libraries' {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    let finite = || want.iter().zip(got).filter(|(w, _)| w.is_finite());
+    if finite().next().is_none() {
+        return Err("the libraries' output has no finite value to compare with".into());
+    }
+    if let Some(i) = want
+        .iter()
+        .zip(got)
+        .position(|(w, g)| w.is_finite() && !g.is_finite())
+    {
+        return Err(format!(
+            "value {i} is {} where the libraries' is {}",
+            got[i], want[i]
+        ));
+    }
+    let peak = finite().map(|(w, _)| w.abs() as f64).fold(0.0, f64::max);
+    let diff = finite()
+        .map(|(w, g)| (*w as f64 - *g as f64).abs())
+        .fold(0.0, f64::max);
+    let rel = if peak > 0.0 {
+        diff / peak
+    } else if diff == 0.0 {
+        0.0
+    } else {
+        f64::INFINITY
+    };
+    if rel <= TACTIC_TOLERANCE {
+        Ok(rel)
+    } else {
+        Err(format!(
+            "max |Δ| {rel:.2e} of the libraries' largest magnitude, more than {TACTIC_TOLERANCE:.0e}"
+        ))
+    }
+}
+
 /// The normalisation step pairs (a GroupNorm or LayerNorm, then a GEMM)
 /// `conv_igemm_gn/_ln_f16_nBN` compute ([`norm_pair_first`]).
 pub fn norm_pairs(p: &Program, precision: Precision) -> Vec<(usize, usize)> {
@@ -2809,6 +2902,145 @@ pub fn step_ops(p: &Program, si: usize, ctx: &Ctx<'_>) -> Result<Vec<Op>, Engine
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tactic kernel is taken only where its output agrees with the libraries' on the same
+    /// inputs: what agreeing means.
+    #[test]
+    fn tactic_kernels_agree_only_within_the_tolerance_and_where_finite() {
+        let want: Vec<f32> = (0..1000).map(|i| ((i as f32) * 0.37).sin() * 4.0).collect();
+        assert_eq!(tactic_agrees(&want, &want), Ok(0.0));
+        // float16 rounding of a value of 4: within tolerance
+        let rounded: Vec<f32> = want
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_f32())
+            .collect();
+        let rel = tactic_agrees(&want, &rounded).unwrap();
+        assert!(rel > 0.0 && rel < 1e-3, "{rel}");
+        // one value 2 % of the peak off
+        let mut off = want.clone();
+        off[500] += 0.02 * 4.0;
+        let e = tactic_agrees(&want, &off).unwrap_err();
+        assert!(e.contains("max |Δ|"), "{e}");
+        // just inside
+        let mut near = want.clone();
+        near[500] += 0.009 * 4.0;
+        assert!(tactic_agrees(&want, &near).is_ok());
+        // a non-finite value where the reference is finite, wherever it is
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut g = want.clone();
+            g[999] = bad;
+            let e = tactic_agrees(&want, &g).unwrap_err();
+            assert!(e.contains("value 999"), "{e}");
+        }
+        // where the reference is not finite, nothing to compare (the rest still is)
+        let mut w = want.clone();
+        w[3] = f32::NAN;
+        let mut g = want.clone();
+        g[3] = 1e9;
+        assert!(tactic_agrees(&w, &g).is_ok());
+        g[4] += 1.0;
+        assert!(tactic_agrees(&w, &g).is_err());
+        // nothing finite to compare with, or another length: not taken
+        let nan = vec![f32::NAN; 4];
+        assert!(tactic_agrees(&nan, &nan).is_err());
+        assert!(tactic_agrees(&want, &want[..999]).is_err());
+        // an all-zero reference: only zeros agree
+        let zero = vec![0.0f32; 8];
+        assert_eq!(tactic_agrees(&zero, &zero), Ok(0.0));
+        let mut z = zero.clone();
+        z[2] = 1e-6;
+        assert!(tactic_agrees(&zero, &z).is_err());
+    }
+
+    /// The inputs a tactic kernel is checked on: deterministic float16 values spread over
+    /// [-1, 1), the same on every call.
+    #[test]
+    fn tactic_inputs_are_deterministic_float16_values_in_the_unit_interval() {
+        let a = tactic_fill_block();
+        assert_eq!(a.len(), TACTIC_FILL_PERIOD);
+        assert_eq!(a, tactic_fill_block());
+        let v: Vec<f32> = a
+            .iter()
+            .map(|&b| half::f16::from_bits(b).to_f32())
+            .collect();
+        assert!(v.iter().all(|x| x.is_finite() && (-1.0..=1.0).contains(x)));
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
+        // uniform on [-1, 1): mean 0, variance 1/3
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0 / 3.0).abs() < 0.01,
+            "{mean} {var}"
+        );
+        // no short period: a row of 320 values differs from the next
+        assert_ne!(v[..320], v[320..640]);
+    }
+
+    /// What the check of a tactic kernel fills and compares: the activations its steps read that
+    /// none of them computed (not the weights, not the intermediate), and the last one's output.
+    #[test]
+    fn a_tactic_check_fills_the_steps_inputs_and_reads_the_last_output() {
+        use super::super::program::{Buffer, WeightSource};
+        let act = |numel| Buffer {
+            numel,
+            dtype: DType::Float,
+            kind: BufferKind::Activation,
+        };
+        let weight = |numel| Buffer {
+            numel,
+            dtype: DType::Float,
+            kind: BufferKind::Weight(WeightSource::Initializer("w".into())),
+        };
+        // 0 x, 1 w, 2 bias, 3 projection output, 4 GEGLU output, 5 GEGLU bias (an activation
+        // here), 6 a residual read in place by a last step
+        let p = Program {
+            buffers: vec![
+                act(8 * 4),
+                weight(16 * 4),
+                weight(16),
+                act(8 * 16),
+                act(8 * 8),
+                act(16),
+                act(8 * 8),
+            ],
+            steps: vec![
+                Step::Linear {
+                    out: 3,
+                    x: 0,
+                    w: 1,
+                    bias: Some(2),
+                    residual: None,
+                    m: 8,
+                    n: 16,
+                    k: 4,
+                },
+                Step::Geglu {
+                    out: 4,
+                    x: 3,
+                    bias: Some(5),
+                    rows: 8,
+                    d: 8,
+                },
+                Step::Linear {
+                    out: 6,
+                    x: 4,
+                    w: 1,
+                    bias: None,
+                    residual: Some(6),
+                    m: 8,
+                    n: 8,
+                    k: 8,
+                },
+            ],
+            inputs: vec![],
+            input_transforms: vec![],
+            outputs: vec![],
+            nodes: 3,
+        };
+        assert_eq!(tactic_io(&p, &[0, 1]), (vec![0, 5], 4));
+        assert_eq!(tactic_io(&p, &[1]), (vec![3, 5], 4));
+        // a residual the last step writes in place is an input too (filled, so compared)
+        assert_eq!(tactic_io(&p, &[1, 2]), (vec![3, 5, 6], 6));
+    }
 
     /// The per-(sample, channel) coefficients conv_igemm_gn_f16 reads 16 bytes at a time start
     /// 16-byte aligned in the scratch, and the scratch holds them, whatever the groups (one
