@@ -177,6 +177,15 @@ def main():
     print(f"checks vs ONNX Runtime CPU fp32: {checked} rows, {fails} FAIL")
     for r in rows[:12]:
         print(r)
+    # tactic kernels that timed faster but did not compute what the libraries do (so not taken)
+    rejected = []
+    for log in sorted(glob.glob(os.path.join(a.res, "*.log")) + glob.glob(os.path.join(a.res, "*.md"))):
+        with open(log, errors="replace") as f:
+            rejected += [f"{os.path.basename(log)}: {l.strip()}" for l in f
+                         if "the kernel does not compute what" in l]
+    print(f"tactic kernels turned away by their correctness check: {len(rejected)}")
+    for r in rejected[:8]:
+        print(r[:300])
     # step-by-step localisation after a failed check or an error (engine_gpu localize)
     for md in sorted(glob.glob(os.path.join(a.res, "check_*.md")) + glob.glob(os.path.join(a.res, "localize_*.md"))):
         with open(md) as f:
