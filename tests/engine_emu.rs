@@ -1256,6 +1256,104 @@ fn full_architecture_runs_on_the_emulated_executor() {
     }
 }
 
+/// The tactic kernels' correctness check (see
+/// `tactic_kernels_are_checked_against_the_libraries_before_they_are_taken`) at the full SD1.5 +
+/// v2 UNet's widths, where its tolerance matters most: the convolution with the longest
+/// reduction (2560 channels × 9 taps at the 8×8 level's up block), the widest GEGLU pair
+/// (1280 → 2·5120), the normalisation pairs of the widest GroupNorm and LayerNorm, and a d = 40
+/// self-attention, at both tile widths, pass it. Run by hand like the test above
+/// (`MOTIONRT_FULL_PLAN=DIR`; a few minutes).
+#[test]
+#[ignore]
+fn tactic_checks_pass_at_the_full_architectures_widths() {
+    let Some(dir) = std::env::var_os("MOTIONRT_FULL_PLAN") else {
+        eprintln!("SKIP: MOTIONRT_FULL_PLAN is not set");
+        return;
+    };
+    let Some(emu) = emu() else { return };
+    let z = Path::new(&dir).join("unet.onnx");
+    let inputs: Inputs = vec![
+        ("sample", vec![1, 4, 2, 16, 16]),
+        ("timestep", vec![1]),
+        ("encoder_hidden_states", vec![2, 77, 768]),
+    ];
+    let model = load_model(&z).unwrap();
+    let src = FileInitializers::new(&z);
+    let prog = program::compile(&model, &inputs, &src, Layout::Nhwc).unwrap();
+    let weights: HashMap<String, Vec<f32>> = model
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .filter_map(|t| Some((t.name.clone(), src.f32s(t).ok()?)))
+        .collect();
+    let w =
+        |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(weights[n].clone())) };
+    let f16 = Precision::Fp16;
+    let mut p = EmuProgram::load(&emu, prog, f16, &w, H100_SMEM_OPTIN, true).unwrap();
+    let steps = p.program.steps.clone();
+    let conv = (0..steps.len())
+        .filter(|&si| conv_igemm_for(&p.program, si, f16, Some(64)).is_some())
+        .max_by_key(|&si| match &steps[si] {
+            Step::Conv(c) => c.x_shape[1] * c.w_shape[2] * c.w_shape[3],
+            _ => 0,
+        })
+        .expect("a convolution conv_igemm takes");
+    let k_of = |si: usize| match &steps[si] {
+        Step::Linear { k, n, .. } => k * n,
+        Step::Conv(c) => c.x_shape[1] * c.w_shape[0],
+        _ => 0,
+    };
+    let geglu = geglu_pairs(&p.program, f16)
+        .into_iter()
+        .max_by_key(|&(li, _)| k_of(li))
+        .expect("a GEGLU pair");
+    let pairs = norm_pairs(&p.program, f16);
+    let widest = |gn: bool| {
+        pairs
+            .iter()
+            .copied()
+            .filter(|&(ni, _)| matches!(steps[ni], Step::GroupNorm { .. }) == gn)
+            .max_by_key(|&(_, ci)| k_of(ci))
+    };
+    let (gn, ln) = (
+        widest(true).expect("a GroupNorm pair"),
+        widest(false).expect("a LayerNorm pair"),
+    );
+    let attention = (0..steps.len())
+        .find(|&si| matches!(steps[si], Step::Attention { d: 40, l, s, .. } if l == s && l > 16))
+        .expect("a d = 40 self-attention");
+    for bn in CONV_IGEMM_WIDTHS {
+        let checks: [(&str, Vec<usize>, &dyn Fn(&mut EmuProgram<'_>)); 4] = [
+            ("convolution", vec![conv], &|p| p.conv_kernel = Some(bn)),
+            ("GEGLU pair", vec![geglu.0, geglu.1], &|p| {
+                p.geglu_kernel = Some(bn)
+            }),
+            ("GroupNorm pair", vec![gn.0, gn.1], &|p| {
+                p.norm_pair = Some(bn)
+            }),
+            ("LayerNorm pair", vec![ln.0, ln.1], &|p| {
+                p.norm_pair = Some(bn)
+            }),
+        ];
+        for (what, s, kernel) in checks {
+            let t = std::time::Instant::now();
+            let r = p.tactic_check(&s, kernel).unwrap();
+            let rel = r.unwrap_or_else(|e| panic!("{what} {s:?} n{bn}: {e}"));
+            eprintln!(
+                "{what} {s:?} n{bn}: max |Δ| / max |ref| {rel:.2e} ({:.0} s)",
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let r = p
+        .tactic_check(&[attention], &|p| p.attention_two = true)
+        .unwrap();
+    let rel = r.unwrap_or_else(|e| panic!("attention {attention}: {e}"));
+    eprintln!("attention {attention} on two tiles: max |Δ| / max |ref| {rel:.2e}");
+}
+
 /// `x → [Conv 3×3] → GroupNorm(+SiLU) → y` with seeded weights.
 /// How the GroupNorm's input is made: the graph input itself (NCHW); a 3×3 convolution of it
 /// (channels-last in that layout); or the input given `[N, H, W, C]` and transposed to NCHW (a
