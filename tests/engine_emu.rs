@@ -1256,6 +1256,9 @@ fn full_architecture_runs_on_the_emulated_executor() {
     }
 }
 
+/// What puts a program's steps on a tactic kernel ([`EmuProgram::tactic_check`]).
+type TacticOn<'a> = dyn Fn(&mut EmuProgram<'_>) + 'a;
+
 /// The tactic kernels' correctness check (see
 /// `tactic_kernels_are_checked_against_the_libraries_before_they_are_taken`) at the full SD1.5 +
 /// v2 UNet's widths, where its tolerance matters most: the convolution with the longest
@@ -1325,7 +1328,7 @@ fn tactic_checks_pass_at_the_full_architectures_widths() {
         .find(|&si| matches!(steps[si], Step::Attention { d: 40, l, s, .. } if l == s && l > 16))
         .expect("a d = 40 self-attention");
     for bn in CONV_IGEMM_WIDTHS {
-        let checks: [(&str, Vec<usize>, &dyn Fn(&mut EmuProgram<'_>)); 4] = [
+        let checks: [(&str, Vec<usize>, &TacticOn<'_>); 4] = [
             ("convolution", vec![conv], &|p| p.conv_kernel = Some(bn)),
             ("GEGLU pair", vec![geglu.0, geglu.1], &|p| {
                 p.geglu_kernel = Some(bn)
