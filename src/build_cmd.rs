@@ -188,22 +188,23 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
         a.out.display(),
         t.elapsed().as_secs_f64(),
         m.tactics.conv.len(),
+        // (by problem, as the engine decides: none with --no-kernel-tactics)
         m.tactics
             .conv
-            .values()
-            .map(|t| on(t.igemm()))
+            .keys()
+            .map(|k| on(m.tactics.conv_kernel(k)))
             .sum::<usize>(),
         g.len(),
         m.tactics
             .geglu
-            .values()
-            .map(|t| on(t.fused()))
+            .keys()
+            .map(|k| on(m.tactics.geglu_kernel(k)))
             .sum::<usize>(),
         m.tactics.geglu.len(),
         m.tactics
             .norm_pair
-            .values()
-            .map(|t| on(t.fused()))
+            .keys()
+            .map(|k| on(m.tactics.norm_kernel(k)))
             .sum::<usize>(),
         m.tactics.norm_pair.len(),
     );

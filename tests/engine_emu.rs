@@ -1098,7 +1098,29 @@ fn tactic_kernels_are_checked_against_the_libraries_before_they_are_taken() {
             let r = p.tactic_check(&[gi, ci], &|p| p.norm_pair = Some(bn));
             agrees(format!("normalisation pair {gi} {ci} n{bn}"), r.unwrap());
         }
+        // the kernels ran (not the libraries twice), once a problem each
+        for (kernel, n) in [
+            ("conv_igemm_f16", convs.len()),
+            ("gemm_geglu_f16", geglus.len()),
+            ("conv_igemm_gn_f16", 0),
+            ("conv_igemm_ln_f16", 0),
+        ] {
+            let got = p
+                .calls
+                .get(&format!("{kernel}_n{bn}"))
+                .copied()
+                .unwrap_or(0);
+            assert!(
+                got > 0 && (n == 0 || got == n),
+                "{kernel}_n{bn}: {got} of {n}: {:?}",
+                p.calls
+            );
+        }
     }
+    assert_eq!(
+        p.calls["conv_igemm_gn_f16_n64"] + p.calls["conv_igemm_ln_f16_n64"],
+        norms.len()
+    );
     // a d = 40 attention over 200 pixels on two 16-row tiles a warp against one
     let shapes: Inputs = vec![
         ("q", vec![1, 200, 80]),

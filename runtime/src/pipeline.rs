@@ -567,6 +567,9 @@ impl Pipeline {
         let mut all = crate::engine::exec::TacticCache::default();
         for s in self.cuda_sessions() {
             all.merge(s.tactics());
+            // (a timing cache written from an engine built with --no-kernel-tactics says so:
+            // its problems were not timed against motionrt's kernels)
+            all.library_only |= s.tactics().library_only;
         }
         Some(all)
     }

@@ -172,8 +172,8 @@ impl<'e> EmuProgram<'e> {
     }
 
     /// The check the GPU executor makes of a tactic kernel before it takes one (float16): the
-    /// inputs of `steps` ([`tactic_io`]) filled with [`tactic_fill_block`]'s values and their
-    /// last output with NaN, the steps run as they are, then the same again after `kernel` has
+    /// inputs of `steps` ([`tactic_io`]) filled with [`tactic_fill_block`]'s values and what the
+    /// steps write with NaN, the steps run as they are, then the same again after `kernel` has
     /// put them on the kernel (this program's `conv_kernel`, `geglu_kernel`, `norm_pair` or
     /// `attention_two`, restored after), and the two outputs compared ([`tactic_agrees`]).
     pub fn tactic_check(
@@ -183,10 +183,12 @@ impl<'e> EmuProgram<'e> {
     ) -> Result<Result<f64, String>, EngineError> {
         let io = tactic_io(&self.program, steps);
         let block = tactic_fill_block();
+        let nan = vec![half::f16::NAN.to_bits(); block.len()];
         let run = |me: &mut Self| -> Result<Vec<f32>, EngineError> {
-            let nan = vec![half::f16::NAN.to_bits(); block.len()];
-            for (b, fill) in std::iter::once((io.1, &nan)).chain(io.0.iter().map(|&b| (b, &block)))
-            {
+            // (NaN first: an input the last step also writes, a residual in place, keeps its
+            // values)
+            let poisoned = io.computed.iter().chain([&io.out]).map(|&b| (b, &nan[..]));
+            for (b, fill) in poisoned.chain(io.inputs.iter().map(|&b| (b, block))) {
                 let (ptr, n) = (me.ptrs[b], me.program.buffers[b].numel);
                 me.check_range(ptr, n * 2, "tactic check input")?;
                 for at in (0..n).step_by(fill.len()) {
@@ -201,8 +203,8 @@ impl<'e> EmuProgram<'e> {
                 me.step(si)?;
             }
             me.read(
-                me.ptrs[io.1],
-                me.program.buffers[io.1].numel,
+                me.ptrs[io.out],
+                me.program.buffers[io.out].numel,
                 "tactic check output",
             )
         };

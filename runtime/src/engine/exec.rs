@@ -28,7 +28,7 @@ use super::launch::{
     geglu_pairs, gemm_geglu_launch, group_norm_scratch, group_norm_splits, norm_gemm_launch,
     norm_pairs, opt_in_smem, place_buffers, plan_memory_for, plan_memory_fused, rebase_activations,
     specialize, step_ops, tactic_agrees, tactic_fill_block, tactic_io, ConvDesc, Ctx, GemmCall,
-    KArg, Launch, LtCall, LtDesc, LtLayout, Op, CONV_IGEMM_WIDTHS, TACTIC_FILL_PERIOD,
+    KArg, Launch, LtCall, LtDesc, LtLayout, Op, TacticIo, CONV_IGEMM_WIDTHS, TACTIC_FILL_PERIOD,
 };
 use super::program::{ConvStep, DType, MemoryPlan, Program, Step, Strided};
 use super::EngineError;
@@ -238,7 +238,8 @@ pub struct FusedTactic {
     pub ms: f32,
     /// Mean time with the faster width of the kernel doing both (ms; `f32::MAX` when none ran).
     pub fused_ms: f32,
-    /// Its tile width BN (64 or 128).
+    /// Its tile width BN (64 or 128); none where no width ran, or where the faster one did not
+    /// compute what the two steps do (the engine's check when it timed it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fused_n: Option<usize>,
 }
@@ -530,7 +531,8 @@ pub struct ConvTactic {
     /// is below `ms` ([`ConvTactic::igemm`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub igemm_ms: Option<f32>,
-    /// That kernel's tile width BN (64 or 128).
+    /// That kernel's tile width BN (64 or 128); none where no width ran, or where the faster one
+    /// did not compute what cuDNN does (the engine's check when it timed it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub igemm_n: Option<usize>,
 }
@@ -1523,10 +1525,19 @@ impl GpuProgram {
         if tactics.library_only {
             return Ok(());
         }
+        // problems timed in this load, the (problem, layout of Q, K, V and bias) their kernel was
+        // checked on, and the steps on it by problem
+        let mut timed = HashSet::new();
+        let mut checked = HashSet::new();
+        let mut on_two: Vec<(usize, String)> = Vec::new();
         for si in 0..self.program.steps.len() {
             let Some(key) = attention_key(&self.program.steps[si], self.precision) else {
                 continue;
             };
+            let Step::Attention { bias, ld, offs, .. } = &self.program.steps[si] else {
+                continue;
+            };
+            let variant = (key.clone(), bias.is_some(), *ld, *offs);
             let one = self.step_ops(dev, si)?;
             let [Op::Kernel(l1)] = &one[..] else {
                 continue;
@@ -1546,27 +1557,37 @@ impl GpuProgram {
                     _ => f32::MAX,
                 };
                 let ms = time_launch(dev, l1)?;
-                // the two-tile kernel only where it computes what the one-tile kernel does
-                let two_ms = match &two[..] {
-                    [Op::Kernel(l2)] if two_ms < ms => {
-                        let io = tactic_io(&self.program, &[si]);
-                        let want = self.tactic_output(dev, &io, &|| launch_op(dev, l1))?;
-                        let got = self.tactic_output(dev, &io, &|| launch_op(dev, l2))?;
-                        let what = format!("attention {key}: {}", l2.kernel);
-                        if Self::tactic_checks(&what, &l1.kernel, &want, &got) {
-                            two_ms
-                        } else {
-                            f32::MAX
-                        }
-                    }
-                    _ => two_ms,
-                };
                 tactics
                     .attention
                     .insert(key.clone(), AttentionTactic { ms, two_ms });
+                timed.insert(key.clone());
+            }
+            // the two-tile kernel only where it computes what the one-tile kernel does: checked,
+            // when timed in this load, on the first step of each layout that takes it (a cached
+            // choice was checked when it was timed)
+            if tactics.attention_two(&key) && timed.contains(&key) && checked.insert(variant) {
+                self.attention_two.insert(si);
+                let two = self.step_ops(dev, si);
+                self.attention_two.remove(&si);
+                if let [Op::Kernel(l2)] = &two?[..] {
+                    let io = tactic_io(&self.program, &[si]);
+                    let want = self.tactic_output(dev, &io, &|| launch_op(dev, l1))?;
+                    let got = self.tactic_output(dev, &io, &|| launch_op(dev, l2))?;
+                    let what = format!("attention {key}: {}", l2.kernel);
+                    if !Self::tactic_checks(&what, &l1.kernel, &want, &got) {
+                        // none of the problem's steps takes it (those before this one too)
+                        if let Some(t) = tactics.attention.get_mut(&key) {
+                            t.two_ms = f32::MAX;
+                        }
+                        for (s, _) in on_two.iter().filter(|(_, k)| *k == key) {
+                            self.attention_two.remove(s);
+                        }
+                    }
+                }
             }
             if tactics.attention_two(&key) {
                 self.attention_two.insert(si);
+                on_two.push((si, key));
             }
         }
         Ok(())
@@ -1613,7 +1634,7 @@ impl GpuProgram {
                         let got = self.tactic_output(dev, &io, &|| launch_op(dev, &l))?;
                         let what = format!("geglu {key}: {}", l.kernel);
                         if !Self::tactic_checks(&what, "cuBLASLt and geglu", &want, &got) {
-                            best.0 = f32::MAX;
+                            best.1 = None;
                         }
                     }
                 }
@@ -1723,7 +1744,7 @@ impl GpuProgram {
                         self.norm_pair.remove(&ci);
                         let what = format!("{key}: conv_igemm_gn/_ln_f16_n{bn}");
                         if !Self::tactic_checks(&what, "the normalisation and GEMM", &want, &got?) {
-                            best.0 = f32::MAX;
+                            best.1 = None;
                         }
                     }
                 }
@@ -1828,6 +1849,10 @@ impl GpuProgram {
         // the problems the cache had at the start, and the steps of the others (timed here)
         let cached: HashSet<String> = tactics.conv.keys().cloned().collect();
         let mut timed = HashSet::new();
+        // problems whose implicit-GEMM kernels were timed in this load, and each convolution
+        // with its problem and cuDNN's workspace
+        let mut kernel_timed = HashSet::new();
+        let mut placed: Vec<(usize, ConvStep, String, usize)> = Vec::new();
         let steps: Vec<(usize, ConvStep)> = self
             .program
             .steps
@@ -2071,30 +2096,54 @@ impl GpuProgram {
                 && timed_here
                 && t.igemm_ms.is_none()
             {
-                let (mut kernel_ms, kernel_n) = fastest_width(dev, &key, &|bn| {
+                let best = fastest_width(dev, &key, &|bn| {
                     Ok(conv_igemm_launch(&c, bn, &|b| self.ptrs[b]))
                 })?;
-                // the kernel only where it computes what cuDNN's algorithm (and the bias and
-                // residual pass after it) does; cuDNN on the workspace it was timed with
-                if let (Some(bn), Some(ws_buf)) = (kernel_n, found_ws.as_ref()) {
-                    if kernel_ms < t.ms {
-                        let io = tactic_io(&self.program, &[i]);
-                        let (wp, g) = ws_buf.device_ptr(&dev.stream);
-                        drop(g);
-                        let before = std::mem::replace(&mut self.conv_ws_ptr, (wp, FIND_WORKSPACE));
-                        let want = self.tactic_output(dev, &io, &|| self.enqueue_step(dev, i));
-                        self.conv_ws_ptr = before;
-                        let want = want?;
-                        let l = conv_igemm_launch(&c, bn, &|b| self.ptrs[b]);
-                        let got = self.tactic_output(dev, &io, &|| launch_op(dev, &l))?;
-                        let what = format!("{key}: {}", l.kernel);
-                        if !Self::tactic_checks(&what, "cuDNN", &want, &got) {
-                            kernel_ms = f32::MAX;
-                        }
+                (t.igemm_ms, t.igemm_n) = (Some(best.0), best.1);
+                kernel_timed.insert(key.clone());
+            }
+            placed.push((i, c, key, ws));
+        }
+        // the kernel only where it computes what cuDNN's algorithm (and the bias and residual
+        // pass after it) does: checked, when timed in this load, on the first convolution of each
+        // epilogue (bias, time embedding, residual) that takes it, cuDNN on the workspace it was
+        // timed with (a cached choice was checked when it was timed); where one disagrees, none
+        // of the problem's convolutions takes it (its time is kept, its width dropped)
+        if let Some(ws_buf) = found_ws.as_ref() {
+            let (wp, g) = ws_buf.device_ptr(&dev.stream);
+            drop(g);
+            let mut checked = HashSet::new();
+            for (i, c, key, _) in &placed {
+                let epilogue = (
+                    c.bias.is_some(),
+                    c.sample_bias.is_some(),
+                    c.residual.is_some(),
+                );
+                let Some(bn) = tactics.conv_kernel(key) else {
+                    continue;
+                };
+                if !kernel_timed.contains(key)
+                    || !conv_igemm_ok(c, self.precision)
+                    || !checked.insert((key.clone(), epilogue))
+                {
+                    continue;
+                }
+                let io = tactic_io(&self.program, &[*i]);
+                let before = std::mem::replace(&mut self.conv_ws_ptr, (wp, FIND_WORKSPACE));
+                let want = self.tactic_output(dev, &io, &|| self.enqueue_step(dev, *i));
+                self.conv_ws_ptr = before;
+                let want = want?;
+                let l = conv_igemm_launch(c, bn, &|b| self.ptrs[b]);
+                let got = self.tactic_output(dev, &io, &|| launch_op(dev, &l))?;
+                let what = format!("{key}: {}", l.kernel);
+                if !Self::tactic_checks(&what, "cuDNN", &want, &got) {
+                    if let Some(t) = tactics.conv.get_mut(key) {
+                        t.igemm_n = None;
                     }
                 }
-                (t.igemm_ms, t.igemm_n) = (Some(kernel_ms), kernel_n);
             }
+        }
+        for (i, c, key, ws) in placed {
             match tactics.conv_kernel(&key) {
                 Some(bn) if conv_igemm_ok(&c, self.precision) => {
                     self.conv_kernel.insert(i, bn);
@@ -2691,6 +2740,7 @@ impl GpuProgram {
 
     /// Buffer `b` (float16) filled with `block` repeated, on the stream.
     fn upload_tiled(&self, dev: &CudaDevice, b: usize, block: &[u16]) -> Result<(), EngineError> {
+        debug_assert_eq!(self.precision, Precision::Fp16);
         let (n, ptr) = (self.program.buffers[b].numel, self.ptrs[b]);
         if ptr == 0 {
             return Err(EngineError::Graph(format!(
@@ -2715,13 +2765,13 @@ impl GpuProgram {
         Ok(())
     }
 
-    /// What `run` (the steps whose inputs and output are `io`, [`tactic_io`]: the libraries'
-    /// way, or a tactic kernel's) writes to the output when the inputs hold
-    /// [`tactic_fill_block`]'s values and the output NaN before it runs (float16 programs).
+    /// What `run` (the steps whose buffers are `io`, [`tactic_io`]: the libraries' way, or a
+    /// tactic kernel's) writes to the output when the inputs hold [`tactic_fill_block`]'s values
+    /// and what the steps write NaN before it runs (float16 programs).
     fn tactic_output(
         &self,
         dev: &CudaDevice,
-        (inputs, out): &(Vec<usize>, usize),
+        io: &TacticIo,
         run: &dyn Fn() -> Result<(), EngineError>,
     ) -> Result<Vec<f32>, EngineError> {
         let sync = |what: &str| {
@@ -2731,15 +2781,16 @@ impl GpuProgram {
         };
         sync("before")?;
         let nan = vec![half::f16::NAN.to_bits(); TACTIC_FILL_PERIOD];
-        self.upload_tiled(dev, *out, &nan)?;
-        // (an input the last step also writes, a residual in place, keeps the values)
-        let block = tactic_fill_block();
-        for &b in inputs {
-            self.upload_tiled(dev, b, &block)?;
+        // (NaN first: an input the last step also writes, a residual in place, keeps the values)
+        for &b in io.computed.iter().chain([&io.out]) {
+            self.upload_tiled(dev, b, &nan)?;
+        }
+        for &b in &io.inputs {
+            self.upload_tiled(dev, b, tactic_fill_block())?;
         }
         run()?;
         sync("run")?;
-        self.read_back(*out)
+        self.read_back(io.out)
             .map_err(|e| gpu_err("tactic check: read back", e))
     }
 

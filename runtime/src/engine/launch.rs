@@ -1555,11 +1555,24 @@ pub fn norm_pair_first(p: &Program, ci: usize, precision: Precision) -> Option<u
     (shapes_fit && only_reader && no_norm_between && x != cx).then_some(gi)
 }
 
-/// What a tactic kernel is checked on before an engine takes it ([`tactic_agrees`]): the float
-/// activations the steps `steps` (in order) read that no earlier one of them writes — filled
-/// with the same pseudo-random values ([`tactic_fill_block`]) before the libraries' run of the
-/// steps and before the kernel's — and the buffer the last one writes, compared after each.
-pub fn tactic_io(p: &Program, steps: &[usize]) -> (Vec<usize>, usize) {
+/// The buffers a tactic kernel's check touches ([`tactic_io`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TacticIo {
+    /// Float activations the steps read that no earlier one of them writes: filled with the same
+    /// pseudo-random values ([`tactic_fill_block`]) before the libraries' run of the steps and
+    /// before the kernel's.
+    pub inputs: Vec<usize>,
+    /// What the steps before the last write (a projection's output a GEGLU reads, a
+    /// normalisation's output): filled with NaN before each run, so that a kernel reading one
+    /// instead of computing it shows.
+    pub computed: Vec<usize>,
+    /// What the last step writes: filled with NaN before each run, then compared.
+    pub out: usize,
+}
+
+/// What a tactic kernel is checked on before an engine takes it ([`tactic_agrees`]), for the
+/// steps `steps` (in order) it replaces.
+pub fn tactic_io(p: &Program, steps: &[usize]) -> TacticIo {
     let (last, earlier) = steps.split_last().expect("at least one step");
     let computed: Vec<usize> = earlier.iter().map(|&s| p.steps[s].io().1).collect();
     let mut inputs = Vec::new();
@@ -1575,7 +1588,11 @@ pub fn tactic_io(p: &Program, steps: &[usize]) -> (Vec<usize>, usize) {
             }
         }
     }
-    (inputs, p.steps[*last].io().1)
+    TacticIo {
+        inputs,
+        computed,
+        out: p.steps[*last].io().1,
+    }
 }
 
 /// Elements in [`tactic_fill_block`], repeated over a buffer (not a power of two, so that rows
@@ -1584,17 +1601,20 @@ pub const TACTIC_FILL_PERIOD: usize = (1 << 20) - 3;
 
 /// Float16 values (bits) uniform in [-1, 1), deterministic: what a tactic kernel's inputs are
 /// filled with, repeated, when it is checked against the libraries ([`tactic_io`]).
-pub fn tactic_fill_block() -> Vec<u16> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    (0..TACTIC_FILL_PERIOD)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let u = (x >> 40) as f32 / (1u64 << 24) as f32;
-            half::f16::from_f32(2.0 * u - 1.0).to_bits()
-        })
-        .collect()
+pub fn tactic_fill_block() -> &'static [u16] {
+    static BLOCK: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
+    BLOCK.get_or_init(|| {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        (0..TACTIC_FILL_PERIOD)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let u = (x >> 40) as f32 / (1u64 << 24) as f32;
+                half::f16::from_f32(2.0 * u - 1.0).to_bits()
+            })
+            .collect()
+    })
 }
 
 /// Largest difference a tactic kernel's output may have from the libraries' on the same
@@ -1603,9 +1623,9 @@ pub fn tactic_fill_block() -> Vec<u16> {
 pub const TACTIC_TOLERANCE: f64 = 1e-2;
 
 /// Whether a tactic kernel's output `got` agrees with the libraries' `want` on the same inputs:
-/// `Ok(max |Δ| / max |want|)`, or what is wrong — a non-finite value where `want` has a finite
-/// one, a difference past [`TACTIC_TOLERANCE`], a reference without a finite value (nothing to
-/// check against: the kernel is not taken).
+/// `Ok(max |Δ| / max |want|)`, or what is wrong — a non-finite value, a difference past
+/// [`TACTIC_TOLERANCE`], or a reference with a non-finite value (an input left unfilled, an
+/// overflow: nothing sound to check against, so the kernel is not taken).
 pub fn tactic_agrees(want: &[f32], got: &[f32]) -> Result<f64, String> {
     if want.len() != got.len() {
         return Err(format!(
@@ -1614,22 +1634,22 @@ pub fn tactic_agrees(want: &[f32], got: &[f32]) -> Result<f64, String> {
             want.len()
         ));
     }
-    let finite = || want.iter().zip(got).filter(|(w, _)| w.is_finite());
-    if finite().next().is_none() {
-        return Err("the libraries' output has no finite value to compare with".into());
+    let bad = want.iter().filter(|w| !w.is_finite()).count();
+    if bad > 0 {
+        return Err(format!(
+            "the libraries' output has {bad} non-finite values of {}: nothing to compare with",
+            want.len()
+        ));
     }
-    if let Some(i) = want
-        .iter()
-        .zip(got)
-        .position(|(w, g)| w.is_finite() && !g.is_finite())
-    {
+    if let Some(i) = got.iter().position(|g| !g.is_finite()) {
         return Err(format!(
             "value {i} is {} where the libraries' is {}",
             got[i], want[i]
         ));
     }
-    let peak = finite().map(|(w, _)| w.abs() as f64).fold(0.0, f64::max);
-    let diff = finite()
+    let pairs = || want.iter().zip(got);
+    let peak = want.iter().map(|w| w.abs() as f64).fold(0.0, f64::max);
+    let diff = pairs()
         .map(|(w, g)| (*w as f64 - *g as f64).abs())
         .fold(0.0, f64::max);
     let rel = if peak > 0.0 {
@@ -2932,15 +2952,13 @@ mod tests {
             let e = tactic_agrees(&want, &g).unwrap_err();
             assert!(e.contains("value 999"), "{e}");
         }
-        // where the reference is not finite, nothing to compare (the rest still is)
+        // a reference with a non-finite value is nothing sound to compare with: not taken,
+        // even where the kernel gives the same
         let mut w = want.clone();
         w[3] = f32::NAN;
-        let mut g = want.clone();
-        g[3] = 1e9;
-        assert!(tactic_agrees(&w, &g).is_ok());
-        g[4] += 1.0;
-        assert!(tactic_agrees(&w, &g).is_err());
-        // nothing finite to compare with, or another length: not taken
+        let e = tactic_agrees(&w, &w).unwrap_err();
+        assert!(e.contains("1 non-finite"), "{e}");
+        // nor another length
         let nan = vec![f32::NAN; 4];
         assert!(tactic_agrees(&nan, &nan).is_err());
         assert!(tactic_agrees(&want, &want[..999]).is_err());
@@ -3036,10 +3054,15 @@ mod tests {
             outputs: vec![],
             nodes: 3,
         };
-        assert_eq!(tactic_io(&p, &[0, 1]), (vec![0, 5], 4));
-        assert_eq!(tactic_io(&p, &[1]), (vec![3, 5], 4));
+        let io = |inputs: Vec<usize>, computed: Vec<usize>, out| TacticIo {
+            inputs,
+            computed,
+            out,
+        };
+        assert_eq!(tactic_io(&p, &[0, 1]), io(vec![0, 5], vec![3], 4));
+        assert_eq!(tactic_io(&p, &[1]), io(vec![3, 5], vec![], 4));
         // a residual the last step writes in place is an input too (filled, so compared)
-        assert_eq!(tactic_io(&p, &[1, 2]), (vec![3, 5, 6], 6));
+        assert_eq!(tactic_io(&p, &[1, 2]), io(vec![3, 5, 6], vec![4], 6));
     }
 
     /// The per-(sample, channel) coefficients conv_igemm_gn_f16 reads 16 bytes at a time start
