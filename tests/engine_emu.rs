@@ -95,14 +95,7 @@ fn case(onnx: &Path, inputs: &Inputs, layout: Layout) -> Case {
     let src = FileInitializers::new(onnx);
     let prog = program::compile(&model, inputs, &src, layout)
         .unwrap_or_else(|e| panic!("{}: {e}", onnx.display()));
-    let weights: HashMap<String, Vec<f32>> = model
-        .graph
-        .as_ref()
-        .unwrap()
-        .initializer
-        .iter()
-        .filter_map(|t| Some((t.name.clone(), src.f32s(t).ok()?)))
-        .collect();
+    let weights = initializers(&model, &src);
     let (f, i) = seeded(inputs);
     let w = |n: &str| Ok(weights[n].clone());
     let want = cpu_exec::run(&prog, &f, &i, &w).unwrap();
@@ -113,6 +106,28 @@ fn case(onnx: &Path, inputs: &Inputs, layout: Layout) -> Case {
         i,
         want,
     }
+}
+
+/// `model`'s float initializers by name, from `src`.
+fn initializers(model: &ModelProto, src: &FileInitializers) -> HashMap<String, Vec<f32>> {
+    model
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .filter_map(|t| Some((t.name.clone(), src.f32s(t).ok()?)))
+        .collect()
+}
+
+/// `MOTIONRT_FULL_PLAN` (the full-architecture tests' plan folder) and the emulator, or `None`
+/// (said) where either is missing.
+fn full_plan() -> Option<(std::ffi::OsString, Emu)> {
+    let Some(dir) = std::env::var_os("MOTIONRT_FULL_PLAN") else {
+        eprintln!("SKIP: MOTIONRT_FULL_PLAN is not set");
+        return None;
+    };
+    Some((dir, emu()?))
 }
 
 /// Run `c` on the emulated executor; `(outputs, calls per kernel / library)`.
@@ -1174,11 +1189,9 @@ fn tactic_kernels_are_checked_against_the_libraries_before_they_are_taken() {
 #[test]
 #[ignore]
 fn full_architecture_runs_on_the_emulated_executor() {
-    let Some(dir) = std::env::var_os("MOTIONRT_FULL_PLAN") else {
-        eprintln!("SKIP: MOTIONRT_FULL_PLAN is not set");
+    let Some((dir, emu)) = full_plan() else {
         return;
     };
-    let Some(emu) = emu() else { return };
     let cases: [(&str, Inputs); 3] = [
         (
             "unet",
@@ -1291,11 +1304,9 @@ type TacticOn<'a> = dyn Fn(&mut EmuProgram<'_>) + 'a;
 #[test]
 #[ignore]
 fn tactic_checks_pass_at_the_full_architectures_widths() {
-    let Some(dir) = std::env::var_os("MOTIONRT_FULL_PLAN") else {
-        eprintln!("SKIP: MOTIONRT_FULL_PLAN is not set");
+    let Some((dir, emu)) = full_plan() else {
         return;
     };
-    let Some(emu) = emu() else { return };
     let z = Path::new(&dir).join("unet.onnx");
     let inputs: Inputs = vec![
         ("sample", vec![1, 4, 2, 16, 16]),
@@ -1305,14 +1316,7 @@ fn tactic_checks_pass_at_the_full_architectures_widths() {
     let model = load_model(&z).unwrap();
     let src = FileInitializers::new(&z);
     let prog = program::compile(&model, &inputs, &src, Layout::Nhwc).unwrap();
-    let weights: HashMap<String, Vec<f32>> = model
-        .graph
-        .as_ref()
-        .unwrap()
-        .initializer
-        .iter()
-        .filter_map(|t| Some((t.name.clone(), src.f32s(t).ok()?)))
-        .collect();
+    let weights = initializers(&model, &src);
     let w =
         |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(weights[n].clone())) };
     let f16 = Precision::Fp16;
