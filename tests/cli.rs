@@ -273,6 +273,50 @@ fn run_rejects_bad_input_clearly() {
     assert!(!gif.exists(), "nothing written");
 }
 
+/// A model whose values overflow (here a VAE decoder weight made NaN, as an fp16 overflow
+/// would leave it): the run stops with what overflowed, when, and what to try, and writes no
+/// output.
+#[test]
+fn run_says_where_values_overflow_and_what_to_try() {
+    use motionrt_export::onnx::proto::TensorProtoDataType;
+    use motionrt_export::onnx::{load_model, write_model};
+    let d = demo_model();
+    let model = d.path().join("export");
+    let vae = model.join("vae_decoder.onnx");
+    let mut m = load_model(&vae).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    let w = g
+        .initializer
+        .iter_mut()
+        .find(|t| {
+            t.name.contains("conv_out")
+                && t.data_type == TensorProtoDataType::Float as i32
+                && !t.raw_data.is_empty()
+        })
+        .expect("the decoder's conv_out weight, embedded");
+    w.raw_data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    write_model(&m, &vae).unwrap();
+    let gif = d.path().join("nan.gif");
+    let e = fails(
+        motionrt()
+            .args([
+                "run", "--prompt", "a cat", "--steps", "1", "--frames", "2", "--height", "16",
+                "--width", "16", "--model",
+            ])
+            .arg(&model)
+            .arg("--out")
+            .arg(&gif),
+    );
+    assert!(
+        e.contains("decoded frames")
+            && e.contains("NaN/Inf")
+            && e.contains("frames 0..")
+            && e.contains("--precision fp32"),
+        "{e}"
+    );
+    assert!(!gif.exists(), "nothing written");
+}
+
 #[test]
 fn run_without_onnx_runtime_says_how_to_install_it() {
     let d = tempfile::tempdir().unwrap();

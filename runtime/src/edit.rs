@@ -92,6 +92,7 @@ pub fn invert(
                 what: "the inverted latents",
                 when: format!("after inversion step {} of {}", i + 1, ts.len()),
                 count: bad,
+                advice: pipe.overflow_advice(),
             });
         }
         events(Event::Step {

@@ -31,11 +31,13 @@ pub enum PipelineError {
     Scheduler(#[from] SchedulerError),
     #[error(transparent)]
     Frames(#[from] crate::frames::FramesError),
-    #[error("{what} contains {count} NaN/Inf values {when}: the model overflowed (with an fp16 export, try --precision fp32)")]
+    #[error("{what} contains {count} NaN/Inf values {when}: the model overflowed ({advice})")]
     NonFinite {
         what: &'static str,
         when: String,
         count: usize,
+        /// What to try ([`Pipeline::overflow_advice`]).
+        advice: &'static str,
     },
 }
 
@@ -446,6 +448,17 @@ impl Pipeline {
     }
 
     /// The GPU and library versions the native engine runs with; `None` on ONNX Runtime.
+    /// What to try when a run's values overflow: on a native engine, rebuilding it without
+    /// motionrt's tactic kernels or in float32; on ONNX Runtime, a float32 export.
+    pub fn overflow_advice(&self) -> &'static str {
+        if self.engine.is_some() {
+            "on a native engine: rebuild it with `motionrt build --no-kernel-tactics` (cuDNN and \
+             cuBLASLt only), or with --precision fp32"
+        } else {
+            "with an fp16 export, try --precision fp32"
+        }
+    }
+
     pub fn engine_device(&self) -> Option<&crate::engine::exec::DeviceKey> {
         self.engine.as_ref().map(|e| &e.dev.key)
     }
@@ -944,6 +957,7 @@ impl Pipeline {
                     what: "the latents",
                     when: format!("after denoising step {} of {total}", i + 1),
                     count: bad,
+                    advice: self.overflow_advice(),
                 });
             }
             timings.steps.push(ts.elapsed().as_secs_f64());
@@ -1181,6 +1195,7 @@ impl Pipeline {
                 what: "the decoded frames",
                 when: format!("(frames {start}..{})", start + m),
                 count: bad,
+                advice: self.overflow_advice(),
             });
         }
         sink(FrameChunk {
