@@ -886,7 +886,7 @@ mod tests {
 
     #[test]
     fn timing_caches_keep_gemm_algorithms_and_read_older_ones() {
-        use super::super::exec::{ConvTactic, GemmTactic};
+        use super::super::exec::GemmTactic;
         // a cache written before GEMM algorithms were timed: convolutions only
         let old = r#"{"conv": {"x f16": {"algo": 1, "math": 1, "workspace": 0, "ms": 0.5}}}"#;
         let c: TacticCache = serde_json::from_str(old).unwrap();
@@ -894,17 +894,7 @@ mod tests {
         assert_eq!(c.conv["x f16"].algo, 1);
         // opaque algorithm words round-trip exactly (JSON integers up to u64::MAX)
         let mut c = TacticCache::default();
-        c.conv.insert(
-            "x f16".into(),
-            ConvTactic {
-                algo: 1,
-                math: Some(1),
-                workspace: 0,
-                ms: 0.5,
-                igemm_ms: Some(0.25),
-                igemm_n: Some(128),
-            },
-        );
+        c.conv.insert("x f16".into(), kernel_conv());
         let t = GemmTactic {
             algo: [u64::MAX, 1, 2, 3, 4, 5, 6, 1 << 63],
             ms: 0.25,
@@ -1136,22 +1126,24 @@ mod tests {
         assert_eq!(e.attention, c.attention);
     }
 
+    /// A convolution tactic whose `conv_igemm_f16_n128` timed faster than cuDNN's algorithm.
+    fn kernel_conv() -> super::super::exec::ConvTactic {
+        super::super::exec::ConvTactic {
+            algo: 1,
+            math: Some(1),
+            workspace: 0,
+            ms: 0.5,
+            igemm_ms: Some(0.25),
+            igemm_n: Some(128),
+        }
+    }
+
     #[test]
     fn a_library_only_cache_runs_none_of_motionrts_tactic_kernels() {
-        use super::super::exec::{AttentionTactic, ConvTactic, FusedTactic};
+        use super::super::exec::{AttentionTactic, FusedTactic};
         // a cache whose timing put one problem of each kind on motionrt's kernels
         let mut c = TacticCache::default();
-        c.conv.insert(
-            "conv f16".into(),
-            ConvTactic {
-                algo: 1,
-                math: Some(1),
-                workspace: 0,
-                ms: 0.5,
-                igemm_ms: Some(0.25),
-                igemm_n: Some(128),
-            },
-        );
+        c.conv.insert("conv f16".into(), kernel_conv());
         let fused = FusedTactic {
             ms: 0.5,
             fused_ms: 0.25,
