@@ -28,7 +28,7 @@ use super::launch::{
     geglu_pairs, gemm_geglu_launch, group_norm_scratch, group_norm_splits, norm_gemm_launch,
     norm_pairs, opt_in_smem, place_buffers, plan_memory_for, plan_memory_fused, rebase_activations,
     specialize, step_ops, tactic_agrees, tactic_fill_block, tactic_io, ConvDesc, Ctx, GemmCall,
-    KArg, Launch, LtCall, LtDesc, LtLayout, Op, TacticIo, CONV_IGEMM_WIDTHS, TACTIC_FILL_PERIOD,
+    KArg, Launch, LtCall, LtDesc, LtLayout, Op, TacticIo, CONV_IGEMM_WIDTHS,
 };
 use super::program::{ConvStep, DType, MemoryPlan, Program, Step, Strided};
 use super::EngineError;
@@ -2659,12 +2659,17 @@ impl GpuProgram {
         let (base, g) = self.arena.device_ptr(&dev.stream);
         drop(g);
         let n = self.memory.arena_bytes / self.precision.elem_bytes();
+        self.fill_nan(dev, base, n)
+    }
+
+    /// `n` elements of the precision's type at `ptr` set to NaN, on the stream.
+    fn fill_nan(&self, dev: &CudaDevice, ptr: u64, n: usize) -> Result<(), EngineError> {
         launch_op(
             dev,
             &elementwise_launch(
                 format!("fill_{}", self.precision.suffix()),
                 n,
-                vec![KArg::Ptr(base), KArg::I64(n as i64), KArg::F32(f32::NAN)],
+                vec![KArg::Ptr(ptr), KArg::I64(n as i64), KArg::F32(f32::NAN)],
             ),
         )
     }
@@ -2738,7 +2743,8 @@ impl GpuProgram {
         })
     }
 
-    /// Buffer `b` (float16) filled with `block` repeated, on the stream.
+    /// Buffer `b` (float16) filled with `block` repeated, on the stream (from pageable memory:
+    /// the copies complete before the stream's next work).
     fn upload_tiled(&self, dev: &CudaDevice, b: usize, block: &[u16]) -> Result<(), EngineError> {
         debug_assert_eq!(self.precision, Precision::Fp16);
         let (n, ptr) = (self.program.buffers[b].numel, self.ptrs[b]);
@@ -2780,10 +2786,15 @@ impl GpuProgram {
                 .map_err(|e| gpu_err(&format!("tactic check: {what}"), e))
         };
         sync("before")?;
-        let nan = vec![half::f16::NAN.to_bits(); TACTIC_FILL_PERIOD];
         // (NaN first: an input the last step also writes, a residual in place, keeps the values)
         for &b in io.computed.iter().chain([&io.out]) {
-            self.upload_tiled(dev, b, &nan)?;
+            let (ptr, n) = (self.ptrs[b], self.program.buffers[b].numel);
+            if ptr == 0 {
+                return Err(EngineError::Graph(format!(
+                    "buffer {b} has no place in the arena"
+                )));
+            }
+            self.fill_nan(dev, ptr, n)?;
         }
         for &b in &io.inputs {
             self.upload_tiled(dev, b, tactic_fill_block())?;
