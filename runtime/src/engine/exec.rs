@@ -753,14 +753,13 @@ impl CudaDevice {
                 }
             }
         }
-        let mut blas: cublas::cublasHandle_t = std::ptr::null_mut();
-        let mut dnn: cudnn::cudnnHandle_t = std::ptr::null_mut();
         let blas_ws = stream
             .alloc_zeros::<u8>(BLAS_WS)
             .map_err(|e| gpu_err("alloc", e))?;
-        let mut lt_handle: lt::cublasLtHandle_t = std::ptr::null_mut();
-        // SAFETY: creates a handle, destroyed in Drop.
-        let st = unsafe { lt::cublasLtCreate(&mut lt_handle) };
+        // destroys what was created if `open` returns early; emptied into `Self` at the end
+        let mut h = LibHandles::default();
+        // SAFETY: creates a handle, destroyed by `h` or by the device's Drop.
+        let st = unsafe { lt::cublasLtCreate(&mut h.lt) };
         if st != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             return Err(gpu_err("cublasLtCreate", st));
         }
@@ -768,24 +767,24 @@ impl CudaDevice {
         // SAFETY: handles are created and bound to this context's stream; the workspace lives as
         // long as the device.
         let (blas_ver, dnn_ver) = unsafe {
-            check_blas("cublasCreate", cublas::cublasCreate_v2(&mut blas))?;
+            check_blas("cublasCreate", cublas::cublasCreate_v2(&mut h.blas))?;
             check_blas(
                 "cublasSetStream",
-                cublas::cublasSetStream_v2(blas, stream.cu_stream() as _),
+                cublas::cublasSetStream_v2(h.blas, stream.cu_stream() as _),
             )?;
             check_blas(
                 "cublasSetWorkspace",
-                cublas::cublasSetWorkspace_v2(blas, ws_ptr as *mut c_void, BLAS_WS),
+                cublas::cublasSetWorkspace_v2(h.blas, ws_ptr as *mut c_void, BLAS_WS),
             )?;
-            check_dnn("cudnnCreate", cudnn::cudnnCreate(&mut dnn))?;
+            check_dnn("cudnnCreate", cudnn::cudnnCreate(&mut h.dnn))?;
             check_dnn(
                 "cudnnSetStream",
-                cudnn::cudnnSetStream(dnn, stream.cu_stream() as _),
+                cudnn::cudnnSetStream(h.dnn, stream.cu_stream() as _),
             )?;
             let mut v = 0;
             check_blas(
                 "cublasGetVersion",
-                cublas::cublasGetVersion_v2(blas, &mut v),
+                cublas::cublasGetVersion_v2(h.blas, &mut v),
             )?;
             (v, cudnn::cudnnGetVersion())
         };
@@ -808,6 +807,7 @@ impl CudaDevice {
             cudnn: dnn_ver.to_string(),
             motionrt: env!("CARGO_PKG_VERSION").to_string(),
         };
+        let (blas, lt_handle, dnn) = h.release();
         Ok(Self {
             ctx,
             stream,
@@ -832,11 +832,64 @@ impl CudaDevice {
 
 impl Drop for CudaDevice {
     fn drop(&mut self) {
-        // SAFETY: handles created in `open`, destroyed once.
+        // the libraries' destroy calls synchronize the device: make it this context, whatever
+        // thread drops the device
+        let _ = self.ctx.bind_to_thread();
+        drop(LibHandles {
+            blas: self.blas,
+            lt: self.lt,
+            dnn: self.dnn,
+        });
+    }
+}
+
+/// cuBLAS, cuBLASLt and cuDNN handles, each destroyed once when the value drops (null: none).
+struct LibHandles {
+    blas: cublas::cublasHandle_t,
+    lt: lt::cublasLtHandle_t,
+    dnn: cudnn::cudnnHandle_t,
+}
+
+impl Default for LibHandles {
+    fn default() -> Self {
+        Self {
+            blas: std::ptr::null_mut(),
+            lt: std::ptr::null_mut(),
+            dnn: std::ptr::null_mut(),
+        }
+    }
+}
+
+impl LibHandles {
+    /// The handles, no longer destroyed by this value.
+    fn release(
+        mut self,
+    ) -> (
+        cublas::cublasHandle_t,
+        lt::cublasLtHandle_t,
+        cudnn::cudnnHandle_t,
+    ) {
+        let h = std::mem::take(&mut self);
+        let r = (h.blas, h.lt, h.dnn);
+        std::mem::forget(h);
+        r
+    }
+}
+
+impl Drop for LibHandles {
+    fn drop(&mut self) {
+        // SAFETY: handles created by `CudaDevice::open` (null where it stopped before them),
+        // destroyed once: `release` forgets the value that hands them on.
         unsafe {
-            cublas::cublasDestroy_v2(self.blas);
-            lt::cublasLtDestroy(self.lt);
-            cudnn::cudnnDestroy(self.dnn);
+            if !self.blas.is_null() {
+                cublas::cublasDestroy_v2(self.blas);
+            }
+            if !self.lt.is_null() {
+                lt::cublasLtDestroy(self.lt);
+            }
+            if !self.dnn.is_null() {
+                cudnn::cudnnDestroy(self.dnn);
+            }
         }
     }
 }
@@ -877,6 +930,9 @@ struct LtPlan {
     c: lt::cublasLtMatrixLayout_t,
     algo: lt::cublasLtMatmulAlgo_t,
     beta: f32,
+    /// The bias address the descriptor holds (`CUBLASLT_MATMUL_DESC_BIAS_POINTER`): a call
+    /// whose bias lives elsewhere (an activation the arena moved) sets it again before it runs.
+    bias: std::cell::Cell<Option<u64>>,
 }
 
 /// Heuristic candidates timed per GEMM problem, and timed runs of each (after one warm-up).
@@ -969,6 +1025,7 @@ impl LtPlan {
             // SAFETY: plain data, set below.
             algo: unsafe { std::mem::zeroed() },
             beta: d.beta,
+            bias: std::cell::Cell::new(d.bias),
         };
         // SAFETY: descriptors created here are destroyed by Drop (also on the error paths, as
         // `p` is dropped); attribute buffers are locals of the stated sizes.
@@ -1230,6 +1287,28 @@ impl LtPlan {
         let alpha = 1f32;
         let (w, x, out) = (call.a, call.b, call.out);
         let c = if self.beta != 0.0 { call.res } else { out };
+        if call.desc.bias != self.bias.get() {
+            let Some(ptr) = call.desc.bias.filter(|_| self.bias.get().is_some()) else {
+                return Err(EngineError::Graph(format!(
+                    "cuBLASLt {}: the call's bias epilogue ({:?}) is not the plan's ({:?})",
+                    call.desc.problem(),
+                    call.desc.bias,
+                    self.bias.get()
+                )));
+            };
+            // SAFETY: a host-side descriptor attribute (8 bytes, the pointer's size); legal
+            // while a stream is being captured (the matmul captured reads it as it is now).
+            let st = unsafe {
+                lt::cublasLtMatmulDescSetAttribute(
+                    self.desc,
+                    lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    &ptr as *const u64 as *const c_void,
+                    8,
+                )
+            };
+            lt_check("cublasLtMatmulDescSetAttribute", st).map_err(EngineError::Graph)?;
+            self.bias.set(Some(ptr));
+        }
         // SAFETY: pointers are the program's buffers with the shapes the layouts describe.
         let st = unsafe {
             lt::cublasLtMatmul(
@@ -2478,29 +2557,17 @@ impl GpuProgram {
                 cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
             )
             .map_err(|e| gpu_err("begin capture", e))?;
+        // a panic while enqueuing (a bug) still ends the capture as it unwinds
+        let guard = CaptureGuard(&dev.stream);
         let r = self.enqueue(dev);
+        std::mem::forget(guard);
         let g = dev
             .stream
             .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
         if g.is_err() {
             // cudarc may refuse before ending the capture (an error an earlier call left on the
             // context): end it here, or the stream stays capturing and nothing runs on it again
-            // SAFETY: the device's own stream; a graph returned is destroyed at once.
-            unsafe {
-                use cudarc::driver::sys::CUstreamCaptureStatus as S;
-                if !matches!(
-                    cudarc::driver::result::stream::is_capturing(dev.stream.cu_stream()),
-                    Ok(S::CU_STREAM_CAPTURE_STATUS_NONE)
-                ) {
-                    if let Ok(graph) =
-                        cudarc::driver::result::stream::end_capture(dev.stream.cu_stream())
-                    {
-                        if !graph.is_null() {
-                            let _ = cudarc::driver::result::graph::destroy(graph);
-                        }
-                    }
-                }
-            }
+            end_open_capture(&dev.stream);
         }
         // an error while capturing invalidates the capture: report the first one
         r?;
@@ -2610,8 +2677,10 @@ impl GpuProgram {
             .ok_or_else(|| {
                 EngineError::Graph(format!("no run is waiting in output slot {slot}"))
             })?;
-        s.copied.synchronize().map_err(|e| gpu_err("sync", e))?;
+        // the slot is free again either way: a failed wait is the device's error (a fault
+        // leaves the context unusable), which later calls should report, not a full slot
         s.pending = false;
+        s.copied.synchronize().map_err(|e| gpu_err("sync", e))?;
         let mut out = Vec::new();
         for (o, (name, t)) in self.program.outputs.iter().enumerate() {
             let v = s.pinned[o].as_slice().map_err(|e| gpu_err("pinned", e))?;
@@ -2851,10 +2920,34 @@ impl GpuProgram {
     }
 }
 
-/// The faster of the implicit-GEMM kernel's tile widths ([`CONV_IGEMM_WIDTHS`]) for the launch
-/// `launch` gives at each: its mean time (ms) and width; `(f32::MAX, None)` when none ran. A
-/// launch this GPU refuses is skipped (said on stderr, with `what`); a fault while one runs is
-/// an error (the context is then unusable).
+/// Ends a capture left open on `stream` (cudarc refused to end it, or a panic unwound through
+/// it): otherwise the stream stays capturing and nothing runs on it again.
+fn end_open_capture(stream: &CudaStream) {
+    // SAFETY: the device's own stream; a graph returned is destroyed at once.
+    unsafe {
+        use cudarc::driver::sys::CUstreamCaptureStatus as S;
+        if !matches!(
+            cudarc::driver::result::stream::is_capturing(stream.cu_stream()),
+            Ok(S::CU_STREAM_CAPTURE_STATUS_NONE)
+        ) {
+            if let Ok(graph) = cudarc::driver::result::stream::end_capture(stream.cu_stream()) {
+                if !graph.is_null() {
+                    let _ = cudarc::driver::result::graph::destroy(graph);
+                }
+            }
+        }
+    }
+}
+
+/// Ends the capture if dropped while it is open (forgotten once enqueuing returned).
+struct CaptureGuard<'a>(&'a CudaStream);
+
+impl Drop for CaptureGuard<'_> {
+    fn drop(&mut self) {
+        end_open_capture(self.0);
+    }
+}
+
 /// Whether `l` can launch on this GPU (its geometry within the limits, its kernel loaded); a
 /// note naming `what` when not.
 fn runs_here(dev: &CudaDevice, what: &str, l: &Launch) -> bool {
@@ -2870,6 +2963,10 @@ fn runs_here(dev: &CudaDevice, what: &str, l: &Launch) -> bool {
     }
 }
 
+/// The faster of the implicit-GEMM kernel's tile widths ([`CONV_IGEMM_WIDTHS`]) for the launch
+/// `launch` gives at each: its mean time (ms) and width; `(f32::MAX, None)` when none ran. A
+/// launch this GPU refuses is skipped (said on stderr, with `what`); a fault while one runs is
+/// an error (the context is then unusable).
 fn fastest_width(
     dev: &CudaDevice,
     what: &str,

@@ -328,6 +328,14 @@ fn capture_or_warn(dev: &CudaDevice, name: &str, gp: &mut GpuProgram) -> Result<
     Ok(())
 }
 
+impl Drop for CudaSession {
+    fn drop(&mut self) {
+        // programs (their CUDA graphs and buffers) before the device they were made on, which
+        // may go with this session: its kernels' modules unload when it drops
+        self.programs.clear();
+    }
+}
+
 impl CudaSession {
     pub fn load(
         dev: Rc<CudaDevice>,
