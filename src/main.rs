@@ -949,13 +949,16 @@ fn edit_video(a: EditArgs) -> Result<()> {
         Event::Warning(w) => bar.suspend(|| eprintln!("warning: {w}")),
     });
     bar.finish_and_clear();
-    let r = result?;
+    let mut r = result?;
     if let Some(p) = &a.save_inverted {
         let (f, lh, lw) = (input.frames, h / 8, w / 8);
         let c = r.inverted.len() / (f * lh * lw);
         motionrt_runtime::npy::write(
             p,
-            &motionrt_runtime::npy::NpyArray::f32(vec![1, c, f, lh, lw], r.inverted.clone()),
+            &motionrt_runtime::npy::NpyArray::f32(
+                vec![1, c, f, lh, lw],
+                std::mem::take(&mut r.inverted),
+            ),
         )?;
     }
     let t = Instant::now();
@@ -963,7 +966,7 @@ fn edit_video(a: EditArgs) -> Result<()> {
         r.video.frames,
         r.video.height,
         r.video.width,
-        r.video.rgb.clone(),
+        std::mem::take(&mut r.video.rgb),
     )?;
     let files = frames::write(&a.out, &out_frames, a.fps)?;
     let tm = &r.video.timings;

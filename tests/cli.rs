@@ -277,6 +277,55 @@ fn run_rejects_bad_input_clearly() {
 /// would leave it): the run stops with what overflowed, when, and what to try, and writes no
 /// output.
 #[test]
+fn run_refuses_a_unet_output_of_another_shape() {
+    use motionrt_export::onnx::proto::NodeProto;
+    use motionrt_export::onnx::{attr_int, load_model, write_model};
+    let d = demo_model();
+    let model = d.path().join("export");
+    let unet = model.join("unet.onnx");
+    let mut m = load_model(&unet).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    // the noise prediction twice over along the batch: `[2B, C, F, h, w]`
+    let out = g.output[0].name.clone();
+    let inner = format!("{out}_once");
+    for n in &mut g.node {
+        for o in &mut n.output {
+            if *o == out {
+                *o = inner.clone();
+            }
+        }
+    }
+    g.node.push(NodeProto {
+        name: "twice".into(),
+        op_type: "Concat".into(),
+        input: vec![inner.clone(), inner],
+        output: vec![out],
+        attribute: vec![attr_int("axis", 0)],
+        ..Default::default()
+    });
+    g.output[0].r#type = None;
+    write_model(&m, &unet).unwrap();
+    let gif = d.path().join("twice.gif");
+    let e = fails(
+        motionrt()
+            .args([
+                "run", "--prompt", "a cat", "--steps", "1", "--frames", "2", "--height", "16",
+                "--width", "16", "--model",
+            ])
+            .arg(&model)
+            .arg("--out")
+            .arg(&gif),
+    );
+    assert!(
+        e.contains("unet.onnx returned")
+            && e.contains("expected the sample's shape [2, 4, 2, 2, 2]"),
+        "{e}"
+    );
+    assert!(!e.contains("panicked"), "{e}");
+    assert!(!gif.exists(), "nothing written");
+}
+
+#[test]
 fn run_says_where_values_overflow_and_what_to_try() {
     use motionrt_export::onnx::proto::TensorProtoDataType;
     use motionrt_export::onnx::{load_model, write_model};

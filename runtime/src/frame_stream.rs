@@ -133,6 +133,7 @@ impl FrameStream {
         self.tx = None;
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(Err(e))) => Err(e),
+            Some(Err(p)) => Err(encoder_panicked(&*p)),
             _ => Err(FramesError::Encode {
                 path: PathBuf::from("(frame encoder)"),
                 message: "the frame encoder thread stopped".into(),
@@ -147,11 +148,25 @@ impl FrameStream {
         }
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
-            _ => Err(FramesError::Encode {
+            Some(Err(p)) => Err(encoder_panicked(&*p)),
+            None => Err(FramesError::Encode {
                 path: PathBuf::from("(frame encoder)"),
-                message: "the frame encoder thread panicked".into(),
+                message: "the frame encoder thread stopped".into(),
             }),
         }
+    }
+}
+
+/// The error for an encoder thread that panicked, with the panic's message.
+fn encoder_panicked(payload: &(dyn std::any::Any + Send)) -> FramesError {
+    let why = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    FramesError::Encode {
+        path: PathBuf::from("(frame encoder)"),
+        message: format!("the frame encoder thread panicked: {why}"),
     }
 }
 
@@ -225,7 +240,9 @@ fn encode_chunk(
             })
             .collect();
         for h in handles {
-            for (j, r) in h.join().expect("frame encoding thread panicked") {
+            // a panic in an encoding thread reaches the stream's join with its own message
+            let done = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            for (j, r) in done {
                 slots[j] = Some(r);
             }
         }
@@ -234,4 +251,29 @@ fn encode_chunk(
         .into_iter()
         .map(|r| r.expect("every frame encoded"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_encoder_thread_says_why() {
+        let stream = std::thread::spawn(|| -> Result<Vec<PathBuf>, FramesError> {
+            let r = std::thread::scope(|s| {
+                s.spawn(|| panic!("no room for frame {}", 7))
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            });
+            Ok(r)
+        });
+        let e = match stream.join() {
+            Err(p) => encoder_panicked(&*p).to_string(),
+            Ok(_) => panic!("the thread should have panicked"),
+        };
+        assert!(
+            e.contains("the frame encoder thread panicked: no room for frame 7"),
+            "{e}"
+        );
+    }
 }

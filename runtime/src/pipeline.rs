@@ -940,7 +940,7 @@ impl Pipeline {
                 ("encoder_hidden_states", Input::F32(&ctx_shape, ctx)),
             ])?;
             timings.unet_steps.push(tu.elapsed().as_secs_f64());
-            let mut noise = out.into_iter().next().map(|o| o.1.data).unwrap_or_default();
+            let mut noise = self.unet_output(out, &sample_shape)?;
             if cfg {
                 let (u, c2) = noise.split_at(n);
                 let guided: Vec<f32> = u
@@ -1062,7 +1062,27 @@ impl Pipeline {
             ("timestep", Input::F32(&[b], &ts)),
             ("encoder_hidden_states", Input::F32(&ctx_shape, ctx)),
         ])?;
-        Ok(out.into_iter().next().map(|o| o.1.data).unwrap_or_default())
+        self.unet_output(out, &shape)
+    }
+
+    /// The UNet's first output, which must have the sample's shape (an engine or graph of
+    /// other shapes is a clear error, not a panic or a short noise prediction).
+    fn unet_output(&self, out: Vec<(String, Tensor)>, shape: &[usize]) -> Result<Vec<f32>> {
+        let Some((name, t)) = out.into_iter().next() else {
+            return Err(model_err(&self.info.dir, "unet.onnx returned no output"));
+        };
+        if t.shape != shape || t.data.len() != shape.iter().product::<usize>() {
+            return Err(model_err(
+                &self.info.dir,
+                format!(
+                    "unet.onnx returned `{name}` of shape {:?} ({} values); expected the \
+                     sample's shape {shape:?}",
+                    t.shape,
+                    t.data.len()
+                ),
+            ));
+        }
+        Ok(t.data)
     }
 
     /// Decode `[1, C, F, h, w]` latents into `[F, H, W, 3]` RGB in [0, 1], `chunk` frames per
@@ -1087,7 +1107,10 @@ impl Pipeline {
     /// Decode `[1, C, F, h, w]` latents `chunk` frames per VAE call, handing each decoded chunk
     /// (the VAE's `[m, 3, H, W]` output in `[-1, 1]`) to `sink` in frame order. One VAE call runs
     /// ahead: on the native engine the GPU decodes chunk `i + 1` while chunk `i` travels to
-    /// pinned host memory and `sink` takes it, so host memory holds at most two chunks.
+    /// pinned host memory and `sink` takes it. Host memory holds a bounded number of chunks,
+    /// whatever the frame count: the engine's two pinned output slots, the chunk collected from
+    /// one, and (with a [`crate::frame_stream::FrameStream`] as the sink) one queued and one
+    /// being encoded.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_to(
         &mut self,
