@@ -1201,6 +1201,11 @@ void cp_async_wait_all() {
 void* dynamic_shared() { return block().dyn; }
 
 void shared16(const void* p, bool write, const char* file, int line) {
+    // a 16-byte access (LDG/STG/LDS/STS .128) at an address not a multiple of 16 faults on a
+    // GPU ("misaligned address"), global or shared; the host would run it
+    if ((std::uintptr_t)p % 16 != 0)
+        fail(fmt("a 16-byte %s (%s) at %p: the address must be 16-byte aligned (a GPU faults)",
+                 write ? "store" : "load", site(file, line).c_str(), p));
     Block& b = block();
     const unsigned char* a = (const unsigned char*)p;
     if (!b.banks || a < b.dyn || a >= b.dyn + b.dyn_bytes) return;

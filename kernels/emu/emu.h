@@ -92,7 +92,8 @@ void cp_async_wait(int pending);
 void cp_async_wait_all();
 void* dynamic_shared();
 // A kernel's own 16-byte access at p, for the bank statistics (counted where p lies in the
-// dynamic shared block and statistics are on; the access itself is the caller's).
+// dynamic shared block and statistics are on; the access itself is the caller's). An address
+// that is not 16-byte aligned, global or shared, ends the launch with an error, as a GPU would.
 void shared16(const void* p, bool write, const char* file, int line);
 void atomic_rmw(const void* p, std::size_t size);  // race detection's record of an atomic
 float h2f(unsigned short h);

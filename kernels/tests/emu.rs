@@ -692,6 +692,53 @@ fn barriers_count_live_threads_and_deadlocks_are_reported() {
 }
 
 #[test]
+fn a_misaligned_16_byte_access_fails_as_on_a_gpu() {
+    let Some(emu) = emu() else { return };
+    // float16 elementwise add, 16 bytes a thread (n a multiple of 8): x one element (2 bytes)
+    // past a 16-byte boundary
+    let n = 64;
+    let xs = buf::<u16>(&vec![1.0; n + 1]);
+    let y = buf::<u16>(&vec![2.0; n]);
+    let out = out_buf::<u16>(n);
+    let (grid, block) = elementwise(n);
+    let x_off = Arg::Addr(xs.as_ptr() as u64 + 2);
+    let e = launch_err(
+        emu,
+        "binary_same_f16",
+        grid,
+        block,
+        0,
+        &[
+            Arg::Buf(&out),
+            x_off,
+            Arg::Buf(&y),
+            Arg::I64(n as i64),
+            Arg::I32(0),
+        ],
+    );
+    assert!(
+        e.contains("16-byte load") && e.contains("must be 16-byte aligned"),
+        "{e}"
+    );
+    // aligned, the same launch runs
+    launch(
+        emu,
+        "binary_same_f16",
+        grid,
+        block,
+        0,
+        &[
+            Arg::Buf(&out),
+            Arg::Addr(xs.as_ptr() as u64),
+            Arg::Buf(&y),
+            Arg::I64(n as i64),
+            Arg::I32(0),
+        ],
+    );
+    assert!(read::<u16>(&out).iter().all(|&v| v == 3.0));
+}
+
+#[test]
 fn launch_errors_name_what_is_wrong() {
     let Some(emu) = emu() else { return };
     let out = out_buf::<f32>(64);
