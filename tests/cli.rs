@@ -146,6 +146,20 @@ fn demo_model() -> tempfile::TempDir {
     dir
 }
 
+/// `run` of one step, two 16×16 frames, on `model`, into `out`: expected to fail; its stderr.
+fn run_fails(model: &Path, out: &Path) -> String {
+    fails(
+        motionrt()
+            .args([
+                "run", "--prompt", "a cat", "--steps", "1", "--frames", "2", "--height", "16",
+                "--width", "16", "--model",
+            ])
+            .arg(model)
+            .arg("--out")
+            .arg(out),
+    )
+}
+
 fn fails(cmd: &mut Command) -> String {
     let o = cmd.output().expect("motionrt runs");
     assert!(
@@ -306,16 +320,7 @@ fn run_refuses_a_unet_output_of_another_shape() {
     g.output[0].r#type = None;
     write_model(&m, &unet).unwrap();
     let gif = d.path().join("twice.gif");
-    let e = fails(
-        motionrt()
-            .args([
-                "run", "--prompt", "a cat", "--steps", "1", "--frames", "2", "--height", "16",
-                "--width", "16", "--model",
-            ])
-            .arg(&model)
-            .arg("--out")
-            .arg(&gif),
-    );
+    let e = run_fails(&model, &gif);
     assert!(
         e.contains("unet.onnx returned")
             && e.contains("expected the sample's shape [2, 4, 2, 2, 2]"),
@@ -346,16 +351,7 @@ fn run_says_where_values_overflow_and_what_to_try() {
     w.raw_data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
     write_model(&m, &vae).unwrap();
     let gif = d.path().join("nan.gif");
-    let e = fails(
-        motionrt()
-            .args([
-                "run", "--prompt", "a cat", "--steps", "1", "--frames", "2", "--height", "16",
-                "--width", "16", "--model",
-            ])
-            .arg(&model)
-            .arg("--out")
-            .arg(&gif),
-    );
+    let e = run_fails(&model, &gif);
     assert!(
         e.contains("decoded frames")
             && e.contains("NaN/Inf")
