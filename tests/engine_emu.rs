@@ -153,6 +153,9 @@ struct Kernels {
     norm: Option<usize>,
     /// Every attention on `attention_tiled_f16_d40` on `attention_tiled2_f16_d40` instead.
     attention_two: bool,
+    /// The weights handed over as float16 bits (their values rounded), as an fp16 engine's
+    /// file holds them, instead of float32.
+    f16_weights: bool,
 }
 
 /// [`emulate`], with those kernels chosen.
@@ -169,9 +172,20 @@ fn emulate_with(
         geglu: geglu_kernel,
         norm: norm_pair,
         attention_two,
+        f16_weights,
     } = k;
-    let w =
-        |n: &str| -> Result<WeightData, EngineError> { Ok(WeightData::F32(c.weights[n].clone())) };
+    let w = |n: &str| -> Result<WeightData, EngineError> {
+        let v = &c.weights[n];
+        Ok(if f16_weights {
+            WeightData::F16(
+                v.iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect(),
+            )
+        } else {
+            WeightData::F32(v.clone())
+        })
+    };
     let mut p = EmuProgram::load(emu, c.prog.clone(), precision, &w, smem_optin, lt)?;
     p.conv_kernel = conv_kernel;
     p.attention_two = attention_two;
@@ -884,6 +898,25 @@ fn the_executors_fallbacks_compute_the_same() {
     // a GPU without the shared memory the attention kernels need: a clear error, no launch
     let e = emulate(&emu, &c, Precision::Fp16, 8 * 1024, true).unwrap_err();
     assert!(e.to_string().contains("shared memory"), "{e}");
+    // the weights as a float16 engine's file holds them (float16 bits: the upload's own
+    // permutation of channels-last filters, concatenation of merged projections, widening of
+    // summed biases) compute what the float32 weights rounded at upload do: the same values
+    // but for the summed biases, rounded once more
+    let (want16, _) = emulate(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, true).unwrap();
+    let k = Kernels {
+        f16_weights: true,
+        ..Kernels::default()
+    };
+    let (got16, _) = emulate_with(&emu, &c, Precision::Fp16, H100_SMEM_OPTIN, true, k).unwrap();
+    for ((name, _, a), (_, _, b)) in want16.iter().zip(&got16) {
+        let top = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            d <= 1e-3 * top,
+            "{name}: float16 weights {d} from float32's (max {top})"
+        );
+    }
+    assert_eq!(want16.len(), got16.len());
 }
 
 /// The tiny pipeline exported (float32, diffusers semantics): the export, its `out` folder, a
@@ -1255,6 +1288,7 @@ fn full_architecture_runs_on_the_emulated_executor() {
                         geglu: gk,
                         norm: Some(bn),
                         attention_two: graph == "unet",
+                        ..Kernels::default()
                     },
                 )
                 .unwrap_or_else(|e| panic!("{what}: {e}"));

@@ -1288,9 +1288,14 @@ impl LtPlan {
         let (w, x, out) = (call.a, call.b, call.out);
         let c = if self.beta != 0.0 { call.res } else { out };
         if call.desc.bias != self.bias.get() {
-            let Some(ptr) = call.desc.bias.filter(|_| self.bias.get().is_some()) else {
+            // the same epilogue, and a bias as aligned as the one the algorithm was chosen for
+            let Some(ptr) = call.desc.bias.filter(|&p| {
+                self.bias
+                    .get()
+                    .is_some_and(|old| lt_alignment(p) >= lt_alignment(old))
+            }) else {
                 return Err(EngineError::Graph(format!(
-                    "cuBLASLt {}: the call's bias epilogue ({:?}) is not the plan's ({:?})",
+                    "cuBLASLt {}: the call's bias ({:?}) is not the plan's ({:?}) nor as aligned",
                     call.desc.problem(),
                     call.desc.bias,
                     self.bias.get()
@@ -2948,14 +2953,10 @@ impl Drop for CaptureGuard<'_> {
     }
 }
 
-/// Whether `l` can launch on this GPU (its geometry within the limits, its kernel loaded); a
-/// note naming `what` when not.
+/// Whether `l` can launch on this GPU ([`launchable`]); a note naming `what` when not.
 fn runs_here(dev: &CudaDevice, what: &str, l: &Launch) -> bool {
-    match check_launchable(l, dev.smem_optin)
-        .map_err(EngineError::Graph)
-        .and_then(|_| dev.func(&l.kernel).map(|_| ()))
-    {
-        Ok(()) => true,
+    match launchable(dev, l) {
+        Ok(_) => true,
         Err(e) => {
             eprintln!("note: {what}: {} does not run here ({e})", l.kernel);
             false
@@ -3017,8 +3018,11 @@ fn time_enqueue(
 }
 
 /// Enqueue one [`Launch`] on the device's stream.
-fn launch_op(dev: &CudaDevice, l: &Launch) -> Result<(), EngineError> {
-    super::launch::check_launchable(l, dev.smem_optin).map_err(EngineError::Graph)?;
+/// The kernel `l` launches, if this GPU can run `l`: its geometry within the device's limits
+/// (`check_launchable`), the kernel loaded, its block within the threads the kernel's registers
+/// allow.
+fn launchable<'a>(dev: &'a CudaDevice, l: &Launch) -> Result<&'a CudaFunction, EngineError> {
+    check_launchable(l, dev.smem_optin).map_err(EngineError::Graph)?;
     let (f, max_threads) = dev.func(&l.kernel)?;
     let threads = l.block.0 * l.block.1 * l.block.2;
     if threads > *max_threads {
@@ -3028,6 +3032,11 @@ fn launch_op(dev: &CudaDevice, l: &Launch) -> Result<(), EngineError> {
             l.kernel
         )));
     }
+    Ok(f)
+}
+
+fn launch_op(dev: &CudaDevice, l: &Launch) -> Result<(), EngineError> {
+    let f = launchable(dev, l)?;
     // shared memory above 48 KiB (`l.opt_in`) was opened at load for every kernel that may need
     // it, up to what this GPU allows (check_launchable)
     let cfg = LaunchConfig {
