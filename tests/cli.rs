@@ -331,6 +331,63 @@ fn run_refuses_a_unet_output_of_another_shape() {
 }
 
 #[test]
+fn a_failing_ffmpeg_stops_the_run_with_its_own_message() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = demo_model();
+    let model = d.path().join("export");
+    // an `ffmpeg` first on PATH that answers `-version` and then refuses to encode
+    let bin = d.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let ffmpeg = bin.join("ffmpeg");
+    std::fs::write(
+        &ffmpeg,
+        "#!/bin/sh\n[ \"$1\" = -version ] && exit 0\necho 'fake ffmpeg: no encoder here' >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&ffmpeg, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mp4 = d.path().join("out.mp4");
+    // 16 frames of 64×64 (196 KB of raw frames, more than a pipe holds), 4 a VAE call
+    let e = fails(
+        motionrt()
+            .env("PATH", path)
+            .args([
+                "run",
+                "--prompt",
+                "a cat",
+                "--steps",
+                "1",
+                "--frames",
+                "16",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--decode-chunk",
+                "4",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--out")
+            .arg(&mp4),
+    );
+    assert!(
+        e.contains("out.mp4") && e.contains("fake ffmpeg: no encoder here"),
+        "{e}"
+    );
+    let left: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("out.mp4"))
+        .collect();
+    assert!(left.is_empty(), "nothing written: {left:?}");
+}
+
+#[test]
 fn run_says_where_values_overflow_and_what_to_try() {
     use motionrt_export::onnx::proto::TensorProtoDataType;
     use motionrt_export::onnx::{load_model, write_model};

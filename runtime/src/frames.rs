@@ -622,14 +622,36 @@ impl FrameWriter {
             }
             (
                 Sink::Mp4 {
-                    stdin, feed_err, ..
+                    child,
+                    stdin,
+                    stderr,
+                    feed_err,
+                    ..
                 },
                 EncodedFrame::Raw(bytes),
             ) => {
                 if feed_err.is_none() {
                     if let Some(s) = stdin.as_mut() {
                         if let Err(e) = s.write_all(&bytes) {
-                            *feed_err = Some(e);
+                            // ffmpeg stopped reading: stop here (not after every remaining
+                            // frame is made), with ffmpeg's own account of why when it failed
+                            drop(stdin.take());
+                            let status = child.wait().map_err(io_err(&self.path))?;
+                            let stderr_bytes = stderr
+                                .take()
+                                .and_then(|t| t.join().ok())
+                                .unwrap_or_default();
+                            if !status.success() {
+                                return Err(FramesError::Ffmpeg {
+                                    path: self.path.clone(),
+                                    status,
+                                    stderr_tail: tail(
+                                        &String::from_utf8_lossy(&stderr_bytes),
+                                        2000,
+                                    ),
+                                });
+                            }
+                            return Err(io_err(&self.path)(e));
                         }
                     }
                 }
