@@ -26,7 +26,8 @@
 #               engine float16 per-step latency (CUDA graph and eager, per-step profile),
 #               build/load time, device memory; with A/B loads (float16 specialisation, timed
 #               GEMM algorithms, motionrt's tactic kernels) unless --no-ab; --layouts picks the
-#               layouts (default nhwc); if the benchmark ends in an error it is run again without
+#               layouts (default nhwc); if the benchmark ends in an error (an error message, a
+#               crash, or BENCH_S seconds passed, default 200) it is run again without
 #               motionrt's tactic kernels (--no-kernel-tactics), and if that fails too in NCHW
 #   torch       [3-4 min] diffusers' UNetMotionModel fp16 (SDPA), eager, same shape, same GPU,
 #               with its kernel-family profile, then torch.compile of it (~2.5 min to compile on
@@ -85,6 +86,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 mkdir -p "$WORK" "$RES"
+: > "$RES/stages.txt"
 export T0=$(date +%s)
 stamp() { echo "== [$(date +%T) +$(( $(date +%s) - T0 ))s] $*"; }
 export -f stamp
@@ -96,8 +98,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # (`pip download --no-deps -d .whl diffusers==0.42.1`, pure Python; the GPU machine has what it
 # requires: huggingface-hub, safetensors, regex, ...)
 if ls .whl/*.whl >/dev/null 2>&1; then
+  # a failed install drops the torch stage (preflight below), not the call
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/motionrt-site .whl/*.whl || exit 2
+    --target /tmp/motionrt-site .whl/*.whl || echo "preflight: installing the carried wheels in .whl/ failed"
   export PYTHONPATH=/tmp/motionrt-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 NV=$($PY -c "import nvidia; print(nvidia.__path__[0])") || { echo "preflight: no nvidia Python package"; exit 2; }
@@ -120,6 +123,7 @@ case ",$stages," in *,torch,*)
     echo "preflight: the torch stage needs diffusers (carry .whl/) and a CUDA PyTorch: SKIPPED"
     stages=$(echo ",$stages," | sed 's/,torch,/,/; s/^,//; s/,$//')
     TORCH_SKIPPED=1
+    echo "torch skipped 0 0" >> "$RES/stages.txt"
   fi ;;
 esac
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader || true
@@ -144,10 +148,17 @@ export -f full_export
 # faults, or the first that departs from the reference.
 # Each run under its own limit (LOCALIZE_S, default 150 s), reports printed per program as they
 # finish. Arguments: the log, the failed command's exit status, a name, engine_gpu's options.
+# Whether a command whose output is in the log and whose exit status is given ended in an error:
+# an error or a panic (exit 1 with "error:", 101), a time limit (124) or a signal (> 128: a
+# crash); not a FAIL row (exit 1 alone).
+ended_in_error() {
+  grep -q -e '^error:' -e 'panicked at' "$1" || [ "$2" -gt 1 ]
+}
+export -f ended_in_error
+
 localize_after_error() {
   local log=$1 status=$2 name=$3; shift 3
-  # an error or a panic (exit 1 with "error:", 101), or a signal (> 128); not a FAIL row (exit 1)
-  grep -q -e '^error:' -e 'panicked at' "$log" || [ "$status" -gt 1 ] || return 0
+  ended_in_error "$log" "$status" || return 0
   stamp "localize $name one step at a time (after exit $status: $(grep -m1 -e '^error:' -e 'panicked at' "$log" | cut -c1-200))"
   # --foreground: in the stage's process group, so the stage's own limit ends it too
   timeout --foreground -k 5 "${LOCALIZE_S:-150}" "$BIN/examples/engine_gpu" localize "$@" 2>&1 | tee "$RES/localize_$name.md"
@@ -203,28 +214,33 @@ stage_tiny() {
 
 stage_bench() {
   full_export || return 1
+  # each benchmark under its own limit (BENCH_S, default 200 s), so that a hang leaves time for
+  # the fallbacks below
+  local lim="timeout --foreground -k 5 ${BENCH_S:-200}"
   stamp "bench: UNet step, 16 frames 512x512, batch 2, float16, layouts $LAYOUTS"
-  "$BIN/examples/engine_gpu" bench --model "$WORK/exp" --layout "$LAYOUTS" $AB --json "$RES/engine_bench.json" 2>&1 | tee "$RES/engine_bench.log"
+  $lim "$BIN/examples/engine_gpu" bench --model "$WORK/exp" --layout "$LAYOUTS" $AB --json "$RES/engine_bench.json" 2>&1 | tee "$RES/engine_bench.log"
   local r=$? r2=0
   # channels-last and motionrt's tactic kernels have never run on a GPU (NCHW without them did,
   # 2026-11-25): if the benchmark ends in an error (a CUDA fault leaves the process's context
   # unusable), it again without the tactic kernels (cuDNN and cuBLASLt only), then if that too
   # ends in an error in NCHW without them, so the call still brings a timing; then the
   # step-by-step search
-  if [ $r != 0 ] && grep -q -e '^error:' -e 'panicked at' "$RES/engine_bench.log"; then
-    stamp "bench: ended in an error; the same benchmark without motionrt's tactic kernels"
-    "$BIN/examples/engine_gpu" bench --model "$WORK/exp" --layout "$LAYOUTS" --no-kernel-tactics $AB \
+  if [ $r != 0 ] && ended_in_error "$RES/engine_bench.log" $r; then
+    stamp "bench: ended in an error (exit $r); the same benchmark without motionrt's tactic kernels"
+    $lim "$BIN/examples/engine_gpu" bench --model "$WORK/exp" --layout "$LAYOUTS" --no-kernel-tactics $AB \
       --json "$RES/engine_bench_lib.json" 2>&1 | tee "$RES/engine_bench_lib.log"
     r2=$?
-    if [ $r2 != 0 ] && [ "$LAYOUTS" != nchw ] && grep -q -e '^error:' -e 'panicked at' "$RES/engine_bench_lib.log"; then
-      stamp "bench: that too ended in an error; the same in NCHW without the tactic kernels"
-      "$BIN/examples/engine_gpu" bench --model "$WORK/exp" --layout nchw --no-kernel-tactics $AB \
+    if [ $r2 != 0 ] && [ "$LAYOUTS" != nchw ] && ended_in_error "$RES/engine_bench_lib.log" $r2; then
+      stamp "bench: that too ended in an error (exit $r2); the same in NCHW without the tactic kernels"
+      $lim "$BIN/examples/engine_gpu" bench --model "$WORK/exp" --layout nchw --no-kernel-tactics $AB \
         --json "$RES/engine_bench_nchw.json" 2>&1 | tee "$RES/engine_bench_nchw.log"
     fi
   fi
   # the full UNet's float16 program at 2 frames 16x16 (its CPU reference takes a minute or two)
   localize_after_error "$RES/engine_bench.log" $r unet_small --model "$WORK/exp" --graphs unet --batch 1 \
     --frames 2 --height 16 --width 16 --layout "$LAYOUTS" --precisions fp16
+  # (124 is the stage's own time limit to the loop below: this one was the benchmark's)
+  [ $r = 124 ] && { echo "bench: the benchmark ran past ${BENCH_S:-200} s"; r=1; }
   return $r
 }
 
@@ -265,11 +281,14 @@ stage_build() {
   if ! "$BIN/motionrt" build --model "$WORK/exp" --out "$WORK/full.engine" --vae-chunk 4 --timing-cache "$WORK/tcf.json" 2>&1 | tee "$RES/build_full.log"; then
     # (the stages after still run, on an engine without motionrt's tactic kernels)
     rc=1; kt=--no-kernel-tactics
+    echo "failed build: $((SECONDS - t0)) s" | tee -a "$RES/build_full.log"
     stamp "build: failed; building without motionrt's tactic kernels"
     rm -rf "$WORK/tcf.json" "$WORK/full.engine"
+    t0=$SECONDS
     "$BIN/motionrt" build --model "$WORK/exp" --out "$WORK/full.engine" --vae-chunk 4 --timing-cache "$WORK/tcf.json" $kt 2>&1 | tee -a "$RES/build_full.log"
   fi
-  echo "build: $((SECONDS - t0)) s" | tee -a "$RES/build_full.log"; du -sh "$WORK/full.engine"
+  # (summary.py reads this line: the build that made the engine, labelled when it is the retry)
+  echo "build${kt:+ ($kt)}: $((SECONDS - t0)) s" | tee -a "$RES/build_full.log"; du -sh "$WORK/full.engine"
   if [ "${FULL_REBUILD:-0}" = 1 ]; then
     t0=$SECONDS
     "$BIN/motionrt" build --model "$WORK/exp" --out "$WORK/full2.engine" --vae-chunk 4 --timing-cache "$WORK/tcf.json" $kt 2>&1 | tail -2 || rc=1
@@ -333,19 +352,27 @@ pack() {
 trap 'pack; stamp "terminated: packed what finished"; exit 143' TERM
 for s in ${stages//,/ }; do
   f=stage_${s//-/_}
-  if ! declare -F "$f" >/dev/null; then echo "unknown stage $s"; rc=2; continue; fi
+  if ! declare -F "$f" >/dev/null; then
+    echo "unknown stage $s"; rc=2; echo "$s unknown 0 0" >> "$RES/stages.txt"; continue
+  fi
   limit=${STAGE_TIMEOUT:-300}
   [ -z "${STAGE_TIMEOUT:-}" ] && [ "$s" = full-check ] && limit=480
   [ -z "${STAGE_TIMEOUT:-}" ] && [ "$s" = torch ] && limit=420
   # the call's deadline, less 20 s to pack the results and print the summary
   left=$(( ${DEADLINE_S:-570} - ($(date +%s) - T0) - 20 ))
-  if [ "$left" -lt 30 ]; then stamp "stage $s: SKIPPED (${left} s left before the deadline)"; rc=1; continue; fi
+  if [ "$left" -lt 30 ]; then
+    stamp "stage $s: SKIPPED (${left} s left before the deadline)"; rc=1
+    echo "$s skipped 0 0" >> "$RES/stages.txt"; continue
+  fi
   [ "$limit" -gt "$left" ] && limit=$left
   stamp "stage $s (limit $limit s)"
+  t_stage=$(date +%s)
   timeout -k 10 "$limit" bash -o pipefail -c "$f"
   r=$?
   if [ $r = 124 ]; then echo "stage $s: TIMED OUT after $limit s"; fi
   [ $r = 0 ] || { echo "stage $s: exit $r"; rc=1; }
+  # (summary.py prints these: each stage's exit status, limit and time)
+  echo "$s $r $limit $(( $(date +%s) - t_stage ))" >> "$RES/stages.txt"
   pack
 done
 stamp "done (exit $rc)"

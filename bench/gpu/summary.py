@@ -50,6 +50,29 @@ def main():
     a = p.parse_args()
     rows = []
 
+    # each stage's exit status, limit and time (engine.sh's stages.txt), and the first error a
+    # failed stage's logs show
+    try:
+        with open(os.path.join(a.res, "stages.txt")) as f:
+            stages = [l.split() for l in f if l.strip()]
+    except OSError:
+        stages = []
+    if stages:
+        print("stages: " + ", ".join(
+            f"{s[0]} {'ok' if s[1] == '0' else 'TIMED OUT' if s[1] == '124' else s[1] if not s[1].isdigit() else 'exit ' + s[1]}"
+            + (f" ({s[3]} of {s[2]} s)" if s[1].isdigit() else "")
+            for s in stages if len(s) == 4))
+        errors = []
+        for log in sorted(glob.glob(os.path.join(a.res, "*.log")) + glob.glob(os.path.join(a.res, "*.md"))):
+            with open(log, errors="replace") as f:
+                for l in f:
+                    if l.startswith("error:") or "panicked at" in l:
+                        errors.append(f"{os.path.basename(log)}: {l.strip()[:240]}")
+                        break
+        for e in errors[:6]:
+            print(e)
+        print()
+
     # engine (engine_gpu bench): one layout's object or a list of them; the first with numbers
     engs = []
     # engine_bench_lib.json, engine_bench_nchw.json: the runs without motionrt's tactic kernels
@@ -79,21 +102,28 @@ def main():
         fl = f"{ms / a.floor_ms:.2f}" if ms else "n/a"
         print(f"| {name} | {fmt(ms)} | {up} | {fl} |")
 
-    row("diffusers fp16 eager (SDPA)", eager)
-    row("diffusers fp16 torch.compile", compiled)
+    row("diffusers fp16 eager (SDPA, cudnn.benchmark off)", eager)
+    row("diffusers fp16 torch.compile (default mode: no CUDA graphs)", compiled)
     def label(e):
         lib = "" if e.get("kernel_tactics", True) else ", cuDNN/cuBLASLt only"
         return f"{e.get('layout', '?')}{lib}"
 
+    def broken(e):
+        # a timing of a program whose output is not finite is not the engine's number
+        return ", OUTPUT NOT FINITE" if e.get("output_nonfinite") else ""
+
     for e in engs:
-        row(f"motionrt engine fp16 {label(e)}, CUDA graph", e.get("graph_median_ms"))
-        row(f"motionrt engine fp16 {label(e)}, eager launches", e.get("eager_median_ms"))
+        row(f"motionrt engine fp16 {label(e)}, CUDA graph{broken(e)}", e.get("graph_median_ms"))
+        row(f"motionrt engine fp16 {label(e)}, eager launches{broken(e)}", e.get("eager_median_ms"))
     if not engs:
         print("| motionrt engine | missing (engine_bench.json) | | |")
     print()
-    if engs and eager:
-        best = min(e["graph_median_ms"] for e in engs)
-        print(f"targets: >= 1.5x faster than eager: {'MET' if eager / best >= 1.5 else 'NOT met'} "
+    sound = [e for e in engs if not e.get("output_nonfinite")]
+    if sound and eager:
+        e = min(sound, key=lambda e: e["graph_median_ms"])
+        best = e["graph_median_ms"]
+        print(f"targets ({label(e)}, CUDA graph): >= 1.5x faster than eager: "
+              f"{'MET' if eager / best >= 1.5 else 'NOT met'} "
               f"({eager / best:.2f}x); within 2x of the {a.floor_ms:.0f} ms floor: "
               f"{'MET' if best <= 2 * a.floor_ms else 'NOT met'} ({best / a.floor_ms:.2f}x)")
     for e in engs:
@@ -140,14 +170,16 @@ def main():
     except OSError:
         text = None
     run = load(os.path.join(a.res, "run_full_engine.json"))
-    build_s = None
+    build_s, build_how = None, ""
     for line in (text or "").splitlines()[::-1]:
-        m = re.match(r"build: ([0-9.]+) s$", line.strip())
+        # "build: N s", or "build (--no-kernel-tactics): N s" when the first build failed
+        m = re.match(r"build( \(--no-kernel-tactics\))?: ([0-9.]+) s$", line.strip())
         if m:
-            build_s = float(m.group(1))
+            build_s = float(m.group(2))
+            build_how = " (retried with --no-kernel-tactics after a failed build)" if m.group(1) else ""
             break
     if text is not None or run:
-        print(f"full engine: build {fmt(build_s, ' s', 0)}; pipeline (16 frames 512x512, CFG) "
+        print(f"full engine: build {fmt(build_s, ' s', 0)}{build_how}; pipeline (16 frames 512x512, CFG) "
               f"timings: {json.dumps(run.get('timings_s')) if run else 'missing'}")
     bf = load(os.path.join(a.res, "bench_full_engine.json"))
     if bf:
