@@ -27,7 +27,7 @@
 #               build/load time, device memory; with A/B loads (float16 specialisation, timed
 #               GEMM algorithms, motionrt's tactic kernels) unless --no-ab; --layouts picks the
 #               layouts (default nhwc); if the benchmark ends in an error (an error message, a
-#               crash, or BENCH_S seconds passed, default 200) it is run again without
+#               crash, or BENCH_S seconds passed: default 200, 280 with A/Bs) it is run again without
 #               motionrt's tactic kernels (--no-kernel-tactics), and if that fails too in NCHW
 #   torch       [3-4 min] diffusers' UNetMotionModel fp16 (SDPA), eager, same shape, same GPU,
 #               with its kernel-family profile, then torch.compile of it (~2.5 min to compile on
@@ -214,9 +214,10 @@ stage_tiny() {
 
 stage_bench() {
   full_export || return 1
-  # each benchmark under its own limit (BENCH_S, default 200 s), so that a hang leaves time for
-  # the fallbacks below
-  local lim="timeout --foreground -k 5 ${BENCH_S:-200}"
+  # each benchmark under its own limit (BENCH_S, default 200 s, 280 with the A/B loads), so that
+  # a hang leaves time for the fallbacks below
+  local bench_s=${BENCH_S:-$([ -n "$AB" ] && echo 200 || echo 280)}
+  local lim="timeout --foreground -k 5 $bench_s"
   stamp "bench: UNet step, 16 frames 512x512, batch 2, float16, layouts $LAYOUTS"
   $lim "$BIN/examples/engine_gpu" bench --model "$WORK/exp" --layout "$LAYOUTS" $AB --json "$RES/engine_bench.json" 2>&1 | tee "$RES/engine_bench.log"
   local r=$? r2=0
@@ -240,7 +241,7 @@ stage_bench() {
   localize_after_error "$RES/engine_bench.log" $r unet_small --model "$WORK/exp" --graphs unet --batch 1 \
     --frames 2 --height 16 --width 16 --layout "$LAYOUTS" --precisions fp16
   # (124 is the stage's own time limit to the loop below: this one was the benchmark's)
-  [ $r = 124 ] && { echo "bench: the benchmark ran past ${BENCH_S:-200} s"; r=1; }
+  [ $r = 124 ] && { echo "bench: the benchmark ran past $bench_s s"; r=1; }
   return $r
 }
 
