@@ -33,6 +33,9 @@
 #               with its kernel-family profile, then torch.compile of it (~2.5 min to compile on
 #               an H100; the eager figures are printed first) (bench/gpu/unet_step_torch.py;
 #               needs diffusers: carried wheels in .whl/ are installed first)
+#   full-small  [~1 min] the full UNet's float16 program in the benchmark's layout at 2 frames
+#               16x16 vs ONNX Runtime CPU float32 (the first part of full-check, for the first
+#               call)
 #   full-check  [3-5 min] the full UNet vs ONNX Runtime CPU float32: at 2 frames 16x16 (both
 #               layouts, float32 and float16) and at the benchmark's shape (channels-last
 #               float16); the CLIP text encoder; the VAE decoder at 512x512
@@ -56,7 +59,7 @@
 # a machine stays warm only 30 s after a call and none starts with under 4 min left, so the first
 # call carries what matters most; torch last, as its torch.compile figure may run out of time
 # after the eager one is printed):
-#   DEADLINE_S=540 ... --stages bench,tiny,torch --no-ab       (timeout_s 600)
+#   DEADLINE_S=540 ... --stages bench,tiny,torch,full-small --no-ab       (timeout_s 600)
 #   then, if a machine is still to be had:  --stages build,pipeline,full-psnr,full-check
 #                              (DEADLINE_S = that time - 60)
 # DEADLINE_S counts from this script's start: keep it under the limit the device really gives
@@ -251,6 +254,17 @@ stage_torch() {
   $PY bench/gpu/unet_step_torch.py --model "$WORK/exp" --profile 2>&1 | grep --line-buffered -v Warning | tee "$RES/torch_bench.log"
 }
 
+stage_full_small() {
+  full_export || return 1
+  stamp "full-small: the benchmark's program (UNet, $LAYOUTS float16) at 2 frames 16x16 vs ONNX Runtime CPU fp32"
+  "$BIN/examples/engine_gpu" check --model "$WORK/exp" --graphs unet --batch 1 --frames 2 --height 16 --width 16 \
+    --layout "$LAYOUTS" --precisions fp16 2>&1 | tee "$RES/check_full_small.md"
+  local r=$?
+  localize_after_error "$RES/check_full_small.md" $r unet_small_check --model "$WORK/exp" --graphs unet --batch 1 \
+    --frames 2 --height 16 --width 16 --layout "$LAYOUTS" --precisions fp16
+  return $r
+}
+
 stage_full_check() {
   local rc=0
   full_export || return 1
@@ -339,7 +353,7 @@ stage_full_psnr() {
   return $rc
 }
 
-export -f stage_tiny stage_bench stage_torch stage_full_check stage_build stage_pipeline stage_full_psnr
+export -f stage_tiny stage_bench stage_torch stage_full_small stage_full_check stage_build stage_pipeline stage_full_psnr
 rc=${TORCH_SKIPPED:+1}; rc=${rc:-0}
 # killed from outside (the device's own limit): the finished stages' results are still packed
 pack() {
