@@ -636,21 +636,7 @@ impl FrameWriter {
                             // ffmpeg stopped reading: stop here (not after every remaining
                             // frame is made), with ffmpeg's own account of why when it failed
                             drop(stdin.take());
-                            let status = child.wait().map_err(io_err(&self.path))?;
-                            let stderr_bytes = stderr
-                                .take()
-                                .and_then(|t| t.join().ok())
-                                .unwrap_or_default();
-                            if !status.success() {
-                                return Err(FramesError::Ffmpeg {
-                                    path: self.path.clone(),
-                                    status,
-                                    stderr_tail: tail(
-                                        &String::from_utf8_lossy(&stderr_bytes),
-                                        2000,
-                                    ),
-                                });
-                            }
+                            ffmpeg_exited(&self.path, child, stderr)?;
                             return Err(io_err(&self.path)(e));
                         }
                     }
@@ -723,18 +709,7 @@ impl FrameWriter {
                         }
                     }
                 } // EOF: ffmpeg finishes the file.
-                let status = child.wait().map_err(io_err(&path))?;
-                let stderr_bytes = stderr
-                    .take()
-                    .and_then(|t| t.join().ok())
-                    .unwrap_or_default();
-                if !status.success() {
-                    return Err(FramesError::Ffmpeg {
-                        path: path.clone(),
-                        status,
-                        stderr_tail: tail(&String::from_utf8_lossy(&stderr_bytes), 2000),
-                    });
-                }
+                ffmpeg_exited(&path, child, stderr)?;
                 if let Some(e) = feed_err.take() {
                     return Err(io_err(&path)(e));
                 }
@@ -751,6 +726,28 @@ impl FrameWriter {
         self.finished = r.is_ok();
         r
     }
+}
+
+/// Wait for ffmpeg (its input closed) writing `path`: an error with its exit status and the end
+/// of what it printed when it failed.
+fn ffmpeg_exited(
+    path: &Path,
+    child: &mut Child,
+    stderr: &mut Option<std::thread::JoinHandle<Vec<u8>>>,
+) -> Result<(), FramesError> {
+    let status = child.wait().map_err(io_err(path))?;
+    let stderr_bytes = stderr
+        .take()
+        .and_then(|t| t.join().ok())
+        .unwrap_or_default();
+    if !status.success() {
+        return Err(FramesError::Ffmpeg {
+            path: path.to_path_buf(),
+            status,
+            stderr_tail: tail(&String::from_utf8_lossy(&stderr_bytes), 2000),
+        });
+    }
+    Ok(())
 }
 
 impl Drop for FrameWriter {
