@@ -863,15 +863,14 @@ impl Default for LibHandles {
 impl LibHandles {
     /// The handles, no longer destroyed by this value.
     fn release(
-        mut self,
+        self,
     ) -> (
         cublas::cublasHandle_t,
         lt::cublasLtHandle_t,
         cudnn::cudnnHandle_t,
     ) {
-        let h = std::mem::take(&mut self);
-        let r = (h.blas, h.lt, h.dnn);
-        std::mem::forget(h);
+        let r = (self.blas, self.lt, self.dnn);
+        std::mem::forget(self);
         r
     }
 }
