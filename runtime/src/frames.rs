@@ -398,7 +398,6 @@ enum Sink {
         stdin: Option<ChildStdin>,
         stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
         tmp: TempFile,
-        feed_err: Option<io::Error>,
     },
 }
 
@@ -563,7 +562,6 @@ impl FrameWriter {
             stdin,
             stderr: Some(stderr),
             tmp,
-            feed_err: None,
         })
     }
 
@@ -625,20 +623,17 @@ impl FrameWriter {
                     child,
                     stdin,
                     stderr,
-                    feed_err,
                     ..
                 },
                 EncodedFrame::Raw(bytes),
             ) => {
-                if feed_err.is_none() {
-                    if let Some(s) = stdin.as_mut() {
-                        if let Err(e) = s.write_all(&bytes) {
-                            // ffmpeg stopped reading: stop here (not after every remaining
-                            // frame is made), with ffmpeg's own account of why when it failed
-                            drop(stdin.take());
-                            ffmpeg_exited(&self.path, child, stderr)?;
-                            return Err(io_err(&self.path)(e));
-                        }
+                if let Some(s) = stdin.as_mut() {
+                    if let Err(e) = s.write_all(&bytes) {
+                        // ffmpeg stopped reading: stop here (not after every remaining frame
+                        // is made), with ffmpeg's own account of why when it failed
+                        drop(stdin.take());
+                        ffmpeg_exited(&self.path, child, stderr)?;
+                        return Err(io_err(&self.path)(e));
                     }
                 }
             }
@@ -700,19 +695,12 @@ impl FrameWriter {
                 stdin,
                 stderr,
                 tmp,
-                feed_err,
             } => (|| {
-                if let Some(mut s) = stdin.take() {
-                    if feed_err.is_none() {
-                        if let Err(e) = s.flush() {
-                            *feed_err = Some(e);
-                        }
-                    }
-                } // EOF: ffmpeg finishes the file.
+                // EOF (stdin dropped): ffmpeg finishes the file; its own failure is reported
+                // before a flush error
+                let flushed = stdin.take().map_or(Ok(()), |mut s| s.flush());
                 ffmpeg_exited(&path, child, stderr)?;
-                if let Some(e) = feed_err.take() {
-                    return Err(io_err(&path)(e));
-                }
+                flushed.map_err(io_err(&path))?;
                 if !tmp.path().is_file() {
                     return Err(FramesError::Encode {
                         path: path.clone(),

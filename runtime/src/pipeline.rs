@@ -447,7 +447,6 @@ impl Pipeline {
         }
     }
 
-    /// The GPU and library versions the native engine runs with; `None` on ONNX Runtime.
     /// What to try when a run's values overflow: on a native engine, rebuilding it without
     /// motionrt's tactic kernels or in float32; on ONNX Runtime, a float32 export.
     pub fn overflow_advice(&self) -> &'static str {
@@ -459,6 +458,7 @@ impl Pipeline {
         }
     }
 
+    /// The GPU and library versions the native engine runs with; `None` on ONNX Runtime.
     pub fn engine_device(&self) -> Option<&crate::engine::exec::DeviceKey> {
         self.engine.as_ref().map(|e| &e.dev.key)
     }
