@@ -697,6 +697,7 @@ fn generate(
     let files = stream.finish()?;
     // Encoding overlaps decoding: this is only what was left after the last chunk.
     let write_s = t.elapsed().as_secs_f64();
+    warn_stale_frames(&files);
     if let (Some(p), Some(tactics), Some(device)) =
         (timing_cache, pipe.tactics(), pipe.engine_device().cloned())
     {
@@ -877,6 +878,24 @@ struct EditArgs {
     save_inverted: Option<PathBuf>,
 }
 
+/// A PNG sequence written beside frames of an earlier one (a longer run, another zero-padding):
+/// a viewer or `ffmpeg -i out_%03d.png` would play them on after the new ones. They are the
+/// user's files, so they are named, not removed.
+fn warn_stale_frames(files: &[PathBuf]) {
+    let stale = frames::stale_sequence_frames(files);
+    if let (Some(first), Some(last)) = (stale.first(), stale.last()) {
+        let span = if stale.len() == 1 {
+            first.display().to_string()
+        } else {
+            format!("{} … {}", first.display(), last.display())
+        };
+        eprintln!(
+            "warning: {} other file(s) named like this PNG sequence's frames were not written by this run ({span}); readers of the sequence may take them for more frames: remove them or write to an empty directory",
+            stale.len()
+        );
+    }
+}
+
 fn edit_video(a: EditArgs) -> Result<()> {
     use motionrt_runtime::edit::{edit, EditOptions};
     use motionrt_runtime::video_in;
@@ -969,6 +988,7 @@ fn edit_video(a: EditArgs) -> Result<()> {
         std::mem::take(&mut r.video.rgb),
     )?;
     let files = frames::write(&a.out, &out_frames, a.fps)?;
+    warn_stale_frames(&files);
     let tm = &r.video.timings;
     println!(
         "wrote {}: {} frames {}×{}",

@@ -205,6 +205,26 @@ fn run_writes_png_sequence_and_warns_on_long_prompts() {
         let r = dec.read_info().expect("png decodes");
         assert_eq!((r.info().width, r.info().height), (24, 16));
     }
+    assert!(!stderr.contains("named like this PNG sequence"), "{stderr}");
+    // a shorter sequence over it: the third frame stays, named in a warning
+    let o = motionrt()
+        .args([
+            "run", "--frames", "2", "--height", "16", "--width", "24", "--steps", "1", "--prompt",
+            "a cat", "--model",
+        ])
+        .arg(&model)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("1 other file(s) named like this PNG sequence")
+            && stderr.contains("clip_002.png"),
+        "{stderr}"
+    );
+    assert!(d.path().join("seq/clip_002.png").is_file());
 }
 
 #[test]

@@ -274,6 +274,50 @@ pub fn png_sequence_paths(path: &Path, count: usize) -> Vec<PathBuf> {
     }
 }
 
+/// Files beside a written PNG sequence that a reader of the sequence would take for part of it:
+/// in the directory of `written` (the paths [`png_sequence_paths`] gave), the other files named
+/// like them — the same prefix, `_`, digits, `.png` — left by an earlier, longer run or one with
+/// another zero-padding. Sorted; empty when `written` is not a PNG sequence. Nothing is removed:
+/// the caller decides (motionrt warns).
+pub fn stale_sequence_frames(written: &[PathBuf]) -> Vec<PathBuf> {
+    fn split(name: &str) -> Option<(&str, &str)> {
+        let stem = name.strip_suffix(".png")?;
+        let (prefix, digits) = stem.rsplit_once('_')?;
+        (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then_some((prefix, digits))
+    }
+    let Some(first) = written.first() else {
+        return Vec::new();
+    };
+    let Some((prefix, _)) = first.file_name().and_then(|n| n.to_str()).and_then(split) else {
+        return Vec::new();
+    };
+    let dir = match first.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let ours: std::collections::HashSet<&std::ffi::OsStr> =
+        written.iter().filter_map(|p| p.file_name()).collect();
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut stale: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|e| {
+            let name = e.file_name();
+            !ours.contains(name.as_os_str())
+                && name
+                    .to_str()
+                    .and_then(split)
+                    .is_some_and(|(p, _)| p == prefix)
+        })
+        .map(|e| first.with_file_name(e.file_name()))
+        .collect();
+    stale.sort();
+    stale
+}
+
 /// Writes one RGB8 PNG per frame and returns the paths (see [`png_sequence_paths`]). All frames
 /// are first written under temporary names, then all renamed into place. A directory target
 /// (trailing `/`) that does not exist is created (its parent must exist), and removed again if

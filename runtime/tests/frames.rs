@@ -1,8 +1,8 @@
 //! Frame writers: GIF / PNG-sequence round trips, MP4 via ffmpeg (when available), error cases.
 
 use motionrt_runtime::frames::{
-    ffmpeg_available, gif_delay_cs, write, write_gif, write_mp4, write_png_sequence, Frames,
-    FramesError, OutputFormat,
+    ffmpeg_available, gif_delay_cs, stale_sequence_frames, write, write_gif, write_mp4,
+    write_png_sequence, Frames, FramesError, OutputFormat,
 };
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -185,6 +185,49 @@ fn png_sequence_round_trip() {
         assert_eq!((pw as usize, ph as usize), (w, h));
         assert_eq!(data, frames.frame_rgb8(i), "exact RGB8 round trip");
     }
+}
+
+#[test]
+fn frames_left_by_an_earlier_longer_sequence_are_found_not_removed() {
+    let dir = test_dir("png_stale");
+    let path = dir.join("out.png");
+    write(&path, &gradient(5, 4, 6), 8.0).unwrap();
+    // another padding and other names: only the sequence's own pattern counts
+    for other in [
+        "out_0007.png",
+        "out_x.png",
+        "outer_001.png",
+        "out_001.gif",
+        "notes.txt",
+    ] {
+        fs::write(dir.join(other), b"x").unwrap();
+    }
+    let written = write(&path, &gradient(2, 4, 6), 8.0).unwrap();
+    assert_eq!(written.len(), 2);
+    let stale = stale_sequence_frames(&written);
+    let names: Vec<String> = stale
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["out_0007.png", "out_002.png", "out_003.png", "out_004.png"]
+    );
+    assert!(stale.iter().all(|p| p.parent() == Some(dir.as_path())));
+    assert!(stale.iter().all(|p| p.is_file()), "nothing removed");
+    // a directory target, and a sequence with nothing beside it
+    let seq = dir.join("seq");
+    fs::create_dir(&seq).unwrap();
+    let written = write(&seq, &gradient(2, 4, 6), 8.0).unwrap();
+    assert!(stale_sequence_frames(&written).is_empty());
+    fs::write(seq.join("frame_002.png"), b"x").unwrap();
+    assert_eq!(
+        stale_sequence_frames(&written),
+        vec![seq.join("frame_002.png")]
+    );
+    // not a sequence
+    let gif = write(&dir.join("a.gif"), &gradient(2, 4, 6), 8.0).unwrap();
+    assert!(stale_sequence_frames(&gif).is_empty());
 }
 
 #[test]
