@@ -8,7 +8,7 @@
 //! `cargo run --release --example engine_floor -- FUSED.onnx [--frames 16 --height 64 --width 64
 //!  --batch 2 --layout nhwc|nchw --tflops 989 --tbps 3.35 --texp 3.9 --smem 241.6 --no-merge
 //!  --conv-kernel BN
-//!  --geglu-kernel BN --norm-pairs BN --attention-two]`
+//!  --geglu-kernel BN --norm-pairs BN | --gn-pairs BN --attention-two]`
 //!
 //! `--texp`: exponentials a second (10¹²; an H100 SXM's special-function units, 16 an SM a cycle),
 //! the third bound of an attention's or a softmax's step: one exponential a score.
@@ -32,6 +32,8 @@
 //! step after it as `KIND+group_norm` / `KIND+layer_norm`, with the normalisation's
 //! special-function work counted as exponentials: every input value normalised once per filter
 //! tap and per block of BN output channels, two (SiLU's ex2 and rcp) a value.
+//! `--gn-pairs 64|128` (also `--gn-conv`, its name before the LayerNorm pairs): the same for the
+//! GroupNorm pairs alone.
 //! `--attention-two`: the attentions on `attention_tiled_f16_d40` on `attention_tiled2_f16_d40`
 //! (4 warps of two 16-row tiles; the same arithmetic and traffic: launches only).
 //!
@@ -63,6 +65,7 @@ fn main() -> Res<()> {
     let mut conv_kernel: Option<usize> = None;
     let mut geglu_kernel: Option<usize> = None;
     let mut norm_pair: Option<usize> = None;
+    let mut gn_only = false;
     let mut attention_two = false;
     while let Some(k) = it.next() {
         if k == "--no-merge" {
@@ -87,6 +90,11 @@ fn main() -> Res<()> {
             "--conv-kernel" => conv_kernel = Some(v.parse()?),
             "--geglu-kernel" => geglu_kernel = Some(v.parse()?),
             "--norm-pairs" => norm_pair = Some(v.parse()?),
+            // the GroupNorm pairs alone (`--gn-conv`: the flag's name before the LayerNorm pairs)
+            "--gn-pairs" | "--gn-conv" => {
+                norm_pair = Some(v.parse()?);
+                gn_only = true;
+            }
             _ => return Err(format!("unknown argument {k}").into()),
         }
     }
@@ -148,7 +156,7 @@ fn main() -> Res<()> {
         None => Vec::new(),
     };
     let gn_pairs = match norm_pair {
-        Some(_) => launch::norm_pairs(&prog, Precision::Fp16),
+        Some(_) => chosen_norm_pairs(&prog, gn_only),
         None => Vec::new(),
     };
     let gn_fused: Vec<usize> = gn_pairs.iter().map(|&(gi, _)| gi).collect();
@@ -338,7 +346,22 @@ fn main() -> Res<()> {
         tf / 1e9,
         tb / 1e9
     );
-    launches(&prog, conv_kernel, geglu_kernel, norm_pair, attention_two)
+    launches(
+        &prog,
+        conv_kernel,
+        geglu_kernel,
+        norm_pair,
+        gn_only,
+        attention_two,
+    )
+}
+
+/// The normalisation pairs put on the kernel: all of them, or only those of a GroupNorm.
+fn chosen_norm_pairs(prog: &program::Program, gn_only: bool) -> Vec<(usize, usize)> {
+    launch::norm_pairs(prog, Precision::Fp16)
+        .into_iter()
+        .filter(|&(gi, _)| !gn_only || matches!(prog.steps[gi], Step::GroupNorm { .. }))
+        .collect()
 }
 
 /// Shared-memory wavefronts of step `si` where it runs on one of motionrt's tensor-core kernels
@@ -429,6 +452,7 @@ fn launches(
     conv_kernel: Option<usize>,
     geglu_kernel: Option<usize>,
     norm_pair: Option<usize>,
+    gn_only: bool,
     attention_two: bool,
 ) -> Res<()> {
     use motionrt_runtime::engine::launch::{
@@ -460,6 +484,7 @@ fn launches(
         mib(fused.arena_bytes),
         mib(memory.unshared_bytes)
     );
+    let chosen = chosen_norm_pairs(prog, gn_only);
     let (base, mut next) = (1u64 << 40, 1u64 << 44);
     let ptrs: Vec<u64> = (0..prog.buffers.len())
         .map(|i| match memory.offsets[i] {
@@ -486,7 +511,10 @@ fn launches(
         lt: &lt,
         conv_kernel: &|si| conv_igemm_for(prog, si, Precision::Fp16, conv_kernel),
         geglu_kernel: &|si| geglu_kernel_for(prog, si, Precision::Fp16, geglu_kernel),
-        norm_pair: &|si| norm_pair_for(prog, si, Precision::Fp16, norm_pair),
+        norm_pair: &|si| {
+            norm_pair_for(prog, si, Precision::Fp16, norm_pair)
+                .filter(|_| !gn_only || chosen.iter().any(|&(gi, ci)| si == gi || si == ci))
+        },
         attention_two: &|_| attention_two,
     };
     let (mut kernels, mut lts, mut gemms, mut convs) = (0, 0, 0, 0);

@@ -14,9 +14,15 @@ fn fx(name: &str) -> std::path::PathBuf {
 }
 
 fn ok(cmd: &mut Command) -> String {
+    ok_with_stderr(cmd).0
+}
+
+/// Runs `cmd`, expecting success: its stdout and stderr.
+fn ok_with_stderr(cmd: &mut Command) -> (String, String) {
     let o = cmd.output().expect("motionrt runs");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap()
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{stderr}");
+    (String::from_utf8(o.stdout).unwrap(), stderr)
 }
 
 #[test]
@@ -177,25 +183,23 @@ fn run_writes_png_sequence_and_warns_on_long_prompts() {
     let long = "a very long prompt with many many words ".repeat(12);
     let out = d.path().join("seq/clip.png");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-    let o = motionrt()
-        .args([
-            "run", "--frames", "3", "--height", "16", "--width", "24", "--steps", "2", "--prompt",
-            &long,
-        ])
-        .args([
-            "--frame-prompt",
-            "2:a dog",
-            "--scheduler",
-            "euler-a",
-            "--model",
-        ])
-        .arg(&model)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let (_, stderr) = ok_with_stderr(
+        motionrt()
+            .args([
+                "run", "--frames", "3", "--height", "16", "--width", "24", "--steps", "2",
+                "--prompt", &long,
+            ])
+            .args([
+                "--frame-prompt",
+                "2:a dog",
+                "--scheduler",
+                "euler-a",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--out")
+            .arg(&out),
+    );
     assert!(stderr.contains("truncated"), "{stderr}");
     for i in 0..3 {
         let p = d.path().join(format!("seq/clip_{i:03}.png"));
@@ -207,18 +211,16 @@ fn run_writes_png_sequence_and_warns_on_long_prompts() {
     }
     assert!(!stderr.contains("named like this PNG sequence"), "{stderr}");
     // a shorter sequence over it: the third frame stays, named in a warning
-    let o = motionrt()
-        .args([
-            "run", "--frames", "2", "--height", "16", "--width", "24", "--steps", "1", "--prompt",
-            "a cat", "--model",
-        ])
-        .arg(&model)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let (_, stderr) = ok_with_stderr(
+        motionrt()
+            .args([
+                "run", "--frames", "2", "--height", "16", "--width", "24", "--steps", "1",
+                "--prompt", "a cat", "--model",
+            ])
+            .arg(&model)
+            .arg("--out")
+            .arg(&out),
+    );
     assert!(
         stderr.contains("1 other file(s) named like this PNG sequence")
             && stderr.contains("clip_002.png"),
