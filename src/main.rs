@@ -733,19 +733,12 @@ fn generate(
             }))?
         );
     } else {
-        let shown = match files.as_slice() {
-            [one] => one.display().to_string(),
-            [first, .., last] => format!(
-                "{} … {} ({} files)",
-                first.display(),
-                last.display(),
-                files.len()
-            ),
-            [] => String::from("nothing"),
-        };
         println!(
-            "wrote {shown}: {} frames {}×{}",
-            video.frames, video.width, video.height
+            "wrote {}: {} frames {}×{}",
+            file_span(&files),
+            video.frames,
+            video.width,
+            video.height
         );
         println!(
             "timings: load {:.2} s | text encoder {:.3} s | denoise {:.2} s ({} steps, median {:.3} s/step) | VAE decode {:.2} s | write {:.2} s",
@@ -883,16 +876,26 @@ struct EditArgs {
 /// user's files, so they are named, not removed.
 fn warn_stale_frames(files: &[PathBuf]) {
     let stale = frames::stale_sequence_frames(files);
-    if let (Some(first), Some(last)) = (stale.first(), stale.last()) {
-        let span = if stale.len() == 1 {
-            first.display().to_string()
-        } else {
-            format!("{} … {}", first.display(), last.display())
-        };
+    if !stale.is_empty() {
         eprintln!(
-            "warning: {} other file(s) named like this PNG sequence's frames were not written by this run ({span}); readers of the sequence may take them for more frames: remove them or write to an empty directory",
-            stale.len()
+            "warning: {} other file(s) named like this PNG sequence's frames were not written by this run ({}); readers of the sequence may take them for more frames: remove them or write to an empty directory",
+            stale.len(),
+            file_span(&stale)
         );
+    }
+}
+
+/// `files` in a line: the one, or the first and last with the count.
+fn file_span(files: &[PathBuf]) -> String {
+    match files {
+        [one] => one.display().to_string(),
+        [first, .., last] => format!(
+            "{} … {} ({} files)",
+            first.display(),
+            last.display(),
+            files.len()
+        ),
+        [] => String::from("nothing"),
     }
 }
 
@@ -992,10 +995,7 @@ fn edit_video(a: EditArgs) -> Result<()> {
     let tm = &r.video.timings;
     println!(
         "wrote {}: {} frames {}×{}",
-        files
-            .first()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
+        file_span(&files),
         r.video.frames,
         r.video.width,
         r.video.height

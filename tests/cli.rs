@@ -309,38 +309,42 @@ fn run_rejects_bad_input_clearly() {
     assert!(!gif.exists(), "nothing written");
 }
 
-/// A model whose values overflow (here a VAE decoder weight made NaN, as an fp16 overflow
-/// would leave it): the run stops with what overflowed, when, and what to try, and writes no
-/// output.
+/// Loads `path` (an ONNX file), lets `edit` change its graph, and writes it back in place.
+fn edit_graph(path: &Path, edit: impl FnOnce(&mut motionrt_export::onnx::proto::GraphProto)) {
+    let mut m = motionrt_export::onnx::load_model(path).unwrap();
+    edit(m.graph.as_mut().unwrap());
+    motionrt_export::onnx::write_model(&m, path).unwrap();
+}
+
+/// A UNet that returns something other than the sample's shape: the run stops naming the file
+/// and the shape it expected, without a panic, and writes no output.
 #[test]
 fn run_refuses_a_unet_output_of_another_shape() {
+    use motionrt_export::onnx::attr_int;
     use motionrt_export::onnx::proto::NodeProto;
-    use motionrt_export::onnx::{attr_int, load_model, write_model};
     let d = demo_model();
     let model = d.path().join("export");
-    let unet = model.join("unet.onnx");
-    let mut m = load_model(&unet).unwrap();
-    let g = m.graph.as_mut().unwrap();
-    // the noise prediction twice over along the batch: `[2B, C, F, h, w]`
-    let out = g.output[0].name.clone();
-    let inner = format!("{out}_once");
-    for n in &mut g.node {
-        for o in &mut n.output {
-            if *o == out {
-                *o = inner.clone();
+    edit_graph(&model.join("unet.onnx"), |g| {
+        // the noise prediction twice over along the batch: `[2B, C, F, h, w]`
+        let out = g.output[0].name.clone();
+        let inner = format!("{out}_once");
+        for n in &mut g.node {
+            for o in &mut n.output {
+                if *o == out {
+                    *o = inner.clone();
+                }
             }
         }
-    }
-    g.node.push(NodeProto {
-        name: "twice".into(),
-        op_type: "Concat".into(),
-        input: vec![inner.clone(), inner],
-        output: vec![out],
-        attribute: vec![attr_int("axis", 0)],
-        ..Default::default()
+        g.node.push(NodeProto {
+            name: "twice".into(),
+            op_type: "Concat".into(),
+            input: vec![inner.clone(), inner],
+            output: vec![out],
+            attribute: vec![attr_int("axis", 0)],
+            ..Default::default()
+        });
+        g.output[0].r#type = None;
     });
-    g.output[0].r#type = None;
-    write_model(&m, &unet).unwrap();
     let gif = d.path().join("twice.gif");
     let e = run_fails(&model, &gif);
     assert!(
@@ -409,26 +413,26 @@ fn a_failing_ffmpeg_stops_the_run_with_its_own_message() {
     assert!(left.is_empty(), "nothing written: {left:?}");
 }
 
+/// A model whose values overflow (here a VAE decoder weight made NaN, as an fp16 overflow
+/// would leave it): the run stops with what overflowed, when, and what to try, and writes no
+/// output.
 #[test]
 fn run_says_where_values_overflow_and_what_to_try() {
     use motionrt_export::onnx::proto::TensorProtoDataType;
-    use motionrt_export::onnx::{load_model, write_model};
     let d = demo_model();
     let model = d.path().join("export");
-    let vae = model.join("vae_decoder.onnx");
-    let mut m = load_model(&vae).unwrap();
-    let g = m.graph.as_mut().unwrap();
-    let w = g
-        .initializer
-        .iter_mut()
-        .find(|t| {
-            t.name.contains("conv_out")
-                && t.data_type == TensorProtoDataType::Float as i32
-                && !t.raw_data.is_empty()
-        })
-        .expect("the decoder's conv_out weight, embedded");
-    w.raw_data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
-    write_model(&m, &vae).unwrap();
+    edit_graph(&model.join("vae_decoder.onnx"), |g| {
+        let w = g
+            .initializer
+            .iter_mut()
+            .find(|t| {
+                t.name.contains("conv_out")
+                    && t.data_type == TensorProtoDataType::Float as i32
+                    && !t.raw_data.is_empty()
+            })
+            .expect("the decoder's conv_out weight, embedded");
+        w.raw_data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
     let gif = d.path().join("nan.gif");
     let e = run_fails(&model, &gif);
     assert!(
