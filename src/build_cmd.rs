@@ -220,6 +220,9 @@ pub fn build(a: BuildArgs) -> Result<()> {
             a.model.display()
         );
     }
+    if a.vae_chunk == 0 {
+        bail!("--vae-chunk must be at least 1 (frames per VAE decoder call)");
+    }
     if a.out.exists() && !a.overwrite {
         bail!(
             "{}: exists (pass --overwrite to replace it)",

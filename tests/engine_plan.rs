@@ -437,6 +437,18 @@ fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"));
+    // A VAE chunk of no frames is refused before the GPU is opened (with or without one).
+    let zero = work.path().join("zero.engine");
+    let o = motionrt()
+        .args(["build", "--vae-chunk", "0", "--model"])
+        .arg(&src)
+        .arg("--out")
+        .arg(&zero)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--vae-chunk"), "{err}");
+    assert!(!zero.exists());
 }
 
 #[test]

@@ -59,7 +59,7 @@
 # a machine stays warm only 30 s after a call and none starts with under 4 min left, so the first
 # call carries what matters most; torch last, as its torch.compile figure may run out of time
 # after the eager one is printed):
-#   DEADLINE_S=540 ... --stages bench,tiny,torch,full-small --no-ab       (timeout_s 600)
+#   DEADLINE_S=540 ... --stages bench,tiny,full-small,torch --no-ab       (timeout_s 600)
 #   then, if a machine is still to be had:  --stages build,pipeline,full-psnr,full-check
 #                              (DEADLINE_S = that time - 60)
 # DEADLINE_S counts from this script's start: keep it under the limit the device really gives

@@ -149,20 +149,28 @@ pub fn read_manifest(dir: &Path) -> Result<EngineManifest, EngineError> {
         path: p.clone(),
         message: format!("{e} (an engine folder written by `motionrt build` holds engine.json)"),
     })?;
-    let m: EngineManifest = serde_json::from_str(&text).map_err(|e| EngineError::File {
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| EngineError::File {
         path: p.clone(),
-        message: format!("not a motionrt engine manifest: {e}"),
+        message: format!("not a motionrt engine manifest (not JSON: {e})"),
     })?;
-    if m.format != FORMAT {
+    // The format first: a manifest of another format (or of another motionrt whose manifest
+    // gained a field) gets the rebuild message, not a parse error about one of its fields.
+    let format = v.get("format").and_then(|f| f.as_str()).unwrap_or("");
+    if format != FORMAT {
         return Err(EngineError::File {
             path: p,
             message: format!(
-                "format {:?}, this motionrt reads {FORMAT:?}: rebuild the engine",
-                m.format
+                "format {format:?}, this motionrt reads {FORMAT:?}: rebuild the engine with `motionrt build --model EXPORT_DIR --out ENGINE`"
             ),
         });
     }
-    Ok(m)
+    serde_json::from_value(v).map_err(|e| EngineError::File {
+        path: p,
+        message: format!(
+            "not an engine manifest this motionrt ({}) reads: {e}; if another motionrt build wrote it, rebuild the engine with `motionrt build --model EXPORT_DIR --out ENGINE`",
+            env!("CARGO_PKG_VERSION")
+        ),
+    })
 }
 
 /// The engine's weights (`weights.safetensors`), held in memory; the header is parsed once.
@@ -284,6 +292,12 @@ impl InitializerSource for InlineInitializers {
     fn i64s(&self, t: &motionrt_onnx::proto::TensorProto) -> Result<Vec<i64>, EngineError> {
         if !t.int64_data.is_empty() {
             return Ok(t.int64_data.clone());
+        }
+        if t.raw_data.is_empty() && t.dims.iter().product::<i64>() != 0 {
+            return Err(EngineError::Graph(format!(
+                "initializer {}: int64 with dims {:?} but no data in the engine graph",
+                t.name, t.dims
+            )));
         }
         Ok(t.raw_data
             .chunks_exact(8)
@@ -802,6 +816,57 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("gpu_name"), "{e}");
+    }
+
+    /// A manifest of another format, or one this motionrt cannot read (a field another build
+    /// added or dropped), says to rebuild the engine and names the file; JSON that is no
+    /// manifest at all says so.
+    #[test]
+    fn a_manifest_this_motionrt_cannot_read_says_to_rebuild() {
+        let dir = std::env::temp_dir().join(format!("motionrt-manifest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = Profile::parse("1x16x512x512").unwrap();
+        let m = EngineManifest {
+            format: FORMAT.into(),
+            key: key(),
+            precision: Precision::Fp16,
+            layout: Layout::Nhwc,
+            profiles: Profiles {
+                min: p,
+                opt: p,
+                max: p,
+            },
+            vae_chunk: 16,
+            text_width: 768,
+            graphs: Vec::new(),
+            tactics: TacticCache::default(),
+        };
+        let write = |v: &serde_json::Value| {
+            std::fs::write(dir.join("engine.json"), v.to_string()).unwrap();
+            read_manifest(&dir).map_err(|e| e.to_string())
+        };
+        let good = serde_json::to_value(&m).unwrap();
+        assert_eq!(write(&good).unwrap(), m);
+        let mut other_format = good.clone();
+        other_format["format"] = "motionrt.engine/0".into();
+        // (and a field this build does not know, which alone would fail the parse)
+        other_format["precision"] = "int8".into();
+        let e = write(&other_format).unwrap_err();
+        assert!(
+            e.contains("engine.json") && e.contains("motionrt.engine/0") && e.contains("rebuild"),
+            "{e}"
+        );
+        let mut missing = good.clone();
+        missing.as_object_mut().unwrap().remove("vae_chunk");
+        let e = write(&missing).unwrap_err();
+        assert!(
+            e.contains("engine.json") && e.contains("vae_chunk") && e.contains("rebuild"),
+            "{e}"
+        );
+        std::fs::write(dir.join("engine.json"), "[1, 2").unwrap();
+        let e = read_manifest(&dir).unwrap_err().to_string();
+        assert!(e.contains("not a motionrt engine manifest"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A timing cache: merged under the engine's choices (which it never replaces), written whole

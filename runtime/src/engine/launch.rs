@@ -816,7 +816,12 @@ fn frame_major_region(
             } => {
                 // back to frame-major rows: [B, HW, F, C] -> [B, F, HW, C]
                 if let Some((from, to, shape)) = row_swap(p, st) {
-                    if inr(&from, &region) && shape == [b, hw, f, c] && writers[to] == [si] {
+                    // (a graph output must stay written: its copy is kept)
+                    if inr(&from, &region)
+                        && shape == [b, hw, f, c]
+                        && writers[to] == [si]
+                        && !outputs.contains(&to)
+                    {
                         fm.back.push((si, from, to));
                         continue;
                     }

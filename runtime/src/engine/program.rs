@@ -1266,14 +1266,23 @@ impl Planner<'_> {
             return Ok(Some(v.clone()));
         }
         if let Some(t) = self.inits.get(name).copied() {
-            let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+            let shape: Vec<usize> = t
+                .dims
+                .iter()
+                .map(|&d| usize::try_from(d).ok())
+                .collect::<Option<_>>()
+                .ok_or_else(|| err(format!("initializer {name}: dims {:?}", t.dims)))?;
+            let numel = shape
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .ok_or_else(|| err(format!("initializer {name}: dims {:?} overflow", t.dims)))?;
             let dt = TensorProtoDataType::try_from(t.data_type).ok();
             let data = match dt {
                 Some(TensorProtoDataType::Int64) => HostData::I64(self.src.i64s(t)?),
                 Some(TensorProtoDataType::Float) => {
                     // large float weights stay by name; the executor reads them at upload
-                    if shape.iter().product::<usize>() > 4096 {
-                        let buf = self.weight(name, shape.iter().product());
+                    if numel > 4096 {
+                        let buf = self.weight(name, numel);
                         let v = Value::Dev(DevTensor::new(buf, shape));
                         self.values.insert(name.into(), v.clone());
                         return Ok(Some(v));
@@ -1287,6 +1296,16 @@ impl Planner<'_> {
                     )))
                 }
             };
+            let len = match &data {
+                HostData::F32(v) => v.len(),
+                HostData::I64(v) => v.len(),
+            };
+            if len != numel {
+                return Err(err(format!(
+                    "initializer {name}: {len} values for dims {:?} ({numel} expected)",
+                    t.dims
+                )));
+            }
             let v = Value::Host(Arc::new(HostTensor { shape, data }));
             self.values.insert(name.into(), v.clone());
             return Ok(Some(v));
