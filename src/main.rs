@@ -779,6 +779,7 @@ fn demo(a: DemoArgs) -> Result<()> {
             a.width
         );
     }
+    motionrt_runtime::pipeline::check_size(a.width, a.height)?;
     let motion_cfg = synthetic::tiny_motion(MotionVersion::V2);
     if a.frames == 0 || a.frames > motion_cfg.max_seq_length {
         bail!(
@@ -926,6 +927,7 @@ fn edit_video(a: EditArgs) -> Result<()> {
     if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 {
         bail!("--width and --height must be positive multiples of 8 (got {w}×{h})");
     }
+    motionrt_runtime::pipeline::check_size(w, h)?;
     let input = video_in::resize(&input, w, h);
     let mut pipe = Pipeline::load(
         &a.model,

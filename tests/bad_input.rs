@@ -191,4 +191,24 @@ fn existing_output_is_not_clobbered() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"));
     assert!(out.join("keep.txt").is_file());
+    // --overwrite replaces an earlier export, not a folder of something else (a mistyped --out)
+    let o = export_cmd(&m.unet, &m.mm, &out)
+        .arg("--overwrite")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a motionrt export"),
+        "{err}"
+    );
+    assert!(out.join("keep.txt").is_file());
+    let export = m.dir.path().join("export");
+    for _ in 0..2 {
+        let o = export_cmd(&m.unet, &m.mm, &export)
+            .arg("--overwrite")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(export.join("model.json").is_file());
+    }
 }

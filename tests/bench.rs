@@ -260,6 +260,16 @@ fn failing_stage_reports_an_error_instead_of_numbers() {
     assert!(err.contains("vae_decode"), "{err}");
     let r = read_json(&json);
     assert_eq!(r["stages"]["vae_decode"]["status"], "error");
+
+    // a report that could not be written is refused before the timing, not after it
+    let (ok, stdout, err) = run(motionrt()
+        .args(["bench", "--model"])
+        .arg(&model)
+        .args(SMALL)
+        .args(["--json"])
+        .arg(out.path().join("no/r.json")));
+    assert!(!ok && err.contains("no such folder"), "{err}");
+    assert!(!stdout.contains("text_encoder"), "{stdout}");
 }
 
 #[test]

@@ -258,6 +258,34 @@ fn run_rejects_bad_input_clearly() {
             .arg(&gif),
     );
     assert!(e.contains("multiples of 8"), "{e}");
+    // sizes no model or machine runs: an error, not an allocation failure, and no folder made
+    let e = fails(
+        run(&["--frames", "2", "--height", "4294967288", "--width", "16"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(d.path().join("seq/")),
+    );
+    assert!(e.contains("at most 4096"), "{e}");
+    assert!(!d.path().join("seq").exists());
+    // a guidance scale that is not a number
+    let e = fails(
+        run(&[
+            "--frames",
+            "2",
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--guidance",
+            "NaN",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&gif),
+    );
+    assert!(e.contains("--guidance") && e.contains("NaN"), "{e}");
     // missing model files
     let e = fails(
         run(&["--frames", "2"])

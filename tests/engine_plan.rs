@@ -437,6 +437,31 @@ fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"));
+    // With it, an earlier plan is replaced, but not a folder of something else.
+    let o = motionrt()
+        .args(["build", "--plan-only", "--overwrite", "--model"])
+        .arg(&src)
+        .arg("--out")
+        .arg(&plan)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let other = work.path().join("notes");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("keep.txt"), "x").unwrap();
+    let o = motionrt()
+        .args(["build", "--plan-only", "--overwrite", "--model"])
+        .arg(&src)
+        .arg("--out")
+        .arg(&other)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a motionrt engine"),
+        "{err}"
+    );
+    assert!(other.join("keep.txt").is_file());
     // A VAE chunk of no frames is refused before the GPU is opened (with or without one).
     let zero = work.path().join("zero.engine");
     let o = motionrt()

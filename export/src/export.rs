@@ -304,6 +304,14 @@ fn prepare_out_dir(out: &Path, overwrite: bool) -> Result<TempDir> {
             "output directory already exists (pass --overwrite to replace it)",
         ));
     }
+    // --overwrite replaces an earlier export (or an empty folder), never anything else a
+    // mistyped --out might name
+    if out.exists() && !replaceable_export(out) {
+        return Err(ExportError::model(
+            out,
+            "exists and is not a motionrt export (a folder with model.json) or an empty folder: --overwrite replaces only those; choose another --out or remove it yourself",
+        ));
+    }
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -324,11 +332,22 @@ fn prepare_out_dir(out: &Path, overwrite: bool) -> Result<TempDir> {
     })
 }
 
+/// A folder `export --overwrite` may replace: an earlier export, or an empty folder.
+pub fn replaceable_export(out: &Path) -> bool {
+    out.is_dir()
+        && (out.join("model.json").is_file()
+            || std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_none()))
+}
+
 fn commit_dir(mut tmp: TempDir, out: &Path) -> Result<()> {
     if out.exists() {
         let old = tmp.path.with_extension("old");
         std::fs::rename(out, &old).map_err(|e| ExportError::io(out, e))?;
-        std::fs::rename(&tmp.path, out).map_err(|e| ExportError::io(out, e))?;
+        if let Err(e) = std::fs::rename(&tmp.path, out) {
+            // the earlier export back in place
+            let _ = std::fs::rename(&old, out);
+            return Err(ExportError::io(out, e));
+        }
         let _ = std::fs::remove_dir_all(&old);
     } else {
         std::fs::rename(&tmp.path, out).map_err(|e| ExportError::io(out, e))?;

@@ -530,8 +530,12 @@ impl FrameWriter {
                     fs::create_dir(path).map_err(io_err(path))?;
                     created_dir = Some(path.to_path_buf());
                 }
+                let finals = png_sequence_paths(path, frames);
+                if let Some(d) = finals.iter().find(|f| f.is_dir()) {
+                    return Err(not_a_file(d));
+                }
                 Sink::Png {
-                    finals: png_sequence_paths(path, frames),
+                    finals,
                     temps: Vec::with_capacity(frames),
                     created_dir,
                 }
@@ -717,23 +721,7 @@ impl FrameWriter {
                 tmp.commit_ref(&path)?;
                 Ok(vec![path.clone()])
             })(),
-            Sink::Png { finals, temps, .. } => {
-                // All frames are complete; move them into place. If a rename fails, undo the
-                // ones done so far (the remaining temps are removed when dropped).
-                let mut done: Vec<&PathBuf> = Vec::with_capacity(finals.len());
-                let mut r = Ok(finals.clone());
-                for (tmp, out) in temps.iter_mut().zip(finals.iter()) {
-                    if let Err(e) = tmp.commit_ref(out) {
-                        for p in &done {
-                            let _ = fs::remove_file(p);
-                        }
-                        r = Err(e);
-                        break;
-                    }
-                    done.push(out);
-                }
-                r
-            }
+            Sink::Png { finals, temps, .. } => commit_sequence(temps, finals),
             Sink::Mp4 {
                 child,
                 stdin,
@@ -844,6 +832,70 @@ fn is_dir_target(path: &Path) -> bool {
 }
 
 /// A temporary sibling `.NAME.partial-PID` of a final path; removed on drop unless committed.
+/// Move a PNG sequence's complete temporary frames onto their final names. The files they
+/// replace are first moved aside (`.NAME.old-PID`), so that if any step fails, the frames
+/// already moved are removed and the old files put back: a failed write leaves the folder as
+/// it was (the remaining temps are removed when dropped). The old files are removed once every
+/// frame is in place.
+fn commit_sequence(
+    temps: &mut [TempFile],
+    finals: &[PathBuf],
+) -> Result<Vec<PathBuf>, FramesError> {
+    let mut aside: Vec<(&PathBuf, PathBuf)> = Vec::new();
+    let mut done: Vec<&PathBuf> = Vec::with_capacity(finals.len());
+    let undo = |done: &[&PathBuf], aside: &[(&PathBuf, PathBuf)]| {
+        for p in done {
+            let _ = fs::remove_file(p);
+        }
+        for (out, old) in aside {
+            let _ = fs::rename(old, out);
+        }
+    };
+    for out in finals {
+        if let Ok(m) = fs::symlink_metadata(out) {
+            if m.is_dir() {
+                undo(&done, &aside);
+                return Err(not_a_file(out));
+            }
+            let old = old_name(out);
+            if let Err(e) = fs::rename(out, &old) {
+                undo(&done, &aside);
+                return Err(io_err(out)(e));
+            }
+            aside.push((out, old));
+        }
+    }
+    for (tmp, out) in temps.iter_mut().zip(finals) {
+        if let Err(e) = tmp.commit_ref(out) {
+            undo(&done, &aside);
+            return Err(e);
+        }
+        done.push(out);
+    }
+    for (_, old) in &aside {
+        let _ = fs::remove_file(old);
+    }
+    Ok(finals.to_vec())
+}
+
+fn not_a_file(path: &Path) -> FramesError {
+    FramesError::Encode {
+        path: path.to_path_buf(),
+        message: "a directory has this name: the output would replace it (choose another --out)"
+            .into(),
+    }
+}
+
+/// `.NAME.old-PID` beside `path`: where a file a sequence replaces waits until the sequence is
+/// in place.
+fn old_name(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".to_string());
+    path.with_file_name(format!(".{name}.old-{}", std::process::id()))
+}
+
 struct TempFile {
     path: PathBuf,
     armed: bool,

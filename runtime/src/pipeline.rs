@@ -128,6 +128,22 @@ impl ModelInfo {
     }
 }
 
+/// The largest frame side, in pixels, `run`, `edit`, `bench` and `demo` accept: 4× the largest
+/// these models are trained at (SD1.5 512, EasyAnimate 1024), and above what a GPU's memory
+/// holds for a video's UNet activations; sizes beyond it would fail on allocation (at 8192
+/// pixels, 16 frames' float32 RGB alone take 13 GB) instead of with a message.
+pub const MAX_SIDE: usize = 4096;
+
+/// `--width`/`--height` within [`MAX_SIDE`] (their other checks are the model's).
+pub fn check_size(width: usize, height: usize) -> Result<()> {
+    if width > MAX_SIDE || height > MAX_SIDE {
+        return Err(PipelineError::Options(format!(
+            "--width and --height must be at most {MAX_SIDE} pixels (got {width}×{height})"
+        )));
+    }
+    Ok(())
+}
+
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -686,6 +702,13 @@ impl Pipeline {
     /// Check options against the model before any work.
     pub fn validate(&self, o: &GenerateOptions) -> Result<()> {
         let s = self.info.latent_scale;
+        check_size(o.width, o.height)?;
+        if !o.guidance.is_finite() {
+            return Err(PipelineError::Options(format!(
+                "--guidance must be a finite number (got {}); 1 or less turns guidance off",
+                o.guidance
+            )));
+        }
         if let Some(e) = &self.engine {
             let p = &e.manifest.profiles;
             let want = engine_file::Profile {

@@ -540,3 +540,62 @@ fn writer_rejects_bad_requests_up_front() {
     assert!(err.to_string().contains("missing/x.gif"), "{err}");
     assert!(dir_entries(&dir).is_empty());
 }
+
+/// A PNG sequence that replaces frames of an older one: a frame name taken by a directory is
+/// refused before anything is written, and a failure while the frames are moved into place
+/// puts the old files back (a failed write never costs the user files). A successful write
+/// replaces them and leaves nothing else behind.
+#[test]
+fn a_failed_png_sequence_keeps_the_files_it_would_replace() {
+    use motionrt_runtime::frames::FrameWriter;
+    let dir = test_dir("png_replace");
+    let old = |d: &Path| {
+        fs::write(d.join("frame_000.png"), "A").unwrap();
+        fs::write(d.join("frame_001.png"), "B").unwrap();
+    };
+    let kept = |d: &Path| {
+        assert_eq!(fs::read(d.join("frame_000.png")).unwrap(), b"A");
+        assert_eq!(fs::read(d.join("frame_001.png")).unwrap(), b"B");
+    };
+    let frames = gradient(3, 4, 6);
+    // caught when the writer is opened: before the generation's work, nothing written
+    old(&dir);
+    fs::create_dir(dir.join("frame_002.png")).unwrap();
+    let e = write(&dir, &frames, 8.0).unwrap_err().to_string();
+    assert!(
+        e.contains("frame_002.png") && e.contains("directory"),
+        "{e}"
+    );
+    kept(&dir);
+    assert_eq!(
+        dir_entries(&dir),
+        ["frame_000.png", "frame_001.png", "frame_002.png"]
+    );
+    // the directory appears while the frames are being written: the two old frames, already
+    // moved aside when it is met, are put back
+    fs::remove_dir(dir.join("frame_002.png")).unwrap();
+    let mut w = FrameWriter::create(&dir, 6, 4, 3, 8.0).unwrap();
+    for i in 0..3 {
+        w.write(w.encoder().encode(i, frames.frame_rgb8(i)).unwrap())
+            .unwrap();
+    }
+    fs::create_dir(dir.join("frame_002.png")).unwrap();
+    let e = w.finish().unwrap_err().to_string();
+    assert!(e.contains("frame_002.png"), "{e}");
+    kept(&dir);
+    assert_eq!(
+        dir_entries(&dir),
+        ["frame_000.png", "frame_001.png", "frame_002.png"]
+    );
+    // without the clash the new frames replace the old, and nothing else is left
+    fs::remove_dir(dir.join("frame_002.png")).unwrap();
+    write(&dir, &frames, 8.0).unwrap();
+    assert_eq!(
+        dir_entries(&dir),
+        ["frame_000.png", "frame_001.png", "frame_002.png"]
+    );
+    assert_eq!(
+        decode_png(&dir.join("frame_001.png")).2,
+        frames.frame_rgb8(1)
+    );
+}
