@@ -64,7 +64,9 @@ pub struct BuildArgs {
     #[arg(long = "opt-shape", default_value = "1x16x512x512")]
     pub opt_shape: String,
     /// Largest shape the engine must run.
-    #[arg(long = "max-shape", default_value = "1x32x768x768")]
+    /// (Its frames are lowered, with a note, to a motion module's positional table when that
+    /// is shorter, as AnimateDiff v1's 24 frames are.)
+    #[arg(long = "max-shape", default_value = DEFAULT_MAX_SHAPE)]
     pub max_shape: String,
     /// Frames per VAE decoder call the engine is planned for (`run --decode-chunk`). At the opt
     /// shape it must keep the VAE's tensors within 2^31 - 1 elements (the build says how many
@@ -86,19 +88,10 @@ pub struct BuildArgs {
     pub no_kernel_tactics: bool,
 }
 
-fn build_engine(a: &BuildArgs) -> Result<()> {
+fn build_engine(a: &BuildArgs, profiles: motionrt_runtime::engine::file::Profiles) -> Result<()> {
     use motionrt_runtime::engine::exec::{CudaDevice, Precision, TacticCache, TimingCache};
-    use motionrt_runtime::engine::file::{self, Profile, Profiles};
+    use motionrt_runtime::engine::file;
     use motionrt_runtime::engine::program::Layout;
-    let parse = |s: &str| Profile::parse(s).map_err(anyhow::Error::msg);
-    let profiles = Profiles {
-        min: parse(&a.min_shape)?,
-        opt: parse(&a.opt_shape)?,
-        max: parse(&a.max_shape)?,
-    };
-    if !Profile::contains(&profiles.min, &profiles.max, &profiles.opt) {
-        bail!("--opt-shape must lie between --min-shape and --max-shape");
-    }
     let precision = match a.precision {
         EnginePrecision::Fp16 => Precision::Fp16,
         EnginePrecision::Fp32 => Precision::Fp32,
@@ -211,6 +204,42 @@ fn build_engine(a: &BuildArgs) -> Result<()> {
     Ok(())
 }
 
+const DEFAULT_MAX_SHAPE: &str = "1x32x768x768";
+
+/// The optimization profiles of `--min-shape`/`--opt-shape`/`--max-shape`: each parsed, in
+/// order, and the frames within the motion module's positional table.
+fn profiles(a: &BuildArgs) -> Result<motionrt_runtime::engine::file::Profiles> {
+    use motionrt_runtime::engine::file::{Profile, Profiles};
+    let parse =
+        |flag: &str, s: &str| Profile::parse(s).map_err(|e| anyhow::anyhow!("--{flag} {e}"));
+    let mut p = Profiles {
+        min: parse("min-shape", &a.min_shape)?,
+        opt: parse("opt-shape", &a.opt_shape)?,
+        max: parse("max-shape", &a.max_shape)?,
+    };
+    let info = motionrt_runtime::pipeline::ModelInfo::load(&a.model)?;
+    if let Some(max) = info.max_frames {
+        if p.max.frames > max && a.max_shape == DEFAULT_MAX_SHAPE {
+            eprintln!(
+                "note: --max-shape's frames lowered from {} to {max}, the motion module's positional table",
+                p.max.frames
+            );
+            p.max.frames = max;
+        }
+        if p.max.frames > max {
+            bail!(
+                "--max-shape {}: {} frames exceed the motion module's positional table ({max} frames per UNet call)",
+                a.max_shape,
+                p.max.frames
+            );
+        }
+    }
+    if !Profile::contains(&p.min, &p.max, &p.opt) {
+        bail!("--opt-shape must lie between --min-shape and --max-shape (each of its batch, frames, height and width)");
+    }
+    Ok(p)
+}
+
 const GRAPHS: [&str; 4] = ["text_encoder", "unet", "vae_decoder", "vae_encoder"];
 
 pub fn build(a: BuildArgs) -> Result<()> {
@@ -223,6 +252,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
     if a.vae_chunk == 0 {
         bail!("--vae-chunk must be at least 1 (frames per VAE decoder call)");
     }
+    let profiles = profiles(&a)?;
     if a.out.exists() && !a.overwrite {
         bail!(
             "{}: exists (pass --overwrite to replace it)",
@@ -242,7 +272,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
         );
     }
     if !a.plan_only {
-        return build_engine(&a);
+        return build_engine(&a, profiles);
     }
     let parent = a
         .out

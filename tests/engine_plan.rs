@@ -462,6 +462,29 @@ fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
         "{err}"
     );
     assert!(other.join("keep.txt").is_file());
+    // Profiles are checked with or without --plan-only: each names its flag and the form it
+    // expects; frames beyond the motion module's table (32 here) are refused.
+    for (flag, value, says) in [
+        ("--min-shape", "banana", "BATCHxFRAMESxHEIGHTxWIDTH"),
+        ("--opt-shape", "1x8x250x256", "multiples of 8"),
+        ("--min-shape", "1x24x256x256", "between"),
+        ("--max-shape", "1x64x512x512", "positional table"),
+    ] {
+        let o = motionrt()
+            .args(["build", "--plan-only", flag, value, "--model"])
+            .arg(&src)
+            .arg("--out")
+            .arg(work.path().join("shapes"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{flag} {value}: {err}");
+        assert!(err.contains(says), "{flag} {value}: {err}");
+        if says != "between" {
+            assert!(err.contains(flag), "{err}");
+        }
+    }
+    assert!(!work.path().join("shapes").exists());
     // A VAE chunk of no frames is refused before the GPU is opened (with or without one).
     let zero = work.path().join("zero.engine");
     let o = motionrt()

@@ -40,14 +40,17 @@ pub struct Profile {
 impl Profile {
     pub fn parse(s: &str) -> Result<Self, String> {
         // BxFxHxW in pixels, e.g. 1x16x512x512
+        let expected = || {
+            format!(
+                "{s:?}: expected BATCHxFRAMESxHEIGHTxWIDTH with the size in pixels, multiples of 8 (e.g. 1x16x512x512)"
+            )
+        };
         let v: Vec<usize> = s
             .split('x')
-            .map(|p| p.parse::<usize>().map_err(|e| format!("{s:?}: {e}")))
+            .map(|p| p.parse::<usize>().map_err(|_| expected()))
             .collect::<Result<_, _>>()?;
         if v.len() != 4 || v[2] % 8 != 0 || v[3] % 8 != 0 || v.contains(&0) {
-            return Err(format!(
-                "{s:?}: expected BATCHxFRAMESxHEIGHTxWIDTH with the size in pixels, multiples of 8 (e.g. 1x16x512x512)"
-            ));
+            return Err(expected());
         }
         Ok(Self {
             batch: v[0],
