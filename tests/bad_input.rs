@@ -130,11 +130,28 @@ fn missing_key() {
     let key = "down_blocks.0.motion_modules.1.temporal_transformer.transformer_blocks.0.attention_blocks.1.to_v.weight";
     rewrite(&m.mm, |t| t.retain(|(k, _, _)| k != key));
     let err = export_fails(m.dir.path(), &m.unet, &m.mm);
+    // the file's own key, and the diffusers name the exporter reads it by
+    assert!(err.contains(&format!("`{key}`")), "{err}");
     assert!(
         err.contains("down_blocks.0.motion_modules.1.transformer_blocks.0.attn2.to_v.weight"),
         "{err}"
     );
     assert!(err.contains(&m.mm.display().to_string()), "{err}");
+}
+
+/// A motion module whose `proj_in` is not a linear layer's `[C, C]` (flattened): the error
+/// names the file's key and the shape expected.
+#[test]
+fn motion_module_proj_in_of_another_rank() {
+    let m = tiny();
+    let key = "down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight";
+    rewrite(&m.mm, |t| {
+        let e = t.iter_mut().find(|(k, _, _)| k == key).unwrap();
+        e.1 = vec![e.1.iter().product()];
+    });
+    let err = export_fails(m.dir.path(), &m.unet, &m.mm);
+    assert!(err.contains(&format!("`{key}`")), "{err}");
+    assert!(err.contains("[C, C]"), "{err}");
 }
 
 #[test]

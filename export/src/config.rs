@@ -373,13 +373,13 @@ impl MotionConfig {
             match shapes.get(&k) {
                 Some(m) if m.shape.len() == 2 => block_out_channels.push(m.shape[1]),
                 Some(m) => {
-                    return Err(ExportError::ShapeMismatch {
-                        path: path.to_path_buf(),
-                        tensor: k,
-                        found: m.shape.clone(),
-                        expected: vec![0, 0],
-                        hint: " (a motion module's proj_in is a linear layer [C, C])".into(),
-                    })
+                    return Err(ExportError::model(
+                        path,
+                        format!(
+                            "tensor `{k}` has shape {:?}, expected a linear layer's [C, C] (a motion module's proj_in)",
+                            m.shape
+                        ),
+                    ))
                 }
                 None => break,
             }

@@ -256,13 +256,24 @@ fn resolve_params<'a>(
             } else {
                 "the UNet"
             };
-            return Err(ExportError::MissingTensor {
-                path: src.path.clone(),
-                tensor: p.name.clone(),
-                expected_for: format!(
-                    "{what}, diffusers name, read from the {} layout",
-                    src.layout
-                ),
+            // an original AnimateDiff file is told its own key, with the diffusers name
+            let original = (is_motion && src.layout == crate::remap::Layout::AnimateDiff)
+                .then(|| crate::remap::diffusers_to_animatediff(&p.name))
+                .flatten();
+            return Err(match original {
+                Some(k) => ExportError::MissingTensor {
+                    path: src.path.clone(),
+                    tensor: k,
+                    expected_for: format!("{what}: diffusers name `{}`", p.name),
+                },
+                None => ExportError::MissingTensor {
+                    path: src.path.clone(),
+                    tensor: p.name.clone(),
+                    expected_for: format!(
+                        "{what}, diffusers name, read from the {} layout",
+                        src.layout
+                    ),
+                },
             });
         };
         check_ref(src, r, p)?;

@@ -293,9 +293,51 @@ pub fn open_motion(path: &Path) -> Result<(Source, MotionConfig)> {
         Some((p, t)) => adapter_json_hints(p, t)?,
         None => (None, None),
     };
-    let cfg = MotionConfig::infer(path, &src.shapes(), pe_len(&src).or(json_len), json_heads)?;
+    let cfg = MotionConfig::infer(path, &src.shapes(), pe_len(&src).or(json_len), json_heads)
+        .map_err(|e| src.file_names(e))?;
     src.retain(|k| !k.ends_with(".pos_embed.pe"));
     Ok((src, cfg))
+}
+
+impl Source {
+    /// `e` with its tensor named as this source's file names it (its diffusers name is what
+    /// the exporter looks for; an original AnimateDiff file holds
+    /// `….motion_modules.N.temporal_transformer.…`).
+    fn file_names(&self, mut e: ExportError) -> ExportError {
+        let file_name = |t: &str| {
+            if let Some(r) = self.tensors.get(t) {
+                Some(r.key.clone())
+            } else if self.layout == Layout::AnimateDiff {
+                crate::remap::diffusers_to_animatediff(t)
+            } else {
+                None
+            }
+        };
+        match &mut e {
+            ExportError::ShapeMismatch { tensor, .. }
+            | ExportError::MissingTensor { tensor, .. }
+            | ExportError::UnsupportedDtype { tensor, .. } => {
+                if let Some(k) = file_name(tensor) {
+                    *tensor = k;
+                }
+            }
+            // a message that names tensors in backquotes
+            ExportError::Model { reason, .. } => {
+                let parts: Vec<&str> = reason.split('`').collect();
+                *reason = parts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| match (i % 2, file_name(p)) {
+                        (1, Some(k)) => k,
+                        _ => p.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("`");
+            }
+            _ => {}
+        }
+        e
+    }
 }
 
 /// Check that a motion module fits a UNet; the error names the motion file and a tensor.
