@@ -787,6 +787,22 @@ fn demo(a: DemoArgs) -> Result<()> {
             motion_cfg.max_seq_length
         );
     }
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    // the video's name before the model set is written (its folder is checked when it opens)
+    if let Some(out) = &a.out {
+        if OutputFormat::from_path(out).is_none() {
+            bail!(
+                "{}: unknown output format (use .gif, .mp4, .png or a directory)",
+                out.display()
+            );
+        }
+        let parent = out.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(d) = parent.filter(|d| !d.is_dir()) {
+            bail!("--out {}: no such folder {}", out.display(), d.display());
+        }
+    }
     // The files stay after the run so they can be inspected (`motionrt inspect DIR/export/unet.onnx`).
     let dir = a
         .dir
@@ -929,6 +945,18 @@ fn edit_video(a: EditArgs) -> Result<()> {
     }
     motionrt_runtime::pipeline::check_size(w, h)?;
     let input = video_in::resize(&input, w, h);
+    // Fail on the outputs before the inversion's and the generation's minutes.
+    let mut writer = frames::FrameWriter::create(&a.out, w, h, input.frames, a.fps)?;
+    if let Some(p) = &a.save_inverted {
+        let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(d) = parent.filter(|d| !d.is_dir()) {
+            bail!(
+                "--save-inverted {}: no such folder {}",
+                p.display(),
+                d.display()
+            );
+        }
+    }
     let mut pipe = Pipeline::load(
         &a.model,
         &SessionOptions::default().with_intra_threads(a.threads),
@@ -992,7 +1020,12 @@ fn edit_video(a: EditArgs) -> Result<()> {
         r.video.width,
         std::mem::take(&mut r.video.rgb),
     )?;
-    let files = frames::write(&a.out, &out_frames, a.fps)?;
+    out_frames.check_finite()?;
+    let enc = writer.encoder();
+    for i in 0..out_frames.frames {
+        writer.write(enc.encode(i, out_frames.frame_rgb8(i))?)?;
+    }
+    let files = writer.finish()?;
     warn_stale_frames(&files);
     let tm = &r.video.timings;
     println!(

@@ -594,3 +594,20 @@ fn probe_lists_every_cuda_library_found_or_missing_without_panicking() {
         "{text}"
     );
 }
+
+/// The demo's options are checked before its model set is written: nothing is left in --dir.
+#[test]
+fn demo_refuses_bad_options_before_writing_its_model_set() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("demo");
+    for (extra, says) in [
+        (vec!["--steps", "0"], "--steps"),
+        (vec!["--out", "x.avi"], "unknown output format"),
+        (vec!["--out", "no/x.gif"], "no such folder"),
+        (vec!["--height", "8192"], "at most 4096"),
+    ] {
+        let e = fails(motionrt().arg("demo").arg("--dir").arg(&dir).args(&extra));
+        assert!(e.contains(says), "{extra:?}: {e}");
+        assert!(!dir.exists(), "{extra:?}");
+    }
+}

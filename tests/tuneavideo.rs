@@ -309,4 +309,32 @@ fn edit_command_inverts_and_regenerates_a_gif() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("nope.gif: no such file"), "{err}");
     assert!(!dir.path().join("o2.gif").exists());
+    // outputs that could not be written are refused before the inversion (which prints its
+    // stage line first when it runs), and nothing is left
+    for (extra, says) in [
+        (vec!["--fps", "0", "--out", "o3.gif"], "frame rate"),
+        (vec!["--out", "no/o3.gif"], "no/o3.gif"),
+        (
+            vec!["--out", "o3.gif", "--save-inverted", "no/inv.npy"],
+            "--save-inverted",
+        ),
+    ] {
+        let o = std::process::Command::new(bin)
+            .current_dir(dir.path())
+            .args(["edit", "--model"])
+            .arg(&model)
+            .arg("--video")
+            .arg(&input)
+            .args(["--prompt", "x", "--steps", "1"])
+            .args(&extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(says),
+            "{extra:?}: {err}"
+        );
+        assert!(!err.contains("inverting"), "{extra:?}: {err}");
+        assert!(!dir.path().join("o3.gif").exists());
+    }
 }
