@@ -13,7 +13,7 @@ use motionrt_runtime::npy::{self, NpyData};
 use motionrt_runtime::pipeline::{Event, GenerateOptions, ModelInfo, Pipeline, Timings};
 use motionrt_runtime::rng::NormalRng;
 use motionrt_runtime::scheduler::SchedulerKind;
-use motionrt_runtime::{Input, OrtSession, SessionOptions};
+use motionrt_runtime::{Input, OrtSession};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum GraphArg {
@@ -377,11 +377,8 @@ fn bench_pipeline(
     let base = generate_options(a)?;
     report.config.batch = 1;
     bar.set_message("loading");
-    let mut pipe = Pipeline::load(
-        model,
-        &SessionOptions::default().with_intra_threads(a.threads),
-    )
-    .with_context(|| format!("loading {}", model.display()))?;
+    let mut pipe = Pipeline::load(model, &crate::session_options(a.threads))
+        .with_context(|| format!("loading {}", model.display()))?;
     pipe.validate(&base)?;
     for (name, t) in &pipe.load_times {
         report.load_s.insert((*name).to_string(), *t);
@@ -566,10 +563,7 @@ fn bench_graph(
     let path = info.graph(g.file())?;
     bar.set_message("loading");
     let t = Instant::now();
-    let mut session = OrtSession::load(
-        &path,
-        &SessionOptions::default().with_intra_threads(a.threads),
-    )?;
+    let mut session = OrtSession::load(&path, &crate::session_options(a.threads))?;
     let load = t.elapsed().as_secs_f64();
     report.load_s.insert(g.file().into(), load);
     report.load_s.insert("total".into(), load);
@@ -655,11 +649,8 @@ fn compare_files(a: &Path, b: &Path, json: Option<&Path>) -> Result<()> {
 /// `{"event":"done","peak_host_bytes":...}`.
 fn worker(a: &BenchArgs, model: &Path) -> Result<()> {
     let base = generate_options(a)?;
-    let mut pipe = Pipeline::load(
-        model,
-        &SessionOptions::default().with_intra_threads(a.threads),
-    )
-    .with_context(|| format!("loading {}", model.display()))?;
+    let mut pipe = Pipeline::load(model, &crate::session_options(a.threads))
+        .with_context(|| format!("loading {}", model.display()))?;
     pipe.validate(&base)?;
     let out = std::io::stdout();
     let say = |v: serde_json::Value| -> Result<()> {

@@ -12,14 +12,15 @@ use motionrt_export::onnx::proto::{DataLocation, ValueInfoProto};
 use motionrt_export::onnx::{load_model, summarize, IoInfo};
 use motionrt_runtime::npy::{self, NpyArray, NpyData};
 use motionrt_runtime::rng::NormalRng;
-use motionrt_runtime::{error_stats, Input, OrtSession, Output, OutputData, SessionOptions};
+use motionrt_runtime::{error_stats, Input, OrtSession, Output, OutputData};
 use serde::Serialize;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendArg {
     /// ONNX Runtime on the CPU.
     Cpu,
-    /// The native CUDA engine (`motionrt build`).
+    /// Not for one graph: the native CUDA engine (`motionrt build`) runs whole pipelines
+    /// (`motionrt run --engine`, `motionrt bench --engine`); chosen here, an error that says so.
     Cuda,
 }
 
@@ -67,6 +68,7 @@ pub struct InferArgs {
     /// Write every graph output here (.npz, readable with numpy.load).
     #[arg(long)]
     pub out: PathBuf,
+    /// Where the graph runs.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendArg,
     /// ONNX Runtime threads per operator (0: all cores).
@@ -230,7 +232,9 @@ fn parse_dims(args: &[String]) -> Result<BTreeMap<String, usize>> {
             let v = v
                 .trim()
                 .parse::<usize>()
-                .with_context(|| format!("--dim {a:?}: {v:?} is not a size"))?;
+                .ok()
+                .filter(|&v| v > 0)
+                .with_context(|| format!("--dim {a:?}: {v:?} is not a size (1 or more)"))?;
             Ok((k.trim().to_string(), v))
         })
         .collect()
@@ -371,10 +375,7 @@ fn run_graph(
     threads: usize,
 ) -> Result<(Vec<Output>, f64, f64)> {
     let t = Instant::now();
-    let mut s = OrtSession::load(
-        graph,
-        &SessionOptions::default().with_intra_threads(threads),
-    )?;
+    let mut s = OrtSession::load(graph, &crate::session_options(threads))?;
     let load = t.elapsed().as_secs_f64();
     let inputs: Vec<(&str, Input<'_>)> = feeds
         .iter()
@@ -412,7 +413,7 @@ fn outputs_to_arrays(out: &[Output]) -> (Vec<(String, NpyArray)>, Vec<String>) {
 
 fn no_cuda(backend: BackendArg) -> Result<()> {
     if backend == BackendArg::Cuda {
-        bail!("--backend cuda runs native engines, which `motionrt build` will make (not available yet); use --backend cpu (ONNX Runtime)");
+        bail!("--backend cuda: `infer` runs one ONNX graph on ONNX Runtime (--backend cpu); a native CUDA engine, made by `motionrt build`, runs whole pipelines: `motionrt run --engine ENGINE` or `motionrt bench --engine ENGINE`");
     }
     Ok(())
 }

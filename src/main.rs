@@ -302,10 +302,41 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// ONNX Runtime's session options for `--threads N`; more threads than this machine has cores
+/// (each then waiting on the others: many times slower) gets a warning, once.
+pub(crate) fn session_options(threads: usize) -> SessionOptions {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    if cores > 0 && threads > cores {
+        WARNED.call_once(|| {
+            eprintln!(
+                "warning: --threads {threads} is more than this machine's {cores} cores: ONNX Runtime's threads would wait on one another (0, the default, uses each core once)"
+            )
+        });
+    }
+    SessionOptions::default().with_intra_threads(threads)
+}
+
+/// The error and its causes, joined with ": " — without a cause whose text the message before
+/// it already ends with (the library errors that name a file print their I/O cause too, which
+/// `{:#}` would print a second time: "x.onnx: No such file …: No such file …").
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !out.ends_with(&text) {
+            out = format!("{out}: {text}");
+        }
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -641,11 +672,8 @@ fn generate(
             out.display()
         );
     }
-    let mut pipe = Pipeline::load(
-        model,
-        &SessionOptions::default().with_intra_threads(threads),
-    )
-    .with_context(|| format!("loading {}", model.display()))?;
+    let mut pipe = Pipeline::load(model, &crate::session_options(threads))
+        .with_context(|| format!("loading {}", model.display()))?;
     pipe.validate(opts)?;
     let untuned = pipe.untuned_shapes(opts);
     if !untuned.is_empty() {
@@ -957,11 +985,8 @@ fn edit_video(a: EditArgs) -> Result<()> {
             );
         }
     }
-    let mut pipe = Pipeline::load(
-        &a.model,
-        &SessionOptions::default().with_intra_threads(a.threads),
-    )
-    .with_context(|| format!("loading {}", a.model.display()))?;
+    let mut pipe = Pipeline::load(&a.model, &crate::session_options(a.threads))
+        .with_context(|| format!("loading {}", a.model.display()))?;
     eprintln!(
         "{}: {} frames, {}×{} -> inverting under {:?}, then generating {:?}",
         a.video.display(),

@@ -45,6 +45,33 @@ fn inspect_reports_motion_module_version_and_layout() {
     assert!(text.contains("state_dict"), "{text}");
 }
 
+/// What is not there, or is no model, is an error that says which and why — once.
+#[test]
+fn inspect_refuses_missing_and_empty_files_clearly() {
+    let d = tempfile::tempdir().unwrap();
+    let missing = d.path().join("nope.safetensors");
+    let e = fails(motionrt().arg("inspect").arg(&missing));
+    assert!(e.contains("nope.safetensors: no such file"), "{e}");
+    assert_eq!(e.matches("no such file").count(), 1, "{e}");
+    let empty = d.path().join("empty.onnx");
+    std::fs::write(&empty, b"").unwrap();
+    let e = fails(motionrt().arg("inspect").arg(&empty));
+    assert!(
+        e.contains("empty.onnx") && e.contains("no ONNX model"),
+        "{e}"
+    );
+    // an I/O error under a message that names its file is not printed twice
+    let e = fails(
+        motionrt()
+            .args(["export", "--unet"])
+            .arg(d.path().join("no-unet"))
+            .arg("--out")
+            .arg(d.path().join("x")),
+    );
+    assert!(e.contains("no-unet"), "{e}");
+    assert_eq!(e.matches("(os error 2)").count(), 1, "{e}");
+}
+
 #[test]
 fn inspect_reports_ldm_unet_and_what_else_the_file_holds() {
     let v: serde_json::Value = serde_json::from_str(&ok(motionrt()

@@ -297,7 +297,7 @@ fn infer_rejects_bad_inputs_listing_the_graph_inputs() {
         .arg(&out));
     assert!(!ok);
     assert!(err.contains("--inputs") && err.contains(takes), "{err}");
-    // the CUDA backend does not exist yet
+    // one graph does not run on the native engine: the error says what does
     let (ok, _, err) = run(motionrt()
         .args(["infer", "--backend", "cuda", "--graph"])
         .arg(&graph)
@@ -306,7 +306,18 @@ fn infer_rejects_bad_inputs_listing_the_graph_inputs() {
         .arg("--out")
         .arg(&out));
     assert!(!ok);
-    assert!(err.contains("motionrt build"), "{err}");
+    assert!(
+        err.contains("motionrt build") && err.contains("run --engine"),
+        "{err}"
+    );
+    // a symbolic size of 0 is refused before anything is drawn or saved
+    let (ok, _, err) = run(motionrt()
+        .args(["infer", "--random", "--dim", "B=0", "--graph"])
+        .arg(&graph)
+        .arg("--out")
+        .arg(t.path().join("zero.npz")));
+    assert!(!ok && err.contains("B=0"), "{err}");
+    assert!(!t.path().join("zero.inputs.npz").exists());
 }
 
 fn compare_json(args: &[&std::ffi::OsStr]) -> (bool, Value) {

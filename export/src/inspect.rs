@@ -112,11 +112,19 @@ pub fn inspect(path: &Path) -> Result<Summary> {
     if !path.exists() {
         return Err(ExportError::io(
             path,
-            std::io::Error::from(std::io::ErrorKind::NotFound),
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
         ));
     }
     if path.is_file() && is_onnx(path) {
-        return Ok(Summary::Onnx(summarize(&load_model(path)?)));
+        let m = load_model(path)?;
+        // protobuf reads an empty file as a model of nothing: not what anyone means to inspect
+        if m.graph.is_none() && m.ir_version == 0 {
+            return Err(ExportError::model(
+                path,
+                "no ONNX model in this file (no graph and no IR version: empty or not ONNX)",
+            ));
+        }
+        return Ok(Summary::Onnx(summarize(&m)));
     }
     // Try as a UNet, then as a motion module; report the raw file if neither fits.
     let unet = source::open_unet(path);
@@ -136,8 +144,9 @@ pub fn inspect(path: &Path) -> Result<Summary> {
             let mut parameters = 0u64;
             for k in ckpt.keys() {
                 if let Some(m) = ckpt.meta(k) {
-                    *dtypes.entry(m.dtype.to_string()).or_insert(0) += m.numel() as u64;
-                    parameters += m.numel() as u64;
+                    let e = dtypes.entry(m.dtype.to_string()).or_insert(0u64);
+                    *e = e.saturating_add(m.numel() as u64);
+                    parameters = parameters.saturating_add(m.numel() as u64);
                 }
             }
             return Ok(Summary::Checkpoint(CheckpointSummary {
@@ -163,10 +172,11 @@ pub fn inspect(path: &Path) -> Result<Summary> {
         for k in ckpt.keys() {
             if let Some(m) = ckpt.meta(k) {
                 tensors += 1;
-                *dtypes.entry(m.dtype.to_string()).or_insert(0) += m.numel() as u64;
+                let e = dtypes.entry(m.dtype.to_string()).or_insert(0u64);
+                *e = e.saturating_add(m.numel() as u64);
                 // Positional tables are fixed sinusoids stored as buffers, not parameters.
                 if !k.ends_with(".pe") {
-                    parameters += m.numel() as u64;
+                    parameters = parameters.saturating_add(m.numel() as u64);
                 }
             }
             if k.starts_with("first_stage_model.") && !also.contains(&"vae") {

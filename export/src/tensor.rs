@@ -60,8 +60,13 @@ pub struct TensorMeta {
 }
 
 impl TensorMeta {
+    /// The element count; `usize::MAX` when the shape's product overflows (a corrupt or
+    /// hostile header), which no data length matches.
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        self.shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .unwrap_or(usize::MAX)
     }
 }
 

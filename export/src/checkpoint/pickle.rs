@@ -46,6 +46,11 @@ pub(crate) enum Global {
     Size,
     /// `_codecs.encode` (how protocol 2 pickles `bytes`)
     CodecsEncode,
+    /// `numpy.dtype` and `numpy.core.multiarray.scalar` (`numpy._core.multiarray` in numpy 2):
+    /// how a numpy scalar outside the weights (a training script's `global_step = np.int64(…)`)
+    /// is pickled. Calling either makes an inert [`Value::Numpy`]; nothing of numpy runs.
+    NumpyDtype,
+    NumpyScalar,
 }
 
 impl Global {
@@ -59,6 +64,8 @@ impl Global {
             }
             ("torch", "Size") => Global::Size,
             ("_codecs", "encode") => Global::CodecsEncode,
+            ("numpy", "dtype") => Global::NumpyDtype,
+            ("numpy.core.multiarray" | "numpy._core.multiarray", "scalar") => Global::NumpyScalar,
             ("torch", name) => {
                 if let Some(dtype) = storage_dtype(name) {
                     Global::Storage(dtype)
@@ -120,6 +127,8 @@ pub(crate) enum Value {
     Storage(usize),
     Tensor(usize),
     Obj(usize),
+    /// A numpy dtype or scalar (its value is never needed).
+    Numpy,
 }
 
 /// A container built by the pickle.
@@ -186,6 +195,7 @@ impl Unpickled {
             Value::Global(g) => format!("the global {g:?}"),
             Value::Storage(_) => "a storage".into(),
             Value::Tensor(_) => "a tensor".into(),
+            Value::Numpy => "a numpy scalar or dtype".into(),
             Value::Obj(id) => match self.objects.get(*id) {
                 Some(Object::Tuple(v)) => format!("a tuple of {}", v.len()),
                 Some(Object::List(v)) => format!("a list of {}", v.len()),
@@ -750,6 +760,7 @@ impl<'a> Machine<'a> {
                 _ => Err(self.err("torch.Size expects one tuple")),
             },
             Global::CodecsEncode => codecs_encode(args).map_err(|reason| self.err(reason)),
+            Global::NumpyDtype | Global::NumpyScalar => Ok(Value::Numpy),
             Global::Storage(_) | Global::Dtype(_) => {
                 Err(self.err(format!("{global:?} cannot be called")))
             }
@@ -886,6 +897,33 @@ mod tests {
             }
             other => panic!("expected UnsafePickle, got {other:?}"),
         }
+    }
+
+    /// A dict beside the weights holding a numpy scalar, as `pickle.dumps({'global_step':
+    /// numpy.int64(7), 'x': 1}, protocol=2)` writes it (numpy 2.4): read, the scalar inert.
+    #[test]
+    fn numpy_scalars_are_read_as_inert_values() {
+        let p = b"\x80\x02}q\x00(X\x0b\x00\x00\x00global_stepq\x01cnumpy._core.multiarray\nscalar\nq\x02cnumpy\ndtype\nq\x03X\x02\x00\x00\x00i8q\x04\x89\x88\x87q\x05Rq\x06(K\x03X\x01\x00\x00\x00<q\x07NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tq\x08bc_codecs\nencode\nq\tX\x08\x00\x00\x00\x07\x00\x00\x00\x00\x00\x00\x00q\nX\x06\x00\x00\x00latin1q\x0b\x86q\x0cRq\r\x86q\x0eRq\x0fX\x01\x00\x00\x00xq\x10K\x01u.";
+        let u = load(p).unwrap();
+        let d = u.as_dict(&u.root).unwrap();
+        assert_eq!(d.len(), 2);
+        assert!(matches!(&d[0], (Value::Str(k), Value::Numpy) if &**k == "global_step"));
+        assert!(matches!(&d[1], (Value::Str(k), Value::Int(1)) if &**k == "x"));
+        // numpy 1's module name too; other numpy names stay refused
+        let p1 = replace(p, b"numpy._core", b"numpy.core");
+        let u = load(&p1).unwrap();
+        assert!(matches!(&u.as_dict(&u.root).unwrap()[0].1, Value::Numpy));
+        let p2 = replace(p, b"scalar", b"_reconstruct");
+        assert_eq!(
+            unsafe_global(load(&p2)),
+            "numpy._core.multiarray._reconstruct"
+        );
+    }
+
+    /// `data` with its one occurrence of `from` replaced by `to`.
+    fn replace(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+        let i = data.windows(from.len()).position(|w| w == from).unwrap();
+        [&data[..i], to, &data[i + from.len()..]].concat()
     }
 
     #[test]

@@ -158,7 +158,12 @@ pub fn read_manifest(dir: &Path) -> Result<EngineManifest, EngineError> {
     })?;
     // The format first: a manifest of another format (or of another motionrt whose manifest
     // gained a field) gets the rebuild message, not a parse error about one of its fields.
-    let format = v.get("format").and_then(|f| f.as_str()).unwrap_or("");
+    let Some(format) = v.get("format").and_then(|f| f.as_str()) else {
+        return Err(EngineError::File {
+            path: p,
+            message: "not a motionrt engine manifest (it has no \"format\")".into(),
+        });
+    };
     if format != FORMAT {
         return Err(EngineError::File {
             path: p,
