@@ -469,10 +469,13 @@ mod tests {
         let header = r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#;
         let (_d, path, r) = open_bytes(&safetensors_bytes(header, 8));
         assert_malformed(r, &path, "truncated");
-        // Offsets that do not match the shape.
+        // Offsets that do not match the shape: the tensor, its shape and both sizes named.
         let header = r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,12]}}"#;
         let (_d, path, r) = open_bytes(&safetensors_bytes(header, 12));
-        assert_malformed(r, &path, "");
+        assert_malformed(r, &path, "tensor `w`: F32 [4] needs 16 bytes");
+        let header = r#"{"a":{"dtype":"F16","shape":[2],"data_offsets":[0,4]},"w":{"dtype":"F16","shape":[4],"data_offsets":[4,12]},"z":{"dtype":"I64","shape":[1],"data_offsets":[12,16]}}"#;
+        let (_d, path, r) = open_bytes(&safetensors_bytes(header, 16));
+        assert_malformed(r, &path, "tensor `z`: I64 [1] needs 8 bytes");
         // An element type we cannot represent is reported with the tensor's name.
         let header = r#"{"w":{"dtype":"U64","shape":[1],"data_offsets":[0,8]}}"#;
         let (_d, _path, r) = open_bytes(&safetensors_bytes(header, 8));

@@ -30,7 +30,7 @@ pub(super) struct SafetensorsReader {
 pub(super) fn open(path: &Path, file: &File) -> Result<Checkpoint> {
     let mmap = map_file(path, file)?;
     let (header_len, metadata) =
-        SafeTensors::read_metadata(&mmap).map_err(|e| header_error(path, mmap.len(), e))?;
+        SafeTensors::read_metadata(&mmap).map_err(|e| header_error(path, &mmap, e))?;
     // read_metadata checked that 8 + header_len is within the file.
     let data_start = 8 + header_len;
 
@@ -144,8 +144,49 @@ fn map_dtype(dtype: Dtype) -> Option<DType> {
     })
 }
 
-fn header_error(path: &Path, file_len: usize, e: SafeTensorError) -> ExportError {
+/// The first tensor of the header in `bytes` whose data offsets do not span its shape × its
+/// element size (what safetensors reports without naming the tensor), described.
+fn mismatched_tensor(bytes: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .find_map(|(k, t)| {
+            let dtype = t.get("dtype")?.as_str()?;
+            let size: u128 = match dtype {
+                "F64" | "I64" | "U64" => 8,
+                "F32" | "I32" | "U32" => 4,
+                "F16" | "BF16" | "I16" | "U16" => 2,
+                _ => 1,
+            };
+            let shape: Vec<u64> = t
+                .get("shape")?
+                .as_array()?
+                .iter()
+                .map(|d| d.as_u64())
+                .collect::<Option<_>>()?;
+            let offs = t.get("data_offsets")?.as_array()?;
+            let (b, e) = (offs.first()?.as_u64()?, offs.get(1)?.as_u64()?);
+            let want = shape
+                .iter()
+                .try_fold(size, |n, &d| n.checked_mul(u128::from(d)));
+            let have = u128::from(e.checked_sub(b)?);
+            (want != Some(have)).then(|| {
+                format!(
+                    "tensor `{k}`: {dtype} {shape:?} needs {} bytes, but its data offsets [{b}, {e}] hold {have}",
+                    want.map_or("more than 2^128".into(), |w| w.to_string())
+                )
+            })
+        })
+}
+
+fn header_error(path: &Path, bytes: &[u8], e: SafeTensorError) -> ExportError {
+    let file_len = bytes.len();
     let reason = match e {
+        SafeTensorError::TensorInvalidInfo => mismatched_tensor(bytes)
+            .unwrap_or_else(|| "a tensor's shape, data type and data offsets do not agree".into()),
         SafeTensorError::MetadataIncompleteBuffer => format!(
             "the header's data offsets do not end at the end of the file ({file_len} bytes): \
              the file is truncated or has trailing bytes"
