@@ -63,11 +63,10 @@ pub struct BuildArgs {
     /// The shape the convolution and GEMM algorithms are timed at.
     #[arg(long = "opt-shape", default_value = "1x16x512x512")]
     pub opt_shape: String,
-    /// Largest shape the engine must run.
-    /// (Its frames are lowered, with a note, to a motion module's positional table when that
-    /// is shorter, as AnimateDiff v1's 24 frames are.)
-    #[arg(long = "max-shape", default_value = DEFAULT_MAX_SHAPE)]
-    pub max_shape: String,
+    /// Largest shape the engine must run [default: 1x32x768x768, its frames lowered to a
+    /// motion module's positional table where that is shorter, as AnimateDiff v1's 24 are].
+    #[arg(long = "max-shape")]
+    pub max_shape: Option<String>,
     /// Frames per VAE decoder call the engine is planned for (`run --decode-chunk`). At the opt
     /// shape it must keep the VAE's tensors within 2^31 - 1 elements (the build says how many
     /// frames fit); at larger shapes `run` decodes as many a call as fit.
@@ -215,21 +214,26 @@ fn profiles(a: &BuildArgs) -> Result<motionrt_runtime::engine::file::Profiles> {
     let mut p = Profiles {
         min: parse("min-shape", &a.min_shape)?,
         opt: parse("opt-shape", &a.opt_shape)?,
-        max: parse("max-shape", &a.max_shape)?,
+        max: parse(
+            "max-shape",
+            a.max_shape.as_deref().unwrap_or(DEFAULT_MAX_SHAPE),
+        )?,
     };
     let info = motionrt_runtime::pipeline::ModelInfo::load(&a.model)?;
     if let Some(max) = info.max_frames {
-        if p.max.frames > max && a.max_shape == DEFAULT_MAX_SHAPE {
-            eprintln!(
-                "note: --max-shape's frames lowered from {} to {max}, the motion module's positional table",
-                p.max.frames
-            );
+        if p.max.frames > max && a.max_shape.is_none() {
+            if !a.plan_only {
+                eprintln!(
+                    "note: the default --max-shape's frames lowered from {} to {max}, the motion module's positional table",
+                    p.max.frames
+                );
+            }
             p.max.frames = max;
         }
         if p.max.frames > max {
             bail!(
                 "--max-shape {}: {} frames exceed the motion module's positional table ({max} frames per UNet call)",
-                a.max_shape,
+                a.max_shape.as_deref().unwrap_or(DEFAULT_MAX_SHAPE),
                 p.max.frames
             );
         }

@@ -835,6 +835,15 @@ fn demo(a: DemoArgs) -> Result<()> {
     let dir = a
         .dir
         .unwrap_or_else(|| std::env::temp_dir().join("motionrt-demo"));
+    // the export is replaced at the end: refused now, if it is something else, not after the
+    // model set is written
+    let out = dir.join("export");
+    if out.exists() && !motionrt_export::export::replaceable_export(&out) {
+        bail!(
+            "{}: exists and is not a motionrt export (no model.json): choose another --dir",
+            out.display()
+        );
+    }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let t = Instant::now();
     let model = synthetic::write_model(&dir, &synthetic::tiny_unet(), &motion_cfg, a.seed)?;
@@ -856,7 +865,6 @@ fn demo(a: DemoArgs) -> Result<()> {
         model.motion_file.display()
     );
 
-    let out = dir.join("export");
     let opts = ExportOptions {
         unet: model.unet_dir.clone(),
         motion_module: Some(model.motion_file.clone()),

@@ -637,4 +637,13 @@ fn demo_refuses_bad_options_before_writing_its_model_set() {
         assert!(e.contains(says), "{extra:?}: {e}");
         assert!(!dir.exists(), "{extra:?}");
     }
+    // an `export` folder there that is something else is refused before the model set is
+    // written beside it
+    std::fs::create_dir_all(dir.join("export")).unwrap();
+    std::fs::write(dir.join("export/notes.txt"), "x").unwrap();
+    let e = fails(motionrt().arg("demo").arg("--dir").arg(&dir));
+    assert!(e.contains("not a motionrt export"), "{e}");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(dir.join("export/notes.txt").is_file());
 }

@@ -831,48 +831,73 @@ fn is_dir_target(path: &Path) -> bool {
     s.ends_with('/') || s.ends_with(std::path::MAIN_SEPARATOR) || path.is_dir()
 }
 
-/// A temporary sibling `.NAME.partial-PID` of a final path; removed on drop unless committed.
-/// Move a PNG sequence's complete temporary frames onto their final names. The files they
-/// replace are first moved aside (`.NAME.old-PID`), so that if any step fails, the frames
-/// already moved are removed and the old files put back: a failed write leaves the folder as
-/// it was (the remaining temps are removed when dropped). The old files are removed once every
-/// frame is in place.
+/// Move a PNG sequence's complete temporary frames onto their final names. Each file a frame
+/// replaces is first given a second name, `.NAME.old-PID` (a hard link; the file is moved there
+/// where links are not supported); each frame then replaces its name in one rename, so a name
+/// holds the old file or the new frame at every moment, even if the process is killed. If a
+/// step fails, the frames already in place are removed and the old files put back (an error
+/// says where any that could not be are); the remaining temps are removed when dropped. The
+/// second names are removed once every frame is in place.
 fn commit_sequence(
     temps: &mut [TempFile],
     finals: &[PathBuf],
 ) -> Result<Vec<PathBuf>, FramesError> {
-    let mut aside: Vec<(&PathBuf, PathBuf)> = Vec::new();
+    // (final name, second name, whether a link: the file is still at the final name too)
+    let mut kept: Vec<(&PathBuf, PathBuf, bool)> = Vec::new();
     let mut done: Vec<&PathBuf> = Vec::with_capacity(finals.len());
-    let undo = |done: &[&PathBuf], aside: &[(&PathBuf, PathBuf)]| {
+    let undo = |e: FramesError, done: &[&PathBuf], kept: &[(&PathBuf, PathBuf, bool)]| {
+        let mut lost = Vec::new();
         for p in done {
-            let _ = fs::remove_file(p);
+            if !kept.iter().any(|(out, _, _)| out == p) {
+                let _ = fs::remove_file(p);
+            }
         }
-        for (out, old) in aside {
-            let _ = fs::rename(old, out);
+        for (out, old, linked) in kept {
+            // a link whose name was not yet replaced is the same file under both names
+            // (renaming one onto the other would do nothing): drop the second name
+            let r = if *linked && !done.contains(out) {
+                fs::remove_file(old)
+            } else {
+                fs::rename(old, out)
+            };
+            if r.is_err() {
+                lost.push(format!("{} is at {}", out.display(), old.display()));
+            }
+        }
+        if lost.is_empty() {
+            e
+        } else {
+            FramesError::Encode {
+                path: kept[0].0.clone(),
+                message: format!(
+                    "{e}; and not every file it replaced could be put back: {}",
+                    lost.join(", ")
+                ),
+            }
         }
     };
     for out in finals {
         if let Ok(m) = fs::symlink_metadata(out) {
             if m.is_dir() {
-                undo(&done, &aside);
-                return Err(not_a_file(out));
+                return Err(undo(not_a_file(out), &done, &kept));
             }
             let old = old_name(out);
-            if let Err(e) = fs::rename(out, &old) {
-                undo(&done, &aside);
-                return Err(io_err(out)(e));
+            let linked = fs::hard_link(out, &old).is_ok();
+            if !linked {
+                if let Err(e) = fs::rename(out, &old) {
+                    return Err(undo(io_err(out)(e), &done, &kept));
+                }
             }
-            aside.push((out, old));
+            kept.push((out, old, linked));
         }
     }
     for (tmp, out) in temps.iter_mut().zip(finals) {
         if let Err(e) = tmp.commit_ref(out) {
-            undo(&done, &aside);
-            return Err(e);
+            return Err(undo(e, &done, &kept));
         }
         done.push(out);
     }
-    for (_, old) in &aside {
+    for (_, old, _) in &kept {
         let _ = fs::remove_file(old);
     }
     Ok(finals.to_vec())
@@ -886,16 +911,25 @@ fn not_a_file(path: &Path) -> FramesError {
     }
 }
 
-/// `.NAME.old-PID` beside `path`: where a file a sequence replaces waits until the sequence is
-/// in place.
+/// `.NAME.old-PID` beside `path` (`-1`, `-2`, … after it where that exists: a killed run's,
+/// perhaps the only copy of a file): the second name of a file a sequence replaces until the
+/// sequence is in place.
 fn old_name(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "output".to_string());
-    path.with_file_name(format!(".{name}.old-{}", std::process::id()))
+    let pid = std::process::id();
+    (0..)
+        .map(|i| match i {
+            0 => path.with_file_name(format!(".{name}.old-{pid}")),
+            i => path.with_file_name(format!(".{name}.old-{pid}-{i}")),
+        })
+        .find(|p| fs::symlink_metadata(p).is_err())
+        .expect("a free name")
 }
 
+/// A temporary sibling `.NAME.partial-PID` of a final path; removed on drop unless committed.
 struct TempFile {
     path: PathBuf,
     armed: bool,

@@ -572,7 +572,7 @@ fn a_failed_png_sequence_keeps_the_files_it_would_replace() {
         ["frame_000.png", "frame_001.png", "frame_002.png"]
     );
     // the directory appears while the frames are being written: the two old frames, already
-    // moved aside when it is met, are put back
+    // given second names when it is met, keep their own
     fs::remove_dir(dir.join("frame_002.png")).unwrap();
     let mut w = FrameWriter::create(&dir, 6, 4, 3, 8.0).unwrap();
     for i in 0..3 {
@@ -587,8 +587,21 @@ fn a_failed_png_sequence_keeps_the_files_it_would_replace() {
         dir_entries(&dir),
         ["frame_000.png", "frame_001.png", "frame_002.png"]
     );
-    // without the clash the new frames replace the old, and nothing else is left
+    // a frame that fails to move into place after another has: the one in place is undone
+    // (its old file back), the one not yet replaced keeps its old file, nothing hidden is left
     fs::remove_dir(dir.join("frame_002.png")).unwrap();
+    let mut w = FrameWriter::create(&dir, 6, 4, 3, 8.0).unwrap();
+    for i in 0..3 {
+        w.write(w.encoder().encode(i, frames.frame_rgb8(i)).unwrap())
+            .unwrap();
+    }
+    let temp = dir.join(format!(".frame_001.png.partial-{}", std::process::id()));
+    fs::remove_file(&temp).unwrap();
+    let e = w.finish().unwrap_err().to_string();
+    assert!(e.contains("frame_001.png"), "{e}");
+    kept(&dir);
+    assert_eq!(dir_entries(&dir), ["frame_000.png", "frame_001.png"]);
+    // without the clash the new frames replace the old, and nothing else is left
     write(&dir, &frames, 8.0).unwrap();
     assert_eq!(
         dir_entries(&dir),
