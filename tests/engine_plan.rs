@@ -427,35 +427,29 @@ fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
             0
         );
     }
+    // `build ARGS --model SRC --out OUT`
+    let build = |args: &[&str], out: &Path| {
+        motionrt()
+            .arg("build")
+            .args(args)
+            .arg("--model")
+            .arg(&src)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
     // An existing output is not replaced without --overwrite.
-    let o = motionrt()
-        .args(["build", "--plan-only", "--model"])
-        .arg(&src)
-        .arg("--out")
-        .arg(&plan)
-        .output()
-        .unwrap();
+    let o = build(&["--plan-only"], &plan);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"));
     // With it, an earlier plan is replaced, but not a folder of something else.
-    let o = motionrt()
-        .args(["build", "--plan-only", "--overwrite", "--model"])
-        .arg(&src)
-        .arg("--out")
-        .arg(&plan)
-        .output()
-        .unwrap();
+    let o = build(&["--plan-only", "--overwrite"], &plan);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let other = work.path().join("notes");
     std::fs::create_dir(&other).unwrap();
     std::fs::write(other.join("keep.txt"), "x").unwrap();
-    let o = motionrt()
-        .args(["build", "--plan-only", "--overwrite", "--model"])
-        .arg(&src)
-        .arg("--out")
-        .arg(&other)
-        .output()
-        .unwrap();
+    let o = build(&["--plan-only", "--overwrite"], &other);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("not a motionrt engine"),
@@ -470,13 +464,7 @@ fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
         ("--min-shape", "1x24x256x256", "between"),
         ("--max-shape", "1x64x512x512", "positional table"),
     ] {
-        let o = motionrt()
-            .args(["build", "--plan-only", flag, value, "--model"])
-            .arg(&src)
-            .arg("--out")
-            .arg(work.path().join("shapes"))
-            .output()
-            .unwrap();
+        let o = build(&["--plan-only", flag, value], &work.path().join("shapes"));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{flag} {value}: {err}");
         assert!(err.contains(says), "{flag} {value}: {err}");
@@ -487,13 +475,7 @@ fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
     assert!(!work.path().join("shapes").exists());
     // A VAE chunk of no frames is refused before the GPU is opened (with or without one).
     let zero = work.path().join("zero.engine");
-    let o = motionrt()
-        .args(["build", "--vae-chunk", "0", "--model"])
-        .arg(&src)
-        .arg("--out")
-        .arg(&zero)
-        .output()
-        .unwrap();
+    let o = build(&["--vae-chunk", "0"], &zero);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--vae-chunk"), "{err}");
     assert!(!zero.exists());

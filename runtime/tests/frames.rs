@@ -558,6 +558,23 @@ fn a_failed_png_sequence_keeps_the_files_it_would_replace() {
         assert_eq!(fs::read(d.join("frame_001.png")).unwrap(), b"B");
     };
     let frames = gradient(3, 4, 6);
+    // a writer of the three frames, not yet finished
+    let written = |d: &Path| {
+        let mut w = FrameWriter::create(d, 6, 4, 3, 8.0).unwrap();
+        for i in 0..3 {
+            w.write(w.encoder().encode(i, frames.frame_rgb8(i)).unwrap())
+                .unwrap();
+        }
+        w
+    };
+    // the old frames as they were, beside the folder named like the third frame
+    let kept_with_folder = || {
+        kept(&dir);
+        assert_eq!(
+            dir_entries(&dir),
+            ["frame_000.png", "frame_001.png", "frame_002.png"]
+        );
+    };
     // caught when the writer is opened: before the generation's work, nothing written
     old(&dir);
     fs::create_dir(dir.join("frame_002.png")).unwrap();
@@ -566,35 +583,19 @@ fn a_failed_png_sequence_keeps_the_files_it_would_replace() {
         e.contains("frame_002.png") && e.contains("directory"),
         "{e}"
     );
-    kept(&dir);
-    assert_eq!(
-        dir_entries(&dir),
-        ["frame_000.png", "frame_001.png", "frame_002.png"]
-    );
+    kept_with_folder();
     // the directory appears while the frames are being written: the two old frames, already
     // given second names when it is met, keep their own
     fs::remove_dir(dir.join("frame_002.png")).unwrap();
-    let mut w = FrameWriter::create(&dir, 6, 4, 3, 8.0).unwrap();
-    for i in 0..3 {
-        w.write(w.encoder().encode(i, frames.frame_rgb8(i)).unwrap())
-            .unwrap();
-    }
+    let w = written(&dir);
     fs::create_dir(dir.join("frame_002.png")).unwrap();
     let e = w.finish().unwrap_err().to_string();
     assert!(e.contains("frame_002.png"), "{e}");
-    kept(&dir);
-    assert_eq!(
-        dir_entries(&dir),
-        ["frame_000.png", "frame_001.png", "frame_002.png"]
-    );
+    kept_with_folder();
     // a frame that fails to move into place after another has: the one in place is undone
     // (its old file back), the one not yet replaced keeps its old file, nothing hidden is left
     fs::remove_dir(dir.join("frame_002.png")).unwrap();
-    let mut w = FrameWriter::create(&dir, 6, 4, 3, 8.0).unwrap();
-    for i in 0..3 {
-        w.write(w.encoder().encode(i, frames.frame_rgb8(i)).unwrap())
-            .unwrap();
-    }
+    let w = written(&dir);
     let temp = dir.join(format!(".frame_001.png.partial-{}", std::process::id()));
     fs::remove_file(&temp).unwrap();
     let e = w.finish().unwrap_err().to_string();
