@@ -52,6 +52,14 @@ impl Profile {
         if v.len() != 4 || v[2] % 8 != 0 || v[3] % 8 != 0 || v.contains(&0) {
             return Err(expected());
         }
+        // beyond what runs anywhere, and bounded so that no size the planner multiplies out
+        // can overflow
+        let side = crate::pipeline::MAX_SIDE;
+        if v[0] > 64 || v[1] > 1024 || v[2] > side || v[3] > side {
+            return Err(format!(
+                "{s:?}: at most 64 videos a batch, 1024 frames and {side}×{side} pixels"
+            ));
+        }
         Ok(Self {
             batch: v[0],
             frames: v[1],
@@ -1299,6 +1307,8 @@ mod tests {
             &Profile::parse("1x64x512x512").unwrap()
         ));
         assert!(Profile::parse("1x16x500x512").is_err());
+        assert!(Profile::parse("1x16x999999992x512").is_err());
+        assert!(Profile::parse("1x16x4096x4096").is_ok());
         assert_eq!(x.shapes("unet", 768, 8)[0].1, vec![2, 4, 16, 64, 64]);
     }
 }
