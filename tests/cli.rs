@@ -647,3 +647,57 @@ fn demo_refuses_bad_options_before_writing_its_model_set() {
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(dir.join("export/notes.txt").is_file());
 }
+
+/// A hand-edited `model.json` that parses but cannot be right, and options that contradict
+/// one another: an error naming the file or the flag, not a panic.
+#[test]
+fn run_refuses_an_inconsistent_model_json_and_duplicate_frame_prompts() {
+    let d = demo_model();
+    let model = d.path().join("export");
+    let gif = d.path().join("x.gif");
+    let json = model.join("model.json");
+    let original = std::fs::read_to_string(&json).unwrap();
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+        f(&mut v);
+        std::fs::write(&json, v.to_string()).unwrap();
+    };
+    edit(&|v| v["latent_scale"] = 0.into());
+    let e = run_fails(&model, &gif);
+    assert!(
+        e.contains("model.json") && e.contains("latent_scale"),
+        "{e}"
+    );
+    edit(&|v| v["scaling_factor"] = 0.0.into());
+    let e = run_fails(&model, &gif);
+    assert!(e.contains("scaling_factor"), "{e}");
+    // a UNet whose cross-attention width is not the text encoder's
+    edit(&|v| v["unet_config"]["cross_attention_dim"] = 64.into());
+    let e = run_fails(&model, &gif);
+    assert!(
+        e.contains("text_encoder.onnx") && e.contains("cross_attention_dim"),
+        "{e}"
+    );
+    std::fs::write(&json, &original).unwrap();
+    let e = fails(
+        motionrt()
+            .args(["run", "--prompt", "a", "--steps", "1", "--frames", "2"])
+            .args(["--height", "16", "--width", "16"])
+            .args(["--frame-prompt", "1:b", "--frame-prompt", "1:c", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&gif),
+    );
+    assert!(e.contains("frame 1 is given two prompts"), "{e}");
+    // the export's DDIM (leading spacing, steps_offset 1) cannot take 1000 steps of 1000
+    let e = fails(
+        motionrt()
+            .args(["run", "--prompt", "a", "--steps", "1000", "--frames", "1"])
+            .args(["--height", "8", "--width", "8", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&gif),
+    );
+    assert!(e.contains("leading") && e.contains("fewer steps"), "{e}");
+    assert!(!gif.exists());
+}

@@ -78,24 +78,40 @@ impl ModelInfo {
         })?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| model_err(&path, format!("not JSON: {e}")))?;
-        let num = |ptr: &str| -> Result<f64> {
+        // sizes: whole numbers from 1 up (a hand-edited 0 would divide by zero later)
+        let size = |ptr: &str| -> Result<usize> {
             v.pointer(ptr)
-                .and_then(|x| x.as_f64())
-                .ok_or_else(|| model_err(&path, format!("`{ptr}` is missing or not a number")))
+                .and_then(|x| x.as_u64())
+                .filter(|&n| n >= 1)
+                .map(|n| n as usize)
+                .ok_or_else(|| {
+                    model_err(
+                        &path,
+                        format!("`{ptr}` is missing or not a whole number of at least 1"),
+                    )
+                })
+        };
+        let scaling_factor = v
+            .get("scaling_factor")
+            .and_then(|x| x.as_f64())
+            .unwrap_or(0.18215) as f32;
+        if !(scaling_factor.is_finite() && scaling_factor > 0.0) {
+            return Err(model_err(
+                &path,
+                format!("`scaling_factor` must be a positive number, got {scaling_factor}"),
+            ));
+        }
+        let max_frames = match v.get("max_frames") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(_) => Some(size("/max_frames")?),
         };
         Ok(Self {
             dir: dir.to_path_buf(),
-            latent_channels: num("/unet_config/in_channels")? as usize,
-            cross_attention_dim: num("/unet_config/cross_attention_dim")? as usize,
-            latent_scale: num("/latent_scale")? as usize,
-            scaling_factor: v
-                .get("scaling_factor")
-                .and_then(|x| x.as_f64())
-                .unwrap_or(0.18215) as f32,
-            max_frames: v
-                .get("max_frames")
-                .and_then(|x| x.as_u64())
-                .map(|x| x as usize),
+            latent_channels: size("/unet_config/in_channels")?,
+            cross_attention_dim: size("/unet_config/cross_attention_dim")?,
+            latent_scale: size("/latent_scale")?,
+            scaling_factor,
+            max_frames,
             scheduler_defaults: v
                 .get("scheduler_defaults")
                 .cloned()
@@ -757,6 +773,14 @@ impl Pipeline {
                 "--decode-chunk must be at least 1".into(),
             ));
         }
+        let mut given: Vec<usize> = o.frame_prompts.iter().map(|(f, _)| *f).collect();
+        given.sort_unstable();
+        if let Some(w) = given.windows(2).find(|w| w[0] == w[1]) {
+            return Err(PipelineError::Options(format!(
+                "--frame-prompt: frame {} is given two prompts",
+                w[0]
+            )));
+        }
         if let Some((f, _)) = o.frame_prompts.iter().find(|(f, _)| *f >= o.frames) {
             return Err(PipelineError::Options(format!(
                 "frame prompt at frame {f} is beyond the last frame ({})",
@@ -799,6 +823,18 @@ impl Pipeline {
         prompts.extend(keys.iter().map(|k| k.1));
         let emb = self.encode_prompts(&prompts, warn)?;
         let row = 77 * self.info.cross_attention_dim;
+        if emb.len() != prompts.len() * row {
+            return Err(model_err(
+                &self.info.dir.join("text_encoder.onnx"),
+                format!(
+                    "its output holds {} values for {} prompts, not [{}, 77, {}] (the UNet's cross_attention_dim in model.json): the text encoder and the UNet do not belong together",
+                    emb.len(),
+                    prompts.len(),
+                    prompts.len(),
+                    self.info.cross_attention_dim
+                ),
+            ));
+        }
         let negative = emb[..row].to_vec();
         let key_emb = |i: usize| &emb[(i + 1) * row..(i + 2) * row];
         let mut per_frame = Vec::with_capacity(o.frames * row);

@@ -239,7 +239,86 @@ fn invalid_step_counts_are_errors() {
         "{err}"
     );
     assert!(create(SchedulerKind::Lcm, &cfg, 50).is_ok());
-    assert!(create(SchedulerKind::Ddim, &cfg, 1000).is_ok());
+    // DDIM's default "leading" spacing (a config that names none) with steps_offset 1: 1000
+    // steps would reach timestep 1000
+    let leading = SchedulerConfig {
+        timestep_spacing: None,
+        ..cfg.clone()
+    };
+    let err = create(SchedulerKind::Ddim, &leading, 1000).err().unwrap();
+    assert!(
+        err.to_string().contains("leading") && err.to_string().contains("1000"),
+        "{err}"
+    );
+    let trailing = SchedulerConfig {
+        timestep_spacing: Some(TimestepSpacing::Trailing),
+        ..cfg.clone()
+    };
+    assert!(create(SchedulerKind::Ddim, &trailing, 1000).is_ok());
+    // DPM-Solver's rounded linspace repeats a timestep at 1000 steps of 1000
+    let err = create(SchedulerKind::DpmPp2m, &cfg, 1000).err().unwrap();
+    assert!(err.to_string().contains("repeat"), "{err}");
+    // an offset or clip range no schedule can use
+    for (bad, says) in [
+        (
+            SchedulerConfig {
+                steps_offset: 1000,
+                ..cfg.clone()
+            },
+            "steps_offset",
+        ),
+        (
+            SchedulerConfig {
+                clip_sample_range: -1.0,
+                ..cfg.clone()
+            },
+            "clip_sample_range",
+        ),
+        (
+            SchedulerConfig {
+                num_train_timesteps: 1 << 40,
+                ..cfg.clone()
+            },
+            "num_train_timesteps",
+        ),
+    ] {
+        let err = create(SchedulerKind::Ddim, &bad, 10).err().unwrap();
+        assert!(err.to_string().contains(says), "{err}");
+    }
+}
+
+/// Every scheduler runs every step of the longest schedule it accepts (at most 1000) without
+/// indexing past its tables, and ends finite.
+#[test]
+fn the_longest_accepted_schedules_run_to_the_end() {
+    for spacing in [
+        None,
+        Some(TimestepSpacing::Leading),
+        Some(TimestepSpacing::Linspace),
+        Some(TimestepSpacing::Trailing),
+    ] {
+        let cfg = SchedulerConfig {
+            timestep_spacing: spacing,
+            ..SchedulerConfig::animatediff()
+        };
+        for kind in SchedulerKind::ALL {
+            let (steps, mut s) = (1..=1000)
+                .rev()
+                .find_map(|n| create(kind, &cfg, n).ok().map(|s| (n, s)))
+                .unwrap();
+            assert!(steps >= 50, "{kind} {spacing:?}: {steps}");
+            let mut x = vec![0.5f32; 4];
+            let mut noise = |v: &mut [f32]| v.fill(0.1);
+            for i in 0..s.timesteps().len() {
+                let m = vec![0.1f32; 4];
+                s.step(&m, i, &mut x, &mut noise);
+            }
+            assert!(
+                x.iter().all(|v| v.is_finite()),
+                "{kind} {spacing:?} at {steps}: {x:?}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -63,6 +63,21 @@ impl DpmSolverMultistep {
                     .collect()
             }
         };
+        if timesteps.iter().any(|&t| !(0.0..train as f64).contains(&t)) {
+            return Err(SchedulerError::Config(format!(
+                "DPM-Solver schedule for {steps} steps has timesteps outside 0..{train}"
+            )));
+        }
+        // spacing that rounds near num_train_timesteps repeats a timestep: a step of zero,
+        // which the solver divides by (Karras sigmas replace these timesteps)
+        if !karras {
+            if let Some(w) = timesteps.windows(2).find(|w| w[0] == w[1]) {
+                return Err(SchedulerError::Config(format!(
+                    "{steps} DPM-Solver steps over {train} timesteps repeat timestep {} (a step of zero): use fewer steps",
+                    w[0]
+                )));
+            }
+        }
         let ac = alphas_cumprod(cfg);
         let train_sigmas = super::train_sigmas(&ac);
         let mut sigmas: Vec<f32> = if karras {

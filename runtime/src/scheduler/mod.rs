@@ -409,6 +409,7 @@ pub fn create(
             train: config.num_train_timesteps,
         });
     }
+    check_schedule(kind, config, steps)?;
     Ok(match kind {
         SchedulerKind::Ddim => Box::new(Ddim::new(config, steps)),
         SchedulerKind::Euler => Box::new(Euler::new(config, steps, false)),
@@ -419,11 +420,51 @@ pub fn create(
     })
 }
 
+/// The schedule `kind` makes of `steps` within the training timesteps: "leading" spacing adds
+/// `steps_offset` to its largest step (999 + 1 at 1000 DDIM steps, which diffusers too would
+/// index past its table). (DPM-Solver checks its own for repeated timesteps.)
+fn check_schedule(
+    kind: SchedulerKind,
+    c: &SchedulerConfig,
+    steps: usize,
+) -> Result<(), SchedulerError> {
+    let train = c.num_train_timesteps;
+    let dpm = matches!(kind, SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras);
+    let spacing = c.spacing_for(kind);
+    if kind != SchedulerKind::Lcm && spacing == TimestepSpacing::Leading {
+        let last = if dpm {
+            steps * (train / (steps + 1))
+        } else {
+            (steps - 1) * (train / steps)
+        } + c.steps_offset;
+        if last >= train {
+            return Err(SchedulerError::Config(format!(
+                "{steps} steps with \"leading\" timestep spacing and steps_offset {} reach timestep {last}, past the last of num_train_timesteps ({train}): use fewer steps or \"trailing\" spacing",
+                c.steps_offset
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn check_config(c: &SchedulerConfig) -> Result<(), SchedulerError> {
-    if c.num_train_timesteps < 2 {
+    // (the table of ᾱ is allocated at this length)
+    if !(2..=100_000).contains(&c.num_train_timesteps) {
         return Err(SchedulerError::Config(format!(
-            "num_train_timesteps must be at least 2, got {}",
+            "num_train_timesteps must be in 2..=100000, got {}",
             c.num_train_timesteps
+        )));
+    }
+    if c.steps_offset >= c.num_train_timesteps {
+        return Err(SchedulerError::Config(format!(
+            "steps_offset must be below num_train_timesteps ({}), got {}",
+            c.num_train_timesteps, c.steps_offset
+        )));
+    }
+    if !(c.clip_sample_range.is_finite() && c.clip_sample_range > 0.0) {
+        return Err(SchedulerError::Config(format!(
+            "clip_sample_range must be a positive number, got {}",
+            c.clip_sample_range
         )));
     }
     if !(c.beta_start.is_finite() && c.beta_end.is_finite())
