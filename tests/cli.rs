@@ -469,8 +469,8 @@ fn a_failing_ffmpeg_stops_the_run_with_its_own_message() {
 }
 
 /// A model whose values overflow (here a VAE decoder weight made NaN, as an fp16 overflow
-/// would leave it): the run stops with what overflowed, when, and what to try, and writes no
-/// output.
+/// would leave it): the run stops with what overflowed, when, and what to try (a float32
+/// export: not the float16 advice), and writes no output.
 #[test]
 fn run_says_where_values_overflow_and_what_to_try() {
     use motionrt_export::onnx::proto::TensorProtoDataType;
@@ -494,7 +494,8 @@ fn run_says_where_values_overflow_and_what_to_try() {
         e.contains("decoded frames")
             && e.contains("NaN/Inf")
             && e.contains("frames 0..")
-            && e.contains("--precision fp32"),
+            && e.contains("float32 export")
+            && e.contains("weights"),
         "{e}"
     );
     assert!(!gif.exists(), "nothing written");
@@ -662,6 +663,9 @@ fn run_refuses_an_inconsistent_model_json_and_duplicate_frame_prompts() {
         f(&mut v);
         std::fs::write(&json, v.to_string()).unwrap();
     };
+    edit(&|v| v["format_version"] = 2.into());
+    let e = run_fails(&model, &gif);
+    assert!(e.contains("model.json") && e.contains("version 2"), "{e}");
     edit(&|v| v["latent_scale"] = 0.into());
     let e = run_fails(&model, &gif);
     assert!(
@@ -679,6 +683,15 @@ fn run_refuses_an_inconsistent_model_json_and_duplicate_frame_prompts() {
         "{e}"
     );
     std::fs::write(&json, &original).unwrap();
+    // a tokenizer with an id past the text encoder's embedding table
+    let vocab = model.join("tokenizer/vocab.json");
+    let text = std::fs::read_to_string(&vocab).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["h"] = 100000.into();
+    std::fs::write(&vocab, v.to_string()).unwrap();
+    let e = run_fails(&model, &gif);
+    assert!(e.contains("tokenizer") && e.contains("100000"), "{e}");
+    std::fs::write(&vocab, text).unwrap();
     let e = fails(
         motionrt()
             .args(["run", "--prompt", "a", "--steps", "1", "--frames", "2"])

@@ -91,10 +91,13 @@ pub fn error_stats(out: &[f32], reference: &[f32]) -> ErrorStats {
         } else {
             max_abs
         },
+        // zero against zero is the same direction; zero against anything else is none
         cosine: if n_o > 0.0 && n_r > 0.0 {
             dot / (n_o.sqrt() * n_r.sqrt())
-        } else {
+        } else if n_o == n_r && nonfinite < out.len() {
             1.0
+        } else {
+            0.0
         },
         nonfinite,
         len,
@@ -134,6 +137,13 @@ mod tests {
         assert_eq!(same.max_abs, 0.0);
         assert!((same.cosine - 1.0).abs() < 1e-12);
         assert!(same.passes(Tolerance::SAME_WEIGHTS));
+        // zeros point nowhere: against a reference that is not zero they share no direction;
+        // nor does an output with no finite value at all
+        assert_eq!(error_stats(&[0.0, 0.0], &[1.0, -2.0]).cosine, 0.0);
+        assert_eq!(error_stats(&[0.0, 0.0], &[0.0, 0.0]).cosine, 1.0);
+        let nan = error_stats(&[f32::NAN, f32::NAN], &[1.0, -2.0]);
+        assert_eq!((nan.cosine, nan.nonfinite), (0.0, 2));
+        assert!(!nan.passes(Tolerance::FP16));
     }
 
     #[test]

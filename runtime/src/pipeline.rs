@@ -31,7 +31,7 @@ pub enum PipelineError {
     Scheduler(#[from] SchedulerError),
     #[error(transparent)]
     Frames(#[from] crate::frames::FramesError),
-    #[error("{what} contains {count} NaN/Inf values {when}: the model overflowed ({advice})")]
+    #[error("{what} contains {count} NaN/Inf values {when} ({advice})")]
     NonFinite {
         what: &'static str,
         when: String,
@@ -78,6 +78,20 @@ impl ModelInfo {
         })?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| model_err(&path, format!("not JSON: {e}")))?;
+        // what `motionrt export` writes: another format, or a later version of this one, is
+        // refused by name rather than read as far as it happens to match
+        let format = v.get("format").and_then(|f| f.as_str());
+        let version = v.get("format_version").and_then(|f| f.as_u64());
+        if format != Some("motionrt-model") || version != Some(1) {
+            return Err(model_err(
+                &path,
+                format!(
+                    "format {} version {}: this motionrt reads \"motionrt-model\" version 1, what `motionrt export` writes",
+                    format.map_or("(none)".into(), |f| format!("{f:?}")),
+                    version.map_or("(none)".into(), |n| n.to_string())
+                ),
+            ));
+        }
         // sizes: whole numbers from 1 up (a hand-edited 0 would divide by zero later)
         let size = |ptr: &str| -> Result<usize> {
             v.pointer(ptr)
@@ -483,10 +497,13 @@ impl Pipeline {
     /// motionrt's tactic kernels or in float32; on ONNX Runtime, a float32 export.
     pub fn overflow_advice(&self) -> &'static str {
         if self.engine.is_some() {
-            "on a native engine: rebuild it with `motionrt build --no-kernel-tactics` (cuDNN and \
-             cuBLASLt only), or with --precision fp32"
+            "the model overflowed; on a native engine: rebuild it with `motionrt build \
+             --no-kernel-tactics` (cuDNN and cuBLASLt only), or with --precision fp32"
+        } else if self.info.precision == "fp16" {
+            "the model overflowed in float16: export with --precision fp32"
         } else {
-            "with an fp16 export, try --precision fp32"
+            "a float32 export: check the model's weights and model.json (scaling_factor, \
+             scheduler_defaults) and the --scheduler-config"
         }
     }
 
@@ -633,6 +650,18 @@ impl Pipeline {
                 "no tokenizer (vocab.json + merges.txt or bpe_simple_vocab_16e6.txt.gz): export with --tokenizer",
             ));
         };
+        // an id past the text encoder's table would fail inside its Gather, mid-run
+        if let Some(v) = info.text_vocab_size {
+            if tokenizer.max_id() as usize >= v {
+                return Err(model_err(
+                    &tok_dir,
+                    format!(
+                        "token id {} is past the text encoder's vocabulary of {v} (model.json's text_encoder_config): the tokenizer and the text encoder do not belong together",
+                        tokenizer.max_id()
+                    ),
+                ));
+            }
+        }
         // Check every file before the slow loads.
         let paths = [
             info.graph("unet")?,

@@ -538,6 +538,17 @@ impl ClipTokenizer {
         self.vocab.len()
     }
 
+    /// The largest token id (49407 for CLIP): what the text encoder's embedding table must
+    /// hold.
+    pub fn max_id(&self) -> u32 {
+        self.vocab
+            .values()
+            .chain(self.specials.iter().map(|(_, i)| i))
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Id of `<|startoftext|>` (49406 for CLIP).
     pub fn bos_id(&self) -> u32 {
         self.bos_id
