@@ -71,10 +71,12 @@ impl ModelInfo {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("model.json");
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            model_err(
-                &path,
-                format!("{e} (a model directory is what `motionrt export` writes)"),
-            )
+            let what = if dir.join("engine.json").is_file() {
+                "an engine folder that `motionrt build` wrote holds it: rebuild the engine"
+            } else {
+                "a model directory is what `motionrt export` writes"
+            };
+            model_err(&path, format!("{e} ({what})"))
         })?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| model_err(&path, format!("not JSON: {e}")))?;
