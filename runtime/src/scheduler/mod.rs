@@ -420,26 +420,20 @@ pub fn create(
     })
 }
 
-/// The schedule `kind` makes of `steps` within the training timesteps: "leading" spacing adds
-/// `steps_offset` to its largest step (999 + 1 at 1000 DDIM steps, which diffusers too would
-/// index past its table). (DPM-Solver checks its own for repeated timesteps.)
+/// DDIM's schedule within its table of ᾱ: "leading" spacing adds `steps_offset` to its largest
+/// timestep (999 + 1 at 1000 steps of 1000, which diffusers too would index past the table).
+/// (Euler interpolates its sigmas, clamped, as diffusers does; DPM-Solver checks its own.)
 fn check_schedule(
     kind: SchedulerKind,
     c: &SchedulerConfig,
     steps: usize,
 ) -> Result<(), SchedulerError> {
     let train = c.num_train_timesteps;
-    let dpm = matches!(kind, SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras);
-    let spacing = c.spacing_for(kind);
-    if kind != SchedulerKind::Lcm && spacing == TimestepSpacing::Leading {
-        let last = if dpm {
-            steps * (train / (steps + 1))
-        } else {
-            (steps - 1) * (train / steps)
-        } + c.steps_offset;
+    if kind == SchedulerKind::Ddim && c.spacing_for(kind) == TimestepSpacing::Leading {
+        let last = (steps - 1) * (train / steps) + c.steps_offset;
         if last >= train {
             return Err(SchedulerError::Config(format!(
-                "{steps} steps with \"leading\" timestep spacing and steps_offset {} reach timestep {last}, past the last of num_train_timesteps ({train}): use fewer steps or \"trailing\" spacing",
+                "{steps} DDIM steps with \"leading\" timestep spacing and steps_offset {} reach timestep {last}, past the last of num_train_timesteps ({train}): use fewer steps or \"trailing\" spacing",
                 c.steps_offset
             )));
         }
