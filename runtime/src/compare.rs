@@ -94,7 +94,7 @@ pub fn error_stats(out: &[f32], reference: &[f32]) -> ErrorStats {
         // zero against zero is the same direction; zero against anything else is none
         cosine: if n_o > 0.0 && n_r > 0.0 {
             dot / (n_o.sqrt() * n_r.sqrt())
-        } else if n_o == n_r && nonfinite < out.len() {
+        } else if n_o == n_r && (out.is_empty() || nonfinite < out.len()) {
             1.0
         } else {
             0.0

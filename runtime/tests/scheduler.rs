@@ -255,6 +255,18 @@ fn invalid_step_counts_are_errors() {
         ..cfg.clone()
     };
     assert!(create(SchedulerKind::Ddim, &trailing, 1000).is_ok());
+    // Karras sigmas replace the spaced timesteps, so a spacing that would reach past the table
+    // (trailing's float arange at 61 steps ends at -1; leading at 999) does not matter to them
+    for (spacing, steps) in [
+        (TimestepSpacing::Trailing, 61),
+        (TimestepSpacing::Leading, 999),
+    ] {
+        let c = SchedulerConfig {
+            timestep_spacing: Some(spacing),
+            ..cfg.clone()
+        };
+        assert!(create(SchedulerKind::DpmPp2mKarras, &c, steps).is_ok());
+    }
     // DPM-Solver's rounded linspace repeats a timestep at 1000 steps of 1000
     let err = create(SchedulerKind::DpmPp2m, &cfg, 1000).err().unwrap();
     assert!(err.to_string().contains("repeat"), "{err}");

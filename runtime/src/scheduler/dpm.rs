@@ -63,14 +63,15 @@ impl DpmSolverMultistep {
                     .collect()
             }
         };
-        if timesteps.iter().any(|&t| !(0.0..train as f64).contains(&t)) {
-            return Err(SchedulerError::Config(format!(
-                "DPM-Solver schedule for {steps} steps has timesteps outside 0..{train}"
-            )));
-        }
-        // spacing that rounds near num_train_timesteps repeats a timestep: a step of zero,
-        // which the solver divides by (Karras sigmas replace these timesteps)
+        // (Karras sigmas replace these timesteps: checked below, once they are made)
         if !karras {
+            if timesteps.iter().any(|&t| !(0.0..train as f64).contains(&t)) {
+                return Err(SchedulerError::Config(format!(
+                    "DPM-Solver schedule for {steps} steps has timesteps outside 0..{train}"
+                )));
+            }
+            // spacing that rounds near num_train_timesteps repeats a timestep: a step of
+            // zero, which the solver divides by
             if let Some(w) = timesteps.windows(2).find(|w| w[0] == w[1]) {
                 return Err(SchedulerError::Config(format!(
                     "{steps} DPM-Solver steps over {train} timesteps repeat timestep {} (a step of zero): use fewer steps",
