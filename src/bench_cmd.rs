@@ -111,14 +111,8 @@ pub struct BenchArgs {
 
 pub fn bench(a: BenchArgs) -> Result<()> {
     // before the minutes of timing, what would only fail at their end
-    if let Some(parent) = a.json.as_deref().and_then(Path::parent) {
-        if !parent.as_os_str().is_empty() && !parent.is_dir() {
-            bail!(
-                "--json {}: no such folder {}",
-                a.json.as_deref().unwrap_or(parent).display(),
-                parent.display()
-            );
-        }
+    if let Some(j) = &a.json {
+        crate::check_parent_dir("--json", j)?;
     }
     if let Some(files) = &a.compare {
         return compare_files(&files[0], &files[1], a.json.as_deref());

@@ -265,10 +265,8 @@ pub fn build(a: BuildArgs) -> Result<()> {
     }
     // --overwrite replaces an earlier engine or plan (or an empty folder), never anything else
     // a mistyped --out might name
-    let replaceable = a.out.is_dir()
-        && (a.out.join("engine.json").is_file()
-            || a.out.join("plan.json").is_file()
-            || std::fs::read_dir(&a.out).is_ok_and(|mut d| d.next().is_none()));
+    let replaceable =
+        motionrt_export::export::replaceable_output(&a.out, &["engine.json", "plan.json"]);
     if a.out.exists() && !replaceable {
         bail!(
             "{}: exists and is not a motionrt engine (engine.json) or plan (plan.json), nor an empty folder: --overwrite replaces only those; choose another --out or remove it yourself",

@@ -323,6 +323,16 @@ pub(crate) fn session_options(threads: usize) -> SessionOptions {
     SessionOptions::default().with_intra_threads(threads)
 }
 
+/// `path`'s folder exists (checked before long work whose output would go there); the error
+/// names `flag`.
+pub(crate) fn check_parent_dir(flag: &str, path: &Path) -> Result<()> {
+    let parent = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(d) = parent.filter(|d| !d.is_dir()) {
+        bail!("{flag} {}: no such folder {}", path.display(), d.display());
+    }
+    Ok(())
+}
+
 /// The error and its causes, joined with ": " — without a cause whose text the message before
 /// it already ends with (the library errors that name a file print their I/O cause too, which
 /// `{:#}` would print a second time: "x.onnx: No such file …: No such file …").
@@ -826,10 +836,7 @@ fn demo(a: DemoArgs) -> Result<()> {
                 out.display()
             );
         }
-        let parent = out.parent().filter(|d| !d.as_os_str().is_empty());
-        if let Some(d) = parent.filter(|d| !d.is_dir()) {
-            bail!("--out {}: no such folder {}", out.display(), d.display());
-        }
+        check_parent_dir("--out", out)?;
     }
     // The files stay after the run so they can be inspected (`motionrt inspect DIR/export/unet.onnx`).
     let dir = a
@@ -984,14 +991,7 @@ fn edit_video(a: EditArgs) -> Result<()> {
     // Fail on the outputs before the inversion's and the generation's minutes.
     let mut writer = frames::FrameWriter::create(&a.out, w, h, input.frames, a.fps)?;
     if let Some(p) = &a.save_inverted {
-        let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
-        if let Some(d) = parent.filter(|d| !d.is_dir()) {
-            bail!(
-                "--save-inverted {}: no such folder {}",
-                p.display(),
-                d.display()
-            );
-        }
+        check_parent_dir("--save-inverted", p)?;
     }
     let mut pipe = Pipeline::load(&a.model, &crate::session_options(a.threads))
         .with_context(|| format!("loading {}", a.model.display()))?;

@@ -256,25 +256,16 @@ fn resolve_params<'a>(
             } else {
                 "the UNet"
             };
-            // an original AnimateDiff file is told its own key, with the diffusers name
-            let original = (is_motion && src.layout == crate::remap::Layout::AnimateDiff)
-                .then(|| crate::remap::diffusers_to_animatediff(&p.name))
-                .flatten();
-            return Err(match original {
-                Some(k) => ExportError::MissingTensor {
-                    path: src.path.clone(),
-                    tensor: k,
-                    expected_for: format!("{what}: diffusers name `{}`", p.name),
-                },
-                None => ExportError::MissingTensor {
-                    path: src.path.clone(),
-                    tensor: p.name.clone(),
-                    expected_for: format!(
-                        "{what}, diffusers name, read from the {} layout",
-                        src.layout
-                    ),
-                },
-            });
+            // named as the file would name it (an original AnimateDiff key), with the
+            // diffusers name the exporter reads it by
+            return Err(src.file_names(ExportError::MissingTensor {
+                path: src.path.clone(),
+                tensor: p.name.clone(),
+                expected_for: format!(
+                    "{what}: diffusers name `{}`, read from the {} layout",
+                    p.name, src.layout
+                ),
+            }));
         };
         check_ref(src, r, p)?;
         out.push((src, r));
@@ -343,11 +334,17 @@ fn prepare_out_dir(out: &Path, overwrite: bool) -> Result<TempDir> {
     })
 }
 
+/// A folder `--overwrite` may replace: one holding any of `markers` (what motionrt wrote there
+/// before: `model.json` for an export), or an empty one.
+pub fn replaceable_output(out: &Path, markers: &[&str]) -> bool {
+    out.is_dir()
+        && (markers.iter().any(|m| out.join(m).is_file())
+            || std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_none()))
+}
+
 /// A folder `export --overwrite` may replace: an earlier export, or an empty folder.
 pub fn replaceable_export(out: &Path) -> bool {
-    out.is_dir()
-        && (out.join("model.json").is_file()
-            || std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_none()))
+    replaceable_output(out, &["model.json"])
 }
 
 fn commit_dir(mut tmp: TempDir, out: &Path) -> Result<()> {

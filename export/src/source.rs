@@ -303,7 +303,7 @@ impl Source {
     /// `e` with its tensor named as this source's file names it (its diffusers name is what
     /// the exporter looks for; an original AnimateDiff file holds
     /// `….motion_modules.N.temporal_transformer.…`).
-    fn file_names(&self, mut e: ExportError) -> ExportError {
+    pub(crate) fn file_names(&self, mut e: ExportError) -> ExportError {
         let file_name = |t: &str| {
             if let Some(r) = self.tensors.get(t) {
                 Some(r.key.clone())

@@ -915,18 +915,24 @@ fn not_a_file(path: &Path) -> FramesError {
 /// perhaps the only copy of a file): the second name of a file a sequence replaces until the
 /// sequence is in place.
 fn old_name(path: &Path) -> PathBuf {
+    let old = hidden_sibling(path, "old");
+    std::iter::once(old.clone())
+        .chain((1..).map(|i| {
+            let mut n = old.clone().into_os_string();
+            n.push(format!("-{i}"));
+            PathBuf::from(n)
+        }))
+        .find(|p| fs::symlink_metadata(p).is_err())
+        .expect("a free name")
+}
+
+/// `.NAME.TAG-PID` beside `path`: where this process keeps a file on its way in or out.
+fn hidden_sibling(path: &Path, tag: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "output".to_string());
-    let pid = std::process::id();
-    (0..)
-        .map(|i| match i {
-            0 => path.with_file_name(format!(".{name}.old-{pid}")),
-            i => path.with_file_name(format!(".{name}.old-{pid}-{i}")),
-        })
-        .find(|p| fs::symlink_metadata(p).is_err())
-        .expect("a free name")
+    path.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
 }
 
 /// A temporary sibling `.NAME.partial-PID` of a final path; removed on drop unless committed.
@@ -937,12 +943,10 @@ struct TempFile {
 
 impl TempFile {
     fn new(final_path: &Path) -> Self {
-        let name = final_path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "output".to_string());
-        let path = final_path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-        Self { path, armed: true }
+        Self {
+            path: hidden_sibling(final_path, "partial"),
+            armed: true,
+        }
     }
 
     fn path(&self) -> &Path {
