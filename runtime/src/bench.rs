@@ -476,15 +476,7 @@ pub struct CompareRow {
 pub fn compare(a: &Report, b: &Report) -> Vec<CompareRow> {
     let mut names: Vec<&String> = a.stages.keys().collect();
     names.extend(b.stages.keys().filter(|k| !a.stages.contains_key(*k)));
-    let median = |r: &Report, n: &str| -> (Option<f64>, Option<String>) {
-        match r.stages.get(n) {
-            None => (None, Some("not measured".into())),
-            Some(s) => match &s.stats {
-                Some(st) => (Some(st.median), None),
-                None => (None, Some(s.error.clone().unwrap_or_default())),
-            },
-        }
-    };
+    let median = |r: &Report, n: &str| stage_median(r.stages.get(n));
     ordered(names.into_iter())
         .into_iter()
         .map(|n| {
@@ -506,6 +498,31 @@ pub fn compare(a: &Report, b: &Report) -> Vec<CompareRow> {
             }
         })
         .collect()
+}
+
+/// A stage's median, or why it has none: not in the report, its error, or (a report edited by
+/// hand, or written by a run that stopped) no statistics and no error.
+fn stage_median(stage: Option<&StageReport>) -> (Option<f64>, Option<String>) {
+    match stage {
+        None => (None, Some("not measured".into())),
+        Some(s) => match &s.stats {
+            Some(st) => (Some(st.median), None),
+            None => {
+                let why = s.error.as_deref().map(str::trim).filter(|e| !e.is_empty());
+                let why = why.map_or_else(
+                    || {
+                        format!(
+                            "no statistics (status {:?}, {} samples)",
+                            s.status,
+                            s.samples_s.len()
+                        )
+                    },
+                    str::to_string,
+                );
+                (None, Some(why))
+            }
+        },
+    }
 }
 
 /// The comparison as a table, with the settings that differ between the two runs.
@@ -684,6 +701,29 @@ mod tests {
         assert_eq!(v.status, "error");
         assert_eq!(v.error.as_deref(), Some("vae_decoder.onnx: boom"));
         assert!(v.stats.is_none() && v.samples_s.is_empty());
+    }
+
+    #[test]
+    fn a_stage_without_numbers_says_why() {
+        let mut r = Recorder::new(0);
+        r.begin_run(0);
+        r.record("unet_step", 0.5);
+        r.record("vae_decode", 0.2);
+        r.fail("vae_decode", "vae_decoder.onnx: boom");
+        let out = r.finish();
+        assert_eq!(stage_median(out.get("unet_step")), (Some(0.5), None));
+        assert_eq!(
+            stage_median(out.get("vae_decode")),
+            (None, Some("vae_decoder.onnx: boom".into()))
+        );
+        assert_eq!(stage_median(None), (None, Some("not measured".into())));
+        // no statistics and no error (a report edited by hand): said so, not an empty note
+        let mut bare = out["unet_step"].clone();
+        bare.stats = None;
+        bare.error = Some(" ".into());
+        let (m, why) = stage_median(Some(&bare));
+        assert_eq!(m, None);
+        assert_eq!(why.unwrap(), "no statistics (status \"ok\", 1 samples)");
     }
 
     #[test]
