@@ -298,6 +298,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -306,6 +307,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Output piped into a reader that stops early (`motionrt probe --json | head`): Rust ignores
+/// SIGPIPE, so `println!` fails with EPIPE and panics. That one panic ends the process quietly,
+/// with success (the reader chose to stop), as `grep`/`cat` end on SIGPIPE; every other panic
+/// reports as before. SIGPIPE itself stays ignored so that a writer to a child process (ffmpeg
+/// for MP4) gets the error and reports the child's own message.
+fn quiet_on_closed_stdout() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        // std's message: "failed printing to stdout: Broken pipe (os error 32)"
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        report(info);
+    }));
 }
 
 /// ONNX Runtime's session options for `--threads N`; more threads than this machine has cores
@@ -1084,14 +1107,20 @@ fn edit_video(a: EditArgs) -> Result<()> {
 
 /// `motionrt probe`: ONNX Runtime, CUDA driver, GPUs and CUDA libraries, found or missing.
 fn probe(json: bool) -> Result<()> {
-    let ort = motionrt_runtime::find_onnxruntime();
+    // found, then loaded as a session would load it: a library that is there but cannot be
+    // used (not a library, too old for this build) is UNUSABLE, not found
+    let ort = motionrt_runtime::find_onnxruntime().map(|p| {
+        let loaded = motionrt_runtime::load_onnxruntime().map(|(_, version)| version);
+        (p, loaded.map_err(|e| e.to_string()))
+    });
     let libs = motionrt_kernels::probe::probe();
     let gpus = motionrt_kernels::probe::gpus();
     if json {
         let v = serde_json::json!({
             "onnxruntime": match &ort {
-                Ok(p) => serde_json::json!({"found": p}),
-                Err(e) => serde_json::json!({"found": null, "error": e.to_string()}),
+                Ok((p, Ok(v))) => serde_json::json!({"found": p, "loaded": true, "version": v}),
+                Ok((p, Err(e))) => serde_json::json!({"found": p, "loaded": false, "error": e}),
+                Err(e) => serde_json::json!({"found": null, "loaded": false, "error": e.to_string()}),
             },
             "cuda_libraries": libs.iter().map(|l| serde_json::json!({
                 "name": l.name, "role": l.role, "found": l.found,
@@ -1111,7 +1140,12 @@ fn probe(json: bool) -> Result<()> {
         return Ok(());
     }
     match &ort {
-        Ok(p) => println!("{:<12} found      {}", "onnxruntime", p.display()),
+        Ok((p, Ok(v))) => println!(
+            "{:<12} found      {}  (version {v}; loads)",
+            "onnxruntime",
+            p.display()
+        ),
+        Ok((_, Err(e))) => println!("{:<12} UNUSABLE   {e}", "onnxruntime"),
         Err(e) => println!("{:<12} MISSING    {e}", "onnxruntime"),
     }
     for l in &libs {

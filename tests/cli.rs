@@ -218,7 +218,7 @@ fn run_writes_png_sequence_and_warns_on_long_prompts() {
             ])
             .args([
                 "--frame-prompt",
-                "2:a dog",
+                &format!("2:{long}"),
                 "--scheduler",
                 "euler-a",
                 "--model",
@@ -227,7 +227,10 @@ fn run_writes_png_sequence_and_warns_on_long_prompts() {
             .arg("--out")
             .arg(&out),
     );
-    assert!(stderr.contains("truncated"), "{stderr}");
+    // each long prompt is named by the option it came from
+    assert!(stderr.contains("--prompt is "), "{stderr}");
+    assert!(stderr.contains("--frame-prompt 2 is "), "{stderr}");
+    assert!(!stderr.contains("--negative-prompt is"), "{stderr}");
     for i in 0..3 {
         let p = d.path().join(format!("seq/clip_{i:03}.png"));
         let dec = png::Decoder::new(std::io::BufReader::new(
@@ -621,6 +624,74 @@ fn probe_lists_every_cuda_library_found_or_missing_without_panicking() {
             + usize::from(v["onnxruntime"]["found"].is_null()),
         "{text}"
     );
+    // the suite's ONNX Runtime (scripts/env.sh) is loaded, not only found
+    let ort = &v["onnxruntime"];
+    if std::env::var_os("ORT_DYLIB_PATH").is_some() {
+        assert_eq!(ort["loaded"], true, "{ort}");
+        assert!(
+            ort["version"].as_str().is_some_and(|v| v.starts_with("1.")),
+            "{ort}"
+        );
+        assert!(text.contains("loads"), "{text}");
+    }
+}
+
+/// Output into a pipe whose reader has gone (`motionrt probe | head -1`): a quiet success, not
+/// a panic (Rust ignores SIGPIPE, so printing fails with EPIPE).
+#[test]
+fn printing_into_a_closed_pipe_ends_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = motionrt().arg("probe").stdout(writer).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{:?} {stderr}", o.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A file where ONNX Runtime should be that is not a library: probe says it cannot be used and
+/// why, and `run` fails naming it (before, probe reported it found).
+#[test]
+fn probe_and_run_name_an_onnx_runtime_that_does_not_load() {
+    let d = tempfile::tempdir().unwrap();
+    let fake = d.path().join("libonnxruntime.so.1.99.0");
+    std::fs::write(&fake, b"not a shared library").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(motionrt()
+        .args(["probe", "--json"])
+        .env("ORT_DYLIB_PATH", &fake)))
+    .unwrap();
+    let ort = &v["onnxruntime"];
+    assert_eq!(ort["loaded"], false, "{ort}");
+    assert_eq!(ort["found"].as_str(), fake.to_str(), "{ort}");
+    assert!(
+        ort["error"]
+            .as_str()
+            .unwrap()
+            .contains("libonnxruntime.so.1.99.0"),
+        "{ort}"
+    );
+    let text = ok(motionrt().arg("probe").env("ORT_DYLIB_PATH", &fake));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("onnxruntime") && l.contains("UNUSABLE")),
+        "{text}"
+    );
+    let m = demo_model();
+    let e = fails(
+        motionrt()
+            .args([
+                "run", "--prompt", "x", "--frames", "2", "--height", "16", "--width", "16",
+                "--model",
+            ])
+            .arg(m.path().join("export"))
+            .arg("--out")
+            .arg(d.path().join("x.gif"))
+            .env("ORT_DYLIB_PATH", &fake),
+    );
+    assert!(
+        e.contains("ONNX Runtime library") && e.contains("libonnxruntime.so.1.99.0"),
+        "{e}"
+    );
+    assert!(!d.path().join("x.gif").exists());
 }
 
 /// The demo's options are checked before its model set is written: nothing is left in --dir.

@@ -19,8 +19,8 @@ pub mod video_in;
 
 pub use compare::{error_stats, ErrorStats, Tolerance};
 pub use ort_backend::{
-    backend_version, find_onnxruntime, Input, OrtSession, Output, OutputData, SessionOptions,
-    Tensor,
+    backend_version, find_onnxruntime, load_onnxruntime, Input, OrtSession, Output, OutputData,
+    SessionOptions, Tensor,
 };
 
 use std::path::PathBuf;

@@ -115,26 +115,54 @@ fn newest_lib(dir: &Path) -> Option<PathBuf> {
     libs.into_iter().next()
 }
 
-static ENV: OnceLock<std::result::Result<(PathBuf, Environment), String>> = OnceLock::new();
+/// Why ONNX Runtime cannot be used, kept for every later session.
+enum LoadFailure {
+    /// What was tried.
+    NotFound(String),
+    /// The library found, and why it did not load.
+    Load(PathBuf, String),
+}
+
+static ENV: OnceLock<std::result::Result<(PathBuf, Environment), LoadFailure>> = OnceLock::new();
 
 /// The process-wide ONNX Runtime environment, loading the library on first use.
 fn environment() -> Result<&'static Environment> {
     let r = ENV.get_or_init(|| {
-        let path = find_onnxruntime().map_err(|e| e.to_string())?;
-        let builder = ort::init_from(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let path = find_onnxruntime().map_err(|e| match e {
+            RuntimeError::OrtNotFound { tried } => LoadFailure::NotFound(tried),
+            e => LoadFailure::NotFound(e.to_string()),
+        })?;
+        let failed = |e: &dyn std::fmt::Display| LoadFailure::Load(path.clone(), e.to_string());
+        let builder = ort::init_from(&path).map_err(|e| failed(&e))?;
         let env = builder
             .with_name("motionrt")
             .build()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| failed(&e))?;
         Ok((path, env))
     });
     match r {
         Ok((_, env)) => Ok(env),
-        Err(msg) => Err(RuntimeError::OrtLoad {
-            path: std::env::var("ORT_DYLIB_PATH").unwrap_or_default().into(),
-            message: msg.clone(),
+        Err(LoadFailure::NotFound(tried)) => Err(RuntimeError::OrtNotFound {
+            tried: tried.clone(),
+        }),
+        Err(LoadFailure::Load(path, message)) => Err(RuntimeError::OrtLoad {
+            path: path.clone(),
+            message: message.clone(),
         }),
     }
+}
+
+/// Find and load ONNX Runtime as a session would (`motionrt probe`): its path and version, or
+/// why it cannot be used (not found; not a library; older than the oldest version `ort` accepts).
+pub fn load_onnxruntime() -> Result<(PathBuf, String)> {
+    environment()?;
+    let path = ENV
+        .get()
+        .and_then(|r| r.as_ref().ok())
+        .map(|(p, _)| p.clone())
+        .unwrap_or_default();
+    let version = backend_version().map_or_else(|| "unknown".into(), |v| v.0);
+    Ok((path, version))
 }
 
 /// The loaded ONNX Runtime: `(version, build info)`, `None` before the first session loads.

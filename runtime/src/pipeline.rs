@@ -67,6 +67,14 @@ fn model_err(path: &Path, message: impl Into<String>) -> PipelineError {
     }
 }
 
+/// The warning for a prompt longer than CLIP's 77 tokens, naming where it came from.
+fn truncation_warning(label: &str, prompt: &str, n_tokens: usize) -> String {
+    format!(
+        "{label} is {n_tokens} tokens; CLIP takes 77, so it was truncated to the first 75 (\"{}…\")",
+        prompt.chars().take(40).collect::<String>()
+    )
+}
+
 impl ModelInfo {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("model.json");
@@ -721,21 +729,18 @@ impl Pipeline {
         &self.tokenizer
     }
 
-    /// `last_hidden_state` of each prompt, `[n, 77, D]` flattened; warns about truncation.
+    /// `last_hidden_state` of each prompt, `[n, 77, D]` flattened; warns about truncation,
+    /// naming the prompt by its label (the option it came from, such as `--negative-prompt`).
     pub fn encode_prompts(
         &mut self,
-        prompts: &[&str],
+        prompts: &[(String, &str)],
         warn: &mut dyn FnMut(String),
     ) -> Result<Vec<f32>> {
         let mut ids = Vec::with_capacity(prompts.len() * 77);
-        for p in prompts {
+        for (label, p) in prompts {
             let e = self.tokenizer.encode(p);
             if e.truncated {
-                warn(format!(
-                    "prompt is {} tokens; CLIP takes 77, so it was truncated to the first 75 (\"{}…\")",
-                    e.n_tokens,
-                    p.chars().take(40).collect::<String>()
-                ));
+                warn(truncation_warning(label, p, e.n_tokens));
             }
             ids.extend(e.ids);
         }
@@ -850,8 +855,16 @@ impl Pipeline {
         if keys.first().is_none_or(|k| k.0 != 0) {
             keys.insert(0, (0, o.prompt.as_str()));
         }
-        let mut prompts: Vec<&str> = vec![o.negative_prompt.as_str()];
-        prompts.extend(keys.iter().map(|k| k.1));
+        let from_prompt = o.frame_prompts.iter().all(|(f, _)| *f != 0);
+        let mut prompts = vec![("--negative-prompt".to_string(), o.negative_prompt.as_str())];
+        prompts.extend(keys.iter().map(|&(f, p)| {
+            let label = if f == 0 && from_prompt {
+                "--prompt".to_string()
+            } else {
+                format!("--frame-prompt {f}")
+            };
+            (label, p)
+        }));
         let emb = self.encode_prompts(&prompts, warn)?;
         let row = 77 * self.info.cross_attention_dim;
         if emb.len() != prompts.len() * row {
