@@ -242,6 +242,7 @@ fn progress(total: usize, hidden: bool) -> indicatif::ProgressBar {
 
 fn write_json_atomic(path: &Path, v: &serde_json::Value) -> Result<()> {
     let tmp = path.with_extension("json.partial");
+    let _unfinished = motionrt_kernels::unfinished::register(&tmp);
     let text = serde_json::to_string_pretty(v)? + "\n";
     std::fs::write(&tmp, text)
         .and_then(|_| std::fs::rename(&tmp, path))

@@ -286,6 +286,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
         .prefix(".motionrt-build-")
         .tempdir_in(parent)
         .with_context(|| parent.display().to_string())?;
+    let _unfinished = motionrt_kernels::unfinished::register(tmp.path());
     let mut plans = Vec::new();
     for g in GRAPHS {
         let src = a.model.join(format!("{g}.onnx"));

@@ -299,6 +299,7 @@ enum Command {
 
 fn main() -> ExitCode {
     quiet_on_closed_stdout();
+    remove_unfinished_outputs_when_interrupted();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -329,6 +330,32 @@ fn quiet_on_closed_stdout() {
         }
         report(info);
     }));
+}
+
+/// Ctrl-C, SIGTERM or SIGHUP ends the process at once (the default), but first removes the
+/// temporary files and folders of outputs not yet complete (an export's `.NAME.partial-PID`
+/// folder, a video's `.NAME.gif.partial-PID`: `motionrt_kernels::unfinished`), which an exit
+/// by signal would otherwise leave behind. Exit status 130, as a shell reports an interrupt.
+fn remove_unfinished_outputs_when_interrupted() {
+    let r = ctrlc::set_handler(|| {
+        let removed = motionrt_kernels::unfinished::remove_all();
+        let names: Vec<String> = removed.iter().map(|p| p.display().to_string()).collect();
+        if names.is_empty() {
+            eprintln!("\ninterrupted");
+        } else {
+            eprintln!(
+                "\ninterrupted: removed the unfinished output{} {}",
+                if names.len() == 1 { "" } else { "s" },
+                names.join(", ")
+            );
+        }
+        std::process::exit(130);
+    });
+    if let Err(e) = r {
+        eprintln!(
+            "warning: no interrupt handler ({e}): an interrupted run may leave .partial files"
+        );
+    }
 }
 
 /// ONNX Runtime's session options for `--threads N`; more threads than this machine has cores

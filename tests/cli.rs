@@ -648,6 +648,66 @@ fn printing_into_a_closed_pipe_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// Ctrl-C during a run: the process ends with status 130 and removes its unfinished output
+/// (the GIF's hidden temporary, opened before denoising starts); no GIF appears.
+#[test]
+fn an_interrupted_run_leaves_no_partial_file() {
+    let m = demo_model();
+    let out_dir = m.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("long.gif");
+    let mut child = motionrt()
+        .args([
+            "run", "--prompt", "x", "--frames", "4", "--height", "64", "--width", "64", "--steps",
+            "500", "--model",
+        ])
+        .arg(m.path().join("export"))
+        .arg("--out")
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = || {
+        std::fs::read_dir(&out_dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n.contains(".partial"))
+    };
+    let t = std::time::Instant::now();
+    let name = loop {
+        if let Some(n) = partial() {
+            break n;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its output was opened"
+        );
+        assert!(t.elapsed().as_secs() < 120, "no partial file appeared");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    // a few steps in, then Ctrl-C (SIGINT, as a terminal sends it)
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run ended too soon to interrupt"
+    );
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("interrupted: removed the unfinished output") && stderr.contains(&name),
+        "{stderr}"
+    );
+    assert_eq!(partial(), None, "{stderr}");
+    assert!(!out.exists());
+}
+
 /// A file where ONNX Runtime should be that is not a library: probe says it cannot be used and
 /// why, and `run` fails naming it (before, probe reported it found).
 #[test]

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use motionrt_kernels::unfinished::{self, Unfinished};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -174,6 +175,8 @@ pub struct TokenizerReport {
 struct TempDir {
     path: PathBuf,
     armed: bool,
+    /// Removed if the process is interrupted before the export is complete.
+    _unfinished: Unfinished,
 }
 
 impl Drop for TempDir {
@@ -327,10 +330,12 @@ fn prepare_out_dir(out: &Path, overwrite: bool) -> Result<TempDir> {
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| ExportError::io(&tmp, e))?;
     }
+    let unfinished = unfinished::register(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| ExportError::io(&tmp, e))?;
     Ok(TempDir {
         path: tmp,
         armed: true,
+        _unfinished: unfinished,
     })
 }
 

@@ -146,6 +146,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]
         h.push(b' ');
     }
     let tmp = path.with_extension("safetensors.tmp");
+    let _unfinished = motionrt_kernels::unfinished::register(&tmp);
     let write = || -> std::io::Result<()> {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
         f.write_all(&(h.len() as u64).to_le_bytes())?;

@@ -365,6 +365,7 @@ fn write_cache(dir: &Path, files: &[(&PathBuf, &[u8])]) -> Result<(), CudaError>
     for (p, bytes) in files {
         let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = p.with_extension(format!("partial.{}.{n}", std::process::id()));
+        let _unfinished = crate::unfinished::register(&tmp);
         std::fs::write(&tmp, bytes)
             .and_then(|_| std::fs::rename(&tmp, p))
             .map_err(|e| {

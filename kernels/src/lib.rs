@@ -8,6 +8,7 @@ pub mod emu;
 pub mod fused;
 pub mod gpu;
 pub mod probe;
+pub mod unfinished;
 pub mod winograd;
 
 pub use attention::{Attention, KernelError, SparseCausal};

@@ -11,6 +11,8 @@ use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 
+use motionrt_kernels::unfinished::{self, Unfinished};
+
 /// Decoded video: `data` is `[frames, height, width, 3]` RGB in `[0, 1]` (row-major, f32).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Frames {
@@ -935,16 +937,20 @@ fn hidden_sibling(path: &Path, tag: &str) -> PathBuf {
     path.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
 }
 
-/// A temporary sibling `.NAME.partial-PID` of a final path; removed on drop unless committed.
+/// A temporary sibling `.NAME.partial-PID` of a final path; removed on drop unless committed,
+/// and registered as unfinished (removed if the process is interrupted) until then.
 struct TempFile {
     path: PathBuf,
     armed: bool,
+    _unfinished: Unfinished,
 }
 
 impl TempFile {
     fn new(final_path: &Path) -> Self {
+        let path = hidden_sibling(final_path, "partial");
         Self {
-            path: hidden_sibling(final_path, "partial"),
+            _unfinished: unfinished::register(&path),
+            path,
             armed: true,
         }
     }

@@ -252,6 +252,7 @@ pub fn to_bytes(a: &NpyArray) -> Vec<u8> {
 /// Write a `.npy` file atomically (temporary name, then rename).
 pub fn write(path: &Path, a: &NpyArray) -> Result<(), NpyError> {
     let tmp = path.with_extension("npy.partial");
+    let _unfinished = motionrt_kernels::unfinished::register(&tmp);
     let res = std::fs::File::create(&tmp)
         .and_then(|mut f| f.write_all(&to_bytes(a)).and_then(|_| f.sync_all()))
         .and_then(|_| std::fs::rename(&tmp, path));
@@ -292,6 +293,7 @@ pub fn read_npz(path: &Path) -> Result<Vec<(String, NpyArray)>, NpyError> {
 /// Write arrays as an `.npz` archive (stored, like `np.savez`), atomically.
 pub fn write_npz(path: &Path, arrays: &[(String, NpyArray)]) -> Result<(), NpyError> {
     let tmp = path.with_extension("npz.partial");
+    let _unfinished = motionrt_kernels::unfinished::register(&tmp);
     let res = (|| -> Result<(), String> {
         let file = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
         let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));

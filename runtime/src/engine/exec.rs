@@ -340,6 +340,7 @@ fn write_json<T: Serialize>(v: &T, path: &std::path::Path) -> Result<(), EngineE
         message: e.to_string(),
     };
     let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
+    let _unfinished = motionrt_kernels::unfinished::register(&tmp);
     let text = serde_json::to_string_pretty(v).expect("plain data") + "\n";
     std::fs::write(&tmp, text)
         .and_then(|_| std::fs::rename(&tmp, path))

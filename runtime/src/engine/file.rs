@@ -541,6 +541,8 @@ pub fn build(
     let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("engine");
     let tmp = parent.join(format!(".{name}.partial"));
     let _ = std::fs::remove_dir_all(&tmp);
+    // removed if the process is interrupted while the engine is built
+    let _unfinished = motionrt_kernels::unfinished::register(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| EngineError::File {
         path: tmp.clone(),
         message: e.to_string(),

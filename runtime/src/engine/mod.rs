@@ -75,6 +75,7 @@ pub fn plan_graph(src: &Path, dst: &Path) -> Result<FusionReport, EngineError> {
     let tmp = dir.join(format!(".{name}.partial"));
     let data_name = format!("{name}.data");
     let tmp_data = dir.join(format!(".{data_name}.partial"));
+    let _unfinished = [&tmp, &tmp_data].map(motionrt_kernels::unfinished::register);
     let result = copy_weights(&mut model, src, &tmp_data, &data_name).and_then(|external| {
         write_model(&model, &tmp)?;
         if external {
