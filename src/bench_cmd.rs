@@ -245,7 +245,7 @@ fn write_json_atomic(path: &Path, v: &serde_json::Value) -> Result<()> {
     let _unfinished = motionrt_kernels::unfinished::register(&tmp);
     let text = serde_json::to_string_pretty(v)? + "\n";
     std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, path))
+        .and_then(|_| motionrt_kernels::unfinished::commit(|| std::fs::rename(&tmp, path)))
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             anyhow::anyhow!("writing {}: {e}", path.display())

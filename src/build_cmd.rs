@@ -247,6 +247,9 @@ fn profiles(a: &BuildArgs) -> Result<motionrt_runtime::engine::file::Profiles> {
 const GRAPHS: [&str; 4] = ["text_encoder", "unet", "vae_decoder", "vae_encoder"];
 
 pub fn build(a: BuildArgs) -> Result<()> {
+    // plan.json and engine.json record both
+    crate::utf8_path("--model", &a.model)?;
+    crate::utf8_path("--out", &a.out)?;
     if !a.model.join("model.json").is_file() {
         bail!(
             "{}: no model.json; --model takes a directory written by `motionrt export`",
@@ -337,11 +340,15 @@ pub fn build(a: BuildArgs) -> Result<()> {
         tmp.path().join("plan.json"),
         serde_json::to_string_pretty(&plan)?,
     )?;
-    if a.out.exists() {
-        std::fs::remove_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
-    }
     let tmp = tmp.keep();
-    std::fs::rename(&tmp, &a.out).with_context(|| a.out.display().to_string())?;
+    // the earlier plan goes and the new one comes whole, or not at all if interrupted
+    motionrt_kernels::unfinished::commit(|| -> Result<()> {
+        if a.out.exists() {
+            std::fs::remove_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
+        }
+        std::fs::rename(&tmp, &a.out).with_context(|| a.out.display().to_string())?;
+        Ok(())
+    })?;
     println!("wrote {} (fused graphs, plan.json)", a.out.display());
     Ok(())
 }
@@ -356,7 +363,8 @@ fn copy_rest(from: &Path, to: &Path) -> Result<()> {
         }
         let dst = to.join(&name);
         if e.file_type()?.is_dir() {
-            std::fs::create_dir_all(&dst)?;
+            // (not create_dir_all: an interrupted build's removed folder is not made again)
+            std::fs::create_dir(&dst)?;
             copy_rest(&e.path(), &dst)?;
         } else {
             std::fs::copy(e.path(), &dst).with_context(|| e.path().display().to_string())?;

@@ -4,6 +4,7 @@ mod bench_cmd;
 mod build_cmd;
 mod graph_tools;
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -335,21 +336,30 @@ fn quiet_on_closed_stdout() {
 /// Ctrl-C, SIGTERM or SIGHUP ends the process at once (the default), but first removes the
 /// temporary files and folders of outputs not yet complete (an export's `.NAME.partial-PID`
 /// folder, a video's `.NAME.gif.partial-PID`: `motionrt_kernels::unfinished`), which an exit
-/// by signal would otherwise leave behind. Exit status 130, as a shell reports an interrupt.
+/// by signal would otherwise leave behind; an output being renamed into place is completed
+/// first, and none is after. Exit status 130, as a shell reports an interrupt.
+///
+/// The exit is `_exit`: no atexit handlers or C++ static destructors, which would tear ONNX
+/// Runtime down under the main thread still running a graph (and print its errors). Stderr
+/// stays locked from the message to the exit, so the main thread, still running for that
+/// moment, prints nothing after it.
 fn remove_unfinished_outputs_when_interrupted() {
     let r = ctrlc::set_handler(|| {
+        let mut err = std::io::stderr().lock();
         let removed = motionrt_kernels::unfinished::remove_all();
         let names: Vec<String> = removed.iter().map(|p| p.display().to_string()).collect();
-        if names.is_empty() {
-            eprintln!("\ninterrupted");
+        let _ = if names.is_empty() {
+            writeln!(err, "\ninterrupted")
         } else {
-            eprintln!(
+            writeln!(
+                err,
                 "\ninterrupted: removed the unfinished output{} {}",
                 if names.len() == 1 { "" } else { "s" },
                 names.join(", ")
-            );
-        }
-        std::process::exit(130);
+            )
+        };
+        // SAFETY: _exit ends the process without running anything else; always sound to call.
+        unsafe { libc::_exit(130) }
     });
     if let Err(e) = r {
         eprintln!(
@@ -371,6 +381,17 @@ pub(crate) fn session_options(threads: usize) -> SessionOptions {
         });
     }
     SessionOptions::default().with_intra_threads(threads)
+}
+
+/// `path` is UTF-8 (it is recorded in a JSON file that names it); the error names `flag`.
+pub(crate) fn utf8_path(flag: &str, path: &Path) -> Result<()> {
+    if path.to_str().is_none() {
+        anyhow::bail!(
+            "{flag} {}: the path is not valid UTF-8, and motionrt records it in JSON: rename it",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// `path`'s folder exists (checked before long work whose output would go there); the error
@@ -420,6 +441,24 @@ fn run(cli: Cli) -> Result<()> {
             portable: _,
             json,
         } => {
+            // model.json records where each part came from, as text
+            for (flag, p) in [
+                ("--unet", Some(&unet)),
+                ("--motion-module", motion_module.as_ref()),
+            ]
+            .into_iter()
+            .chain([
+                ("--out", Some(&out)),
+                ("--vae", vae.as_ref()),
+                ("--text-encoder", text_encoder.as_ref()),
+                ("--vae-config", vae_config.as_ref()),
+                ("--text-encoder-config", text_encoder_config.as_ref()),
+                ("--tokenizer", tokenizer.as_ref()),
+            ]) {
+                if let Some(p) = p {
+                    utf8_path(flag, p)?;
+                }
+            }
             let opts = ExportOptions {
                 unet,
                 motion_module,

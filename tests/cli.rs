@@ -708,6 +708,38 @@ fn an_interrupted_run_leaves_no_partial_file() {
     assert!(!out.exists());
 }
 
+/// Paths that motionrt records in JSON (model.json, plan.json, engine.json) must be UTF-8: a
+/// clear error naming the option, not a panic or an error about a temporary file.
+#[test]
+fn non_utf8_paths_are_refused_naming_the_option() {
+    use std::os::unix::ffi::OsStrExt;
+    let m = demo_model();
+    let odd = m.path().join(std::ffi::OsStr::from_bytes(b"exp\xff"));
+    std::fs::rename(m.path().join("export"), &odd).unwrap();
+    let e = fails(
+        motionrt()
+            .args(["build", "--plan-only", "--model"])
+            .arg(&odd)
+            .arg("--out")
+            .arg(m.path().join("plan")),
+    );
+    assert!(
+        e.contains("--model") && e.contains("not valid UTF-8"),
+        "{e}"
+    );
+    assert!(!e.contains("panicked"), "{e}");
+    let e = fails(
+        motionrt()
+            .arg("export")
+            .arg("--unet")
+            .arg(m.path().join(std::ffi::OsStr::from_bytes(b"sd\xff")))
+            .arg("--out")
+            .arg(m.path().join("x")),
+    );
+    assert!(e.contains("--unet") && e.contains("not valid UTF-8"), "{e}");
+    assert!(!m.path().join("x").exists());
+}
+
 /// A file where ONNX Runtime should be that is not a library: probe says it cannot be used and
 /// why, and `run` fails naming it (before, probe reported it found).
 #[test]

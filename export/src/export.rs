@@ -353,19 +353,26 @@ pub fn replaceable_export(out: &Path) -> bool {
 }
 
 fn commit_dir(mut tmp: TempDir, out: &Path) -> Result<()> {
-    if out.exists() {
-        let old = tmp.path.with_extension("old");
+    // the earlier export and the new one trade places whole, or not at all if interrupted
+    let old = tmp.path.with_extension("old");
+    let replaced = unfinished::commit(|| -> Result<bool> {
+        if !out.exists() {
+            std::fs::rename(&tmp.path, out).map_err(|e| ExportError::io(out, e))?;
+            return Ok(false);
+        }
         std::fs::rename(out, &old).map_err(|e| ExportError::io(out, e))?;
         if let Err(e) = std::fs::rename(&tmp.path, out) {
             // the earlier export back in place
             let _ = std::fs::rename(&old, out);
             return Err(ExportError::io(out, e));
         }
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&tmp.path, out).map_err(|e| ExportError::io(out, e))?;
-    }
+        Ok(true)
+    })?;
     tmp.armed = false;
+    if replaced {
+        let _removing = unfinished::register(&old);
+        let _ = std::fs::remove_dir_all(&old);
+    }
     Ok(())
 }
 
@@ -594,7 +601,8 @@ fn copy_tokenizer(src: &Path, dir: &Path) -> Result<TokenizerReport> {
         )
     })?;
     let out = dir.join("tokenizer");
-    std::fs::create_dir_all(&out).map_err(|e| ExportError::io(&out, e))?;
+    // (not create_dir_all: an interrupted export's removed folder is not made again)
+    std::fs::create_dir(&out).map_err(|e| ExportError::io(&out, e))?;
     let mut files = Vec::new();
     let mut copy = |from: &Path, name: &str| -> Result<()> {
         std::fs::copy(from, out.join(name)).map_err(|e| ExportError::io(from, e))?;

@@ -162,7 +162,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]
         f.into_inner().map_err(|e| e.into_error())?.sync_all()
     };
     write().map_err(|e| ExportError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ExportError::io(path, e))
+    motionrt_kernels::unfinished::commit(|| std::fs::rename(&tmp, path))
+        .map_err(|e| ExportError::io(path, e))
 }
 
 /// diffusers `config.json` for a UNet config.

@@ -367,7 +367,7 @@ fn write_cache(dir: &Path, files: &[(&PathBuf, &[u8])]) -> Result<(), CudaError>
         let tmp = p.with_extension(format!("partial.{}.{n}", std::process::id()));
         let _unfinished = crate::unfinished::register(&tmp);
         std::fs::write(&tmp, bytes)
-            .and_then(|_| std::fs::rename(&tmp, p))
+            .and_then(|_| crate::unfinished::commit(|| std::fs::rename(&tmp, p)))
             .map_err(|e| {
                 let _ = std::fs::remove_file(&tmp);
                 CudaError::Cache {

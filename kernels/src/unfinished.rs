@@ -1,9 +1,13 @@
 //! Unfinished outputs: the temporary files and folders that become an output by a rename once
 //! complete (`.NAME.partial-PID` and the like). Each writer registers its temporary for as long
-//! as it exists; a process that is interrupted (Ctrl-C, `kill`) before it finishes calls
-//! [`remove_all`] from its signal handler, so nothing half-written is left behind. A normal
-//! error path removes its own temporaries as before; this covers the exit that runs no
-//! destructors.
+//! as it exists, and renames it into place inside [`commit`]; a process that is interrupted
+//! (Ctrl-C, `kill`) calls [`remove_all`] from its signal handler, so nothing half-written is
+//! left behind. The two exclude each other: an output is either put in place whole before the
+//! interruption or not at all (after it, [`commit`] waits for the exit), so a writer that goes
+//! on for a moment after the removal never renames what is left of its temporary into place.
+//! A writer must not create a removed temporary again (`create_dir`, not `create_dir_all`,
+//! inside it). A normal error path removes its own temporaries as before; this covers the exit
+//! that runs no destructors.
 //!
 //! Here rather than in the runtime because the exporter and the runtime both write such files
 //! (this is the lowest crate both depend on).
@@ -47,16 +51,36 @@ pub fn registered() -> Vec<PathBuf> {
     pending().iter().map(|(_, p)| p.clone()).collect()
 }
 
+/// Run `f`, the renames that put a complete output in place (and the removal of what it
+/// replaces), excluded from [`remove_all`]: after an interruption this blocks until the process
+/// exits. `f` must not register or drop an [`Unfinished`] (the list is held while it runs).
+pub fn commit<T>(f: impl FnOnce() -> T) -> T {
+    let _held = pending();
+    f()
+}
+
 /// Remove every registered path that exists (a folder with its contents) and return those
 /// removed. The list stays locked afterwards until the process ends, so that no writer registers
 /// (or renames into place) anything new: call this only just before exiting.
+///
+/// A writer still running creates files in a folder being removed (the removal of the folder
+/// itself then fails); such a folder is removed again, up to 50 times 10 ms apart, until the
+/// writer has failed for want of it.
 pub fn remove_all() -> Vec<PathBuf> {
     let list = pending();
     let mut removed = Vec::new();
-    for (_, p) in list.iter() {
-        if remove(p) {
-            removed.push(p.clone());
+    for _ in 0..50 {
+        let mut left = false;
+        for (_, p) in list.iter() {
+            if remove(p) && !removed.contains(p) {
+                removed.push(p.clone());
+            }
+            left |= std::fs::symlink_metadata(p).is_ok();
         }
+        if !left {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     // held until exit: dropping the guard would let the main thread go on
     std::mem::forget(list);

@@ -961,7 +961,7 @@ impl TempFile {
 
     /// Renames the temp file onto `final_path`; afterwards dropping it removes nothing.
     fn commit_ref(&mut self, final_path: &Path) -> Result<(), FramesError> {
-        fs::rename(&self.path, final_path).map_err(io_err(final_path))?;
+        unfinished::commit(|| fs::rename(&self.path, final_path)).map_err(io_err(final_path))?;
         self.armed = false;
         Ok(())
     }

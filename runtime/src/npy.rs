@@ -255,7 +255,7 @@ pub fn write(path: &Path, a: &NpyArray) -> Result<(), NpyError> {
     let _unfinished = motionrt_kernels::unfinished::register(&tmp);
     let res = std::fs::File::create(&tmp)
         .and_then(|mut f| f.write_all(&to_bytes(a)).and_then(|_| f.sync_all()))
-        .and_then(|_| std::fs::rename(&tmp, path));
+        .and_then(|_| motionrt_kernels::unfinished::commit(|| std::fs::rename(&tmp, path)));
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
         return Err(err(path, e.to_string()));
@@ -309,7 +309,8 @@ pub fn write_npz(path: &Path, arrays: &[(String, NpyArray)]) -> Result<(), NpyEr
         let w = zip.finish().map_err(|e| e.to_string())?;
         let f = w.into_inner().map_err(|e| e.to_string())?;
         f.sync_all().map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+        motionrt_kernels::unfinished::commit(|| std::fs::rename(&tmp, path))
+            .map_err(|e| e.to_string())
     })();
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);

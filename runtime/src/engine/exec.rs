@@ -343,7 +343,7 @@ fn write_json<T: Serialize>(v: &T, path: &std::path::Path) -> Result<(), EngineE
     let _unfinished = motionrt_kernels::unfinished::register(&tmp);
     let text = serde_json::to_string_pretty(v).expect("plain data") + "\n";
     std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, path))
+        .and_then(|_| motionrt_kernels::unfinished::commit(|| std::fs::rename(&tmp, path)))
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             err(e)

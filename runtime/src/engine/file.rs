@@ -565,15 +565,23 @@ pub fn build(
             };
             if replacing {
                 remove(&old);
-                std::fs::rename(out, &old).map_err(|e| io(out, e))?;
             }
-            if let Err(e) = std::fs::rename(&tmp, out) {
+            // the earlier engine and the new one trade places whole, or not at all if
+            // interrupted
+            motionrt_kernels::unfinished::commit(|| {
                 if replacing {
-                    let _ = std::fs::rename(&old, out);
+                    std::fs::rename(out, &old).map_err(|e| io(out, e))?;
                 }
-                return Err(io(out, e));
-            }
+                if let Err(e) = std::fs::rename(&tmp, out) {
+                    if replacing {
+                        let _ = std::fs::rename(&old, out);
+                    }
+                    return Err(io(out, e));
+                }
+                Ok(())
+            })?;
             if replacing {
+                let _removing = motionrt_kernels::unfinished::register(&old);
                 remove(&old);
             }
             Ok(m)
@@ -766,8 +774,7 @@ fn build_into(
     std::fs::copy(&mj, tmp.join("model.json")).map_err(|e| ioerr(&mj, e))?;
     let tok = model_dir.join("tokenizer");
     if tok.is_dir() {
-        std::fs::create_dir_all(tmp.join("tokenizer"))
-            .map_err(|e| ioerr(&tmp.join("tokenizer"), e))?;
+        std::fs::create_dir(tmp.join("tokenizer")).map_err(|e| ioerr(&tmp.join("tokenizer"), e))?;
         for e in std::fs::read_dir(&tok)
             .map_err(|e| ioerr(&tok, e))?
             .flatten()

@@ -78,10 +78,13 @@ pub fn plan_graph(src: &Path, dst: &Path) -> Result<FusionReport, EngineError> {
     let _unfinished = [&tmp, &tmp_data].map(motionrt_kernels::unfinished::register);
     let result = copy_weights(&mut model, src, &tmp_data, &data_name).and_then(|external| {
         write_model(&model, &tmp)?;
-        if external {
-            std::fs::rename(&tmp_data, dir.join(&data_name)).map_err(|e| file_err(&tmp_data, e))?;
-        }
-        std::fs::rename(&tmp, dst).map_err(|e| file_err(&tmp, e))
+        motionrt_kernels::unfinished::commit(|| {
+            if external {
+                std::fs::rename(&tmp_data, dir.join(&data_name))
+                    .map_err(|e| file_err(&tmp_data, e))?;
+            }
+            std::fs::rename(&tmp, dst).map_err(|e| file_err(&tmp, e))
+        })
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
