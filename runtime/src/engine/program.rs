@@ -1143,6 +1143,19 @@ pub trait InitializerSource {
     fn i64s(&self, t: &TensorProto) -> Result<Vec<i64>, EngineError>;
 }
 
+/// How many float32 values initializer `t` stores (its `float_data`, its `raw_data`, or the
+/// `length` of its external data), without reading them; `None` where the file does not say.
+fn stored_f32_count(t: &TensorProto) -> Option<usize> {
+    if !t.float_data.is_empty() {
+        return Some(t.float_data.len());
+    }
+    if t.data_location == motionrt_onnx::proto::DataLocation::External as i32 {
+        let length = t.external_data.iter().find(|e| e.key == "length")?;
+        return length.value.parse::<usize>().ok().map(|b| b / 4);
+    }
+    Some(t.raw_data.len() / 4)
+}
+
 fn attr<'n>(n: &'n NodeProto, name: &str) -> Option<&'n AttributeProto> {
     n.attribute.iter().find(|a| a.name == name)
 }
@@ -1157,6 +1170,52 @@ fn attr_ints(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
 }
 fn attr_s(n: &NodeProto, name: &str) -> Option<String> {
     attr(n, name).map(|a| String::from_utf8_lossy(&a.s).into_owned())
+}
+
+/// `what` of node `n` holds `want` values (a bias, a scale: one per channel).
+fn expect_numel(
+    n: &NodeProto,
+    what: &str,
+    shape: &[usize],
+    want: usize,
+) -> Result<(), EngineError> {
+    let got: usize = shape.iter().product();
+    if got != want {
+        return Err(err(format!(
+            "{} {}: {what} {shape:?} holds {got} values; {want} expected",
+            n.op_type, n.name
+        )));
+    }
+    Ok(())
+}
+
+/// `what` of node `n` has rank `rank`.
+fn expect_rank(n: &NodeProto, what: &str, shape: &[usize], rank: usize) -> Result<(), EngineError> {
+    if shape.len() != rank {
+        return Err(err(format!(
+            "{} {}: {what} {shape:?} is not {rank}-D",
+            n.op_type, n.name
+        )));
+    }
+    Ok(())
+}
+
+/// Integer attribute list `name` of `n`, `len` long, each at least `min` (`default` if absent).
+fn attr_ints_checked(
+    n: &NodeProto,
+    name: &str,
+    len: usize,
+    min: i64,
+    default: i64,
+) -> Result<Vec<usize>, EngineError> {
+    let v = attr_ints(n, name).unwrap_or_else(|| vec![default; len]);
+    if v.len() != len || v.iter().any(|&x| x < min || x > i64::from(u32::MAX)) {
+        return Err(err(format!(
+            "{} {}: {name} {v:?}: {len} values, each at least {min}, expected",
+            n.op_type, n.name
+        )));
+    }
+    Ok(v.into_iter().map(|x| x as usize).collect())
 }
 
 fn norm_axis(axis: i64, rank: usize) -> Result<usize, EngineError> {
@@ -1282,6 +1341,15 @@ impl Planner<'_> {
                 Some(TensorProtoDataType::Float) => {
                     // large float weights stay by name; the executor reads them at upload
                     if numel > 4096 {
+                        // what the file holds must match the dims (the upload reads the data)
+                        if let Some(stored) = stored_f32_count(t) {
+                            if stored != numel {
+                                return Err(err(format!(
+                                    "initializer {name}: {stored} values stored for dims {:?} ({numel} expected)",
+                                    t.dims
+                                )));
+                            }
+                        }
                         let buf = self.weight(name, numel);
                         let v = Value::Dev(DevTensor::new(buf, shape));
                         self.values.insert(name.into(), v.clone());
@@ -1455,8 +1523,23 @@ impl Planner<'_> {
         self.contiguous(t)
     }
 
-    /// A value on the device as it is laid out (host constants are uploaded contiguous).
+    /// A value on the device as it is laid out (host constants are uploaded contiguous). Every
+    /// operand is float data but a Gather's `ids`, which are int64: anything else is a graph
+    /// whose types do not match (ONNX Runtime refuses it as well).
     fn view(&mut self, v: Value, what: &str) -> Result<DevTensor, EngineError> {
+        let t = self.view_any(v)?;
+        let int = self.buffers[t.buf].dtype == DType::I64;
+        if int != (what == "ids") {
+            return Err(err(format!(
+                "operand {what} holds {} data; {} expected",
+                if int { "int64" } else { "float" },
+                if int { "float" } else { "int64" }
+            )));
+        }
+        Ok(t)
+    }
+
+    fn view_any(&mut self, v: Value) -> Result<DevTensor, EngineError> {
         match v {
             Value::Dev(d) => Ok(d),
             Value::Host(h) => match &h.data {
@@ -1475,7 +1558,6 @@ impl Planner<'_> {
                         DType::I64,
                         BufferKind::Weight(WeightSource::ComputedI64(Arc::new(data.clone()))),
                     );
-                    let _ = what;
                     Ok(DevTensor::new(buf, h.shape.clone()))
                 }
             },
@@ -1770,6 +1852,12 @@ impl Planner<'_> {
                 let mut shape = data.shape[..axis].to_vec();
                 shape.extend(&idx.shape);
                 shape.extend(&data.shape[axis + 1..]);
+                if let Some(bad) = ids.iter().find(|&&id| id < -dim || id >= dim) {
+                    return Err(err(format!(
+                        "Gather {}: index {bad} out of range for axis {axis} of {:?}",
+                        n.name, data.shape
+                    )));
+                }
                 let pick = |o: usize, id: i64, j: usize| {
                     let id = if id < 0 { id + dim } else { id } as usize;
                     (o * data.shape[axis] + id) * inner + j
@@ -1792,6 +1880,7 @@ impl Planner<'_> {
                 let axis = attr_i(n, "axis", 0);
                 let table = self.dev(get(0)?, "table")?;
                 let ids = self.dev(get(1)?, "ids")?;
+                expect_rank(n, "table", &table.shape, 2)?;
                 if axis != 0 || table.shape.len() != 2 {
                     return Err(err(format!(
                         "Gather {}: the engine gathers rows of a 2-D table (axis 0)",
@@ -1813,8 +1902,22 @@ impl Planner<'_> {
             }
             "Concat" => {
                 let parts: Vec<Value> = (0..ins.len()).map(get).collect::<Result<_, _>>()?;
-                let rank = Self::shape_of(&parts[0]).len();
+                let Some(first) = parts.first() else {
+                    return Err(err(format!("Concat {}: no inputs", n.name)));
+                };
+                let rank = Self::shape_of(first).len();
                 let axis = norm_axis(attr_i(n, "axis", 0), rank)?;
+                let s0 = Self::shape_of(first);
+                for p in &parts {
+                    let sp = Self::shape_of(p);
+                    let differ = |(k, (a, b)): (usize, (&usize, &usize))| k != axis && a != b;
+                    if sp.len() != rank || sp.iter().zip(&s0).enumerate().any(differ) {
+                        return Err(err(format!(
+                            "Concat {}: inputs {s0:?} and {sp:?} differ off axis {axis}",
+                            n.name
+                        )));
+                    }
+                }
                 let mut shape = Self::shape_of(&parts[0]);
                 shape[axis] = parts.iter().map(|p| Self::shape_of(p)[axis]).sum();
                 if all_host {
@@ -1880,6 +1983,15 @@ impl Planner<'_> {
                     Some(_) => host(4)?.i64s()?.to_vec(),
                     None => vec![1; starts.len()],
                 };
+                if ends.len() != starts.len()
+                    || axes.len() != starts.len()
+                    || steps.len() != starts.len()
+                {
+                    return Err(err(format!(
+                        "Slice {}: starts {starts:?}, ends {ends:?}, axes {axes:?} and steps {steps:?} differ in length",
+                        n.name
+                    )));
+                }
                 let mut out_shape = shape.clone();
                 let own = match &x {
                     Value::Dev(d) => d.strides.clone(),
@@ -1928,8 +2040,22 @@ impl Planner<'_> {
                 let x = get(0)?;
                 let shape = Self::shape_of(&x);
                 let perm: Vec<usize> = attr_ints(n, "perm")
-                    .map(|p| p.iter().map(|&a| a as usize).collect())
+                    .map(|p| {
+                        p.iter()
+                            .map(|&a| usize::try_from(a).unwrap_or(usize::MAX))
+                            .collect()
+                    })
                     .unwrap_or_else(|| (0..shape.len()).rev().collect());
+                let mut sorted = perm.clone();
+                sorted.sort_unstable();
+                if sorted != (0..shape.len()).collect::<Vec<_>>() {
+                    return Err(err(format!(
+                        "Transpose {}: perm {:?} is not a permutation of the {} axes of its input {shape:?}",
+                        n.name,
+                        attr_ints(n, "perm").unwrap_or_default(),
+                        shape.len()
+                    )));
+                }
                 let out_shape: Vec<usize> = perm.iter().map(|&a| shape[a]).collect();
                 match x {
                     Value::Host(h) => {
@@ -1957,7 +2083,14 @@ impl Planner<'_> {
             "Expand" => {
                 let x = get(0)?;
                 let shape = Self::shape_of(&x);
-                let target: Vec<usize> = host(1)?.i64s()?.iter().map(|&d| d as usize).collect();
+                let target: Vec<usize> = host(1)?
+                    .i64s()?
+                    .iter()
+                    .map(|&d| usize::try_from(d).ok())
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| {
+                        err(format!("Expand {}: a negative target dimension", n.name))
+                    })?;
                 let out_shape = broadcast_shape(&shape, &target)?;
                 let strides = match &x {
                     Value::Dev(d) => broadcast_view(&shape, &d.strides, &out_shape)?,
@@ -1998,6 +2131,12 @@ impl Planner<'_> {
                         .map(|(&d, &f)| (d as f32 * f).floor() as usize)
                         .collect()
                 };
+                if out_shape.len() != 4 || out_shape.contains(&0) || x.shape.contains(&0) {
+                    return Err(err(format!(
+                        "Resize {}: {:?} to {out_shape:?}: 4-D, non-empty sizes expected",
+                        n.name, x.shape
+                    )));
+                }
                 let (h, w) = (x.shape[2], x.shape[3]);
                 let (oh, ow) = (out_shape[2], out_shape[3]);
                 if out_shape[..2] != x.shape[..2]
@@ -2247,6 +2386,10 @@ impl Planner<'_> {
                     )));
                 }
                 let cols = x.shape[axis];
+                expect_numel(n, "scale", &gamma.shape, cols)?;
+                if let Some(b) = beta {
+                    expect_numel(n, "bias", &[self.buffers[b].numel], cols)?;
+                }
                 let out = self.activation(x.shape.clone());
                 self.gemm_out.insert(out.buf, out_name.clone());
                 self.push(Step::LayerNorm {
@@ -2271,6 +2414,9 @@ impl Planner<'_> {
                     )));
                 }
                 let cols = x.shape[axis];
+                if cols == 0 {
+                    return Err(err(format!("Softmax {}: an empty axis", n.name)));
+                }
                 let out = self.activation(x.shape.clone());
                 self.push(Step::Softmax {
                     out: out.buf,
@@ -2327,10 +2473,33 @@ impl Planner<'_> {
                         n.name
                     )));
                 }
-                let pads = attr_ints(n, "pads").unwrap_or_else(|| vec![0; 4]);
-                let strides = attr_ints(n, "strides").unwrap_or_else(|| vec![1, 1]);
-                let dil = attr_ints(n, "dilations").unwrap_or_else(|| vec![1, 1]);
-                let group = attr_i(n, "group", 1) as usize;
+                let pads = attr_ints_checked(n, "pads", 4, 0, 0)?;
+                let strides = attr_ints_checked(n, "strides", 2, 1, 1)?;
+                let dil = attr_ints_checked(n, "dilations", 2, 1, 1)?;
+                let group = usize::try_from(attr_i(n, "group", 1))
+                    .ok()
+                    .filter(|&g| g >= 1)
+                    .ok_or_else(|| {
+                        err(format!("Conv {}: group {}", n.name, attr_i(n, "group", 1)))
+                    })?;
+                if xv.shape[1] != w_shape[1] * group || w_shape[0] % group != 0 {
+                    return Err(err(format!(
+                        "Conv {}: input {:?} and weight {w_shape:?} in {group} groups do not match",
+                        n.name, xv.shape
+                    )));
+                }
+                if let Some(b) = bias {
+                    expect_numel(n, "bias", &[self.buffers[b].numel], w_shape[0])?;
+                }
+                for a in 0..2 {
+                    let reach = dil[a] * w_shape[2 + a].saturating_sub(1) + 1;
+                    if xv.shape[2 + a] + pads[a] + pads[a + 2] < reach {
+                        return Err(err(format!(
+                            "Conv {}: kernel {w_shape:?} (dilations {dil:?}) is larger than the padded input {:?}",
+                            n.name, xv.shape
+                        )));
+                    }
+                }
                 if attr_s(n, "auto_pad").is_some_and(|s| s != "NOTSET") {
                     return Err(err(format!("Conv {}: auto_pad is not supported", n.name)));
                 }
@@ -2341,12 +2510,7 @@ impl Planner<'_> {
                     vec![0, 1, 2, 3]
                 };
                 let mut x = self.in_order(xv, &order)?;
-                let mut p = [
-                    pads[0] as usize,
-                    pads[1] as usize,
-                    pads[2] as usize,
-                    pads[3] as usize,
-                ];
+                let mut p = [pads[0], pads[1], pads[2], pads[3]];
                 if p[0] != p[2] || p[1] != p[3] {
                     // cuDNN pads symmetrically: copy into a zero-bordered buffer first
                     let (h, w_) = (x.shape[2], x.shape[3]);
@@ -2364,10 +2528,7 @@ impl Planner<'_> {
                 }
                 let xs = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
                 let ws = [w_shape[0], w_shape[1], w_shape[2], w_shape[3]];
-                let (st, dl) = (
-                    [strides[0] as usize, strides[1] as usize],
-                    [dil[0] as usize, dil[1] as usize],
-                );
+                let (st, dl) = ([strides[0], strides[1]], [dil[0], dil[1]]);
                 let oh = (xs[2] + p[0] + p[2] - dl[0] * (ws[2] - 1) - 1) / st[0] + 1;
                 let ow = (xs[3] + p[1] + p[3] - dl[1] * (ws[3] - 1) - 1) / st[1] + 1;
                 let ys = [xs[0], ws[0], oh, ow];
@@ -2428,8 +2589,18 @@ impl Planner<'_> {
                 };
                 let gamma = self.dev(get(1)?, "scale")?;
                 let beta = self.dev(get(2)?, "bias")?;
-                let groups = attr_i(n, "num_groups", 32) as usize;
+                let groups = usize::try_from(attr_i(n, "num_groups", 32)).unwrap_or(0);
+                if x.shape.len() < 2 || groups == 0 {
+                    return Err(err(format!(
+                        "GroupNorm {}: input {:?} in {} groups",
+                        n.name,
+                        x.shape,
+                        attr_i(n, "num_groups", 32)
+                    )));
+                }
                 let c = x.shape[1];
+                expect_numel(n, "scale", &gamma.shape, c)?;
+                expect_numel(n, "bias", &beta.shape, c)?;
                 if c % groups != 0 {
                     return Err(err(format!(
                         "GroupNorm {}: {c} channels in {groups} groups",
@@ -2466,7 +2637,11 @@ impl Planner<'_> {
                     Some(b) => Some(self.dev(b, "bias")?.buf),
                     None => None,
                 };
+                expect_rank(n, "W", &w.shape, 2)?;
                 let (nn, k) = (w.shape[0], w.shape[1]);
+                if let Some(b) = bias {
+                    expect_numel(n, "bias", &[self.buffers[b].numel], nn)?;
+                }
                 if x.shape.last() != Some(&k) {
                     return Err(err(format!(
                         "Linear {}: X {:?} and W {:?}",
@@ -2504,7 +2679,13 @@ impl Planner<'_> {
             }
             "com.motionrt::Geglu" => {
                 let x = self.dev(get(0)?, "X")?;
-                let last = *x.shape.last().unwrap();
+                let last = x.shape.last().copied().unwrap_or(0);
+                if last == 0 || last % 2 != 0 {
+                    return Err(err(format!(
+                        "Geglu {}: input {:?}: an even last axis expected",
+                        n.name, x.shape
+                    )));
+                }
                 let mut shape = x.shape.clone();
                 *shape.last_mut().unwrap() = last / 2;
                 // the projection's bias is added here instead of in a pass after its GEMM, when
@@ -2540,14 +2721,36 @@ impl Planner<'_> {
                 let q = self.dev(get(0)?, "Q")?;
                 let k = self.dev(get(1)?, "K")?;
                 let v = self.dev(get(2)?, "V")?;
-                let heads = attr_i(n, "num_heads", 1) as usize;
+                let heads = usize::try_from(attr_i(n, "num_heads", 1)).unwrap_or(0);
+                for (what, t) in [("Q", &q), ("K", &k), ("V", &v)] {
+                    expect_rank(n, what, &t.shape, 3)?;
+                }
                 let (nq, l, c) = (q.shape[0], q.shape[1], q.shape[2]);
                 let s = k.shape[1];
-                let d = c / heads.max(1);
+                if k.shape != v.shape
+                    || k.shape[0] != nq
+                    || k.shape[2] != c
+                    || heads == 0
+                    || c % heads != 0
+                {
+                    return Err(err(format!(
+                        "{} {}: Q {:?}, K {:?}, V {:?} in {} heads do not match",
+                        n.op_type,
+                        n.name,
+                        q.shape,
+                        k.shape,
+                        v.shape,
+                        attr_i(n, "num_heads", 1)
+                    )));
+                }
+                let d = c / heads;
                 let bias = match ins.get(3).cloned().flatten() {
                     Some(b) => {
                         let b = self.dev(b, "bias")?;
-                        Some((b.buf, b.shape[0]))
+                        let Some(&rows) = b.shape.first() else {
+                            return Err(err(format!("{} {}: a scalar bias", n.op_type, n.name)));
+                        };
+                        Some((b.buf, rows))
                     }
                     None => None,
                 };
@@ -2673,7 +2876,13 @@ pub fn compile(
     let skip = sinusoid.map(|s| s.3).unwrap_or_default();
     for (k, node) in g.node.iter().enumerate() {
         if !skip.contains(&k) {
-            p.node(node)?;
+            // each error names its node
+            p.node(node).map_err(|e| match e {
+                EngineError::Graph(m) if !m.contains(&node.name) => {
+                    EngineError::Graph(format!("node {} ({}): {m}", node.name, node.op_type))
+                }
+                e => e,
+            })?;
         }
     }
     let mut outputs = Vec::new();
