@@ -94,7 +94,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// ONNX Runtime threads per operator (0: ONNX Runtime's default, all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::parse_threads)]
     pub threads: usize,
     /// Print the report as JSON on stdout instead of the table (schema motionrt.bench/1,
     /// docs/bench-schema.md); `--json FILE` writes it to FILE and still prints the table.
@@ -112,7 +112,7 @@ pub struct BenchArgs {
 pub fn bench(a: BenchArgs) -> Result<()> {
     // before the minutes of timing, what would only fail at their end
     if let Some(j) = &a.json {
-        crate::check_parent_dir("--json", j)?;
+        crate::check_output_file("--json", j)?;
     }
     if let Some(files) = &a.compare {
         return compare_files(&files[0], &files[1], a.json.as_deref());

@@ -72,7 +72,7 @@ pub struct InferArgs {
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendArg,
     /// ONNX Runtime threads per operator (0: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::parse_threads)]
     pub threads: usize,
     /// Print a JSON summary on stdout.
     #[arg(long)]
@@ -99,7 +99,7 @@ pub struct CompareArgs {
     #[arg(long = "mark-all")]
     pub mark_all: bool,
     /// ONNX Runtime threads per operator (0: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::parse_threads)]
     pub threads: usize,
     /// Print the comparison as JSON on stdout.
     #[arg(long)]
@@ -569,7 +569,15 @@ fn compare_tensor(name: &str, r: &NpyArray, t: &NpyArray, atol: f64, rtol: f64) 
     c.nonfinite_ref = rv.iter().filter(|x| !x.is_finite()).count();
     c.nonfinite_test = tv.iter().filter(|x| !x.is_finite()).count();
     c.violations = motionrt_runtime::compare::allclose_violations(&tv, &rv, atol, rtol);
-    c.pass = c.violations == 0;
+    // NaN or Inf anywhere fails, even where both sides hold the same one: two runs that both
+    // overflowed do not agree on anything worth checking
+    c.pass = c.violations == 0 && c.nonfinite_ref == 0 && c.nonfinite_test == 0;
+    if c.nonfinite_ref + c.nonfinite_test > 0 {
+        c.note = Some(format!(
+            "non-finite values (NaN/Inf): {} in the reference, {} in the test",
+            c.nonfinite_ref, c.nonfinite_test
+        ));
+    }
     c
 }
 
@@ -674,6 +682,16 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     }
     if !(a.atol >= 0.0 && a.rtol >= 0.0) {
         bail!("--atol and --rtol must be non-negative");
+    }
+    let given = a.input.inputs.is_some()
+        || a.input.random
+        || !a.input.dims.is_empty()
+        || a.input.int_high.is_some()
+        || a.input.save_inputs.is_some();
+    if given && !(rs.is_graph || ts.is_graph) {
+        bail!(
+            "--inputs, --random, --dim, --int-high and --save-inputs feed an ONNX graph; both sides here are saved outputs (.npz)"
+        );
     }
     // Inputs come from (and are checked against) the first graph.
     let feeds = if let Some(g) = [&rs, &ts].into_iter().find(|s| s.is_graph) {
@@ -861,12 +879,21 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         );
     }
     if !pass {
+        let nonfinite: usize = results
+            .iter()
+            .map(|c| c.nonfinite_ref + c.nonfinite_test)
+            .sum();
         bail!(
-            "{} differs from {} beyond atol {} / rtol {}",
+            "{} differs from {} beyond atol {} / rtol {}{}",
             a.test.display(),
             a.reference.display(),
             a.atol,
-            a.rtol
+            a.rtol,
+            if nonfinite > 0 {
+                format!(", or holds NaN/Inf ({nonfinite} values on the two sides)")
+            } else {
+                String::new()
+            }
         );
     }
     Ok(())

@@ -193,7 +193,7 @@ enum Command {
         #[arg(long, default_value_t = 8.0)]
         fps: f32,
         /// ONNX Runtime threads per operator (0: ONNX Runtime's default, all cores).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = parse_threads)]
         threads: usize,
         /// Print a JSON summary (files, timings) on stdout.
         #[arg(long)]
@@ -239,7 +239,8 @@ enum Command {
         decode_chunk: usize,
         #[arg(long, default_value_t = 8.0)]
         fps: f32,
-        #[arg(long, default_value_t = 0)]
+        /// ONNX Runtime threads per operator (0: ONNX Runtime's default, all cores).
+        #[arg(long, default_value_t = 0, value_parser = parse_threads)]
         threads: usize,
         /// Also save the inverted noise [1, 4, F, h, w] as .npy (reusable with other prompts).
         #[arg(long = "save-inverted")]
@@ -368,6 +369,21 @@ fn remove_unfinished_outputs_when_interrupted() {
     }
 }
 
+/// `--threads N`: at most 64, or 4 per core on a larger machine. Each thread of ONNX Runtime's
+/// pool waits on the others, so far more than the cores only slows a run down (thousands hang
+/// it for hours).
+pub(crate) fn parse_threads(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max = (4 * cores).max(64);
+    if n > max {
+        return Err(format!(
+            "{n} threads for this machine's {cores} cores: at most {max} (0, the default, uses each core once)"
+        ));
+    }
+    Ok(n)
+}
+
 /// ONNX Runtime's session options for `--threads N`; more threads than this machine has cores
 /// (each then waiting on the others: many times slower) gets a warning, once.
 pub(crate) fn session_options(threads: usize) -> SessionOptions {
@@ -400,6 +416,18 @@ pub(crate) fn check_parent_dir(flag: &str, path: &Path) -> Result<()> {
     let parent = path.parent().filter(|d| !d.as_os_str().is_empty());
     if let Some(d) = parent.filter(|d| !d.is_dir()) {
         bail!("{flag} {}: no such folder {}", path.display(), d.display());
+    }
+    Ok(())
+}
+
+/// [`check_parent_dir`], and `path` is not a folder: for a file written after long work.
+pub(crate) fn check_output_file(flag: &str, path: &Path) -> Result<()> {
+    check_parent_dir(flag, path)?;
+    if path.is_dir() {
+        bail!(
+            "{flag} {}: a folder has this name; give a file name",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -1080,7 +1108,7 @@ fn edit_video(a: EditArgs) -> Result<()> {
     // Fail on the outputs before the inversion's and the generation's minutes.
     let mut writer = frames::FrameWriter::create(&a.out, w, h, input.frames, a.fps)?;
     if let Some(p) = &a.save_inverted {
-        check_parent_dir("--save-inverted", p)?;
+        check_output_file("--save-inverted", p)?;
     }
     let mut pipe = Pipeline::load(&a.model, &crate::session_options(a.threads))
         .with_context(|| format!("loading {}", a.model.display()))?;

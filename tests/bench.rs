@@ -270,6 +270,14 @@ fn failing_stage_reports_an_error_instead_of_numbers() {
         .arg(out.path().join("no/r.json")));
     assert!(!ok && err.contains("no such folder"), "{err}");
     assert!(!stdout.contains("text_encoder"), "{stdout}");
+    let (ok, stdout, err) = run(motionrt()
+        .args(["bench", "--model"])
+        .arg(&model)
+        .args(SMALL)
+        .args(["--json"])
+        .arg(out.path()));
+    assert!(!ok && err.contains("a folder has this name"), "{err}");
+    assert!(!stdout.contains("text_encoder"), "{stdout}");
 }
 
 #[test]

@@ -740,6 +740,23 @@ fn non_utf8_paths_are_refused_naming_the_option() {
     assert!(!m.path().join("x").exists());
 }
 
+/// Thousands of ONNX Runtime threads would hang a run for hours: refused up front, by every
+/// command that takes --threads.
+#[test]
+fn absurd_thread_counts_are_refused() {
+    for cmd in [
+        &["run", "--prompt", "x", "--model", "m", "--out", "x.gif"][..],
+        &["bench", "--model", "m"],
+        &["infer", "--model", "m", "--random", "--out", "x.npz"],
+    ] {
+        let e = fails(motionrt().args(cmd).args(["--threads", "10000"]));
+        assert!(
+            e.contains("--threads") && e.contains("at most"),
+            "{cmd:?}: {e}"
+        );
+    }
+}
+
 /// A file where ONNX Runtime should be that is not a library: probe says it cannot be used and
 /// why, and `run` fails naming it (before, probe reported it found).
 #[test]

@@ -628,3 +628,42 @@ fn numpy_reads_the_saved_inputs_and_motionrt_reads_numpys_copy() {
         assert!(ok, "{stdout}{err}");
     }
 }
+
+/// Two saved outputs holding the same NaNs do not compare as a pass (two runs that both
+/// overflowed agree on nothing worth checking), and the input options, which feed a graph, are
+/// refused when neither side is one.
+#[test]
+fn compare_fails_on_nan_and_refuses_input_options_without_a_graph() {
+    let t = tempfile::tempdir().unwrap();
+    let arr = |v: Vec<f32>| npy::NpyArray {
+        shape: vec![v.len()],
+        data: NpyData::F32(v),
+        dtype: "<f4".into(),
+    };
+    let (a, b) = (t.path().join("a.npz"), t.path().join("b.npz"));
+    let half_nan = vec![1.0, f32::NAN, 2.0, f32::NAN];
+    npy::write_npz(&a, &[("out".into(), arr(half_nan.clone()))]).unwrap();
+    npy::write_npz(&b, &[("out".into(), arr(half_nan))]).unwrap();
+    let (ok, v) = compare_json(&[a.as_os_str(), b.as_os_str()]);
+    assert!(!ok, "{v}");
+    let o = &v["outputs"][0];
+    assert_eq!(
+        (o["nonfinite_ref"].as_u64(), o["pass"].as_bool()),
+        (Some(2), Some(false))
+    );
+    assert!(o["note"].as_str().unwrap().contains("NaN"), "{o}");
+    let (ok, _, err) = run(motionrt().arg("compare").arg(&a).arg(&b));
+    assert!(!ok && err.contains("NaN/Inf"), "{err}");
+    // finite and equal: a pass
+    npy::write_npz(&a, &[("out".into(), arr(vec![1.0, 2.0]))]).unwrap();
+    npy::write_npz(&b, &[("out".into(), arr(vec![1.0, 2.0]))]).unwrap();
+    let (ok, v) = compare_json(&[a.as_os_str(), b.as_os_str()]);
+    assert!(ok, "{v}");
+    for extra in [&["--random"][..], &["--inputs", "x.npz"], &["--dim", "B=1"]] {
+        let (ok, _, err) = run(motionrt().arg("compare").arg(&a).arg(&b).args(extra));
+        assert!(
+            !ok && err.contains("both sides here are saved outputs"),
+            "{extra:?}: {err}"
+        );
+    }
+}
