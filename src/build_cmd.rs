@@ -43,7 +43,7 @@ pub struct BuildArgs {
     #[arg(long, value_enum, default_value_t = EnginePrecision::Fp16)]
     pub precision: EnginePrecision,
     /// Activation layout around convolutions.
-    #[arg(long, value_enum, default_value_t = EngineLayout::Nhwc)]
+    #[arg(long, value_enum, default_value_t = EngineLayout::Nhwc, conflicts_with = "plan_only")]
     pub layout: EngineLayout,
     /// Where to write: the engine file, or with --plan-only a model directory.
     #[arg(long)]
@@ -51,39 +51,49 @@ pub struct BuildArgs {
     /// Plan without a GPU: apply the engine's fusions (GroupNorm+SiLU, Linear with bias/residual
     /// epilogues, GEGLU, attention) and write the fused graphs (float32) with model.json, the
     /// tokenizer and plan.json to --out. `motionrt run --model OUT` runs them on ONNX Runtime,
-    /// which is how the fusions are checked against the exported graphs.
+    /// which is how the fusions are checked against the exported graphs. The engine's own
+    /// settings (--layout, the shapes, --vae-chunk, --timing-cache, --no-kernel-tactics) do not
+    /// apply and are refused.
     #[arg(long)]
     pub plan_only: bool,
     /// Replace --out if it exists.
     #[arg(long)]
     pub overwrite: bool,
     /// Smallest shape the engine must run, BATCHxFRAMESxHEIGHTxWIDTH in pixels (batch before CFG).
-    #[arg(long = "min-shape", default_value = "1x8x256x256")]
+    #[arg(
+        long = "min-shape",
+        default_value = "1x8x256x256",
+        conflicts_with = "plan_only"
+    )]
     pub min_shape: String,
     /// The shape the convolution and GEMM algorithms are timed at.
-    #[arg(long = "opt-shape", default_value = "1x16x512x512")]
+    #[arg(
+        long = "opt-shape",
+        default_value = "1x16x512x512",
+        conflicts_with = "plan_only"
+    )]
     pub opt_shape: String,
     /// Largest shape the engine must run [default: 1x32x768x768, its frames lowered to a
     /// motion module's positional table where that is shorter, as AnimateDiff v1's 24 are].
-    #[arg(long = "max-shape")]
+    #[arg(long = "max-shape", conflicts_with = "plan_only")]
     pub max_shape: Option<String>,
     /// Frames per VAE decoder call the engine is planned for (`run --decode-chunk`). At the opt
     /// shape it must keep the VAE's tensors within 2^31 - 1 elements (the build says how many
     /// frames fit); at larger shapes `run` decodes as many a call as fit.
-    #[arg(long = "vae-chunk", default_value_t = 16)]
+    #[arg(long = "vae-chunk", default_value_t = 16, conflicts_with = "plan_only")]
     pub vae_chunk: usize,
     /// Timing cache (JSON): read when it exists, written after the build. Building again with the
     /// same cache makes the same choices, so the same engine. Like the engine it is keyed to this
     /// GPU and its driver and library versions: one timed elsewhere is not used (and is rewritten).
     /// `run --engine --timing-cache` reads and extends the same file.
-    #[arg(long = "timing-cache")]
+    #[arg(long = "timing-cache", conflicts_with = "plan_only")]
     pub timing_cache: Option<PathBuf>,
     /// Time and use only cuDNN's and cuBLASLt's algorithms: motionrt's own tactic kernels (the
     /// implicit-GEMM convolution, the projection with GEGLU, GroupNorm/LayerNorm folded into the
     /// GEMM after them, two-tile attention) are not tried. By default each is timed against the
     /// libraries per problem and kept only where faster; this flag is for a GPU where one of them
     /// misbehaves. The engine remembers it: `run --engine` then times none for new shapes.
-    #[arg(long = "no-kernel-tactics")]
+    #[arg(long = "no-kernel-tactics", conflicts_with = "plan_only")]
     pub no_kernel_tactics: bool,
 }
 

@@ -456,7 +456,7 @@ fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
         "{err}"
     );
     assert!(other.join("keep.txt").is_file());
-    // Profiles are checked with or without --plan-only: each names its flag and the form it
+    // Profiles are checked before the GPU is opened: each names its flag and the form it
     // expects; frames beyond the motion module's table (32 here) are refused.
     for (flag, value, says) in [
         ("--min-shape", "banana", "BATCHxFRAMESxHEIGHTxWIDTH"),
@@ -464,7 +464,7 @@ fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
         ("--min-shape", "1x24x256x256", "between"),
         ("--max-shape", "1x64x512x512", "positional table"),
     ] {
-        let o = build(&["--plan-only", flag, value], &work.path().join("shapes"));
+        let o = build(&[flag, value], &work.path().join("shapes"));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{flag} {value}: {err}");
         assert!(err.contains(says), "{flag} {value}: {err}");
@@ -473,6 +473,24 @@ fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
         }
     }
     assert!(!work.path().join("shapes").exists());
+    // --plan-only writes no engine: the engine's settings are refused, not ignored
+    for extra in [
+        &["--layout", "nchw"][..],
+        &["--min-shape", "1x2x16x16"],
+        &["--vae-chunk", "3"],
+        &["--timing-cache", "t.json"],
+        &["--no-kernel-tactics"],
+    ] {
+        let mut args = vec!["--plan-only"];
+        args.extend_from_slice(extra);
+        let o = build(&args, &work.path().join("ignored"));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("cannot be used with"),
+            "{extra:?}: {err}"
+        );
+    }
+    assert!(!work.path().join("ignored").exists());
     // A VAE chunk of no frames is refused before the GPU is opened (with or without one).
     let zero = work.path().join("zero.engine");
     let o = build(&["--vae-chunk", "0"], &zero);
