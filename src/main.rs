@@ -177,10 +177,12 @@ enum Command {
         /// Classifier-free guidance scale (≤ 1 turns guidance off: half the UNet work).
         #[arg(long, default_value_t = 7.5)]
         guidance: f32,
-        /// ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras or lcm.
-        #[arg(long, default_value = "ddim")]
-        scheduler: String,
-        /// A diffusers scheduler_config.json to use instead of the model's AnimateDiff defaults.
+        /// ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras or lcm [default: the class
+        /// --scheduler-config names (its `_class_name`), else ddim].
+        #[arg(long)]
+        scheduler: Option<String>,
+        /// A diffusers scheduler_config.json to use instead of the model's AnimateDiff defaults;
+        /// its `_class_name` picks the scheduler unless --scheduler is given.
         #[arg(long = "scheduler-config")]
         scheduler_config: Option<PathBuf>,
         #[arg(long, default_value_t = 0)]
@@ -553,14 +555,45 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             json,
         } => {
+            let given = scheduler
+                .as_deref()
+                .map(|s| {
+                    s.parse::<SchedulerKind>()
+                        .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))
+                })
+                .transpose()?;
+            let mut scheduler = given.unwrap_or(SchedulerKind::Ddim);
             let scheduler_config = scheduler_config
                 .map(|p| -> Result<SchedulerConfig> {
                     let text = std::fs::read_to_string(&p)
                         .with_context(|| format!("reading {}", p.display()))?;
                     let v: serde_json::Value = serde_json::from_str(&text)
                         .with_context(|| format!("{}: not JSON", p.display()))?;
-                    SchedulerConfig::from_diffusers_json(&v)
-                        .with_context(|| format!("{}", p.display()))
+                    let config = SchedulerConfig::from_diffusers_json(&v)
+                        .with_context(|| format!("{}", p.display()))?;
+                    // the class the config names, unless --scheduler chose one
+                    match given {
+                        None => {
+                            if let Some(k) = SchedulerKind::from_diffusers_json(&v)
+                                .with_context(|| format!("{}", p.display()))?
+                            {
+                                scheduler = k;
+                            }
+                        }
+                        Some(k) => {
+                            if let Ok(Some(named)) = SchedulerKind::from_diffusers_json(&v) {
+                                if named != k {
+                                    eprintln!(
+                                        "note: --scheduler {} replaces the {} scheduler that {} names",
+                                        k.name(),
+                                        named.name(),
+                                        p.display()
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    Ok(config)
                 })
                 .transpose()?;
             let opts = GenerateOptions {
@@ -572,9 +605,7 @@ fn run(cli: Cli) -> Result<()> {
                 width,
                 steps,
                 guidance,
-                scheduler: scheduler
-                    .parse::<SchedulerKind>()
-                    .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?,
+                scheduler,
                 scheduler_config,
                 seed,
                 decode_chunk,

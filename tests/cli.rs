@@ -757,6 +757,63 @@ fn absurd_thread_counts_are_refused() {
     }
 }
 
+/// --scheduler-config's `_class_name` picks the scheduler unless --scheduler does (a note says
+/// which wins); a class motionrt lacks, or a JSON file that is no scheduler config, is refused.
+#[test]
+fn scheduler_config_names_the_scheduler() {
+    let m = demo_model();
+    let model = m.path().join("export");
+    let cfg = m.path().join("scheduler_config.json");
+    let gif = |name: &str, extra: &[&str]| -> (Vec<u8>, String) {
+        let out = m.path().join(name);
+        let (_, stderr) = ok_with_stderr(
+            motionrt()
+                .args([
+                    "run", "--prompt", "a cat", "--frames", "2", "--height", "16", "--width", "16",
+                    "--steps", "3", "--model",
+                ])
+                .arg(&model)
+                .args(extra)
+                .arg("--out")
+                .arg(&out),
+        );
+        (std::fs::read(&out).unwrap(), stderr)
+    };
+    std::fs::write(&cfg, r#"{"_class_name": "EulerDiscreteScheduler"}"#).unwrap();
+    let c = cfg.to_str().unwrap();
+    let (named, _) = gif("named.gif", &["--scheduler-config", c]);
+    let (euler, _) = gif("euler.gif", &["--scheduler", "euler"]);
+    let (ddim, _) = gif("ddim.gif", &[]);
+    assert_eq!(named, euler, "the config's class is used");
+    assert_ne!(named, ddim);
+    let (chosen, stderr) = gif(
+        "chosen.gif",
+        &["--scheduler-config", c, "--scheduler", "ddim"],
+    );
+    assert_eq!(chosen, ddim, "--scheduler wins");
+    assert!(stderr.contains("replaces the euler scheduler"), "{stderr}");
+    for (text, says) in [
+        (
+            r#"{"_class_name": "PNDMScheduler"}"#,
+            "not a scheduler motionrt implements",
+        ),
+        (r#"{"foo": 1}"#, "none of its keys"),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let e = fails(
+            motionrt()
+                .args(["run", "--prompt", "x", "--model"])
+                .arg(&model)
+                .args(["--scheduler-config", c, "--out"])
+                .arg(m.path().join("no.gif")),
+        );
+        assert!(
+            e.contains(says) && e.contains("scheduler_config.json"),
+            "{e}"
+        );
+    }
+}
+
 /// A file where ONNX Runtime should be that is not a library: probe says it cannot be used and
 /// why, and `run` fails naming it (before, probe reported it found).
 #[test]

@@ -89,6 +89,32 @@ impl fmt::Display for SchedulerKind {
     }
 }
 
+impl SchedulerKind {
+    /// The kind a diffusers `scheduler_config.json` names by its `_class_name` (DPM-Solver with
+    /// `use_karras_sigmas` is the Karras kind): `Ok(None)` when it names none, an error for a
+    /// class motionrt does not implement.
+    pub fn from_diffusers_json(v: &serde_json::Value) -> Result<Option<Self>, SchedulerError> {
+        let Some(class) = v.get("_class_name") else {
+            return Ok(None);
+        };
+        let karras = v.get("use_karras_sigmas").and_then(|k| k.as_bool()) == Some(true);
+        let kind = match class.as_str() {
+            Some("DDIMScheduler") => SchedulerKind::Ddim,
+            Some("EulerDiscreteScheduler") => SchedulerKind::Euler,
+            Some("EulerAncestralDiscreteScheduler") => SchedulerKind::EulerAncestral,
+            Some("DPMSolverMultistepScheduler") if karras => SchedulerKind::DpmPp2mKarras,
+            Some("DPMSolverMultistepScheduler") => SchedulerKind::DpmPp2m,
+            Some("LCMScheduler") => SchedulerKind::Lcm,
+            _ => {
+                return Err(SchedulerError::Config(format!(
+                    "`_class_name` = {class} is not a scheduler motionrt implements (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler): pass --scheduler to use the config's settings with one of those"
+                )))
+            }
+        };
+        Ok(Some(kind))
+    }
+}
+
 impl FromStr for SchedulerKind {
     type Err = SchedulerError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -171,6 +197,42 @@ pub struct SchedulerConfig {
     pub lower_order_final: bool,
     pub euler_at_final: bool,
 }
+
+/// Keys of the diffusers scheduler configs motionrt reads (besides `_class_name` and the other
+/// `_`-prefixed bookkeeping keys).
+const CONFIG_KEYS: &[&str] = &[
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+    "set_alpha_to_one",
+    "clip_sample",
+    "clip_sample_range",
+    "original_inference_steps",
+    "timestep_scaling",
+    "solver_order",
+    "solver_type",
+    "lower_order_final",
+    "euler_at_final",
+    "trained_betas",
+    "variance_type",
+    "sigma_min",
+    "sigma_max",
+    "thresholding",
+    "rescale_betas_zero_snr",
+    "use_karras_sigmas",
+    "algorithm_type",
+    "final_sigmas_type",
+    "interpolation_type",
+    "timestep_type",
+    "lambda_min_clipped",
+    "dynamic_thresholding_ratio",
+    "sample_max_value",
+    "skip_prk_steps",
+];
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -323,6 +385,18 @@ impl SchedulerConfig {
                 }
                 _ => {}
             }
+        }
+        // a JSON object that is not a scheduler config at all (the wrong file) would otherwise
+        // run silently with the defaults
+        if !obj.is_empty()
+            && !obj
+                .keys()
+                .any(|k| k.starts_with('_') || CONFIG_KEYS.contains(&k.as_str()))
+        {
+            return Err(SchedulerError::Config(format!(
+                "none of its keys ({}) is a diffusers scheduler config's (num_train_timesteps, beta_schedule, timestep_spacing, ...)",
+                obj.keys().take(5).cloned().collect::<Vec<_>>().join(", ")
+            )));
         }
         Ok(c)
     }
