@@ -1127,6 +1127,13 @@ fn edit_video(a: EditArgs) -> Result<()> {
     }
     let size = a.width.zip(a.height);
     let input = video_in::read(&a.video, a.frames, size)?;
+    if let Some(n) = a.frames.filter(|&n| n > input.frames) {
+        eprintln!(
+            "warning: --frames {n}, but {} holds {} frame(s): editing those",
+            a.video.display(),
+            input.frames
+        );
+    }
     let (w, h) = (
         a.width.unwrap_or(input.width / 8 * 8),
         a.height.unwrap_or(input.height / 8 * 8),

@@ -294,6 +294,25 @@ fn edit_command_inverts_and_regenerates_a_gif() {
     assert_eq!((back.frames, back.width, back.height), (3, 64, 48));
     let n = motionrt_runtime::npy::read(&inv).unwrap();
     assert_eq!(n.shape, vec![1, 4, 3, 6, 8]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"));
+    // more --frames than the video holds: said, and the video's frames edited
+    let o = std::process::Command::new(bin)
+        .args(["edit", "--model"])
+        .arg(&model)
+        .arg("--video")
+        .arg(&input)
+        .args(["--prompt", "x", "--steps", "1", "--frames", "6", "--out"])
+        .arg(dir.path().join("all.gif"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("--frames 6") && err.contains("holds 4 frame(s)"),
+        "{err}"
+    );
+    let back = motionrt_runtime::video_in::read(&dir.path().join("all.gif"), None, None).unwrap();
+    assert_eq!(back.frames, 4);
 
     // bad input
     let o = std::process::Command::new(bin)
