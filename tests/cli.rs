@@ -814,6 +814,35 @@ fn scheduler_config_names_the_scheduler() {
     }
 }
 
+/// --vae-config / --text-encoder-config describe single-file checkpoints: with a diffusers
+/// folder (whose config.json describes its weights) they are refused, naming that file, rather
+/// than misreading the weights.
+#[test]
+fn component_configs_are_refused_for_folders() {
+    let m = demo_model();
+    let cfg = m.path().join("junk.json");
+    std::fs::write(&cfg, r#"{"block_out_channels": [512]}"#).unwrap();
+    for flag in ["--vae-config", "--text-encoder-config"] {
+        let e = fails(
+            motionrt()
+                .arg("export")
+                .arg("--unet")
+                .arg(m.path().join("sd"))
+                .arg("--motion-module")
+                .arg(m.path().join("mm_v2.safetensors"))
+                .arg(flag)
+                .arg(&cfg)
+                .arg("--out")
+                .arg(m.path().join("x")),
+        );
+        assert!(
+            e.contains(flag) && e.contains("single-file") && e.contains("config.json"),
+            "{e}"
+        );
+        assert!(!m.path().join("x").exists());
+    }
+}
+
 /// A file where ONNX Runtime should be that is not a library: probe says it cannot be used and
 /// why, and `run` fails naming it (before, probe reported it found).
 #[test]

@@ -466,6 +466,21 @@ pub fn open(path: &Path, c: Component, config: Option<&Path>) -> Result<(Source,
             )
         })?;
         let cfg = folder.join("config.json");
+        if let Some(given) = config {
+            // the folder's own config describes its weights; replacing it only misreads them
+            let flag = match c {
+                Component::Vae => "--vae-config",
+                Component::TextEncoder => "--text-encoder-config",
+            };
+            return Err(ExportError::model(
+                given,
+                format!(
+                    "{flag} is for a single-file {} (an original-layout checkpoint); {} describes the folder's weights: edit that, or drop {flag}",
+                    c.what(),
+                    cfg.display()
+                ),
+            ));
+        }
         let text = std::fs::read_to_string(&cfg).map_err(|e| ExportError::io(&cfg, e))?;
         let weights = WEIGHT_NAMES
             .iter()
