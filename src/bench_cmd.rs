@@ -20,8 +20,10 @@ pub enum GraphArg {
     /// One UNet call (`unet_step`).
     Unet,
     /// One VAE decoder call over B·F latents (`vae_decode`).
+    #[value(alias = "vae_decoder")]
     VaeDecoder,
     /// One text encoder call over B prompts (`text_encoder`).
+    #[value(alias = "text_encoder")]
     TextEncoder,
 }
 

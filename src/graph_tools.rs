@@ -60,7 +60,7 @@ pub struct InferArgs {
     /// A model directory written by `motionrt export`; runs DIR/<graph-name>.onnx.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// With --model: unet, vae_decoder, vae_encoder or text_encoder.
+    /// With --model: unet, vae_decoder, vae_encoder or text_encoder (or vae-decoder ...).
     #[arg(long = "graph-name", default_value = "unet")]
     pub graph_name: String,
     #[command(flatten)]
@@ -432,7 +432,8 @@ pub fn infer(a: InferArgs) -> Result<()> {
     let graph = match (&a.graph, &a.model) {
         (Some(g), _) => g.clone(),
         (None, Some(m)) => {
-            let p = m.join(format!("{}.onnx", a.graph_name));
+            // `vae-decoder` as `bench --graph` spells it, or the file's `vae_decoder`
+            let p = m.join(format!("{}.onnx", a.graph_name.replace('-', "_")));
             if !p.is_file() {
                 bail!(
                     "{}: no such graph in {} (graphs there: {})",

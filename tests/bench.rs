@@ -305,7 +305,7 @@ fn graph_mode_and_compare() {
         .args([
             "bench",
             "--graph",
-            "text-encoder",
+            "text_encoder", // as the graph file and `infer --graph-name` spell it
             "--batch",
             "3",
             "--model",

@@ -575,7 +575,7 @@ fn numpy_reads_the_saved_inputs_and_motionrt_reads_numpys_copy() {
             "infer",
             "--random",
             "--graph-name",
-            "text_encoder",
+            "text-encoder", // as `bench --graph` spells it
             "--dim",
             "N=2",
             "--model",
