@@ -220,6 +220,21 @@ fn check_feeds(
             }
         }
     }
+    // a name made of others (`BF` of `B` and `F`: the UNet's per-frame text rows) is their
+    // product, as the exporter declares it
+    let sizes: BTreeMap<String, usize> = symbols
+        .iter()
+        .map(|(k, (v, _))| (k.to_string(), *v))
+        .collect();
+    for (&d, &(n, name)) in &symbols {
+        let mut others = sizes.clone();
+        others.remove(d);
+        if let Some(p) = symbol_size(d, &others).filter(|&p| p != n && !d.is_empty()) {
+            bail!(
+                "{source}: `{name}` has {d} = {n}, but the other inputs make {d} = {p} (the product of the sizes it is named after); the graph takes: {takes}"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -271,6 +286,14 @@ fn vocab_beside(graph: &Path) -> Option<u64> {
 
 fn random_inputs(graph: &Path, io: &GraphIo, a: &InputArgs) -> Result<Vec<(String, NpyArray)>> {
     let given = parse_dims(&a.dims)?;
+    // a name given and also made of given names (BF with B and F) must agree with them
+    for (k, &v) in &given {
+        let mut others = given.clone();
+        others.remove(k);
+        if let Some(product) = symbol_size(k, &others).filter(|&p| p != v && !k.is_empty()) {
+            bail!("--dim {k}={v}, but the other --dim values make {k} = {product}: give one or the other");
+        }
+    }
     let mut missing = Vec::new();
     let mut shapes = Vec::new();
     for i in &io.inputs {
@@ -291,6 +314,16 @@ fn random_inputs(graph: &Path, io: &GraphIo, a: &InputArgs) -> Result<Vec<(Strin
         }
         shapes.push(shape);
     }
+    // a missing name made of other missing names (BF of B and F) is sized by those
+    let composite = |m: &String| {
+        let mut g = given.clone();
+        for o in missing.iter().filter(|o| *o != m) {
+            g.insert(o.clone(), 1);
+        }
+        symbol_size(m, &g).is_some()
+    };
+    let parts: Vec<String> = missing.iter().filter(|m| !composite(m)).cloned().collect();
+    let missing = if parts.is_empty() { missing } else { parts };
     if !missing.is_empty() {
         bail!(
             "{}: --random needs the size of {}: pass {} (the graph takes: {})",
@@ -307,6 +340,11 @@ fn random_inputs(graph: &Path, io: &GraphIo, a: &InputArgs) -> Result<Vec<(Strin
     let int_high = a.int_high.or_else(|| vocab_beside(graph)).unwrap_or(49408);
     if int_high == 0 {
         bail!("--int-high must be at least 1");
+    }
+    if let Some(vocab) = vocab_beside(graph).filter(|&v| int_high > v) {
+        bail!(
+            "--int-high {int_high}: token ids must stay below the text encoder's vocabulary of {vocab} (model.json)"
+        );
     }
     let mut rng = NormalRng::new(a.seed);
     let mut out = Vec::new();
@@ -453,7 +491,14 @@ pub fn infer(a: InferArgs) -> Result<()> {
         &a.input,
         Some(with_suffix(&a.out, ".inputs.npz")),
     )?;
-    let (out, load_s, run_s) = run_graph(&graph, &feeds, a.threads)?;
+    let (out, load_s, run_s) = run_graph(&graph, &feeds, a.threads).inspect_err(|_| {
+        if let Some(s) = &saved {
+            eprintln!(
+                "note: the inputs drawn are saved in {} (--inputs repeats them)",
+                s.display()
+            );
+        }
+    })?;
     let (arrays, skipped) = outputs_to_arrays(&out);
     npy::write_npz(&a.out, &arrays)?;
     if a.json {

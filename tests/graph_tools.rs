@@ -270,6 +270,25 @@ fn infer_rejects_bad_inputs_listing_the_graph_inputs() {
     sym[1].1 = npy::NpyArray::f32(vec![3], vec![1.0; 3]);
     let err = try_with(sym);
     assert!(err.contains("`B` is 2 in `sample` but 3 here"), "{err}");
+    // BF (the per-frame text rows) not B·F
+    let mut rows = inputs.clone();
+    rows[2].1 = npy::NpyArray::f32(vec![5, 77, 32], vec![0.0; 5 * 77 * 32]);
+    let err = try_with(rows);
+    assert!(
+        err.contains("BF = 5") && err.contains("make BF = 6"),
+        "{err}"
+    );
+    // --dim BF against B and F
+    let (ok, _, err) = run(motionrt()
+        .args(["infer", "--random", "--graph"])
+        .arg(&graph)
+        .args(DIMS)
+        .args(["--dim", "BF=5", "--out"])
+        .arg(&out));
+    assert!(
+        !ok && err.contains("--dim BF=5") && err.contains("make BF = 6"),
+        "{err}"
+    );
     // wrong element type
     let mut ty = inputs.clone();
     ty[1].1 = npy::NpyArray::i64(vec![2], vec![1, 2]);
@@ -287,6 +306,26 @@ fn infer_rejects_bad_inputs_listing_the_graph_inputs() {
     assert!(!ok);
     assert!(
         err.contains("--dim B=N") && err.contains("--dim F=N"),
+        "{err}"
+    );
+    // BF is named after B and F: not asked for
+    assert!(!err.contains("--dim BF=N"), "{err}");
+    // token ids past the vocabulary would fail inside the embedding's Gather
+    let (ok, _, err) = run(motionrt()
+        .args([
+            "infer",
+            "--random",
+            "--graph-name",
+            "text_encoder",
+            "--dim",
+            "N=1",
+        ])
+        .args(["--int-high", "100000", "--model"])
+        .arg(&m.export)
+        .arg("--out")
+        .arg(&out));
+    assert!(
+        !ok && err.contains("--int-high 100000") && err.contains("vocabulary"),
         "{err}"
     );
     // neither --inputs nor --random

@@ -138,6 +138,9 @@ fn environment() -> Result<&'static Environment> {
             .with_name("motionrt")
             .build()
             .map_err(|e| failed(&e))?;
+        // a failing run's error comes back through the API and is reported with the graph's
+        // name; ONNX Runtime's own log line of it (in colour, before ours) only repeats it
+        env.set_log_level(ort::logging::LogLevel::Fatal);
         Ok((path, env))
     });
     match r {
