@@ -820,7 +820,7 @@ fn generate(
     // Fail on the output before minutes of work.
     let format = OutputFormat::from_path(out).with_context(|| {
         format!(
-            "{}: unknown output format (use .gif, .mp4, .png or a directory)",
+            "{}: unknown output format (use .gif, .mp4, .png, or a directory for a PNG sequence: an existing one, or a name ending in /)",
             out.display()
         )
     })?;
@@ -830,6 +830,7 @@ fn generate(
             out.display()
         );
     }
+    check_parent_dir("--out", out)?;
     let mut pipe = Pipeline::load(model, &crate::session_options(threads))
         .with_context(|| format!("loading {}", model.display()))?;
     pipe.validate(opts)?;
@@ -980,7 +981,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     if let Some(out) = &a.out {
         if OutputFormat::from_path(out).is_none() {
             bail!(
-                "{}: unknown output format (use .gif, .mp4, .png or a directory)",
+                "{}: unknown output format (use .gif, .mp4, .png, or a directory for a PNG sequence: an existing one, or a name ending in /)",
                 out.display()
             );
         }
@@ -1112,7 +1113,7 @@ fn edit_video(a: EditArgs) -> Result<()> {
     use motionrt_runtime::video_in;
     let format = OutputFormat::from_path(&a.out).with_context(|| {
         format!(
-            "{}: unknown output format (use .gif, .mp4, .png or a directory)",
+            "{}: unknown output format (use .gif, .mp4, .png, or a directory for a PNG sequence: an existing one, or a name ending in /)",
             a.out.display()
         )
     })?;

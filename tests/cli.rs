@@ -288,6 +288,15 @@ fn run_rejects_bad_input_clearly() {
             .arg(&gif),
     );
     assert!(e.contains("multiples of 8"), "{e}");
+    // an output into a folder that does not exist: said as the other commands say it
+    let e = fails(
+        run(&["--frames", "2", "--height", "16", "--width", "16"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(d.path().join("nodir/x.gif")),
+    );
+    assert!(e.contains("--out") && e.contains("no such folder"), "{e}");
     // sizes no model or machine runs: an error, not an allocation failure, and no folder made
     let e = fails(
         run(&["--frames", "2", "--height", "4294967288", "--width", "16"])
