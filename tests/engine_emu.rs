@@ -946,17 +946,6 @@ fn tiny_unet_case() -> Case {
     case(&z, &inputs, Layout::Nhwc)
 }
 
-/// The text width, from the exported UNet's `encoder_hidden_states` `[B·F, 77, D]`.
-fn text_width(export: &Path) -> usize {
-    let s = motionrt_export::onnx::summarize(&load_model(&export.join("unet.onnx")).unwrap());
-    let info = s
-        .inputs
-        .iter()
-        .find(|i| i.name == "encoder_hidden_states")
-        .unwrap();
-    info.dims.last().unwrap().parse::<usize>().unwrap()
-}
-
 struct NoInitializers;
 impl InitializerSource for NoInitializers {
     fn f32s(&self, t: &TensorProto) -> Result<Vec<f32>, EngineError> {

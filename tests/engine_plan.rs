@@ -143,15 +143,7 @@ fn fused_graphs_find_every_pattern_and_match_the_exported_graphs() {
     let dst = tempfile::tempdir().unwrap();
     let (b, f) = (2usize, 3usize);
     // The text width, from the exported graph's `encoder_hidden_states` [B·F, 77, D].
-    let d = {
-        let s = summarize(&load_model(&src.join("unet.onnx")).unwrap());
-        let info = s
-            .inputs
-            .iter()
-            .find(|i| i.name == "encoder_hidden_states")
-            .unwrap();
-        info.dims.last().unwrap().parse::<usize>().unwrap()
-    };
+    let d = text_width(&src);
     type Inputs = Vec<(&'static str, Vec<usize>)>;
     let cases: [(&str, Inputs); 4] = [
         (

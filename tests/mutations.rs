@@ -14,7 +14,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{export_pipeline, pipeline_fixtures};
+use common::{export_pipeline, pipeline_fixtures, text_width};
 use motionrt_export::checkpoint::Checkpoint;
 use motionrt_export::graph::unet::Semantics;
 use motionrt_export::graph::Precision;
@@ -389,16 +389,7 @@ fn damaged_graphs_for_the_engine_builder() {
         Semantics::Diffusers,
         Precision::Fp32,
     );
-    let d = {
-        let path = e.dir.path().join("out/unet.onnx");
-        let s = motionrt_export::onnx::summarize(&load_model(&path).unwrap());
-        let info = s
-            .inputs
-            .iter()
-            .find(|i| i.name == "encoder_hidden_states")
-            .unwrap();
-        info.dims.last().unwrap().parse::<usize>().unwrap()
-    };
+    let d = text_width(&e.dir.path().join("out"));
     type Inputs = Vec<(&'static str, Vec<usize>)>;
     // (graph, input shapes, seed, cases): 1500 of each (two seeds) passed when this was
     // written; the suite keeps fewer of the UNet's, each a second of compiling

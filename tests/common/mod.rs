@@ -174,3 +174,16 @@ pub fn export_pipeline(
     let manifest = export(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("export failed: {e}"));
     Exported { dir, manifest }
 }
+
+/// The text width D, from an exported UNet's `encoder_hidden_states` `[B·F, 77, D]` (`export`
+/// is the folder holding `unet.onnx`).
+pub fn text_width(export: &Path) -> usize {
+    let m = motionrt_export::onnx::load_model(&export.join("unet.onnx")).unwrap();
+    let s = motionrt_export::onnx::summarize(&m);
+    let info = s
+        .inputs
+        .iter()
+        .find(|i| i.name == "encoder_hidden_states")
+        .unwrap();
+    info.dims.last().unwrap().parse::<usize>().unwrap()
+}
