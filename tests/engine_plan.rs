@@ -491,6 +491,44 @@ fn build_plan_only_writes_a_runnable_model_and_refuses_what_it_cannot_build() {
     assert!(!zero.exists());
 }
 
+/// An engine keeps only small initializers in its graphs (the rest go to
+/// `weights.safetensors`, no data left in the graph): the stripped graphs compile as
+/// `run --engine` compiles them, reading initializers with `InlineInitializers`.
+#[test]
+fn stripped_engine_graphs_compile_as_the_engine_loads_them() {
+    use motionrt_runtime::engine::file::{strip_weights, InlineInitializers};
+    let e = tiny(Precision::Fp32);
+    let src = e.dir.path().join("out");
+    let dst = tempfile::tempdir().unwrap();
+    let d = text_width(&src);
+    let cases: [(&str, Vec<(&str, Vec<usize>)>); 3] = [
+        (
+            "unet",
+            vec![
+                ("sample", vec![2, 4, 2, 8, 8]),
+                ("timestep", vec![2]),
+                ("encoder_hidden_states", vec![4, 77, d]),
+            ],
+        ),
+        ("vae_decoder", vec![("latent", vec![1, 4, 8, 8])]),
+        ("text_encoder", vec![("input_ids", vec![1, 77])]),
+    ];
+    let mut stripped = 0;
+    for (graph, inputs) in cases {
+        let z = dst.path().join(format!("{graph}.onnx"));
+        plan_graph(&src.join(format!("{graph}.onnx")), &z).unwrap();
+        let mut m = load_model(&z).unwrap();
+        stripped += strip_weights(&mut m, &FileInitializers::new(&z))
+            .unwrap()
+            .len();
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            program::compile(&m, &inputs, &InlineInitializers, layout)
+                .unwrap_or_else(|err| panic!("{graph} {layout:?}: {err}"));
+        }
+    }
+    assert!(stripped > 0, "the tiny graphs hold weights past INLINE_MAX");
+}
+
 #[test]
 fn build_refuses_a_float16_export_naming_the_file() {
     let e = tiny(Precision::Fp16);

@@ -1144,7 +1144,9 @@ pub trait InitializerSource {
 }
 
 /// How many float32 values initializer `t` stores (its `float_data`, its `raw_data`, or the
-/// `length` of its external data), without reading them; `None` where the file does not say.
+/// `length` of its external data), without reading them; `None` where the graph does not say:
+/// a stripped engine graph's large weights hold no data (they are in `weights.safetensors`,
+/// whose shapes the engine checks when it loads them).
 fn stored_f32_count(t: &TensorProto) -> Option<usize> {
     if !t.float_data.is_empty() {
         return Some(t.float_data.len());
@@ -1153,7 +1155,7 @@ fn stored_f32_count(t: &TensorProto) -> Option<usize> {
         let length = t.external_data.iter().find(|e| e.key == "length")?;
         return length.value.parse::<usize>().ok().map(|b| b / 4);
     }
-    Some(t.raw_data.len() / 4)
+    (!t.raw_data.is_empty()).then_some(t.raw_data.len() / 4)
 }
 
 fn attr<'n>(n: &'n NodeProto, name: &str) -> Option<&'n AttributeProto> {
