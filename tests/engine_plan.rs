@@ -501,7 +501,8 @@ fn stripped_engine_graphs_compile_as_the_engine_loads_them() {
     let src = e.dir.path().join("out");
     let dst = tempfile::tempdir().unwrap();
     let d = text_width(&src);
-    let cases: [(&str, Vec<(&str, Vec<usize>)>); 3] = [
+    type Inputs = Vec<(&'static str, Vec<usize>)>;
+    let cases: [(&str, Inputs); 3] = [
         (
             "unet",
             vec![
