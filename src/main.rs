@@ -316,9 +316,9 @@ fn main() -> ExitCode {
 
 /// Output piped into a reader that stops early (`motionrt probe --json | head`): Rust ignores
 /// SIGPIPE, so `println!` fails with EPIPE and panics. That one panic ends the process quietly,
-/// with success (the reader chose to stop), as `grep`/`cat` end on SIGPIPE; every other panic
-/// reports as before. SIGPIPE itself stays ignored so that a writer to a child process (ffmpeg
-/// for MP4) gets the error and reports the child's own message.
+/// by SIGPIPE, as `grep`/`cat` end; every other panic reports as before. SIGPIPE stays ignored
+/// until then so that a writer to a child process (ffmpeg for MP4) gets the error and reports
+/// the child's own message.
 fn quiet_on_closed_stdout() {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -330,7 +330,16 @@ fn quiet_on_closed_stdout() {
             .unwrap_or("");
         // std's message: "failed printing to stdout: Broken pipe (os error 32)"
         if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
-            std::process::exit(0);
+            // as a program killed by SIGPIPE ends (status 141 in a shell; a pipeline under
+            // `pipefail` fails, as the rest of the output and any report were not written),
+            // without the temporaries of outputs not yet complete
+            motionrt_kernels::unfinished::remove_all();
+            // SAFETY: restoring SIGPIPE's default action and raising it ends the process.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+                libc::_exit(141)
+            }
         }
         report(info);
     }));
@@ -343,11 +352,18 @@ fn quiet_on_closed_stdout() {
 /// first, and none is after. Exit status 130, as a shell reports an interrupt.
 ///
 /// The exit is `_exit`: no atexit handlers or C++ static destructors, which would tear ONNX
-/// Runtime down under the main thread still running a graph (and print its errors). Stderr
-/// stays locked from the message to the exit, so the main thread, still running for that
-/// moment, prints nothing after it.
+/// Runtime down under the main thread still running a graph (and print its errors). Stderr is
+/// locked first and stays so until the exit: the main thread, still running for that moment,
+/// can neither print nor end the process on an error its removed temporaries cause (`main`
+/// prints before it returns). Should the lock or the removal not come (a reader of stderr that
+/// stopped reading), a watchdog ends the process after 3 s all the same.
 fn remove_unfinished_outputs_when_interrupted() {
     let r = ctrlc::set_handler(|| {
+        std::thread::spawn(|| {
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            // SAFETY: _exit ends the process without running anything else.
+            unsafe { libc::_exit(130) }
+        });
         let mut err = std::io::stderr().lock();
         let removed = motionrt_kernels::unfinished::remove_all();
         let names: Vec<String> = removed.iter().map(|p| p.display().to_string()).collect();
@@ -571,15 +587,18 @@ fn run(cli: Cli) -> Result<()> {
                         .with_context(|| format!("{}: not JSON", p.display()))?;
                     let config = SchedulerConfig::from_diffusers_json(&v)
                         .with_context(|| format!("{}", p.display()))?;
-                    // the class the config names, unless --scheduler chose one
+                    // the class the config names, unless --scheduler chose one (a class motionrt
+                    // lacks, such as SD1.5's own PNDMScheduler: DDIM with the config's settings)
                     match given {
-                        None => {
-                            if let Some(k) = SchedulerKind::from_diffusers_json(&v)
-                                .with_context(|| format!("{}", p.display()))?
-                            {
-                                scheduler = k;
-                            }
-                        }
+                        None => match SchedulerKind::from_diffusers_json(&v) {
+                            Ok(Some(k)) => scheduler = k,
+                            Ok(None) => {}
+                            Err(e) => eprintln!(
+                                "note: {}: {e}: using {} with its settings (--scheduler picks another)",
+                                p.display(),
+                                scheduler.name()
+                            ),
+                        },
                         Some(k) => {
                             if let Ok(Some(named)) = SchedulerKind::from_diffusers_json(&v) {
                                 if named != k {
@@ -592,6 +611,15 @@ fn run(cli: Cli) -> Result<()> {
                                 }
                             }
                         }
+                    }
+                    if v.get("use_karras_sigmas").and_then(|k| k.as_bool()) == Some(true)
+                        && scheduler != SchedulerKind::DpmPp2mKarras
+                    {
+                        eprintln!(
+                            "note: {} sets use_karras_sigmas, which motionrt implements for dpmpp-2m-karras only: {} uses its own sigmas",
+                            p.display(),
+                            scheduler.name()
+                        );
                     }
                     Ok(config)
                 })

@@ -353,8 +353,10 @@ pub fn replaceable_export(out: &Path) -> bool {
 }
 
 fn commit_dir(mut tmp: TempDir, out: &Path) -> Result<()> {
-    // the earlier export and the new one trade places whole, or not at all if interrupted
+    // the earlier export and the new one trade places whole, or not at all if interrupted; the
+    // earlier one, once replaced, is removed by an interrupt too
     let old = tmp.path.with_extension("old");
+    let _removing = unfinished::register(&old);
     let replaced = unfinished::commit(|| -> Result<bool> {
         if !out.exists() {
             std::fs::rename(&tmp.path, out).map_err(|e| ExportError::io(out, e))?;
@@ -370,7 +372,6 @@ fn commit_dir(mut tmp: TempDir, out: &Path) -> Result<()> {
     })?;
     tmp.armed = false;
     if replaced {
-        let _removing = unfinished::register(&old);
         let _ = std::fs::remove_dir_all(&old);
     }
     Ok(())

@@ -720,10 +720,13 @@ impl FrameWriter {
                     .map_err(|e| io_err(&path)(e.into_error()))?;
                 file.sync_all().map_err(io_err(&path))?;
                 drop(file);
-                tmp.commit_ref(&path)?;
+                unfinished::commit(|| tmp.commit_ref(&path))?;
                 Ok(vec![path.clone()])
             })(),
-            Sink::Png { finals, temps, .. } => commit_sequence(temps, finals),
+            // every frame in place, or (interrupted) none
+            Sink::Png { finals, temps, .. } => {
+                unfinished::commit(|| commit_sequence(temps, finals))
+            }
             Sink::Mp4 {
                 child,
                 stdin,
@@ -741,7 +744,7 @@ impl FrameWriter {
                         message: "ffmpeg exited successfully but wrote no file".to_string(),
                     });
                 }
-                tmp.commit_ref(&path)?;
+                unfinished::commit(|| tmp.commit_ref(&path))?;
                 Ok(vec![path.clone()])
             })(),
         };
@@ -839,7 +842,8 @@ fn is_dir_target(path: &Path) -> bool {
 /// holds the old file or the new frame at every moment, even if the process is killed. If a
 /// step fails, the frames already in place are removed and the old files put back (an error
 /// says where any that could not be are); the remaining temps are removed when dropped. The
-/// second names are removed once every frame is in place.
+/// second names are removed once every frame is in place. Runs inside [`unfinished::commit`], so
+/// an interrupt (Ctrl-C) comes before the first rename or after the last removal.
 fn commit_sequence(
     temps: &mut [TempFile],
     finals: &[PathBuf],
@@ -959,9 +963,10 @@ impl TempFile {
         &self.path
     }
 
-    /// Renames the temp file onto `final_path`; afterwards dropping it removes nothing.
+    /// Renames the temp file onto `final_path`; afterwards dropping it removes nothing. Called
+    /// inside [`unfinished::commit`] (which is not reentrant: this does not take it).
     fn commit_ref(&mut self, final_path: &Path) -> Result<(), FramesError> {
-        unfinished::commit(|| fs::rename(&self.path, final_path)).map_err(io_err(final_path))?;
+        fs::rename(&self.path, final_path).map_err(io_err(final_path))?;
         self.armed = false;
         Ok(())
     }

@@ -567,7 +567,8 @@ pub fn build(
                 remove(&old);
             }
             // the earlier engine and the new one trade places whole, or not at all if
-            // interrupted
+            // interrupted; the earlier one, once replaced, is removed by an interrupt too
+            let _removing = motionrt_kernels::unfinished::register(&old);
             motionrt_kernels::unfinished::commit(|| {
                 if replacing {
                     std::fs::rename(out, &old).map_err(|e| io(out, e))?;
@@ -581,7 +582,6 @@ pub fn build(
                 Ok(())
             })?;
             if replacing {
-                let _removing = motionrt_kernels::unfinished::register(&old);
                 remove(&old);
             }
             Ok(m)

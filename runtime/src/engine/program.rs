@@ -1202,7 +1202,8 @@ fn expect_rank(n: &NodeProto, what: &str, shape: &[usize], rank: usize) -> Resul
     Ok(())
 }
 
-/// Integer attribute list `name` of `n`, `len` long, each at least `min` (`default` if absent).
+/// Integer attribute list `name` of `n`, `len` long, each at least `min` and at most 65536
+/// (`default` if absent).
 fn attr_ints_checked(
     n: &NodeProto,
     name: &str,
@@ -1211,9 +1212,9 @@ fn attr_ints_checked(
     default: i64,
 ) -> Result<Vec<usize>, EngineError> {
     let v = attr_ints(n, name).unwrap_or_else(|| vec![default; len]);
-    if v.len() != len || v.iter().any(|&x| x < min || x > i64::from(u32::MAX)) {
+    if v.len() != len || v.iter().any(|&x| x < min || x > 1 << 16) {
         return Err(err(format!(
-            "{} {}: {name} {v:?}: {len} values, each at least {min}, expected",
+            "{} {}: {name} {v:?}: {len} values, each from {min} to 65536, expected",
             n.op_type, n.name
         )));
     }

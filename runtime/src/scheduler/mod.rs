@@ -107,7 +107,7 @@ impl SchedulerKind {
             Some("LCMScheduler") => SchedulerKind::Lcm,
             _ => {
                 return Err(SchedulerError::Config(format!(
-                    "`_class_name` = {class} is not a scheduler motionrt implements (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler): pass --scheduler to use the config's settings with one of those"
+                    "`_class_name` = {class} is not a scheduler motionrt implements (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler)"
                 )))
             }
         };
