@@ -1154,6 +1154,27 @@ fn edit_video(a: EditArgs) -> Result<()> {
     if a.frames == Some(0) {
         bail!("--frames must be at least 1");
     }
+    // an output written over the input video, or over the other output
+    let same = |x: &Path, y: &Path| {
+        x == y
+            || std::fs::canonicalize(x)
+                .ok()
+                .is_some_and(|c| std::fs::canonicalize(y).is_ok_and(|d| c == d))
+    };
+    if same(&a.out, &a.video) {
+        bail!(
+            "--out {}: that is the input --video; write the edit elsewhere",
+            a.out.display()
+        );
+    }
+    if let Some(p) = &a.save_inverted {
+        if same(p, &a.video) || same(p, &a.out) {
+            bail!(
+                "--save-inverted {}: that is the input --video or --out; give the .npy its own name",
+                p.display()
+            );
+        }
+    }
     let size = a.width.zip(a.height);
     let input = video_in::read(&a.video, a.frames, size)?;
     if let Some(n) = a.frames.filter(|&n| n > input.frames) {

@@ -337,6 +337,16 @@ fn edit_command_inverts_and_regenerates_a_gif() {
             vec!["--out", "o3.gif", "--save-inverted", "no/inv.npy"],
             "--save-inverted",
         ),
+        // outputs over the input or each other
+        (vec!["--out", "in.gif"], "that is the input --video"),
+        (
+            vec!["--out", "o3.gif", "--save-inverted", "in.gif"],
+            "its own name",
+        ),
+        (
+            vec!["--out", "o3.gif", "--save-inverted", "o3.gif"],
+            "its own name",
+        ),
     ] {
         let o = std::process::Command::new(bin)
             .current_dir(dir.path())
