@@ -1292,8 +1292,10 @@ fn probe(json: bool) -> Result<()> {
     // found, then loaded as a session would load it: a library that is there but cannot be
     // used (not a library, too old for this build) is UNUSABLE, not found
     let ort = motionrt_runtime::find_onnxruntime().map(|p| {
-        let loaded = motionrt_runtime::load_onnxruntime().map(|(_, version)| version);
-        (p, loaded.map_err(|e| e.to_string()))
+        (
+            p,
+            motionrt_runtime::load_onnxruntime().map_err(|e| e.to_string()),
+        )
     });
     let libs = motionrt_kernels::probe::probe();
     let gpus = motionrt_kernels::probe::gpus();

@@ -47,7 +47,8 @@ impl Drop for Unfinished {
 }
 
 /// The paths registered now, oldest first.
-pub fn registered() -> Vec<PathBuf> {
+#[cfg(test)]
+fn registered() -> Vec<PathBuf> {
     pending().iter().map(|(_, p)| p.clone()).collect()
 }
 

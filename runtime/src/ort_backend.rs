@@ -155,17 +155,11 @@ fn environment() -> Result<&'static Environment> {
     }
 }
 
-/// Find and load ONNX Runtime as a session would (`motionrt probe`): its path and version, or
-/// why it cannot be used (not found; not a library; older than the oldest version `ort` accepts).
-pub fn load_onnxruntime() -> Result<(PathBuf, String)> {
+/// Find and load ONNX Runtime as a session would (`motionrt probe`): its version, or why it
+/// cannot be used (not found; not a library; older than the oldest version `ort` accepts).
+pub fn load_onnxruntime() -> Result<String> {
     environment()?;
-    let path = ENV
-        .get()
-        .and_then(|r| r.as_ref().ok())
-        .map(|(p, _)| p.clone())
-        .unwrap_or_default();
-    let version = backend_version().map_or_else(|| "unknown".into(), |v| v.0);
-    Ok((path, version))
+    Ok(backend_version().map_or_else(|| "unknown".into(), |v| v.0))
 }
 
 /// The loaded ONNX Runtime: `(version, build info)`, `None` before the first session loads.
